@@ -1,0 +1,63 @@
+"""Engine configuration: one typed, validated dataclass built at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EVICTION_POLICIES = ("lru", "lfu", "fifo", "arc")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    """Everything an :class:`~ultrakv.node.engine.Engine` needs to start.
+
+    ``model`` is a preset name (``tiny``, ``llama-1b``, ``llama-8b``) or a path to a local
+    Hugging Face checkpoint directory (config.json + safetensors). ``num_blocks`` fixes the
+    KV pool size; when it is None the pool takes ``kv_memory_fraction`` of the free memory of
+    the device (on CPU: ``cpu_kv_cache_bytes``).
+    """
+
+    model: str = "tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_memory_fraction: float = 0.85
+    cpu_kv_cache_bytes: int = 256 * 1024 * 1024
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_tokens_limit: int = 4096
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    eviction_policy: str = "lru"
+    attention_backend: str = "auto"
+    use_cuda_graphs: bool = True
+    priority_aging_s: float = 5.0
+    session_ttl_s: float = 3600.0
+    max_sessions: int = 100_000
+
+    def __post_init__(self) -> None:
+        _check(self.block_size in (8, 16, 32, 64, 128), "block_size", "one of 8, 16, 32, 64, 128", self.block_size)
+        _check(self.num_blocks is None or self.num_blocks >= 2, "num_blocks", ">= 2", self.num_blocks)
+        _check(0.0 < self.kv_memory_fraction <= 1.0, "kv_memory_fraction", "in (0, 1]", self.kv_memory_fraction)
+        _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "> 0", self.cpu_kv_cache_bytes)
+        _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1", self.max_model_len)
+        _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1", self.max_num_batched_tokens)
+        _check(self.max_tokens_limit >= 1, "max_tokens_limit", ">= 1", self.max_tokens_limit)
+        _check(self.eviction_policy in EVICTION_POLICIES, "eviction_policy", f"one of {EVICTION_POLICIES}", self.eviction_policy)
+        _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _check(self.priority_aging_s > 0, "priority_aging_s", "> 0", self.priority_aging_s)
+        _check(self.session_ttl_s > 0, "session_ttl_s", "> 0", self.session_ttl_s)
+        if not self.enable_chunked_prefill and self.max_model_len is not None:
+            _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
+                   f">= max_model_len ({self.max_model_len}) without chunked prefill",
+                   self.max_num_batched_tokens)
+
+
+def _check(ok: bool, field: str, limit: str, got: object) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {limit}, got {got!r}")

@@ -1,0 +1,38 @@
+"""Engine errors. Each names the field and the limit; servers map them to gRPC status codes."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request field is out of range (gRPC INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt does not fit the model's context or the size limit (RESOURCE_EXHAUSTED)."""
+
+
+class QueueFullError(EngineError):
+    """The admission queue is full (RESOURCE_EXHAUSTED, retry later)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class SessionNotFoundError(EngineError, KeyError):
+    """A session operation names a session the node does not hold (NOT_FOUND)."""
+
+    def __init__(self, session_id: str):
+        super().__init__(f"session_id {session_id!r} not found")
+        self.session_id = session_id
+
+    def __str__(self) -> str:  # KeyError would quote the message again
+        return self.args[0]

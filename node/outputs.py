@@ -1,0 +1,94 @@
+"""What goes into and comes out of the engine: typed requests, streamed deltas, final outputs."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from ultrakv.node.sampling_params import Priority, SamplingParams
+
+
+@dataclass
+class GenerateRequest:
+    """One generation request.
+
+    ``prompt`` is text or token ids. With a ``session_id`` it is the *new* part of the
+    conversation: the engine appends it to the session's history and generates from there.
+    ``tenant`` salts prefix hashes so tenants never share cached blocks.
+    ``deadline`` is a ``time.monotonic()`` instant after which the request is aborted.
+    """
+
+    prompt: str | list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    session_id: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    priority: Priority = Priority.NORMAL
+    tenant: str = ""
+    deadline: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The finished result of one request."""
+
+    request_id: str
+    session_id: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    cached_tokens: int
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    ttft_s: float
+    latency_s: float
+    error: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StreamDelta:
+    """New tokens of one request since the last delta; the last one carries ``output``."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    output: RequestOutput | None = None
+
+
+@dataclass
+class SessionInfo:
+    """Per-session figures."""
+
+    session_id: str
+    num_tokens: int
+    num_cached_blocks: int
+    turns: int
+    created_at: float
+    last_used_at: float
+
+
+@dataclass
+class SessionState:
+    """A session as one unit, for migration, replication and checkpoints.
+
+    ``kv`` holds the keys/values of the first ``kv_tokens`` tokens of the history (whole
+    blocks only), laid out [num_layers, 2, kv_tokens, num_kv_heads, head_dim] on CPU; it may be
+    None (history only), in which case the importer recomputes the KV on the next turn.
+    ``model_fingerprint`` guards against importing KV computed by another model.
+    """
+
+    session_id: str
+    token_ids: list[int]
+    turns: int
+    model_fingerprint: str
+    kv_tokens: int = 0
+    kv: torch.Tensor | None = None
