@@ -1,0 +1,130 @@
+from ultrakv.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class NodeHealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeHealthResponse(_message.Message):
+    __slots__ = ("serving", "node_id", "model", "model_fingerprint", "uptime_s")
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    serving: bool
+    node_id: str
+    model: str
+    model_fingerprint: str
+    uptime_s: float
+    def __init__(self, serving: _Optional[bool] = ..., node_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id", "include_kv", "chunk_bytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_KV_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    include_kv: bool
+    chunk_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., include_kv: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class SessionHeader(_message.Message):
+    __slots__ = ("session_id", "token_ids", "turns", "model_fingerprint", "kv_tokens", "kv_shape", "kv_dtype", "num_chunks")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    turns: int
+    model_fingerprint: str
+    kv_tokens: int
+    kv_shape: _containers.RepeatedScalarFieldContainer[int]
+    kv_dtype: str
+    num_chunks: int
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+
+class KVChunk(_message.Message):
+    __slots__ = ("index", "data", "sha256")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    sha256: bytes
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class SessionTrailer(_message.Message):
+    __slots__ = ("num_chunks", "total_bytes", "sha256")
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    num_chunks: int
+    total_bytes: int
+    sha256: bytes
+    def __init__(self, num_chunks: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class SessionChunk(_message.Message):
+    __slots__ = ("header", "kv", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: SessionHeader
+    kv: KVChunk
+    trailer: SessionTrailer
+    def __init__(self, header: _Optional[_Union[SessionHeader, _Mapping]] = ..., kv: _Optional[_Union[KVChunk, _Mapping]] = ..., trailer: _Optional[_Union[SessionTrailer, _Mapping]] = ...) -> None: ...
+
+class ImportSessionResponse(_message.Message):
+    __slots__ = ("session_id", "num_tokens", "kv_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    num_tokens: int
+    kv_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+
+class ReplicateHistoryRequest(_message.Message):
+    __slots__ = ("session_id", "token_ids", "turns")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    turns: int
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ...) -> None: ...
+
+class ReplicateHistoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PromoteReplicaRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class PromoteReplicaResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[_types_pb2.SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[_types_pb2.SessionInfo, _Mapping]]] = ...) -> None: ...
