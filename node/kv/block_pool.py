@@ -1,0 +1,275 @@
+"""Bookkeeping of the paged KV cache: which block ids are free, used, or cached for reuse.
+
+Every block id in ``0..num_blocks-1`` is in exactly one state:
+
+* **free**: ref count 0, no content hash, on the free list;
+* **used**: ref count > 0 (running sequences read it), hashed or not;
+* **cached**: ref count 0 but hashed, so a later request with the same prefix can reuse it;
+  the eviction policy reclaims it when a fresh block is needed.
+
+Hence ``num_used + num_free == num_blocks`` where ``num_free`` counts free *and* cached
+blocks (both are allocatable). The tensors live elsewhere; this module is pure logic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+from ultrakv.node.errors import EngineError
+from ultrakv.node.kv.eviction import EvictionPolicy, make_policy
+
+
+class NoFreeBlocksError(EngineError):
+    """An allocation asked for more blocks than are free or evictable (nothing was taken)."""
+
+
+@dataclass(frozen=True)
+class BlockPoolStats:
+    """A snapshot of the pool's counters.
+
+    ``blocks_used + blocks_free == num_blocks``; ``blocks_cached`` is the part of
+    ``blocks_free`` that still holds reusable content. ``hits`` and ``misses`` count blocks
+    looked up by :meth:`BlockPool.match_prefix`; ``evictions`` counts cached blocks reclaimed
+    for new allocations (not those dropped by :meth:`BlockPool.evict_unreferenced`).
+    """
+
+    hits: int
+    misses: int
+    hit_tokens: int
+    evictions: int
+    blocks_used: int
+    blocks_free: int
+    blocks_cached: int
+    num_blocks: int
+    policy: str
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of looked-up blocks that were reused; 0.0 before any lookup."""
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def to_dict(self) -> dict[str, int | float | str]:
+        """The fields plus ``hit_rate``, for stats endpoints."""
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+
+class BlockPool:
+    """Ref-counted KV blocks with content-hash prefix reuse and pluggable eviction.
+
+    A sequence's life: :meth:`match_prefix` pins the cached blocks of its prompt's longest
+    cached prefix, :meth:`allocate` takes fresh blocks for the rest, :meth:`commit` registers
+    each block once it is full, :meth:`free` lets go of the whole block table when it finishes.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        policy: str = "lru",
+        enable_prefix_caching: bool = True,
+    ):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.policy: EvictionPolicy = make_policy(policy, num_blocks)
+        self._ref = [0] * num_blocks
+        self._hash: list[int | None] = [None] * num_blocks
+        self._block_of: dict[int, int] = {}  # content hash -> block id holding it
+        self._free: deque[int] = deque(range(num_blocks))
+        self._num_used = 0
+        self._num_cached = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+
+    # --- counts -------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can take: free plus cached-and-unreferenced."""
+        return len(self._free) + self._num_cached
+
+    @property
+    def num_used(self) -> int:
+        """Blocks with ref count > 0."""
+        return self._num_used
+
+    @property
+    def num_cached(self) -> int:
+        """Hashed blocks with ref count 0 (reusable until evicted)."""
+        return self._num_cached
+
+    def can_allocate(self, n: int) -> bool:
+        """Whether :meth:`allocate` of ``n`` blocks would succeed."""
+        return n <= self.num_free
+
+    def ref_count(self, block_id: int) -> int:
+        """Number of sequences holding ``block_id``."""
+        return self._ref[self._check_id(block_id)]
+
+    def block_hash(self, block_id: int) -> int | None:
+        """Content hash registered for ``block_id``, or None if it holds none."""
+        return self._hash[self._check_id(block_id)]
+
+    def stats(self) -> BlockPoolStats:
+        """Snapshot of the counters."""
+        return BlockPoolStats(
+            hits=self._hits,
+            misses=self._misses,
+            hit_tokens=self._hits * self.block_size,
+            evictions=self._evictions,
+            blocks_used=self._num_used,
+            blocks_free=self.num_free,
+            blocks_cached=self._num_cached,
+            num_blocks=self.num_blocks,
+            policy=self.policy.name,
+        )
+
+    # --- allocation ---------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` fresh blocks with ref count 1, evicting cached blocks if needed.
+
+        Raises NoFreeBlocksError, taking nothing, when fewer than ``n`` are allocatable.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n > self.num_free:
+            raise NoFreeBlocksError(
+                f"cannot allocate {n} blocks: {self.num_free} of num_blocks "
+                f"{self.num_blocks} are free"
+            )
+        blocks: list[int] = []
+        for _ in range(n):
+            block = self._free.popleft() if self._free else self._evict_one()
+            self._ref[block] = 1
+            blocks.append(block)
+        self._num_used += n
+        return blocks
+
+    def _evict_one(self) -> int:
+        key = self.policy.victim()
+        # num_free counted this block as cached, so the policy must have an evictable key.
+        assert key is not None, "eviction policy has no victim while blocks are cached"
+        block = self._block_of.pop(key)
+        self._hash[block] = None
+        self._num_cached -= 1
+        self._evictions += 1
+        return block
+
+    def incref(self, block_ids: Iterable[int]) -> None:
+        """Add a reader to each block (a cached one becomes pinned). Free blocks are refused."""
+        block_ids = list(block_ids)
+        for block in block_ids:
+            if self._ref[self._check_id(block)] == 0 and self._hash[block] is None:
+                raise ValueError(f"block_id {block} is free; allocate it instead of incref")
+        for block in block_ids:
+            self._pin(block)
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop one reader from each block; a block with no reader left is released.
+
+        A released hashed block stays cached (evictable); an unhashed one returns to the free
+        list. Blocks are released last-to-first, so with a block table in order a prefix's
+        tail is evicted before its head. Raises ValueError, changing nothing, on a double free.
+        """
+        wanted = Counter(block_ids)
+        for block, count in wanted.items():
+            if count > self._ref[self._check_id(block)]:
+                raise ValueError(
+                    f"double free: block_id {block} has ref_count {self._ref[block]}, "
+                    f"freed {count} times"
+                )
+        for block in reversed(block_ids):
+            self._ref[block] -= 1
+            if self._ref[block] > 0:
+                continue
+            self._num_used -= 1
+            key = self._hash[block]
+            if key is None:
+                self._free.append(block)
+            else:
+                self._num_cached += 1
+                self.policy.set_evictable(key, True)
+
+    # --- prefix caching -----------------------------------------------------------------
+
+    def match_prefix(self, hashes: Sequence[int]) -> list[int]:
+        """Pin and return the blocks of the longest leading run of ``hashes`` that is cached.
+
+        Counts the reused blocks as hits and the rest of ``hashes`` as misses.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        blocks: list[int] = []
+        for key in hashes:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            self.policy.on_hit(key)
+            self._pin(block)
+            blocks.append(block)
+        for key in hashes[len(blocks) :]:
+            self.policy.on_miss(key)
+        self._hits += len(blocks)
+        self._misses += len(hashes) - len(blocks)
+        return blocks
+
+    def commit(self, block_id: int, block_hash: int) -> bool:
+        """Register full block ``block_id`` as holding content ``block_hash``.
+
+        Returns True if the block now holds the hash. When another block already holds it,
+        that mapping is kept and this block stays unhashed (it returns to the free list when
+        freed); returns False then, and always when prefix caching is off. Raises ValueError
+        if the block is not in use or already holds a different hash.
+        """
+        if self._ref[self._check_id(block_id)] == 0:
+            raise ValueError(f"block_id {block_id} is not allocated (ref_count 0)")
+        if not self.enable_prefix_caching:
+            return False
+        current = self._hash[block_id]
+        if current is not None:
+            if current != block_hash:
+                raise ValueError(
+                    f"block_id {block_id} already holds hash {current}, got {block_hash}"
+                )
+            return True
+        if block_hash in self._block_of:
+            return False
+        self._block_of[block_hash] = block_id
+        self._hash[block_id] = block_hash
+        self.policy.on_insert(block_hash)
+        return True
+
+    def evict_unreferenced(self) -> int:
+        """Drop every cached block (ref count 0) back to the free list; returns how many."""
+        dropped = [(key, b) for key, b in self._block_of.items() if self._ref[b] == 0]
+        for key, block in dropped:
+            del self._block_of[key]
+            self._hash[block] = None
+            self.policy.discard(key)
+            self._free.append(block)
+        self._num_cached -= len(dropped)
+        return len(dropped)
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _pin(self, block: int) -> None:
+        if self._ref[block] == 0:
+            # Only a cached block can be pinned from ref 0 (callers check it is hashed).
+            self._num_cached -= 1
+            self._num_used += 1
+            self.policy.set_evictable(self._hash[block], False)
+        self._ref[block] += 1
+
+    def _check_id(self, block_id: int) -> int:
+        if not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block_id must be in [0, {self.num_blocks}), got {block_id}")
+        return block_id

@@ -1,0 +1,57 @@
+"""Chained content hashes of full KV blocks.
+
+A full block's hash covers its parent block's hash, its token ids and the tenant salt, so
+two sequences share a block only when their whole prefixes up to and including that block
+are equal under the same salt. The hash is blake2b over a fixed byte layout (never Python's
+``hash()``, which is salted per process): a hash computed on one node means the same on every
+other node and after a restart, which session migration and checkpoints rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+
+def hash_block(parent: int | None, token_ids: Sequence[int], salt: str = "") -> int:
+    """Hash one block: an unsigned 64-bit int from ``parent``, ``token_ids`` and ``salt``.
+
+    ``parent`` is the hash of the previous block, or None for the first block of a sequence.
+    Layout (little-endian): a parent flag byte and 8 parent bytes, the salt's UTF-8 length (4
+    bytes) and bytes, then each token id as a signed 64-bit int. Length prefixes keep
+    different (salt, tokens) splits from colliding byte for byte.
+    """
+    if parent is not None and not 0 <= parent < 2**64:
+        raise ValueError(f"parent must be None or in [0, 2**64), got {parent}")
+    try:
+        packed_tokens = struct.pack(f"<{len(token_ids)}q", *token_ids)
+    except struct.error as exc:
+        raise ValueError(f"token_ids must be 64-bit ints: {exc}") from None
+    salt_bytes = salt.encode("utf-8")
+    h = hashlib.blake2b(digest_size=8)
+    if parent is None:
+        h.update(b"\x00" + bytes(8))
+    else:
+        h.update(b"\x01" + parent.to_bytes(8, "little"))
+    h.update(len(salt_bytes).to_bytes(4, "little"))
+    h.update(salt_bytes)
+    h.update(packed_tokens)
+    return int.from_bytes(h.digest(), "little")
+
+
+def hash_token_blocks(
+    token_ids: Sequence[int], block_size: int, salt: str = "", parent: int | None = None
+) -> list[int]:
+    """Chained hashes of every FULL block of ``token_ids`` (a trailing partial block has none).
+
+    ``parent`` continues a chain: pass the hash of the block just before ``token_ids`` to hash
+    the blocks of a continuation without rehashing the prefix.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    hashes: list[int] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size], salt)
+        hashes.append(parent)
+    return hashes
