@@ -1,0 +1,273 @@
+"""The Llama-family decoder (Llama 2/3, Qwen2, Mistral) over a flat batch and a paged KV cache.
+
+Parameter names follow Hugging Face checkpoints (``model.layers.N.self_attn.o_proj.weight``
+...) except two fusions made for speed: q/k/v live in one ``qkv_proj`` and gate/up in one
+``gate_up_proj``; :meth:`LlamaForCausalLM.load_weights` maps the checkpoint's separate
+tensors onto slices of them. With tied embeddings there is no ``lm_head`` module: the
+logits reuse ``model.embed_tokens.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata
+from ultrakv.node.model.config import ModelConfig
+
+
+class RotaryEmbedding:
+    """RoPE cos/sin tables for every position, computed once per device in float32.
+
+    Not an ``nn.Module`` on purpose: the tables must stay float32 (and must not become
+    uninitialised memory) when the model is built on the meta device and cast to a dtype.
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.head_dim = config.head_dim
+        self.max_positions = config.max_position_embeddings
+        self.inv_freq = rope_inv_freq(config)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each float32 ``[max_position_embeddings, head_dim // 2]``."""
+        device = torch.device(device)
+        tables = self._tables.get(device)
+        if tables is None:
+            pos = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+            freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
+            tables = (freqs.cos(), freqs.sin())
+            self._tables[device] = tables
+        return tables
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies [head_dim // 2] (float32, CPU) with the config's scaling applied."""
+    dim = config.head_dim
+    # Explicit CPU: the model may be built under a meta-device context.
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly (Llama 3.1 paper / HF _compute_llama3_parameters).
+    low = float(scaling["low_freq_factor"])
+    high = float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_len / low
+    high_freq_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [T, heads, D] by per-token ``cos``/``sin`` [T, 1, D/2] (HF half-split)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like the reference implementations."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection, RoPE, paged attention through the backend, output projection."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.scale = config.head_dim ** -0.5
+        self.backend = backend
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = h.shape[0]
+        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with gate and up fused into one matmul."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
+                                      bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(h).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention block followed by a pre-norm MLP block, each with a residual."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+        super().__init__()
+        self.self_attn = Attention(config, backend)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder stack and final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, backend) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder for Llama 2/3, Qwen2 and Mistral over a flat batch of new tokens.
+
+    ``forward`` runs the ``T`` new tokens of a step (see ``ultrakv.node.attention.base`` for
+    the batch and cache layout) and returns their final hidden states; ``compute_logits``
+    turns the rows the sampler needs into float32 logits.
+    """
+
+    def __init__(self, config: ModelConfig, attn: AttentionBackend):
+        super().__init__()
+        self.config = config
+        self.attn = attn
+        self.rotary = RotaryEmbedding(config)
+        self.model = LlamaModel(config, attn)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """``input_ids``/``positions`` [T] -> hidden states [T, hidden_size].
+
+        ``kv_caches`` holds one ``[2, num_blocks, block_size, kv_heads, head_dim]`` tensor
+        per layer; the new tokens' keys and values are written into it.
+        """
+        if len(kv_caches) != len(self.model.layers):
+            raise ValueError(f"kv_caches must have {len(self.model.layers)} entries (one per "
+                             f"layer), got {len(kv_caches)}")
+        h = self.model.embed_tokens(input_ids)
+        cos_table, sin_table = self.rotary.cos_sin(input_ids.device)
+        # Gathered once per step and shared by every layer.
+        cos = cos_table[positions].to(h.dtype).unsqueeze(1)
+        sin = sin_table[positions].to(h.dtype).unsqueeze(1)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, kv_cache, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, hidden_size] -> float32 logits [N, vocab_size]."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection: the embedding matrix when embeddings are tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # ------------------------------------------------------------------ checkpoint loading
+
+    def checkpoint_names(self) -> list[str]:
+        """Every tensor name a Hugging Face checkpoint of this model must provide."""
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if self.lm_head is not None:
+            names.append("lm_head.weight")
+        c = self.config
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                      p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight",
+                      p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+            names += [f"{p}self_attn.{x}_proj.weight" for x in "qkv"]
+            if c.attention_bias:
+                names += [f"{p}self_attn.{x}_proj.bias" for x in "qkv"]
+            if c.o_proj_bias:
+                names.append(p + "self_attn.o_proj.bias")
+        return names
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (HF names) into the parameters; returns the names loaded.
+
+        Raises ValueError naming the tensor for an unknown name or a shape mismatch.
+        Tensors the model does not use (``rotary_emb.inv_freq``, a tied ``lm_head``) are
+        skipped and not returned.
+        """
+        params = dict(self.named_parameters())
+        c = self.config
+        qkv_slices = {"q_proj": (0, c.q_size), "k_proj": (c.q_size, c.kv_size),
+                      "v_proj": (c.q_size + c.kv_size, c.kv_size)}
+        gate_up_slices = {"gate_proj": (0, c.intermediate_size),
+                          "up_proj": (c.intermediate_size, c.intermediate_size)}
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name.endswith("rotary_emb.inv_freq") or (
+                        name == "lm_head.weight" and self.lm_head is None):
+                    continue
+                target, rows = _fused_target(name, qkv_slices, "qkv_proj")
+                if target is None:
+                    target, rows = _fused_target(name, gate_up_slices, "gate_up_proj")
+                if target is None:
+                    target = name
+                param = params.get(target)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in the "
+                                     f"{c.architecture} model (wrong architecture or config?)")
+                dest = param if rows is None else param.narrow(0, rows[0], rows[1])
+                if tuple(dest.shape) != tuple(tensor.shape):
+                    raise ValueError(f"checkpoint tensor {name!r} must have shape "
+                                     f"{tuple(dest.shape)}, got {tuple(tensor.shape)}")
+                dest.copy_(tensor)
+                loaded.add(name)
+        return loaded
+
+
+def _fused_target(name: str, slices: dict[str, tuple[int, int]],
+                  fused: str) -> tuple[str | None, tuple[int, int] | None]:
+    """``...self_attn.k_proj.weight`` -> (``...self_attn.qkv_proj.weight``, (start, rows))."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in slices:
+        return ".".join([*parts[:-2], fused, parts[-1]]), slices[parts[-2]]
+    return None, None

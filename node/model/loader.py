@@ -1,0 +1,142 @@
+"""Build a ready model from a preset name or a local Hugging Face checkpoint directory.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards
+listed by ``model.safetensors.index.json``; ``tokenizer.json`` is optional (the byte
+tokenizer is used without it). Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from ultrakv.node.attention.base import AttentionBackend
+from ultrakv.node.model.config import ModelConfig
+from ultrakv.node.model.llama import LlamaForCausalLM
+from ultrakv.node.model.presets import PRESETS, init_random_weights, preset_config
+from ultrakv.node.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what the engine needs to know about it.
+
+    ``fingerprint`` is a stable hash of the config and the weights' source (preset name,
+    seed, device type and dtype; or the checkpoint's file names and sizes). Two nodes agree
+    on it exactly when their KV caches are interchangeable.
+    """
+
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    name: str
+    fingerprint: str
+    dtype: torch.dtype
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> the checkpoint's dtype on CUDA, float32 elsewhere; else the named dtype."""
+    if dtype == "auto":
+        return _DTYPES[checkpoint_dtype] if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {('auto', *_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def build_empty_model(config: ModelConfig, attn: AttentionBackend, dtype: torch.dtype,
+                      device: torch.device) -> LlamaForCausalLM:
+    """The model with uninitialised parameters allocated once, directly in dtype on device."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, attn)
+    model = model.to(dtype).to_empty(device=device)
+    model.rotary.cos_sin(device)  # build the RoPE tables now, not inside the first step
+    return model.eval().requires_grad_(False)
+
+
+def load_model(name_or_path: str, dtype: str, device: torch.device, attn: AttentionBackend,
+               seed: int = 0) -> LoadedModel:
+    """Load preset ``name_or_path`` (seeded random weights) or the checkpoint directory there.
+
+    Raises FileNotFoundError for a missing directory, config.json or weight file, and
+    ValueError for an unsupported config or a missing / misshapen tensor (named).
+    """
+    device = torch.device(device)
+    if name_or_path in PRESETS:
+        return _load_preset(name_or_path, dtype, device, attn, seed)
+    return _load_checkpoint(Path(name_or_path), dtype, device, attn)
+
+
+def _load_preset(name: str, dtype: str, device: torch.device, attn: AttentionBackend,
+                 seed: int) -> LoadedModel:
+    config = preset_config(name)
+    torch_dtype = resolve_dtype(dtype, config.torch_dtype, device)
+    model = build_empty_model(config, attn, torch_dtype, device)
+    init_random_weights(model, seed)
+    # Random draws differ between CPU and CUDA generators, hence the device type.
+    source = f"preset:{name}:seed={seed}:device={device.type}"
+    return LoadedModel(model=model, config=config, tokenizer=ByteTokenizer(), name=name,
+                       fingerprint=_fingerprint(config, source, torch_dtype), dtype=torch_dtype)
+
+
+def _load_checkpoint(path: Path, dtype: str, device: torch.device,
+                     attn: AttentionBackend) -> LoadedModel:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model must be a preset {sorted(PRESETS)} or a checkpoint directory; "
+            f"{str(path)!r} is neither")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} has no config.json")
+    config = ModelConfig.from_hf(json.loads(config_file.read_text()))
+    files = _weight_files(path)
+    torch_dtype = resolve_dtype(dtype, config.torch_dtype, device)
+    model = build_empty_model(config, attn, torch_dtype, device)
+
+    loaded: set[str] = set()
+    for file in files:
+        # Read on CPU and copy into place: the copy casts dtype and moves to the device
+        # one tensor at a time, so host memory never holds the whole model twice.
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            loaded |= model.load_weights((key, f.get_tensor(key)) for key in f.keys())
+    missing = [n for n in model.checkpoint_names() if n not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"checkpoint {str(path)!r} is missing tensor {missing[0]!r}{more}")
+
+    sizes = sorted((f.name, f.stat().st_size) for f in [config_file, *files])
+    source = "checkpoint:" + ";".join(f"{n}={s}" for n, s in sizes)
+    return LoadedModel(model=model, config=config, tokenizer=load_tokenizer(path, config),
+                       name=path.name, fingerprint=_fingerprint(config, source, torch_dtype),
+                       dtype=torch_dtype)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{INDEX_FILE} in {str(path)!r} must have a non-empty weight_map")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"weight file {file.name!r} listed in {INDEX_FILE} "
+                                        f"is missing from {str(path)!r}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"checkpoint {str(path)!r} has no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _fingerprint(config: ModelConfig, source: str, dtype: torch.dtype) -> str:
+    blob = json.dumps({"config": config.to_dict(), "source": source, "dtype": str(dtype)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
