@@ -25,6 +25,9 @@ def _hf_configs():
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
         "qwen2": transformers.Qwen2Config(**SMALL, rope_theta=1e6),
         "mistral": transformers.MistralConfig(**SMALL, head_dim=16, sliding_window=None),
+        # Untied lm_head, bias on q/k/v/o, linear RoPE scaling.
+        "llama-linear": transformers.LlamaConfig(
+            **SMALL, attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 4.0}),
     }
 
 
@@ -64,13 +67,14 @@ def _kv_caches(cfg):
             for _ in range(c.num_hidden_layers)]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "llama-linear"])
 def pair(request, tmp_path_factory):
     """(our LoadedModel, the transformers model) from one saved random checkpoint."""
     torch.manual_seed(0)
     hf_cfg = _hf_configs()[request.param]
     cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-           "mistral": transformers.MistralForCausalLM}[request.param]
+           "mistral": transformers.MistralForCausalLM,
+           "llama-linear": transformers.LlamaForCausalLM}[request.param]
     hf = cls(hf_cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so loading them is checked too
         for name, p in hf.named_parameters():
@@ -90,9 +94,12 @@ def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
 
 def test_architecture_parsed(pair):
     ours, hf = pair
-    assert ours.config.architecture == hf.config.model_type
-    assert ours.config.attention_bias == (hf.config.model_type == "qwen2")
-    assert ours.model.lm_head is None if ours.config.tie_word_embeddings else True
+    cfg = ours.config
+    assert cfg.architecture == hf.config.model_type
+    assert cfg.attention_bias == (cfg.architecture == "qwen2"
+                                  or getattr(hf.config, "attention_bias", False))
+    assert (ours.model.lm_head is None) == hf.config.tie_word_embeddings
+    assert ours.tokenizer.vocab_size == 258  # no tokenizer.json saved: byte tokenizer
 
 
 def test_prefill_then_cached_prefix_then_decode_match_transformers(pair):
