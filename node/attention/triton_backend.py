@@ -1,0 +1,232 @@
+"""Triton kernels for paged attention on CUDA: KV write, split-K decode, varlen prefill.
+
+Three kernels, launched in order on the current stream:
+
+* ``write_kv_kernel``: one program per new token scatters its keys and values into their
+  cache slot (``slot_mapping`` -1 rows are skipped on the device, so there is no host sync and
+  the launch is CUDA-graph capturable, unlike a boolean-mask ``index_copy_``).
+* decode (every sequence brings one token): ``decode_kernel`` runs one program per
+  (sequence, kv head, context partition). The program holds the whole GQA group of query heads
+  that share the kv head, so each K/V tile is read from HBM once per kv head, and does an
+  online softmax in fp32 over its partition. ``decode_reduce_kernel`` merges the partitions
+  (flash-decoding). When the batch shape needs only one partition the first kernel writes the
+  normalised output itself and the reduce is skipped.
+* prefill / mixed batches: ``prefill_kernel`` runs one program per (sequence, query head,
+  tile of new tokens) and streams K/V of the sequence's context (cached prefix plus the new
+  tokens just written) through the block table, causal on absolute positions.
+
+Grid sizes and partition sizes depend only on tensor shapes and ``meta.max_seq_len``, never on
+tensor values, so a decode step captured in a CUDA graph stays valid when ``seq_lens``,
+``block_tables`` and ``slot_mapping`` are updated in place: the runner captures with
+``max_seq_len`` set to the longest context it will ever replay (e.g. the model's max length).
+
+The kernels live in ``triton_kernels``, imported on first launch, so this module imports on
+CPU-only machines without Triton (the registry lists it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Partitions per decode launch are sized so that about this many programs per SM run:
+# enough to hide HBM latency at batch 1, without splitting large batches needlessly.
+_DECODE_PROGRAMS_PER_SM = 4
+_DECODE_BLOCK_N = 64  # context tokens per inner tile of the decode kernel
+_PREFILL_BLOCK_M = 64  # new tokens per prefill program
+_PREFILL_BLOCK_N = 64  # context tokens per inner tile of the prefill kernel
+
+
+def triton_available() -> bool:
+    """True when Triton imports and a CUDA device is present (the backend can run here)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def _kernels():
+    """The kernel module, imported on first launch (import needs no Triton)."""
+    from ultrakv.node.attention import triton_kernels
+
+    return {
+        "write_kv": triton_kernels.write_kv_kernel,
+        "decode": triton_kernels.decode_kernel,
+        "reduce": triton_kernels.decode_reduce_kernel,
+        "prefill": triton_kernels.prefill_kernel,
+    }
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # interpreter runs: size the grid as on an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Context tokens per decode program: split long contexts until the grid fills the GPU.
+
+    A power of two, at least one inner tile; a function of shapes only (CUDA-graph safe).
+    """
+    target_programs = _DECODE_PROGRAMS_PER_SM * num_sms
+    parts_wanted = max(1, math.ceil(target_programs / max(1, num_seqs * num_kv_heads)))
+    size = _next_pow2(math.ceil(max(1, max_seq_len) / parts_wanted))
+    return max(_DECODE_BLOCK_N, size)
+
+
+class TritonPagedBackend(AttentionBackend):
+    """Paged attention through Triton kernels (CUDA only; bf16, fp16 and fp32)."""
+
+    name = "triton"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self._check(q, k, v, kv_cache)
+        self.write_kv(k, v, kv_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            return self.decode(q, kv_cache, meta, scale)
+        return self.prefill(q, kv_cache, meta, scale)
+
+    @staticmethod
+    def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        # TRITON_INTERPRET=1 runs the kernels on CPU tensors (slow; for debugging without a GPU).
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"q must be a CUDA tensor for the triton backend, got {q.device}")
+        if q.dtype not in _SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
+            raise ValueError(
+                f"q and kv_cache dtype must match and be one of {_SUPPORTED_DTYPES}, "
+                f"got q={q.dtype}, kv_cache={kv_cache.dtype}"
+            )
+        num_heads, num_kv_heads = q.shape[1], kv_cache.shape[3]
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads must be a multiple of num_kv_heads, got {num_heads} and {num_kv_heads}"
+            )
+        head_dim = q.shape[2]
+        if head_dim < 16 or kv_cache.shape[4] != head_dim or k.shape[-1] != head_dim:
+            raise ValueError(
+                f"head_dim must be >= 16 and equal in q, k and kv_cache, got q={head_dim}, "
+                f"k={k.shape[-1]}, kv_cache={kv_cache.shape[4]}"
+            )
+        if kv_cache.stride(4) != 1 or q.stride(2) != 1:
+            raise ValueError("q and kv_cache must be contiguous in head_dim")
+
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Scatter new keys/values into their slots; -1 slots skipped on the device (no sync)."""
+        num_tokens = k.shape[0]
+        if num_tokens == 0:
+            return
+        k = k if k.stride(2) == 1 else k.contiguous()
+        v = v if v.stride(2) == 1 else v.contiguous()
+        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        _kernels()["write_kv"][(num_tokens,)](
+            k, v, kv_cache, slot_mapping,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=kv_cache.shape[2],
+            BLOCK_H=_next_pow2(num_kv_heads), BLOCK_D=_next_pow2(head_dim),
+        )
+
+    def decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """One query token per sequence (row i of q belongs to sequence i)."""
+        num_seqs = meta.seq_lens.shape[0]
+        if q.shape[0] != num_seqs:
+            raise ValueError(
+                f"decode needs one query row per sequence, got {q.shape[0]} rows "
+                f"for {num_seqs} sequences"
+            )
+        _, num_heads, head_dim = q.shape
+        num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
+        group = num_heads // num_kv_heads
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        if num_seqs == 0:
+            return out
+        partition = decode_partition_size(
+            num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device)
+        )
+        num_parts = max(1, math.ceil(meta.max_seq_len / partition))
+        single = num_parts == 1
+        if single:
+            tmp_acc = tmp_m = tmp_l = out  # unused by the kernel
+            acc_strides = (0, 0, 0)
+            ml_strides = (0, 0)
+        else:
+            tmp_acc = torch.empty(
+                (num_seqs, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device
+            )
+            tmp_m = torch.empty(
+                (num_seqs, num_heads, num_parts), dtype=torch.float32, device=q.device
+            )
+            tmp_l = torch.empty_like(tmp_m)
+            acc_strides = tmp_acc.stride()[:3]
+            ml_strides = tmp_m.stride()[:2]
+        kernels = _kernels()
+        block_d = _next_pow2(head_dim)
+        kernels["decode"][(num_seqs, num_kv_heads, num_parts)](
+            q, kv_cache, meta.block_tables, meta.seq_lens, out, tmp_acc, tmp_m, tmp_l,
+            scale * math.log2(math.e),
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            meta.block_tables.stride(0),
+            *acc_strides, *ml_strides,
+            GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            PAGE=page, BLOCK_N=_DECODE_BLOCK_N, PARTITION=partition, SINGLE=single,
+            IEEE=q.dtype == torch.float32,
+            num_warps=4, num_stages=2,
+        )
+        if not single:
+            kernels["reduce"][(num_seqs, num_heads)](
+                out, tmp_acc, tmp_m, tmp_l, meta.seq_lens,
+                out.stride(0), out.stride(1), *acc_strides, *ml_strides,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, PARTITION=partition,
+                BLOCK_S=_next_pow2(num_parts),
+                num_warps=4,
+            )
+        return out
+
+    def prefill(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Variable-length new tokens per sequence, causal over cached prefix + new tokens."""
+        _, num_heads, head_dim = q.shape
+        num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        num_seqs = meta.seq_lens.shape[0]
+        if num_seqs == 0 or q.shape[0] == 0:
+            return out
+        num_m_tiles = math.ceil(meta.max_query_len / _PREFILL_BLOCK_M)
+        _kernels()["prefill"][(num_seqs, num_heads, num_m_tiles)](
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+            scale * math.log2(math.e),
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            meta.block_tables.stride(0),
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
+            PAGE=page, BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_PREFILL_BLOCK_N,
+            IEEE=q.dtype == torch.float32,
+            num_warps=4, num_stages=2,
+        )
+        return out

@@ -1,0 +1,196 @@
+"""Triton kernels behind ``triton_backend``: KV write, split-K GQA decode + reduce, prefill.
+
+Imported only when a kernel is first launched, so that CPU-only machines without Triton can
+still import the backend module. Launch parameters and the design are described there.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs would silently use tf32 on tensor cores; ask for full precision there.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def write_kv_kernel(
+    K, V, KV, SLOT,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kind, stride_block, stride_tok, stride_head,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(SLOT + t).to(tl.int64)
+    if slot >= 0:
+        row = (slot // PAGE) * stride_block + (slot % PAGE) * stride_tok
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :],
+                    mask=mask)
+        v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
+                    mask=mask)
+        dst = KV + row + offs_h[:, None] * stride_head + offs_d[None, :]
+        tl.store(dst, k, mask=mask)
+        tl.store(dst + stride_kind, v, mask=mask)
+
+
+@triton.jit
+def decode_kernel(
+    Q, KV, BT, SEQ, OUT, TMP_ACC, TMP_M, TMP_L,
+    qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kind, stride_block, stride_tok, stride_head,
+    stride_bt,
+    stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTITION: tl.constexpr, SINGLE: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(SEQ + b)
+    start = part * PARTITION
+    end = tl.minimum(start + PARTITION, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + offs_g
+    gmask = offs_g < GROUP
+    dmask = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    kv_base = KV + kvh * stride_head
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+        row = blk * stride_block + (offs_n % PAGE) * stride_tok
+        lmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(kv_base + stride_kind + row[:, None] + offs_d[None, :], mask=lmask,
+                    other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # log2 domain: qk_scale has log2(e)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    if SINGLE:
+        # l_i == 0 only for an empty (padded, seq_len 0) row: write zeros, not NaN.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(OUT + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    else:
+        acc_ptr = (TMP_ACC + b * stride_acc_b + heads[:, None] * stride_acc_h
+                   + part * stride_acc_s + offs_d[None, :])
+        tl.store(acc_ptr, acc, mask=gmask[:, None] & dmask[None, :])
+        ml_off = b * stride_ml_b + heads * stride_ml_h + part
+        tl.store(TMP_M + ml_off, m_i, mask=gmask)
+        tl.store(TMP_L + ml_off, l_i, mask=gmask)
+
+
+@triton.jit
+def decode_reduce_kernel(
+    OUT, TMP_ACC, TMP_M, TMP_L, SEQ,
+    stride_ot, stride_oh,
+    stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PARTITION: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(SEQ + b)
+    num_parts = tl.cdiv(seq_len, PARTITION)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < num_parts
+    dmask = offs_d < HEAD_DIM
+    ml_off = b * stride_ml_b + h * stride_ml_h + offs_s
+    m = tl.load(TMP_M + ml_off, mask=smask, other=float("-inf"))
+    l_part = tl.load(TMP_L + ml_off, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(smask, tl.exp2(m - m_max), 0.0)
+    acc = tl.load(TMP_ACC + b * stride_acc_b + h * stride_acc_h
+                  + offs_s[:, None] * stride_acc_s + offs_d[None, :],
+                  mask=smask[:, None] & dmask[None, :], other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l_part * w, 0)
+    out = num / tl.where(den > 0, den, 1.0)
+    tl.store(OUT + b * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=dmask)
+
+
+@triton.jit
+def prefill_kernel(
+    Q, KV, BT, SEQ, QSL, OUT,
+    qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kind, stride_block, stride_tok, stride_head,
+    stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    mt = tl.program_id(2)
+    q_start = tl.load(QSL + b)
+    q_len = tl.load(QSL + b + 1) - q_start
+    if mt * BLOCK_M < q_len:
+        seq_len = tl.load(SEQ + b)
+        prefix = seq_len - q_len  # tokens already cached before this step's new ones
+        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mmask = offs_m < q_len
+        dmask = offs_d < HEAD_DIM
+        q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh
+                    + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        pos_m = prefix + offs_m  # absolute position of each query in its context
+        kv_end = tl.minimum(seq_len, prefix + (mt + 1) * BLOCK_M)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kv_base = KV + (h // GROUP) * stride_head
+        for n0 in range(0, kv_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < kv_end
+            blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask,
+                          other=0).to(tl.int64)
+            row = blk * stride_block + (offs_n % PAGE) * stride_tok
+            lmask = nmask[:, None] & dmask[None, :]
+            k = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+            v = tl.load(kv_base + stride_kind + row[:, None] + offs_d[None, :], mask=lmask,
+                        other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            causal = (offs_n[None, :] <= pos_m[:, None]) & nmask[None, :]
+            s = tl.where(causal, s, float("-inf"))
+            # Rows past q_len can be fully masked: keep their max finite so exp2 stays 0.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            m_i = m_new
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh
+                 + offs_d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=mmask[:, None] & dmask[None, :])
