@@ -36,7 +36,7 @@ class ExportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., include_kv: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class SessionHeader(_message.Message):
-    __slots__ = ("session_id", "token_ids", "turns", "model_fingerprint", "kv_tokens", "kv_shape", "kv_dtype", "num_chunks")
+    __slots__ = ("session_id", "token_ids", "turns", "model_fingerprint", "kv_tokens", "kv_shape", "kv_dtype", "num_chunks", "tenant")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class SessionHeader(_message.Message):
     KV_SHAPE_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     turns: int
@@ -53,7 +54,8 @@ class SessionHeader(_message.Message):
     kv_shape: _containers.RepeatedScalarFieldContainer[int]
     kv_dtype: str
     num_chunks: int
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    tenant: str
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., num_chunks: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("index", "data", "sha256")

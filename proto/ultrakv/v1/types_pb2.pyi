@@ -215,22 +215,20 @@ class CacheStats(_message.Message):
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_total: _Optional[int] = ..., policy: _Optional[str] = ..., hit_rate: _Optional[float] = ...) -> None: ...
 
 class LatencyStats(_message.Message):
-    __slots__ = ("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p95_ms", "tpot_p99_ms", "window")
+    __slots__ = ("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p95_ms", "tpot_p99_ms")
     TTFT_P50_MS_FIELD_NUMBER: _ClassVar[int]
     TTFT_P95_MS_FIELD_NUMBER: _ClassVar[int]
     TTFT_P99_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_P50_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_P95_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_P99_MS_FIELD_NUMBER: _ClassVar[int]
-    WINDOW_FIELD_NUMBER: _ClassVar[int]
     ttft_p50_ms: float
     ttft_p95_ms: float
     ttft_p99_ms: float
     tpot_p50_ms: float
     tpot_p95_ms: float
     tpot_p99_ms: float
-    window: int
-    def __init__(self, ttft_p50_ms: _Optional[float] = ..., ttft_p95_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., tpot_p50_ms: _Optional[float] = ..., tpot_p95_ms: _Optional[float] = ..., tpot_p99_ms: _Optional[float] = ..., window: _Optional[int] = ...) -> None: ...
+    def __init__(self, ttft_p50_ms: _Optional[float] = ..., ttft_p95_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., tpot_p50_ms: _Optional[float] = ..., tpot_p95_ms: _Optional[float] = ..., tpot_p99_ms: _Optional[float] = ...) -> None: ...
 
 class NodeStats(_message.Message):
     __slots__ = ("node_id", "address", "pid", "model", "device", "sessions", "queue_depth", "running", "requests_total", "requests_failed", "prompt_tokens", "completion_tokens", "cached_tokens", "cache", "latency", "uptime_s", "engine")

@@ -1,0 +1,127 @@
+"""SessionState <-> a stream of SessionChunk messages (session migration on the wire).
+
+A session travels as a header (history, turns, model fingerprint, KV shape and dtype), the KV
+tensor's bytes cut into chunks that each carry their sha256, and a trailer with the chunk
+count, the byte count and the sha256 of all the bytes. Pure functions, no I/O: the node
+server and the cluster's re-sharding both use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from ultrakv.node.outputs import SessionState
+from ultrakv.v1 import node_pb2 as npb
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB default message limit
+
+
+class TransferError(ValueError):
+    """A chunk stream that is malformed, truncated or corrupted."""
+
+
+def state_to_chunks(state: SessionState, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                    ) -> Iterator[npb.SessionChunk]:
+    """Yield header, KV chunks and trailer for ``state``."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    data = b""
+    shape: list[int] = []
+    dtype = ""
+    if state.kv is not None:
+        kv = state.kv.detach().to("cpu").contiguous()
+        data = kv.view(torch.uint8).numpy().tobytes() if kv.numel() else b""
+        shape = list(kv.shape)
+        dtype = str(kv.dtype).removeprefix("torch.")
+    num_chunks = (len(data) + chunk_bytes - 1) // chunk_bytes
+    yield npb.SessionChunk(header=npb.SessionHeader(
+        session_id=state.session_id, token_ids=state.token_ids, turns=state.turns,
+        model_fingerprint=state.model_fingerprint,
+        kv_tokens=state.kv_tokens if state.kv is not None else 0,
+        kv_shape=shape, kv_dtype=dtype, num_chunks=num_chunks,
+        tenant=state.tenant))
+    total = hashlib.sha256()
+    for index in range(num_chunks):
+        piece = data[index * chunk_bytes:(index + 1) * chunk_bytes]
+        total.update(piece)
+        yield npb.SessionChunk(kv=npb.KVChunk(index=index, data=piece,
+                                              sha256=hashlib.sha256(piece).digest()))
+    yield npb.SessionChunk(trailer=npb.SessionTrailer(
+        num_chunks=num_chunks, total_bytes=len(data), sha256=total.digest()))
+
+
+def chunks_to_state(chunks: Iterable[npb.SessionChunk]) -> SessionState:
+    """Rebuild a SessionState, verifying order, every checksum and the trailer."""
+    assembler = StateAssembler()
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.finish()
+
+
+class StateAssembler:
+    """Incremental form of :func:`chunks_to_state`, for async streams: ``add`` each chunk
+    (``header`` is readable after the first, e.g. to check the fingerprint early), then
+    ``finish``."""
+
+    def __init__(self) -> None:
+        self.header: npb.SessionHeader | None = None
+        self._parts: list[bytes] = []
+        self._total = hashlib.sha256()
+        self._trailer: npb.SessionTrailer | None = None
+
+    def add(self, chunk: npb.SessionChunk) -> None:
+        part = chunk.WhichOneof("part")
+        if self._trailer is not None:
+            raise TransferError(f"session chunk after the trailer: {part}")
+        if part == "header":
+            if self.header is not None:
+                raise TransferError("second session header")
+            self.header = chunk.header
+            return
+        if self.header is None:
+            raise TransferError(f"session stream must start with a header, got {part}")
+        if part == "kv":
+            kv = chunk.kv
+            if kv.index != len(self._parts):
+                raise TransferError(f"kv chunk index must be {len(self._parts)}, got {kv.index}")
+            if hashlib.sha256(kv.data).digest() != kv.sha256:
+                raise TransferError(f"kv chunk {kv.index} failed its sha256 check")
+            self._parts.append(kv.data)
+            self._total.update(kv.data)
+        elif part == "trailer":
+            self._trailer = chunk.trailer
+        else:
+            raise TransferError("empty session chunk")
+
+    def finish(self) -> SessionState:
+        header, trailer = self.header, self._trailer
+        if header is None:
+            raise TransferError("session stream had no header")
+        if trailer is None:
+            raise TransferError("session stream ended before its trailer (truncated)")
+        data = b"".join(self._parts)
+        if (trailer.num_chunks != len(self._parts) or header.num_chunks != len(self._parts)
+                or trailer.total_bytes != len(data)):
+            raise TransferError(
+                f"session stream must hold {header.num_chunks} chunks / {trailer.total_bytes} "
+                f"bytes, got {len(self._parts)} / {len(data)}")
+        if trailer.sha256 != self._total.digest():
+            raise TransferError("session stream failed its overall sha256 check")
+        kv = None
+        if header.kv_dtype:
+            dtype = getattr(torch, header.kv_dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise TransferError(f"kv_dtype must be a torch dtype name, got {header.kv_dtype!r}")
+            shape = tuple(header.kv_shape)
+            flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+                torch.empty(0, dtype=torch.uint8)
+            try:
+                kv = flat.view(dtype).reshape(shape)
+            except RuntimeError as exc:
+                raise TransferError(f"kv bytes do not fit shape {list(shape)} of {dtype}") from exc
+        return SessionState(session_id=header.session_id, token_ids=list(header.token_ids),
+                            turns=header.turns, model_fingerprint=header.model_fingerprint,
+                            kv_tokens=header.kv_tokens if kv is not None else 0, kv=kv,
+                            tenant=header.tenant)

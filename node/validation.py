@@ -1,0 +1,306 @@
+"""Request validation at the gRPC edge: every field checked, every failure a status naming it.
+
+Pure functions over the wire messages (no engine, no I/O) so the node server and the
+coordinator share them. A failure is a :class:`RequestRejected` carrying the gRPC status
+code, the field and a message that names the limit, e.g.
+``max_length must be in [1, 4096], got 0``. Model-dependent limits (prompt tokens against
+the context length, token ids against the vocabulary) are the engine's ``validate``; its
+errors map to the same shape through :func:`rejection_from_error`.
+
+Invalid UTF-8 cannot be caught after parsing: protobuf refuses to parse a message whose
+string field holds bad UTF-8, and grpc would then fail the whole call (or the whole stream)
+with an anonymous INTERNAL. :func:`tolerant_deserializer` parses instead into a
+:class:`Malformed` marker naming the field, which the servicer answers per request.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import descriptor as _descriptor
+from google.protobuf.message import DecodeError, Message
+from ultrakv.node.errors import (
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    SessionNotFoundError,
+)
+from ultrakv.v1 import types_pb2 as pb
+
+SESSION_ID_MAX_BYTES = 128
+REQUEST_ID_MAX_BYTES = 128
+# Session ids reach file names (checkpoints), so no path separators and nothing to escape.
+_SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
+PRIORITY_NAMES = {
+    pb.PRIORITY_CRITICAL: "CRITICAL",
+    pb.PRIORITY_HIGH: "HIGH",
+    pb.PRIORITY_NORMAL: "NORMAL",
+    pb.PRIORITY_LOW: "LOW",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Edge limits. ``max_tokens_limit`` mirrors EngineConfig.max_tokens_limit."""
+
+    max_tokens_limit: int = 4096
+    default_max_length: int = 64
+    max_prompt_bytes: int = 1 << 20
+    max_prompt_token_ids: int = 1 << 18
+    max_stop_sequences: int = 16
+    max_batch_size: int = 256
+    max_batch_concurrency: int = 64
+
+
+class RequestRejected(Exception):
+    """A request the edge refuses: gRPC ``code``, offending ``field``, ``retry_after_s`` hint."""
+
+    def __init__(self, code: grpc.StatusCode, field: str, message: str,
+                 retry_after_s: float = 0.0):
+        super().__init__(message)
+        self.code = code
+        self.field = field
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def to_detail(self) -> pb.ErrorDetail:
+        """The per-request error message used on streams and in batches."""
+        return pb.ErrorDetail(code=self.code.name, message=self.message, field=self.field,
+                              retry_after_s=self.retry_after_s)
+
+
+def _invalid(field: str, message: str) -> RequestRejected:
+    return RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, field, message)
+
+
+def validate_session_id(session_id: str, field: str = "session_id") -> str:
+    """Check a session id: 1..128 bytes of ``[A-Za-z0-9._:-]``."""
+    if not session_id:
+        raise _invalid(field, f"{field} must be non-empty")
+    size = len(session_id.encode("utf-8"))
+    if size > SESSION_ID_MAX_BYTES:
+        raise _invalid(field, f"{field} must be at most {SESSION_ID_MAX_BYTES} bytes, got {size}")
+    if not _SESSION_ID_RE.fullmatch(session_id):
+        raise _invalid(field, f"{field} must match [A-Za-z0-9._:-], got {session_id!r}")
+    return session_id
+
+
+def validate_generate(request: pb.GenerateRequest, limits: Limits, *,
+                      require_request_id: bool = False) -> pb.GenerateRequest:
+    """Validate one generate request; return a normalized copy with defaults filled in.
+
+    The copy has a request id (generated when absent and not required), an explicit
+    ``max_length`` and a concrete priority.
+    """
+    out = pb.GenerateRequest()
+    out.CopyFrom(request)
+    if not out.request_id:
+        if require_request_id:
+            raise _invalid("request_id", "request_id must be non-empty on a Generate stream")
+        out.request_id = uuid.uuid4().hex
+    rid_bytes = len(out.request_id.encode("utf-8"))
+    if rid_bytes > REQUEST_ID_MAX_BYTES:
+        raise _invalid("request_id",
+                       f"request_id must be at most {REQUEST_ID_MAX_BYTES} bytes, got {rid_bytes}")
+    if out.HasField("session_id"):
+        validate_session_id(out.session_id)
+    if len(out.tenant.encode("utf-8")) > SESSION_ID_MAX_BYTES:
+        raise _invalid("tenant", f"tenant must be at most {SESSION_ID_MAX_BYTES} bytes")
+    _validate_prompt(out, limits)
+    _validate_sampling(out.sampling, limits)
+    if not out.sampling.HasField("max_length"):
+        out.sampling.max_length = limits.default_max_length
+    if out.priority == pb.PRIORITY_UNSPECIFIED:
+        out.priority = pb.PRIORITY_NORMAL
+    elif out.priority not in PRIORITY_NAMES:
+        names = ", ".join(PRIORITY_NAMES.values())
+        raise _invalid("priority", f"priority must be one of {names}, got {out.priority}")
+    return out
+
+
+def _validate_prompt(request: pb.GenerateRequest, limits: Limits) -> None:
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise _invalid("prompt", "prompt must be set: text or token_ids")
+    if kind == "text":
+        if not request.text:
+            raise _invalid("text", "text must be non-empty")
+        size = len(request.text.encode("utf-8"))
+        if size > limits.max_prompt_bytes:
+            raise RequestRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "text",
+                f"text must be at most {limits.max_prompt_bytes} bytes, got {size}; "
+                "retry with a shorter prompt")
+        return
+    ids = request.token_ids.ids
+    if not ids:
+        raise _invalid("token_ids", "token_ids must be non-empty")
+    if len(ids) > limits.max_prompt_token_ids:
+        raise RequestRejected(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "token_ids",
+            f"token_ids must hold at most {limits.max_prompt_token_ids} ids, got {len(ids)}; "
+            "retry with a shorter prompt")
+    negative = next((t for t in ids if t < 0), None)
+    if negative is not None:
+        raise _invalid("token_ids", f"token_ids must be >= 0, got {negative}")
+
+
+def _validate_sampling(s: pb.SamplingOptions, limits: Limits) -> None:
+    if s.HasField("max_length") and not 1 <= s.max_length <= limits.max_tokens_limit:
+        raise _invalid("sampling.max_length",
+                       f"max_length must be in [1, {limits.max_tokens_limit}], got {s.max_length}")
+    if s.HasField("temperature") and (not math.isfinite(s.temperature) or s.temperature < 0):
+        raise _invalid("sampling.temperature",
+                       f"temperature must be a finite number >= 0, got {s.temperature}")
+    if s.HasField("top_p") and not (0.0 < s.top_p <= 1.0):  # NaN fails this too
+        raise _invalid("sampling.top_p", f"top_p must be in (0, 1], got {s.top_p}")
+    if s.HasField("top_k") and s.top_k < 0:
+        raise _invalid("sampling.top_k", f"top_k must be >= 0 (0 disables it), got {s.top_k}")
+    if len(s.stop) > limits.max_stop_sequences:
+        raise _invalid("sampling.stop",
+                       f"stop must hold at most {limits.max_stop_sequences} sequences, "
+                       f"got {len(s.stop)}")
+    if any(not x for x in s.stop):
+        raise _invalid("sampling.stop", "stop sequences must be non-empty")
+    negative = next((t for t in s.stop_token_ids if t < 0), None)
+    if negative is not None:
+        raise _invalid("sampling.stop_token_ids", f"stop_token_ids must be >= 0, got {negative}")
+
+
+def validate_batch(request: pb.BatchRequest, limits: Limits) -> int:
+    """Check the batch envelope (not its items); return the concurrency to run it with."""
+    n = len(request.requests)
+    if n > limits.max_batch_size:
+        raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "requests",
+                              f"requests must hold at most {limits.max_batch_size} items, got {n}; "
+                              "split the batch")
+    if request.concurrency < 0 or request.concurrency > limits.max_batch_concurrency:
+        raise _invalid("concurrency", f"concurrency must be in [0, {limits.max_batch_concurrency}]"
+                                      f" (0 = default), got {request.concurrency}")
+    return request.concurrency or min(8, limits.max_batch_concurrency)
+
+
+def validate_max_age(max_age_s: float) -> float:
+    """Check CleanupSessions' max_age_s."""
+    if not math.isfinite(max_age_s) or max_age_s < 0:
+        raise _invalid("max_age_s", f"max_age_s must be a finite number >= 0, got {max_age_s}")
+    return max_age_s
+
+
+def rejection_from_error(exc: Exception) -> RequestRejected:
+    """Map an engine error (or a ValueError from building params) to a rejection."""
+    if isinstance(exc, RequestRejected):
+        return exc
+    if isinstance(exc, PromptTooLongError):
+        return RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.field,
+                               f"{exc}; retry with a shorter prompt")
+    if isinstance(exc, InvalidRequestError):
+        return _invalid(exc.field, str(exc))
+    if isinstance(exc, QueueFullError):
+        return RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "", str(exc),
+                               retry_after_s=exc.retry_after_s)
+    if isinstance(exc, SessionNotFoundError):
+        return RequestRejected(grpc.StatusCode.NOT_FOUND, "session_id", str(exc))
+    if isinstance(exc, ValueError):
+        return _invalid(_field_named_in(str(exc)), str(exc))
+    return RequestRejected(grpc.StatusCode.INTERNAL, "", f"{type(exc).__name__}: {exc}")
+
+
+def _field_named_in(message: str) -> str:
+    # Contract errors start with the field name: "max_tokens must be >= 1, got 0".
+    head = message.split(" ", 1)[0]
+    return head if head.isidentifier() else ""
+
+
+# --- invalid UTF-8 --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request that did not parse. ``field`` is the dotted path of a string field holding
+    invalid UTF-8 (empty when the bytes are not a message at all); ``request_id`` is the
+    request's id when it could still be read, so a stream can answer the right request."""
+
+    field: str
+    request_id: str
+
+    def rejection(self) -> RequestRejected:
+        if self.field:
+            return _invalid(self.field, f"{self.field.rsplit('.', 1)[-1]} must be valid UTF-8")
+        return _invalid("", "request is not a valid protobuf message")
+
+
+def tolerant_deserializer(message_cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    """A grpc request deserializer that returns :class:`Malformed` instead of raising."""
+
+    def deserialize(data: bytes) -> Message | Malformed:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError:
+            fields = dict(_string_fields(message_cls.DESCRIPTOR, data, ""))
+            bad = next((path for path, raw in fields.items() if not _is_utf8(raw)), "")
+            # On a stream the request sits under GenerateStreamRequest.generate; name the
+            # field as validate_generate does.
+            bad = bad.removeprefix("generate.")
+            rid = fields.get("request_id") or fields.get("generate.request_id") or b""
+            if not rid:
+                rid = fields.get("cancel.request_id") or b""
+            return Malformed(field=bad, request_id=rid.decode("utf-8", "replace"))
+
+    return deserialize
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _string_fields(desc: _descriptor.Descriptor, data: bytes,
+                   prefix: str) -> Iterator[tuple[str, bytes]]:
+    """Walk the wire format; yield (dotted path, raw bytes) of every string field."""
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                size, pos = _varint(data, pos)
+                raw = data[pos:pos + size]
+                pos += size
+                field = desc.fields_by_number.get(number)
+                if field is None:
+                    continue
+                path = prefix + field.name
+                if field.type == _descriptor.FieldDescriptor.TYPE_STRING:
+                    yield path, raw
+                elif field.type == _descriptor.FieldDescriptor.TYPE_MESSAGE:
+                    yield from _string_fields(field.message_type, raw, path + ".")
+            else:
+                return  # groups are not used in proto3; stop at anything unexpected
+    except IndexError:
+        return
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
