@@ -40,22 +40,52 @@ class EngineConfig:
     max_sessions: int = 100_000
 
     def __post_init__(self) -> None:
-        _check(self.block_size in (8, 16, 32, 64, 128), "block_size", "one of 8, 16, 32, 64, 128", self.block_size)
-        _check(self.num_blocks is None or self.num_blocks >= 2, "num_blocks", ">= 2", self.num_blocks)
-        _check(0.0 < self.kv_memory_fraction <= 1.0, "kv_memory_fraction", "in (0, 1]", self.kv_memory_fraction)
+        _check(
+            self.block_size in (8, 16, 32, 64, 128),
+            "block_size",
+            "one of 8, 16, 32, 64, 128",
+            self.block_size,
+        )
+        _check(
+            self.num_blocks is None or self.num_blocks >= 2, "num_blocks", ">= 2", self.num_blocks
+        )
+        _check(
+            0.0 < self.kv_memory_fraction <= 1.0,
+            "kv_memory_fraction",
+            "in (0, 1]",
+            self.kv_memory_fraction,
+        )
         _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "> 0", self.cpu_kv_cache_bytes)
-        _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1", self.max_model_len)
+        _check(
+            self.max_model_len is None or self.max_model_len >= 1,
+            "max_model_len",
+            ">= 1",
+            self.max_model_len,
+        )
         _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
-        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1", self.max_num_batched_tokens)
+        _check(
+            self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            ">= 1",
+            self.max_num_batched_tokens,
+        )
         _check(self.max_tokens_limit >= 1, "max_tokens_limit", ">= 1", self.max_tokens_limit)
-        _check(self.eviction_policy in EVICTION_POLICIES, "eviction_policy", f"one of {EVICTION_POLICIES}", self.eviction_policy)
+        _check(
+            self.eviction_policy in EVICTION_POLICIES,
+            "eviction_policy",
+            f"one of {EVICTION_POLICIES}",
+            self.eviction_policy,
+        )
         _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
         _check(self.priority_aging_s > 0, "priority_aging_s", "> 0", self.priority_aging_s)
         _check(self.session_ttl_s > 0, "session_ttl_s", "> 0", self.session_ttl_s)
         if not self.enable_chunked_prefill and self.max_model_len is not None:
-            _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
-                   f">= max_model_len ({self.max_model_len}) without chunked prefill",
-                   self.max_num_batched_tokens)
+            _check(
+                self.max_num_batched_tokens >= self.max_model_len,
+                "max_num_batched_tokens",
+                f">= max_model_len ({self.max_model_len}) without chunked prefill",
+                self.max_num_batched_tokens,
+            )
 
 
 def _check(ok: bool, field: str, limit: str, got: object) -> None:

@@ -1,26 +1,665 @@
 """The node engine: model + paged KV cache + sessions + continuous batching.
 
-PUBLIC SURFACE (implementation in progress; signatures are the contract):
+Usage::
 
     engine = Engine(EngineConfig(model="tiny", device="cpu"))
     outs = engine.generate([[1, 2, 3], "Hello"], SamplingParams(max_tokens=16, temperature=0.0))
     outs[0].token_ids, outs[0].text, outs[0].cached_tokens, outs[0].finish_reason
 
-    # asyncio streaming, for servers (a background thread drives the step loop):
     async for delta in engine.stream(GenerateRequest(prompt="Hi", session_id="s1")):
-        delta.token_ids, delta.text, delta.finished, delta.output   # output on the last delta
-    engine.abort(request_id)              # frees that sequence's blocks at once
+        ...  # delta.token_ids, delta.text; the last delta has finished=True and .output
 
-    engine.tokenizer.encode(text) / .decode(ids);  engine.max_model_len; engine.model_name
-    engine.validate(request) -> None      # raises InvalidRequestError / PromptTooLongError
-    engine.stats() -> dict                # requests, tokens, cache (hits, misses, hit_tokens,
-                                          # evictions, blocks_used, blocks_free, policy), sessions, queue
-    engine.get_session(id) -> SessionInfo # SessionNotFoundError if unknown
-    engine.list_sessions() -> list[SessionInfo]
-    engine.delete_session(id) -> None
-    engine.cleanup_sessions(max_age_s) -> int   # sessions removed
-    engine.clear_cache() -> int                 # cached blocks dropped
-    engine.export_session(id) -> SessionState   # history + KV of its full blocks
-    engine.import_session(state) -> None
-    engine.shutdown()
+``generate`` drives the step loop on the calling thread; ``stream`` starts a background
+thread that steps while there is work, so an asyncio server stays responsive. Every
+state change happens under one lock, so both may be used together.
 """
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+import torch
+from ultrakv.node.attention import get_backend
+from ultrakv.node.config import EngineConfig
+from ultrakv.node.errors import EngineError, InvalidRequestError, PromptTooLongError, QueueFullError
+from ultrakv.node.kv.block_pool import BlockPool
+from ultrakv.node.kv.hashing import hash_token_blocks
+from ultrakv.node.model.loader import load_model
+from ultrakv.node.outputs import (
+    GenerateRequest,
+    RequestOutput,
+    SessionInfo,
+    SessionState,
+    StreamDelta,
+)
+from ultrakv.node.runner import ModelRunner
+from ultrakv.node.sampling_params import Priority, SamplingParams
+from ultrakv.node.scheduler import Scheduler
+from ultrakv.node.sequence import Sequence
+from ultrakv.node.sessions import Session, SessionStore
+
+log = logging.getLogger("ultrakv.node.engine")
+
+Listener = Callable[[StreamDelta], None]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class IncompatibleSessionError(EngineError):
+    """An imported session's KV was computed by another model (gRPC FAILED_PRECONDITION)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device must be 'cpu' or 'auto' on a machine without CUDA, got {device!r}"
+        )
+    return dev
+
+
+class Engine:
+    """One node's inference engine. See the module docstring."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        attn = get_backend(config.attention_backend, self.device)
+        loaded = load_model(config.model, config.dtype, self.device, attn, seed=config.seed)
+        self.model = loaded.model
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.model_fingerprint = loaded.fingerprint
+        self.attention_backend = attn.name
+        self.dtype = next(self.model.parameters()).dtype
+
+        mc = self.model_config
+        bs = config.block_size
+        self.num_blocks = config.num_blocks or self._blocks_from_memory()
+        self.kv_caches = [
+            torch.zeros(
+                2,
+                self.num_blocks,
+                bs,
+                mc.num_key_value_heads,
+                mc.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for _ in range(mc.num_hidden_layers)
+        ]
+        self.pool = BlockPool(
+            self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.pool,
+            block_size=bs,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            enable_prefix_caching=config.enable_prefix_caching,
+            aging_s=config.priority_aging_s,
+        )
+        self.runner = ModelRunner(self.model, self.kv_caches, bs, self.device)
+        self.sessions = SessionStore(config.max_sessions)
+        limit = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = min(limit, self.num_blocks * bs)
+        self.max_waiting = 16 * config.max_num_seqs
+
+        self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)
+        self._seqs: dict[str, Sequence] = {}
+        self._listeners: dict[str, Listener] = {}
+        self._loop_thread: threading.Thread | None = None
+        self._stopping = False
+        self._metrics = _Metrics()
+        log.info(
+            "engine ready: model=%s device=%s dtype=%s attention=%s kv_blocks=%d x %d tokens (%.1f MiB) policy=%s",
+            self.model_name,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.attention_backend,
+            self.num_blocks,
+            bs,
+            self._kv_bytes() / 2**20,
+            config.eviction_policy,
+        )
+
+    # -- sizing -----------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return (
+            2
+            * self.config.block_size
+            * mc.num_key_value_heads
+            * mc.head_dim
+            * elem
+            * mc.num_hidden_layers
+        )
+
+    def _kv_bytes(self) -> int:
+        return self.num_blocks * self._bytes_per_block()
+
+    def _blocks_from_memory(self) -> int:
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            # Leave room for activations of the largest step and the sampler's logits.
+            reserve = 4 * self.config.max_num_batched_tokens * self.model_config.vocab_size + (
+                1 << 30
+            )
+            budget = max(0, int(free * self.config.kv_memory_fraction) - reserve)
+        else:
+            budget = self.config.cpu_kv_cache_bytes
+        blocks = budget // self._bytes_per_block()
+        if blocks < 2:
+            raise ValueError(f"KV cache must hold >= 2 blocks; {budget} bytes gives {blocks}")
+        return int(blocks)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def validate(self, request: GenerateRequest) -> None:
+        """Raise InvalidRequestError / PromptTooLongError for a request that can't be served."""
+        self._tokens_for(request, dry_run=True)
+
+    def _tokens_for(self, request: GenerateRequest, dry_run: bool = False) -> list[int]:
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            if not prompt and not request.session_id:
+                raise InvalidRequestError("prompt", "prompt must be non-empty")
+        elif isinstance(prompt, list):
+            if not prompt:
+                raise InvalidRequestError("prompt", "prompt must be non-empty")
+            vocab = self.model_config.vocab_size
+            bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    "prompt", f"prompt token ids must be in [0, {vocab - 1}], got {bad!r}"
+                )
+        else:
+            raise InvalidRequestError(
+                "prompt", f"prompt must be text or a list of token ids, got {type(prompt).__name__}"
+            )
+        sp = request.sampling
+        if sp.max_tokens > self.config.max_tokens_limit:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"max_tokens must be in [1, {self.config.max_tokens_limit}], got {sp.max_tokens}",
+            )
+        if request.session_id is not None and (
+            not isinstance(request.session_id, str) or not request.session_id
+        ):
+            raise InvalidRequestError("session_id", "session_id must be a non-empty string")
+
+        history: list[int] = []
+        if request.session_id is not None:
+            if request.session_id in self.sessions:
+                history = self.sessions.get(request.session_id).token_ids
+        if isinstance(prompt, str):
+            new = self.tokenizer.encode(prompt, add_bos=not history) if prompt else []
+        else:
+            new = list(prompt)
+        tokens = history + new
+        if not tokens:
+            raise InvalidRequestError("prompt", "prompt must be non-empty")
+        if len(tokens) >= self.max_model_len:
+            raise PromptTooLongError(
+                "prompt",
+                f"prompt must be at most {self.max_model_len - 1} tokens (context {self.max_model_len}), "
+                f"got {len(tokens)}" + (" including the session history" if history else ""),
+            )
+        return tokens
+
+    def add_request(self, request: GenerateRequest, listener: Listener | None = None) -> Sequence:
+        """Validate and queue a request; ``listener`` receives its deltas (on the engine thread)."""
+        with self._lock:
+            if request.request_id in self._seqs:
+                raise InvalidRequestError(
+                    "request_id", f"request_id {request.request_id!r} is already running"
+                )
+            if len(self.scheduler.waiting) >= self.max_waiting:
+                raise QueueFullError(
+                    f"admission queue is full ({self.max_waiting} waiting); retry later"
+                )
+            tokens = self._tokens_for(request)
+            salt = request.tenant
+            if request.session_id is not None:
+                session = self.sessions.begin_turn(request.session_id, salt)
+                salt = session.salt
+            sp = request.sampling
+            seq = Sequence(
+                request_id=request.request_id,
+                token_ids=tokens,
+                num_prompt_tokens=len(tokens),
+                sampling=sp,
+                priority=Priority(request.priority),
+                session_id=request.session_id,
+                salt=salt,
+                deadline=request.deadline,
+            )
+            if sp.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(sp.seed)
+            self._seqs[seq.request_id] = seq
+            if listener is not None:
+                self._listeners[seq.request_id] = listener
+            self.scheduler.add(seq)
+            self._metrics.requests += 1
+            self._work.notify_all()
+            return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now. Returns False if it is not running."""
+        with self._lock:
+            seq = self._seqs.get(request_id)
+            if seq is None:
+                return False
+            self._finish(seq, "abort")
+            return True
+
+    # -- the step loop ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns the requests that finished in it."""
+        with self._lock:
+            finished: list[RequestOutput] = []
+            now = time.monotonic()
+            for seq in [
+                s for s in self._seqs.values() if s.deadline is not None and now > s.deadline
+            ]:
+                finished.append(self._finish(seq, "abort", error="deadline exceeded"))
+            out = self.scheduler.schedule()
+            self._metrics.preemptions += len(out.preempted)
+            if out.is_empty:
+                return finished
+            try:
+                sampled = self.runner.execute(out.scheduled)
+            except Exception as exc:  # a broken step must not take the node down
+                log.exception("model step failed; failing its %d requests", len(out.scheduled))
+                for item in out.scheduled:
+                    finished.append(
+                        self._finish(item.seq, "error", error=f"model step failed: {exc}")
+                    )
+                return finished
+            self.scheduler.on_step_done(out)
+            self._metrics.steps += 1
+            self._metrics.batched_tokens += out.num_batched_tokens
+            now_wall = time.monotonic()
+            for item, token in zip(out.scheduled, sampled, strict=True):
+                if token is None:
+                    continue
+                seq = item.seq
+                seq.token_ids.append(token)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now_wall
+                    self._metrics.ttft.append(now_wall - seq.arrival_time)
+                self._metrics.generated_tokens += 1
+                reason = self._stop_reason(seq, token)
+                delta_text = self._detokenize(seq, final=reason is not None)
+                if seq.finish_reason == "stop":  # a stop string completed in the text
+                    reason = "stop"
+                if reason is not None:
+                    finished.append(self._finish(seq, reason, pending_text=delta_text))
+                else:
+                    self._emit(seq, delta_text)
+            return finished
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_unfinished
+
+    def generate(
+        self,
+        prompts: list[str | list[int]] | str | list[int],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        session_ids: list[str | None] | None = None,
+        priorities: list[Priority] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for a batch of prompts (text or token ids) in one continuous batch."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        n = len(prompts)
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
+        requests = [
+            GenerateRequest(
+                prompt=p,
+                sampling=params_list[i],
+                session_id=session_ids[i] if session_ids else None,
+                priority=priorities[i] if priorities else Priority.NORMAL,
+            )
+            for i, p in enumerate(prompts)
+        ]
+        for r in requests:
+            self.validate(r)
+        done: dict[str, RequestOutput] = {}
+        event = threading.Event()
+
+        def listener(delta: StreamDelta) -> None:
+            if delta.finished and delta.output is not None:
+                done[delta.request_id] = delta.output
+                if len(done) == n:
+                    event.set()
+
+        for r in requests:
+            self.add_request(r, listener)
+        if self._loop_thread is not None:
+            event.wait()
+        else:
+            while len(done) < n:
+                self.step()
+        return [done[r.request_id] for r in requests]
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
+        """Yield deltas of one request as they are produced; aborts it if the consumer leaves."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        self.start_background_loop()
+        self.add_request(request, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def start_background_loop(self) -> None:
+        with self._lock:
+            if self._loop_thread is None:
+                self._loop_thread = threading.Thread(
+                    target=self._loop, name="ultrakv-engine", daemon=True
+                )
+                self._loop_thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._work:
+                while not self._stopping and not self.scheduler.has_unfinished:
+                    self._work.wait()
+                if self._stopping:
+                    return
+                self.step()
+
+    def shutdown(self) -> None:
+        with self._work:
+            self._stopping = True
+            for seq in list(self._seqs.values()):
+                self._finish(seq, "abort", error="engine shutting down")
+            self._work.notify_all()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=10)
+
+    # -- finishing and streaming ------------------------------------------------------------
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        sp = seq.sampling
+        if not sp.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return "stop"
+        if token in sp.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _detokenize(self, seq: Sequence, final: bool) -> str:
+        """Advance the sequence's text; returns the new text that is safe to show now."""
+        out = seq.output_token_ids
+        prefix_text = self.tokenizer.decode(out[seq.prefix_offset : seq.read_offset])
+        new_text = self.tokenizer.decode(out[seq.prefix_offset :])
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
+            seq.text += new_text[len(prefix_text) :]
+            seq.prefix_offset = seq.read_offset
+            seq.read_offset = len(out)
+        if seq.sampling.stop:
+            cut = _find_stop(
+                seq.text,
+                seq.sampling.stop,
+                start=max(0, seq.emitted_text_len - _longest(seq.sampling.stop)),
+            )
+            if cut is not None:
+                seq.text = seq.text[:cut]
+                seq.finish_reason = "stop"
+        # Hold back what could still grow into a stop string.
+        hold = (
+            0
+            if final or seq.finish_reason
+            else _longest(seq.sampling.stop) - 1
+            if seq.sampling.stop
+            else 0
+        )
+        visible = max(seq.emitted_text_len, len(seq.text) - hold)
+        delta = seq.text[seq.emitted_text_len : visible]
+        seq.emitted_text_len = visible
+        return delta
+
+    def _emit(self, seq: Sequence, text: str) -> None:
+        listener = self._listeners.get(seq.request_id)
+        new_tokens = seq.output_token_ids[seq.emitted_tokens :]
+        seq.emitted_tokens = seq.num_output_tokens
+        if listener is not None and (new_tokens or text):
+            listener(StreamDelta(seq.request_id, new_tokens, text))
+
+    def _finish(
+        self, seq: Sequence, reason: str, error: str | None = None, pending_text: str = ""
+    ) -> RequestOutput:
+        self.scheduler.finish(seq, reason)
+        self._seqs.pop(seq.request_id, None)
+        now = time.monotonic()
+        if seq.session_id is not None:
+            completed = reason in ("stop", "length")
+            self.sessions.end_turn(seq.session_id, seq.token_ids if completed else None)
+        output = RequestOutput(
+            request_id=seq.request_id,
+            session_id=seq.session_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=list(seq.output_token_ids),
+            text=seq.text,
+            cached_tokens=seq.num_cached_tokens,
+            finish_reason=reason,
+            ttft_s=(seq.first_token_time - seq.arrival_time) if seq.first_token_time else 0.0,
+            latency_s=now - seq.arrival_time,
+            error=error,
+        )
+        m = self._metrics
+        m.finished[reason] = m.finished.get(reason, 0) + 1
+        m.prompt_tokens += output.prompt_tokens
+        m.cached_tokens += output.cached_tokens
+        if output.completion_tokens > 1 and seq.first_token_time:
+            m.tpot.append((now - seq.first_token_time) / (output.completion_tokens - 1))
+        listener = self._listeners.pop(seq.request_id, None)
+        if listener is not None:
+            new_tokens = seq.output_token_ids[seq.emitted_tokens :]
+            listener(
+                StreamDelta(seq.request_id, new_tokens, pending_text, finished=True, output=output)
+            )
+        return output
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def _cached_blocks(self, session_tokens: list[int], salt: str) -> list[int]:
+        hashes = hash_token_blocks(session_tokens, self.config.block_size, salt)
+        return self.pool.cached_prefix(hashes)
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        with self._lock:
+            return self._info(self.sessions.get(session_id))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        with self._lock:
+            return [self._info(s) for s in self.sessions.all()]
+
+    def _info(self, s: Session) -> SessionInfo:
+        return SessionInfo(
+            session_id=s.session_id,
+            num_tokens=len(s.token_ids),
+            num_cached_blocks=len(self._cached_blocks(s.token_ids, s.salt)),
+            turns=s.turns,
+            created_at=s.created_at,
+            last_used_at=s.last_used_at,
+        )
+
+    def delete_session(self, session_id: str) -> None:
+        with self._lock:
+            self.sessions.delete(session_id)
+
+    def cleanup_sessions(self, max_age_s: float) -> int:
+        if not max_age_s >= 0:
+            raise InvalidRequestError("max_age", f"max_age must be >= 0 seconds, got {max_age_s!r}")
+        with self._lock:
+            return len(self.sessions.cleanup(max_age_s))
+
+    def clear_cache(self) -> int:
+        """Drop every cached block no running request uses; sessions keep their histories."""
+        with self._lock:
+            return self.pool.evict_unreferenced()
+
+    def store_replica(
+        self, session_id: str, token_ids: list[int], turns: int, tenant: str = ""
+    ) -> None:
+        """Hold a ring neighbour's session history so it survives that neighbour's death."""
+        with self._lock:
+            self.sessions.store_replica(session_id, token_ids, turns, tenant)
+
+    def promote_replica(self, session_id: str) -> bool:
+        with self._lock:
+            return self.sessions.promote_replica(session_id) is not None
+
+    def export_session(self, session_id: str) -> SessionState:
+        """The session's history and the KV of the leading full blocks still cached."""
+        with self._lock:
+            s = self.sessions.get(session_id)
+            blocks = self._cached_blocks(s.token_ids, s.salt)
+            kv = None
+            if blocks:
+                idx = torch.tensor(blocks, device=self.device)
+                # [L, 2, n_blocks, bs, H, D] -> [L, 2, n_blocks * bs, H, D]
+                kv = (
+                    torch.stack([c.index_select(1, idx) for c in self.kv_caches])
+                    .flatten(2, 3)
+                    .cpu()
+                )
+            return SessionState(
+                session_id=s.session_id,
+                token_ids=list(s.token_ids),
+                turns=s.turns,
+                model_fingerprint=self.model_fingerprint,
+                kv_tokens=len(blocks) * self.config.block_size,
+                kv=kv,
+                tenant=s.salt,
+            )
+
+    def import_session(self, state: SessionState) -> int:
+        """Adopt a session; its KV goes into cached blocks. Returns the tokens of KV taken in."""
+        if state.kv is not None and state.model_fingerprint != self.model_fingerprint:
+            raise IncompatibleSessionError(
+                f"session {state.session_id!r} KV comes from model {state.model_fingerprint}, "
+                f"this node runs {self.model_fingerprint}"
+            )
+        bs = self.config.block_size
+        with self._lock:
+            now = time.time()
+            self.sessions.put(
+                Session(
+                    state.session_id, list(state.token_ids), state.tenant, state.turns, now, now
+                )
+            )
+            if state.kv is None or state.kv_tokens == 0 or not self.config.enable_prefix_caching:
+                return 0
+            hashes = hash_token_blocks(state.token_ids[: state.kv_tokens], bs, state.tenant)
+            held = self.pool.cached_prefix(hashes)
+            have = len(held)
+            self.pool.incref(held)  # pinned, so allocating below can't evict the chain's head
+            n_new = min(len(hashes) - have, self.pool.num_free)
+            if n_new <= 0:
+                self.pool.free(held)
+                return have * bs
+            blocks = self.pool.allocate(n_new)
+            kv = state.kv[:, :, have * bs : (have + n_new) * bs].to(self.device, self.dtype)
+            kv = kv.unflatten(2, (n_new, bs))
+            idx = torch.tensor(blocks, device=self.device)
+            for layer, cache in enumerate(self.kv_caches):
+                cache.index_copy_(1, idx, kv[layer])
+            for i, b in enumerate(blocks):
+                self.pool.commit(b, hashes[have + i])
+            self.pool.free(held + blocks)
+            return (have + n_new) * bs
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self._lock:
+            m = self._metrics
+            return {
+                "model": self.model_name,
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "attention_backend": self.attention_backend,
+                "max_model_len": self.max_model_len,
+                "requests": {
+                    "total": m.requests,
+                    "running": len(self.scheduler.running),
+                    "waiting": len(self.scheduler.waiting),
+                    "finished": dict(m.finished),
+                    "preemptions": m.preemptions,
+                },
+                "tokens": {
+                    "prompt": m.prompt_tokens,
+                    "cached": m.cached_tokens,
+                    "generated": m.generated_tokens,
+                    "batched": m.batched_tokens,
+                    "steps": m.steps,
+                },
+                "latency": {
+                    "ttft_p50_s": _pct(m.ttft, 50),
+                    "ttft_p95_s": _pct(m.ttft, 95),
+                    "ttft_p99_s": _pct(m.ttft, 99),
+                    "tpot_p50_s": _pct(m.tpot, 50),
+                    "tpot_p95_s": _pct(m.tpot, 95),
+                    "tpot_p99_s": _pct(m.tpot, 99),
+                },
+                "cache": self.pool.stats().to_dict(),
+                "sessions": {"count": len(self.sessions), "replicas": self.sessions.num_replicas},
+            }
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.finished: dict[str, int] = {}
+        self.preemptions = 0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.generated_tokens = 0
+        self.batched_tokens = 0
+        self.steps = 0
+        self.ttft: deque[float] = deque(maxlen=2048)
+        self.tpot: deque[float] = deque(maxlen=2048)
+
+
+def _pct(values: deque[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def _longest(stops: list[str]) -> int:
+    return max((len(s) for s in stops), default=0)
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None

@@ -222,6 +222,19 @@ class BlockPool:
         self._misses += len(hashes) - len(blocks)
         return blocks
 
+    def cached_prefix(self, hashes: Sequence[int]) -> list[int]:
+        """The blocks of the longest leading run of ``hashes`` that is cached, without pinning
+        them or touching stats and policy (for exports and session figures)."""
+        if not self.enable_prefix_caching:
+            return []
+        blocks: list[int] = []
+        for key in hashes:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
     def commit(self, block_id: int, block_hash: int) -> bool:
         """Register full block ``block_id`` as holding content ``block_hash``.
 

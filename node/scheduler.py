@@ -1,0 +1,221 @@
+"""Continuous batching: which sequences run this step, and how many new tokens each brings.
+
+Prefill and decode are one thing here: every running sequence has ``num_uncomputed_tokens``
+(a whole prompt, the next chunk of one, or the single token sampled last step), and each step
+takes as many as fit under the token budget. Running sequences go first, in priority order;
+waiting ones are admitted after them by effective priority (priority lifted one class per
+``aging_s`` waited, so nothing starves). When a running sequence needs a block and none is
+free, the lowest-priority, latest-arrived running sequence is preempted: its blocks are
+released (full ones stay in the prefix cache) and it is recomputed on readmission. Pure
+logic: no tensors, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ultrakv.node.kv.block_pool import BlockPool
+from ultrakv.node.kv.hashing import hash_block, hash_token_blocks
+from ultrakv.node.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the end of the context, so the step samples a token for it."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Owns the waiting and running queues and every sequence's blocks."""
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        *,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
+        aging_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.enable_prefix_caching = enable_prefix_caching
+        self.aging_s = aging_s
+        self.clock = clock
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queues ---------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def effective_priority(self, seq: Sequence, now: float) -> int:
+        """Priority class lifted by one for every ``aging_s`` seconds waited."""
+        return int(seq.priority) - int((now - seq.arrival_time) // self.aging_s)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a sequence out of the queues and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release_blocks(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    # -- one step -------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        now = self.clock()
+        self.running.sort(key=lambda s: (self.effective_priority(s, now), s.arrival_time))
+
+        scheduled_ids: set[str] = set()
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            num_new = self._chunk(seq, budget)
+            if num_new == 0:
+                continue
+            while not self._reserve(seq, num_new):
+                victim = self._pick_victim(exclude=scheduled_ids)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                scheduled_ids.add(seq.request_id)
+                budget -= num_new
+
+        if not out.preempted:
+            self._admit(out, budget, now)
+        return out
+
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """Advance computed counts and publish newly filled blocks to the prefix cache."""
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if self.enable_prefix_caching:
+                self._commit_full_blocks(seq)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        want = seq.num_uncomputed_tokens
+        if want <= budget:
+            return want
+        return budget if self.enable_chunked_prefill else 0
+
+    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        self.waiting.sort(key=lambda s: (self.effective_priority(s, now), s.arrival_time))
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            matched_now = False
+            if not seq.block_table and self.enable_prefix_caching:
+                self._match_prefix(seq)
+                matched_now = True
+            num_new = self._chunk(seq, budget)
+            if num_new == 0 or not self._reserve(seq, num_new):
+                if matched_now:
+                    self._release_blocks(seq)
+                break
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            if not seq.admitted_once:
+                seq.num_cached_tokens = seq.num_computed_tokens
+                seq.admitted_once = True
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        # The last token is always computed, so the step yields logits to sample from.
+        hashes = hash_token_blocks(seq.token_ids[: seq.num_tokens - 1], self.block_size, seq.salt)
+        matched = self.pool.match_prefix(hashes)
+        seq.block_table = list(matched)
+        seq.block_hashes = hashes[: len(matched)]
+        seq.num_committed_blocks = len(matched)
+        seq.num_computed_tokens = len(matched) * self.block_size
+
+    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+        need = math.ceil((seq.num_computed_tokens + num_new) / self.block_size) - len(
+            seq.block_table
+        )
+        if need <= 0:
+            return True
+        if not self.pool.can_allocate(need):
+            return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def _pick_victim(self, exclude: set[str]) -> Sequence:
+        """The running sequence that loses least by waiting: worst priority, newest."""
+        # The sequence asking is never in ``exclude``, so there is always a candidate.
+        candidates = [s for s in self.running if s.request_id not in exclude]
+        return max(candidates, key=lambda s: (int(s.priority), s.arrival_time))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release_blocks(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, seq)
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_committed_blocks = 0
+        seq.num_computed_tokens = 0
+
+    def _commit_full_blocks(self, seq: Sequence) -> None:
+        bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        for b in range(seq.num_committed_blocks, full):
+            parent = seq.block_hashes[b - 1] if b > 0 else None
+            h = hash_block(parent, seq.token_ids[b * bs : (b + 1) * bs], seq.salt)
+            seq.block_hashes.append(h)
+            self.pool.commit(seq.block_table[b], h)
+        seq.num_committed_blocks = max(seq.num_committed_blocks, full)

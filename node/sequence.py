@@ -1,0 +1,75 @@
+"""A sequence: one request's tokens, where its KV lives, and how far it has been computed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from ultrakv.node.sampling_params import Priority, SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """The scheduler's unit of work.
+
+    ``token_ids`` is the whole context: (session history +) prompt + generated tokens.
+    ``num_computed_tokens`` of them have their KV in the blocks of ``block_table``; the rest
+    are computed in later steps (a long prompt in several chunks, then one token per step).
+    A preempted sequence drops its blocks and goes back to computed=0; on readmission it
+    finds most of them again through the prefix cache.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    priority: Priority = Priority.NORMAL
+    session_id: str | None = None
+    salt: str = ""
+    deadline: float | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # KV found in the cache at first admission (reported)
+    num_committed_blocks: int = 0  # leading full blocks registered in the prefix table
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
+    num_preemptions: int = 0
+    admitted_once: bool = False
+    first_token_time: float | None = None
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    # incremental detokenization state (offsets into the generated tokens)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""
+    emitted_text_len: int = 0
+    emitted_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,130 @@
+"""Sessions: a conversation's token history, owned by the node that serves it.
+
+A session keeps only its history; the KV of that history lives in the block pool as cached
+full blocks, found again by their chained content hashes when the next turn arrives, and
+evictable under memory pressure like any other cached block. Replicas are histories that a
+ring predecessor pushed here so that a conversation survives its owner's death; a replica
+becomes a session the first time a request for it arrives. Pure logic, no I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ultrakv.node.errors import EngineError, SessionNotFoundError
+
+
+class SessionBusyError(EngineError):
+    """A turn was sent for a session whose previous turn is still running."""
+
+    def __init__(self, session_id: str):
+        super().__init__(
+            f"session_id {session_id!r} already has a turn in progress; send turns one at a time"
+        )
+        self.session_id = session_id
+
+
+@dataclass
+class Session:
+    session_id: str
+    token_ids: list[int]
+    salt: str
+    turns: int
+    created_at: float
+    last_used_at: float
+    busy: bool = False
+
+
+class SessionStore:
+    """session id -> Session, plus replicas held for ring neighbours."""
+
+    def __init__(self, max_sessions: int, clock: Callable[[], float] = time.time):
+        self.max_sessions = max_sessions
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+        self._replicas: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self._replicas)
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFoundError(session_id)
+        return session
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def begin_turn(self, session_id: str, salt: str) -> Session:
+        """The session a new turn continues: existing, promoted from a replica, or new."""
+        session = self._sessions.get(session_id) or self.promote_replica(session_id)
+        if session is None:
+            if len(self._sessions) >= self.max_sessions:
+                self._drop_oldest_idle()
+            now = self.clock()
+            session = Session(session_id, [], salt, 0, now, now)
+            self._sessions[session_id] = session
+        if session.busy:
+            raise SessionBusyError(session_id)
+        session.busy = True
+        return session
+
+    def end_turn(self, session_id: str, token_ids: list[int] | None) -> None:
+        """Record a completed turn's full history; None leaves the history as it was (abort)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        session.busy = False
+        session.last_used_at = self.clock()
+        if token_ids is not None:
+            session.token_ids = list(token_ids)
+            session.turns += 1
+        elif not session.token_ids:
+            del self._sessions[session_id]
+
+    def put(self, session: Session) -> None:
+        self._replicas.pop(session.session_id, None)
+        self._sessions[session.session_id] = session
+
+    def delete(self, session_id: str) -> Session:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionNotFoundError(session_id)
+        return session
+
+    def cleanup(self, max_age_s: float) -> list[Session]:
+        """Remove sessions (and replicas) idle for longer than ``max_age_s``."""
+        cutoff = self.clock() - max_age_s
+        removed = [s for s in self._sessions.values() if not s.busy and s.last_used_at < cutoff]
+        for s in removed:
+            del self._sessions[s.session_id]
+        for sid in [sid for sid, r in self._replicas.items() if r.last_used_at < cutoff]:
+            del self._replicas[sid]
+        return removed
+
+    def store_replica(
+        self, session_id: str, token_ids: list[int], turns: int, salt: str = ""
+    ) -> None:
+        now = self.clock()
+        self._replicas[session_id] = Session(session_id, list(token_ids), salt, turns, now, now)
+
+    def promote_replica(self, session_id: str) -> Session | None:
+        replica = self._replicas.pop(session_id, None)
+        if replica is not None:
+            self._sessions[session_id] = replica
+        return replica
+
+    def _drop_oldest_idle(self) -> None:
+        idle = [s for s in self._sessions.values() if not s.busy]
+        if idle:
+            del self._sessions[min(idle, key=lambda s: s.last_used_at).session_id]
