@@ -263,6 +263,8 @@ class MembershipWatcher:
         members = {r.id: r for r in map(self._parse, kvs) if r is not None}
         await self._apply(members, revision)
         self.connected = True
+        async with self._changed:
+            self._changed.notify_all()
         return revision
 
     async def _run(self, revision: int) -> None:
@@ -319,7 +321,9 @@ class MembershipWatcher:
             current = json.loads(kv.value) if kv else {"epoch": 0, "nodes": [], "revision": 0}
             if current["nodes"] == nodes or current["revision"] >= revision:
                 return int(current["epoch"])
-            record = {"epoch": int(current["epoch"]) + 1, "nodes": nodes, "revision": revision}
+            # max() keeps epochs rising even if etcd lost its data and the record with it.
+            epoch = max(int(current["epoch"]), self.ring.epoch) + 1
+            record = {"epoch": epoch, "nodes": nodes, "revision": revision}
             guard = (
                 Compare(RING_EPOCH_KEY, "mod", "==", kv.mod_revision)
                 if kv
