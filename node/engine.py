@@ -58,9 +58,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device must be 'cpu' or 'auto' on a machine without CUDA, got {device!r}"
-        )
+        raise ValueError(f"device must be 'cpu' or 'auto' on a machine without CUDA, got {device!r}")
     return dev
 
 
@@ -96,9 +94,7 @@ class Engine:
             )
             for _ in range(mc.num_hidden_layers)
         ]
-        self.pool = BlockPool(
-            self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching
-        )
+        self.pool = BlockPool(self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.pool,
             block_size=bs,
@@ -138,14 +134,7 @@ class Engine:
     def _bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return (
-            2
-            * self.config.block_size
-            * mc.num_key_value_heads
-            * mc.head_dim
-            * elem
-            * mc.num_hidden_layers
-        )
+        return 2 * self.config.block_size * mc.num_key_value_heads * mc.head_dim * elem * mc.num_hidden_layers
 
     def _kv_bytes(self) -> int:
         return self.num_blocks * self._bytes_per_block()
@@ -154,9 +143,7 @@ class Engine:
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             # Leave room for activations of the largest step and the sampler's logits.
-            reserve = 4 * self.config.max_num_batched_tokens * self.model_config.vocab_size + (
-                1 << 30
-            )
+            reserve = 4 * self.config.max_num_batched_tokens * self.model_config.vocab_size + (1 << 30)
             budget = max(0, int(free * self.config.kv_memory_fraction) - reserve)
         else:
             budget = self.config.cpu_kv_cache_bytes
@@ -182,9 +169,7 @@ class Engine:
             vocab = self.model_config.vocab_size
             bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
             if bad is not None:
-                raise InvalidRequestError(
-                    "prompt", f"prompt token ids must be in [0, {vocab - 1}], got {bad!r}"
-                )
+                raise InvalidRequestError("prompt", f"prompt token ids must be in [0, {vocab - 1}], got {bad!r}")
         else:
             raise InvalidRequestError(
                 "prompt", f"prompt must be text or a list of token ids, got {type(prompt).__name__}"
@@ -195,15 +180,10 @@ class Engine:
                 "max_tokens",
                 f"max_tokens must be in [1, {self.config.max_tokens_limit}], got {sp.max_tokens}",
             )
-        if request.session_id is not None and (
-            not isinstance(request.session_id, str) or not request.session_id
-        ):
+        if request.session_id is not None and (not isinstance(request.session_id, str) or not request.session_id):
             raise InvalidRequestError("session_id", "session_id must be a non-empty string")
 
-        history: list[int] = []
-        if request.session_id is not None:
-            if request.session_id in self.sessions:
-                history = self.sessions.get(request.session_id).token_ids
+        history = self.sessions.history(request.session_id) if request.session_id is not None else []
         if isinstance(prompt, str):
             new = self.tokenizer.encode(prompt, add_bos=not history) if prompt else []
         else:
@@ -223,13 +203,9 @@ class Engine:
         """Validate and queue a request; ``listener`` receives its deltas (on the engine thread)."""
         with self._lock:
             if request.request_id in self._seqs:
-                raise InvalidRequestError(
-                    "request_id", f"request_id {request.request_id!r} is already running"
-                )
+                raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already running")
             if len(self.scheduler.waiting) >= self.max_waiting:
-                raise QueueFullError(
-                    f"admission queue is full ({self.max_waiting} waiting); retry later"
-                )
+                raise QueueFullError(f"admission queue is full ({self.max_waiting} waiting); retry later")
             tokens = self._tokens_for(request)
             salt = request.tenant
             if request.session_id is not None:
@@ -272,9 +248,7 @@ class Engine:
         with self._lock:
             finished: list[RequestOutput] = []
             now = time.monotonic()
-            for seq in [
-                s for s in self._seqs.values() if s.deadline is not None and now > s.deadline
-            ]:
+            for seq in [s for s in self._seqs.values() if s.deadline is not None and now > s.deadline]:
                 finished.append(self._finish(seq, "abort", error="deadline exceeded"))
             out = self.scheduler.schedule()
             self._metrics.preemptions += len(out.preempted)
@@ -285,9 +259,7 @@ class Engine:
             except Exception as exc:  # a broken step must not take the node down
                 log.exception("model step failed; failing its %d requests", len(out.scheduled))
                 for item in out.scheduled:
-                    finished.append(
-                        self._finish(item.seq, "error", error=f"model step failed: {exc}")
-                    )
+                    finished.append(self._finish(item.seq, "error", error=f"model step failed: {exc}"))
                 return finished
             self.scheduler.on_step_done(out)
             self._metrics.steps += 1
@@ -325,9 +297,7 @@ class Engine:
         priorities: list[Priority] | None = None,
     ) -> list[RequestOutput]:
         """Generate for a batch of prompts (text or token ids) in one continuous batch."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         n = len(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
@@ -379,9 +349,7 @@ class Engine:
     def start_background_loop(self) -> None:
         with self._lock:
             if self._loop_thread is None:
-                self._loop_thread = threading.Thread(
-                    target=self._loop, name="ultrakv-engine", daemon=True
-                )
+                self._loop_thread = threading.Thread(target=self._loop, name="ultrakv-engine", daemon=True)
                 self._loop_thread.start()
 
     def _loop(self) -> None:
@@ -433,13 +401,7 @@ class Engine:
                 seq.text = seq.text[:cut]
                 seq.finish_reason = "stop"
         # Hold back what could still grow into a stop string.
-        hold = (
-            0
-            if final or seq.finish_reason
-            else _longest(seq.sampling.stop) - 1
-            if seq.sampling.stop
-            else 0
-        )
+        hold = 0 if final or seq.finish_reason else _longest(seq.sampling.stop) - 1 if seq.sampling.stop else 0
         visible = max(seq.emitted_text_len, len(seq.text) - hold)
         delta = seq.text[seq.emitted_text_len : visible]
         seq.emitted_text_len = visible
@@ -452,9 +414,7 @@ class Engine:
         if listener is not None and (new_tokens or text):
             listener(StreamDelta(seq.request_id, new_tokens, text))
 
-    def _finish(
-        self, seq: Sequence, reason: str, error: str | None = None, pending_text: str = ""
-    ) -> RequestOutput:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, pending_text: str = "") -> RequestOutput:
         self.scheduler.finish(seq, reason)
         self._seqs.pop(seq.request_id, None)
         now = time.monotonic()
@@ -482,9 +442,7 @@ class Engine:
         listener = self._listeners.pop(seq.request_id, None)
         if listener is not None:
             new_tokens = seq.output_token_ids[seq.emitted_tokens :]
-            listener(
-                StreamDelta(seq.request_id, new_tokens, pending_text, finished=True, output=output)
-            )
+            listener(StreamDelta(seq.request_id, new_tokens, pending_text, finished=True, output=output))
         return output
 
     # -- sessions ---------------------------------------------------------------------------
@@ -526,9 +484,7 @@ class Engine:
         with self._lock:
             return self.pool.evict_unreferenced()
 
-    def store_replica(
-        self, session_id: str, token_ids: list[int], turns: int, tenant: str = ""
-    ) -> None:
+    def store_replica(self, session_id: str, token_ids: list[int], turns: int, tenant: str = "") -> None:
         """Hold a ring neighbour's session history so it survives that neighbour's death."""
         with self._lock:
             self.sessions.store_replica(session_id, token_ids, turns, tenant)
@@ -546,11 +502,7 @@ class Engine:
             if blocks:
                 idx = torch.tensor(blocks, device=self.device)
                 # [L, 2, n_blocks, bs, H, D] -> [L, 2, n_blocks * bs, H, D]
-                kv = (
-                    torch.stack([c.index_select(1, idx) for c in self.kv_caches])
-                    .flatten(2, 3)
-                    .cpu()
-                )
+                kv = torch.stack([c.index_select(1, idx) for c in self.kv_caches]).flatten(2, 3).cpu()
             return SessionState(
                 session_id=s.session_id,
                 token_ids=list(s.token_ids),
@@ -571,11 +523,7 @@ class Engine:
         bs = self.config.block_size
         with self._lock:
             now = time.time()
-            self.sessions.put(
-                Session(
-                    state.session_id, list(state.token_ids), state.tenant, state.turns, now, now
-                )
-            )
+            self.sessions.put(Session(state.session_id, list(state.token_ids), state.tenant, state.turns, now, now))
             if state.kv is None or state.kv_tokens == 0 or not self.config.enable_prefix_caching:
                 return 0
             hashes = hash_token_blocks(state.token_ids[: state.kv_tokens], bs, state.tenant)

@@ -24,15 +24,15 @@ from ultrakv.node.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledSeq:
-    """One sequence's share of a step."""
+    """One sequence's share of a step. ``samples``: the chunk reaches the end of the context,
+    so the step samples a token for it (fixed when scheduled, before counts advance)."""
 
     seq: Sequence
     num_new_tokens: int
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """This chunk reaches the end of the context, so the step samples a token for it."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -178,9 +178,7 @@ class Scheduler:
         seq.num_computed_tokens = len(matched) * self.block_size
 
     def _reserve(self, seq: Sequence, num_new: int) -> bool:
-        need = math.ceil((seq.num_computed_tokens + num_new) / self.block_size) - len(
-            seq.block_table
-        )
+        need = math.ceil((seq.num_computed_tokens + num_new) / self.block_size) - len(seq.block_table)
         if need <= 0:
             return True
         if not self.pool.can_allocate(need):

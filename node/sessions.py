@@ -20,9 +20,7 @@ class SessionBusyError(EngineError):
     """A turn was sent for a session whose previous turn is still running."""
 
     def __init__(self, session_id: str):
-        super().__init__(
-            f"session_id {session_id!r} already has a turn in progress; send turns one at a time"
-        )
+        super().__init__(f"session_id {session_id!r} already has a turn in progress; send turns one at a time")
         self.session_id = session_id
 
 
@@ -61,6 +59,11 @@ class SessionStore:
         if session is None:
             raise SessionNotFoundError(session_id)
         return session
+
+    def history(self, session_id: str) -> list[int]:
+        """The history a new turn continues: the session's, else a replica's, else empty."""
+        session = self._sessions.get(session_id) or self._replicas.get(session_id)
+        return session.token_ids if session is not None else []
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
@@ -112,9 +115,7 @@ class SessionStore:
             del self._replicas[sid]
         return removed
 
-    def store_replica(
-        self, session_id: str, token_ids: list[int], turns: int, salt: str = ""
-    ) -> None:
+    def store_replica(self, session_id: str, token_ids: list[int], turns: int, salt: str = "") -> None:
         now = self.clock()
         self._replicas[session_id] = Session(session_id, list(token_ids), salt, turns, now, now)
 

@@ -1,0 +1,193 @@
+"""The engine's Python API on the `tiny` preset: bad input, streaming, abort, sampling,
+stop conditions, sessions and their export/import, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+from ultrakv.node import Engine, EngineConfig, GenerateRequest, SamplingParams
+from ultrakv.node.errors import InvalidRequestError, PromptTooLongError, SessionNotFoundError
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=128, max_model_len=512))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_raise_and_engine_keeps_serving(engine):
+    good = engine.generate([[5, 6, 7]], GREEDY)[0]
+    with pytest.raises(InvalidRequestError, match="prompt must be non-empty"):
+        engine.generate([[]], GREEDY)
+    with pytest.raises(InvalidRequestError, match="prompt must be non-empty"):
+        engine.generate([""], GREEDY)
+    with pytest.raises(PromptTooLongError, match=r"at most 511 tokens .* got 600"):
+        engine.generate([[1] * 600], GREEDY)
+    with pytest.raises(InvalidRequestError, match=r"max_tokens must be in \[1, 4096\], got 5000"):
+        engine.generate([[1, 2]], SamplingParams(max_tokens=5000))
+    with pytest.raises(InvalidRequestError, match="token ids must be in"):
+        engine.generate([[1, 10**6]], GREEDY)
+    with pytest.raises(SessionNotFoundError, match="nope"):
+        engine.get_session("nope")
+    with pytest.raises(SessionNotFoundError):
+        engine.delete_session("nope")
+    with pytest.raises(SessionNotFoundError):
+        engine.export_session("nope")
+    assert engine.generate([[5, 6, 7]], GREEDY)[0].token_ids == good.token_ids
+    assert engine.stats()["requests"]["running"] == 0
+
+
+def test_stream_deltas_add_up_to_the_output(engine):
+    async def run():
+        deltas = []
+        async for d in engine.stream(GenerateRequest(prompt="Hello there", sampling=GREEDY)):
+            deltas.append(d)
+        return deltas
+
+    deltas = asyncio.run(run())
+    final = deltas[-1]
+    assert final.finished and final.output is not None
+    assert [t for d in deltas for t in d.token_ids] == final.output.token_ids
+    assert "".join(d.text for d in deltas) == final.output.text
+    assert final.output.token_ids == engine.generate(["Hello there"], GREEDY)[0].token_ids
+
+
+def test_abort_mid_stream_frees_blocks_at_once(engine):
+    free_before = engine.pool.num_free
+
+    async def run():
+        req = GenerateRequest(prompt=list(range(1, 200)), sampling=SamplingParams(max_tokens=400, ignore_eos=True))
+        got = 0
+        async for _ in engine.stream(req):  # leaving the loop early aborts the request
+            got += 1
+            if got == 3:
+                break
+        await asyncio.sleep(0)
+        return req.request_id
+
+    rid = asyncio.run(run())
+    assert not engine.abort(rid)  # already gone
+    assert engine.stats()["requests"]["running"] == 0
+    assert engine.pool.num_used == 0 and engine.pool.num_free == free_before
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(engine):
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
+    a, b = engine.generate([[3, 4, 5], [3, 4, 5]], [sp, sp])
+    assert a.token_ids == b.token_ids
+    other = engine.generate([[3, 4, 5]], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True))[0]
+    assert other.token_ids != a.token_ids
+    greedy = engine.generate([[3, 4, 5]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    top1 = engine.generate([[3, 4, 5]], SamplingParams(max_tokens=12, temperature=2.0, top_k=1, ignore_eos=True))[0]
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_top_p_and_top_k_restrict_the_support():
+    from ultrakv.node.sampler import SamplingTensors, sample
+
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0, -2.0]]).repeat(2000, 1)
+    params = SamplingTensors(
+        temperature=torch.full((2000,), 1.0),
+        top_k=torch.tensor([2] * 1000 + [0] * 1000),
+        top_p=torch.tensor([1.0] * 1000 + [0.5] * 1000),
+        generators=[None] * 2000,
+    )
+    tokens = sample(logits, params)
+    assert set(tokens[:1000].tolist()) == {0, 1}  # top-k 2: only the two best
+    assert set(tokens[1000:].tolist()) == {0}  # p(0) = 0.73 > 0.5: the nucleus is token 0 alone
+
+
+def test_stop_token_ids_and_stop_strings(engine):
+    free = engine.generate([[9, 9, 9]], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
+    stop_tok = free.token_ids[4]
+    first = free.token_ids.index(stop_tok)
+    out = engine.generate([[9, 9, 9]], SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=[stop_tok]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: first + 1]
+
+    text = free.text
+    needle = next((text[i : i + 2] for i in range(1, len(text) - 2) if "\ufffd" not in text[i : i + 2]), None)
+    if needle is None:
+        pytest.skip("generated text has no printable pair to stop on")
+    out = engine.generate([[9, 9, 9]], SamplingParams(max_tokens=16, temperature=0.0, stop=[needle], ignore_eos=True))[
+        0
+    ]
+    assert out.finish_reason == "stop"
+    assert out.text == text[: text.index(needle)]
+
+
+def test_sessions_export_import_roundtrip_keeps_kv_and_output():
+    cfg = EngineConfig(model="tiny", device="cpu", num_blocks=64)
+    a, b = Engine(cfg), Engine(cfg)
+    a.generate(["The first turn of a conversation that spans a few blocks."], GREEDY, session_ids=["s1"])
+    state = a.export_session("s1")
+    assert state.kv is not None and state.kv_tokens == (len(state.token_ids) // 16) * 16
+    assert b.import_session(state) == state.kv_tokens
+    # The imported KV is bit-identical to the exporter's.
+    assert torch.equal(b.export_session("s1").kv, state.kv)
+    out_a = a.generate([" And the next."], GREEDY, session_ids=["s1"])[0]
+    out_b = b.generate([" And the next."], GREEDY, session_ids=["s1"])[0]
+    assert out_b.token_ids == out_a.token_ids
+    assert out_b.cached_tokens == out_a.cached_tokens >= state.kv_tokens
+    assert b.get_session("s1").turns == 2
+
+
+def test_import_refuses_kv_from_another_model():
+    from ultrakv.node.engine import IncompatibleSessionError
+
+    a = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=32, seed=0))
+    b = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=32, seed=1))
+    a.generate(["x" * 40], GREEDY, session_ids=["s"])
+    with pytest.raises(IncompatibleSessionError, match="another model|comes from model"):
+        b.import_session(a.export_session("s"))
+
+
+def test_cleanup_and_clear_cache(engine):
+    engine.generate(["cleanup me" * 5], GREEDY, session_ids=["old"])
+    assert engine.get_session("old").num_cached_blocks > 0
+    assert engine.clear_cache() > 0
+    assert engine.get_session("old").num_cached_blocks == 0
+    assert engine.cleanup_sessions(3600) == 0  # still young
+    assert engine.cleanup_sessions(0) >= 1
+    with pytest.raises(SessionNotFoundError):
+        engine.get_session("old")
+    with pytest.raises(InvalidRequestError, match="max_age"):
+        engine.cleanup_sessions(-1)
+
+
+def test_replica_becomes_the_session_on_first_request(engine):
+    history = engine.tokenizer.encode("a conversation replicated from a neighbour", add_bos=True)
+    engine.store_replica("rep-1", history, turns=2)
+    out = engine.generate([" next"], GREEDY, session_ids=["rep-1"])[0]
+    assert out.prompt_token_ids[: len(history)] == history
+    assert engine.get_session("rep-1").turns == 3
+
+
+def test_stats_report_cache_and_latency(engine):
+    engine.generate([[1, 2, 3] * 20, [1, 2, 3] * 20 + [4]], GREEDY)
+    s = engine.stats()
+    assert s["cache"]["policy"] == "lru" and s["cache"]["num_blocks"] == 128
+    assert s["tokens"]["generated"] > 0 and s["latency"]["ttft_p50_s"] > 0
+    assert set(s["requests"]) >= {"total", "running", "waiting", "finished", "preemptions"}
