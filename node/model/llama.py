@@ -33,13 +33,18 @@ class RotaryEmbedding:
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each float32 ``[max_position_embeddings, head_dim // 2]``."""
+        """``(cos, sin)`` float32 ``[max_position_embeddings, head_dim]`` tables.
+
+        ``cos`` repeats over both halves of the head; ``sin`` is negated on the first half,
+        so rotation is ``x * cos + roll(x, head_dim // 2) * sin`` (see :func:`apply_rope`).
+        """
         device = torch.device(device)
         tables = self._tables.get(device)
         if tables is None:
             pos = torch.arange(self.max_positions, dtype=torch.float32, device=device)
             freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
-            tables = (freqs.cos(), freqs.sin())
+            cos, sin = freqs.cos(), freqs.sin()
+            tables = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1))
             self._tables[device] = tables
         return tables
 
@@ -72,10 +77,13 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, heads, D] by per-token ``cos``/``sin`` [T, 1, D/2] (HF half-split)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate ``x`` [T, heads, D] by per-token ``cos``/``sin`` [T, 1, D] from
+    :meth:`RotaryEmbedding.cos_sin` (HF half-split convention).
+
+    ``roll`` swaps the halves and the signed ``sin`` supplies HF's ``rotate_half`` minus
+    sign: three kernels instead of the split/negate/cat chain.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class RMSNorm(nn.Module):
@@ -87,10 +95,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -112,10 +118,11 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = h.shape[0]
-        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(h)
+        # Queries and keys are rotated together, in one pass over [T, H + KVH, D].
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim)
+        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, self.q_size))
 
