@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata
@@ -37,9 +38,25 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Partitions per decode launch are sized so that about this many programs per SM run:
 # enough to hide HBM latency at batch 1, without splitting large batches needlessly.
 _DECODE_PROGRAMS_PER_SM = 4
-_DECODE_BLOCK_N = 64  # context tokens per inner tile of the decode kernel
-_PREFILL_BLOCK_M = 64  # new tokens per prefill program
-_PREFILL_BLOCK_N = 64  # context tokens per inner tile of the prefill kernel
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the decode kernel: context tokens per inner tile, warps, pipeline depth."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch shape of the prefill kernel: new tokens per program, context tokens per tile."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def triton_available() -> bool:
@@ -75,21 +92,30 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+def decode_partition_size(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, block_n: int
+) -> int:
     """Context tokens per decode program: split long contexts until the grid fills the GPU.
 
-    A power of two, at least one inner tile; a function of shapes only (CUDA-graph safe).
+    A power of two, at least one inner tile (``block_n``); a function of shapes only, so it is
+    the same at every replay of a captured CUDA graph.
     """
     target_programs = _DECODE_PROGRAMS_PER_SM * num_sms
     parts_wanted = max(1, math.ceil(target_programs / max(1, num_seqs * num_kv_heads)))
     size = _next_pow2(math.ceil(max(1, max_seq_len) / parts_wanted))
-    return max(_DECODE_BLOCK_N, size)
+    return max(block_n, size)
 
 
 class TritonPagedBackend(AttentionBackend):
     """Paged attention through Triton kernels (CUDA only; bf16, fp16 and fp32)."""
 
     name = "triton"
+
+    def __init__(
+        self, decode_config: DecodeConfig | None = None, prefill_config: PrefillConfig | None = None
+    ) -> None:
+        self.decode_config = decode_config or DecodeConfig()
+        self.prefill_config = prefill_config or PrefillConfig()
 
     def forward(
         self,
@@ -161,11 +187,12 @@ class TritonPagedBackend(AttentionBackend):
         _, num_heads, head_dim = q.shape
         num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
         group = num_heads // num_kv_heads
+        cfg = self.decode_config
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         if num_seqs == 0:
             return out
         partition = decode_partition_size(
-            num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device)
+            num_seqs, num_kv_heads, meta.max_seq_len, _num_sms(q.device), cfg.block_n
         )
         num_parts = max(1, math.ceil(meta.max_seq_len / partition))
         single = num_parts == 1
@@ -193,9 +220,9 @@ class TritonPagedBackend(AttentionBackend):
             meta.block_tables.stride(0),
             *acc_strides, *ml_strides,
             GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            PAGE=page, BLOCK_N=_DECODE_BLOCK_N, PARTITION=partition, SINGLE=single,
+            PAGE=page, BLOCK_N=cfg.block_n, PARTITION=partition, SINGLE=single,
             IEEE=q.dtype == torch.float32,
-            num_warps=4, num_stages=2,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if not single:
             kernels["reduce"][(num_seqs, num_heads)](
@@ -217,7 +244,8 @@ class TritonPagedBackend(AttentionBackend):
         num_seqs = meta.seq_lens.shape[0]
         if num_seqs == 0 or q.shape[0] == 0:
             return out
-        num_m_tiles = math.ceil(meta.max_query_len / _PREFILL_BLOCK_M)
+        cfg = self.prefill_config
+        num_m_tiles = math.ceil(meta.max_query_len / cfg.block_m)
         _kernels()["prefill"][(num_seqs, num_heads, num_m_tiles)](
             q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
             scale * math.log2(math.e),
@@ -225,8 +253,8 @@ class TritonPagedBackend(AttentionBackend):
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             meta.block_tables.stride(0),
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
-            PAGE=page, BLOCK_M=_PREFILL_BLOCK_M, BLOCK_N=_PREFILL_BLOCK_N,
+            PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             IEEE=q.dtype == torch.float32,
-            num_warps=4, num_stages=2,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out

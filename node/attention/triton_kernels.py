@@ -12,9 +12,10 @@ import triton.language as tl
 def _dot(a, b, IEEE: tl.constexpr):
     # fp32 inputs would silently use tf32 on tensor cores; ask for full precision there.
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        r = tl.dot(a, b, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        r = tl.dot(a, b)
+    return r
 
 
 @triton.jit
