@@ -283,11 +283,22 @@ def _rpc_deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+DEFAULT_FLUSH_INTERVAL_S = 0.005
+
+
 async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                                 requests: AsyncIterator[Any],
-                                context: grpc.aio.ServicerContext
+                                context: grpc.aio.ServicerContext,
+                                flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
                                 ) -> AsyncIterator[pb.GenerateStreamResponse]:
-    """Run one Generate stream: many requests by id, cancels, per-request errors."""
+    """Run one Generate stream: many requests by id, cancels, per-request errors.
+
+    Chunks are coalesced: after a write that carried tokens the stream waits
+    ``flush_interval_s`` while new deltas merge into the pending chunks (and longer when the
+    transport is backed up, since a write then blocks), so a fast engine or a slow reader
+    gets several tokens per message instead of one message per token. The first chunk of a
+    burst leaves at once, so TTFT does not pay the interval.
+    """
     outbox = Outbox()
     active: dict[str, asyncio.Task] = {}
     cancelled: set[str] = set()
@@ -362,13 +373,16 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
     reader = asyncio.create_task(read(), name="generate-reader")
     try:
         while True:
-            message = outbox.pop()
-            if message is not None:
+            wrote_chunk = False
+            while (message := outbox.pop()) is not None:
+                wrote_chunk |= message.WhichOneof("event") == "chunk"
                 yield message
-                continue
             if reading_done and not active:
                 break
-            await outbox.wait()
+            if wrote_chunk and flush_interval_s > 0:
+                await asyncio.sleep(flush_interval_s)
+            else:
+                await outbox.wait()
         await reader  # surfaces a read error, if any
     finally:
         reader.cancel()
@@ -420,14 +434,17 @@ async def _collect(backend: ServingBackend, request: pb.GenerateRequest,
 class UltraKVServicer:
     """The client-facing ``ultrakv.v1.UltraKV`` service over any ServingBackend."""
 
-    def __init__(self, backend: ServingBackend, limits: Limits) -> None:
+    def __init__(self, backend: ServingBackend, limits: Limits,
+                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S) -> None:
         self.backend = backend
+        self.flush_interval_s = flush_interval_s
         self.limits = limits
 
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with contextlib.aclosing(
-                serve_generate_stream(self.backend, self.limits, requests, context)) as stream:
+                serve_generate_stream(self.backend, self.limits, requests, context,
+                                      self.flush_interval_s)) as stream:
             async for message in stream:
                 yield message
 
@@ -487,16 +504,19 @@ class NodeServicer:
     """``ultrakv.v1.NodeService``: generation plus the session operations the cluster needs
     (export/import for migration, history replication, listing, stats)."""
 
-    def __init__(self, backend: LocalBackend, limits: Limits) -> None:
+    def __init__(self, backend: LocalBackend, limits: Limits,
+                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S) -> None:
         self.backend = backend
+        self.flush_interval_s = flush_interval_s
         self.engine = backend.engine
         self.limits = limits
-        self._client_facing = UltraKVServicer(backend, limits)
+        self._client_facing = UltraKVServicer(backend, limits, flush_interval_s)
 
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with contextlib.aclosing(
-                serve_generate_stream(self.backend, self.limits, requests, context)) as stream:
+                serve_generate_stream(self.backend, self.limits, requests, context,
+                                      self.flush_interval_s)) as stream:
             async for message in stream:
                 yield message
 
@@ -641,6 +661,7 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     grace_period_s: float = 5.0
     max_message_bytes: int = 64 * 1024 * 1024
+    stream_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
     tls_cert: str = ""  # PEM paths; both set = TLS
     tls_key: str = ""
 
@@ -649,9 +670,11 @@ class NodeServer:
     """One node's gRPC server: UltraKV (client-facing, until the cluster lands), NodeService,
     health and reflection, over one Engine."""
 
-    def __init__(self, engine: Any, settings: ServerSettings | None = None) -> None:
+    def __init__(self, engine: Any, settings: ServerSettings | None = None,
+                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> None:
         self.engine = engine
         self.settings = settings or ServerSettings()
+        self.interceptors = interceptors
         self.port = 0
         ident = NodeIdentity(node_id=self.settings.node_id) if self.settings.node_id else None
         self.backend = LocalBackend(engine, ident)
@@ -667,10 +690,11 @@ class NodeServer:
         """Bind and start; return the bound port (``port=0`` picks a free one)."""
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
                    ("grpc.max_send_message_length", self.settings.max_message_bytes)]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=self.interceptors)
         limits = self.settings.limits
-        add_servicer(server, UltraKVServicer(self.backend, limits), ULTRAKV_SERVICE)
-        add_servicer(server, NodeServicer(self.backend, limits), NODE_SERVICE)
+        flush = self.settings.stream_flush_interval_s
+        add_servicer(server, UltraKVServicer(self.backend, limits, flush), ULTRAKV_SERVICE)
+        add_servicer(server, NodeServicer(self.backend, limits, flush), NODE_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (ULTRAKV_SERVICE, NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -724,9 +748,10 @@ class BackgroundServer:
     ``with BackgroundServer(engine) as srv: Client(srv.address)...``
     """
 
-    def __init__(self, engine: Any, settings: ServerSettings | None = None) -> None:
+    def __init__(self, engine: Any, settings: ServerSettings | None = None,
+                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> None:
         settings = settings or ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5)
-        self.server = NodeServer(engine, settings)
+        self.server = NodeServer(engine, settings, interceptors)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ultrakv-server",
                                         daemon=True)

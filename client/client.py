@@ -1,0 +1,570 @@
+"""The Python client: ``Client`` (blocking) and ``AsyncClient`` (asyncio) over the gRPC stubs.
+
+Both speak the dict API::
+
+    with Client("127.0.0.1:50051") as c:
+        r = c.process_request({"text": "Hello", "max_length": 32, "session_id": "user_123"})
+        r["success"], r["response"]["text"], r["cache_hit"], r["latency"]
+        for chunk in c.stream({"text": "Hello"}): print(chunk.text, end="")
+
+Calls that fail with UNAVAILABLE are retried (bounded exponential backoff with jitter,
+tenacity); a stream is retried only before its first message. Every call has a deadline
+(``timeout``). ``api_key`` travels as the ``x-api-key`` metadata; ``tls`` selects a secure
+channel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tenacity import (
+    AsyncRetrying,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from ultrakv.v1 import types_pb2 as pb
+from ultrakv.v1 import ultrakv_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+_PRIORITIES = {"CRITICAL": pb.PRIORITY_CRITICAL, "HIGH": pb.PRIORITY_HIGH,
+               "NORMAL": pb.PRIORITY_NORMAL, "LOW": pb.PRIORITY_LOW}
+_FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                 pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error",
+                 pb.FINISH_REASON_UNSPECIFIED: ""}
+_REQUEST_KEYS = {"text", "prompt", "token_ids", "max_length", "max_tokens", "temperature",
+                 "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "session_id",
+                 "request_id", "priority", "timeout"}
+BATCH_SLICE = 64  # requests per ProcessBatch call (the server caps a batch's size)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Secure-channel settings; paths to PEM files. No ``ca_cert`` = system roots."""
+
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    server_name: str | None = None  # overrides the name checked against the certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key),
+                                            read(self.client_cert))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of calls that fail with UNAVAILABLE: ``attempts`` in all, waits growing
+    exponentially from ``initial_s`` up to ``max_s`` plus up to ``jitter_s`` of jitter."""
+
+    attempts: int = 4
+    initial_s: float = 0.1
+    max_s: float = 2.0
+    jitter_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"retry": retry_if_exception(_is_unavailable),
+                "wait": wait_exponential_jitter(multiplier=self.initial_s, max=self.max_s,
+                                                jitter=self.jitter_s),
+                "stop": stop_after_attempt(self.attempts), "reraise": True}
+
+    def retrying(self) -> Retrying:
+        return Retrying(**self._kwargs())
+
+    def async_retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(**self._kwargs())
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class RequestError(Exception):
+    """A request the server refused or failed: gRPC ``code`` name, offending ``field``."""
+
+    def __init__(self, code: str, message: str, field: str = "", retry_after_s: float = 0.0):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> RequestError:
+        meta = dict(exc.trailing_metadata() or ())
+        retry_ms = meta.get("retry-after-ms")
+        return cls(exc.code().name, exc.details() or "", str(meta.get("ultrakv-field", "")),
+                   float(retry_ms) / 1000.0 if retry_ms else 0.0)
+
+    @classmethod
+    def from_detail(cls, detail: pb.ErrorDetail) -> RequestError:
+        return cls(detail.code, detail.message, detail.field, detail.retry_after_s)
+
+
+@dataclass
+class StreamChunk:
+    """New text of a streamed request; the last chunk has ``finished`` and ``result`` (the
+    same dict ``process_request`` returns)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    result: dict | None = None
+
+
+# --- dict <-> wire (pure) --------------------------------------------------------------------
+
+
+def build_request(spec: dict) -> pb.GenerateRequest:
+    """A request dict -> GenerateRequest. Values go to the server as given (it validates);
+    only keys and types that cannot be expressed on the wire raise ValueError here."""
+    unknown = set(spec) - _REQUEST_KEYS
+    if unknown:
+        raise ValueError(f"request keys must be among {sorted(_REQUEST_KEYS)}, "
+                         f"got {sorted(unknown)}")
+    req = pb.GenerateRequest(request_id=str(spec.get("request_id") or ""))
+    text = spec.get("text", spec.get("prompt"))
+    if "token_ids" in spec:
+        req.token_ids.ids.extend(int(t) for t in spec["token_ids"])
+    elif isinstance(text, str):
+        req.text = text
+    elif isinstance(text, list):
+        req.token_ids.ids.extend(int(t) for t in text)
+    elif text is not None:
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    if spec.get("session_id") is not None:
+        req.session_id = str(spec["session_id"])
+    s = req.sampling
+    max_length = spec.get("max_length", spec.get("max_tokens"))
+    if max_length is not None:
+        s.max_length = int(max_length)
+    for name in ("temperature", "top_p"):
+        if spec.get(name) is not None:
+            setattr(s, name, float(spec[name]))
+    for name in ("top_k", "seed"):
+        if spec.get(name) is not None:
+            setattr(s, name, int(spec[name]))
+    stop = spec.get("stop")
+    if stop:
+        s.stop.extend([stop] if isinstance(stop, str) else list(stop))
+    s.stop_token_ids.extend(int(t) for t in spec.get("stop_token_ids") or ())
+    s.ignore_eos = bool(spec.get("ignore_eos", False))
+    priority = spec.get("priority")
+    if priority is not None:
+        if isinstance(priority, str):
+            if priority.upper() not in _PRIORITIES:
+                raise ValueError(f"priority must be one of {list(_PRIORITIES)}, got {priority!r}")
+            req.priority = _PRIORITIES[priority.upper()]
+        else:
+            req.priority = int(priority)
+    if spec.get("timeout") is not None:
+        req.timeout_ms = max(1, int(float(spec["timeout"]) * 1000))
+    return req
+
+
+def result_dict(result: pb.GenerateResult, latency_s: float | None = None) -> dict:
+    """GenerateResult -> the dict API. ``latency`` is the client-measured wall time when
+    given, else the server's; ``ttft`` is the server's (seconds)."""
+    usage = {"prompt_tokens": result.usage.prompt_tokens,
+             "cached_tokens": result.usage.cached_tokens,
+             "completion_tokens": result.usage.completion_tokens}
+    return {
+        "success": result.finish_reason != pb.FINISH_REASON_ERROR,
+        "response": {"text": result.text, "token_ids": list(result.token_ids)},
+        "cache_hit": result.usage.cached_tokens > 0,
+        "cached_tokens": result.usage.cached_tokens,
+        "usage": usage,
+        "latency": latency_s if latency_s is not None else result.timings.latency_ms / 1000.0,
+        "ttft": result.timings.ttft_ms / 1000.0,
+        "session_id": result.session_id or None,
+        "node": result.node_id or None,
+        "error": result.error or None,
+        "request_id": result.request_id,
+        "finish_reason": _FINISH_NAMES.get(result.finish_reason, ""),
+    }
+
+
+def error_dict(error: RequestError, spec: dict | None = None, latency_s: float = 0.0) -> dict:
+    """A failed request in the dict API's shape."""
+    return {
+        "success": False, "response": {"text": "", "token_ids": []}, "cache_hit": False,
+        "cached_tokens": 0,
+        "usage": {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0},
+        "latency": latency_s, "ttft": 0.0,
+        "session_id": (spec or {}).get("session_id"), "node": None, "error": error.message,
+        "error_code": error.code, "error_field": error.field,
+        "retry_after_s": error.retry_after_s,
+        "request_id": (spec or {}).get("request_id"), "finish_reason": "error",
+    }
+
+
+def stats_dict(stats: pb.StatsResponse) -> dict:
+    """StatsResponse -> dict: ``nodes`` (one dict per node) and ``totals`` summed over them."""
+    nodes = [message_dict(n) for n in stats.nodes]
+    sums = ("sessions", "queue_depth", "running", "requests_total", "requests_failed",
+            "prompt_tokens", "completion_tokens", "cached_tokens")
+    totals: dict[str, float] = {k: sum(int(n.get(k, 0)) for n in nodes) for k in sums}
+    for k in ("hits", "misses", "blocks_used", "blocks_free", "blocks_total"):
+        totals[f"cache_{k}"] = sum(int(n["cache"].get(k, 0)) for n in nodes)
+    lookups = totals["cache_hits"] + totals["cache_misses"]
+    totals["cache_hit_rate"] = totals["cache_hits"] / lookups if lookups else 0.0
+    return {"nodes": nodes, "totals": totals}
+
+
+def _stream_request(req: pb.GenerateRequest) -> pb.GenerateStreamRequest:
+    if not req.request_id:
+        req.request_id = f"r{time.monotonic_ns():x}"
+    return pb.GenerateStreamRequest(generate=req)
+
+
+def _chunk_from(message: pb.GenerateStreamResponse, started: float) -> StreamChunk:
+    kind = message.WhichOneof("event")
+    if kind == "error":
+        raise RequestError.from_detail(message.error)
+    if kind == "chunk":
+        return StreamChunk(message.request_id, message.chunk.text, list(message.chunk.token_ids))
+    return StreamChunk(message.request_id, "", [], finished=True,
+                       result=result_dict(message.result, time.perf_counter() - started))
+
+
+def _channel_options(tls: TLSConfig | None) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
+
+
+# --- blocking client -------------------------------------------------------------------------
+
+
+class Client:
+    """Blocking client. ``timeout`` is the default per-call deadline in seconds."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, api_key: str | None = None,
+                 tls: TLSConfig | None = None, timeout: float = 60.0,
+                 retry: RetryPolicy | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._metadata = (("x-api-key", api_key),) if api_key else ()
+        options = _channel_options(tls)
+        self._channel = (grpc.secure_channel(address, tls.credentials(), options=options)
+                         if tls is not None else grpc.insecure_channel(address, options=options))
+        self._stub = ultrakv_pb2_grpc.UltraKVStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        """Unary call with deadline, metadata and retries; failures as RequestError."""
+        try:
+            for attempt in self.retry.retrying():
+                with attempt:
+                    return method(request, timeout=timeout or self.timeout,
+                                  metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc
+        raise AssertionError("unreachable: tenacity reraises")
+
+    def process_request(self, spec: dict, timeout: float | None = None) -> dict:
+        """Run one request; returns the result dict (``success`` False with ``error`` on
+        failure, never raises for a refused request)."""
+        started = time.perf_counter()
+        try:
+            result = self._call(self._stub.Process, build_request(spec), timeout)
+        except ValueError as exc:
+            return error_dict(RequestError("INVALID_ARGUMENT", str(exc)), spec)
+        except RequestError as exc:
+            return error_dict(exc, spec, time.perf_counter() - started)
+        return result_dict(result, time.perf_counter() - started)
+
+    def process_batch(self, specs: Iterable[dict], concurrency: int = 8,
+                      timeout: float | None = None,
+                      on_progress: Callable[[int], None] | None = None) -> list[dict]:
+        """Run many requests (results in order); a bad item fails alone. ``on_progress``
+        receives the number of requests finished after each slice."""
+        results: list[dict] = []
+        specs = list(specs)
+        for i in range(0, len(specs), BATCH_SLICE):
+            part = specs[i:i + BATCH_SLICE]
+            results.extend(self._batch_slice(part, concurrency, timeout))
+            if on_progress is not None:
+                on_progress(len(part))
+        return results
+
+    def _batch_slice(self, specs: list[dict], concurrency: int,
+                     timeout: float | None) -> list[dict]:
+        built = _prepare_batch(specs)
+        request = pb.BatchRequest(requests=[b for b in built if isinstance(b, pb.GenerateRequest)],
+                                  concurrency=concurrency)
+        try:
+            response = self._call(self._stub.ProcessBatch, request, timeout)
+        except RequestError as exc:
+            return _fail_batch(built, specs, exc)
+        return _merge_batch(built, specs, response)
+
+    def stream(self, spec: dict, timeout: float | None = None) -> Iterator[StreamChunk]:
+        """Stream one request's text as it is generated; raises RequestError if refused.
+        Leaving the loop early cancels the request on the server."""
+        request = _stream_request(build_request(spec))
+        started = time.perf_counter()
+
+        def open_call() -> tuple[Any, pb.GenerateStreamResponse]:
+            call = self._stub.Generate(iter([request]), timeout=timeout or self.timeout,
+                                       metadata=self._metadata)
+            try:
+                return call, next(call)
+            except StopIteration:
+                raise RequestError("INTERNAL", "stream ended without a message") from None
+
+        call, first = self._call(lambda _r, **_kw: open_call(), None)
+        try:
+            for message in itertools.chain([first], call):
+                chunk = _chunk_from(message, started)
+                yield chunk
+                if chunk.finished:
+                    return
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc
+        finally:
+            call.cancel()
+
+    def stats(self) -> dict:
+        return stats_dict(self._call(self._stub.Stats, pb.StatsRequest()))
+
+    def health(self, service: str = "") -> dict:
+        """grpc.health.v1 status: ``{"status": "SERVING", "healthy": True}``; an unreachable
+        server gives ``healthy`` False and the error rather than raising."""
+        try:
+            resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        except RequestError as exc:
+            return {"status": "UNREACHABLE" if exc.code == "UNAVAILABLE" else exc.code,
+                    "healthy": False, "address": self.address, "error": exc.message}
+        name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return {"status": name, "healthy": name == "SERVING", "address": self.address}
+
+    def clear_cache(self) -> dict:
+        resp = self._call(self._stub.ClearCache, pb.ClearCacheRequest())
+        return {"success": True, "blocks_freed": resp.blocks_freed}
+
+    def cleanup_sessions(self, max_age: float) -> dict:
+        resp = self._call(self._stub.CleanupSessions,
+                          pb.CleanupSessionsRequest(max_age_s=float(max_age)))
+        return {"success": True, "removed": resp.removed}
+
+    def get_session(self, session_id: str) -> dict:
+        return message_dict(self._call(self._stub.GetSession,
+                                        pb.GetSessionRequest(session_id=session_id)))
+
+    def delete_session(self, session_id: str) -> None:
+        self._call(self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
+
+
+def message_dict(message: Any) -> dict:
+    """A wire message as a plain dict with native types (json_format would turn int64 into
+    strings); enums by name, Structs as dicts."""
+    out: dict[str, Any] = {}
+    for f in message.DESCRIPTOR.fields:
+        value = getattr(message, f.name)
+        if f.message_type is not None and f.message_type.full_name == "google.protobuf.Struct":
+            out[f.name] = json_format.MessageToDict(value)
+        elif f.message_type is not None:
+            out[f.name] = ([message_dict(v) for v in value] if f.is_repeated
+                           else message_dict(value))
+        elif f.enum_type is not None:
+            name = f.enum_type.values_by_number.get(value)
+            out[f.name] = name.name if name is not None else value
+        else:
+            out[f.name] = list(value) if f.is_repeated else value
+    return out
+
+
+def _prepare_batch(specs: list[dict]) -> list[pb.GenerateRequest | dict]:
+    """Build each request; one that cannot be built is already its error dict."""
+    built: list[pb.GenerateRequest | dict] = []
+    for spec in specs:
+        try:
+            built.append(build_request(spec))
+        except ValueError as exc:
+            built.append(error_dict(RequestError("INVALID_ARGUMENT", str(exc)), spec))
+    return built
+
+
+def _fail_batch(built: list[pb.GenerateRequest | dict], specs: list[dict],
+                error: RequestError) -> list[dict]:
+    return [b if isinstance(b, dict) else error_dict(error, s)
+            for b, s in zip(built, specs, strict=True)]
+
+
+def _merge_batch(built: list[pb.GenerateRequest | dict], specs: list[dict],
+                 response: pb.BatchResponse) -> list[dict]:
+    """Results in request order; ``latency`` of each is the server's for that item."""
+    items = iter(response.items)
+    out = []
+    for b, spec in zip(built, specs, strict=True):
+        if isinstance(b, dict):
+            out.append(b)
+            continue
+        item = next(items)
+        if item.WhichOneof("outcome") == "error":
+            out.append(error_dict(RequestError.from_detail(item.error), spec))
+        else:
+            out.append(result_dict(item.result))
+    return out
+
+
+# --- asyncio client --------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """asyncio client with the same API as :class:`Client` (methods are coroutines;
+    ``stream`` is an async iterator)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, api_key: str | None = None,
+                 tls: TLSConfig | None = None, timeout: float = 60.0,
+                 retry: RetryPolicy | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._metadata = (("x-api-key", api_key),) if api_key else ()
+        options = _channel_options(tls)
+        self._channel = (grpc.aio.secure_channel(address, tls.credentials(), options=options)
+                         if tls is not None
+                         else grpc.aio.insecure_channel(address, options=options))
+        self._stub = ultrakv_pb2_grpc.UltraKVStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Callable[..., Any], request: Any,
+                    timeout: float | None = None) -> Any:
+        try:
+            async for attempt in self.retry.async_retrying():
+                with attempt:
+                    return await method(request, timeout=timeout or self.timeout,
+                                        metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc
+        raise AssertionError("unreachable: tenacity reraises")
+
+    async def process_request(self, spec: dict, timeout: float | None = None) -> dict:
+        started = time.perf_counter()
+        try:
+            result = await self._call(self._stub.Process, build_request(spec), timeout)
+        except ValueError as exc:
+            return error_dict(RequestError("INVALID_ARGUMENT", str(exc)), spec)
+        except RequestError as exc:
+            return error_dict(exc, spec, time.perf_counter() - started)
+        return result_dict(result, time.perf_counter() - started)
+
+    async def process_batch(self, specs: Iterable[dict], concurrency: int = 8,
+                            timeout: float | None = None,
+                            on_progress: Callable[[int], None] | None = None) -> list[dict]:
+        """As :meth:`Client.process_batch`."""
+        specs = list(specs)
+        results: list[dict] = []
+        for i in range(0, len(specs), BATCH_SLICE):
+            part = specs[i:i + BATCH_SLICE]
+            built = _prepare_batch(part)
+            request = pb.BatchRequest(
+                requests=[b for b in built if isinstance(b, pb.GenerateRequest)],
+                concurrency=concurrency)
+            try:
+                results.extend(_merge_batch(built, part, await self._call(
+                    self._stub.ProcessBatch, request, timeout)))
+            except RequestError as exc:
+                results.extend(_fail_batch(built, part, exc))
+            if on_progress is not None:
+                on_progress(len(part))
+        return results
+
+    async def stream(self, spec: dict, timeout: float | None = None
+                     ) -> AsyncIterator[StreamChunk]:
+        request = _stream_request(build_request(spec))
+        started = time.perf_counter()
+
+        async def open_call(_r: Any, **_kw: Any) -> tuple[Any, pb.GenerateStreamResponse]:
+            call = self._stub.Generate(timeout=timeout or self.timeout, metadata=self._metadata)
+            await call.write(request)
+            await call.done_writing()
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise RequestError("INTERNAL", "stream ended without a message")
+            return call, first
+
+        call, first = await self._call(open_call, None)
+        try:
+            message = first
+            while message is not grpc.aio.EOF:
+                chunk = _chunk_from(message, started)
+                yield chunk
+                if chunk.finished:
+                    return
+                message = await call.read()
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc
+        finally:
+            call.cancel()
+
+    async def stats(self) -> dict:
+        return stats_dict(await self._call(self._stub.Stats, pb.StatsRequest()))
+
+    async def health(self, service: str = "") -> dict:
+        try:
+            resp = await self._call(self._health.Check,
+                                    health_pb2.HealthCheckRequest(service=service))
+        except RequestError as exc:
+            return {"status": "UNREACHABLE" if exc.code == "UNAVAILABLE" else exc.code,
+                    "healthy": False, "address": self.address, "error": exc.message}
+        name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return {"status": name, "healthy": name == "SERVING", "address": self.address}
+
+    async def clear_cache(self) -> dict:
+        resp = await self._call(self._stub.ClearCache, pb.ClearCacheRequest())
+        return {"success": True, "blocks_freed": resp.blocks_freed}
+
+    async def cleanup_sessions(self, max_age: float) -> dict:
+        resp = await self._call(self._stub.CleanupSessions,
+                                pb.CleanupSessionsRequest(max_age_s=float(max_age)))
+        return {"success": True, "removed": resp.removed}
+
+    async def get_session(self, session_id: str) -> dict:
+        return message_dict(await self._call(self._stub.GetSession,
+                                              pb.GetSessionRequest(session_id=session_id)))
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._call(self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
