@@ -1,0 +1,175 @@
+"""NodeService over a real loopback server: session export/import, replication, stats;
+and the pure chunk (de)serialization of node/session_transfer.py."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+import pytest
+import torch
+from ultrakv.node import Engine, EngineConfig
+from ultrakv.node.outputs import SessionState
+from ultrakv.node.server import BackgroundServer
+from ultrakv.node.session_transfer import TransferError, chunks_to_state, state_to_chunks
+from ultrakv.v1 import node_pb2 as npb
+from ultrakv.v1 import node_pb2_grpc
+from ultrakv.v1 import types_pb2 as pb
+
+PROMPT = "A conversation long enough to fill a few KV blocks of sixteen tokens each. " * 2
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=128))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def node(engine):
+    with BackgroundServer(engine) as srv:
+        channel = grpc.insecure_channel(srv.address)
+        yield node_pb2_grpc.NodeServiceStub(channel)
+        channel.close()
+
+
+def run_turn(node, session_id: str, text: str) -> pb.GenerateResult:
+    request = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id=f"{session_id}-{len(text)}", session_id=session_id, text=text,
+        sampling=pb.SamplingOptions(max_length=8, temperature=0.0)))
+    messages = list(node.Generate(iter([request]), timeout=30))
+    assert messages[-1].WhichOneof("event") == "result", messages[-1]
+    return messages[-1].result
+
+
+def export(node, session_id: str, chunk_bytes: int = 4096) -> list[npb.SessionChunk]:
+    return list(node.ExportSession(npb.ExportSessionRequest(
+        session_id=session_id, include_kv=True, chunk_bytes=chunk_bytes), timeout=30))
+
+
+def test_export_then_import_restores_the_session_and_its_cache(node, engine):
+    first = run_turn(node, "mig-1", PROMPT)
+    chunks = export(node, "mig-1")
+    header = chunks[0].header
+    assert header.session_id == "mig-1" and header.turns == 1
+    assert header.model_fingerprint == engine.model_fingerprint
+    assert len(header.token_ids) == first.usage.prompt_tokens + len(first.token_ids)
+    assert header.kv_tokens >= 32 and header.kv_tokens % 16 == 0
+    kv = [c.kv for c in chunks if c.WhichOneof("part") == "kv"]
+    assert len(kv) == header.num_chunks > 1
+    assert all(hashlib.sha256(c.data).digest() == c.sha256 for c in kv)
+    assert chunks[-1].trailer.total_bytes == sum(len(c.data) for c in kv)
+
+    node.DeleteSession(pb.DeleteSessionRequest(session_id="mig-1"), timeout=10)
+    node.ClearCache(pb.ClearCacheRequest(), timeout=10)  # the KV must come from the import
+    answer = node.ImportSession(iter(chunks), timeout=30)
+    assert (answer.session_id, answer.num_tokens) == ("mig-1", len(header.token_ids))
+    assert answer.kv_tokens == header.kv_tokens
+    info = node.GetSession(pb.GetSessionRequest(session_id="mig-1"), timeout=10)
+    assert info.num_tokens == len(header.token_ids) and info.turns == 1
+    second = run_turn(node, "mig-1", " next turn")
+    assert second.usage.cached_tokens >= header.kv_tokens
+
+
+def test_history_only_export(node):
+    run_turn(node, "hist-only", PROMPT)
+    chunks = list(node.ExportSession(npb.ExportSessionRequest(session_id="hist-only"),
+                                     timeout=30))
+    assert [c.WhichOneof("part") for c in chunks] == ["header", "trailer"]
+    assert chunks[0].header.kv_tokens == 0 and chunks[0].header.token_ids
+
+
+def test_import_rejects_a_corrupted_or_truncated_stream(node):
+    run_turn(node, "mig-2", PROMPT)
+    chunks = export(node, "mig-2")
+    corrupted = [npb.SessionChunk() for _ in chunks]
+    for src, dst in zip(chunks, corrupted, strict=True):
+        dst.CopyFrom(src)
+    corrupted[1].kv.data = bytes([corrupted[1].kv.data[0] ^ 1]) + corrupted[1].kv.data[1:]
+    for bad in (corrupted, chunks[:-1], chunks[1:]):
+        with pytest.raises(grpc.RpcError) as err:
+            node.ImportSession(iter(bad), timeout=30)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value.details()
+
+
+def test_import_rejects_another_models_kv(node):
+    run_turn(node, "mig-3", PROMPT)
+    chunks = export(node, "mig-3")
+    chunks[0].header.model_fingerprint = "some-other-model"
+    with pytest.raises(grpc.RpcError) as err:
+        node.ImportSession(iter(chunks), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model_fingerprint must be" in err.value.details()
+
+
+def test_export_of_an_unknown_session_is_not_found(node):
+    with pytest.raises(grpc.RpcError) as err:
+        list(node.ExportSession(npb.ExportSessionRequest(session_id="nope"), timeout=10))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        list(node.ExportSession(npb.ExportSessionRequest(session_id="a/b"), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_replicate_history_then_promote(node):
+    history = list(range(65, 65 + 40))
+    node.ReplicateHistory(npb.ReplicateHistoryRequest(session_id="replica-1",
+                                                      token_ids=history, turns=3), timeout=10)
+    listed = {s.session_id for s in node.ListSessions(npb.ListSessionsRequest(),
+                                                        timeout=10).sessions}
+    assert "replica-1" not in listed  # a replica is not a live session until promoted
+    node.PromoteReplica(npb.PromoteReplicaRequest(session_id="replica-1"), timeout=10)
+    info = node.GetSession(pb.GetSessionRequest(session_id="replica-1"), timeout=10)
+    assert (info.num_tokens, info.turns) == (40, 3)
+    with pytest.raises(grpc.RpcError) as err:
+        node.PromoteReplica(npb.PromoteReplicaRequest(session_id="never-replicated"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_node_stats_and_health(node, engine):
+    run_turn(node, "stats-1", "hello")
+    stats = node.Stats(pb.StatsRequest(), timeout=10)
+    assert stats.sessions >= 1 and stats.completion_tokens > 0
+    assert stats.cache.blocks_total == 128 and stats.model == engine.model_name
+    assert stats.engine.fields["max_model_len"].number_value == engine.max_model_len
+    health = node.Health(npb.NodeHealthRequest(), timeout=10)
+    assert health.serving and health.model_fingerprint == engine.model_fingerprint
+    assert health.node_id == stats.node_id
+
+
+# --- pure (de)serialization ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_state_round_trips_through_chunks(dtype):
+    kv = torch.randn(2, 2, 48, 2, 16).to(dtype)
+    state = SessionState("s-1", list(range(50)), 2, "fp", 48, kv, tenant="t")
+    chunks = list(state_to_chunks(state, chunk_bytes=1000))
+    assert chunks[0].header.num_chunks == len(chunks) - 2 > 1
+    back = chunks_to_state(chunks)
+    assert torch.equal(back.kv, kv) and back.kv.dtype == dtype
+    assert (back.session_id, back.token_ids, back.turns, back.kv_tokens, back.tenant) == (
+        "s-1", list(range(50)), 2, 48, "t")
+
+
+def test_history_only_state_round_trips():
+    back = chunks_to_state(state_to_chunks(SessionState("s", [1, 2, 3], 1, "fp")))
+    assert back.kv is None and back.kv_tokens == 0 and back.token_ids == [1, 2, 3]
+
+
+def test_chunk_errors_are_named():
+    state = SessionState("s", [1], 1, "fp", 16, torch.zeros(1, 2, 16, 1, 4))
+    chunks = list(state_to_chunks(state, chunk_bytes=100))
+    swapped = [chunks[0], chunks[2], chunks[1], *chunks[3:]]
+    with pytest.raises(TransferError, match="index must be 0, got 1"):
+        chunks_to_state(swapped)
+    with pytest.raises(TransferError, match="must start with a header"):
+        chunks_to_state(chunks[1:])
+    with pytest.raises(TransferError, match="truncated"):
+        chunks_to_state(chunks[:-1])
+    tampered = npb.SessionChunk()
+    tampered.CopyFrom(chunks[-1])
+    tampered.trailer.sha256 = b"\0" * 32
+    with pytest.raises(TransferError, match="overall sha256"):
+        chunks_to_state([*chunks[:-1], tampered])

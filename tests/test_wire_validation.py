@@ -1,0 +1,90 @@
+"""Edge validation as pure functions (the loopback tests cover the same cases over gRPC)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from ultrakv.node.errors import PromptTooLongError, QueueFullError, SessionNotFoundError
+from ultrakv.node.validation import (
+    Limits,
+    Malformed,
+    RequestRejected,
+    rejection_from_error,
+    tolerant_deserializer,
+    validate_batch,
+    validate_generate,
+    validate_max_age,
+    validate_session_id,
+)
+from ultrakv.v1 import types_pb2 as pb
+
+LIMITS = Limits(max_tokens_limit=100, default_max_length=7, max_prompt_bytes=10)
+
+
+def reject(request: pb.GenerateRequest, **kw) -> RequestRejected:
+    with pytest.raises(RequestRejected) as err:
+        validate_generate(request, LIMITS, **kw)
+    return err.value
+
+
+def test_normalizes_defaults():
+    out = validate_generate(pb.GenerateRequest(text="hi"), LIMITS)
+    assert out.request_id and out.sampling.max_length == 7
+    assert out.priority == pb.PRIORITY_NORMAL and not out.HasField("session_id")
+
+
+def test_limits_are_named_in_messages():
+    r = reject(pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_length=101)))
+    assert (r.code, r.field, r.message) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                            "sampling.max_length",
+                                            "max_length must be in [1, 100], got 101")
+    r = reject(pb.GenerateRequest(text="x" * 11))
+    assert r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and r.field == "text"
+    assert reject(pb.GenerateRequest(text="hi"), require_request_id=True).field == "request_id"
+    assert reject(pb.GenerateRequest(text="hi", request_id="r" * 129)).field == "request_id"
+    assert reject(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, -2]))).field == "token_ids"
+    assert reject(pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(
+        stop=[""]))).field == "sampling.stop"
+    assert reject(pb.GenerateRequest(text="")).field == "text"
+
+
+@pytest.mark.parametrize("sid", ["a", "user_123", "A.b:c-d_e", "x" * 128])
+def test_good_session_ids(sid):
+    assert validate_session_id(sid) == sid
+
+
+@pytest.mark.parametrize("sid", ["", "x" * 129, "a/b", "a\\b", "a b", "é", "a\x00"])
+def test_bad_session_ids(sid):
+    with pytest.raises(RequestRejected) as err:
+        validate_session_id(sid)
+    assert err.value.field == "session_id"
+
+
+def test_batch_envelope_and_max_age():
+    assert validate_batch(pb.BatchRequest(), LIMITS) == 8
+    with pytest.raises(RequestRejected) as err:
+        validate_batch(pb.BatchRequest(requests=[pb.GenerateRequest()] * 257), LIMITS)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(RequestRejected):
+        validate_max_age(float("nan"))
+    assert validate_max_age(0.0) == 0.0
+
+
+def test_engine_errors_map_to_statuses():
+    assert rejection_from_error(QueueFullError("full", 2.5)).retry_after_s == 2.5
+    assert rejection_from_error(QueueFullError("full")).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rejection_from_error(PromptTooLongError("prompt", "too long")).code == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rejection_from_error(SessionNotFoundError("s")).code == grpc.StatusCode.NOT_FOUND
+    r = rejection_from_error(ValueError("top_k must be >= 0, got -1"))
+    assert (r.code, r.field) == (grpc.StatusCode.INVALID_ARGUMENT, "top_k")
+
+
+def test_tolerant_deserializer_names_the_bad_field():
+    data = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id="r1", text="ok", sampling=pb.SamplingOptions(stop=["zz"]))).SerializeToString()
+    parse = tolerant_deserializer(pb.GenerateStreamRequest)
+    assert isinstance(parse(data), pb.GenerateStreamRequest)
+    assert parse(data.replace(b"ok", b"\xff\xff")) == Malformed("text", "r1")
+    assert parse(data.replace(b"zz", b"\xc3(")) == Malformed("sampling.stop", "r1")
+    assert parse(b"\xff\xff\xff").field == ""
