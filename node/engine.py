@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 import torch
 from ultrakv.node.attention import get_backend
 from ultrakv.node.config import EngineConfig
+from ultrakv.node.cuda_graphs import CudaGraphDecoder
 from ultrakv.node.errors import EngineError, InvalidRequestError, PromptTooLongError, QueueFullError
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.hashing import hash_token_blocks
@@ -104,10 +105,16 @@ class Engine:
             enable_prefix_caching=config.enable_prefix_caching,
             aging_s=config.priority_aging_s,
         )
-        self.runner = ModelRunner(self.model, self.kv_caches, bs, self.device)
         self.sessions = SessionStore(config.max_sessions)
         limit = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.max_model_len = min(limit, self.num_blocks * bs)
+        graphs = None
+        if self.device.type == "cuda" and config.use_cuda_graphs and attn.supports_cuda_graphs:
+            graphs = CudaGraphDecoder(
+                self.model, self.kv_caches, bs, self.device, config.max_num_seqs, self.max_model_len, mc.hidden_size
+            )
+        self.runner = ModelRunner(self.model, self.kv_caches, bs, self.device, graphs)
+        self.cuda_graphs = graphs is not None
         self.max_waiting = 16 * config.max_num_seqs
 
         self._lock = threading.RLock()
@@ -555,6 +562,7 @@ class Engine:
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "attention_backend": self.attention_backend,
+                "cuda_graphs": self.cuda_graphs,
                 "max_model_len": self.max_model_len,
                 "requests": {
                     "total": m.requests,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from ultrakv.node.attention.base import AttentionMetadata
+from ultrakv.node.cuda_graphs import CudaGraphDecoder
 from ultrakv.node.sampler import SamplingTensors, sample
 from ultrakv.node.scheduler import ScheduledSeq
 
@@ -23,17 +24,22 @@ class ModelRunner:
         kv_caches: list[torch.Tensor],
         block_size: int,
         device: torch.device,
+        graphs: CudaGraphDecoder | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.graphs = graphs
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
         """Run one step; returns the sampled token for each scheduled item (None: mid-prefill)."""
         input_ids, positions, meta = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         rows = [i for i, item in enumerate(scheduled) if item.samples]
         if not rows:
             return [None] * len(scheduled)
@@ -45,9 +51,7 @@ class ModelRunner:
             out[row] = int(tok)
         return out
 
-    def prepare(
-        self, scheduled: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
         starts = [item.seq.num_computed_tokens for item in scheduled]
         lens = [item.num_new_tokens for item in scheduled]
@@ -55,10 +59,7 @@ class ModelRunner:
         for item, start, n in zip(scheduled, starts, lens, strict=True):
             tokens.extend(item.seq.token_ids[start : start + n])
         max_blocks = max(len(item.seq.block_table) for item in scheduled)
-        table = [
-            item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))
-            for item in scheduled
-        ]
+        table = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in scheduled]
 
         starts_t = torch.tensor(starts, dtype=torch.int64)
         lens_t = torch.tensor(lens, dtype=torch.int64)
@@ -89,11 +90,7 @@ class ModelRunner:
             temperature=torch.tensor(
                 [float(i.seq.sampling.temperature) for i in items], dtype=torch.float32, device=dev
             ),
-            top_k=torch.tensor(
-                [i.seq.sampling.top_k for i in items], dtype=torch.int64, device=dev
-            ),
-            top_p=torch.tensor(
-                [float(i.seq.sampling.top_p) for i in items], dtype=torch.float32, device=dev
-            ),
+            top_k=torch.tensor([i.seq.sampling.top_k for i in items], dtype=torch.int64, device=dev),
+            top_p=torch.tensor([float(i.seq.sampling.top_p) for i in items], dtype=torch.float32, device=dev),
             generators=[i.seq.generator for i in items],
         )

@@ -60,6 +60,9 @@ class AttentionBackend(ABC):
     """Writes new K/V into the paged cache, then attends each new query over its context."""
 
     name: str = "abstract"
+    # True when a decode-only forward launches with shapes fixed by the padded batch and no
+    # host syncs, so the runner may capture it in a CUDA graph.
+    supports_cuda_graphs: bool = False
 
     @abstractmethod
     def forward(
