@@ -138,7 +138,7 @@ def sweep(log) -> dict[int, tuple[DecodeConfig, PrefillConfig]]:
     for model, (heads, kv_heads, head_dim) in SHAPES.items():
         dec_ws = [Workload(b, 2048, 1, heads, kv_heads, head_dim) for b in (1, 64)]
         pre_w = Workload(4, 2048, 2048, heads, kv_heads, head_dim)
-        base = TritonPagedBackend()
+        base = TritonPagedBackend(DecodeConfig(), PrefillConfig())
         dec_ref = [base.decode(w.q, w.kv_cache, w.metas[0], w.scale) for w in dec_ws]
         pre_ref = base.prefill(pre_w.q, pre_w.kv_cache, pre_w.metas[0], pre_w.scale)
         scores = []
@@ -239,7 +239,8 @@ def main() -> None:
         "configs": {}, "decode": [], "prefill": [],
     }
     for model, (heads, kv_heads, head_dim) in SHAPES.items():
-        dec_cfg, pre_cfg = configs.get(head_dim, (DecodeConfig(), PrefillConfig()))
+        dec_cfg, pre_cfg = configs.get(
+            head_dim, (DecodeConfig.for_head_dim(head_dim), PrefillConfig.for_head_dim(head_dim)))
         result["configs"][model] = {"decode": asdict(dec_cfg), "prefill": asdict(pre_cfg)}
         backend = TritonPagedBackend(dec_cfg, pre_cfg)
         for batch in BATCHES:

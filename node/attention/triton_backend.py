@@ -48,6 +48,11 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> DecodeConfig:
+        """Fastest measured shape (H100, bf16; benchmarks/bench_attention.py --sweep)."""
+        return cls(block_n=32) if head_dim <= 64 else cls(block_n=64)
+
 
 @dataclass(frozen=True)
 class PrefillConfig:
@@ -57,6 +62,13 @@ class PrefillConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> PrefillConfig:
+        """Fastest measured shape (H100, bf16; benchmarks/bench_attention.py --sweep)."""
+        if head_dim <= 64:
+            return cls()
+        return cls(block_m=128, block_n=32, num_warps=4, num_stages=3)
 
 
 def triton_available() -> bool:
@@ -114,8 +126,9 @@ class TritonPagedBackend(AttentionBackend):
     def __init__(
         self, decode_config: DecodeConfig | None = None, prefill_config: PrefillConfig | None = None
     ) -> None:
-        self.decode_config = decode_config or DecodeConfig()
-        self.prefill_config = prefill_config or PrefillConfig()
+        """Fixed launch shapes if given; otherwise the tuned shape for each call's head_dim."""
+        self.decode_config = decode_config
+        self.prefill_config = prefill_config
 
     def forward(
         self,
@@ -187,7 +200,7 @@ class TritonPagedBackend(AttentionBackend):
         _, num_heads, head_dim = q.shape
         num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
         group = num_heads // num_kv_heads
-        cfg = self.decode_config
+        cfg = self.decode_config or DecodeConfig.for_head_dim(head_dim)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         if num_seqs == 0:
             return out
@@ -244,7 +257,7 @@ class TritonPagedBackend(AttentionBackend):
         num_seqs = meta.seq_lens.shape[0]
         if num_seqs == 0 or q.shape[0] == 0:
             return out
-        cfg = self.prefill_config
+        cfg = self.prefill_config or PrefillConfig.for_head_dim(head_dim)
         num_m_tiles = math.ceil(meta.max_query_len / cfg.block_m)
         _kernels()["prefill"][(num_seqs, num_heads, num_m_tiles)](
             q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
