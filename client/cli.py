@@ -1,0 +1,281 @@
+"""The ``ultrakv`` command line: run servers, talk to them, write config files.
+
+    ultrakv serve [--config FILE] [--model tiny|PATH] [--port 50051]
+    ultrakv node --model tiny|PATH --port P --device auto|cpu|cuda:N
+    ultrakv test --text "Hello" --max-length 50 [--session ID]
+    ultrakv stats | health | clear-cache | sessions cleanup --max-age S
+    ultrakv batch IN.jsonl OUT.jsonl [--concurrency N]
+    ultrakv monitor --dashboard [--interval S]
+    ultrakv config --generate [--preset NAME] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from ultrakv.client.client import DEFAULT_ADDRESS, Client, RequestError, TLSConfig
+from ultrakv.client.config_file import PRESETS, NodeConfig, generate_config, load_config
+
+log = logging.getLogger("ultrakv.cli")
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
+    config = load_config(args.config) if args.config else NodeConfig()
+    engine = {"model": args.model, "device": args.device, "num_blocks": args.num_blocks}
+    if not args.config and args.device is None:
+        engine["device"] = default_device
+    server = {"host": args.host, "port": args.port, "node_id": args.node_id}
+    return config.with_overrides(engine, server)
+
+
+def _run_node(config: NodeConfig) -> int:
+    from ultrakv.node.engine import Engine
+    from ultrakv.node.server import NodeServer, serve_until_signalled
+
+    log.info("loading model %s on %s", config.engine.model, config.engine.device)
+    engine = Engine(config.engine)
+    try:
+        server = NodeServer(engine, config.server)
+        asyncio.run(serve_until_signalled(server))
+    finally:
+        engine.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.nodes != 1:
+        raise SystemExit("serve --nodes must be 1 until the cluster lands, "
+                         f"got {args.nodes}")
+    return _run_node(_node_config(args, default_device="cpu"))
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    return _run_node(_node_config(args, default_device="auto"))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if not args.generate:
+        raise SystemExit("config: nothing to do (use --generate)")
+    text = generate_config(args.preset)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.output} (preset {args.preset})")
+    return 0
+
+
+# --- client commands -------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert,
+                        client_key=args.tls_key, server_name=args.tls_server_name)
+    return Client(args.address, api_key=args.api_key, tls=tls, timeout=args.timeout)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    spec = {"text": args.text, "max_length": args.max_length, "temperature": args.temperature,
+            "session_id": args.session}
+    out = Console(highlight=False)
+    with _client(args) as client:
+        for chunk in client.stream(spec):
+            if chunk.text:
+                out.print(chunk.text, end="", markup=False)
+            if chunk.finished:
+                r = chunk.result
+                out.print()
+                out.print(f"[dim]{r['usage']['completion_tokens']} tokens "
+                          f"({r['finish_reason']}), ttft {r['ttft'] * 1000:.1f} ms, "
+                          f"latency {r['latency'] * 1000:.1f} ms, cached {r['cached_tokens']}"
+                          f"{', session ' + r['session_id'] if r['session_id'] else ''}"
+                          f", node {r['node']}[/dim]")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    table = Table(title=f"ultrakv @ {args.address}")
+    for column in ("node", "address", "pid", "model", "sessions", "requests", "tokens out",
+                   "cache hit", "blocks used", "queue", "TTFT p50 ms"):
+        table.add_column(column, justify="left" if column in ("node", "address", "model")
+                         else "right")
+    for n in stats["nodes"]:
+        table.add_row(n["node_id"], n["address"], str(n["pid"]), n["model"], str(n["sessions"]),
+                      str(n["requests_total"]), str(n["completion_tokens"]),
+                      f"{n['cache']['hit_rate']:.1%}",
+                      f"{n['cache']['blocks_used']}/{n['cache']['blocks_total']}",
+                      str(n["queue_depth"]), f"{n['latency']['ttft_p50_ms']:.1f}")
+    Console().print(table)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health()
+    print(f"{status['address']}: {status['status']}"
+          + (f" ({status['error']})" if status.get("error") else ""))
+    return 0 if status["healthy"] else 1
+
+
+def cmd_clear_cache(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(f"freed {client.clear_cache()['blocks_freed']} cached blocks")
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(f"removed {client.cleanup_sessions(args.max_age)['removed']} sessions")
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    with open(args.input, encoding="utf-8") as f:
+        specs = [json.loads(line) for line in f if line.strip()]
+    with _client(args) as client, tqdm(total=len(specs), unit="req") as bar:
+        results = client.process_batch(specs, concurrency=args.concurrency,
+                                       on_progress=bar.update)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    failed = sum(not r["success"] for r in results)
+    print(f"{len(results) - failed} succeeded, {failed} failed -> {args.output}")
+    return 0 if failed == 0 else 1
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from ultrakv.client.dashboard import run_dashboard
+
+    if not args.dashboard:
+        raise SystemExit("monitor: nothing to do (use --dashboard)")
+    with _client(args) as client:
+        run_dashboard(client.stats, args.address, args.interval, args.iterations)
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("--address", default=os.environ.get("ULTRAKV_ADDRESS", DEFAULT_ADDRESS),
+                   help="server HOST:PORT (env ULTRAKV_ADDRESS)")
+    g.add_argument("--api-key", default=os.environ.get("ULTRAKV_API_KEY"),
+                   help="sent as x-api-key (env ULTRAKV_API_KEY)")
+    g.add_argument("--timeout", type=float, default=60.0, help="per-call deadline, seconds")
+    g.add_argument("--tls", action="store_true", help="use TLS with the system roots")
+    g.add_argument("--tls-ca", help="PEM file of the CA to trust")
+    g.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    g.add_argument("--tls-key", help="client key (PEM) for mutual TLS")
+    g.add_argument("--tls-server-name", help="name to check the server certificate against")
+    return p
+
+
+def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
+    p.add_argument("--config", help="YAML written by `ultrakv config --generate`")
+    p.add_argument("--model", help="tiny|llama-1b|llama-8b or a Hugging Face checkpoint dir")
+    p.add_argument("--device", help="auto, cpu or cuda:N")
+    p.add_argument("--host", help="listen address (default from config, 0.0.0.0)")
+    p.add_argument("--port", type=int, help=f"gRPC port (default {port_default})")
+    p.add_argument("--node-id", help="this node's name (default generated)")
+    p.add_argument("--num-blocks", type=int, help="KV pool size in blocks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ultrakv", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    conn = _connection_options()
+
+    p = sub.add_parser("serve", help="run ultrakv on this machine (one node, client API)")
+    _server_options(p, "50051")
+    p.add_argument("--nodes", type=int, default=1, help="nodes to start (1 until the cluster)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("node", help="run one node server")
+    _server_options(p, "50051")
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("test", parents=[conn], help="stream one request to the terminal")
+    p.add_argument("--text", required=True)
+    p.add_argument("--max-length", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--session", help="session id to continue")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("stats", parents=[conn], help="per-node figures as a table")
+    p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("health", parents=[conn], help="gRPC health; exit 1 unless SERVING")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("clear-cache", parents=[conn], help="drop cached blocks not in use")
+    p.set_defaults(func=cmd_clear_cache)
+
+    p = sub.add_parser("sessions", help="session maintenance")
+    sessions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = sessions.add_parser("cleanup", parents=[conn], help="remove idle sessions")
+    c.add_argument("--max-age", type=float, required=True, help="idle seconds")
+    c.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("batch", parents=[conn], help="run a JSONL file of requests")
+    p.add_argument("input", help="JSONL, one request dict a line")
+    p.add_argument("output", help="JSONL results, in input order")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("monitor", parents=[conn], help="live dashboard")
+    p.add_argument("--dashboard", action="store_true")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--iterations", type=int, help="stop after this many refreshes")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("config", help="write a commented config file")
+    p.add_argument("--generate", action="store_true")
+    p.add_argument("--preset", choices=PRESETS, default="development")
+    p.add_argument("--output", default="ultrakv.yaml", help="file to write ('-' = stdout)")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ultrakv`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except RequestError as exc:
+        print(f"error: {exc}" + (f" (field {exc.field})" if exc.field else ""), file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

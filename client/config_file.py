@@ -1,0 +1,159 @@
+"""The YAML config file that ``ultrakv serve`` / ``ultrakv node`` read (``--config``) and
+``ultrakv config --generate [--preset NAME]`` writes, with a comment on every key.
+
+Sections: ``server`` (ServerSettings), ``limits`` (edge Limits) and ``engine``
+(EngineConfig). A preset (client/presets/NAME.yaml) overrides some keys of the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ultrakv.node.config import EngineConfig
+from ultrakv.node.server import ServerSettings
+from ultrakv.node.validation import Limits
+
+PRESETS = ("development", "production", "high_performance", "memory_efficient",
+           "bulk_processing")
+
+HELP: dict[str, dict[str, str]] = {
+    "server": {
+        "host": "address to listen on (0.0.0.0 = every interface)",
+        "port": "gRPC port",
+        "node_id": "this node's name in results and stats (empty = generated)",
+        "grace_period_s": "on shutdown, seconds running requests get to finish",
+        "max_message_bytes": "largest gRPC message accepted or sent",
+        "stream_flush_interval_s": "token chunks of a stream are coalesced over this interval",
+        "tls_cert": "PEM certificate chain; with tls_key, the server speaks TLS",
+        "tls_key": "PEM private key",
+    },
+    "limits": {
+        "default_max_length": "new tokens when a request sets no max_length",
+        "max_prompt_bytes": "larger text prompts are refused (RESOURCE_EXHAUSTED)",
+        "max_prompt_token_ids": "larger token-id prompts are refused (RESOURCE_EXHAUSTED)",
+        "max_stop_sequences": "stop strings per request",
+        "max_batch_size": "requests per ProcessBatch call",
+        "max_batch_concurrency": "requests of one batch in flight at once, at most",
+    },
+    "engine": {
+        "model": "preset (tiny, llama-1b, llama-8b) or a local Hugging Face checkpoint dir",
+        "device": "auto, cpu or cuda:N",
+        "dtype": "auto (the checkpoint's), float32, float16 or bfloat16",
+        "seed": "seed of synthetic weights and of sampling without a per-request seed",
+        "block_size": "tokens per KV block",
+        "num_blocks": "KV pool size in blocks (null = sized from memory)",
+        "kv_memory_fraction": "share of free GPU memory the KV pool takes",
+        "cpu_kv_cache_bytes": "KV pool size on CPU",
+        "max_model_len": "context length (null = the model's)",
+        "max_num_seqs": "sequences in the running batch, at most",
+        "max_num_batched_tokens": "tokens per engine step (prefill chunks + decodes)",
+        "max_tokens_limit": "largest max_length a request may ask for",
+        "enable_prefix_caching": "share KV blocks between equal prefixes",
+        "enable_chunked_prefill": "split long prompts across steps",
+        "eviction_policy": "which cached blocks go first: lru, lfu, fifo or arc",
+        "attention_backend": "auto, torch or triton",
+        "use_cuda_graphs": "replay CUDA graphs for decode",
+        "priority_aging_s": "waiting requests gain one priority level per this many seconds",
+        "session_ttl_s": "idle sessions older than this are removed",
+        "max_sessions": "sessions held at most (the least recently used go first)",
+    },
+}
+# Limits.max_tokens_limit is not a key of its own: it follows engine.max_tokens_limit.
+_SECTIONS = {"server": ServerSettings, "limits": Limits, "engine": EngineConfig}
+_NOT_KEYS = {"server": {"limits"}, "limits": {"max_tokens_limit"}, "engine": set()}
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node process needs: how to serve and what engine to run."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeConfig:
+        """Build from a parsed config file; unknown sections or keys are errors."""
+        data = dict(data or {})
+        data.pop("description", None)
+        unknown = set(data) - set(_SECTIONS)
+        if unknown:
+            raise ValueError(f"config sections must be among {sorted(_SECTIONS)}, "
+                             f"got {sorted(unknown)}")
+        values = {}
+        for name in _SECTIONS:
+            section = data.get(name) or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"config section {name} must be a mapping, got {section!r}")
+            allowed = _keys(name)
+            bad = set(section) - set(allowed)
+            if bad:
+                raise ValueError(f"{name}.{sorted(bad)[0]} is not a config key "
+                                 f"(known: {', '.join(allowed)})")
+            values[name] = section
+        engine = EngineConfig(**values["engine"])
+        limits = Limits(**values["limits"], max_tokens_limit=engine.max_tokens_limit)
+        return cls(engine=engine, server=ServerSettings(**values["server"], limits=limits))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        objects = {"server": self.server, "limits": self.server.limits, "engine": self.engine}
+        return {name: {k: getattr(obj, k) for k in _keys(name)} for name, obj in objects.items()}
+
+    def with_overrides(self, engine: dict[str, Any], server: dict[str, Any]) -> NodeConfig:
+        """Command-line flags over the file: only the values that were given (not None)."""
+        engine = {k: v for k, v in engine.items() if v is not None}
+        server = {k: v for k, v in server.items() if v is not None}
+        new_engine = replace(self.engine, **engine)
+        limits = replace(self.server.limits, max_tokens_limit=new_engine.max_tokens_limit)
+        return NodeConfig(new_engine, replace(self.server, **server, limits=limits))
+
+
+def _keys(section: str) -> list[str]:
+    return [f.name for f in fields(_SECTIONS[section]) if f.name not in _NOT_KEYS[section]]
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read a config file written by :func:`render_config` (or by hand)."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    try:
+        return NodeConfig.from_dict(data or {})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def load_preset(name: str) -> tuple[NodeConfig, str]:
+    """A preset's config and its description."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    text = (resources.files("ultrakv.client") / "presets" / f"{name}.yaml").read_text("utf-8")
+    data = yaml.safe_load(text)
+    return NodeConfig.from_dict(data), str(data.get("description", ""))
+
+
+def render_config(config: NodeConfig, title: str = "") -> str:
+    """The config as commented YAML that :func:`load_config` reads back."""
+    lines = ["# ultrakv node configuration" + (f" - {title}" if title else ""),
+             "# Read by `ultrakv serve --config FILE` and `ultrakv node --config FILE`;",
+             "# command-line flags override these values.", ""]
+    for section, values in config.to_dict().items():
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            help_text = HELP[section].get(key)
+            if help_text:
+                lines.append(f"  # {help_text}")
+            dumped = yaml.safe_dump({key: value}, default_flow_style=True, width=1000).strip()
+            lines.append("  " + dumped.removeprefix("{").removesuffix("}"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def generate_config(preset: str = "development") -> str:
+    """The text of ``ultrakv config --generate --preset NAME``."""
+    config, description = load_preset(preset)
+    return render_config(config, f"preset {preset}: {description}")

@@ -1,0 +1,140 @@
+"""The ``ultrakv`` command line, config files and the dashboard figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from ultrakv.client import Client
+from ultrakv.client.cli import main
+from ultrakv.client.config_file import PRESETS, load_config, load_preset
+from ultrakv.client.dashboard import figures, render
+from ultrakv.node import Engine, EngineConfig
+from ultrakv.node.server import BackgroundServer
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=128))
+    with BackgroundServer(engine) as srv:
+        yield srv
+    engine.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_generated_config_reads_back_as_the_preset(tmp_path, preset):
+    path = tmp_path / "ultrakv.yaml"
+    assert main(["config", "--generate", "--preset", preset, "--output", str(path)]) == 0
+    text = path.read_text()
+    assert f"preset {preset}" in text.splitlines()[0]
+    assert "  # share KV blocks between equal prefixes\n" in text  # commented keys
+    assert load_config(path) == load_preset(preset)[0]
+
+
+def test_presets_differ_where_they_should():
+    dev, prod = load_preset("development")[0], load_preset("production")[0]
+    bulk = load_preset("bulk_processing")[0]
+    assert (dev.engine.model, dev.engine.device, dev.server.host) == ("tiny", "cpu", "127.0.0.1")
+    assert prod.server.grace_period_s > dev.server.grace_period_s
+    assert bulk.server.limits.max_batch_size > prod.server.limits.max_batch_size
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  modle: tiny\n")
+    with pytest.raises(ValueError, match="engine.modle is not a config key"):
+        load_config(bad)
+    bad.write_text("engine:\n  max_num_seqs: 0\n")
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        load_config(bad)
+    assert main(["serve", "--config", str(bad)]) == 2
+
+
+def test_cli_client_commands(server, tmp_path, capsys):
+    addr = ["--address", server.address]
+    assert main(["test", *addr, "--text", "Hello", "--max-length", "8", "--session",
+                 "cli-s1"]) == 0
+    out = capsys.readouterr().out
+    assert "8 tokens (length)" in out and "session cli-s1" in out
+    assert main(["health", *addr]) == 0
+    assert f"{server.address}: SERVING" in capsys.readouterr().out
+    assert main(["stats", *addr, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["nodes"][0]["sessions"] >= 1
+    assert main(["stats", *addr]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["sessions", "cleanup", "--max-age", "0", *addr]) == 0
+    assert "removed 1 sessions" in capsys.readouterr().out
+    assert main(["clear-cache", *addr]) == 0
+    assert "cached blocks" in capsys.readouterr().out
+    assert main(["monitor", "--dashboard", "--iterations", "2", "--interval", "0.05",
+                 *addr]) == 0
+
+
+def test_cli_batch_writes_results_in_order(server, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [{"text": f"line {i}", "max_length": 4, "temperature": 0} for i in range(5)]
+    rows.insert(2, {"text": "bad", "max_length": 0})
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["batch", str(src), str(dst), "--address", server.address]) == 1  # one failed
+    results = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["success"] for r in results] == [True, True, False, True, True, True]
+    assert results[2]["error_field"] == "sampling.max_length"
+
+
+def test_health_of_a_dead_address_exits_1(capsys):
+    assert main(["health", "--address", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
+    assert "UNREACHABLE" in capsys.readouterr().out
+
+
+def test_serve_starts_logs_and_stops_cleanly_on_ctrl_c(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "serve", "--port",
+                             str(port), "--num-blocks", "64"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=5) as c:
+            deadline = time.monotonic() + 60
+            while not c.health()["healthy"]:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            assert c.process_request({"text": "hi", "max_length": 3})["success"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert "loading model tiny on cpu" in log
+    assert f"serving tiny on 127.0.0.1:{port}" in log
+    assert "stopped" in log and "Traceback" not in log
+
+
+def test_dashboard_figures_from_two_snapshots():
+    def snap(requests: int, tokens: int) -> dict:
+        return {"nodes": [{
+            "node_id": "n1", "address": "a:1", "requests_total": requests,
+            "completion_tokens": tokens, "queue_depth": 2, "running": 3, "sessions": 4,
+            "latency": {"ttft_p50_ms": 1.0, "ttft_p95_ms": 2.0, "ttft_p99_ms": 3.0,
+                        "tpot_p50_ms": 0.5, "tpot_p95_ms": 0.6, "tpot_p99_ms": 0.7},
+            "cache": {"hit_rate": 0.25, "blocks_used": 10, "blocks_total": 100}}]}
+
+    first = figures(None, snap(10, 100), 0.0)[0]
+    assert (first.requests_per_s, first.tokens_per_s) == (0.0, 0.0)
+    row = figures(snap(10, 100), snap(30, 500), 2.0)[0]
+    assert (row.requests_per_s, row.tokens_per_s) == (10.0, 200.0)
+    assert row.ttft_ms == (1.0, 2.0, 3.0) and row.cache_hit_rate == 0.25
+    assert render([row, row], "a:1").row_count == 3  # two nodes and the total
