@@ -1,0 +1,113 @@
+"""Client transport behaviour: retries on UNAVAILABLE, API key metadata, TLS."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+from ultrakv.client import AsyncClient, Client, RetryPolicy, TLSConfig
+from ultrakv.node import Engine, EngineConfig
+from ultrakv.node.server import BackgroundServer, ServerSettings
+
+FAST_RETRY = RetryPolicy(attempts=10, initial_s=0.05, max_s=0.5, jitter_s=0.05)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64))
+    yield eng
+    eng.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(port: int = 0, **kw) -> ServerSettings:
+    return ServerSettings(host="127.0.0.1", port=port, grace_period_s=0.2, **kw)
+
+
+def test_retries_until_the_server_comes_up(engine):
+    port = free_port()
+    servers = []
+
+    def start_late():
+        time.sleep(0.6)
+        servers.append(BackgroundServer(engine, settings(port)).start())
+
+    starter = threading.Thread(target=start_late)
+    starter.start()
+    try:
+        with Client(f"127.0.0.1:{port}", retry=FAST_RETRY, timeout=10) as c:
+            started = time.monotonic()
+            r = c.process_request({"text": "hi", "max_length": 2})
+            assert r["success"], r
+            assert time.monotonic() - started >= 0.5  # it did wait for the server
+    finally:
+        starter.join()
+        for s in servers:
+            s.stop()
+
+
+def test_retries_are_bounded():
+    policy = RetryPolicy(attempts=3, initial_s=0.05, max_s=0.1, jitter_s=0.0)
+    with Client(f"127.0.0.1:{free_port()}", retry=policy, timeout=2) as c:
+        started = time.monotonic()
+        r = c.process_request({"text": "hi"})
+        elapsed = time.monotonic() - started
+    assert not r["success"] and r["error_code"] == "UNAVAILABLE"
+    assert 0.1 <= elapsed < 5  # two backoff waits (0.05 + 0.1), then give up
+
+
+async def test_async_client_retries_are_bounded():
+    policy = RetryPolicy(attempts=2, initial_s=0.05, max_s=0.05, jitter_s=0.0)
+    async with AsyncClient(f"127.0.0.1:{free_port()}", retry=policy, timeout=2) as c:
+        r = await c.process_request({"text": "hi"})
+        health = await c.health()
+    assert r["error_code"] == "UNAVAILABLE" and health["status"] == "UNREACHABLE"
+
+
+class RecordMetadata(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    async def intercept_service(self, continuation, details):
+        self.seen.append(dict(details.invocation_metadata or ()))
+        return await continuation(details)
+
+
+def test_api_key_travels_as_metadata(engine):
+    recorder = RecordMetadata()
+    with BackgroundServer(engine, settings(), interceptors=(recorder,)) as srv:
+        with Client(srv.address, api_key="k-123") as c:
+            assert c.process_request({"text": "hi", "max_length": 2})["success"]
+            list(c.stream({"text": "hi", "max_length": 2}))
+            c.stats()
+        with Client(srv.address) as c:
+            c.stats()
+    keys = [m.get("x-api-key") for m in recorder.seen]
+    assert keys == ["k-123", "k-123", "k-123", None]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a cert")
+def test_tls_end_to_end(engine, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=ultrakv.test", "-addext",
+                    "subjectAltName=DNS:ultrakv.test"], check=True, capture_output=True)
+    with BackgroundServer(engine, settings(tls_cert=str(cert), tls_key=str(key))) as srv:
+        tls = TLSConfig(ca_cert=str(cert), server_name="ultrakv.test")
+        with Client(srv.address, tls=tls) as c:
+            assert c.process_request({"text": "secure", "max_length": 2})["success"]
+            assert c.health()["healthy"]
+        no_retry = RetryPolicy(attempts=1)
+        with Client(srv.address, retry=no_retry, timeout=2) as plain:
+            assert not plain.process_request({"text": "x"})["success"]
