@@ -122,6 +122,7 @@ class TritonPagedBackend(AttentionBackend):
     """Paged attention through Triton kernels (CUDA only; bf16, fp16 and fp32)."""
 
     name = "triton"
+    supports_cuda_graphs = True  # decode: device-side -1 skips, grid from shapes + max_seq_len
 
     def __init__(
         self, decode_config: DecodeConfig | None = None, prefill_config: PrefillConfig | None = None
