@@ -321,11 +321,12 @@ def main() -> None:
     bw = copy_bandwidth_gbs(torch.device(device))
     log(f"copy bandwidth {bw:.0f} GB/s")
     results = {"copy_bandwidth_gbs": bw, "models": {}}
+    gpu = machine().get("gpu", "cpu").replace(" ", "_").replace("/", "_")
+    name = args.out or f"gpu_{gpu}{'_smoke' if args.smoke else ''}.json"
     for i, model in enumerate(models):
         n = 40 if args.smoke else args.bulk_requests[min(i, len(args.bulk_requests) - 1)]
         results["models"][model] = run_model(model, device, args.smoke, n, bw)
-    gpu = machine().get("gpu", "cpu").replace(" ", "_").replace("/", "_")
-    write(args.out or f"gpu_{gpu}{'_smoke' if args.smoke else ''}.json", results)
+        write(name, results)  # after each model, so a cut-off run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def summary(values: list[float]) -> dict:
 
 
 def write(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    out_dir = Path(os.environ.get("ULTRAKV_RESULTS_DIR", RESULTS))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
     payload = {"benchmark": name.removesuffix(".json"), "date": time.strftime("%Y-%m-%d"), "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")

@@ -101,3 +101,17 @@ def test_session_continuation_equals_whole_history(checkpoint):
         history = history + turn + out.token_ids
     info = engine.get_session("chat-1")
     assert info.turns == 3 and info.num_tokens == len(history)
+
+
+@pytest.mark.gpu
+def test_greedy_parity_on_cuda_with_gpu_kernels_and_graphs(checkpoint):
+    """The engine on CUDA (auto backend: Triton kernels, CUDA graphs for decode) against
+    transformers on the CPU, float32: the chunked batch and then prefix hits."""
+    path, hf = checkpoint
+    engine = _engine(path, device="cuda")
+    assert engine.attention_backend == "triton" and engine.cuda_graphs
+    prompts = _prompts(8, LENGTHS)
+    _check_all(engine, hf, prompts)
+    extended = [p + q for p, q in zip(prompts, _prompts(9, [20] * len(prompts)), strict=True)]
+    outs = _check_all(engine, hf, extended)
+    assert sum(o.cached_tokens for o in outs) > 0
