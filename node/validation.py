@@ -68,6 +68,13 @@ class RequestRejected(Exception):
         self.message = message
         self.retry_after_s = retry_after_s
 
+    @classmethod
+    def from_detail(cls, detail: pb.ErrorDetail) -> RequestRejected:
+        """The inverse of :meth:`to_detail`: a node's per-request error, re-raised at the
+        coordinator so it reaches the client unchanged."""
+        code = getattr(grpc.StatusCode, detail.code, grpc.StatusCode.UNKNOWN)
+        return cls(code, detail.field, detail.message, detail.retry_after_s)
+
     def to_detail(self) -> pb.ErrorDetail:
         """The per-request error message used on streams and in batches."""
         return pb.ErrorDetail(code=self.code.name, message=self.message, field=self.field,

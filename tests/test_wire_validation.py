@@ -78,6 +78,8 @@ def test_engine_errors_map_to_statuses():
     assert rejection_from_error(SessionNotFoundError("s")).code == grpc.StatusCode.NOT_FOUND
     r = rejection_from_error(ValueError("top_k must be >= 0, got -1"))
     assert (r.code, r.field) == (grpc.StatusCode.INVALID_ARGUMENT, "top_k")
+    back = RequestRejected.from_detail(r.to_detail())
+    assert (back.code, back.field, back.message) == (r.code, r.field, r.message)
 
 
 def test_tolerant_deserializer_names_the_bad_field():
