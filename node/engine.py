@@ -26,8 +26,13 @@ from collections.abc import AsyncIterator, Callable
 import torch
 from ultrakv.node.attention import get_backend
 from ultrakv.node.config import EngineConfig
-from ultrakv.node.cuda_graphs import CudaGraphDecoder
-from ultrakv.node.errors import EngineError, InvalidRequestError, PromptTooLongError, QueueFullError
+from ultrakv.node.cuda_graphs import CudaGraphRunner
+from ultrakv.node.errors import (
+    IncompatibleSessionError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+)
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.hashing import hash_token_blocks
 from ultrakv.node.model.loader import load_model
@@ -48,10 +53,6 @@ log = logging.getLogger("ultrakv.node.engine")
 
 Listener = Callable[[StreamDelta], None]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class IncompatibleSessionError(EngineError):
-    """An imported session's KV was computed by another model (gRPC FAILED_PRECONDITION)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -110,10 +111,25 @@ class Engine:
         self.max_model_len = min(limit, self.num_blocks * bs)
         graphs = None
         if self.device.type == "cuda" and config.use_cuda_graphs and attn.supports_cuda_graphs:
-            graphs = CudaGraphDecoder(
-                self.model, self.kv_caches, bs, self.device, config.max_num_seqs, self.max_model_len, mc.hidden_size
+            graphs = CudaGraphRunner(
+                self.model,
+                self.kv_caches,
+                bs,
+                self.device,
+                config.max_num_seqs,
+                self.max_model_len,
+                max_prefill_tokens=min(512, config.max_num_batched_tokens),
             )
-        self.runner = ModelRunner(self.model, self.kv_caches, bs, self.device, graphs)
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_caches,
+            bs,
+            self.device,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            graphs=graphs,
+        )
         self.cuda_graphs = graphs is not None
         self.max_waiting = 16 * config.max_num_seqs
 

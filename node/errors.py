@@ -36,3 +36,7 @@ class SessionNotFoundError(EngineError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message again
         return self.args[0]
+
+
+class IncompatibleSessionError(EngineError):
+    """An imported session was computed by another model (gRPC FAILED_PRECONDITION)."""

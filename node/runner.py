@@ -1,16 +1,20 @@
 """Turns a scheduled step into flat tensors, runs the model, and samples.
 
-The batch is built with a handful of tensor ops (no per-token Python loops): positions and
-cache slots come from each sequence's computed count and block table by repeat_interleave
-and a gather. Only the last position of each sequence whose chunk reaches its end is turned
-into logits and sampled.
+The batch is built on the host with a handful of tensor ops (no per-token Python loops):
+positions and cache slots come from each sequence's computed count and block table by
+repeat_interleave and a gather. Everything the device needs goes over in two copies from
+pinned staging buffers (one int64, one int32), so a step costs two transfers, not one per
+tensor. Only the last position of each sequence whose chunk reaches its end becomes logits;
+an all-greedy batch samples with one argmax and no other host-device round trip.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from ultrakv.node.attention.base import AttentionMetadata
-from ultrakv.node.cuda_graphs import CudaGraphDecoder
+from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.sampler import SamplingTensors, sample
 from ultrakv.node.scheduler import ScheduledSeq
 
@@ -24,73 +28,116 @@ class ModelRunner:
         kv_caches: list[torch.Tensor],
         block_size: int,
         device: torch.device,
-        graphs: CudaGraphDecoder | None = None,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        graphs: CudaGraphRunner | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.graphs = graphs
+        pin = device.type == "cuda"
+        self._max_blocks = math.ceil(max_model_len / block_size)
+        # int64: input ids, positions, slots (T each) and the rows to sample (<= B)
+        self._stage64 = torch.empty(3 * max_num_batched_tokens + max_num_seqs, dtype=torch.int64, pin_memory=pin)
+        # int32: query_start_loc (B+1), seq_lens (B), block tables (B x max blocks)
+        self._stage32 = torch.empty(
+            2 * max_num_seqs + 1 + max_num_seqs * self._max_blocks, dtype=torch.int32, pin_memory=pin
+        )
+        # The staging buffers are reused; a step must not overwrite them while the previous
+        # step's copies may still be in flight (a step that samples nothing never syncs).
+        self._copied = torch.cuda.Event() if pin else None
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
         """Run one step; returns the sampled token for each scheduled item (None: mid-prefill)."""
-        input_ids, positions, meta = self.prepare(scheduled)
+        rows = [i for i, item in enumerate(scheduled) if item.samples]
+        input_ids, positions, meta, last = self.prepare(scheduled, rows)
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        rows = [i for i, item in enumerate(scheduled) if item.samples]
         if not rows:
             return [None] * len(scheduled)
-        last = (meta.query_start_loc[1:] - 1).long()[torch.tensor(rows, device=self.device)]
-        logits = self.model.compute_logits(hidden[last])
-        tokens = sample(logits, self._sampling_tensors([scheduled[i] for i in rows])).tolist()
+        # Decode steps sample every row, and row i is token i: no gather needed.
+        selected = hidden if hidden.shape[0] == len(rows) else hidden[last]
+        logits = self.model.compute_logits(selected)
+        items = [scheduled[i] for i in rows]
+        if all(i.seq.sampling.temperature == 0 for i in items):
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = sample(logits, self._sampling_tensors(items)).tolist()
         out: list[int | None] = [None] * len(scheduled)
         for row, tok in zip(rows, tokens, strict=True):
             out[row] = int(tok)
         return out
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, scheduled: list[ScheduledSeq], rows: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flat inputs and metadata on the device, plus the flat index of each sampled row."""
         bs = self.block_size
+        nseq = len(scheduled)
+        rows = rows if rows is not None else [i for i, item in enumerate(scheduled) if item.samples]
         starts = [item.seq.num_computed_tokens for item in scheduled]
         lens = [item.num_new_tokens for item in scheduled]
         tokens: list[int] = []
         for item, start, n in zip(scheduled, starts, lens, strict=True):
             tokens.extend(item.seq.token_ids[start : start + n])
-        max_blocks = max(len(item.seq.block_table) for item in scheduled)
-        table = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in scheduled]
+        num_tokens = len(tokens)
+        width = max(len(item.seq.block_table) for item in scheduled)
 
+        if self._copied is not None:
+            self._copied.synchronize()
+        s64 = self._stage64[: 3 * num_tokens + len(rows)]
+        ids, pos, slots = s64[:num_tokens], s64[num_tokens : 2 * num_tokens], s64[2 * num_tokens : 3 * num_tokens]
+        last = s64[3 * num_tokens :]
+        s32 = self._stage32[: 2 * nseq + 1 + nseq * width]
+        qsl, seq_lens = s32[: nseq + 1], s32[nseq + 1 : 2 * nseq + 1]
+        tables = s32[2 * nseq + 1 :].view(nseq, width)
+
+        ids.copy_(torch.tensor(tokens, dtype=torch.int64))
+        tables.copy_(
+            torch.tensor([item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in scheduled])
+        )
         starts_t = torch.tensor(starts, dtype=torch.int64)
         lens_t = torch.tensor(lens, dtype=torch.int64)
-        block_tables = torch.tensor(table, dtype=torch.int32)
-        qsl = torch.zeros(len(scheduled) + 1, dtype=torch.int32)
+        qsl[0] = 0
         torch.cumsum(lens_t, 0, out=qsl[1:])
-        seq_idx = torch.repeat_interleave(torch.arange(len(scheduled)), lens_t)
-        offset_in_chunk = torch.arange(int(qsl[-1])) - qsl[:-1].long()[seq_idx]
-        positions = starts_t[seq_idx] + offset_in_chunk
-        slots = block_tables[seq_idx, positions // bs].long() * bs + positions % bs
-        seq_lens = (starts_t + lens_t).to(torch.int32)
+        seq_idx = torch.repeat_interleave(torch.arange(nseq), lens_t)
+        torch.add(starts_t[seq_idx], torch.arange(num_tokens) - qsl[:-1].long()[seq_idx], out=pos)
+        torch.add(tables[seq_idx, pos // bs].long() * bs, pos % bs, out=slots)
+        torch.add(starts_t, lens_t, out=seq_lens)
+        if rows:
+            last.copy_(qsl[1:].long()[torch.tensor(rows)] - 1)
 
         dev = self.device
+        d64 = s64.to(dev, non_blocking=True)
+        d32 = s32.to(dev, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         meta = AttentionMetadata(
-            query_start_loc=qsl.to(dev, non_blocking=True),
-            seq_lens=seq_lens.to(dev, non_blocking=True),
-            block_tables=block_tables.to(dev, non_blocking=True),
-            slot_mapping=slots.to(dev, non_blocking=True),
+            query_start_loc=d32[: nseq + 1],
+            seq_lens=d32[nseq + 1 : 2 * nseq + 1],
+            block_tables=d32[2 * nseq + 1 :].view(nseq, width),
+            slot_mapping=d64[2 * num_tokens : 3 * num_tokens],
             max_query_len=max(lens),
-            max_seq_len=int(seq_lens.max()),
+            max_seq_len=max(s + n for s, n in zip(starts, lens, strict=True)),
         )
-        input_ids = torch.tensor(tokens, dtype=torch.int64).to(dev, non_blocking=True)
-        return input_ids, positions.to(dev, non_blocking=True), meta
+        return d64[:num_tokens], d64[num_tokens : 2 * num_tokens], meta, d64[3 * num_tokens :]
 
     def _sampling_tensors(self, items: list[ScheduledSeq]) -> SamplingTensors:
         dev = self.device
+        ks = [i.seq.sampling.top_k for i in items]
+        max_top_k = 0 if not any(ks) else (max(ks) if all(ks) else self.model.config.vocab_size)
         return SamplingTensors(
-            temperature=torch.tensor(
-                [float(i.seq.sampling.temperature) for i in items], dtype=torch.float32, device=dev
-            ),
-            top_k=torch.tensor([i.seq.sampling.top_k for i in items], dtype=torch.int64, device=dev),
-            top_p=torch.tensor([float(i.seq.sampling.top_p) for i in items], dtype=torch.float32, device=dev),
+            temperature=torch.tensor([float(i.seq.sampling.temperature) for i in items], dtype=torch.float32).to(dev),
+            top_k=torch.tensor([i.seq.sampling.top_k for i in items], dtype=torch.int64).to(dev),
+            top_p=torch.tensor([float(i.seq.sampling.top_p) for i in items], dtype=torch.float32).to(dev),
             generators=[i.seq.generator for i in items],
+            max_top_k=max_top_k,
+            any_top_p=any(i.seq.sampling.top_p < 1.0 for i in items),
         )

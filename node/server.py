@@ -28,8 +28,7 @@ import grpc
 from google.protobuf import message_factory, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from ultrakv.node.engine import IncompatibleSessionError
-from ultrakv.node.errors import EngineError, SessionNotFoundError
+from ultrakv.node.errors import EngineError, IncompatibleSessionError, SessionNotFoundError
 from ultrakv.node.outputs import GenerateRequest, RequestOutput, SessionInfo
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.session_transfer import (

@@ -114,6 +114,8 @@ def test_top_p_and_top_k_restrict_the_support():
         top_k=torch.tensor([2] * 1000 + [0] * 1000),
         top_p=torch.tensor([1.0] * 1000 + [0.5] * 1000),
         generators=[None] * 2000,
+        max_top_k=5,
+        any_top_p=True,
     )
     tokens = sample(logits, params)
     assert set(tokens[:1000].tolist()) == {0, 1}  # top-k 2: only the two best
@@ -155,7 +157,7 @@ def test_sessions_export_import_roundtrip_keeps_kv_and_output():
 
 
 def test_import_refuses_kv_from_another_model():
-    from ultrakv.node.engine import IncompatibleSessionError
+    from ultrakv.node.errors import IncompatibleSessionError
 
     a = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=32, seed=0))
     b = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=32, seed=1))
