@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import summary, write  # noqa: E402
-
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 
@@ -45,8 +44,16 @@ def run_batch(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict
 
 def workloads(prefix_caching: bool, seed: int) -> dict:
     def fresh() -> Engine:
-        return Engine(EngineConfig(model="tiny", device="cpu", num_blocks=4096, max_num_seqs=64,
-                                   max_num_batched_tokens=2048, enable_prefix_caching=prefix_caching))
+        return Engine(
+            EngineConfig(
+                model="tiny",
+                device="cpu",
+                num_blocks=4096,
+                max_num_seqs=64,
+                max_num_batched_tokens=2048,
+                enable_prefix_caching=prefix_caching,
+            )
+        )
 
     rng = random.Random(seed)
     out: dict = {}
@@ -66,13 +73,15 @@ def workloads(prefix_caching: bool, seed: int) -> dict:
         sids = [f"s{i}" for i in range(16)]
         t0 = time.perf_counter()
         outs = engine.generate([_tokens(rng, 64) for _ in sids], sp, session_ids=sids)
-        per_turn.append({
-            "turn": turn + 1,
-            "wall_s": time.perf_counter() - t0,
-            "ttft_s": summary([o.ttft_s for o in outs]),
-            "cached_tokens": sum(o.cached_tokens for o in outs),
-            "prompt_tokens": sum(o.prompt_tokens for o in outs),
-        })
+        per_turn.append(
+            {
+                "turn": turn + 1,
+                "wall_s": time.perf_counter() - t0,
+                "ttft_s": summary([o.ttft_s for o in outs]),
+                "cached_tokens": sum(o.cached_tokens for o in outs),
+                "prompt_tokens": sum(o.prompt_tokens for o in outs),
+            }
+        )
     out["multi_turn"] = per_turn
     return out
 
@@ -82,11 +91,16 @@ def main() -> None:
     ap.add_argument("--out", default="engine_cpu_tiny.json")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    results = {"model": "tiny", "device": "cpu",
-               "prefix_cache_on": workloads(True, args.seed), "prefix_cache_off": workloads(False, args.seed)}
+    results = {
+        "model": "tiny",
+        "device": "cpu",
+        "prefix_cache_on": workloads(True, args.seed),
+        "prefix_cache_off": workloads(False, args.seed),
+    }
     on, off = results["prefix_cache_on"], results["prefix_cache_off"]
     results["speedup_with_prefix_cache"] = {
-        "shared_prefix_throughput": on["shared_prefix"]["total_tokens_per_s"] / off["shared_prefix"]["total_tokens_per_s"],
+        "shared_prefix_throughput": on["shared_prefix"]["total_tokens_per_s"]
+        / off["shared_prefix"]["total_tokens_per_s"],
         "shared_prefix_ttft_p50": off["shared_prefix"]["ttft_s"]["p50"] / on["shared_prefix"]["ttft_s"]["p50"],
         "multi_turn_last_turn_ttft_p50": off["multi_turn"][-1]["ttft_s"]["p50"] / on["multi_turn"][-1]["ttft_s"]["p50"],
     }
@@ -97,7 +111,8 @@ def main() -> None:
             print(f"{name:<16}{label:<6}{r[name]['output_tokens_per_s']:>10.0f}{r[name]['ttft_s']['p50'] * 1e3:>13.1f}")
     for label, r in (("on", on), ("off", off)):
         t = r["multi_turn"][-1]
-        print(f"{'turn 4':<16}{label:<6}{'':>10}{t['ttft_s']['p50'] * 1e3:>13.1f}  cached {t['cached_tokens']}/{t['prompt_tokens']}")
+        cached = f"cached {t['cached_tokens']}/{t['prompt_tokens']}"
+        print(f"{'turn 4':<16}{label:<6}{'':>10}{t['ttft_s']['p50'] * 1e3:>13.1f}  {cached}")
     print(results["speedup_with_prefix_cache"])
 
 

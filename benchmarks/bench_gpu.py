@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine, summary, write  # noqa: E402
-
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 from ultrakv.node.model.llama import _fused_target  # noqa: E402
 
@@ -106,9 +105,14 @@ def bench_batch1(engine: Engine, rng: random.Random, bw_gbs: float, smoke: bool)
     step_bytes = weight_bytes(engine.model) + avg_ctx * kv_bytes_per_token(engine)
     achieved = step_bytes * tps / 1e9
     return {
-        "prompt_tokens": prompt_len, "new_tokens": new, "decode_tokens_per_s": tps,
-        "ms_per_token": 1e3 / tps, "bytes_per_step": step_bytes, "achieved_gbs": achieved,
-        "copy_bandwidth_gbs": bw_gbs, "roofline_fraction": achieved / bw_gbs if bw_gbs else None,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new,
+        "decode_tokens_per_s": tps,
+        "ms_per_token": 1e3 / tps,
+        "bytes_per_step": step_bytes,
+        "achieved_gbs": achieved,
+        "copy_bandwidth_gbs": bw_gbs,
+        "roofline_fraction": achieved / bw_gbs if bw_gbs else None,
     }
 
 
@@ -123,8 +127,12 @@ def bench_concurrent(engine: Engine, rng: random.Random, n: int, smoke: bool) ->
     wall = time.perf_counter() - t0
     gen = sum(o.completion_tokens for o in outs)
     return {
-        "concurrency": n, "wall_s": wall, "output_tokens": gen, "output_tokens_per_s": gen / wall,
-        "prompt_tokens": sum(p for p, _ in lengths), "ttft_s": summary([o.ttft_s for o in outs]),
+        "concurrency": n,
+        "wall_s": wall,
+        "output_tokens": gen,
+        "output_tokens_per_s": gen / wall,
+        "prompt_tokens": sum(p for p, _ in lengths),
+        "ttft_s": summary([o.ttft_s for o in outs]),
         "preemptions": engine.stats()["requests"]["preemptions"],
     }
 
@@ -140,17 +148,32 @@ def bench_multi_turn(engine: Engine, rng: random.Random, smoke: bool) -> dict:
     for t in range(turns):
         histories.append(history + turn_prompts[t])
         out = engine.generate([turn_prompts[t]], sp, session_ids=[sid])[0]
-        reuse.append({"turn": t + 1, "ttft_s": out.ttft_s, "prompt_tokens": out.prompt_tokens,
-                      "cached_tokens": out.cached_tokens})
+        reuse.append(
+            {
+                "turn": t + 1,
+                "ttft_s": out.ttft_s,
+                "prompt_tokens": out.prompt_tokens,
+                "cached_tokens": out.cached_tokens,
+            }
+        )
         history = history + turn_prompts[t] + out.token_ids
     for t in range(turns):
         engine.clear_cache()
         out = engine.generate([histories[t]], sp)[0]
-        recompute.append({"turn": t + 1, "ttft_s": out.ttft_s, "prompt_tokens": out.prompt_tokens,
-                          "cached_tokens": out.cached_tokens})
+        recompute.append(
+            {
+                "turn": t + 1,
+                "ttft_s": out.ttft_s,
+                "prompt_tokens": out.prompt_tokens,
+                "cached_tokens": out.cached_tokens,
+            }
+        )
     return {
-        "turns": turns, "new_prompt_tokens": new_prompt, "generated_per_turn": new_out,
-        "reuse": reuse, "recompute": recompute,
+        "turns": turns,
+        "new_prompt_tokens": new_prompt,
+        "generated_per_turn": new_out,
+        "reuse": reuse,
+        "recompute": recompute,
         "last_turn_ttft_speedup": recompute[-1]["ttft_s"] / reuse[-1]["ttft_s"],
     }
 
@@ -169,14 +192,17 @@ def bench_shared_prefix(model: str, device: str, rng: random.Random, n: int, smo
         outs = engine.generate([system + s for s in suffixes], sp)
         wall = time.perf_counter() - t0
         result[label] = {
-            "wall_s": wall, "requests_per_s": n / wall,
+            "wall_s": wall,
+            "requests_per_s": n / wall,
             "output_tokens_per_s": sum(o.completion_tokens for o in outs) / wall,
             "cached_tokens": sum(o.cached_tokens for o in outs),
             "ttft_s": summary([o.ttft_s for o in outs]),
         }
         del engine
         free_memory()
-    result["throughput_speedup"] = result["prefix_cache_on"]["requests_per_s"] / result["prefix_cache_off"]["requests_per_s"]
+    result["throughput_speedup"] = (
+        result["prefix_cache_on"]["requests_per_s"] / result["prefix_cache_off"]["requests_per_s"]
+    )
     return result
 
 
@@ -190,16 +216,33 @@ def free_memory() -> None:
 
 
 def hf_twin(engine: Engine):
-    """A transformers LlamaForCausalLM with the engine's exact weights (sharing no memory)."""
+    """A transformers LlamaForCausalLM with the engine's exact weights (sharing no memory).
+
+    The engine is done serving after this: its KV pool and graphs are released to make room.
+    """
     import transformers
+
+    # The twin must be the same model: its greedy next token agrees with the engine's.
+    probe = list(range(1, 33))
+    ours_tok = engine.generate([probe], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0].token_ids[0]
+    engine.kv_caches.clear()
+    engine.runner.graphs = None
+    free_memory()
 
     mc = engine.model_config
     cfg = transformers.LlamaConfig(
-        vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
-        num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
-        num_key_value_heads=mc.num_key_value_heads, head_dim=mc.head_dim,
-        max_position_embeddings=mc.max_position_embeddings, rms_norm_eps=mc.rms_norm_eps,
-        rope_theta=mc.rope_theta, rope_scaling=mc.rope_scaling, tie_word_embeddings=mc.tie_word_embeddings,
+        vocab_size=mc.vocab_size,
+        hidden_size=mc.hidden_size,
+        intermediate_size=mc.intermediate_size,
+        num_hidden_layers=mc.num_hidden_layers,
+        num_attention_heads=mc.num_attention_heads,
+        num_key_value_heads=mc.num_key_value_heads,
+        head_dim=mc.head_dim,
+        max_position_embeddings=mc.max_position_embeddings,
+        rms_norm_eps=mc.rms_norm_eps,
+        rope_theta=mc.rope_theta,
+        rope_scaling=mc.rope_scaling,
+        tie_word_embeddings=mc.tie_word_embeddings,
         attn_implementation="sdpa",
     )
     dtype = next(engine.model.parameters()).dtype
@@ -227,9 +270,6 @@ def hf_twin(engine: Engine):
             hf.tie_weights()
     hf.generation_config.pad_token_id = 0
     hf.eval()
-    # The twin must be the same model: its greedy next token agrees with the engine's.
-    probe = list(range(1, 33))
-    ours_tok = engine.generate([probe], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0].token_ids[0]
     with torch.inference_mode():
         theirs_tok = int(hf(torch.tensor([probe], device=engine.device)).logits[0, -1].argmax())
     if ours_tok != theirs_tok:
@@ -243,13 +283,19 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: list[int], device: tor
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding, as decoder-only generate() expects
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     sync()
     t0 = time.perf_counter()
-    hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(new_tokens), min_new_tokens=max(new_tokens),
-                do_sample=False, eos_token_id=None)
+    hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max(new_tokens),
+        min_new_tokens=max(new_tokens),
+        do_sample=False,
+        eos_token_id=None,
+    )
     sync()
     wall = time.perf_counter() - t0
     # A batch runs until its longest request is done; count only the tokens each request asked for.
@@ -274,9 +320,14 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
     rng = random.Random(0)
     log(f"{model}: building engine")
     engine = engine_for(model, device, smoke)
-    res: dict = {"model": model, "dtype": str(engine.dtype).removeprefix("torch."),
-                 "attention_backend": engine.attention_backend, "cuda_graphs": engine.cuda_graphs,
-                 "kv_blocks": engine.num_blocks, "weight_bytes": weight_bytes(engine.model)}
+    res: dict = {
+        "model": model,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "attention_backend": engine.attention_backend,
+        "cuda_graphs": engine.cuda_graphs,
+        "kv_blocks": engine.num_blocks,
+        "weight_bytes": weight_bytes(engine.model),
+    }
     log(f"{model}: (a) batch-1 decode")
     res["a_batch1"] = bench_batch1(engine, rng, bw, smoke)
     log(f"{model}: {res['a_batch1']['decode_tokens_per_s']:.1f} tok/s, roofline {res['a_batch1']['roofline_fraction']}")
@@ -311,8 +362,9 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["llama-1b", "llama-8b"])
-    ap.add_argument("--bulk-requests", type=int, nargs="+", default=[1000, 1000],
-                    help="shared-prefix request count per model")
+    ap.add_argument(
+        "--bulk-requests", type=int, nargs="+", default=[1000, 1000], help="shared-prefix request count per model"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, small sizes: checks the script")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

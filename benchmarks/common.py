@@ -29,7 +29,9 @@ def machine() -> dict:
         try:
             info["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10,
+                capture_output=True,
+                text=True,
+                timeout=10,
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
@@ -56,7 +58,12 @@ def write(name: str, payload: dict) -> Path:
     out_dir = Path(os.environ.get("ULTRAKV_RESULTS_DIR", RESULTS))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    payload = {"benchmark": name.removesuffix(".json"), "date": time.strftime("%Y-%m-%d"), "machine": machine(), **payload}
+    payload = {
+        "benchmark": name.removesuffix(".json"),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        **payload,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return path

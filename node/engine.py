@@ -222,8 +222,14 @@ class Engine:
             )
         return tokens
 
-    def add_request(self, request: GenerateRequest, listener: Listener | None = None) -> Sequence:
-        """Validate and queue a request; ``listener`` receives its deltas (on the engine thread)."""
+    def add_request(
+        self, request: GenerateRequest, listener: Listener | None = None, *, stream_text: bool = True
+    ) -> Sequence:
+        """Validate and queue a request; ``listener`` receives its deltas (on the engine thread).
+
+        With ``stream_text=False`` the deltas carry tokens only and the text is decoded once, at
+        the end (the final output always has the full text).
+        """
         with self._lock:
             if request.request_id in self._seqs:
                 raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already running")
@@ -245,6 +251,7 @@ class Engine:
                 salt=salt,
                 deadline=request.deadline,
             )
+            seq.incremental_text = stream_text or bool(sp.stop)
             if sp.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(sp.seed)
             self._seqs[seq.request_id] = seq
@@ -298,7 +305,7 @@ class Engine:
                     self._metrics.ttft.append(now_wall - seq.arrival_time)
                 self._metrics.generated_tokens += 1
                 reason = self._stop_reason(seq, token)
-                delta_text = self._detokenize(seq, final=reason is not None)
+                delta_text = self._detokenize(seq, final=reason is not None) if seq.incremental_text else ""
                 if seq.finish_reason == "stop":  # a stop string completed in the text
                     reason = "stop"
                 if reason is not None:
@@ -345,7 +352,7 @@ class Engine:
                     event.set()
 
         for r in requests:
-            self.add_request(r, listener)
+            self.add_request(r, listener, stream_text=False)
         if self._loop_thread is not None:
             event.wait()
         else:
@@ -438,6 +445,8 @@ class Engine:
             listener(StreamDelta(seq.request_id, new_tokens, text))
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, pending_text: str = "") -> RequestOutput:
+        if not seq.incremental_text and reason in ("stop", "length"):
+            seq.text = self.tokenizer.decode(seq.output_token_ids)
         self.scheduler.finish(seq, reason)
         self._seqs.pop(seq.request_id, None)
         now = time.monotonic()

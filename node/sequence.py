@@ -47,6 +47,9 @@ class Sequence:
     first_token_time: float | None = None
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    # Detokenize as tokens arrive (a stream shows text deltas, or stop strings need the
+    # text); otherwise the text is decoded once, when the sequence finishes.
+    incremental_text: bool = True
     # incremental detokenization state (offsets into the generated tokens)
     prefix_offset: int = 0
     read_offset: int = 0
