@@ -126,6 +126,29 @@ class CudaGraphRunner:
         graph.replay()
         return out[:n]
 
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every decode and prefill shape now (at startup), so no request pays for a
+        capture; returns how many graphs were captured. Dummy inputs write nowhere (slot -1)."""
+        before = len(self.graphs)
+        self.input_ids.zero_()
+        self.slot_mapping.fill_(-1)
+        self.block_tables.zero_()
+        for bucket in self.buckets:
+            for size in self.batch_sizes:
+                self.seq_lens.fill_(1)
+                self.positions.zero_()
+                if ("decode", size, bucket) not in self.graphs:
+                    self._capture("decode", size, bucket)
+            for size in self.prefill_sizes:
+                if size > bucket or ("prefill", size, bucket) in self.graphs:
+                    continue
+                self.seq_lens[:1].fill_(size)
+                self.positions[:size].copy_(torch.arange(size, device=self.positions.device))
+                self._capture("prefill", size, bucket)
+        torch.cuda.synchronize()
+        return len(self.graphs) - before
+
     def _meta(self, kind: str, size: int, bucket: int) -> AttentionMetadata:
         if kind == "prefill":
             return AttentionMetadata(

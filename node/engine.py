@@ -152,6 +152,15 @@ class Engine:
             config.eviction_policy,
         )
 
+    def warmup(self) -> None:
+        """Capture every CUDA graph shape now, so no request pays for a capture later."""
+        if self.runner.graphs is None:
+            return
+        t0 = time.monotonic()
+        with self._lock:
+            n = self.runner.graphs.capture_all()
+        log.info("captured %d CUDA graphs in %.1f s", n, time.monotonic() - t0)
+
     # -- sizing -----------------------------------------------------------------------------
 
     def _bytes_per_block(self) -> int:

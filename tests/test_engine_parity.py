@@ -110,6 +110,8 @@ def test_greedy_parity_on_cuda_with_gpu_kernels_and_graphs(checkpoint):
     path, hf = checkpoint
     engine = _engine(path, device="cuda")
     assert engine.attention_backend == "triton" and engine.cuda_graphs
+    engine.warmup()  # every shape captured up front from dummy inputs, then replayed for real
+    assert len(engine.runner.graphs.graphs) > 10
     prompts = _prompts(8, LENGTHS)
     _check_all(engine, hf, prompts)
     extended = [p + q for p, q in zip(prompts, _prompts(9, [20] * len(prompts)), strict=True)]
