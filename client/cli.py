@@ -1,7 +1,10 @@
 """The ``ultrakv`` command line: run servers, talk to them, write config files.
 
-    ultrakv serve [--config FILE] [--model tiny|PATH] [--port 50051]
-    ultrakv node --model tiny|PATH --port P --device auto|cpu|cuda:N
+    ultrakv serve [--nodes N] [--config FILE] [--model tiny|PATH] [--port 50051]
+                  [--data-dir DIR] [--etcd HOST:PORT]
+    ultrakv node --model tiny|PATH --port P --device auto|cpu|cuda:N [--etcd HOST:PORT]
+    ultrakv coordinator --etcd HOST:PORT --port P
+    ultrakv drain NODE --etcd HOST:PORT
     ultrakv test --text "Hello" --max-length 50 [--session ID]
     ultrakv stats | health | clear-cache | sessions cleanup --max-age S
     ultrakv batch IN.jsonl OUT.jsonl [--concurrency N]
@@ -18,11 +21,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from ultrakv.client.client import DEFAULT_ADDRESS, Client, RequestError, TLSConfig
 from ultrakv.client.config_file import PRESETS, NodeConfig, generate_config, load_config
+
+if TYPE_CHECKING:
+    from ultrakv.node.agent import AgentSettings
 
 log = logging.getLogger("ultrakv.cli")
 
@@ -39,30 +46,85 @@ def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
     return config.with_overrides(engine, server)
 
 
-def _run_node(config: NodeConfig) -> int:
+def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
     from ultrakv.node.engine import Engine
     from ultrakv.node.server import NodeServer, serve_until_signalled
 
+    if agent is not None:  # fail fast, before the model loads, on a bad etcd or a taken id
+        from dataclasses import replace
+        from uuid import uuid4
+
+        from ultrakv.node.agent import preflight
+
+        config.server = replace(config.server,
+                                node_id=config.server.node_id or f"node-{uuid4().hex[:8]}")
+        asyncio.run(preflight(agent, config.server.node_id))
     log.info("loading model %s on %s", config.engine.model, config.engine.device)
     engine = Engine(config.engine)
     try:
         server = NodeServer(engine, config.server)
-        asyncio.run(serve_until_signalled(server))
+        if agent is None:
+            asyncio.run(serve_until_signalled(server))
+        else:
+            from ultrakv.node.agent import serve_node_in_cluster
+
+            asyncio.run(serve_node_in_cluster(engine, server, agent))
     finally:
         engine.shutdown()
     log.info("stopped")
     return 0
 
 
+def _agent_settings(args: argparse.Namespace) -> AgentSettings | None:
+    if not args.etcd:
+        return None
+    from ultrakv.node.agent import AgentSettings
+
+    return AgentSettings(etcd=args.etcd, lease_ttl_s=args.lease_ttl,
+                         checkpoint_dir=args.checkpoint_dir or "",
+                         checkpoint_interval_s=args.checkpoint_interval)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.nodes != 1:
-        raise SystemExit("serve --nodes must be 1 until the cluster lands, "
-                         f"got {args.nodes}")
-    return _run_node(_node_config(args, default_device="cpu"))
+    if args.nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {args.nodes}")
+    if args.nodes == 1 and not args.etcd:  # one process serves the client API itself
+        return _run_node(_node_config(args, default_device="cpu"))
+    from pathlib import Path
+
+    from ultrakv.coordinator.cluster import ClusterSpec, serve_cluster
+
+    return serve_cluster(ClusterSpec(
+        nodes=args.nodes, data_dir=Path(args.data_dir), model=args.model or "tiny",
+        device=args.device or "cpu", port=args.port or 50051, etcd=args.etcd or "",
+        num_blocks=args.num_blocks))
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    return _run_node(_node_config(args, default_device="auto"))
+    return _run_node(_node_config(args, default_device="auto"), _agent_settings(args))
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from ultrakv.coordinator.server import CoordinatorSettings, serve_coordinator
+
+    settings = CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
+                                   port=args.port or 50051)
+    asyncio.run(serve_coordinator(settings))
+    log.info("stopped")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from ultrakv.coordinator.server import drain_node
+    from ultrakv.coordinator.store import EtcdStore
+
+    async def run() -> int:
+        async with EtcdStore(args.etcd) as store:
+            return await drain_node(store, args.node, timeout_s=args.timeout)
+
+    moved = asyncio.run(run())
+    print(f"node {args.node} drained: {moved} sessions moved away; it can be stopped now")
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -210,14 +272,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conn = _connection_options()
 
-    p = sub.add_parser("serve", help="run ultrakv on this machine (one node, client API)")
+    p = sub.add_parser("serve", help="run ultrakv on this machine (etcd, coordinator, nodes)")
     _server_options(p, "50051")
-    p.add_argument("--nodes", type=int, default=1, help="nodes to start (1 until the cluster)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="node processes; 1 without --etcd = one process serving directly")
+    p.add_argument("--etcd", help="etcd HOST:PORT (default: start an embedded one)")
+    p.add_argument("--data-dir", default="ultrakv-data", help="etcd data and checkpoints")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("node", help="run one node server")
     _server_options(p, "50051")
+    p.add_argument("--etcd", help="join the cluster registered in this etcd (HOST:PORT)")
+    p.add_argument("--checkpoint-dir", help="write session checkpoints here (with --etcd)")
+    p.add_argument("--checkpoint-interval", type=float, default=10.0, help="seconds")
+    p.add_argument("--lease-ttl", type=int, default=5, help="membership lease, seconds")
     p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("coordinator", help="run a coordinator (client API over the nodes)")
+    p.add_argument("--etcd", required=True, help="etcd HOST:PORT")
+    p.add_argument("--host", help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("drain", help="move a node's sessions away before it stops")
+    p.add_argument("node", help="node id")
+    p.add_argument("--etcd", required=True, help="etcd HOST:PORT")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("test", parents=[conn], help="stream one request to the terminal")
     p.add_argument("--text", required=True)
@@ -272,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RequestError as exc:
         print(f"error: {exc}" + (f" (field {exc.field})" if exc.field else ""), file=sys.stderr)
         return 2
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError, LookupError) as exc:
+        # etcd unreachable (names the endpoint), a node id already live, a bad flag...
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -176,12 +176,22 @@ class NodeIdentity:
     started_at: float = field(default_factory=time.time)
 
 
-class LocalBackend:
-    """ServingBackend over an in-process Engine."""
+TurnHook = Callable[[RequestOutput], Awaitable[None]]
 
-    def __init__(self, engine: Any, identity: NodeIdentity | None = None) -> None:
+
+class LocalBackend:
+    """ServingBackend over an in-process Engine.
+
+    ``on_turn_complete`` (set by the node's cluster agent) is awaited after a session turn
+    completes and before its final message is yielded, so the turn is replicated before
+    the client can see it (node/replication.py).
+    """
+
+    def __init__(self, engine: Any, identity: NodeIdentity | None = None,
+                 on_turn_complete: TurnHook | None = None) -> None:
         self.engine = engine
         self.identity = identity or NodeIdentity()
+        self.on_turn_complete = on_turn_complete
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
@@ -194,8 +204,12 @@ class LocalBackend:
                     yield pb.TokenChunk(text=delta.text, token_ids=delta.token_ids)
                 if delta.finished:
                     finished = True
-                    if delta.output is not None:
-                        yield result_message(delta.output, self.identity.node_id)
+                    out = delta.output
+                    if (out is not None and out.session_id and self.on_turn_complete is not None
+                            and out.finish_reason in ("stop", "length")):
+                        await self.on_turn_complete(out)
+                    if out is not None:
+                        yield result_message(out, self.identity.node_id)
                     return
         finally:
             if not finished:  # cancelled, disconnected or failed: free the blocks now

@@ -1,0 +1,561 @@
+"""The coordinator: the client-facing ``ultrakv.v1.UltraKV`` service over the cluster.
+
+``ClusterBackend`` implements the wire's ``ServingBackend`` by forwarding each request to
+its node: ``ring.lookup(session_id)``, or for a request without a session the hash of its
+first prompt block, bounded by the requests in flight per node. It relays the node's
+stream. When the node fails before the first token the request is retried on the new
+owner; when it fails mid-stream the request is resumed on the new owner from prompt +
+tokens already sent, so the client sees one stream and no error.
+
+The routing ring is membership's ring of serving nodes minus the nodes the health loop (or
+a failed forward) holds down. Every change of it is handed to the resharder before it takes
+effect: the sessions that move are marked pending first, and their requests wait in the
+``SessionGate`` until the move is done.
+
+Several coordinators may run against one etcd: routing is a pure function of the ring, and
+the ring of a membership is the same in every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
+from ultrakv.coordinator.membership import MembershipWatcher, NodeRecord, NodeState
+from ultrakv.coordinator.peers import PeerChannels
+from ultrakv.coordinator.resharding import Plan, Resharder
+from ultrakv.coordinator.ring import (
+    EmptyRingError,
+    HashRing,
+    bounded_lookup,
+    route_key_for_prompt,
+)
+from ultrakv.coordinator.store import DEFAULT_PREFIX, EtcdStore
+from ultrakv.node.errors import SessionNotFoundError
+from ultrakv.node.server import (
+    ULTRAKV_SERVICE,
+    Event,
+    UltraKVServicer,
+    add_servicer,
+)
+from ultrakv.node.validation import Limits, RequestRejected
+from ultrakv.v1 import node_pb2 as npb
+from ultrakv.v1 import types_pb2 as pb
+
+log = logging.getLogger("ultrakv.coordinator.server")
+
+# A forward that ends with one of these is the node's fault, not the request's: try again.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED}
+PREFIX_ROUTE_BYTES = 64  # a text prompt's routing block: its first bytes
+
+
+@dataclass
+class CoordinatorSettings:
+    """How a coordinator finds the cluster, listens and routes."""
+
+    etcd: str
+    prefix: str = DEFAULT_PREFIX
+    host: str = "0.0.0.0"
+    port: int = 50051
+    health: HealthPolicy = field(default_factory=lambda: HealthPolicy(
+        interval_s=0.5, timeout_s=0.4, down_after=2, up_after=2))
+    load_eps: float = 0.25  # bounded loads for requests without a session
+    block_size: int = 16  # the nodes' KV block size: the prefix-routing unit
+    max_attempts: int = 4  # forwards per request (first try + retries/resumes)
+    failed_hold_s: float = 3.0  # a node whose forward failed stays off the ring this long
+    limits: Limits = field(default_factory=Limits)
+    grace_period_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not self.load_eps > 0:
+            raise ValueError(f"load_eps must be > 0, got {self.load_eps}")
+
+
+class SessionGate:
+    """Per-session order: one turn at a time, and no turn while the session moves.
+
+    A turn holds the session's lock while it runs; a live migration takes the same lock,
+    so it never moves a session under a running turn. Sessions planned to move are marked
+    pending before the ring switches; a new turn waits for the move to finish, and one
+    that finds a live move pending after taking the lock hands the lock over first.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, tuple[asyncio.Event, bool]] = {}  # sid -> (done, live)
+
+    def lock(self, session_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(session_id, asyncio.Lock())
+
+    def mark_pending(self, moves: list[tuple[str, bool]]) -> None:
+        """``moves``: (session id, live) of the sessions a new ring moves."""
+        for sid, live in moves:
+            if sid not in self._pending:
+                self._pending[sid] = (asyncio.Event(), live)
+
+    def done(self, session_id: str) -> None:
+        entry = self._pending.pop(session_id, None)
+        if entry is not None:
+            entry[0].set()
+
+    def pending(self, session_id: str) -> bool:
+        return session_id in self._pending
+
+    async def settled(self, session_id: str, live: bool = True) -> None:
+        """Wait for the session's pending move (only a restore when ``live`` is False: a turn
+        that holds the lock must not wait for a live move, which waits for the lock)."""
+        while (entry := self._pending.get(session_id)) is not None and (live or not entry[1]):
+            await entry[0].wait()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, session_id: str | None) -> AsyncIterator[None]:
+        if session_id is None:
+            yield
+            return
+        lock = self.lock(session_id)
+        while True:
+            await self.settled(session_id)
+            await lock.acquire()
+            if not self.pending(session_id):
+                break
+            lock.release()  # a move was planned meanwhile: let it go first
+            await asyncio.sleep(0)
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def resumed_request(request: pb.GenerateRequest, sent_ids: list[int],
+                    sent_text: str) -> pb.GenerateRequest:
+    """The request that continues ``request`` after ``sent_ids`` were streamed already.
+
+    Token-id prompts resume exactly (prompt + sent ids). Text prompts resume from prompt +
+    sent text, exact for byte-level tokenizers and for any tokenizer where the text
+    re-encodes to the same ids.
+    """
+    out = pb.GenerateRequest()
+    out.CopyFrom(request)
+    if not sent_ids:
+        return out
+    if request.WhichOneof("prompt") == "token_ids":
+        out.token_ids.ids.extend(sent_ids)
+    else:
+        out.text = request.text + sent_text
+    out.sampling.max_length = request.sampling.max_length - len(sent_ids)
+    return out
+
+
+class ClusterBackend:
+    """ServingBackend that forwards to the cluster's nodes (see the module docstring)."""
+
+    def __init__(self, settings: CoordinatorSettings, store: EtcdStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or EtcdStore(settings.etcd, settings.prefix)
+        self.peers = PeerChannels()
+        self.gate = SessionGate()
+        self.watcher = MembershipWatcher(self.store, on_members=self._on_members)
+        self.health = HealthChecker(settings.health, on_transition=self._on_transition)
+        self.resharder = Resharder(self.store, self.peers, self._addresses)
+        self.ring = HashRing((), vnodes=self.watcher.vnodes)
+        self.members: dict[str, NodeRecord] = {}
+        self.inflight: dict[str, int] = {}
+        self.last_plan: Plan | None = None
+        self.failovers: list[float] = []  # seconds from a failed forward to its recovery
+        self._failed: dict[str, float] = {}  # node -> monotonic time its forward failed
+        self._view_lock = asyncio.Lock()
+        self._moves: asyncio.Queue[Plan] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to etcd (``EtcdUnavailableError`` names the endpoint), read the members,
+        start the health loop and the mover."""
+        await self.store.connect()
+        await self.watcher.start()
+        self.health.start()
+        self._tasks.append(asyncio.create_task(self._mover(), name="reshard-mover"))
+        self._tasks.append(asyncio.create_task(self._tick(), name="view-tick"))
+        await self._update_view()
+
+    async def _tick(self) -> None:
+        """Re-check the view each health interval: a failed-forward hold runs out silently."""
+        while True:
+            await asyncio.sleep(self.settings.health.interval_s)
+            try:
+                await self._update_view()
+            except Exception:
+                log.exception("updating the routing ring failed")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.health.stop()
+        await self.watcher.stop()
+        await self.peers.close()
+        await self.store.close()
+
+    # -- the view: members, health, the routing ring ------------------------------------------
+
+    def _addresses(self) -> dict[str, str]:
+        return {n: r.address for n, r in self.members.items()}
+
+    async def _on_members(self, members: dict[str, NodeRecord]) -> None:
+        self.members = members
+        self.health.set_targets({n: r.address for n, r in members.items()})
+        await self._update_view()
+
+    async def _on_transition(self, t: Transition) -> None:
+        if t.new is Health.UP:
+            self._failed.pop(t.node_id, None)
+        await self._update_view()
+
+    def _routable(self) -> list[str]:
+        now = time.monotonic()
+        hold = self.settings.failed_hold_s
+        return sorted(n for n, r in self.members.items()
+                      if r.state is NodeState.SERVING
+                      and self.health.status(n) is not Health.DOWN
+                      and now - self._failed.get(n, -hold) >= hold)
+
+    def _alive(self) -> set[str]:
+        """Members that answer (draining ones included: their sessions stream away)."""
+        now = time.monotonic()
+        hold = self.settings.failed_hold_s
+        return {n for n in self.members if self.health.status(n) is not Health.DOWN
+                and now - self._failed.get(n, -hold) >= hold}
+
+    async def _update_view(self) -> None:
+        """Recompute the routing ring; plan the moves of a change before routing by it."""
+        async with self._view_lock:
+            nodes = self._routable()
+            old = self.ring
+            if tuple(nodes) == old.nodes:
+                return
+            new = HashRing(nodes, vnodes=old.vnodes, epoch=max(old.epoch, self.watcher.ring.epoch)
+                           + (1 if old.nodes else 0))
+            alive = self._alive()
+            dead = set(old.nodes) - alive
+            plan = (await self.resharder.plan(new, alive, dead)) if new.nodes else Plan()
+            self.gate.mark_pending([(m.session_id, m.live) for m in plan.moves])
+            self.ring = new
+            self.last_plan = plan
+            log.info("routing ring epoch %d: %s (%d of %d sessions move)", new.epoch,
+                     list(new.nodes), len(plan.moves), plan.sessions)
+            if plan.moves or plan.stale:
+                self._moves.put_nowait(plan)
+
+    async def _mover(self) -> None:
+        """Carry out plans one after another; moves of one plan run a few at a time."""
+        gate = asyncio.Semaphore(self.resharder.concurrency)
+
+        async def one(move) -> None:
+            async with gate:
+                try:
+                    if move.live:  # never under a running turn
+                        async with self.gate.lock(move.session_id):
+                            result = await self.resharder.move(move)
+                    else:  # the turn waiting on it may hold the lock
+                        result = await self.resharder.move(move)
+                    if result.ok:
+                        log.info("session %s: %s -> %s (%s, %d KV tokens)", move.session_id,
+                                 move.source, move.target, "live" if move.live else "restored",
+                                 result.kv_tokens)
+                finally:
+                    self.gate.done(move.session_id)
+
+        while True:
+            plan = await self._moves.get()
+            await asyncio.gather(*(one(m) for m in plan.moves))
+            await self.resharder.drop_stale(plan.stale, self._alive())
+
+    async def node_failed(self, node: str) -> None:
+        """A forward to ``node`` failed: keep it off the ring until health says otherwise."""
+        self._failed[node] = time.monotonic()
+        await self._update_view()
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def route(self, request: pb.GenerateRequest) -> str:
+        """The node for ``request`` under the current ring."""
+        if len(self.ring) == 0:
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "", str(EmptyRingError()),
+                                  retry_after_s=1.0)
+        if request.HasField("session_id"):
+            return self.ring.lookup(request.session_id)
+        if request.WhichOneof("prompt") == "token_ids":
+            key = route_key_for_prompt(request.token_ids.ids, self.settings.block_size)
+        else:
+            head = list(request.text.encode("utf-8")[:PREFIX_ROUTE_BYTES]) or [0]
+            key = route_key_for_prompt(head, PREFIX_ROUTE_BYTES)
+        return bounded_lookup(self.ring, key, self.inflight, self.settings.load_eps)
+
+    # -- ServingBackend -----------------------------------------------------------------------
+
+    async def generate(self, request: pb.GenerateRequest,
+                       deadline: float | None) -> AsyncIterator[Event]:
+        sid = request.session_id if request.HasField("session_id") else None
+        started = time.monotonic()
+        sent_ids: list[int] = []
+        sent_text: list[str] = []
+        first_token_at = 0.0
+        failed_at = 0.0
+        async with self.gate.turn(sid):
+            for attempt in range(self.settings.max_attempts):
+                if sid is not None and attempt > 0:
+                    await self.gate.settled(sid, live=False)
+                node = self.route(request)
+                remaining = request.sampling.max_length - len(sent_ids)
+                if remaining <= 0:  # every token reached the client; only the result was lost
+                    yield self._result(request, pb.GenerateResult(
+                        request_id=request.request_id, session_id=sid or "",
+                        finish_reason=pb.FINISH_REASON_LENGTH, node_id=node),
+                        sent_ids, sent_text, started, first_token_at)
+                    return
+                forward = resumed_request(request, sent_ids, "".join(sent_text))
+                try:
+                    async for event in self._forward(node, forward, deadline):
+                        if isinstance(event, pb.TokenChunk):
+                            first_token_at = first_token_at or time.monotonic()
+                            sent_ids.extend(event.token_ids)
+                            sent_text.append(event.text)
+                            yield event
+                        else:
+                            if failed_at:
+                                self.failovers.append(time.monotonic() - failed_at)
+                            yield self._result(request, event, sent_ids, sent_text, started,
+                                               first_token_at, resumed=attempt > 0)
+                            return
+                    raise _NodeGone(node, "stream ended without a result")
+                except (_NodeGone, grpc.aio.AioRpcError) as exc:
+                    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+                    if code is not None and code not in _RETRYABLE:
+                        raise
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise RequestRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                                              "deadline passed while the request was retried"
+                                              ) from exc
+                    failed_at = failed_at or time.monotonic()
+                    log.warning("request %s on %s failed after %d tokens (%s); %s",
+                                request.request_id, node, len(sent_ids),
+                                code.name if code else exc,
+                                "resuming" if sent_ids else "retrying")
+                    await self.node_failed(node)
+        raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
+                              f"no node completed the request in {self.settings.max_attempts} "
+                              "attempts", retry_after_s=1.0)
+
+    def _result(self, request: pb.GenerateRequest, result: pb.GenerateResult,
+                sent_ids: list[int], sent_text: list[str], started: float,
+                first_token_at: float, resumed: bool = True) -> pb.GenerateResult:
+        """The client's result: a resumed request's result covers every token it was sent."""
+        if not resumed:
+            return result
+        out = pb.GenerateResult()
+        out.CopyFrom(result)
+        before = len(sent_ids) - len(result.token_ids)  # tokens streamed by earlier attempts
+        if before > 0:
+            del out.token_ids[:]
+            out.token_ids.extend(sent_ids)
+            out.text = "".join(sent_text)
+            out.usage.prompt_tokens = max(0, result.usage.prompt_tokens - before)
+            out.usage.completion_tokens = len(sent_ids)
+        now = time.monotonic()
+        out.timings.ttft_ms = 1000.0 * ((first_token_at or now) - started)
+        out.timings.latency_ms = 1000.0 * (now - started)
+        return out
+
+    async def _forward(self, node: str, request: pb.GenerateRequest,
+                       deadline: float | None) -> AsyncIterator[Event]:
+        address = self.members[node].address if node in self.members else None
+        if address is None:
+            raise _NodeGone(node, "left the cluster")
+        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        call = self.peers.stub(address).Generate(
+            iter([pb.GenerateStreamRequest(generate=request)]), timeout=timeout)
+        self.inflight[node] = self.inflight.get(node, 0) + 1
+        try:
+            async for message in call:
+                kind = message.WhichOneof("event")
+                if kind == "chunk":
+                    yield message.chunk
+                elif kind == "result":
+                    yield message.result
+                    return
+                else:
+                    raise RequestRejected.from_detail(message.error)
+        finally:
+            self.inflight[node] -= 1
+            call.cancel()  # no-op when finished; frees the node's blocks when we stop early
+
+    async def _node_stats(self, node: str) -> pb.NodeStats | None:
+        try:
+            return await self.peers.stub(self.members[node].address).Stats(
+                pb.StatsRequest(), timeout=2.0)
+        except (grpc.aio.AioRpcError, KeyError):
+            return None
+
+    async def stats(self) -> pb.StatsResponse:
+        nodes = sorted(self.members)
+        found = await asyncio.gather(*(self._node_stats(n) for n in nodes))
+        return pb.StatsResponse(nodes=[s for s in found if s is not None])
+
+    async def _each(self, call) -> list:
+        """``call(stub)`` on every member that answers."""
+        async def one(node: str):
+            try:
+                return await call(self.peers.stub(self.members[node].address))
+            except (grpc.aio.AioRpcError, KeyError):
+                return None
+        return [r for r in await asyncio.gather(*(one(n) for n in sorted(self.members)))
+                if r is not None]
+
+    async def clear_cache(self) -> int:
+        replies = await self._each(lambda s: s.ClearCache(pb.ClearCacheRequest(), timeout=10))
+        return sum(r.blocks_freed for r in replies)
+
+    async def cleanup_sessions(self, max_age_s: float) -> int:
+        replies = await self._each(lambda s: s.CleanupSessions(
+            pb.CleanupSessionsRequest(max_age_s=max_age_s), timeout=10))
+        return sum(r.removed for r in replies)
+
+    async def get_session(self, session_id: str) -> pb.SessionInfo:
+        await self.gate.settled(session_id)
+        node = self.ring.lookup(session_id) if len(self.ring) else None
+        if node is not None and node in self.members:
+            try:
+                return await self.peers.stub(self.members[node].address).GetSession(
+                    pb.GetSessionRequest(session_id=session_id), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        raise SessionNotFoundError(session_id)
+
+    async def delete_session(self, session_id: str) -> None:
+        """Delete every copy (the owner's and any stale one)."""
+        async with self.gate.turn(session_id):
+            replies = await self._each(lambda s: s.DeleteSession(
+                pb.DeleteSessionRequest(session_id=session_id), timeout=5))
+        if not replies:
+            raise SessionNotFoundError(session_id)
+
+
+class _NodeGone(Exception):
+    """A node stopped answering a forwarded request."""
+
+    def __init__(self, node: str, why: str) -> None:
+        super().__init__(f"node {node} {why}")
+        self.node = node
+
+    def code(self) -> None:
+        return None
+
+
+class CoordinatorServer:
+    """The coordinator's gRPC server: UltraKV over a ClusterBackend, health, reflection."""
+
+    def __init__(self, settings: CoordinatorSettings,
+                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> None:
+        self.settings = settings
+        self.backend = ClusterBackend(settings)
+        self.interceptors = interceptors
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.port}"
+
+    async def start(self) -> int:
+        """Join the cluster view, then listen; returns the bound port."""
+        await self.backend.start()
+        server = grpc.aio.server(interceptors=self.interceptors)
+        add_servicer(server, UltraKVServicer(self.backend, self.settings.limits),
+                     ULTRAKV_SERVICE)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        bind = f"{self.settings.host}:{self.settings.port}"
+        self.port = server.add_insecure_port(bind)
+        if self.port == 0:
+            await self.backend.stop()
+            raise OSError(f"port must be free to bind, could not bind {bind}")
+        await server.start()
+        self._server = server
+        for name in ("", ULTRAKV_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(self.settings.grace_period_s)
+            self._server = None
+        await self.backend.stop()
+
+
+async def serve_coordinator(settings: CoordinatorSettings) -> None:
+    """Run a coordinator until SIGINT/SIGTERM."""
+    server = CoordinatorServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("coordinator serving on %s (etcd %s)", server.address, settings.etcd)
+    await stop.wait()
+    await server.stop()
+
+
+async def drain_node(store: EtcdStore, node_id: str, peers: PeerChannels | None = None,
+                     timeout_s: float = 60.0) -> int:
+    """Mark ``node_id`` draining and wait until it holds no session; returns how many it had.
+
+    Coordinators take a draining node off the ring and stream its sessions away live.
+    """
+    from ultrakv.coordinator.membership import NODES_PREFIX
+    from ultrakv.coordinator.store import Compare, Put
+
+    key = NODES_PREFIX + node_id
+    kv = await store.get(key)
+    if kv is None:
+        raise LookupError(f"node {node_id!r} is not registered")
+    record = NodeRecord.from_json(kv.value)
+    draining = NodeRecord(**{**record.__dict__, "state": NodeState.DRAINING})
+    if not await store.txn([Compare(key, "mod", "==", kv.mod_revision)],
+                           [Put(key, draining.to_json(), kv.lease or None)]):
+        raise RuntimeError(f"node {node_id!r} changed while being marked draining; retry")
+    own = peers is None
+    peers = peers or PeerChannels()
+    stub = peers.stub(record.address)
+    try:
+        first = len((await stub.ListSessions(npb.ListSessionsRequest(), timeout=5)).sessions)
+        end = time.monotonic() + timeout_s
+        while True:
+            left = len((await stub.ListSessions(npb.ListSessionsRequest(), timeout=5)).sessions)
+            if left == 0:
+                return first
+            if time.monotonic() > end:
+                raise TimeoutError(f"node {node_id!r} still holds {left} sessions after "
+                                   f"{timeout_s:.0f} s of draining")
+            await asyncio.sleep(0.2)
+    finally:
+        if own:
+            await peers.close()

@@ -1,0 +1,158 @@
+"""The node's cluster agent: registration under a lease, the ring view that picks
+replication targets, checkpoints, and restore from its own last checkpoint on start.
+
+    agent = NodeAgent(engine, node_server, AgentSettings(etcd="127.0.0.1:2379", ...))
+    await agent.start()   # after node_server.start(): the record carries its address
+    ...
+    await agent.stop()    # final checkpoint, lease revoked (the node leaves the ring at once)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from ultrakv.coordinator.membership import (
+    DEFAULT_TTL_S,
+    NODES_PREFIX,
+    DuplicateNodeError,
+    MembershipWatcher,
+    NodeRecord,
+    NodeRegistration,
+    NodeState,
+)
+from ultrakv.coordinator.peers import PeerChannels
+from ultrakv.coordinator.store import DEFAULT_PREFIX, EtcdStore
+from ultrakv.node.checkpoint import Checkpointer, load_manifest, restore_into
+from ultrakv.node.replication import Replicator
+
+log = logging.getLogger("ultrakv.node.agent")
+
+
+@dataclass
+class AgentSettings:
+    """How a node joins the cluster. ``checkpoint_dir`` "" disables checkpoints."""
+
+    etcd: str
+    prefix: str = DEFAULT_PREFIX
+    lease_ttl_s: int = DEFAULT_TTL_S
+    checkpoint_dir: str = ""
+    checkpoint_interval_s: float = 10.0
+    replication_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl_s < 1:
+            raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
+        if not self.checkpoint_interval_s > 0:
+            raise ValueError(f"checkpoint_interval_s must be > 0, got {self.checkpoint_interval_s}")
+
+
+async def check_node_id_free(store: EtcdStore, node_id: str) -> None:
+    """Fail fast, before a model is loaded, when ``node_id`` is registered by a live node.
+    (Registration itself is a transaction, so this early check is not the guard.)"""
+    existing = await store.get(NODES_PREFIX + node_id)
+    if existing is not None:
+        raise DuplicateNodeError(node_id, NodeRecord.from_json(existing.value).address)
+
+
+class NodeAgent:
+    """Registration, replication hook and checkpoints for one node server."""
+
+    def __init__(self, engine, server, settings: AgentSettings,
+                 store: EtcdStore | None = None) -> None:
+        self.engine = engine
+        self.server = server
+        self.settings = settings
+        self.node_id = server.backend.identity.node_id
+        self.store = store or EtcdStore(settings.etcd, settings.prefix)
+        self.peers = PeerChannels()
+        self.watcher = MembershipWatcher(self.store)
+        self.replicator = Replicator(
+            engine, self.node_id, lambda: self.watcher.ring, self._addresses, self.peers,
+            timeout_s=settings.replication_timeout_s)
+        self.checkpointer = (
+            Checkpointer(engine, self.node_id, settings.checkpoint_dir, self.store,
+                         settings.checkpoint_interval_s)
+            if settings.checkpoint_dir else None)
+        self.registration: NodeRegistration | None = None
+
+    def _addresses(self) -> dict[str, str]:
+        return {n: r.address for n, r in self.watcher.members.items()}
+
+    async def start(self) -> None:
+        """Connect, restore own checkpoint, register as serving, start the loops.
+
+        Raises ``EtcdUnavailableError`` (naming the endpoint) or ``DuplicateNodeError``.
+        """
+        await self.store.connect()
+        if self.checkpointer is not None:
+            await self._restore_own_checkpoint()
+        await self.watcher.start()
+        record = NodeRecord(
+            id=self.node_id, address=self.server.address, pid=os.getpid(),
+            devices=(str(getattr(self.engine, "device", "cpu")),),
+            kv_capacity_blocks=int(getattr(getattr(self.engine, "pool", None), "num_blocks", 0)),
+            state=NodeState.SERVING)
+        self.registration = NodeRegistration(self.store, record, self.settings.lease_ttl_s)
+        await self.registration.register()
+        self.server.backend.on_turn_complete = self.replicator.on_turn_complete
+        if self.checkpointer is not None:
+            self.checkpointer.start()
+        log.info("node %s joined the cluster at %s (etcd %s)", self.node_id,
+                 self.server.address, self.settings.etcd)
+
+    async def _restore_own_checkpoint(self) -> None:
+        """A restarted node takes back what it had checkpointed (the ring gives its sessions
+        back to it; resharding moves any that advanced elsewhere in the meantime)."""
+        manifest = await load_manifest(self.store, self.node_id)
+        if manifest is None:
+            return
+        report = await asyncio.to_thread(restore_into, self.engine, manifest)
+        self.checkpointer.manifest = manifest
+        log.info("node %s restored %d sessions from its checkpoint (%d KV tokens; "
+                 "%d to recompute, %d unreadable)", self.node_id, len(report.restored),
+                 report.kv_tokens, len(report.kv_recomputed), len(report.lost))
+
+    async def stop(self) -> None:
+        """Final checkpoint, leave the ring, close connections."""
+        if self.checkpointer is not None:
+            await self.checkpointer.stop()
+            try:
+                await self.checkpointer.checkpoint_once()
+            except Exception as exc:  # stopping must finish even with etcd away
+                log.warning("final checkpoint of %s failed: %s", self.node_id, exc)
+        self.server.backend.on_turn_complete = None
+        if self.registration is not None:
+            await self.registration.deregister()
+        await self.watcher.stop()
+        await self.peers.close()
+        await self.store.close()
+
+
+async def serve_node_in_cluster(engine, server, settings: AgentSettings) -> None:
+    """Run a node server with its agent until SIGINT/SIGTERM, then leave cleanly."""
+    await server.start()
+    agent = NodeAgent(engine, server, settings)
+    try:
+        await agent.start()
+    except BaseException:
+        await server.stop()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("node %s stopping", agent.node_id)
+    await agent.stop()
+    await server.stop()
+
+
+async def preflight(settings: AgentSettings, node_id: str) -> None:
+    """Before a model is loaded: etcd answers and ``node_id`` is free. Raises
+    ``EtcdUnavailableError`` (naming the endpoint) or ``DuplicateNodeError``."""
+    async with EtcdStore(settings.etcd, settings.prefix) as store:
+        await check_node_id_free(store, node_id)

@@ -1,0 +1,90 @@
+"""Replication of session histories to the ring successor, before a turn is acknowledged.
+
+The node server awaits :meth:`Replicator.on_turn_complete` after a session turn completes
+and before the turn's final message goes out (``LocalBackend.on_turn_complete``). It pushes
+the session's full history to the next distinct node clockwise on the ring with
+``ReplicateHistory``. That node is the one that inherits the session when this node dies
+(consistent hashing hands a dead node's keys to its successor), so no completed turn is lost
+to a single node's death: the successor continues the replica on the next request.
+
+If the successor does not answer, the next node clockwise is tried; if none answers the
+turn is still served (the cluster must keep serving while a neighbour is down) and the
+failure is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+from ultrakv.coordinator.peers import PeerChannels
+from ultrakv.coordinator.ring import HashRing
+from ultrakv.node.errors import SessionNotFoundError
+from ultrakv.node.outputs import RequestOutput
+from ultrakv.v1 import node_pb2 as npb
+
+log = logging.getLogger("ultrakv.node.replication")
+
+
+def replica_targets(ring: HashRing, session_id: str, self_id: str) -> list[str]:
+    """Nodes to hold ``session_id``'s replica, best first: distinct nodes clockwise from the
+    session's hash point, without this node."""
+    if len(ring) == 0:
+        return []
+    return [n for n in ring.lookup_n(session_id, len(ring)) if n != self_id]
+
+
+@dataclass
+class ReplicationStats:
+    """Counters for the node's stats and tests."""
+
+    replicated: int = 0
+    failed: int = 0
+
+
+class Replicator:
+    """Pushes each completed turn's history to the session's ring successor.
+
+    ``ring`` and ``addresses`` are callables so the replicator always sees the agent's
+    latest membership view.
+    """
+
+    def __init__(self, engine, node_id: str, ring: Callable[[], HashRing],
+                 addresses: Callable[[], Mapping[str, str]], peers: PeerChannels,
+                 timeout_s: float = 2.0, max_attempts: int = 2) -> None:
+        self.engine = engine
+        self.node_id = node_id
+        self.ring = ring
+        self.addresses = addresses
+        self.peers = peers
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.stats = ReplicationStats()
+
+    async def on_turn_complete(self, output: RequestOutput) -> None:
+        """Replicate the session of a completed turn; never raises."""
+        sid = output.session_id
+        if not sid:
+            return
+        try:
+            turns = (await asyncio.to_thread(self.engine.get_session, sid)).turns
+        except SessionNotFoundError:
+            return  # deleted while its turn ran: nothing to keep
+        request = npb.ReplicateHistoryRequest(
+            session_id=sid, token_ids=output.prompt_token_ids + output.token_ids, turns=turns)
+        addresses = self.addresses()
+        targets = [n for n in replica_targets(self.ring(), sid, self.node_id) if n in addresses]
+        for node in targets[:self.max_attempts]:
+            try:
+                await self.peers.stub(addresses[node]).ReplicateHistory(
+                    request, timeout=self.timeout_s)
+                self.stats.replicated += 1
+                return
+            except grpc.aio.AioRpcError as exc:
+                log.warning("replicating session %s to %s failed: %s", sid, node, exc.code().name)
+        if targets:
+            self.stats.failed += 1
+            log.error("session %s: turn %d not replicated (no successor answered)", sid, turns)
