@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -192,8 +193,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.wait
     with _client(args) as client:
         status = client.health()
+        # --wait: poll until SERVING (a script starting `ultrakv serve` in the background).
+        while not status["healthy"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = client.health()
     print(f"{status['address']}: {status['status']}"
           + (f" ({status['error']})" if status.get("error") else ""))
     return 0 if status["healthy"] else 1
@@ -312,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("health", parents=[conn], help="gRPC health; exit 1 unless SERVING")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="keep asking until SERVING or SECONDS have passed (default: ask once)")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("clear-cache", parents=[conn], help="drop cached blocks not in use")
