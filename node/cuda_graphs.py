@@ -27,7 +27,8 @@ from ultrakv.node.attention.base import AttentionMetadata
 
 log = logging.getLogger("ultrakv.node.cuda_graphs")
 
-PREFILL_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Fine steps: padding is wasted compute, and a short prefill is the next turn's whole TTFT.
+PREFILL_TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 def padded_batch_sizes(max_batch: int) -> list[int]:
