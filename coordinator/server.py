@@ -55,7 +55,7 @@ log = logging.getLogger("ultrakv.coordinator.server")
 
 # A forward that ends with one of these is the node's fault, not the request's: try again.
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-              grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED}
+              grpc.StatusCode.INTERNAL}
 PREFIX_ROUTE_BYTES = 64  # a text prompt's routing block: its first bytes
 
 
@@ -67,8 +67,11 @@ class CoordinatorSettings:
     prefix: str = DEFAULT_PREFIX
     host: str = "0.0.0.0"
     port: int = 50051
+    # Lenient probes: a node whose forward fails is taken off the ring at once anyway, and a
+    # busy node (its event loop starved by the engine) must not be declared dead: that
+    # would move its sessions for nothing, and with a real death beside it lose replicas.
     health: HealthPolicy = field(default_factory=lambda: HealthPolicy(
-        interval_s=0.5, timeout_s=0.4, down_after=2, up_after=2))
+        interval_s=1.0, timeout_s=1.0, down_after=3, up_after=2))
     load_eps: float = 0.25  # bounded loads for requests without a session
     block_size: int = 16  # the nodes' KV block size: the prefix-routing unit
     max_attempts: int = 4  # forwards per request (first try + retries/resumes)
@@ -309,33 +312,56 @@ class ClusterBackend:
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
+        """Forward, relay, and on a node failure retry or resume on the new owner.
+
+        The chunk that reaches ``max_length`` is held back until the node's final message:
+        a node dies most often between its last token and its final message (it replicates
+        the turn in between), and a held token leaves the resumed request something to
+        generate, so the new owner records the turn as its own. If the turn was replicated
+        before the node died, the new owner's history already ends with it and the result
+        is answered from there.
+        """
         sid = request.session_id if request.HasField("session_id") else None
         started = time.monotonic()
         sent_ids: list[int] = []
         sent_text: list[str] = []
+        held: pb.TokenChunk | None = None
         first_token_at = 0.0
         failed_at = 0.0
         async with self.gate.turn(sid):
             for attempt in range(self.settings.max_attempts):
-                if sid is not None and attempt > 0:
+                if attempt > 0 and sid is not None:
                     await self.gate.settled(sid, live=False)
                 node = self.route(request)
-                remaining = request.sampling.max_length - len(sent_ids)
-                if remaining <= 0:  # every token reached the client; only the result was lost
-                    yield self._result(request, pb.GenerateResult(
-                        request_id=request.request_id, session_id=sid or "",
-                        finish_reason=pb.FINISH_REASON_LENGTH, node_id=node),
-                        sent_ids, sent_text, started, first_token_at)
-                    return
+                if attempt > 0 and sid is not None and held is not None:
+                    done = await self._completed_on(node, sid, sent_ids + list(held.token_ids))
+                    if done is not None:
+                        sent_ids.extend(held.token_ids)
+                        sent_text.append(held.text)
+                        yield held
+                        yield self._result(request, pb.GenerateResult(
+                            request_id=request.request_id, session_id=sid,
+                            finish_reason=pb.FINISH_REASON_LENGTH, node_id=node,
+                            usage=pb.Usage(prompt_tokens=done)),  # _result takes the output off
+                            sent_ids, sent_text, started, first_token_at)
+                        return
+                held = None
                 forward = resumed_request(request, sent_ids, "".join(sent_text))
                 try:
                     async for event in self._forward(node, forward, deadline):
                         if isinstance(event, pb.TokenChunk):
                             first_token_at = first_token_at or time.monotonic()
+                            if len(sent_ids) + len(event.token_ids) >= request.sampling.max_length:
+                                held = event
+                                continue
                             sent_ids.extend(event.token_ids)
                             sent_text.append(event.text)
                             yield event
                         else:
+                            if held is not None:
+                                sent_ids.extend(held.token_ids)
+                                sent_text.append(held.text)
+                                yield held
                             if failed_at:
                                 self.failovers.append(time.monotonic() - failed_at)
                             yield self._result(request, event, sent_ids, sent_text, started,
@@ -359,6 +385,23 @@ class ClusterBackend:
         raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
                               f"no node completed the request in {self.settings.max_attempts} "
                               "attempts", retry_after_s=1.0)
+
+    async def _completed_on(self, node: str, session_id: str, output: list[int]) -> int | None:
+        """The length of ``node``'s history of the session if it already ends with the
+        turn's whole ``output`` (the dead node replicated the turn), else None."""
+        try:
+            stub = self.peers.stub(self.members[node].address)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.PromoteReplica(npb.PromoteReplicaRequest(session_id=session_id),
+                                          timeout=5)
+            chunks = [c async for c in stub.ExportSession(
+                npb.ExportSessionRequest(session_id=session_id, include_kv=False), timeout=5)]
+        except (grpc.aio.AioRpcError, KeyError):
+            return None
+        history = list(chunks[0].header.token_ids) if chunks else []
+        if len(history) > len(output) and history[-len(output):] == output:
+            return len(history)
+        return None
 
     def _result(self, request: pb.GenerateRequest, result: pb.GenerateResult,
                 sent_ids: list[int], sent_text: list[str], started: float,
