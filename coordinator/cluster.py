@@ -3,6 +3,8 @@
 ``ultrakv serve --nodes N`` runs it until Ctrl-C; tests and benchmarks drive it directly
 (kill a node, add one, restart the coordinator or etcd). Every child is an ``ultrakv``
 process of its own, started with the parent-death signal so none outlives the supervisor.
+That signal fires when the *thread* that started the child exits, so start children from a
+long-lived thread (the main thread), never from a worker pool.
 
     with LocalCluster(ClusterSpec(nodes=3, data_dir=tmp)) as cluster:
         Client(cluster.address).process_request({...})

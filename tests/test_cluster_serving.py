@@ -91,7 +91,7 @@ class Conversations:
         return result
 
     async def run_turn(self, client: AsyncClient, turn: int, indices=None,
-                       on_started=None) -> list[dict]:
+                       on_started=None, stream: bool = True) -> list[dict]:
         results: list[dict] = []
         gate = asyncio.Semaphore(CONCURRENCY)
 
@@ -99,7 +99,7 @@ class Conversations:
             async with gate:
                 if on_started is not None:
                     on_started()
-                await self.turn(client, i, turn, results)
+                await self.turn(client, i, turn, results, stream)
 
         await asyncio.gather(*(one(i) for i in (indices or range(len(self.ids)))))
         return results
@@ -165,7 +165,7 @@ async def test_node_added_under_load_moves_its_share_and_keeps_cache_hits(cluste
         before = dict(conv.node)
         nodes_before = len(set(before.values()))
         load = asyncio.create_task(_background_load(client, seconds=4.0))
-        new_node = await asyncio.to_thread(cluster.start_node)
+        new_node = cluster.start_node()  # spawned from the main thread: see LocalCluster
         await asyncio.to_thread(cluster.wait_ready, nodes_before + 1)
         await asyncio.sleep(1.0)  # the ring changes and the moves run under the load
         failed_load = await load
@@ -223,7 +223,7 @@ async def test_coordinator_restart_while_serving(cluster) -> None:
     async with AsyncClient(cluster.address, timeout=60) as client:
         assert not _failed(await conv.run_turn(client, 1, stream=False))
         await asyncio.to_thread(cluster.stop_coordinator)
-        await asyncio.to_thread(cluster.start_coordinator)
+        cluster.start_coordinator()
         live = len(cluster.nodes)
         await asyncio.to_thread(cluster.wait_ready, live, 60)
         t2 = await conv.run_turn(client, 2)
@@ -237,7 +237,7 @@ async def test_etcd_restart_while_serving(cluster) -> None:
         assert not _failed(await conv.run_turn(client, 1))
         await asyncio.to_thread(cluster.etcd.stop)
         during = await conv.run_turn(client, 2)  # the last known ring keeps serving
-        await asyncio.to_thread(cluster.etcd.start)
+        cluster.etcd.start()
         await asyncio.sleep(3.0)  # leases refreshed, watches re-established
         after = await conv.run_turn(client, 3)
         stats = await client.stats()
