@@ -1,0 +1,118 @@
+"""Checkpoints against real etcd and real engines; clear errors when etcd is unreachable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from ultrakv.coordinator.etcd_server import EmbeddedEtcd, free_port
+from ultrakv.coordinator.store import EtcdStore
+from ultrakv.node import Engine, EngineConfig, SamplingParams
+from ultrakv.node.checkpoint import Checkpointer, load_manifest, restore_into
+
+pytestmark = pytest.mark.cluster
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
+    with EmbeddedEtcd(tmp_path_factory.mktemp("etcd")) as server:
+        yield server
+
+
+@pytest.fixture
+async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
+    async with EtcdStore(etcd.endpoint, prefix=f"/t-{uuid.uuid4().hex[:8]}/") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[tuple[Engine, Engine]]:
+    config = EngineConfig(model="tiny", device="cpu", num_blocks=256)
+    a, b = Engine(config), Engine(config)
+    yield a, b
+    a.shutdown()
+    b.shutdown()
+
+
+def _prompt(i: int, turn: int) -> list[int]:
+    return [(i * 11 + turn * 5 + k) % 200 + 1 for k in range(19)]
+
+
+def _turn(engine: Engine, sids: list[str], turn: int):
+    return engine.generate([_prompt(i, turn) for i in range(len(sids))], GREEDY,
+                           session_ids=sids)
+
+
+async def test_corrupted_or_missing_files_are_detected_and_recomputed(engines, store,
+                                                                      tmp_path: Path) -> None:
+    a, b = engines
+    sids = [f"ck-{uuid.uuid4().hex[:6]}-{i}" for i in range(4)]
+    _turn(a, sids, 1)
+    _turn(a, sids, 2)
+    checkpointer = Checkpointer(a, "n1", tmp_path, store, interval_s=60)
+    manifest = await checkpointer.checkpoint_once()
+    recorded = await load_manifest(store, "n1")
+    assert recorded is not None and recorded.sessions == manifest.sessions
+    assert all(manifest.sessions[s].kv_file for s in sids)
+
+    files = Path(manifest.directory)
+    kv0 = files / manifest.sessions[sids[0]].kv_file
+    data = bytearray(kv0.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    kv0.write_bytes(bytes(data))
+    (files / manifest.sessions[sids[1]].kv_file).unlink()
+    (files / manifest.sessions[sids[2]].history_file).write_text("{not json")
+
+    report = restore_into(b, recorded)
+    assert sorted(report.kv_recomputed) == sorted(sids[:2])
+    assert report.lost == [sids[2]]
+    assert sorted(report.restored) == sorted([sids[0], sids[1], sids[3]])
+    assert {s.session_id for s in b.list_sessions()} >= {sids[0], sids[1], sids[3]}
+    assert sids[2] not in {s.session_id for s in b.list_sessions()}
+
+    # Never wrong output: turn 3 on the restored node equals turn 3 on the original.
+    keep = [0, 1, 3]
+    expected = a.generate([_prompt(i, 3) for i in keep], GREEDY,
+                          session_ids=[sids[i] for i in keep])
+    got = b.generate([_prompt(i, 3) for i in keep], GREEDY, session_ids=[sids[i] for i in keep])
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.prompt_tokens for o in got] == [o.prompt_tokens for o in expected]
+    assert got[0].cached_tokens == 0 and got[1].cached_tokens == 0  # KV recomputed
+    assert got[2].cached_tokens == expected[2].cached_tokens > 0  # KV from the checkpoint
+
+
+async def test_checkpoints_rewrite_only_changed_sessions_and_drop_old_files(
+        engines, store, tmp_path: Path) -> None:
+    a, _ = engines
+    sids = [f"inc-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
+    _turn(a, sids, 1)
+    checkpointer = Checkpointer(a, "n2", tmp_path, store, interval_s=60)
+    first = await checkpointer.checkpoint_once()
+    again = await checkpointer.checkpoint_once()
+    assert {s: again.sessions[s] for s in sids} == {s: first.sessions[s] for s in sids}
+    a.generate(_prompt(0, 2), GREEDY, session_ids=[sids[0]])
+    third = await checkpointer.checkpoint_once()
+    assert third.sessions[sids[0]].turns == 2 and third.sessions[sids[1]] == first.sessions[sids[1]]
+    names = {p.name for p in Path(third.directory).iterdir()}
+    assert first.sessions[sids[0]].history_file not in names
+    assert third.sessions[sids[0]].history_file in names
+
+
+@pytest.mark.parametrize("command", [["node", "--model", "tiny", "--device", "cpu", "--port", "0"],
+                                     ["coordinator", "--port", "0"]])
+def test_unreachable_etcd_at_start_is_a_clear_error_naming_the_endpoint(command) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "ultrakv.client.cli", *command,
+                          "--etcd", endpoint], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"cannot reach etcd at {endpoint}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - started < 30
