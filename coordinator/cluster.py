@@ -13,6 +13,7 @@ long-lived thread (the main thread), never from a worker pool.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ultrakv.coordinator.etcd_server import EmbeddedEtcd, _die_with_parent, free_port
+from ultrakv.coordinator.store import EtcdStore
 
 log = logging.getLogger("ultrakv.coordinator.cluster")
 
@@ -49,6 +51,11 @@ class ClusterSpec:
         if self.nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {self.nodes}")
         self.data_dir = Path(self.data_dir)
+
+
+async def _check_etcd(endpoint: str) -> None:
+    async with EtcdStore(endpoint):
+        pass
 
 
 def _cli(*args: str) -> list[str]:
@@ -92,6 +99,8 @@ class LocalCluster:
         if not self.etcd_endpoint:
             self.etcd = EmbeddedEtcd(self.spec.data_dir / "etcd").start()
             self.etcd_endpoint = self.etcd.endpoint
+        else:  # a clear error naming the endpoint now, not N node logs later
+            asyncio.run(_check_etcd(self.etcd_endpoint))
         for _ in range(self.spec.nodes):
             self.start_node()
         self.start_coordinator()
