@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -29,6 +29,8 @@ from ultrakv.coordinator.peers import PeerChannels
 from ultrakv.coordinator.ring import HashRing
 from ultrakv.coordinator.store import EtcdStore, EtcdUnavailableError
 from ultrakv.node.checkpoint import Manifest, load_manifest, merge_with_history, read_session
+from ultrakv.node.outputs import SessionState
+from ultrakv.node.replication import replica_targets
 from ultrakv.node.session_transfer import chunks_to_state, state_to_chunks
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
@@ -59,6 +61,7 @@ class Move:
 class Plan:
     """The moves of one ring change and the stale copies to drop once they are done."""
 
+    ring: HashRing = field(default_factory=HashRing)  # the ring the moves lead to
     moves: list[Move] = field(default_factory=list)
     stale: list[tuple[str, str]] = field(default_factory=list)  # (session id, node)
     sessions: int = 0  # sessions seen in all
@@ -75,7 +78,7 @@ def plan_moves(copies: Mapping[str, list[Copy]], ring: HashRing) -> Plan:
     and the owner's own copy beats any other of equal length (nothing to move). Every other
     live copy is stale.
     """
-    plan = Plan(sessions=len(copies))
+    plan = Plan(ring=ring, sessions=len(copies))
     for sid, held in sorted(copies.items()):
         owner = ring.lookup(sid)
         best = max(held, key=lambda c: (c.num_tokens, c.live, c.node == owner))
@@ -153,27 +156,45 @@ class Resharder:
     async def plan(self, ring: HashRing, live: Iterable[str], dead: Iterable[str]) -> Plan:
         return plan_moves(await self.collect(live, dead), ring)
 
-    async def move(self, move: Move) -> MoveResult:
-        """Carry out one move; never raises."""
+    async def move(self, move: Move, ring: HashRing) -> MoveResult:
+        """Carry out one move, then replicate the session's history to the new owner's
+        successor on ``ring`` (a moved session is as durable as one that just took a
+        turn); never raises."""
         try:
-            kv_tokens = await (self._migrate(move) if move.live else self._restore(move))
-            return MoveResult(move, True, kv_tokens)
+            state = await (self._migrate(move) if move.live else self._restore(move))
+            await self._replicate(move.session_id, state.token_ids, state.turns, move.target,
+                                  ring)
+            return MoveResult(move, True, state.kv_tokens)
         except (grpc.aio.AioRpcError, OSError, ValueError, KeyError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             log.error("moving session %s %s -> %s failed: %s", move.session_id, move.source,
                       move.target, detail)
             return MoveResult(move, False, error=detail or type(exc).__name__)
 
-    async def _migrate(self, move: Move) -> int:
-        source, target = self._stub(move.source), self._stub(move.target)
-        export = source.ExportSession(
-            npb.ExportSessionRequest(session_id=move.session_id, include_kv=True),
-            timeout=self.rpc_timeout_s)
-        resp = await target.ImportSession(export, timeout=self.rpc_timeout_s)
-        await self._drop(move.session_id, move.source)  # cut over: one owner from here on
-        return resp.kv_tokens
+    async def _replicate(self, session_id: str, history: list[int], turns: int, owner: str,
+                         ring: HashRing) -> None:
+        for node in replica_targets(ring, session_id, owner)[:1]:
+            try:
+                await self._stub(node).ReplicateHistory(npb.ReplicateHistoryRequest(
+                    session_id=session_id, token_ids=history, turns=turns),
+                    timeout=self.rpc_timeout_s)
+            except (grpc.aio.AioRpcError, KeyError) as exc:
+                log.warning("replicating moved session %s to %s failed: %s", session_id, node,
+                            exc)
 
-    async def _restore(self, move: Move) -> int:
+    async def _migrate(self, move: Move) -> SessionState:
+        """Stream the session old -> new owner (the header is kept to replicate it)."""
+        source, target = self._stub(move.source), self._stub(move.target)
+        chunks = [c async for c in source.ExportSession(
+            npb.ExportSessionRequest(session_id=move.session_id, include_kv=True),
+            timeout=self.rpc_timeout_s)]
+        resp = await target.ImportSession(iter(chunks), timeout=self.rpc_timeout_s)
+        await self._drop(move.session_id, move.source)  # cut over: one owner from here on
+        header = chunks[0].header
+        return SessionState(move.session_id, list(header.token_ids), header.turns,
+                            header.model_fingerprint, kv_tokens=resp.kv_tokens)
+
+    async def _restore(self, move: Move) -> SessionState:
         target = self._stub(move.target)
         history: list[int] = []
         turns = 0
@@ -202,7 +223,7 @@ class Resharder:
             raise ValueError(f"session {move.session_id}: no replica and no readable checkpoint")
         resp = await target.ImportSession(iter(state_to_chunks(state)),
                                           timeout=self.rpc_timeout_s)
-        return resp.kv_tokens
+        return replace(state, kv=None, kv_tokens=resp.kv_tokens)
 
     async def _drop(self, session_id: str, node: str) -> None:
         try:

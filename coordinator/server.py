@@ -254,7 +254,7 @@ class ClusterBackend:
                            + (1 if old.nodes else 0))
             alive = self._alive()
             dead = set(old.nodes) - alive
-            plan = (await self.resharder.plan(new, alive, dead)) if new.nodes else Plan()
+            plan = (await self.resharder.plan(new, alive, dead)) if new.nodes else Plan(ring=new)
             self.gate.mark_pending([(m.session_id, m.live) for m in plan.moves])
             self.ring = new
             self.last_plan = plan
@@ -267,14 +267,14 @@ class ClusterBackend:
         """Carry out plans one after another; moves of one plan run a few at a time."""
         gate = asyncio.Semaphore(self.resharder.concurrency)
 
-        async def one(move) -> None:
+        async def one(move, ring: HashRing) -> None:
             async with gate:
                 try:
                     if move.live:  # never under a running turn
                         async with self.gate.lock(move.session_id):
-                            result = await self.resharder.move(move)
+                            result = await self.resharder.move(move, ring)
                     else:  # the turn waiting on it may hold the lock
-                        result = await self.resharder.move(move)
+                        result = await self.resharder.move(move, ring)
                     if result.ok:
                         log.info("session %s: %s -> %s (%s, %d KV tokens)", move.session_id,
                                  move.source, move.target, "live" if move.live else "restored",
@@ -284,7 +284,7 @@ class ClusterBackend:
 
         while True:
             plan = await self._moves.get()
-            await asyncio.gather(*(one(m) for m in plan.moves))
+            await asyncio.gather(*(one(m, plan.ring) for m in plan.moves))
             await self.resharder.drop_stale(plan.stale, self._alive())
 
     async def node_failed(self, node: str) -> None:
