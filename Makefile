@@ -21,11 +21,11 @@ lint:
 run:
 	ultrakv serve
 
-bench:
-	$(PY) benchmarks/bench_engine.py
+bench:  # the GPU comparison where CUDA is available, the CPU engine benchmark otherwise
+	ultrakv bench
 
 bench-gpu:
-	$(PY) benchmarks/bench_gpu.py
+	ultrakv bench gpu
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

@@ -19,9 +19,11 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -272,6 +274,29 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--num-blocks", type=int, help="KV pool size in blocks")
 
 
+BENCH_SUITES = {
+    "gpu": "bench_gpu.py",  # the issue-5 comparison against transformers (needs CUDA)
+    "engine": "bench_engine.py",
+    "wire": "bench_wire.py",
+    "cluster": "bench_cluster.py",
+    "attention": "bench_attention.py",
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one of the source checkout's benchmark scripts (benchmarks/ is not installed)."""
+    suite = args.suite
+    if suite is None:
+        import torch
+
+        suite = "gpu" if torch.cuda.is_available() else "engine"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / BENCH_SUITES[suite]
+    if not script.exists():
+        raise OSError(f"benchmark script {script} not found: `ultrakv bench` runs from a source checkout")
+    print(f"running {script.name} {' '.join(args.args)}", file=sys.stderr)
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ultrakv", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -342,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--iterations", type=int, help="stop after this many refreshes")
     p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("bench", help="run a benchmark (JSON to benchmarks/results/)")
+    p.add_argument("suite", nargs="?", choices=sorted(BENCH_SUITES),
+                   help="default: gpu where CUDA is available, else engine")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (see its --help)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="write a commented config file")
     p.add_argument("--generate", action="store_true")
