@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=90)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        spec = ClusterSpec(nodes=args.nodes, data_dir=Path(tmp), port=0, num_blocks=4096,
+        spec = ClusterSpec(nodes=args.nodes, data_dir=Path(tmp), port=0, device="cpu",
+                           num_blocks=4096,
                            lease_ttl_s=2, checkpoint_interval_s=1.0, log_dir=Path(tmp) / "logs")
         with LocalCluster(spec) as cluster:
             overhead = routing_overhead(cluster, args.requests)

@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve_cluster(ClusterSpec(
         nodes=args.nodes, data_dir=Path(args.data_dir), model=args.model or "tiny",
-        device=args.device or "cpu", port=args.port or 50051, etcd=args.etcd or "",
+        device=args.device or "auto", port=args.port or 50051, etcd=args.etcd or "",
         num_blocks=args.num_blocks))
 
 

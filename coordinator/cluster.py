@@ -37,7 +37,7 @@ class ClusterSpec:
     nodes: int = 1
     data_dir: Path = Path("ultrakv-data")
     model: str = "tiny"
-    device: str = "cpu"
+    device: str = "auto"  # auto: one node per GPU (round robin) when there are GPUs, else CPU
     port: int = 50051  # the coordinator's; 0 picks a free one
     etcd: str = ""
     num_blocks: int | None = None
@@ -118,7 +118,7 @@ class LocalCluster:
         self.node_ports[node_id] = port
         argv = _cli("node", "--etcd", self.etcd_endpoint, "--node-id", node_id,
                     "--host", "127.0.0.1", "--port", str(port), "--model", self.spec.model,
-                    "--device", self.spec.device,
+                    "--device", self._device(list(self.node_ports).index(node_id)),
                     "--checkpoint-dir", str(self.spec.data_dir / "checkpoints"),
                     "--checkpoint-interval", str(self.spec.checkpoint_interval_s),
                     "--lease-ttl", str(self.spec.lease_ttl_s), *self.spec.node_args)
@@ -126,6 +126,14 @@ class LocalCluster:
             argv += ["--num-blocks", str(self.spec.num_blocks)]
         self.nodes[node_id] = self._spawn(node_id, argv)
         return node_id
+
+    def _device(self, ordinal: int) -> str:
+        if self.spec.device != "auto":
+            return self.spec.device
+        import torch
+
+        gpus = torch.cuda.device_count()
+        return f"cuda:{ordinal % gpus}" if gpus else "cpu"
 
     def start_coordinator(self) -> None:
         self.coordinator = self._spawn("coordinator", _cli(

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from ultrakv.client import AsyncClient, Client
 from ultrakv.coordinator.cluster import ClusterSpec, LocalCluster
+from ultrakv.coordinator.etcd_server import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -43,7 +44,8 @@ def _cacheable(history: int) -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("cluster")
-    spec = ClusterSpec(nodes=3, data_dir=data, port=0, num_blocks=2048, lease_ttl_s=2,
+    spec = ClusterSpec(nodes=3, data_dir=data, port=0, device="cpu", num_blocks=2048,
+                       lease_ttl_s=2,
                        checkpoint_interval_s=1.0, log_dir=data / "logs")
     with LocalCluster(spec) as c:
         yield c
@@ -244,6 +246,35 @@ async def test_etcd_restart_while_serving(cluster) -> None:
     assert not _failed(during) and not _failed(after)
     assert all(r["history_ok"] for r in during + after)
     assert len(stats["nodes"]) == len(cluster.nodes)
+
+
+def test_two_coordinators_route_every_session_alike(cluster) -> None:
+    port = free_port()
+    second = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "coordinator",
+                               "--etcd", cluster.etcd_endpoint, "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        with Client(cluster.address, timeout=30) as a, Client(f"127.0.0.1:{port}",
+                                                              timeout=30) as b:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if len(b.stats()["nodes"]) == len(cluster.nodes):
+                        break
+                except Exception:
+                    assert time.monotonic() < deadline and second.poll() is None
+                time.sleep(0.2)
+            for i in range(16):
+                spec = {"token_ids": _prompt(i, 1), "session_id": f"two-{i}", "max_length": 6,
+                        "temperature": 0.0, "ignore_eos": True}
+                first = a.process_request(spec)
+                again = b.process_request({**spec, "token_ids": _prompt(i, 2)})
+                assert first["success"] and again["success"]
+                assert again["node"] == first["node"] and again["cached_tokens"] > 0
+    finally:
+        second.terminate()
+        second.wait(timeout=20)
 
 
 def test_duplicate_node_id_is_refused_with_a_clear_error(cluster) -> None:
