@@ -126,8 +126,9 @@ class Resharder:
 
         async def listed(node: str) -> list[pb.SessionInfo]:
             try:
+                # Short: the ring change waits for this listing.
                 resp = await self._stub(node).ListSessions(npb.ListSessionsRequest(),
-                                                           timeout=self.rpc_timeout_s)
+                                                           timeout=min(5.0, self.rpc_timeout_s))
                 return list(resp.sessions)
             except (grpc.aio.AioRpcError, KeyError) as exc:
                 log.warning("listing sessions of %s failed: %s", node, exc)

@@ -2,7 +2,8 @@
 
 One cluster serves the whole module (starting one costs seconds on 2 cores); the tests run
 in file order and each one leaves a serving cluster behind: node kill during turn 2, a node
-added under load, a drain, a coordinator restart, an etcd restart, a duplicate node id.
+added under load, a drain, a coordinator restart, an etcd restart, a node restart, a second
+coordinator, a duplicate node id.
 
 Session count: the issue asks for 200 sessions x 3 turns. That holds on 2 cores, so it is
 what runs (``SESSIONS``).
@@ -246,6 +247,25 @@ async def test_etcd_restart_while_serving(cluster) -> None:
     assert not _failed(during) and not _failed(after)
     assert all(r["history_ok"] for r in during + after)
     assert len(stats["nodes"]) == len(cluster.nodes)
+
+
+async def test_node_restart_gives_its_sessions_back_with_their_cache(cluster) -> None:
+    conv = Conversations("restart", 40)
+    async with AsyncClient(cluster.address, timeout=60) as client:
+        assert not _failed(await conv.run_turn(client, 1))
+        await asyncio.sleep(1.5)  # a checkpoint round
+        node = max(set(conv.node.values()), key=list(conv.node.values()).count)
+        mine = [conv.ids.index(s) for s, n in conv.node.items() if n == node]
+        await asyncio.to_thread(cluster.kill_node, node, signal.SIGTERM)  # a clean stop
+        t2 = await conv.run_turn(client, 2, indices=mine)  # served by the others meanwhile
+        cluster.start_node(node)  # same id and port, restores its last checkpoint
+        await asyncio.to_thread(cluster.wait_ready, len(cluster.nodes), 60)
+        await asyncio.sleep(1.0)
+        t3 = await conv.run_turn(client, 3, indices=mine)
+    assert not _failed(t2) and not _failed(t3)
+    assert all(r["node"] != node for r in t2) and all(r["node"] == node for r in t3)
+    assert all(r["history_ok"] for r in t2 + t3)
+    assert all(r["cached_tokens"] >= r["cacheable"] for r in t3)
 
 
 def test_two_coordinators_route_every_session_alike(cluster) -> None:
