@@ -24,13 +24,18 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
-from ultrakv.coordinator.membership import MembershipWatcher, NodeRecord, NodeState
+from ultrakv.coordinator.membership import (
+    NODES_PREFIX,
+    MembershipWatcher,
+    NodeRecord,
+    NodeState,
+)
 from ultrakv.coordinator.peers import PeerChannels
 from ultrakv.coordinator.resharding import Plan, Resharder
 from ultrakv.coordinator.ring import (
@@ -39,7 +44,7 @@ from ultrakv.coordinator.ring import (
     bounded_lookup,
     route_key_for_prompt,
 )
-from ultrakv.coordinator.store import DEFAULT_PREFIX, EtcdStore
+from ultrakv.coordinator.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
 from ultrakv.node.errors import SessionNotFoundError
 from ultrakv.node.server import (
     ULTRAKV_SERVICE,
@@ -86,6 +91,15 @@ class CoordinatorSettings:
             raise ValueError(f"load_eps must be > 0, got {self.load_eps}")
 
 
+@dataclass
+class _Pending:
+    """Moves planned for one session and not done yet."""
+
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    moves: int = 0
+    live: bool = False
+
+
 class SessionGate:
     """Per-session order: one turn at a time, and no turn while the session moves.
 
@@ -97,7 +111,7 @@ class SessionGate:
 
     def __init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
-        self._pending: dict[str, tuple[asyncio.Event, bool]] = {}  # sid -> (done, live)
+        self._pending: dict[str, _Pending] = {}
 
     def lock(self, session_id: str) -> asyncio.Lock:
         return self._locks.setdefault(session_id, asyncio.Lock())
@@ -105,13 +119,18 @@ class SessionGate:
     def mark_pending(self, moves: list[tuple[str, bool]]) -> None:
         """``moves``: (session id, live) of the sessions a new ring moves."""
         for sid, live in moves:
-            if sid not in self._pending:
-                self._pending[sid] = (asyncio.Event(), live)
+            entry = self._pending.setdefault(sid, _Pending())
+            entry.moves += 1
+            entry.live = entry.live or live
 
     def done(self, session_id: str) -> None:
-        entry = self._pending.pop(session_id, None)
+        """One planned move of the session finished (two ring changes may plan two)."""
+        entry = self._pending.get(session_id)
         if entry is not None:
-            entry[0].set()
+            entry.moves -= 1
+            if entry.moves <= 0:
+                del self._pending[session_id]
+                entry.done.set()
 
     def pending(self, session_id: str) -> bool:
         return session_id in self._pending
@@ -119,8 +138,8 @@ class SessionGate:
     async def settled(self, session_id: str, live: bool = True) -> None:
         """Wait for the session's pending move (only a restore when ``live`` is False: a turn
         that holds the lock must not wait for a live move, which waits for the lock)."""
-        while (entry := self._pending.get(session_id)) is not None and (live or not entry[1]):
-            await entry[0].wait()
+        while (entry := self._pending.get(session_id)) is not None and (live or not entry.live):
+            await entry.done.wait()
 
     @contextlib.asynccontextmanager
     async def turn(self, session_id: str | None) -> AsyncIterator[None]:
@@ -175,8 +194,6 @@ class ClusterBackend:
         self.ring = HashRing((), vnodes=self.watcher.vnodes)
         self.members: dict[str, NodeRecord] = {}
         self.inflight: dict[str, int] = {}
-        self.last_plan: Plan | None = None
-        self.failovers: list[float] = []  # seconds from a failed forward to its recovery
         self._failed: dict[str, float] = {}  # node -> monotonic time its forward failed
         self._view_lock = asyncio.Lock()
         self._moves: asyncio.Queue[Plan] = asyncio.Queue()
@@ -257,7 +274,6 @@ class ClusterBackend:
             plan = (await self.resharder.plan(new, alive, dead)) if new.nodes else Plan(ring=new)
             self.gate.mark_pending([(m.session_id, m.live) for m in plan.moves])
             self.ring = new
-            self.last_plan = plan
             log.info("routing ring epoch %d: %s (%d of %d sessions move)", new.epoch,
                      list(new.nodes), len(plan.moves), plan.sessions)
             if plan.moves or plan.stale:
@@ -327,7 +343,6 @@ class ClusterBackend:
         sent_text: list[str] = []
         held: pb.TokenChunk | None = None
         first_token_at = 0.0
-        failed_at = 0.0
         async with self.gate.turn(sid):
             for attempt in range(self.settings.max_attempts):
                 if attempt > 0 and sid is not None:
@@ -362,8 +377,6 @@ class ClusterBackend:
                                 sent_ids.extend(held.token_ids)
                                 sent_text.append(held.text)
                                 yield held
-                            if failed_at:
-                                self.failovers.append(time.monotonic() - failed_at)
                             yield self._result(request, event, sent_ids, sent_text, started,
                                                first_token_at, resumed=attempt > 0)
                             return
@@ -376,7 +389,6 @@ class ClusterBackend:
                         raise RequestRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "",
                                               "deadline passed while the request was retried"
                                               ) from exc
-                    failed_at = failed_at or time.monotonic()
                     log.warning("request %s on %s failed after %d tokens (%s); %s",
                                 request.request_id, node, len(sent_ids),
                                 code.name if code else exc,
@@ -505,9 +517,6 @@ class _NodeGone(Exception):
         super().__init__(f"node {node} {why}")
         self.node = node
 
-    def code(self) -> None:
-        return None
-
 
 class CoordinatorServer:
     """The coordinator's gRPC server: UltraKV over a ClusterBackend, health, reflection."""
@@ -573,15 +582,12 @@ async def drain_node(store: EtcdStore, node_id: str, peers: PeerChannels | None 
 
     Coordinators take a draining node off the ring and stream its sessions away live.
     """
-    from ultrakv.coordinator.membership import NODES_PREFIX
-    from ultrakv.coordinator.store import Compare, Put
-
     key = NODES_PREFIX + node_id
     kv = await store.get(key)
     if kv is None:
         raise LookupError(f"node {node_id!r} is not registered")
     record = NodeRecord.from_json(kv.value)
-    draining = NodeRecord(**{**record.__dict__, "state": NodeState.DRAINING})
+    draining = replace(record, state=NodeState.DRAINING)
     if not await store.txn([Compare(key, "mod", "==", kv.mod_revision)],
                            [Put(key, draining.to_json(), kv.lease or None)]):
         raise RuntimeError(f"node {node_id!r} changed while being marked draining; retry")
