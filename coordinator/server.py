@@ -37,7 +37,7 @@ from ultrakv.coordinator.membership import (
     NodeState,
 )
 from ultrakv.coordinator.peers import PeerChannels
-from ultrakv.coordinator.resharding import Plan, Resharder
+from ultrakv.coordinator.resharding import Move, Plan, Resharder
 from ultrakv.coordinator.ring import (
     EmptyRingError,
     HashRing,
@@ -197,6 +197,7 @@ class ClusterBackend:
         self._failed: dict[str, float] = {}  # node -> monotonic time its forward failed
         self._view_lock = asyncio.Lock()
         self._moves: asyncio.Queue[Plan] = asyncio.Queue()
+        self._queued: dict[str, tuple[Move, HashRing]] = {}  # planned, not started
         self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -273,34 +274,54 @@ class ClusterBackend:
             dead = set(old.nodes) - alive
             plan = (await self.resharder.plan(new, alive, dead)) if new.nodes else Plan(ring=new)
             self.gate.mark_pending([(m.session_id, m.live) for m in plan.moves])
+            self._queue_moves(plan)
             self.ring = new
             log.info("routing ring epoch %d: %s (%d of %d sessions move)", new.epoch,
                      list(new.nodes), len(plan.moves), plan.sessions)
             if plan.moves or plan.stale:
                 self._moves.put_nowait(plan)
 
+    def _queue_moves(self, plan: Plan) -> None:
+        for move in plan.moves:
+            if self._queued.pop(move.session_id, None) is not None:
+                self.gate.done(move.session_id)  # superseded by the newer ring's move
+            self._queued[move.session_id] = (move, plan.ring)
+
+    async def _run_move(self, move: Move, ring: HashRing) -> None:
+        try:
+            if move.live:  # never under a running turn
+                async with self.gate.lock(move.session_id):
+                    result = await self.resharder.move(move, ring)
+            else:  # the turn waiting on it may hold the lock
+                result = await self.resharder.move(move, ring)
+            if result.ok:
+                log.info("session %s: %s -> %s (%s, %d KV tokens)", move.session_id,
+                         move.source, move.target, "live" if move.live else "restored",
+                         result.kv_tokens)
+        finally:
+            self.gate.done(move.session_id)
+
+    async def _expedite(self, session_id: str, live: bool) -> None:
+        """A turn waits for its session's move: run it now rather than in plan order (a dead
+        node's checkpoint may list many idle sessions ahead of it)."""
+        queued = self._queued.get(session_id)
+        if queued is not None and (live or not queued[0].live):
+            del self._queued[session_id]
+            await self._run_move(*queued)
+
     async def _mover(self) -> None:
         """Carry out plans one after another; moves of one plan run a few at a time."""
         gate = asyncio.Semaphore(self.resharder.concurrency)
 
-        async def one(move, ring: HashRing) -> None:
+        async def one(session_id: str) -> None:
             async with gate:
-                try:
-                    if move.live:  # never under a running turn
-                        async with self.gate.lock(move.session_id):
-                            result = await self.resharder.move(move, ring)
-                    else:  # the turn waiting on it may hold the lock
-                        result = await self.resharder.move(move, ring)
-                    if result.ok:
-                        log.info("session %s: %s -> %s (%s, %d KV tokens)", move.session_id,
-                                 move.source, move.target, "live" if move.live else "restored",
-                                 result.kv_tokens)
-                finally:
-                    self.gate.done(move.session_id)
+                queued = self._queued.pop(session_id, None)
+                if queued is not None:  # else a waiting turn ran it already
+                    await self._run_move(*queued)
 
         while True:
             plan = await self._moves.get()
-            await asyncio.gather(*(one(m, plan.ring) for m in plan.moves))
+            await asyncio.gather(*(one(m.session_id) for m in plan.moves))
             await self.resharder.drop_stale(plan.stale, self._alive())
 
     async def node_failed(self, node: str) -> None:
@@ -343,9 +364,12 @@ class ClusterBackend:
         sent_text: list[str] = []
         held: pb.TokenChunk | None = None
         first_token_at = 0.0
+        if sid is not None:
+            await self._expedite(sid, live=True)
         async with self.gate.turn(sid):
             for attempt in range(self.settings.max_attempts):
                 if attempt > 0 and sid is not None:
+                    await self._expedite(sid, live=False)
                     await self.gate.settled(sid, live=False)
                 node = self.route(request)
                 if attempt > 0 and sid is not None and held is not None:
