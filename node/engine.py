@@ -188,9 +188,9 @@ class Engine:
 
     def validate(self, request: GenerateRequest) -> None:
         """Raise InvalidRequestError / PromptTooLongError for a request that can't be served."""
-        self._tokens_for(request, dry_run=True)
+        self._tokens_for(request)
 
-    def _tokens_for(self, request: GenerateRequest, dry_run: bool = False) -> list[int]:
+    def _tokens_for(self, request: GenerateRequest) -> list[int]:
         prompt = request.prompt
         if isinstance(prompt, str):
             if not prompt and not request.session_id:
