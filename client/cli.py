@@ -10,6 +10,7 @@
     ultrakv batch IN.jsonl OUT.jsonl [--concurrency N]
     ultrakv monitor --dashboard [--interval S]
     ultrakv config --generate [--preset NAME] [--output FILE]
+    ultrakv config set KEY=VALUE ... --etcd HOST:PORT | config show --etcd HOST:PORT
 """
 
 from __future__ import annotations
@@ -130,9 +131,37 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dynamic_config(args: argparse.Namespace) -> int:
+    """``config set`` / ``config show``: the coordinators' live settings in etcd."""
+    from ultrakv.coordinator import dynamic_config as dc
+    from ultrakv.coordinator.store import EtcdStore
+
+    if not args.etcd:
+        raise ValueError(f"config {args.action}: --etcd HOST:PORT is required")
+    if args.action == "show" and args.settings:
+        raise ValueError("config show takes no KEY=VALUE settings")
+    if args.action == "set" and not args.settings:
+        raise ValueError("config set needs at least one KEY=VALUE")
+    changes = dict(dc.parse_assignment(a) for a in args.settings)
+
+    async def run() -> dict:
+        async with EtcdStore(args.etcd) as store:
+            if args.action == "set":
+                return await dc.set_overrides(store, changes)
+            return (await dc.read_overrides(store))[0]
+
+    overrides = asyncio.run(run())
+    effective = dc.apply_overrides(dc.DynamicConfig(), overrides).to_dict()
+    print(json.dumps({"key": dc.CONFIG_KEY, "overrides": overrides,
+                      "effective_over_defaults": effective}, indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.action is not None:
+        return _cmd_dynamic_config(args)
     if not args.generate:
-        raise SystemExit("config: nothing to do (use --generate)")
+        raise SystemExit("config: nothing to do (use --generate, set or show)")
     text = generate_config(args.preset)
     if args.output == "-":
         sys.stdout.write(text)
@@ -374,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (see its --help)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("config", help="write a commented config file")
+    p = sub.add_parser("config", help="write a config file; set/show coordinators' live config")
+    p.add_argument("action", nargs="?", choices=("set", "show"),
+                   help="live coordinator settings in etcd (config/coordinator)")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="with set")
+    p.add_argument("--etcd", help="etcd HOST:PORT (with set/show)")
     p.add_argument("--generate", action="store_true")
     p.add_argument("--preset", choices=PRESETS, default="development")
     p.add_argument("--output", default="ultrakv.yaml", help="file to write ('-' = stdout)")

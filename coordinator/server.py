@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
 from ultrakv.coordinator.membership import (
     NODES_PREFIX,
@@ -190,6 +191,8 @@ class ClusterBackend:
         self.gate = SessionGate()
         self.watcher = MembershipWatcher(self.store, on_members=self._on_members)
         self.health = HealthChecker(settings.health, on_transition=self._on_transition)
+        self.config = DynamicConfigWatcher(self.store, DynamicConfig.from_settings(settings),
+                                           on_change=self.apply_config)
         self.resharder = Resharder(self.store, self.peers, self._addresses)
         self.ring = HashRing((), vnodes=self.watcher.vnodes)
         self.members: dict[str, NodeRecord] = {}
@@ -206,6 +209,7 @@ class ClusterBackend:
         """Connect to etcd (``EtcdUnavailableError`` names the endpoint), read the members,
         start the health loop and the mover."""
         await self.store.connect()
+        await self.config.start()  # before the health loop: it starts with the live policy
         await self.watcher.start()
         self.health.start()
         self._tasks.append(asyncio.create_task(self._mover(), name="reshard-mover"))
@@ -226,10 +230,23 @@ class ClusterBackend:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.config.stop()
         await self.health.stop()
         await self.watcher.stop()
         await self.peers.close()
         await self.store.close()
+
+    async def apply_config(self, config: DynamicConfig) -> None:
+        """Apply a dynamic config (etcd ``config/coordinator``) live: every setting in it is
+        read on each use, so the next request, probe round and view tick follow it."""
+        policy = config.health_policy()
+        self.settings.load_eps = config.load_eps
+        self.settings.max_attempts = config.max_attempts
+        self.settings.failed_hold_s = config.failed_hold_s
+        self.settings.health = policy
+        self.health.policy = policy
+        self.health.tracker.policy = policy
+        await self._update_view()  # a shorter failed-node hold may put a node back now
 
     # -- the view: members, health, the routing ring ------------------------------------------
 
