@@ -163,8 +163,8 @@ class Resharder:
         turn); never raises."""
         try:
             state = await (self._migrate(move) if move.live else self._restore(move))
-            await self._replicate(move.session_id, state.token_ids, state.turns, move.target,
-                                  ring)
+            await self._replicate(move.session_id, state.token_ids, state.turns, state.tenant,
+                                  move.target, ring)
             return MoveResult(move, True, state.kv_tokens)
         except (grpc.aio.AioRpcError, OSError, ValueError, KeyError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
@@ -172,12 +172,12 @@ class Resharder:
                       move.target, detail)
             return MoveResult(move, False, error=detail or type(exc).__name__)
 
-    async def _replicate(self, session_id: str, history: list[int], turns: int, owner: str,
-                         ring: HashRing) -> None:
+    async def _replicate(self, session_id: str, history: list[int], turns: int, tenant: str,
+                         owner: str, ring: HashRing) -> None:
         for node in replica_targets(ring, session_id, owner)[:1]:
             try:
                 await self._stub(node).ReplicateHistory(npb.ReplicateHistoryRequest(
-                    session_id=session_id, token_ids=history, turns=turns),
+                    session_id=session_id, token_ids=history, turns=turns, tenant=tenant),
                     timeout=self.rpc_timeout_s)
             except (grpc.aio.AioRpcError, KeyError) as exc:
                 log.warning("replicating moved session %s to %s failed: %s", session_id, node,
@@ -193,13 +193,14 @@ class Resharder:
         await self._drop(move.session_id, move.source)  # cut over: one owner from here on
         header = chunks[0].header
         return SessionState(move.session_id, list(header.token_ids), header.turns,
-                            header.model_fingerprint, kv_tokens=resp.kv_tokens)
+                            header.model_fingerprint, kv_tokens=resp.kv_tokens,
+                            tenant=header.tenant)
 
     async def _restore(self, move: Move) -> SessionState:
         target = self._stub(move.target)
         history: list[int] = []
         turns = 0
-        fingerprint = ""
+        fingerprint = tenant = ""
         try:
             await target.PromoteReplica(npb.PromoteReplicaRequest(session_id=move.session_id),
                                         timeout=self.rpc_timeout_s)
@@ -212,6 +213,7 @@ class Resharder:
                 timeout=self.rpc_timeout_s)]
             held = chunks_to_state(chunks)
             history, turns, fingerprint = held.token_ids, held.turns, held.model_fingerprint
+            tenant = held.tenant
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -220,6 +222,9 @@ class Resharder:
             read_session, Path(manifest.directory), manifest.sessions[move.session_id])
         fingerprint = fingerprint or (checkpointed.model_fingerprint if checkpointed else "")
         state = merge_with_history(move.session_id, checkpointed, history, turns, fingerprint)
+        # Without a checkpoint the merge knows no tenant: keep the replica's salt, or the
+        # import below would re-salt the promoted session and lose its cached blocks.
+        state = replace(state, tenant=state.tenant or tenant)
         if not state.token_ids:
             raise ValueError(f"session {move.session_id}: no replica and no readable checkpoint")
         resp = await target.ImportSession(iter(state_to_chunks(state)),

@@ -70,11 +70,14 @@ class Replicator:
         if not sid:
             return
         try:
-            turns = (await asyncio.to_thread(self.engine.get_session, sid)).turns
+            session = await asyncio.to_thread(self.engine.sessions.get, sid)
         except SessionNotFoundError:
             return  # deleted while its turn ran: nothing to keep
+        # The tenant salts the session's block hashes: without it the promoted replica would
+        # hash under another salt and miss (or share) the blocks this tenant computed.
         request = npb.ReplicateHistoryRequest(
-            session_id=sid, token_ids=output.prompt_token_ids + output.token_ids, turns=turns)
+            session_id=sid, token_ids=output.prompt_token_ids + output.token_ids,
+            turns=session.turns, tenant=session.salt)
         addresses = self.addresses()
         targets = [n for n in replica_targets(self.ring(), sid, self.node_id) if n in addresses]
         for node in targets[:self.max_attempts]:
@@ -87,4 +90,5 @@ class Replicator:
                 log.warning("replicating session %s to %s failed: %s", sid, node, exc.code().name)
         if targets:
             self.stats.failed += 1
-            log.error("session %s: turn %d not replicated (no successor answered)", sid, turns)
+            log.error("session %s: turn %d not replicated (no successor answered)", sid,
+                      session.turns)

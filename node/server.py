@@ -39,6 +39,7 @@ from ultrakv.node.session_transfer import (
 )
 from ultrakv.node.validation import (
     PRIORITY_NAMES,
+    SESSION_ID_MAX_BYTES,
     Limits,
     Malformed,
     RequestRejected,
@@ -609,8 +610,13 @@ class NodeServicer:
         if request.turns < 0:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "turns",
                                   f"turns must be >= 0, got {request.turns}")
+        tenant_bytes = len(request.tenant.encode("utf-8"))
+        if tenant_bytes > SESSION_ID_MAX_BYTES:
+            raise RequestRejected(
+                grpc.StatusCode.INVALID_ARGUMENT, "tenant",
+                f"tenant must be at most {SESSION_ID_MAX_BYTES} bytes, got {tenant_bytes}")
         await asyncio.to_thread(self.engine.store_replica, sid, list(request.token_ids),
-                                request.turns)
+                                request.turns, request.tenant)
         return npb.ReplicateHistoryResponse()
 
     @_unary

@@ -8,8 +8,11 @@ import hashlib
 import grpc
 import pytest
 import torch
+from ultrakv.coordinator.peers import PeerChannels
+from ultrakv.coordinator.ring import HashRing
 from ultrakv.node import Engine, EngineConfig
-from ultrakv.node.outputs import SessionState
+from ultrakv.node.outputs import RequestOutput, SessionState
+from ultrakv.node.replication import Replicator
 from ultrakv.node.server import BackgroundServer
 from ultrakv.node.session_transfer import TransferError, chunks_to_state, state_to_chunks
 from ultrakv.v1 import node_pb2 as npb
@@ -27,11 +30,16 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def node(engine):
+def server(engine):
     with BackgroundServer(engine) as srv:
-        channel = grpc.insecure_channel(srv.address)
-        yield node_pb2_grpc.NodeServiceStub(channel)
-        channel.close()
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def node(server):
+    channel = grpc.insecure_channel(server.address)
+    yield node_pb2_grpc.NodeServiceStub(channel)
+    channel.close()
 
 
 def run_turn(node, session_id: str, text: str) -> pb.GenerateResult:
@@ -173,3 +181,62 @@ def test_chunk_errors_are_named():
     tampered.trailer.sha256 = b"\0" * 32
     with pytest.raises(TransferError, match="overall sha256"):
         chunks_to_state([*chunks[:-1], tampered])
+
+
+TENANT_PROMPT = "Tenant acme keeps its own cache: these words fill several blocks of tokens. " * 2
+
+
+def tenant_turn(node, session_id: str, text: str, tenant: str) -> pb.GenerateResult:
+    request = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id=f"{session_id}-{len(text)}", session_id=session_id, text=text, tenant=tenant,
+        sampling=pb.SamplingOptions(max_length=4, temperature=0.0)))
+    messages = list(node.Generate(iter([request]), timeout=30))
+    assert messages[-1].WhichOneof("event") == "result", messages[-1]
+    return messages[-1].result
+
+
+def history_of(node, session_id: str) -> list[int]:
+    chunks = node.ExportSession(npb.ExportSessionRequest(session_id=session_id), timeout=10)
+    return list(next(iter(chunks)).header.token_ids)
+
+
+def test_a_promoted_replica_keeps_its_tenant_and_the_tenants_cache(node, engine):
+    tenant_turn(node, "acme-src", TENANT_PROMPT, "acme")
+    history = history_of(node, "acme-src")
+    for sid, tenant in (("acme-replica", "acme"), ("saltless-replica", "")):
+        node.ReplicateHistory(npb.ReplicateHistoryRequest(
+            session_id=sid, token_ids=history, turns=1, tenant=tenant), timeout=10)
+        node.PromoteReplica(npb.PromoteReplicaRequest(session_id=sid), timeout=10)
+        assert engine.sessions.get(sid).salt == tenant
+    # The promoted session hashes under acme's salt, so it finds the blocks acme computed...
+    assert tenant_turn(node, "acme-replica", " and more", "acme").usage.cached_tokens >= 32
+    # ...which a replica without the tenant must not reach (tenants never share blocks).
+    assert tenant_turn(node, "saltless-replica", " and more", "").usage.cached_tokens == 0
+
+
+def test_replicate_history_rejects_an_overlong_tenant(node):
+    with pytest.raises(grpc.RpcError) as err:
+        node.ReplicateHistory(npb.ReplicateHistoryRequest(
+            session_id="long-tenant", token_ids=[1, 2], turns=1, tenant="t" * 129), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tenant must be at most 128 bytes, got 129" in err.value.details()
+
+
+async def test_replicator_sends_the_sessions_tenant(node, server, engine):
+    """The replication hook reads the session's salt; a failover promotes it with that salt."""
+    tenant_turn(node, "acme-hook", TENANT_PROMPT + " hook", "acme")
+    history = history_of(node, "acme-hook")
+    peers = PeerChannels()
+    replicator = Replicator(engine, "self", lambda: HashRing(["self", "peer"]),
+                            lambda: {"peer": server.address}, peers)
+    try:
+        await replicator.on_turn_complete(RequestOutput(
+            "r", "acme-hook", history, [], "", 0, "stop", 0.0, 0.0))
+    finally:
+        await peers.close()
+    assert replicator.stats.replicated == 1
+    # The owner dies (its live copy goes); the successor promotes the replica.
+    node.DeleteSession(pb.DeleteSessionRequest(session_id="acme-hook"), timeout=10)
+    node.PromoteReplica(npb.PromoteReplicaRequest(session_id="acme-hook"), timeout=10)
+    assert engine.sessions.get("acme-hook").salt == "acme"
+    assert tenant_turn(node, "acme-hook", " next", "acme").usage.cached_tokens >= 32

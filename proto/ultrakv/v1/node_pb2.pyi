@@ -98,14 +98,16 @@ class ImportSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
 
 class ReplicateHistoryRequest(_message.Message):
-    __slots__ = ("session_id", "token_ids", "turns")
+    __slots__ = ("session_id", "token_ids", "turns", "tenant")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     turns: int
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ...) -> None: ...
+    tenant: str
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ReplicateHistoryResponse(_message.Message):
     __slots__ = ()
