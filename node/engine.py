@@ -45,7 +45,7 @@ from ultrakv.node.outputs import (
 )
 from ultrakv.node.runner import ModelRunner
 from ultrakv.node.sampling_params import Priority, SamplingParams
-from ultrakv.node.scheduler import Scheduler
+from ultrakv.node.scheduler import Scheduler, SchedulerOutput
 from ultrakv.node.sequence import Sequence
 from ultrakv.node.sessions import Session, SessionStore
 
@@ -133,8 +133,11 @@ class Engine:
         self.cuda_graphs = graphs is not None
         self.max_waiting = 16 * config.max_num_seqs
 
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # engine state: queues, sessions, pool
+        self._step_lock = threading.Lock()  # one step at a time
         self._work = threading.Condition(self._lock)
+        self._in_flight: set[str] = set()  # request ids in the step the model is running
+        self._deferred_aborts: set[str] = set()
         self._seqs: dict[str, Sequence] = {}
         self._listeners: dict[str, Listener] = {}
         self._loop_thread: threading.Thread | None = None
@@ -272,56 +275,82 @@ class Engine:
             return seq
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks now. Returns False if it is not running."""
+        """Stop a request and free its blocks now (or, if the model is computing it right
+        now, as soon as that step ends). Returns False if it is not running."""
         with self._lock:
             seq = self._seqs.get(request_id)
             if seq is None:
                 return False
-            self._finish(seq, "abort")
+            if request_id in self._in_flight:
+                self._deferred_aborts.add(request_id)
+            else:
+                self._finish(seq, "abort")
             return True
 
     # -- the step loop ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns the requests that finished in it."""
-        with self._lock:
-            finished: list[RequestOutput] = []
-            now = time.monotonic()
-            for seq in [s for s in self._seqs.values() if s.deadline is not None and now > s.deadline]:
-                finished.append(self._finish(seq, "abort", error="deadline exceeded"))
-            out = self.scheduler.schedule()
-            self._metrics.preemptions += len(out.preempted)
-            if out.is_empty:
-                return finished
+        """Run one scheduling step; returns the requests that finished in it.
+
+        Steps are serialized by ``_step_lock``; the state lock is released while the model
+        runs, so requests can be added, aborted and inspected (the server's event loop never
+        waits out a forward pass). Nothing else can touch the scheduled sequences' blocks
+        meanwhile: only ``schedule`` allocates, and aborts of in-flight sequences wait for the
+        step to end before their blocks are released.
+        """
+        with self._step_lock:
+            with self._lock:
+                finished: list[RequestOutput] = []
+                now = time.monotonic()
+                for seq in [s for s in self._seqs.values() if s.deadline is not None and now > s.deadline]:
+                    finished.append(self._finish(seq, "abort", error="deadline exceeded"))
+                out = self.scheduler.schedule()
+                self._metrics.preemptions += len(out.preempted)
+                if out.is_empty:
+                    return finished
+                self._in_flight = {item.seq.request_id for item in out.scheduled}
             try:
                 sampled = self.runner.execute(out.scheduled)
             except Exception as exc:  # a broken step must not take the node down
                 log.exception("model step failed; failing its %d requests", len(out.scheduled))
-                for item in out.scheduled:
-                    finished.append(self._finish(item.seq, "error", error=f"model step failed: {exc}"))
+                with self._lock:
+                    self._in_flight = set()
+                    for item in out.scheduled:
+                        if not item.seq.is_finished:
+                            finished.append(self._finish(item.seq, "error", error=f"model step failed: {exc}"))
                 return finished
-            self.scheduler.on_step_done(out)
-            self._metrics.steps += 1
-            self._metrics.batched_tokens += out.num_batched_tokens
-            now_wall = time.monotonic()
-            for item, token in zip(out.scheduled, sampled, strict=True):
-                if token is None:
-                    continue
-                seq = item.seq
-                seq.token_ids.append(token)
-                if seq.first_token_time is None:
-                    seq.first_token_time = now_wall
-                    self._metrics.ttft.append(now_wall - seq.arrival_time)
-                self._metrics.generated_tokens += 1
-                reason = self._stop_reason(seq, token)
-                delta_text = self._detokenize(seq, final=reason is not None) if seq.incremental_text else ""
-                if seq.finish_reason == "stop":  # a stop string completed in the text
-                    reason = "stop"
-                if reason is not None:
-                    finished.append(self._finish(seq, reason, pending_text=delta_text))
-                else:
-                    self._emit(seq, delta_text)
+            with self._lock:
+                self._in_flight = set()
+                finished.extend(self._after_step(out, sampled))
+                for rid in self._deferred_aborts & self._seqs.keys():
+                    finished.append(self._finish(self._seqs[rid], "abort"))
+                self._deferred_aborts.clear()
             return finished
+
+    def _after_step(self, out: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
+        self.scheduler.on_step_done(out)
+        self._metrics.steps += 1
+        self._metrics.batched_tokens += out.num_batched_tokens
+        finished = []
+        now = time.monotonic()
+        for item, token in zip(out.scheduled, sampled, strict=True):
+            if token is None:
+                continue
+            seq = item.seq
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self._metrics.ttft.append(now - seq.arrival_time)
+            self._metrics.generated_tokens += 1
+            reason = self._stop_reason(seq, token)
+            delta_text = self._detokenize(seq, final=reason is not None) if seq.incremental_text else ""
+            if seq.finish_reason == "stop":  # a stop string completed in the text
+                reason = "stop"
+            if reason is not None:
+                finished.append(self._finish(seq, reason, pending_text=delta_text))
+            else:
+                self._emit(seq, delta_text)
+        return finished
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -398,7 +427,10 @@ class Engine:
                     self._work.wait()
                 if self._stopping:
                     return
-                self.step()
+            try:
+                self.step()  # outside the state lock: the step takes it only around bookkeeping
+            except Exception:  # keep serving: one broken step must not stop the node
+                log.exception("engine step failed")
 
     def shutdown(self) -> None:
         with self._work:
@@ -451,7 +483,7 @@ class Engine:
         new_tokens = seq.output_token_ids[seq.emitted_tokens :]
         seq.emitted_tokens = seq.num_output_tokens
         if listener is not None and (new_tokens or text):
-            listener(StreamDelta(seq.request_id, new_tokens, text))
+            _notify(listener, StreamDelta(seq.request_id, new_tokens, text))
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, pending_text: str = "") -> RequestOutput:
         if not seq.incremental_text and reason in ("stop", "length"):
@@ -483,7 +515,7 @@ class Engine:
         listener = self._listeners.pop(seq.request_id, None)
         if listener is not None:
             new_tokens = seq.output_token_ids[seq.emitted_tokens :]
-            listener(StreamDelta(seq.request_id, new_tokens, pending_text, finished=True, output=output))
+            _notify(listener, StreamDelta(seq.request_id, new_tokens, pending_text, finished=True, output=output))
         return output
 
     # -- sessions ---------------------------------------------------------------------------
@@ -637,6 +669,15 @@ class _Metrics:
         self.steps = 0
         self.ttft: deque[float] = deque(maxlen=2048)
         self.tpot: deque[float] = deque(maxlen=2048)
+
+
+def _notify(listener: Listener, delta: StreamDelta) -> None:
+    """Deliver a delta; a listener that fails (say, its event loop has closed because the
+    consumer left) loses its delta but never breaks the step that serves everyone else."""
+    try:
+        listener(delta)
+    except Exception:
+        log.debug("listener for %s failed; dropping its delta", delta.request_id, exc_info=True)
 
 
 def _pct(values: deque[float], q: float) -> float:
