@@ -1,9 +1,9 @@
 """The ``ultrakv`` command line: run servers, talk to them, write config files.
 
     ultrakv serve [--nodes N] [--config FILE] [--model tiny|PATH] [--port 50051]
-                  [--data-dir DIR] [--etcd HOST:PORT]
+                  [--data-dir DIR] [--etcd HOST:PORT] [--metrics-port PORT]
     ultrakv node --model tiny|PATH --port P --device auto|cpu|cuda:N [--etcd HOST:PORT]
-    ultrakv coordinator --etcd HOST:PORT --port P
+    ultrakv coordinator --etcd HOST:PORT --port P [--metrics-port PORT]
     ultrakv drain NODE --etcd HOST:PORT
     ultrakv test --text "Hello" --max-length 50 [--session ID]
     ultrakv stats | health | clear-cache | sessions cleanup --max-age S
@@ -46,7 +46,8 @@ def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
     engine = {"model": args.model, "device": args.device, "num_blocks": args.num_blocks}
     if not args.config and args.device is None:
         engine["device"] = default_device
-    server = {"host": args.host, "port": args.port, "node_id": args.node_id}
+    server = {"host": args.host, "port": args.port, "node_id": args.node_id,
+              "metrics_port": args.metrics_port}
     return config.with_overrides(engine, server)
 
 
@@ -94,6 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"nodes must be >= 1, got {args.nodes}")
     if args.nodes == 1 and not args.etcd:  # one process serves the client API itself
         return _run_node(_node_config(args, default_device="cpu"))
+    if args.metrics_port:  # one port cannot serve N node processes and a coordinator
+        raise ValueError("--metrics-port needs --nodes 1 without --etcd; with more nodes "
+                         "give each `ultrakv node` and `ultrakv coordinator` its own")
     from pathlib import Path
 
     from ultrakv.coordinator.cluster import ClusterSpec, serve_cluster
@@ -112,7 +116,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from ultrakv.coordinator.server import CoordinatorSettings, serve_coordinator
 
     settings = CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
-                                   port=args.port or 50051)
+                                   port=args.port or 50051,
+                                   metrics_port=args.metrics_port or 0)
     asyncio.run(serve_coordinator(settings))
     log.info("stopped")
     return 0
@@ -301,6 +306,12 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--port", type=int, help=f"gRPC port (default {port_default})")
     p.add_argument("--node-id", help="this node's name (default generated)")
     p.add_argument("--num-blocks", type=int, help="KV pool size in blocks")
+    _metrics_option(p)
+
+
+def _metrics_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
 
 
 BENCH_SUITES = {
@@ -352,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd", required=True, help="etcd HOST:PORT")
     p.add_argument("--host", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    _metrics_option(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("drain", help="move a node's sessions away before it stops")

@@ -30,6 +30,7 @@ HELP: dict[str, dict[str, str]] = {
         "stream_flush_interval_s": "token chunks of a stream are coalesced over this interval",
         "tls_cert": "PEM certificate chain; with tls_key, the server speaks TLS",
         "tls_key": "PEM private key",
+        "metrics_port": "Prometheus /metrics HTTP port (0 = off)",
     },
     "limits": {
         "default_max_length": "new tokens when a request sets no max_length",

@@ -25,10 +25,12 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import CollectorRegistry
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
 from ultrakv.coordinator.membership import (
@@ -37,6 +39,7 @@ from ultrakv.coordinator.membership import (
     NodeRecord,
     NodeState,
 )
+from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
 from ultrakv.coordinator.peers import PeerChannels
 from ultrakv.coordinator.resharding import Move, Plan, Resharder
 from ultrakv.coordinator.ring import (
@@ -47,6 +50,7 @@ from ultrakv.coordinator.ring import (
 )
 from ultrakv.coordinator.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
 from ultrakv.node.errors import SessionNotFoundError
+from ultrakv.node.metrics import serve_metrics
 from ultrakv.node.server import (
     ULTRAKV_SERVICE,
     Event,
@@ -84,6 +88,7 @@ class CoordinatorSettings:
     failed_hold_s: float = 3.0  # a node whose forward failed stays off the ring this long
     limits: Limits = field(default_factory=Limits)
     grace_period_s: float = 2.0
+    metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -202,6 +207,12 @@ class ClusterBackend:
         self._moves: asyncio.Queue[Plan] = asyncio.Queue()
         self._queued: dict[str, tuple[Move, HashRing]] = {}  # planned, not started
         self._tasks: list[asyncio.Task] = []
+        self.counters = CoordinatorCounters()
+
+    @property
+    def pending_moves(self) -> int:
+        """Session moves planned and not started."""
+        return len(self._queued)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -311,6 +322,7 @@ class ClusterBackend:
                     result = await self.resharder.move(move, ring)
             else:  # the turn waiting on it may hold the lock
                 result = await self.resharder.move(move, ring)
+            self.counters.moved(move.live, result.ok, result.kv_tokens)
             if result.ok:
                 log.info("session %s: %s -> %s (%s, %d KV tokens)", move.session_id,
                          move.source, move.target, "live" if move.live else "restored",
@@ -418,6 +430,7 @@ class ClusterBackend:
                                 sent_ids.extend(held.token_ids)
                                 sent_text.append(held.text)
                                 yield held
+                            self.counters.forwarded(node, "ok")
                             yield self._result(request, event, sent_ids, sent_text, started,
                                                first_token_at, resumed=attempt > 0)
                             return
@@ -425,7 +438,9 @@ class ClusterBackend:
                 except (_NodeGone, grpc.aio.AioRpcError) as exc:
                     code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
                     if code is not None and code not in _RETRYABLE:
+                        self.counters.forwarded(node, "error")
                         raise
+                    self.counters.forwarded(node, "node_failed")
                     if deadline is not None and time.monotonic() >= deadline:
                         raise RequestRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "",
                                               "deadline passed while the request was retried"
@@ -435,6 +450,8 @@ class ClusterBackend:
                                 code.name if code else exc,
                                 "resuming" if sent_ids else "retrying")
                     await self.node_failed(node)
+                    if attempt + 1 < self.settings.max_attempts:
+                        self.counters.retried("resume" if sent_ids else "retry")
         raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
                               f"no node completed the request in {self.settings.max_attempts} "
                               "attempts", retry_after_s=1.0)
@@ -570,6 +587,7 @@ class CoordinatorServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
 
     @property
     def address(self) -> str:
@@ -594,9 +612,18 @@ class CoordinatorServer:
         self._server = server
         for name in ("", ULTRAKV_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.metrics_port:
+            registry = CollectorRegistry()  # own registry: several servers in one process
+            registry.register(CoordinatorCollector(self.backend))
+            self._metrics_http = serve_metrics(self.settings.metrics_port, registry,
+                                               self.settings.host)
         return self.port
 
     async def stop(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(self.settings.grace_period_s)

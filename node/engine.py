@@ -35,6 +35,7 @@ from ultrakv.node.errors import (
 )
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.hashing import hash_token_blocks
+from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
 from ultrakv.node.model.loader import load_model
 from ultrakv.node.outputs import (
     GenerateRequest,
@@ -510,8 +511,13 @@ class Engine:
         m.finished[reason] = m.finished.get(reason, 0) + 1
         m.prompt_tokens += output.prompt_tokens
         m.cached_tokens += output.cached_tokens
+        if seq.first_token_time:
+            m.ttft_hist.observe(output.ttft_s)
         if output.completion_tokens > 1 and seq.first_token_time:
-            m.tpot.append((now - seq.first_token_time) / (output.completion_tokens - 1))
+            tpot = (now - seq.first_token_time) / (output.completion_tokens - 1)
+            m.tpot.append(tpot)
+            m.tpot_hist.observe(tpot)
+        m.e2e_hist.observe(output.latency_s)
         listener = self._listeners.pop(seq.request_id, None)
         if listener is not None:
             new_tokens = seq.output_token_ids[seq.emitted_tokens :]
@@ -652,6 +658,11 @@ class Engine:
                     "tpot_p95_s": _pct(m.tpot, 95),
                     "tpot_p99_s": _pct(m.tpot, 99),
                 },
+                "histograms": {
+                    "ttft_s": m.ttft_hist.snapshot(),
+                    "tpot_s": m.tpot_hist.snapshot(),
+                    "e2e_s": m.e2e_hist.snapshot(),
+                },
                 "cache": self.pool.stats().to_dict(),
                 "sessions": {"count": len(self.sessions), "replicas": self.sessions.num_replicas},
             }
@@ -669,6 +680,10 @@ class _Metrics:
         self.steps = 0
         self.ttft: deque[float] = deque(maxlen=2048)
         self.tpot: deque[float] = deque(maxlen=2048)
+        # Cumulative since start, for Prometheus (the deques above feed the percentiles).
+        self.ttft_hist = LatencyHistogram(TTFT_BUCKETS)
+        self.tpot_hist = LatencyHistogram(TPOT_BUCKETS)
+        self.e2e_hist = LatencyHistogram(E2E_BUCKETS)
 
 
 def _notify(listener: Listener, delta: StreamDelta) -> None:

@@ -28,7 +28,9 @@ import grpc
 from google.protobuf import message_factory, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import CollectorRegistry
 from ultrakv.node.errors import EngineError, IncompatibleSessionError, SessionNotFoundError
+from ultrakv.node.metrics import NodeCollector, serve_metrics
 from ultrakv.node.outputs import GenerateRequest, RequestOutput, SessionInfo
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.session_transfer import (
@@ -683,6 +685,7 @@ class ServerSettings:
     stream_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
     tls_cert: str = ""  # PEM paths; both set = TLS
     tls_key: str = ""
+    metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
 
 
 class NodeServer:
@@ -699,6 +702,7 @@ class NodeServer:
         self.backend = LocalBackend(engine, ident)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
 
     @property
     def address(self) -> str:
@@ -732,10 +736,19 @@ class NodeServer:
         self.backend.identity.address = self.address
         for name in ("", ULTRAKV_SERVICE, NODE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.metrics_port:
+            registry = CollectorRegistry()  # own registry: several servers in one process
+            registry.register(NodeCollector(self.engine, self.backend.identity.node_id))
+            self._metrics_http = serve_metrics(self.settings.metrics_port, registry,
+                                               self.settings.host)
         return self.port
 
     async def stop(self) -> None:
         """Report NOT_SERVING, let running requests finish within the grace period, stop."""
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()

@@ -1,0 +1,99 @@
+"""Prometheus metrics of a coordinator, read from its ClusterBackend at scrape time.
+
+``CoordinatorCounters`` is what the request path and the mover bump (dict and int additions);
+``CoordinatorCollector`` turns them, the ring, the members and their health into
+``ultrakv_coordinator_*`` families when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from ultrakv.coordinator.health import Health
+from ultrakv.coordinator.membership import NodeState
+
+
+@dataclass
+class CoordinatorCounters:
+    """Cumulative counts since the coordinator started."""
+
+    forwards: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, outcome)
+    retries: dict[str, int] = field(default_factory=dict)  # "retry" | "resume" -> count
+    moves: dict[tuple[str, str], int] = field(default_factory=dict)  # (mode, result)
+    moved_kv_tokens: int = 0
+
+    def forwarded(self, node: str, outcome: str) -> None:
+        """One forward to ``node`` ended: ``ok``, ``node_failed`` (retried) or ``error``."""
+        key = (node, outcome)
+        self.forwards[key] = self.forwards.get(key, 0) + 1
+
+    def retried(self, kind: str) -> None:
+        """A request goes to another attempt: ``retry`` (no token sent) or ``resume``."""
+        self.retries[kind] = self.retries.get(kind, 0) + 1
+
+    def moved(self, live: bool, ok: bool, kv_tokens: int) -> None:
+        """One session move finished (``live`` from a serving owner, else restored)."""
+        key = ("live" if live else "restored", "ok" if ok else "failed")
+        self.moves[key] = self.moves.get(key, 0) + 1
+        self.moved_kv_tokens += kv_tokens
+
+
+class CoordinatorCollector(Collector):
+    """``ultrakv_coordinator_*`` metrics of one ClusterBackend."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def collect(self) -> Iterator[Metric]:
+        b = self.backend
+        c: CoordinatorCounters = b.counters
+        forwards = CounterMetricFamily("ultrakv_coordinator_forwarded_requests",
+                                       "Forwards to nodes by outcome (ok, node_failed, error).",
+                                       labels=["node", "outcome"])
+        for (node, outcome), n in sorted(c.forwards.items()):
+            forwards.add_metric([node, outcome], n)
+        yield forwards
+        retries = CounterMetricFamily("ultrakv_coordinator_retries",
+                                      "Requests sent to another attempt after a node failure "
+                                      "(retry before any token, resume mid-stream).",
+                                      labels=["kind"])
+        for kind in ("retry", "resume"):
+            retries.add_metric([kind], c.retries.get(kind, 0))
+        yield retries
+        moves = CounterMetricFamily("ultrakv_coordinator_session_moves",
+                                    "Sessions moved by resharding (live or restored).",
+                                    labels=["mode", "result"])
+        for (mode, result), n in sorted(c.moves.items()):
+            moves.add_metric([mode, result], n)
+        yield moves
+        yield CounterMetricFamily("ultrakv_coordinator_moved_kv_tokens",
+                                  "KV tokens carried by live session moves.",
+                                  value=c.moved_kv_tokens)
+
+        yield GaugeMetricFamily("ultrakv_coordinator_ring_epoch", "Routing ring epoch.",
+                                value=b.ring.epoch)
+        yield GaugeMetricFamily("ultrakv_coordinator_ring_nodes", "Nodes on the routing ring.",
+                                value=len(b.ring.nodes))
+        states = GaugeMetricFamily("ultrakv_coordinator_nodes", "Registered nodes by state.",
+                                   labels=["state"])
+        members = dict(b.members)
+        for state in NodeState:
+            states.add_metric([state.value], sum(r.state is state for r in members.values()))
+        yield states
+        health = GaugeMetricFamily("ultrakv_coordinator_node_health",
+                                   "Registered nodes by health (up, down, unknown).",
+                                   labels=["health"])
+        for h in Health:
+            health.add_metric([h.value], sum(b.health.status(n) is h for n in members))
+        yield health
+        inflight = GaugeMetricFamily("ultrakv_coordinator_inflight_requests",
+                                     "Forwards in flight per node.", labels=["node"])
+        for node, n in sorted(dict(b.inflight).items()):
+            inflight.add_metric([node], n)
+        yield inflight
+        yield GaugeMetricFamily("ultrakv_coordinator_pending_session_moves",
+                                "Session moves planned and not started.", value=b.pending_moves)

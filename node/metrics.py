@@ -1,0 +1,172 @@
+"""Prometheus metrics of a node, read from ``Engine.stats()`` at scrape time.
+
+Nothing here runs on the serving path except :meth:`LatencyHistogram.observe` (a bisect and
+two additions per finished request). The collector builds metric families from one
+``stats()`` snapshot per scrape, so the engine keeps plain counters and pays nothing for
+Prometheus::
+
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(engine, node_id="node-1"))
+    serve_metrics(9100, registry)  # http://host:9100/metrics
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+log = logging.getLogger("ultrakv.node.metrics")
+
+# vLLM's bucket edges (seconds), with finer low edges: a CPU or small model answers in ms.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+               40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
+
+
+class LatencyHistogram:
+    """Counts of observations per fixed bucket plus their sum; O(1) observe, no allocation.
+
+    ``counts[i]`` holds observations ``<= bounds[i]`` and ``> bounds[i-1]`` (Prometheus
+    ``le`` semantics); the last slot holds those above every bound.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        if list(bounds) != sorted(set(bounds)):
+            raise ValueError(f"bounds must be strictly increasing, got {bounds}")
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"buckets": [[le, cumulative count], ...], "sum": s, "count": n}``; ``count``
+        is the ``+Inf`` bucket (kept out of the list so the dict stays JSON-safe)."""
+        buckets, total = [], 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            total += count
+            buckets.append([bound, total])
+        return {"buckets": buckets, "sum": self.sum, "count": total + self.counts[-1]}
+
+
+def histogram_family(name: str, doc: str, labels: dict[str, str],
+                     snapshot: dict[str, Any]) -> HistogramMetricFamily:
+    """A HistogramMetricFamily from a :meth:`LatencyHistogram.snapshot`."""
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    buckets = [(_le(b), float(c)) for b, c in snapshot["buckets"]]
+    buckets.append(("+Inf", float(snapshot["count"])))
+    family.add_metric(list(labels.values()), buckets, snapshot["sum"])
+    return family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _counter(name: str, doc: str, labels: dict[str, str], value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def _gauge(name: str, doc: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+class NodeCollector(Collector):
+    """``ultrakv_*`` metrics of one engine, labelled ``node`` and ``model``."""
+
+    def __init__(self, engine: Any, node_id: str | Callable[[], str]) -> None:
+        self.engine = engine
+        self._node_id = node_id
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.engine.stats()
+        node = self._node_id() if callable(self._node_id) else self._node_id
+        base = {"node": node, "model": str(s["model"])}
+        req, tok, cache, hist = s["requests"], s["tokens"], s["cache"], s["histograms"]
+
+        info = GaugeMetricFamily("ultrakv_node_info", "Static facts about the node (value 1).",
+                                 labels=[*base, "device", "dtype", "attention_backend"])
+        info.add_metric([*base.values(), str(s["device"]), str(s["dtype"]),
+                         str(s["attention_backend"])], 1)
+        yield info
+
+        finished = CounterMetricFamily("ultrakv_requests", "Finished requests by finish reason.",
+                                       labels=[*base, "finish_reason"])
+        for reason, count in sorted(req["finished"].items()):
+            finished.add_metric([*base.values(), reason], count)
+        yield finished
+        yield _counter("ultrakv_requests_received", "Requests admitted to the engine.", base,
+                       req["total"])
+        yield _counter("ultrakv_prompt_tokens", "Prompt tokens of finished requests.", base,
+                       tok["prompt"])
+        yield _counter("ultrakv_generation_tokens", "Generated tokens.", base, tok["generated"])
+        yield _counter("ultrakv_prefix_cache_hit_tokens",
+                       "Prompt tokens served from the KV cache (not prefilled).", base,
+                       tok["cached"])
+        yield _counter("ultrakv_prefix_cache_queries", "KV blocks looked up in the prefix cache.",
+                       base, cache["hits"] + cache["misses"])
+        yield _counter("ultrakv_prefix_cache_hits", "KV blocks found in the prefix cache.", base,
+                       cache["hits"])
+        yield _counter("ultrakv_kv_cache_evictions", "Cached KV blocks reclaimed for new use.",
+                       base, cache["evictions"])
+        yield _counter("ultrakv_preemptions", "Sequences preempted (recomputed later).", base,
+                       req["preemptions"])
+        yield _counter("ultrakv_scheduler_steps", "Engine steps run.", base, tok["steps"])
+        yield _counter("ultrakv_batched_tokens", "Tokens run through the model.", base,
+                       tok["batched"])
+
+        yield _gauge("ultrakv_num_requests_running", "Requests in the running batch.", base,
+                     req["running"])
+        yield _gauge("ultrakv_num_requests_waiting", "Requests waiting for admission.", base,
+                     req["waiting"])
+        blocks = GaugeMetricFamily("ultrakv_kv_cache_blocks",
+                                   "KV blocks by state (cached is part of free).",
+                                   labels=[*base, "state"])
+        for state in ("used", "free", "cached"):
+            blocks.add_metric([*base.values(), state], cache[f"blocks_{state}"])
+        yield blocks
+        num_blocks = cache["num_blocks"]
+        yield _gauge("ultrakv_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1).", base,
+                     cache["blocks_used"] / num_blocks if num_blocks else 0.0)
+        yield _gauge("ultrakv_sessions", "Sessions held (owned).", base, s["sessions"]["count"])
+        yield _gauge("ultrakv_session_replicas", "Replicated session histories held.", base,
+                     s["sessions"]["replicas"])
+
+        yield histogram_family("ultrakv_time_to_first_token_seconds",
+                               "Arrival to first generated token.", base, hist["ttft_s"])
+        yield histogram_family("ultrakv_time_per_output_token_seconds",
+                               "Mean time per output token after the first, per request.", base,
+                               hist["tpot_s"])
+        yield histogram_family("ultrakv_e2e_request_latency_seconds",
+                               "Arrival to finish, per request.", base, hist["e2e_s"])
+
+
+def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> Any:
+    """Serve ``registry`` over HTTP at ``/metrics``; returns the server (call ``shutdown()``
+    on it to stop). Logs the URL."""
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    host = "127.0.0.1" if addr in ("0.0.0.0", "::", "") else addr
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server
