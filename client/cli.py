@@ -98,8 +98,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.metrics_port:  # one port cannot serve N node processes and a coordinator
         raise ValueError("--metrics-port needs --nodes 1 without --etcd; with more nodes "
                          "give each `ultrakv node` and `ultrakv coordinator` its own")
-    from pathlib import Path
-
     from ultrakv.coordinator.cluster import ClusterSpec, serve_cluster
 
     return serve_cluster(ClusterSpec(
