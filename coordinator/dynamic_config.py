@@ -31,6 +31,7 @@ from ultrakv.coordinator.store import (
     StoreError,
     key_absent,
 )
+from ultrakv.coordinator.tasks import cancel_task
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +178,8 @@ class DynamicConfigWatcher:
         self._task = asyncio.create_task(self._watch(revision), name="dynamic-config")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
 
     async def _read(self) -> int:
         """Apply the stored document; returns the revision read at."""

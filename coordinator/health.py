@@ -19,6 +19,7 @@ from enum import StrEnum
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ultrakv.coordinator.tasks import cancel_task
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +231,8 @@ class HealthChecker:
 
     async def stop(self) -> None:
         """Stop probing and close the channels."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()

@@ -28,6 +28,7 @@ from ultrakv.coordinator.store import (
     Put,
     key_absent,
 )
+from ultrakv.coordinator.tasks import cancel_task
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +169,8 @@ class NodeRegistration:
 
     async def deregister(self) -> None:
         """Stop the keepalive and revoke the lease, removing the entry at once."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         if self.lease is not None:
             lease, self.lease = self.lease, None
             try:
@@ -236,13 +232,8 @@ class MembershipWatcher:
         self._task = asyncio.create_task(self._run(revision), name="membership-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
 
     async def wait_for(
         self, predicate: Callable[[MembershipWatcher], bool], timeout_s: float

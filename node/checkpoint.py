@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from ultrakv.coordinator.store import EtcdStore, EtcdUnavailableError
+from ultrakv.coordinator.tasks import cancel_task
 from ultrakv.node.errors import SessionNotFoundError
 from ultrakv.node.outputs import SessionState
 
@@ -275,10 +276,5 @@ class Checkpointer:
             self._task = asyncio.create_task(self._run(), name=f"checkpoint-{self.node_id}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None

@@ -523,16 +523,13 @@ class NodeServicer:
     def __init__(self, backend: LocalBackend, limits: Limits,
                  flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S) -> None:
         self.backend = backend
-        self.flush_interval_s = flush_interval_s
         self.engine = backend.engine
-        self.limits = limits
+        # Generate and the session calls are the client-facing service's, over the same backend.
         self._client_facing = UltraKVServicer(backend, limits, flush_interval_s)
 
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async with contextlib.aclosing(
-                serve_generate_stream(self.backend, self.limits, requests, context,
-                                      self.flush_interval_s)) as stream:
+        async with contextlib.aclosing(self._client_facing.Generate(requests, context)) as stream:
             async for message in stream:
                 yield message
 

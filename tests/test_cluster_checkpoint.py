@@ -6,30 +6,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ultrakv.coordinator.etcd_server import EmbeddedEtcd, free_port
-from ultrakv.coordinator.store import EtcdStore
+from ultrakv.coordinator.etcd_server import free_port
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.checkpoint import Checkpointer, load_manifest, restore_into
 
 pytestmark = pytest.mark.cluster
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
-    with EmbeddedEtcd(tmp_path_factory.mktemp("etcd")) as server:
-        yield server
-
-
-@pytest.fixture
-async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
-    async with EtcdStore(etcd.endpoint, prefix=f"/t-{uuid.uuid4().hex[:8]}/") as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from ultrakv.client.cli import main as cli_main
@@ -25,18 +24,6 @@ from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
 from ultrakv.coordinator.store import DEFAULT_PREFIX, EtcdStore
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
-    with EmbeddedEtcd(tmp_path_factory.mktemp("etcd")) as server:
-        yield server
-
-
-@pytest.fixture
-async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
-    async with EtcdStore(etcd.endpoint, prefix=f"/t-{uuid.uuid4().hex[:8]}/") as s:
-        yield s
 
 
 async def _until(predicate, timeout_s: float = 5.0) -> None:

@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,19 +29,6 @@ from ultrakv.coordinator.store import (
 )
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
-    with EmbeddedEtcd(tmp_path_factory.mktemp("etcd")) as server:
-        yield server
-
-
-@pytest.fixture
-async def store(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdStore]:
-    # A fresh prefix per test keeps tests independent on the shared server.
-    async with EtcdStore(etcd.endpoint, prefix=f"/t-{uuid.uuid4().hex[:8]}/") as s:
-        yield s
 
 
 def _record(node_id: str, state: NodeState = NodeState.SERVING) -> NodeRecord:
