@@ -43,7 +43,8 @@ log = logging.getLogger("ultrakv.cli")
 
 def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
     config = load_config(args.config) if args.config else NodeConfig()
-    engine = {"model": args.model, "device": args.device, "num_blocks": args.num_blocks}
+    engine = {"model": args.model, "device": args.device, "num_blocks": args.num_blocks,
+              "num_scheduler_steps": args.num_scheduler_steps}
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
@@ -103,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_cluster(ClusterSpec(
         nodes=args.nodes, data_dir=Path(args.data_dir), model=args.model or "tiny",
         device=args.device or "auto", port=args.port or 50051, etcd=args.etcd or "",
-        num_blocks=args.num_blocks))
+        num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps))
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -304,6 +305,9 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--port", type=int, help=f"gRPC port (default {port_default})")
     p.add_argument("--node-id", help="this node's name (default generated)")
     p.add_argument("--num-blocks", type=int, help="KV pool size in blocks")
+    p.add_argument("--num-scheduler-steps", type=int, metavar="K",
+                   help="decode steps per scheduling round when only decodes run (1 = off; "
+                        "4-8 trade streaming granularity for tokens/s)")
     _metrics_option(p)
 
 

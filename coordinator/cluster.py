@@ -41,6 +41,7 @@ class ClusterSpec:
     port: int = 50051  # the coordinator's; 0 picks a free one
     etcd: str = ""
     num_blocks: int | None = None
+    num_scheduler_steps: int | None = None
     lease_ttl_s: int = 5
     checkpoint_interval_s: float = 10.0
     log_dir: Path | None = None  # None: children write to this process's stdout/stderr
@@ -124,6 +125,8 @@ class LocalCluster:
                     "--lease-ttl", str(self.spec.lease_ttl_s), *self.spec.node_args)
         if self.spec.num_blocks is not None:
             argv += ["--num-blocks", str(self.spec.num_blocks)]
+        if self.spec.num_scheduler_steps is not None:
+            argv += ["--num-scheduler-steps", str(self.spec.num_scheduler_steps)]
         self.nodes[node_id] = self._spawn(node_id, argv)
         return node_id
 

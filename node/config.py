@@ -35,6 +35,10 @@ class EngineConfig:
     eviction_policy: str = "lru"
     attention_backend: str = "auto"
     use_cuda_graphs: bool = True
+    # Decode steps run back to back per scheduling round when only decodes are running and
+    # nobody waits (vLLM's multi-step scheduling): the device feeds each step's tokens to the
+    # next and the host syncs once per round. 1 turns it off.
+    num_scheduler_steps: int = 1
     priority_aging_s: float = 5.0
     session_ttl_s: float = 3600.0
     max_sessions: int = 100_000
@@ -77,6 +81,7 @@ class EngineConfig:
             self.eviction_policy,
         )
         _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _check(1 <= self.num_scheduler_steps <= 64, "num_scheduler_steps", "in [1, 64]", self.num_scheduler_steps)
         _check(self.priority_aging_s > 0, "priority_aging_s", "> 0", self.priority_aging_s)
         _check(self.session_ttl_s > 0, "session_ttl_s", "> 0", self.session_ttl_s)
         if not self.enable_chunked_prefill and self.max_model_len is not None:

@@ -98,6 +98,8 @@ class Engine:
             for _ in range(mc.num_hidden_layers)
         ]
         self.pool = BlockPool(self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching)
+        limit = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = min(limit, self.num_blocks * bs)
         self.scheduler = Scheduler(
             self.pool,
             block_size=bs,
@@ -106,10 +108,9 @@ class Engine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             enable_prefix_caching=config.enable_prefix_caching,
             aging_s=config.priority_aging_s,
+            max_model_len=self.max_model_len,
         )
         self.sessions = SessionStore(config.max_sessions)
-        limit = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.max_model_len = min(limit, self.num_blocks * bs)
         graphs = None
         if self.device.type == "cuda" and config.use_cuda_graphs and attn.supports_cuda_graphs:
             graphs = CudaGraphRunner(
@@ -309,9 +310,13 @@ class Engine:
                 self._metrics.preemptions += len(out.preempted)
                 if out.is_empty:
                     return finished
+                num_steps = self.scheduler.plan_decode_steps(out, self.config.num_scheduler_steps)
                 self._in_flight = {item.seq.request_id for item in out.scheduled}
             try:
-                sampled = self.runner.execute(out.scheduled)
+                if num_steps > 1:
+                    sampled_steps = self.runner.execute_decode_steps(out.scheduled, num_steps)
+                else:
+                    sampled_steps = [self.runner.execute(out.scheduled)]
             except Exception as exc:  # a broken step must not take the node down
                 log.exception("model step failed; failing its %d requests", len(out.scheduled))
                 with self._lock:
@@ -322,7 +327,16 @@ class Engine:
                 return finished
             with self._lock:
                 self._in_flight = set()
-                finished.extend(self._after_step(out, sampled))
+                self._metrics.schedules += 1
+                for i, sampled in enumerate(sampled_steps):
+                    if i:  # later steps carry on only the sequences still going
+                        keep = [j for j, item in enumerate(out.scheduled) if not item.seq.is_finished]
+                        keep = [j for j in keep if out.scheduled[j].seq.request_id not in self._deferred_aborts]
+                        out = SchedulerOutput([out.scheduled[j] for j in keep])
+                        sampled = [sampled[j] for j in keep]
+                        if out.is_empty:
+                            break
+                    finished.extend(self._after_step(out, sampled))
                 for rid in self._deferred_aborts & self._seqs.keys():
                     finished.append(self._finish(self._seqs[rid], "abort"))
                 self._deferred_aborts.clear()
@@ -649,6 +663,7 @@ class Engine:
                     "generated": m.generated_tokens,
                     "batched": m.batched_tokens,
                     "steps": m.steps,
+                    "schedules": m.schedules,
                 },
                 "latency": {
                     "ttft_p50_s": _pct(m.ttft, 50),
@@ -677,7 +692,8 @@ class _Metrics:
         self.cached_tokens = 0
         self.generated_tokens = 0
         self.batched_tokens = 0
-        self.steps = 0
+        self.steps = 0  # model forward passes
+        self.schedules = 0  # scheduling rounds (one host sync each; several steps with multi-step decode)
         self.ttft: deque[float] = deque(maxlen=2048)
         self.tpot: deque[float] = deque(maxlen=2048)
         # Cumulative since start, for Prometheus (the deques above feed the percentiles).

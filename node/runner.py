@@ -56,24 +56,66 @@ class ModelRunner:
         """Run one step; returns the sampled token for each scheduled item (None: mid-prefill)."""
         rows = [i for i, item in enumerate(scheduled) if item.samples]
         input_ids, positions, meta, last = self.prepare(scheduled, rows)
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self._forward(input_ids, positions, meta)
         if not rows:
             return [None] * len(scheduled)
         # Decode steps sample every row, and row i is token i: no gather needed.
         selected = hidden if hidden.shape[0] == len(rows) else hidden[last]
-        logits = self.model.compute_logits(selected)
-        items = [scheduled[i] for i in rows]
-        if all(i.seq.sampling.temperature == 0 for i in items):
-            tokens = logits.argmax(dim=-1).tolist()
-        else:
-            tokens = sample(logits, self._sampling_tensors(items)).tolist()
+        tokens = self._sample(selected, [scheduled[i] for i in rows]).tolist()
         out: list[int | None] = [None] * len(scheduled)
         for row, tok in zip(rows, tokens, strict=True):
             out[row] = int(tok)
         return out
+
+    @torch.inference_mode()
+    def execute_decode_steps(self, scheduled: list[ScheduledSeq], num_steps: int) -> list[list[int]]:
+        """Run ``num_steps`` decode steps back to back; returns each step's tokens (row i is
+        ``scheduled[i]``).
+
+        Only the first step's inputs come from the host. Each later step is derived on the
+        device from the one before: the sampled tokens become the input ids, positions and
+        context lengths advance by one, and cache slots are looked up in the block tables
+        (which the scheduler has already extended for every step). The host reads the tokens
+        once, at the end, so the launches of all steps queue up behind the GPU instead of
+        waiting for each step's result.
+        """
+        input_ids, positions, meta, _ = self.prepare(scheduled)
+        if not meta.is_decode_only or num_steps < 1:
+            raise ValueError(f"execute_decode_steps needs a decode-only batch and num_steps >= 1, got {num_steps}")
+        bs = self.block_size
+        tables = meta.block_tables
+        sampling = None if _all_greedy(scheduled) else self._sampling_tensors(scheduled)
+        tokens = []
+        for step in range(num_steps):
+            if step:
+                positions = positions + 1
+                block = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1)
+                meta = AttentionMetadata(
+                    query_start_loc=meta.query_start_loc,
+                    seq_lens=meta.seq_lens + 1,
+                    block_tables=tables,
+                    slot_mapping=block.long() * bs + positions % bs,
+                    max_query_len=1,
+                    max_seq_len=meta.max_seq_len + 1,
+                )
+            hidden = self._forward(input_ids, positions, meta)
+            input_ids = self._sample(hidden, scheduled, sampling)
+            tokens.append(input_ids)
+        return torch.stack(tokens).tolist()
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, self.kv_caches, meta)
+
+    def _sample(
+        self, hidden: torch.Tensor, items: list[ScheduledSeq], sampling: SamplingTensors | None = None
+    ) -> torch.Tensor:
+        """Tokens [N] (on the device) for the rows of ``hidden``; nothing waits for them."""
+        logits = self.model.compute_logits(hidden)
+        if _all_greedy(items):
+            return logits.argmax(dim=-1)
+        return sample(logits, sampling or self._sampling_tensors(items))
 
     def prepare(
         self, scheduled: list[ScheduledSeq], rows: list[int] | None = None
@@ -141,3 +183,7 @@ class ModelRunner:
             max_top_k=max_top_k,
             any_top_p=any(i.seq.sampling.top_p < 1.0 for i in items),
         )
+
+
+def _all_greedy(items: list[ScheduledSeq]) -> bool:
+    return all(i.seq.sampling.temperature == 0 for i in items)

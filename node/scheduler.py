@@ -62,6 +62,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         aging_s: float = 5.0,
+        max_model_len: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.pool = pool
@@ -71,6 +72,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.enable_prefix_caching = enable_prefix_caching
         self.aging_s = aging_s
+        self.max_model_len = max_model_len
         self.clock = clock
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -130,6 +132,42 @@ class Scheduler:
             self._admit(out, budget, now)
         return out
 
+    def plan_decode_steps(self, out: SchedulerOutput, max_steps: int) -> int:
+        """How many decode steps ``out`` may run back to back (multi-step decoding).
+
+        Running several decode steps per schedule lets the device feed each step's sampled
+        tokens into the next without a round trip to the host. It is only done when nothing
+        else needs the scheduler's attention: every scheduled sequence is decoding, nobody is
+        waiting to be admitted, nothing was preempted. ``k`` never exceeds any sequence's
+        remaining ``max_tokens`` or context, so only a stop token (seen after the fact) can
+        make a sequence compute tokens it will not keep. Blocks for all ``k`` tokens are
+        reserved here; when the pool can't hold them, fewer steps are planned (never a
+        preemption for lookahead). Returns ``k`` >= 1.
+        """
+        if max_steps <= 1 or out.preempted or self.waiting or not out.scheduled:
+            return 1
+        if any(item.num_new_tokens != 1 or not item.samples for item in out.scheduled):
+            return 1
+        k = min(max_steps, *(self._steps_left(item.seq) for item in out.scheduled))
+        while k > 1:
+            need = sum(self._blocks_needed(item.seq, k) for item in out.scheduled)
+            if self.pool.can_allocate(need):
+                for item in out.scheduled:
+                    self._reserve(item.seq, k)
+                return k
+            k //= 2
+        return 1
+
+    def _steps_left(self, seq: Sequence) -> int:
+        """Tokens ``seq`` may still sample (this step's included) under its limits."""
+        left = seq.sampling.max_tokens - seq.num_output_tokens
+        if self.max_model_len is not None:
+            left = min(left, self.max_model_len - seq.num_tokens)
+        return max(1, left)
+
+    def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        return max(0, math.ceil((seq.num_computed_tokens + num_new) / self.block_size) - len(seq.block_table))
+
     def on_step_done(self, out: SchedulerOutput) -> None:
         """Advance computed counts and publish newly filled blocks to the prefix cache."""
         for item in out.scheduled:
@@ -178,8 +216,8 @@ class Scheduler:
         seq.num_computed_tokens = len(matched) * self.block_size
 
     def _reserve(self, seq: Sequence, num_new: int) -> bool:
-        need = math.ceil((seq.num_computed_tokens + num_new) / self.block_size) - len(seq.block_table)
-        if need <= 0:
+        need = self._blocks_needed(seq, num_new)
+        if need == 0:
             return True
         if not self.pool.can_allocate(need):
             return False

@@ -56,6 +56,15 @@ def test_continuous_batch_with_chunked_prefill(checkpoint):
     assert stats["tokens"]["steps"] > NEW_TOKENS + 300 // 64
 
 
+def test_multi_step_decode_matches_transformers(checkpoint):
+    """Eight decode steps per scheduling round, tokens fed forward on the device."""
+    path, hf = checkpoint
+    engine = _engine(path, num_scheduler_steps=8)
+    _check_all(engine, hf, _prompts(10, LENGTHS))
+    stats = engine.stats()["tokens"]
+    assert stats["schedules"] < stats["steps"], stats
+
+
 def test_prefix_hits_extended_prompts_and_shared_system_prefix(checkpoint):
     path, hf = checkpoint
     engine = _engine(path)
@@ -104,11 +113,13 @@ def test_session_continuation_equals_whole_history(checkpoint):
 
 
 @pytest.mark.gpu
-def test_greedy_parity_on_cuda_with_gpu_kernels_and_graphs(checkpoint):
+@pytest.mark.parametrize("steps", [1, 4])
+def test_greedy_parity_on_cuda_with_gpu_kernels_and_graphs(checkpoint, steps):
     """The engine on CUDA (auto backend: Triton kernels, CUDA graphs for decode) against
-    transformers on the CPU, float32: the chunked batch and then prefix hits."""
+    transformers on the CPU, float32: the chunked batch and then prefix hits, with one and
+    with four decode steps per scheduling round."""
     path, hf = checkpoint
-    engine = _engine(path, device="cuda")
+    engine = _engine(path, device="cuda", num_scheduler_steps=steps)
     assert engine.attention_backend == "triton" and engine.cuda_graphs
     engine.warmup()  # every shape captured up front from dummy inputs, then replayed for real
     assert len(engine.runner.graphs.graphs) > 10

@@ -1,0 +1,153 @@
+"""Multi-step decoding (``num_scheduler_steps`` > 1): several decode steps per scheduling
+round, tokens fed forward on the device. The outputs must be exactly those of one step per
+round, limits must hold to the token, nothing may leak, and streams and aborts must behave.
+(The greedy-vs-transformers check with multi-step on is in test_engine_parity.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from ultrakv.node import Engine, EngineConfig, GenerateRequest, SamplingParams
+from ultrakv.node.kv.block_pool import BlockPool
+from ultrakv.node.scheduler import Scheduler
+from ultrakv.node.sequence import Sequence
+
+# Greedy and seeded sampling, top-k/top-p, limits from 1 to 64 tokens.
+PARAMS = [
+    SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=33, temperature=0.8, seed=1, ignore_eos=True),
+    SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=25, temperature=0.7, top_k=20, top_p=0.9, seed=5, ignore_eos=True),
+    SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True),
+]
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 256) for _ in range(n)] for n in lengths]
+
+
+def _engine(steps: int, **kw) -> Engine:
+    cfg = dict(model="tiny", device="cpu", dtype="float32", num_blocks=128, num_scheduler_steps=steps)
+    cfg.update(kw)
+    return Engine(EngineConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def single_step_outputs():
+    engine = _engine(1)
+    return engine.generate(_prompts(0, [3, 17, 40, 5, 90, 33]), PARAMS)
+
+
+@pytest.mark.parametrize("steps", [2, 8])
+def test_outputs_equal_one_step_per_round_and_nothing_leaks(steps, single_step_outputs):
+    engine = _engine(steps)
+    free = engine.pool.num_free
+    outs = engine.generate(_prompts(0, [3, 17, 40, 5, 90, 33]), PARAMS)
+    for out, ref, sp in zip(outs, single_step_outputs, PARAMS, strict=True):
+        assert out.token_ids == ref.token_ids
+        assert len(out.token_ids) == sp.max_tokens and out.finish_reason == "length"
+    stats = engine.stats()["tokens"]
+    # Same forward passes (no stop token, so nothing computed past a limit), far fewer rounds.
+    assert stats["steps"] == 64
+    assert stats["schedules"] < 64 // steps + 8, stats
+    assert engine.pool.num_used == 0 and engine.pool.num_free == free
+
+
+def test_stop_token_mid_round_discards_the_rest():
+    prompt = [[9, 9, 9]]
+    free = _engine(1).generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
+    stop_tok = free.token_ids[5]
+    first = free.token_ids.index(stop_tok)
+    engine = _engine(8)
+    out = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[stop_tok]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: first + 1]
+    assert engine.pool.num_used == 0
+
+    # A stop string cut mid-round gives the same text as one step per round.
+    text = free.text
+    needle = next((text[i : i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[i : i + 2]), None)
+    if needle is None:
+        pytest.skip("generated text has no printable pair to stop on")
+    sp = SamplingParams(max_tokens=24, temperature=0.0, stop=[needle], ignore_eos=True)
+    out = engine.generate(prompt, sp)[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(needle)]
+
+
+def test_context_limit_is_kept_to_the_token():
+    engine = _engine(8, max_model_len=64)
+    out = engine.generate([list(range(1, 51))], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))[0]
+    assert out.finish_reason == "length"
+    assert len(out.prompt_token_ids) + len(out.token_ids) == 64
+
+
+def test_stream_deltas_add_up_and_an_abort_frees_blocks():
+    engine = _engine(8)
+
+    async def run():
+        deltas = []
+        sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        async for d in engine.stream(GenerateRequest(prompt=[5, 6, 7], sampling=sp)):
+            deltas.append(d)
+        got = 0
+        long = GenerateRequest(prompt=[1, 2, 3], sampling=SamplingParams(max_tokens=400, ignore_eos=True))
+        async for _ in engine.stream(long):
+            got += 1
+            if got == 2:
+                break  # leaving aborts the request, mid-round or between rounds
+        return deltas
+
+    deltas = asyncio.run(run())
+    final = deltas[-1].output
+    assert [t for d in deltas for t in d.token_ids] == final.token_ids and len(final.token_ids) == 30
+    assert final.token_ids == _engine(1).generate([[5, 6, 7]], SamplingParams(max_tokens=30, temperature=0.0,
+                                                                            ignore_eos=True))[0].token_ids
+    for _ in range(2000):
+        if not engine.stats()["requests"]["running"]:
+            break
+        asyncio.run(asyncio.sleep(0.001))
+    assert engine.stats()["requests"]["running"] == 0 and engine.pool.num_used == 0
+    engine.shutdown()
+
+
+def _decoding(pool: BlockPool, sched: Scheduler, max_tokens: int, computed: int) -> Sequence:
+    seq = Sequence("r", list(range(computed)), computed, SamplingParams(max_tokens=max_tokens))
+    sched.add(seq)
+    out = sched.schedule()
+    sched.on_step_done(out)  # prefill done: one sampled token waits to be computed
+    seq.token_ids.append(1)
+    return seq
+
+
+def test_plan_decode_steps_respects_limits_waiting_and_free_blocks():
+    pool = BlockPool(8, 4)
+    sched = Scheduler(pool, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=30)
+    seq = _decoding(pool, sched, max_tokens=5, computed=6)
+    out = sched.schedule()
+    assert sched.plan_decode_steps(out, 1) == 1
+    # max_tokens 5 with one generated: four more tokens at most.
+    assert sched.plan_decode_steps(out, 8) == 4
+    assert len(seq.block_table) == 3  # KV for 6 + 4 tokens: 10 slots in 3 blocks
+    sched.finish(seq, "length")
+
+    # The context limit (30) caps it too: 26 tokens held, so 4 more at most.
+    seq = _decoding(pool, sched, max_tokens=100, computed=25)
+    out = sched.schedule()
+    assert sched.plan_decode_steps(out, 8) == 4
+    sched.finish(seq, "length")
+
+    # Someone waiting: one step, so the newcomer is admitted next round.
+    seq = _decoding(pool, sched, max_tokens=100, computed=2)
+    out = sched.schedule()
+    sched.add(Sequence("w", [1, 2], 2, SamplingParams()))
+    assert sched.plan_decode_steps(out, 8) == 1
+    sched.finish(sched.waiting[0], "abort")
+
+    # Too few free blocks for 8 more: fewer steps, never a preemption.
+    taken = pool.allocate(pool.num_free - 1)
+    k = sched.plan_decode_steps(out, 8)
+    assert 1 < k < 8 and not out.preempted
+    pool.free(taken)
