@@ -251,9 +251,11 @@ class Engine:
                 raise QueueFullError(f"admission queue is full ({self.max_waiting} waiting); retry later")
             tokens = self._tokens_for(request)
             salt = request.tenant
+            known_hashes: list[int] = []
             if request.session_id is not None:
                 session = self.sessions.begin_turn(request.session_id, salt)
                 salt = session.salt
+                known_hashes = session.block_hashes
             sp = request.sampling
             seq = Sequence(
                 request_id=request.request_id,
@@ -264,6 +266,7 @@ class Engine:
                 session_id=request.session_id,
                 salt=salt,
                 deadline=request.deadline,
+                prefix_hashes=known_hashes,
             )
             seq.incremental_text = stream_text or bool(sp.stop)
             if sp.seed is not None:
@@ -503,12 +506,12 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, pending_text: str = "") -> RequestOutput:
         if not seq.incremental_text and reason in ("stop", "length"):
             seq.text = self.tokenizer.decode(seq.output_token_ids)
-        self.scheduler.finish(seq, reason)
+        self.scheduler.finish(seq, reason)  # keeps the chain of full-block hashes in prefix_hashes
         self._seqs.pop(seq.request_id, None)
         now = time.monotonic()
         if seq.session_id is not None:
             completed = reason in ("stop", "length")
-            self.sessions.end_turn(seq.session_id, seq.token_ids if completed else None)
+            self.sessions.end_turn(seq.session_id, seq.token_ids if completed else None, seq.prefix_hashes)
         output = RequestOutput(
             request_id=seq.request_id,
             session_id=seq.session_id,
@@ -540,8 +543,12 @@ class Engine:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _cached_blocks(self, session_tokens: list[int], salt: str) -> list[int]:
-        hashes = hash_token_blocks(session_tokens, self.config.block_size, salt)
+    def _cached_blocks(self, s: Session) -> list[int]:
+        """Blocks of the session's history still in the cache (the leading run)."""
+        bs = self.config.block_size
+        known = s.block_hashes[: len(s.token_ids) // bs]
+        parent = known[-1] if known else None
+        hashes = known + hash_token_blocks(s.token_ids[len(known) * bs :], bs, s.salt, parent)
         return self.pool.cached_prefix(hashes)
 
     def get_session(self, session_id: str) -> SessionInfo:
@@ -556,7 +563,7 @@ class Engine:
         return SessionInfo(
             session_id=s.session_id,
             num_tokens=len(s.token_ids),
-            num_cached_blocks=len(self._cached_blocks(s.token_ids, s.salt)),
+            num_cached_blocks=len(self._cached_blocks(s)),
             turns=s.turns,
             created_at=s.created_at,
             last_used_at=s.last_used_at,
@@ -590,7 +597,7 @@ class Engine:
         """The session's history and the KV of the leading full blocks still cached."""
         with self._lock:
             s = self.sessions.get(session_id)
-            blocks = self._cached_blocks(s.token_ids, s.salt)
+            blocks = self._cached_blocks(s)
             kv = None
             if blocks:
                 idx = torch.tensor(blocks, device=self.device)

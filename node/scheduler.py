@@ -207,13 +207,22 @@ class Scheduler:
             budget -= num_new
 
     def _match_prefix(self, seq: Sequence) -> None:
-        # The last token is always computed, so the step yields logits to sample from.
-        hashes = hash_token_blocks(seq.token_ids[: seq.num_tokens - 1], self.block_size, seq.salt)
+        hashes = self.block_hashes_of(seq)
         matched = self.pool.match_prefix(hashes)
         seq.block_table = list(matched)
         seq.block_hashes = hashes[: len(matched)]
         seq.num_committed_blocks = len(matched)
         seq.num_computed_tokens = len(matched) * self.block_size
+
+    def block_hashes_of(self, seq: Sequence) -> list[int]:
+        """Chained hashes of the full blocks a prefix match may reuse: all but the last token
+        (always computed, so the step yields logits to sample from). Starts from the known
+        ``prefix_hashes``, so a conversation's next turn hashes only its new blocks."""
+        bs = self.block_size
+        known = seq.prefix_hashes[: (seq.num_tokens - 1) // bs]
+        start = len(known) * bs
+        rest = hash_token_blocks(seq.token_ids[start : seq.num_tokens - 1], bs, seq.salt, known[-1] if known else None)
+        return known + rest
 
     def _reserve(self, seq: Sequence, num_new: int) -> bool:
         need = self._blocks_needed(seq, num_new)
@@ -241,6 +250,8 @@ class Scheduler:
     def _release_blocks(self, seq: Sequence) -> None:
         if seq.block_table:
             self.pool.free(seq.block_table)
+        if len(seq.block_hashes) > len(seq.prefix_hashes):  # still true of token_ids: keep them
+            seq.prefix_hashes = seq.block_hashes
         seq.block_table = []
         seq.block_hashes = []
         seq.num_committed_blocks = 0

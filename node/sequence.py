@@ -42,6 +42,9 @@ class Sequence:
     num_cached_tokens: int = 0  # KV found in the cache at first admission (reported)
     num_committed_blocks: int = 0  # leading full blocks registered in the prefix table
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
+    # Known chained hashes of leading full blocks of ``token_ids`` (a session's history, or
+    # what this sequence had before a preemption), so prefix matching hashes only the rest.
+    prefix_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     admitted_once: bool = False
     first_token_time: float | None = None

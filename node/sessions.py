@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ultrakv.node.errors import EngineError, SessionNotFoundError
 
@@ -33,6 +33,9 @@ class Session:
     created_at: float
     last_used_at: float
     busy: bool = False
+    # Chained hashes of leading full blocks of token_ids (possibly fewer than all of them),
+    # so the next turn's prefix match need not rehash the whole history.
+    block_hashes: list[int] = field(default_factory=list)
 
 
 class SessionStore:
@@ -82,8 +85,9 @@ class SessionStore:
         session.busy = True
         return session
 
-    def end_turn(self, session_id: str, token_ids: list[int] | None) -> None:
-        """Record a completed turn's full history; None leaves the history as it was (abort)."""
+    def end_turn(self, session_id: str, token_ids: list[int] | None, block_hashes: list[int] | None = None) -> None:
+        """Record a completed turn's full history (and the chained hashes known for its leading
+        full blocks); None leaves the history as it was (abort)."""
         session = self._sessions.get(session_id)
         if session is None:
             return
@@ -91,6 +95,7 @@ class SessionStore:
         session.last_used_at = self.clock()
         if token_ids is not None:
             session.token_ids = list(token_ids)
+            session.block_hashes = list(block_hashes or [])
             session.turns += 1
         elif not session.token_ids:
             del self._sessions[session_id]

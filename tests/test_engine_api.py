@@ -192,6 +192,30 @@ def test_replica_becomes_the_session_on_first_request(engine):
     assert engine.get_session("rep-1").turns == 3
 
 
+def test_a_turn_hashes_only_its_new_blocks(monkeypatch):
+    from ultrakv.node.kv import hashing
+
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=128, max_model_len=1024))
+    bs = engine.config.block_size
+    for turn in range(3):
+        engine.generate([list(range(5 + turn, 105))], GREEDY, session_ids=["chain"])
+    session = engine.sessions.get("chain")
+    # The session keeps the chain of its history's full blocks (all but the last, uncomputed token).
+    assert len(session.block_hashes) == (len(session.token_ids) - 1) // bs
+    assert session.block_hashes == hashing.hash_token_blocks(session.token_ids, bs)[: len(session.block_hashes)]
+
+    calls = []
+    real = hashing.hash_block
+    monkeypatch.setattr(hashing, "hash_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    history, known = len(session.token_ids), len(session.block_hashes)
+    out = engine.generate([list(range(7, 47))], GREEDY, session_ids=["chain"])[0]
+    assert out.cached_tokens == (history - 1) // bs * bs
+    # Matching hashed only the blocks past the known chain (at most 3), not all 20-odd.
+    assert 0 < len(calls) <= (history + 40 - 1) // bs - known <= 3, (len(calls), known)
+    n = len(engine.sessions.get("chain").token_ids)
+    assert engine.get_session("chain").num_cached_blocks == (n - 1) // bs  # the last token has no KV yet
+
+
 def test_stats_report_cache_and_latency(engine):
     engine.generate([[1, 2, 3] * 20, [1, 2, 3] * 20 + [4]], GREEDY)
     s = engine.stats()
