@@ -75,8 +75,18 @@ def toks(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(1, 256) for _ in range(n)]
 
 
+SCHEDULER_STEPS = 8  # decode steps per scheduling round (--scheduler-steps)
+
+
 def engine_for(model: str, device: str, smoke: bool, **kw) -> Engine:
-    cfg = dict(model=model, device=device, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=4096)
+    cfg = dict(
+        model=model,
+        device=device,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        max_model_len=4096,
+        num_scheduler_steps=SCHEDULER_STEPS,
+    )
     if smoke:
         cfg.update(num_blocks=2048, max_num_seqs=64)
     cfg.update(kw)
@@ -338,7 +348,13 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
         "kv_blocks": engine.num_blocks,
         "weight_bytes": weight_bytes(engine.model),
     }
-    log(f"{model}: (a) batch-1 decode")
+    res["num_scheduler_steps"] = engine.config.num_scheduler_steps
+    if engine.config.num_scheduler_steps > 1:
+        log(f"{model}: (a) batch-1 decode, one step per scheduling round (for comparison)")
+        engine.config.num_scheduler_steps = 1
+        res["a_batch1_one_step_per_round"] = bench_batch1(engine, rng, bw, smoke)
+        engine.config.num_scheduler_steps = SCHEDULER_STEPS
+    log(f"{model}: (a) batch-1 decode, {SCHEDULER_STEPS} steps per scheduling round")
     res["a_batch1"] = bench_batch1(engine, rng, bw, smoke)
     log(f"{model}: {res['a_batch1']['decode_tokens_per_s']:.1f} tok/s, roofline {res['a_batch1']['roofline_fraction']}")
     for n in (64, 256) if not smoke else (16, 32):
@@ -370,6 +386,7 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
 
 
 def main() -> None:
+    global SCHEDULER_STEPS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["llama-1b", "llama-8b"])
     ap.add_argument(
@@ -377,7 +394,11 @@ def main() -> None:
     )
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, small sizes: checks the script")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--scheduler-steps", type=int, default=SCHEDULER_STEPS, help="num_scheduler_steps of the engines (1 = off)"
+    )
     args = ap.parse_args()
+    SCHEDULER_STEPS = args.scheduler_steps
     device = "cpu" if args.smoke else "cuda"
     models = ["tiny"] if args.smoke else args.models
     bw = copy_bandwidth_gbs(torch.device(device))

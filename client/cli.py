@@ -319,6 +319,7 @@ def _metrics_option(p: argparse.ArgumentParser) -> None:
 BENCH_SUITES = {
     "gpu": "bench_gpu.py",  # the issue-5 comparison against transformers (needs CUDA)
     "engine": "bench_engine.py",
+    "decode": "bench_decode.py",  # decode tokens/s against decode steps per scheduling round
     "wire": "bench_wire.py",
     "cluster": "bench_cluster.py",
     "attention": "bench_attention.py",
