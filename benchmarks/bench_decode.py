@@ -10,7 +10,7 @@ CPU default: the ``tiny`` preset, where the host's per-step work is most of a st
 host costs once the step itself is a CUDA graph replay.
 
 Usage: python benchmarks/bench_decode.py [--model tiny] [--device cpu] [--batches 1 8 64]
-       [--steps 1 2 4 8] [--new-tokens 128]
+       [--steps 1 2 4 8] [--new-tokens 128] [--fused-kernels]
 """
 
 from __future__ import annotations
@@ -61,11 +61,19 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=False,
+                    help="Triton kernels for norm + residual, RoPE and SwiGLU (CUDA only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     engine = Engine(
-        EngineConfig(model=args.model, device=args.device, max_num_seqs=max(args.batches), max_model_len=4096)
+        EngineConfig(
+            model=args.model,
+            device=args.device,
+            max_num_seqs=max(args.batches),
+            max_model_len=4096,
+            fused_kernels=args.fused_kernels,
+        )
     )
     engine.warmup()
     results: dict = {
@@ -75,6 +83,7 @@ def main() -> None:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "attention_backend": engine.attention_backend,
         "cuda_graphs": engine.cuda_graphs,
+        "fused_kernels": args.fused_kernels,
         "machine": machine(),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -99,7 +108,8 @@ def main() -> None:
                 str(k): r["decode_tokens_per_s"] / base for k, r in sorted(by_steps.items())
             }
     device = "cpu" if engine.device.type == "cpu" else machine().get("gpu", "gpu").replace(" ", "_")
-    write(args.out or f"decode_steps_{device}_{engine.model_name}.json", results)
+    fused = "_fused" if args.fused_kernels else ""
+    write(args.out or f"decode_steps_{device}_{engine.model_name}{fused}.json", results)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def toks(rng: random.Random, n: int) -> list[int]:
 
 
 SCHEDULER_STEPS = 8  # decode steps per scheduling round (--scheduler-steps)
+FUSED_KERNELS = True  # Triton norm/RoPE/SwiGLU kernels (--no-fused-kernels turns them off)
 
 
 def engine_for(model: str, device: str, smoke: bool, **kw) -> Engine:
@@ -86,6 +87,7 @@ def engine_for(model: str, device: str, smoke: bool, **kw) -> Engine:
         max_num_batched_tokens=8192,
         max_model_len=4096,
         num_scheduler_steps=SCHEDULER_STEPS,
+        fused_kernels=FUSED_KERNELS and not smoke,
     )
     if smoke:
         cfg.update(num_blocks=2048, max_num_seqs=64)
@@ -349,6 +351,7 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
         "weight_bytes": weight_bytes(engine.model),
     }
     res["num_scheduler_steps"] = engine.config.num_scheduler_steps
+    res["fused_kernels"] = engine.config.fused_kernels
     if engine.config.num_scheduler_steps > 1:
         log(f"{model}: (a) batch-1 decode, one step per scheduling round (for comparison)")
         engine.config.num_scheduler_steps = 1
@@ -386,7 +389,7 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
 
 
 def main() -> None:
-    global SCHEDULER_STEPS
+    global SCHEDULER_STEPS, FUSED_KERNELS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["llama-1b", "llama-8b"])
     ap.add_argument(
@@ -397,8 +400,11 @@ def main() -> None:
     ap.add_argument(
         "--scheduler-steps", type=int, default=SCHEDULER_STEPS, help="num_scheduler_steps of the engines (1 = off)"
     )
+    ap.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=FUSED_KERNELS,
+                    help="Triton kernels for norm + residual add, RoPE and SwiGLU")
     args = ap.parse_args()
     SCHEDULER_STEPS = args.scheduler_steps
+    FUSED_KERNELS = args.fused_kernels
     device = "cpu" if args.smoke else "cuda"
     models = ["tiny"] if args.smoke else args.models
     bw = copy_bandwidth_gbs(torch.device(device))

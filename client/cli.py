@@ -44,7 +44,7 @@ log = logging.getLogger("ultrakv.cli")
 def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
     config = load_config(args.config) if args.config else NodeConfig()
     engine = {"model": args.model, "device": args.device, "num_blocks": args.num_blocks,
-              "num_scheduler_steps": args.num_scheduler_steps}
+              "num_scheduler_steps": args.num_scheduler_steps, "fused_kernels": args.fused_kernels}
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
@@ -104,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_cluster(ClusterSpec(
         nodes=args.nodes, data_dir=Path(args.data_dir), model=args.model or "tiny",
         device=args.device or "auto", port=args.port or 50051, etcd=args.etcd or "",
-        num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps))
+        num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
+        fused_kernels=args.fused_kernels))
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -308,6 +309,8 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--num-scheduler-steps", type=int, metavar="K",
                    help="decode steps per scheduling round when only decodes run (1 = off; "
                         "4-8 trade streaming granularity for tokens/s)")
+    p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="Triton kernels for norm + residual add, RoPE and SwiGLU (CUDA only)")
     _metrics_option(p)
 
 

@@ -59,6 +59,7 @@ HELP: dict[str, dict[str, str]] = {
         "attention_backend": "auto, torch or triton",
         "use_cuda_graphs": "replay CUDA graphs for decode",
         "num_scheduler_steps": "decode steps per scheduling round when only decodes run (1 = off)",
+        "fused_kernels": "Triton kernels for norm + residual, RoPE and SwiGLU (CUDA only)",
         "priority_aging_s": "waiting requests gain one priority level per this many seconds",
         "session_ttl_s": "idle sessions older than this are removed",
         "max_sessions": "sessions held at most (the least recently used go first)",

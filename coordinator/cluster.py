@@ -42,6 +42,7 @@ class ClusterSpec:
     etcd: str = ""
     num_blocks: int | None = None
     num_scheduler_steps: int | None = None
+    fused_kernels: bool | None = None
     lease_ttl_s: int = 5
     checkpoint_interval_s: float = 10.0
     log_dir: Path | None = None  # None: children write to this process's stdout/stderr
@@ -127,6 +128,8 @@ class LocalCluster:
             argv += ["--num-blocks", str(self.spec.num_blocks)]
         if self.spec.num_scheduler_steps is not None:
             argv += ["--num-scheduler-steps", str(self.spec.num_scheduler_steps)]
+        if self.spec.fused_kernels is not None:
+            argv += ["--fused-kernels" if self.spec.fused_kernels else "--no-fused-kernels"]
         self.nodes[node_id] = self._spawn(node_id, argv)
         return node_id
 

@@ -39,6 +39,9 @@ class EngineConfig:
     # nobody waits (vLLM's multi-step scheduling): the device feeds each step's tokens to the
     # next and the host syncs once per round. 1 turns it off.
     num_scheduler_steps: int = 1
+    # Triton kernels for RMSNorm + residual add, RoPE and the SwiGLU activation (CUDA only).
+    # Off by default until measured on a GPU (see node/model/fused_kernels.py).
+    fused_kernels: bool = False
     priority_aging_s: float = 5.0
     session_ttl_s: float = 3600.0
     max_sessions: int = 100_000

@@ -75,6 +75,8 @@ class Engine:
         attn = get_backend(config.attention_backend, self.device)
         loaded = load_model(config.model, config.dtype, self.device, attn, seed=config.seed)
         self.model = loaded.model
+        if config.fused_kernels:
+            self.model.use_fused_kernels(True)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -656,6 +658,8 @@ class Engine:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "attention_backend": self.attention_backend,
                 "cuda_graphs": self.cuda_graphs,
+                "fused_kernels": self.config.fused_kernels,
+                "num_scheduler_steps": self.config.num_scheduler_steps,
                 "max_model_len": self.max_model_len,
                 "requests": {
                     "total": m.requests,

@@ -113,13 +113,13 @@ def test_session_continuation_equals_whole_history(checkpoint):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("steps", [1, 4])
-def test_greedy_parity_on_cuda_with_gpu_kernels_and_graphs(checkpoint, steps):
+@pytest.mark.parametrize(("steps", "fused"), [(1, False), (4, True)])
+def test_greedy_parity_on_cuda_with_gpu_kernels_and_graphs(checkpoint, steps, fused):
     """The engine on CUDA (auto backend: Triton kernels, CUDA graphs for decode) against
-    transformers on the CPU, float32: the chunked batch and then prefix hits, with one and
-    with four decode steps per scheduling round."""
+    transformers on the CPU, float32: the chunked batch and then prefix hits; as configured
+    by default, then with four decode steps per scheduling round and the fused kernels."""
     path, hf = checkpoint
-    engine = _engine(path, device="cuda", num_scheduler_steps=steps)
+    engine = _engine(path, device="cuda", num_scheduler_steps=steps, fused_kernels=fused)
     assert engine.attention_backend == "triton" and engine.cuda_graphs
     engine.warmup()  # every shape captured up front from dummy inputs, then replayed for real
     assert len(engine.runner.graphs.graphs) > 10

@@ -10,6 +10,7 @@ logits reuse ``model.embed_tokens.weight``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -87,14 +88,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like the reference implementations."""
+    """Root-mean-square norm, computed in float32 like the reference implementations.
+
+    With ``residual`` it first adds ``x`` into the residual stream and returns
+    ``(norm(residual + x), residual + x)``: the pre-norm block's residual add and the next
+    norm as one op (one kernel when fused kernels are on, updating ``residual`` in place).
+    """
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            out = _fused().rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = x + residual
+            return self.forward(residual), residual
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -114,6 +129,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.fused = False
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -121,7 +137,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(h)
         # Queries and keys are rotated together, in one pass over [T, H + KVH, D].
         qk = qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim)
-        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        rotated = _fused().rope_(qk, cos, sin) if self.fused else apply_rope(qk, cos, sin)
+        q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, self.q_size))
@@ -136,9 +153,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
                                       bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused = False
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(h).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(h)
+        if self.fused:
+            return self.down_proj(_fused().silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -152,10 +173,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h``: the previous block's output, not yet added to ``residual`` (the stream up to
+        it; None before the first layer). Returns this layer's MLP output and the stream."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -201,9 +230,26 @@ class LlamaForCausalLM(nn.Module):
         # Gathered once per step and shared by every layer.
         cos = cos_table[positions].to(h.dtype).unsqueeze(1)
         sin = sin_table[positions].to(h.dtype).unsqueeze(1)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, kv_cache, meta)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        return self.model.norm(h, residual)[0]
+
+    def use_fused_kernels(self, enabled: bool = True) -> None:
+        """Switch the Triton kernels of ``fused_kernels`` on (norm + residual add, RoPE,
+        SwiGLU activation) or off. They need Triton and the model on CUDA (or Triton's
+        CPU interpreter, ``TRITON_INTERPRET=1``, which the tests use); capture CUDA graphs
+        after switching, not before."""
+        if enabled:
+            device = next(self.parameters()).device
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"fused_kernels needs the model on a CUDA device, got {device}")
+            if self.config.head_dim & (self.config.head_dim - 1):
+                raise ValueError(f"fused_kernels needs a power-of-two head_dim, got {self.config.head_dim}")
+            _fused()  # import now: a missing Triton fails here, not in the first step
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden_size] -> float32 logits [N, vocab_size]."""
@@ -269,6 +315,21 @@ class LlamaForCausalLM(nn.Module):
                 dest.copy_(tensor)
                 loaded.add(name)
         return loaded
+
+
+_FUSED_KERNELS = None
+
+
+def _fused():
+    """The fused-kernel module, imported on first use (it needs Triton)."""
+    global _FUSED_KERNELS
+    if _FUSED_KERNELS is None:
+        try:
+            from ultrakv.node.model import fused_kernels
+        except ImportError as exc:
+            raise ValueError(f"fused_kernels needs Triton, which does not import here: {exc}") from None
+        _FUSED_KERNELS = fused_kernels
+    return _FUSED_KERNELS
 
 
 def _fused_target(name: str, slices: dict[str, tuple[int, int]],

@@ -1,0 +1,138 @@
+"""The fused Triton kernels (``node/model/fused_kernels.py``) against the PyTorch ops they
+replace, then the whole engine with them on against transformers.
+
+They run natively on a CUDA machine. Without CUDA, where Triton is installed, the first test
+runs this file again in a subprocess under Triton's CPU interpreter (``TRITON_INTERPRET=1``),
+so the kernels' indexing and arithmetic are checked on any machine. Where Triton is missing
+(CI installs no Triton) everything skips. The interpreter rounds float32 to bfloat16 by
+truncation, the GPU to nearest: bfloat16 tolerances allow two units in the last place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRETING else None)
+needs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (see the first test)")
+BF16_TOL = {"rtol": 2**-6, "atol": 2**-6}  # two bfloat16 ulps
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="CUDA runs the kernels natively")
+@pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed")
+@pytest.mark.timeout(600)
+def test_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", __file__],
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    # Every kernel case and the engine check ran (only this test and the CPU refusal skip).
+    assert passed and int(passed.group(1)) >= 17 and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    return BF16_TOL if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 96), (3, 2048)])
+def test_rms_norm_with_and_without_the_residual_add(dtype, shape):
+    from ultrakv.node.model import fused_kernels as fk
+
+    g = torch.Generator().manual_seed(shape[0])
+    x, r, w = (torch.randn(*s, generator=g).to(DEVICE, dtype) for s in (shape, shape, shape[1:]))
+    eps = 1e-5
+
+    def ref_norm(v):
+        return w * F.rms_norm(v.float(), w.shape, eps=eps).to(dtype)
+
+    torch.testing.assert_close(fk.rms_norm(x, w, eps), ref_norm(x), **_tol(dtype))
+    residual = r.clone()
+    out = fk.rms_norm(x, w, eps, residual)
+    torch.testing.assert_close(residual, x + r, **_tol(dtype))  # the stream is updated in place
+    torch.testing.assert_close(out, ref_norm(x + r), **_tol(dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_rope_in_place_on_the_qkv_view_matches_apply_rope(dtype, head_dim):
+    from ultrakv.node.model import fused_kernels as fk
+    from ultrakv.node.model.config import ModelConfig
+    from ultrakv.node.model.llama import RotaryEmbedding, apply_rope
+
+    heads, kv_heads, t = 4, 2, 9
+    cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8,
+                      num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+    cos_t, sin_t = RotaryEmbedding(cfg).cos_sin(torch.device(DEVICE))
+    positions = torch.tensor([0, 1, 2, 3, 100, 101, 7, 300, 511], device=DEVICE)
+    cos, sin = cos_t[positions].to(dtype).unsqueeze(1), sin_t[positions].to(dtype).unsqueeze(1)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(t, width, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(t, -1, head_dim)  # strided rows, as in the model
+    expected = apply_rope(qk.clone(), cos, sin)
+    assert fk.rope_(qk, cos, sin) is qk
+    torch.testing.assert_close(qk, expected, **_tol(dtype))
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # values untouched
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 128), (5, 3000)])
+def test_silu_and_mul(dtype, shape):
+    from ultrakv.node.model import fused_kernels as fk
+
+    x = torch.randn(shape[0], 2 * shape[1], generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    gate, up = x.split(shape[1], dim=-1)
+    torch.testing.assert_close(fk.silu_and_mul(x), F.silu(gate) * up, **_tol(dtype))
+
+
+@needs_kernels
+def test_engine_with_fused_kernels_matches_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_reference import assert_greedy_matches, build_checkpoint, hf_greedy
+    from ultrakv.node import Engine, EngineConfig, SamplingParams
+
+    hf = build_checkpoint("llama", tmp_path)
+    engine = Engine(EngineConfig(model=str(tmp_path), device=DEVICE, dtype="float32", num_blocks=64,
+                                 max_num_batched_tokens=32, fused_kernels=True))
+    assert engine.stats()["fused_kernels"]
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(n)] for i, n in enumerate((1, 5, 20, 45))]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        ref, ref_logits = hf_greedy(hf, prompt, 6)
+        assert_greedy_matches(out.token_ids, ref, ref_logits)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="checks the CPU refusal")
+def test_fused_kernels_are_refused_on_cpu_naming_the_setting():
+    from ultrakv.node import Engine, EngineConfig
+
+    with pytest.raises(ValueError, match="fused_kernels"):
+        Engine(EngineConfig(model="tiny", device="cpu", num_blocks=16, fused_kernels=True))
