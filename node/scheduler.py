@@ -137,14 +137,18 @@ class Scheduler:
 
         Running several decode steps per schedule lets the device feed each step's sampled
         tokens into the next without a round trip to the host. It is only done when nothing
-        else needs the scheduler's attention: every scheduled sequence is decoding, nobody is
-        waiting to be admitted, nothing was preempted. ``k`` never exceeds any sequence's
+        else needs the scheduler's attention: every scheduled sequence is decoding, nothing
+        was preempted, and nobody waits for a free seat (with the batch full at
+        ``max_num_seqs``, a waiting request could not start before a sequence finishes
+        anyway, so a backlog keeps multi-step on). ``k`` never exceeds any sequence's
         remaining ``max_tokens`` or context, so only a stop token (seen after the fact) can
         make a sequence compute tokens it will not keep. Blocks for all ``k`` tokens are
         reserved here; when the pool can't hold them, fewer steps are planned (never a
         preemption for lookahead). Returns ``k`` >= 1.
         """
-        if max_steps <= 1 or out.preempted or self.waiting or not out.scheduled:
+        if max_steps <= 1 or out.preempted or not out.scheduled:
+            return 1
+        if self.waiting and len(self.running) < self.max_num_seqs:
             return 1
         if any(item.num_new_tokens != 1 or not item.samples for item in out.scheduled):
             return 1

@@ -57,6 +57,15 @@ def test_outputs_equal_one_step_per_round_and_nothing_leaks(steps, single_step_o
     assert engine.pool.num_used == 0 and engine.pool.num_free == free
 
 
+def test_a_backlog_behind_a_full_batch_keeps_multi_step_on(single_step_outputs):
+    engine = _engine(8, max_num_seqs=2)  # six requests, two seats: four wait at first
+    outs = engine.generate(_prompts(0, [3, 17, 40, 5, 90, 33]), PARAMS)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in single_step_outputs]
+    stats = engine.stats()["tokens"]
+    assert stats["schedules"] < stats["steps"] // 2, stats
+    assert engine.pool.num_used == 0
+
+
 def test_stop_token_mid_round_discards_the_rest():
     prompt = [[9, 9, 9]]
     free = _engine(1).generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
@@ -139,11 +148,15 @@ def test_plan_decode_steps_respects_limits_waiting_and_free_blocks():
     assert sched.plan_decode_steps(out, 8) == 4
     sched.finish(seq, "length")
 
-    # Someone waiting: one step, so the newcomer is admitted next round.
+    # Someone waiting with a seat free: one step, so the newcomer is admitted next round.
     seq = _decoding(pool, sched, max_tokens=100, computed=2)
     out = sched.schedule()
     sched.add(Sequence("w", [1, 2], 2, SamplingParams()))
     assert sched.plan_decode_steps(out, 8) == 1
+    # With every seat taken it could not start before someone finishes: multi-step stays on.
+    sched.max_num_seqs = 1
+    assert sched.plan_decode_steps(out, 2) == 2
+    sched.max_num_seqs = 4
     sched.finish(sched.waiting[0], "abort")
 
     # Too few free blocks for 8 more: fewer steps, never a preemption.

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One lent-GPU session's measurements, in phases that each fit a 10-minute device call.
+#
+#   bash benchmarks/gpu_session.sh tests    # GPU tests: attention kernels, fused kernels, parity on CUDA
+#   bash benchmarks/gpu_session.sh decode   # llama-1b decode by steps per round, fused kernels off and on
+#   bash benchmarks/gpu_session.sh full     # bench_gpu.py on llama-1b and llama-8b (~7 min) + plot
+#
+# Runs from the repository root of a source checkout on a machine that has torch, triton and
+# transformers but where the package is not installed: it imports the checkout through
+# symlinks. Results go to $OUT when set (the device tool's output folder), else
+# benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pkg=$(mktemp -d)/pkg
+mkdir -p "$pkg/ultrakv"
+for d in node coordinator client; do ln -sfn "$PWD/$d" "$pkg/ultrakv/$d"; done
+ln -sfn "$PWD/proto/ultrakv/v1" "$pkg/ultrakv/v1"
+export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export ULTRAKV_RESULTS_DIR="${OUT:-benchmarks/results}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+case "${1:-}" in
+  tests)
+    # The fused-kernel tests are not marked gpu (they also run under Triton's CPU interpreter).
+    { python -m pytest -q -m gpu tests/ && python -m pytest -q tests/test_fused_kernels.py; } 2>&1 \
+      | tee "$ULTRAKV_RESULTS_DIR/gpu_tests.log"
+    ;;
+  decode)
+    python benchmarks/bench_decode.py --model llama-1b --device cuda --batches 1 64 --steps 1 8 --new-tokens 256
+    python benchmarks/bench_decode.py --model llama-1b --device cuda --batches 1 64 --steps 1 8 --new-tokens 256 \
+      --fused-kernels
+    ;;
+  full)
+    python benchmarks/bench_gpu.py --models llama-1b llama-8b --bulk-requests 1000 400 \
+      2>&1 | tee "$ULTRAKV_RESULTS_DIR/gpu_bench.log"
+    for f in "$ULTRAKV_RESULTS_DIR"/gpu_*.json; do python benchmarks/plot_gpu.py "$f" || true; done
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full" >&2
+    exit 2
+    ;;
+esac
