@@ -625,10 +625,12 @@ class Engine:
         bs = self.config.block_size
         with self._lock:
             now = time.time()
-            self.sessions.put(Session(state.session_id, list(state.token_ids), state.tenant, state.turns, now, now))
+            session = Session(state.session_id, list(state.token_ids), state.tenant, state.turns, now, now)
+            self.sessions.put(session)
             if state.kv is None or state.kv_tokens == 0 or not self.config.enable_prefix_caching:
                 return 0
             hashes = hash_token_blocks(state.token_ids[: state.kv_tokens], bs, state.tenant)
+            session.block_hashes = hashes  # the next turn's prefix match starts from them
             held = self.pool.cached_prefix(hashes)
             have = len(held)
             self.pool.incref(held)  # pinned, so allocating below can't evict the chain's head
