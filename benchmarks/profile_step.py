@@ -1,6 +1,7 @@
 """Where a step's time goes: cProfile of the host path for batch-1 decode, a 200-token
 prefill and 64-way decode, plus the GPU time of one decode graph replay.
-Usage: python benchmarks/profile_step.py [--model llama-1b] [--device cuda]"""
+Usage: python benchmarks/profile_step.py [--model llama-1b] [--device cuda] [--scheduler-steps K]
+       [--fused-kernels]"""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--scheduler-steps", type=int, default=1, help="num_scheduler_steps")
+    ap.add_argument("--fused-kernels", action="store_true", help="Triton norm/RoPE/SwiGLU kernels")
     args = ap.parse_args()
     rng = random.Random(0)
-    engine = Engine(EngineConfig(model=args.model, device=args.device, max_num_seqs=256, max_model_len=4096))
+    engine = Engine(EngineConfig(model=args.model, device=args.device, max_num_seqs=256, max_model_len=4096,
+                                 num_scheduler_steps=args.scheduler_steps, fused_kernels=args.fused_kernels))
     greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
     toks = lambda n: [rng.randrange(1, 256) for _ in range(n)]  # noqa: E731
     engine.generate([toks(128)], greedy(64))
