@@ -333,15 +333,18 @@ class Engine:
             with self._lock:
                 self._in_flight = set()
                 self._metrics.schedules += 1
+                items, rows = out.scheduled, range(len(out.scheduled))
                 for i, sampled in enumerate(sampled_steps):
-                    if i:  # later steps carry on only the sequences still going
-                        keep = [j for j, item in enumerate(out.scheduled) if not item.seq.is_finished]
-                        keep = [j for j in keep if out.scheduled[j].seq.request_id not in self._deferred_aborts]
-                        out = SchedulerOutput([out.scheduled[j] for j in keep])
-                        sampled = [sampled[j] for j in keep]
-                        if out.is_empty:
+                    if i:  # later steps carry on only the sequences still going (rows index ``items``)
+                        rows = [
+                            j
+                            for j in rows
+                            if not items[j].seq.is_finished and items[j].seq.request_id not in self._deferred_aborts
+                        ]
+                        if not rows:
                             break
-                    finished.extend(self._after_step(out, sampled))
+                    step = SchedulerOutput([items[j] for j in rows])
+                    finished.extend(self._after_step(step, [sampled[j] for j in rows]))
                 for rid in self._deferred_aborts & self._seqs.keys():
                     finished.append(self._finish(self._seqs[rid], "abort"))
                 self._deferred_aborts.clear()

@@ -86,6 +86,61 @@ def test_stop_token_mid_round_discards_the_rest():
     assert out.finish_reason == "stop" and out.text == text[: text.index(needle)]
 
 
+def test_sequences_stopping_early_in_a_round_leave_the_others_their_own_tokens():
+    """Rows keep their sequence when others drop out of a round at different steps (one by a
+    stop token at step 0-1, one by a stop token later), and the prefix cache they fill serves
+    a later request the same tokens as a fresh engine."""
+    prompts = [[9, 9, 9], [4, 8, 15, 16], [23, 42], [1, 2, 3, 4, 5]]
+    free_sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    free = _engine(1).generate(prompts, [free_sp] * 4)
+    stop_early, stop_later = free[0].token_ids[1], free[2].token_ids[4]
+    params = [
+        SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=[stop_early]),
+        free_sp,
+        SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=[stop_later]),
+        free_sp,
+    ]
+    engine = _engine(8)
+    outs = engine.generate(prompts, params)
+    assert outs[0].token_ids == free[0].token_ids[: free[0].token_ids.index(stop_early) + 1]
+    assert outs[2].token_ids == free[2].token_ids[: free[2].token_ids.index(stop_later) + 1]
+    assert len(outs[0].token_ids) < 8 and len(outs[2].token_ids) < 16  # they did stop mid-round
+    assert outs[1].token_ids == free[1].token_ids and outs[3].token_ids == free[3].token_ids
+    probe = prompts[1] + free[1].token_ids[:35]
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    hit = engine.generate([probe], sp)[0]
+    assert hit.cached_tokens >= 32 and hit.token_ids == _engine(1).generate([probe], sp)[0].token_ids
+    assert engine.pool.num_used == 0
+
+
+def test_an_abort_mid_round_leaves_the_other_streams_exact():
+    engine = _engine(8)
+    sp = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    ref = _engine(1).generate([[5, 6, 7], [11, 12]], [sp, sp])
+
+    async def run():
+        async def consume(prompt, leave_after=None):
+            got = []
+            async for d in engine.stream(GenerateRequest(prompt=prompt, sampling=sp)):
+                got += d.token_ids
+                if leave_after is not None and len(got) >= leave_after:
+                    break  # aborts it, most likely mid-round
+            return got
+
+        return await asyncio.gather(consume([5, 6, 7]), consume([11, 12], leave_after=3), consume([30, 31, 32]))
+
+    kept, left, other = asyncio.run(run())
+    assert kept == ref[0].token_ids
+    assert left == ref[1].token_ids[: len(left)]
+    assert other == _engine(1).generate([[30, 31, 32]], sp)[0].token_ids
+    for _ in range(2000):
+        if not engine.stats()["requests"]["running"]:
+            break
+        asyncio.run(asyncio.sleep(0.001))
+    assert engine.pool.num_used == 0
+    engine.shutdown()
+
+
 def test_context_limit_is_kept_to_the_token():
     engine = _engine(8, max_model_len=64)
     out = engine.generate([list(range(1, 51))], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))[0]
