@@ -49,6 +49,7 @@ from ultrakv.coordinator.ring import (
     route_key_for_prompt,
 )
 from ultrakv.coordinator.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
+from ultrakv.node.addresses import dial_host
 from ultrakv.node.errors import SessionNotFoundError
 from ultrakv.node.metrics import serve_metrics
 from ultrakv.node.server import (
@@ -591,8 +592,7 @@ class CoordinatorServer:
 
     @property
     def address(self) -> str:
-        host = self.settings.host
-        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.port}"
+        return f"{dial_host(self.settings.host)}:{self.port}"
 
     async def start(self) -> int:
         """Join the cluster view, then listen; returns the bound port."""

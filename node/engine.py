@@ -34,7 +34,7 @@ from ultrakv.node.errors import (
     QueueFullError,
 )
 from ultrakv.node.kv.block_pool import BlockPool
-from ultrakv.node.kv.hashing import hash_token_blocks
+from ultrakv.node.kv.hashing import continue_chain, hash_token_blocks
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
 from ultrakv.node.model.loader import load_model
 from ultrakv.node.outputs import (
@@ -550,11 +550,7 @@ class Engine:
 
     def _cached_blocks(self, s: Session) -> list[int]:
         """Blocks of the session's history still in the cache (the leading run)."""
-        bs = self.config.block_size
-        known = s.block_hashes[: len(s.token_ids) // bs]
-        parent = known[-1] if known else None
-        hashes = known + hash_token_blocks(s.token_ids[len(known) * bs :], bs, s.salt, parent)
-        return self.pool.cached_prefix(hashes)
+        return self.pool.cached_prefix(continue_chain(s.block_hashes, s.token_ids, self.config.block_size, s.salt))
 
     def get_session(self, session_id: str) -> SessionInfo:
         with self._lock:

@@ -25,6 +25,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+from ultrakv.node.addresses import dial_host
 
 log = logging.getLogger("ultrakv.node.metrics")
 
@@ -167,6 +168,5 @@ def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0")
     """Serve ``registry`` over HTTP at ``/metrics``; returns the server (call ``shutdown()``
     on it to stop). Logs the URL."""
     server, _thread = start_http_server(port, addr=addr, registry=registry)
-    host = "127.0.0.1" if addr in ("0.0.0.0", "::", "") else addr
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    log.info("metrics on http://%s:%d/metrics", dial_host(addr), server.server_port)
     return server

@@ -61,7 +61,7 @@ class ModelRunner:
             return [None] * len(scheduled)
         # Decode steps sample every row, and row i is token i: no gather needed.
         selected = hidden if hidden.shape[0] == len(rows) else hidden[last]
-        tokens = self._sample(selected, [scheduled[i] for i in rows]).tolist()
+        tokens = self._sample(selected, self._sampling_for([scheduled[i] for i in rows])).tolist()
         out: list[int | None] = [None] * len(scheduled)
         for row, tok in zip(rows, tokens, strict=True):
             out[row] = int(tok)
@@ -84,7 +84,7 @@ class ModelRunner:
             raise ValueError(f"execute_decode_steps needs a decode-only batch and num_steps >= 1, got {num_steps}")
         bs = self.block_size
         tables = meta.block_tables
-        sampling = None if _all_greedy(scheduled) else self._sampling_tensors(scheduled)
+        sampling = self._sampling_for(scheduled)
         tokens = []
         for step in range(num_steps):
             if step:
@@ -99,7 +99,7 @@ class ModelRunner:
                     max_seq_len=meta.max_seq_len + 1,
                 )
             hidden = self._forward(input_ids, positions, meta)
-            input_ids = self._sample(hidden, scheduled, sampling)
+            input_ids = self._sample(hidden, sampling)
             tokens.append(input_ids)
         return torch.stack(tokens).tolist()
 
@@ -108,14 +108,16 @@ class ModelRunner:
             return self.graphs.run(input_ids, positions, meta)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
-    def _sample(
-        self, hidden: torch.Tensor, items: list[ScheduledSeq], sampling: SamplingTensors | None = None
-    ) -> torch.Tensor:
+    def _sampling_for(self, items: list[ScheduledSeq]) -> SamplingTensors | None:
+        """The rows' sampling tensors; None for an all-greedy batch (a plain argmax)."""
+        if all(i.seq.sampling.temperature == 0 for i in items):
+            return None
+        return self._sampling_tensors(items)
+
+    def _sample(self, hidden: torch.Tensor, sampling: SamplingTensors | None) -> torch.Tensor:
         """Tokens [N] (on the device) for the rows of ``hidden``; nothing waits for them."""
         logits = self.model.compute_logits(hidden)
-        if _all_greedy(items):
-            return logits.argmax(dim=-1)
-        return sample(logits, sampling or self._sampling_tensors(items))
+        return logits.argmax(dim=-1) if sampling is None else sample(logits, sampling)
 
     def prepare(
         self, scheduled: list[ScheduledSeq], rows: list[int] | None = None
@@ -183,7 +185,3 @@ class ModelRunner:
             max_top_k=max_top_k,
             any_top_p=any(i.seq.sampling.top_p < 1.0 for i in items),
         )
-
-
-def _all_greedy(items: list[ScheduledSeq]) -> bool:
-    return all(i.seq.sampling.temperature == 0 for i in items)

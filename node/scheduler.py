@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ultrakv.node.kv.block_pool import BlockPool
-from ultrakv.node.kv.hashing import hash_block, hash_token_blocks
+from ultrakv.node.kv.hashing import continue_chain, hash_block
 from ultrakv.node.sequence import Sequence, SequenceStatus
 
 
@@ -222,11 +222,7 @@ class Scheduler:
         """Chained hashes of the full blocks a prefix match may reuse: all but the last token
         (always computed, so the step yields logits to sample from). Starts from the known
         ``prefix_hashes``, so a conversation's next turn hashes only its new blocks."""
-        bs = self.block_size
-        known = seq.prefix_hashes[: (seq.num_tokens - 1) // bs]
-        start = len(known) * bs
-        rest = hash_token_blocks(seq.token_ids[start : seq.num_tokens - 1], bs, seq.salt, known[-1] if known else None)
-        return known + rest
+        return continue_chain(seq.prefix_hashes, seq.token_ids[: seq.num_tokens - 1], self.block_size, seq.salt)
 
     def _reserve(self, seq: Sequence, num_new: int) -> bool:
         need = self._blocks_needed(seq, num_new)

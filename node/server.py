@@ -29,6 +29,7 @@ from google.protobuf import message_factory, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.registry import CollectorRegistry
+from ultrakv.node.addresses import dial_host
 from ultrakv.node.errors import EngineError, IncompatibleSessionError, SessionNotFoundError
 from ultrakv.node.metrics import NodeCollector, serve_metrics
 from ultrakv.node.outputs import GenerateRequest, RequestOutput, SessionInfo
@@ -703,8 +704,7 @@ class NodeServer:
 
     @property
     def address(self) -> str:
-        host = self.settings.host
-        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.port}"
+        return f"{dial_host(self.settings.host)}:{self.port}"
 
     async def start(self) -> int:
         """Bind and start; return the bound port (``port=0`` picks a free one)."""

@@ -56,3 +56,13 @@ def test_invalid_inputs_name_the_field():
         hash_block(None, [2**64])
     with pytest.raises(ValueError, match="parent"):
         hash_block(-1, [1])
+
+
+def test_continue_chain_equals_hashing_everything():
+    from ultrakv.node.kv.hashing import continue_chain
+
+    tokens = list(range(70))
+    full = hash_token_blocks(tokens, 16, "t")
+    for k in (0, 1, 4, 9):  # known hashes of none, some, all and more than the full blocks
+        known = hash_token_blocks(list(range(200)), 16, "t")[:k]
+        assert continue_chain(known, tokens, 16, "t") == full

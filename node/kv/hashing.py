@@ -55,3 +55,14 @@ def hash_token_blocks(
         parent = hash_block(parent, token_ids[start : start + block_size], salt)
         hashes.append(parent)
     return hashes
+
+
+def continue_chain(
+    known: Sequence[int], token_ids: Sequence[int], block_size: int, salt: str = ""
+) -> list[int]:
+    """Chained hashes of every full block of ``token_ids``, given ``known``: hashes already
+    computed for its leading blocks (extra ones past the full blocks are ignored). Only the
+    blocks after them are hashed."""
+    known = list(known[: len(token_ids) // block_size])
+    rest = token_ids[len(known) * block_size :]
+    return known + hash_token_blocks(rest, block_size, salt, known[-1] if known else None)

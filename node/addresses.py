@@ -1,0 +1,11 @@
+"""Listen addresses vs. the addresses to dial them at."""
+
+from __future__ import annotations
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def dial_host(listen_host: str) -> str:
+    """The host a local client dials to reach a server listening on ``listen_host``: loopback
+    for a wildcard (every-interface) address, else the address itself."""
+    return "127.0.0.1" if listen_host in WILDCARD_HOSTS else listen_host
