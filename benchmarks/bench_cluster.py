@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import summary, write  # noqa: E402
 from ultrakv.client import AsyncClient, Client  # noqa: E402
-from ultrakv.coordinator.cluster import ClusterSpec, LocalCluster  # noqa: E402
+from ultrakv.client.local_cluster import ClusterSpec, LocalCluster  # noqa: E402
 
 MAX_LENGTH = 8
 

@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import summary, write  # noqa: E402
 from ultrakv.client import Client  # noqa: E402
+from ultrakv.cluster.service import DEFAULT_FLUSH_INTERVAL_S  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 from ultrakv.node.outputs import GenerateRequest  # noqa: E402
-from ultrakv.node.server import DEFAULT_FLUSH_INTERVAL_S, BackgroundServer, ServerSettings  # noqa: E402
+from ultrakv.node.server import BackgroundServer, ServerSettings  # noqa: E402
 from ultrakv.v1 import types_pb2 as pb  # noqa: E402
 from ultrakv.v1 import ultrakv_pb2_grpc  # noqa: E402
 

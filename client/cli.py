@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.metrics_port:  # one port cannot serve N node processes and a coordinator
         raise ValueError("--metrics-port needs --nodes 1 without --etcd; with more nodes "
                          "give each `ultrakv node` and `ultrakv coordinator` its own")
-    from ultrakv.coordinator.cluster import ClusterSpec, serve_cluster
+    from ultrakv.client.local_cluster import ClusterSpec, serve_cluster
 
     return serve_cluster(ClusterSpec(
         nodes=args.nodes, data_dir=Path(args.data_dir), model=args.model or "tiny",
@@ -124,8 +124,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
+    from ultrakv.cluster.store import EtcdStore
     from ultrakv.coordinator.server import drain_node
-    from ultrakv.coordinator.store import EtcdStore
 
     async def run() -> int:
         async with EtcdStore(args.etcd) as store:
@@ -138,8 +138,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def _cmd_dynamic_config(args: argparse.Namespace) -> int:
     """``config set`` / ``config show``: the coordinators' live settings in etcd."""
+    from ultrakv.cluster.store import EtcdStore
     from ultrakv.coordinator import dynamic_config as dc
-    from ultrakv.coordinator.store import EtcdStore
 
     if not args.etcd:
         raise ValueError(f"config {args.action}: --etcd HOST:PORT is required")

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ultrakv.cluster.validation import Limits
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.server import ServerSettings
-from ultrakv.node.validation import Limits
 
 PRESETS = ("development", "production", "high_performance", "memory_efficient",
            "bulk_processing")

@@ -22,8 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ultrakv.coordinator.health import HealthPolicy
-from ultrakv.coordinator.store import (
+from ultrakv.cluster.store import (
     Compare,
     EtcdStore,
     EtcdUnavailableError,
@@ -31,7 +30,8 @@ from ultrakv.coordinator.store import (
     StoreError,
     key_absent,
 )
-from ultrakv.coordinator.tasks import cancel_task
+from ultrakv.cluster.tasks import cancel_task
+from ultrakv.coordinator.health import HealthPolicy
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from enum import StrEnum
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from ultrakv.coordinator.tasks import cancel_task
+from ultrakv.cluster.tasks import cancel_task
 
 log = logging.getLogger(__name__)
 

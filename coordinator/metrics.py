@@ -13,8 +13,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from ultrakv.cluster.membership import NodeState
 from ultrakv.coordinator.health import Health
-from ultrakv.coordinator.membership import NodeState
 
 
 @dataclass

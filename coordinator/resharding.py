@@ -25,13 +25,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
-from ultrakv.coordinator.peers import PeerChannels
-from ultrakv.coordinator.ring import HashRing
-from ultrakv.coordinator.store import EtcdStore, EtcdUnavailableError
-from ultrakv.node.checkpoint import Manifest, load_manifest, merge_with_history, read_session
-from ultrakv.node.outputs import SessionState
-from ultrakv.node.replication import replica_targets
-from ultrakv.node.session_transfer import chunks_to_state, state_to_chunks
+from ultrakv.cluster.checkpoint import Manifest, load_manifest, merge_with_history, read_session
+from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.ring import HashRing, replica_targets
+from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.session_transfer import chunks_to_state, state_to_chunks
+from ultrakv.cluster.store import EtcdStore, EtcdUnavailableError
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 

@@ -31,34 +31,34 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.registry import CollectorRegistry
-from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
-from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
-from ultrakv.coordinator.membership import (
+from ultrakv.cluster.addresses import dial_host
+from ultrakv.cluster.errors import SessionNotFoundError
+from ultrakv.cluster.membership import (
     NODES_PREFIX,
     MembershipWatcher,
     NodeRecord,
     NodeState,
 )
-from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
-from ultrakv.coordinator.peers import PeerChannels
-from ultrakv.coordinator.resharding import Move, Plan, Resharder
-from ultrakv.coordinator.ring import (
+from ultrakv.cluster.metrics_http import serve_metrics
+from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.ring import (
     EmptyRingError,
     HashRing,
     bounded_lookup,
     route_key_for_prompt,
 )
-from ultrakv.coordinator.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
-from ultrakv.node.addresses import dial_host
-from ultrakv.node.errors import SessionNotFoundError
-from ultrakv.node.metrics import serve_metrics
-from ultrakv.node.server import (
+from ultrakv.cluster.service import (
     ULTRAKV_SERVICE,
     Event,
     UltraKVServicer,
     add_servicer,
 )
-from ultrakv.node.validation import Limits, RequestRejected
+from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
+from ultrakv.cluster.validation import Limits, RequestRejected
+from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
+from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
+from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
+from ultrakv.coordinator.resharding import Move, Plan, Resharder
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 

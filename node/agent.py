@@ -15,7 +15,8 @@ import os
 import signal
 from dataclasses import dataclass
 
-from ultrakv.coordinator.membership import (
+from ultrakv.cluster.checkpoint import load_manifest
+from ultrakv.cluster.membership import (
     DEFAULT_TTL_S,
     NODES_PREFIX,
     DuplicateNodeError,
@@ -24,9 +25,9 @@ from ultrakv.coordinator.membership import (
     NodeRegistration,
     NodeState,
 )
-from ultrakv.coordinator.peers import PeerChannels
-from ultrakv.coordinator.store import DEFAULT_PREFIX, EtcdStore
-from ultrakv.node.checkpoint import Checkpointer, load_manifest, restore_into
+from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.store import DEFAULT_PREFIX, EtcdStore
+from ultrakv.node.checkpoint import Checkpointer, restore_into
 from ultrakv.node.replication import Replicator
 
 log = logging.getLogger("ultrakv.node.agent")

@@ -1,188 +1,26 @@
-"""Session checkpoints: history and KV files with sha256, the manifest recorded in etcd.
-
-Every ``interval_s`` a node writes each session that changed since the last checkpoint as
-two files under ``<directory>/<node id>/``: the history (JSON) and the KV of its cached
-leading blocks (raw tensor bytes). File names carry the turn count, so a new version never
-overwrites the one the current manifest points at. Once the files are on disk the manifest
-(``checkpoints/<node id>``: every session's files and their sha256) is written to etcd in
-one put, which is atomic; files no manifest names any more are removed afterwards. A crash
-at any point leaves the previous manifest and its files intact.
-
-On load every file is checked against its sha256. A KV file that is missing or corrupted
-is logged and dropped: the session comes back with its history only and the engine
-recomputes the KV on the next turn. A corrupted history file drops the session from the
-checkpoint (the caller falls back to the replicated history). Never a crash, never KV that
-does not belong to the history it is served with.
-"""
+"""A node's checkpointer: writes its sessions every interval in the cluster's checkpoint
+format (cluster/checkpoint.py) and records the manifest in etcd; restores them at start."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-from ultrakv.coordinator.store import EtcdStore, EtcdUnavailableError
-from ultrakv.coordinator.tasks import cancel_task
-from ultrakv.node.errors import SessionNotFoundError
-from ultrakv.node.outputs import SessionState
+from ultrakv.cluster.checkpoint import (
+    CheckpointEntry,
+    Manifest,
+    manifest_key,
+    read_session,
+    write_session,
+)
+from ultrakv.cluster.errors import SessionNotFoundError
+from ultrakv.cluster.store import EtcdStore, EtcdUnavailableError
+from ultrakv.cluster.tasks import cancel_task
 
 log = logging.getLogger("ultrakv.node.checkpoint")
-
-CHECKPOINTS_PREFIX = "checkpoints/"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def manifest_key(node_id: str) -> str:
-    """The etcd key (relative to the store prefix) of ``node_id``'s manifest."""
-    return CHECKPOINTS_PREFIX + node_id
-
-
-@dataclass(frozen=True)
-class CheckpointEntry:
-    """One session in a manifest: its two files and their sha256 (hex)."""
-
-    session_id: str
-    turns: int
-    num_tokens: int
-    history_file: str
-    history_sha256: str
-    kv_file: str = ""  # "" when the session had no cached block
-    kv_sha256: str = ""
-    kv_tokens: int = 0
-
-
-@dataclass
-class Manifest:
-    """What one checkpoint holds; ``directory`` is where its files are."""
-
-    node_id: str
-    directory: str
-    created_at: float = field(default_factory=time.time)
-    sessions: dict[str, CheckpointEntry] = field(default_factory=dict)
-
-    def to_json(self) -> bytes:
-        d = asdict(self)
-        d["sessions"] = [asdict(e) for e in self.sessions.values()]
-        return json.dumps(d, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        """Parse the stored form; ValueError on a malformed manifest."""
-        try:
-            d = json.loads(data)
-            entries = [CheckpointEntry(**e) for e in d["sessions"]]
-            return cls(d["node_id"], d["directory"], float(d["created_at"]),
-                       {e.session_id: e for e in entries})
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"malformed checkpoint manifest: {exc!r}") from exc
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
-    """Write ``state``'s history and KV files into ``directory``; returns the entry."""
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = f"{state.session_id}.t{state.turns}.n{len(state.token_ids)}"
-    kv = state.kv if state.kv is not None and state.kv_tokens > 0 else None
-    history = json.dumps({
-        "session_id": state.session_id, "token_ids": state.token_ids, "turns": state.turns,
-        "tenant": state.tenant, "model_fingerprint": state.model_fingerprint,
-        "kv_tokens": state.kv_tokens if kv is not None else 0,
-        "kv_shape": list(kv.shape) if kv is not None else [],
-        "kv_dtype": str(kv.dtype).removeprefix("torch.") if kv is not None else "",
-    }).encode()
-    entry = CheckpointEntry(state.session_id, state.turns, len(state.token_ids),
-                            stem + ".history.json", _sha256(history))
-    _write_atomic(directory / entry.history_file, history)
-    if kv is not None:
-        data = kv.contiguous().view(torch.uint8).numpy().tobytes()
-        entry = replace(entry, kv_file=stem + ".kv", kv_sha256=_sha256(data),
-                        kv_tokens=state.kv_tokens)
-        _write_atomic(directory / entry.kv_file, data)
-    return entry
-
-
-def _read_verified(path: Path, sha256: str) -> bytes | None:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        log.error("checkpoint file %s unreadable (%s)", path, exc)
-        return None
-    if _sha256(data) != sha256:
-        log.error("checkpoint file %s fails its sha256 check (corrupted)", path)
-        return None
-    return data
-
-
-def read_session(directory: Path, entry: CheckpointEntry) -> SessionState | None:
-    """The session of ``entry``, checked against its sha256s.
-
-    None when the history file is missing or corrupted; the state without KV when only the
-    KV file is (the engine then recomputes the KV from the history).
-    """
-    raw = _read_verified(directory / entry.history_file, entry.history_sha256)
-    if raw is None:
-        return None
-    h = json.loads(raw)
-    state = SessionState(session_id=h["session_id"], token_ids=list(h["token_ids"]),
-                         turns=int(h["turns"]), model_fingerprint=h["model_fingerprint"],
-                         tenant=h.get("tenant", ""))
-    if not entry.kv_file:
-        return state
-    data = _read_verified(directory / entry.kv_file, entry.kv_sha256)
-    if data is None:
-        log.warning("session %s: KV will be recomputed from its history", entry.session_id)
-        return state
-    dtype = _DTYPES[h["kv_dtype"]]
-    kv = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(h["kv_shape"])
-    return replace(state, kv=kv, kv_tokens=int(h["kv_tokens"]))
-
-
-def merge_with_history(session_id: str, checkpointed: SessionState | None, history: list[int],
-                       turns: int, fingerprint: str) -> SessionState:
-    """The session to restore from a checkpoint and a replicated history of the same session.
-
-    The longer of the two histories wins when one extends the other (the checkpoint's KV
-    stays valid: it covers a prefix of it); when they diverge the replicated history wins,
-    being what clients were acknowledged, and the KV is dropped.
-    """
-    if checkpointed is None:
-        return SessionState(session_id, list(history), turns, fingerprint)
-    ckpt = checkpointed.token_ids
-    if len(history) >= len(ckpt) and history[:len(ckpt)] == ckpt:
-        return replace(checkpointed, token_ids=list(history), turns=max(turns, checkpointed.turns))
-    if len(ckpt) > len(history) and ckpt[:len(history)] == history:
-        return checkpointed
-    return replace(checkpointed, token_ids=list(history), turns=turns, kv=None, kv_tokens=0)
-
-
-async def load_manifest(store: EtcdStore, node_id: str) -> Manifest | None:
-    """``node_id``'s last recorded manifest, or None."""
-    kv = await store.get(manifest_key(node_id))
-    if kv is None:
-        return None
-    try:
-        return Manifest.from_json(kv.value)
-    except ValueError as exc:
-        log.error("ignoring the checkpoint manifest of %s: %s", node_id, exc)
-        return None
 
 
 @dataclass

@@ -24,15 +24,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import torch
-from ultrakv.node.attention import get_backend
-from ultrakv.node.config import EngineConfig
-from ultrakv.node.cuda_graphs import CudaGraphRunner
-from ultrakv.node.errors import (
+from ultrakv.cluster.errors import (
     IncompatibleSessionError,
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
 )
+from ultrakv.cluster.session_state import SessionState
+from ultrakv.node.attention import get_backend
+from ultrakv.node.config import EngineConfig
+from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.hashing import continue_chain, hash_token_blocks
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
@@ -41,7 +42,6 @@ from ultrakv.node.outputs import (
     GenerateRequest,
     RequestOutput,
     SessionInfo,
-    SessionState,
     StreamDelta,
 )
 from ultrakv.node.runner import ModelRunner

@@ -17,15 +17,13 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector, CollectorRegistry
-from ultrakv.node.addresses import dial_host
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("ultrakv.node.metrics")
 
@@ -162,11 +160,3 @@ class NodeCollector(Collector):
                                hist["tpot_s"])
         yield histogram_family("ultrakv_e2e_request_latency_seconds",
                                "Arrival to finish, per request.", base, hist["e2e_s"])
-
-
-def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> Any:
-    """Serve ``registry`` over HTTP at ``/metrics``; returns the server (call ``shutdown()``
-    on it to stop). Logs the URL."""
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", dial_host(addr), server.server_port)
-    return server

@@ -20,21 +20,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
-from ultrakv.coordinator.peers import PeerChannels
-from ultrakv.coordinator.ring import HashRing
-from ultrakv.node.errors import SessionNotFoundError
+from ultrakv.cluster.errors import SessionNotFoundError
+from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.ring import HashRing, replica_targets
 from ultrakv.node.outputs import RequestOutput
 from ultrakv.v1 import node_pb2 as npb
 
 log = logging.getLogger("ultrakv.node.replication")
-
-
-def replica_targets(ring: HashRing, session_id: str, self_id: str) -> list[str]:
-    """Nodes to hold ``session_id``'s replica, best first: distinct nodes clockwise from the
-    session's hash point, without this node."""
-    if len(ring) == 0:
-        return []
-    return [n for n in ring.lookup_n(session_id, len(ring)) if n != self_id]
 
 
 @dataclass

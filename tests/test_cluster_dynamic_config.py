@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 from ultrakv.client.cli import main as cli_main
+from ultrakv.cluster.etcd_server import EmbeddedEtcd
+from ultrakv.cluster.store import DEFAULT_PREFIX, EtcdStore
 from ultrakv.coordinator.dynamic_config import (
     CONFIG_KEY,
     ConfigError,
@@ -18,10 +20,8 @@ from ultrakv.coordinator.dynamic_config import (
     parse_overrides,
     set_overrides,
 )
-from ultrakv.coordinator.etcd_server import EmbeddedEtcd
 from ultrakv.coordinator.health import HealthPolicy
 from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
-from ultrakv.coordinator.store import DEFAULT_PREFIX, EtcdStore
 
 pytestmark = pytest.mark.cluster
 

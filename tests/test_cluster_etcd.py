@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from ultrakv.coordinator.etcd_server import EmbeddedEtcd, free_port
-from ultrakv.coordinator.membership import (
+from ultrakv.cluster.etcd_server import EmbeddedEtcd, free_port
+from ultrakv.cluster.membership import (
     RING_EPOCH_KEY,
     DuplicateNodeError,
     MembershipWatcher,
@@ -19,8 +19,8 @@ from ultrakv.coordinator.membership import (
     NodeRegistration,
     NodeState,
 )
-from ultrakv.coordinator.ring import HashRing
-from ultrakv.coordinator.store import (
+from ultrakv.cluster.ring import HashRing
+from ultrakv.cluster.store import (
     Delete,
     EtcdStore,
     EtcdUnavailableError,
@@ -141,8 +141,8 @@ async def test_watcher_tracks_join_state_leave_and_epochs(store: EtcdStore) -> N
 
 _NODE_PROCESS = """
 import asyncio, os, sys
-from ultrakv.coordinator.membership import NodeRecord, NodeRegistration, NodeState
-from ultrakv.coordinator.store import EtcdStore
+from ultrakv.cluster.membership import NodeRecord, NodeRegistration, NodeState
+from ultrakv.cluster.store import EtcdStore
 
 async def main():
     store = EtcdStore(sys.argv[1], prefix=sys.argv[2])

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from ultrakv.coordinator.etcd_server import free_port
+from ultrakv.cluster.etcd_server import free_port
 from ultrakv.coordinator.health import (
     Health,
     HealthChecker,

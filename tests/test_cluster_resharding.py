@@ -7,12 +7,11 @@ import asyncio
 
 import pytest
 import torch
+from ultrakv.cluster.checkpoint import merge_with_history
+from ultrakv.cluster.ring import HashRing, replica_targets
+from ultrakv.cluster.session_state import SessionState
 from ultrakv.coordinator.resharding import Copy, Move, plan_moves
-from ultrakv.coordinator.ring import HashRing
 from ultrakv.coordinator.server import SessionGate, resumed_request
-from ultrakv.node.checkpoint import merge_with_history
-from ultrakv.node.outputs import SessionState
-from ultrakv.node.replication import replica_targets
 from ultrakv.v1 import types_pb2 as pb
 
 

@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 
 import pytest
-from ultrakv.coordinator.ring import (
+from ultrakv.cluster.ring import (
     BoundedLoadRouter,
     EmptyRingError,
     HashRing,
@@ -111,7 +111,7 @@ def test_weights_shift_share() -> None:
 
 _CHILD = """
 import json, sys
-from ultrakv.coordinator.ring import HashRing, route_key_for_prompt
+from ultrakv.cluster.ring import HashRing, route_key_for_prompt
 ring = HashRing([f"node-{i}" for i in range(6)])
 keys = [f"session-{i}" for i in range(0, 100000, 7)]
 print(json.dumps({

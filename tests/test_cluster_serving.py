@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from ultrakv.client import AsyncClient, Client
-from ultrakv.coordinator.cluster import ClusterSpec, LocalCluster
-from ultrakv.coordinator.etcd_server import free_port
+from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
+from ultrakv.cluster.etcd_server import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 

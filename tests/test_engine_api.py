@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
+from ultrakv.cluster.errors import InvalidRequestError, PromptTooLongError, SessionNotFoundError
 from ultrakv.node import Engine, EngineConfig, GenerateRequest, SamplingParams
-from ultrakv.node.errors import InvalidRequestError, PromptTooLongError, SessionNotFoundError
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -162,7 +162,7 @@ def test_sessions_export_import_roundtrip_keeps_kv_and_output():
 
 
 def test_import_refuses_kv_from_another_model():
-    from ultrakv.node.errors import IncompatibleSessionError
+    from ultrakv.cluster.errors import IncompatibleSessionError
 
     a = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=32, seed=0))
     b = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=32, seed=1))

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from ultrakv.cluster.errors import EngineError
 from ultrakv.node.config import EVICTION_POLICIES
-from ultrakv.node.errors import EngineError
 from ultrakv.node.kv.block_pool import BlockPool, BlockPoolStats, NoFreeBlocksError
 from ultrakv.node.kv.hashing import hash_token_blocks
 

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.registry import CollectorRegistry
 from ultrakv.client.cli import _node_config, build_parser
-from ultrakv.coordinator.etcd_server import free_port
+from ultrakv.cluster.etcd_server import free_port
 from ultrakv.coordinator.metrics import CoordinatorCollector
 from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
 from ultrakv.node import Engine, EngineConfig, SamplingParams

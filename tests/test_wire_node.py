@@ -8,13 +8,14 @@ import hashlib
 import grpc
 import pytest
 import torch
-from ultrakv.coordinator.peers import PeerChannels
-from ultrakv.coordinator.ring import HashRing
+from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.ring import HashRing
+from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.session_transfer import TransferError, chunks_to_state, state_to_chunks
 from ultrakv.node import Engine, EngineConfig
-from ultrakv.node.outputs import RequestOutput, SessionState
+from ultrakv.node.outputs import RequestOutput
 from ultrakv.node.replication import Replicator
 from ultrakv.node.server import BackgroundServer
-from ultrakv.node.session_transfer import TransferError, chunks_to_state, state_to_chunks
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
 from ultrakv.v1 import types_pb2 as pb

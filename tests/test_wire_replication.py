@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from ultrakv.coordinator.peers import PeerChannels
+from ultrakv.cluster.checkpoint import CheckpointEntry, Manifest
+from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.ring import HashRing
 from ultrakv.coordinator.resharding import Move, Resharder
-from ultrakv.coordinator.ring import HashRing
 from ultrakv.node import Engine, EngineConfig
-from ultrakv.node.checkpoint import CheckpointEntry, Manifest
 from ultrakv.node.server import BackgroundServer
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc

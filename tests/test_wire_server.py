@@ -11,9 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ultrakv.client import AsyncClient, Client, RequestError
+from ultrakv.cluster.validation import Limits
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.server import BackgroundServer, ServerSettings
-from ultrakv.node.validation import Limits
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2_grpc
 
@@ -259,7 +259,7 @@ def test_fast_tokens_are_coalesced_into_fewer_chunks(stub):
 
 
 def test_outbox_merges_unsent_chunks_of_a_request():
-    from ultrakv.node.server import Outbox
+    from ultrakv.cluster.service import Outbox
 
     box = Outbox()
     box.put_chunk("a", pb.TokenChunk(text="x", token_ids=[1]))

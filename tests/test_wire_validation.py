@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from ultrakv.node.errors import PromptTooLongError, QueueFullError, SessionNotFoundError
-from ultrakv.node.validation import (
+from ultrakv.cluster.errors import PromptTooLongError, QueueFullError, SessionNotFoundError
+from ultrakv.cluster.validation import (
     Limits,
     Malformed,
     RequestRejected,

@@ -17,7 +17,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from ultrakv.node.errors import EngineError
+from ultrakv.cluster.errors import EngineError
 from ultrakv.node.kv.eviction import EvictionPolicy, make_policy
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf.message import DecodeError, Message
-from ultrakv.node.errors import (
+from ultrakv.cluster.errors import (
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 
 import torch
-from ultrakv.node.outputs import SessionState
+from ultrakv.cluster.session_state import SessionState
 from ultrakv.v1 import node_pb2 as npb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB default message limit

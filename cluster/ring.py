@@ -239,3 +239,11 @@ class BoundedLoadRouter:
         """The bound a node must be under to take the next key (equal weights)."""
         total = sum(self._loads.values())
         return math.ceil((1.0 + self.eps) * (total + 1) / max(1, len(self.ring)))
+
+
+def replica_targets(ring: HashRing, session_id: str, self_id: str) -> list[str]:
+    """Nodes to hold ``session_id``'s replica, best first: distinct nodes clockwise from the
+    session's hash point, without this node."""
+    if len(ring) == 0:
+        return []
+    return [n for n in ring.lookup_n(session_id, len(ring)) if n != self_id]

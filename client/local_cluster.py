@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from ultrakv.coordinator.etcd_server import EmbeddedEtcd, _die_with_parent, free_port
-from ultrakv.coordinator.store import EtcdStore
+from ultrakv.cluster.etcd_server import EmbeddedEtcd, _die_with_parent, free_port
+from ultrakv.cluster.store import EtcdStore
 
-log = logging.getLogger("ultrakv.coordinator.cluster")
+log = logging.getLogger("ultrakv.client.local_cluster")
 
 
 @dataclass

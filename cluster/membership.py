@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
-from ultrakv.coordinator.ring import DEFAULT_VNODES, HashRing
-from ultrakv.coordinator.store import (
+from ultrakv.cluster.ring import DEFAULT_VNODES, HashRing
+from ultrakv.cluster.store import (
     Compare,
     EtcdStore,
     EtcdUnavailableError,
@@ -28,7 +28,7 @@ from ultrakv.coordinator.store import (
     Put,
     key_absent,
 )
-from ultrakv.coordinator.tasks import cancel_task
+from ultrakv.cluster.tasks import cancel_task
 
 log = logging.getLogger(__name__)
 
