@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pkg=$(mktemp -d)/pkg
 mkdir -p "$pkg/ultrakv"
-for d in node coordinator client; do ln -sfn "$PWD/$d" "$pkg/ultrakv/$d"; done
+for d in cluster node coordinator client; do ln -sfn "$PWD/$d" "$pkg/ultrakv/$d"; done
 ln -sfn "$PWD/proto/ultrakv/v1" "$pkg/ultrakv/v1"
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export ULTRAKV_RESULTS_DIR="${OUT:-benchmarks/results}"

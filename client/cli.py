@@ -67,6 +67,7 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
         asyncio.run(preflight(agent, config.server.node_id))
     log.info("loading model %s on %s", config.engine.model, config.engine.device)
     engine = Engine(config.engine)
+    engine.warmup()  # graphs and kernels before the node reports SERVING, not on a request
     try:
         server = NodeServer(engine, config.server)
         if agent is None:

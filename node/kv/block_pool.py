@@ -118,6 +118,10 @@ class BlockPool:
         """Content hash registered for ``block_id``, or None if it holds none."""
         return self._hash[self._check_id(block_id)]
 
+    def reset_stats(self) -> None:
+        """Zero the hit, miss and eviction counters (after warmup traffic, say)."""
+        self._hits = self._misses = self._evictions = 0
+
     def stats(self) -> BlockPoolStats:
         """Snapshot of the counters."""
         return BlockPoolStats(
