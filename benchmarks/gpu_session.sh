@@ -7,7 +7,8 @@
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
-# symlinks. Results go to $OUT when set (the device tool's output folder), else
+# symlinks, and installs the wheels benchmarks/gpu_wheels.sh put in .whl/ (the packages such
+# a machine lacks) into a private target. Results go to $OUT when set (the device tool's output folder), else
 # benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,13 +17,19 @@ mkdir -p "$pkg/ultrakv"
 for d in cluster node coordinator client; do ln -sfn "$PWD/$d" "$pkg/ultrakv/$d"; done
 ln -sfn "$PWD/proto/ultrakv/v1" "$pkg/ultrakv/v1"
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:$site"
+fi
 export ULTRAKV_RESULTS_DIR="${OUT:-benchmarks/results}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 case "${1:-}" in
   tests)
     # The fused-kernel tests are not marked gpu (they also run under Triton's CPU interpreter).
-    { python -m pytest -q -m gpu tests/ && python -m pytest -q tests/test_fused_kernels.py; } 2>&1 \
+    { python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ \
+        && python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py; } 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/gpu_tests.log"
     ;;
   decode)
