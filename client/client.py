@@ -6,6 +6,7 @@ Both speak the dict API::
         r = c.process_request({"text": "Hello", "max_length": 32, "session_id": "user_123"})
         r["success"], r["response"]["text"], r["cache_hit"], r["latency"]
         for chunk in c.stream({"text": "Hello"}): print(chunk.text, end="")
+        c.process_request({"messages": [{"role": "user", "content": "Hi"}], "session_id": "u1"})
 
 Calls that fail with UNAVAILABLE are retried (bounded exponential backoff with jitter,
 tenacity); a stream is retried only before its first message. Every call has a deadline
@@ -40,7 +41,7 @@ _PRIORITIES = {"CRITICAL": pb.PRIORITY_CRITICAL, "HIGH": pb.PRIORITY_HIGH,
 _FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                  pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error",
                  pb.FINISH_REASON_UNSPECIFIED: ""}
-_REQUEST_KEYS = {"text", "prompt", "token_ids", "max_length", "max_tokens", "temperature",
+_REQUEST_KEYS = {"text", "prompt", "token_ids", "messages", "max_length", "max_tokens", "temperature",
                  "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "session_id",
                  "request_id", "priority", "timeout"}
 BATCH_SLICE = 64  # requests per ProcessBatch call (the server caps a batch's size)
@@ -143,7 +144,14 @@ def build_request(spec: dict) -> pb.GenerateRequest:
                          f"got {sorted(unknown)}")
     req = pb.GenerateRequest(request_id=str(spec.get("request_id") or ""))
     text = spec.get("text", spec.get("prompt"))
-    if "token_ids" in spec:
+    if "messages" in spec:
+        for i, m in enumerate(spec["messages"] or ()):
+            if not isinstance(m, dict):
+                raise ValueError(f"messages[{i}] must be a dict with role and content, got {type(m).__name__}")
+            req.messages.messages.add(role=str(m.get("role", "")), content=str(m.get("content", "")))
+        if not req.HasField("messages"):
+            req.messages.SetInParent()  # empty: the server names the field
+    elif "token_ids" in spec:
         req.token_ids.ids.extend(int(t) for t in spec["token_ids"])
     elif isinstance(text, str):
         req.text = text

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -42,6 +42,7 @@ PRIORITY_NAMES = {
     pb.PRIORITY_NORMAL: "NORMAL",
     pb.PRIORITY_LOW: "LOW",
 }
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Limits:
     default_max_length: int = 64
     max_prompt_bytes: int = 1 << 20
     max_prompt_token_ids: int = 1 << 18
+    max_chat_messages: int = 1024
     max_stop_sequences: int = 16
     max_batch_size: int = 256
     max_batch_concurrency: int = 64
@@ -133,7 +135,10 @@ def validate_generate(request: pb.GenerateRequest, limits: Limits, *,
 def _validate_prompt(request: pb.GenerateRequest, limits: Limits) -> None:
     kind = request.WhichOneof("prompt")
     if kind is None:
-        raise _invalid("prompt", "prompt must be set: text or token_ids")
+        raise _invalid("prompt", "prompt must be set: text, token_ids or messages")
+    if kind == "messages":
+        _validate_messages(request.messages.messages, limits)
+        return
     if kind == "text":
         if not request.text:
             raise _invalid("text", "text must be non-empty")
@@ -155,6 +160,27 @@ def _validate_prompt(request: pb.GenerateRequest, limits: Limits) -> None:
     negative = next((t for t in ids if t < 0), None)
     if negative is not None:
         raise _invalid("token_ids", f"token_ids must be >= 0, got {negative}")
+
+
+def _validate_messages(messages: Sequence[pb.ChatMessage], limits: Limits) -> None:
+    if not messages:
+        raise _invalid("messages", "messages must hold at least one message")
+    if len(messages) > limits.max_chat_messages:
+        raise RequestRejected(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "messages",
+            f"messages must hold at most {limits.max_chat_messages} messages, got {len(messages)}; "
+            "retry with a shorter conversation")
+    size = 0
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise _invalid(f"messages[{i}].role",
+                           f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}")
+        size += len(m.content.encode("utf-8"))
+    if size > limits.max_prompt_bytes:
+        raise RequestRejected(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "messages",
+            f"messages must hold at most {limits.max_prompt_bytes} bytes of content, got {size}; "
+            "retry with a shorter conversation")
 
 
 def _validate_sampling(s: pb.SamplingOptions, limits: Limits) -> None:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import torch
 from ultrakv.cluster.errors import (
@@ -32,6 +33,7 @@ from ultrakv.cluster.errors import (
 )
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.node.attention import get_backend
+from ultrakv.node.chat import ChatMessage, is_chat, parse_messages, template_delta
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.kv.block_pool import BlockPool
@@ -40,6 +42,7 @@ from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, Latenc
 from ultrakv.node.model.loader import load_model
 from ultrakv.node.outputs import (
     GenerateRequest,
+    Prompt,
     RequestOutput,
     SessionInfo,
     StreamDelta,
@@ -241,13 +244,19 @@ class Engine:
 
     def validate(self, request: GenerateRequest) -> None:
         """Raise InvalidRequestError / PromptTooLongError for a request that can't be served."""
-        self._tokens_for(request)
+        self._prompt_for(request)
 
-    def _tokens_for(self, request: GenerateRequest) -> list[int]:
+    def _prompt_for(self, request: GenerateRequest) -> _Prompt:
         prompt = request.prompt
+        messages: list[ChatMessage] | None = None
         if isinstance(prompt, str):
             if not prompt and not request.session_id:
                 raise InvalidRequestError("prompt", "prompt must be non-empty")
+        elif is_chat(prompt):
+            try:
+                messages = parse_messages(prompt)
+            except ValueError as exc:
+                raise InvalidRequestError("messages", str(exc)) from None
         elif isinstance(prompt, list):
             if not prompt:
                 raise InvalidRequestError("prompt", "prompt must be non-empty")
@@ -257,7 +266,7 @@ class Engine:
                 raise InvalidRequestError("prompt", f"prompt token ids must be in [0, {vocab - 1}], got {bad!r}")
         else:
             raise InvalidRequestError(
-                "prompt", f"prompt must be text or a list of token ids, got {type(prompt).__name__}"
+                "prompt", f"prompt must be text, token ids or chat messages, got {type(prompt).__name__}"
             )
         sp = request.sampling
         if sp.max_tokens > self.config.max_tokens_limit:
@@ -268,12 +277,17 @@ class Engine:
         if request.session_id is not None and (not isinstance(request.session_id, str) or not request.session_id):
             raise InvalidRequestError("session_id", "session_id must be a non-empty string")
 
-        history = self.sessions.history(request.session_id) if request.session_id is not None else []
-        if isinstance(prompt, str):
-            new = self.tokenizer.encode(prompt, add_bos=not history) if prompt else []
+        history, earlier = ([], [])
+        if request.session_id is not None:
+            history, earlier = self.sessions.history(request.session_id), self.sessions.conversation(request.session_id)
+        result = _Prompt(history, len(history))
+        if messages is not None:
+            result = self._chat_prompt(history, earlier, messages)
+        elif isinstance(prompt, str):
+            result.tokens = history + (self.tokenizer.encode(prompt, add_bos=not history) if prompt else [])
         else:
-            new = list(prompt)
-        tokens = history + new
+            result.tokens = history + list(prompt)
+        tokens = result.tokens
         if not tokens:
             raise InvalidRequestError("prompt", "prompt must be non-empty")
         if len(tokens) >= self.max_model_len:
@@ -282,7 +296,27 @@ class Engine:
                 f"prompt must be at most {self.max_model_len - 1} tokens (context {self.max_model_len}), "
                 f"got {len(tokens)}" + (" including the session history" if history else ""),
             )
-        return tokens
+        return result
+
+    def _chat_prompt(self, history: list[int], earlier: list[ChatMessage], new: list[ChatMessage]) -> _Prompt:
+        """Tokens for a chat turn: the whole conversation rendered, of which only what follows
+        the session's tokens is tokenized (so only that is prefilled). Templates put their own
+        BOS in the text, hence add_bos=False, as transformers' apply_chat_template does."""
+        template, tok = self.tokenizer.chat_template, self.tokenizer
+        conversation = earlier + new
+        try:
+            if history and not earlier:  # a session of text or token turns: chat continues it
+                return _Prompt(history + tok.encode(template.render(new), add_bos=False), len(history), conversation)
+            text = template.render(conversation)
+        except ValueError as exc:
+            raise InvalidRequestError("messages", str(exc)) from None
+        if history:
+            delta = template_delta(text, tok.decode(history, skip_special_tokens=False))
+            if delta is not None:
+                return _Prompt(history + tok.encode(delta, add_bos=False), len(history), conversation)
+            log.debug("chat template does not continue the session's tokens; prefilling the conversation anew")
+        tokens = tok.encode(text, add_bos=False)
+        return _Prompt(tokens, _common_prefix(history, tokens), conversation)
 
     def add_request(
         self, request: GenerateRequest, listener: Listener | None = None, *, stream_text: bool = True
@@ -297,18 +331,21 @@ class Engine:
                 raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already running")
             if len(self.scheduler.waiting) >= self.max_waiting:
                 raise QueueFullError(f"admission queue is full ({self.max_waiting} waiting); retry later")
-            tokens = self._tokens_for(request)
+            prompt = self._prompt_for(request)
+            tokens = prompt.tokens
             salt = request.tenant
             known_hashes: list[int] = []
             if request.session_id is not None:
                 session = self.sessions.begin_turn(request.session_id, salt)
                 salt = session.salt
-                known_hashes = session.block_hashes
+                # A re-rendered chat keeps only the hashes of blocks it shares with the history.
+                known_hashes = session.block_hashes[: prompt.kept_history_tokens // self.config.block_size]
             sp = request.sampling
             seq = Sequence(
                 request_id=request.request_id,
                 token_ids=tokens,
                 num_prompt_tokens=len(tokens),
+                conversation=prompt.conversation,
                 sampling=sp,
                 priority=Priority(request.priority),
                 session_id=request.session_id,
@@ -427,15 +464,17 @@ class Engine:
 
     def generate(
         self,
-        prompts: list[str | list[int]] | str | list[int],
+        prompts: list[Prompt] | Prompt,
         params: SamplingParams | list[SamplingParams] | None = None,
         *,
         session_ids: list[str | None] | None = None,
         priorities: list[Priority] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for a batch of prompts (text or token ids) in one continuous batch."""
+        """Generate for a batch of prompts (text, token ids or chat messages) in one continuous batch."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
+        elif is_chat(prompts):
+            prompts = [prompts]  # one conversation
         n = len(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         requests = [
@@ -562,7 +601,11 @@ class Engine:
         now = time.monotonic()
         if seq.session_id is not None:
             completed = reason in ("stop", "length")
-            self.sessions.end_turn(seq.session_id, seq.token_ids if completed else None, seq.prefix_hashes)
+            conversation = None
+            if seq.conversation is not None:
+                conversation = [*seq.conversation, ChatMessage("assistant", seq.text)]
+            self.sessions.end_turn(seq.session_id, seq.token_ids if completed else None, seq.prefix_hashes,
+                                   conversation)
         output = RequestOutput(
             request_id=seq.request_id,
             session_id=seq.session_id,
@@ -739,6 +782,26 @@ class Engine:
                 "cache": self.pool.stats().to_dict(),
                 "sessions": {"count": len(self.sessions), "replicas": self.sessions.num_replicas},
             }
+
+
+@dataclass
+class _Prompt:
+    """A request's whole context: ``tokens`` (session history + the new prompt), how many
+    leading tokens of the session's history it keeps, and the chat conversation it renders
+    (None for text and token prompts)."""
+
+    tokens: list[int]
+    kept_history_tokens: int
+    conversation: list[ChatMessage] | None = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class _Metrics:

@@ -5,20 +5,26 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from ultrakv.node.chat import ChatMessage
 from ultrakv.node.sampling_params import Priority, SamplingParams
+
+# Text, token ids, or a chat conversation (ChatMessage objects or {"role", "content"} dicts).
+Prompt = str | list[int] | list[ChatMessage] | list[dict[str, str]]
 
 
 @dataclass
 class GenerateRequest:
     """One generation request.
 
-    ``prompt`` is text or token ids. With a ``session_id`` it is the *new* part of the
-    conversation: the engine appends it to the session's history and generates from there.
+    ``prompt`` is text, token ids or chat messages (rendered with the model's chat template,
+    ending by opening the assistant's turn). With a ``session_id`` it is the *new* part of
+    the conversation: the engine appends it to the session's history and generates from there;
+    for messages, only the new messages (the session remembers the conversation).
     ``tenant`` salts prefix hashes so tenants never share cached blocks.
     ``deadline`` is a ``time.monotonic()`` instant after which the request is aborted.
     """
 
-    prompt: str | list[int]
+    prompt: Prompt
     sampling: SamplingParams = field(default_factory=SamplingParams)
     session_id: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+from ultrakv.node.chat import ChatMessage
 from ultrakv.node.sampling_params import Priority, SamplingParams
 
 
@@ -36,6 +37,9 @@ class Sequence:
     salt: str = ""
     deadline: float | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # The chat conversation this turn renders (None for text and token prompts); the
+    # session keeps it, with the reply, for its next turn.
+    conversation: list[ChatMessage] | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

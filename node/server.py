@@ -53,8 +53,9 @@ from ultrakv.cluster.validation import (
     rejection_from_error,
     validate_session_id,
 )
+from ultrakv.node.chat import ChatMessage
 from ultrakv.node.metrics import NodeCollector
-from ultrakv.node.outputs import GenerateRequest, RequestOutput, SessionInfo
+from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
@@ -77,8 +78,14 @@ def engine_request(request: pb.GenerateRequest, deadline: float | None) -> Gener
     for name in ("temperature", "top_p", "top_k", "seed"):
         if s.HasField(name):
             params[name] = getattr(s, name)
-    prompt: str | list[int] = (request.text if request.WhichOneof("prompt") == "text"
-                               else list(request.token_ids.ids))
+    kind = request.WhichOneof("prompt")
+    prompt: Prompt
+    if kind == "text":
+        prompt = request.text
+    elif kind == "messages":
+        prompt = [ChatMessage(m.role, m.content) for m in request.messages.messages]
+    else:
+        prompt = list(request.token_ids.ids)
     if request.timeout_ms:
         own = time.monotonic() + request.timeout_ms / 1000.0
         deadline = own if deadline is None else min(deadline, own)

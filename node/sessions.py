@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ultrakv.cluster.errors import EngineError, SessionNotFoundError
+from ultrakv.node.chat import ChatMessage
 
 
 class SessionBusyError(EngineError):
@@ -36,6 +37,9 @@ class Session:
     # Chained hashes of leading full blocks of token_ids (possibly fewer than all of them),
     # so the next turn's prefix match need not rehash the whole history.
     block_hashes: list[int] = field(default_factory=list)
+    # The chat conversation so far (with the model's replies) when the turns were chat
+    # messages; a new turn renders it again to find the template's delta.
+    messages: list[ChatMessage] = field(default_factory=list)
 
 
 class SessionStore:
@@ -68,6 +72,11 @@ class SessionStore:
         session = self._sessions.get(session_id) or self._replicas.get(session_id)
         return session.token_ids if session is not None else []
 
+    def conversation(self, session_id: str) -> list[ChatMessage]:
+        """The chat messages of the session (or replica) a new turn continues; empty if none."""
+        session = self._sessions.get(session_id) or self._replicas.get(session_id)
+        return list(session.messages) if session is not None else []
+
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
@@ -85,9 +94,11 @@ class SessionStore:
         session.busy = True
         return session
 
-    def end_turn(self, session_id: str, token_ids: list[int] | None, block_hashes: list[int] | None = None) -> None:
+    def end_turn(self, session_id: str, token_ids: list[int] | None, block_hashes: list[int] | None = None,
+                 messages: list[ChatMessage] | None = None) -> None:
         """Record a completed turn's full history (and the chained hashes known for its leading
-        full blocks); None leaves the history as it was (abort)."""
+        full blocks, and the chat conversation when the turn was chat); None leaves the history
+        as it was (abort)."""
         session = self._sessions.get(session_id)
         if session is None:
             return
@@ -96,6 +107,7 @@ class SessionStore:
         if token_ids is not None:
             session.token_ids = list(token_ids)
             session.block_hashes = list(block_hashes or [])
+            session.messages = list(messages or [])
             session.turns += 1
         elif not session.token_ids:
             del self._sessions[session_id]

@@ -64,13 +64,32 @@ def test_hf_round_trip_and_specials_from_tokenizer_config(hf_dir):
     assert tok.vocab_size >= 256
 
 
-def test_hf_specials_prefer_model_config_and_merge_generation_eos(hf_dir):
+def test_hf_specials_from_tokenizer_first_and_merge_generation_eos(hf_dir):
     (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
     config = preset_config("tiny")
     config.bos_token_id, config.eos_token_ids = 5, [9]
-    tok = HFTokenizer(hf_dir, config)
-    assert tok.bos_token_id == 5
+    tok = HFTokenizer.from_directory(hf_dir, config)
+    assert tok.bos_token_id == tok._tok.token_to_id("<s>")  # the tokenizer's own, not config's 5
     assert tok.eos_token_ids == [9, 7, tok._tok.token_to_id("</s>")]  # deduplicated
+
+
+def test_hf_bos_only_where_the_tokenizer_adds_it(hf_dir):
+    """SmolLM2's config names a BOS id but its tokenizer never adds one: add_bos_token false in
+    tokenizer_config.json wins over the config, and so does a post-processor that adds nothing."""
+    config = preset_config("tiny")
+    config.bos_token_id = 1
+    cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": False}))
+    tok = HFTokenizer.from_directory(hf_dir, config)
+    assert not tok.add_bos_token
+    assert tok.encode("hello", add_bos=True) == tok.encode("hello", add_bos=False)
+
+    data = json.loads((hf_dir / "tokenizer.json").read_text())
+    data["post_processor"] = None
+    (hf_dir / "tokenizer.json").write_text(json.dumps(data))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    tok = HFTokenizer.from_directory(hf_dir, config)
+    assert not tok.add_bos_token and tok.encode("hello")[0] != tok.bos_token_id
 
 
 def test_load_tokenizer_falls_back_to_bytes(tmp_path):

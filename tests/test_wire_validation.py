@@ -90,3 +90,27 @@ def test_tolerant_deserializer_names_the_bad_field():
     assert parse(data.replace(b"ok", b"\xff\xff")) == Malformed("text", "r1")
     assert parse(data.replace(b"zz", b"\xc3(")) == Malformed("sampling.stop", "r1")
     assert parse(b"\xff\xff\xff").field == ""
+
+
+def _chat(*pairs: tuple[str, str]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(messages=pb.ChatMessages(
+        messages=[pb.ChatMessage(role=r, content=c) for r, c in pairs]))
+
+
+def test_chat_messages_are_validated_naming_field_and_limit():
+    limits = Limits(max_prompt_bytes=10, max_chat_messages=2)
+    assert validate_generate(_chat(("user", "hi")), limits).WhichOneof("prompt") == "messages"
+    with pytest.raises(RequestRejected) as err:
+        validate_generate(pb.GenerateRequest(messages=pb.ChatMessages()), limits)
+    assert (err.value.field, err.value.message) == ("messages", "messages must hold at least one message")
+    with pytest.raises(RequestRejected) as err:
+        validate_generate(_chat(("user", "a"), ("assistant", "b"), ("user", "c")), limits)
+    assert (err.value.code, err.value.field) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "messages")
+    assert "at most 2 messages, got 3" in err.value.message
+    with pytest.raises(RequestRejected) as err:
+        validate_generate(_chat(("user", "0123456789x")), limits)
+    assert "at most 10 bytes of content, got 11" in err.value.message
+    with pytest.raises(RequestRejected) as err:
+        validate_generate(_chat(("user", "a"), ("robot", "b")), limits)
+    assert err.value.field == "messages[1].role"
+    assert err.value.message == "messages[1].role must be one of system, user, assistant, tool, got 'robot'"
