@@ -37,6 +37,8 @@ HELP: dict[str, dict[str, str]] = {
         "max_prompt_bytes": "larger text prompts are refused (RESOURCE_EXHAUSTED)",
         "max_prompt_token_ids": "larger token-id prompts are refused (RESOURCE_EXHAUSTED)",
         "max_stop_sequences": "stop strings per request",
+        "max_stop_sequence_bytes": "bytes per stop string",
+        "max_stop_token_ids": "stop token ids per request",
         "max_batch_size": "requests per ProcessBatch call",
         "max_batch_concurrency": "requests of one batch in flight at once, at most",
     },
@@ -63,6 +65,8 @@ HELP: dict[str, dict[str, str]] = {
         "priority_aging_s": "waiting requests gain one priority level per this many seconds",
         "session_ttl_s": "idle sessions older than this are removed",
         "max_sessions": "sessions held at most (the least recently used go first)",
+        "max_replicas": "replicated histories held for ring neighbours, at most",
+        "max_replica_tokens": "tokens in all replicated histories, at most (oldest go first)",
     },
 }
 # Limits.max_tokens_limit is not a key of its own: it follows engine.max_tokens_limit.

@@ -40,3 +40,12 @@ class SessionNotFoundError(EngineError, KeyError):
 
 class IncompatibleSessionError(EngineError):
     """An imported session was computed by another model (gRPC FAILED_PRECONDITION)."""
+
+
+class CapacityError(EngineError):
+    """A node-wide cap (sessions, replicas) is reached and nothing can make room
+    (gRPC RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 
+import grpc
 import torch
 from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.validation import RequestRejected
 from ultrakv.v1 import node_pb2 as npb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB default message limit
@@ -62,14 +64,21 @@ def chunks_to_state(chunks: Iterable[npb.SessionChunk]) -> SessionState:
 
 class StateAssembler:
     """Incremental form of :func:`chunks_to_state`, for async streams: ``add`` each chunk
-    (``header`` is readable after the first, e.g. to check the fingerprint early), then
+    (``header`` is readable after the first, to validate it before reading on), then
     ``finish``."""
 
     def __init__(self) -> None:
         self.header: npb.SessionHeader | None = None
         self._parts: list[bytes] = []
+        self._received = 0
+        self._max_bytes: int | None = None
         self._total = hashlib.sha256()
         self._trailer: npb.SessionTrailer | None = None
+
+    def expect_kv_bytes(self, size: int) -> None:
+        """Refuse, chunk by chunk, more than ``size`` KV bytes (what the validated header's
+        shape holds): a stream is never buffered beyond what it declared."""
+        self._max_bytes = size
 
     def add(self, chunk: npb.SessionChunk) -> None:
         part = chunk.WhichOneof("part")
@@ -88,6 +97,18 @@ class StateAssembler:
                 raise TransferError(f"kv chunk index must be {len(self._parts)}, got {kv.index}")
             if hashlib.sha256(kv.data).digest() != kv.sha256:
                 raise TransferError(f"kv chunk {kv.index} failed its sha256 check")
+            if self._max_bytes is not None:
+                if kv.index >= self.header.num_chunks:
+                    raise RequestRejected(
+                        grpc.StatusCode.INVALID_ARGUMENT, "kv.index",
+                        f"kv chunks must number at most {self.header.num_chunks} (the header's "
+                        f"num_chunks), got chunk index {kv.index}")
+                if self._received + len(kv.data) > self._max_bytes:
+                    raise RequestRejected(
+                        grpc.StatusCode.INVALID_ARGUMENT, "kv.data",
+                        f"kv chunks must total at most {self._max_bytes} bytes (the header's "
+                        f"kv_shape), got {self._received + len(kv.data)} by chunk {kv.index}")
+            self._received += len(kv.data)
             self._parts.append(kv.data)
             self._total.update(kv.data)
         elif part == "trailer":

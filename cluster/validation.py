@@ -20,11 +20,13 @@ import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf.message import DecodeError, Message
 from ultrakv.cluster.errors import (
+    CapacityError,
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
@@ -34,6 +36,12 @@ from ultrakv.v1 import types_pb2 as pb
 
 SESSION_ID_MAX_BYTES = 128
 REQUEST_ID_MAX_BYTES = 128
+TENANT_MAX_BYTES = 128
+# Stop conditions are checked on every generated token, so their size is bounded: a request
+# with 800k stop ids once slowed every batch it joined by two orders of magnitude.
+STOP_TOKEN_IDS_MAX = 64
+STOP_SEQUENCES_MAX = 16
+STOP_SEQUENCE_MAX_BYTES = 256
 # Session ids reach file names (checkpoints), so no path separators and nothing to escape.
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
 PRIORITY_NAMES = {
@@ -54,7 +62,9 @@ class Limits:
     max_prompt_bytes: int = 1 << 20
     max_prompt_token_ids: int = 1 << 18
     max_chat_messages: int = 1024
-    max_stop_sequences: int = 16
+    max_stop_sequences: int = STOP_SEQUENCES_MAX
+    max_stop_sequence_bytes: int = STOP_SEQUENCE_MAX_BYTES
+    max_stop_token_ids: int = STOP_TOKEN_IDS_MAX
     max_batch_size: int = 256
     max_batch_concurrency: int = 64
 
@@ -99,6 +109,14 @@ def validate_session_id(session_id: str, field: str = "session_id") -> str:
     return session_id
 
 
+def validate_tenant(tenant: str, field: str = "tenant") -> str:
+    """Check a tenant name (the salt of a session's block hashes): at most 128 bytes."""
+    size = len(tenant.encode("utf-8"))
+    if size > TENANT_MAX_BYTES:
+        raise _invalid(field, f"{field} must be at most {TENANT_MAX_BYTES} bytes, got {size}")
+    return tenant
+
+
 def validate_generate(request: pb.GenerateRequest, limits: Limits, *,
                       require_request_id: bool = False) -> pb.GenerateRequest:
     """Validate one generate request; return a normalized copy with defaults filled in.
@@ -118,8 +136,7 @@ def validate_generate(request: pb.GenerateRequest, limits: Limits, *,
                        f"request_id must be at most {REQUEST_ID_MAX_BYTES} bytes, got {rid_bytes}")
     if out.HasField("session_id"):
         validate_session_id(out.session_id)
-    if len(out.tenant.encode("utf-8")) > SESSION_ID_MAX_BYTES:
-        raise _invalid("tenant", f"tenant must be at most {SESSION_ID_MAX_BYTES} bytes")
+    validate_tenant(out.tenant)
     _validate_prompt(out, limits)
     _validate_sampling(out.sampling, limits)
     if not out.sampling.HasField("max_length"):
@@ -200,9 +217,110 @@ def _validate_sampling(s: pb.SamplingOptions, limits: Limits) -> None:
                        f"got {len(s.stop)}")
     if any(not x for x in s.stop):
         raise _invalid("sampling.stop", "stop sequences must be non-empty")
+    longest = max((len(x.encode("utf-8")) for x in s.stop), default=0)
+    if longest > limits.max_stop_sequence_bytes:
+        raise _invalid("sampling.stop", f"stop sequences must be at most "
+                                        f"{limits.max_stop_sequence_bytes} bytes each, got {longest}")
+    if len(s.stop_token_ids) > limits.max_stop_token_ids:
+        raise _invalid("sampling.stop_token_ids",
+                       f"stop_token_ids must hold at most {limits.max_stop_token_ids} ids, "
+                       f"got {len(s.stop_token_ids)}")
     negative = next((t for t in s.stop_token_ids if t < 0), None)
     if negative is not None:
         raise _invalid("sampling.stop_token_ids", f"stop_token_ids must be >= 0, got {negative}")
+
+
+# --- sessions sent to a node (ImportSession, ReplicateHistory, checkpoint restore) ------------
+
+# KV moves in chunks of this size range (the last chunk of a stream may be shorter), so a
+# stream's chunk count follows from its byte count.
+KV_CHUNK_MIN_BYTES = 4096
+KV_CHUNK_MAX_BYTES = 16 << 20
+
+# Bytes per element of the KV cache dtypes a node runs, by torch dtype name (no torch here).
+_KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class SessionLayout:
+    """What a session sent to this node must fit: the model (fingerprint, vocabulary,
+    context length) and the geometry and dtype of its KV cache."""
+
+    model_fingerprint: str
+    vocab_size: int
+    max_tokens: int  # the context length: a longer history can never be continued
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: str  # torch dtype name, e.g. "float32"
+
+    def kv_shape(self, kv_tokens: int) -> list[int]:
+        """[num_layers, 2, kv_tokens, num_kv_heads, head_dim], the transfer layout."""
+        return [self.num_layers, 2, kv_tokens, self.num_kv_heads, self.head_dim]
+
+    def kv_bytes(self, kv_tokens: int) -> int:
+        return math.prod(self.kv_shape(kv_tokens)) * _KV_ELEMENT_BYTES.get(self.kv_dtype, 4)
+
+
+def validate_history(token_ids: Sequence[int], turns: int, tenant: str,
+                     layout: SessionLayout) -> None:
+    """Check a session's history before a node stores it: no longer than the context, every
+    id in the vocabulary (one bad id would fail every engine step its session joins), turns
+    >= 0 and the tenant within Generate's limit."""
+    if len(token_ids) > layout.max_tokens:
+        raise _invalid("token_ids", f"token_ids must hold at most {layout.max_tokens} ids "
+                                    f"(the model's context), got {len(token_ids)}")
+    if token_ids:
+        lo, hi = min(token_ids), max(token_ids)
+        if lo < 0 or hi >= layout.vocab_size:
+            raise _invalid("token_ids", f"token_ids must be in [0, {layout.vocab_size - 1}], "
+                                        f"got {lo if lo < 0 else hi}")
+    if turns < 0:
+        raise _invalid("turns", f"turns must be >= 0, got {turns}")
+    validate_tenant(tenant)
+
+
+def validate_session_header(header: Any, layout: SessionLayout) -> int:
+    """Check an ImportSession header against this node's model before any KV is read or a
+    block allocated; return the KV bytes the rest of the stream must carry exactly."""
+    validate_session_id(header.session_id)
+    validate_history(header.token_ids, header.turns, header.tenant, layout)
+    if header.model_fingerprint != layout.model_fingerprint:
+        raise RequestRejected(
+            grpc.StatusCode.FAILED_PRECONDITION, "model_fingerprint",
+            f"model_fingerprint must be {layout.model_fingerprint!r} (this node's model), "
+            f"got {header.model_fingerprint!r}")
+    kv_tokens, history = header.kv_tokens, len(header.token_ids)
+    if kv_tokens == 0:
+        if header.num_chunks:
+            raise _invalid("num_chunks", f"num_chunks must be 0 without KV (kv_tokens 0), "
+                                         f"got {header.num_chunks}")
+        return 0
+    bs = layout.block_size
+    if kv_tokens < 0 or kv_tokens % bs or kv_tokens > history:
+        raise _invalid("kv_tokens", f"kv_tokens must be a multiple of {bs} in [0, {history}] "
+                                    f"(whole blocks of the history), got {kv_tokens}")
+    if header.kv_dtype != layout.kv_dtype:
+        raise _invalid("kv_dtype", f"kv_dtype must be {layout.kv_dtype!r} (this node's KV "
+                                   f"cache), got {header.kv_dtype!r}")
+    if list(header.kv_shape) != layout.kv_shape(kv_tokens):
+        raise _invalid("kv_shape", f"kv_shape must be {layout.kv_shape(kv_tokens)} for "
+                                   f"{kv_tokens} tokens, got {list(header.kv_shape)}")
+    size = layout.kv_bytes(kv_tokens)
+    most = -(-size // KV_CHUNK_MIN_BYTES)
+    if not 1 <= header.num_chunks <= most:
+        raise _invalid("num_chunks", f"num_chunks must be in [1, {most}] for {size} KV bytes "
+                                     f"in chunks of >= {KV_CHUNK_MIN_BYTES}, got {header.num_chunks}")
+    return size
+
+
+def validate_chunk_bytes(chunk_bytes: int) -> int:
+    """Check ExportSession's chunk_bytes: 0 (the default) or a size importers accept."""
+    if chunk_bytes and not KV_CHUNK_MIN_BYTES <= chunk_bytes <= KV_CHUNK_MAX_BYTES:
+        raise _invalid("chunk_bytes", f"chunk_bytes must be 0 (default) or in "
+                                      f"[{KV_CHUNK_MIN_BYTES}, {KV_CHUNK_MAX_BYTES}], got {chunk_bytes}")
+    return chunk_bytes
 
 
 def validate_batch(request: pb.BatchRequest, limits: Limits) -> int:
@@ -237,6 +355,8 @@ def rejection_from_error(exc: Exception) -> RequestRejected:
     if isinstance(exc, QueueFullError):
         return RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "", str(exc),
                                retry_after_s=exc.retry_after_s)
+    if isinstance(exc, CapacityError):
+        return RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.field, str(exc))
     if isinstance(exc, SessionNotFoundError):
         return RequestRejected(grpc.StatusCode.NOT_FOUND, "session_id", str(exc))
     if isinstance(exc, ValueError):

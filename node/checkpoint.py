@@ -16,9 +16,10 @@ from ultrakv.cluster.checkpoint import (
     read_session,
     write_session,
 )
-from ultrakv.cluster.errors import SessionNotFoundError
+from ultrakv.cluster.errors import EngineError, SessionNotFoundError
 from ultrakv.cluster.store import EtcdStore, EtcdUnavailableError
 from ultrakv.cluster.tasks import cancel_task
+from ultrakv.cluster.validation import RequestRejected
 
 log = logging.getLogger("ultrakv.node.checkpoint")
 
@@ -48,7 +49,12 @@ def restore_into(engine, manifest: Manifest, skip: set[str] = frozenset()) -> Re
             report.kv_recomputed.append(sid)
         if state.kv is not None and state.model_fingerprint != engine.model_fingerprint:
             state = replace(state, kv=None, kv_tokens=0)
-        report.kv_tokens += engine.import_session(state)
+        try:
+            report.kv_tokens += engine.import_session(state)
+        except (EngineError, RequestRejected) as exc:  # e.g. an id outside the vocabulary
+            log.warning("session %s not restored: %s", sid, exc)
+            report.lost.append(sid)
+            continue
         report.restored.append(sid)
     return report
 

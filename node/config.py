@@ -45,6 +45,10 @@ class EngineConfig:
     priority_aging_s: float = 5.0
     session_ttl_s: float = 3600.0
     max_sessions: int = 100_000
+    # Histories held for ring neighbours: bounded in count and in tokens (4M tokens is about
+    # 150 MiB of Python ints); the least recently stored go first.
+    max_replicas: int = 100_000
+    max_replica_tokens: int = 1 << 22
 
     def __post_init__(self) -> None:
         _check(
@@ -87,6 +91,9 @@ class EngineConfig:
         _check(1 <= self.num_scheduler_steps <= 64, "num_scheduler_steps", "in [1, 64]", self.num_scheduler_steps)
         _check(self.priority_aging_s > 0, "priority_aging_s", "> 0", self.priority_aging_s)
         _check(self.session_ttl_s > 0, "session_ttl_s", "> 0", self.session_ttl_s)
+        _check(self.max_sessions >= 1, "max_sessions", ">= 1", self.max_sessions)
+        _check(self.max_replicas >= 1, "max_replicas", ">= 1", self.max_replicas)
+        _check(self.max_replica_tokens >= 1, "max_replica_tokens", ">= 1", self.max_replica_tokens)
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             _check(
                 self.max_num_batched_tokens >= self.max_model_len,

@@ -32,6 +32,7 @@ from ultrakv.cluster.errors import (
     QueueFullError,
 )
 from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.validation import SessionLayout, validate_history
 from ultrakv.node.attention import get_backend
 from ultrakv.node.chat import ChatMessage, is_chat, parse_messages, template_delta
 from ultrakv.node.config import EngineConfig
@@ -115,7 +116,8 @@ class Engine:
             aging_s=config.priority_aging_s,
             max_model_len=self.max_model_len,
         )
-        self.sessions = SessionStore(config.max_sessions)
+        self.sessions = SessionStore(config.max_sessions, max_replicas=config.max_replicas,
+                                     max_replica_tokens=config.max_replica_tokens)
         graphs = None
         if self.device.type == "cuda" and config.use_cuda_graphs and attn.supports_cuda_graphs:
             graphs = CudaGraphRunner(
@@ -555,7 +557,7 @@ class Engine:
         sp = seq.sampling
         if not sp.ignore_eos and token in self.tokenizer.eos_token_ids:
             return "stop"
-        if token in sp.stop_token_ids:
+        if token in sp.stop_token_set:
             return "stop"
         if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
@@ -674,8 +676,24 @@ class Engine:
         with self._lock:
             return self.pool.evict_unreferenced()
 
+    @property
+    def session_layout(self) -> SessionLayout:
+        """What a session sent here must fit (ImportSession, ReplicateHistory, restore)."""
+        mc = self.model_config
+        return SessionLayout(
+            model_fingerprint=self.model_fingerprint,
+            vocab_size=mc.vocab_size,
+            max_tokens=self.max_model_len,
+            block_size=self.config.block_size,
+            num_layers=mc.num_hidden_layers,
+            num_kv_heads=mc.num_key_value_heads,
+            head_dim=mc.head_dim,
+            kv_dtype=str(self.dtype).removeprefix("torch."),
+        )
+
     def store_replica(self, session_id: str, token_ids: list[int], turns: int, tenant: str = "") -> None:
         """Hold a ring neighbour's session history so it survives that neighbour's death."""
+        validate_history(token_ids, turns, tenant, self.session_layout)
         with self._lock:
             self.sessions.store_replica(session_id, token_ids, turns, tenant)
 
@@ -704,38 +722,57 @@ class Engine:
             )
 
     def import_session(self, state: SessionState) -> int:
-        """Adopt a session; its KV goes into cached blocks. Returns the tokens of KV taken in."""
+        """Adopt a session; its KV goes into cached blocks. Returns the tokens of KV taken in.
+
+        Everything is checked before a block is allocated (history ids against the
+        vocabulary, the KV's shape against the model), and every block taken is released
+        on every path, so a bad import can neither poison a batch nor leak the pool.
+        """
+        layout = self.session_layout
+        validate_history(state.token_ids, state.turns, state.tenant, layout)
         if state.kv is not None and state.model_fingerprint != self.model_fingerprint:
             raise IncompatibleSessionError(
                 f"session {state.session_id!r} KV comes from model {state.model_fingerprint}, "
                 f"this node runs {self.model_fingerprint}"
             )
         bs = self.config.block_size
+        kv_tokens = state.kv_tokens if state.kv is not None else 0
+        if kv_tokens:
+            if kv_tokens % bs or kv_tokens > len(state.token_ids):
+                raise InvalidRequestError(
+                    "kv_tokens", f"kv_tokens must be a multiple of {bs} in [0, {len(state.token_ids)}], got {kv_tokens}"
+                )
+            if list(state.kv.shape) != layout.kv_shape(kv_tokens):
+                raise InvalidRequestError(
+                    "kv_shape", f"kv_shape must be {layout.kv_shape(kv_tokens)}, got {list(state.kv.shape)}"
+                )
         with self._lock:
             now = time.time()
             session = Session(state.session_id, list(state.token_ids), state.tenant, state.turns, now, now)
             self.sessions.put(session)
-            if state.kv is None or state.kv_tokens == 0 or not self.config.enable_prefix_caching:
+            if not kv_tokens or not self.config.enable_prefix_caching:
                 return 0
-            hashes = hash_token_blocks(state.token_ids[: state.kv_tokens], bs, state.tenant)
+            hashes = hash_token_blocks(state.token_ids[:kv_tokens], bs, state.tenant)
             session.block_hashes = hashes  # the next turn's prefix match starts from them
             held = self.pool.cached_prefix(hashes)
             have = len(held)
             self.pool.incref(held)  # pinned, so allocating below can't evict the chain's head
-            n_new = min(len(hashes) - have, self.pool.num_free)
-            if n_new <= 0:
-                self.pool.free(held)
-                return have * bs
-            blocks = self.pool.allocate(n_new)
-            kv = state.kv[:, :, have * bs : (have + n_new) * bs].to(self.device, self.dtype)
-            kv = kv.unflatten(2, (n_new, bs))
-            idx = torch.tensor(blocks, device=self.device)
-            for layer, cache in enumerate(self.kv_caches):
-                cache.index_copy_(1, idx, kv[layer])
-            for i, b in enumerate(blocks):
-                self.pool.commit(b, hashes[have + i])
-            self.pool.free(held + blocks)
-            return (have + n_new) * bs
+            blocks: list[int] = []
+            try:
+                n_new = min(len(hashes) - have, self.pool.num_free)
+                if n_new <= 0:
+                    return have * bs
+                blocks = self.pool.allocate(n_new)
+                kv = state.kv[:, :, have * bs : (have + n_new) * bs].to(self.device, self.dtype)
+                kv = kv.unflatten(2, (n_new, bs))
+                idx = torch.tensor(blocks, device=self.device)
+                for layer, cache in enumerate(self.kv_caches):
+                    cache.index_copy_(1, idx, kv[layer])
+                for i, b in enumerate(blocks):
+                    self.pool.commit(b, hashes[have + i])
+                return (have + n_new) * bs
+            finally:
+                self.pool.free(held + blocks)
 
     # -- stats ------------------------------------------------------------------------------
 

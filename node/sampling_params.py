@@ -6,6 +6,12 @@ import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from ultrakv.cluster.validation import (
+    STOP_SEQUENCE_MAX_BYTES,
+    STOP_SEQUENCES_MAX,
+    STOP_TOKEN_IDS_MAX,
+)
+
 
 class Priority(IntEnum):
     """Admission priority; a lower value is served first. Aging lifts waiting requests."""
@@ -28,6 +34,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # stop_token_ids as a set: looked up once per generated token.
+    stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +66,16 @@ class SamplingParams:
             )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if len(self.stop_token_ids) > STOP_TOKEN_IDS_MAX:
+            raise ValueError(f"stop_token_ids must hold at most {STOP_TOKEN_IDS_MAX} ids, "
+                             f"got {len(self.stop_token_ids)}")
+        if len(self.stop) > STOP_SEQUENCES_MAX:
+            raise ValueError(f"stop must hold at most {STOP_SEQUENCES_MAX} sequences, got {len(self.stop)}")
+        longest = max((len(s.encode("utf-8")) for s in self.stop), default=0)
+        if longest > STOP_SEQUENCE_MAX_BYTES:
+            raise ValueError(f"stop must hold sequences of at most {STOP_SEQUENCE_MAX_BYTES} bytes, "
+                             f"got {longest}")
+        self.stop_token_set = frozenset(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:

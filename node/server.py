@@ -46,11 +46,12 @@ from ultrakv.cluster.session_transfer import (
 )
 from ultrakv.cluster.validation import (
     PRIORITY_NAMES,
-    SESSION_ID_MAX_BYTES,
     Limits,
     Malformed,
     RequestRejected,
     rejection_from_error,
+    validate_chunk_bytes,
+    validate_session_header,
     validate_session_id,
 )
 from ultrakv.node.chat import ChatMessage
@@ -268,9 +269,7 @@ class NodeServicer:
         """Stream one session: header, KV chunks with sha256, trailer."""
         try:
             sid = validate_session_id(request.session_id)
-            if request.chunk_bytes < 0:
-                raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "chunk_bytes",
-                                      f"chunk_bytes must be >= 0, got {request.chunk_bytes}")
+            validate_chunk_bytes(request.chunk_bytes)
             state = await asyncio.to_thread(self.engine.export_session, sid)
         except Exception as exc:
             await abort_with(context, rejection_from_error(exc))
@@ -282,8 +281,11 @@ class NodeServicer:
 
     async def ImportSession(self, chunks: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> npb.ImportSessionResponse:
-        """Receive a session; checksums verified, a model fingerprint mismatch refused."""
+        """Receive a session. The header is checked against this node's model (history ids,
+        fingerprint, KV shape and dtype) before any KV is read; the KV is then taken chunk by
+        chunk up to what the header declared, every checksum verified."""
         assembler = StateAssembler()
+        layout = self.engine.session_layout
         try:
             async for chunk in chunks:
                 if isinstance(chunk, Malformed):
@@ -291,9 +293,8 @@ class NodeServicer:
                 first = assembler.header is None
                 assembler.add(chunk)
                 if first:
-                    self._check_fingerprint(assembler.header)
+                    assembler.expect_kv_bytes(validate_session_header(assembler.header, layout))
             state = assembler.finish()
-            validate_session_id(state.session_id)
             await asyncio.to_thread(self.engine.import_session, state)
         except TransferError as exc:
             await abort_with(context, RequestRejected(grpc.StatusCode.DATA_LOSS, "chunks", str(exc)))
@@ -306,27 +307,12 @@ class NodeServicer:
                                          num_tokens=len(state.token_ids),
                                          kv_tokens=state.kv_tokens)
 
-    def _check_fingerprint(self, header: npb.SessionHeader) -> None:
-        mine = self._fingerprint()
-        if header.model_fingerprint != mine:
-            raise RequestRejected(
-                grpc.StatusCode.FAILED_PRECONDITION, "model_fingerprint",
-                f"model_fingerprint must be {mine!r} (this node's model), "
-                f"got {header.model_fingerprint!r}")
-
     @unary
     async def ReplicateHistory(self, request: npb.ReplicateHistoryRequest,
                                context: grpc.aio.ServicerContext
                                ) -> npb.ReplicateHistoryResponse:
+        """Hold a history for a ring neighbour; checked like an imported session's."""
         sid = validate_session_id(request.session_id)
-        if request.turns < 0:
-            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "turns",
-                                  f"turns must be >= 0, got {request.turns}")
-        tenant_bytes = len(request.tenant.encode("utf-8"))
-        if tenant_bytes > SESSION_ID_MAX_BYTES:
-            raise RequestRejected(
-                grpc.StatusCode.INVALID_ARGUMENT, "tenant",
-                f"tenant must be at most {SESSION_ID_MAX_BYTES} bytes, got {tenant_bytes}")
         await asyncio.to_thread(self.engine.store_replica, sid, list(request.token_ids),
                                 request.turns, request.tenant)
         return npb.ReplicateHistoryResponse()

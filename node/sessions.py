@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ultrakv.cluster.errors import EngineError, SessionNotFoundError
+from ultrakv.cluster.errors import CapacityError, EngineError, SessionNotFoundError
 from ultrakv.node.chat import ChatMessage
 
 
@@ -43,13 +43,22 @@ class Session:
 
 
 class SessionStore:
-    """session id -> Session, plus replicas held for ring neighbours."""
+    """session id -> Session, plus replicas held for ring neighbours.
 
-    def __init__(self, max_sessions: int, clock: Callable[[], float] = time.time):
+    Both are bounded: at most ``max_sessions`` sessions (a new or adopted one pushes out the
+    least recently used idle one), at most ``max_replicas`` replicas holding
+    ``max_replica_tokens`` tokens in all (the least recently stored go first).
+    """
+
+    def __init__(self, max_sessions: int, clock: Callable[[], float] = time.time,
+                 max_replicas: int = 100_000, max_replica_tokens: int = 1 << 22):
         self.max_sessions = max_sessions
+        self.max_replicas = max_replicas
+        self.max_replica_tokens = max_replica_tokens
         self.clock = clock
         self._sessions: dict[str, Session] = {}
-        self._replicas: dict[str, Session] = {}
+        self._replicas: dict[str, Session] = {}  # insertion order = least recently stored first
+        self._replica_tokens = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -60,6 +69,10 @@ class SessionStore:
     @property
     def num_replicas(self) -> int:
         return len(self._replicas)
+
+    @property
+    def replica_tokens(self) -> int:
+        return self._replica_tokens
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -113,7 +126,12 @@ class SessionStore:
             del self._sessions[session_id]
 
     def put(self, session: Session) -> None:
-        self._replicas.pop(session.session_id, None)
+        """Adopt a session (import, restore); it counts against ``max_sessions`` like a new one."""
+        self._pop_replica(session.session_id)
+        if session.session_id not in self._sessions and len(self._sessions) >= self.max_sessions:
+            if not self._drop_oldest_idle():
+                raise CapacityError("max_sessions", f"sessions must number at most "
+                                                    f"{self.max_sessions}; every one is busy")
         self._sessions[session.session_id] = session
 
     def delete(self, session_id: str) -> Session:
@@ -129,20 +147,38 @@ class SessionStore:
         for s in removed:
             del self._sessions[s.session_id]
         for sid in [sid for sid, r in self._replicas.items() if r.last_used_at < cutoff]:
-            del self._replicas[sid]
+            self._pop_replica(sid)
         return removed
 
     def store_replica(self, session_id: str, token_ids: list[int], turns: int, salt: str = "") -> None:
+        """Hold (or replace) a replica, dropping the least recently stored ones over the caps."""
+        if len(token_ids) > self.max_replica_tokens:
+            raise CapacityError("token_ids", f"a replica must hold at most {self.max_replica_tokens} "
+                                             f"tokens (max_replica_tokens), got {len(token_ids)}")
+        self._pop_replica(session_id)
+        while self._replicas and (len(self._replicas) >= self.max_replicas
+                                  or self._replica_tokens + len(token_ids) > self.max_replica_tokens):
+            self._pop_replica(next(iter(self._replicas)))
         now = self.clock()
         self._replicas[session_id] = Session(session_id, list(token_ids), salt, turns, now, now)
+        self._replica_tokens += len(token_ids)
 
     def promote_replica(self, session_id: str) -> Session | None:
-        replica = self._replicas.pop(session_id, None)
+        replica = self._pop_replica(session_id)
         if replica is not None:
+            if session_id not in self._sessions and len(self._sessions) >= self.max_sessions:
+                self._drop_oldest_idle()
             self._sessions[session_id] = replica
         return replica
 
-    def _drop_oldest_idle(self) -> None:
+    def _pop_replica(self, session_id: str) -> Session | None:
+        replica = self._replicas.pop(session_id, None)
+        if replica is not None:
+            self._replica_tokens -= len(replica.token_ids)
+        return replica
+
+    def _drop_oldest_idle(self) -> bool:
         idle = [s for s in self._sessions.values() if not s.busy]
         if idle:
             del self._sessions[min(idle, key=lambda s: s.last_used_at).session_id]
+        return bool(idle)

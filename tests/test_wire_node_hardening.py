@@ -1,0 +1,165 @@
+"""Issue 10, the node's internal side over real gRPC on loopback: ImportSession and
+ReplicateHistory checked against the model before anything is stored or allocated, bounded
+sessions, replicas and transfers, and bounded stop conditions."""
+
+from __future__ import annotations
+
+import itertools
+
+import grpc
+import pytest
+from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.session_transfer import state_to_chunks
+from ultrakv.node import Engine, EngineConfig
+from ultrakv.node.server import BackgroundServer
+from ultrakv.v1 import node_pb2 as npb
+from ultrakv.v1 import node_pb2_grpc
+from ultrakv.v1 import types_pb2 as pb
+
+PROMPT = "A conversation long enough to fill a few KV blocks of sixteen tokens each. " * 2
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64, max_sessions=8,
+                              max_replicas=4, max_replica_tokens=200))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def node(engine):
+    with BackgroundServer(engine) as srv, grpc.insecure_channel(srv.address) as channel:
+        yield node_pb2_grpc.NodeServiceStub(channel)
+
+
+def turn(node, session_id: str, text: str = PROMPT, **sampling) -> pb.GenerateResult:
+    sampling.setdefault("max_length", 4)
+    request = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id=f"{session_id}-{len(text)}", session_id=session_id, text=text,
+        sampling=pb.SamplingOptions(temperature=0.0, **sampling)))
+    last = list(node.Generate(iter([request]), timeout=30))[-1]
+    assert last.WhichOneof("event") == "result", last
+    return last.result
+
+
+def exported(node, session_id: str) -> list[npb.SessionChunk]:
+    turn(node, session_id)
+    return list(node.ExportSession(npb.ExportSessionRequest(
+        session_id=session_id, include_kv=True, chunk_bytes=4096), timeout=30))
+
+
+def history_only(session_id: str, token_ids: list[int], fingerprint: str) -> list:
+    return list(state_to_chunks(SessionState(session_id, token_ids, 1, fingerprint)))
+
+
+def rejected(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+def test_bad_kv_imports_leak_no_blocks_and_the_node_keeps_serving(node, engine):
+    """Finding 7: a KV shape that does not match the model used to leak the blocks it had
+    allocated; 32 such imports emptied the pool and hung the node."""
+    chunks = exported(node, "leak-src")
+    node.DeleteSession(pb.DeleteSessionRequest(session_id="leak-src"), timeout=10)
+    layers, two, tokens, heads, dim = chunks[0].header.kv_shape
+    chunks[0].header.kv_shape[:] = [layers, two, tokens, 1, heads * dim]  # same bytes
+    node.ClearCache(pb.ClearCacheRequest(), timeout=10)
+    free_before = engine.pool.num_free
+    for i in range(32):
+        chunks[0].header.session_id = f"leak-{i}"
+        err = rejected(lambda: node.ImportSession(iter(chunks), timeout=30))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert "kv_shape must be" in err.details()
+    assert engine.pool.num_free == free_before
+    assert turn(node, "after-leak").finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_out_of_vocabulary_history_ids_are_rejected_at_the_edge(node, engine):
+    """Finding 8: an out-of-vocabulary id stored by ImportSession or ReplicateHistory failed
+    every engine step its session joined, other users' requests with it."""
+    vocab = engine.model_config.vocab_size
+    err = rejected(lambda: node.ReplicateHistory(npb.ReplicateHistoryRequest(
+        session_id="oov-replica", token_ids=[1, 2, vocab], turns=1), timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"token_ids must be in [0, {vocab - 1}], got {vocab}" in err.details()
+    stream = history_only("oov-import", [5, vocab + 7], engine.model_fingerprint)
+    err = rejected(lambda: node.ImportSession(iter(stream), timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "token_ids must be in" in err.details()
+    for bad, message in (({"turns": -1}, "turns must be >= 0"),
+                         ({"tenant": "t" * 129}, "tenant must be at most 128 bytes")):
+        err = rejected(lambda bad=bad: node.ReplicateHistory(npb.ReplicateHistoryRequest(
+            session_id="bad-fields", token_ids=[1], **bad), timeout=10))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
+    assert engine.sessions.history("oov-replica") == engine.sessions.history("oov-import") == []
+
+
+def test_stop_conditions_are_capped(node):
+    """Finding 9: unbounded stop_token_ids (scanned per token) let 8 requests slow a victim
+    from 0.3 s to 30 s."""
+    cases = (({"stop_token_ids": list(range(65))}, "stop_token_ids must hold at most 64 ids"),
+             ({"stop": ["x" * 257]}, "stop sequences must be at most 256 bytes each"),
+             ({"stop": [f"s{i}" for i in range(17)]}, "stop must hold at most 16 sequences"))
+    for sampling, message in cases:
+        request = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+            request_id="capped", text="hi", sampling=pb.SamplingOptions(**sampling)))
+        error = list(node.Generate(iter([request]), timeout=30))[-1].error
+        assert error.code == "INVALID_ARGUMENT" and message in error.message, error
+    # At the cap, stop ids still work (looked up in a set).
+    ok = turn(node, "stop-ok", "hello", max_length=8, stop_token_ids=list(range(64)))
+    assert ok.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+
+
+def test_imported_sessions_count_against_the_session_cap(node, engine):
+    """Finding 12 (import half): ImportSession ignored max_sessions."""
+    for i in range(12):
+        stream = history_only(f"capped-{i}", [1, 2, 3], engine.model_fingerprint)
+        node.ImportSession(iter(stream), timeout=10)
+    assert len(engine.sessions) <= 8
+    assert "capped-11" in engine.sessions  # the newest stays, the least recently used went
+
+
+def test_replicas_are_capped_in_count_and_tokens(node, engine):
+    """Finding 13: replicas had no count or size cap (12 calls: +450 MiB)."""
+    for i in range(10):
+        node.ReplicateHistory(npb.ReplicateHistoryRequest(
+            session_id=f"rep-{i}", token_ids=[i % 300] * 40, turns=1), timeout=10)
+    assert engine.sessions.num_replicas <= 4 and engine.sessions.replica_tokens <= 200
+    node.PromoteReplica(npb.PromoteReplicaRequest(session_id="rep-9"), timeout=10)
+    err = rejected(lambda: node.ReplicateHistory(npb.ReplicateHistoryRequest(
+        session_id="rep-huge", token_ids=[1] * (engine.max_model_len + 1), turns=1), timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {engine.max_model_len} ids" in err.details()
+
+
+def test_transfers_are_bounded_chunk_by_chunk(node):
+    """Finding 14: ImportSession buffered the whole stream before checking it (no byte cap;
+    a declared 1000 chunks accepted)."""
+    chunks = exported(node, "big-src")
+    header, kv = chunks[0], chunks[1]
+    header.header.session_id = "too-many-chunks"
+    header.header.num_chunks = 1000
+    err = rejected(lambda: node.ImportSession(iter([header, *chunks[1:]]), timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_chunks must be in" in err.details()
+
+    header.header.num_chunks = len(chunks) - 2
+    header.header.session_id = "endless"
+    sent = itertools.count()
+
+    def endless():  # the declared chunks, then more for as long as the server reads
+        yield header
+        for i in itertools.count():
+            next(sent)
+            chunk = npb.SessionChunk()
+            chunk.CopyFrom(kv)
+            chunk.kv.index = i
+            yield chunk
+            if i > 2000:
+                return
+
+    err = rejected(lambda: node.ImportSession(endless(), timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "kv chunks must number at most" in err.details()
+    assert next(sent) < 2000  # refused while streaming, not after the stream ended
