@@ -3,7 +3,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install proto test test-all lint run bench bench-gpu clean
+.PHONY: install proto test test-all lint run bench bench-gpu clean image helm-template kustomize-base
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -26,6 +26,23 @@ bench:  # the GPU comparison where CUDA is available, the CPU engine benchmark o
 
 bench-gpu:
 	ultrakv bench gpu
+
+# Container images, both variants. Needs a Docker engine with BuildKit (none runs on the
+# project's development machines: there the Dockerfile is checked by hadolint in the tests).
+IMAGE ?= ultrakv
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	docker build --build-arg VARIANT=cuda -t $(IMAGE):$(VERSION)-cuda .
+	docker build --build-arg VARIANT=cpu -t $(IMAGE):$(VERSION)-cpu .
+
+# `helm template` without helm: the chart rendered by Go's text/template + sprig (Debian
+# golang-go, golang-github-masterminds-sprig-dev). VALUES=file for other values.
+helm-template:
+	@$(PY) helm/render/helm_template.py $(if $(VALUES),--values $(VALUES))
+
+# Regenerate the Kustomize base (deploy/kustomize) from the chart's defaults.
+kustomize-base:
+	$(PY) deploy/kustomize/generate.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

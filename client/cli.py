@@ -48,7 +48,8 @@ def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
-              "metrics_port": args.metrics_port}
+              "metrics_port": args.metrics_port,
+              "advertise_host": getattr(args, "advertise_host", None)}
     return config.with_overrides(engine, server)
 
 
@@ -232,11 +233,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     with _client(args) as client:
-        status = client.health()
+        status = client.health(args.service)
         # --wait: poll until SERVING (a script starting `ultrakv serve` in the background).
         while not status["healthy"] and time.monotonic() < deadline:
             time.sleep(0.5)
-            status = client.health()
+            status = client.health(args.service)
     print(f"{status['address']}: {status['status']}"
           + (f" ({status['error']})" if status.get("error") else ""))
     return 0 if status["healthy"] else 1
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", help="write session checkpoints here (with --etcd)")
     p.add_argument("--checkpoint-interval", type=float, default=10.0, help="seconds")
     p.add_argument("--lease-ttl", type=int, default=5, help="membership lease, seconds")
+    p.add_argument("--advertise-host",
+                   help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "
+                        "the listen host, loopback for 0.0.0.0)")
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("coordinator", help="run a coordinator (client API over the nodes)")
@@ -393,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", parents=[conn], help="gRPC health; exit 1 unless SERVING")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="keep asking until SERVING or SECONDS have passed (default: ask once)")
+    p.add_argument("--service", default="",
+                   help="grpc.health.v1 service name (a node reports 'ultrakv.ring' SERVING "
+                        "once it has joined the ring: a readiness probe)")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("clear-cache", parents=[conn], help="drop cached blocks not in use")

@@ -31,6 +31,7 @@ HELP: dict[str, dict[str, str]] = {
         "tls_cert": "PEM certificate chain; with tls_key, the server speaks TLS",
         "tls_key": "PEM private key",
         "metrics_port": "Prometheus /metrics HTTP port (0 = off)",
+        "advertise_host": "host others dial to reach this node (empty = derived from host)",
     },
     "limits": {
         "default_max_length": "new tokens when a request sets no max_length",

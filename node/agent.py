@@ -15,6 +15,7 @@ import os
 import signal
 from dataclasses import dataclass
 
+from grpc_health.v1 import health_pb2
 from ultrakv.cluster.checkpoint import load_manifest
 from ultrakv.cluster.membership import (
     DEFAULT_TTL_S,
@@ -31,6 +32,11 @@ from ultrakv.node.checkpoint import Checkpointer, restore_into
 from ultrakv.node.replication import Replicator
 
 log = logging.getLogger("ultrakv.node.agent")
+
+# grpc.health.v1 service name a node reports SERVING only while it is registered on the ring:
+# what a readiness probe asks (`ultrakv health --service ultrakv.ring`); plain "" health turns
+# SERVING as soon as the port opens, before the node has joined.
+RING_HEALTH_SERVICE = "ultrakv.ring"
 
 
 @dataclass
@@ -100,6 +106,7 @@ class NodeAgent:
         self.registration = NodeRegistration(self.store, record, self.settings.lease_ttl_s)
         await self.registration.register()
         self.server.backend.on_turn_complete = self.replicator.on_turn_complete
+        await self.server.health.set(RING_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.checkpointer is not None:
             self.checkpointer.start()
         log.info("node %s joined the cluster at %s (etcd %s)", self.node_id,
@@ -127,6 +134,8 @@ class NodeAgent:
                 log.warning("final checkpoint of %s failed: %s", self.node_id, exc)
         self.server.backend.on_turn_complete = None
         if self.registration is not None:
+            await self.server.health.set(RING_HEALTH_SERVICE,
+                                         health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.registration.deregister()
         await self.watcher.stop()
         await self.peers.close()

@@ -360,6 +360,8 @@ class ServerSettings:
     tls_cert: str = ""  # PEM paths; both set = TLS
     tls_key: str = ""
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
+    # The host peers and coordinators dial (e.g. a pod's DNS name); "" = derived from host.
+    advertise_host: str = ""
 
 
 class NodeServer:
@@ -380,7 +382,9 @@ class NodeServer:
 
     @property
     def address(self) -> str:
-        return f"{dial_host(self.settings.host)}:{self.port}"
+        """Where others dial this server (registered in etcd as the node's address)."""
+        host = self.settings.advertise_host or dial_host(self.settings.host)
+        return f"{host}:{self.port}"
 
     async def start(self) -> int:
         """Bind and start; return the bound port (``port=0`` picks a free one)."""
