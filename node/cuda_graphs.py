@@ -23,7 +23,7 @@ import bisect
 import logging
 
 import torch
-from ultrakv.node.attention.base import AttentionMetadata
+from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
 
 log = logging.getLogger("ultrakv.node.cuda_graphs")
 
@@ -69,7 +69,7 @@ class CudaGraphRunner:
         self.buckets = context_buckets(max_model_len)
         self.max_batch = self.batch_sizes[-1]
         rows = max(self.max_batch, self.prefill_sizes[-1] if self.prefill_sizes else 0)
-        max_blocks = -(-max_model_len // block_size)
+        max_blocks = padded_table_width(-(-max_model_len // block_size))
         dev = device
         self.input_ids = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=dev)

@@ -13,10 +13,14 @@ from __future__ import annotations
 import math
 
 import torch
-from ultrakv.node.attention.base import AttentionMetadata
+from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
 from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.sampler import SamplingTensors, sample
 from ultrakv.node.scheduler import ScheduledSeq
+
+
+def _align(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class ModelRunner:
@@ -40,12 +44,14 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs
         pin = device.type == "cuda"
-        self._max_blocks = math.ceil(max_model_len / block_size)
+        self._max_blocks = padded_table_width(math.ceil(max_model_len / block_size))
         # int64: input ids, positions, slots (T each) and the rows to sample (<= B)
-        self._stage64 = torch.empty(3 * max_num_batched_tokens + max_num_seqs, dtype=torch.int64, pin_memory=pin)
+        t = _align(max_num_batched_tokens, 2)
+        self._stage64 = torch.empty(3 * t + max_num_seqs, dtype=torch.int64, pin_memory=pin)
         # int32: query_start_loc (B+1), seq_lens (B), block tables (B x max blocks)
         self._stage32 = torch.empty(
-            2 * max_num_seqs + 1 + max_num_seqs * self._max_blocks, dtype=torch.int32, pin_memory=pin
+            _align(max_num_seqs + 1, 4) + _align(max_num_seqs, 4) + max_num_seqs * self._max_blocks,
+            dtype=torch.int32, pin_memory=pin,
         )
         # The staging buffers are reused; a step must not overwrite them while the previous
         # step's copies may still be in flight (a step that samples nothing never syncs).
@@ -132,16 +138,23 @@ class ModelRunner:
         for item, start, n in zip(scheduled, starts, lens, strict=True):
             tokens.extend(item.seq.token_ids[start : start + n])
         num_tokens = len(tokens)
-        width = max(len(item.seq.block_table) for item in scheduled)
+        # Every tensor below starts on a 16-byte boundary and the tables' row stride is a
+        # multiple of 16: Triton specializes kernels on pointer alignment and on integers
+        # being 1 or a multiple of 16, so a layout that varied with the batch would compile a
+        # new variant mid-serving for some batch shapes. This one gives one variant for all.
+        width = padded_table_width(max(len(item.seq.block_table) for item in scheduled))
+        t = _align(num_tokens, 2)
+        o_seq = _align(nseq + 1, 4)
+        o_tab = o_seq + _align(nseq, 4)
 
         if self._copied is not None:
             self._copied.synchronize()
-        s64 = self._stage64[: 3 * num_tokens + len(rows)]
-        ids, pos, slots = s64[:num_tokens], s64[num_tokens : 2 * num_tokens], s64[2 * num_tokens : 3 * num_tokens]
-        last = s64[3 * num_tokens :]
-        s32 = self._stage32[: 2 * nseq + 1 + nseq * width]
-        qsl, seq_lens = s32[: nseq + 1], s32[nseq + 1 : 2 * nseq + 1]
-        tables = s32[2 * nseq + 1 :].view(nseq, width)
+        s64 = self._stage64[: 3 * t + len(rows)]
+        ids, pos, slots = s64[:num_tokens], s64[t : t + num_tokens], s64[2 * t : 2 * t + num_tokens]
+        last = s64[3 * t :]
+        s32 = self._stage32[: o_tab + nseq * width]
+        qsl, seq_lens = s32[: nseq + 1], s32[o_seq : o_seq + nseq]
+        tables = s32[o_tab:].view(nseq, width)
 
         ids.copy_(torch.tensor(tokens, dtype=torch.int64))
         tables.copy_(
@@ -165,13 +178,13 @@ class ModelRunner:
             self._copied.record()
         meta = AttentionMetadata(
             query_start_loc=d32[: nseq + 1],
-            seq_lens=d32[nseq + 1 : 2 * nseq + 1],
-            block_tables=d32[2 * nseq + 1 :].view(nseq, width),
-            slot_mapping=d64[2 * num_tokens : 3 * num_tokens],
+            seq_lens=d32[o_seq : o_seq + nseq],
+            block_tables=d32[o_tab:].view(nseq, width),
+            slot_mapping=d64[2 * t : 2 * t + num_tokens],
             max_query_len=max(lens),
             max_seq_len=max(s + n for s, n in zip(starts, lens, strict=True)),
         )
-        return d64[:num_tokens], d64[num_tokens : 2 * num_tokens], meta, d64[3 * num_tokens :]
+        return d64[:num_tokens], d64[t : t + num_tokens], meta, d64[3 * t :]
 
     def _sampling_tensors(self, items: list[ScheduledSeq]) -> SamplingTensors:
         dev = self.device

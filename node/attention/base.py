@@ -25,6 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
+TABLE_WIDTH_MULTIPLE = 16
+
+
+def padded_table_width(num_blocks: int) -> int:
+    """Block-table row width for ``num_blocks`` blocks: a multiple of 16, so the tables' row
+    stride falls in one Triton specialization class for every batch (Triton specializes
+    integer arguments on being 1 or a multiple of 16)."""
+    return max(1, -(-num_blocks // TABLE_WIDTH_MULTIPLE)) * TABLE_WIDTH_MULTIPLE
+
 
 @dataclass
 class AttentionMetadata:
