@@ -90,7 +90,8 @@ def _agent_settings(args: argparse.Namespace) -> AgentSettings | None:
 
     return AgentSettings(etcd=args.etcd, lease_ttl_s=args.lease_ttl,
                          checkpoint_dir=args.checkpoint_dir or "",
-                         checkpoint_interval_s=args.checkpoint_interval)
+                         checkpoint_interval_s=args.checkpoint_interval,
+                         checkpoint_max_bytes=args.checkpoint_max_bytes)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -102,9 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--metrics-port needs --nodes 1 without --etcd; with more nodes "
                          "give each `ultrakv node` and `ultrakv coordinator` its own")
     from ultrakv.client.local_cluster import ClusterSpec, serve_cluster
+    from ultrakv.client.supervision import RestartPolicy
 
     return serve_cluster(ClusterSpec(
-        nodes=args.nodes, data_dir=Path(args.data_dir), model=args.model or "tiny",
+        nodes=args.nodes, coordinators=args.coordinators, restart=RestartPolicy(),
+        data_dir=Path(args.data_dir), model=args.model or "tiny",
         device=args.device or "auto", port=args.port or 50051, etcd=args.etcd or "",
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
         fused_kernels=args.fused_kernels))
@@ -288,7 +291,8 @@ def _connection_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection")
     g.add_argument("--address", default=os.environ.get("ULTRAKV_ADDRESS", DEFAULT_ADDRESS),
-                   help="server HOST:PORT (env ULTRAKV_ADDRESS)")
+                   help="server HOST:PORT, or a comma list of coordinators to fail over between "
+                        "(env ULTRAKV_ADDRESS)")
     g.add_argument("--api-key", default=os.environ.get("ULTRAKV_API_KEY"),
                    help="sent as x-api-key (env ULTRAKV_API_KEY)")
     g.add_argument("--timeout", type=float, default=60.0, help="per-call deadline, seconds")
@@ -355,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     _server_options(p, "50051")
     p.add_argument("--nodes", type=int, default=1,
                    help="node processes; 1 without --etcd = one process serving directly")
+    p.add_argument("--coordinators", type=int, default=2,
+                   help="coordinator processes with --nodes > 1, on --port, --port + 1, ... "
+                        "(default 2: clients given every address survive losing one)")
     p.add_argument("--etcd", help="etcd HOST:PORT (default: start an embedded one)")
     p.add_argument("--data-dir", default="ultrakv-data", help="etcd data and checkpoints")
     p.set_defaults(func=cmd_serve)
@@ -364,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd", help="join the cluster registered in this etcd (HOST:PORT)")
     p.add_argument("--checkpoint-dir", help="write session checkpoints here (with --etcd)")
     p.add_argument("--checkpoint-interval", type=float, default=10.0, help="seconds")
+    p.add_argument("--checkpoint-max-bytes", type=int, default=4 << 30,
+                   help="checkpoint directory budget; over it the coldest sessions lose their "
+                        "KV files first, then their place (default 4 GiB)")
     p.add_argument("--lease-ttl", type=int, default=5, help="membership lease, seconds")
     p.add_argument("--advertise-host",
                    help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "

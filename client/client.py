@@ -8,30 +8,27 @@ Both speak the dict API::
         for chunk in c.stream({"text": "Hello"}): print(chunk.text, end="")
         c.process_request({"messages": [{"role": "user", "content": "Hi"}], "session_id": "u1"})
 
-Calls that fail with UNAVAILABLE are retried (bounded exponential backoff with jitter,
-tenacity); a stream is retried only before its first message. Every call has a deadline
-(``timeout``). ``api_key`` travels as the ``x-api-key`` metadata; ``tls`` selects a secure
-channel.
+``address`` may name several coordinators (``["a:1", "b:2"]`` or ``"a:1,b:2"``): calls go to
+one of them and move to the next when it is unavailable. Calls that fail with UNAVAILABLE
+are retried on the next address at once, and after every address failed, after a backoff
+(exponential with jitter) that grows to a budget outlasting one coordinator restart; a
+stream is retried only before its first message. Every call has a deadline (``timeout``).
+``api_key`` travels as the ``x-api-key`` metadata; ``tls`` selects a secure channel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tenacity import (
-    AsyncRetrying,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2_grpc
 
@@ -69,10 +66,12 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of calls that fail with UNAVAILABLE: ``attempts`` in all, waits growing
-    exponentially from ``initial_s`` up to ``max_s`` plus up to ``jitter_s`` of jitter."""
+    """Retries of calls that fail with UNAVAILABLE: ``attempts`` rounds over the addresses,
+    the waits between rounds growing exponentially from ``initial_s`` up to ``max_s`` plus
+    up to ``jitter_s`` of jitter. The default rounds wait about 11 s in all: longer than a
+    supervised coordinator takes to restart."""
 
-    attempts: int = 4
+    attempts: int = 10
     initial_s: float = 0.1
     max_s: float = 2.0
     jitter_s: float = 0.1
@@ -81,17 +80,61 @@ class RetryPolicy:
         if self.attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {self.attempts}")
 
-    def _kwargs(self) -> dict[str, Any]:
-        return {"retry": retry_if_exception(_is_unavailable),
-                "wait": wait_exponential_jitter(multiplier=self.initial_s, max=self.max_s,
-                                                jitter=self.jitter_s),
-                "stop": stop_after_attempt(self.attempts), "reraise": True}
+    def wait_s(self, failed_rounds: int) -> float:
+        """The wait after ``failed_rounds`` (>= 1) rounds in which every address failed."""
+        return (min(self.max_s, self.initial_s * 2 ** (failed_rounds - 1))
+                + random.uniform(0.0, self.jitter_s))
 
-    def retrying(self) -> Retrying:
-        return Retrying(**self._kwargs())
 
-    def async_retrying(self) -> AsyncRetrying:
-        return AsyncRetrying(**self._kwargs())
+def parse_addresses(address: str | Sequence[str]) -> list[str]:
+    """``"a:1,b:2"`` or ``["a:1", "b:2"]`` -> ``["a:1", "b:2"]``; ValueError when empty."""
+    parts = address.split(",") if isinstance(address, str) else list(address)
+    out = [a.strip() for a in parts if a.strip()]
+    if not out:
+        raise ValueError(f"address must name at least one HOST:PORT, got {address!r}")
+    return out
+
+
+class _Failover:
+    """Which address the next attempt of a call uses, and how long to wait before it (pure).
+
+    The current address is kept while it answers; UNAVAILABLE moves to the next one at
+    once, and a wait comes only after a full round in which every address failed."""
+
+    def __init__(self, n: int, policy: RetryPolicy) -> None:
+        self.n = n
+        self.policy = policy
+        self.current = 0
+
+    def failed(self, attempt: int, index: int) -> float | None:
+        """Attempt number ``attempt`` of a call (from 0), sent to address ``index``, was
+        unavailable: the wait before the next attempt, or None when the budget is spent.
+        Concurrent calls failing on one address move the current one on only once."""
+        if attempt + 1 >= self.policy.attempts * self.n:
+            return None
+        if self.current == index:
+            self.current = (index + 1) % self.n
+        rounds, rest = divmod(attempt + 1, self.n)
+        return self.policy.wait_s(rounds) if rest == 0 else 0.0
+
+
+@dataclass
+class _Endpoint:
+    """One address's channel and stubs."""
+
+    address: str
+    channel: Any
+    stub: ultrakv_pb2_grpc.UltraKVStub
+    health: health_pb2_grpc.HealthStub
+
+    @classmethod
+    def open(cls, address: str, tls: TLSConfig | None, aio: bool) -> _Endpoint:
+        grpc_mod = grpc.aio if aio else grpc
+        options = _channel_options(tls)
+        channel = (grpc_mod.secure_channel(address, tls.credentials(), options=options)
+                   if tls is not None else grpc_mod.insecure_channel(address, options=options))
+        return cls(address, channel, ultrakv_pb2_grpc.UltraKVStub(channel),
+                   health_pb2_grpc.HealthStub(channel))
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -266,20 +309,23 @@ def _channel_options(tls: TLSConfig | None) -> list[tuple[str, Any]]:
 
 
 class Client:
-    """Blocking client. ``timeout`` is the default per-call deadline in seconds."""
+    """Blocking client. ``address``: one ``HOST:PORT``, a comma list, or a list (several
+    coordinators, failed over). ``timeout`` is the default per-call deadline in seconds."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, api_key: str | None = None,
-                 tls: TLSConfig | None = None, timeout: float = 60.0,
-                 retry: RetryPolicy | None = None) -> None:
-        self.address = address
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *,
+                 api_key: str | None = None, tls: TLSConfig | None = None,
+                 timeout: float = 60.0, retry: RetryPolicy | None = None) -> None:
+        self.addresses = parse_addresses(address)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._metadata = (("x-api-key", api_key),) if api_key else ()
-        options = _channel_options(tls)
-        self._channel = (grpc.secure_channel(address, tls.credentials(), options=options)
-                         if tls is not None else grpc.insecure_channel(address, options=options))
-        self._stub = ultrakv_pb2_grpc.UltraKVStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._endpoints = [_Endpoint.open(a, tls, aio=False) for a in self.addresses]
+        self._failover = _Failover(len(self._endpoints), self.retry)
+
+    @property
+    def address(self) -> str:
+        """The address calls go to now."""
+        return self.addresses[self._failover.current]
 
     def __enter__(self) -> Client:
         return self
@@ -288,25 +334,32 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for endpoint in self._endpoints:
+            endpoint.channel.close()
 
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
-        """Unary call with deadline, metadata and retries; failures as RequestError."""
-        try:
-            for attempt in self.retry.retrying():
-                with attempt:
-                    return method(request, timeout=timeout or self.timeout,
-                                  metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise RequestError.from_rpc(exc) from exc
-        raise AssertionError("unreachable: tenacity reraises")
+    def _call(self, pick: Callable[[_Endpoint], Callable[..., Any]], request: Any,
+              timeout: float | None = None) -> Any:
+        """Unary call of ``pick(endpoint)`` with deadline, metadata, failover and retries;
+        failures as RequestError."""
+        attempt = 0
+        while True:
+            index = self._failover.current
+            try:
+                return pick(self._endpoints[index])(request, timeout=timeout or self.timeout,
+                                                    metadata=self._metadata)
+            except grpc.RpcError as exc:
+                wait = self._failover.failed(attempt, index) if _is_unavailable(exc) else None
+                if wait is None:
+                    raise RequestError.from_rpc(exc) from exc
+            time.sleep(wait)
+            attempt += 1
 
     def process_request(self, spec: dict, timeout: float | None = None) -> dict:
         """Run one request; returns the result dict (``success`` False with ``error`` on
         failure, never raises for a refused request)."""
         started = time.perf_counter()
         try:
-            result = self._call(self._stub.Process, build_request(spec), timeout)
+            result = self._call(lambda e: e.stub.Process, build_request(spec), timeout)
         except ValueError as exc:
             return error_dict(RequestError("INVALID_ARGUMENT", str(exc)), spec)
         except RequestError as exc:
@@ -333,7 +386,7 @@ class Client:
         request = pb.BatchRequest(requests=[b for b in built if isinstance(b, pb.GenerateRequest)],
                                   concurrency=concurrency)
         try:
-            response = self._call(self._stub.ProcessBatch, request, timeout)
+            response = self._call(lambda e: e.stub.ProcessBatch, request, timeout)
         except RequestError as exc:
             return _fail_batch(built, specs, exc)
         return _merge_batch(built, specs, response)
@@ -344,15 +397,15 @@ class Client:
         request = _stream_request(build_request(spec))
         started = time.perf_counter()
 
-        def open_call() -> tuple[Any, pb.GenerateStreamResponse]:
-            call = self._stub.Generate(iter([request]), timeout=timeout or self.timeout,
-                                       metadata=self._metadata)
+        def open_call(endpoint: _Endpoint) -> tuple[Any, pb.GenerateStreamResponse]:
+            call = endpoint.stub.Generate(iter([request]), timeout=timeout or self.timeout,
+                                          metadata=self._metadata)
             try:
                 return call, next(call)
             except StopIteration:
                 raise RequestError("INTERNAL", "stream ended without a message") from None
 
-        call, first = self._call(lambda _r, **_kw: open_call(), None)
+        call, first = self._call(lambda e: lambda _r, **_kw: open_call(e), None)
         try:
             for message in itertools.chain([first], call):
                 chunk = _chunk_from(message, started)
@@ -365,13 +418,13 @@ class Client:
             call.cancel()
 
     def stats(self) -> dict:
-        return stats_dict(self._call(self._stub.Stats, pb.StatsRequest()))
+        return stats_dict(self._call(lambda e: e.stub.Stats, pb.StatsRequest()))
 
     def health(self, service: str = "") -> dict:
         """grpc.health.v1 status: ``{"status": "SERVING", "healthy": True}``; an unreachable
         server gives ``healthy`` False and the error rather than raising."""
         try:
-            resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+            resp = self._call(lambda e: e.health.Check, health_pb2.HealthCheckRequest(service=service))
         except RequestError as exc:
             return {"status": "UNREACHABLE" if exc.code == "UNAVAILABLE" else exc.code,
                     "healthy": False, "address": self.address, "error": exc.message}
@@ -379,20 +432,20 @@ class Client:
         return {"status": name, "healthy": name == "SERVING", "address": self.address}
 
     def clear_cache(self) -> dict:
-        resp = self._call(self._stub.ClearCache, pb.ClearCacheRequest())
+        resp = self._call(lambda e: e.stub.ClearCache, pb.ClearCacheRequest())
         return {"success": True, "blocks_freed": resp.blocks_freed}
 
     def cleanup_sessions(self, max_age: float) -> dict:
-        resp = self._call(self._stub.CleanupSessions,
+        resp = self._call(lambda e: e.stub.CleanupSessions,
                           pb.CleanupSessionsRequest(max_age_s=float(max_age)))
         return {"success": True, "removed": resp.removed}
 
     def get_session(self, session_id: str) -> dict:
-        return message_dict(self._call(self._stub.GetSession,
+        return message_dict(self._call(lambda e: e.stub.GetSession,
                                         pb.GetSessionRequest(session_id=session_id)))
 
     def delete_session(self, session_id: str) -> None:
-        self._call(self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
+        self._call(lambda e: e.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
 
 
 def message_dict(message: Any) -> dict:
@@ -455,19 +508,20 @@ class AsyncClient:
     """asyncio client with the same API as :class:`Client` (methods are coroutines;
     ``stream`` is an async iterator)."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, api_key: str | None = None,
-                 tls: TLSConfig | None = None, timeout: float = 60.0,
-                 retry: RetryPolicy | None = None) -> None:
-        self.address = address
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *,
+                 api_key: str | None = None, tls: TLSConfig | None = None,
+                 timeout: float = 60.0, retry: RetryPolicy | None = None) -> None:
+        self.addresses = parse_addresses(address)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._metadata = (("x-api-key", api_key),) if api_key else ()
-        options = _channel_options(tls)
-        self._channel = (grpc.aio.secure_channel(address, tls.credentials(), options=options)
-                         if tls is not None
-                         else grpc.aio.insecure_channel(address, options=options))
-        self._stub = ultrakv_pb2_grpc.UltraKVStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._endpoints = [_Endpoint.open(a, tls, aio=True) for a in self.addresses]
+        self._failover = _Failover(len(self._endpoints), self.retry)
+
+    @property
+    def address(self) -> str:
+        """The address calls go to now."""
+        return self.addresses[self._failover.current]
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -476,23 +530,28 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for endpoint in self._endpoints:
+            await endpoint.channel.close()
 
-    async def _call(self, method: Callable[..., Any], request: Any,
+    async def _call(self, pick: Callable[[_Endpoint], Callable[..., Any]], request: Any,
                     timeout: float | None = None) -> Any:
-        try:
-            async for attempt in self.retry.async_retrying():
-                with attempt:
-                    return await method(request, timeout=timeout or self.timeout,
-                                        metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise RequestError.from_rpc(exc) from exc
-        raise AssertionError("unreachable: tenacity reraises")
+        attempt = 0
+        while True:
+            index = self._failover.current
+            try:
+                return await pick(self._endpoints[index])(
+                    request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                wait = self._failover.failed(attempt, index) if _is_unavailable(exc) else None
+                if wait is None:
+                    raise RequestError.from_rpc(exc) from exc
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def process_request(self, spec: dict, timeout: float | None = None) -> dict:
         started = time.perf_counter()
         try:
-            result = await self._call(self._stub.Process, build_request(spec), timeout)
+            result = await self._call(lambda e: e.stub.Process, build_request(spec), timeout)
         except ValueError as exc:
             return error_dict(RequestError("INVALID_ARGUMENT", str(exc)), spec)
         except RequestError as exc:
@@ -513,7 +572,7 @@ class AsyncClient:
                 concurrency=concurrency)
             try:
                 results.extend(_merge_batch(built, part, await self._call(
-                    self._stub.ProcessBatch, request, timeout)))
+                    lambda e: e.stub.ProcessBatch, request, timeout)))
             except RequestError as exc:
                 results.extend(_fail_batch(built, part, exc))
             if on_progress is not None:
@@ -525,8 +584,9 @@ class AsyncClient:
         request = _stream_request(build_request(spec))
         started = time.perf_counter()
 
-        async def open_call(_r: Any, **_kw: Any) -> tuple[Any, pb.GenerateStreamResponse]:
-            call = self._stub.Generate(timeout=timeout or self.timeout, metadata=self._metadata)
+        async def open_call(endpoint: _Endpoint) -> tuple[Any, pb.GenerateStreamResponse]:
+            call = endpoint.stub.Generate(timeout=timeout or self.timeout,
+                                          metadata=self._metadata)
             await call.write(request)
             await call.done_writing()
             first = await call.read()
@@ -534,7 +594,7 @@ class AsyncClient:
                 raise RequestError("INTERNAL", "stream ended without a message")
             return call, first
 
-        call, first = await self._call(open_call, None)
+        call, first = await self._call(lambda e: lambda _r, **_kw: open_call(e), None)
         try:
             message = first
             while message is not grpc.aio.EOF:
@@ -549,11 +609,11 @@ class AsyncClient:
             call.cancel()
 
     async def stats(self) -> dict:
-        return stats_dict(await self._call(self._stub.Stats, pb.StatsRequest()))
+        return stats_dict(await self._call(lambda e: e.stub.Stats, pb.StatsRequest()))
 
     async def health(self, service: str = "") -> dict:
         try:
-            resp = await self._call(self._health.Check,
+            resp = await self._call(lambda e: e.health.Check,
                                     health_pb2.HealthCheckRequest(service=service))
         except RequestError as exc:
             return {"status": "UNREACHABLE" if exc.code == "UNAVAILABLE" else exc.code,
@@ -562,17 +622,17 @@ class AsyncClient:
         return {"status": name, "healthy": name == "SERVING", "address": self.address}
 
     async def clear_cache(self) -> dict:
-        resp = await self._call(self._stub.ClearCache, pb.ClearCacheRequest())
+        resp = await self._call(lambda e: e.stub.ClearCache, pb.ClearCacheRequest())
         return {"success": True, "blocks_freed": resp.blocks_freed}
 
     async def cleanup_sessions(self, max_age: float) -> dict:
-        resp = await self._call(self._stub.CleanupSessions,
+        resp = await self._call(lambda e: e.stub.CleanupSessions,
                                 pb.CleanupSessionsRequest(max_age_s=float(max_age)))
         return {"success": True, "removed": resp.removed}
 
     async def get_session(self, session_id: str) -> dict:
-        return message_dict(await self._call(self._stub.GetSession,
+        return message_dict(await self._call(lambda e: e.stub.GetSession,
                                               pb.GetSessionRequest(session_id=session_id)))
 
     async def delete_session(self, session_id: str) -> None:
-        await self._call(self._stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
+        await self._call(lambda e: e.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))

@@ -1,14 +1,17 @@
-"""A whole cluster on one machine: embedded etcd, one coordinator, N node processes.
+"""A whole cluster on one machine: embedded etcd, K coordinators, N node processes.
 
-``ultrakv serve --nodes N`` runs it until Ctrl-C; tests and benchmarks drive it directly
-(kill a node, add one, restart the coordinator or etcd). Every child is an ``ultrakv``
-process of its own, started with the parent-death signal so none outlives the supervisor.
-That signal fires when the *thread* that started the child exits, so start children from a
-long-lived thread (the main thread), never from a worker pool.
+``ultrakv serve --nodes N`` runs it until Ctrl-C or SIGTERM, restarting any child that
+crashes (with backoff and a restart budget, see ``supervision.py``) while the others keep
+serving. Tests and benchmarks drive it directly (kill a node, add one, restart a coordinator
+or etcd). Every child is an ``ultrakv`` process of its own, started with the parent-death
+signal so none outlives the supervisor. That signal fires when the *thread* that started the
+child exits, so children are started only from long-lived threads: the main thread, and the
+supervisor thread (which lives until ``stop()``); never from a worker pool.
 
     with LocalCluster(ClusterSpec(nodes=3, data_dir=tmp)) as cluster:
-        Client(cluster.address).process_request({...})
-        cluster.kill_node("node-1")
+        Client(cluster.addresses).process_request({...})
+        cluster.kill_node("node-1")             # a node the supervisor lets go
+        cluster.crash("node-2")                 # a crash the supervisor repairs (with restart)
 """
 
 from __future__ import annotations
@@ -19,26 +22,32 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from ultrakv.cluster.etcd_server import EmbeddedEtcd, _die_with_parent, free_port
+from ultrakv.client.supervision import RestartBudget, RestartPolicy
+from ultrakv.cluster.etcd_server import EmbeddedEtcd, EtcdStartError, _die_with_parent, free_port
 from ultrakv.cluster.store import EtcdStore
 
 log = logging.getLogger("ultrakv.client.local_cluster")
 
+ETCD = "etcd"
+
 
 @dataclass
 class ClusterSpec:
-    """What to start. ``etcd`` "" starts an embedded one under ``data_dir/etcd``."""
+    """What to start. ``etcd`` "" starts an embedded one under ``data_dir/etcd``.
+    ``restart`` None leaves crashed children down (tests that stage faults by hand)."""
 
     nodes: int = 1
+    coordinators: int = 2  # two by default: a client given both survives losing one
     data_dir: Path = Path("ultrakv-data")
     model: str = "tiny"
     device: str = "auto"  # auto: one node per GPU (round robin) when there are GPUs, else CPU
-    port: int = 50051  # the coordinator's; 0 picks a free one
+    port: int = 50051  # the first coordinator's; the i-th listens on port + i; 0 picks free ones
     etcd: str = ""
     num_blocks: int | None = None
     num_scheduler_steps: int | None = None
@@ -48,11 +57,26 @@ class ClusterSpec:
     log_dir: Path | None = None  # None: children write to this process's stdout/stderr
     node_args: list[str] = field(default_factory=list)  # extra `ultrakv node` flags
     startup_timeout_s: float = 120.0
+    restart: RestartPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {self.nodes}")
+        if self.coordinators < 1:
+            raise ValueError(f"coordinators must be >= 1, got {self.coordinators}")
         self.data_dir = Path(self.data_dir)
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it and its restart state."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen
+    budget: RestartBudget | None
+    restart_at: float | None = None  # a crash seen, the restart is due then
+    given_up: bool = False
 
 
 async def _check_etcd(endpoint: str) -> None:
@@ -67,20 +91,53 @@ def _cli(*args: str) -> list[str]:
 class LocalCluster:
     """The processes of one cluster; see the module docstring."""
 
-    def __init__(self, spec: ClusterSpec) -> None:
+    def __init__(self, spec: ClusterSpec, closing: threading.Event | None = None) -> None:
+        """``closing``, once set, ends supervision and any wait for readiness (a signal
+        handler sets it while the cluster is still starting)."""
         self.spec = spec
         self.etcd: EmbeddedEtcd | None = None
         self.etcd_endpoint = spec.etcd
-        self.port = spec.port or free_port()
-        self.nodes: dict[str, subprocess.Popen] = {}
+        self.coordinator_ports = [
+            spec.port + i if spec.port else free_port() for i in range(spec.coordinators)]
+        self.children: dict[str, Child] = {}
         self.node_ports: dict[str, int] = {}
-        self.coordinator: subprocess.Popen | None = None
+        self.restarts: list[tuple[str, int | None]] = []  # (child, exit status) per restart
+        self._etcd_budget = RestartBudget(spec.restart) if spec.restart else None
+        self._etcd_given_up = False
         self._next_node = 1
+        self._lock = threading.RLock()  # children: the supervisor thread vs. the caller
+        self._closing = closing or threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    # -- views ------------------------------------------------------------------------------
 
     @property
     def address(self) -> str:
-        """The coordinator's client-facing address."""
-        return f"127.0.0.1:{self.port}"
+        """The first coordinator's client-facing address."""
+        return f"127.0.0.1:{self.coordinator_ports[0]}"
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every coordinator's address: give them all to a client so it fails over."""
+        return [f"127.0.0.1:{p}" for p in self.coordinator_ports]
+
+    @property
+    def nodes(self) -> dict[str, subprocess.Popen]:
+        """Node id -> process, for every node under supervision."""
+        with self._lock:
+            return {n: c.proc for n, c in self.children.items() if n in self.node_ports}
+
+    @property
+    def coordinators(self) -> dict[str, subprocess.Popen]:
+        with self._lock:
+            return {n: c.proc for n, c in self.children.items() if n.startswith("coordinator-")}
+
+    @property
+    def coordinator(self) -> subprocess.Popen | None:
+        """The first coordinator's process (None while it is stopped)."""
+        return self.coordinators.get("coordinator-1")
+
+    # -- starting ---------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -95,9 +152,14 @@ class LocalCluster:
             if out is not None:
                 out.close()
 
+    def _add(self, name: str, argv: list[str]) -> None:
+        with self._lock:
+            budget = RestartBudget(self.spec.restart) if self.spec.restart else None
+            self.children[name] = Child(name, argv, self._spawn(name, argv), budget)
+
     def start(self) -> LocalCluster:
-        """Start etcd (unless given), the nodes and the coordinator; wait until every node
-        serves through the coordinator."""
+        """Start etcd (unless given), the nodes and the coordinators; wait until every node
+        serves through the first coordinator; then supervise (with ``spec.restart``)."""
         if not self.etcd_endpoint:
             self.etcd = EmbeddedEtcd(self.spec.data_dir / "etcd").start()
             self.etcd_endpoint = self.etcd.endpoint
@@ -105,33 +167,39 @@ class LocalCluster:
             asyncio.run(_check_etcd(self.etcd_endpoint))
         for _ in range(self.spec.nodes):
             self.start_node()
-        self.start_coordinator()
+        for i in range(self.spec.coordinators):
+            self.start_coordinator(f"coordinator-{i + 1}")
+        if self.spec.restart is not None:
+            self._supervisor = threading.Thread(target=self._supervise_loop,
+                                                name="ultrakv-supervisor", daemon=True)
+            self._supervisor.start()
         self.wait_ready(self.spec.nodes)
         return self
 
     def start_node(self, node_id: str | None = None, port: int | None = None) -> str:
         """Start one node process (a new id unless given); returns its id."""
-        if node_id is None:
-            while f"node-{self._next_node}" in self.nodes:
+        with self._lock:
+            if node_id is None:
+                while f"node-{self._next_node}" in self.node_ports:
+                    self._next_node += 1
+                node_id = f"node-{self._next_node}"
                 self._next_node += 1
-            node_id = f"node-{self._next_node}"
-            self._next_node += 1
-        port = port or self.node_ports.get(node_id) or free_port()
-        self.node_ports[node_id] = port
-        argv = _cli("node", "--etcd", self.etcd_endpoint, "--node-id", node_id,
-                    "--host", "127.0.0.1", "--port", str(port), "--model", self.spec.model,
-                    "--device", self._device(list(self.node_ports).index(node_id)),
-                    "--checkpoint-dir", str(self.spec.data_dir / "checkpoints"),
-                    "--checkpoint-interval", str(self.spec.checkpoint_interval_s),
-                    "--lease-ttl", str(self.spec.lease_ttl_s), *self.spec.node_args)
-        if self.spec.num_blocks is not None:
-            argv += ["--num-blocks", str(self.spec.num_blocks)]
-        if self.spec.num_scheduler_steps is not None:
-            argv += ["--num-scheduler-steps", str(self.spec.num_scheduler_steps)]
-        if self.spec.fused_kernels is not None:
-            argv += ["--fused-kernels" if self.spec.fused_kernels else "--no-fused-kernels"]
-        self.nodes[node_id] = self._spawn(node_id, argv)
-        return node_id
+            port = port or self.node_ports.get(node_id) or free_port()
+            self.node_ports[node_id] = port
+            argv = _cli("node", "--etcd", self.etcd_endpoint, "--node-id", node_id,
+                        "--host", "127.0.0.1", "--port", str(port), "--model", self.spec.model,
+                        "--device", self._device(list(self.node_ports).index(node_id)),
+                        "--checkpoint-dir", str(self.spec.data_dir / "checkpoints"),
+                        "--checkpoint-interval", str(self.spec.checkpoint_interval_s),
+                        "--lease-ttl", str(self.spec.lease_ttl_s), *self.spec.node_args)
+            if self.spec.num_blocks is not None:
+                argv += ["--num-blocks", str(self.spec.num_blocks)]
+            if self.spec.num_scheduler_steps is not None:
+                argv += ["--num-scheduler-steps", str(self.spec.num_scheduler_steps)]
+            if self.spec.fused_kernels is not None:
+                argv += ["--fused-kernels" if self.spec.fused_kernels else "--no-fused-kernels"]
+            self._add(node_id, argv)
+            return node_id
 
     def _device(self, ordinal: int) -> str:
         if self.spec.device != "auto":
@@ -141,51 +209,166 @@ class LocalCluster:
         gpus = torch.cuda.device_count()
         return f"cuda:{ordinal % gpus}" if gpus else "cpu"
 
-    def start_coordinator(self) -> None:
-        self.coordinator = self._spawn("coordinator", _cli(
-            "coordinator", "--etcd", self.etcd_endpoint, "--host", "127.0.0.1",
-            "--port", str(self.port)))
+    def start_coordinator(self, name: str = "coordinator-1") -> None:
+        """Start (or start again) coordinator ``coordinator-<i>`` on its port."""
+        index = int(name.removeprefix("coordinator-")) - 1
+        if not 0 <= index < len(self.coordinator_ports):
+            raise ValueError(f"coordinator must be coordinator-1..coordinator-"
+                             f"{len(self.coordinator_ports)}, got {name!r}")
+        self._add(name, _cli("coordinator", "--etcd", self.etcd_endpoint, "--host", "127.0.0.1",
+                             "--port", str(self.coordinator_ports[index])))
 
     def wait_ready(self, nodes: int, timeout_s: float | None = None) -> None:
-        """Wait until the coordinator answers and lists ``nodes`` nodes."""
-        from ultrakv.client.client import Client, RequestError
+        """Wait until every running coordinator answers and lists ``nodes`` nodes."""
+        from ultrakv.client.client import Client, RequestError, RetryPolicy
 
         deadline = time.monotonic() + (timeout_s or self.spec.startup_timeout_s)
-        with Client(self.address, timeout=5) as client:
-            while True:
+        ports = dict(zip([f"coordinator-{i + 1}" for i in range(len(self.coordinator_ports))],
+                         self.coordinator_ports, strict=True))
+        pending = [f"127.0.0.1:{ports[name]}" for name in self.coordinators]
+        while pending and not self._closing.is_set():
+            if self.spec.restart is None:
                 self._check_alive()
+            with Client(pending[0], timeout=5, retry=RetryPolicy(attempts=1)) as client:
                 try:
                     if len(client.stats()["nodes"]) >= nodes:
-                        return
+                        pending.pop(0)
+                        continue
                 except RequestError:
                     pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"cluster not ready with {nodes} nodes within "
-                                       f"{timeout_s or self.spec.startup_timeout_s:.0f} s")
-                time.sleep(0.2)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster not ready with {nodes} nodes within "
+                                   f"{timeout_s or self.spec.startup_timeout_s:.0f} s "
+                                   f"(waiting for {pending[0]})")
+            time.sleep(0.2)
 
     def _check_alive(self) -> None:
-        for name, proc in [*self.nodes.items(), ("coordinator", self.coordinator)]:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode} while starting")
+        with self._lock:
+            for name, child in self.children.items():
+                if child.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with status {child.proc.returncode} "
+                                       "while starting")
+
+    # -- faults -----------------------------------------------------------------------------
 
     def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:
-        """Signal a node (SIGKILL by default: a crash) and reap it."""
-        proc = self.nodes.pop(node_id)
+        """Signal a node (SIGKILL by default: a crash) and reap it; it is not restarted."""
+        with self._lock:
+            child = self.children.pop(node_id)
+        child.proc.send_signal(sig)
+        child.proc.wait(timeout=30)
+
+    def crash(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Signal a supervised child (a node or ``coordinator-<i>``) and reap it, leaving it
+        under supervision: with ``spec.restart`` the supervisor starts it again. Returns the
+        pid that was killed."""
+        with self._lock:
+            proc = self.children[name].proc
         proc.send_signal(sig)
         proc.wait(timeout=30)
+        return proc.pid
 
-    def stop_coordinator(self, sig: int = signal.SIGTERM) -> None:
-        if self.coordinator is not None:
-            self.coordinator.send_signal(sig)
-            self.coordinator.wait(timeout=30)
-            self.coordinator = None
+    def send_signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` (SIGSTOP, SIGCONT...) to a child without waiting for anything."""
+        with self._lock:
+            self.children[name].proc.send_signal(sig)
+
+    def stop_coordinator(self, sig: int = signal.SIGTERM, name: str = "coordinator-1") -> None:
+        """Stop one coordinator; it stays down until ``start_coordinator(name)``."""
+        with self._lock:
+            child = self.children.pop(name, None)
+        if child is not None:
+            child.proc.send_signal(sig)
+            child.proc.wait(timeout=30)
+
+    # -- supervision ------------------------------------------------------------------------
+
+    def supervise(self, now: float | None = None) -> None:
+        """One pass: notice children that exited on their own and restart them when due
+        (or give up on one whose restart budget is spent)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for child in list(self.children.values()):
+                self._supervise_child(child, now)
+            self._supervise_etcd(now)
+
+    def _supervise_child(self, child: Child, now: float) -> None:
+        if child.given_up or child.budget is None:
+            return
+        status = child.proc.poll()
+        if status is None:
+            return
+        if child.restart_at is None:
+            delay = child.budget.next_delay(now)
+            if delay is None:
+                child.given_up = True
+                log.error("%s exited with status %s; it crashed %d times within %.0f s, "
+                          "giving up on it", child.name, status, child.budget.used,
+                          child.budget.policy.window_s)
+                return
+            child.restart_at = now + delay
+            log.warning("%s exited with status %s; restarting it in %.1f s (restart %d of %d "
+                        "within %.0f s)", child.name, status, delay, child.budget.used,
+                        child.budget.policy.max_restarts, child.budget.policy.window_s)
+        if now >= child.restart_at:
+            child.proc = self._spawn(child.name, child.argv)
+            child.restart_at = None
+            self.restarts.append((child.name, status))
+            log.info("%s restarted (pid %d)", child.name, child.proc.pid)
+
+    def _supervise_etcd(self, now: float) -> None:
+        if self.etcd is None or self._etcd_budget is None or self._etcd_given_up:
+            return
+        if not self.etcd.crashed:
+            return
+        delay = self._etcd_budget.next_delay(now)
+        if delay is None:
+            self._etcd_given_up = True
+            log.error("embedded etcd crashed %d times within %.0f s, giving up on it",
+                      self._etcd_budget.used, self._etcd_budget.policy.window_s)
+            return
+        log.warning("embedded etcd exited; restarting it in %.1f s", delay)
+        time.sleep(delay)  # etcd first: nothing else makes progress without it
+        try:
+            self.etcd.start()
+            self.restarts.append((ETCD, None))
+            log.info("embedded etcd restarted (pid %s)", self.etcd.pid)
+        except EtcdStartError as exc:
+            log.error("restarting etcd failed: %s", exc)
+
+    def _supervise_loop(self) -> None:
+        while not self._closing.wait(0.2):
+            try:
+                self.supervise()
+            except Exception:  # one bad pass must not end supervision
+                log.exception("supervisor pass failed")
+
+    @property
+    def failed(self) -> str:
+        """Why the cluster cannot serve any more ("" while it can): the supervisor gave up
+        on etcd or on every coordinator."""
+        with self._lock:
+            if self._etcd_given_up:
+                return "embedded etcd keeps crashing"
+            coordinators = [c for n, c in self.children.items() if n.startswith("coordinator-")]
+            if coordinators and all(c.given_up for c in coordinators):
+                return "every coordinator keeps crashing"
+        return ""
+
+    # -- stopping ---------------------------------------------------------------------------
 
     def stop(self) -> None:
         """SIGTERM every child (nodes checkpoint and leave), then etcd; SIGKILL stragglers."""
-        procs = [p for p in [self.coordinator, *self.nodes.values()] if p is not None]
+        self._closing.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=30)
+            self._supervisor = None
+        with self._lock:
+            procs = [c.proc for c in self.children.values()]
+            self.children.clear()
         for proc in procs:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a stopped child cannot act on SIGTERM
                 proc.send_signal(signal.SIGTERM)
         for proc in procs:
             try:
@@ -193,8 +376,6 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.nodes.clear()
-        self.coordinator = None
         if self.etcd is not None:
             self.etcd.stop()
 
@@ -211,24 +392,30 @@ class LocalCluster:
 
 
 def serve_cluster(spec: ClusterSpec) -> int:
-    """``ultrakv serve --nodes N``: run the cluster until Ctrl-C or SIGTERM, then stop all."""
-    stopping = False
+    """``ultrakv serve --nodes N``: run the cluster until Ctrl-C or SIGTERM, then stop all.
+    Crashed children are restarted meanwhile; exits 1 if etcd or every coordinator keeps
+    crashing."""
+    stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stop.set()
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    cluster = LocalCluster(spec)
+    cluster = LocalCluster(spec, closing=stop)
+    status = 0
     try:
         cluster.start()
-        log.info("cluster serving on %s: %d nodes, etcd %s", cluster.address,
-                 len(cluster.nodes), cluster.etcd_endpoint)
-        while not stopping:
-            cluster._check_alive()
-            time.sleep(0.2)
+        if not stop.is_set():
+            log.info("cluster serving on %s: %d nodes, %d coordinators, etcd %s",
+                     ",".join(cluster.addresses), len(cluster.nodes), spec.coordinators,
+                     cluster.etcd_endpoint)
+        while not stop.wait(0.5):
+            if cluster.failed:
+                log.error("the cluster cannot serve: %s", cluster.failed)
+                status = 1
+                break
         log.info("stopping the cluster")
-        return 0
+        return status
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -5,9 +5,11 @@ Every ``interval_s`` a node writes each session that changed since the last chec
 two files under ``<directory>/<node id>/``: the history (JSON) and the KV of its cached
 leading blocks (raw tensor bytes). File names carry the turn count, so a new version never
 overwrites the one the current manifest points at. Once the files are on disk the manifest
-(``checkpoints/<node id>``: every session's files and their sha256) is written to etcd in
-one put, which is atomic; files no manifest names any more are removed afterwards. A crash
-at any point leaves the previous manifest and its files intact.
+is updated in etcd: ``checkpoints/<node id>`` holds where the files are, and
+``checkpoints/<node id>/<session id>`` one entry per session (its files and their sha256),
+so a round writes only the sessions that changed and deletes the ones that are gone.
+Files no entry names any more are removed afterwards. Every entry is valid on its own, so a
+crash at any point leaves each session at its previous or its new checkpoint, never a mix.
 
 On load every file is checked against its sha256. A KV file that is missing or corrupted
 is logged and dropped: the session comes back with its history only and the engine
@@ -28,11 +30,12 @@ from pathlib import Path
 
 import torch
 from ultrakv.cluster.session_state import SessionState
-from ultrakv.cluster.store import EtcdStore
+from ultrakv.cluster.store import Delete, EtcdStore, Put, StoreError
 
 log = logging.getLogger("ultrakv.cluster.checkpoint")
 
 CHECKPOINTS_PREFIX = "checkpoints/"
+_TXN_OPS = 100  # etcd refuses transactions of more than 128 operations by default
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -64,21 +67,62 @@ class Manifest:
     created_at: float = field(default_factory=time.time)
     sessions: dict[str, CheckpointEntry] = field(default_factory=dict)
 
-    def to_json(self) -> bytes:
-        d = asdict(self)
-        d["sessions"] = [asdict(e) for e in self.sessions.values()]
-        return json.dumps(d, sort_keys=True).encode()
+    def header_json(self) -> bytes:
+        """The stored header: everything but the entries (each has a key of its own)."""
+        return json.dumps({"node_id": self.node_id, "directory": self.directory,
+                           "created_at": self.created_at}, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        """Parse the stored form; ValueError on a malformed manifest."""
+    def from_stored(cls, header: bytes, entries: list[bytes]) -> Manifest:
+        """Parse the stored header and entries; ValueError on a malformed one."""
         try:
-            d = json.loads(data)
-            entries = [CheckpointEntry(**e) for e in d["sessions"]]
+            d = json.loads(header)
+            parsed = [CheckpointEntry(**json.loads(e)) for e in entries]
             return cls(d["node_id"], d["directory"], float(d["created_at"]),
-                       {e.session_id: e for e in entries})
+                       {e.session_id: e for e in parsed})
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed checkpoint manifest: {exc!r}") from exc
+
+
+def _entry_json(entry: CheckpointEntry) -> bytes:
+    return json.dumps(asdict(entry), sort_keys=True).encode()
+
+
+def manifest_changes(old: Manifest | None, new: Manifest) -> list[Put | Delete]:
+    """The etcd writes that turn stored manifest ``old`` into ``new`` (pure): the header
+    when it is new or moved, each changed or added entry, a delete per dropped one."""
+    key = manifest_key(new.node_id)
+    ops: list[Put | Delete] = []
+    if old is None or old.directory != new.directory:
+        ops.append(Put(key, new.header_json()))
+    before = old.sessions if old is not None else {}
+    for sid, entry in new.sessions.items():
+        if before.get(sid) != entry:
+            ops.append(Put(f"{key}/{sid}", _entry_json(entry)))
+    ops.extend(Delete(f"{key}/{sid}") for sid in before if sid not in new.sessions)
+    return ops
+
+
+async def write_manifest(store: EtcdStore, old: Manifest | None, new: Manifest) -> int:
+    """Write what changed from ``old`` (what etcd holds, None: nothing) to ``new``;
+    returns how many keys were written or deleted."""
+    ops = manifest_changes(old, new)
+    for i in range(0, len(ops), _TXN_OPS):
+        await store.txn([], ops[i:i + _TXN_OPS])
+    return len(ops)
+
+
+async def compact_history(store: EtcdStore, keep_revisions: int) -> None:
+    """Compact etcd's key history up to ``keep_revisions`` before the current revision:
+    superseded manifest entries no longer pile up between etcd's own compactions, and
+    watchers a little behind can still resume."""
+    target = await store.current_revision() - keep_revisions
+    if target <= 0:
+        return
+    try:
+        await store.compact(target)
+    except StoreError as exc:  # already compacted there (by etcd or another node): fine
+        log.debug("compaction to revision %d skipped: %s", target, exc)
 
 
 def _sha256(data: bytes) -> str:
@@ -172,12 +216,16 @@ def merge_with_history(session_id: str, checkpointed: SessionState | None, histo
 
 
 async def load_manifest(store: EtcdStore, node_id: str) -> Manifest | None:
-    """``node_id``'s last recorded manifest, or None."""
-    kv = await store.get(manifest_key(node_id))
-    if kv is None:
+    """``node_id``'s last recorded manifest (header and entries read at one revision), or
+    None."""
+    key = manifest_key(node_id)
+    kvs, _ = await store.get_prefix(key)
+    header = next((kv.value for kv in kvs if kv.key == key), None)
+    if header is None:
         return None
     try:
-        return Manifest.from_json(kv.value)
+        return Manifest.from_stored(header, [kv.value for kv in kvs
+                                             if kv.key.startswith(key + "/")])
     except ValueError as exc:
         log.error("ignoring the checkpoint manifest of %s: %s", node_id, exc)
         return None

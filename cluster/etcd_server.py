@@ -109,6 +109,11 @@ class EmbeddedEtcd:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def crashed(self) -> bool:
+        """Started, then exited without ``stop()``: a supervisor restarts it."""
+        return self._proc is not None and self._proc.poll() is not None
+
+    @property
     def log_path(self) -> Path:
         """Where the server's own log goes (kept beside, not inside, its member dir)."""
         return self.data_dir / "etcd.log"
@@ -128,6 +133,12 @@ class EmbeddedEtcd:
             "--initial-cluster-state", "new",
             "--initial-cluster-token", f"ultrakv-{self.name}",
             "--log-level", "warn",
+            # Bounded growth: keep one minute of key history (nodes compact after their
+            # manifest writes too), and snapshot the raft log often, since etcd keeps every
+            # entry since its last snapshot in memory (the default is 100,000 entries).
+            "--auto-compaction-mode", "periodic",
+            "--auto-compaction-retention", "1m",
+            "--snapshot-count", "5000",
         ]  # fmt: skip
 
     def start(self) -> EmbeddedEtcd:

@@ -188,6 +188,16 @@ class EtcdStore:
         resp = await self._call(self._client.get_prefix(self._full(sub), sort_order="ascend"))
         return [self._kv(kv) for kv in resp], resp.header.revision
 
+    async def current_revision(self) -> int:
+        """The store revision now (read from the header of a range read of no key)."""
+        resp = await self._call(self._client.get_prefix(self._full("\0"), keys_only=True))
+        return resp.header.revision
+
+    async def compact(self, revision: int) -> None:
+        """Drop key history older than ``revision`` (etcd's compaction, whole store);
+        ``StoreError`` when it is already compacted that far or ``revision`` is in the future."""
+        await self._call(self._client.compact(revision))
+
     # -- leases -----------------------------------------------------------------------------
 
     async def grant_lease(self, ttl_s: int) -> Lease:

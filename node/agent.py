@@ -28,7 +28,8 @@ from ultrakv.cluster.membership import (
 )
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.store import DEFAULT_PREFIX, EtcdStore
-from ultrakv.node.checkpoint import Checkpointer, restore_into
+from ultrakv.cluster.tasks import cancel_task
+from ultrakv.node.checkpoint import DEFAULT_MAX_BYTES, Checkpointer, restore_into
 from ultrakv.node.replication import Replicator
 
 log = logging.getLogger("ultrakv.node.agent")
@@ -48,6 +49,7 @@ class AgentSettings:
     lease_ttl_s: int = DEFAULT_TTL_S
     checkpoint_dir: str = ""
     checkpoint_interval_s: float = 10.0
+    checkpoint_max_bytes: int = DEFAULT_MAX_BYTES
     replication_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
@@ -82,9 +84,10 @@ class NodeAgent:
             timeout_s=settings.replication_timeout_s)
         self.checkpointer = (
             Checkpointer(engine, self.node_id, settings.checkpoint_dir, self.store,
-                         settings.checkpoint_interval_s)
+                         settings.checkpoint_interval_s, settings.checkpoint_max_bytes)
             if settings.checkpoint_dir else None)
         self.registration: NodeRegistration | None = None
+        self._expiry: asyncio.Task[None] | None = None
 
     def _addresses(self) -> dict[str, str]:
         return {n: r.address for n, r in self.watcher.members.items()}
@@ -109,8 +112,24 @@ class NodeAgent:
         await self.server.health.set(RING_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.checkpointer is not None:
             self.checkpointer.start()
+        self._expiry = asyncio.create_task(self._expire_idle_sessions(), name="session-expiry")
         log.info("node %s joined the cluster at %s (etcd %s)", self.node_id,
                  self.server.address, self.settings.etcd)
+
+    async def _expire_idle_sessions(self) -> None:
+        """Drop sessions (and replicas) idle for longer than the engine's ``session_ttl_s``,
+        so a node's sessions, and with them its checkpoints, do not grow without end."""
+        ttl = float(self.engine.config.session_ttl_s)
+        while True:
+            await asyncio.sleep(min(60.0, ttl / 4))
+            try:
+                removed = await asyncio.to_thread(self.engine.cleanup_sessions, ttl)
+            except Exception:  # the next sweep tries again
+                log.exception("expiring idle sessions on %s failed", self.node_id)
+                continue
+            if removed:
+                log.info("node %s expired %d sessions idle for more than %.0f s",
+                         self.node_id, removed, ttl)
 
     async def _restore_own_checkpoint(self) -> None:
         """A restarted node takes back what it had checkpointed (the ring gives its sessions
@@ -119,13 +138,14 @@ class NodeAgent:
         if manifest is None:
             return
         report = await asyncio.to_thread(restore_into, self.engine, manifest)
-        self.checkpointer.manifest = manifest
+        self.checkpointer.manifest = self.checkpointer.recorded = manifest
         log.info("node %s restored %d sessions from its checkpoint (%d KV tokens; "
                  "%d to recompute, %d unreadable)", self.node_id, len(report.restored),
                  report.kv_tokens, len(report.kv_recomputed), len(report.lost))
 
     async def stop(self) -> None:
         """Final checkpoint, leave the ring, close connections."""
+        await cancel_task(self._expiry)
         if self.checkpointer is not None:
             await self.checkpointer.stop()
             try:

@@ -1,5 +1,11 @@
 """A node's checkpointer: writes its sessions every interval in the cluster's checkpoint
-format (cluster/checkpoint.py) and records the manifest in etcd; restores them at start."""
+format (cluster/checkpoint.py) and records the manifest in etcd; restores them at start.
+
+Growth is bounded: only sessions that changed are written (files and manifest entries),
+etcd's key history is compacted after manifest writes, and the checkpoint directory keeps
+within ``max_bytes``: over it, the coldest sessions lose their KV file first (their KV is
+recomputed if they ever come back from the checkpoint), and if histories alone still do
+not fit, the coldest sessions are left out (their replica still holds them)."""
 
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ from pathlib import Path
 from ultrakv.cluster.checkpoint import (
     CheckpointEntry,
     Manifest,
-    manifest_key,
+    compact_history,
+    load_manifest,
     read_session,
+    write_manifest,
     write_session,
 )
 from ultrakv.cluster.errors import EngineError, SessionNotFoundError
@@ -22,6 +30,32 @@ from ultrakv.cluster.tasks import cancel_task
 from ultrakv.cluster.validation import RequestRejected
 
 log = logging.getLogger("ultrakv.node.checkpoint")
+
+DEFAULT_MAX_BYTES = 4 << 30
+# etcd history kept behind the head when compacting: enough for a watcher that is a little
+# behind to resume, far less than what a day of checkpoint rounds would pile up.
+KEEP_REVISIONS = 1000
+
+
+def fit_budget(entries: dict[str, CheckpointEntry], sizes: dict[str, tuple[int, int]],
+               coldest_first: list[str], max_bytes: int) -> dict[str, CheckpointEntry]:
+    """The entries to record within ``max_bytes`` (pure). ``sizes``: session -> (history
+    bytes, KV bytes). The coldest sessions lose their KV file first; if histories alone
+    still exceed the budget, the coldest sessions are left out."""
+    total = sum(h + k for h, k in sizes.values())
+    kept = dict(entries)
+    for sid in coldest_first:
+        if total <= max_bytes:
+            return kept
+        if kept[sid].kv_file:
+            kept[sid] = replace(kept[sid], kv_file="", kv_sha256="", kv_tokens=0)
+            total -= sizes[sid][1]
+    for sid in coldest_first:
+        if total <= max_bytes:
+            break
+        del kept[sid]
+        total -= sizes[sid][0]
+    return kept
 
 
 @dataclass
@@ -63,22 +97,28 @@ class Checkpointer:
     """Writes this node's sessions every ``interval_s`` and records the manifest in etcd."""
 
     def __init__(self, engine, node_id: str, directory: str | Path, store: EtcdStore,
-                 interval_s: float = 10.0) -> None:
+                 interval_s: float = 10.0, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if not interval_s > 0:
             raise ValueError(f"checkpoint interval_s must be > 0, got {interval_s}")
+        if max_bytes < 1:
+            raise ValueError(f"checkpoint max_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = max_bytes
         self.engine = engine
         self.node_id = node_id
         self.directory = Path(directory) / node_id
         self.store = store
         self.interval_s = interval_s
         self.manifest = Manifest(node_id, str(self.directory.resolve()))
+        self.recorded: Manifest | None = None  # what etcd holds (None: unknown, write all)
         self._task: asyncio.Task[None] | None = None
+        self._last_compacted = 0.0
 
     def _write(self) -> Manifest:
         """Write what changed since the last manifest; returns the new manifest (blocking)."""
         previous = self.manifest.sessions
         entries: dict[str, CheckpointEntry] = {}
-        for info in self.engine.list_sessions():
+        infos = sorted(self.engine.list_sessions(), key=lambda i: i.last_used_at)
+        for info in infos:
             old = previous.get(info.session_id)
             if old is not None and (old.turns, old.num_tokens) == (info.turns, info.num_tokens):
                 entries[info.session_id] = old
@@ -88,7 +128,22 @@ class Checkpointer:
             except SessionNotFoundError:
                 continue  # removed since listed
             entries[info.session_id] = write_session(self.directory, state)
-        return Manifest(self.node_id, str(self.directory.resolve()), time.time(), entries)
+        fitted = fit_budget(entries, {sid: self._sizes(e) for sid, e in entries.items()},
+                            [i.session_id for i in infos if i.session_id in entries],
+                            self.max_bytes)
+        if len(fitted) < len(entries):
+            log.warning("checkpoint of %s over its %d-byte budget: %d coldest sessions left "
+                        "out", self.node_id, self.max_bytes, len(entries) - len(fitted))
+        return Manifest(self.node_id, str(self.directory.resolve()), time.time(), fitted)
+
+    def _sizes(self, entry: CheckpointEntry) -> tuple[int, int]:
+        def size(name: str) -> int:
+            try:
+                return (self.directory / name).stat().st_size if name else 0
+            except OSError:
+                return 0
+
+        return size(entry.history_file), size(entry.kv_file)
 
     def _remove_unreferenced(self, manifest: Manifest) -> None:
         keep = {f for e in manifest.sessions.values() for f in (e.history_file, e.kv_file) if f}
@@ -97,11 +152,18 @@ class Checkpointer:
                 path.unlink(missing_ok=True)
 
     async def checkpoint_once(self) -> Manifest:
-        """One checkpoint: files first, then the manifest in etcd, then old files removed."""
+        """One checkpoint: files first, then the changed manifest entries in etcd, then old
+        files removed; etcd's history compacted at most once a minute."""
         manifest = await asyncio.to_thread(self._write)
-        await self.store.put(manifest_key(self.node_id), manifest.to_json())
         self.manifest = manifest
+        if self.recorded is None:  # entries a previous run left in etcd are replaced too
+            self.recorded = await load_manifest(self.store, self.node_id)
+        await write_manifest(self.store, self.recorded, manifest)
+        self.recorded = manifest
         await asyncio.to_thread(self._remove_unreferenced, manifest)
+        if time.monotonic() - self._last_compacted >= 60.0:
+            await compact_history(self.store, KEEP_REVISIONS)
+            self._last_compacted = time.monotonic()
         return manifest
 
     async def _run(self) -> None:

@@ -10,10 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ultrakv.cluster.checkpoint import load_manifest
+from ultrakv.cluster.checkpoint import (
+    CheckpointEntry,
+    Manifest,
+    compact_history,
+    load_manifest,
+    read_session,
+    write_manifest,
+)
 from ultrakv.cluster.etcd_server import free_port
 from ultrakv.node import Engine, EngineConfig, SamplingParams
-from ultrakv.node.checkpoint import Checkpointer, restore_into
+from ultrakv.node.checkpoint import Checkpointer, fit_budget, restore_into
 
 pytestmark = pytest.mark.cluster
 
@@ -104,3 +111,79 @@ def test_unreachable_etcd_at_start_is_a_clear_error_naming_the_endpoint(command)
     assert f"cannot reach etcd at {endpoint}" in out.stderr
     assert "Traceback" not in out.stderr
     assert time.monotonic() - started < 30
+
+
+async def test_a_round_writes_only_the_changed_sessions_entries(engines, store,
+                                                              tmp_path: Path) -> None:
+    a, _ = engines
+    sids = [f"delta-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
+    _turn(a, sids, 1)
+    checkpointer = Checkpointer(a, "n3", tmp_path, store, interval_s=60)
+    await checkpointer.checkpoint_once()
+    kvs, _ = await store.get_prefix("checkpoints/n3/")
+    before = {kv.key: kv.mod_revision for kv in kvs}
+    assert {k.rsplit("/", 1)[1] for k in before} >= set(sids)
+    a.generate(_prompt(0, 2), GREEDY, session_ids=[sids[0]])
+    a.delete_session(sids[2])
+    await checkpointer.checkpoint_once()
+    kvs, _ = await store.get_prefix("checkpoints/n3/")
+    after = {kv.key: kv.mod_revision for kv in kvs}
+    key = "checkpoints/n3/"
+    assert after[key + sids[0]] > before[key + sids[0]]  # rewritten: it took a turn
+    assert after[key + sids[1]] == before[key + sids[1]]  # untouched
+    assert key + sids[2] not in after  # gone with its session
+    recorded = await load_manifest(store, "n3")
+    assert recorded is not None and recorded.sessions == checkpointer.manifest.sessions
+
+
+def test_over_budget_the_coldest_sessions_lose_kv_first_then_their_place() -> None:
+    entries = {s: CheckpointEntry(s, 1, 20, f"{s}.h", "x", f"{s}.kv", "y", 16) for s in "abc"}
+    sizes = {"a": (10, 100), "b": (10, 100), "c": (10, 100)}
+    coldest_first = ["a", "b", "c"]
+    assert fit_budget(entries, sizes, coldest_first, 330) == entries
+    fitted = fit_budget(entries, sizes, coldest_first, 230)
+    assert not fitted["a"].kv_file and fitted["b"].kv_file and fitted["c"].kv_file
+    fitted = fit_budget(entries, sizes, coldest_first, 25)
+    assert list(fitted) == ["b", "c"] and not fitted["b"].kv_file and not fitted["c"].kv_file
+
+
+async def test_checkpoint_dir_stays_within_its_budget(engines, store, tmp_path: Path) -> None:
+    a, _ = engines
+    sids = [f"budget-{uuid.uuid4().hex[:6]}-{i}" for i in range(4)]
+    for sid in sids:  # one at a time: sids[-1] is the most recently used
+        _turn(a, [sid], 1)
+    full = await Checkpointer(a, "n4", tmp_path / "full", store, interval_s=60).checkpoint_once()
+    kv_bytes = (Path(full.directory) / full.sessions[sids[0]].kv_file).stat().st_size
+    total = sum(p.stat().st_size for p in Path(full.directory).iterdir())
+    budget = total - kv_bytes  # one KV file too many
+    checkpointer = Checkpointer(a, "n5", tmp_path / "tight", store, interval_s=60,
+                                max_bytes=budget)
+    manifest = await checkpointer.checkpoint_once()
+    files = list(Path(manifest.directory).iterdir())
+    assert sum(p.stat().st_size for p in files) <= budget
+    # the engine holds the other tests' sessions too: all of them compete for the budget
+    by_age = [i.session_id for i in sorted(a.list_sessions(), key=lambda i: i.last_used_at)]
+    with_kv = [manifest.sessions[s].kv_file != "" for s in by_age]
+    assert not with_kv[0] and with_kv[-1] and by_age[-1] == sids[-1]
+    assert with_kv == sorted(with_kv)  # every session stripped is colder than every one kept
+    state = read_session(Path(manifest.directory), manifest.sessions[by_age[0]])
+    assert state is not None and state.kv is None and len(state.token_ids) > 0
+
+
+async def test_manifest_writes_compact_etcd_history(etcd, tmp_path: Path) -> None:
+    from ultrakv.cluster.store import EtcdStore, StoreError
+
+    async with EtcdStore(etcd.endpoint, prefix=f"/c-{uuid.uuid4().hex[:6]}/") as s:
+        old = None
+        for round_ in range(30):  # 30 rounds of 20 changed entries: 600 revisions
+            new = Manifest("n6", str(tmp_path), sessions={
+                f"s{i}": CheckpointEntry(f"s{i}", round_, round_, f"f{round_}", "x")
+                for i in range(20)})
+            await write_manifest(s, old, new)
+            old = new
+        head = await s.current_revision()
+        await compact_history(s, keep_revisions=100)
+        with pytest.raises(StoreError):  # already compacted up to head - 100
+            await s.compact(head - 150)
+        recorded = await load_manifest(s, "n6")
+        assert recorded is not None and recorded.sessions == old.sessions

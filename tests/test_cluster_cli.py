@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from ultrakv.client import Client
@@ -25,37 +26,86 @@ def _alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-def test_serve_nodes_runs_a_cluster_and_ctrl_c_stops_every_process(tmp_path) -> None:
+def _children(pid: int) -> dict[int, str]:
+    """pid -> command line of every live child of ``pid``."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().decode(
+                    errors="replace").replace("\0", " ")
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+    return out
+
+
+def _wait(predicate, proc: subprocess.Popen, what: str, timeout_s: float = 120):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_serve_nodes_restarts_crashed_children_and_sigterm_stops_every_process(tmp_path) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "serve", "--nodes", "2",
                              "--port", str(port), "--data-dir", str(tmp_path),
                              "--num-blocks", "128"],
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    addresses = [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]  # two coordinators by default
     try:
-        with Client(f"127.0.0.1:{port}", timeout=5) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline
-                try:
-                    if len(client.stats()["nodes"]) == 2:
-                        break
-                except Exception:
-                    pass
-                time.sleep(0.3)
+        with Client(addresses, timeout=5) as client, Client(addresses[1], timeout=5) as second:
+            _wait(lambda: len(client.stats()["nodes"]) == 2 == len(second.stats()["nodes"]),
+                  proc, "two nodes behind both coordinators")
             r = client.process_request({"text": "Hello", "max_length": 4, "session_id": "cli-1"})
             assert r["success"] and r["node"] in {"node-1", "node-2"}
-            pids = [n["pid"] for n in client.stats()["nodes"]]
-        assert len(set(pids)) == 2 and proc.pid not in pids
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=40) == 0
+            pids = {n["node_id"]: n["pid"] for n in client.stats()["nodes"]}
+            assert len(set(pids.values())) == 2 and proc.pid not in pids.values()
+
+            # A node crashes: the supervisor starts it again (same id), the rest serve on.
+            os.kill(pids["node-1"], signal.SIGKILL)
+            restarted = _wait(lambda: {n["node_id"]: n["pid"] for n in client.stats()["nodes"]
+                                       }.get("node-1") not in (None, pids["node-1"]) and
+                              client.stats(), proc, "node-1 back with a new pid")
+            assert len(restarted["nodes"]) == 2
+            for i in range(6):  # sessions on both nodes, node-1 included
+                r = client.process_request({"text": f"again {i}", "max_length": 4,
+                                            "session_id": f"cli-{i}"})
+                assert r["success"], r
+
+            # A coordinator crashes: the client fails over to the other; it comes back.
+            coordinators = {p: c for p, c in _children(proc.pid).items() if " coordinator " in c}
+            assert len(coordinators) == 2
+            first = next(p for p, c in coordinators.items() if f"--port {port} " in c + " ")
+            os.kill(first, signal.SIGKILL)
+            for i in range(4):
+                assert client.process_request({"text": "on", "max_length": 2,
+                                               "session_id": f"cli-{i}"})["success"]
+            _wait(lambda: len([c for c in _children(proc.pid).values()
+                               if " coordinator " in c]) == 2, proc, "coordinator restarted")
+            with Client(addresses[0], timeout=5) as back:
+                _wait(lambda: len(back.stats()["nodes"]) == 2, proc, "coordinator-1 serving")
+            children = _children(proc.pid)
+        assert len(children) == 5  # etcd, two coordinators, two nodes
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
     log = proc.stdout.read()
     assert "cluster serving on" in log and "stopped" in log and "Traceback" not in log
-    assert not any(_alive(pid) for pid in pids)
+    assert "node-1 exited with status -9; restarting it in" in log
+    assert "coordinator-1 exited with status -9; restarting it in" in log
+    assert not any(_alive(pid) for pid in children)
 
 
 def test_serve_with_an_unreachable_etcd_names_it() -> None:

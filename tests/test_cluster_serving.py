@@ -45,7 +45,7 @@ def _cacheable(history: int) -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("cluster")
-    spec = ClusterSpec(nodes=3, data_dir=data, port=0, device="cpu", num_blocks=2048,
+    spec = ClusterSpec(nodes=3, coordinators=1, data_dir=data, port=0, device="cpu", num_blocks=2048,
                        lease_ttl_s=2,
                        checkpoint_interval_s=1.0, log_dir=data / "logs")
     with LocalCluster(spec) as c:

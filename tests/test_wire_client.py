@@ -111,3 +111,30 @@ def test_tls_end_to_end(engine, tmp_path):
         no_retry = RetryPolicy(attempts=1)
         with Client(srv.address, retry=no_retry, timeout=2) as plain:
             assert not plain.process_request({"text": "x"})["success"]
+
+
+def test_several_addresses_fail_over_to_the_one_that_serves(engine):
+    dead = f"127.0.0.1:{free_port()}"
+    no_wait = RetryPolicy(attempts=1, initial_s=5.0, max_s=5.0, jitter_s=0.0)
+    with BackgroundServer(engine, settings()) as srv:
+        # one round over both addresses: the dead one first, the live one at once after it
+        with Client(f"{dead},{srv.address}", retry=no_wait, timeout=5) as c:
+            started = time.monotonic()
+            assert c.process_request({"text": "hi", "max_length": 2})["success"]
+            assert time.monotonic() - started < 4  # no backoff wait between addresses
+            assert c.address == srv.address  # it stays on the one that answered
+            assert c.health()["healthy"]
+        with Client([dead, dead], retry=no_wait, timeout=2) as c:
+            assert c.process_request({"text": "hi"})["error_code"] == "UNAVAILABLE"
+    with pytest.raises(ValueError, match="address must name at least one HOST:PORT"):
+        Client(" , ")
+
+
+async def test_async_client_fails_over_too(engine):
+    dead = f"127.0.0.1:{free_port()}"
+    with BackgroundServer(engine, settings()) as srv:
+        async with AsyncClient([dead, srv.address], retry=RetryPolicy(attempts=1),
+                               timeout=5) as c:
+            r = await c.process_request({"text": "hi", "max_length": 2})
+            chunks = [ch async for ch in c.stream({"text": "hi", "max_length": 2})]
+        assert r["success"] and chunks[-1].finished and c.address == srv.address
