@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh tests    # GPU tests: attention kernels, fused kernels, parity on CUDA
 #   bash benchmarks/gpu_session.sh decode   # llama-1b decode by steps per round, fused kernels off and on
 #   bash benchmarks/gpu_session.sh full     # bench_gpu.py on llama-1b and llama-8b (~7 min) + plot
+#   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
@@ -42,8 +43,12 @@ case "${1:-}" in
       2>&1 | tee "$ULTRAKV_RESULTS_DIR/gpu_bench.log"
     for f in "$ULTRAKV_RESULTS_DIR"/gpu_*.json; do python benchmarks/plot_gpu.py "$f" || true; done
     ;;
+  serving)
+    python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 64 --turns 3 \
+      --concurrency 64 --rates 8 32 --quiet 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving" >&2
     exit 2
     ;;
 esac
