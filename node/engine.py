@@ -70,6 +70,20 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def zeroed_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV tensor. On CPU its memory comes from calloc (through numpy), whose
+    zero pages the kernel maps on first touch: writing zeros into a whole pool up front took
+    1-3 s of a node's start (256 MiB by default), and a pool's unused blocks need no memory."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = dtype.itemsize
+    for dim in shape:
+        nbytes *= dim
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class Engine:
     """One node's inference engine. See the module docstring."""
 
@@ -94,18 +108,8 @@ class Engine:
         mc = self.model_config
         bs = config.block_size
         self.num_blocks = config.num_blocks or self._blocks_from_memory()
-        self.kv_caches = [
-            torch.zeros(
-                2,
-                self.num_blocks,
-                bs,
-                mc.num_key_value_heads,
-                mc.head_dim,
-                dtype=self.dtype,
-                device=self.device,
-            )
-            for _ in range(mc.num_hidden_layers)
-        ]
+        shape = (2, self.num_blocks, bs, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches = [zeroed_kv(shape, self.dtype, self.device) for _ in range(mc.num_hidden_layers)]
         self.pool = BlockPool(self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching)
         limit = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.max_model_len = min(limit, self.num_blocks * bs)

@@ -192,7 +192,10 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An explicit weight skips nn.Embedding's normal_ init, which on the meta device
+        # imports torch._dynamo (1-3 s of a node's start); the loader fills every weight anyway.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(
             DecoderLayer(config, backend) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

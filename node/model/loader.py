@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from ultrakv.node.attention.base import AttentionBackend
 from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.llama import LlamaForCausalLM
@@ -56,7 +57,16 @@ def build_empty_model(config: ModelConfig, attn: AttentionBackend, dtype: torch.
     """The model with uninitialised parameters allocated once, directly in dtype on device."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, attn)
-    model = model.to(dtype).to_empty(device=device)
+    # Parameter by parameter rather than `to_empty`: its meta-device path imports
+    # torch.fx's symbolic shapes and sympy, half a second of every node's start.
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(
+                torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False))
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, torch.empty(
+                buf.shape, dtype=dtype if buf.is_floating_point() else buf.dtype, device=device),
+                persistent=name not in module._non_persistent_buffers_set)
     model.rotary.cos_sin(device)  # build the RoPE tables now, not inside the first step
     return model.eval().requires_grad_(False)
 
