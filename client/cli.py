@@ -27,13 +27,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-from ultrakv.client.client import DEFAULT_ADDRESS, Client, RequestError, TLSConfig
-from ultrakv.client.config_file import PRESETS, NodeConfig, generate_config, load_config
+from ultrakv.cluster.addresses import DEFAULT_ADDRESS
 
 if TYPE_CHECKING:
+    from ultrakv.client.client import Client
+    from ultrakv.client.config_file import NodeConfig
     from ultrakv.node.agent import AgentSettings
+
+# Only the standard library loads at import: `ultrakv --help` and the client commands must
+# start fast, so gRPC, rich and the config machinery load inside the commands that use them,
+# and torch, triton and transformers only in the commands that run a model
+# (tests/test_cli_imports.py checks it).
 
 log = logging.getLogger("ultrakv.cli")
 
@@ -42,6 +46,8 @@ log = logging.getLogger("ultrakv.cli")
 
 
 def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
+    from ultrakv.client.config_file import NodeConfig, load_config
+
     config = load_config(args.config) if args.config else NodeConfig()
     engine = {"model": args.model, "device": args.device, "num_blocks": args.num_blocks,
               "num_scheduler_steps": args.num_scheduler_steps, "fused_kernels": args.fused_kernels}
@@ -172,6 +178,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         return _cmd_dynamic_config(args)
     if not args.generate:
         raise SystemExit("config: nothing to do (use --generate, set or show)")
+    from ultrakv.client.config_file import generate_config
+
     text = generate_config(args.preset)
     if args.output == "-":
         sys.stdout.write(text)
@@ -186,6 +194,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    from ultrakv.client.client import Client, TLSConfig
+
     tls = None
     if args.tls or args.tls_ca or args.tls_cert:
         tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert,
@@ -194,6 +204,8 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     spec = {"text": args.text, "max_length": args.max_length, "temperature": args.temperature,
             "session_id": args.session}
     out = Console(highlight=False)
@@ -218,6 +230,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"ultrakv @ {args.address}")
     for column in ("node", "address", "pid", "model", "sessions", "requests", "tokens out",
                    "cache hit", "blocks used", "queue", "TTFT p50 ms"):
@@ -349,6 +364,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.args])
 
 
+class _PresetNames:
+    """The config presets as argparse ``choices``, read from the config module only when the
+    `config` command's arguments are checked or its help is shown."""
+
+    def _names(self) -> tuple[str, ...]:
+        from ultrakv.client.config_file import PRESETS
+
+        return PRESETS
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ultrakv", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -445,7 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="with set")
     p.add_argument("--etcd", help="etcd HOST:PORT (with set/show)")
     p.add_argument("--generate", action="store_true")
-    p.add_argument("--preset", choices=PRESETS, default="development")
+    # metavar: argparse would otherwise list the choices (loading the config module) while
+    # building the parser, for every command
+    p.add_argument("--preset", choices=_PresetNames(), default="development", metavar="NAME",
+                   help="one of %(choices)s (default %(default)s)")
     p.add_argument("--output", default="ultrakv.yaml", help="file to write ('-' = stdout)")
     p.set_defaults(func=cmd_config)
     return parser
@@ -454,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ultrakv`` command."""
     args = build_parser().parse_args(argv)
+    from ultrakv.client.client import RequestError  # after parsing: --help needs no gRPC
+
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -29,10 +29,10 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ultrakv.cluster.addresses import DEFAULT_ADDRESS
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 _PRIORITIES = {"CRITICAL": pb.PRIORITY_CRITICAL, "HIGH": pb.PRIORITY_HIGH,
                "NORMAL": pb.PRIORITY_NORMAL, "LOW": pb.PRIORITY_LOW}
 _FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",

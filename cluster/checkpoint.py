@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.store import Delete, EtcdStore, Put, StoreError
 
@@ -36,7 +35,7 @@ log = logging.getLogger("ultrakv.cluster.checkpoint")
 
 CHECKPOINTS_PREFIX = "checkpoints/"
 _TXN_OPS = 100  # etcd refuses transactions of more than 128 operations by default
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names a checkpoint may hold
 
 
 def manifest_key(node_id: str) -> str:
@@ -154,6 +153,8 @@ def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
                             stem + ".history.json", _sha256(history))
     _write_atomic(directory / entry.history_file, history)
     if kv is not None:
+        import torch  # here, not at import: coordinators and client commands load this module
+
         data = kv.contiguous().view(torch.uint8).numpy().tobytes()
         entry = replace(entry, kv_file=stem + ".kv", kv_sha256=_sha256(data),
                         kv_tokens=state.kv_tokens)
@@ -192,7 +193,11 @@ def read_session(directory: Path, entry: CheckpointEntry) -> SessionState | None
     if data is None:
         log.warning("session %s: KV will be recomputed from its history", entry.session_id)
         return state
-    dtype = _DTYPES[h["kv_dtype"]]
+    if h["kv_dtype"] not in _DTYPES:
+        raise KeyError(f"kv_dtype must be one of {_DTYPES}, got {h['kv_dtype']!r}")
+    import torch  # here, not at import: coordinators and client commands load this module
+
+    dtype = getattr(torch, h["kv_dtype"])
     kv = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(h["kv_shape"])
     return replace(state, kv=kv, kv_tokens=int(h["kv_tokens"]))
 

@@ -12,7 +12,6 @@ import hashlib
 from collections.abc import Iterable, Iterator
 
 import grpc
-import torch
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import RequestRejected
 from ultrakv.v1 import node_pb2 as npb
@@ -33,6 +32,8 @@ def state_to_chunks(state: SessionState, chunk_bytes: int = DEFAULT_CHUNK_BYTES
     shape: list[int] = []
     dtype = ""
     if state.kv is not None:
+        import torch  # here, not at import: client commands and coordinators load this module
+
         kv = state.kv.detach().to("cpu").contiguous()
         data = kv.view(torch.uint8).numpy().tobytes() if kv.numel() else b""
         shape = list(kv.shape)
@@ -132,6 +133,8 @@ class StateAssembler:
             raise TransferError("session stream failed its overall sha256 check")
         kv = None
         if header.kv_dtype:
+            import torch  # here, not at import: client commands and coordinators load this module
+
             dtype = getattr(torch, header.kv_dtype, None)
             if not isinstance(dtype, torch.dtype):
                 raise TransferError(f"kv_dtype must be a torch dtype name, got {header.kv_dtype!r}")
