@@ -1,9 +1,9 @@
 """The ``ultrakv`` command line: run servers, talk to them, write config files.
 
     ultrakv serve [--nodes N] [--config FILE] [--model tiny|PATH] [--port 50051]
-                  [--data-dir DIR] [--etcd HOST:PORT] [--metrics-port PORT]
+                  [--http-port 8000] [--data-dir DIR] [--etcd HOST:PORT] [--metrics-port PORT]
     ultrakv node --model tiny|PATH --port P --device auto|cpu|cuda:N [--etcd HOST:PORT]
-    ultrakv coordinator --etcd HOST:PORT --port P [--metrics-port PORT]
+    ultrakv coordinator --etcd HOST:PORT --port P [--http-port 8000] [--metrics-port PORT]
     ultrakv drain NODE --etcd HOST:PORT
     ultrakv test --text "Hello" --max-length 50 [--session ID]
     ultrakv stats | health | clear-cache | sessions cleanup --max-age S
@@ -45,7 +45,8 @@ log = logging.getLogger("ultrakv.cli")
 # --- servers ---------------------------------------------------------------------------------
 
 
-def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
+def _node_config(args: argparse.Namespace, default_device: str,
+                 default_http_port: int = 0) -> NodeConfig:
     from ultrakv.client.config_file import NodeConfig, load_config
 
     config = load_config(args.config) if args.config else NodeConfig()
@@ -54,8 +55,10 @@ def _node_config(args: argparse.Namespace, default_device: str) -> NodeConfig:
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
-              "metrics_port": args.metrics_port,
+              "metrics_port": args.metrics_port, "http_port": args.http_port,
               "advertise_host": getattr(args, "advertise_host", None)}
+    if not args.config and args.http_port is None:
+        server["http_port"] = default_http_port
     return config.with_overrides(engine, server)
 
 
@@ -104,7 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {args.nodes}")
     if args.nodes == 1 and not args.etcd:  # one process serves the client API itself
-        return _run_node(_node_config(args, default_device="cpu"))
+        return _run_node(_node_config(args, default_device="cpu",
+                                      default_http_port=DEFAULT_HTTP_PORT))
     if args.metrics_port:  # one port cannot serve N node processes and a coordinator
         raise ValueError("--metrics-port needs --nodes 1 without --etcd; with more nodes "
                          "give each `ultrakv node` and `ultrakv coordinator` its own")
@@ -116,7 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir), model=args.model or "tiny",
         device=args.device or "auto", port=args.port or 50051, etcd=args.etcd or "",
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
-        fused_kernels=args.fused_kernels))
+        fused_kernels=args.fused_kernels,
+        http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port))
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -128,7 +133,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     settings = CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
                                    port=args.port or 50051,
-                                   metrics_port=args.metrics_port or 0)
+                                   metrics_port=args.metrics_port or 0,
+                                   http_port=args.http_port)
     asyncio.run(serve_coordinator(settings))
     log.info("stopped")
     return 0
@@ -340,6 +346,15 @@ def _metrics_option(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
 
 
+DEFAULT_HTTP_PORT = 8000  # where `serve` and `coordinator` answer OpenAI clients
+
+
+def _http_option(p: argparse.ArgumentParser, default: int | None, shown: str) -> None:
+    p.add_argument("--http-port", type=int, default=default, metavar="PORT",
+                   help="OpenAI-compatible API (/v1/...), /health and /metrics over HTTP "
+                        f"(0 = off; default {shown})")
+
+
 BENCH_SUITES = {
     "gpu": "bench_gpu.py",  # the issue-5 comparison against transformers (needs CUDA)
     "engine": "bench_engine.py",
@@ -395,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 2: clients given every address survive losing one)")
     p.add_argument("--etcd", help="etcd HOST:PORT (default: start an embedded one)")
     p.add_argument("--data-dir", default="ultrakv-data", help="etcd data and checkpoints")
+    _http_option(p, None, f"{DEFAULT_HTTP_PORT}, or the --config file's http_port")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("node", help="run one node server")
@@ -409,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise-host",
                    help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "
                         "the listen host, loopback for 0.0.0.0)")
+    _http_option(p, None, "off: clients reach nodes through a coordinator")
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("coordinator", help="run a coordinator (client API over the nodes)")
@@ -416,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
     _metrics_option(p)
+    _http_option(p, DEFAULT_HTTP_PORT, str(DEFAULT_HTTP_PORT))
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("drain", help="move a node's sessions away before it stops")

@@ -32,6 +32,7 @@ HELP: dict[str, dict[str, str]] = {
         "tls_key": "PEM private key",
         "metrics_port": "Prometheus /metrics HTTP port (0 = off)",
         "advertise_host": "host others dial to reach this node (empty = derived from host)",
+        "http_port": "OpenAI-compatible API, /health and /metrics over HTTP (0 = off)",
     },
     "limits": {
         "default_max_length": "new tokens when a request sets no max_length",

@@ -48,6 +48,7 @@ class ClusterSpec:
     model: str = "tiny"
     device: str = "auto"  # auto: one node per GPU (round robin) when there are GPUs, else CPU
     port: int = 50051  # the first coordinator's; the i-th listens on port + i; 0 picks free ones
+    http_port: int = 0  # the first coordinator's OpenAI-compatible API, the i-th's http_port + i; 0 = off
     etcd: str = ""
     num_blocks: int | None = None
     num_scheduler_steps: int | None = None
@@ -216,7 +217,8 @@ class LocalCluster:
             raise ValueError(f"coordinator must be coordinator-1..coordinator-"
                              f"{len(self.coordinator_ports)}, got {name!r}")
         self._add(name, _cli("coordinator", "--etcd", self.etcd_endpoint, "--host", "127.0.0.1",
-                             "--port", str(self.coordinator_ports[index])))
+                             "--port", str(self.coordinator_ports[index]),
+                             "--http-port", str(self.spec.http_port + index if self.spec.http_port else 0)))
 
     def wait_ready(self, nodes: int, timeout_s: float | None = None) -> None:
         """Wait until every running coordinator answers and lists ``nodes`` nodes."""

@@ -56,6 +56,7 @@ class NodeRecord:
     kv_capacity_blocks: int = 0
     state: NodeState = NodeState.JOINING
     started_at: float = field(default_factory=time.time)
+    model: str = ""  # the served model's name, as the OpenAI API lists it
 
     def __post_init__(self) -> None:
         if not self.id or "/" in self.id:
@@ -87,6 +88,7 @@ class NodeRecord:
                 kv_capacity_blocks=int(d.get("kv_capacity_blocks", 0)),
                 state=NodeState(d.get("state", "joining")),
                 started_at=float(d.get("started_at", 0.0)),
+                model=str(d.get("model", "")),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"malformed node record: {e!r}") from e

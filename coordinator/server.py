@@ -40,6 +40,7 @@ from ultrakv.cluster.membership import (
     NodeState,
 )
 from ultrakv.cluster.metrics_http import serve_metrics
+from ultrakv.cluster.openai_api import ApiHost, HttpServer
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import (
     EmptyRingError,
@@ -90,6 +91,7 @@ class CoordinatorSettings:
     limits: Limits = field(default_factory=Limits)
     grace_period_s: float = 2.0
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
+    http_port: int = 0  # the OpenAI-compatible API, /health and /metrics; 0 = off
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -209,6 +211,11 @@ class ClusterBackend:
         self._queued: dict[str, tuple[Move, HashRing]] = {}  # planned, not started
         self._tasks: list[asyncio.Task] = []
         self.counters = CoordinatorCounters()
+
+    def models(self) -> list[str]:
+        """Names of the models the serving nodes run (what the OpenAI API lists)."""
+        return sorted({r.model for r in self.members.values()
+                       if r.model and r.state is NodeState.SERVING})
 
     @property
     def pending_moves(self) -> int:
@@ -368,10 +375,15 @@ class ClusterBackend:
                                   retry_after_s=1.0)
         if request.HasField("session_id"):
             return self.ring.lookup(request.session_id)
-        if request.WhichOneof("prompt") == "token_ids":
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
             key = route_key_for_prompt(request.token_ids.ids, self.settings.block_size)
         else:
-            head = list(request.text.encode("utf-8")[:PREFIX_ROUTE_BYTES]) or [0]
+            text = request.text
+            if kind == "messages" and request.messages.messages:  # chats sharing a system prompt meet
+                first = request.messages.messages[0]
+                text = f"{first.role}\n{first.content}"
+            head = list(text.encode("utf-8")[:PREFIX_ROUTE_BYTES]) or [0]
             key = route_key_for_prompt(head, PREFIX_ROUTE_BYTES)
         return bounded_lookup(self.ring, key, self.inflight, self.settings.load_eps)
 
@@ -589,10 +601,18 @@ class CoordinatorServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
+        self.http: HttpServer | None = None
 
     @property
     def address(self) -> str:
         return f"{dial_host(self.settings.host)}:{self.port}"
+
+    def _not_ready(self) -> str | None:
+        if self._server is None:
+            return "the coordinator is not serving (starting or stopping)"
+        if not len(self.backend.ring):
+            return "no node is serving: the routing ring is empty"
+        return None
 
     async def start(self) -> int:
         """Join the cluster view, then listen; returns the bound port."""
@@ -612,22 +632,37 @@ class CoordinatorServer:
         self._server = server
         for name in ("", ULTRAKV_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        registry = CollectorRegistry()  # own registry: several servers in one process
+        registry.register(CoordinatorCollector(self.backend))
         if self.settings.metrics_port:
-            registry = CollectorRegistry()  # own registry: several servers in one process
-            registry.register(CoordinatorCollector(self.backend))
             self._metrics_http = serve_metrics(self.settings.metrics_port, registry,
                                                self.settings.host)
+        if self.settings.http_port:
+            self.http = HttpServer(ApiHost(self.backend, self.settings.limits, self.backend.models,
+                                           self._not_ready, registry),
+                                   self.settings.host, self.settings.http_port,
+                                   self.settings.grace_period_s)
+            try:
+                await self.http.start()
+            except OSError:
+                await self.stop()
+                raise
+            log.info("OpenAI-compatible API on http://%s:%d/v1", dial_host(self.settings.host),
+                     self.http.port)
         return self.port
 
     async def stop(self) -> None:
+        server, self._server = self._server, None  # /health answers 503 from here on
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-        if self._server is not None:
+        if server is not None:
             await self.health.enter_graceful_shutdown()
-            await self._server.stop(self.settings.grace_period_s)
-            self._server = None
+            await server.stop(self.settings.grace_period_s)
         await self.backend.stop()
 
 

@@ -105,7 +105,7 @@ class NodeAgent:
             id=self.node_id, address=self.server.address, pid=os.getpid(),
             devices=(str(getattr(self.engine, "device", "cpu")),),
             kv_capacity_blocks=int(getattr(getattr(self.engine, "pool", None), "num_blocks", 0)),
-            state=NodeState.SERVING)
+            state=NodeState.SERVING, model=str(getattr(self.engine, "model_name", "")))
         self.registration = NodeRegistration(self.store, record, self.settings.lease_ttl_s)
         await self.registration.register()
         self.server.backend.on_turn_complete = self.replicator.on_turn_complete

@@ -293,7 +293,10 @@ class Engine:
         if request.session_id is not None:
             history, earlier = self.sessions.history(request.session_id), self.sessions.conversation(request.session_id)
         result = _Prompt(history, len(history))
-        if messages is not None:
+        if request.full_context:
+            # The prompt is the whole conversation: the history only tells what is cached.
+            result = self._full_context_prompt(history, prompt if messages is None else messages)
+        elif messages is not None:
             result = self._chat_prompt(history, earlier, messages)
         elif isinstance(prompt, str):
             result.tokens = history + (self.tokenizer.encode(prompt, add_bos=not history) if prompt else [])
@@ -310,14 +313,24 @@ class Engine:
             )
         return result
 
-    def _chat_prompt(self, history: list[int], earlier: list[ChatMessage], new: list[ChatMessage]) -> _Prompt:
+    def _full_context_prompt(self, history: list[int], prompt: str | list[int] | list[ChatMessage]) -> _Prompt:
+        """Tokens for a prompt that holds the whole conversation (an OpenAI-style client resends
+        it each turn); the part that repeats the session's history is its cached prefix."""
+        if is_chat(prompt):
+            return self._chat_prompt(history, [], prompt, whole=True)
+        tokens = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+        return _Prompt(tokens, _common_prefix(history, tokens))
+
+    def _chat_prompt(self, history: list[int], earlier: list[ChatMessage], new: list[ChatMessage],
+                     whole: bool = False) -> _Prompt:
         """Tokens for a chat turn: the whole conversation rendered, of which only what follows
         the session's tokens is tokenized (so only that is prefilled). Templates put their own
-        BOS in the text, hence add_bos=False, as transformers' apply_chat_template does."""
+        BOS in the text, hence add_bos=False, as transformers' apply_chat_template does.
+        ``whole``: ``new`` is the whole conversation, not the messages after the session's."""
         template, tok = self.tokenizer.chat_template, self.tokenizer
         conversation = earlier + new
         try:
-            if history and not earlier:  # a session of text or token turns: chat continues it
+            if history and not earlier and not whole:  # a session of text or token turns: chat continues it
                 return _Prompt(history + tok.encode(template.render(new), add_bos=False), len(history), conversation)
             text = template.render(conversation)
         except ValueError as exc:

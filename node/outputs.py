@@ -19,7 +19,10 @@ class GenerateRequest:
     ``prompt`` is text, token ids or chat messages (rendered with the model's chat template,
     ending by opening the assistant's turn). With a ``session_id`` it is the *new* part of
     the conversation: the engine appends it to the session's history and generates from there;
-    for messages, only the new messages (the session remembers the conversation).
+    for messages, only the new messages (the session remembers the conversation). With
+    ``full_context`` the prompt is instead the whole conversation (as OpenAI clients send it):
+    the session's history only supplies the cached prefix, and the turn leaves the session
+    holding prompt + output.
     ``tenant`` salts prefix hashes so tenants never share cached blocks.
     ``deadline`` is a ``time.monotonic()`` instant after which the request is aborted.
     """
@@ -31,6 +34,7 @@ class GenerateRequest:
     priority: Priority = Priority.NORMAL
     tenant: str = ""
     deadline: float | None = None
+    full_context: bool = False
 
 
 @dataclass

@@ -29,6 +29,7 @@ from prometheus_client.registry import CollectorRegistry
 from ultrakv.cluster.addresses import dial_host
 from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
 from ultrakv.cluster.metrics_http import serve_metrics
+from ultrakv.cluster.openai_api import ApiHost, HttpServer
 from ultrakv.cluster.service import (
     DEFAULT_FLUSH_INTERVAL_S,
     ULTRAKV_SERVICE,
@@ -94,7 +95,7 @@ def engine_request(request: pb.GenerateRequest, deadline: float | None) -> Gener
         prompt=prompt, sampling=SamplingParams(**params),
         session_id=request.session_id if request.HasField("session_id") else None,
         request_id=request.request_id, priority=Priority[PRIORITY_NAMES[request.priority]],
-        tenant=request.tenant, deadline=deadline)
+        tenant=request.tenant, deadline=deadline, full_context=request.full_context)
 
 
 def result_message(output: RequestOutput, node_id: str) -> pb.GenerateResult:
@@ -362,6 +363,7 @@ class ServerSettings:
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
     # The host peers and coordinators dial (e.g. a pod's DNS name); "" = derived from host.
     advertise_host: str = ""
+    http_port: int = 0  # the OpenAI-compatible API, /health and /metrics; 0 = off
 
 
 class NodeServer:
@@ -379,12 +381,16 @@ class NodeServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
+        self.http: HttpServer | None = None
 
     @property
     def address(self) -> str:
         """Where others dial this server (registered in etcd as the node's address)."""
         host = self.settings.advertise_host or dial_host(self.settings.host)
         return f"{host}:{self.port}"
+
+    def _not_ready(self) -> str | None:
+        return None if self._server is not None else "the node is not serving (starting or stopping)"
 
     async def start(self) -> int:
         """Bind and start; return the bound port (``port=0`` picks a free one)."""
@@ -413,24 +419,40 @@ class NodeServer:
         self.backend.identity.address = self.address
         for name in ("", ULTRAKV_SERVICE, NODE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        registry = CollectorRegistry()  # own registry: several servers in one process
+        registry.register(NodeCollector(self.engine, self.backend.identity.node_id))
         if self.settings.metrics_port:
-            registry = CollectorRegistry()  # own registry: several servers in one process
-            registry.register(NodeCollector(self.engine, self.backend.identity.node_id))
             self._metrics_http = serve_metrics(self.settings.metrics_port, registry,
                                                self.settings.host)
+        if self.settings.http_port:
+            model = str(getattr(self.engine, "model_name", ""))
+            self.http = HttpServer(ApiHost(self.backend, limits, lambda: [model], self._not_ready,
+                                           registry),
+                                   self.settings.host, self.settings.http_port,
+                                   self.settings.grace_period_s)
+            try:
+                await self.http.start()
+            except OSError:
+                await self.stop()
+                raise
+            log.info("OpenAI-compatible API on http://%s:%d/v1", dial_host(self.settings.host),
+                     self.http.port)
         return self.port
 
     async def stop(self) -> None:
         """Report NOT_SERVING, let running requests finish within the grace period, stop."""
+        server, self._server = self._server, None  # /health answers 503 from here on
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-        if self._server is None:
+        if server is None:
             return
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.settings.grace_period_s)
-        self._server = None
+        await server.stop(self.settings.grace_period_s)
 
     async def wait(self) -> None:
         if self._server is not None:
