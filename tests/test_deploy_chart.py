@@ -377,3 +377,47 @@ def test_kubectl_kustomize_builds_the_base(tmp_path: Path) -> None:
         assert len(objects) == kinds
     assert all(o["metadata"]["namespace"] == "llm" for o in objects)
     assert not [o for o in objects if o["kind"] == "Secret"]  # created by the operator
+
+
+# --- the renderer itself behaves as Helm's engine ----------------------------------------------
+
+
+def test_renderer_implements_helms_functions_and_objects(tmp_path: Path) -> None:
+    chart = tmp_path / "demo"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: demo\nversion: 1.2.3\n"
+                                      "appVersion: \"9.9\"\n")
+    (chart / "values.yaml").write_text("")
+    (chart / "values.schema.json").write_text("{}")
+    (chart / "templates" / "_helpers.tpl").write_text(
+        '{{- define "demo.name" -}}{{ .Release.Name }}-{{ .Chart.Name }}{{- end -}}')
+    (chart / "templates" / "empty.yaml").write_text("{{- if false }}x: 1{{ end }}\n")
+    (chart / "templates" / "cm.yaml").write_text("""\
+kind: ConfigMap
+metadata:
+  name: {{ include "demo.name" . | upper }}
+data:
+  ns: {{ .Release.Namespace }}
+  chart: "{{ .Chart.Version }}/{{ .Chart.AppVersion }}"
+  kube: "{{ .Capabilities.KubeVersion.Major }}.{{ .Capabilities.KubeVersion.Minor }}"
+  crd: "{{ .Capabilities.APIVersions.Has "example.com/v1" }}"
+  tpl: {{ tpl .Values.greeting . | quote }}
+  missing: "{{ .Values.nothing.here }}"
+  number: "{{ .Values.big }}"
+  yaml: |
+    {{- toYaml .Values.nested | nindent 4 }}
+""")
+    values = {"greeting": "hi {{ .Release.Name }}", "big": 2, "nested": {"b": [1, "x"], "a": True},
+              "nothing": {}}
+    out = helm_template.render(values, name="rel", namespace="ns1", chart=chart,
+                               api_versions=("example.com/v1",), kube_version="v1.31.2")
+    assert out.count("# Source: demo/templates/") == 1  # the empty template is left out
+    data = yaml.safe_load(out.split("\n", 2)[2])["data"]
+    assert yaml.safe_load(out.split("\n", 2)[2])["metadata"]["name"] == "REL-DEMO"
+    assert data == {"ns": "ns1", "chart": "1.2.3/9.9", "kube": "1.31", "crd": "true",
+                    "tpl": "hi rel", "missing": "", "number": "2",
+                    "yaml": "a: true\nb:\n- 1\n- x\n"}
+
+    (chart / "templates" / "req.yaml").write_text('x: {{ required "x.y is required" .Values.y }}')
+    with pytest.raises(RuntimeError, match="x.y is required"):
+        helm_template.render(values, chart=chart)

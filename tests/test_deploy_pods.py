@@ -281,3 +281,44 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
         for p in reversed(pods):
             p.stop()
     print(yaml.safe_dump({"ports": {p.name: p.ports for p in pods}}))
+
+
+async def test_node_is_ready_only_on_the_ring_and_advertises_its_pod_name(etcd, store) -> None:
+    """The readiness probe's health service ("ultrakv.ring") is SERVING only between joining
+    the ring and leaving it, while plain health (startup, liveness) is SERVING from the moment
+    the port opens; the registered address is the advertised host, not the bind address."""
+    from ultrakv.cluster.membership import NODES_PREFIX, NodeRecord
+    from ultrakv.node.agent import RING_HEALTH_SERVICE, AgentSettings, NodeAgent
+    from ultrakv.node.config import EngineConfig
+    from ultrakv.node.engine import Engine
+    from ultrakv.node.server import NodeServer, ServerSettings
+
+    async def status(server: NodeServer, service: str) -> int:
+        from ultrakv.client import AsyncClient
+
+        async with AsyncClient(f"127.0.0.1:{server.port}", timeout=5) as client:
+            return (await client.health(service))["status"]
+
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64))
+    server = NodeServer(engine, ServerSettings(
+        host="0.0.0.0", port=0, node_id="ultrakv-node-0",
+        advertise_host="ultrakv-node-0.ultrakv-node.default.svc.cluster.local"))
+    agent = None
+    try:
+        await server.start()
+        assert await status(server, "") == "SERVING"
+        assert await status(server, RING_HEALTH_SERVICE) == "NOT_FOUND"  # probe exits 1
+        agent = NodeAgent(engine, server, AgentSettings(etcd=etcd.endpoint, prefix=store.prefix))
+        await agent.start()
+        assert await status(server, RING_HEALTH_SERVICE) == "SERVING"
+        record = NodeRecord.from_json((await store.get(NODES_PREFIX + "ultrakv-node-0")).value)
+        assert record.address == \
+            f"ultrakv-node-0.ultrakv-node.default.svc.cluster.local:{server.port}"
+        await agent.stop()
+        agent = None
+        assert await status(server, RING_HEALTH_SERVICE) == "NOT_SERVING"
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await server.stop()
+        engine.shutdown()
