@@ -27,7 +27,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,6 +335,7 @@ _STATUS = {
     grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.CANCELLED: 499,  # nginx's "client closed request": nobody reads it
 }
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 409: "conflict_error",
@@ -550,29 +551,53 @@ def create_app(host: ApiHost) -> FastAPI:
         return JSONResponse(_model_card(model, host.started_at))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest,
+    async def completions(body: CompletionRequest, request: Request,
                           x_session_id: str | None = Header(default=None)) -> Response:
         session_id, session_field = session_for(x_session_id, body.user)
         model = _served_model(host, body.model)
         head = ResponseHead(id=f"cmpl-{uuid.uuid4().hex}", model=model)
         wire = completion_request(body, session_id)
-        return await _generate(host, wire, session_field, head, False, body.stream,
+        return await _generate(host, request, wire, session_field, head, False, body.stream,
                                body.stream_options)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest,
+    async def chat_completions(body: ChatCompletionRequest, request: Request,
                                x_session_id: str | None = Header(default=None)) -> Response:
         session_id, session_field = session_for(x_session_id, body.user)
         model = _served_model(host, body.model)
         head = ResponseHead(id=f"chatcmpl-{uuid.uuid4().hex}", model=model)
         wire = chat_request(body, session_id)
-        return await _generate(host, wire, session_field, head, True, body.stream,
+        return await _generate(host, request, wire, session_field, head, True, body.stream,
                                body.stream_options)
 
     return app
 
 
-async def _generate(host: ApiHost, wire: pb.GenerateRequest, session_field: str,
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client has gone (the body was read already, so the next ASGI message
+    is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result; cancelled (aborting the generation, freeing its blocks) when the
+    client disconnects first, since nobody would read the answer."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise RequestRejected(grpc.StatusCode.CANCELLED, "", "the client disconnected")
+    return task.result()
+
+
+async def _generate(host: ApiHost, request: Request, wire: pb.GenerateRequest, session_field: str,
                     head: ResponseHead, chat: bool, stream: bool,
                     stream_options: StreamOptions | None) -> Response:
     """Validate like gRPC does, run on the backend, answer as one body or as SSE."""
@@ -587,10 +612,14 @@ async def _generate(host: ApiHost, wire: pb.GenerateRequest, session_field: str,
         await events.aclose()
         raise openai_rejection(rejection_from_error(exc), session_field) from None
     if not stream:
-        async with contextlib.aclosing(events):
-            result = first
-            while not isinstance(result, pb.GenerateResult):
-                result = await _first_event(events)
+        async def finish() -> pb.GenerateResult:
+            async with contextlib.aclosing(events):
+                result = first
+                while not isinstance(result, pb.GenerateResult):
+                    result = await _first_event(events)
+                return result
+
+        result = await _unless_client_leaves(request, finish())
         return JSONResponse(chat_body(head, result) if chat else completion_body(head, result))
     include_usage = stream_options is not None and stream_options.include_usage
     return StreamingResponse(_sse_events(events, first, head, chat, include_usage),

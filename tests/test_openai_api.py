@@ -235,16 +235,32 @@ def test_too_long_prompt_is_400_before_the_stream_starts(base_url, engine):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
+def _aborted(engine: Engine) -> int:
+    return engine.stats()["requests"]["finished"].get("abort", 0)
+
+
+def _wait_aborted(engine: Engine, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while _aborted(engine) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _aborted(engine) == count
+    assert engine.stats()["requests"]["running"] == 0
+
+
 def test_client_leaving_a_stream_aborts_its_request(base_url, engine):
+    before = _aborted(engine)
     body = {"prompt": "Go on and on", "max_tokens": 2000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=60) as r:
         next(r.iter_lines())
-    deadline = time.monotonic() + 30
-    while engine.stats()["requests"]["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stats = engine.stats()
-    assert stats["requests"]["running"] == 0
-    assert stats["tokens"]["generated"] < 2000 + 1000  # it did not run to the end
+    _wait_aborted(engine, before + 1)
+
+
+def test_client_leaving_before_the_answer_aborts_its_request(base_url, engine):
+    before = _aborted(engine)
+    body = {"prompt": "Go on and on", "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base_url + "/v1/completions", json=body, timeout=0.3)
+    _wait_aborted(engine, before + 1)
 
 
 def test_health_and_metrics_on_the_http_port(base_url, oai):
