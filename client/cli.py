@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ultrakv.cluster.addresses import DEFAULT_ADDRESS
+from ultrakv.cluster.addresses import DEFAULT_ADDRESS, DEFAULT_PORT
 
 if TYPE_CHECKING:
     from ultrakv.client.client import Client
@@ -63,6 +63,12 @@ def _node_config(args: argparse.Namespace, default_device: str,
 
 
 def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
+    from ultrakv.cluster.addresses import ensure_port_free
+
+    # A taken port fails now, naming its holder, not after the model has loaded.
+    ensure_port_free(config.server.host, config.server.port, "ultrakv node")
+    if config.server.http_port:
+        ensure_port_free(config.server.host, config.server.http_port, "HTTP API")
     from ultrakv.node.engine import Engine
     from ultrakv.node.server import NodeServer, serve_until_signalled
 
@@ -118,7 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_cluster(ClusterSpec(
         nodes=args.nodes, coordinators=args.coordinators, restart=RestartPolicy(),
         data_dir=Path(args.data_dir), model=args.model or "tiny",
-        device=args.device or "auto", port=args.port or 50051, etcd=args.etcd or "",
+        device=args.device or "auto", port=DEFAULT_PORT if args.port is None else args.port,
+        etcd=args.etcd or "",
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
         fused_kernels=args.fused_kernels,
         http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port))
@@ -132,7 +139,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from ultrakv.coordinator.server import CoordinatorSettings, serve_coordinator
 
     settings = CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
-                                   port=args.port or 50051,
+                                   port=DEFAULT_PORT if args.port is None else args.port,
                                    metrics_port=args.metrics_port or 0,
                                    http_port=args.http_port)
     asyncio.run(serve_coordinator(settings))
@@ -330,7 +337,7 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--model", help="tiny|llama-1b|llama-8b or a Hugging Face checkpoint dir")
     p.add_argument("--device", help="auto, cpu or cuda:N")
     p.add_argument("--host", help="listen address (default from config, 0.0.0.0)")
-    p.add_argument("--port", type=int, help=f"gRPC port (default {port_default})")
+    p.add_argument("--port", type=_port, help=f"gRPC port (default {port_default}; 0 = pick a free one)")
     p.add_argument("--node-id", help="this node's name (default generated)")
     p.add_argument("--num-blocks", type=int, help="KV pool size in blocks")
     p.add_argument("--num-scheduler-steps", type=int, metavar="K",
@@ -341,8 +348,26 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     _metrics_option(p)
 
 
+def _port(text: str, zero: str = "pick a free one") -> int:
+    """argparse type of a TCP port: the error names the range (1-65535, or 0)."""
+    from ultrakv.cluster.addresses import validate_port
+
+    try:
+        port: int | str = int(text)
+    except ValueError:
+        port = text
+    try:
+        return validate_port(port, zero=zero)  # type: ignore[arg-type]
+    except ValueError as exc:  # names the range and what was given
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port_or_off(text: str) -> int:
+    return _port(text, zero="off")
+
+
 def _metrics_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics-port", type=int,
+    p.add_argument("--metrics-port", type=_port_or_off,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
 
 
@@ -350,7 +375,7 @@ DEFAULT_HTTP_PORT = 8000  # where `serve` and `coordinator` answer OpenAI client
 
 
 def _http_option(p: argparse.ArgumentParser, default: int | None, shown: str) -> None:
-    p.add_argument("--http-port", type=int, default=default, metavar="PORT",
+    p.add_argument("--http-port", type=_port_or_off, default=default, metavar="PORT",
                    help="OpenAI-compatible API (/v1/...), /health and /metrics over HTTP "
                         f"(0 = off; default {shown})")
 
@@ -431,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinator", help="run a coordinator (client API over the nodes)")
     p.add_argument("--etcd", required=True, help="etcd HOST:PORT")
     p.add_argument("--host", help="listen address (default 0.0.0.0)")
-    p.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    p.add_argument("--port", type=_port, help="gRPC port (default 50051; 0 = pick a free one)")
     _metrics_option(p)
     _http_option(p, DEFAULT_HTTP_PORT, str(DEFAULT_HTTP_PORT))
     p.set_defaults(func=cmd_coordinator)

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ultrakv.client.supervision import RestartBudget, RestartPolicy
+from ultrakv.cluster.addresses import MAX_PORT, ensure_port_free, validate_port
 from ultrakv.cluster.etcd_server import EmbeddedEtcd, EtcdStartError, _die_with_parent, free_port
 from ultrakv.cluster.store import EtcdStore
 
@@ -65,6 +66,10 @@ class ClusterSpec:
             raise ValueError(f"nodes must be >= 1, got {self.nodes}")
         if self.coordinators < 1:
             raise ValueError(f"coordinators must be >= 1, got {self.coordinators}")
+        validate_port(self.port)
+        if self.port and self.port + self.coordinators - 1 > MAX_PORT:
+            raise ValueError(f"port must leave room for {self.coordinators} coordinators "
+                             f"(port..port+{self.coordinators - 1} <= {MAX_PORT}), got {self.port}")
         self.data_dir = Path(self.data_dir)
 
 
@@ -161,6 +166,8 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         """Start etcd (unless given), the nodes and the coordinators; wait until every node
         serves through the first coordinator; then supervise (with ``spec.restart``)."""
+        for i, port in enumerate(self.coordinator_ports):  # before anything starts
+            ensure_port_free("127.0.0.1", port, f"coordinator-{i + 1}")
         if not self.etcd_endpoint:
             self.etcd = EmbeddedEtcd(self.spec.data_dir / "etcd").start()
             self.etcd_endpoint = self.etcd.endpoint

@@ -31,7 +31,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.registry import CollectorRegistry
-from ultrakv.cluster.addresses import dial_host
+from ultrakv.cluster.addresses import (
+    GRPC_SERVER_OPTIONS,
+    PortInUseError,
+    dial_host,
+    ensure_port_free,
+    listen_address,
+    port_in_use_message,
+    validate_port,
+)
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.membership import (
     NODES_PREFIX,
@@ -614,20 +622,36 @@ class CoordinatorServer:
             return "no node is serving: the routing ring is empty"
         return None
 
+    @property
+    def listen_address(self) -> str:
+        """The socket's own address (``0.0.0.0:PORT`` = every interface)."""
+        return listen_address(self.settings.host, self.port)
+
     async def start(self) -> int:
-        """Join the cluster view, then listen; returns the bound port."""
+        """Join the cluster view, then listen; returns the bound port. A taken port fails
+        first (:class:`PortInUseError` naming the holder), before etcd is contacted."""
+        validate_port(self.settings.port)
+        validate_port(self.settings.metrics_port, "metrics_port", zero="off")
+        ensure_port_free(self.settings.host, self.settings.port, "coordinator")
+        if self.settings.metrics_port:
+            ensure_port_free(self.settings.host, self.settings.metrics_port, "metrics endpoint")
+        validate_port(self.settings.http_port, "http_port", zero="off")
+        if self.settings.http_port:
+            ensure_port_free(self.settings.host, self.settings.http_port, "HTTP API")
         await self.backend.start()
-        server = grpc.aio.server(interceptors=self.interceptors)
+        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=self.interceptors)
         add_servicer(server, UltraKVServicer(self.backend, self.settings.limits),
                      ULTRAKV_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.port}"
-        self.port = server.add_insecure_port(bind)
-        if self.port == 0:
+        try:
+            self.port = server.add_insecure_port(bind)
+        except RuntimeError:  # taken between the check and the bind
             await self.backend.stop()
-            raise OSError(f"port must be free to bind, could not bind {bind}")
+            raise PortInUseError(port_in_use_message(self.settings.host, self.settings.port,
+                                                     "coordinator")) from None
         await server.start()
         self._server = server
         for name in ("", ULTRAKV_SERVICE):
@@ -674,7 +698,8 @@ async def serve_coordinator(settings: CoordinatorSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("coordinator serving on %s (etcd %s)", server.address, settings.etcd)
+    log.info("coordinator listening on %s (clients dial %s; etcd %s)", server.listen_address,
+             server.address, settings.etcd)
     await stop.wait()
     await server.stop()
 

@@ -26,7 +26,15 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.registry import CollectorRegistry
-from ultrakv.cluster.addresses import dial_host
+from ultrakv.cluster.addresses import (
+    GRPC_SERVER_OPTIONS,
+    PortInUseError,
+    dial_host,
+    ensure_port_free,
+    listen_address,
+    port_in_use_message,
+    validate_port,
+)
 from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
 from ultrakv.cluster.metrics_http import serve_metrics
 from ultrakv.cluster.openai_api import ApiHost, HttpServer
@@ -392,10 +400,25 @@ class NodeServer:
     def _not_ready(self) -> str | None:
         return None if self._server is not None else "the node is not serving (starting or stopping)"
 
+    @property
+    def listen_address(self) -> str:
+        """The socket's own address (``0.0.0.0:PORT`` = every interface)."""
+        return listen_address(self.settings.host, self.port)
+
     async def start(self) -> int:
-        """Bind and start; return the bound port (``port=0`` picks a free one)."""
+        """Bind and start; return the bound port (``port=0`` picks a free one). Raises
+        :class:`PortInUseError` naming the holder when the port is taken."""
+        validate_port(self.settings.port)
+        validate_port(self.settings.metrics_port, "metrics_port", zero="off")
+        ensure_port_free(self.settings.host, self.settings.port, "node server")
+        if self.settings.metrics_port:
+            ensure_port_free(self.settings.host, self.settings.metrics_port, "metrics endpoint")
+        validate_port(self.settings.http_port, "http_port", zero="off")
+        if self.settings.http_port:
+            ensure_port_free(self.settings.host, self.settings.http_port, "HTTP API")
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
-                   ("grpc.max_send_message_length", self.settings.max_message_bytes)]
+                   ("grpc.max_send_message_length", self.settings.max_message_bytes),
+                   *GRPC_SERVER_OPTIONS]
         server = grpc.aio.server(options=options, interceptors=self.interceptors)
         limits = self.settings.limits
         flush = self.settings.stream_flush_interval_s
@@ -406,14 +429,16 @@ class NodeServer:
             (ULTRAKV_SERVICE, NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
             server)
         bind = f"{self.settings.host}:{self.settings.port}"
+        creds = None
         if self.settings.tls_cert and self.settings.tls_key:
             with open(self.settings.tls_key, "rb") as k, open(self.settings.tls_cert, "rb") as c:
                 creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = server.add_secure_port(bind, creds)
-        else:
-            self.port = server.add_insecure_port(bind)
-        if self.port == 0:
-            raise OSError(f"port must be free to bind, could not bind {bind}")
+        try:
+            self.port = (server.add_secure_port(bind, creds) if creds is not None
+                         else server.add_insecure_port(bind))
+        except RuntimeError:  # taken between the check and the bind
+            raise PortInUseError(port_in_use_message(self.settings.host, self.settings.port,
+                                                     "node server")) from None
         await server.start()
         self._server = server
         self.backend.identity.address = self.address
@@ -466,8 +491,9 @@ async def serve_until_signalled(server: NodeServer) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("node %s serving %s on %s", server.backend.identity.node_id,
-             getattr(server.engine, "model_name", "?"), server.address)
+    log.info("node %s serving %s, listening on %s (clients dial %s)",
+             server.backend.identity.node_id, getattr(server.engine, "model_name", "?"),
+             server.listen_address, server.address)
     await stop.wait()
     log.info("stopping (grace %.1fs)", server.settings.grace_period_s)
     await server.stop()
