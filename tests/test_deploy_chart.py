@@ -151,8 +151,9 @@ def test_cpu_only_nodes(cpu: list[dict]) -> None:
 
 def test_probes_in_three_stages(default: list[dict]) -> None:
     node = container(find(default, "StatefulSet", "node"), "node")
-    coord = container(find(default, "Deployment", "coordinator"), "coordinator")
-    for c in (node, coord):
+    grpc_coord = container(find(render({"coordinator": {"http": {"enabled": False}}}),
+                                "Deployment", "coordinator"), "coordinator")
+    for c in (node, grpc_coord):
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             command = c[probe]["exec"]["command"]
             assert command[:2] == ["ultrakv", "health"]
@@ -167,7 +168,12 @@ def test_probes_in_three_stages(default: list[dict]) -> None:
     # ...liveness is the cheap plain check, readiness waits for the ring.
     assert not any(a.startswith("--service") for a in node["livenessProbe"]["exec"]["command"])
     assert "--service=ultrakv.ring" in node["readinessProbe"]["exec"]["command"]
-    assert "--service=ultrakv.v1.UltraKV" in coord["readinessProbe"]["exec"]["command"]
+    assert "--service=ultrakv.v1.UltraKV" in grpc_coord["readinessProbe"]["exec"]["command"]
+    # With the HTTP port (the default), coordinators are probed with plain GETs.
+    coord = container(find(default, "Deployment", "coordinator"), "coordinator")
+    assert coord["startupProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    assert coord["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    assert coord["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
 
 
 def test_drain_in_prestop_and_grace_period(default: list[dict]) -> None:
@@ -291,17 +297,25 @@ def test_data_volume_claim_or_empty_dir(default: list[dict]) -> None:
     assert {"name": "data", "emptyDir": {}} in pod_spec(ephemeral)["volumes"]
 
 
-def test_coordinator_service_ports_and_ingress() -> None:
-    objects = render({"coordinator": {"http": {"enabled": True},
-                                      "ingress": {"enabled": True, "backend": "http"}}})
-    service = find(objects, "Service", "ultrakv")
+def test_coordinator_service_ports_and_ingress(default: list[dict]) -> None:
+    service = find(default, "Service", "ultrakv")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == \
         {"grpc": 50051, "http": 8000, "metrics": 9090}
-    args = container(find(objects, "Deployment", "coordinator"), "coordinator")["args"]
+    args = container(find(default, "Deployment", "coordinator"), "coordinator")["args"]
     assert "--http-port=8000" in args
-    ingress = find(objects, "Ingress")
+    assert not [o for o in default if o["kind"] == "Ingress"]
+
+    grpc_only = render({"coordinator": {"http": {"enabled": False}}})
+    ports = {p["name"] for p in find(grpc_only, "Service", "ultrakv")["spec"]["ports"]}
+    assert ports == {"grpc", "metrics"}
+    args = container(find(grpc_only, "Deployment", "coordinator"), "coordinator")["args"]
+    assert "--http-port=0" in args  # the coordinator's own default would open 8000
+
+    ingress = find(render({"coordinator": {"ingress": {"enabled": True}}}), "Ingress")
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": "ultrakv", "port": {"name": "http"}}
+    with pytest.raises(RuntimeError, match="needs coordinator.http.enabled"):
+        render({"coordinator": {"http": {"enabled": False}, "ingress": {"enabled": True}}})
 
 
 def test_external_etcd(default: list[dict]) -> None:

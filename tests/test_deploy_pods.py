@@ -11,6 +11,7 @@ ConfigMap and Secret written as files), running probes and the preStop hook.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +109,14 @@ class Pod:
                               capture_output=True, text=True,
                               timeout=max(probe.get("timeoutSeconds", 0), 120))
 
+    def probe(self, name: str) -> bool:
+        """Run the container's probe ``name`` (exec or httpGet) once: did it pass?"""
+        probe = self.spec[name]
+        if "httpGet" in probe:
+            return 200 <= self.http_probe(probe) < 400
+        done = self.exec_probe(probe)
+        return done.returncode == 0
+
     def http_probe(self, probe: dict[str, Any]) -> int:
         get = probe["httpGet"]
         port = next(p["containerPort"] for p in self.spec["ports"] if p["name"] == get["port"])
@@ -114,6 +124,8 @@ class Pod:
         try:
             with urllib.request.urlopen(url, timeout=probe.get("timeoutSeconds", 1)) as r:
                 return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
         except OSError:
             return 0
 
@@ -225,14 +237,13 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
 
         wait_for("nodes on the ring", lambda: all(grpc_serving(grpc(n), "ultrakv.ring")
                                                   for n in nodes), pods)
-        wait_for("coordinators serving", lambda: all(grpc_serving(grpc(c), "ultrakv.v1.UltraKV")
-                                                     for c in coordinators), pods)
+        wait_for("coordinators ready", lambda: all(c.probe("readinessProbe")
+                                                   for c in coordinators), pods)
         # Once ready, every probe command of the manifests succeeds (pods of one workload
         # share their probes: one of each kind is enough).
         for p in (nodes[0], coordinators[0]):
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                done = p.exec_probe(p.spec[probe])
-                assert done.returncode == 0, (p.name, probe, done.stdout, done.stderr)
+                assert p.probe(probe), (p.name, probe)
 
         # The node id is the pod name; coordinators route over both nodes.
         wait_for("both nodes routed", lambda: len({n["node_id"] for n in Client(
@@ -267,7 +278,17 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
                 assert r["success"] and r["node"] == nodes[1].name, r
                 assert r["cache_hit"], (sid, owner, r)  # the history came along
         remaining = nodes[1]
-        assert remaining.exec_probe(remaining.spec["readinessProbe"]).returncode == 0
+        assert remaining.probe("readinessProbe")
+
+        # The Service's HTTP port: the OpenAI-compatible API of a coordinator.
+        http = f"http://127.0.0.1:{coordinators[1].ports[8000]}"
+        with urllib.request.urlopen(f"{http}/v1/models", timeout=30) as r:
+            model = json.load(r)["data"][0]["id"]
+        body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 4}).encode()
+        request = urllib.request.Request(f"{http}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.load(r)["usage"]["completion_tokens"] >= 1
 
         # The manifests' metrics ports answer, with every series the dashboard and the alert
         # rules query (after the drain, so session moves have been counted too).
