@@ -12,7 +12,12 @@ install:
 proto:
 	$(PY) proto/generate.py
 
+# The fast suite: everything but the multi-process cluster tests (real etcd, several
+# servers), a few minutes on 2 cores. `make test-all` runs everything, as CI does.
 test:
+	$(PY) -m pytest -q -m "not cluster"
+
+test-all:
 	$(PY) -m pytest -q
 
 lint:

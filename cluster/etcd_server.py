@@ -84,7 +84,7 @@ class EmbeddedEtcd:
         client_port: int | None = None,
         peer_port: int | None = None,
         name: str = "ultrakv",
-        startup_timeout_s: float = 20.0,
+        startup_timeout_s: float = 60.0,  # generous: a loaded machine starts etcd slowly
     ):
         self.host = "127.0.0.1"
         self.data_dir = Path(data_dir)

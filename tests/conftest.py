@@ -32,5 +32,6 @@ async def store(etcd) -> AsyncIterator:
     """A client on ``etcd`` with a fresh key prefix, so tests sharing the server stay independent."""
     from ultrakv.cluster.store import EtcdStore
 
-    async with EtcdStore(etcd.endpoint, prefix=f"/t-{uuid.uuid4().hex[:8]}/") as s:
+    # A generous call timeout: on a loaded CI machine etcd's first answers can take seconds.
+    async with EtcdStore(etcd.endpoint, prefix=f"/t-{uuid.uuid4().hex[:8]}/", timeout_s=30) as s:
         yield s

@@ -63,7 +63,7 @@ def test_retries_are_bounded():
         r = c.process_request({"text": "hi"})
         elapsed = time.monotonic() - started
     assert not r["success"] and r["error_code"] == "UNAVAILABLE"
-    assert 0.1 <= elapsed < 5  # two backoff waits (0.05 + 0.1), then give up
+    assert 0.1 <= elapsed < 60  # two backoff waits (0.05 + 0.1), then give up (not forever)
 
 
 async def test_async_client_retries_are_bounded():
@@ -115,13 +115,13 @@ def test_tls_end_to_end(engine, tmp_path):
 
 def test_several_addresses_fail_over_to_the_one_that_serves(engine):
     dead = f"127.0.0.1:{free_port()}"
-    no_wait = RetryPolicy(attempts=1, initial_s=5.0, max_s=5.0, jitter_s=0.0)
+    no_wait = RetryPolicy(attempts=1, initial_s=120.0, max_s=120.0, jitter_s=0.0)
     with BackgroundServer(engine, settings()) as srv:
         # one round over both addresses: the dead one first, the live one at once after it
         with Client(f"{dead},{srv.address}", retry=no_wait, timeout=5) as c:
             started = time.monotonic()
             assert c.process_request({"text": "hi", "max_length": 2})["success"]
-            assert time.monotonic() - started < 4  # no backoff wait between addresses
+            assert time.monotonic() - started < 60  # no 120 s backoff wait between addresses
             assert c.address == srv.address  # it stays on the one that answered
             assert c.health()["healthy"]
         with Client([dead, dead], retry=no_wait, timeout=2) as c:
