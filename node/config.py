@@ -43,6 +43,12 @@ class EngineConfig:
     # None: on where the model runs on CUDA with Triton (on an H100 they took llama-1b decode
     # from 17.6k to 23.8k tok/s at batch 64); True elsewhere is refused.
     fused_kernels: bool | None = None
+    # Speculative decoding from the sequence's own tokens (n-gram / prompt lookup): up to
+    # ``speculative_tokens`` drafted per step and verified in the same forward (0 = off), for
+    # greedy decode batches of at most ``speculative_max_batch`` sequences.
+    speculative_tokens: int = 0
+    speculative_max_ngram: int = 3
+    speculative_max_batch: int = 8
     priority_aging_s: float = 5.0
     session_ttl_s: float = 3600.0
     max_sessions: int = 100_000
@@ -75,6 +81,10 @@ class EngineConfig:
             self.max_model_len,
         )
         _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
+        _check(0 <= self.speculative_tokens <= 16, "speculative_tokens", "in [0, 16]", self.speculative_tokens)
+        _check(1 <= self.speculative_max_ngram <= 16, "speculative_max_ngram", "in [1, 16]",
+               self.speculative_max_ngram)
+        _check(self.speculative_max_batch >= 1, "speculative_max_batch", ">= 1", self.speculative_max_batch)
         _check(
             self.max_num_batched_tokens >= 1,
             "max_num_batched_tokens",

@@ -52,9 +52,10 @@ from ultrakv.node.outputs import (
 )
 from ultrakv.node.runner import ModelRunner
 from ultrakv.node.sampling_params import Priority, SamplingParams
-from ultrakv.node.scheduler import Scheduler, SchedulerOutput
+from ultrakv.node.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from ultrakv.node.sequence import Sequence
 from ultrakv.node.sessions import Session, SessionStore
+from ultrakv.node.speculative import accepted_prefix, propose_ngram
 
 log = logging.getLogger("ultrakv.node.engine")
 
@@ -424,9 +425,15 @@ class Engine:
                 if out.is_empty:
                     return finished
                 num_steps = self.scheduler.plan_decode_steps(out, self.config.num_scheduler_steps)
+                drafted = num_steps == 1 and self._draft(out)
                 self._in_flight = {item.seq.request_id for item in out.scheduled}
+            items = out.scheduled
             try:
-                if num_steps > 1:
+                if drafted:
+                    sampled_steps = self._verify_drafts(out.scheduled)
+                    # Verified tokens replay one per step, as with multi-step decoding.
+                    items = [ScheduledSeq(item.seq, 1) for item in out.scheduled]
+                elif num_steps > 1:
                     sampled_steps = self.runner.execute_decode_steps(out.scheduled, num_steps)
                 else:
                     sampled_steps = [self.runner.execute(out.scheduled)]
@@ -441,13 +448,15 @@ class Engine:
             with self._lock:
                 self._in_flight = set()
                 self._metrics.schedules += 1
-                items, rows = out.scheduled, range(len(out.scheduled))
+                rows = range(len(items))
                 for i, sampled in enumerate(sampled_steps):
                     if i:  # later steps carry on only the sequences still going (rows index ``items``)
                         rows = [
                             j
                             for j in rows
-                            if not items[j].seq.is_finished and items[j].seq.request_id not in self._deferred_aborts
+                            if sampled[j] is not None
+                            and not items[j].seq.is_finished
+                            and items[j].seq.request_id not in self._deferred_aborts
                         ]
                         if not rows:
                             break
@@ -457,6 +466,39 @@ class Engine:
                     finished.append(self._finish(self._seqs[rid], "abort"))
                 self._deferred_aborts.clear()
             return finished
+
+    def _draft(self, out: SchedulerOutput) -> bool:
+        """Give the step's decoding sequences n-gram drafts to verify (node/speculative.py);
+        False when speculation is off for this step. Only all-greedy decode batches of at most
+        ``speculative_max_batch`` sequences speculate: a large batch is already compute-bound,
+        and the extra positions would cost more than the steps they save."""
+        c = self.config
+        if not c.speculative_tokens or out.preempted or len(out.scheduled) > c.speculative_max_batch:
+            return False
+        if any(item.num_new_tokens != 1 or not item.samples or item.seq.sampling.temperature != 0
+               for item in out.scheduled):
+            return False
+        drafted = False
+        budget = c.max_num_batched_tokens - len(out.scheduled)  # the runner's buffers hold no more
+        for item in out.scheduled:
+            seq = item.seq
+            k = min(c.speculative_tokens, self.scheduler.steps_left(seq) - 1, budget)
+            draft = propose_ngram(seq.token_ids, k, c.speculative_max_ngram) if k > 0 else []
+            if draft and self.scheduler.reserve(seq, 1 + len(draft)):
+                item.draft, item.num_new_tokens = draft, 1 + len(draft)
+                budget -= len(draft)
+                drafted = True
+        return drafted
+
+    def _verify_drafts(self, scheduled: list[ScheduledSeq]) -> list[list[int | None]]:
+        """Verify the drafts in one forward; the tokens each sequence gets, step by step (None
+        once a sequence has no more)."""
+        predicted = self.runner.execute_verify(scheduled)
+        tokens = [accepted_prefix(item.draft, p) for item, p in zip(scheduled, predicted, strict=True)]
+        with self._lock:
+            self._metrics.draft_proposed += sum(len(item.draft) for item in scheduled)
+            self._metrics.draft_accepted += sum(len(t) - 1 for t in tokens)
+        return [[t[i] if i < len(t) else None for t in tokens] for i in range(max(map(len, tokens)))]
 
     def _after_step(self, out: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
         self.scheduler.on_step_done(out)
@@ -829,6 +871,8 @@ class Engine:
                     "batched": m.batched_tokens,
                     "steps": m.steps,
                     "schedules": m.schedules,
+                    "draft_proposed": m.draft_proposed,
+                    "draft_accepted": m.draft_accepted,
                 },
                 "latency": {
                     "ttft_p50_s": _pct(m.ttft, 50),
@@ -879,6 +923,8 @@ class _Metrics:
         self.batched_tokens = 0
         self.steps = 0  # model forward passes
         self.schedules = 0  # scheduling rounds (one host sync each; several steps with multi-step decode)
+        self.draft_proposed = 0  # speculative tokens drafted and verified
+        self.draft_accepted = 0  # ... of which the model agreed with
         self.ttft: deque[float] = deque(maxlen=2048)
         self.tpot: deque[float] = deque(maxlen=2048)
         # Cumulative since start, for Prometheus (the deques above feed the percentiles).

@@ -109,6 +109,19 @@ class ModelRunner:
             tokens.append(input_ids)
         return torch.stack(tokens).tolist()
 
+    @torch.inference_mode()
+    def execute_verify(self, scheduled: list[ScheduledSeq]) -> list[list[int]]:
+        """One forward over every sequence's last token and its draft; returns, per sequence,
+        the greedy token after each computed position (``1 + len(draft)`` of them)."""
+        input_ids, positions, meta, _ = self.prepare(scheduled, rows=[])
+        hidden = self._forward(input_ids, positions, meta)
+        ids = self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+        out, start = [], 0
+        for item in scheduled:
+            out.append(ids[start : start + item.num_new_tokens])
+            start += item.num_new_tokens
+        return out
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
@@ -137,6 +150,7 @@ class ModelRunner:
         tokens: list[int] = []
         for item, start, n in zip(scheduled, starts, lens, strict=True):
             tokens.extend(item.seq.token_ids[start : start + n])
+            tokens.extend(item.draft)  # the context ends inside this chunk: drafts follow it
         num_tokens = len(tokens)
         # Every tensor below starts on a 16-byte boundary and the tables' row stride is a
         # multiple of 16: Triton specializes kernels on pointer alignment and on integers

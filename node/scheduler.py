@@ -25,14 +25,18 @@ from ultrakv.node.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     """One sequence's share of a step. ``samples``: the chunk reaches the end of the context,
-    so the step samples a token for it (fixed when scheduled, before counts advance)."""
+    so the step samples a token for it (fixed when scheduled, before counts advance).
+    ``draft``: speculative tokens computed after the context in this step only (counted in
+    ``num_new_tokens``, never part of the sequence until verified; node/speculative.py)."""
 
     seq: Sequence
     num_new_tokens: int
+    draft: list[int] = field(default_factory=list)
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        self.samples = (self.seq.num_computed_tokens + self.num_new_tokens
+                        == self.seq.num_tokens + len(self.draft))
 
 
 @dataclass
@@ -117,7 +121,7 @@ class Scheduler:
             num_new = self._chunk(seq, budget)
             if num_new == 0:
                 continue
-            while not self._reserve(seq, num_new):
+            while not self.reserve(seq, num_new):
                 victim = self._pick_victim(exclude=scheduled_ids)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -152,17 +156,17 @@ class Scheduler:
             return 1
         if any(item.num_new_tokens != 1 or not item.samples for item in out.scheduled):
             return 1
-        k = min(max_steps, *(self._steps_left(item.seq) for item in out.scheduled))
+        k = min(max_steps, *(self.steps_left(item.seq) for item in out.scheduled))
         while k > 1:
             need = sum(self._blocks_needed(item.seq, k) for item in out.scheduled)
             if self.pool.can_allocate(need):
                 for item in out.scheduled:
-                    self._reserve(item.seq, k)
+                    self.reserve(item.seq, k)
                 return k
             k //= 2
         return 1
 
-    def _steps_left(self, seq: Sequence) -> int:
+    def steps_left(self, seq: Sequence) -> int:
         """Tokens ``seq`` may still sample (this step's included) under its limits."""
         left = seq.sampling.max_tokens - seq.num_output_tokens
         if self.max_model_len is not None:
@@ -197,7 +201,7 @@ class Scheduler:
                 self._match_prefix(seq)
                 matched_now = True
             num_new = self._chunk(seq, budget)
-            if num_new == 0 or not self._reserve(seq, num_new):
+            if num_new == 0 or not self.reserve(seq, num_new):
                 if matched_now:
                     self._release_blocks(seq)
                 break
@@ -224,7 +228,9 @@ class Scheduler:
         ``prefix_hashes``, so a conversation's next turn hashes only its new blocks."""
         return continue_chain(seq.prefix_hashes, seq.token_ids[: seq.num_tokens - 1], self.block_size, seq.salt)
 
-    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+    def reserve(self, seq: Sequence, num_new: int) -> bool:
+        """Blocks for ``num_new`` more computed tokens of ``seq``; False (nothing taken) when
+        the pool can't hold them."""
         need = self._blocks_needed(seq, num_new)
         if need == 0:
             return True
