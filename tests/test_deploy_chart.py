@@ -240,11 +240,17 @@ def test_secrets_are_referenced_not_inlined(default: list[dict]) -> None:
     for obj in workloads(default):
         spec = pod_spec(obj)
         for c in spec["containers"] + spec.get("initContainers", []):
-            for env in c.get("env", []):
-                assert "secret" not in env["name"].lower() or "valueFrom" in env
+            for env in c.get("env", []):  # a secret's path, never its value
+                if "secret" in env["name"].lower():
+                    assert env["value"].startswith("/etc/ultrakv/cluster-secret/"), env
     node = find(default, "StatefulSet", "node")
     volume = next(v for v in pod_spec(node)["volumes"] if v["name"] == "cluster-secret")
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    for obj in (node, find(default, "Deployment", "coordinator")):
+        c = pod_spec(obj)["containers"][0]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "cluster-secret")
+        assert {"name": "ULTRAKV_CLUSTER_SECRET_FILE",
+                "value": mount["mountPath"] + "/cluster-secret"} in c["env"]
 
     existing = render({"clusterSecret": {"create": False, "existingSecret": "mine"},
                        "tls": {"enabled": True, "existingSecret": "my-tls"}})

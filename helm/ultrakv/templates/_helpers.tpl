@@ -99,6 +99,10 @@ app.kubernetes.io/component: {{ .component }}
   valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
 - name: ULTRAKV_ETCD
   value: {{ include "ultrakv.etcdEndpoint" . | quote }}
+# Internal NodeService calls carry the cluster secret: nodes, coordinators and `ultrakv drain`
+# (the preStop hook) read this file (`--cluster-secret-file` defaults to it).
+- name: ULTRAKV_CLUSTER_SECRET_FILE
+  value: /etc/ultrakv/cluster-secret/{{ .Values.clusterSecret.key }}
 # The root filesystem is read-only: caches (torch, triton, dequantized weights) go to /tmp.
 - name: HOME
   value: /tmp
