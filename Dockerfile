@@ -8,13 +8,18 @@
 ARG VARIANT=cuda
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 ARG CPU_IMAGE=ubuntu:24.04
+ARG TORCH_INDEX_CUDA=https://download.pytorch.org/whl/cu128
+ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
 
 # --- bases: the same OS and Python in both, so the virtualenv moves between stages ---------
+# (ENV, not ARG: a stage's ARGs do not reach the stages built FROM it; the builder needs it.)
 FROM ${CUDA_IMAGE} AS base-cuda
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG TORCH_INDEX_CUDA
+ENV TORCH_INDEX=${TORCH_INDEX_CUDA}
 
 FROM ${CPU_IMAGE} AS base-cpu
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_CPU
+ENV TORCH_INDEX=${TORCH_INDEX_CPU}
 
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS base
@@ -31,7 +36,6 @@ RUN apt-get update \
 
 # --- builder: venv, torch for the variant, then ultrakv and its dependencies --------------
 FROM base AS builder
-ARG TORCH_INDEX
 ARG TORCH_VERSION=2.13.0
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -92,6 +92,35 @@ def test_final_stage_is_non_root_without_build_tools(dockerfile) -> None:
     assert any(tool in " ".join(r for s in stages for r in s.all("RUN")) for tool in BUILD_TOOLS)
 
 
+@pytest.mark.parametrize("variant", ["cuda", "cpu"])
+def test_build_variables_are_defined_where_they_are_used(dockerfile, variant: str) -> None:
+    """A stage sees its own ARGs (a bare ``ARG X`` only carries a global default) and the ENVs
+    of the stages it is built on, not their ARGs: an undefined ${X} expands to "" silently
+    (e.g. an empty --index-url)."""
+    global_args, stages = dockerfile
+    by_name = {s.name: s for s in stages}
+
+    def visible(stage: Stage) -> set[str]:
+        names = set()
+        for a in stage.all("ARG"):
+            key, has_default, _ = a.partition("=")
+            if has_default or global_args.get(key.strip()):
+                names.add(key.strip())
+        s = stage
+        while s is not None:
+            for env in s.all("ENV"):
+                names |= set(re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", env))
+            s = by_name.get(s.base.replace("${VARIANT}", variant))
+        return names | {"PATH"}
+
+    for stage in stages:
+        defined = visible(stage)
+        for op, arg in stage.instructions:
+            if op in ("RUN", "ENV", "LABEL", "COPY"):
+                used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", arg))
+                assert used <= defined, (stage.name, op, sorted(used - defined))
+
+
 def test_entrypoint_and_healthcheck(dockerfile) -> None:
     _, stages = dockerfile
     final = stages[-1]
