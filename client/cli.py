@@ -2,6 +2,8 @@
 
     ultrakv serve [--nodes N] [--config FILE] [--model tiny|PATH] [--port 50051]
                   [--http-port 8000] [--data-dir DIR] [--etcd HOST:PORT] [--metrics-port PORT]
+                  [--detach]
+    ultrakv status | stop [--data-dir DIR]
     ultrakv node --model tiny|PATH --port P --device auto|cpu|cuda:N [--etcd HOST:PORT]
     ultrakv coordinator --etcd HOST:PORT --port P [--http-port 8000] [--metrics-port PORT]
     ultrakv drain NODE --etcd HOST:PORT
@@ -112,6 +114,8 @@ def _agent_settings(args: argparse.Namespace) -> AgentSettings | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ValueError(f"nodes must be >= 1, got {args.nodes}")
+    if args.detach:
+        return _serve_detached(args)
     if args.nodes == 1 and not args.etcd:  # one process serves the client API itself
         return _run_node(_node_config(args, default_device="cpu",
                                       default_http_port=DEFAULT_HTTP_PORT))
@@ -129,6 +133,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
         fused_kernels=args.fused_kernels,
         http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port))
+
+
+def _serve_detached(args: argparse.Namespace) -> int:
+    """``serve --detach``: the same command in the background, once it serves."""
+    from ultrakv.client import daemon
+    from ultrakv.client.client import Client, RetryPolicy
+    from ultrakv.cluster.addresses import dial_host, ensure_port_free
+
+    port = DEFAULT_PORT if args.port is None else args.port
+    if port == 0:
+        raise ValueError("--detach needs a fixed --port (0 would hide where it listens)")
+    address = f"{dial_host(args.host or '0.0.0.0')}:{port}"
+
+    def preflight() -> None:  # a taken port is said here, not in the log
+        ensure_port_free(args.host or "0.0.0.0", port, "ultrakv serve")
+
+    def healthy() -> bool:
+        with Client(address, timeout=2, retry=RetryPolicy(attempts=1)) as client:
+            return client.health()["healthy"]
+
+    argv = [a for a in args.argv if a != "--detach"]
+    started = daemon.detach(argv, args.data_dir, address, preflight, healthy, args.wait)
+    data_dir = "" if args.data_dir == DEFAULT_DATA_DIR else f" --data-dir {args.data_dir}"
+    print(f"ultrakv serving at {address} (pid {started.pid}); log: {started.log_path}\n"
+          f"`ultrakv status{data_dir}` shows it, `ultrakv stop{data_dir}` stops it")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when the detached server serves, 1 when it runs but does not, 3 when none runs."""
+    from ultrakv.client import daemon
+    from ultrakv.client.client import Client, RetryPolicy
+
+    found = daemon.read_detached(args.data_dir)
+    if not found.running:
+        print(f"no ultrakv serve --detach is running from {found.data_dir}")
+        return 3
+    with Client(found.address, timeout=5, retry=RetryPolicy(attempts=1)) as client:
+        health = client.health()
+    print(f"ultrakv serve running (pid {found.pid}) at {found.address}: {health['status']}; "
+          f"log: {found.log_path}")
+    return 0 if health["healthy"] else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from ultrakv.client import daemon
+
+    found = daemon.stop(args.data_dir, args.timeout)
+    if found.running:
+        print(f"stopped ultrakv serve (pid {found.pid}) at {found.address}")
+    else:
+        print(f"no ultrakv serve --detach is running from {found.data_dir}; nothing to stop")
+    return 0
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -371,6 +428,7 @@ def _metrics_option(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
 
 
+DEFAULT_DATA_DIR = "ultrakv-data"
 DEFAULT_HTTP_PORT = 8000  # where `serve` and `coordinator` answer OpenAI clients
 
 
@@ -434,9 +492,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coordinator processes with --nodes > 1, on --port, --port + 1, ... "
                         "(default 2: clients given every address survive losing one)")
     p.add_argument("--etcd", help="etcd HOST:PORT (default: start an embedded one)")
-    p.add_argument("--data-dir", default="ultrakv-data", help="etcd data and checkpoints")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help="etcd data, checkpoints, and with --detach the pid and log files "
+                        "(default %(default)s)")
     _http_option(p, None, f"{DEFAULT_HTTP_PORT}, or the --config file's http_port")
+    p.add_argument("--detach", action="store_true",
+                   help="run in the background once serving: pid and log under --data-dir; "
+                        "`ultrakv status` and `ultrakv stop` find it there")
+    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                   help="with --detach: how long to wait for it to serve (default %(default)s)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="is the `serve --detach` server of --data-dir running?")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="as given to serve "
+                   "(default %(default)s)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stop", help="stop the `serve --detach` server of --data-dir")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="as given to serve "
+                   "(default %(default)s)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="wait this long for a clean stop, then kill it (default %(default)s)")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("node", help="run one node server")
     _server_options(p, "50051")
@@ -530,7 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ultrakv`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # serve --detach starts the same command in the background
     from ultrakv.client.client import RequestError  # after parsing: --help needs no gRPC
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -1,0 +1,70 @@
+"""`ultrakv serve --detach`, `ultrakv status`, `ultrakv stop`: the README's server runs in
+the background, found and stopped by its data dir, never by a process-name match."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ultrakv.client import Client
+from ultrakv.cluster.etcd_server import free_port
+
+pytestmark = pytest.mark.cluster
+
+
+def _ultrakv(*argv: str, timeout: float = 360) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ultrakv.client.cli", *argv],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_detach_status_stop(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port, http = free_port(), free_port()
+    started = _ultrakv("serve", "--detach", "--port", str(port), "--http-port", str(http),
+                       "--data-dir", str(data), "--num-blocks", "64")
+    pid = int((data / "ultrakv.pid").read_text()) if (data / "ultrakv.pid").exists() else None
+    try:
+        # It returns once serving, naming where, its pid and its log.
+        assert started.returncode == 0, started.stderr
+        assert f"ultrakv serving at 127.0.0.1:{port} (pid {pid})" in started.stdout
+        assert _alive(pid)
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            assert client.process_request({"text": "hi", "max_length": 2})["success"]
+        assert "listening on" in (data / "ultrakv.log").read_text()  # its output is there
+
+        status = _ultrakv("status", "--data-dir", str(data))
+        assert status.returncode == 0 and f"(pid {pid})" in status.stdout
+        assert "SERVING" in status.stdout
+
+        # A second one from the same data dir is refused, naming the first.
+        again = _ultrakv("serve", "--detach", "--port", str(free_port()), "--data-dir", str(data))
+        assert again.returncode == 2 and f"already running (pid {pid}" in again.stderr
+
+        stopped = _ultrakv("stop", "--data-dir", str(data))
+        assert stopped.returncode == 0 and f"stopped ultrakv serve (pid {pid})" in stopped.stdout
+        assert not _alive(pid)
+        assert not (data / "ultrakv.pid").exists()
+        assert "stopped" in (data / "ultrakv.log").read_text().splitlines()[-1]
+        assert _ultrakv("status", "--data-dir", str(data)).returncode == 3
+        assert _ultrakv("stop", "--data-dir", str(data)).returncode == 0  # nothing to stop
+    finally:
+        if pid is not None and _alive(pid):
+            os.kill(pid, 9)
+
+
+def test_a_stale_pid_file_is_not_a_running_server(tmp_path: Path) -> None:
+    (tmp_path / "ultrakv.pid").write_text(f"{os.getpid()}\n")  # alive, but not ultrakv serve
+    out = _ultrakv("status", "--data-dir", str(tmp_path))
+    assert out.returncode == 3 and "no ultrakv serve --detach is running" in out.stdout
+    assert _ultrakv("stop", "--data-dir", str(tmp_path)).returncode == 0
+    assert _alive(os.getpid()) and not (tmp_path / "ultrakv.pid").exists()
