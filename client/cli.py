@@ -12,6 +12,8 @@
     ultrakv batch IN.jsonl OUT.jsonl [--concurrency N]
     ultrakv monitor --dashboard [--interval S]
     ultrakv config --generate [--preset NAME] [--output FILE]
+    ultrakv keys create --tenant NAME [--role user|admin] [--signing] --keys-file PATH
+    ultrakv keys list|revoke KEY_ID --keys-file PATH
     ultrakv config set KEY=VALUE ... --etcd HOST:PORT | config show --etcd HOST:PORT
 """
 
@@ -61,7 +63,12 @@ def _node_config(args: argparse.Namespace, default_device: str,
               "advertise_host": getattr(args, "advertise_host", None)}
     if not args.config and args.http_port is None:
         server["http_port"] = default_http_port
-    return config.with_overrides(engine, server)
+    return config.with_overrides(engine, server, _security_overrides(args))
+
+
+def _security_overrides(args: argparse.Namespace) -> dict:
+    return {"keys_file": args.keys_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca}
 
 
 def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
@@ -193,12 +200,19 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ultrakv.client.config_file import NodeConfig, load_config
     from ultrakv.coordinator.server import CoordinatorSettings, serve_coordinator
 
+    config = load_config(args.config) if args.config else NodeConfig()
+    security = {k: v for k, v in _security_overrides(args).items() if v is not None}
     settings = CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
                                    port=DEFAULT_PORT if args.port is None else args.port,
                                    metrics_port=args.metrics_port or 0,
-                                   http_port=args.http_port)
+                                   http_port=args.http_port,
+                                   limits=config.server.limits,
+                                   security=replace(config.server.security, **security))
     asyncio.run(serve_coordinator(settings))
     log.info("stopped")
     return 0
@@ -243,6 +257,43 @@ def _cmd_dynamic_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``keys create|list|revoke``: the keys file that ``security.keys_file`` names."""
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.table import Table
+    from ultrakv.cluster.security import keys
+
+    if args.action == "create":
+        if not args.tenant:
+            raise ValueError("keys create: --tenant NAME is required")
+        key, record = keys.create_key(args.keys_file, args.tenant, args.role, args.signing)
+        print(f"created key {record.key_id} for tenant {record.tenant} ({record.role}); "
+              f"it is shown only now, store it safely:", file=sys.stderr)
+        print(key)
+        if record.signing_secret:
+            print("signing secret (sign requests with it; also shown only now):", file=sys.stderr)
+            print(record.signing_secret)
+        return 0
+    if args.action == "revoke":
+        if not args.key_id:
+            raise ValueError("keys revoke: KEY_ID is required (see `ultrakv keys list`)")
+        record = keys.revoke_key(args.keys_file, args.key_id)
+        print(f"revoked key {record.key_id} (tenant {record.tenant}); servers drop it within "
+              "a second (or at once on SIGHUP)")
+        return 0
+    records = keys.read_keys_file(args.keys_file)
+    table = Table(title=args.keys_file)
+    for column in ("key id", "tenant", "role", "signed", "created"):
+        table.add_column(column)
+    for r in records:
+        created = datetime.fromtimestamp(r.created_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        table.add_row(r.key_id, r.tenant, r.role, "yes" if r.signing_secret else "no", created)
+    Console().print(table)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action is not None:
         return _cmd_dynamic_config(args)
@@ -270,7 +321,8 @@ def _client(args: argparse.Namespace) -> Client:
     if args.tls or args.tls_ca or args.tls_cert:
         tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert,
                         client_key=args.tls_key, server_name=args.tls_server_name)
-    return Client(args.address, api_key=args.api_key, tls=tls, timeout=args.timeout)
+    return Client(args.address, api_key=args.api_key, tls=tls, timeout=args.timeout,
+                  signing_secret=args.signing_secret)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -380,6 +432,9 @@ def _connection_options() -> argparse.ArgumentParser:
                         "(env ULTRAKV_ADDRESS)")
     g.add_argument("--api-key", default=os.environ.get("ULTRAKV_API_KEY"),
                    help="sent as x-api-key (env ULTRAKV_API_KEY)")
+    g.add_argument("--signing-secret", default=os.environ.get("ULTRAKV_SIGNING_SECRET"),
+                   help="sign each call with it (keys created with --signing; "
+                        "env ULTRAKV_SIGNING_SECRET)")
     g.add_argument("--timeout", type=float, default=60.0, help="per-call deadline, seconds")
     g.add_argument("--tls", action="store_true", help="use TLS with the system roots")
     g.add_argument("--tls-ca", help="PEM file of the CA to trust")
@@ -403,6 +458,17 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton kernels for norm + residual add, RoPE and SwiGLU (CUDA only)")
     _metrics_option(p)
+    _security_options(p)
+
+
+def _security_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (over the config file's security section)")
+    g.add_argument("--keys-file", help="API keys file (`ultrakv keys create`); every request "
+                                       "then needs a key")
+    g.add_argument("--tls-cert", help="PEM certificate chain: the client port speaks TLS")
+    g.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", help="PEM CA: clients must present a certificate it "
+                                           "signed (mutual TLS)")
 
 
 def _port(text: str, zero: str = "pick a free one") -> int:
@@ -534,8 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd", required=True, help="etcd HOST:PORT")
     p.add_argument("--host", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=_port, help="gRPC port (default 50051; 0 = pick a free one)")
+    p.add_argument("--config", help="YAML config file; the coordinator reads its limits and "
+                                    "security sections")
     _metrics_option(p)
     _http_option(p, DEFAULT_HTTP_PORT, str(DEFAULT_HTTP_PORT))
+    _security_options(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("drain", help="move a node's sessions away before it stops")
@@ -589,6 +658,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: gpu where CUDA is available, else engine")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (see its --help)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("keys", help="create, list or revoke API keys in a keys file")
+    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument("key_id", nargs="?", help="with revoke: the key id (or the key)")
+    p.add_argument("--keys-file", required=True, help="the keys file (created 0600 if absent)")
+    p.add_argument("--tenant", help="with create: the tenant the key acts as")
+    p.add_argument("--role", choices=("user", "admin"), default="user", help="with create")
+    p.add_argument("--signing", action="store_true",
+                   help="with create: requests with this key must be signed (HMAC)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("config", help="write a config file; set/show coordinators' live config")
     p.add_argument("action", nargs="?", choices=("set", "show"),

@@ -13,7 +13,8 @@ one of them and move to the next when it is unavailable. Calls that fail with UN
 are retried on the next address at once, and after every address failed, after a backoff
 (exponential with jitter) that grows to a budget outlasting one coordinator restart; a
 stream is retried only before its first message. Every call has a deadline (``timeout``).
-``api_key`` travels as the ``x-api-key`` metadata; ``tls`` selects a secure channel.
+``api_key`` travels as the ``x-api-key`` metadata; ``signing_secret`` (keys created with
+``--signing``) signs every call (HMAC, timestamp and nonce); ``tls`` selects a secure channel.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ultrakv.client.signing import SigningInterceptor, aio_interceptors
 from ultrakv.cluster.addresses import DEFAULT_ADDRESS
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2_grpc
@@ -128,11 +130,20 @@ class _Endpoint:
     health: health_pb2_grpc.HealthStub
 
     @classmethod
-    def open(cls, address: str, tls: TLSConfig | None, aio: bool) -> _Endpoint:
-        grpc_mod = grpc.aio if aio else grpc
+    def open(cls, address: str, tls: TLSConfig | None, aio: bool,
+             signing_secret: str | None = None) -> _Endpoint:
         options = _channel_options(tls)
-        channel = (grpc_mod.secure_channel(address, tls.credentials(), options=options)
-                   if tls is not None else grpc_mod.insecure_channel(address, options=options))
+        if aio:
+            interceptors = aio_interceptors(signing_secret)
+            channel = (grpc.aio.secure_channel(address, tls.credentials(), options=options,
+                                               interceptors=interceptors)
+                       if tls is not None else grpc.aio.insecure_channel(
+                           address, options=options, interceptors=interceptors))
+        else:
+            channel = (grpc.secure_channel(address, tls.credentials(), options=options)
+                       if tls is not None else grpc.insecure_channel(address, options=options))
+            if signing_secret:
+                channel = grpc.intercept_channel(channel, SigningInterceptor(signing_secret))
         return cls(address, channel, ultrakv_pb2_grpc.UltraKVStub(channel),
                    health_pb2_grpc.HealthStub(channel))
 
@@ -314,12 +325,14 @@ class Client:
 
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *,
                  api_key: str | None = None, tls: TLSConfig | None = None,
-                 timeout: float = 60.0, retry: RetryPolicy | None = None) -> None:
+                 timeout: float = 60.0, retry: RetryPolicy | None = None,
+                 signing_secret: str | None = None) -> None:
         self.addresses = parse_addresses(address)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._metadata = (("x-api-key", api_key),) if api_key else ()
-        self._endpoints = [_Endpoint.open(a, tls, aio=False) for a in self.addresses]
+        self._endpoints = [_Endpoint.open(a, tls, aio=False, signing_secret=signing_secret)
+                           for a in self.addresses]
         self._failover = _Failover(len(self._endpoints), self.retry)
 
     @property
@@ -510,12 +523,14 @@ class AsyncClient:
 
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *,
                  api_key: str | None = None, tls: TLSConfig | None = None,
-                 timeout: float = 60.0, retry: RetryPolicy | None = None) -> None:
+                 timeout: float = 60.0, retry: RetryPolicy | None = None,
+                 signing_secret: str | None = None) -> None:
         self.addresses = parse_addresses(address)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._metadata = (("x-api-key", api_key),) if api_key else ()
-        self._endpoints = [_Endpoint.open(a, tls, aio=True) for a in self.addresses]
+        self._endpoints = [_Endpoint.open(a, tls, aio=True, signing_secret=signing_secret)
+                           for a in self.addresses]
         self._failover = _Failover(len(self._endpoints), self.retry)
 
     @property

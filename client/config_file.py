@@ -1,8 +1,9 @@
 """The YAML config file that ``ultrakv serve`` / ``ultrakv node`` read (``--config``) and
 ``ultrakv config --generate [--preset NAME]`` writes, with a comment on every key.
 
-Sections: ``server`` (ServerSettings), ``limits`` (edge Limits) and ``engine``
-(EngineConfig). A preset (client/presets/NAME.yaml) overrides some keys of the defaults.
+Sections: ``server`` (ServerSettings), ``limits`` (edge Limits), ``engine``
+(EngineConfig) and ``security`` (SecuritySettings: keys, TLS, rate limits, quotas; the
+coordinator reads this section too). A preset (client/presets/NAME.yaml) overrides some keys of the defaults.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ultrakv.cluster.security.settings import SecuritySettings
 from ultrakv.cluster.validation import Limits
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.server import ServerSettings
@@ -73,10 +75,31 @@ HELP: dict[str, dict[str, str]] = {
         "max_replicas": "replicated histories held for ring neighbours, at most",
         "max_replica_tokens": "tokens in all replicated histories, at most (oldest go first)",
     },
+    "security": {
+        "keys_file": "API keys (hashes) from `ultrakv keys create`; empty = no authentication",
+        "ip_allow": "client CIDR ranges admitted (empty = all)",
+        "ip_deny": "client CIDR ranges refused (wins over ip_allow)",
+        "key_requests_per_s": "requests per second per API key (0 = unlimited)",
+        "key_tokens_per_s": "prompt + max_length tokens per second per API key (0 = unlimited)",
+        "ip_requests_per_s": "requests per second per client address (0 = unlimited)",
+        "ip_tokens_per_s": "tokens per second per client address (0 = unlimited)",
+        "burst_s": "a rate limit's bucket holds this many seconds of its rate",
+        "tenant_max_running": "requests in flight per tenant (0 = unlimited)",
+        "tenant_max_queued": "requests per tenant waiting for a running slot",
+        "tenant_max_sessions": "sessions per tenant on each node (0 = unlimited)",
+        "tenant_max_session_tokens": "history tokens per tenant on each node (0 = unlimited)",
+        "signature_window_s": "signed requests: accepted clock skew and replay window",
+        "max_nonces": "signed requests: nonces remembered, at most",
+        "tls_cert": "PEM certificate chain of the client port (with tls_key: TLS)",
+        "tls_key": "PEM private key of the client port",
+        "tls_client_ca": "PEM CA that client certificates must chain to (mutual TLS)",
+    },
 }
 # Limits.max_tokens_limit is not a key of its own: it follows engine.max_tokens_limit.
-_SECTIONS = {"server": ServerSettings, "limits": Limits, "engine": EngineConfig}
-_NOT_KEYS = {"server": {"limits"}, "limits": {"max_tokens_limit"}, "engine": set()}
+_SECTIONS = {"server": ServerSettings, "limits": Limits, "engine": EngineConfig,
+             "security": SecuritySettings}
+_NOT_KEYS = {"server": {"limits", "security"}, "limits": {"max_tokens_limit"}, "engine": set(),
+             "security": set()}
 
 
 @dataclass
@@ -108,19 +131,25 @@ class NodeConfig:
             values[name] = section
         engine = EngineConfig(**values["engine"])
         limits = Limits(**values["limits"], max_tokens_limit=engine.max_tokens_limit)
-        return cls(engine=engine, server=ServerSettings(**values["server"], limits=limits))
+        security = SecuritySettings(**values["security"])
+        return cls(engine=engine, server=ServerSettings(**values["server"], limits=limits,
+                                                        security=security))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        objects = {"server": self.server, "limits": self.server.limits, "engine": self.engine}
+        objects = {"server": self.server, "limits": self.server.limits, "engine": self.engine,
+                   "security": self.server.security}
         return {name: {k: getattr(obj, k) for k in _keys(name)} for name, obj in objects.items()}
 
-    def with_overrides(self, engine: dict[str, Any], server: dict[str, Any]) -> NodeConfig:
+    def with_overrides(self, engine: dict[str, Any], server: dict[str, Any],
+                       security: dict[str, Any] | None = None) -> NodeConfig:
         """Command-line flags over the file: only the values that were given (not None)."""
         engine = {k: v for k, v in engine.items() if v is not None}
         server = {k: v for k, v in server.items() if v is not None}
+        security = {k: v for k, v in (security or {}).items() if v is not None}
         new_engine = replace(self.engine, **engine)
         limits = replace(self.server.limits, max_tokens_limit=new_engine.max_tokens_limit)
-        return NodeConfig(new_engine, replace(self.server, **server, limits=limits))
+        return NodeConfig(new_engine, replace(self.server, **server, limits=limits,
+                                              security=replace(self.server.security, **security)))
 
 
 def _keys(section: str) -> list[str]:

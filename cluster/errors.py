@@ -27,6 +27,11 @@ class QueueFullError(EngineError):
         self.retry_after_s = retry_after_s
 
 
+class TenantQuotaError(QueueFullError):
+    """A tenant holds as many sessions or history tokens on this node as its quota allows
+    (RESOURCE_EXHAUSTED, retry after deleting or letting sessions expire)."""
+
+
 class SessionNotFoundError(EngineError, KeyError):
     """A session operation names a session the node does not hold (NOT_FOUND)."""
 

@@ -20,10 +20,12 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import message_factory
 from ultrakv.cluster.errors import EngineError
+from ultrakv.cluster.security.principal import OPEN, Principal, current_principal
 from ultrakv.cluster.session_transfer import TransferError
 from ultrakv.cluster.validation import (
     Limits,
     Malformed,
+    Refused,
     RequestRejected,
     rejection_from_error,
     tolerant_deserializer,
@@ -61,9 +63,9 @@ class ServingBackend(Protocol):
 
     async def cleanup_sessions(self, max_age_s: float) -> int: ...
 
-    async def get_session(self, session_id: str) -> pb.SessionInfo: ...
+    async def get_session(self, session_id: str, tenant: str | None) -> pb.SessionInfo: ...
 
-    async def delete_session(self, session_id: str) -> None: ...
+    async def delete_session(self, session_id: str, tenant: str | None) -> None: ...
 
 
 # --- the Generate stream ---------------------------------------------------------------------
@@ -128,9 +130,14 @@ DEFAULT_FLUSH_INTERVAL_S = 0.005
 async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                                 requests: AsyncIterator[Any],
                                 context: grpc.aio.ServicerContext,
-                                flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+                                flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+                                principal: Principal | None = None
                                 ) -> AsyncIterator[pb.GenerateStreamResponse]:
     """Run one Generate stream: many requests by id, cancels, per-request errors.
+
+    With a ``principal`` (the client-facing edge) every request runs as its tenant, whatever
+    the request says; without one (a node serving its coordinator) the request's tenant is
+    taken as given.
 
     Chunks are coalesced: after a write that carried tokens the stream waits
     ``flush_interval_s`` while new deltas merge into the pending chunks (and longer when the
@@ -174,7 +181,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
             outbox.wake()
 
     def accept(message: Any) -> None:
-        if isinstance(message, Malformed):
+        if isinstance(message, Malformed | Refused):
             outbox.put_final(_error_response(message.request_id, message.rejection()))
             return
         action = message.WhichOneof("action")
@@ -191,6 +198,8 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
             return
         rid = message.generate.request_id
         try:
+            if principal is not None:
+                message.generate.tenant = principal.tenant
             request = validate_generate(message.generate, limits, require_request_id=True)
             if rid in active:
                 raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, "request_id",
@@ -270,27 +279,61 @@ async def _collect(backend: ServingBackend, request: pb.GenerateRequest,
     raise RequestRejected(grpc.StatusCode.INTERNAL, "", "generation ended without a result")
 
 
+def redacted_stats(stats: pb.StatsResponse) -> pb.StatsResponse:
+    """Stats without what only an admin may see: addresses, pids, the engine's raw dict."""
+    out = pb.StatsResponse()
+    out.CopyFrom(stats)
+    for node in out.nodes:
+        node.address, node.pid = "", 0
+        node.ClearField("engine")
+    return out
+
+
 class UltraKVServicer:
-    """The client-facing ``ultrakv.v1.UltraKV`` service over any ServingBackend."""
+    """The client-facing ``ultrakv.v1.UltraKV`` service over any ServingBackend.
+
+    ``edge``: the servicer faces clients, so each call runs as the principal the edge
+    authenticated (security/interceptor.py; the open principal when there is none): the
+    tenant of every request is the key's, sessions are the tenant's own, and only an admin
+    sees detailed stats. A node serving its coordinator (``edge=False``) trusts the tenant
+    fields the coordinator set.
+    """
 
     def __init__(self, backend: ServingBackend, limits: Limits,
-                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S) -> None:
+                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S, edge: bool = True) -> None:
         self.backend = backend
         self.flush_interval_s = flush_interval_s
         self.limits = limits
+        self.edge = edge
+
+    def _principal(self) -> Principal | None:
+        return (current_principal() or OPEN) if self.edge else None
+
+    def _owner(self, request: pb.GetSessionRequest | pb.DeleteSessionRequest) -> str | None:
+        """The tenant whose session the request may touch; None = any (admin)."""
+        principal = self._principal()
+        if principal is not None:
+            return None if principal.is_admin else principal.tenant
+        return None if request.any_tenant else request.tenant
 
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with contextlib.aclosing(
                 serve_generate_stream(self.backend, self.limits, requests, context,
-                                      self.flush_interval_s)) as stream:
+                                      self.flush_interval_s, self._principal())) as stream:
             async for message in stream:
                 yield message
+
+    def _as_principal(self, request: pb.GenerateRequest) -> pb.GenerateRequest:
+        principal = self._principal()
+        if principal is not None:
+            request.tenant = principal.tenant
+        return request
 
     @unary
     async def Process(self, request: pb.GenerateRequest,
                       context: grpc.aio.ServicerContext) -> pb.GenerateResult:
-        valid = validate_generate(request, self.limits)
+        valid = validate_generate(self._as_principal(request), self.limits)
         return await _collect(self.backend, valid, _rpc_deadline(context))
 
     @unary
@@ -302,7 +345,7 @@ class UltraKVServicer:
 
         async def one(item: pb.GenerateRequest) -> pb.BatchItem:
             try:
-                valid = validate_generate(item, self.limits)
+                valid = validate_generate(self._as_principal(item), self.limits)
                 async with gate:
                     return pb.BatchItem(result=await _collect(self.backend, valid, deadline))
             except Exception as exc:  # one bad item fails alone
@@ -314,7 +357,9 @@ class UltraKVServicer:
     @unary
     async def Stats(self, request: pb.StatsRequest,
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        return await self.backend.stats()
+        stats = await self.backend.stats()
+        principal = self._principal()
+        return stats if principal is None or principal.is_admin else redacted_stats(stats)
 
     @unary
     async def ClearCache(self, request: pb.ClearCacheRequest,
@@ -330,12 +375,14 @@ class UltraKVServicer:
     @unary
     async def GetSession(self, request: pb.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self.backend.get_session(validate_session_id(request.session_id))
+        return await self.backend.get_session(validate_session_id(request.session_id),
+                                              self._owner(request))
 
     @unary
     async def DeleteSession(self, request: pb.DeleteSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
-        await self.backend.delete_session(validate_session_id(request.session_id))
+        await self.backend.delete_session(validate_session_id(request.session_id),
+                                          self._owner(request))
         return pb.DeleteSessionResponse()
 
 

@@ -388,6 +388,18 @@ class Malformed:
         return _invalid("", "request is not a valid protobuf message")
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A stream request the edge refused before the servicer saw it (a rate limit, a
+    tenant quota): answered on the stream like a :class:`Malformed` one."""
+
+    request_id: str
+    reason: RequestRejected
+
+    def rejection(self) -> RequestRejected:
+        return self.reason
+
+
 def tolerant_deserializer(message_cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
     """A grpc request deserializer that returns :class:`Malformed` instead of raising."""
 

@@ -232,7 +232,7 @@ class Resharder:
 
     async def _drop(self, session_id: str, node: str) -> None:
         try:
-            await self._stub(node).DeleteSession(pb.DeleteSessionRequest(session_id=session_id),
+            await self._stub(node).DeleteSession(pb.DeleteSessionRequest(session_id=session_id, any_tenant=True),
                                                  timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:

@@ -56,6 +56,10 @@ from ultrakv.cluster.ring import (
     bounded_lookup,
     route_key_for_prompt,
 )
+from ultrakv.cluster.security.interceptor import EdgeSecurityInterceptor
+from ultrakv.cluster.security.policy import EdgeSecurity
+from ultrakv.cluster.security.settings import SecuritySettings
+from ultrakv.cluster.security.tls import server_credentials
 from ultrakv.cluster.service import (
     ULTRAKV_SERVICE,
     Event,
@@ -100,6 +104,7 @@ class CoordinatorSettings:
     grace_period_s: float = 2.0
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
     http_port: int = 0  # the OpenAI-compatible API, /health and /metrics; 0 = off
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -568,23 +573,27 @@ class ClusterBackend:
             pb.CleanupSessionsRequest(max_age_s=max_age_s), timeout=10))
         return sum(r.removed for r in replies)
 
-    async def get_session(self, session_id: str) -> pb.SessionInfo:
+    async def get_session(self, session_id: str, tenant: str | None) -> pb.SessionInfo:
+        """The owner's info of the session (``tenant``'s only, unless None: an admin)."""
         await self.gate.settled(session_id)
         node = self.ring.lookup(session_id) if len(self.ring) else None
         if node is not None and node in self.members:
             try:
                 return await self.peers.stub(self.members[node].address).GetSession(
-                    pb.GetSessionRequest(session_id=session_id), timeout=5)
+                    pb.GetSessionRequest(session_id=session_id, tenant=tenant or "",
+                                         any_tenant=tenant is None), timeout=5)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
         raise SessionNotFoundError(session_id)
 
-    async def delete_session(self, session_id: str) -> None:
-        """Delete every copy (the owner's and any stale one)."""
+    async def delete_session(self, session_id: str, tenant: str | None) -> None:
+        """Delete every copy (the owner's and any stale one) that ``tenant`` owns (any
+        tenant's when None: an admin)."""
         async with self.gate.turn(session_id):
             replies = await self._each(lambda s: s.DeleteSession(
-                pb.DeleteSessionRequest(session_id=session_id), timeout=5))
+                pb.DeleteSessionRequest(session_id=session_id, tenant=tenant or "",
+                                        any_tenant=tenant is None), timeout=5))
         if not replies:
             raise SessionNotFoundError(session_id)
 
@@ -604,6 +613,7 @@ class CoordinatorServer:
                  interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> None:
         self.settings = settings
         self.backend = ClusterBackend(settings)
+        self.security = EdgeSecurity(settings.security)
         self.interceptors = interceptors
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -639,15 +649,19 @@ class CoordinatorServer:
         if self.settings.http_port:
             ensure_port_free(self.settings.host, self.settings.http_port, "HTTP API")
         await self.backend.start()
-        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=self.interceptors)
+        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=(
+            EdgeSecurityInterceptor(self.security, self.settings.limits), *self.interceptors))
         add_servicer(server, UltraKVServicer(self.backend, self.settings.limits),
                      ULTRAKV_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.port}"
+        sec = self.settings.security
         try:
-            self.port = server.add_insecure_port(bind)
+            self.port = (server.add_secure_port(bind, server_credentials(
+                sec.tls_cert, sec.tls_key, sec.tls_client_ca)) if sec.tls_cert
+                else server.add_insecure_port(bind))
         except RuntimeError:  # taken between the check and the bind
             await self.backend.stop()
             raise PortInUseError(port_in_use_message(self.settings.host, self.settings.port,
@@ -658,6 +672,7 @@ class CoordinatorServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         registry = CollectorRegistry()  # own registry: several servers in one process
         registry.register(CoordinatorCollector(self.backend))
+        registry.register(self.security.events)
         if self.settings.metrics_port:
             self._metrics_http = serve_metrics(self.settings.metrics_port, registry,
                                                self.settings.host)
@@ -698,6 +713,7 @@ async def serve_coordinator(settings: CoordinatorSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.security.reload_keys)
     log.info("coordinator listening on %s (clients dial %s; etcd %s)", server.listen_address,
              server.address, settings.etcd)
     await stop.wait()

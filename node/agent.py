@@ -175,6 +175,7 @@ async def serve_node_in_cluster(engine, server, settings: AgentSettings) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.security.reload_keys)
     await stop.wait()
     log.info("node %s stopping", agent.node_id)
     await agent.stop()

@@ -292,7 +292,8 @@ class Engine:
 
         history, earlier = ([], [])
         if request.session_id is not None:
-            history, earlier = self.sessions.history(request.session_id), self.sessions.conversation(request.session_id)
+            history = self.sessions.history(request.session_id, request.tenant)
+            earlier = self.sessions.conversation(request.session_id)
         result = _Prompt(history, len(history))
         if request.full_context:
             # The prompt is the whole conversation: the history only tells what is cached.
@@ -712,9 +713,10 @@ class Engine:
         """Blocks of the session's history still in the cache (the leading run)."""
         return self.pool.cached_prefix(continue_chain(s.block_hashes, s.token_ids, self.config.block_size, s.salt))
 
-    def get_session(self, session_id: str) -> SessionInfo:
+    def get_session(self, session_id: str, tenant: str | None = None) -> SessionInfo:
+        """The session's info; ``tenant`` set: only if that tenant owns it (else not found)."""
         with self._lock:
-            return self._info(self.sessions.get(session_id))
+            return self._info(self.sessions.get(session_id, tenant))
 
     def list_sessions(self) -> list[SessionInfo]:
         with self._lock:
@@ -730,9 +732,10 @@ class Engine:
             last_used_at=s.last_used_at,
         )
 
-    def delete_session(self, session_id: str) -> None:
+    def delete_session(self, session_id: str, tenant: str | None = None) -> None:
+        """Forget the session; ``tenant`` set: only if that tenant owns it (else not found)."""
         with self._lock:
-            self.sessions.delete(session_id)
+            self.sessions.delete(session_id, tenant)
 
     def cleanup_sessions(self, max_age_s: float) -> int:
         if not max_age_s >= 0:

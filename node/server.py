@@ -38,6 +38,10 @@ from ultrakv.cluster.addresses import (
 from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
 from ultrakv.cluster.metrics_http import serve_metrics
 from ultrakv.cluster.openai_api import ApiHost, HttpServer
+from ultrakv.cluster.security.interceptor import EdgeSecurityInterceptor
+from ultrakv.cluster.security.policy import EdgeSecurity
+from ultrakv.cluster.security.settings import SecuritySettings
+from ultrakv.cluster.security.tls import server_credentials
 from ultrakv.cluster.service import (
     DEFAULT_FLUSH_INTERVAL_S,
     ULTRAKV_SERVICE,
@@ -67,6 +71,7 @@ from ultrakv.node.chat import ChatMessage
 from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo
 from ultrakv.node.sampling_params import Priority, SamplingParams
+from ultrakv.node.sessions import TenantQuota
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 
@@ -224,12 +229,12 @@ class LocalBackend:
     async def cleanup_sessions(self, max_age_s: float) -> int:
         return int(await asyncio.to_thread(self.engine.cleanup_sessions, max_age_s))
 
-    async def get_session(self, session_id: str) -> pb.SessionInfo:
-        info = await asyncio.to_thread(self.engine.get_session, session_id)
+    async def get_session(self, session_id: str, tenant: str | None) -> pb.SessionInfo:
+        info = await asyncio.to_thread(self.engine.get_session, session_id, tenant)
         return session_message(info, self.identity.node_id)
 
-    async def delete_session(self, session_id: str) -> None:
-        await asyncio.to_thread(self.engine.delete_session, session_id)
+    async def delete_session(self, session_id: str, tenant: str | None) -> None:
+        await asyncio.to_thread(self.engine.delete_session, session_id, tenant)
 
     async def list_sessions(self) -> list[pb.SessionInfo]:
         infos = await asyncio.to_thread(self.engine.list_sessions)
@@ -247,8 +252,9 @@ class NodeServicer:
                  flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S) -> None:
         self.backend = backend
         self.engine = backend.engine
-        # Generate and the session calls are the client-facing service's, over the same backend.
-        self._client_facing = UltraKVServicer(backend, limits, flush_interval_s)
+        # Generate and the session calls are the client-facing service's, over the same backend,
+        # trusting the tenant its caller (the coordinator) set.
+        self._client_facing = UltraKVServicer(backend, limits, flush_interval_s, edge=False)
 
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -372,6 +378,8 @@ class ServerSettings:
     # The host peers and coordinators dial (e.g. a pod's DNS name); "" = derived from host.
     advertise_host: str = ""
     http_port: int = 0  # the OpenAI-compatible API, /health and /metrics; 0 = off
+    # The client-facing edge (the config file's security section): keys, limits, quotas.
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 class NodeServer:
@@ -386,6 +394,9 @@ class NodeServer:
         self.port = 0
         ident = NodeIdentity(node_id=self.settings.node_id) if self.settings.node_id else None
         self.backend = LocalBackend(engine, ident)
+        self.security = EdgeSecurity(self.settings.security)
+        engine.sessions.quota = TenantQuota(self.settings.security.tenant_max_sessions,
+                                            self.settings.security.tenant_max_session_tokens)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
@@ -419,8 +430,9 @@ class NodeServer:
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
                    ("grpc.max_send_message_length", self.settings.max_message_bytes),
                    *GRPC_SERVER_OPTIONS]
-        server = grpc.aio.server(options=options, interceptors=self.interceptors)
         limits = self.settings.limits
+        server = grpc.aio.server(options=options, interceptors=(
+            EdgeSecurityInterceptor(self.security, limits), *self.interceptors))
         flush = self.settings.stream_flush_interval_s
         add_servicer(server, UltraKVServicer(self.backend, limits, flush), ULTRAKV_SERVICE)
         add_servicer(server, NodeServicer(self.backend, limits, flush), NODE_SERVICE)
@@ -429,10 +441,12 @@ class NodeServer:
             (ULTRAKV_SERVICE, NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
             server)
         bind = f"{self.settings.host}:{self.settings.port}"
+        sec = self.settings.security
         creds = None
-        if self.settings.tls_cert and self.settings.tls_key:
-            with open(self.settings.tls_key, "rb") as k, open(self.settings.tls_cert, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        if sec.tls_cert:  # single-process serve: the client port's TLS (mTLS with a client CA)
+            creds = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca)
+        elif self.settings.tls_cert and self.settings.tls_key:
+            creds = server_credentials(self.settings.tls_cert, self.settings.tls_key)
         try:
             self.port = (server.add_secure_port(bind, creds) if creds is not None
                          else server.add_insecure_port(bind))
@@ -446,6 +460,7 @@ class NodeServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         registry = CollectorRegistry()  # own registry: several servers in one process
         registry.register(NodeCollector(self.engine, self.backend.identity.node_id))
+        registry.register(self.security.events)
         if self.settings.metrics_port:
             self._metrics_http = serve_metrics(self.settings.metrics_port, registry,
                                                self.settings.host)
@@ -491,6 +506,7 @@ async def serve_until_signalled(server: NodeServer) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.security.reload_keys)
     log.info("node %s serving %s, listening on %s (clients dial %s)",
              server.backend.identity.node_id, getattr(server.engine, "model_name", "?"),
              server.listen_address, server.address)

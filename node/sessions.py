@@ -5,6 +5,12 @@ full blocks, found again by their chained content hashes when the next turn arri
 evictable under memory pressure like any other cached block. Replicas are histories that a
 ring predecessor pushed here so that a conversation survives its owner's death; a replica
 becomes a session the first time a request for it arrives. Pure logic, no I/O.
+
+A session belongs to the tenant that opened it (its ``salt``): for any other tenant it does
+not exist (NOT_FOUND, the same answer as for an unknown id, so ids leak nothing). A tenant
+quota bounds the sessions and history tokens one tenant holds; at the store's cap the
+session dropped belongs to the tenant holding the most, so a tenant that floods sessions
+drops its own, never a smaller tenant's.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ultrakv.cluster.errors import CapacityError, EngineError, SessionNotFoundError
+from ultrakv.cluster.errors import CapacityError, EngineError, SessionNotFoundError, TenantQuotaError
 from ultrakv.node.chat import ChatMessage
 
 
@@ -42,20 +48,30 @@ class Session:
     messages: list[ChatMessage] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TenantQuota:
+    """Per tenant on one node: sessions and history tokens held, at most (0 = no limit)."""
+
+    max_sessions: int = 0
+    max_tokens: int = 0
+
+
 class SessionStore:
     """session id -> Session, plus replicas held for ring neighbours.
 
     Both are bounded: at most ``max_sessions`` sessions (a new or adopted one pushes out the
-    least recently used idle one), at most ``max_replicas`` replicas holding
-    ``max_replica_tokens`` tokens in all (the least recently stored go first).
+    least recently used idle one of the tenant holding the most), at most ``max_replicas``
+    replicas holding ``max_replica_tokens`` tokens in all (the least recently stored go first).
     """
 
     def __init__(self, max_sessions: int, clock: Callable[[], float] = time.time,
-                 max_replicas: int = 100_000, max_replica_tokens: int = 1 << 22):
+                 max_replicas: int = 100_000, max_replica_tokens: int = 1 << 22,
+                 quota: TenantQuota | None = None):
         self.max_sessions = max_sessions
         self.max_replicas = max_replicas
         self.max_replica_tokens = max_replica_tokens
         self.clock = clock
+        self.quota = quota or TenantQuota()
         self._sessions: dict[str, Session] = {}
         self._replicas: dict[str, Session] = {}  # insertion order = least recently stored first
         self._replica_tokens = 0
@@ -74,15 +90,19 @@ class SessionStore:
     def replica_tokens(self) -> int:
         return self._replica_tokens
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, tenant: str | None = None) -> Session:
+        """The session; with ``tenant``, only if that tenant owns it."""
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or (tenant is not None and session.salt != tenant):
             raise SessionNotFoundError(session_id)
         return session
 
-    def history(self, session_id: str) -> list[int]:
-        """The history a new turn continues: the session's, else a replica's, else empty."""
+    def history(self, session_id: str, tenant: str = "") -> list[int]:
+        """The history ``tenant``'s new turn continues: the session's, else a replica's, else
+        empty; another tenant's session is not found."""
         session = self._sessions.get(session_id) or self._replicas.get(session_id)
+        if session is not None and session.salt != tenant:
+            raise SessionNotFoundError(session_id)
         return session.token_ids if session is not None else []
 
     def conversation(self, session_id: str) -> list[ChatMessage]:
@@ -94,11 +114,18 @@ class SessionStore:
         return list(self._sessions.values())
 
     def begin_turn(self, session_id: str, salt: str) -> Session:
-        """The session a new turn continues: existing, promoted from a replica, or new."""
+        """The session tenant ``salt``'s new turn continues: existing, promoted from a
+        replica, or new (within the tenant's quota)."""
+        held = self._sessions.get(session_id) or self._replicas.get(session_id)
+        if held is not None and held.salt != salt:
+            raise SessionNotFoundError(session_id)
         session = self._sessions.get(session_id) or self.promote_replica(session_id)
+        if session is not None and self.quota.max_tokens:
+            self._check_quota(salt, new_session=False)
         if session is None:
+            self._check_quota(salt, new_session=True)
             if len(self._sessions) >= self.max_sessions:
-                self._drop_oldest_idle()
+                self._drop_oldest_idle(salt)
             now = self.clock()
             session = Session(session_id, [], salt, 0, now, now)
             self._sessions[session_id] = session
@@ -129,15 +156,15 @@ class SessionStore:
         """Adopt a session (import, restore); it counts against ``max_sessions`` like a new one."""
         self._pop_replica(session.session_id)
         if session.session_id not in self._sessions and len(self._sessions) >= self.max_sessions:
-            if not self._drop_oldest_idle():
+            if not self._drop_oldest_idle(session.salt):
                 raise CapacityError("max_sessions", f"sessions must number at most "
                                                     f"{self.max_sessions}; every one is busy")
         self._sessions[session.session_id] = session
 
-    def delete(self, session_id: str) -> Session:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise SessionNotFoundError(session_id)
+    def delete(self, session_id: str, tenant: str | None = None) -> Session:
+        """Forget the session; with ``tenant``, only if that tenant owns it."""
+        session = self.get(session_id, tenant)
+        del self._sessions[session_id]
         return session
 
     def cleanup(self, max_age_s: float) -> list[Session]:
@@ -167,7 +194,7 @@ class SessionStore:
         replica = self._pop_replica(session_id)
         if replica is not None:
             if session_id not in self._sessions and len(self._sessions) >= self.max_sessions:
-                self._drop_oldest_idle()
+                self._drop_oldest_idle(replica.salt)
             self._sessions[session_id] = replica
         return replica
 
@@ -177,8 +204,29 @@ class SessionStore:
             self._replica_tokens -= len(replica.token_ids)
         return replica
 
-    def _drop_oldest_idle(self) -> bool:
+    def _check_quota(self, tenant: str, new_session: bool) -> None:
+        quota = self.quota
+        if not (quota.max_sessions or quota.max_tokens):
+            return
+        own = [s for s in self._sessions.values() if s.salt == tenant]
+        if new_session and quota.max_sessions and len(own) >= quota.max_sessions:
+            raise TenantQuotaError(f"tenant holds {len(own)} sessions on this node, its quota "
+                                   f"(tenant_max_sessions) is {quota.max_sessions}; delete "
+                                   "sessions or wait for them to expire", retry_after_s=1.0)
+        tokens = sum(len(s.token_ids) for s in own)
+        if quota.max_tokens and tokens >= quota.max_tokens:
+            raise TenantQuotaError(f"tenant holds {tokens} history tokens on this node, its quota "
+                                   f"(tenant_max_session_tokens) is {quota.max_tokens}; delete "
+                                   "sessions or wait for them to expire", retry_after_s=1.0)
+
+    def _drop_oldest_idle(self, tenant: str) -> bool:
+        """Make room for ``tenant``'s new session: drop the least recently used idle session
+        of the tenant holding the most (``tenant`` itself on a tie). False if none is idle."""
+        counts: dict[str, int] = {}
+        for s in self._sessions.values():
+            counts[s.salt] = counts.get(s.salt, 0) + 1
         idle = [s for s in self._sessions.values() if not s.busy]
         if idle:
-            del self._sessions[min(idle, key=lambda s: s.last_used_at).session_id]
+            victim = min(idle, key=lambda s: (-counts[s.salt], s.salt != tenant, s.last_used_at))
+            del self._sessions[victim.session_id]
         return bool(idle)

@@ -237,7 +237,7 @@ async def test_replicator_sends_the_sessions_tenant(node, server, engine):
         await peers.close()
     assert replicator.stats.replicated == 1
     # The owner dies (its live copy goes); the successor promotes the replica.
-    node.DeleteSession(pb.DeleteSessionRequest(session_id="acme-hook"), timeout=10)
+    node.DeleteSession(pb.DeleteSessionRequest(session_id="acme-hook", any_tenant=True), timeout=10)
     node.PromoteReplica(npb.PromoteReplicaRequest(session_id="acme-hook"), timeout=10)
     assert engine.sessions.get("acme-hook").salt == "acme"
     assert tenant_turn(node, "acme-hook", " next", "acme").usage.cached_tokens >= 32

@@ -333,16 +333,24 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., turns: _Optional[int] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "tenant", "any_tenant")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ANY_TENANT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    any_tenant: bool
+    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., any_tenant: _Optional[bool] = ...) -> None: ...
 
 class DeleteSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "tenant", "any_tenant")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ANY_TENANT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    any_tenant: bool
+    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., any_tenant: _Optional[bool] = ...) -> None: ...
 
 class DeleteSessionResponse(_message.Message):
     __slots__ = ()

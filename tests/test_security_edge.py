@@ -1,0 +1,347 @@
+"""The client-facing edge over real gRPC on loopback: API keys, tenants, roles, signatures,
+IP rules, rate limits and quotas (issue 10, findings 1, 4, 5, 6, 11, 12).
+
+One engine serves every test; each test starts its own server with the security settings it
+needs (a server starts in milliseconds, the engine does not)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from ultrakv.client import Client
+from ultrakv.client.cli import main as cli_main
+from ultrakv.client.client import RetryPolicy
+from ultrakv.cluster.security import keys as keyfile
+from ultrakv.cluster.security.settings import SecuritySettings
+from ultrakv.cluster.security.signing import signature_headers
+from ultrakv.node import Engine, EngineConfig
+from ultrakv.node.server import BackgroundServer, ServerSettings
+from ultrakv.v1 import types_pb2 as pb
+from ultrakv.v1 import ultrakv_pb2_grpc
+
+# Several full blocks (16 tokens each, byte-level tokenizer), so a prefix hit is visible.
+PROMPT = "The quarterly numbers of tenant acme are confidential, do not share them. " * 2
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=256, max_sessions=6))
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, str]:
+    """A keys file with users of two tenants, an admin and a signing key: name -> key."""
+    path = tmp_path_factory.mktemp("keys") / "keys.jsonl"
+    made = {name: keyfile.create_key(path, tenant, role, signing=(name == "signer"))
+            for name, tenant, role in (("acme", "acme", "user"), ("globex", "globex", "user"),
+                                       ("acme2", "acme", "user"), ("admin", "ops", "admin"),
+                                       ("signer", "initech", "user"))}
+    out = {name: key for name, (key, _) in made.items()}
+    out["signing_secret"] = made["signer"][1].signing_secret
+    out["path"] = str(path)
+    return out
+
+
+def serve(engine, **security) -> BackgroundServer:
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.2,
+                              security=SecuritySettings(**security))
+    return BackgroundServer(engine, settings)
+
+
+@pytest.fixture(scope="module")
+def server(engine, keys):
+    with serve(engine, keys_file=keys["path"]) as srv:
+        yield srv
+
+
+def client(srv, key: str | None, **kw) -> Client:
+    return Client(srv.address, api_key=key, retry=NO_RETRY, timeout=30, **kw)
+
+
+def process(srv, key: str | None, **spec) -> dict:
+    with client(srv, key) as c:
+        return c.process_request({"max_length": 2, "temperature": 0.0, **spec})
+
+
+def stub_call(srv, method: str, request, metadata=()):
+    """One raw call (a stream's responses as a list)."""
+    with grpc.insecure_channel(srv.address) as channel:
+        reply = getattr(ultrakv_pb2_grpc.UltraKVStub(channel), method)(
+            request, metadata=metadata, timeout=30)
+        return list(reply) if method == "Generate" else reply
+
+
+def rpc_code(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    return err.value.code()
+
+
+# --- finding 1: authentication ---------------------------------------------------------------
+
+
+def test_finding_1_a_missing_or_wrong_key_is_refused_and_a_valid_one_accepted(server, keys):
+    request = pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_length=1))
+    before = dict(server.server.security.events.counts)
+    assert rpc_code(lambda: stub_call(server, "Process", request)) == grpc.StatusCode.UNAUTHENTICATED
+    forged = "ukv_" + keys["acme"][4:16] + "_" + "x" * 43  # a real key id, a wrong secret
+    for metadata in ((("x-api-key", "nope"),), (("x-api-key", forged),),
+                     (("authorization", "Bearer " + forged),)):
+        code = rpc_code(lambda m=metadata: stub_call(server, "Process", request, m))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    # The stream and every other method are guarded too.
+    assert rpc_code(lambda: stub_call(server, "Generate", iter([pb.GenerateStreamRequest(
+        generate=pb.GenerateRequest(request_id="r", text="hi"))]))) == grpc.StatusCode.UNAUTHENTICATED
+    assert rpc_code(lambda: stub_call(server, "Stats", pb.StatsRequest())) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert server.server.security.events.counts["auth_failed"] - before["auth_failed"] == 6
+    # Both header forms of a valid key work.
+    assert stub_call(server, "Process", request, (("x-api-key", keys["acme"]),)).token_ids
+    assert stub_call(server, "Process", request,
+                     (("authorization", "Bearer " + keys["acme"]),)).token_ids
+
+
+def test_the_seed_api_works_with_a_key(server, keys):
+    with client(server, keys["acme"]) as c:
+        r = c.process_request({"text": "Hello", "max_length": 4, "session_id": "seed-1"})
+        assert r["success"] and r["response"]["token_ids"]
+        chunks = list(c.stream({"text": " again", "max_length": 3, "session_id": "seed-1"}))
+        assert chunks[-1].finished and chunks[-1].result["success"]
+        assert c.get_session("seed-1")["turns"] == 2
+        assert c.process_batch([{"text": "a", "max_length": 1}, {"text": "b", "max_length": 1}])
+        assert c.stats()["nodes"] and c.health()["healthy"]
+    with client(server, None) as anonymous:
+        refused = anonymous.process_request({"text": "Hello"})
+        assert not refused["success"] and refused["error_code"] == "UNAUTHENTICATED"
+
+
+def test_cli_test_command_with_an_api_key(server, keys, capsys):
+    argv = ["test", "--address", server.address, "--text", "Hi", "--max-length", "3",
+            "--timeout", "30"]
+    assert cli_main([*argv, "--api-key", keys["acme"]]) == 0
+    assert "3 tokens" in capsys.readouterr().out
+    assert cli_main(argv) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+# --- finding 5: the tenant comes from the key -------------------------------------------------
+
+
+def test_finding_5_a_tenant_cannot_probe_another_tenants_prompts(server, keys):
+    assert process(server, keys["acme"], text=PROMPT)["success"]
+    assert process(server, keys["acme2"], text=PROMPT)["cached_tokens"] >= 32  # same tenant shares
+    # globex claims to be acme: the edge overwrites the tenant, so nothing is cached for it.
+    with grpc.insecure_channel(server.address) as channel:
+        result = ultrakv_pb2_grpc.UltraKVStub(channel).Process(pb.GenerateRequest(
+            text=PROMPT, tenant="acme", sampling=pb.SamplingOptions(max_length=2)),
+            metadata=(("x-api-key", keys["globex"]),), timeout=30)
+    assert result.usage.cached_tokens == 0
+
+
+# --- finding 4 (tenancy): sessions belong to their tenant -------------------------------------
+
+
+def test_finding_4_another_tenant_can_neither_continue_nor_see_a_session(server, keys):
+    first = process(server, keys["acme"], text="my secret plan", session_id="acme-chat")
+    assert first["success"]
+    taken = process(server, keys["globex"], text=" and now tell me", session_id="acme-chat")
+    assert not taken["success"] and taken["error_code"] == "NOT_FOUND"
+    with client(server, keys["globex"]) as globex:
+        for call in (globex.get_session, globex.delete_session):
+            with pytest.raises(Exception) as err:
+                call("acme-chat")
+            assert err.value.code == "NOT_FOUND"  # the same answer as an unknown id
+        with pytest.raises(Exception) as err:
+            globex.get_session("no-such-session")
+        assert err.value.code == "NOT_FOUND"
+        chunks = globex.stream({"text": "x", "session_id": "acme-chat", "max_length": 1})
+        with pytest.raises(Exception) as err:
+            list(chunks)
+        assert err.value.code == "NOT_FOUND"
+    with client(server, keys["acme"]) as acme:
+        info = acme.get_session("acme-chat")
+        assert info["turns"] == 1 and info["num_tokens"] == first["usage"]["prompt_tokens"] + 2
+    with client(server, keys["admin"]) as admin:  # an admin sees every tenant's sessions
+        assert admin.get_session("acme-chat")["turns"] == 1
+
+
+# --- finding 6: admin-only RPCs ---------------------------------------------------------------
+
+
+def test_finding_6_destructive_and_detailed_rpcs_need_an_admin_key(server, keys):
+    with client(server, keys["acme"]) as user:
+        for call in (user.clear_cache, lambda: user.cleanup_sessions(0)):
+            with pytest.raises(Exception) as err:
+                call()
+            assert err.value.code == "PERMISSION_DENIED"
+        node = user.stats()["nodes"][0]
+        assert node["address"] == "" and node["pid"] == 0 and node["engine"] == {}
+    assert server.server.security.events.counts["forbidden"] >= 2
+    with client(server, keys["admin"]) as admin:
+        assert admin.clear_cache()["success"]
+        node = admin.stats()["nodes"][0]
+        assert node["address"] == server.address and node["pid"] > 0 and node["engine"]
+
+
+# --- findings 11, 12: rate limits and quotas --------------------------------------------------
+
+
+def test_finding_11_a_flooding_key_is_limited_and_another_tenant_still_served(engine, keys):
+    with serve(engine, keys_file=keys["path"], key_requests_per_s=2.0, burst_s=1.0) as srv:
+        flood = [process(srv, keys["acme"], text="flood") for _ in range(8)]
+        limited = [r for r in flood if not r["success"]]
+        assert limited and all(r["error_code"] == "RESOURCE_EXHAUSTED" for r in limited)
+        assert all(r["retry_after_s"] > 0 for r in limited)
+        # globex has its own bucket: none of its requests is refused while acme is limited.
+        assert all(process(srv, keys["globex"], text="fair")["success"] for _ in range(2))
+        assert srv.server.security.events.counts["rate_limited"] == len(limited)
+
+
+def test_tenant_running_slots_refuse_a_second_request_without_queue(engine, keys):
+    with serve(engine, keys_file=keys["path"], tenant_max_running=1, tenant_max_queued=0) as srv:
+        started = threading.Event()
+        results: list[dict] = []
+
+        def long_request() -> None:
+            with client(srv, keys["acme"]) as c:
+                for chunk in c.stream({"text": "long", "max_length": 200, "ignore_eos": True}):
+                    started.set()
+                    if chunk.finished:
+                        results.append(chunk.result)
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        assert started.wait(60)
+        second = process(srv, keys["acme2"], text="second")  # same tenant, other key
+        other = process(srv, keys["globex"], text="other tenant")
+        worker.join(120)
+        assert not second["success"] and second["error_code"] == "RESOURCE_EXHAUSTED"
+        assert second["retry_after_s"] > 0
+        assert other["success"] and results and results[0]["success"]
+        assert process(srv, keys["acme"], text="after")["success"]  # the slot came back
+
+
+def test_finding_12_a_tenant_flooding_sessions_does_not_evict_another_tenants(engine, keys):
+    # The engine holds 6 sessions; acme opens 2, then globex opens 10.
+    engine.cleanup_sessions(0)
+    with serve(engine, keys_file=keys["path"]) as srv:
+        for i in range(2):
+            assert process(srv, keys["acme"], text="keep me", session_id=f"acme-keep-{i}")["success"]
+        for i in range(10):
+            assert process(srv, keys["globex"], text="flood", session_id=f"globex-{i}")["success"]
+        with client(srv, keys["acme"]) as acme:
+            assert [acme.get_session(f"acme-keep-{i}")["turns"] for i in range(2)] == [1, 1]
+    engine.cleanup_sessions(0)
+    with serve(engine, keys_file=keys["path"], tenant_max_sessions=2) as srv:
+        for i in range(2):
+            assert process(srv, keys["globex"], text="q", session_id=f"globex-q-{i}")["success"]
+        over = process(srv, keys["globex"], text="q", session_id="globex-q-2")
+        assert not over["success"] and over["error_code"] == "RESOURCE_EXHAUSTED"
+        assert "tenant_max_sessions" in over["error"] and over["retry_after_s"] > 0
+        assert process(srv, keys["acme"], text="q", session_id="acme-q-0")["success"]
+    engine.sessions.quota = type(engine.sessions.quota)()
+    engine.cleanup_sessions(0)
+
+
+# --- signatures, IP rules, key reload ---------------------------------------------------------
+
+
+def test_signed_requests_replayed_or_outside_the_window_are_rejected(server, keys):
+    method = "/ultrakv.v1.UltraKV/Process"
+    request = pb.GenerateRequest(text="signed", sampling=pb.SamplingOptions(max_length=1))
+    body = request.SerializeToString()
+    key = (("x-api-key", keys["signer"]),)
+    counts = server.server.security.events.counts
+    # The client library signs when given the secret; without it the key is refused.
+    with client(server, keys["signer"], signing_secret=keys["signing_secret"]) as c:
+        assert c.process_request({"text": "signed", "max_length": 1})["success"]
+        assert list(c.stream({"text": "signed stream", "max_length": 2}))[-1].finished
+    assert rpc_code(lambda: stub_call(server, "Process", request, key)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    headers = tuple(signature_headers(keys["signing_secret"], method, body))
+    assert stub_call(server, "Process", request, key + headers).token_ids
+    replays = counts["replay_rejected"]
+    assert rpc_code(lambda: stub_call(server, "Process", request, key + headers)) == \
+        grpc.StatusCode.UNAUTHENTICATED  # the same nonce again
+    stale = tuple(signature_headers(keys["signing_secret"], method, body, now=time.time() - 600))
+    assert rpc_code(lambda: stub_call(server, "Process", request, key + stale)) == \
+        grpc.StatusCode.UNAUTHENTICATED  # signed 10 minutes ago: outside the 5-minute window
+    assert counts["replay_rejected"] - replays == 2
+    other = pb.GenerateRequest(text="tampered", sampling=pb.SamplingOptions(max_length=1))
+    assert rpc_code(lambda: stub_call(server, "Process", other, key + tuple(
+        signature_headers(keys["signing_secret"], method, body)))) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_ip_deny_list_refuses_before_authentication(engine, keys):
+    with serve(engine, keys_file=keys["path"], ip_deny=["127.0.0.0/8"]) as srv:
+        refused = process(srv, keys["acme"], text="x")
+        assert refused["error_code"] == "PERMISSION_DENIED"
+        assert srv.server.security.events.counts["ip_denied"] == 1
+    with serve(engine, ip_allow=["10.0.0.0/8"]) as srv:
+        assert process(srv, None, text="x")["error_code"] == "PERMISSION_DENIED"
+    with serve(engine, ip_allow=["127.0.0.1/32"], ip_deny=["10.0.0.0/8"]) as srv:
+        assert process(srv, None, text="x")["success"]
+
+
+def test_keys_are_added_and_revoked_without_a_restart(engine, tmp_path):
+    path = tmp_path / "keys.jsonl"
+    first, _ = keyfile.create_key(path, "acme")
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert keyfile.hash_key(first) in path.read_text() and first not in path.read_text()
+    with serve(engine, keys_file=str(path)) as srv:
+        assert process(srv, first, text="x")["success"]
+        second, record = keyfile.create_key(path, "globex")
+        deadline = time.monotonic() + 30
+        while not process(srv, second, text="x")["success"]:
+            assert time.monotonic() < deadline, "new key never accepted"
+            time.sleep(0.2)
+        keyfile.revoke_key(path, record.key_id)
+        srv.server.security.reload_keys()  # what SIGHUP does
+        assert process(srv, second, text="x")["error_code"] == "UNAUTHENTICATED"
+        assert process(srv, first, text="x")["success"]
+
+
+def test_keys_cli_creates_lists_and_revokes(tmp_path, capsys):
+    path = str(tmp_path / "keys.jsonl")
+    assert cli_main(["keys", "create", "--tenant", "acme", "--role", "admin",
+                     "--keys-file", path]) == 0
+    key = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"ukv_[0-9a-f]{12}_\S+", key) and key not in Path(path).read_text()
+    key_id = key[4:16]
+    assert cli_main(["keys", "list", "--keys-file", path]) == 0
+    listed = capsys.readouterr().out
+    assert key_id in listed and "acme" in listed and "admin" in listed and key not in listed
+    assert cli_main(["keys", "revoke", key_id, "--keys-file", path]) == 0
+    assert keyfile.read_keys_file(path) == []
+    assert cli_main(["keys", "create", "--tenant", "a/b", "--keys-file", path]) == 2
+    assert "tenant must be" in capsys.readouterr().err
+
+
+def test_no_keys_file_leaves_loopback_open(engine):
+    with serve(engine) as srv:
+        assert process(srv, None, text="open")["success"]
+        with client(srv, None) as c:
+            assert c.clear_cache()["success"]
+
+
+def test_security_section_of_the_config_file(tmp_path):
+    from ultrakv.client.config_file import generate_config, load_config
+
+    text = generate_config("development")
+    assert "security:" in text and "keys_file" in text
+    path = tmp_path / "c.yaml"
+    path.write_text(text.replace("keys_file: ''", "keys_file: /etc/ultrakv/keys")
+                    .replace("key_requests_per_s: 0.0", "key_requests_per_s: 5.0"))
+    security = load_config(path).server.security
+    assert security.keys_file == "/etc/ultrakv/keys" and security.key_requests_per_s == 5.0
+    path.write_text("security:\n  key_requests_per_s: -1\n")
+    with pytest.raises(ValueError, match="key_requests_per_s must be >= 0"):
+        load_config(path)
