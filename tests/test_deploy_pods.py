@@ -277,6 +277,19 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
                                         "temperature": 0.0})
                 assert r["success"] and r["node"] == nodes[1].name, r
                 assert r["cache_hit"], (sid, owner, r)  # the history came along
+
+            # The rolling update's new pod: same name, same data volume. It joins the ring
+            # (ready) and takes its sessions back, live, KV included.
+            leaving.start(["ultrakv"])
+            wait_for("node-0 back on the ring", lambda: leaving.probe("readinessProbe"), pods)
+            wait_for("node-0 owning sessions again", lambda: any(
+                c0.process_request({"text": " again", "session_id": sid, "max_length": 2,
+                                    "temperature": 0.0})["node"] == leaving.name
+                for sid in owners), pods)
+            for sid in owners:
+                r = c1.process_request({"text": " last", "session_id": sid, "max_length": 2,
+                                        "temperature": 0.0})
+                assert r["success"] and r["cache_hit"], r
         remaining = nodes[1]
         assert remaining.probe("readinessProbe")
 
