@@ -257,7 +257,30 @@ def test_secrets_are_referenced_not_inlined(default: list[dict]) -> None:
     assert not [o for o in existing if o["kind"] == "Secret"]
     volumes = {v["name"]: v for v in pod_spec(find(existing, "StatefulSet", "node"))["volumes"]}
     assert volumes["cluster-secret"]["secret"]["secretName"] == "mine"
+    volumes = {v["name"]: v for v in pod_spec(find(existing, "Deployment", "coordinator"))["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "my-tls"
+
+
+def test_coordinator_tls_and_api_keys(default: list[dict]) -> None:
+    args = container(find(default, "Deployment", "coordinator"), "coordinator")["args"]
+    assert not [a for a in args if a.startswith(("--tls", "--keys-file"))]
+    assert "--config=/etc/ultrakv/config/ultrakv.yaml" in args  # limits + security sections
+
+    objects = render({"tls": {"enabled": True, "clientAuth": True},
+                      "auth": {"keysSecret": "ultrakv-keys"},
+                      "coordinator": {"http": {"enabled": False}}})
+    coord = container(find(objects, "Deployment", "coordinator"), "coordinator")
+    assert {"--tls-cert=/etc/ultrakv/tls/tls.crt", "--tls-key=/etc/ultrakv/tls/tls.key",
+            "--tls-client-ca=/etc/ultrakv/tls/ca.crt",
+            "--keys-file=/etc/ultrakv/keys/keys.yaml"} <= set(coord["args"])
+    mounts = {m["name"]: m["mountPath"] for m in coord["volumeMounts"]}
+    assert mounts["tls"] == "/etc/ultrakv/tls" and mounts["keys"] == "/etc/ultrakv/keys"
+    volumes = {v["name"]: v for v in pod_spec(find(objects, "Deployment", "coordinator"))["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == "ultrakv-keys"
+    # gRPC probes then go over the same mutual TLS, checking the Service's name.
+    probe = coord["readinessProbe"]["exec"]["command"]
+    assert {"--tls-ca=/etc/ultrakv/tls/ca.crt", "--tls-server-name=ultrakv",
+            "--tls-cert=/etc/ultrakv/tls/tls.crt"} <= set(probe)
 
 
 def test_generated_tls_secret() -> None:

@@ -18,10 +18,11 @@ FOREIGN = {"up", "etcd_server_has_leader"}
 
 
 def exported_metric_names() -> set[str]:
-    """Sample names the collectors in node/metrics.py and coordinator/metrics.py expose, read
+    """Sample names the collectors of nodes, coordinators and the security layer expose, read
     from their source: counters gain ``_total``, histograms ``_bucket``/``_sum``/``_count``."""
     names: set[str] = set()
-    for source in (ROOT / "node" / "metrics.py", ROOT / "coordinator" / "metrics.py"):
+    for source in (ROOT / "node" / "metrics.py", ROOT / "coordinator" / "metrics.py",
+                   ROOT / "cluster" / "security" / "events.py"):
         text = source.read_text()
         for ctor, name in re.findall(
                 r"(_counter|_gauge|histogram_family|CounterMetricFamily|GaugeMetricFamily)"
@@ -78,7 +79,7 @@ def test_dashboard_covers_the_operator_questions() -> None:
                    "ultrakv_prefix_cache_hit_tokens_total", "ultrakv_kv_cache_usage_ratio",
                    "ultrakv_num_requests_waiting", "ultrakv_preemptions_total",
                    "ultrakv_coordinator_ring_epoch", "ultrakv_coordinator_node_health",
-                   "ultrakv_coordinator_session_moves_total", "ultrakv_security_"):
+                   "ultrakv_coordinator_session_moves_total", "ultrakv_security_events_total"):
         assert metric in text, metric
     for p in panels:
         for t in p["targets"]:

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.cluster
 
 BIN = Path(sys.executable).parent
 VOLUME_PATHS = ("/var/lib/ultrakv", "/etc/ultrakv/config", "/etc/ultrakv/cluster-secret",
-                "/var/lib/etcd")
+                "/etc/ultrakv/tls", "/var/lib/etcd")
 NAMESPACE = "default"
 
 
@@ -167,6 +167,24 @@ def wait_for(what: str, check, pods: list[Pod], timeout: float = 180.0) -> Any:
                                                               for p in pods))
 
 
+def write_volumes(pod: Pod, spec: dict[str, Any], manifests: list[dict[str, Any]]) -> None:
+    """The kubelet's ConfigMap and Secret volumes: each key a file under the mount path."""
+    mounts = {m["name"]: m["mountPath"] for m in pod.spec["volumeMounts"]}
+    for volume in spec["volumes"]:
+        if "configMap" in volume:
+            data = find(manifests, "ConfigMap", volume["configMap"]["name"])["data"]
+            files = {k: v.encode() for k, v in data.items()}
+        elif "secret" in volume:
+            data = find(manifests, "Secret", volume["secret"]["secretName"])["data"]
+            files = {k: base64.b64decode(v) for k, v in data.items()}
+        else:
+            continue
+        target = Path(pod.localize(mounts[volume["name"]]))
+        target.mkdir(parents=True, exist_ok=True)
+        for key, content in files.items():
+            (target / key).write_bytes(content)
+
+
 def metric_names(exposition: str) -> set[str]:
     """Sample names in a Prometheus text exposition."""
     return {line.split("{")[0].split(" ")[0] for line in exposition.splitlines()
@@ -183,17 +201,16 @@ def grpc_serving(address: str, service: str = "") -> bool:
 @pytest.fixture(scope="module")
 def manifests() -> list[dict[str, Any]]:
     renderer_or_skip()
-    return render({"etcd": {"replicas": 1}, "node": {"checkpointIntervalSeconds": 1}},
+    return render({"etcd": {"replicas": 1}, "node": {"checkpointIntervalSeconds": 1},
+                   "tls": {"enabled": True}},  # the chart generates the CA and certificate
                   files=(CHART / "ci" / "cpu-values.yaml",))
 
 
 def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Path) -> None:
-    from ultrakv.client import Client
+    from ultrakv.client import Client, TLSConfig
 
     services = tuple(o["metadata"]["name"] for o in manifests if o["kind"] == "Service")
     etcd_ports = {2379: free_port(), 2380: free_port()}
-    config = find(manifests, "ConfigMap", "config")["data"]
-    secret = find(manifests, "Secret", "cluster-secret")["data"]
     etcd_sts = find(manifests, "StatefulSet", "etcd")
     node_sts = find(manifests, "StatefulSet", "node")
     coord = find(manifests, "Deployment", "coordinator")
@@ -218,12 +235,7 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
             assert etcd.http_probe(etcd.spec[probe]) == 200, probe
 
         for p in nodes + coordinators:
-            (p.root / "etc_ultrakv_config").mkdir(parents=True)
-            for key, text in config.items():
-                (p.root / "etc_ultrakv_config" / key).write_text(text)
-            (p.root / "etc_ultrakv_cluster-secret").mkdir(parents=True)
-            for key, value in secret.items():
-                (p.root / "etc_ultrakv_cluster-secret" / key).write_bytes(base64.b64decode(value))
+            write_volumes(p, pod_spec(node_sts if p in nodes else coord), manifests)
             # The init container: etcd answers before the main container starts.
             (init,) = pod_spec(node_sts if p in nodes else coord)["initContainers"]
             p.build_env()
@@ -246,10 +258,14 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
                 assert p.probe(probe), (p.name, probe)
 
         # The node id is the pod name; coordinators route over both nodes.
+        # Coordinators speak TLS with the chart's generated certificate: clients trust its CA
+        # and check the Service's name.
+        tls = TLSConfig(ca_cert=str(Path(coordinators[0].localize("/etc/ultrakv/tls")) / "ca.crt"),
+                        server_name=find(manifests, "Service", "ultrakv")["metadata"]["name"])
         wait_for("both nodes routed", lambda: len({n["node_id"] for n in Client(
-            grpc(coordinators[0]), timeout=5).stats()["nodes"]}) == 2, pods)
-        with Client(grpc(coordinators[0]), timeout=60) as c0, \
-                Client(grpc(coordinators[1]), timeout=60) as c1:
+            grpc(coordinators[0]), timeout=5, tls=tls).stats()["nodes"]}) == 2, pods)
+        with Client(grpc(coordinators[0]), timeout=60, tls=tls) as c0, \
+                Client(grpc(coordinators[1]), timeout=60, tls=tls) as c1:
             assert {n["node_id"] for n in c0.stats()["nodes"]} == {n.name for n in nodes}
             owners = {}
             for i in range(8):

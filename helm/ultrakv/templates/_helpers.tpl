@@ -111,7 +111,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* An exec probe: `ultrakv health` against the local gRPC port (exit 0 only when SERVING).
-     (dict "port" 50051 "service" "" "probe" .Values.x.probes.startup) */}}
+     (dict "port" 50051 "service" "" "probe" .Values.x.probes.startup ["tls" $]): with "tls",
+     over the coordinators' client TLS (the chart's CA; its own certificate for mutual TLS). */}}
 {{- define "ultrakv.healthProbe" -}}
 exec:
   command:
@@ -121,6 +122,14 @@ exec:
     - --timeout={{ sub (int .probe.timeoutSeconds) 1 }}
     {{- if .service }}
     - --service={{ .service }}
+    {{- end }}
+    {{- if and .tls .tls.Values.tls.enabled }}
+    - --tls-ca=/etc/ultrakv/tls/ca.crt
+    - --tls-server-name={{ include "ultrakv.fullname" .tls }}
+    {{- if .tls.Values.tls.clientAuth }}
+    - --tls-cert=/etc/ultrakv/tls/tls.crt
+    - --tls-key=/etc/ultrakv/tls/tls.key
+    {{- end }}
     {{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}
@@ -135,12 +144,6 @@ failureThreshold: {{ .probe.failureThreshold }}
   secret:
     secretName: {{ include "ultrakv.clusterSecretName" . }}
     defaultMode: 0400
-{{- if .Values.tls.enabled }}
-- name: tls
-  secret:
-    secretName: {{ include "ultrakv.tlsSecretName" . }}
-    defaultMode: 0400
-{{- end }}
 {{- end -}}
 
 {{- define "ultrakv.secretMounts" -}}
@@ -149,11 +152,6 @@ failureThreshold: {{ .probe.failureThreshold }}
 - name: cluster-secret
   mountPath: /etc/ultrakv/cluster-secret
   readOnly: true
-{{- if .Values.tls.enabled }}
-- name: tls
-  mountPath: /etc/ultrakv/tls
-  readOnly: true
-{{- end }}
 {{- end -}}
 
 {{/* Wait for etcd before the main container starts (no crash loop on a cold cluster start):
