@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ultrakv.cluster.addresses import DEFAULT_ADDRESS, DEFAULT_PORT
 
@@ -305,6 +305,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.output == "-":
         sys.stdout.write(text)
     else:
+        if os.path.exists(args.output) and not args.force:
+            raise FileExistsError(f"{args.output} exists; --force overwrites it, --output names "
+                                  "another file")
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
         print(f"wrote {args.output} (preset {args.preset})")
@@ -353,20 +356,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     from rich.console import Console
-    from rich.table import Table
+    from ultrakv.client.dashboard import stats_table
 
-    table = Table(title=f"ultrakv @ {args.address}")
-    for column in ("node", "address", "pid", "model", "sessions", "requests", "tokens out",
-                   "cache hit", "blocks used", "queue", "TTFT p50 ms"):
-        table.add_column(column, justify="left" if column in ("node", "address", "model")
-                         else "right")
-    for n in stats["nodes"]:
-        table.add_row(n["node_id"], n["address"], str(n["pid"]), n["model"], str(n["sessions"]),
-                      str(n["requests_total"]), str(n["completion_tokens"]),
-                      f"{n['cache']['hit_rate']:.1%}",
-                      f"{n['cache']['blocks_used']}/{n['cache']['blocks_total']}",
-                      str(n["queue_depth"]), f"{n['latency']['ttft_p50_ms']:.1f}")
-    Console().print(table)
+    Console().print(stats_table(stats, args.address, args.wide))
     return 0
 
 
@@ -417,7 +409,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if not args.dashboard:
         raise SystemExit("monitor: nothing to do (use --dashboard)")
     with _client(args) as client:
-        run_dashboard(client.stats, args.address, args.interval, args.iterations)
+        run_dashboard(client.stats, args.address, args.interval, args.iterations, args.wide)
     return 0
 
 
@@ -429,7 +421,7 @@ def _connection_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("connection")
     g.add_argument("--address", default=os.environ.get("ULTRAKV_ADDRESS", DEFAULT_ADDRESS),
                    help="server HOST:PORT, or a comma list of coordinators to fail over between "
-                        "(env ULTRAKV_ADDRESS)")
+                        f"(default {DEFAULT_ADDRESS}; env ULTRAKV_ADDRESS)")
     g.add_argument("--api-key", default=os.environ.get("ULTRAKV_API_KEY"),
                    help="sent as x-api-key (env ULTRAKV_API_KEY)")
     g.add_argument("--signing-secret", default=os.environ.get("ULTRAKV_SIGNING_SECRET"),
@@ -447,7 +439,7 @@ def _connection_options() -> argparse.ArgumentParser:
 def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--config", help="YAML written by `ultrakv config --generate`")
     p.add_argument("--model", help="tiny|llama-1b|llama-8b or a Hugging Face checkpoint dir")
-    p.add_argument("--device", help="auto, cpu or cuda:N")
+    p.add_argument("--device", type=_device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--host", help="listen address (default from config, 0.0.0.0)")
     p.add_argument("--port", type=_port, help=f"gRPC port (default {port_default}; 0 = pick a free one)")
     p.add_argument("--node-id", help="this node's name (default generated)")
@@ -544,10 +536,77 @@ class _PresetNames:
         return iter(self._names())
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds each option's default to its help, where the help does not already say it (nor
+    takes it from the environment: that default is the user's own, an API key say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and text and "default" not in text and "env " not in text):
+            text += " (default %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with defaults in the help and a suggestion for a mistyped command or flag."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        super().error(message + _suggestion(self, message))
+
+
+def _suggestion(parser: argparse.ArgumentParser, message: str) -> str:
+    """"; did you mean --max-length?" for an unknown flag or command close to a known one."""
+    import difflib
+    import re
+
+    words = re.findall(r"invalid choice: '([^']+)'", message)
+    known: list[str] = []
+    if words:
+        for action in parser._actions:
+            if action.choices is not None and not isinstance(action.choices, _PresetNames):
+                known += list(action.choices)
+    else:
+        words = [w.split("=")[0] for w in re.findall(r"(--?[\w-]+)", message.partition(":")[2])]
+        known = list(parser._option_string_actions)
+    hints = [m for w in words for m in difflib.get_close_matches(w, known, n=1, cutoff=0.6)]
+    return f"; did you mean {' '.join(hints)}?" if hints else ""
+
+
+class _VersionAction(argparse.Action):
+    """--version, reading the installed distribution's version only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from importlib.metadata import version
+
+        print(f"ultrakv {version('ultrakv')}")
+        parser.exit()
+
+
+def _device(text: str) -> str:
+    """argparse type of --device: a clear error before any model loads."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ultrakv", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="ultrakv", description="ultrakv: run a KV-cache-centric LLM serving "
+                     "cluster, talk to it, write config files. `ultrakv COMMAND --help` "
+                     "explains each command.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
     conn = _connection_options()
 
     p = sub.add_parser("serve", help="run ultrakv on this machine (etcd, coordinator, nodes)")
@@ -614,14 +673,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("test", parents=[conn], help="stream one request to the terminal")
-    p.add_argument("--text", required=True)
-    p.add_argument("--max-length", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--text", required=True, help="the prompt")
+    p.add_argument("--max-length", type=int, default=50, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature (0 = greedy)")
     p.add_argument("--session", help="session id to continue")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("stats", parents=[conn], help="per-node figures as a table")
     p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    p.add_argument("--wide", action="store_true",
+                   help="more columns (address, pid, model, block hit rate): wider than 80")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("health", parents=[conn], help="gRPC health; exit 1 unless SERVING")
@@ -644,11 +706,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", parents=[conn], help="run a JSONL file of requests")
     p.add_argument("input", help="JSONL, one request dict a line")
     p.add_argument("output", help="JSONL results, in input order")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("monitor", parents=[conn], help="live dashboard")
-    p.add_argument("--dashboard", action="store_true")
+    p.add_argument("--dashboard", action="store_true",
+                   help="a live table of requests/s, tokens/s, TTFT/TPOT, token hit rate, queue")
+    p.add_argument("--wide", action="store_true",
+                   help="more columns (addresses, p95, block hits, running): wider than 80")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--iterations", type=int, help="stop after this many refreshes")
     p.set_defaults(func=cmd_monitor)
@@ -674,7 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live coordinator settings in etcd (config/coordinator)")
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="with set")
     p.add_argument("--etcd", help="etcd HOST:PORT (with set/show)")
-    p.add_argument("--generate", action="store_true")
+    p.add_argument("--generate", action="store_true",
+                   help="write a commented config file for `serve`/`node --config`")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
     # metavar: argparse would otherwise list the choices (loading the config module) while
     # building the parser, for every command
     p.add_argument("--preset", choices=_PresetNames(), default="development", metavar="NAME",
@@ -687,7 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ultrakv`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, which can suggest its flags
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # serve --detach starts the same command in the background
     from ultrakv.client.client import RequestError  # after parsing: --help needs no gRPC
 
@@ -695,13 +765,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `ultrakv stats --json | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     except RequestError as exc:
         print(f"error: {exc}" + (f" (field {exc.field})" if exc.field else ""), file=sys.stderr)
+        if exc.code == "UNAVAILABLE" and hasattr(args, "address"):
+            print(f"hint: no ultrakv server answers at {args.address}. Start one with "
+                  "`ultrakv serve --detach`, or point at yours with --address HOST:PORT or "
+                  "the ULTRAKV_ADDRESS environment variable.", file=sys.stderr)
         return 2
     except (ValueError, OSError, RuntimeError, LookupError) as exc:
         # etcd unreachable (names the endpoint), a node id already live, a bad flag...
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _command_parser(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The subcommand's parser that ``args`` came through (the top one if none)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        chosen = action.choices.get(getattr(args, action.dest, None) or "")
+        if chosen is not None:
+            return _command_parser(chosen, args)
+    return parser
 
 
 if __name__ == "__main__":
