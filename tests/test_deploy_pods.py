@@ -298,6 +298,9 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
             # (ready) and takes its sessions back, live, KV included.
             leaving.start(["ultrakv"])
             wait_for("node-0 back on the ring", lambda: leaving.probe("readinessProbe"), pods)
+            wait_for("both coordinators routing to node-0 again", lambda: all(
+                leaving.name in {n["node_id"] for n in c.stats()["nodes"]} for c in (c0, c1)),
+                pods)
             wait_for("node-0 owning sessions again", lambda: any(
                 c0.process_request({"text": " again", "session_id": sid, "max_length": 2,
                                     "temperature": 0.0})["node"] == leaving.name
