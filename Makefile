@@ -6,6 +6,7 @@ PIP ?= $(PY) -m pip
 .PHONY: install proto test test-all lint run bench bench-gpu clean image helm-template kustomize-base
 
 install:
+	-bash .ci/install-deploy-tools.sh  # apt: Go + sprig, kubectl (for the chart tests; needs root)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,bench]'
 

@@ -25,7 +25,7 @@ def renderer_or_skip() -> None:
         helm_template.build_renderer()
     except helm_template.RendererUnavailable as exc:
         if shutil.which("apt-get"):  # installable here: a missing package is a setup bug
-            pytest.fail(f"{exc}; .ci/run installs it")
+            pytest.fail(f"{exc}; `bash .ci/install-deploy-tools.sh` installs it (make install and .ci/run do)")
         pytest.skip(f"chart renderer unavailable: {exc}")
 
 
