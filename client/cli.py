@@ -725,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("keys", help="create, list or revoke API keys in a keys file")
-    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument("action", choices=("create", "list", "revoke"),
+                   help="create a key (printed once), list the keys, or revoke one")
     p.add_argument("key_id", nargs="?", help="with revoke: the key id (or the key)")
     p.add_argument("--keys-file", required=True, help="the keys file (created 0600 if absent)")
     p.add_argument("--tenant", help="with create: the tenant the key acts as")
