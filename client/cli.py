@@ -139,7 +139,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         etcd=args.etcd or "",
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
         fused_kernels=args.fused_kernels,
-        http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port))
+        http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port,
+        coordinator_args=_coordinator_security_args(args)))
+
+
+def _coordinator_security_args(args: argparse.Namespace) -> list[str]:
+    """``serve --nodes N``: the edge's flags (and the config file) go to the coordinators,
+    which face the clients."""
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        raise ValueError("--tls-cert/--tls-key/--tls-client-ca need --nodes 1 (one process); "
+                         "for a cluster give them to each `ultrakv coordinator`")
+    out = ["--config", args.config] if args.config else []
+    return out + (["--keys-file", args.keys_file] if args.keys_file else [])
 
 
 def _serve_detached(args: argparse.Namespace) -> int:

@@ -13,6 +13,12 @@ send the whole prompt on every turn, so a session request is marked ``full_conte
 node treats the prompt as the session's whole context, reuses the cached part and prefills
 only the rest. Without a session a request is stateless and still reuses cached prefixes.
 
+With a keys file every ``/v1/`` request passes the same edge as gRPC
+(cluster/security/policy.py) before its body is parsed: IP rules, ``Authorization: Bearer``
+or ``x-api-key`` (and a signature, for keys that sign), role, rate limits and the tenant's
+running slots; it then runs as the key's tenant. Denials are 401, 403 or 429 (with
+``retry-after``) in OpenAI's error shape. ``/health`` and ``/metrics`` stay open for probes.
+
 The module is an adapter: pure translation (request -> wire request, result -> response
 body, rejection -> HTTP status and error body) then a FastAPI app over it, served by uvicorn
 in the caller's event loop. It must not import torch (coordinators and clients run without it).
@@ -41,6 +47,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from ultrakv.cluster.security.policy import Denied, EdgeSecurity, estimated_tokens
+from ultrakv.cluster.security.principal import OPEN, Principal
 from ultrakv.cluster.service import ServingBackend
 from ultrakv.cluster.validation import (
     Limits,
@@ -55,6 +63,7 @@ log = logging.getLogger("ultrakv.http")
 
 SESSION_HEADER = "x-session-id"
 HEALTH_PATH = "/health"
+_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 LIVENESS_PATH = "/health/live"
 
 # --- requests ---------------------------------------------------------------------------------
@@ -467,6 +476,57 @@ class ApiHost:
     not_ready: Callable[[], str | None]
     registry: CollectorRegistry
     started_at: int = field(default_factory=lambda: int(time.time()))
+    security: EdgeSecurity | None = None  # the gRPC server's (shared limits); None = open
+
+
+class _Guard:
+    """ASGI middleware: the edge's checks on ``/v1/`` requests, on the headers (and, for a
+    key that signs, the raw body) before any JSON is parsed; the principal goes to
+    ``request.state.principal``. Calls other than generation take one request from the rate
+    limits here; generation takes its tokens and a tenant slot in ``_generate``."""
+
+    def __init__(self, app: Any, security: EdgeSecurity) -> None:
+        self.app = app
+        self.security = security
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        peer = (scope.get("client") or ("", 0))[0]
+        body, replay = b"", receive
+        if self.security.signs(headers):
+            body, replay = await _read_body(receive)
+        try:
+            principal = self.security.check_call(scope["path"], headers, peer, body)
+            if scope["path"] not in _GENERATION_PATHS:
+                self.security.admit(principal, peer, method=scope["path"])
+        except Denied as denied:
+            await error_response(denied)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, replay, send)
+
+
+async def _read_body(receive: Any) -> tuple[bytes, Any]:
+    """The whole request body, and a ``receive`` that hands it to the app again."""
+    chunks, messages = [], []
+    while True:
+        message = await receive()
+        messages.append(message)
+        chunks.append(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            break
+
+    async def replay() -> dict:
+        return messages.pop(0) if messages else await receive()
+
+    return b"".join(chunks), replay
+
+
+def _principal(request: Request) -> Principal:
+    return getattr(request.state, "principal", OPEN)
 
 
 def _model_card(name: str, created: int) -> dict[str, Any]:
@@ -503,6 +563,8 @@ def create_app(host: ApiHost) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     counters = HttpCounters()
     host.registry.register(counters)
+    if host.security is not None:
+        app.add_middleware(_Guard, security=host.security)
     app.add_middleware(_CountResponses, counters=counters)
 
     @app.exception_handler(RequestRejected)
@@ -556,7 +618,7 @@ def create_app(host: ApiHost) -> FastAPI:
         session_id, session_field = session_for(x_session_id, body.user)
         model = _served_model(host, body.model)
         head = ResponseHead(id=f"cmpl-{uuid.uuid4().hex}", model=model)
-        wire = completion_request(body, session_id)
+        wire = completion_request(body, session_id, _principal(request).tenant)
         return await _generate(host, request, wire, session_field, head, False, body.stream,
                                body.stream_options)
 
@@ -566,7 +628,7 @@ def create_app(host: ApiHost) -> FastAPI:
         session_id, session_field = session_for(x_session_id, body.user)
         model = _served_model(host, body.model)
         head = ResponseHead(id=f"chatcmpl-{uuid.uuid4().hex}", model=model)
-        wire = chat_request(body, session_id)
+        wire = chat_request(body, session_id, _principal(request).tenant)
         return await _generate(host, request, wire, session_field, head, True, body.stream,
                                body.stream_options)
 
@@ -600,31 +662,57 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Any]) -> Any:
 async def _generate(host: ApiHost, request: Request, wire: pb.GenerateRequest, session_field: str,
                     head: ResponseHead, chat: bool, stream: bool,
                     stream_options: StreamOptions | None) -> Response:
-    """Validate like gRPC does, run on the backend, answer as one body or as SSE."""
+    """Validate like gRPC does, pass the rate limits and take a tenant slot, run on the
+    backend, answer as one body or as SSE (the slot is given back when the answer ends)."""
     try:
         valid = validate_generate(wire, host.limits)
     except RequestRejected as exc:
         raise openai_rejection(exc, session_field) from None
-    events = host.backend.generate(valid, None)
+    security, principal = host.security, _principal(request)
+    if security is not None:
+        peer = request.client.host if request.client else ""
+        security.admit(principal, peer, method=request.url.path,
+                       tokens=estimated_tokens(valid, host.limits.default_max_length))
+        await security.acquire_slot(principal, peer, request.url.path)
+    handed_on = False
     try:
-        first = await _first_event(events)
-    except Exception as exc:
-        await events.aclose()
-        raise openai_rejection(rejection_from_error(exc), session_field) from None
-    if not stream:
-        async def finish() -> pb.GenerateResult:
-            async with contextlib.aclosing(events):
-                result = first
-                while not isinstance(result, pb.GenerateResult):
-                    result = await _first_event(events)
-                return result
+        events = host.backend.generate(valid, None)
+        try:
+            first = await _first_event(events)
+        except Exception as exc:
+            await events.aclose()
+            raise openai_rejection(rejection_from_error(exc), session_field) from None
+        if not stream:
+            async def finish() -> pb.GenerateResult:
+                async with contextlib.aclosing(events):
+                    result = first
+                    while not isinstance(result, pb.GenerateResult):
+                        result = await _first_event(events)
+                    return result
 
-        result = await _unless_client_leaves(request, finish())
-        return JSONResponse(chat_body(head, result) if chat else completion_body(head, result))
-    include_usage = stream_options is not None and stream_options.include_usage
-    return StreamingResponse(_sse_events(events, first, head, chat, include_usage),
-                             media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            result = await _unless_client_leaves(request, finish())
+            return JSONResponse(chat_body(head, result) if chat else completion_body(head, result))
+        include_usage = stream_options is not None and stream_options.include_usage
+        body = _sse_events(events, first, head, chat, include_usage)
+        if security is not None:
+            body = _releasing(body, security, principal)
+            handed_on = True
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    finally:
+        if security is not None and not handed_on:
+            security.release_slot(principal)
+
+
+async def _releasing(body: AsyncIterator[bytes], security: EdgeSecurity,
+                     principal: Principal) -> AsyncIterator[bytes]:
+    """``body``, giving the tenant's slot back when the stream ends (or the client leaves)."""
+    try:
+        async with contextlib.aclosing(body) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    finally:
+        security.release_slot(principal)
 
 
 def _chunk(head: ResponseHead, chat: bool, text: str, finish_reason: str | None = None

@@ -678,7 +678,7 @@ class CoordinatorServer:
                                                self.settings.host)
         if self.settings.http_port:
             self.http = HttpServer(ApiHost(self.backend, self.settings.limits, self.backend.models,
-                                           self._not_ready, registry),
+                                           self._not_ready, registry, security=self.security),
                                    self.settings.host, self.settings.http_port,
                                    self.settings.grace_period_s)
             try:

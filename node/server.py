@@ -467,7 +467,7 @@ class NodeServer:
         if self.settings.http_port:
             model = str(getattr(self.engine, "model_name", ""))
             self.http = HttpServer(ApiHost(self.backend, limits, lambda: [model], self._not_ready,
-                                           registry),
+                                           registry, security=self.security),
                                    self.settings.host, self.settings.http_port,
                                    self.settings.grace_period_s)
             try:

@@ -50,8 +50,8 @@ def keys(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def serve(engine, **security) -> BackgroundServer:
-    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.2,
+def serve(engine, http_port: int = 0, **security) -> BackgroundServer:
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.2, http_port=http_port,
                               security=SecuritySettings(**security))
     return BackgroundServer(engine, settings)
 
@@ -345,3 +345,51 @@ def test_security_section_of_the_config_file(tmp_path):
     path.write_text("security:\n  key_requests_per_s: -1\n")
     with pytest.raises(ValueError, match="key_requests_per_s must be >= 0"):
         load_config(path)
+
+
+# --- the OpenAI HTTP API passes the same edge -------------------------------------------------
+
+
+def test_http_api_needs_a_key_and_runs_as_its_tenant(engine, keys):
+    import httpx
+    from ultrakv.cluster.etcd_server import free_port
+
+    port = free_port()
+    with serve(engine, http_port=port, keys_file=keys["path"], key_requests_per_s=1.0,
+               burst_s=3.0) as srv:
+        url = f"http://127.0.0.1:{port}"
+        body = {"prompt": PROMPT + " over http", "max_tokens": 2, "temperature": 0}
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/health").status_code == 200  # probes stay open
+            missing = http.post("/v1/completions", json=body)
+            assert missing.status_code == 401
+            assert missing.json()["error"]["type"] == "authentication_error"
+            assert http.get("/v1/models", headers={"x-api-key": "bad"}).status_code == 401
+            acme = {"authorization": f"Bearer {keys['acme']}"}
+            assert http.post("/v1/completions", json=body, headers=acme).status_code == 200
+            # globex names acme's session and claims its prefix: neither is acme's for it.
+            globex = {"x-api-key": keys["globex"]}
+            other = http.post("/v1/completions", json=body, headers=globex)
+            assert other.status_code == 200 and other.json()["usage"].get(
+                "prompt_tokens_details", {}).get("cached_tokens", 0) == 0
+            # acme's key has 1 request/s with a 3-request burst: the fourth is 429.
+            statuses = [http.get("/v1/models", headers=acme).status_code for _ in range(3)]
+            assert statuses[-1] == 429
+            limited = http.get("/v1/models", headers=acme)
+            assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+            assert limited.json()["error"]["type"] == "rate_limit_error"
+        counts = srv.server.security.events.counts
+        assert counts["auth_failed"] == 2 and counts["rate_limited"] >= 2
+
+
+def test_single_process_serve_speaks_mutual_tls_with_keys(engine, keys, tmp_path):
+    from certs import make_pki  # tests/certs.py
+
+    pki = make_pki(tmp_path)
+    with serve(engine, keys_file=keys["path"], tls_cert=pki.server_cert, tls_key=pki.server_key,
+               tls_client_ca=pki.ca_cert) as srv:
+        with Client(srv.address, api_key=keys["acme"], tls=pki.client_tls(), retry=NO_RETRY) as c:
+            assert c.process_request({"text": "over tls", "max_length": 1})["success"]
+        for tls in (None, pki.client_tls(with_cert=False)):
+            with Client(srv.address, api_key=keys["acme"], tls=tls, timeout=5, retry=NO_RETRY) as c:
+                assert c.process_request({"text": "x", "max_length": 1})["error_code"] == "UNAVAILABLE"

@@ -101,6 +101,14 @@ class EdgeSecurity:
                            tenant=principal.tenant if principal else "")
         return Denied(kind, code, message, retry_after_s)
 
+    def signs(self, headers: Mapping[str, str]) -> bool:
+        """Whether the key in ``headers`` (if valid) signs its requests, so the body must be
+        read before :meth:`check_call` (the HTTP API reads it only then)."""
+        if self.keys is None:
+            return False
+        record = self.keys.lookup(api_key_from(headers))
+        return record is not None and bool(record.signing_secret)
+
     def check_call(self, method: str, headers: Mapping[str, str], peer: str,
                    body: bytes = b"") -> Principal:
         """IP rules, then the key (and its signature), then whether its role may call
