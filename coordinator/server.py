@@ -41,6 +41,7 @@ from ultrakv.cluster.addresses import (
     validate_port,
 )
 from ultrakv.cluster.errors import SessionNotFoundError
+from ultrakv.cluster.health_service import HealthService
 from ultrakv.cluster.membership import (
     NODES_PREFIX,
     MembershipWatcher,
@@ -615,7 +616,7 @@ class CoordinatorServer:
         self.backend = ClusterBackend(settings)
         self.security = EdgeSecurity(settings.security)
         self.interceptors = interceptors
-        self.health = health.aio.HealthServicer()
+        self.health = HealthService()
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None

@@ -36,6 +36,7 @@ from ultrakv.cluster.addresses import (
     validate_port,
 )
 from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
+from ultrakv.cluster.health_service import HealthService
 from ultrakv.cluster.metrics_http import serve_metrics
 from ultrakv.cluster.openai_api import ApiHost, HttpServer
 from ultrakv.cluster.security.interceptor import EdgeSecurityInterceptor
@@ -397,7 +398,7 @@ class NodeServer:
         self.security = EdgeSecurity(self.settings.security)
         engine.sessions.quota = TenantQuota(self.settings.security.tenant_max_sessions,
                                             self.settings.security.tenant_max_session_tokens)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthService()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self.http: HttpServer | None = None
