@@ -76,7 +76,8 @@ def _wall(argv: list[str], runs: int) -> dict:
 
 def _serve_until_healthy(port: int, data_dir: Path) -> tuple[subprocess.Popen, float]:
     started = time.perf_counter()
-    proc = subprocess.Popen([*_ultrakv(), "serve", "--port", str(port), "--data-dir", str(data_dir)],
+    proc = subprocess.Popen([*_ultrakv(), "serve", "--port", str(port), "--data-dir", str(data_dir),
+                             "--http-port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with Client(f"127.0.0.1:{port}", timeout=2) as client:
         while not client.health()["healthy"]:

@@ -58,7 +58,7 @@ def test_serve_nodes_restarts_crashed_children_and_sigterm_stops_every_process(t
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "serve", "--nodes", "2",
                              "--port", str(port), "--data-dir", str(tmp_path),
-                             "--num-blocks", "128"],
+                             "--num-blocks", "128", "--http-port", "0"],
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     addresses = [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]  # two coordinators by default

@@ -272,7 +272,7 @@ def test_two_coordinators_route_every_session_alike(cluster) -> None:
     port = free_port()
     second = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "coordinator",
                                "--etcd", cluster.etcd_endpoint, "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL,
+                               "--port", str(port), "--http-port", "0"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         with Client(cluster.address, timeout=30) as a, Client(f"127.0.0.1:{port}",
