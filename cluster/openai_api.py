@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -371,6 +372,8 @@ def error_response(rejection: RequestRejected) -> JSONResponse:
     headers = {}
     if rejection.retry_after_s > 0:
         headers["retry-after"] = str(max(1, round(rejection.retry_after_s)))
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
     code = rejection.code.name.lower() if status >= 500 or status == 429 else None
     return JSONResponse(error_body(status, rejection.message, rejection.field, code),
                         status_code=status, headers=headers)
@@ -674,45 +677,45 @@ async def _generate(host: ApiHost, request: Request, wire: pb.GenerateRequest, s
         security.admit(principal, peer, method=request.url.path,
                        tokens=estimated_tokens(valid, host.limits.default_max_length))
         await security.acquire_slot(principal, peer, request.url.path)
-    handed_on = False
+    events = host.backend.generate(valid, None)
+    if security is not None:
+        events = _holding_slot(events, lambda: security.release_slot(principal))
     try:
-        events = host.backend.generate(valid, None)
-        try:
-            first = await _first_event(events)
-        except Exception as exc:
-            await events.aclose()
-            raise openai_rejection(rejection_from_error(exc), session_field) from None
-        if not stream:
-            async def finish() -> pb.GenerateResult:
-                async with contextlib.aclosing(events):
-                    result = first
-                    while not isinstance(result, pb.GenerateResult):
-                        result = await _first_event(events)
-                    return result
+        first = await _first_event(events)
+    except Exception as exc:
+        await events.aclose()
+        raise openai_rejection(rejection_from_error(exc), session_field) from None
+    if not stream:
+        async def finish() -> pb.GenerateResult:
+            async with contextlib.aclosing(events):
+                result = first
+                while not isinstance(result, pb.GenerateResult):
+                    result = await _first_event(events)
+                return result
 
-            result = await _unless_client_leaves(request, finish())
-            return JSONResponse(chat_body(head, result) if chat else completion_body(head, result))
-        include_usage = stream_options is not None and stream_options.include_usage
-        body = _sse_events(events, first, head, chat, include_usage)
-        if security is not None:
-            body = _releasing(body, security, principal)
-            handed_on = True
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-    finally:
-        if security is not None and not handed_on:
-            security.release_slot(principal)
+        result = await _unless_client_leaves(request, finish())
+        return JSONResponse(chat_body(head, result) if chat else completion_body(head, result))
+    include_usage = stream_options is not None and stream_options.include_usage
+    return StreamingResponse(_sse_events(events, first, head, chat, include_usage),
+                             media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
-async def _releasing(body: AsyncIterator[bytes], security: EdgeSecurity,
-                     principal: Principal) -> AsyncIterator[bytes]:
-    """``body``, giving the tenant's slot back when the stream ends (or the client leaves)."""
+async def _holding_slot(events: AsyncIterator[Any], release: Callable[[], None]
+                        ) -> AsyncIterator[Any]:
+    """``events``, giving the tenant's running slot back when they end, fail or are dropped.
+
+    The slot rides on the generation's events rather than on the response body: the events
+    have started (the first is read before answering), so the event loop closes them even
+    when a stream's body is never iterated (the client left before the 200 went out), and
+    the slot cannot leak.
+    """
     try:
-        async with contextlib.aclosing(body) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
     finally:
-        security.release_slot(principal)
+        release()
 
 
 def _chunk(head: ResponseHead, chat: bool, text: str, finish_reason: str | None = None
@@ -778,15 +781,32 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of the HTTP port's TLS: the server's chain and key, and with ``client_ca``
+    mutual TLS (clients must present a certificate that CA signed)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        return {"ssl_certfile": self.cert, "ssl_keyfile": self.key,
+                "ssl_ca_certs": self.client_ca or None,
+                "ssl_cert_reqs": ssl.CERT_REQUIRED if self.client_ca else ssl.CERT_NONE}
+
+
 class HttpServer:
-    """The OpenAI-compatible API served by uvicorn in the running event loop."""
+    """The OpenAI-compatible API served by uvicorn in the running event loop; HTTPS with
+    ``tls`` (the servers pass the client port's TLS, so keys never cross in clear text)."""
 
     def __init__(self, host: ApiHost, bind_host: str, port: int,
-                 grace_period_s: float = 5.0) -> None:
+                 grace_period_s: float = 5.0, tls: TlsFiles | None = None) -> None:
         self.app = create_app(host)
         self.bind_host = bind_host
         self.requested_port = port
         self.grace_period_s = grace_period_s
+        self.tls = tls
         self.port = 0
         self._socket: socket.socket | None = None
         self._server: _EmbeddedUvicorn | None = None
@@ -797,16 +817,22 @@ class HttpServer:
         self._socket = bind_socket(self.bind_host, self.requested_port)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=max(1, round(self.grace_period_s)))
+                                timeout_graceful_shutdown=max(1, round(self.grace_period_s)),
+                                **(self.tls.uvicorn_options() if self.tls else {}))
         self._server = _EmbeddedUvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]),
                                          name="http-server")
         while not self._server.started:  # uvicorn offers no startup event to await
             if self._task.done():
-                await self._task  # raises what failed
+                self._socket.close()
+                await self._task  # raises what failed (e.g. unreadable TLS files)
                 raise OSError(f"HTTP server on port {self.port} stopped while starting")
             await asyncio.sleep(0.01)
         return self.port
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     async def stop(self) -> None:
         """Stop accepting, let running requests finish within the grace period, close."""

@@ -49,7 +49,7 @@ from ultrakv.cluster.membership import (
     NodeState,
 )
 from ultrakv.cluster.metrics_http import serve_metrics
-from ultrakv.cluster.openai_api import ApiHost, HttpServer
+from ultrakv.cluster.openai_api import ApiHost, HttpServer, TlsFiles
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import (
     EmptyRingError,
@@ -681,14 +681,16 @@ class CoordinatorServer:
             self.http = HttpServer(ApiHost(self.backend, self.settings.limits, self.backend.models,
                                            self._not_ready, registry, security=self.security),
                                    self.settings.host, self.settings.http_port,
-                                   self.settings.grace_period_s)
+                                   self.settings.grace_period_s,
+                                   TlsFiles(sec.tls_cert, sec.tls_key, sec.tls_client_ca)
+                                   if sec.tls_cert else None)
             try:
                 await self.http.start()
             except OSError:
                 await self.stop()
                 raise
-            log.info("OpenAI-compatible API on http://%s:%d/v1", dial_host(self.settings.host),
-                     self.http.port)
+            log.info("OpenAI-compatible API on %s://%s:%d/v1", self.http.scheme,
+                     dial_host(self.settings.host), self.http.port)
         return self.port
 
     async def stop(self) -> None:

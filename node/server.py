@@ -38,7 +38,7 @@ from ultrakv.cluster.addresses import (
 from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
 from ultrakv.cluster.health_service import HealthService
 from ultrakv.cluster.metrics_http import serve_metrics
-from ultrakv.cluster.openai_api import ApiHost, HttpServer
+from ultrakv.cluster.openai_api import ApiHost, HttpServer, TlsFiles
 from ultrakv.cluster.security.interceptor import EdgeSecurityInterceptor
 from ultrakv.cluster.security.policy import EdgeSecurity
 from ultrakv.cluster.security.settings import SecuritySettings
@@ -470,15 +470,24 @@ class NodeServer:
             self.http = HttpServer(ApiHost(self.backend, limits, lambda: [model], self._not_ready,
                                            registry, security=self.security),
                                    self.settings.host, self.settings.http_port,
-                                   self.settings.grace_period_s)
+                                   self.settings.grace_period_s, self._http_tls())
             try:
                 await self.http.start()
             except OSError:
                 await self.stop()
                 raise
-            log.info("OpenAI-compatible API on http://%s:%d/v1", dial_host(self.settings.host),
-                     self.http.port)
+            log.info("OpenAI-compatible API on %s://%s:%d/v1", self.http.scheme,
+                     dial_host(self.settings.host), self.http.port)
         return self.port
+
+    def _http_tls(self) -> TlsFiles | None:
+        """The client port's TLS, for the HTTP port too."""
+        sec = self.settings.security
+        if sec.tls_cert:
+            return TlsFiles(sec.tls_cert, sec.tls_key, sec.tls_client_ca)
+        if self.settings.tls_cert and self.settings.tls_key:
+            return TlsFiles(self.settings.tls_cert, self.settings.tls_key)
+        return None
 
     async def stop(self) -> None:
         """Report NOT_SERVING, let running requests finish within the grace period, stop."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 
 import grpc
@@ -472,3 +473,87 @@ def test_coordinator_routes_sessionless_chats_by_their_first_message():
     assert len({backend.route(chat("You are a pirate.", q)) for q in ("a", "b", "c")}) == 1
     # Different system prompts spread over the ring instead of all hashing alike.
     assert len({backend.route(chat(f"System prompt number {i}.", "q")) for i in range(24)}) > 1
+
+
+# --- through the edge: keys, tenants, slots, TLS ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, str]:
+    from ultrakv.cluster.security import keys as keyfile
+
+    path = tmp_path_factory.mktemp("keys") / "keys.jsonl"
+    out = {name: keyfile.create_key(path, tenant, "user")[0]
+           for name, tenant in (("acme", "acme"), ("globex", "globex"))}
+    out["path"] = str(path)
+    return out
+
+
+def _edge_server(engine, **security):
+    from ultrakv.cluster.security.settings import SecuritySettings
+
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.2, http_port=free_port(),
+                              security=SecuritySettings(**security))
+    return BackgroundServer(engine, settings)
+
+
+def _openai(srv, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server.http.port}/v1", api_key=key,
+                         max_retries=0, timeout=60)
+
+
+def test_http_sessions_stay_with_the_tenant_of_the_key(engine, keys):
+    with _edge_server(engine, keys_file=keys["path"]) as srv:
+        r = httpx.get(f"http://127.0.0.1:{srv.server.http.port}/v1/models", timeout=30)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        with _openai(srv, keys["acme"]) as acme, _openai(srv, keys["globex"]) as globex:
+            session = {"x-session-id": "team-chat"}
+            acme.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2,
+                                         extra_headers=session)
+            with pytest.raises(openai.NotFoundError) as caught:  # acme's session, not globex's
+                globex.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2,
+                                               extra_headers=session)
+            assert caught.value.body["param"] == "x-session-id"
+        assert engine.sessions.get("team-chat").salt == "acme"  # the tenant came from the key
+
+
+def test_http_requests_give_their_tenant_slot_back(engine, keys):
+    with _edge_server(engine, keys_file=keys["path"], tenant_max_running=1,
+                      tenant_max_queued=0) as srv:
+        base = f"http://127.0.0.1:{srv.server.http.port}"
+        auth = {"authorization": f"Bearer {keys['acme']}"}
+        with _openai(srv, keys["acme"]) as acme:
+            for _ in range(2):  # answered, streamed to the end, refused by the engine
+                acme.completions.create(model="tiny", prompt="hi", max_tokens=2)
+                list(acme.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True))
+                with pytest.raises(openai.BadRequestError):
+                    acme.completions.create(model="tiny", prompt=[5] * 4000, max_tokens=2,
+                                            stream=True)
+            body = {"prompt": "hi", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", base + "/v1/completions", json=body, headers=auth,
+                              timeout=60) as r:  # and a stream left early
+                next(r.iter_lines())
+            deadline = time.monotonic() + 30
+            while srv.server.security.slots._running and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # One slot and no queue: had any of those kept it, this would be refused.
+            assert acme.completions.create(model="tiny", prompt="hi", max_tokens=2).usage
+
+
+def test_http_port_speaks_mutual_tls_when_the_client_port_does(engine, keys, tmp_path):
+    from certs import make_pki  # tests/certs.py
+
+    pki = make_pki(tmp_path)
+    with _edge_server(engine, keys_file=keys["path"], tls_cert=pki.server_cert,
+                      tls_key=pki.server_key, tls_client_ca=pki.ca_cert) as srv:
+        url = f"https://127.0.0.1:{srv.server.http.port}/v1/models"
+        auth = {"authorization": f"Bearer {keys['acme']}"}
+        with_cert = ssl.create_default_context(cafile=pki.ca_cert)
+        with_cert.load_cert_chain(pki.client_cert, pki.client_key)
+        r = httpx.get(url, headers=auth, verify=with_cert, timeout=30)
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+        with pytest.raises(httpx.HTTPError):  # no client certificate
+            httpx.get(url, headers=auth, verify=ssl.create_default_context(cafile=pki.ca_cert),
+                      timeout=10)
+        with pytest.raises(httpx.HTTPError):  # no plain-text HTTP beside it
+            httpx.get(url.replace("https", "http"), headers=auth, timeout=10)
