@@ -401,17 +401,43 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    with open(args.input, encoding="utf-8") as f:
-        specs = [json.loads(line) for line in f if line.strip()]
-    with _client(args) as client, tqdm(total=len(specs), unit="req") as bar:
-        results = client.process_batch(specs, concurrency=args.concurrency,
-                                       on_progress=bar.update)
+    specs = _read_jsonl(args.input)
+    with _client(args) as client:
+        health = client.health()  # fail now with the reason, not row by row in the output
+        if not health["healthy"]:
+            raise ConnectionError(f"no ultrakv server serves at {args.address} "
+                                  f"({health['status']}: {health.get('error', '')}); nothing "
+                                  f"was sent and {args.output} was not written. Start one with "
+                                  "`ultrakv serve --detach`, or point at yours with --address "
+                                  "HOST:PORT or ULTRAKV_ADDRESS.")
+        with tqdm(total=len(specs), unit="req") as bar:
+            results = client.process_batch(specs, concurrency=args.concurrency,
+                                           on_progress=bar.update)
     with open(args.output, "w", encoding="utf-8") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
     failed = sum(not r["success"] for r in results)
     print(f"{len(results) - failed} succeeded, {failed} failed -> {args.output}")
     return 0 if failed == 0 else 1
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """One request dict per non-blank line; an error names the file and the line."""
+    specs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                spec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {number}: not JSON ({exc.msg} at column "
+                                 f"{exc.colno})") from None
+            if not isinstance(spec, dict):
+                raise ValueError(f"{path}, line {number}: a request must be a JSON object, got "
+                                 f"{type(spec).__name__}")
+            specs.append(spec)
+    return specs
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

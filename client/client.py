@@ -260,6 +260,8 @@ def result_dict(result: pb.GenerateResult, latency_s: float | None = None) -> di
         "session_id": result.session_id or None,
         "node": result.node_id or None,
         "error": result.error or None,
+        # the keys of error_dict too: every row of a batch's output has one schema
+        "error_code": None, "error_field": None, "retry_after_s": None,
         "request_id": result.request_id,
         "finish_reason": _FINISH_NAMES.get(result.finish_reason, ""),
     }

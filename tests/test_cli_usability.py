@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,28 @@ def test_stats_json_into_a_closed_pipe_is_quiet(address, tmp_path: Path):
     err = proc.stderr.read()
     proc.wait(timeout=120)
     assert "Broken pipe" not in err and "Traceback" not in err and "Exception" not in err, err
+
+
+def test_batch_names_the_file_line_of_a_malformed_request(tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": oops}\n')
+    assert main(["batch", str(path), str(tmp_path / "out.jsonl")]) == 2
+    assert f"{path}, line 3: not JSON" in capsys.readouterr().err
+
+
+def test_batch_fails_fast_when_no_server_answers(tmp_path, capsys):
+    path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    path.write_text('{"text": "a"}\n')
+    dead = f"127.0.0.1:{free_port()}"
+    assert main(["batch", str(path), str(out), "--address", dead]) == 2
+    assert f"no ultrakv server serves at {dead}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_batch_rows_share_one_schema(address, tmp_path):
+    path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    path.write_text('{"text": "a", "max_length": 2}\n{"text": "b", "max_length": 0}\n')
+    assert main(["batch", str(path), str(out), "--address", address]) == 1  # one failed
+    good, bad = (json.loads(line) for line in out.read_text().splitlines())
+    assert good["success"] and not bad["success"] and bad["error_field"].endswith("max_length")
+    assert sorted(good) == sorted(bad)
