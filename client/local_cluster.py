@@ -186,8 +186,10 @@ class LocalCluster:
         self.wait_ready(self.spec.nodes)
         return self
 
-    def start_node(self, node_id: str | None = None, port: int | None = None) -> str:
-        """Start one node process (a new id unless given); returns its id."""
+    def start_node(self, node_id: str | None = None, port: int | None = None,
+                   num_blocks: int | None = None) -> str:
+        """Start one node process (a new id unless given; ``num_blocks`` overrides the
+        spec's for this node); returns its id."""
         with self._lock:
             if node_id is None:
                 while f"node-{self._next_node}" in self.node_ports:
@@ -202,8 +204,9 @@ class LocalCluster:
                         "--checkpoint-dir", str(self.spec.data_dir / "checkpoints"),
                         "--checkpoint-interval", str(self.spec.checkpoint_interval_s),
                         "--lease-ttl", str(self.spec.lease_ttl_s), *self.spec.node_args)
-            if self.spec.num_blocks is not None:
-                argv += ["--num-blocks", str(self.spec.num_blocks)]
+            num_blocks = num_blocks or self.spec.num_blocks
+            if num_blocks is not None:
+                argv += ["--num-blocks", str(num_blocks)]
             if self.spec.num_scheduler_steps is not None:
                 argv += ["--num-scheduler-steps", str(self.spec.num_scheduler_steps)]
             if self.spec.fused_kernels is not None:
