@@ -539,6 +539,7 @@ BENCH_SUITES = {
     "decode": "bench_decode.py",  # decode tokens/s against decode steps per scheduling round
     "wire": "bench_wire.py",
     "cluster": "bench_cluster.py",
+    "faults": "bench_faults.py",  # fault scenarios and a soak against a supervised cluster
     "attention": "bench_attention.py",
 }
 

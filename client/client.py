@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,7 +197,9 @@ def build_request(spec: dict) -> pb.GenerateRequest:
     if unknown:
         raise ValueError(f"request keys must be among {sorted(_REQUEST_KEYS)}, "
                          f"got {sorted(unknown)}")
-    req = pb.GenerateRequest(request_id=str(spec.get("request_id") or ""))
+    # An id of its own, kept across retries: a node that already took the turn answers a
+    # retry from its record instead of taking the turn twice (node/turn_ledger.py).
+    req = pb.GenerateRequest(request_id=str(spec.get("request_id") or uuid.uuid4().hex))
     text = spec.get("text", spec.get("prompt"))
     if "messages" in spec:
         for i, m in enumerate(spec["messages"] or ()):

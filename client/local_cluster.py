@@ -30,7 +30,7 @@ from types import TracebackType
 
 from ultrakv.client.supervision import RestartBudget, RestartPolicy
 from ultrakv.cluster.addresses import MAX_PORT, ensure_port_free, validate_port
-from ultrakv.cluster.etcd_server import EmbeddedEtcd, EtcdStartError, _die_with_parent, free_port
+from ultrakv.cluster.etcd_server import EmbeddedEtcd, EtcdStartError, free_port, with_parent_death
 from ultrakv.cluster.store import EtcdStore
 
 log = logging.getLogger("ultrakv.client.local_cluster")
@@ -153,9 +153,10 @@ class LocalCluster:
         if self.spec.log_dir is not None:
             self.spec.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.spec.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (child owns it)
+        argv, preexec = with_parent_death(argv)
         try:
             return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out
-                                    else None, preexec_fn=_die_with_parent)
+                                    else None, preexec_fn=preexec)
         finally:
             if out is not None:
                 out.close()

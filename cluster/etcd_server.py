@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -52,16 +53,29 @@ def find_etcd_binary() -> str:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the process that started it dies.
-
-    Without this a SIGKILLed ``ultrakv serve`` or test run would leave etcd running. Linux
-    only; the signal fires when the *thread* that forked exits, so start etcd from a thread
-    that lives as long as the server should (the main thread in practice).
-    """
+    """In the child before exec: SIGTERM it when the process that started it dies."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass  # not Linux/glibc: stop() still cleans up on orderly exits
+
+
+def with_parent_death(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """``argv`` and a ``preexec_fn`` for a child that gets SIGTERM when the *thread* that
+    started it exits (so a SIGKILLed ``ultrakv serve`` or test run leaves nothing running;
+    start children from a thread that lives as long as they should).
+
+    Linux only. ``setpriv --pdeathsig`` (util-linux) is preferred: no Python code runs in
+    the forked child, so Python can spawn with vfork and gRPC's fork handlers, which can
+    abort a child forked while gRPC threads are busy, never run. Without setpriv the
+    signal is set from a ``preexec_fn``.
+    """
+    if sys.platform != "linux":
+        return argv, None
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", *argv], None
+    return argv, _die_with_parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -146,15 +160,16 @@ class EmbeddedEtcd:
         if self.is_running:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv, preexec = with_parent_death(self._command())
         with open(self.log_path, "ab") as log_file:
             self._proc = subprocess.Popen(
-                self._command(),
+                argv,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 # Own session: a terminal's Ctrl-C reaches only us, and we stop etcd last.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=preexec,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:

@@ -73,6 +73,7 @@ from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import TenantQuota
+from ultrakv.node.turn_ledger import TurnLedger, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 
@@ -194,12 +195,22 @@ class LocalBackend:
         self.engine = engine
         self.identity = identity or NodeIdentity()
         self.on_turn_complete = on_turn_complete
+        self.ledger = TurnLedger()
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
         req = engine_request(request, deadline)
         self.engine.validate(req)
+        key = turn_key(request)
+        if key is not None:  # a retry of a turn this node already took: answer, don't redo
+            done = await self.ledger.replay(key)
+            if done is not None:
+                yield pb.TokenChunk(text=done.text, token_ids=done.token_ids)
+                yield done
+                return
+            self.ledger.begin(key)
         finished = False
+        recorded: pb.GenerateResult | None = None
         try:
             async for delta in self.engine.stream(req):
                 if delta.token_ids or delta.text:
@@ -207,13 +218,18 @@ class LocalBackend:
                 if delta.finished:
                     finished = True
                     out = delta.output
-                    if (out is not None and out.session_id and self.on_turn_complete is not None
-                            and out.finish_reason in ("stop", "length")):
-                        await self.on_turn_complete(out)
-                    if out is not None:
-                        yield result_message(out, self.identity.node_id)
+                    if out is None:
+                        return
+                    result = result_message(out, self.identity.node_id)
+                    if out.session_id and out.finish_reason in ("stop", "length"):
+                        recorded = result  # in the history now, whatever happens next
+                        if self.on_turn_complete is not None:
+                            await self.on_turn_complete(out)
+                    yield result
                     return
         finally:
+            if key is not None:
+                self.ledger.end(key, recorded)
             if not finished:  # cancelled, disconnected or failed: free the blocks now
                 self.engine.abort(req.request_id)
 

@@ -29,7 +29,7 @@ from ultrakv.v1 import node_pb2_grpc
 
 PROMPT_TOKENS = 11  # never a whole block: each turn leaves a partial block behind
 STALL_S = 6.0  # SIGSTOP this long: past the coordinators' down detection (3 misses of 1 s)
-TINY_BLOCKS = 24  # 384 tokens of KV per node: one 6-turn conversation fits, a dozen do not
+TINY_BLOCKS = 12  # 192 tokens of KV: two 6-turn conversations (90 tokens each) fit
 
 
 @dataclass
@@ -291,11 +291,10 @@ async def add_a_node(cluster: LocalCluster) -> None:
     await asyncio.to_thread(cluster.wait_ready, len(cluster.nodes), 180)
 
 
-async def restart_a_node_with_tiny_num_blocks(cluster: LocalCluster) -> None:
-    """node-3 comes back with a KV pool far smaller than its share of the sessions needs:
-    eviction and preemption on every step."""
-    await asyncio.to_thread(cluster.kill_node, "node-3", signal.SIGTERM)
-    cluster.start_node("node-3", num_blocks=TINY_BLOCKS)
+async def add_a_node_with_tiny_num_blocks(cluster: LocalCluster) -> None:
+    """A node joins whose KV pool holds two conversations: its share of the sessions runs
+    under eviction and preemption on every step."""
+    cluster.start_node(num_blocks=TINY_BLOCKS)
     await asyncio.to_thread(cluster.wait_ready, len(cluster.nodes), 180)
 
 
@@ -307,7 +306,7 @@ SCENARIOS: dict[str, Callable[[LocalCluster], Awaitable[None]]] = {
     "kill_etcd_and_restart": kill_etcd,
     "corrupt_checkpoint_then_kill_node": corrupt_checkpoint_then_kill_node,
     "add_a_node_mid_load": add_a_node,
-    "tiny_num_blocks": restart_a_node_with_tiny_num_blocks,
+    "tiny_num_blocks": add_a_node_with_tiny_num_blocks,
 }
 
 

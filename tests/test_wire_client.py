@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -138,3 +139,22 @@ async def test_async_client_fails_over_too(engine):
             r = await c.process_request({"text": "hi", "max_length": 2})
             chunks = [ch async for ch in c.stream({"text": "hi", "max_length": 2})]
         assert r["success"] and chunks[-1].finished and c.address == srv.address
+
+
+async def test_a_retried_turn_is_answered_from_the_record_not_taken_twice(engine):
+    spec = {"token_ids": [5, 6, 7, 8], "session_id": "retry-1", "request_id": "turn-1",
+            "max_length": 4, "temperature": 0.0, "ignore_eos": True}
+    with BackgroundServer(engine, settings()) as srv:
+        async with AsyncClient(srv.address, timeout=10) as c:
+            # the retry arrives while the first attempt runs, and again after it finished
+            first, during = await asyncio.gather(c.process_request(spec),
+                                                 c.process_request(spec))
+            after = await c.process_request(spec)
+            assert first["success"] and during["success"] and after["success"], (during, after)
+            tokens = first["response"]["token_ids"]
+            assert during["response"]["token_ids"] == tokens == after["response"]["token_ids"]
+            assert (await c.get_session("retry-1"))["turns"] == 1
+            second = await c.process_request({**spec, "request_id": "turn-2"})  # a new turn
+            assert second["success"] and (await c.get_session("retry-1"))["turns"] == 2
+            assert engine.export_session("retry-1").token_ids == [5, 6, 7, 8, *tokens, 5, 6, 7, 8,
+                                                                  *second["response"]["token_ids"]]
