@@ -86,9 +86,12 @@ async def scenarios(cluster: LocalCluster, names: list[str], clients: int, hold_
                     ) -> list[dict]:
     out = []
     for name in names:
-        report = await run_scenario(cluster, name, clients, hold_s=hold_s)
-        print(report.as_dict(), flush=True)
-        out.append(report.as_dict())
+        try:
+            result = (await run_scenario(cluster, name, clients, hold_s=hold_s)).as_dict()
+        except Exception as exc:  # one scenario's failure is a result, not the end of the run
+            result = {"scenario": name, "error": repr(exc)}
+        print(result, flush=True)
+        out.append(result)
     return out
 
 

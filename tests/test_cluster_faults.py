@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
-from fault_workload import FaultReport, run_scenario
+from fault_workload import ConversationLoad, FaultReport, run_scenario
 from ultrakv.client.local_cluster import ETCD, ClusterSpec, LocalCluster
 from ultrakv.client.supervision import RestartPolicy
 
@@ -44,6 +45,7 @@ async def _clean(cluster: LocalCluster, scenario: str) -> FaultReport:
     assert report.failed == 0, report.errors[:3]
     assert not report.lost, f"turns lost: {report.differences[:3]}"
     assert not report.rewritten, f"history rewritten: {report.differences[:3]}"
+    assert not report.unreadable, f"no answer on the history of {report.unreadable[:3]}"
     assert report.recovery_s < RECOVERY_BOUND_S
     return report
 
@@ -55,11 +57,37 @@ async def _restarted(cluster: LocalCluster, name: str, timeout_s: float = 60.0) 
         await asyncio.sleep(0.1)
 
 
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def test_short_soak_keeps_etcd_and_node_memory_flat(cluster) -> None:
+    """Short by design (the benchmark soaks longer): after a warm-up, a sustained load of
+    new conversations must not grow etcd or any node by more than a few MiB."""
+    pids = {"etcd": cluster.etcd.pid, **{n: p.pid for n, p in cluster.nodes.items()}}
+    async with ConversationLoad(cluster.addresses, "soak", CLIENTS) as load:
+        await load.wait(6)  # warm: every client finished a whole conversation
+        warm = {name: _rss_mib(pid) for name, pid in pids.items()}
+        await asyncio.sleep(10.0)
+        end = {name: _rss_mib(pid) for name, pid in pids.items()}
+    turns = sum(len(c.turns) for c in load.conversations)
+    growth = {name: round(end[name] - warm[name], 1) for name in pids}
+    print(f"\nsoak: {turns} turns in {len(load.conversations)} sessions; RSS growth MiB {growth}")
+    assert all(t.ok for c in load.conversations for t in c.turns)
+    assert growth["etcd"] < 8.0 and all(g < 32.0 for n, g in growth.items() if n != "etcd")
+
+
 async def test_kill_9_one_node(cluster) -> None:
     await _clean(cluster, "kill_one_node")
     await _restarted(cluster, "node-1")
 
 
+@pytest.mark.xfail(strict=False, reason="issue 9 defect 3 (durability-core): when the stalled "
+                   "node returns, its stale copy can win over the stand-in's, dropping the turns "
+                   "served meanwhile; a race, so it fails only some runs (not strict)")
 async def test_sigstop_then_sigcont_one_node(cluster) -> None:
     await _clean(cluster, "sigstop_sigcont_one_node")
 
