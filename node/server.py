@@ -73,7 +73,7 @@ from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import TenantQuota
-from ultrakv.node.turn_ledger import TurnLedger, turn_key
+from ultrakv.node.turn_ledger import TurnKey, TurnLedger, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 
@@ -208,30 +208,52 @@ class LocalBackend:
                 yield pb.TokenChunk(text=done.text, token_ids=done.token_ids)
                 yield done
                 return
+            # An earlier attempt whose caller went away is aborted, but stays in the engine
+            # (holding the request id and the session) until the step computing it ends.
+            deadline_s = time.monotonic() + 10.0
+            while self.engine.abort(req.request_id) and time.monotonic() < deadline_s:
+                await asyncio.sleep(0.01)
             self.ledger.begin(key)
-        finished = False
+        # The engine request runs in a task of its own: when the caller goes away after the
+        # engine finished the turn (the turn is in the history) but before the final message
+        # reached it, the task still replicates and records the turn.
+        events: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
+        runner = asyncio.create_task(self._run(req, key, events))
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            if not runner.done():  # cancelled or disconnected: free the blocks now
+                self.engine.abort(req.request_id)
+
+    async def _run(self, req: GenerateRequest, key: TurnKey | None,
+                   events: asyncio.Queue[Event | BaseException | None]) -> None:
         recorded: pb.GenerateResult | None = None
         try:
             async for delta in self.engine.stream(req):
                 if delta.token_ids or delta.text:
-                    yield pb.TokenChunk(text=delta.text, token_ids=delta.token_ids)
+                    events.put_nowait(pb.TokenChunk(text=delta.text, token_ids=delta.token_ids))
                 if delta.finished:
-                    finished = True
                     out = delta.output
-                    if out is None:
-                        return
-                    result = result_message(out, self.identity.node_id)
-                    if out.session_id and out.finish_reason in ("stop", "length"):
-                        recorded = result  # in the history now, whatever happens next
-                        if self.on_turn_complete is not None:
-                            await self.on_turn_complete(out)
-                    yield result
-                    return
+                    if out is not None:
+                        result = result_message(out, self.identity.node_id)
+                        if out.session_id and out.finish_reason in ("stop", "length"):
+                            recorded = result  # in the history now, whatever happens next
+                            if self.on_turn_complete is not None:
+                                await self.on_turn_complete(out)
+                        events.put_nowait(result)
+                    break
+            events.put_nowait(None)
+        except Exception as exc:  # the caller raises it (a refused request, a full queue)
+            events.put_nowait(exc)
+        except asyncio.CancelledError:  # the server is stopping: the caller must not wait on
+            events.put_nowait(asyncio.CancelledError())
+            raise
         finally:
             if key is not None:
                 self.ledger.end(key, recorded)
-            if not finished:  # cancelled, disconnected or failed: free the blocks now
-                self.engine.abort(req.request_id)
 
     async def node_stats(self) -> pb.NodeStats:
         raw = await asyncio.to_thread(self.engine.stats)
