@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import message_factory
 from ultrakv.cluster.errors import EngineError
+from ultrakv.cluster.rejections import REJECTIONS
 from ultrakv.cluster.security.principal import OPEN, Principal, current_principal
 from ultrakv.cluster.session_transfer import TransferError
 from ultrakv.cluster.validation import (
@@ -116,6 +117,7 @@ class Outbox:
 
 
 def _error_response(request_id: str, rejection: RequestRejected) -> pb.GenerateStreamResponse:
+    REJECTIONS.record(rejection.code)
     return pb.GenerateStreamResponse(request_id=request_id, error=rejection.to_detail())
 
 
@@ -244,6 +246,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
 
 
 async def abort_with(context: grpc.aio.ServicerContext, rejection: RequestRejected) -> None:
+    REJECTIONS.record(rejection.code)
     metadata = []
     if rejection.field:
         metadata.append(("ultrakv-field", rejection.field))
@@ -349,7 +352,9 @@ class UltraKVServicer:
                 async with gate:
                     return pb.BatchItem(result=await _collect(self.backend, valid, deadline))
             except Exception as exc:  # one bad item fails alone
-                return pb.BatchItem(error=rejection_from_error(exc).to_detail())
+                rejection = rejection_from_error(exc)
+                REJECTIONS.record(rejection.code)
+                return pb.BatchItem(error=rejection.to_detail())
 
         items = await asyncio.gather(*(one(r) for r in request.requests))
         return pb.BatchResponse(items=items)

@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from ultrakv.cluster.membership import NodeState
+from ultrakv.cluster.rejections import REJECTIONS
 from ultrakv.coordinator.health import Health
 
 
@@ -95,5 +96,6 @@ class CoordinatorCollector(Collector):
         for node, n in sorted(dict(b.inflight).items()):
             inflight.add_metric([node], n)
         yield inflight
+        yield REJECTIONS.metric()
         yield GaugeMetricFamily("ultrakv_coordinator_pending_session_moves",
                                 "Session moves planned and not started.", value=b.pending_moves)

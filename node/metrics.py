@@ -24,6 +24,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from ultrakv.cluster.rejections import REJECTIONS
 
 log = logging.getLogger("ultrakv.node.metrics")
 
@@ -160,3 +161,4 @@ class NodeCollector(Collector):
                                hist["tpot_s"])
         yield histogram_family("ultrakv_e2e_request_latency_seconds",
                                "Arrival to finish, per request.", base, hist["e2e_s"])
+        yield REJECTIONS.metric()
