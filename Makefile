@@ -1,24 +1,35 @@
-# ultrakv developer tasks. `make install` sets up a fresh machine (torch first: the pinned CPU
-# build comes from local disk; a bare `torch` would pull several GB of CUDA packages).
+# ultrakv tasks. `make install` installs what running ultrakv needs (torch first: the pinned
+# CPU build comes from local disk; a bare `torch` would pull several GB of CUDA packages).
+# `make dev` adds what contributors use: the test, lint, proto and benchmark extras and the
+# chart tests' Go and kubectl. `make test` installs the test extras itself when they are
+# missing, so `make install && make test` works on a fresh clone.
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: install proto test test-all lint run bench bench-gpu clean image helm-template kustomize-base
+.PHONY: install dev test-deps proto test test-all lint run bench bench-gpu clean image helm-template kustomize-base
 
 install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+
+dev:
 	-bash .ci/install-deploy-tools.sh  # apt: Go + sprig, kubectl (for the chart tests; needs root)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,bench]'
+
+test-deps:
+	@$(PY) -c "import pytest, pytest_timeout, pytest_asyncio, hypothesis, transformers, httpx" \
+		2>/dev/null || $(PIP) install -q -e '.[dev]'
 
 proto:
 	$(PY) proto/generate.py
 
 # The fast suite: everything but the multi-process cluster tests (real etcd, several
 # servers), a few minutes on 2 cores. `make test-all` runs everything, as CI does.
-test:
+test: test-deps
 	$(PY) -m pytest -q -m "not cluster"
 
-test-all:
+test-all: test-deps
 	$(PY) -m pytest -q
 
 lint:
