@@ -227,6 +227,15 @@ def test_tenant_running_slots_refuse_a_second_request_without_queue(engine, keys
         assert second["retry_after_s"] > 0
         assert other["success"] and results and results[0]["success"]
         assert process(srv, keys["acme"], text="after")["success"]  # the slot came back
+        # On one Generate stream the refused request fails alone; the stream carries on.
+        stream = [pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+            request_id=rid, text="stream", sampling=pb.SamplingOptions(max_length=n, ignore_eos=True)))
+            for rid, n in (("first", 100), ("second", 1))]
+        replies = stub_call(srv, "Generate", iter(stream), (("x-api-key", keys["acme"]),))
+        ends = {m.request_id: m for m in replies if m.WhichOneof("event") in ("result", "error")}
+        assert ends["first"].WhichOneof("event") == "result"
+        assert ends["second"].error.code == "RESOURCE_EXHAUSTED" and ends["second"].error.retry_after_s > 0
+        assert process(srv, keys["acme"], text="after the stream")["success"]
 
 
 def test_finding_12_a_tenant_flooding_sessions_does_not_evict_another_tenants(engine, keys):
