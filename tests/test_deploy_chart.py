@@ -171,9 +171,19 @@ def test_probes_in_three_stages(default: list[dict]) -> None:
     assert "--service=ultrakv.v1.UltraKV" in grpc_coord["readinessProbe"]["exec"]["command"]
     # With the HTTP port (the default), coordinators are probed with plain GETs.
     coord = container(find(default, "Deployment", "coordinator"), "coordinator")
-    assert coord["startupProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
-    assert coord["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
-    assert coord["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert coord["startupProbe"]["httpGet"] == {"path": "/health/live", "port": "http",
+                                                "scheme": "HTTP"}
+    assert coord["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http",
+                                                 "scheme": "HTTP"}
+    assert coord["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http",
+                                                  "scheme": "HTTP"}
+    # TLS on the port: HTTPS probes; mutual TLS: the kubelet has no client certificate.
+    tls = container(find(render({"tls": {"enabled": True}}), "Deployment", "coordinator"),
+                    "coordinator")
+    assert tls["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    mutual = container(find(render({"tls": {"enabled": True, "clientAuth": True}}),
+                            "Deployment", "coordinator"), "coordinator")
+    assert "--tls-cert=/etc/ultrakv/tls/tls.crt" in mutual["readinessProbe"]["exec"]["command"]
 
 
 def test_drain_in_prestop_and_grace_period(default: list[dict]) -> None:

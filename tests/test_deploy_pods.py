@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -120,9 +121,13 @@ class Pod:
     def http_probe(self, probe: dict[str, Any]) -> int:
         get = probe["httpGet"]
         port = next(p["containerPort"] for p in self.spec["ports"] if p["name"] == get["port"])
-        url = f"http://127.0.0.1:{self.ports[port]}{get['path']}"
+        scheme = get.get("scheme", "HTTP").lower()
+        url = f"{scheme}://127.0.0.1:{self.ports[port]}{get['path']}"
+        # Like the kubelet: HTTPS without checking the certificate.
+        context = ssl._create_unverified_context() if scheme == "https" else None
         try:
-            with urllib.request.urlopen(url, timeout=probe.get("timeoutSeconds", 1)) as r:
+            with urllib.request.urlopen(url, timeout=probe.get("timeoutSeconds", 1),
+                                        context=context) as r:
                 return r.status
         except urllib.error.HTTPError as exc:
             return exc.code
@@ -312,14 +317,17 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
         remaining = nodes[1]
         assert remaining.probe("readinessProbe")
 
-        # The Service's HTTP port: the OpenAI-compatible API of a coordinator.
-        http = f"http://127.0.0.1:{coordinators[1].ports[8000]}"
-        with urllib.request.urlopen(f"{http}/v1/models", timeout=30) as r:
+        # The Service's HTTP port: the OpenAI-compatible API of a coordinator, over the same
+        # TLS certificate (signed by the chart's CA; its name was checked over gRPC above).
+        https = ssl.create_default_context(cafile=tls.ca_cert)
+        https.check_hostname = False  # the URL says 127.0.0.1
+        http = f"https://127.0.0.1:{coordinators[1].ports[8000]}"
+        with urllib.request.urlopen(f"{http}/v1/models", timeout=30, context=https) as r:
             model = json.load(r)["data"][0]["id"]
         body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 4}).encode()
         request = urllib.request.Request(f"{http}/v1/completions", body,
                                          {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=60, context=https) as r:
             assert json.load(r)["usage"]["completion_tokens"] >= 1
 
         # The manifests' metrics ports answer, with every series the dashboard and the alert
