@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh decode   # llama-1b decode by steps per round, fused kernels off and on
 #   bash benchmarks/gpu_session.sh full     # bench_gpu.py on llama-1b and llama-8b (~7 min) + plot
 #   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
+#   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
@@ -29,8 +30,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 case "${1:-}" in
   tests)
     # The fused-kernel tests are not marked gpu (they also run under Triton's CPU interpreter).
-    { python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ \
-        && python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py; } 2>&1 \
+    { python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ ; \
+      python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py; } 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/gpu_tests.log"
     ;;
   decode)
@@ -47,8 +48,11 @@ case "${1:-}" in
     python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 64 --turns 3 \
       --concurrency 64 --rates 8 32 --quiet 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving.log"
     ;;
+  speculative)
+    python benchmarks/bench_speculative.py --model llama-1b --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/speculative.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|speculative" >&2
     exit 2
     ;;
 esac
