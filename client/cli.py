@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -60,7 +61,8 @@ def _node_config(args: argparse.Namespace, default_device: str,
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
               "metrics_port": args.metrics_port, "http_port": args.http_port,
-              "advertise_host": getattr(args, "advertise_host", None)}
+              "advertise_host": getattr(args, "advertise_host", None),
+              "cluster_secret_file": args.cluster_secret_file}
     if not args.config and args.http_port is None:
         server["http_port"] = default_http_port
     return config.with_overrides(engine, server, _security_overrides(args))
@@ -82,7 +84,6 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
     from ultrakv.node.server import NodeServer, serve_until_signalled
 
     if agent is not None:  # fail fast, before the model loads, on a bad etcd or a taken id
-        from dataclasses import replace
         from uuid import uuid4
 
         from ultrakv.node.agent import preflight
@@ -124,8 +125,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach:
         return _serve_detached(args)
     if args.nodes == 1 and not args.etcd:  # one process serves the client API itself
-        return _run_node(_node_config(args, default_device="cpu",
-                                      default_http_port=DEFAULT_HTTP_PORT))
+        if args.host is None and not args.config:
+            args.host = "127.0.0.1"  # reachable from this machine only, unless asked
+        config = _node_config(args, default_device="cpu", default_http_port=DEFAULT_HTTP_PORT)
+        # Alone, the process has no peers: the internal NodeService stays off.
+        config.server = replace(config.server, node_service=False)
+        return _run_node(config)
     if args.metrics_port:  # one port cannot serve N node processes and a coordinator
         raise ValueError("--metrics-port needs --nodes 1 without --etcd; with more nodes "
                          "give each `ultrakv node` and `ultrakv coordinator` its own")
@@ -138,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device or "auto", port=DEFAULT_PORT if args.port is None else args.port,
         etcd=args.etcd or "",
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
-        fused_kernels=args.fused_kernels,
+        fused_kernels=args.fused_kernels, cluster_secret_file=args.cluster_secret_file or "",
         http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port,
         coordinator_args=_coordinator_security_args(args)))
 
@@ -223,19 +228,35 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                                    metrics_port=args.metrics_port or 0,
                                    http_port=args.http_port,
                                    limits=config.server.limits,
-                                   security=replace(config.server.security, **security))
+                                   security=replace(config.server.security, **security),
+                                   **_peer_settings(args))
     asyncio.run(serve_coordinator(settings))
     log.info("stopped")
     return 0
 
 
+def _peer_settings(args: argparse.Namespace) -> dict[str, str]:
+    """How a coordinator (or `ultrakv drain`) proves itself to nodes."""
+    return {"cluster_secret_file": args.cluster_secret_file or "",
+            "peer_ca_cert": args.peer_ca_cert or "", "peer_cert": args.peer_cert or "",
+            "peer_key": args.peer_key or ""}
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
+    from ultrakv.cluster.peer_auth import read_cluster_secret
+    from ultrakv.cluster.peers import PeerChannels
     from ultrakv.cluster.store import EtcdStore
-    from ultrakv.coordinator.server import drain_node
+    from ultrakv.coordinator.server import CoordinatorSettings, drain_node
 
     async def run() -> int:
-        async with EtcdStore(args.etcd) as store:
-            return await drain_node(store, args.node, timeout_s=args.timeout)
+        peers = PeerChannels(read_cluster_secret(args.cluster_secret_file)
+                             if args.cluster_secret_file else "",
+                             CoordinatorSettings(args.etcd, **_peer_settings(args)).peer_tls())
+        try:
+            async with EtcdStore(args.etcd) as store:
+                return await drain_node(store, args.node, peers, timeout_s=args.timeout)
+        finally:
+            await peers.close()
 
     moved = asyncio.run(run())
     print(f"node {args.node} drained: {moved} sessions moved away; it can be stopped now")
@@ -477,7 +498,8 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--config", help="YAML written by `ultrakv config --generate`")
     p.add_argument("--model", help="tiny|llama-1b|llama-8b or a Hugging Face checkpoint dir")
     p.add_argument("--device", type=_device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--host", help="listen address (default from config, 0.0.0.0)")
+    p.add_argument("--host", help="listen address (default from config; else 127.0.0.1 for "
+                                  "a single-process serve, 0.0.0.0 for a node)")
     p.add_argument("--port", type=_port, help=f"gRPC port (default {port_default}; 0 = pick a free one)")
     p.add_argument("--node-id", help="this node's name (default generated)")
     p.add_argument("--num-blocks", type=int, help="KV pool size in blocks")
@@ -488,6 +510,7 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
                    help="Triton kernels for norm + residual add, RoPE and SwiGLU (CUDA only)")
     _metrics_option(p)
     _security_options(p)
+    _cluster_secret_option(p)
 
 
 def _security_options(p: argparse.ArgumentParser) -> None:
@@ -516,6 +539,20 @@ def _port(text: str, zero: str = "pick a free one") -> int:
 
 def _port_or_off(text: str) -> int:
     return _port(text, zero="off")
+
+
+def _cluster_secret_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster-secret-file", default=os.environ.get("ULTRAKV_CLUSTER_SECRET_FILE"),
+                   help="file (mode 0600) holding the secret every internal call between "
+                        "coordinators and nodes carries (env ULTRAKV_CLUSTER_SECRET_FILE)")
+
+
+def _peer_options(p: argparse.ArgumentParser) -> None:
+    """A coordinator's (or drain's) identity towards the nodes."""
+    _cluster_secret_option(p)
+    p.add_argument("--peer-ca-cert", help="PEM CA of the cluster (mutual TLS to the nodes)")
+    p.add_argument("--peer-cert", help="PEM certificate presented to the nodes")
+    p.add_argument("--peer-key", help="PEM key of --peer-cert")
 
 
 def _metrics_option(p: argparse.ArgumentParser) -> None:
@@ -702,12 +739,14 @@ def build_parser() -> argparse.ArgumentParser:
     _metrics_option(p)
     _http_option(p, DEFAULT_HTTP_PORT, str(DEFAULT_HTTP_PORT))
     _security_options(p)
+    _peer_options(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("drain", help="move a node's sessions away before it stops")
     p.add_argument("node", help="node id")
     p.add_argument("--etcd", required=True, help="etcd HOST:PORT")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    _peer_options(p)
     p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("test", parents=[conn], help="stream one request to the terminal")

@@ -29,9 +29,16 @@ HELP: dict[str, dict[str, str]] = {
         "node_id": "this node's name in results and stats (empty = generated)",
         "grace_period_s": "on shutdown, seconds running requests get to finish",
         "max_message_bytes": "largest gRPC message accepted or sent",
+        "max_streams_per_connection": "calls one connection may hold open at once",
+        "stall_timeout_s": "health says NOT_SERVING while requests wait and no model step "
+                           "completes for this long",
         "stream_flush_interval_s": "token chunks of a stream are coalesced over this interval",
         "tls_cert": "PEM certificate chain; with tls_key, the server speaks TLS",
         "tls_key": "PEM private key",
+        "peer_ca_cert": "PEM CA of the cluster: peers must present a certificate it signed "
+                        "(mutual TLS); this node dials its peers with tls_cert",
+        "cluster_secret_file": "file (0600) with the secret internal calls must carry "
+                               "(empty = NodeService unauthenticated)",
         "metrics_port": "Prometheus /metrics HTTP port (0 = off)",
         "advertise_host": "host others dial to reach this node (empty = derived from host)",
         "http_port": "OpenAI-compatible API, /health and /metrics over HTTP (0 = off)",
@@ -43,6 +50,8 @@ HELP: dict[str, dict[str, str]] = {
         "max_stop_sequences": "stop strings per request",
         "max_stop_sequence_bytes": "bytes per stop string",
         "max_stop_token_ids": "stop token ids per request",
+        "stream_idle_timeout_s": "a Generate stream with no request in flight is closed after "
+                                 "this many quiet seconds",
         "max_batch_size": "requests per ProcessBatch call",
         "max_batch_concurrency": "requests of one batch in flight at once, at most",
     },
@@ -98,8 +107,8 @@ HELP: dict[str, dict[str, str]] = {
 # Limits.max_tokens_limit is not a key of its own: it follows engine.max_tokens_limit.
 _SECTIONS = {"server": ServerSettings, "limits": Limits, "engine": EngineConfig,
              "security": SecuritySettings}
-_NOT_KEYS = {"server": {"limits", "security"}, "limits": {"max_tokens_limit"}, "engine": set(),
-             "security": set()}
+_NOT_KEYS = {"server": {"limits", "security", "node_service"}, "limits": {"max_tokens_limit"},
+             "engine": set(), "security": set()}
 
 
 @dataclass

@@ -31,6 +31,7 @@ from types import TracebackType
 from ultrakv.client.supervision import RestartBudget, RestartPolicy
 from ultrakv.cluster.addresses import MAX_PORT, ensure_port_free, validate_port
 from ultrakv.cluster.etcd_server import EmbeddedEtcd, EtcdStartError, free_port, with_parent_death
+from ultrakv.cluster.peer_auth import ensure_cluster_secret
 from ultrakv.cluster.store import EtcdStore
 
 log = logging.getLogger("ultrakv.client.local_cluster")
@@ -62,6 +63,7 @@ class ClusterSpec:
     coordinator_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 120.0
     restart: RestartPolicy | None = None
+    cluster_secret_file: str = ""  # "" = generate data_dir/cluster-secret (0600) once
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -113,6 +115,9 @@ class LocalCluster:
         self._etcd_budget = RestartBudget(spec.restart) if spec.restart else None
         self._etcd_given_up = False
         self._next_node = 1
+        # Nodes answer only callers with this secret (the coordinators and each other).
+        self.cluster_secret_file = Path(spec.cluster_secret_file or ensure_cluster_secret(
+            spec.data_dir / "cluster-secret"))
         self._lock = threading.RLock()  # children: the supervisor thread vs. the caller
         self._closing = closing or threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -204,7 +209,9 @@ class LocalCluster:
                         "--device", self._device(list(self.node_ports).index(node_id)),
                         "--checkpoint-dir", str(self.spec.data_dir / "checkpoints"),
                         "--checkpoint-interval", str(self.spec.checkpoint_interval_s),
-                        "--lease-ttl", str(self.spec.lease_ttl_s), *self.spec.node_args)
+                        "--lease-ttl", str(self.spec.lease_ttl_s),
+                        "--cluster-secret-file", str(self.cluster_secret_file),
+                        *self.spec.node_args)
             num_blocks = num_blocks or self.spec.num_blocks
             if num_blocks is not None:
                 argv += ["--num-blocks", str(num_blocks)]
@@ -232,6 +239,7 @@ class LocalCluster:
         self._add(name, _cli("coordinator", "--etcd", self.etcd_endpoint, "--host", "127.0.0.1",
                              "--port", str(self.coordinator_ports[index]),
                              "--http-port", str(self.spec.http_port + index if self.spec.http_port else 0),
+                             "--cluster-secret-file", str(self.cluster_secret_file),
                              *self.spec.coordinator_args))
 
     def wait_ready(self, nodes: int, timeout_s: float | None = None) -> None:

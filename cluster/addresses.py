@@ -10,6 +10,7 @@ error names the process to stop.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -109,3 +110,11 @@ def _listening_inodes(port: int) -> set[str]:
             if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(fields[9])
     return inodes
+def is_loopback(listen_host: str) -> bool:
+    """Whether a server listening on ``listen_host`` is reachable from this machine only."""
+    if listen_host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(listen_host).is_loopback
+    except ValueError:
+        return False  # a wildcard or a host name: assume it is reachable from outside

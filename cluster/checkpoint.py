@@ -129,8 +129,10 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` as ``path`` all at once; readable by its owner only (a checkpoint holds
+    conversations in plain text)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -139,7 +141,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
     """Write ``state``'s history and KV files into ``directory``; returns the entry."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     stem = f"{state.session_id}.t{state.turns}.n{len(state.token_ids)}"
     kv = state.kv if state.kv is not None and state.kv_tokens > 0 else None
     history = json.dumps({

@@ -152,6 +152,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
     cancelled: set[str] = set()
     reading_done = False
     rpc_deadline = _rpc_deadline(context)
+    last_read = time.monotonic()  # an open stream that stays quiet is closed (idle limit)
 
     async def run(request: pb.GenerateRequest) -> None:
         rid = request.request_id
@@ -212,9 +213,10 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
         active[rid] = asyncio.create_task(run(request), name=f"generate-{rid}")
 
     async def read() -> None:
-        nonlocal reading_done
+        nonlocal reading_done, last_read
         try:
             async for message in requests:
+                last_read = time.monotonic()
                 accept(message)
         finally:
             reading_done = True
@@ -231,8 +233,17 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                 break
             if wrote_chunk and flush_interval_s > 0:
                 await asyncio.sleep(flush_interval_s)
-            else:
+            elif active:
                 await outbox.wait()
+            else:
+                idle = limits.stream_idle_timeout_s
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(outbox.wait(), timeout=idle)
+                if not active and time.monotonic() - last_read >= idle:
+                    await abort_with(context, RequestRejected(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                        f"stream closed: idle for {idle:g} s with no request "
+                        "(stream_idle_timeout_s); open a new one"))
         await reader  # surfaces a read error, if any
     finally:
         reader.cancel()

@@ -67,6 +67,11 @@ class Limits:
     max_stop_token_ids: int = STOP_TOKEN_IDS_MAX
     max_batch_size: int = 256
     max_batch_concurrency: int = 64
+    stream_idle_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.stream_idle_timeout_s > 0:
+            raise ValueError(f"stream_idle_timeout_s must be > 0, got {self.stream_idle_timeout_s}")
 
 
 class RequestRejected(Exception):

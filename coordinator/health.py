@@ -19,6 +19,7 @@ from enum import StrEnum
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ultrakv.cluster.peers import PeerTLS
 from ultrakv.cluster.tasks import cancel_task
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,10 @@ class HealthChecker:
         policy: HealthPolicy,
         on_transition: TransitionCallback | None = None,
         service: str = "",
+        tls: PeerTLS | None = None,
     ):
         self.policy = policy
+        self.tls = tls  # nodes that serve mutual TLS are probed with this identity
         self.tracker = HealthTracker(policy)
         self.on_transition = on_transition
         self.service = service
@@ -166,14 +169,15 @@ class HealthChecker:
         ch = self._channels.get(address)
         if ch is None:
             # Short reconnect backoff: a restarted node must be seen within a few intervals.
-            ch = grpc.aio.insecure_channel(
-                address,
-                options=[
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.min_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 1000),
-                ],
-            )
+            options = [
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ]
+            if self.tls is not None:
+                ch = grpc.aio.secure_channel(address, self.tls.channel_credentials(), options=options)
+            else:
+                ch = grpc.aio.insecure_channel(address, options=options)
             self._channels[address] = ch
         return ch
 

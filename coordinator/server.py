@@ -50,7 +50,8 @@ from ultrakv.cluster.membership import (
 )
 from ultrakv.cluster.metrics_http import serve_metrics
 from ultrakv.cluster.openai_api import ApiHost, HttpServer, TlsFiles
-from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.peer_auth import read_cluster_secret
+from ultrakv.cluster.peers import PeerChannels, PeerTLS
 from ultrakv.cluster.ring import (
     EmptyRingError,
     HashRing,
@@ -68,6 +69,7 @@ from ultrakv.cluster.service import (
     add_servicer,
 )
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
+from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import Limits, RequestRejected
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
@@ -82,6 +84,7 @@ log = logging.getLogger("ultrakv.coordinator.server")
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
               grpc.StatusCode.INTERNAL}
 PREFIX_ROUTE_BYTES = 64  # a text prompt's routing block: its first bytes
+CLIENT_STREAMS_PER_CONNECTION = 256  # calls one client connection may hold open at once
 
 
 @dataclass
@@ -106,6 +109,15 @@ class CoordinatorSettings:
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
     http_port: int = 0  # the OpenAI-compatible API, /health and /metrics; 0 = off
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    # How this coordinator proves itself to nodes: the cluster secret (a file, 0600) and,
+    # for mutual TLS, the cluster CA with this coordinator's certificate and key (PEM).
+    cluster_secret_file: str = ""
+    peer_ca_cert: str = ""
+    peer_cert: str = ""
+    peer_key: str = ""
+
+    def peer_tls(self) -> PeerTLS | None:
+        return PeerTLS(self.peer_ca_cert, self.peer_cert, self.peer_key) if self.peer_ca_cert else None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -209,10 +221,12 @@ class ClusterBackend:
     def __init__(self, settings: CoordinatorSettings, store: EtcdStore | None = None) -> None:
         self.settings = settings
         self.store = store or EtcdStore(settings.etcd, settings.prefix)
-        self.peers = PeerChannels()
+        secret = read_cluster_secret(settings.cluster_secret_file) if settings.cluster_secret_file else ""
+        self.peers = PeerChannels(secret, settings.peer_tls())
         self.gate = SessionGate()
         self.watcher = MembershipWatcher(self.store, on_members=self._on_members)
-        self.health = HealthChecker(settings.health, on_transition=self._on_transition)
+        self.health = HealthChecker(settings.health, on_transition=self._on_transition,
+                                    tls=settings.peer_tls())
         self.config = DynamicConfigWatcher(self.store, DynamicConfig.from_settings(settings),
                                            on_change=self.apply_config)
         self.resharder = Resharder(self.store, self.peers, self._addresses)
@@ -650,15 +664,21 @@ class CoordinatorServer:
         if self.settings.http_port:
             ensure_port_free(self.settings.host, self.settings.http_port, "HTTP API")
         await self.backend.start()
-        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=(
-            EdgeSecurityInterceptor(self.security, self.settings.limits), *self.interceptors))
+        server = grpc.aio.server(
+            options=[*server_options(CLIENT_STREAMS_PER_CONNECTION), *GRPC_SERVER_OPTIONS],
+            interceptors=(EdgeSecurityInterceptor(self.security, self.settings.limits),
+                          *self.interceptors))
+        sec = self.settings.security
+        for warning in exposure_warnings(self.settings.host, self.settings.port,
+                                         clients_authenticated=bool(sec.keys_file),
+                                         tls=bool(sec.tls_cert)):
+            log.warning(warning)
         add_servicer(server, UltraKVServicer(self.backend, self.settings.limits),
                      ULTRAKV_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.port}"
-        sec = self.settings.security
         try:
             self.port = (server.add_secure_port(bind, server_credentials(
                 sec.tls_cert, sec.tls_key, sec.tls_client_ca)) if sec.tls_cert

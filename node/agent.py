@@ -77,7 +77,7 @@ class NodeAgent:
         self.settings = settings
         self.node_id = server.backend.identity.node_id
         self.store = store or EtcdStore(settings.etcd, settings.prefix)
-        self.peers = PeerChannels()
+        self.peers = PeerChannels(server.cluster_secret, server.peer_tls)
         self.watcher = MembershipWatcher(self.store)
         self.replicator = Replicator(
             engine, self.node_id, lambda: self.watcher.ring, self._addresses, self.peers,

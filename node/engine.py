@@ -166,6 +166,7 @@ class Engine:
         self._loop_thread: threading.Thread | None = None
         self._stopping = False
         self._metrics = _Metrics()
+        self._last_progress = time.monotonic()  # a model step ran, or work arrived at an idle engine
         log.info(
             "engine ready: model=%s device=%s dtype=%s attention=%s kv_blocks=%d x %d tokens (%.1f MiB) policy=%s",
             self.model_name,
@@ -389,6 +390,8 @@ class Engine:
             self._seqs[seq.request_id] = seq
             if listener is not None:
                 self._listeners[seq.request_id] = listener
+            if not self.scheduler.has_unfinished:
+                self._last_progress = time.monotonic()
             self.scheduler.add(seq)
             self._metrics.requests += 1
             self._work.notify_all()
@@ -506,6 +509,7 @@ class Engine:
 
     def _after_step(self, out: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
         self.scheduler.on_step_done(out)
+        self._last_progress = time.monotonic()
         self._metrics.steps += 1
         self._metrics.batched_tokens += out.num_batched_tokens
         finished = []
@@ -532,6 +536,15 @@ class Engine:
     def has_unfinished(self) -> bool:
         with self._lock:
             return self.scheduler.has_unfinished
+
+    def seconds_without_progress(self) -> float:
+        """How long requests have been waiting or running without a model step completing;
+        0 while the engine is idle. A pool whose blocks are all held by nobody, or a step
+        that never returns, makes this grow: the node must stop reporting SERVING."""
+        with self._lock:
+            if not self.scheduler.has_unfinished:
+                return 0.0
+            return time.monotonic() - self._last_progress
 
     def generate(
         self,

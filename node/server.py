@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -39,6 +39,8 @@ from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundErro
 from ultrakv.cluster.health_service import HealthService
 from ultrakv.cluster.metrics_http import serve_metrics
 from ultrakv.cluster.openai_api import ApiHost, HttpServer, TlsFiles
+from ultrakv.cluster.peer_auth import ClusterSecretInterceptor, read_cluster_secret
+from ultrakv.cluster.peers import PeerTLS
 from ultrakv.cluster.security.interceptor import EdgeSecurityInterceptor
 from ultrakv.cluster.security.policy import EdgeSecurity
 from ultrakv.cluster.security.settings import SecuritySettings
@@ -58,6 +60,8 @@ from ultrakv.cluster.session_transfer import (
     TransferError,
     state_to_chunks,
 )
+from ultrakv.cluster.tasks import cancel_task
+from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import (
     PRIORITY_NAMES,
     Limits,
@@ -196,6 +200,7 @@ class LocalBackend:
         self.identity = identity or NodeIdentity()
         self.on_turn_complete = on_turn_complete
         self.ledger = TurnLedger()
+        self.serving = True  # False while the engine makes no progress (NodeServer's watch)
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
@@ -288,9 +293,13 @@ class NodeServicer:
     (export/import for migration, history replication, listing, stats)."""
 
     def __init__(self, backend: LocalBackend, limits: Limits,
-                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S) -> None:
+                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+                 peers_authenticated: bool = False) -> None:
         self.backend = backend
         self.engine = backend.engine
+        # Imported KV enters the shared prefix cache only from an authenticated peer: anyone
+        # else could plant KV that changes other users' outputs for the same tokens.
+        self.peers_authenticated = peers_authenticated
         # Generate and the session calls are the client-facing service's, over the same backend,
         # trusting the tenant its caller (the coordinator) set.
         self._client_facing = UltraKVServicer(backend, limits, flush_interval_s, edge=False)
@@ -310,7 +319,7 @@ class NodeServicer:
     async def Health(self, request: npb.NodeHealthRequest,
                      context: grpc.aio.ServicerContext) -> npb.NodeHealthResponse:
         return npb.NodeHealthResponse(
-            serving=True, node_id=self.backend.identity.node_id,
+            serving=self.backend.serving, node_id=self.backend.identity.node_id,
             model=str(getattr(self.engine, "model_name", "")),
             model_fingerprint=self._fingerprint(),
             uptime_s=time.time() - self.backend.identity.started_at)
@@ -349,6 +358,11 @@ class NodeServicer:
                 if first:
                     assembler.expect_kv_bytes(validate_session_header(assembler.header, layout))
             state = assembler.finish()
+            if state.kv is not None and not self.peers_authenticated:
+                log.warning("session %s imported without its KV: the caller is not an "
+                            "authenticated cluster peer (no cluster secret or peer TLS)",
+                            state.session_id)
+                state = replace(state, kv=None, kv_tokens=0)
             await asyncio.to_thread(self.engine.import_session, state)
         except TransferError as exc:
             await abort_with(context, RequestRejected(grpc.StatusCode.DATA_LOSS, "chunks", str(exc)))
@@ -410,15 +424,41 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     grace_period_s: float = 5.0
     max_message_bytes: int = 64 * 1024 * 1024
+    # Calls one connection may hold open at once; a coordinator forwards every request to
+    # this node over one connection, so this matches the node's admission queue.
+    max_streams_per_connection: int = 1024
     stream_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
     tls_cert: str = ""  # PEM paths; both set = TLS
     tls_key: str = ""
+    # PEM CA of the cluster: with tls_cert/tls_key, callers must present a certificate it
+    # signed (mutual TLS), and this node presents tls_cert when it dials its peers.
+    peer_ca_cert: str = ""
+    # The secret every internal call must carry (cluster/peer_auth.py); "" = none.
+    cluster_secret_file: str = ""
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
     # The host peers and coordinators dial (e.g. a pod's DNS name); "" = derived from host.
     advertise_host: str = ""
     http_port: int = 0  # the OpenAI-compatible API, /health and /metrics; 0 = off
     # The client-facing edge (the config file's security section): keys, limits, quotas.
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    # Health turns NOT_SERVING while requests wait or run and no model step has completed
+    # for this long (a hung pool or step): the coordinator then routes around the node.
+    stall_timeout_s: float = 60.0
+    # Serve the internal NodeService (a cluster member). A node serving clients alone
+    # (single-process `ultrakv serve`) turns it off: no one needs it there.
+    node_service: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+        if self.peer_ca_cert and not (self.tls_cert and self.tls_key):
+            raise ValueError("peer_ca_cert needs tls_cert and tls_key (this node's certificate)")
+
+    def peer_tls(self) -> PeerTLS | None:
+        """This node's mutual-TLS identity towards its peers, when configured."""
+        if not self.peer_ca_cert:
+            return None
+        return PeerTLS(self.peer_ca_cert, self.tls_cert, self.tls_key)
 
 
 class NodeServer:
@@ -440,6 +480,11 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self.http: HttpServer | None = None
+        s = self.settings
+        self.cluster_secret = read_cluster_secret(s.cluster_secret_file) if s.cluster_secret_file else ""
+        self.peer_tls = s.peer_tls()
+        self._health_names: tuple[str, ...] = ()
+        self._progress_watch: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -448,7 +493,11 @@ class NodeServer:
         return f"{host}:{self.port}"
 
     def _not_ready(self) -> str | None:
-        return None if self._server is not None else "the node is not serving (starting or stopping)"
+        if self._server is None:
+            return "the node is not serving (starting or stopping)"
+        if not self.backend.serving:
+            return f"the engine made no progress for {self.settings.stall_timeout_s:g} s"
+        return None
 
     @property
     def listen_address(self) -> str:
@@ -466,23 +515,36 @@ class NodeServer:
         validate_port(self.settings.http_port, "http_port", zero="off")
         if self.settings.http_port:
             ensure_port_free(self.settings.host, self.settings.http_port, "HTTP API")
-        options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
-                   ("grpc.max_send_message_length", self.settings.max_message_bytes),
-                   *GRPC_SERVER_OPTIONS]
+        options = [*server_options(self.settings.max_streams_per_connection,
+                                   self.settings.max_message_bytes), *GRPC_SERVER_OPTIONS]
         limits = self.settings.limits
-        server = grpc.aio.server(options=options, interceptors=(
-            EdgeSecurityInterceptor(self.security, limits), *self.interceptors))
+        internal = self.settings.node_service
+        interceptors = (EdgeSecurityInterceptor(self.security, limits), *self.interceptors)
+        if internal and self.cluster_secret:  # a member answers only its peers (and probes)
+            interceptors = (ClusterSecretInterceptor(self.cluster_secret), *interceptors)
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         flush = self.settings.stream_flush_interval_s
+        services = [ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         add_servicer(server, UltraKVServicer(self.backend, limits, flush), ULTRAKV_SERVICE)
-        add_servicer(server, NodeServicer(self.backend, limits, flush), NODE_SERVICE)
+        if internal:
+            authenticated = bool(self.cluster_secret) or self.peer_tls is not None
+            add_servicer(server, NodeServicer(self.backend, limits, flush, authenticated),
+                         NODE_SERVICE)
+            services.append(NODE_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (ULTRAKV_SERVICE, NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            server)
+        reflection.enable_server_reflection(services, server)
         bind = f"{self.settings.host}:{self.settings.port}"
+        member_locked = internal and (bool(self.cluster_secret) or self.peer_tls is not None)
+        for warning in exposure_warnings(
+                self.settings.host, self.settings.port, internal_open=internal and not member_locked,
+                clients_authenticated=member_locked or bool(self.settings.security.keys_file),
+                tls=bool(self.settings.tls_cert or self.settings.security.tls_cert)):
+            log.warning(warning)
         sec = self.settings.security
         creds = None
-        if sec.tls_cert:  # single-process serve: the client port's TLS (mTLS with a client CA)
+        if self.peer_tls is not None:  # a cluster member: mutual TLS with its peers
+            creds = self.peer_tls.server_credentials()
+        elif sec.tls_cert:  # single-process serve: the client port's TLS (mTLS with a client CA)
             creds = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca)
         elif self.settings.tls_cert and self.settings.tls_key:
             creds = server_credentials(self.settings.tls_cert, self.settings.tls_key)
@@ -495,8 +557,10 @@ class NodeServer:
         await server.start()
         self._server = server
         self.backend.identity.address = self.address
-        for name in ("", ULTRAKV_SERVICE, NODE_SERVICE):
+        self._health_names = ("", ULTRAKV_SERVICE, *([NODE_SERVICE] if internal else []))
+        for name in self._health_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._progress_watch = asyncio.create_task(self._watch_progress(), name="progress-watch")
         registry = CollectorRegistry()  # own registry: several servers in one process
         registry.register(NodeCollector(self.engine, self.backend.identity.node_id))
         registry.register(self.security.events)
@@ -526,9 +590,27 @@ class NodeServer:
         if self.settings.tls_cert and self.settings.tls_key:
             return TlsFiles(self.settings.tls_cert, self.settings.tls_key)
         return None
+    async def _watch_progress(self) -> None:
+        """Report NOT_SERVING while the engine is stalled, SERVING again once it moves."""
+        limit = self.settings.stall_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            stalled = await asyncio.to_thread(self.engine.seconds_without_progress) > limit
+            if stalled == (not self.backend.serving):
+                continue
+            self.backend.serving = not stalled
+            if stalled:
+                log.error("engine made no progress for %.0f s with requests waiting: "
+                          "reporting NOT_SERVING", limit)
+            status = (health_pb2.HealthCheckResponse.NOT_SERVING if stalled
+                      else health_pb2.HealthCheckResponse.SERVING)
+            for name in self._health_names:
+                await self.health.set(name, status)
 
     async def stop(self) -> None:
         """Report NOT_SERVING, let running requests finish within the grace period, stop."""
+        await cancel_task(self._progress_watch)
+        self._progress_watch = None
         server, self._server = self._server, None  # /health answers 503 from here on
         if self.http is not None:
             await self.http.stop()

@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from peer_auth_helpers import secret_channel
 from ultrakv.client import AsyncClient, Client
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
 from ultrakv.cluster.etcd_server import free_port
+from ultrakv.cluster.peer_auth import read_cluster_secret
+from ultrakv.v1 import node_pb2 as npb
+from ultrakv.v1 import node_pb2_grpc
+from ultrakv.v1 import types_pb2 as pb
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -208,7 +216,8 @@ async def test_drained_node_moves_every_session_with_its_cache(cluster) -> None:
         on_target = [s for s, n in conv.node.items() if n == target]
         out = await asyncio.to_thread(subprocess.run, [
             sys.executable, "-m", "ultrakv.client.cli", "drain", target,
-            "--etcd", cluster.etcd_endpoint, "--timeout", "60"],
+            "--etcd", cluster.etcd_endpoint, "--timeout", "60",
+            "--cluster-secret-file", str(cluster.cluster_secret_file)],
             capture_output=True, text=True, timeout=90)
         assert out.returncode == 0, out.stderr
         assert f"node {target} drained" in out.stdout
@@ -272,7 +281,9 @@ def test_two_coordinators_route_every_session_alike(cluster) -> None:
     port = free_port()
     second = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "coordinator",
                                "--etcd", cluster.etcd_endpoint, "--host", "127.0.0.1",
-                               "--port", str(port), "--http-port", "0"], stdout=subprocess.DEVNULL,
+                               "--port", str(port), "--http-port", "0",
+                               "--cluster-secret-file", str(cluster.cluster_secret_file)],
+                              stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         with Client(cluster.address, timeout=30) as a, Client(f"127.0.0.1:{port}",
@@ -318,3 +329,23 @@ def test_stats_list_every_node_with_its_pid(cluster) -> None:
         assert by_id[node_id]["address"].endswith(f":{cluster.node_ports[node_id]}")
         assert "hit_rate" in by_id[node_id]["cache"]
     assert Path(cluster.spec.data_dir, "checkpoints").is_dir()
+
+
+def test_nodes_answer_only_callers_with_the_cluster_secret(cluster) -> None:
+    """Issue 10 findings 2 and 10: node processes refused nobody; now every internal call
+    needs the secret that `serve` generated (0600), which the coordinator's forwarding and
+    the nodes' replication carry (the tests above ran through both)."""
+    assert stat.S_IMODE(os.stat(cluster.cluster_secret_file).st_mode) == 0o600
+    secret = read_cluster_secret(cluster.cluster_secret_file)
+    replicas = 0
+    for node_id in cluster.nodes:
+        address = f"127.0.0.1:{cluster.node_ports[node_id]}"
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                node_pb2_grpc.NodeServiceStub(channel).ListSessions(npb.ListSessionsRequest(),
+                                                                    timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with secret_channel(address, secret) as channel:
+            stats = node_pb2_grpc.NodeServiceStub(channel).Stats(pb.StatsRequest(), timeout=10)
+            replicas += int(stats.engine["sessions"]["replicas"])
+    assert replicas >= 1  # replication between node processes carried the secret

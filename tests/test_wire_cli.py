@@ -119,8 +119,8 @@ def test_serve_starts_logs_and_stops_cleanly_on_ctrl_c(tmp_path):
             proc.kill()
     log = proc.stdout.read()
     assert "loading model tiny on cpu" in log
-    # the socket's own address (every interface by default) and where local clients dial it
-    assert f"serving tiny, listening on 0.0.0.0:{port} (clients dial 127.0.0.1:{port})" in log
+    # the socket's own address (loopback by default: issue 10) and where local clients dial it
+    assert f"serving tiny, listening on 127.0.0.1:{port} (clients dial 127.0.0.1:{port})" in log
     assert "stopped" in log and "Traceback" not in log
 
 

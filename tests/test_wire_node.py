@@ -8,6 +8,8 @@ import hashlib
 import grpc
 import pytest
 import torch
+from peer_auth_helpers import secret_channel
+from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import HashRing
 from ultrakv.cluster.session_state import SessionState
@@ -15,7 +17,7 @@ from ultrakv.cluster.session_transfer import TransferError, chunks_to_state, sta
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.outputs import RequestOutput
 from ultrakv.node.replication import Replicator
-from ultrakv.node.server import BackgroundServer
+from ultrakv.node.server import BackgroundServer, ServerSettings
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
 from ultrakv.v1 import types_pb2 as pb
@@ -31,14 +33,23 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    with BackgroundServer(engine) as srv:
+def secret(tmp_path_factory):
+    path = ensure_cluster_secret(tmp_path_factory.mktemp("secret") / "cluster-secret")
+    return path, read_cluster_secret(path)
+
+
+@pytest.fixture(scope="module")
+def server(engine, secret):
+    """A cluster member: NodeService answers callers with the cluster secret."""
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5,
+                              cluster_secret_file=str(secret[0]))
+    with BackgroundServer(engine, settings) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def node(server):
-    channel = grpc.insecure_channel(server.address)
+def node(server, secret):
+    channel = secret_channel(server.address, secret[1])
     yield node_pb2_grpc.NodeServiceStub(channel)
     channel.close()
 
@@ -223,11 +234,11 @@ def test_replicate_history_rejects_an_overlong_tenant(node):
     assert "tenant must be at most 128 bytes, got 129" in err.value.details()
 
 
-async def test_replicator_sends_the_sessions_tenant(node, server, engine):
+async def test_replicator_sends_the_sessions_tenant(node, server, engine, secret):
     """The replication hook reads the session's salt; a failover promotes it with that salt."""
     tenant_turn(node, "acme-hook", TENANT_PROMPT + " hook", "acme")
     history = history_of(node, "acme-hook")
-    peers = PeerChannels()
+    peers = PeerChannels(secret[1])
     replicator = Replicator(engine, "self", lambda: HashRing(["self", "peer"]),
                             lambda: {"peer": server.address}, peers)
     try:

@@ -5,15 +5,17 @@ sessions, replicas and transfers, and bounded stop conditions."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.session_transfer import state_to_chunks
 from ultrakv.node import Engine, EngineConfig
-from ultrakv.node.server import BackgroundServer
+from ultrakv.node.server import BackgroundServer, ServerSettings
 from ultrakv.v1 import node_pb2 as npb
-from ultrakv.v1 import node_pb2_grpc
+from ultrakv.v1 import node_pb2_grpc, ultrakv_pb2_grpc
 from ultrakv.v1 import types_pb2 as pb
 
 PROMPT = "A conversation long enough to fill a few KV blocks of sixteen tokens each. " * 2
@@ -163,3 +165,33 @@ def test_transfers_are_bounded_chunk_by_chunk(node):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert "kv chunks must number at most" in err.details()
     assert next(sent) < 2000  # refused while streaming, not after the stream ended
+
+
+def test_health_is_not_serving_over_a_hung_pool(engine):
+    """Finding 7 (second half): with the pool held by nobody, every request hung while health
+    still said SERVING."""
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5, stall_timeout_s=1.0)
+    with BackgroundServer(engine, settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        probe = health_pb2_grpc.HealthStub(ch)
+
+        def wait_for(status: int) -> None:
+            deadline = time.monotonic() + 30
+            while probe.Check(health_pb2.HealthCheckRequest(), timeout=10).status != status:
+                assert time.monotonic() < deadline, f"health never became {status}"
+                time.sleep(0.1)
+
+        wait_for(health_pb2.HealthCheckResponse.SERVING)
+        with engine._lock:  # what the import leak left behind: every block held by nobody
+            engine.pool.evict_unreferenced()
+            held = engine.pool.allocate(engine.pool.num_free)
+        try:
+            pending = ultrakv_pb2_grpc.UltraKVStub(ch).Process.future(pb.GenerateRequest(
+                text=PROMPT, sampling=pb.SamplingOptions(max_length=2)), timeout=60)
+            wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+            node = node_pb2_grpc.NodeServiceStub(ch)
+            assert not node.Health(npb.NodeHealthRequest(), timeout=10).serving
+        finally:
+            with engine._lock:
+                engine.pool.free(held)
+        assert pending.result().finish_reason == pb.FINISH_REASON_LENGTH
+        wait_for(health_pb2.HealthCheckResponse.SERVING)
