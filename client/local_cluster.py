@@ -115,14 +115,21 @@ class LocalCluster:
         self._etcd_budget = RestartBudget(spec.restart) if spec.restart else None
         self._etcd_given_up = False
         self._next_node = 1
-        # Nodes answer only callers with this secret (the coordinators and each other).
-        self.cluster_secret_file = Path(spec.cluster_secret_file or ensure_cluster_secret(
-            spec.data_dir / "cluster-secret"))
+        self._cluster_secret_file: Path | None = None
         self._lock = threading.RLock()  # children: the supervisor thread vs. the caller
         self._closing = closing or threading.Event()
         self._supervisor: threading.Thread | None = None
 
     # -- views ------------------------------------------------------------------------------
+
+    @property
+    def cluster_secret_file(self) -> Path:
+        """The secret nodes demand of their callers (the coordinators and each other):
+        the spec's file, or data_dir/cluster-secret, generated (0600) on first use."""
+        if self._cluster_secret_file is None:
+            self._cluster_secret_file = Path(self.spec.cluster_secret_file or ensure_cluster_secret(
+                self.spec.data_dir / "cluster-secret"))
+        return self._cluster_secret_file
 
     @property
     def address(self) -> str:
