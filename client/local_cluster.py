@@ -61,7 +61,7 @@ class ClusterSpec:
     node_args: list[str] = field(default_factory=list)  # extra `ultrakv node` flags
     # extra `ultrakv coordinator` flags: the client-facing edge (--keys-file, --tls-*, --config)
     coordinator_args: list[str] = field(default_factory=list)
-    startup_timeout_s: float = 120.0
+    startup_timeout_s: float = 300.0  # generous: CI machines are shared and loaded
     restart: RestartPolicy | None = None
     cluster_secret_file: str = ""  # "" = generate data_dir/cluster-secret (0600) once
 

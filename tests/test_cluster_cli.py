@@ -40,7 +40,7 @@ def _children(pid: int) -> dict[int, str]:
     return out
 
 
-def _wait(predicate, proc: subprocess.Popen, what: str, timeout_s: float = 120):
+def _wait(predicate, proc: subprocess.Popen, what: str, timeout_s: float = 300):
     deadline = time.monotonic() + timeout_s
     while True:
         assert proc.poll() is None, proc.stdout.read()
