@@ -55,6 +55,7 @@ class CheckpointEntry:
     kv_file: str = ""  # "" when the session had no cached block
     kv_sha256: str = ""
     kv_tokens: int = 0
+    replica: bool = False  # a replica the node held for the session's owner
 
 
 @dataclass
@@ -208,18 +209,20 @@ def merge_with_history(session_id: str, checkpointed: SessionState | None, histo
                        turns: int, fingerprint: str) -> SessionState:
     """The session to restore from a checkpoint and a replicated history of the same session.
 
-    The longer of the two histories wins when one extends the other (the checkpoint's KV
-    stays valid: it covers a prefix of it); when they diverge the replicated history wins,
-    being what clients were acknowledged, and the KV is dropped.
+    The copy with more turns wins, never the longer one: a checkpoint may be older than the
+    replica (written before the last turns) or newer (the replica lagged). On equal turns
+    the replicated history wins, being what clients were acknowledged. The checkpoint's KV
+    is kept while it covers a prefix of the winning history, dropped otherwise.
     """
     if checkpointed is None:
         return SessionState(session_id, list(history), turns, fingerprint)
-    ckpt = checkpointed.token_ids
-    if len(history) >= len(ckpt) and history[:len(ckpt)] == ckpt:
-        return replace(checkpointed, token_ids=list(history), turns=max(turns, checkpointed.turns))
-    if len(ckpt) > len(history) and ckpt[:len(history)] == history:
+    if checkpointed.turns > turns:
         return checkpointed
-    return replace(checkpointed, token_ids=list(history), turns=turns, kv=None, kv_tokens=0)
+    kv_tokens = checkpointed.kv_tokens if checkpointed.kv is not None else 0
+    merged = replace(checkpointed, token_ids=list(history), turns=turns)
+    if history[:kv_tokens] != checkpointed.token_ids[:kv_tokens] or len(history) < kv_tokens:
+        merged = replace(merged, kv=None, kv_tokens=0)
+    return merged
 
 
 async def load_manifest(store: EtcdStore, node_id: str) -> Manifest | None:

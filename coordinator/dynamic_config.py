@@ -4,7 +4,7 @@ The key holds a JSON object of overrides, e.g. ``{"load_eps": 0.5, "health_down_
 a setting it leaves out keeps the value the coordinator started with, so deleting the key
 returns every coordinator to its start-up settings. Only settings the coordinator reads on
 every use are here (routing's bounded-load eps, the health loop's cadence and thresholds,
-retries): changing them needs no restart and no drain.
+retries, a forward's first-token and stall deadlines): changing them needs no restart and no drain.
 
 Parsing and validation are pure (``parse_overrides``, ``apply_overrides``); the
 ``DynamicConfigWatcher`` reads the key at start, watches it, and hands each new valid config
@@ -43,6 +43,8 @@ _FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "health_interval_s": (0.05, 60.0, True),
     "health_timeout_s": (0.0, 60.0, False),
     "failed_hold_s": (0.0, 600.0, True),
+    "first_token_timeout_s": (0.0, 3600.0, False),
+    "stall_timeout_s": (0.0, 3600.0, False),
 }
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "health_down_after": (1, 100),
@@ -66,6 +68,8 @@ class DynamicConfig:
     health_up_after: int = 2
     max_attempts: int = 4  # forwards per request (first try + retries/resumes)
     failed_hold_s: float = 3.0  # a node whose forward failed stays off the ring this long
+    first_token_timeout_s: float = 60.0  # a forward's deadline for its first message
+    stall_timeout_s: float = 20.0  # ... and between two messages
 
     def __post_init__(self) -> None:
         for name, (low, high, closed) in _FLOAT_RANGES.items():
@@ -97,7 +101,9 @@ class DynamicConfig:
         return cls(load_eps=settings.load_eps, health_interval_s=h.interval_s,
                    health_timeout_s=h.timeout_s, health_down_after=h.down_after,
                    health_up_after=h.up_after, max_attempts=settings.max_attempts,
-                   failed_hold_s=settings.failed_hold_s)
+                   failed_hold_s=settings.failed_hold_s,
+                   first_token_timeout_s=settings.first_token_timeout_s,
+                   stall_timeout_s=settings.stall_timeout_s)
 
     def health_policy(self) -> HealthPolicy:
         """The health loop's policy under this config."""

@@ -212,7 +212,9 @@ class HealthChecker:
     async def _emit(self, t: Transition | None) -> None:
         if t is None:
             return
-        log.warning("node %s: %s -> %s (%s)", t.node_id, t.old, t.new, t.reason)
+        # A node lost is worth a warning; one that joins or comes back is routine.
+        level = logging.WARNING if t.new is Health.DOWN else logging.INFO
+        log.log(level, "node %s: %s -> %s (%s)", t.node_id, t.old, t.new, t.reason)
         if self.on_transition is None:
             return
         try:

@@ -1,19 +1,27 @@
-"""Re-sharding: after a ring change, move every session whose owner changed.
+"""Re-sharding: after a ring change, settle every session whose copies disagree with it.
 
-``plan_moves`` (pure) compares where each session's freshest copy is with where the new
-ring says it belongs. ``Resharder`` carries the plan out:
+``plan_moves`` (pure) finds, for each session, its authoritative copy: the one with the most
+turns (a turn count is a version; a history's length is not), on a node that answers before
+one in a dead node's checkpoint, a session before a replica, the owner's before another's.
+Replicas count like sessions: a session created since its owner's last checkpoint may have
+its replica on the ring successor as its only copy. A session needs a move when that copy is
+not a session on its owner under the new ring, or when a session copy sits on another node
+that answers (a stale copy, perhaps serving a turn right now). ``Resharder`` carries each
+move out, deciding again from fresh copies at that moment:
 
-* live old owner (a node joined, or the old owner is draining): the session's history and
-  KV stream node to node (``ExportSession`` piped into ``ImportSession``), then the old
-  copy is deleted: the cut-over. The next turn on the new owner hits the moved KV.
-* dead old owner: the new owner is the dead node's ring successor, which holds the
-  replicated history of every completed turn. The session is restored there from that
-  history and the dead node's newest checkpoint (its manifest in etcd, its files on shared
-  storage): the checkpoint's KV is imported when it covers a prefix of the history, the rest
-  is recomputed on the next turn.
+* the authoritative copy is on another node that answers (a node joined, the old owner is
+  draining, a dead node came back): history and KV stream node to node (``ExportSession``
+  piped into ``ImportSession``; a replica is promoted first), then that copy is deleted: the
+  cut-over. The next turn on the new owner hits the moved KV.
+* it is the owner's own replica or a dead node's checkpoint: the session is restored on the
+  owner from its replica and the newest checkpoint that holds it (the dead node's manifest
+  in etcd, its files on shared storage); the checkpoint's KV is imported when it covers a
+  prefix of the history, the rest is recomputed on the next turn.
 
-The coordinator keeps requests for a moving session waiting until its move is done
-(``SessionGate`` in coordinator/server.py), so no turn runs against a half-moved session.
+Then stale session copies elsewhere are deleted and the history is replicated to the new
+owner's successor. The coordinator runs a move that may meet a turn in flight under the
+session's lock (``SessionGate`` in coordinator/server.py): the turn finishes first, and the
+move sees the copy that turn wrote. Requests for a moving session wait until it is done.
 """
 
 from __future__ import annotations
@@ -42,27 +50,35 @@ class Copy:
     """A copy of a session held by a node (live) or by a dead node's checkpoint."""
 
     node: str
+    turns: int  # the copy's version: completed turns
     num_tokens: int
     live: bool
+    replica: bool = False  # a replica held for the owner, not a session served from there
+
+
+def authoritative(held: Iterable[Copy], owner: str) -> Copy:
+    """The copy a session continues from: most turns; then live before checkpointed, a
+    session before a replica, the owner's before another's."""
+    return max(held, key=lambda c: (c.turns, c.live, not c.replica, c.node == owner))
 
 
 @dataclass(frozen=True)
 class Move:
-    """One session to move from ``source`` to ``target``."""
+    """One session to settle on ``target``, its owner under the new ring."""
 
     session_id: str
-    source: str
+    source: str  # where the authoritative copy was when planned
     target: str
-    live: bool  # source answers: stream node to node; else restore from replica + checkpoint
+    live: bool  # a session copy off the owner answers: it may be serving a turn right now
+    copies: tuple[Copy, ...] = field(default=(), compare=False)  # every copy when planned
 
 
 @dataclass
 class Plan:
-    """The moves of one ring change and the stale copies to drop once they are done."""
+    """The moves of one ring change."""
 
     ring: HashRing = field(default_factory=HashRing)  # the ring the moves lead to
     moves: list[Move] = field(default_factory=list)
-    stale: list[tuple[str, str]] = field(default_factory=list)  # (session id, node)
     sessions: int = 0  # sessions seen in all
 
     @property
@@ -71,20 +87,16 @@ class Plan:
 
 
 def plan_moves(copies: Mapping[str, list[Copy]], ring: HashRing) -> Plan:
-    """Moves that put each session's freshest copy on its owner under ``ring``.
-
-    The freshest copy is the longest history; a live copy beats a checkpoint of equal length,
-    and the owner's own copy beats any other of equal length (nothing to move). Every other
-    live copy is stale.
-    """
+    """The sessions whose authoritative copy is not a session on its owner under ``ring``,
+    or that have a stale session copy on another node that answers."""
     plan = Plan(ring=ring, sessions=len(copies))
     for sid, held in sorted(copies.items()):
         owner = ring.lookup(sid)
-        best = max(held, key=lambda c: (c.num_tokens, c.live, c.node == owner))
-        if best.node != owner:
-            plan.moves.append(Move(sid, best.node, owner, best.live))
-        plan.stale.extend((sid, c.node) for c in held
-                          if c.live and c.node not in (owner, best.node))
+        best = authoritative(held, owner)
+        stale = any(c.live and not c.replica and c.node != owner for c in held)
+        if best.node == owner and not best.replica and not stale:
+            continue
+        plan.moves.append(Move(sid, best.node, owner, live=stale, copies=tuple(held)))
     return plan
 
 
@@ -120,7 +132,8 @@ class Resharder:
         return self.peers.stub(self.addresses()[node])
 
     async def collect(self, live: Iterable[str], dead: Iterable[str]) -> dict[str, list[Copy]]:
-        """Every session copy: listed on each live node, read from each dead node's manifest."""
+        """Every session copy, replicas included: listed on each live node, read from each
+        dead node's manifest."""
         copies: dict[str, list[Copy]] = {}
 
         async def listed(node: str) -> list[pb.SessionInfo]:
@@ -138,7 +151,7 @@ class Resharder:
                                strict=True):
             for info in infos:
                 copies.setdefault(info.session_id, []).append(
-                    Copy(node, int(info.num_tokens), True))
+                    Copy(node, info.turns, int(info.num_tokens), True, info.replica))
         for node in sorted(dead):
             try:
                 manifest = await load_manifest(self.store, node)
@@ -150,26 +163,77 @@ class Resharder:
                 continue
             self._manifests[node] = manifest
             for sid, entry in manifest.sessions.items():
-                copies.setdefault(sid, []).append(Copy(node, entry.num_tokens, False))
+                copies.setdefault(sid, []).append(
+                    Copy(node, entry.turns, entry.num_tokens, False, entry.replica))
         return copies
 
     async def plan(self, ring: HashRing, live: Iterable[str], dead: Iterable[str]) -> Plan:
         return plan_moves(await self.collect(live, dead), ring)
 
     async def move(self, move: Move, ring: HashRing) -> MoveResult:
-        """Carry out one move, then replicate the session's history to the new owner's
-        successor on ``ring`` (a moved session is as durable as one that just took a
-        turn); never raises."""
+        """Carry out one move from the copies as they are now (a turn may have completed
+        since the plan), drop stale session copies, then replicate the session's history to
+        the new owner's successor on ``ring`` (a moved session is as durable as one that
+        just took a turn); never raises."""
+        sid, target = move.session_id, move.target
         try:
-            state = await (self._migrate(move) if move.live else self._restore(move))
-            await self._replicate(move.session_id, state.token_ids, state.turns, state.tenant,
-                                  move.target, ring)
-            return MoveResult(move, True, state.kv_tokens)
+            held = await self._refresh(move)
+            if not held:
+                raise ValueError(f"session {sid}: no copy left to move")
+            best = authoritative(held, target)
+            if best.node == target and not best.replica:
+                state = await self._export(target, sid, include_kv=False)
+            elif best.live and best.node != target:
+                state = await self._migrate(sid, best, target)
+            else:
+                checkpoints = [c for c in held if not c.live and c.node in self._manifests]
+                newest = max(checkpoints, key=lambda c: c.turns, default=None)
+                state = await self._restore(sid, target, newest)
+            for c in held:
+                if c.live and not c.replica and c.node not in (target, best.node):
+                    await self._drop(sid, c.node)  # stale: the owner has a newer copy
+            await self._replicate(sid, state.token_ids, state.turns, state.tenant, target, ring)
+            return MoveResult(replace(move, source=best.node), True, state.kv_tokens)
         except (grpc.aio.AioRpcError, OSError, ValueError, KeyError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            log.error("moving session %s %s -> %s failed: %s", move.session_id, move.source,
-                      move.target, detail)
+            log.error("moving session %s %s -> %s failed: %s", sid, move.source, target, detail)
             return MoveResult(move, False, error=detail or type(exc).__name__)
+
+    async def _refresh(self, move: Move) -> list[Copy]:
+        """The move's copies as they are now: each live holder (and the target) asked again;
+        a holder that does not answer keeps its planned copy, checkpoints stay as read."""
+        nodes = sorted({c.node for c in move.copies if c.live} | {move.target})
+        planned = {c.node: c for c in move.copies}
+
+        async def ask(node: str) -> Copy | None:
+            try:
+                info = await self._stub(node).GetSession(
+                    pb.GetSessionRequest(session_id=move.session_id, any_tenant=True),
+                    timeout=min(5.0, self.rpc_timeout_s))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                return planned.get(node)
+            except KeyError:  # left the cluster
+                return None
+            return Copy(node, info.turns, int(info.num_tokens), True, info.replica)
+
+        fresh = await asyncio.gather(*(ask(n) for n in nodes))
+        return [c for c in fresh if c is not None] + [c for c in move.copies if not c.live]
+
+    async def _export(self, node: str, session_id: str, include_kv: bool) -> SessionState:
+        chunks = [c async for c in self._stub(node).ExportSession(
+            npb.ExportSessionRequest(session_id=session_id, include_kv=include_kv),
+            timeout=self.rpc_timeout_s)]
+        return chunks_to_state(chunks)
+
+    async def _promote(self, node: str, session_id: str) -> None:
+        try:
+            await self._stub(node).PromoteReplica(
+                npb.PromoteReplicaRequest(session_id=session_id), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
 
     async def _replicate(self, session_id: str, history: list[int], turns: int, tenant: str,
                          owner: str, ring: HashRing) -> None:
@@ -182,64 +246,57 @@ class Resharder:
                 log.warning("replicating moved session %s to %s failed: %s", session_id, node,
                             exc)
 
-    async def _migrate(self, move: Move) -> SessionState:
-        """Stream the session old -> new owner (the header is kept to replicate it)."""
-        source, target = self._stub(move.source), self._stub(move.target)
-        chunks = [c async for c in source.ExportSession(
-            npb.ExportSessionRequest(session_id=move.session_id, include_kv=True),
+    async def _migrate(self, session_id: str, source: Copy, target: str) -> SessionState:
+        """Stream the session ``source.node`` -> ``target``, then delete the source copy."""
+        if source.replica:
+            await self._promote(source.node, session_id)
+        chunks = [c async for c in self._stub(source.node).ExportSession(
+            npb.ExportSessionRequest(session_id=session_id, include_kv=True),
             timeout=self.rpc_timeout_s)]
-        resp = await target.ImportSession(iter(chunks), timeout=self.rpc_timeout_s)
-        await self._drop(move.session_id, move.source)  # cut over: one owner from here on
+        resp = await self._stub(target).ImportSession(iter(chunks), timeout=self.rpc_timeout_s)
+        await self._drop(session_id, source.node)  # cut over: one owner from here on
         header = chunks[0].header
-        return SessionState(move.session_id, list(header.token_ids), header.turns,
+        return SessionState(session_id, list(header.token_ids), header.turns,
                             header.model_fingerprint, kv_tokens=resp.kv_tokens,
                             tenant=header.tenant)
 
-    async def _restore(self, move: Move) -> SessionState:
-        target = self._stub(move.target)
+    async def _restore(self, session_id: str, target: str,
+                       checkpoint: Copy | None) -> SessionState:
+        """The target's own copy (its replica promoted) merged with ``checkpoint`` (a dead
+        node's), imported on the target."""
         history: list[int] = []
         turns = 0
         fingerprint = tenant = ""
+        await self._promote(target, session_id)
         try:
-            await target.PromoteReplica(npb.PromoteReplicaRequest(session_id=move.session_id),
-                                        timeout=self.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-        try:
-            chunks = [c async for c in target.ExportSession(
-                npb.ExportSessionRequest(session_id=move.session_id, include_kv=False),
-                timeout=self.rpc_timeout_s)]
-            held = chunks_to_state(chunks)
+            held = await self._export(target, session_id, include_kv=False)
             history, turns, fingerprint = held.token_ids, held.turns, held.model_fingerprint
             tenant = held.tenant
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-        manifest = self._manifests[move.source]
-        checkpointed = await asyncio.to_thread(
-            read_session, Path(manifest.directory), manifest.sessions[move.session_id])
+        checkpointed = None
+        if checkpoint is not None:
+            manifest = self._manifests[checkpoint.node]
+            checkpointed = await asyncio.to_thread(
+                read_session, Path(manifest.directory), manifest.sessions[session_id])
         fingerprint = fingerprint or (checkpointed.model_fingerprint if checkpointed else "")
-        state = merge_with_history(move.session_id, checkpointed, history, turns, fingerprint)
+        state = merge_with_history(session_id, checkpointed, history, turns, fingerprint)
         # Without a checkpoint the merge knows no tenant: keep the replica's salt, or the
         # import below would re-salt the promoted session and lose its cached blocks.
         state = replace(state, tenant=state.tenant or tenant)
         if not state.token_ids:
-            raise ValueError(f"session {move.session_id}: no replica and no readable checkpoint")
-        resp = await target.ImportSession(iter(state_to_chunks(state)),
-                                          timeout=self.rpc_timeout_s)
+            raise ValueError(f"session {session_id}: no replica and no readable checkpoint")
+        resp = await self._stub(target).ImportSession(iter(state_to_chunks(state)),
+                                                      timeout=self.rpc_timeout_s)
         return replace(state, kv=None, kv_tokens=resp.kv_tokens)
 
     async def _drop(self, session_id: str, node: str) -> None:
         try:
-            await self._stub(node).DeleteSession(pb.DeleteSessionRequest(session_id=session_id, any_tenant=True),
-                                                 timeout=self.rpc_timeout_s)
+            await self._stub(node).DeleteSession(
+                pb.DeleteSessionRequest(session_id=session_id, any_tenant=True),
+                timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("dropping stale copy of %s on %s: %s", session_id, node,
                             exc.code().name)
-
-    async def drop_stale(self, stale: Iterable[tuple[str, str]], live: set[str]) -> None:
-        for sid, node in stale:
-            if node in live:
-                await self._drop(sid, node)

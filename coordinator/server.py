@@ -5,12 +5,15 @@ its node: ``ring.lookup(session_id)``, or for a request without a session the ha
 first prompt block, bounded by the requests in flight per node. It relays the node's
 stream. When the node fails before the first token the request is retried on the new
 owner; when it fails mid-stream the request is resumed on the new owner from prompt +
-tokens already sent, so the client sees one stream and no error.
+the token ids already sent (kept as ids, never re-encoded text), so the client sees one
+stream and no error.
 
 The routing ring is membership's ring of serving nodes minus the nodes the health loop (or
 a failed forward) holds down. Every change of it is handed to the resharder before it takes
 effect: the sessions that move are marked pending first, and their requests wait in the
-``SessionGate`` until the move is done.
+``SessionGate`` until the move is done. A node marked down has its forwards in flight given
+up at once, and each forward has a first-token and a stall deadline, so a stopped node's
+requests move on instead of hanging.
 
 Several coordinators may run against one etcd: routing is a pure function of the ring, and
 the ring of a membership is the same in every process.
@@ -85,6 +88,11 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.Statu
               grpc.StatusCode.INTERNAL}
 PREFIX_ROUTE_BYTES = 64  # a text prompt's routing block: its first bytes
 CLIENT_STREAMS_PER_CONNECTION = 256  # calls one client connection may hold open at once
+_REPLANS = 3  # plans of one view change when the view keeps changing while planning
+# A move that failed under the ring still in force is tried again (a node that just came
+# back may not be reachable for a moment): this often, this many times in all.
+_MOVE_RETRY_S = 1.0
+_MOVE_TRIES = 5
 
 
 @dataclass
@@ -104,6 +112,11 @@ class CoordinatorSettings:
     block_size: int = 16  # the nodes' KV block size: the prefix-routing unit
     max_attempts: int = 4  # forwards per request (first try + retries/resumes)
     failed_hold_s: float = 3.0  # a node whose forward failed stays off the ring this long
+    # A forward whose node sends nothing this long (before its first message / between two
+    # messages) is given up and retried or resumed elsewhere, its node taken off the ring.
+    # Generous: a busy node's queue and a long prefill must not count as a stall.
+    first_token_timeout_s: float = 60.0
+    stall_timeout_s: float = 20.0
     limits: Limits = field(default_factory=Limits)
     grace_period_s: float = 2.0
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
@@ -124,6 +137,9 @@ class CoordinatorSettings:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not self.load_eps > 0:
             raise ValueError(f"load_eps must be > 0, got {self.load_eps}")
+        for name in ("first_token_timeout_s", "stall_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -195,23 +211,20 @@ class SessionGate:
             lock.release()
 
 
-def resumed_request(request: pb.GenerateRequest, sent_ids: list[int],
-                    sent_text: str) -> pb.GenerateRequest:
+def resumed_request(request: pb.GenerateRequest, sent_ids: list[int]) -> pb.GenerateRequest:
     """The request that continues ``request`` after ``sent_ids`` were streamed already.
 
-    Token-id prompts resume exactly (prompt + sent ids). Text prompts resume from prompt +
-    sent text, exact for byte-level tokenizers and for any tokenizer where the text
-    re-encodes to the same ids.
+    The original prompt (text or ids, as the client sent it) plus the streamed ids as token
+    ids: the new owner tokenizes the prompt exactly as the first one did (same model, same
+    session history) and continues from the very ids the client received. Decoding them to
+    text and re-encoding would not give the same ids back in general.
     """
     out = pb.GenerateRequest()
     out.CopyFrom(request)
-    if not sent_ids:
-        return out
-    if request.WhichOneof("prompt") == "token_ids":
-        out.token_ids.ids.extend(sent_ids)
-    else:
-        out.text = request.text + sent_text
-    out.sampling.max_length = request.sampling.max_length - len(sent_ids)
+    del out.resume_token_ids[:]  # only the coordinator sets it
+    if sent_ids:
+        out.resume_token_ids.extend(sent_ids)
+        out.sampling.max_length = request.sampling.max_length - len(sent_ids)
     return out
 
 
@@ -233,10 +246,13 @@ class ClusterBackend:
         self.ring = HashRing((), vnodes=self.watcher.vnodes)
         self.members: dict[str, NodeRecord] = {}
         self.inflight: dict[str, int] = {}
+        self._attempts: dict[str, set[_Attempt]] = {}  # node -> its forwards in flight
         self._failed: dict[str, float] = {}  # node -> monotonic time its forward failed
         self._view_lock = asyncio.Lock()
+        self._view_stale = asyncio.Event()  # set: recompute the view now (see _tick)
         self._moves: asyncio.Queue[Plan] = asyncio.Queue()
-        self._queued: dict[str, tuple[Move, HashRing]] = {}  # planned, not started
+        # planned, not started: (move, its ring, failed tries)
+        self._queued: dict[str, tuple[Move, HashRing, int]] = {}
         self._tasks: list[asyncio.Task] = []
         self.counters = CoordinatorCounters()
 
@@ -264,9 +280,12 @@ class ClusterBackend:
         await self._update_view()
 
     async def _tick(self) -> None:
-        """Re-check the view each health interval: a failed-forward hold runs out silently."""
+        """Re-check the view each health interval (a failed-forward hold runs out silently),
+        and at once when a health transition asks for it."""
         while True:
-            await asyncio.sleep(self.settings.health.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._view_stale.wait(), self.settings.health.interval_s)
+            self._view_stale.clear()
             try:
                 await self._update_view()
             except Exception:
@@ -290,6 +309,8 @@ class ClusterBackend:
         self.settings.load_eps = config.load_eps
         self.settings.max_attempts = config.max_attempts
         self.settings.failed_hold_s = config.failed_hold_s
+        self.settings.first_token_timeout_s = config.first_token_timeout_s
+        self.settings.stall_timeout_s = config.stall_timeout_s
         self.settings.health = policy
         self.health.policy = policy
         self.health.tracker.policy = policy
@@ -308,7 +329,11 @@ class ClusterBackend:
     async def _on_transition(self, t: Transition) -> None:
         if t.new is Health.UP:
             self._failed.pop(t.node_id, None)
-        await self._update_view()
+        elif t.new is Health.DOWN:
+            self._abandon(t.node_id)
+        # Not awaited here: planning a ring change lists every node's sessions, and the
+        # probe loop must go on meanwhile (a stopped node makes that listing slow).
+        self._view_stale.set()
 
     def _routable(self) -> list[str]:
         now = time.monotonic()
@@ -328,32 +353,39 @@ class ClusterBackend:
     async def _update_view(self) -> None:
         """Recompute the routing ring; plan the moves of a change before routing by it."""
         async with self._view_lock:
-            nodes = self._routable()
             old = self.ring
-            if tuple(nodes) == old.nodes:
-                return
-            new = HashRing(nodes, vnodes=old.vnodes, epoch=max(old.epoch, self.watcher.ring.epoch)
-                           + (1 if old.nodes else 0))
-            alive = self._alive()
-            dead = set(old.nodes) - alive
-            plan = (await self.resharder.plan(new, alive, dead)) if new.nodes else Plan(ring=new)
+            for _ in range(_REPLANS):
+                nodes, alive = self._routable(), self._alive()
+                if tuple(nodes) == old.nodes:
+                    return
+                new = HashRing(nodes, vnodes=old.vnodes,
+                               epoch=max(old.epoch, self.watcher.ring.epoch)
+                               + (1 if old.nodes else 0))
+                dead = set(old.nodes) - alive
+                plan = (await self.resharder.plan(new, alive, dead)) if new.nodes \
+                    else Plan(ring=new)
+                # Listing sessions takes a while (seconds when a node is stopped): a view
+                # that changed meanwhile is planned again rather than applied stale.
+                if (self._routable(), self._alive()) == (nodes, alive):
+                    break
             self.gate.mark_pending([(m.session_id, m.live) for m in plan.moves])
             self._queue_moves(plan)
             self.ring = new
             log.info("routing ring epoch %d: %s (%d of %d sessions move)", new.epoch,
                      list(new.nodes), len(plan.moves), plan.sessions)
-            if plan.moves or plan.stale:
+            if plan.moves:
                 self._moves.put_nowait(plan)
 
     def _queue_moves(self, plan: Plan) -> None:
         for move in plan.moves:
             if self._queued.pop(move.session_id, None) is not None:
                 self.gate.done(move.session_id)  # superseded by the newer ring's move
-            self._queued[move.session_id] = (move, plan.ring)
+            self._queued[move.session_id] = (move, plan.ring, 0)
 
-    async def _run_move(self, move: Move, ring: HashRing) -> None:
+    async def _run_move(self, move: Move, ring: HashRing, tries: int = 0) -> None:
+        retry = False
         try:
-            if move.live:  # never under a running turn
+            if move.live:  # never under a running turn: it finishes, then the move decides
                 async with self.gate.lock(move.session_id):
                     result = await self.resharder.move(move, ring)
             else:  # the turn waiting on it may hold the lock
@@ -361,10 +393,19 @@ class ClusterBackend:
             self.counters.moved(move.live, result.ok, result.kv_tokens)
             if result.ok:
                 log.info("session %s: %s -> %s (%s, %d KV tokens)", move.session_id,
-                         move.source, move.target, "live" if move.live else "restored",
+                         result.move.source, move.target, "live" if move.live else "restored",
                          result.kv_tokens)
+            else:
+                # Left undone, the owner would serve the next turn without the history.
+                retry = (ring is self.ring and tries + 1 < _MOVE_TRIES
+                         and move.session_id not in self._queued)
         finally:
-            self.gate.done(move.session_id)
+            if retry:  # still pending: the session's turns keep waiting for it
+                self._queued[move.session_id] = (move, ring, tries + 1)
+                asyncio.get_running_loop().call_later(
+                    _MOVE_RETRY_S, self._moves.put_nowait, Plan(ring=ring, moves=[move]))
+            else:
+                self.gate.done(move.session_id)
 
     async def _expedite(self, session_id: str, live: bool) -> None:
         """A turn waits for its session's move: run it now rather than in plan order (a dead
@@ -387,11 +428,11 @@ class ClusterBackend:
         while True:
             plan = await self._moves.get()
             await asyncio.gather(*(one(m.session_id) for m in plan.moves))
-            await self.resharder.drop_stale(plan.stale, self._alive())
 
     async def node_failed(self, node: str) -> None:
         """A forward to ``node`` failed: keep it off the ring until health says otherwise."""
         self._failed[node] = time.monotonic()
+        self._abandon(node)
         await self._update_view()
 
     # -- routing ------------------------------------------------------------------------------
@@ -455,7 +496,7 @@ class ClusterBackend:
                             sent_ids, sent_text, started, first_token_at)
                         return
                 held = None
-                forward = resumed_request(request, sent_ids, "".join(sent_text))
+                forward = resumed_request(request, sent_ids)
                 try:
                     async for event in self._forward(node, forward, deadline):
                         if isinstance(event, pb.TokenChunk):
@@ -517,7 +558,9 @@ class ClusterBackend:
     def _result(self, request: pb.GenerateRequest, result: pb.GenerateResult,
                 sent_ids: list[int], sent_text: list[str], started: float,
                 first_token_at: float, resumed: bool = True) -> pb.GenerateResult:
-        """The client's result: a resumed request's result covers every token it was sent."""
+        """The client's result: a resumed request's result covers every token it was sent,
+        and its usage counts the turn's prompt once (the resumed attempt's prompt also held
+        the tokens earlier attempts streamed)."""
         if not resumed:
             return result
         out = pb.GenerateResult()
@@ -529,6 +572,7 @@ class ClusterBackend:
             out.text = "".join(sent_text)
             out.usage.prompt_tokens = max(0, result.usage.prompt_tokens - before)
             out.usage.completion_tokens = len(sent_ids)
+            out.usage.cached_tokens = min(result.usage.cached_tokens, out.usage.prompt_tokens)
         now = time.monotonic()
         out.timings.ttft_ms = 1000.0 * ((first_token_at or now) - started)
         out.timings.latency_ms = 1000.0 * (now - started)
@@ -536,15 +580,30 @@ class ClusterBackend:
 
     async def _forward(self, node: str, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
+        """One attempt on ``node``: its events, until the result.
+
+        Raises ``_NodeGone`` when the node sends nothing within the first-token deadline, then
+        nothing for the stall deadline between messages, or is marked down meanwhile (health
+        or another request's failure): a stalled node's requests move on at once instead of
+        hanging for as long as it stays stopped.
+        """
         address = self.members[node].address if node in self.members else None
         if address is None:
             raise _NodeGone(node, "left the cluster")
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
         call = self.peers.stub(address).Generate(
             iter([pb.GenerateStreamRequest(generate=request)]), timeout=timeout)
+        attempt = _Attempt()
+        self._attempts.setdefault(node, set()).add(attempt)
         self.inflight[node] = self.inflight.get(node, 0) + 1
+        messages = call.__aiter__()
+        wait_s = self.settings.first_token_timeout_s
         try:
-            async for message in call:
+            while True:
+                message = await attempt.read(messages, wait_s, node)
+                if message is None:
+                    raise _NodeGone(node, "stream ended without a result")
+                wait_s = self.settings.stall_timeout_s
                 kind = message.WhichOneof("event")
                 if kind == "chunk":
                     yield message.chunk
@@ -555,7 +614,13 @@ class ClusterBackend:
                     raise RequestRejected.from_detail(message.error)
         finally:
             self.inflight[node] -= 1
+            self._attempts[node].discard(attempt)
             call.cancel()  # no-op when finished; frees the node's blocks when we stop early
+
+    def _abandon(self, node: str) -> None:
+        """``node`` is down: its forwards in flight give up now and move elsewhere."""
+        for attempt in list(self._attempts.get(node, ())):
+            attempt.abandon()
 
     async def _node_stats(self, node: str) -> pb.NodeStats | None:
         try:
@@ -611,6 +676,37 @@ class ClusterBackend:
                                         any_tenant=tenant is None), timeout=5))
         if not replies:
             raise SessionNotFoundError(session_id)
+
+
+class _Attempt:
+    """One forward in flight: its reads wait at most a deadline each, and ``abandon`` (the
+    node was marked down) ends the read in progress, or the next one, at once."""
+
+    def __init__(self) -> None:
+        self.abandoned = False
+        self._timeout: asyncio.Timeout | None = None
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        if self._timeout is not None:
+            self._timeout.reschedule(asyncio.get_running_loop().time())
+
+    async def read(self, messages: AsyncIterator[Any], wait_s: float, node: str) -> Any:
+        """The next message, or None at the end of the stream."""
+        if self.abandoned:
+            raise _NodeGone(node, "was marked down")
+        try:
+            # The timeout covers only this read, never a yield to the caller: it cancels
+            # whatever the task awaits when it fires.
+            async with asyncio.timeout(wait_s) as self._timeout:
+                return await anext(messages)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            why = "was marked down" if self.abandoned else f"sent nothing for {wait_s:g} s"
+            raise _NodeGone(node, why) from None
+        finally:
+            self._timeout = None
 
 
 class _NodeGone(Exception):
@@ -761,11 +857,16 @@ async def drain_node(store: EtcdStore, node_id: str, peers: PeerChannels | None 
     own = peers is None
     peers = peers or PeerChannels()
     stub = peers.stub(record.address)
+
+    async def owned() -> int:  # the replicas it holds for others stay: they are not its own
+        listed = await stub.ListSessions(npb.ListSessionsRequest(), timeout=5)
+        return sum(not s.replica for s in listed.sessions)
+
     try:
-        first = len((await stub.ListSessions(npb.ListSessionsRequest(), timeout=5)).sessions)
+        first = await owned()
         end = time.monotonic() + timeout_s
         while True:
-            left = len((await stub.ListSessions(npb.ListSessionsRequest(), timeout=5)).sessions)
+            left = await owned()
             if left == 0:
                 return first
             if time.monotonic() > end:

@@ -139,9 +139,10 @@ class NodeAgent:
             return
         report = await asyncio.to_thread(restore_into, self.engine, manifest)
         self.checkpointer.manifest = self.checkpointer.recorded = manifest
-        log.info("node %s restored %d sessions from its checkpoint (%d KV tokens; "
-                 "%d to recompute, %d unreadable)", self.node_id, len(report.restored),
-                 report.kv_tokens, len(report.kv_recomputed), len(report.lost))
+        log.info("node %s restored %d sessions and %d replicas from its checkpoint (%d KV "
+                 "tokens; %d to recompute, %d unreadable)", self.node_id, len(report.restored),
+                 len(report.replicas), report.kv_tokens, len(report.kv_recomputed),
+                 len(report.lost))
 
     async def stop(self) -> None:
         """Final checkpoint, leave the ring, close connections."""

@@ -66,10 +66,12 @@ class RestoreReport:
     kv_tokens: int = 0
     kv_recomputed: list[str] = field(default_factory=list)  # KV file missing or corrupted
     lost: list[str] = field(default_factory=list)  # history file missing or corrupted
+    replicas: list[str] = field(default_factory=list)  # restored as replicas, history only
 
 
 def restore_into(engine, manifest: Manifest, skip: set[str] = frozenset()) -> RestoreReport:
-    """Import every checkpointed session (except ``skip``) into ``engine`` (blocking)."""
+    """Import every checkpointed session (except ``skip``) into ``engine`` (blocking);
+    replicas come back as replicas."""
     report = RestoreReport()
     directory = Path(manifest.directory)
     for sid, entry in manifest.sessions.items():
@@ -78,6 +80,10 @@ def restore_into(engine, manifest: Manifest, skip: set[str] = frozenset()) -> Re
         state = read_session(directory, entry)
         if state is None:
             report.lost.append(sid)
+            continue
+        if entry.replica:
+            engine.store_replica(sid, state.token_ids, state.turns, state.tenant)
+            report.replicas.append(sid)
             continue
         if entry.kv_file and state.kv is None:
             report.kv_recomputed.append(sid)
@@ -114,20 +120,26 @@ class Checkpointer:
         self._last_compacted = 0.0
 
     def _write(self) -> Manifest:
-        """Write what changed since the last manifest; returns the new manifest (blocking)."""
+        """Write what changed since the last manifest; returns the new manifest (blocking).
+
+        Replicas are written too: a session created since its owner's last checkpoint may
+        have its replica here as its only copy.
+        """
         previous = self.manifest.sessions
         entries: dict[str, CheckpointEntry] = {}
         infos = sorted(self.engine.list_sessions(), key=lambda i: i.last_used_at)
         for info in infos:
             old = previous.get(info.session_id)
-            if old is not None and (old.turns, old.num_tokens) == (info.turns, info.num_tokens):
+            if old is not None and (old.turns, old.num_tokens, old.replica) == (
+                    info.turns, info.num_tokens, info.replica):
                 entries[info.session_id] = old
                 continue
             try:
                 state = self.engine.export_session(info.session_id)
             except SessionNotFoundError:
                 continue  # removed since listed
-            entries[info.session_id] = write_session(self.directory, state)
+            entries[info.session_id] = replace(write_session(self.directory, state),
+                                               replica=info.replica)
         fitted = fit_budget(entries, {sid: self._sizes(e) for sid, e in entries.items()},
                             [i.session_id for i in infos if i.session_id in entries],
                             self.max_bytes)

@@ -31,6 +31,7 @@ from ultrakv.cluster.errors import (
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
+    SessionNotFoundError,
 )
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import SessionLayout, validate_history
@@ -277,10 +278,7 @@ class Engine:
         elif isinstance(prompt, list):
             if not prompt:
                 raise InvalidRequestError("prompt", "prompt must be non-empty")
-            vocab = self.model_config.vocab_size
-            bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError("prompt", f"prompt token ids must be in [0, {vocab - 1}], got {bad!r}")
+            self._check_token_ids("prompt", prompt)
         else:
             raise InvalidRequestError(
                 "prompt", f"prompt must be text, token ids or chat messages, got {type(prompt).__name__}"
@@ -308,6 +306,8 @@ class Engine:
             result.tokens = history + (self.tokenizer.encode(prompt, add_bos=not history) if prompt else [])
         else:
             result.tokens = history + list(prompt)
+        self._check_token_ids("resume_token_ids", request.resume_token_ids)
+        result.tokens = result.tokens + list(request.resume_token_ids)
         tokens = result.tokens
         if not tokens:
             raise InvalidRequestError("prompt", "prompt must be non-empty")
@@ -348,6 +348,12 @@ class Engine:
             log.debug("chat template does not continue the session's tokens; prefilling the conversation anew")
         tokens = tok.encode(text, add_bos=False)
         return _Prompt(tokens, _common_prefix(history, tokens), conversation)
+
+    def _check_token_ids(self, name: str, ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(name, f"{name} token ids must be in [0, {vocab - 1}], got {bad!r}")
 
     def add_request(
         self, request: GenerateRequest, listener: Listener | None = None, *, stream_text: bool = True
@@ -729,16 +735,24 @@ class Engine:
         """Blocks of the session's history still in the cache (the leading run)."""
         return self.pool.cached_prefix(continue_chain(s.block_hashes, s.token_ids, self.config.block_size, s.salt))
 
+    def _newest(self, session_id: str, tenant: str | None = None) -> tuple[Session, bool]:
+        copy = self.sessions.newest(session_id, tenant)
+        if copy is None:
+            raise SessionNotFoundError(session_id)
+        return copy
+
     def get_session(self, session_id: str, tenant: str | None = None) -> SessionInfo:
-        """The session's info; ``tenant`` set: only if that tenant owns it (else not found)."""
+        """The newest copy held here: the session, or a replica (``replica`` set); ``tenant``
+        set: only if that tenant owns it (else not found)."""
         with self._lock:
-            return self._info(self.sessions.get(session_id, tenant))
+            return self._info(*self._newest(session_id, tenant))
 
     def list_sessions(self) -> list[SessionInfo]:
+        """Every session and replica held here (the newest copy of each)."""
         with self._lock:
-            return [self._info(s) for s in self.sessions.all()]
+            return [self._info(s, replica) for s, replica in self.sessions.copies()]
 
-    def _info(self, s: Session) -> SessionInfo:
+    def _info(self, s: Session, replica: bool = False) -> SessionInfo:
         return SessionInfo(
             session_id=s.session_id,
             num_tokens=len(s.token_ids),
@@ -746,6 +760,7 @@ class Engine:
             turns=s.turns,
             created_at=s.created_at,
             last_used_at=s.last_used_at,
+            replica=replica,
         )
 
     def delete_session(self, session_id: str, tenant: str | None = None) -> None:
@@ -790,9 +805,10 @@ class Engine:
             return self.sessions.promote_replica(session_id) is not None
 
     def export_session(self, session_id: str) -> SessionState:
-        """The session's history and the KV of the leading full blocks still cached."""
+        """The newest copy's history (session or replica) and the KV of its leading full
+        blocks still cached."""
         with self._lock:
-            s = self.sessions.get(session_id)
+            s, _ = self._newest(session_id)
             blocks = self._cached_blocks(s)
             kv = None
             if blocks:

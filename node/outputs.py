@@ -25,6 +25,8 @@ class GenerateRequest:
     holding prompt + output.
     ``tenant`` salts prefix hashes so tenants never share cached blocks.
     ``deadline`` is a ``time.monotonic()`` instant after which the request is aborted.
+    ``resume_token_ids``: tokens this request already generated elsewhere (a stream resumed on
+    another node); the prompt continues with them exactly, as token ids.
     """
 
     prompt: Prompt
@@ -35,6 +37,7 @@ class GenerateRequest:
     tenant: str = ""
     deadline: float | None = None
     full_context: bool = False
+    resume_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -82,3 +85,4 @@ class SessionInfo:
     turns: int
     created_at: float
     last_used_at: float
+    replica: bool = False  # held for the session's owner, not served from here yet

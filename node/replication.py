@@ -9,13 +9,15 @@ to a single node's death: the successor continues the replica on the next reques
 
 If the successor does not answer, the next node clockwise is tried; if none answers the
 turn is still served (the cluster must keep serving while a neighbour is down) and the
-failure is logged and counted.
+failure is counted, and logged at most once per ``LOG_EVERY_S`` (a last survivor fails every
+turn it serves: one line per turn would bury everything else in the log).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -27,6 +29,32 @@ from ultrakv.node.outputs import RequestOutput
 from ultrakv.v1 import node_pb2 as npb
 
 log = logging.getLogger("ultrakv.node.replication")
+
+LOG_EVERY_S = 10.0
+
+
+class ThrottledLog:
+    """One kind of log line, written at most once per ``interval_s``; a line written after a
+    quiet spell says how many like it were held back."""
+
+    def __init__(self, level: int, interval_s: float = LOG_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.level = level
+        self.interval_s = interval_s
+        self.clock = clock
+        self._next = float("-inf")
+        self._held = 0
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = self.clock()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            message += f" (and {self._held} more in the last {self.interval_s:g} s)"
+        log.log(self.level, message, *args)
+        self._next = now + self.interval_s
+        self._held = 0
 
 
 @dataclass
@@ -55,6 +83,8 @@ class Replicator:
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.stats = ReplicationStats()
+        self._target_failed = ThrottledLog(logging.WARNING)
+        self._not_replicated = ThrottledLog(logging.ERROR)
 
     async def on_turn_complete(self, output: RequestOutput) -> None:
         """Replicate the session of a completed turn; never raises."""
@@ -79,8 +109,9 @@ class Replicator:
                 self.stats.replicated += 1
                 return
             except grpc.aio.AioRpcError as exc:
-                log.warning("replicating session %s to %s failed: %s", sid, node, exc.code().name)
+                self._target_failed("replicating session %s to %s failed: %s", sid, node,
+                                    exc.code().name)
         if targets:
             self.stats.failed += 1
-            log.error("session %s: turn %d not replicated (no successor answered)", sid,
-                      session.turns)
+            self._not_replicated("session %s: turn %d not replicated (no successor answered)",
+                                 sid, session.turns)

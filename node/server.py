@@ -114,7 +114,8 @@ def engine_request(request: pb.GenerateRequest, deadline: float | None) -> Gener
         prompt=prompt, sampling=SamplingParams(**params),
         session_id=request.session_id if request.HasField("session_id") else None,
         request_id=request.request_id, priority=Priority[PRIORITY_NAMES[request.priority]],
-        tenant=request.tenant, deadline=deadline, full_context=request.full_context)
+        tenant=request.tenant, deadline=deadline, full_context=request.full_context,
+        resume_token_ids=list(request.resume_token_ids))
 
 
 def result_message(output: RequestOutput, node_id: str) -> pb.GenerateResult:
@@ -133,7 +134,7 @@ def session_message(info: SessionInfo, node_id: str) -> pb.SessionInfo:
     return pb.SessionInfo(session_id=info.session_id, num_tokens=info.num_tokens,
                           num_cached_blocks=info.num_cached_blocks, turns=info.turns,
                           created_at=info.created_at, last_used_at=info.last_used_at,
-                          node_id=node_id)
+                          node_id=node_id, replica=info.replica)
 
 
 def _jsonable(value: Any) -> Any:

@@ -4,7 +4,8 @@ A session keeps only its history; the KV of that history lives in the block pool
 full blocks, found again by their chained content hashes when the next turn arrives, and
 evictable under memory pressure like any other cached block. Replicas are histories that a
 ring predecessor pushed here so that a conversation survives its owner's death; a replica
-becomes a session the first time a request for it arrives. Pure logic, no I/O.
+becomes a session the first time a request for it arrives. Replicas are listed, exported,
+checkpointed and deleted like sessions: re-sharding must see every copy. Pure logic, no I/O.
 
 A session belongs to the tenant that opened it (its ``salt``): for any other tenant it does
 not exist (NOT_FOUND, the same answer as for an unknown id, so ids leak nothing). A tenant
@@ -97,29 +98,49 @@ class SessionStore:
             raise SessionNotFoundError(session_id)
         return session
 
-    def history(self, session_id: str, tenant: str = "") -> list[int]:
-        """The history ``tenant``'s new turn continues: the session's, else a replica's, else
-        empty; another tenant's session is not found."""
-        session = self._sessions.get(session_id) or self._replicas.get(session_id)
-        if session is not None and session.salt != tenant:
+    def newest(self, session_id: str, tenant: str | None = None) -> tuple[Session, bool] | None:
+        """The newest copy of the session held here and whether it is a replica; with
+        ``tenant``, another tenant's copy is not found.
+
+        Turns decide, never lengths: a replica beats the session only with more turns (a
+        copy left behind by an earlier ownership, while the owner since replicated newer
+        turns here).
+        """
+        session = self._sessions.get(session_id)
+        replica = self._replicas.get(session_id)
+        copy = (replica, True) if replica is not None and (
+            session is None or replica.turns > session.turns) else (
+            (session, False) if session is not None else None)
+        if copy is not None and tenant is not None and copy[0].salt != tenant:
             raise SessionNotFoundError(session_id)
-        return session.token_ids if session is not None else []
+        return copy
+
+    def history(self, session_id: str, tenant: str = "") -> list[int]:
+        """The history ``tenant``'s new turn continues: the newest copy's, else empty;
+        another tenant's session is not found."""
+        copy = self.newest(session_id, tenant)
+        return copy[0].token_ids if copy is not None else []
 
     def conversation(self, session_id: str) -> list[ChatMessage]:
-        """The chat messages of the session (or replica) a new turn continues; empty if none."""
-        session = self._sessions.get(session_id) or self._replicas.get(session_id)
-        return list(session.messages) if session is not None else []
+        """The chat messages of the newest copy a new turn continues; empty if none."""
+        copy = self.newest(session_id)
+        return list(copy[0].messages) if copy is not None else []
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
+    def copies(self) -> list[tuple[Session, bool]]:
+        """The newest copy of every session held here, sessions and replicas alike."""
+        ids = self._sessions.keys() | self._replicas.keys()
+        return [copy for sid in sorted(ids) if (copy := self.newest(sid)) is not None]
+
     def begin_turn(self, session_id: str, salt: str) -> Session:
-        """The session tenant ``salt``'s new turn continues: existing, promoted from a
-        replica, or new (within the tenant's quota)."""
-        held = self._sessions.get(session_id) or self._replicas.get(session_id)
-        if held is not None and held.salt != salt:
-            raise SessionNotFoundError(session_id)
-        session = self._sessions.get(session_id) or self.promote_replica(session_id)
+        """The session tenant ``salt``'s new turn continues: the newest copy (promoted if a
+        replica), or new (within the tenant's quota)."""
+        newest = self.newest(session_id, salt)
+        session = self._sessions.get(session_id)
+        if newest is not None and newest[1] and (session is None or not session.busy):
+            session = self.promote_replica(session_id)
         if session is not None and self.quota.max_tokens:
             self._check_quota(salt, new_session=False)
         if session is None:
@@ -162,10 +183,13 @@ class SessionStore:
         self._sessions[session.session_id] = session
 
     def delete(self, session_id: str, tenant: str | None = None) -> Session:
-        """Forget the session; with ``tenant``, only if that tenant owns it."""
-        session = self.get(session_id, tenant)
-        del self._sessions[session_id]
-        return session
+        """Forget the session and any replica of it (a kept replica would bring it back);
+        with ``tenant``, only if that tenant owns it."""
+        if self.newest(session_id, tenant) is None:
+            raise SessionNotFoundError(session_id)
+        session = self._sessions.pop(session_id, None)
+        replica = self._pop_replica(session_id)
+        return session or replica
 
     def cleanup(self, max_age_s: float) -> list[Session]:
         """Remove sessions (and replicas) idle for longer than ``max_age_s``."""

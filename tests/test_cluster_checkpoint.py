@@ -99,6 +99,23 @@ async def test_checkpoints_rewrite_only_changed_sessions_and_drop_old_files(
     assert third.sessions[sids[0]].history_file in names
 
 
+async def test_replicas_are_checkpointed_and_restored_as_replicas(engines, store,
+                                                                 tmp_path: Path) -> None:
+    """Defect 2: a replica may be a session's only copy; the holder's checkpoint keeps it."""
+    a, b = engines
+    sid = f"rep-{uuid.uuid4().hex[:6]}"
+    a.store_replica(sid, list(range(1, 40)), 2, "acme")
+    manifest = await Checkpointer(a, "n3", tmp_path, store, interval_s=60).checkpoint_once()
+    assert manifest.sessions[sid].replica and manifest.sessions[sid].turns == 2
+    stored = await load_manifest(store, "n3")
+    assert stored is not None and stored.sessions[sid].replica
+    report = restore_into(b, stored)
+    assert sid in report.replicas and sid not in report.restored
+    info = b.get_session(sid)
+    assert (info.replica, info.turns, info.num_tokens) == (True, 2, 39)
+    assert b.promote_replica(sid) and b.sessions.get(sid).salt == "acme"
+
+
 @pytest.mark.parametrize("command", [["node", "--model", "tiny", "--device", "cpu", "--port", "0"],
                                      ["coordinator", "--port", "0"]])
 def test_unreachable_etcd_at_start_is_a_clear_error_naming_the_endpoint(command) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -78,7 +79,9 @@ async def _health_server(port: int) -> grpc.aio.Server:
     return server
 
 
-async def test_loop_detects_death_and_recovery_of_a_real_server() -> None:
+async def test_loop_detects_death_and_recovery_of_a_real_server(caplog) -> None:
+    """Also: a node lost is logged at WARNING, routine transitions (joined, back) at INFO."""
+    caplog.set_level(logging.INFO, logger="ultrakv.coordinator.health")
     port = free_port()
     policy = HealthPolicy(interval_s=0.1, timeout_s=0.1, down_after=3, up_after=2)
     seen: list[Transition] = []
@@ -104,6 +107,8 @@ async def test_loop_detects_death_and_recovery_of_a_real_server() -> None:
         ]
         assert seen[1].reason == "3 missed probes"
         assert seen[2].reason == "2 successful probes"
+        logged = [r.levelno for r in caplog.records if " -> " in r.getMessage()]
+        assert logged == [logging.INFO, logging.WARNING, logging.INFO]
     finally:
         await checker.stop()
         await server.stop(grace=None)

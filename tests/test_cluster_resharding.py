@@ -10,7 +10,7 @@ import torch
 from ultrakv.cluster.checkpoint import merge_with_history
 from ultrakv.cluster.ring import HashRing, replica_targets
 from ultrakv.cluster.session_state import SessionState
-from ultrakv.coordinator.resharding import Copy, Move, plan_moves
+from ultrakv.coordinator.resharding import Copy, Move, authoritative, plan_moves
 from ultrakv.coordinator.server import SessionGate, resumed_request
 from ultrakv.v1 import types_pb2 as pb
 
@@ -25,34 +25,61 @@ def test_replica_target_is_the_owner_after_the_node_dies() -> None:
         assert ring.without_node(owner).lookup(sid) == target
 
 
-def test_plan_moves_the_freshest_copy_to_the_owner_and_drops_stale_ones() -> None:
+def test_plan_moves_the_copy_with_the_most_turns_to_the_owner() -> None:
     ring = HashRing(["a", "b", "c"])
     sid = next(f"s{i}" for i in range(100) if ring.lookup(f"s{i}") == "a")
-    # fresher live copy on b (a holds an old one): move b -> a, nothing stale left behind
-    plan = plan_moves({sid: [Copy("a", 10, True), Copy("b", 30, True)]}, ring)
+    # a newer live copy on b (a holds an old one): move b -> a
+    plan = plan_moves({sid: [Copy("a", 1, 10, True), Copy("b", 2, 30, True)]}, ring)
     assert plan.moves == [Move(sid, "b", "a", True)]
-    # the owner's copy is the freshest: no move, the old copy on c is stale
-    plan = plan_moves({sid: [Copy("a", 30, True), Copy("c", 10, True)]}, ring)
-    assert plan.moves == [] and plan.stale == [(sid, "c")]
+    # the owner's copy is the newest, a stale session on c: settle under the lock
+    plan = plan_moves({sid: [Copy("a", 3, 30, True), Copy("c", 1, 10, True)]}, ring)
+    assert plan.moves == [Move(sid, "a", "a", True)]
     # only a dead node's checkpoint: restore on the owner
-    plan = plan_moves({sid: [Copy("dead", 30, False)]}, ring)
+    plan = plan_moves({sid: [Copy("dead", 2, 30, False)]}, ring)
     assert plan.moves == [Move(sid, "dead", "a", False)]
-    # a live copy as fresh as the checkpoint wins
-    plan = plan_moves({sid: [Copy("dead", 30, False), Copy("b", 30, True)]}, ring)
+    # a live copy of as many turns as the checkpoint wins
+    plan = plan_moves({sid: [Copy("dead", 2, 30, False), Copy("b", 2, 30, True)]}, ring)
     assert plan.moves == [Move(sid, "b", "a", True)]
+
+
+def test_turns_decide_never_length() -> None:
+    """Defect 3: equal turns on the owner and a stand-in is a tie only while a turn is in
+    flight; the stand-in's copy is settled under the session's lock (``live``), and a copy
+    with more turns wins even when it is shorter."""
+    ring = HashRing(["a", "b", "c"])
+    sid = next(f"s{i}" for i in range(100) if ring.lookup(f"s{i}") == "a")
+    tie = plan_moves({sid: [Copy("a", 2, 40, True), Copy("b", 2, 40, True)]}, ring)
+    assert tie.moves == [Move(sid, "a", "a", True)]  # not left for the stale drop
+    newer = plan_moves({sid: [Copy("a", 2, 60, True), Copy("b", 3, 50, True)]}, ring)
+    assert newer.moves == [Move(sid, "b", "a", True)]
+    assert authoritative([Copy("a", 2, 60, True), Copy("b", 3, 50, True)], "a").node == "b"
+
+
+def test_replicas_are_copies_like_sessions() -> None:
+    """Defect 2: a replica that is a session's only copy moves to its owner; an owner that
+    holds only a replica promotes it; a replica beside an equal session changes nothing."""
+    ring = HashRing(["a", "b", "c"])
+    sid = next(f"s{i}" for i in range(100) if ring.lookup(f"s{i}") == "a")
+    plan = plan_moves({sid: [Copy("b", 1, 20, True, replica=True)]}, ring)
+    assert plan.moves == [Move(sid, "b", "a", False)]
+    plan = plan_moves({sid: [Copy("a", 1, 20, True, replica=True)]}, ring)
+    assert plan.moves == [Move(sid, "a", "a", False)]
+    plan = plan_moves({sid: [Copy("a", 1, 20, True), Copy("b", 1, 20, True, replica=True)]},
+                      ring)
+    assert plan.moves == []
 
 
 def test_adding_a_node_moves_about_its_share() -> None:
     old = HashRing([f"n{i}" for i in range(4)])
     new = old.with_node("n4")
-    copies = {f"s{i}": [Copy(old.lookup(f"s{i}"), 20, True)] for i in range(20_000)}
+    copies = {f"s{i}": [Copy(old.lookup(f"s{i}"), 1, 20, True)] for i in range(20_000)}
     plan = plan_moves(copies, new)
     print(f"\nadding a 5th node moves {plan.moved_fraction:.1%} of 20000 sessions (ideal 20%)")
     assert 0.15 <= plan.moved_fraction <= 0.25
     assert {m.target for m in plan.moves} == {"n4"}
 
 
-def test_merge_prefers_the_longer_history_and_keeps_kv_only_when_it_matches() -> None:
+def test_merge_prefers_more_turns_and_keeps_kv_only_when_it_matches() -> None:
     kv = torch.zeros(2, 2, 16, 1, 4)
     ckpt = SessionState("s", list(range(20)), 1, "fp", kv_tokens=16, kv=kv)
     longer = list(range(20)) + [7, 8, 9]
@@ -61,19 +88,30 @@ def test_merge_prefers_the_longer_history_and_keeps_kv_only_when_it_matches() ->
     assert merge_with_history("s", ckpt, list(range(10)), 0, "fp").token_ids == list(range(20))
     diverged = merge_with_history("s", ckpt, [99] * 25, 2, "fp")
     assert diverged.token_ids == [99] * 25 and diverged.kv is None and diverged.kv_tokens == 0
+    # more turns win over a longer history; the KV stays while it covers a shared prefix
+    newer = SessionState("s", list(range(16)) + [5], 3, "fp", kv_tokens=16, kv=kv)
+    assert merge_with_history("s", newer, list(range(30)), 2, "fp") is newer
+    rewritten = merge_with_history("s", ckpt, list(range(16)) + [1, 2], 2, "fp")
+    assert rewritten.kv_tokens == 16 and rewritten.token_ids == list(range(16)) + [1, 2]
     none = merge_with_history("s", None, [1, 2, 3], 1, "fp")
     assert (none.session_id, none.token_ids, none.kv) == ("s", [1, 2, 3], None)
 
 
-def test_resumed_request_continues_from_the_tokens_already_sent() -> None:
+def test_resumed_request_continues_from_the_token_ids_already_sent() -> None:
+    """Defect 4: both prompt kinds resume from the ids the client received, never from
+    decoded text (a byte-level tokenizer's id 300 or byte 0xff do not survive decoding)."""
     ids = pb.GenerateRequest(request_id="r", token_ids=pb.TokenIds(ids=[1, 2]),
                              sampling=pb.SamplingOptions(max_length=10))
-    out = resumed_request(ids, [5, 6, 7], "abc")
-    assert list(out.token_ids.ids) == [1, 2, 5, 6, 7] and out.sampling.max_length == 7
+    out = resumed_request(ids, [5, 6, 7])
+    assert list(out.token_ids.ids) == [1, 2] and list(out.resume_token_ids) == [5, 6, 7]
+    assert out.sampling.max_length == 7
     text = pb.GenerateRequest(request_id="r", text="Hi", sampling=pb.SamplingOptions(max_length=4))
-    out = resumed_request(text, [5], " there")
-    assert out.text == "Hi there" and out.sampling.max_length == 3
-    assert resumed_request(text, [], "") == text
+    out = resumed_request(text, [300, 255])
+    assert out.text == "Hi" and list(out.resume_token_ids) == [300, 255]
+    assert out.sampling.max_length == 2
+    assert resumed_request(text, []) == text
+    forged = pb.GenerateRequest(request_id="r", text="Hi", resume_token_ids=[9])
+    assert list(resumed_request(forged, []).resume_token_ids) == []  # the coordinator's alone
 
 
 async def test_gate_orders_turns_and_moves() -> None:

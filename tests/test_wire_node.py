@@ -4,11 +4,13 @@ and the pure chunk (de)serialization of node/session_transfer.py."""
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import grpc
 import pytest
 import torch
 from peer_auth_helpers import secret_channel
+from ultrakv.cluster.etcd_server import free_port
 from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import HashRing
@@ -16,7 +18,7 @@ from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.session_transfer import TransferError, chunks_to_state, state_to_chunks
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.outputs import RequestOutput
-from ultrakv.node.replication import Replicator
+from ultrakv.node.replication import Replicator, ThrottledLog
 from ultrakv.node.server import BackgroundServer, ServerSettings
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
@@ -136,12 +138,13 @@ def test_replicate_history_then_promote(node):
     history = list(range(65, 65 + 40))
     node.ReplicateHistory(npb.ReplicateHistoryRequest(session_id="replica-1",
                                                       token_ids=history, turns=3), timeout=10)
-    listed = {s.session_id for s in node.ListSessions(npb.ListSessionsRequest(),
-                                                        timeout=10).sessions}
-    assert "replica-1" not in listed  # a replica is not a live session until promoted
+    listed = {s.session_id: s for s in node.ListSessions(npb.ListSessionsRequest(),
+                                                           timeout=10).sessions}
+    # Listed (re-sharding and checkpoints must see it), as a replica until promoted.
+    assert listed["replica-1"].replica and listed["replica-1"].turns == 3
     node.PromoteReplica(npb.PromoteReplicaRequest(session_id="replica-1"), timeout=10)
     info = node.GetSession(pb.GetSessionRequest(session_id="replica-1"), timeout=10)
-    assert (info.num_tokens, info.turns) == (40, 3)
+    assert (info.num_tokens, info.turns, info.replica) == (40, 3, False)
     with pytest.raises(grpc.RpcError) as err:
         node.PromoteReplica(npb.PromoteReplicaRequest(session_id="never-replicated"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -247,8 +250,38 @@ async def test_replicator_sends_the_sessions_tenant(node, server, engine, secret
     finally:
         await peers.close()
     assert replicator.stats.replicated == 1
-    # The owner dies (its live copy goes); the successor promotes the replica.
-    node.DeleteSession(pb.DeleteSessionRequest(session_id="acme-hook", any_tenant=True), timeout=10)
+    # As at a failover, the replica is promoted (here over the node's own copy).
     node.PromoteReplica(npb.PromoteReplicaRequest(session_id="acme-hook"), timeout=10)
     assert engine.sessions.get("acme-hook").salt == "acme"
     assert tenant_turn(node, "acme-hook", " next", "acme").usage.cached_tokens >= 32
+
+
+async def test_a_last_survivor_logs_unreplicated_turns_once_per_interval(node, engine, caplog):
+    """Log noise (issue 9, defect 8): with no successor answering, every turn fails to
+    replicate; that is one ERROR line (and one WARNING) per interval, not one per turn."""
+    run_turn(node, "lonely", "hello")
+    peers = PeerChannels()
+    replicator = Replicator(engine, "self", lambda: HashRing(["self", "gone"]),
+                            lambda: {"gone": f"127.0.0.1:{free_port()}"}, peers, timeout_s=1.0)
+    output = RequestOutput("r", "lonely", [1], [], "", 0, "stop", 0.0, 0.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ultrakv.node.replication"):
+            for _ in range(12):
+                await replicator.on_turn_complete(output)
+    finally:
+        await peers.close()
+    assert replicator.stats.failed == 12
+    levels = [r.levelno for r in caplog.records if r.name == "ultrakv.node.replication"]
+    assert levels.count(logging.ERROR) == 1 and levels.count(logging.WARNING) == 1
+
+
+def test_throttled_log_counts_what_it_held_back(caplog) -> None:
+    now = [0.0]
+    throttled = ThrottledLog(logging.ERROR, interval_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="ultrakv.node.replication"):
+        for t in (0.0, 1.0, 2.0, 10.5, 11.0):
+            now[0] = t
+            throttled("turn %d lost", int(t))
+    assert [r.getMessage() for r in caplog.records] == [
+        "turn 0 lost", "turn 10 lost (and 2 more in the last 10 s)"]
+

@@ -9,7 +9,7 @@ import pytest
 from ultrakv.cluster.checkpoint import CheckpointEntry, Manifest
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import HashRing
-from ultrakv.coordinator.resharding import Move, Resharder
+from ultrakv.coordinator.resharding import Copy, Move, Resharder
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.server import BackgroundServer
 from ultrakv.v1 import node_pb2 as npb
@@ -49,7 +49,11 @@ async def move(servers, session_id: str, source: str, target: str, live: bool,
     if manifest is not None:
         resharder._manifests[source] = manifest
     try:
-        return await resharder.move(Move(session_id, source, target, live), HashRing("ab"))
+        # The planned copy: the source's session, or its checkpoint when it is dead; the
+        # move asks the live nodes again.
+        planned = (Copy(source, 1, 0, live),)
+        return await resharder.move(Move(session_id, source, target, live, planned),
+                                    HashRing("ab"))
     finally:
         await peers.close()
 

@@ -75,7 +75,7 @@ class SamplingOptions(_message.Message):
     def __init__(self, max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "text", "token_ids", "messages", "sampling", "priority", "timeout_ms", "tenant", "full_context")
+    __slots__ = ("request_id", "session_id", "text", "token_ids", "messages", "sampling", "priority", "timeout_ms", "tenant", "full_context", "resume_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class GenerateRequest(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     FULL_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     text: str
@@ -96,7 +97,8 @@ class GenerateRequest(_message.Message):
     timeout_ms: int
     tenant: str
     full_context: bool
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., timeout_ms: _Optional[int] = ..., tenant: _Optional[str] = ..., full_context: _Optional[bool] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., timeout_ms: _Optional[int] = ..., tenant: _Optional[str] = ..., full_context: _Optional[bool] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -315,7 +317,7 @@ class CleanupSessionsResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "num_tokens", "num_cached_blocks", "turns", "created_at", "last_used_at", "node_id")
+    __slots__ = ("session_id", "num_tokens", "num_cached_blocks", "turns", "created_at", "last_used_at", "node_id", "replica")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -323,6 +325,7 @@ class SessionInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     num_tokens: int
     num_cached_blocks: int
@@ -330,7 +333,8 @@ class SessionInfo(_message.Message):
     created_at: float
     last_used_at: float
     node_id: str
-    def __init__(self, session_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., turns: _Optional[int] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ..., node_id: _Optional[str] = ...) -> None: ...
+    replica: bool
+    def __init__(self, session_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., turns: _Optional[int] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ..., node_id: _Optional[str] = ..., replica: _Optional[bool] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id", "tenant", "any_tenant")

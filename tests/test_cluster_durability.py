@@ -1,0 +1,272 @@
+"""No acknowledged turn is lost or rewritten when nodes stall, die or come back (issue 9).
+
+One cluster (etcd, a coordinator, three `tiny` CPU node processes) serves the module; the
+tests run in file order, each leaving a serving cluster behind. Every test checks a session's
+stored history token for token against what its client received. Checkpoints are off in
+effect (a long interval): the histories live in sessions and their replicas only, the case
+the defects were found in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from ultrakv.client import AsyncClient
+from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
+from ultrakv.cluster.store import EtcdStore
+from ultrakv.coordinator.dynamic_config import CONFIG_KEY, set_overrides
+from ultrakv.v1 import node_pb2 as npb
+from ultrakv.v1 import node_pb2_grpc
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+# Quick detection, so a stalled node is noticed in about a second and a half.
+FAST_HEALTH = {"health_interval_s": 0.5, "health_timeout_s": 0.5, "health_down_after": 3,
+               "health_up_after": 2, "failed_hold_s": 1.0}
+LONG = 150  # tokens: a turn that streams for seconds on a loaded CPU
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    data = tmp_path_factory.mktemp("durability")
+    spec = ClusterSpec(nodes=3, data_dir=data, port=0, device="cpu", num_blocks=1024,
+                       lease_ttl_s=2, checkpoint_interval_s=3600.0, log_dir=data / "logs")
+    with LocalCluster(spec) as c:
+        asyncio.run(_configure(c, FAST_HEALTH))
+        yield c
+
+
+async def _configure(cluster: LocalCluster, overrides: dict) -> None:
+    async with EtcdStore(cluster.etcd_endpoint) as store:
+        if overrides:
+            await set_overrides(store, overrides)
+        else:
+            await store.delete(CONFIG_KEY)
+
+
+@contextlib.asynccontextmanager
+async def _node(cluster: LocalCluster, node: str) -> AsyncIterator[node_pb2_grpc.NodeServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.node_ports[node]}") as channel:
+        yield node_pb2_grpc.NodeServiceStub(channel)
+
+
+async def stored_history(cluster: LocalCluster, node: str, session_id: str) -> list[int]:
+    """The session's history as ``node`` holds it (session or replica)."""
+    async with _node(cluster, node) as stub:
+        chunks = [c async for c in stub.ExportSession(
+            npb.ExportSessionRequest(session_id=session_id, include_kv=False), timeout=30)]
+    return list(chunks[0].header.token_ids)
+
+
+def _prompt(seed: int) -> list[int]:
+    return [(seed * 11 + i) % 250 + 1 for i in range(9)]
+
+
+async def turn(client: AsyncClient, session_id: str, prompt, max_length: int,
+               on_chunk=None) -> tuple[dict, list[int]]:
+    """One streamed turn: (result, the token ids the client received)."""
+    spec = {"session_id": session_id, "max_length": max_length, "temperature": 0.0,
+            "ignore_eos": True}
+    spec.update({"text": prompt} if isinstance(prompt, str) else {"token_ids": prompt})
+    received: list[int] = []
+    result: dict = {}
+    async for chunk in client.stream(spec):
+        received.extend(chunk.token_ids)
+        if received and on_chunk is not None:
+            on_chunk()
+            on_chunk = None
+        if chunk.finished:
+            result = chunk.result
+    assert result.get("success"), result
+    assert result["response"]["token_ids"] == received, "one stream, no gaps"
+    return result, received
+
+
+def _signal(cluster: LocalCluster, node: str, sig: int) -> None:
+    os.kill(cluster.nodes[node].pid, sig)
+
+
+async def test_a_node_marked_down_hands_its_streams_on_at_once(cluster) -> None:
+    """Defect 5: a stream stuck on a SIGSTOPped node finishes elsewhere while the node is
+    still stopped (before: it hung for as long as the node did), resumed from the exact
+    token ids, with exact usage."""
+    sid = "stall-down"
+    async with AsyncClient(cluster.address, timeout=120) as client:
+        first, _ = await turn(client, sid, _prompt(1), 8)
+        owner = first["node"]
+        history = await stored_history(cluster, owner, sid)
+        try:
+            result, received = await asyncio.wait_for(
+                turn(client, sid, _prompt(2), LONG,
+                     on_chunk=lambda: _signal(cluster, owner, signal.SIGSTOP)), 90)
+        finally:
+            _signal(cluster, owner, signal.SIGCONT)
+    assert result["node"] != owner
+    assert len(received) == LONG
+    expected = history + _prompt(2) + received
+    assert await stored_history(cluster, result["node"], sid) == expected
+    assert result["usage"]["prompt_tokens"] == len(history) + len(_prompt(2))
+    assert result["usage"]["completion_tokens"] == LONG
+    assert 0 <= result["usage"]["cached_tokens"] <= result["usage"]["prompt_tokens"]
+
+
+async def test_a_stalled_stream_moves_on_after_the_stall_deadline(cluster) -> None:
+    """Defect 5: with health never marking the node down, the inter-token stall deadline
+    alone hands a stalled stream on."""
+    sid = "stall-deadline"
+    await _configure(cluster, {**FAST_HEALTH, "health_down_after": 100, "failed_hold_s": 60.0,
+                               "stall_timeout_s": 1.0})
+    try:
+        async with AsyncClient(cluster.address, timeout=120) as client:
+            first, _ = await turn(client, sid, _prompt(3), 8)
+            owner = first["node"]
+            history = await stored_history(cluster, owner, sid)
+            try:
+                result, received = await asyncio.wait_for(
+                    turn(client, sid, _prompt(4), LONG,
+                         on_chunk=lambda: _signal(cluster, owner, signal.SIGSTOP)), 90)
+            finally:
+                _signal(cluster, owner, signal.SIGCONT)
+    finally:
+        await _configure(cluster, FAST_HEALTH)
+    assert result["node"] != owner
+    assert await stored_history(cluster, result["node"], sid) == history + _prompt(4) + received
+
+
+async def _listed(cluster: LocalCluster, node: str) -> dict[str, npb.SessionInfo] | None:
+    """``node``'s copies (sessions and replicas) by session id; None if it does not answer."""
+    try:
+        async with _node(cluster, node) as stub:
+            reply = await stub.ListSessions(npb.ListSessionsRequest(), timeout=5)
+    except grpc.aio.AioRpcError:
+        return None
+    return {s.session_id: s for s in reply.sessions}
+
+
+async def _until(what: str, check, timeout_s: float = 60.0) -> None:
+    """Poll ``check()`` (async) until true; fail naming ``what`` after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not await check():
+        assert loop.time() < end, f"not within {timeout_s:.0f} s: {what}"
+        await asyncio.sleep(0.2)
+
+
+def _log_count(cluster: LocalCluster, text: str) -> int:
+    return (cluster.spec.log_dir / "coordinator.log").read_text(errors="replace").count(text)
+
+
+async def test_a_returning_owner_never_wins_over_a_turn_served_without_it(cluster) -> None:
+    """Defect 3: the owner is SIGSTOPped and marked down; the stand-in serves turn 2; the
+    owner comes back (SIGCONT) while that turn is in flight. Before, the move plan saw two
+    copies of equal length, kept the owner's and dropped the stand-in's under the running
+    turn: turn 2 was acknowledged and lost. Now the move waits for the turn and the copy with
+    more turns wins."""
+    sid = "returning-owner"
+    async with AsyncClient(cluster.address, timeout=120) as client:
+        first, _ = await turn(client, sid, _prompt(5), 8)
+        owner = first["node"]
+        history = await stored_history(cluster, owner, sid)
+        downs = _log_count(cluster, f"node {owner}: up -> down")
+        _signal(cluster, owner, signal.SIGSTOP)
+        try:
+            async def marked_down() -> bool:
+                return _log_count(cluster, f"node {owner}: up -> down") > downs
+
+            await _until(f"{owner} marked down", marked_down)
+            second, received = await asyncio.wait_for(
+                turn(client, sid, _prompt(6), 2 * LONG,
+                     on_chunk=lambda: _signal(cluster, owner, signal.SIGCONT)), 120)
+        finally:
+            _signal(cluster, owner, signal.SIGCONT)
+        assert second["node"] != owner
+        history += _prompt(6) + received
+        third, more = await turn(client, sid, _prompt(7), 8)
+    assert third["usage"]["prompt_tokens"] == len(history) + len(_prompt(7)), "turn 2 lost"
+    assert await stored_history(cluster, third["node"], sid) == history + _prompt(7) + more
+
+
+async def test_a_resumed_text_stream_keeps_the_token_ids_the_client_received(cluster) -> None:
+    """Defect 4 and exact accounting: the owner is SIGKILLed mid-stream of a text prompt;
+    the resumed turn's stored history is the prompt plus exactly the received ids (before:
+    the received ids were decoded to text and re-encoded, which the byte-level tokenizer
+    does not give back for ids >= 256 or bytes that are not UTF-8)."""
+    sid = "resume-text"
+    text = "Tell me a story about a cache that never forgot."
+    async with AsyncClient(cluster.address, timeout=120) as client:
+        first, _ = await turn(client, sid, "Hello there.", 8)
+        owner = first["node"]
+        history = await stored_history(cluster, owner, sid)
+        result, received = await asyncio.wait_for(
+            turn(client, sid, text, LONG,
+                 on_chunk=lambda: _signal(cluster, owner, signal.SIGKILL)), 90)
+    cluster.nodes.pop(owner).wait(timeout=30)
+    assert result["node"] != owner
+    prompt = list(text.encode())  # byte-level tokenizer, no BOS after the first turn
+    assert await stored_history(cluster, result["node"], sid) == history + prompt + received
+    assert result["usage"]["prompt_tokens"] == len(history) + len(prompt)
+    assert result["usage"]["completion_tokens"] == LONG
+    assert 0 <= result["usage"]["cached_tokens"] <= result["usage"]["prompt_tokens"]
+
+
+
+async def test_a_dead_nodes_replica_follows_the_session_when_the_node_rejoins(cluster) -> None:
+    """Defect 2: a session created since its owner's last checkpoint has its replica on the
+    successor as its only copy. The owner is SIGKILLed and restarted before the session's
+    next turn: the replica must reach it (before, re-sharding never saw replicas, and the
+    rejoined owner served the next turn from an empty history)."""
+    sid = "rejoin"
+    async with AsyncClient(cluster.address, timeout=120) as client:
+        first, _ = await turn(client, sid, _prompt(8), 8)
+        owner = first["node"]
+        history = await stored_history(cluster, owner, sid)
+        cluster.kill_node(owner)
+        cluster.start_node(owner)  # same id and port; no checkpoint holds the session
+        await asyncio.to_thread(cluster.wait_ready, len(cluster.nodes))
+
+        async def back_on_owner() -> bool:
+            listed = await _listed(cluster, owner)
+            return listed is not None and sid in listed and not listed[sid].replica
+
+        await _until(f"{sid} moved back to {owner}", back_on_owner)
+        second, received = await turn(client, sid, _prompt(9), 8)
+    assert second["node"] == owner
+    assert second["usage"]["prompt_tokens"] == len(history) + len(_prompt(9))
+    assert await stored_history(cluster, owner, sid) == history + _prompt(9) + received
+
+
+async def test_a_session_survives_its_owner_and_then_its_replica_holder(cluster) -> None:
+    """Defect 2: after the owner's death the replica holder owns the session; it is
+    replicated on from there, so the holder's death too loses nothing (before, the only
+    copy was the holder's unpromoted replica, in no checkpoint and on no other node)."""
+    dead = sorted(set(cluster.node_ports) - set(cluster.nodes))
+    for node in dead:  # back to three nodes
+        cluster.start_node(node)
+    await asyncio.to_thread(cluster.wait_ready, 3)
+    sid = "double-death"
+    async with AsyncClient(cluster.address, timeout=120) as client:
+        first, _ = await turn(client, sid, _prompt(10), 8)
+        owner = first["node"]
+        history = await stored_history(cluster, owner, sid)
+        holders = [n for n in cluster.nodes if n != owner
+                   and sid in ((await _listed(cluster, n)) or {})]
+        assert len(holders) == 1, holders
+        holder = holders[0]
+        third = next(n for n in cluster.nodes if n not in (owner, holder))
+        cluster.kill_node(owner)
+
+        async def replicated_on() -> bool:
+            return sid in ((await _listed(cluster, third)) or {})
+
+        await _until(f"{sid} replicated on to {third}", replicated_on)
+        cluster.kill_node(holder)
+        second, received = await turn(client, sid, _prompt(11), 8)
+    assert second["node"] == third
+    assert second["usage"]["prompt_tokens"] == len(history) + len(_prompt(11))
+    assert await stored_history(cluster, third, sid) == history + _prompt(11) + received
