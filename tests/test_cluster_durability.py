@@ -35,7 +35,7 @@ LONG = 150  # tokens: a turn that streams for seconds on a loaded CPU
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("durability")
     spec = ClusterSpec(nodes=3, coordinators=1, data_dir=data, port=0, device="cpu",
-                       lease_ttl_s=2, checkpoint_interval_s=3600.0, log_dir=data / "logs")
+                       num_blocks=1024, lease_ttl_s=2, checkpoint_interval_s=3600.0, log_dir=data / "logs")
     with LocalCluster(spec) as c:
         asyncio.run(_configure(c, FAST_HEALTH))
         yield c
