@@ -688,7 +688,7 @@ class _Attempt:
 
     def abandon(self) -> None:
         self.abandoned = True
-        if self._timeout is not None:
+        if self._timeout is not None and not self._timeout.expired():  # once is enough
             self._timeout.reschedule(asyncio.get_running_loop().time())
 
     async def read(self, messages: AsyncIterator[Any], wait_s: float, node: str) -> Any:

@@ -148,3 +148,27 @@ async def test_a_retrying_turn_waits_only_for_restores(live: bool) -> None:
     assert waiter.done() is live  # a live move would wait for the lock the turn holds
     gate.done("s")
     await asyncio.wait_for(waiter, 1)
+
+
+async def test_an_attempt_gives_up_at_its_deadlines_or_when_abandoned() -> None:
+    """Defect 5: a forward's read waits at most its deadline (first token, then stall), and
+    ``abandon`` (its node marked down, as often as that is said) ends it at once."""
+    from ultrakv.coordinator.server import _Attempt, _NodeGone
+
+    async def silent():
+        await asyncio.Event().wait()
+        yield None
+
+    attempt = _Attempt()
+    with pytest.raises(_NodeGone, match="sent nothing for 0.05 s"):
+        await attempt.read(silent(), 0.05, "n1")
+    attempt = _Attempt()
+    reading = asyncio.create_task(attempt.read(silent(), 60.0, "n1"))
+    await asyncio.sleep(0.01)
+    attempt.abandon()
+    await asyncio.sleep(0)  # the first has fired, the read has not ended yet
+    attempt.abandon()  # a second node-down report while the first is taking effect
+    with pytest.raises(_NodeGone, match="marked down"):
+        await asyncio.wait_for(reading, 5)
+    with pytest.raises(_NodeGone, match="marked down"):  # and any later read
+        await attempt.read(silent(), 60.0, "n1")
