@@ -19,6 +19,8 @@ import grpc
 import pytest
 from ultrakv.client import AsyncClient
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
+from ultrakv.cluster.peer_auth import read_cluster_secret
+from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.store import EtcdStore
 from ultrakv.coordinator.dynamic_config import CONFIG_KEY, set_overrides
 from ultrakv.v1 import node_pb2 as npb
@@ -52,8 +54,12 @@ async def _configure(cluster: LocalCluster, overrides: dict) -> None:
 
 @contextlib.asynccontextmanager
 async def _node(cluster: LocalCluster, node: str) -> AsyncIterator[node_pb2_grpc.NodeServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.node_ports[node]}") as channel:
-        yield node_pb2_grpc.NodeServiceStub(channel)
+    """A NodeService stub for ``node``, calling as a cluster peer (with the secret)."""
+    peers = PeerChannels(read_cluster_secret(cluster.cluster_secret_file))
+    try:
+        yield peers.stub(f"127.0.0.1:{cluster.node_ports[node]}")
+    finally:
+        await peers.close()
 
 
 async def stored_history(cluster: LocalCluster, node: str, session_id: str) -> list[int]:
