@@ -145,7 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
         fused_kernels=args.fused_kernels, cluster_secret_file=args.cluster_secret_file or "",
         http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port,
-        coordinator_args=_coordinator_security_args(args)))
+        coordinator_args=_coordinator_security_args(args),
+        # The nodes' ports serve the client API too: the same keys guard them.
+        node_args=["--keys-file", args.keys_file] if args.keys_file else []))
 
 
 def _coordinator_security_args(args: argparse.Namespace) -> list[str]:
