@@ -176,15 +176,24 @@ def session_for(header: str | None, user: str | None) -> tuple[str | None, str]:
     return None, ""
 
 
+def _assign(options: pb.SamplingOptions, name: str, value: Any, param: str) -> None:
+    try:
+        setattr(options, name, value)
+    except ValueError:  # JSON integers have no bound; the wire's fields do
+        raise _invalid(param, f"{param} is out of range, got {value}") from None
+
+
 def _sampling(body: CompletionRequest | ChatCompletionRequest) -> pb.SamplingOptions:
     s = pb.SamplingOptions(ignore_eos=body.ignore_eos)
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if max_tokens is not None:
-        s.max_length = max_tokens
+    newer = getattr(body, "max_completion_tokens", None)
+    if newer is not None:
+        _assign(s, "max_length", newer, "max_completion_tokens")
+    elif body.max_tokens is not None:
+        _assign(s, "max_length", body.max_tokens, "max_tokens")
     for name in ("temperature", "top_p", "top_k", "seed"):
         value = getattr(body, name)
         if value is not None:
-            setattr(s, name, value)
+            _assign(s, name, value, name)
     if body.stop is not None:
         s.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     return s
@@ -205,7 +214,10 @@ def completion_request(body: CompletionRequest, session_id: str | None, tenant: 
     if isinstance(prompt, str):
         out.text = prompt
     else:
-        out.token_ids.ids.extend(prompt)
+        try:
+            out.token_ids.ids.extend(prompt)
+        except ValueError:
+            raise _invalid("prompt", "prompt token ids must be 32-bit integers") from None
     if session_id is not None:
         out.session_id = session_id
         out.full_context = True

@@ -212,6 +212,9 @@ def test_completion_stream_is_server_sent_events_ending_in_done(base_url):
     ({"prompt": "x", "stop": ["a"] * 17}, "stop", "stop must hold at most 16"),
     ({}, "prompt", "prompt is required"),
     ({"prompt": "x", "max_tokens": 100000}, "max_tokens", "max_tokens must be in [1, 4096]"),
+    ({"prompt": "x", "max_tokens": 2**40}, "max_tokens", "max_tokens is out of range"),
+    ({"prompt": "x", "seed": 2**70}, "seed", "seed is out of range"),
+    ({"prompt": [2**40]}, "prompt", "prompt token ids must be 32-bit integers"),
 ])
 def test_bad_completion_bodies(base_url, body, param, fragment):
     r = httpx.post(base_url + "/v1/completions", json=body, timeout=30)
