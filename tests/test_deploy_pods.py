@@ -256,6 +256,16 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
                                                   for n in nodes), pods)
         wait_for("coordinators ready", lambda: all(c.probe("readinessProbe")
                                                    for c in coordinators), pods)
+        # Nodes read the mounted cluster secret: a NodeService call without it is refused.
+        import grpc as grpc_lib
+        from ultrakv.v1 import node_pb2, node_pb2_grpc
+
+        with grpc_lib.insecure_channel(grpc(nodes[0])) as channel:
+            with pytest.raises(grpc_lib.RpcError) as refused:
+                node_pb2_grpc.NodeServiceStub(channel).ListSessions(
+                    node_pb2.ListSessionsRequest(), timeout=30)
+        assert refused.value.code() == grpc_lib.StatusCode.UNAUTHENTICATED
+
         # Once ready, every probe command of the manifests succeeds (pods of one workload
         # share their probes: one of each kind is enough).
         for p in (nodes[0], coordinators[0]):
