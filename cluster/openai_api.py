@@ -48,6 +48,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from ultrakv.cluster.rejections import REJECTIONS
 from ultrakv.cluster.security.policy import Denied, EdgeSecurity, estimated_tokens
 from ultrakv.cluster.security.principal import OPEN, Principal
 from ultrakv.cluster.service import ServingBackend
@@ -380,6 +381,7 @@ def error_body(status: int, message: str, param: str | None = None,
 
 
 def error_response(rejection: RequestRejected) -> JSONResponse:
+    REJECTIONS.record(rejection.code)
     status = http_status(rejection)
     headers = {}
     if rejection.retry_after_s > 0:

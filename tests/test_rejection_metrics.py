@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.error
 import urllib.request
 
+import pytest
 from ultrakv.client import Client
 from ultrakv.cluster.etcd_server import free_port
 from ultrakv.node import Engine, EngineConfig
@@ -19,7 +22,9 @@ def _rejected(text: str) -> dict[str, float]:
 def test_rejections_are_counted_by_reason() -> None:
     engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=32))
     port = free_port()
-    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.2, metrics_port=port)
+    http = free_port()
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.2, metrics_port=port,
+                              http_port=http)
 
     def scrape() -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
@@ -33,8 +38,15 @@ def test_rejections_are_counted_by_reason() -> None:
                                           {"text": "b", "max_length": 2}])
             assert [r["success"] for r in batch] == [False, True]
             assert not client.process_request({"text": "x" * 10_000_000})["success"]
+            request = urllib.request.Request(  # the HTTP API's rejections count too
+                f"http://127.0.0.1:{http}/v1/completions", method="POST",
+                data=json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 0}).encode(),
+                headers={"content-type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 400
             after = scrape()
     finally:
         engine.shutdown()
-    assert after.get("invalid_argument", 0) - before.get("invalid_argument", 0) == 2
+    assert after.get("invalid_argument", 0) - before.get("invalid_argument", 0) == 3
     assert after.get("resource_exhausted", 0) - before.get("resource_exhausted", 0) >= 1
