@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from chart_render import CHART, container, find, pod_spec, render, renderer_or_skip
 from test_deploy_monitoring import FOREIGN, all_referenced
 
@@ -351,7 +350,6 @@ def test_rendered_pods_serve_drain_and_pass_their_probes(manifests, tmp_path: Pa
     finally:
         for p in reversed(pods):
             p.stop()
-    print(yaml.safe_dump({"ports": {p.name: p.ports for p in pods}}))
 
 
 async def test_node_is_ready_only_on_the_ring_and_advertises_its_pod_name(etcd, store) -> None:
