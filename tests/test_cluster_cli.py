@@ -57,7 +57,7 @@ def _wait(predicate, proc: subprocess.Popen, what: str, timeout_s: float = 300):
 def test_serve_nodes_restarts_crashed_children_and_sigterm_stops_every_process(tmp_path) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "serve", "--nodes", "2",
-                             "--port", str(port), "--data-dir", str(tmp_path),
+                             "--model", "tiny", "--port", str(port), "--data-dir", str(tmp_path),
                              "--num-blocks", "128", "--http-port", "0"],
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -30,7 +30,7 @@ def _alive(pid: int) -> bool:
 def test_detach_status_stop(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port, http = free_port(), free_port()
-    started = _ultrakv("serve", "--detach", "--port", str(port), "--http-port", str(http),
+    started = _ultrakv("serve", "--detach", "--model", "tiny", "--port", str(port), "--http-port", str(http),
                        "--data-dir", str(data), "--num-blocks", "64")
     pid = int((data / "ultrakv.pid").read_text()) if (data / "ultrakv.pid").exists() else None
     try:

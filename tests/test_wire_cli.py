@@ -103,7 +103,7 @@ def test_serve_starts_logs_and_stops_cleanly_on_ctrl_c(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "serve", "--port",
-                             str(port), "--num-blocks", "64", "--http-port", "0"], env=env,
+                             str(port), "--model", "tiny", "--num-blocks", "64", "--http-port", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with Client(f"127.0.0.1:{port}", timeout=5) as c:

@@ -1,14 +1,18 @@
-"""Build a ready model from a preset name or a local Hugging Face checkpoint directory.
+"""Build a ready model from a preset name, a local Hugging Face checkpoint directory or a GGUF file.
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards
 listed by ``model.safetensors.index.json``; ``tokenizer.json`` is optional (the byte
-tokenizer is used without it). Nothing here touches the network.
+tokenizer is used without it). A ``.gguf`` file is converted once into such a directory
+(cached under its sha256; see gguf_checkpoint.py). Packaged models (``smollm2-135m``) are
+GGUF files inside an installed distribution. Nothing here touches the network.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +21,16 @@ from safetensors import safe_open
 from torch import nn
 from ultrakv.node.attention.base import AttentionBackend
 from ultrakv.node.model.config import ModelConfig
+from ultrakv.node.model.gguf_checkpoint import converted_checkpoint, file_sha256
 from ultrakv.node.model.llama import LlamaForCausalLM
+from ultrakv.node.model.packaged import PACKAGED
 from ultrakv.node.model.presets import PRESETS, init_random_weights, preset_config
 from ultrakv.node.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+log = logging.getLogger("ultrakv.node.model")
 
 
 @dataclass
@@ -73,15 +80,40 @@ def build_empty_model(config: ModelConfig, attn: AttentionBackend, dtype: torch.
 
 def load_model(name_or_path: str, dtype: str, device: torch.device, attn: AttentionBackend,
                seed: int = 0) -> LoadedModel:
-    """Load preset ``name_or_path`` (seeded random weights) or the checkpoint directory there.
+    """Load preset ``name_or_path`` (seeded random weights), a packaged model, a ``.gguf``
+    file or the checkpoint directory there.
 
-    Raises FileNotFoundError for a missing directory, config.json or weight file, and
-    ValueError for an unsupported config or a missing / misshapen tensor (named).
+    Raises FileNotFoundError for a missing directory, file, package, config.json or weight
+    file, and ValueError for an unsupported config, a missing / misshapen tensor (named) or a
+    packaged file whose sha256 is not the expected one.
     """
     device = torch.device(device)
     if name_or_path in PRESETS:
         return _load_preset(name_or_path, dtype, device, attn, seed)
-    return _load_checkpoint(Path(name_or_path), dtype, device, attn)
+    if name_or_path in PACKAGED:
+        packaged = PACKAGED[name_or_path]
+        return _load_gguf(packaged.locate(), dtype, device, attn, name=packaged.name, sha256=packaged.sha256)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        return _load_gguf(path, dtype, device, attn, name=path.stem)
+    return _load_checkpoint(path, dtype, device, attn)
+
+
+def _load_gguf(path: Path, dtype: str, device: torch.device, attn: AttentionBackend, *, name: str,
+               sha256: str | None = None) -> LoadedModel:
+    started = time.monotonic()
+    actual = file_sha256(path)
+    if sha256 is not None and actual != sha256:
+        raise ValueError(f"model file {str(path)!r} must have sha256 {sha256}, got {actual} "
+                         "(a damaged or different download; reinstall the package)")
+    directory = converted_checkpoint(path, actual)
+    loaded = _load_checkpoint(directory, dtype, device, attn)
+    loaded.name = name
+    loaded.fingerprint = _fingerprint(loaded.config, f"gguf:{actual}", loaded.dtype)
+    log.info("loaded %s from %s in %.1f s", name, path.name, time.monotonic() - started)
+    return loaded
 
 
 def _load_preset(name: str, dtype: str, device: torch.device, attn: AttentionBackend,
@@ -100,7 +132,7 @@ def _load_checkpoint(path: Path, dtype: str, device: torch.device,
                      attn: AttentionBackend) -> LoadedModel:
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model must be a preset {sorted(PRESETS)} or a checkpoint directory; "
+            f"model must be a preset {sorted([*PRESETS, *PACKAGED])}, a .gguf file or a checkpoint directory; "
             f"{str(path)!r} is neither")
     config_file = path / "config.json"
     if not config_file.is_file():

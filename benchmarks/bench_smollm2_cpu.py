@@ -1,0 +1,123 @@
+"""CPU benchmark: the engine vs transformers generate() on smollm2-135m, float32, batch 1 and 8.
+
+Both run the same weights (transformers reads the checkpoint the engine converted from the
+GGUF) on the same threads. Each case generates ``--new-tokens`` tokens per sequence after a
+short chat prompt, EOS ignored, greedy; the engine gets the prompts as one continuous batch,
+transformers as one left-padded batch. Runs alternate engine / transformers ``--repeats``
+times and the median is reported (the dev machine is shared, so single runs are noisy).
+Writes benchmarks/results/smollm2_cpu.json.
+
+Usage: python benchmarks/bench_smollm2_cpu.py [--new-tokens 64] [--repeats 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import write  # noqa: E402
+from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
+from ultrakv.node.model.gguf_checkpoint import converted_checkpoint  # noqa: E402
+from ultrakv.node.model.packaged import PACKAGED  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "Explain recursion in one sentence.",
+    "How many legs does a spider have?",
+    "Name a famous painting.",
+    "What is 12 times 12?",
+    "Give me a synonym for happy.",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def engine_run(engine: Engine, chats: list[list[dict]], new_tokens: int) -> float:
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = engine.generate(chats, sp)
+    wall = time.perf_counter() - t0
+    assert all(o.completion_tokens == new_tokens for o in outs)
+    return sum(o.completion_tokens for o in outs) / wall
+
+
+@torch.no_grad()
+def hf_run(model, tok, chats: list[list[dict]], new_tokens: int) -> float:
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    t0 = time.perf_counter()
+    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    wall = time.perf_counter() - t0
+    return (out.shape[1] - batch["input_ids"].shape[1]) * len(chats) / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--profile", action="store_true", help="print the engine's torch profile at the largest batch")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    packaged = PACKAGED["smollm2-135m"]
+    engine = Engine(EngineConfig(model=packaged.name, device="cpu", dtype="float32", max_num_seqs=max(args.batches)))
+    directory = converted_checkpoint(packaged.locate(), packaged.sha256)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or "<|endoftext|>"
+    log(f"loaded; torch threads {torch.get_num_threads()}")
+
+    results = {}
+    for batch in args.batches:
+        chats = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
+        engine_run(engine, chats, 4)  # warm-up both
+        hf_run(model, tok, chats, 4)
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            engine.clear_cache()  # every run prefills its prompts
+            ours.append(engine_run(engine, chats, args.new_tokens))
+            theirs.append(hf_run(model, tok, chats, args.new_tokens))
+        e, h = statistics.median(ours), statistics.median(theirs)
+        results[f"batch_{batch}"] = {
+            "engine_tokens_per_s": e, "transformers_tokens_per_s": h, "speedup": e / h,
+            "engine_runs": ours, "transformers_runs": theirs,
+        }
+        log(f"batch {batch}: engine {e:.1f} tok/s, transformers {h:.1f} tok/s, x{e / h:.2f}")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        batch = max(args.batches)
+        chats = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine_run(engine, chats, 32)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+    write("smollm2_cpu.json", {
+        "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32)",
+        "dtype": "float32",
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "peer": "transformers generate() (greedy, left-padded batch, same weights)",
+        "results": results,
+    })
+
+
+if __name__ == "__main__":
+    main()
