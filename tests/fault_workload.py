@@ -23,9 +23,10 @@ from pathlib import Path
 import grpc
 from ultrakv.client import AsyncClient, RequestError
 from ultrakv.client.local_cluster import LocalCluster
+from ultrakv.cluster.peer_auth import read_cluster_secret
+from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.session_transfer import chunks_to_state
 from ultrakv.v1 import node_pb2 as npb
-from ultrakv.v1 import node_pb2_grpc
 
 PROMPT_TOKENS = 11  # never a whole block: each turn leaves a partial block behind
 STALL_S = 6.0  # SIGSTOP this long: past the coordinators' down detection (3 misses of 1 s)
@@ -214,28 +215,27 @@ class ConversationLoad:
             sum(t.cached_tokens > 0 for t in after) / len(after) if after else 0.0)
 
 
-async def stored_histories(addresses: list[str], session_ids: list[str],
+async def stored_histories(addresses: list[str], session_ids: list[str], secret: str = "",
                            timeout_s: float = 60.0) -> tuple[dict[str, list[int]], list[str]]:
     """Every session's history as its owner node stores it (asked through a coordinator
     which node that is; asked again while a session is still moving), and the sessions
-    that could not be read within ``timeout_s``."""
+    that could not be read within ``timeout_s``. ``secret``: the cluster secret nodes
+    demand of their peers."""
     out: dict[str, list[int]] = {}
     unreadable: list[str] = []
+    peers = PeerChannels(secret)
     async with AsyncClient(addresses, timeout=10) as client:
         nodes = {n["node_id"]: n["address"] for n in (await client.stats())["nodes"]}
-        channels = {n: grpc.aio.insecure_channel(a) for n, a in nodes.items()}
         try:
             for sid in session_ids:
                 deadline = time.monotonic() + timeout_s
                 while True:
                     try:
                         owner = (await client.get_session(sid))["node_id"]
-                        if owner not in channels:  # joined since we looked
+                        if owner not in nodes:  # joined since we looked
                             nodes = {n["node_id"]: n["address"]
                                      for n in (await client.stats())["nodes"]}
-                            channels[owner] = grpc.aio.insecure_channel(nodes[owner])
-                        stub = node_pb2_grpc.NodeServiceStub(channels[owner])
-                        chunks = [c async for c in stub.ExportSession(
+                        chunks = [c async for c in peers.stub(nodes[owner]).ExportSession(
                             npb.ExportSessionRequest(session_id=sid, include_kv=False),
                             timeout=10)]
                         out[sid] = list(chunks_to_state(chunks).token_ids)
@@ -247,8 +247,7 @@ async def stored_histories(addresses: list[str], session_ids: list[str],
                             break  # NOT_FOUND: the owner has no copy, every turn is lost
                         await asyncio.sleep(0.2)  # maybe still moving to its owner
         finally:
-            for ch in channels.values():
-                await ch.close()
+            await peers.close()
     return out, unreadable
 
 
@@ -335,5 +334,6 @@ async def run_scenario(cluster: LocalCluster, name: str, clients: int,
         await load.wait(turns_after, after=fault_at, timeout_s=recovery_timeout_s)
         await asyncio.sleep(hold_s)
     stored, unreadable = await stored_histories(
-        cluster.addresses, [c.session_id for c in load.conversations if c.turns])
+        cluster.addresses, [c.session_id for c in load.conversations if c.turns],
+        read_cluster_secret(cluster.cluster_secret_file))
     return load.report(name, fault_at, stored, unreadable)
