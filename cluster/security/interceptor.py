@@ -123,7 +123,9 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
                             message = Refused(rid, denied)
                     yield message
 
-            token = set_principal(principal)
+            # Not reset afterwards: a generator's cleanup may run in another context (closed
+            # from elsewhere when the client goes), and this call's context ends with it.
+            set_principal(principal)
             try:
                 async with contextlib.aclosing(handler.stream_stream(requests(), context)) as out:
                     async for response in out:
@@ -136,7 +138,6 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
                             security.release_slot(principal)
                         yield response
             finally:
-                reset_principal(token)
                 for _ in holding:
                     security.release_slot(principal)
                 holding.clear()
