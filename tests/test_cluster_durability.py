@@ -75,8 +75,9 @@ def _prompt(seed: int) -> list[int]:
 
 
 async def turn(client: AsyncClient, session_id: str, prompt, max_length: int,
-               on_chunk=None) -> tuple[dict, list[int]]:
-    """One streamed turn: (result, the token ids the client received)."""
+               on_chunk=None, after: int = 1) -> tuple[dict, list[int]]:
+    """One streamed turn: (result, the token ids the client received); ``on_chunk`` runs
+    once, when ``after`` tokens have arrived."""
     spec = {"session_id": session_id, "max_length": max_length, "temperature": 0.0,
             "ignore_eos": True}
     spec.update({"text": prompt} if isinstance(prompt, str) else {"token_ids": prompt})
@@ -84,7 +85,7 @@ async def turn(client: AsyncClient, session_id: str, prompt, max_length: int,
     result: dict = {}
     async for chunk in client.stream(spec):
         received.extend(chunk.token_ids)
-        if received and on_chunk is not None:
+        if len(received) >= after and on_chunk is not None:
             on_chunk()
             on_chunk = None
         if chunk.finished:
@@ -213,7 +214,7 @@ async def test_a_resumed_text_stream_keeps_the_token_ids_the_client_received(clu
         owner = first["node"]
         history = await stored_history(cluster, owner, sid)
         result, received = await asyncio.wait_for(
-            turn(client, sid, text, LONG,
+            turn(client, sid, text, LONG, after=30,  # enough ids that some do not re-encode
                  on_chunk=lambda: _signal(cluster, owner, signal.SIGKILL)), 90)
     cluster.kill_node(owner)  # reaped, out of the cluster's processes
     assert result["node"] != owner
