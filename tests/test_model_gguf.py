@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from ultrakv.node import Engine, EngineConfig, SamplingParams
+from ultrakv.node.chat import ChatMessage, ChatTemplate
 from ultrakv.node.model.gguf_checkpoint import hf_name, unpermute_rope_rows
 from ultrakv.node.model.packaged import PACKAGED
 
@@ -110,6 +111,20 @@ def test_golden_capital_of_france(engine):
 
 
 @needs_smollm2
+def test_greedy_ids_equal_transformers_in_one_batch(engine, hf_model, hf_tokenizer):
+    model, tok = hf_model, hf_tokenizer
+    chats = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
+    outs = engine.generate(chats, GREEDY)  # one continuous batch
+    for chat, out in zip(chats, outs, strict=True):
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+        assert out.prompt_token_ids == ids
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                  eos_token_id=2, pad_token_id=2)[0, len(ids):].tolist()
+        assert out.token_ids == want, chat
+
+
+@needs_smollm2
 @pytest.mark.parametrize("text", [
     "Hello, world! The quick brown fox jumps over the lazy dog.",  # ASCII
     "Ünïcödé: naïve café, 日本語のテキスト, emoji 🚀🎉, Ελληνικά.",  # Unicode
@@ -121,3 +136,33 @@ def test_tokenizer_equals_transformers(engine, hf_tokenizer, text):
     ids = engine.tokenizer.encode(text, add_bos=True)
     assert ids == tok(text, add_special_tokens=True)["input_ids"]
     assert engine.tokenizer.decode(ids, skip_special_tokens=False) == tok.decode(ids) == text
+
+
+@needs_smollm2
+@pytest.mark.parametrize("template", [None, LLAMA3_STYLE], ids=["smollm2", "llama3-style"])
+def test_session_tokens_equal_the_whole_conversation_rendered(engine, template, monkeypatch):
+    """After N turns that each send only their new message, the session holds exactly the
+    tokens of the whole conversation rendered at once, and each turn prefilled only its delta."""
+    tok = engine.tokenizer
+    if template is not None:
+        monkeypatch.setattr(tok, "chat_template", ChatTemplate(template, bos_token="<|endoftext|>",
+                                                               eos_token="<|im_end|>"))
+    sid = f"conv-{'default' if template is None else 'llama3'}"
+    conversation: list[ChatMessage] = []  # everything said so far, as the client would hold it
+    new = [ChatMessage("system", "You answer in one short sentence.")]  # what the next turn sends
+    bs = engine.config.block_size
+    held: list[int] = []
+    for question in ("What is the capital of France?", "And of Italy?", "Which one is larger?"):
+        new.append(ChatMessage("user", question))
+        out = engine.generate([new], SamplingParams(max_tokens=24, temperature=0.0), session_ids=[sid])[0]
+        conversation += new
+        whole = tok.encode(tok.chat_template.render(conversation), add_bos=False)
+        assert out.prompt_token_ids == whole  # turn N+1's prompt = the whole conversation rendered
+        assert out.prompt_token_ids[: len(held)] == held
+        # Only the new tokens were prefilled: every full block of the history came from the
+        # cache (the last sampled token never ran through the model, so it has no KV).
+        assert out.cached_tokens == max(0, len(held) - 1) // bs * bs
+        held = out.prompt_token_ids + out.token_ids
+        assert engine.sessions.get(sid).token_ids == held
+        conversation.append(ChatMessage("assistant", out.text))
+        new = []
