@@ -21,10 +21,11 @@ from fault_workload import ConversationLoad, FaultReport, run_scenario
 from ultrakv.client.local_cluster import ETCD, ClusterSpec, LocalCluster
 from ultrakv.client.supervision import RestartPolicy
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.timeout(300)]
 
 CLIENTS = 12
 RECOVERY_BOUND_S = 60.0  # generous: on a loaded 2-core machine a node restarts in 10-40 s
+SCENARIO_TIMEOUT_S = 240.0  # a scenario that cannot finish fails; it never hangs the suite
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 async def _clean(cluster: LocalCluster, scenario: str) -> FaultReport:
-    report = await run_scenario(cluster, scenario, CLIENTS)
+    report = await asyncio.wait_for(run_scenario(cluster, scenario, CLIENTS), SCENARIO_TIMEOUT_S)
     print(f"\n{report.as_dict()}")
     assert report.failed == 0, report.errors[:3]
     assert not report.lost, f"turns lost: {report.differences[:3]}"
