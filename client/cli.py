@@ -820,8 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", parents=[conn], help="interactive chat on one session (streaming)")
     p.add_argument("--session", help="session id (default: a new one)")
     p.add_argument("--system", help="system prompt of the conversation")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-length", type=int, default=256, help="new tokens per reply, at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("stats", parents=[conn], help="per-node figures as a table")
