@@ -380,7 +380,10 @@ def _client(args: argparse.Namespace) -> Client:
 def cmd_test(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    spec = {"max_length": args.max_length, "temperature": args.temperature, "session_id": args.session}
+    # A chat question is answered greedily unless asked otherwise: a small model sampled at
+    # 0.7 wanders (SmolLM2-135M answered the README's question in broken French).
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.chat else 0.7)
+    spec = {"max_length": args.max_length, "temperature": temperature, "session_id": args.session}
     if args.chat:
         spec["messages"] = [{"role": "user", "content": args.text}]
     else:
@@ -810,8 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", parents=[conn], help="stream one request to the terminal")
     p.add_argument("--text", required=True, help="the prompt")
     p.add_argument("--max-length", type=int, default=50, help="new tokens at most")
-    p.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature (0 = greedy)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (0 = greedy; default 0.7, or 0 with --chat)")
     p.add_argument("--session", help="session id to continue")
     p.add_argument("--chat", action="store_true",
                    help="send the text as a user message through the model's chat template")
