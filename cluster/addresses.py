@@ -118,3 +118,16 @@ def is_loopback(listen_host: str) -> bool:
         return ipaddress.ip_address(listen_host).is_loopback
     except ValueError:
         return False  # a wildcard or a host name: assume it is reachable from outside
+
+
+def check_server_ports(host: str, port: int, metrics_port: int, http_port: int, what: str) -> None:
+    """Validate a server's ports and refuse any that is taken, before anything starts: the
+    gRPC ``port`` (named ``what`` in errors), and the metrics and HTTP ports when on (not 0)."""
+    validate_port(port)
+    validate_port(metrics_port, "metrics_port", zero="off")
+    ensure_port_free(host, port, what)
+    if metrics_port:
+        ensure_port_free(host, metrics_port, "metrics endpoint")
+    validate_port(http_port, "http_port", zero="off")
+    if http_port:
+        ensure_port_free(host, http_port, "HTTP API")

@@ -37,11 +37,10 @@ from prometheus_client.registry import CollectorRegistry
 from ultrakv.cluster.addresses import (
     GRPC_SERVER_OPTIONS,
     PortInUseError,
+    check_server_ports,
     dial_host,
-    ensure_port_free,
     listen_address,
     port_in_use_message,
-    validate_port,
 )
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.health_service import HealthService
@@ -751,14 +750,8 @@ class CoordinatorServer:
     async def start(self) -> int:
         """Join the cluster view, then listen; returns the bound port. A taken port fails
         first (:class:`PortInUseError` naming the holder), before etcd is contacted."""
-        validate_port(self.settings.port)
-        validate_port(self.settings.metrics_port, "metrics_port", zero="off")
-        ensure_port_free(self.settings.host, self.settings.port, "coordinator")
-        if self.settings.metrics_port:
-            ensure_port_free(self.settings.host, self.settings.metrics_port, "metrics endpoint")
-        validate_port(self.settings.http_port, "http_port", zero="off")
-        if self.settings.http_port:
-            ensure_port_free(self.settings.host, self.settings.http_port, "HTTP API")
+        check_server_ports(self.settings.host, self.settings.port, self.settings.metrics_port,
+                           self.settings.http_port, "coordinator")
         await self.backend.start()
         server = grpc.aio.server(
             options=[*server_options(CLIENT_STREAMS_PER_CONNECTION), *GRPC_SERVER_OPTIONS],

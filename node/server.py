@@ -29,11 +29,10 @@ from prometheus_client.registry import CollectorRegistry
 from ultrakv.cluster.addresses import (
     GRPC_SERVER_OPTIONS,
     PortInUseError,
+    check_server_ports,
     dial_host,
-    ensure_port_free,
     listen_address,
     port_in_use_message,
-    validate_port,
 )
 from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
 from ultrakv.cluster.health_service import HealthService
@@ -508,14 +507,8 @@ class NodeServer:
     async def start(self) -> int:
         """Bind and start; return the bound port (``port=0`` picks a free one). Raises
         :class:`PortInUseError` naming the holder when the port is taken."""
-        validate_port(self.settings.port)
-        validate_port(self.settings.metrics_port, "metrics_port", zero="off")
-        ensure_port_free(self.settings.host, self.settings.port, "node server")
-        if self.settings.metrics_port:
-            ensure_port_free(self.settings.host, self.settings.metrics_port, "metrics endpoint")
-        validate_port(self.settings.http_port, "http_port", zero="off")
-        if self.settings.http_port:
-            ensure_port_free(self.settings.host, self.settings.http_port, "HTTP API")
+        check_server_ports(self.settings.host, self.settings.port, self.settings.metrics_port,
+                           self.settings.http_port, "node server")
         options = [*server_options(self.settings.max_streams_per_connection,
                                    self.settings.max_message_bytes), *GRPC_SERVER_OPTIONS]
         limits = self.settings.limits
