@@ -3,7 +3,8 @@ dead node's sessions from it).
 
 Every ``interval_s`` a node writes each session that changed since the last checkpoint as
 two files under ``<directory>/<node id>/``: the history (JSON) and the KV of its cached
-leading blocks (raw tensor bytes). File names carry the turn count, so a new version never
+leading blocks (a block file, cluster/block_file.py: the disk tier's format, with the
+tensor's shape and dtype in its header and a sha256 of its own). File names carry the turn count, so a new version never
 overwrites the one the current manifest points at. Once the files are on disk the manifest
 is updated in etcd: ``checkpoints/<node id>`` holds where the files are, and
 ``checkpoints/<node id>/<session id>`` one entry per session (its files and their sha256),
@@ -23,11 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ultrakv.cluster.block_file import (
+    BlockFileError,
+    block_to_tensor,
+    decode,
+    encode,
+    tensor_to_block,
+    write_atomic,
+)
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.store import Delete, EtcdStore, Put, StoreError
 
@@ -35,7 +43,6 @@ log = logging.getLogger("ultrakv.cluster.checkpoint")
 
 CHECKPOINTS_PREFIX = "checkpoints/"
 _TXN_OPS = 100  # etcd refuses transactions of more than 128 operations by default
-_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names a checkpoint may hold
 
 
 def manifest_key(node_id: str) -> str:
@@ -129,17 +136,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` as ``path`` all at once; readable by its owner only (a checkpoint holds
-    conversations in plain text)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
     """Write ``state``'s history and KV files into ``directory``; returns the entry."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -149,19 +145,15 @@ def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
         "session_id": state.session_id, "token_ids": state.token_ids, "turns": state.turns,
         "tenant": state.tenant, "model_fingerprint": state.model_fingerprint,
         "kv_tokens": state.kv_tokens if kv is not None else 0,
-        "kv_shape": list(kv.shape) if kv is not None else [],
-        "kv_dtype": str(kv.dtype).removeprefix("torch.") if kv is not None else "",
     }).encode()
     entry = CheckpointEntry(state.session_id, state.turns, len(state.token_ids),
                             stem + ".history.json", _sha256(history))
-    _write_atomic(directory / entry.history_file, history)
+    write_atomic(directory / entry.history_file, history)
     if kv is not None:
-        import torch  # here, not at import: coordinators and client commands load this module
-
-        data = kv.contiguous().view(torch.uint8).numpy().tobytes()
-        entry = replace(entry, kv_file=stem + ".kv", kv_sha256=_sha256(data),
-                        kv_tokens=state.kv_tokens)
-        _write_atomic(directory / entry.kv_file, data)
+        kv_file = stem + ".kv"
+        data = encode(*tensor_to_block(kv_file, kv.cpu()))
+        write_atomic(directory / kv_file, data)
+        entry = replace(entry, kv_file=kv_file, kv_sha256=_sha256(data), kv_tokens=state.kv_tokens)
     return entry
 
 
@@ -193,15 +185,16 @@ def read_session(directory: Path, entry: CheckpointEntry) -> SessionState | None
     if not entry.kv_file:
         return state
     data = _read_verified(directory / entry.kv_file, entry.kv_sha256)
-    if data is None:
+    kv = None
+    if data is not None:
+        try:
+            kv = block_to_tensor(*decode(data, expect_key=entry.kv_file))
+        except BlockFileError as exc:
+            log.error("checkpoint file %s is not a valid block file (%s)",
+                      directory / entry.kv_file, exc)
+    if kv is None:
         log.warning("session %s: KV will be recomputed from its history", entry.session_id)
         return state
-    if h["kv_dtype"] not in _DTYPES:
-        raise KeyError(f"kv_dtype must be one of {_DTYPES}, got {h['kv_dtype']!r}")
-    import torch  # here, not at import: coordinators and client commands load this module
-
-    dtype = getattr(torch, h["kv_dtype"])
-    kv = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(h["kv_shape"])
     return replace(state, kv=kv, kv_tokens=int(h["kv_tokens"]))
 
 

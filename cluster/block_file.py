@@ -1,0 +1,173 @@
+"""The one file format for KV on disk: the node's disk tier (one file per block), session
+checkpoints (one file per session's KV) and backups all write and read it.
+
+Layout (little-endian)::
+
+    magic b"UKVB" | version u16 | header length u32 | header (UTF-8 JSON)
+    | payload length u64 | payload | sha256 of everything before it (32 bytes)
+
+The header is a :class:`BlockHeader`: ``key`` (what the payload is, e.g. a block's identity
+"<model fingerprint>/<kv dtype>/<block size>/<chained hash>", or a checkpoint's file stem),
+the tensor's ``shape`` and ``dtype`` (a torch dtype name). The payload is the tensor's bytes
+in C order, so a block's layers lie next to each other and one read brings back all of them.
+The trailing sha256 covers header and payload: a flipped bit or a truncated file is found on
+read (:class:`BlockFileError`) and never served. :func:`write_block_file` writes a temp file
+in the same directory, fsyncs it and renames it over the target, so a reader sees the old
+file or the new one, never half of one.
+
+Only the standard library loads at import (coordinators and client commands use this module
+for checkpoints and backups); torch loads inside :func:`tensor_to_block` and
+:func:`block_to_tensor`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+MAGIC = b"UKVB"
+VERSION = 1
+SUFFIX = ".kvb"
+TMP_SUFFIX = ".tmp"
+DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "int8", "uint8")
+_PREFIX = struct.Struct("<4sHI")  # magic, version, header length
+_LEN = struct.Struct("<Q")
+_DIGEST = 32
+MAX_HEADER_BYTES = 1 << 16
+
+
+class BlockFileError(ValueError):
+    """A block file that is not one, is truncated, or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    """What a block file's payload holds: ``key`` names it, ``shape`` and ``dtype`` (a torch
+    dtype name) describe its tensor."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise BlockFileError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if any(not isinstance(d, int) or d < 0 for d in self.shape):
+            raise BlockFileError(f"shape must be non-negative ints, got {self.shape!r}")
+
+    def to_json(self) -> bytes:
+        return json.dumps({"key": self.key, "shape": list(self.shape), "dtype": self.dtype},
+                          sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> BlockHeader:
+        try:
+            d = json.loads(raw)
+            return cls(str(d["key"]), tuple(int(x) for x in d["shape"]), str(d["dtype"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BlockFileError(f"malformed block header: {exc!r}") from None
+
+
+def encode(header: BlockHeader, payload: bytes | memoryview) -> bytes:
+    """The bytes of a block file holding ``payload`` under ``header``."""
+    head = header.to_json()
+    body = b"".join((_PREFIX.pack(MAGIC, VERSION, len(head)), head, _LEN.pack(len(payload)),
+                     payload))
+    return body + hashlib.sha256(body).digest()
+
+
+def file_size(header: BlockHeader, payload_bytes: int) -> int:
+    """The size of the file :func:`encode` writes (a scan spots truncated files by it)."""
+    return _PREFIX.size + len(header.to_json()) + _LEN.size + payload_bytes + _DIGEST
+
+
+def decode(data: bytes | memoryview, expect_key: str | None = None) -> tuple[BlockHeader, memoryview]:
+    """Header and payload of a block file's bytes; BlockFileError when the magic, version,
+    lengths or sha256 do not hold, or the key is not ``expect_key`` (when given)."""
+    view = memoryview(data)
+    if len(view) < _PREFIX.size + _LEN.size + _DIGEST:
+        raise BlockFileError(f"block file truncated: {len(view)} bytes")
+    magic, version, head_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise BlockFileError(f"not a block file (magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise BlockFileError(f"block file version must be {VERSION}, got {version}")
+    if head_len > MAX_HEADER_BYTES:
+        raise BlockFileError(f"block header must be at most {MAX_HEADER_BYTES} bytes, got {head_len}")
+    at = _PREFIX.size + head_len
+    if len(view) < at + _LEN.size + _DIGEST:
+        raise BlockFileError(f"block file truncated: {len(view)} bytes")
+    (payload_len,) = _LEN.unpack_from(view, at)
+    end = at + _LEN.size + payload_len
+    if len(view) != end + _DIGEST:
+        raise BlockFileError(f"block file truncated or padded: {len(view)} bytes, "
+                             f"expected {end + _DIGEST}")
+    if hashlib.sha256(view[:end]).digest() != bytes(view[end:]):
+        raise BlockFileError("block file fails its sha256 check (corrupted)")
+    header = BlockHeader.from_json(bytes(view[_PREFIX.size:at]))
+    if expect_key is not None and header.key != expect_key:
+        raise BlockFileError(f"block file holds key {header.key!r}, expected {expect_key!r}")
+    return header, view[at + _LEN.size:end]
+
+
+def write_block_file(path: Path, header: BlockHeader, payload: bytes | memoryview,
+                     fsync: bool = True) -> int:
+    """Write a block file at ``path`` atomically (see :func:`write_atomic`); returns its size."""
+    data = encode(header, payload)
+    write_atomic(path, data, fsync)
+    return len(data)
+
+
+def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` as ``path`` all at once (temp file, fsync, rename), readable by its
+    owner only (KV and histories can be turned back into the conversation). OSError (disk
+    full, read-only directory) propagates; the temp file is removed then."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_block_file(path: Path, expect_key: str | None = None) -> tuple[BlockHeader, memoryview]:
+    """Read and check a block file (see :func:`decode`); OSError when it cannot be read."""
+    return decode(path.read_bytes(), expect_key)
+
+
+def tensor_to_block(key: str, tensor: torch.Tensor) -> tuple[BlockHeader, memoryview]:
+    """A header and the payload bytes of a CPU tensor (made contiguous)."""
+    import torch
+
+    t = tensor.detach().contiguous()
+    header = BlockHeader(key, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+    return header, memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def block_to_tensor(header: BlockHeader, payload: bytes | memoryview) -> torch.Tensor:
+    """The tensor a block file holds (a CPU tensor over a private copy of the bytes)."""
+    import torch
+
+    dtype = getattr(torch, header.dtype)
+    expected = dtype.itemsize
+    for d in header.shape:
+        expected *= d
+    if len(payload) != expected:
+        raise BlockFileError(f"payload must be {expected} bytes for shape {list(header.shape)} "
+                             f"{header.dtype}, got {len(payload)}")
+    if not expected:
+        return torch.empty(header.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(header.shape)
