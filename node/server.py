@@ -4,7 +4,7 @@
 (cluster/service.py) over an in-process Engine; :class:`NodeServicer` serves the internal
 ``NodeService`` (session export/import, replication, listing, stats).
 
-Every server also serves ``grpc.health.v1`` and server reflection.
+Every server also serves ``grpc.health.v1`` and server reflection (for admin keys only).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import uuid
 
 import grpc
 import pytest
+from grpcurl import grpcurl
 from ultrakv.client import Client
 from ultrakv.client.client import RequestError, RetryPolicy
 from ultrakv.cluster.membership import NODES_PREFIX, NodeRecord, NodeState
@@ -101,6 +102,19 @@ def test_coordinator_refuses_calls_without_a_key(cluster):
         assert acme.stats()["nodes"][0]["address"] == ""  # no detail for a user
     with client(cluster, keys["admin"]) as admin:
         assert len(admin.stats()["nodes"]) == 2 and admin.clear_cache()["success"]
+
+
+def test_coordinator_reflection_is_admin_only(cluster):
+    """Finding 17 on the coordinator: grpcurl lists its services for an admin key only."""
+    address, keys = cluster
+    anonymous = grpcurl(address, "list")
+    assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr, anonymous
+    user = grpcurl(address, "list", headers={"x-api-key": keys["globex"]})
+    assert user.returncode != 0 and "PermissionDenied" in user.stderr, user
+    assert "ultrakv.v1.UltraKV" not in anonymous.stdout + user.stdout
+    admin = grpcurl(address, "list", headers={"x-api-key": keys["admin"]})
+    assert admin.returncode == 0, admin.stderr
+    assert {"ultrakv.v1.UltraKV", "grpc.health.v1.Health"} <= set(admin.stdout.split())
 
 
 def test_sessions_and_cache_stay_with_their_tenant_through_the_coordinator(cluster):

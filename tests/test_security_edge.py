@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpcurl import grpcurl
 from ultrakv.client import Client
 from ultrakv.client.cli import main as cli_main
 from ultrakv.client.client import RetryPolicy
@@ -191,6 +192,23 @@ def test_finding_6_destructive_and_detailed_rpcs_need_an_admin_key(server, keys)
         assert node["address"] == server.address and node["pid"] > 0 and node["engine"]
 
 
+def test_finding_17_reflection_lists_services_to_an_admin_key_only(server, keys):
+    """grpcurl, as an operator (or an attacker) would run it: reflection listed every service
+    to anyone; now a missing key is UNAUTHENTICATED, a user key PERMISSION_DENIED."""
+    anonymous = grpcurl(server.address, "list")
+    assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr, anonymous
+    assert "ultrakv.v1.UltraKV" not in anonymous.stdout
+    user = grpcurl(server.address, "list", headers={"x-api-key": keys["acme"]})
+    assert user.returncode != 0 and "PermissionDenied" in user.stderr, user
+    assert "needs an admin key" in user.stderr and "ultrakv.v1.UltraKV" not in user.stdout
+    admin = grpcurl(server.address, "list", headers={"authorization": f"Bearer {keys['admin']}"})
+    assert admin.returncode == 0, admin.stderr
+    assert "ultrakv.v1.UltraKV" in admin.stdout.split()
+    described = grpcurl(server.address, "describe", "ultrakv.v1.UltraKV",
+                        headers={"x-api-key": keys["admin"]})
+    assert described.returncode == 0 and "rpc Process" in described.stdout, described.stderr
+
+
 # --- findings 11, 12: rate limits and quotas --------------------------------------------------
 
 
@@ -339,6 +357,8 @@ def test_no_keys_file_leaves_loopback_open(engine):
         assert process(srv, None, text="open")["success"]
         with client(srv, None) as c:
             assert c.clear_cache()["success"]
+        # Every caller is the open edge's admin: reflection answers (grpcurl works as usual).
+        assert "ultrakv.v1.UltraKV" in grpcurl(srv.address, "list").stdout.split()
 
 
 def test_security_section_of_the_config_file(tmp_path):

@@ -7,6 +7,9 @@ limits and take a running slot of their tenant (each request of a Generate strea
 own: a refused one is answered on the stream, which carries on); the slot is given back
 when the request's result or error leaves. The principal is set for the handler
 (principal.py), which stamps the tenant on every request.
+
+Server reflection is guarded too: only an admin key may list the server's services
+(with no keys file every caller is the open edge's admin, as for ClearCache).
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from ultrakv.cluster.security.policy import Denied, EdgeSecurity, estimated_tokens
+from ultrakv.cluster.security.policy import (
+    ADMIN_SERVICES,
+    Denied,
+    EdgeSecurity,
+    estimated_tokens,
+    grpc_service,
+)
 from ultrakv.cluster.security.principal import Principal, reset_principal, set_principal
 from ultrakv.cluster.service import ULTRAKV_SERVICE, abort_with
 from ultrakv.cluster.validation import Limits, Malformed, Refused
@@ -30,8 +39,9 @@ def _headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
-    """Applies :class:`EdgeSecurity` to the UltraKV service; other services pass through
-    (health stays open for probes; NodeService has its own guard)."""
+    """Applies :class:`EdgeSecurity` to the UltraKV service and the admin-only services
+    (reflection); other services pass through (health stays open for probes; NodeService
+    has its own guard)."""
 
     def __init__(self, security: EdgeSecurity, limits: Limits | None = None) -> None:
         self.security = security
@@ -41,7 +51,11 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
             details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(_PREFIX):
+        if handler is None:
+            return handler
+        if grpc_service(details.method) in ADMIN_SERVICES:
+            return self._admin_only(handler, details.method)
+        if not details.method.startswith(_PREFIX):
             return handler
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
@@ -60,6 +74,23 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
         except Denied as denied:
             await abort_with(context, denied)
             raise  # abort raises; this line only satisfies the type checker
+
+    def _admin_only(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """``handler`` (a bidi stream: reflection) behind the key and role check, made before
+        the first request message is read."""
+        if not (handler.request_streaming and handler.response_streaming):
+            raise TypeError(f"{method}: admin-only services are bidi streams here")
+
+        async def behavior(requests: AsyncIterator[Any],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._check(context, method, b"")
+            async with contextlib.aclosing(handler.stream_stream(requests, context)) as out:
+                async for response in out:
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            behavior, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
     def _unary(self, handler: grpc.RpcMethodHandler, method: str) -> Callable[..., Awaitable[Any]]:
         security, deserialize = self.security, handler.request_deserializer

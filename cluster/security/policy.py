@@ -21,6 +21,15 @@ from ultrakv.v1 import types_pb2 as pb
 
 # Methods (the last part of the gRPC path) only an admin key may call.
 ADMIN_METHODS = frozenset({"ClearCache", "CleanupSessions"})
+# Services only an admin key may call: server reflection lists every service, method and
+# message of the server (finding 17), which tells an attacker where to aim.
+ADMIN_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection",
+                            "grpc.reflection.v1.ServerReflection"})
+
+
+def grpc_service(method: str) -> str:
+    """The service of a gRPC path: ``/pkg.Service/Method`` -> ``pkg.Service``."""
+    return method.lstrip("/").split("/", 1)[0]
 
 _HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403,
                 grpc.StatusCode.RESOURCE_EXHAUSTED: 429}
@@ -118,10 +127,15 @@ class EdgeSecurity:
             raise self.deny("ip_denied", grpc.StatusCode.PERMISSION_DENIED,
                             "client address is not allowed", method=method, ip=ip)
         principal = self._authenticate(method, headers, body, ip)
-        if method.rsplit("/", 1)[-1] in ADMIN_METHODS and not principal.is_admin:
+        name = method.rsplit("/", 1)[-1]
+        if grpc_service(method) in ADMIN_SERVICES:
+            name = grpc_service(method)
+        elif name not in ADMIN_METHODS:
+            return principal
+        if not principal.is_admin:
             raise self.deny("forbidden", grpc.StatusCode.PERMISSION_DENIED,
-                            f"{method.rsplit('/', 1)[-1]} needs an admin key",
-                            method=method, ip=ip, principal=principal)
+                            f"{name} needs an admin key", method=method, ip=ip,
+                            principal=principal)
         return principal
 
     def _authenticate(self, method: str, headers: Mapping[str, str], body: bytes,
