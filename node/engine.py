@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
+from ultrakv.cluster.block_hashing import continue_chain, hash_token_blocks
 from ultrakv.cluster.errors import (
     IncompatibleSessionError,
     InvalidRequestError,
@@ -41,7 +42,6 @@ from ultrakv.node.chat import ChatMessage, is_chat, parse_messages, template_del
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.kv.block_pool import BlockPool
-from ultrakv.node.kv.hashing import continue_chain, hash_token_blocks
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
 from ultrakv.node.model.loader import load_model
 from ultrakv.node.outputs import (

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ultrakv.cluster.block_hashing import continue_chain, hash_block
 from ultrakv.node.kv.block_pool import BlockPool
-from ultrakv.node.kv.hashing import continue_chain, hash_block
 from ultrakv.node.sequence import Sequence, SequenceStatus
 
 

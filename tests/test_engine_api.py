@@ -193,7 +193,7 @@ def test_replica_becomes_the_session_on_first_request(engine):
 
 
 def test_a_turn_hashes_only_its_new_blocks(monkeypatch):
-    from ultrakv.node.kv import hashing
+    from ultrakv.cluster import block_hashing as hashing
 
     engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=128, max_model_len=1024))
     bs = engine.config.block_size

@@ -4,10 +4,10 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.cluster.errors import EngineError
 from ultrakv.node.config import EVICTION_POLICIES
 from ultrakv.node.kv.block_pool import BlockPool, BlockPoolStats, NoFreeBlocksError
-from ultrakv.node.kv.hashing import hash_token_blocks
 
 BS = 4
 
@@ -35,6 +35,30 @@ def test_allocate_free_and_ref_counts():
     pool.free([a[0]])
     assert (pool.num_used, pool.num_free) == (0, 4)
     assert pool.allocate(0) == []
+
+
+def test_observers_see_every_hash_the_pool_gains_and_loses():
+    pool = BlockPool(3, BS)
+    seen: list[tuple[bool, tuple[int, ...], str]] = []
+    pool.add_observer(lambda stored, hashes, tier: seen.append((stored, tuple(hashes), tier)))
+    a = hash_token_blocks(list(range(8)), BS)
+    pool.free(fill(pool, list(range(8))))
+    assert seen == [(True, (a[0],), "gpu"), (True, (a[1],), "gpu")]
+    seen.clear()
+    pool.free(fill(pool, list(range(8))))  # a hit commits nothing new
+    assert seen == []
+    b = hash_token_blocks([9] * 8, BS)
+    pool.free(fill(pool, [9] * 8))  # 2 blocks needed, 1 free: a cached block is evicted
+    assert seen[0][0] is False and seen[0][1][0] in a
+    assert seen[1:] == [(True, (b[0],), "gpu"), (True, (b[1],), "gpu")]
+    kept = [h for h in a if h != seen[0][1][0]]
+    seen.clear()
+    pool.evict_unreferenced()
+    assert sorted(h for stored, hs, _ in seen if not stored for h in hs) == sorted([*kept, *b])
+    seen.clear()
+    pool.publish(True, [a[0]], "cpu")  # a lower tier reports through the same hook
+    pool.publish(False, [], "disk")  # nothing to say: observers are not called
+    assert seen == [(True, (a[0],), "cpu")]
 
 
 def test_no_partial_allocation():

@@ -1,7 +1,7 @@
 """Chained block hashes: stable across processes, prefix-sensitive, tenant-separated."""
 
 import pytest
-from ultrakv.node.kv.hashing import hash_block, hash_token_blocks
+from ultrakv.cluster.block_hashing import hash_block, hash_token_blocks
 
 
 def test_known_values_are_stable_across_processes():
@@ -59,7 +59,7 @@ def test_invalid_inputs_name_the_field():
 
 
 def test_continue_chain_equals_hashing_everything():
-    from ultrakv.node.kv.hashing import continue_chain
+    from ultrakv.cluster.block_hashing import continue_chain
 
     tokens = list(range(70))
     full = hash_token_blocks(tokens, 16, "t")

@@ -9,6 +9,9 @@ Every block id in ``0..num_blocks-1`` is in exactly one state:
 
 Hence ``num_used + num_free == num_blocks`` where ``num_free`` counts free *and* cached
 blocks (both are allocatable). The tensors live elsewhere; this module is pure logic.
+
+Observers (:meth:`BlockPool.add_observer`) learn which content hashes the pool gains and
+loses, so a node can tell its coordinators where blocks live (node/kv/block_events.py).
 """
 
 from __future__ import annotations
@@ -16,9 +19,25 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from ultrakv.cluster.errors import EngineError
 from ultrakv.node.kv.eviction import EvictionPolicy, make_policy
+
+GPU_TIER = "gpu"  # the pool's own tier name, whatever its device (CPU runs too)
+
+
+class BlockObserver(Protocol):
+    """Told which block content hashes a cache tier gained or lost.
+
+    ``stored`` is True when the hashes became reusable in ``tier`` (the block pool reports
+    tier ``"gpu"``; tiers below it report ``"cpu"`` and ``"disk"`` through
+    :meth:`BlockPool.publish`) and False when they left it. Called on the engine's thread
+    while the engine holds its lock, in the order the changes happen: it must be quick and
+    must not call back into the pool.
+    """
+
+    def __call__(self, stored: bool, hashes: Sequence[int], tier: str) -> None: ...
 
 
 class NoFreeBlocksError(EngineError):
@@ -88,6 +107,21 @@ class BlockPool:
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+        self._observers: list[BlockObserver] = []
+
+    # --- observers ----------------------------------------------------------------------
+
+    def add_observer(self, observer: BlockObserver) -> None:
+        """Report every hash this pool (tier ``"gpu"``) commits or drops to ``observer``,
+        and every change other tiers :meth:`publish`."""
+        self._observers.append(observer)
+
+    def publish(self, stored: bool, hashes: Sequence[int], tier: str) -> None:
+        """Tell the observers that ``tier`` gained (``stored``) or lost ``hashes``: how the
+        tiers below the pool report through the same hook."""
+        if hashes:
+            for observer in self._observers:
+                observer(stored, hashes, tier)
 
     # --- counts -------------------------------------------------------------------------
 
@@ -166,6 +200,7 @@ class BlockPool:
         self._hash[block] = None
         self._num_cached -= 1
         self._evictions += 1
+        self.publish(False, (key,), GPU_TIER)
         return block
 
     def incref(self, block_ids: Iterable[int]) -> None:
@@ -263,6 +298,7 @@ class BlockPool:
         self._block_of[block_hash] = block_id
         self._hash[block_id] = block_hash
         self.policy.on_insert(block_hash)
+        self.publish(True, (block_hash,), GPU_TIER)
         return True
 
     def evict_unreferenced(self) -> int:
@@ -274,6 +310,7 @@ class BlockPool:
             self.policy.discard(key)
             self._free.append(block)
         self._num_cached -= len(dropped)
+        self.publish(False, [key for key, _ in dropped], GPU_TIER)
         return len(dropped)
 
     # --- internals ----------------------------------------------------------------------
