@@ -217,7 +217,9 @@ async def run_path(path, args, vocab: int) -> dict:
 
 def _node_argv(args, port: int) -> list[str]:
     argv = [sys.executable, "-m", "ultrakv.client.cli", "node", "--model", args.model, "--device", args.device,
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", "127.0.0.1", "--port", str(port),
+            # one node alone on loopback, measured through its client API: no peers to trust
+            "--insecure-no-cluster-secret"]
     return argv + args.node_args
 
 

@@ -5,7 +5,9 @@
                   [--detach]
     ultrakv status | stop [--data-dir DIR]
     ultrakv node --model tiny|PATH --port P --device auto|cpu|cuda:N [--etcd HOST:PORT]
+                 --cluster-secret-file FILE | --insecure-no-cluster-secret
     ultrakv coordinator --etcd HOST:PORT --port P [--http-port 8000] [--metrics-port PORT]
+                        --cluster-secret-file FILE | --insecure-no-cluster-secret
     ultrakv drain NODE --etcd HOST:PORT
     ultrakv test --text "Hello" --max-length 50 [--session ID] [--chat]
     ultrakv chat [--session ID] [--system TEXT]     # interactive, streaming, multi-turn
@@ -229,16 +231,27 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    return _run_node(_node_config(args, default_device="auto"), _agent_settings(args))
+    from ultrakv.cluster.peer_auth import require_cluster_secret
+
+    config = _node_config(args, default_device="auto")
+    # A node serves NodeService: without the secret, anyone reaching it owns every session.
+    require_cluster_secret(config.server.cluster_secret_file, args.insecure_no_cluster_secret,
+                           "ultrakv node")
+    return _run_node(config, _agent_settings(args))
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from ultrakv.client.config_file import NodeConfig, load_config
+    from ultrakv.cluster.peer_auth import require_cluster_secret
     from ultrakv.coordinator.server import CoordinatorSettings, serve_coordinator
 
     config = load_config(args.config) if args.config else NodeConfig()
+    if not args.cluster_secret_file:  # the config file's, as a node reads it
+        args.cluster_secret_file = config.server.cluster_secret_file or None
+    require_cluster_secret(args.cluster_secret_file or "", args.insecure_no_cluster_secret,
+                           "ultrakv coordinator")
     security = {k: v for k, v in _security_overrides(args).items() if v is not None}
     settings = CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
                                    port=DEFAULT_PORT if args.port is None else args.port,
@@ -608,6 +621,13 @@ def _cluster_secret_option(p: argparse.ArgumentParser) -> None:
                         "coordinators and nodes carries (env ULTRAKV_CLUSTER_SECRET_FILE)")
 
 
+def _insecure_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--insecure-no-cluster-secret", action="store_true",
+                   help="start without --cluster-secret-file: internal calls are then not "
+                        "authenticated, anyone reaching a node may read and overwrite every "
+                        "session (local development only)")
+
+
 def _peer_options(p: argparse.ArgumentParser) -> None:
     """A coordinator's (or drain's) identity towards the nodes."""
     _cluster_secret_option(p)
@@ -789,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "
                         "the listen host, loopback for 0.0.0.0)")
     _http_option(p, None, "off: clients reach nodes through a coordinator")
+    _insecure_option(p)
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("coordinator", help="run a coordinator (client API over the nodes)")
@@ -801,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     _http_option(p, DEFAULT_HTTP_PORT, str(DEFAULT_HTTP_PORT))
     _security_options(p)
     _peer_options(p)
+    _insecure_option(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("drain", help="move a node's sessions away before it stops")

@@ -5,7 +5,9 @@ call but the standard gRPC health check must carry the cluster secret in the
 ``x-ultrakv-cluster-secret`` metadata, compared in constant time before the handler runs
 (so an unauthenticated call costs no parsing). Peers add it to every call on their channels
 (cluster/peers.py). The secret lives in a file readable by its owner only: ``ultrakv serve``
-generates one into its data dir, an operator gives one with ``--cluster-secret-file``.
+generates one into its data dir, an operator gives one with ``--cluster-secret-file``. A
+node or coordinator started by hand without one refuses to start
+(:func:`require_cluster_secret`) unless told ``--insecure-no-cluster-secret``.
 
 This interceptor is its own module so it composes with the client-facing ones (API keys,
 rate limits) in one server's interceptor chain.
@@ -55,6 +57,29 @@ def ensure_cluster_secret(path: str | Path) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
     return path
+
+
+INSECURE_FLAG = "--insecure-no-cluster-secret"
+
+
+def require_cluster_secret(secret_file: str, insecure: bool, process: str) -> None:
+    """Refuse to start ``process`` (``ultrakv node`` / ``ultrakv coordinator``) without a
+    cluster secret, unless ``insecure`` (the operator said so): a node without one lets
+    anyone who reaches its port read, overwrite and delete every session."""
+    if secret_file:
+        return
+    if insecure:
+        log.warning("%s runs WITHOUT a cluster secret (%s): anyone who reaches a node's port "
+                    "can read, overwrite and delete every session; for local development only",
+                    process, INSECURE_FLAG)
+        return
+    raise ValueError(
+        f"{process}: no cluster secret: give --cluster-secret-file FILE (or the "
+        "ULTRAKV_CLUSTER_SECRET_FILE environment variable, or server.cluster_secret_file in a "
+        "node's --config), the same file of at least 16 random characters, mode 0600, on every "
+        "node and coordinator (e.g. `head -c 32 /dev/urandom | base64 > FILE && chmod 600 FILE`); "
+        f"or, for local development only, {INSECURE_FLAG}. "
+        "(`ultrakv serve` generates one into its data dir.)")
 
 
 def secret_matches(presented: str, secret: str) -> bool:

@@ -127,7 +127,8 @@ def test_unreachable_etcd_at_start_is_a_clear_error_naming_the_endpoint(command)
     # It gives up rather than waiting for etcd forever (the timeout bounds it; no tighter
     # bound: a loaded machine takes tens of seconds just to import the node).
     out = subprocess.run([sys.executable, "-m", "ultrakv.client.cli", *command,
-                          "--etcd", endpoint], capture_output=True, text=True, timeout=240)
+                          "--etcd", endpoint, "--insecure-no-cluster-secret"],
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 2
     assert f"cannot reach etcd at {endpoint}" in out.stderr
     assert "Traceback" not in out.stderr

@@ -312,7 +312,8 @@ def test_duplicate_node_id_is_refused_with_a_clear_error(cluster) -> None:
     live = next(iter(cluster.nodes))
     out = subprocess.run([sys.executable, "-m", "ultrakv.client.cli", "node", "--etcd",
                           cluster.etcd_endpoint, "--node-id", live, "--port", "0",
-                          "--model", "tiny", "--device", "cpu"],
+                          "--model", "tiny", "--device", "cpu",
+                          "--cluster-secret-file", str(cluster.cluster_secret_file)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert f"node id {live!r} is already registered and live" in out.stderr

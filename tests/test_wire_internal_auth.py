@@ -22,7 +22,11 @@ from peer_auth_helpers import secret_channel
 from ultrakv.client import Client
 from ultrakv.cluster.checkpoint import write_session
 from ultrakv.cluster.etcd_server import free_port
-from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
+from ultrakv.cluster.peer_auth import (
+    ensure_cluster_secret,
+    read_cluster_secret,
+    require_cluster_secret,
+)
 from ultrakv.cluster.peers import PeerChannels, PeerTLS
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.session_transfer import state_to_chunks
@@ -122,6 +126,30 @@ def test_a_member_answers_only_callers_with_the_cluster_secret(engine, secret_fi
             peer = node_pb2_grpc.NodeServiceStub(peer_channel)
             for call in calls.values():
                 call(peer)  # a peer may do all of it
+
+
+@pytest.mark.parametrize("argv", [["node", "--model", "tiny", "--device", "cpu", "--port", "0"],
+                                  ["coordinator", "--etcd", "127.0.0.1:1", "--port", "0"]])
+def test_hand_started_members_refuse_to_start_without_a_cluster_secret(argv, monkeypatch, capsys):
+    """A node or coordinator started by hand had no secret unless the operator thought of
+    one: every node then served NodeService to anyone. Now it refuses (before loading the
+    model or dialing etcd), naming the flag to give and the explicit insecure opt-out."""
+    from ultrakv.client.cli import main
+
+    monkeypatch.delenv("ULTRAKV_CLUSTER_SECRET_FILE", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no cluster secret" in err and "--cluster-secret-file" in err
+    assert "--insecure-no-cluster-secret" in err and "cannot reach etcd" not in err
+
+
+def test_the_insecure_opt_out_is_explicit_and_loud(caplog):
+    require_cluster_secret("/run/secrets/ultrakv", False, "ultrakv node")  # a secret: fine
+    with pytest.raises(ValueError, match="ultrakv coordinator: no cluster secret"):
+        require_cluster_secret("", False, "ultrakv coordinator")
+    with caplog.at_level(logging.WARNING, logger="ultrakv.cluster.peer_auth"):
+        require_cluster_secret("", True, "ultrakv node")
+    assert "WITHOUT a cluster secret" in caplog.text
 
 
 def test_kv_from_an_unauthenticated_caller_never_reaches_the_shared_prefix_cache(engine):
