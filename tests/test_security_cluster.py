@@ -13,13 +13,19 @@ import uuid
 import grpc
 import pytest
 from grpcurl import grpcurl
+from h2.errors import ErrorCodes
+from http2_client import RawHttp2, ping_flood
 from ultrakv.client import Client
 from ultrakv.client.client import RequestError, RetryPolicy
 from ultrakv.cluster.membership import NODES_PREFIX, NodeRecord, NodeState
 from ultrakv.cluster.security.keys import create_key
 from ultrakv.cluster.security.settings import SecuritySettings
 from ultrakv.cluster.store import EtcdStore
-from ultrakv.coordinator.server import CoordinatorServer, CoordinatorSettings
+from ultrakv.coordinator.server import (
+    CLIENT_STREAMS_PER_CONNECTION,
+    CoordinatorServer,
+    CoordinatorSettings,
+)
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.server import BackgroundServer
 from ultrakv.v1 import types_pb2 as pb
@@ -115,6 +121,16 @@ def test_coordinator_reflection_is_admin_only(cluster):
     admin = grpcurl(address, "list", headers={"x-api-key": keys["admin"]})
     assert admin.returncode == 0, admin.stderr
     assert {"ultrakv.v1.UltraKV", "grpc.health.v1.Health"} <= set(admin.stdout.split())
+
+
+def test_coordinator_caps_streams_and_sends_ping_floods_away(cluster):
+    """Finding 15 on the client port: the stream cap is advertised to every connection, and
+    a connection pinging without calls is closed with GOAWAY ENHANCE_YOUR_CALM."""
+    address, _ = cluster
+    with RawHttp2(address) as raw:
+        assert raw.server_max_concurrent_streams == CLIENT_STREAMS_PER_CONNECTION
+    _, goaway = ping_flood(address)
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_sessions_and_cache_stay_with_their_tenant_through_the_coordinator(cluster):

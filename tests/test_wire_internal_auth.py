@@ -18,6 +18,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from h2.errors import ErrorCodes
+from h2.events import StreamReset
+from http2_client import RawHttp2, ping_flood
 from peer_auth_helpers import secret_channel
 from ultrakv.client import Client
 from ultrakv.cluster.checkpoint import write_session
@@ -254,6 +257,59 @@ def test_an_idle_stream_is_closed(engine):
         release.set()
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "idle for 1 s with no request" in err.value.details()
+
+
+def test_a_client_pinging_too_often_is_sent_away(engine):
+    """Finding 15 (keepalive abuse): a client pinging a connection with no call more often
+    than every 10 s gets GOAWAY ENHANCE_YOUR_CALM ("too_many_pings") after 2 strikes,
+    instead of keeping the server answering pings for ever."""
+    with BackgroundServer(engine) as srv:
+        answered, goaway = ping_flood(srv.address)
+    assert goaway is not None, f"{answered} pings answered and no GOAWAY"
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert goaway.additional_data == b"too_many_pings"
+    assert 1 <= answered <= 4  # the first ping is fine; the strikes are few
+
+
+def test_streams_beyond_the_per_connection_cap_are_refused_or_queued(engine):
+    """Finding 15 (streams per connection): the server advertises its cap
+    (SETTINGS_MAX_CONCURRENT_STREAMS) and refuses streams over it (RST_STREAM
+    REFUSED_STREAM) from a client that ignores it; a gRPC client queues them instead, so the
+    extra call runs once a stream ends, or ends DEADLINE_EXCEEDED."""
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5,
+                              max_streams_per_connection=2)
+    with BackgroundServer(engine, settings) as srv:
+        with RawHttp2(srv.address) as raw:
+            assert raw.server_max_concurrent_streams == 2
+            ids = raw.open_streams("/ultrakv.v1.UltraKV/Generate", 4)
+            raw.read_until(lambda _: raw.count(StreamReset) >= 2, timeout_s=30)
+            refused = {e.stream_id: e.error_code for e in raw.events if isinstance(e, StreamReset)}
+            assert refused == {ids[2]: ErrorCodes.REFUSED_STREAM, ids[3]: ErrorCodes.REFUSED_STREAM}
+            assert raw.terminated() is None  # the connection and its first two streams live on
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = ultrakv_pb2_grpc.UltraKVStub(channel)
+            release = [threading.Event(), threading.Event()]
+
+            def held(i: int):  # one answered request, then an open stream sending nothing
+                yield pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+                    request_id=f"held-{i}", token_ids=pb.TokenIds(ids=[1, 2]),
+                    sampling=pb.SamplingOptions(max_length=1)))
+                release[i].wait(60)
+
+            streams = [stub.Generate(held(i), timeout=120) for i in range(2)]
+            for stream in streams:  # both streams are open on the server
+                assert next(stream).WhichOneof("event") in ("chunk", "result")
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3]),
+                                         sampling=pb.SamplingOptions(max_length=1))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Process(request, timeout=2)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            queued = stub.Process.future(request, timeout=60)
+            release[0].set()
+            list(streams[0])  # the first stream ends: the queued call takes its place
+            assert queued.result().token_ids
+            release[1].set()
+            list(streams[1])
 
 
 def test_checkpoint_files_are_private(tmp_path):
