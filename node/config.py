@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "arc")
+KV_WRITE_POLICIES = ("write_back", "write_through")
+MAX_KV_TIER_GIB = 1 << 20  # 1 PiB: a cap past it is a typo
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -56,6 +58,15 @@ class EngineConfig:
     # 150 MiB of Python ints); the least recently stored go first.
     max_replicas: int = 100_000
     max_replica_tokens: int = 1 << 22
+    # KV tiers below the GPU pool (node/kv/tiers.py): host memory (pinned on CUDA) and a
+    # local disk directory that outlives restarts. 0 / "" turn a tier off. write_back copies
+    # a block down when the tier above evicts it; write_through as soon as it is full.
+    kv_cpu_gib: float = 0.0
+    kv_disk_dir: str = ""
+    kv_disk_gib: float = 16.0
+    kv_write_policy: str = "write_back"
+    kv_cpu_eviction_policy: str = "lru"
+    kv_disk_eviction_policy: str = "lru"
 
     def __post_init__(self) -> None:
         _check(
@@ -105,6 +116,20 @@ class EngineConfig:
         _check(self.max_sessions >= 1, "max_sessions", ">= 1", self.max_sessions)
         _check(self.max_replicas >= 1, "max_replicas", ">= 1", self.max_replicas)
         _check(self.max_replica_tokens >= 1, "max_replica_tokens", ">= 1", self.max_replica_tokens)
+        _check(0 <= self.kv_cpu_gib <= MAX_KV_TIER_GIB, "kv_cpu_gib", f"in [0, {MAX_KV_TIER_GIB}]",
+               self.kv_cpu_gib)
+        _check(0 < self.kv_disk_gib <= MAX_KV_TIER_GIB, "kv_disk_gib", f"in (0, {MAX_KV_TIER_GIB}]",
+               self.kv_disk_gib)
+        _check(isinstance(self.kv_disk_dir, str), "kv_disk_dir", "a directory path or ''",
+               self.kv_disk_dir)
+        _check(self.kv_write_policy in KV_WRITE_POLICIES, "kv_write_policy",
+               f"one of {KV_WRITE_POLICIES}", self.kv_write_policy)
+        for name in ("kv_cpu_eviction_policy", "kv_disk_eviction_policy"):
+            _check(getattr(self, name) in EVICTION_POLICIES, name, f"one of {EVICTION_POLICIES}",
+                   getattr(self, name))
+        if (self.kv_cpu_gib or self.kv_disk_dir) and not self.enable_prefix_caching:
+            raise ValueError("kv_cpu_gib and kv_disk_dir need enable_prefix_caching: true "
+                             "(the tiers are keyed by the prefix cache's block hashes)")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             _check(
                 self.max_num_batched_tokens >= self.max_model_len,

@@ -42,6 +42,9 @@ from ultrakv.node.chat import ChatMessage, is_chat, parse_messages, template_del
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.kv.block_pool import BlockPool
+from ultrakv.node.kv.disk_tier import DiskTier
+from ultrakv.node.kv.host_tier import HostTier
+from ultrakv.node.kv.tiers import BlockIdentity, KVTiers, TierCounters
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
 from ultrakv.node.model.loader import load_model
 from ultrakv.node.outputs import (
@@ -117,6 +120,10 @@ class Engine:
         shape = (2, self.num_blocks, bs, mc.num_key_value_heads, mc.head_dim)
         self.kv_caches = [zeroed_kv(shape, self.dtype, self.device) for _ in range(mc.num_hidden_layers)]
         self.pool = BlockPool(self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching)
+        self.tiers = self._build_tiers()
+        if self.tiers is not None:
+            self.pool.on_evict = self.tiers.on_evict
+            self.pool.on_commit = self.tiers.on_commit
         limit = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.max_model_len = min(limit, self.num_blocks * bs)
         self.scheduler = Scheduler(
@@ -128,6 +135,7 @@ class Engine:
             enable_prefix_caching=config.enable_prefix_caching,
             aging_s=config.priority_aging_s,
             max_model_len=self.max_model_len,
+            tiers=self.tiers,
         )
         self.sessions = SessionStore(config.max_sessions, max_replicas=config.max_replicas,
                                      max_replica_tokens=config.max_replica_tokens)
@@ -234,8 +242,44 @@ class Engine:
             self.pool.evict_unreferenced()
             self.pool.reset_stats()
             self._metrics = _Metrics()
+            if self.tiers is not None:
+                self.tiers.counters = TierCounters()
 
     # -- sizing -----------------------------------------------------------------------------
+
+    @property
+    def block_identity(self) -> BlockIdentity:
+        """What a block hash means here: model, KV dtype (``kv_cache_dtype``, "auto" = the
+        model's dtype) and block size; tiers and their files are keyed by it."""
+        kv_dtype = getattr(self.config, "kv_cache_dtype", "auto")
+        if kv_dtype == "auto":
+            kv_dtype = str(self.kv_caches[0].dtype).removeprefix("torch.")
+        return BlockIdentity(self.model_fingerprint, kv_dtype, self.config.block_size)
+
+    def _build_tiers(self) -> KVTiers | None:
+        c = self.config
+        if not (c.kv_cpu_gib or c.kv_disk_dir):
+            return None
+        shape = KVTiers.block_shape(self.kv_caches)
+        dtype = self.kv_caches[0].dtype
+        identity = self.block_identity
+        host = disk = None
+        if c.kv_cpu_gib:
+            capacity = int(c.kv_cpu_gib * 2**30) // self._bytes_per_block()
+            if capacity < 1:
+                raise ValueError(f"kv_cpu_gib must hold >= 1 block of {self._bytes_per_block()} "
+                                 f"bytes, got {c.kv_cpu_gib}")
+            host = HostTier(capacity, shape, dtype, c.kv_cpu_eviction_policy,
+                            pin=self.device.type == "cuda")
+        if c.kv_disk_dir:
+            disk = DiskTier(c.kv_disk_dir, identity.namespace, identity.key, shape, dtype,
+                            int(c.kv_disk_gib * 2**30), c.kv_disk_eviction_policy)
+        log.info("KV tiers: cpu %s, disk %s, %s",
+                 f"{host.capacity} blocks" if host is not None else "off",
+                 f"{disk.capacity} blocks in {disk.directory}" if disk is not None else "off",
+                 c.kv_write_policy)
+        return KVTiers(self.kv_caches, identity, host, disk,
+                       write_through=c.kv_write_policy == "write_through", publish=self.pool.publish)
 
     def _bytes_per_block(self) -> int:
         mc = self.model_config
@@ -399,6 +443,9 @@ class Engine:
             if not self.scheduler.has_unfinished:
                 self._last_progress = time.monotonic()
             self.scheduler.add(seq)
+            if self.tiers is not None:  # its blocks on disk start loading before it is scheduled
+                hashes = self.scheduler.block_hashes_of(seq)
+                self.tiers.prefetch(hashes[len(self.pool.cached_prefix(hashes)):])
             self._metrics.requests += 1
             self._work.notify_all()
             return seq
@@ -439,6 +486,8 @@ class Engine:
                     return finished
                 num_steps = self.scheduler.plan_decode_steps(out, self.config.num_scheduler_steps)
                 drafted = num_steps == 1 and self._draft(out)
+                if self.tiers is not None:  # evicted blocks leave before the step overwrites them
+                    self.tiers.flush()
                 self._in_flight = {item.seq.request_id for item in out.scheduled}
             items = out.scheduled
             try:
@@ -642,6 +691,12 @@ class Engine:
             self._work.notify_all()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=10)
+        if self.tiers is not None:
+            with self._lock:
+                written = self.tiers.persist(self.pool.hashed_blocks())
+                self.tiers.close()
+            if written:
+                log.info("KV tiers: %d blocks written to disk at shutdown", written)
 
     # -- finishing and streaming ------------------------------------------------------------
 
@@ -777,7 +832,10 @@ class Engine:
     def clear_cache(self) -> int:
         """Drop every cached block no running request uses; sessions keep their histories."""
         with self._lock:
-            return self.pool.evict_unreferenced()
+            dropped = self.pool.evict_unreferenced()
+            if self.tiers is not None:
+                dropped += self.tiers.clear()
+            return dropped
 
     @property
     def session_layout(self) -> SessionLayout:
@@ -870,6 +928,8 @@ class Engine:
                 kv = state.kv[:, :, have * bs : (have + n_new) * bs].to(self.device, self.dtype)
                 kv = kv.unflatten(2, (n_new, bs))
                 idx = torch.tensor(blocks, device=self.device)
+                if self.tiers is not None:  # blocks evicted above leave before being overwritten
+                    self.tiers.flush()
                 for layer, cache in enumerate(self.kv_caches):
                     cache.index_copy_(1, idx, kv[layer])
                 for i, b in enumerate(blocks):
@@ -879,6 +939,13 @@ class Engine:
                 self.pool.free(held + blocks)
 
     # -- stats ------------------------------------------------------------------------------
+
+    def _tier_stats(self) -> dict:
+        """Blocks found per tier (``hits``) and each tier's state; only ``gpu`` without tiers."""
+        out = {"gpu": {"hits": self.pool.stats().hits}}
+        if self.tiers is not None:
+            out.update(self.tiers.stats())
+        return out
 
     def stats(self) -> dict:
         with self._lock:
@@ -923,6 +990,7 @@ class Engine:
                     "e2e_s": m.e2e_hist.snapshot(),
                 },
                 "cache": self.pool.stats().to_dict(),
+                "kv_tiers": self._tier_stats(),
                 "sessions": {"count": len(self.sessions), "replicas": self.sessions.num_replicas},
             }
 

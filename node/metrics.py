@@ -129,6 +129,29 @@ class NodeCollector(Collector):
                        base, cache["hits"] + cache["misses"])
         yield _counter("ultrakv_prefix_cache_hits", "KV blocks found in the prefix cache.", base,
                        cache["hits"])
+        tiers = s.get("kv_tiers", {})
+        tier_hits = CounterMetricFamily("ultrakv_kv_tier_hits",
+                                        "KV blocks a prefix match found, by tier (gpu: in the "
+                                        "pool; cpu, disk: loaded back from there).",
+                                        labels=[*base, "tier"])
+        tier_blocks = GaugeMetricFamily("ultrakv_kv_tier_blocks", "KV blocks held per tier below "
+                                        "the GPU pool.", labels=[*base, "tier"])
+        for tier in ("gpu", "cpu", "disk"):
+            if tier in tiers:
+                tier_hits.add_metric([*base.values(), tier], tiers[tier]["hits"])
+                if tier != "gpu":
+                    tier_blocks.add_metric([*base.values(), tier], tiers[tier]["blocks"])
+        yield tier_hits
+        yield tier_blocks
+        if "disk" in tiers:
+            yield _counter("ultrakv_kv_disk_dropped_writes", "KV blocks not written to the disk "
+                           "tier (queue full under backpressure, or the tier off).", base,
+                           tiers["disk"]["dropped"])
+            yield _counter("ultrakv_kv_disk_corrupted_blocks", "Disk tier block files that failed "
+                           "their checksum on read (dropped and recomputed).", base,
+                           tiers["disk"]["corrupted"])
+            yield _gauge("ultrakv_kv_disk_tier_enabled", "1 while the disk tier works; 0 after a "
+                         "write error turned it off.", base, int(tiers["disk"]["enabled"]))
         yield _counter("ultrakv_kv_cache_evictions", "Cached KV blocks reclaimed for new use.",
                        base, cache["evictions"])
         yield _counter("ultrakv_preemptions", "Sequences preempted (recomputed later).", base,

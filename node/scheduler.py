@@ -7,7 +7,10 @@ waiting ones are admitted after them by effective priority (priority lifted one 
 ``aging_s`` waited, so nothing starves). When a running sequence needs a block and none is
 free, the lowest-priority, latest-arrived running sequence is preempted: its blocks are
 released (full ones stay in the prefix cache) and it is recomputed on readmission. Pure
-logic: no tensors, no I/O.
+logic: no tensors, no I/O. With KV tiers (``tiers``, node/kv/tiers.py) a prefix match goes on
+past the GPU pool into host memory and disk, and the blocks found there are loaded into
+fresh pool blocks; a preempted sequence's full blocks then come back from the tier its
+evicted blocks were offloaded to instead of being recomputed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ultrakv.cluster.block_hashing import continue_chain, hash_block
 from ultrakv.node.kv.block_pool import BlockPool
@@ -53,6 +57,16 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+class TierLoader(Protocol):
+    """The tiers below the pool, as the scheduler sees them (node/kv/tiers.py)."""
+
+    def available(self, hashes: list[int]) -> int:
+        """How many leading ``hashes`` the tiers hold."""
+
+    def load(self, hashes: list[int], block_ids: list[int]) -> int:
+        """Fill ``block_ids`` with the leading run of ``hashes``; how many were filled."""
+
+
 class Scheduler:
     """Owns the waiting and running queues and every sequence's blocks."""
 
@@ -68,6 +82,7 @@ class Scheduler:
         aging_s: float = 5.0,
         max_model_len: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tiers: TierLoader | None = None,
     ):
         self.pool = pool
         self.block_size = block_size
@@ -78,6 +93,7 @@ class Scheduler:
         self.aging_s = aging_s
         self.max_model_len = max_model_len
         self.clock = clock
+        self.tiers = tiers
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -217,10 +233,26 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence) -> None:
         hashes = self.block_hashes_of(seq)
         matched = self.pool.match_prefix(hashes)
+        if self.tiers is not None and len(matched) < len(hashes):
+            matched += self._load_from_tiers(hashes[len(matched):])
         seq.block_table = list(matched)
         seq.block_hashes = hashes[: len(matched)]
         seq.num_committed_blocks = len(matched)
         seq.num_computed_tokens = len(matched) * self.block_size
+
+    def _load_from_tiers(self, hashes: list[int]) -> list[int]:
+        """Pool blocks (pinned, committed) holding the leading run of ``hashes`` that the
+        tiers below hold, as many as the pool has room for."""
+        n = min(self.tiers.available(hashes), self.pool.num_free)
+        if n == 0:
+            return []
+        blocks = self.pool.allocate(n)
+        loaded = self.tiers.load(hashes[:n], blocks)
+        for block, h in zip(blocks[:loaded], hashes, strict=False):
+            self.pool.commit(block, h)
+        if loaded < n:
+            self.pool.free(blocks[loaded:])
+        return blocks[:loaded]
 
     def block_hashes_of(self, seq: Sequence) -> list[int]:
         """Chained hashes of the full blocks a prefix match may reuse: all but the last token

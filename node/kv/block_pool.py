@@ -17,7 +17,7 @@ loses, so a node can tell its coordinators where blocks live (node/kv/block_even
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -108,6 +108,10 @@ class BlockPool:
         self._misses = 0
         self._evictions = 0
         self._observers: list[BlockObserver] = []
+        # The KV tiers below the pool (node/kv/tiers.py) hear of a cached block being
+        # reclaimed while its bytes are still in place, and of each block committed.
+        self.on_evict: Callable[[int, int], None] | None = None  # (block id, hash)
+        self.on_commit: Callable[[int, int], None] | None = None
 
     # --- observers ----------------------------------------------------------------------
 
@@ -201,6 +205,8 @@ class BlockPool:
         self._num_cached -= 1
         self._evictions += 1
         self.publish(False, (key,), GPU_TIER)
+        if self.on_evict is not None:
+            self.on_evict(block, key)
         return block
 
     def incref(self, block_ids: Iterable[int]) -> None:
@@ -299,7 +305,13 @@ class BlockPool:
         self._hash[block_id] = block_hash
         self.policy.on_insert(block_hash)
         self.publish(True, (block_hash,), GPU_TIER)
+        if self.on_commit is not None:
+            self.on_commit(block_id, block_hash)
         return True
+
+    def hashed_blocks(self) -> list[tuple[int, int]]:
+        """Every ``(hash, block id)`` holding content, in use or cached."""
+        return list(self._block_of.items())
 
     def evict_unreferenced(self) -> int:
         """Drop every cached block (ref count 0) back to the free list; returns how many."""

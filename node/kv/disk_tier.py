@@ -1,0 +1,262 @@
+"""The disk KV tier: one block file per block (cluster/block_file.py) under a directory that
+outlives the process, so a restarted node has its cache back.
+
+Files live in ``<directory>/<namespace>/<hash:016x>.kvb``; the namespace names the model
+fingerprint, KV dtype and block size, so blocks of another model or format are never read
+as this one's. At start the index is rebuilt by listing the namespace: leftover temp files
+are removed, and so are files whose size is not a block file's (truncated); a file whose
+bytes are corrupted is found when read (its sha256 fails), dropped and counted, and the
+block is recomputed: never served.
+
+Writes go through a bounded queue to one writer thread; when the queue is full the block is
+dropped (a future miss, never corruption). Any OS error while writing (disk full, read-only
+or vanished directory) turns the tier off with one logged error: the node serves on without
+it, and no request fails because of it. The directory is capped at ``capacity_bytes``;
+which file goes first is the configured eviction policy's choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from ultrakv.cluster.block_file import (
+    SUFFIX,
+    TMP_SUFFIX,
+    BlockFileError,
+    BlockHeader,
+    block_to_tensor,
+    file_size,
+    read_block_file,
+    tensor_to_block,
+    write_block_file,
+)
+from ultrakv.node.kv.eviction import EvictionPolicy, make_policy
+
+log = logging.getLogger("ultrakv.node.kv.disk_tier")
+
+Observer = Callable[[str, int], None]  # ("stored" | "removed", block hash)
+
+
+class DiskTier:
+    """Block files by hash in ``directory / namespace``, at most ``capacity_bytes`` of them.
+
+    ``key_of(hash)`` is the identity written in each file's header and checked on read;
+    ``block_shape`` and ``dtype`` describe every block. Thread-safe: the engine thread looks
+    up, reads and submits; the writer thread writes and evicts.
+    """
+
+    def __init__(self, directory: str | Path, namespace: str, key_of: Callable[[int], str],
+                 block_shape: tuple[int, ...], dtype: torch.dtype, capacity_bytes: int,
+                 policy: str = "lru", queue_blocks: int = 64,
+                 observer: Observer | None = None) -> None:
+        self.directory = Path(directory) / namespace
+        self.key_of = key_of
+        self.block_shape = block_shape
+        self.dtype = dtype
+        nbytes = dtype.itemsize
+        for d in block_shape:
+            nbytes *= d
+        header = BlockHeader(key_of(0), block_shape, str(dtype).removeprefix("torch."))
+        self.file_bytes = file_size(header, nbytes)
+        self.capacity = max(1, capacity_bytes // self.file_bytes)
+        self.policy: EvictionPolicy = make_policy(policy, self.capacity)
+        self.observer = observer
+        self.enabled = True
+        self.writes = 0
+        self.dropped = 0  # blocks not written: queue full or tier off
+        self.corrupted = 0  # files that failed their check on read (dropped, recomputed)
+        self.evictions = 0
+        self._index: set[int] = set()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(queue_blocks)
+        self._writer: threading.Thread | None = None
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._scan()
+        except OSError as exc:
+            self._disable(f"cannot use {self.directory}", exc)
+            return
+        self._writer = threading.Thread(target=self._write_loop, name="ultrakv-kv-disk", daemon=True)
+        self._writer.start()
+
+    # -- index ------------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        for path in self.directory.iterdir():
+            if path.name.endswith(TMP_SUFFIX):  # a write the last process did not finish
+                path.unlink(missing_ok=True)
+                continue
+            if not path.name.endswith(SUFFIX):
+                continue
+            try:
+                block_hash = int(path.name[: -len(SUFFIX)], 16)
+            except ValueError:
+                continue
+            if path.stat().st_size != self.file_bytes:
+                log.warning("disk tier: %s has the wrong size (truncated); removed", path)
+                path.unlink(missing_ok=True)
+                continue
+            self._index.add(block_hash)
+            self.policy.on_insert(block_hash)
+            self.policy.set_evictable(block_hash, True)
+        while len(self._index) > self.capacity:
+            self._evict_one()
+        log.info("disk tier: %d blocks found in %s (capacity %d)", len(self._index),
+                 self.directory, self.capacity)
+
+    def __contains__(self, block_hash: int) -> bool:
+        with self._lock:
+            return self.enabled and block_hash in self._index
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    def _path(self, block_hash: int) -> Path:
+        return self.directory / f"{block_hash:016x}{SUFFIX}"
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def read(self, block_hash: int) -> torch.Tensor | None:
+        """The block's tensor, or None when it is not here or its file fails its checks (the
+        file is then removed and the caller recomputes the block)."""
+        with self._lock:
+            if not self.enabled or block_hash not in self._index:
+                return None
+            self.policy.on_hit(block_hash)
+        path = self._path(block_hash)
+        try:
+            header, payload = read_block_file(path, expect_key=self.key_of(block_hash))
+            if header.shape != self.block_shape:
+                raise BlockFileError(f"block shape must be {list(self.block_shape)}, "
+                                     f"got {list(header.shape)}")
+            return block_to_tensor(header, payload)
+        except FileNotFoundError:  # evicted by the writer since the lookup
+            with self._lock:
+                self._forget(block_hash)
+            return None
+        except (OSError, BlockFileError) as exc:
+            log.warning("disk tier: %s dropped, its block will be recomputed: %s", path, exc)
+            with self._lock:
+                self.corrupted += 1
+                self._forget(block_hash)
+            path.unlink(missing_ok=True)
+            return None
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def submit(self, block_hash: int, block: torch.Tensor) -> bool:
+        """Queue a CPU block (the caller's to give away) to be written; False when it was
+        dropped (the tier is off or its queue is full) or the block is already here."""
+        with self._lock:
+            if not self.enabled:
+                self.dropped += 1
+                return False
+            if block_hash in self._index:
+                self.policy.on_hit(block_hash)
+                return False
+        try:
+            self._queue.put_nowait((block_hash, block))
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+            return False
+        return True
+
+    def write_now(self, block_hash: int, block: torch.Tensor) -> bool:
+        """Write a block on the calling thread (the shutdown flush); False when not written."""
+        with self._lock:
+            if not self.enabled or block_hash in self._index:
+                return False
+        return self._write(block_hash, block)
+
+    def flush(self) -> None:
+        """Wait until every queued block is written (or dropped)."""
+        if self._writer is not None and self._writer.is_alive():
+            self._queue.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, block_hash: int, block: torch.Tensor) -> bool:
+        with self._lock:
+            if not self.enabled:
+                self.dropped += 1
+                return False
+            if block_hash in self._index:
+                return False
+            while len(self._index) >= self.capacity:
+                self._evict_one()
+        try:
+            header, payload = tensor_to_block(self.key_of(block_hash), block)
+            write_block_file(self._path(block_hash), header, payload, fsync=False)
+        except OSError as exc:
+            self._disable(f"writing {self._path(block_hash)} failed", exc)
+            return False
+        with self._lock:
+            if not self.enabled:
+                return False
+            self._index.add(block_hash)
+            self.policy.on_insert(block_hash)
+            self.policy.set_evictable(block_hash, True)
+            self.writes += 1
+        self._notify("stored", block_hash)
+        return True
+
+    def _evict_one(self) -> None:
+        """Remove the policy's victim (under the lock)."""
+        victim = self.policy.victim()
+        if victim is None:
+            return
+        self._index.discard(victim)
+        self.evictions += 1
+        self._path(victim).unlink(missing_ok=True)
+        self._notify("removed", victim)
+
+    def _forget(self, block_hash: int) -> None:
+        if block_hash in self._index:
+            self._index.discard(block_hash)
+            self.policy.discard(block_hash)
+            self._notify("removed", block_hash)
+
+    def _notify(self, event: str, block_hash: int) -> None:
+        if self.observer is not None:
+            self.observer(event, block_hash)
+
+    def _disable(self, what: str, exc: OSError) -> None:
+        """Turn the tier off for good, with the one error a full or read-only disk logs."""
+        with self._lock:
+            if not self.enabled:
+                return
+            self.enabled = False
+            for block_hash in list(self._index):
+                self._forget(block_hash)
+        log.error("disk tier off (the node serves on without it): %s: %s", what, exc)
+
+    def clear(self) -> int:
+        """Remove every block file; returns how many were indexed."""
+        self.flush()
+        with self._lock:
+            hashes = list(self._index)
+            for block_hash in hashes:
+                self._forget(block_hash)
+                self._path(block_hash).unlink(missing_ok=True)
+        return len(hashes)
+
+    def close(self) -> None:
+        """Finish queued writes and stop the writer thread."""
+        if self._writer is not None and self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(timeout=60)
