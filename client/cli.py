@@ -61,7 +61,9 @@ def _node_config(args: argparse.Namespace, default_device: str,
     config = load_config(args.config) if args.config else NodeConfig()
     engine = {"model": args.model or (None if args.config else _default_model()), "device": args.device,
               "num_blocks": args.num_blocks,
-              "num_scheduler_steps": args.num_scheduler_steps, "fused_kernels": args.fused_kernels}
+              "num_scheduler_steps": args.num_scheduler_steps, "fused_kernels": args.fused_kernels,
+              "kv_cpu_gib": args.kv_cpu_gib, "kv_disk_dir": args.kv_disk_dir,
+              "kv_disk_gib": args.kv_disk_gib, "kv_write_policy": args.kv_write_policy}
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
@@ -151,6 +153,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.metrics_port:  # one port cannot serve N node processes and a coordinator
         raise ValueError("--metrics-port needs --nodes 1 without --etcd; with more nodes "
                          "give each `ultrakv node` and `ultrakv coordinator` its own")
+    if args.kv_disk_dir:  # N processes would share one directory and its size cap
+        raise ValueError("--kv-disk-dir needs --nodes 1 without --etcd; with more nodes "
+                         "give each `ultrakv node` its own")
     from ultrakv.client.local_cluster import ClusterSpec, serve_cluster
     from ultrakv.client.supervision import RestartPolicy
 
@@ -164,7 +169,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port,
         coordinator_args=_coordinator_security_args(args),
         # The nodes' ports serve the client API too: the same keys guard them.
-        node_args=["--keys-file", args.keys_file] if args.keys_file else []))
+        node_args=(["--keys-file", args.keys_file] if args.keys_file else [])
+        + (["--kv-cpu-gib", str(args.kv_cpu_gib)] if args.kv_cpu_gib is not None else [])
+        + (["--kv-write-policy", args.kv_write_policy] if args.kv_write_policy else [])))
 
 
 def _coordinator_security_args(args: argparse.Namespace) -> list[str]:
@@ -582,9 +589,23 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
                         "4-8 trade streaming granularity for tokens/s)")
     p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton kernels for norm + residual add, RoPE and SwiGLU (CUDA only)")
+    _kv_tier_options(p)
     _metrics_option(p)
     _security_options(p)
     _cluster_secret_option(p)
+
+
+def _kv_tier_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KV tiers below the GPU pool (over the config file's engine section)")
+    g.add_argument("--kv-cpu-gib", type=float, metavar="GIB",
+                   help="host-memory KV tier size in GiB (pinned on CUDA; 0 = off)")
+    g.add_argument("--kv-disk-dir", metavar="DIR",
+                   help="disk KV tier directory; it outlives restarts (empty = off)")
+    g.add_argument("--kv-disk-gib", type=float, metavar="GIB",
+                   help="disk KV tier size cap in GiB (default 16)")
+    g.add_argument("--kv-write-policy", choices=("write_back", "write_through"),
+                   help="write_back (default): a block goes down a tier when evicted; "
+                        "write_through: as soon as it is full")
 
 
 def _security_options(p: argparse.ArgumentParser) -> None:

@@ -83,6 +83,12 @@ HELP: dict[str, dict[str, str]] = {
         "max_sessions": "sessions held at most (the least recently used go first)",
         "max_replicas": "replicated histories held for ring neighbours, at most",
         "max_replica_tokens": "tokens in all replicated histories, at most (oldest go first)",
+        "kv_cpu_gib": "host-memory KV tier below the GPU pool, GiB (pinned on CUDA; 0 = off)",
+        "kv_disk_dir": "disk KV tier directory, kept across restarts (empty = off)",
+        "kv_disk_gib": "disk KV tier size cap, GiB",
+        "kv_write_policy": "write_back (a block goes down a tier when evicted) or write_through",
+        "kv_cpu_eviction_policy": "host tier: which block goes first (lru, lfu, fifo, arc)",
+        "kv_disk_eviction_policy": "disk tier: which block file goes first (lru, lfu, fifo, arc)",
     },
     "security": {
         "keys_file": "API keys (hashes) from `ultrakv keys create`; empty = no authentication",

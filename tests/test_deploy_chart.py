@@ -330,6 +330,9 @@ def test_data_volume_claim_or_empty_dir(default: list[dict]) -> None:
     mounts = {m["name"]: m["mountPath"] for m in container(node, "node")["volumeMounts"]}
     assert mounts["data"] == "/var/lib/ultrakv"
     assert "--checkpoint-dir=/var/lib/ultrakv/checkpoints" in container(node, "node")["args"]
+    assert {"--kv-disk-dir=/var/lib/ultrakv/kv-tier", "--kv-disk-gib=50"} <= set(container(node, "node")["args"])
+    off = find(render({"node": {"kvDiskTier": {"enabled": False}}}), "StatefulSet", "node")
+    assert not [a for a in container(off, "node")["args"] if a.startswith("--kv-disk")]
 
     ephemeral = find(render({"node": {"persistence": {"enabled": False}}}), "StatefulSet", "node")
     assert "volumeClaimTemplates" not in ephemeral["spec"]

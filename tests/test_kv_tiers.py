@@ -272,3 +272,19 @@ def test_block_identity_separates_models_dtypes_and_block_sizes():
               BlockIdentity("m1", "bfloat16", 32)]
     assert len({a.namespace, *(o.namespace for o in others)}) == 4
     assert len({a.key(7), *(o.key(7) for o in others)}) == 4
+
+
+def test_node_flags_reach_the_engine_config():
+    from ultrakv.client.cli import _node_config, build_parser
+
+    args = build_parser().parse_args(["node", "--model", "tiny", "--kv-cpu-gib", "2.5", "--kv-disk-dir", "/d",
+                                      "--kv-disk-gib", "8", "--kv-write-policy", "write_through"])
+    engine = _node_config(args, default_device="cpu").engine
+    assert (engine.kv_cpu_gib, engine.kv_disk_dir, engine.kv_disk_gib, engine.kv_write_policy) == (
+        2.5, "/d", 8.0, "write_through")
+    args = build_parser().parse_args(["node", "--model", "tiny", "--kv-cpu-gib", "-1"])
+    with pytest.raises(ValueError, match=r"kv_cpu_gib must be in \[0, 1048576\], got -1.0"):
+        _node_config(args, default_device="cpu")
+    args = build_parser().parse_args(["serve", "--nodes", "2", "--kv-disk-dir", "/d"])
+    with pytest.raises(ValueError, match="--kv-disk-dir needs --nodes 1"):
+        args.func(args)
