@@ -18,6 +18,9 @@
     ultrakv keys create --tenant NAME [--role user|admin] [--signing] --keys-file PATH
     ultrakv keys list|revoke KEY_ID --keys-file PATH
     ultrakv config set KEY=VALUE ... --etcd HOST:PORT | config show --etcd HOST:PORT
+    ultrakv backup create [--output DIR|FILE] [--compress zstd] [--history-only] [--keep N]
+    ultrakv backup list [--dir DIR] | verify PATH | restore PATH --into-cluster
+    ultrakv backup schedule [--config FILE] [--every S] [--keep N]   # a long-running loop
 """
 
 from __future__ import annotations
@@ -395,6 +398,85 @@ def _client(args: argparse.Namespace) -> Client:
                         client_key=args.tls_key, server_name=args.tls_server_name)
     return Client(args.address, api_key=args.api_key, tls=tls, timeout=args.timeout,
                   signing_secret=args.signing_secret)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """``backup create|list|verify|restore|schedule`` (client/backup.py, backup_jobs.py)."""
+    from pathlib import Path
+
+    from ultrakv.client import backup, backup_jobs
+
+    if args.action == "list":
+        listed = backup.list_backups(Path(args.dir))
+        if args.json:
+            print(json.dumps([{"path": str(b.path), "problem": b.problem,
+                               **(backup.manifest_summary(b.manifest) if b.manifest else {})}
+                              for b in listed], indent=2))
+            return 0
+        for b in listed:
+            if b.manifest is None:
+                print(f"{b.path}  UNREADABLE: {b.problem}")
+                continue
+            s = backup.manifest_summary(b.manifest)
+            print(f"{b.path}  {s['created_at']}  {s['sessions']} sessions  "
+                  f"{s['kv_tokens']} KV tokens  {s['bytes']} bytes"
+                  + ("  history-only" if s["history_only"] else ""))
+        return 0
+    if args.action == "verify":
+        manifest = backup.verify(Path(args.path))
+        print(f"{args.path}: OK ({manifest.counts.get('files', 0)} files, "
+              f"{manifest.counts.get('sessions', 0)} sessions, every sha256 matches)")
+        return 0
+    if args.action == "restore":
+        if args.into_cluster == bool(args.output):
+            raise ValueError("backup restore needs exactly one of --into-cluster (import into "
+                             "the cluster at --address) or --output DIR (unpack the verified "
+                             "files)")
+        if args.output:
+            print(f"unpacked to {backup.unpack(Path(args.path), Path(args.output))}")
+            return 0
+        with _client(args) as client:
+            done = backup_jobs.restore(client, Path(args.path), args.timeout)
+        print(f"restored {done.sessions} sessions ({done.num_tokens} tokens, KV for "
+              f"{done.kv_tokens}) from {args.path}")
+        return 0
+    settings = _backup_settings(args)
+    if args.action == "create":
+        with _client(args) as client:
+            made = backup_jobs.create(client, Path(args.output or settings.dir),
+                                      args.compress or settings.compress, args.history_only,
+                                      args.keep, args.timeout)
+        print(f"backup {made.path}: {json.dumps(backup.manifest_summary(made.manifest))}")
+        for path in made.pruned:
+            print(f"deleted old backup {path}")
+        return 0
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("backing up every %.0f s into %s, keeping %d", settings.schedule_s, settings.dir,
+             settings.keep)
+    backup_jobs.run_schedule(lambda: _client(args), settings, stop, args.timeout)
+    return 0
+
+
+def _backup_settings(args: argparse.Namespace):
+    """The config file's ``backup`` section with the command line's flags over it."""
+    from dataclasses import replace
+
+    from ultrakv.client.backup import BackupSettings
+
+    settings = BackupSettings()
+    if getattr(args, "config", None):
+        from ultrakv.client.config_file import load_config
+
+        settings = load_config(args.config).backup
+    flags = {"dir": args.output, "compress": args.compress,
+             "schedule_s": getattr(args, "every", None), "keep": args.keep,
+             "history_only": args.history_only or None}
+    return replace(settings, **{k: v for k, v in flags.items() if v is not None})
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -892,6 +974,39 @@ def build_parser() -> argparse.ArgumentParser:
     c = sessions.add_parser("cleanup", parents=[conn], help="remove idle sessions")
     c.add_argument("--max-age", type=float, required=True, help="idle seconds")
     c.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("backup", help="back the cluster's sessions up, restore, verify")
+    backups = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (("create", "one backup now (admin key)"),
+                       ("schedule", "a backup every --every seconds until stopped (admin key)")):
+        c = backups.add_parser(name, parents=[conn], help=text)
+        c.add_argument("--output", help="folder of backups (default: backup.dir of --config, "
+                                        "else ultrakv-backups), or a .tar / .tar.zst file")
+        c.add_argument("--compress", choices=("none", "zstd"),
+                       help="zstd: one .tar.zst file per backup (default: backup.compress)")
+        c.add_argument("--history-only", action="store_true",
+                       help="histories without KV (smaller; the KV is recomputed on restore)")
+        c.add_argument("--keep", type=int,
+                       help="then delete all but the newest N backups of the folder")
+        c.add_argument("--config", help="YAML config file: its backup section")
+        if name == "schedule":
+            c.add_argument("--every", type=float, help="seconds between backups "
+                                                      "(default: backup.schedule_s)")
+        c.set_defaults(func=cmd_backup, timeout=3600.0)
+    c = backups.add_parser("list", help="the backups of a folder, oldest first")
+    c.add_argument("--dir", default="ultrakv-backups", help="folder of backups (default %(default)s)")
+    c.add_argument("--json", action="store_true", help="machine-readable")
+    c.set_defaults(func=cmd_backup)
+    c = backups.add_parser("verify", help="check every file of a backup against its sha256")
+    c.add_argument("path", help="a backup directory, .tar or .tar.zst file")
+    c.set_defaults(func=cmd_backup)
+    c = backups.add_parser("restore", parents=[conn], help="verify, then import a backup")
+    c.add_argument("path", help="a backup directory, .tar or .tar.zst file")
+    c.add_argument("--into-cluster", action="store_true",
+                   help="import every session into the cluster at --address, each on its "
+                        "current owner (admin key)")
+    c.add_argument("--output", help="instead: unpack the verified backup under this folder")
+    c.set_defaults(func=cmd_backup, timeout=3600.0)
 
     p = sub.add_parser("batch", parents=[conn], help="run a JSONL file of requests")
     p.add_argument("input", help="JSONL, one request dict a line")

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ultrakv.client.signing import SigningInterceptor, aio_interceptors
 from ultrakv.cluster.addresses import DEFAULT_ADDRESS
 from ultrakv.v1 import types_pb2 as pb
-from ultrakv.v1 import ultrakv_pb2_grpc
+from ultrakv.v1 import ultrakv_pb2, ultrakv_pb2_grpc
 
 _PRIORITIES = {"CRITICAL": pb.PRIORITY_CRITICAL, "HIGH": pb.PRIORITY_HIGH,
                "NORMAL": pb.PRIORITY_NORMAL, "LOW": pb.PRIORITY_LOW}
@@ -464,6 +464,29 @@ class Client:
 
     def delete_session(self, session_id: str) -> None:
         self._call(lambda e: e.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
+
+    def export_sessions(self, history_only: bool = False,
+                        timeout: float | None = None) -> Iterator[ultrakv_pb2.BackupPart]:
+        """A backup's stream (admin key): a header, then every session's chunks. Not retried:
+        a backup that breaks off is run again whole."""
+        call = self._endpoints[self._failover.current].stub.ExportSessions(
+            ultrakv_pb2.ExportSessionsRequest(history_only=history_only),
+            timeout=timeout or self.timeout, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc
+        finally:
+            call.cancel()
+
+    def import_sessions(self, chunks: Iterable[Any],
+                        timeout: float | None = None) -> ultrakv_pb2.ImportSessionsResponse:
+        """A restore (admin key): session chunk runs, each imported on its owner."""
+        try:
+            return self._endpoints[self._failover.current].stub.ImportSessions(
+                iter(chunks), timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc
 
 
 def message_dict(message: Any) -> dict:

@@ -2,8 +2,9 @@
 ``ultrakv config --generate [--preset NAME]`` writes, with a comment on every key.
 
 Sections: ``server`` (ServerSettings), ``limits`` (edge Limits), ``engine``
-(EngineConfig) and ``security`` (SecuritySettings: keys, TLS, rate limits, quotas; the
-coordinator reads this section too). A preset (client/presets/NAME.yaml) overrides some keys of the defaults.
+(EngineConfig), ``security`` (SecuritySettings: keys, TLS, rate limits, quotas; the
+coordinator reads this section too) and ``backup`` (BackupSettings, read by ``ultrakv backup
+create|schedule --config``). A preset (client/presets/NAME.yaml) overrides some keys of the defaults.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ultrakv.client.backup import BackupSettings
 from ultrakv.cluster.security.settings import SecuritySettings
 from ultrakv.cluster.validation import Limits
 from ultrakv.node.config import EngineConfig
@@ -109,12 +111,19 @@ HELP: dict[str, dict[str, str]] = {
         "tls_key": "PEM private key of the client port",
         "tls_client_ca": "PEM CA that client certificates must chain to (mutual TLS)",
     },
+    "backup": {
+        "dir": "folder `ultrakv backup create|schedule|list` keep backups in",
+        "schedule_s": "`ultrakv backup schedule`: seconds between backups",
+        "keep": "backups kept in dir; older ones are deleted after each new one",
+        "compress": "none (a directory per backup) or zstd (one .tar.zst file)",
+        "history_only": "back up histories without KV (smaller; KV recomputed after restore)",
+    },
 }
 # Limits.max_tokens_limit is not a key of its own: it follows engine.max_tokens_limit.
 _SECTIONS = {"server": ServerSettings, "limits": Limits, "engine": EngineConfig,
-             "security": SecuritySettings}
+             "security": SecuritySettings, "backup": BackupSettings}
 _NOT_KEYS = {"server": {"limits", "security", "node_service"}, "limits": {"max_tokens_limit"},
-             "engine": set(), "security": set()}
+             "engine": set(), "security": set(), "backup": set()}
 
 
 @dataclass
@@ -123,6 +132,7 @@ class NodeConfig:
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerSettings = field(default_factory=ServerSettings)
+    backup: BackupSettings = field(default_factory=BackupSettings)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NodeConfig:
@@ -148,11 +158,12 @@ class NodeConfig:
         limits = Limits(**values["limits"], max_tokens_limit=engine.max_tokens_limit)
         security = SecuritySettings(**values["security"])
         return cls(engine=engine, server=ServerSettings(**values["server"], limits=limits,
-                                                        security=security))
+                                                        security=security),
+                   backup=BackupSettings(**values["backup"]))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         objects = {"server": self.server, "limits": self.server.limits, "engine": self.engine,
-                   "security": self.server.security}
+                   "security": self.server.security, "backup": self.backup}
         return {name: {k: getattr(obj, k) for k in _keys(name)} for name, obj in objects.items()}
 
     def with_overrides(self, engine: dict[str, Any], server: dict[str, Any],
@@ -164,7 +175,8 @@ class NodeConfig:
         new_engine = replace(self.engine, **engine)
         limits = replace(self.server.limits, max_tokens_limit=new_engine.max_tokens_limit)
         return NodeConfig(new_engine, replace(self.server, **server, limits=limits,
-                                              security=replace(self.server.security, **security)))
+                                              security=replace(self.server.security, **security)),
+                          self.backup)
 
 
 def _keys(section: str) -> list[str]:

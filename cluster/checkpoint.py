@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ultrakv.cluster.block_file import (
     BlockFileError,
+    BlockHeader,
     block_to_tensor,
     decode,
     encode,
@@ -136,24 +137,62 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@dataclass(frozen=True)
+class SessionRecord:
+    """What a history file holds (the KV's shape and dtype are in its block file)."""
+
+    session_id: str
+    token_ids: list[int]
+    turns: int
+    tenant: str
+    model_fingerprint: str
+    kv_tokens: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> SessionRecord:
+        """Parse a history file; ValueError naming what is wrong."""
+        try:
+            h = json.loads(raw)
+            return cls(str(h["session_id"]), [int(t) for t in h["token_ids"]], int(h["turns"]),
+                       str(h.get("tenant", "")), str(h["model_fingerprint"]),
+                       int(h.get("kv_tokens", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed session history: {exc!r}") from exc
+
+
 def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
     """Write ``state``'s history and KV files into ``directory``; returns the entry."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stem = f"{state.session_id}.t{state.turns}.n{len(state.token_ids)}"
     kv = state.kv if state.kv is not None and state.kv_tokens > 0 else None
-    history = json.dumps({
-        "session_id": state.session_id, "token_ids": state.token_ids, "turns": state.turns,
-        "tenant": state.tenant, "model_fingerprint": state.model_fingerprint,
-        "kv_tokens": state.kv_tokens if kv is not None else 0,
-    }).encode()
-    entry = CheckpointEntry(state.session_id, state.turns, len(state.token_ids),
+    record = SessionRecord(state.session_id, state.token_ids, state.turns, state.tenant,
+                           state.model_fingerprint, state.kv_tokens if kv is not None else 0)
+    if kv is None:
+        return write_session_files(directory, record)
+    header, payload = tensor_to_block("", kv.cpu())  # the key is the file name, set below
+    return write_session_files(directory, record, header.shape, header.dtype, payload)
+
+
+def write_session_files(directory: Path, record: SessionRecord, kv_shape: tuple[int, ...] = (),
+                        kv_dtype: str = "", kv: bytes | memoryview | None = None
+                        ) -> CheckpointEntry:
+    """Write ``record`` as a history file and, given ``kv`` (the raw bytes of a tensor of
+    ``kv_shape`` and ``kv_dtype``), a KV block file into ``directory``; returns the entry.
+    Needs no torch: backups write sessions they receive as bytes."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stem = f"{record.session_id}.t{record.turns}.n{len(record.token_ids)}"
+    if kv is None:
+        record = replace(record, kv_tokens=0)
+    history = record.to_json()
+    entry = CheckpointEntry(record.session_id, record.turns, len(record.token_ids),
                             stem + ".history.json", _sha256(history))
     write_atomic(directory / entry.history_file, history)
     if kv is not None:
         kv_file = stem + ".kv"
-        data = encode(*tensor_to_block(kv_file, kv.cpu()))
+        data = encode(BlockHeader(kv_file, tuple(kv_shape), kv_dtype), kv)
         write_atomic(directory / kv_file, data)
-        entry = replace(entry, kv_file=kv_file, kv_sha256=_sha256(data), kv_tokens=state.kv_tokens)
+        entry = replace(entry, kv_file=kv_file, kv_sha256=_sha256(data), kv_tokens=record.kv_tokens)
     return entry
 
 
@@ -178,10 +217,9 @@ def read_session(directory: Path, entry: CheckpointEntry) -> SessionState | None
     raw = _read_verified(directory / entry.history_file, entry.history_sha256)
     if raw is None:
         return None
-    h = json.loads(raw)
-    state = SessionState(session_id=h["session_id"], token_ids=list(h["token_ids"]),
-                         turns=int(h["turns"]), model_fingerprint=h["model_fingerprint"],
-                         tenant=h.get("tenant", ""))
+    h = SessionRecord.from_json(raw)
+    state = SessionState(session_id=h.session_id, token_ids=h.token_ids, turns=h.turns,
+                         model_fingerprint=h.model_fingerprint, tenant=h.tenant)
     if not entry.kv_file:
         return state
     data = _read_verified(directory / entry.kv_file, entry.kv_sha256)
@@ -195,7 +233,7 @@ def read_session(directory: Path, entry: CheckpointEntry) -> SessionState | None
     if kv is None:
         log.warning("session %s: KV will be recomputed from its history", entry.session_id)
         return state
-    return replace(state, kv=kv, kv_tokens=int(h["kv_tokens"]))
+    return replace(state, kv=kv, kv_tokens=h.kv_tokens)
 
 
 def merge_with_history(session_id: str, checkpointed: SessionState | None, history: list[int],

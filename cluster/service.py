@@ -22,7 +22,7 @@ from google.protobuf import message_factory
 from ultrakv.cluster.errors import EngineError
 from ultrakv.cluster.rejections import REJECTIONS
 from ultrakv.cluster.security.principal import OPEN, Principal, current_principal
-from ultrakv.cluster.session_transfer import TransferError
+from ultrakv.cluster.session_transfer import TransferError, session_runs
 from ultrakv.cluster.validation import (
     Limits,
     Malformed,
@@ -67,6 +67,15 @@ class ServingBackend(Protocol):
     async def get_session(self, session_id: str, tenant: str | None) -> pb.SessionInfo: ...
 
     async def delete_session(self, session_id: str, tenant: str | None) -> None: ...
+
+    def export_sessions(self, history_only: bool) -> AsyncIterator[ultrakv_pb2.BackupPart]:
+        """A backup: the header, then every served session's chunk run."""
+        ...
+
+    async def import_sessions(self, runs: AsyncIterator[list[npb.SessionChunk]]
+                              ) -> ultrakv_pb2.ImportSessionsResponse:
+        """A restore: each session run imported on its owner."""
+        ...
 
 
 # --- the Generate stream ---------------------------------------------------------------------
@@ -400,6 +409,33 @@ class UltraKVServicer:
         await self.backend.delete_session(validate_session_id(request.session_id),
                                           self._owner(request))
         return pb.DeleteSessionResponse()
+
+    # Backup and restore: admin keys only (ADMIN_METHODS, enforced by the edge's policy).
+    async def ExportSessions(self, request: Any, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[ultrakv_pb2.BackupPart]:
+        try:
+            if isinstance(request, Malformed):
+                raise request.rejection()
+            async with contextlib.aclosing(
+                    self.backend.export_sessions(request.history_only)) as parts:
+                async for part in parts:
+                    yield part
+        except (RequestRejected, EngineError, ValueError, LookupError) as exc:
+            await _abort_transfer(context, exc)
+
+    async def ImportSessions(self, chunks: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                             ) -> ultrakv_pb2.ImportSessionsResponse:
+        try:
+            return await self.backend.import_sessions(session_runs(chunks))
+        except (RequestRejected, EngineError, ValueError, LookupError) as exc:
+            await _abort_transfer(context, exc)
+        return ultrakv_pb2.ImportSessionsResponse()  # not reached: abort raises
+
+
+async def _abort_transfer(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, TransferError):
+        exc = RequestRejected(grpc.StatusCode.DATA_LOSS, "chunks", str(exc))
+    await abort_with(context, rejection_from_error(exc))
 
 
 def add_servicer(server: grpc.aio.Server, servicer: Any, service_name: str) -> None:

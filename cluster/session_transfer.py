@@ -9,11 +9,12 @@ server and the cluster's re-sharding both use them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
 
 import grpc
 from ultrakv.cluster.session_state import SessionState
-from ultrakv.cluster.validation import RequestRejected
+from ultrakv.cluster.validation import Malformed, RequestRejected
 from ultrakv.v1 import node_pb2 as npb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB default message limit
@@ -26,8 +27,6 @@ class TransferError(ValueError):
 def state_to_chunks(state: SessionState, chunk_bytes: int = DEFAULT_CHUNK_BYTES
                     ) -> Iterator[npb.SessionChunk]:
     """Yield header, KV chunks and trailer for ``state``."""
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     data = b""
     shape: list[int] = []
     dtype = ""
@@ -38,13 +37,25 @@ def state_to_chunks(state: SessionState, chunk_bytes: int = DEFAULT_CHUNK_BYTES
         data = kv.view(torch.uint8).numpy().tobytes() if kv.numel() else b""
         shape = list(kv.shape)
         dtype = str(kv.dtype).removeprefix("torch.")
-    num_chunks = (len(data) + chunk_bytes - 1) // chunk_bytes
-    yield npb.SessionChunk(header=npb.SessionHeader(
+    header = npb.SessionHeader(
         session_id=state.session_id, token_ids=state.token_ids, turns=state.turns,
         model_fingerprint=state.model_fingerprint,
         kv_tokens=state.kv_tokens if state.kv is not None else 0,
-        kv_shape=shape, kv_dtype=dtype, num_chunks=num_chunks,
-        tenant=state.tenant))
+        kv_shape=shape, kv_dtype=dtype, tenant=state.tenant)
+    yield from bytes_to_chunks(header, data, chunk_bytes)
+
+
+def bytes_to_chunks(header: npb.SessionHeader, data: bytes,
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[npb.SessionChunk]:
+    """Yield ``header`` (its ``num_chunks`` set here), ``data`` (the KV tensor's raw bytes,
+    as checkpoint and backup files hold them) in chunks, and the trailer; needs no torch."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    num_chunks = (len(data) + chunk_bytes - 1) // chunk_bytes
+    first = npb.SessionHeader()
+    first.CopyFrom(header)
+    first.num_chunks = num_chunks
+    yield npb.SessionChunk(header=first)
     total = hashlib.sha256()
     for index in range(num_chunks):
         piece = data[index * chunk_bytes:(index + 1) * chunk_bytes]
@@ -117,7 +128,8 @@ class StateAssembler:
         else:
             raise TransferError("empty session chunk")
 
-    def finish(self) -> SessionState:
+    def finish_bytes(self) -> tuple[npb.SessionHeader, bytes]:
+        """The header and the KV's raw bytes, every check done; needs no torch."""
         header, trailer = self.header, self._trailer
         if header is None:
             raise TransferError("session stream had no header")
@@ -131,6 +143,10 @@ class StateAssembler:
                 f"bytes, got {len(self._parts)} / {len(data)}")
         if trailer.sha256 != self._total.digest():
             raise TransferError("session stream failed its overall sha256 check")
+        return header, data
+
+    def finish(self) -> SessionState:
+        header, data = self.finish_bytes()
         kv = None
         if header.kv_dtype:
             import torch  # here, not at import: client commands and coordinators load this module
@@ -149,3 +165,25 @@ class StateAssembler:
                             turns=header.turns, model_fingerprint=header.model_fingerprint,
                             kv_tokens=header.kv_tokens if kv is not None else 0, kv=kv,
                             tenant=header.tenant)
+
+
+async def session_runs(chunks: AsyncIterator[Any]) -> AsyncIterator[list[npb.SessionChunk]]:
+    """Split a stream of several sessions (a restore) into one run per session: header,
+    KV chunks, trailer. The checksums are the importer's to verify; this only checks that
+    each run starts with a header and that the stream does not end inside one."""
+    run: list[npb.SessionChunk] = []
+    async for chunk in chunks:
+        if isinstance(chunk, Malformed):
+            raise chunk.rejection()
+        part = chunk.WhichOneof("part")
+        if not run and part != "header":
+            raise TransferError(f"each session must start with a header, got {part}")
+        if run and part == "header":
+            raise TransferError(f"session {run[0].header.session_id!r} has no trailer")
+        run.append(chunk)
+        if part == "trailer":
+            yield run
+            run = []
+    if run:
+        raise TransferError(f"session {run[0].header.session_id!r} ended before its trailer "
+                            "(truncated)")

@@ -192,7 +192,7 @@ class Resharder:
             for c in held:
                 if c.live and not c.replica and c.node not in (target, best.node):
                     await self._drop(sid, c.node)  # stale: the owner has a newer copy
-            await self._replicate(sid, state.token_ids, state.turns, state.tenant, target, ring)
+            await self.replicate(sid, state.token_ids, state.turns, state.tenant, target, ring)
             return MoveResult(replace(move, source=best.node), True, state.kv_tokens)
         except (grpc.aio.AioRpcError, OSError, ValueError, KeyError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
@@ -235,8 +235,10 @@ class Resharder:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
 
-    async def _replicate(self, session_id: str, history: list[int], turns: int, tenant: str,
+    async def replicate(self, session_id: str, history: list[int], turns: int, tenant: str,
                          owner: str, ring: HashRing) -> None:
+        """Store the session's history on ``owner``'s successor on ``ring`` (a failure is
+        logged: the next turn replicates again)."""
         for node in replica_targets(ring, session_id, owner)[:1]:
             try:
                 await self._stub(node).ReplicateHistory(npb.ReplicateHistoryRequest(

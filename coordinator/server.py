@@ -77,8 +77,10 @@ from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatch
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
 from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
 from ultrakv.coordinator.resharding import Move, Plan, Resharder
+from ultrakv.coordinator.session_backup import SessionBackup
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
+from ultrakv.v1 import ultrakv_pb2
 
 log = logging.getLogger("ultrakv.coordinator.server")
 
@@ -242,6 +244,7 @@ class ClusterBackend:
         self.config = DynamicConfigWatcher(self.store, DynamicConfig.from_settings(settings),
                                            on_change=self.apply_config)
         self.resharder = Resharder(self.store, self.peers, self._addresses)
+        self.backup = SessionBackup(self, self._alive)
         self.ring = HashRing((), vnodes=self.watcher.vnodes)
         self.members: dict[str, NodeRecord] = {}
         self.inflight: dict[str, int] = {}
@@ -675,6 +678,15 @@ class ClusterBackend:
                                         any_tenant=tenant is None), timeout=5))
         if not replies:
             raise SessionNotFoundError(session_id)
+
+    def export_sessions(self, history_only: bool) -> AsyncIterator[ultrakv_pb2.BackupPart]:
+        """A backup of every session (coordinator/session_backup.py)."""
+        return self.backup.export(history_only)
+
+    async def import_sessions(self, runs: AsyncIterator[list[npb.SessionChunk]]
+                              ) -> ultrakv_pb2.ImportSessionsResponse:
+        """A restore: each session on its current owner (coordinator/session_backup.py)."""
+        return await self.backup.import_runs(runs)
 
 
 class _Attempt:

@@ -79,6 +79,7 @@ from ultrakv.node.sessions import TenantQuota
 from ultrakv.node.turn_ledger import TurnKey, TurnLedger, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
+from ultrakv.v1 import ultrakv_pb2
 
 log = logging.getLogger("ultrakv.node.server")
 
@@ -283,6 +284,47 @@ class LocalBackend:
     async def list_sessions(self) -> list[pb.SessionInfo]:
         infos = await asyncio.to_thread(self.engine.list_sessions)
         return [session_message(i, self.identity.node_id) for i in infos]
+
+    async def export_sessions(self, history_only: bool) -> AsyncIterator[ultrakv_pb2.BackupPart]:
+        """A backup of this node's sessions (the client-facing service of a node serving
+        without a coordinator); each session is exported whole, between two turns."""
+        infos = [i for i in await asyncio.to_thread(self.engine.list_sessions) if not i.replica]
+        yield ultrakv_pb2.BackupPart(header=ultrakv_pb2.BackupHeader(
+            nodes=[ultrakv_pb2.BackupNode(
+                node_id=self.identity.node_id, model=str(getattr(self.engine, "model_name", "")),
+                model_fingerprint=str(getattr(self.engine, "model_fingerprint", "")))],
+            num_sessions=len(infos)))
+        for info in infos:
+            try:
+                state = await asyncio.to_thread(self.engine.export_session, info.session_id)
+            except SessionNotFoundError:
+                raise RequestRejected(grpc.StatusCode.ABORTED, "session_id",
+                                      f"session {info.session_id} went away while the backup "
+                                      "ran (deleted or expired); run the backup again") from None
+            if history_only:
+                state = replace(state, kv=None, kv_tokens=0)
+            for chunk in state_to_chunks(state):
+                yield ultrakv_pb2.BackupPart(session=chunk)
+
+    async def import_sessions(self, runs: AsyncIterator[list[npb.SessionChunk]]
+                              ) -> ultrakv_pb2.ImportSessionsResponse:
+        """A restore into this node: each session checked like an ImportSession stream
+        (model fingerprint, history, KV shape and every checksum), its tenant kept."""
+        done = ultrakv_pb2.ImportSessionsResponse()
+        layout = self.engine.session_layout
+        async for run in runs:
+            assembler = StateAssembler()
+            for chunk in run:
+                first = assembler.header is None
+                assembler.add(chunk)
+                if first:
+                    assembler.expect_kv_bytes(validate_session_header(assembler.header, layout))
+            state = assembler.finish()
+            kv_tokens = await asyncio.to_thread(self.engine.import_session, state)
+            done.sessions += 1
+            done.num_tokens += len(state.token_ids)
+            done.kv_tokens += kv_tokens
+        return done
 
 
 # --- servicers -------------------------------------------------------------------------------

@@ -65,7 +65,13 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler, details.method),
                 response_serializer=handler.response_serializer)
-        raise TypeError(f"{details.method}: no edge checks for this kind of method")
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary_stream(handler, details.method),
+                response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            self._stream_unary(handler, details.method),
+            response_serializer=handler.response_serializer)
 
     async def _check(self, context: grpc.aio.ServicerContext, method: str,
                      body: bytes) -> Principal:
@@ -117,6 +123,45 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
                 reset_principal(token)
                 if slot:
                     security.release_slot(principal)
+
+        return behavior
+
+    def _unary_stream(self, handler: grpc.RpcMethodHandler,
+                      method: str) -> Callable[..., AsyncIterator[Any]]:
+        """One request, a streamed answer (a backup): the call is checked and admitted once."""
+        security, deserialize = self.security, handler.request_deserializer
+
+        async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            principal = await self._check(context, method, raw)
+            request = deserialize(raw) if deserialize else raw
+            try:
+                security.admit(principal, context.peer(), method=method)
+            except Denied as denied:
+                await abort_with(context, denied)
+            set_principal(principal)  # not reset: as in _stream, cleanup may run elsewhere
+            async with contextlib.aclosing(handler.unary_stream(request, context)) as out:
+                async for response in out:
+                    yield response
+
+        return behavior
+
+    def _stream_unary(self, handler: grpc.RpcMethodHandler,
+                      method: str) -> Callable[..., Awaitable[Any]]:
+        """A streamed request, one answer (a restore): the call is checked and admitted once."""
+        security, deserialize = self.security, handler.request_deserializer
+
+        async def behavior(raw_requests: AsyncIterator[bytes],
+                           context: grpc.aio.ServicerContext) -> Any:
+            principal = await self._check(context, method, b"")
+            token = set_principal(principal)
+            try:
+                security.admit(principal, context.peer(), method=method)
+                requests = (deserialize(raw) if deserialize else raw async for raw in raw_requests)
+                return await handler.stream_unary(requests, context)
+            except Denied as denied:
+                await abort_with(context, denied)
+            finally:
+                reset_principal(token)
 
         return behavior
 

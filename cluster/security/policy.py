@@ -20,7 +20,8 @@ from ultrakv.cluster.validation import RequestRejected
 from ultrakv.v1 import types_pb2 as pb
 
 # Methods (the last part of the gRPC path) only an admin key may call.
-ADMIN_METHODS = frozenset({"ClearCache", "CleanupSessions"})
+# ExportSessions / ImportSessions: a backup holds, and a restore writes, every tenant's sessions.
+ADMIN_METHODS = frozenset({"ClearCache", "CleanupSessions", "ExportSessions", "ImportSessions"})
 # Services only an admin key may call: server reflection lists every service, method and
 # message of the server (finding 17), which tells an attacker where to aim.
 ADMIN_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection",
@@ -30,6 +31,7 @@ ADMIN_SERVICES = frozenset({"grpc.reflection.v1alpha.ServerReflection",
 def grpc_service(method: str) -> str:
     """The service of a gRPC path: ``/pkg.Service/Method`` -> ``pkg.Service``."""
     return method.lstrip("/").split("/", 1)[0]
+
 
 _HTTP_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403,
                 grpc.StatusCode.RESOURCE_EXHAUSTED: 429}

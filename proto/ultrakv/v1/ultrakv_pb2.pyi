@@ -1,5 +1,55 @@
+from ultrakv.v1 import node_pb2 as _node_pb2
 from ultrakv.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
-from typing import ClassVar as _ClassVar
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExportSessionsRequest(_message.Message):
+    __slots__ = ("history_only",)
+    HISTORY_ONLY_FIELD_NUMBER: _ClassVar[int]
+    history_only: bool
+    def __init__(self, history_only: _Optional[bool] = ...) -> None: ...
+
+class BackupNode(_message.Message):
+    __slots__ = ("node_id", "model", "model_fingerprint")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    model: str
+    model_fingerprint: str
+    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class BackupHeader(_message.Message):
+    __slots__ = ("nodes", "num_sessions", "config_json", "checkpoints_json")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[BackupNode]
+    num_sessions: int
+    config_json: str
+    checkpoints_json: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[BackupNode, _Mapping]]] = ..., num_sessions: _Optional[int] = ..., config_json: _Optional[str] = ..., checkpoints_json: _Optional[str] = ...) -> None: ...
+
+class BackupPart(_message.Message):
+    __slots__ = ("header", "session")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    header: BackupHeader
+    session: _node_pb2.SessionChunk
+    def __init__(self, header: _Optional[_Union[BackupHeader, _Mapping]] = ..., session: _Optional[_Union[_node_pb2.SessionChunk, _Mapping]] = ...) -> None: ...
+
+class ImportSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "num_tokens", "kv_tokens")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    sessions: int
+    num_tokens: int
+    kv_tokens: int
+    def __init__(self, sessions: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...

@@ -3,7 +3,9 @@
 import grpc
 import warnings
 
+from ultrakv.v1 import node_pb2 as ultrakv_dot_v1_dot_node__pb2
 from ultrakv.v1 import types_pb2 as ultrakv_dot_v1_dot_types__pb2
+from ultrakv.v1 import ultrakv_pb2 as ultrakv_dot_v1_dot_ultrakv__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -75,6 +77,16 @@ class UltraKVStub:
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=ultrakv_dot_v1_dot_types__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.ExportSessions = channel.unary_stream(
+                '/ultrakv.v1.UltraKV/ExportSessions',
+                request_serializer=ultrakv_dot_v1_dot_ultrakv__pb2.ExportSessionsRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_ultrakv__pb2.BackupPart.FromString,
+                _registered_method=True)
+        self.ImportSessions = channel.stream_unary(
+                '/ultrakv.v1.UltraKV/ImportSessions',
+                request_serializer=ultrakv_dot_v1_dot_node__pb2.SessionChunk.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_ultrakv__pb2.ImportSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class UltraKVServicer:
@@ -134,6 +146,22 @@ class UltraKVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSessions(self, request, context):
+        """Backup (admin keys only). A header describing the cluster, then every session it serves,
+        one copy each taken between two turns, as SessionChunk runs (header, KV chunks, trailer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSessions(self, request_iterator, context):
+        """Restore (admin keys only): SessionChunk runs as ExportSessions gives them; each session
+        goes to its current owner with its tenant kept. Fails on the first session refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UltraKVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +204,16 @@ def add_UltraKVServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.DeleteSessionRequest.FromString,
                     response_serializer=ultrakv_dot_v1_dot_types__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'ExportSessions': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSessions,
+                    request_deserializer=ultrakv_dot_v1_dot_ultrakv__pb2.ExportSessionsRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_ultrakv__pb2.BackupPart.SerializeToString,
+            ),
+            'ImportSessions': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportSessions,
+                    request_deserializer=ultrakv_dot_v1_dot_node__pb2.SessionChunk.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_ultrakv__pb2.ImportSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +433,60 @@ class UltraKV:
             '/ultrakv.v1.UltraKV/DeleteSession',
             ultrakv_dot_v1_dot_types__pb2.DeleteSessionRequest.SerializeToString,
             ultrakv_dot_v1_dot_types__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ultrakv.v1.UltraKV/ExportSessions',
+            ultrakv_dot_v1_dot_ultrakv__pb2.ExportSessionsRequest.SerializeToString,
+            ultrakv_dot_v1_dot_ultrakv__pb2.BackupPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSessions(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ultrakv.v1.UltraKV/ImportSessions',
+            ultrakv_dot_v1_dot_node__pb2.SessionChunk.SerializeToString,
+            ultrakv_dot_v1_dot_ultrakv__pb2.ImportSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,162 @@
+"""Backups on disk (client/backup.py): written from an ExportSessions stream, verified file by
+file, read back as the same chunk runs; corruption, truncation, newer formats and missing
+paths are errors that name the file; retention keeps exactly ``keep``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ultrakv.client.backup import (
+    MANIFEST,
+    BackupError,
+    backup_name,
+    expired,
+    list_backups,
+    opened,
+    prune,
+    save_backup,
+    session_chunks,
+    unpack,
+    verify,
+)
+from ultrakv.client.cli import main as cli_main
+from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.session_transfer import chunks_to_state, state_to_chunks
+from ultrakv.v1 import ultrakv_pb2
+
+
+def _states() -> list[SessionState]:
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 2, 16, 2, 8, generator=g)  # [layers, k/v, tokens, kv heads, head dim]
+    return [SessionState("acme-1", list(range(1, 22)), 2, "fp-a", 16, kv, tenant="acme"),
+            SessionState("globex-1", [5, 6, 7], 1, "fp-a", tenant="globex")]
+
+
+def _stream(states: list[SessionState]) -> list[ultrakv_pb2.BackupPart]:
+    parts = [ultrakv_pb2.BackupPart(header=ultrakv_pb2.BackupHeader(
+        nodes=[ultrakv_pb2.BackupNode(node_id="n1", model="tiny", model_fingerprint="fp-a")],
+        num_sessions=len(states), config_json='{"load_eps": 0.5}',
+        checkpoints_json="{}"))]
+    for s in states:
+        parts += [ultrakv_pb2.BackupPart(session=c) for c in state_to_chunks(s, chunk_bytes=700)]
+    return parts
+
+
+def _runs(chunks) -> list[SessionState]:
+    runs, run = [], []
+    for c in chunks:
+        run.append(c)
+        if c.WhichOneof("part") == "trailer":
+            runs.append(chunks_to_state(run))
+            run = []
+    return runs
+
+
+@pytest.mark.parametrize("compress", ["none", "zstd"])
+def test_a_backup_reads_back_the_sessions_it_was_given(tmp_path: Path, compress: str) -> None:
+    path, manifest = save_backup(_stream(_states()), tmp_path / "b", compress)
+    assert path.name.endswith(".tar.zst") == (compress == "zstd")
+    assert manifest.counts["sessions"] == 2 and manifest.counts["kv_tokens"] == 16
+    assert manifest.counts["tenants"] == 2 and manifest.model_fingerprint == "fp-a"
+    checked = verify(path)
+    with opened(path) as directory:
+        assert json.loads((directory / "config.json").read_text()) == {"load_eps": 0.5}
+        back = _runs(session_chunks(directory, checked))
+    for got, want in zip(back, _states(), strict=True):
+        assert (got.session_id, got.token_ids, got.turns, got.tenant, got.kv_tokens) == \
+            (want.session_id, want.token_ids, want.turns, want.tenant, want.kv_tokens)
+        assert (got.kv is None) == (want.kv is None)
+        if want.kv is not None:
+            assert torch.equal(got.kv, want.kv)  # bit-exact
+    assert [b.path for b in list_backups(tmp_path / "b")] == [path]
+    assert list_backups(tmp_path / "b")[0].manifest.counts == manifest.counts
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_verify_names_a_flipped_byte_and_a_truncated_file(tmp_path: Path) -> None:
+    path, manifest = save_backup(_stream(_states()), tmp_path, "none")
+    kv = path / "sessions" / manifest.sessions[0].kv_file
+    data = bytearray(kv.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one byte
+    kv.write_bytes(bytes(data))
+    history = path / "sessions" / manifest.sessions[1].history_file
+    history.write_bytes(history.read_bytes()[:-5])
+    with pytest.raises(BackupError) as err:
+        verify(path)
+    text = str(err.value)
+    assert f"{kv.name}: sha256 mismatch (corrupted)" in text
+    assert f"{history.name}: truncated" in text
+    assert "2 problem(s)" in text
+    assert cli_main(["backup", "verify", str(path)]) == 2  # the CLI exits non-zero
+
+
+def test_a_damaged_or_truncated_archive_is_named(tmp_path: Path) -> None:
+    path, _ = save_backup(_stream(_states()), tmp_path, "zstd")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(BackupError, match=f"{path.name}: the archive is truncated or corrupted"):
+        verify(path)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(BackupError, match=path.name):
+        verify(path)
+
+
+def test_bad_paths_and_manifests_give_errors_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(BackupError, match="nothere: no such backup"):
+        verify(tmp_path / "nothere")
+    path, _ = save_backup(_stream(_states()), tmp_path, "none")
+    manifest = path / MANIFEST
+    doc = json.loads(manifest.read_text())
+    doc["format_version"] = 99
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(BackupError, match=r"manifest.json: backup format version 99 is newer"):
+        verify(path)
+    doc["format_version"] = 1
+    doc["counts"]["sessions"] = 7  # the manifest itself is checksummed
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(BackupError, match=r"manifest.json: sha256 mismatch"):
+        verify(path)
+    manifest.unlink()
+    with pytest.raises(BackupError, match=r"manifest.json: missing: not an ultrakv backup"):
+        verify(path)
+    with pytest.raises(BackupError, match=r"--compress zstd writes a .tar.zst file"):
+        save_backup(_stream(_states()), tmp_path / "x.tar", "zstd")
+
+
+def test_a_stream_that_breaks_off_leaves_no_backup(tmp_path: Path) -> None:
+    parts = _stream(_states())[:-1]  # the last session's trailer never came
+    with pytest.raises(BackupError, match="ended inside a session"):
+        save_backup(parts, tmp_path, "none")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_retention_keeps_exactly_the_newest_keep(tmp_path: Path) -> None:
+    now = time.time()
+    names = [backup_name(now + i) for i in range(5)]
+    assert expired(names, 2) == names[:3] and expired(names, 9) == []
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        expired(names, 0)
+    for i, name in enumerate(names):
+        if i % 2:
+            (tmp_path / f"{name}.tar.zst").write_bytes(b"")
+        else:
+            (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("not a backup: never deleted")
+    gone = prune(tmp_path, 2)
+    assert sorted(p.name.removesuffix(".tar.zst") for p in gone) == names[:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["notes.txt", names[3] + ".tar.zst", names[4]])
+
+
+def test_unpack_copies_a_verified_archive_out(tmp_path: Path) -> None:
+    path, manifest = save_backup(_stream(_states()), tmp_path / "b", "zstd")
+    out = unpack(path, tmp_path / "out")
+    assert verify(out).files == manifest.files
+    assert os.stat(out / MANIFEST).st_size > 0

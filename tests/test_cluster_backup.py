@@ -1,0 +1,134 @@
+"""Backup -> clear everything -> restore, against real clusters (etcd, a coordinator and two
+node processes each; CPU, tiny).
+
+The first cluster serves two tenants' sessions for two turns and is backed up; a third turn
+is recorded as the truth. Then it is stopped and its data directory (etcd's data, the
+checkpoints) deleted. A fresh cluster gets the backup: a tenant key is refused, the admin
+key restores it, tenants stay apart, every history is what was backed up, and the third
+turn hits the restored KV and gives the recorded tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from ultrakv.client import Client
+from ultrakv.client.backup import MANIFEST, MANIFEST_SHA256, BackupError, opened, verify
+from ultrakv.client.backup_jobs import create, restore
+from ultrakv.client.client import RequestError, RetryPolicy
+from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
+from ultrakv.cluster.checkpoint import SessionRecord
+from ultrakv.cluster.security.keys import create_key
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+SESSIONS = {"acme": [f"acme-room-{i}" for i in range(4)], "globex": ["globex-room-0", "globex-room-1"]}
+
+
+def _spec(data: Path, keys_file: Path) -> ClusterSpec:
+    return ClusterSpec(nodes=2, coordinators=1, data_dir=data, port=0, device="cpu",
+                       num_blocks=512, lease_ttl_s=2, checkpoint_interval_s=1.0,
+                       log_dir=data / "logs", coordinator_args=["--keys-file", str(keys_file)])
+
+
+def _client(cluster: LocalCluster, key: str) -> Client:
+    return Client(cluster.address, api_key=key, timeout=120, retry=RetryPolicy(attempts=3))
+
+
+def _turn(client: Client, sid: str, turn: int) -> dict:
+    prompt = [(len(sid) * 7 + turn * 13 + i) % 250 + 1 for i in range(21)]
+    r = client.process_request({"token_ids": prompt, "session_id": sid, "max_length": 6,
+                                "temperature": 0.0, "ignore_eos": True})
+    assert r["success"], r
+    return r
+
+
+def _histories(path: Path) -> dict[str, SessionRecord]:
+    manifest = verify(path)
+    with opened(path) as d:
+        return {e.session_id: SessionRecord.from_json((d / "sessions" / e.history_file).read_bytes())
+                for e in manifest.sessions}
+
+
+def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.jsonl"
+    keys = {t: create_key(keys_file, t, "user")[0] for t in SESSIONS}
+    admin = create_key(keys_file, "ops", "admin")[0]
+    backups = tmp_path / "backups"
+    first = tmp_path / "first"
+    third_turn: dict[str, list[int]] = {}
+    with LocalCluster(_spec(first, keys_file)) as cluster:
+        for tenant, sids in SESSIONS.items():
+            with _client(cluster, keys[tenant]) as c:
+                for turn in (1, 2):
+                    for sid in sids:
+                        _turn(c, sid, turn)
+        with _client(cluster, keys["acme"]) as c, pytest.raises(BackupError) as err:
+            create(c, backups)
+        assert "PERMISSION_DENIED" in str(err.value) and "admin" in str(err.value)
+        with _client(cluster, admin) as c:
+            made = create(c, backups, compress="zstd", keep=3)
+        assert made.manifest.counts["sessions"] == 6 and made.manifest.counts["tenants"] == 2
+        assert made.manifest.counts["kv_tokens"] > 0
+        for tenant, sids in SESSIONS.items():  # the truth: turn 3 without any restore
+            with _client(cluster, keys[tenant]) as c:
+                for sid in sids:
+                    third_turn[sid] = _turn(c, sid, 3)["response"]["token_ids"]
+    saved = _histories(made.path)
+    assert {s: (r.turns, r.tenant) for s, r in saved.items()} == {
+        s: (2, t) for t, sids in SESSIONS.items() for s in sids}
+
+    shutil.rmtree(first)  # everything: etcd's data, checkpoints, the cluster secret
+
+    with LocalCluster(_spec(tmp_path / "second", keys_file)) as cluster:
+        with _client(cluster, keys["globex"]) as c, pytest.raises(BackupError) as err:
+            restore(c, made.path)
+        assert "PERMISSION_DENIED" in str(err.value) and made.path.name in str(err.value)
+        with _client(cluster, admin) as c:
+            with pytest.raises(RequestError) as missing:
+                c.get_session("acme-room-0")
+            assert missing.value.code == "NOT_FOUND"  # the refused restore wrote nothing
+            done = restore(c, made.path)
+            assert (done.sessions, done.num_tokens) == (6, sum(len(r.token_ids) for r in saved.values()))
+            assert done.kv_tokens == made.manifest.counts["kv_tokens"]
+            again = create(c, tmp_path / "again")  # a directory this time
+        restored = _histories(again.path)
+        assert {s: (r.token_ids, r.turns, r.tenant) for s, r in restored.items()} == {
+            s: (r.token_ids, r.turns, r.tenant) for s, r in saved.items()}
+
+        with _client(cluster, keys["globex"]) as c, pytest.raises(RequestError) as other:
+            c.get_session("acme-room-0")  # tenants stay apart after a restore
+        assert other.value.code == "NOT_FOUND"
+        for tenant, sids in SESSIONS.items():
+            with _client(cluster, keys[tenant]) as c:
+                for sid in sids:
+                    r = _turn(c, sid, 3)
+                    assert r["cached_tokens"] > 0, (sid, r)
+                    assert r["response"]["token_ids"] == third_turn[sid], sid
+                    assert c.get_session(sid)["turns"] == 3
+
+        # A backup of another model is refused by name, before any of it is imported.
+        doctored = again.path
+        manifest = json.loads((doctored / MANIFEST).read_text())
+        entry = manifest["sessions"][0]
+        history = doctored / "sessions" / entry["history_file"]
+        record = json.loads(history.read_text())
+        record["model_fingerprint"] = "another-model"
+        history.write_text(json.dumps(record))
+        import hashlib
+
+        digest = hashlib.sha256(history.read_bytes()).hexdigest()
+        manifest["files"]["sessions/" + entry["history_file"]] = {
+            "sha256": digest, "bytes": history.stat().st_size}
+        entry["history_sha256"] = digest
+        raw = json.dumps(manifest).encode()
+        (doctored / MANIFEST).write_bytes(raw)
+        (doctored / MANIFEST_SHA256).write_text(hashlib.sha256(raw).hexdigest())
+        with _client(cluster, admin) as c, pytest.raises(BackupError) as wrong:
+            restore(c, doctored)
+        text = str(wrong.value)
+        assert doctored.name in text and "FAILED_PRECONDITION" in text
+        assert "another-model" in text and entry["session_id"] in text
