@@ -1,11 +1,12 @@
-"""Backup -> clear everything -> restore, against real clusters (etcd, a coordinator and two
-node processes each; CPU, tiny).
+"""Backup -> clear everything -> restore, against real clusters (etcd, a coordinator and node
+processes; CPU, tiny).
 
-The first cluster serves two tenants' sessions for two turns and is backed up; a third turn
-is recorded as the truth. Then it is stopped and its data directory (etcd's data, the
-checkpoints) deleted. A fresh cluster gets the backup: a tenant key is refused, the admin
-key restores it, tenants stay apart, every history is what was backed up, and the third
-turn hits the restored KV and gives the recorded tokens.
+The first cluster (one node) serves two tenants' sessions for two turns and is backed up; a
+third turn is recorded as the truth. Then it is stopped and its data directory (etcd's data,
+the checkpoints) deleted. A fresh cluster of two nodes gets the backup (each session on its
+owner there): a tenant key is refused, the admin key restores it, tenants stay apart, every
+history is what was backed up, and the third turn hits the restored KV and gives the
+recorded tokens.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 SESSIONS = {"acme": [f"acme-room-{i}" for i in range(4)], "globex": ["globex-room-0", "globex-room-1"]}
 
 
-def _spec(data: Path, keys_file: Path) -> ClusterSpec:
-    return ClusterSpec(nodes=2, coordinators=1, data_dir=data, port=0, device="cpu",
+def _spec(data: Path, keys_file: Path, nodes: int) -> ClusterSpec:
+    return ClusterSpec(nodes=nodes, coordinators=1, data_dir=data, port=0, device="cpu",
                        num_blocks=512, lease_ttl_s=2, checkpoint_interval_s=1.0,
                        log_dir=data / "logs", coordinator_args=["--keys-file", str(keys_file)])
 
@@ -60,7 +61,7 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
     backups = tmp_path / "backups"
     first = tmp_path / "first"
     third_turn: dict[str, list[int]] = {}
-    with LocalCluster(_spec(first, keys_file)) as cluster:
+    with LocalCluster(_spec(first, keys_file, 1)) as cluster:
         for tenant, sids in SESSIONS.items():
             with _client(cluster, keys[tenant]) as c:
                 for turn in (1, 2):
@@ -83,7 +84,7 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
 
     shutil.rmtree(first)  # everything: etcd's data, checkpoints, the cluster secret
 
-    with LocalCluster(_spec(tmp_path / "second", keys_file)) as cluster:
+    with LocalCluster(_spec(tmp_path / "second", keys_file, 2)) as cluster:
         with _client(cluster, keys["globex"]) as c, pytest.raises(BackupError) as err:
             restore(c, made.path)
         assert "PERMISSION_DENIED" in str(err.value) and made.path.name in str(err.value)
@@ -95,6 +96,7 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
             assert (done.sessions, done.num_tokens) == (6, sum(len(r.token_ids) for r in saved.values()))
             assert done.kv_tokens == made.manifest.counts["kv_tokens"]
             again = create(c, tmp_path / "again")  # a directory this time
+        assert {n["node_id"] for n in again.manifest.nodes} == {"node-1", "node-2"}
         restored = _histories(again.path)
         assert {s: (r.token_ids, r.turns, r.tenant) for s, r in restored.items()} == {
             s: (r.token_ids, r.turns, r.tenant) for s, r in saved.items()}

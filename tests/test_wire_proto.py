@@ -39,7 +39,8 @@ def test_services_and_streaming_shapes():
     assert shapes == {"Generate": (True, True), "Process": (False, False),
                       "ProcessBatch": (False, False), "Stats": (False, False),
                       "ClearCache": (False, False), "CleanupSessions": (False, False),
-                      "GetSession": (False, False), "DeleteSession": (False, False)}
+                      "GetSession": (False, False), "DeleteSession": (False, False),
+                      "ExportSessions": (False, True), "ImportSessions": (True, False)}
     node_shapes = {m.name: (m.client_streaming, m.server_streaming) for m in node.methods}
     assert node_shapes["Generate"] == (True, True)
     assert node_shapes["ExportSession"] == (False, True)
