@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import os
 import socket
+import time
 from pathlib import Path
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -20,6 +21,7 @@ DEFAULT_PORT = 50051  # the client-facing gRPC port of `ultrakv serve` and of a 
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"  # where clients look when told nothing else
 MAX_PORT = 65535
 GRPC_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)  # a busy port fails the bind
+PORT_SETTLE_S = 5.0  # how long a port held by a socket that does not listen is waited for
 
 
 class PortInUseError(OSError):
@@ -45,23 +47,34 @@ def validate_port(port: int, name: str = "port", zero: str = "pick a free one") 
     return port
 
 
-def ensure_port_free(host: str, port: int, what: str = "server") -> None:
+def ensure_port_free(host: str, port: int, what: str = "server",
+                     settle_s: float = PORT_SETTLE_S) -> None:
     """Raise :class:`PortInUseError` when ``host:port`` (TCP) cannot be bound because
     another socket listens there; a no-op for port 0. The message names the port and,
-    where /proc shows it, the process holding it."""
+    where /proc shows it, the process holding it.
+
+    A port held by a socket that does not listen is waited for, up to ``settle_s``: a
+    server restarted on its old port finds it briefly taken by a client's connection (one
+    that drew the port as its ephemeral source port, or a client retrying the dead server's
+    port that connected to itself), which lets go within moments."""
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # SO_REUSEADDR as gRPC itself sets it: connections in TIME_WAIT do not count, a
-        # listener does (even one bound with SO_REUSEPORT, since the probe does not set it).
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host or "0.0.0.0", port))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            raise PortInUseError(port_in_use_message(host, port, what)) from None
+    deadline = time.monotonic() + settle_s
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR as gRPC itself sets it: connections in TIME_WAIT do not count, a
+            # listener does (even one bound with SO_REUSEPORT, since the probe does not set it).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host or "0.0.0.0", port))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        if _listening_inodes(port) or time.monotonic() >= deadline:
+            raise PortInUseError(port_in_use_message(host, port, what))
+        time.sleep(0.1)
 
 
 def port_in_use_message(host: str, port: int, what: str) -> str:

@@ -151,9 +151,21 @@ class EtcdStore:
     def _kv(self, kv) -> KeyValue:
         return KeyValue(self._rel(kv.key), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
 
-    async def connect(self) -> None:
-        """Check that etcd answers; raises ``EtcdUnavailableError`` naming the endpoint."""
-        await self._call(self._client.status())
+    async def connect(self, wait_s: float = 0.0) -> None:
+        """Check that etcd answers, trying again for up to ``wait_s`` seconds (a process
+        starting on a loaded machine can see its first connection attempts fail); raises
+        ``EtcdUnavailableError`` naming the endpoint."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            try:
+                await self._call(self._client.status())
+                return
+            except EtcdUnavailableError as exc:
+                if loop.time() >= deadline:
+                    raise
+                log.info("waiting for etcd (%s)", exc)
+                await asyncio.sleep(min(0.5, max(0.0, deadline - loop.time())))
 
     async def close(self) -> None:
         """Close the channel (watches end)."""
@@ -206,6 +218,12 @@ class EtcdStore:
             raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")
         lease = await self._call(self._client.lease(ttl_s))
         return Lease(lease.id, lease.ttl)
+
+    async def lease_remaining_s(self, lease_id: int) -> int:
+        """Seconds the lease has left unless refreshed, read without refreshing it; -1 when
+        it no longer exists."""
+        reply = await self._call(self._client.get_lease_info(lease_id, keys=False))
+        return int(reply.TTL)
 
     async def refresh_lease(self, lease_id: int) -> int:
         """Refresh once; returns the remaining TTL, 0 when the lease no longer exists."""

@@ -59,12 +59,44 @@ class AgentSettings:
             raise ValueError(f"checkpoint_interval_s must be > 0, got {self.checkpoint_interval_s}")
 
 
-async def check_node_id_free(store: EtcdStore, node_id: str) -> None:
-    """Fail fast, before a model is loaded, when ``node_id`` is registered by a live node.
-    (Registration itself is a transaction, so this early check is not the guard.)"""
-    existing = await store.get(NODES_PREFIX + node_id)
-    if existing is not None:
-        raise DuplicateNodeError(node_id, NodeRecord.from_json(existing.value).address)
+# How long a starting node waits for etcd to answer before giving up: long enough for a
+# loaded machine (or an etcd that is restarting), short enough to say a wrong endpoint soon.
+ETCD_START_WAIT_S = 20.0
+# How long past its lease's expiry a dead incarnation's entry may linger (etcd revokes
+# expired leases on its own schedule, later on a loaded machine).
+LEASE_EXPIRY_GRACE_S = 5.0
+
+
+async def wait_for_node_id(store: EtcdStore, node_id: str,
+                           grace_s: float = LEASE_EXPIRY_GRACE_S) -> None:
+    """Return once ``node_id`` is free; raise ``DuplicateNodeError`` when a live node holds it.
+
+    A node restarted after a crash can come back before its old entry's lease expires; the
+    dead process refreshes that lease no more, so the entry goes within the TTL it has left
+    (plus ``grace_s``: etcd revokes expired leases on its own schedule), and the restart
+    waits for it. An entry that outlives that, or is registered again meanwhile, belongs to
+    a live node. Registration itself is a transaction, so this early check is not the guard."""
+    key = NODES_PREFIX + node_id
+    existing = await store.get(key)
+    if existing is None:
+        return
+    address = NodeRecord.from_json(existing.value).address
+    if not existing.lease:  # written without a lease: it never expires
+        raise DuplicateNodeError(node_id, address)
+    remaining = await store.lease_remaining_s(existing.lease)
+    log.info("node id %s is still registered (lease %x, %d s left): waiting for it to expire "
+             "(a restart after a crash) or be kept alive (another live node)", node_id,
+             existing.lease, remaining)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(remaining, 0) + grace_s
+    while loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        current = await store.get(key)
+        if current is None:
+            return
+        if current.lease != existing.lease:
+            break
+    raise DuplicateNodeError(node_id, address)
 
 
 class NodeAgent:
@@ -97,7 +129,7 @@ class NodeAgent:
 
         Raises ``EtcdUnavailableError`` (naming the endpoint) or ``DuplicateNodeError``.
         """
-        await self.store.connect()
+        await self.store.connect(ETCD_START_WAIT_S)
         if self.checkpointer is not None:
             await self._restore_own_checkpoint()
         await self.watcher.start()
@@ -117,13 +149,14 @@ class NodeAgent:
                  self.server.address, self.settings.etcd)
 
     async def _expire_idle_sessions(self) -> None:
-        """Drop sessions (and replicas) idle for longer than the engine's ``session_ttl_s``,
-        so a node's sessions, and with them its checkpoints, do not grow without end."""
+        """Drop sessions and replicas idle for longer than the engine's ``session_ttl_s``
+        (with their turn records; the next checkpoint round drops their entries), so a node's
+        sessions, and with them its checkpoints, do not grow without end."""
         ttl = float(self.engine.config.session_ttl_s)
         while True:
             await asyncio.sleep(min(60.0, ttl / 4))
             try:
-                removed = await asyncio.to_thread(self.engine.cleanup_sessions, ttl)
+                removed = await self.server.backend.cleanup_sessions(ttl)
             except Exception:  # the next sweep tries again
                 log.exception("expiring idle sessions on %s failed", self.node_id)
                 continue
@@ -186,5 +219,9 @@ async def serve_node_in_cluster(engine, server, settings: AgentSettings) -> None
 async def preflight(settings: AgentSettings, node_id: str) -> None:
     """Before a model is loaded: etcd answers and ``node_id`` is free. Raises
     ``EtcdUnavailableError`` (naming the endpoint) or ``DuplicateNodeError``."""
-    async with EtcdStore(settings.etcd, settings.prefix) as store:
-        await check_node_id_free(store, node_id)
+    store = EtcdStore(settings.etcd, settings.prefix)
+    try:
+        await store.connect(ETCD_START_WAIT_S)
+        await wait_for_node_id(store, node_id)
+    finally:
+        await store.close()

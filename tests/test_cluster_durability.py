@@ -225,10 +225,6 @@ async def test_a_resumed_text_stream_keeps_the_token_ids_the_client_received(clu
     assert 0 <= result["usage"]["cached_tokens"] <= result["usage"]["prompt_tokens"]
 
 
-
-@pytest.mark.xfail(strict=False, reason="flaky: restarting a SIGKILLed node on its old port "
-                   "sometimes exits with status 2 at start (busy-port check races the dead socket); "
-                   "issue 9 stays open")
 async def test_a_dead_nodes_replica_follows_the_session_when_the_node_rejoins(cluster) -> None:
     """Defect 2: a session created since its owner's last checkpoint has its replica on the
     successor as its only copy. The owner is SIGKILLed and restarted before the session's
@@ -256,9 +252,6 @@ async def test_a_dead_nodes_replica_follows_the_session_when_the_node_rejoins(cl
     assert await stored_history(cluster, owner, sid) == history + _prompt(9) + received
 
 
-@pytest.mark.xfail(strict=False, reason="flaky: restarting a SIGKILLed node on its old port "
-                   "sometimes exits with status 2 at start (busy-port check races the dead socket); "
-                   "issue 9 stays open")
 async def test_a_session_survives_its_owner_and_then_its_replica_holder(cluster) -> None:
     """Defect 2: after the owner's death the replica holder owns the session; it is
     replicated on from there, so the holder's death too loses nothing (before, the only

@@ -102,6 +102,27 @@ async def test_register_and_duplicate_id_refused(store: EtcdStore) -> None:
     assert await store.get("nodes/node-1") is None
 
 
+async def test_a_restart_waits_out_its_dead_incarnations_lease_a_live_holder_is_refused(
+        store: EtcdStore) -> None:
+    """A node restarted after a crash comes back before its old entry's lease expires: it
+    waits for that entry to go (before, it exited with status 2 at once). A holder that
+    keeps refreshing its lease is a live node: refused."""
+    from ultrakv.node.agent import wait_for_node_id
+
+    live = NodeRegistration(store, _record("node-2"), ttl_s=2)
+    await live.register()
+    try:
+        with pytest.raises(DuplicateNodeError, match="node id 'node-2' is already registered"):
+            await asyncio.wait_for(wait_for_node_id(store, "node-2"), 30)
+    finally:
+        await live.deregister()
+    crashed = NodeRegistration(store, _record("node-3"), ttl_s=2)
+    await crashed.register()
+    crashed._task.cancel()  # a SIGKILL: nothing refreshes the lease any more
+    await asyncio.wait_for(wait_for_node_id(store, "node-3"), 30)
+    assert await store.get("nodes/node-3") is None
+
+
 async def test_watcher_tracks_join_state_leave_and_epochs(store: EtcdStore) -> None:
     changes: list[tuple[HashRing, HashRing]] = []
     watcher = MembershipWatcher(store, on_ring_change=lambda old, new: changes.append((old, new)))

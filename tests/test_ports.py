@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -95,6 +96,19 @@ def test_a_free_port_passes_and_port_zero_is_not_checked() -> None:
         port = s.getsockname()[1]
     ensure_port_free("127.0.0.1", port)
     ensure_port_free("127.0.0.1", 0)
+
+
+def test_a_port_held_by_a_socket_that_does_not_listen_is_waited_for() -> None:
+    """A restarted server finds its old port briefly held by a client connection (not a
+    listener): it waits for the port rather than refusing it; a holder that never lets go
+    is refused after ``settle_s``, and a listener at once (the tests above)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))  # bound, not listening: what a connecting client holds
+    port = holder.getsockname()[1]
+    with pytest.raises(PortInUseError, match=f"port {port} is already in use"):
+        ensure_port_free("127.0.0.1", port, settle_s=0.3)
+    threading.Timer(0.5, holder.close).start()
+    ensure_port_free("127.0.0.1", port, settle_s=30.0)  # returns once the holder let go
 
 
 def test_logs_name_the_address_bound(engine, caplog) -> None:
