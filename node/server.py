@@ -272,7 +272,12 @@ class LocalBackend:
         return int(await asyncio.to_thread(self.engine.clear_cache))
 
     async def cleanup_sessions(self, max_age_s: float) -> int:
-        return int(await asyncio.to_thread(self.engine.cleanup_sessions, max_age_s))
+        """Remove sessions and replicas idle for longer than ``max_age_s``, and their turn
+        records; returns how many sessions are gone."""
+        removed = int(await asyncio.to_thread(self.engine.cleanup_sessions, max_age_s))
+        held = await asyncio.to_thread(self.engine.list_sessions)
+        self.ledger.retain({info.session_id for info in held})
+        return removed
 
     async def get_session(self, session_id: str, tenant: str | None) -> pb.SessionInfo:
         info = await asyncio.to_thread(self.engine.get_session, session_id, tenant)
@@ -280,6 +285,7 @@ class LocalBackend:
 
     async def delete_session(self, session_id: str, tenant: str | None) -> None:
         await asyncio.to_thread(self.engine.delete_session, session_id, tenant)
+        self.ledger.forget(session_id)
 
     async def list_sessions(self) -> list[pb.SessionInfo]:
         infos = await asyncio.to_thread(self.engine.list_sessions)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
+from collections.abc import Collection
 
 from ultrakv.v1 import types_pb2 as pb
 
@@ -67,3 +68,16 @@ class TurnLedger:
         future = self._running.pop(key, None)
         if future is not None and not future.done():
             future.set_result(result)
+
+    def retain(self, session_ids: Collection[str]) -> None:
+        """Keep only the records of ``session_ids`` (the sessions this node still holds): a
+        record outliving its session (expired, deleted) would only hold memory."""
+        for sid in [sid for sid in self._done if sid not in session_ids]:
+            del self._done[sid]
+
+    def forget(self, session_id: str) -> None:
+        """Drop the record of a session deleted here."""
+        self._done.pop(session_id, None)
+
+    def __len__(self) -> int:
+        return len(self._done)

@@ -208,3 +208,65 @@ async def test_manifest_writes_compact_etcd_history(etcd, tmp_path: Path) -> Non
             await s.compact(head - 150)
         recorded = await load_manifest(s, "n6")
         assert recorded is not None and recorded.sessions == old.sessions
+
+
+async def test_the_ttl_sweep_evicts_idle_sessions_replicas_turn_records_and_entries(
+        etcd, store, tmp_path: Path) -> None:
+    """Growth bound: a node's sweep drops sessions and replicas idle past ``session_ttl_s``,
+    their turn records, and (the next checkpoint round) their manifest entries; a session in
+    use stays. Fails if the sweep does not run or leaves any of them behind."""
+    import asyncio
+    import time
+
+    from ultrakv.node.agent import AgentSettings, NodeAgent
+    from ultrakv.node.server import NodeServer, ServerSettings
+    from ultrakv.v1 import types_pb2 as pb
+
+    ttl = 6.0  # long enough for a loaded machine to checkpoint the idle ones first
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64, session_ttl_s=ttl))
+    server = NodeServer(engine, ServerSettings(host="127.0.0.1", port=0, node_id="ttl"))
+    agent = None
+
+    async def turn(sid: str, request_id: str) -> None:
+        request = pb.GenerateRequest(
+            session_id=sid, request_id=request_id, token_ids=pb.TokenIds(ids=_prompt(1, 1)),
+            priority=pb.PRIORITY_NORMAL,
+            sampling=pb.SamplingOptions(max_length=2, temperature=0.0, ignore_eos=True))
+        events = [e async for e in server.backend.generate(request, None)]
+        assert isinstance(events[-1], pb.GenerateResult) and not events[-1].error
+
+    async def until(what: str, check) -> None:
+        deadline = time.monotonic() + 60  # generous: a loaded machine
+        while not await check():
+            assert time.monotonic() < deadline, f"not within 60 s: {what}"
+            await turn("kept", f"k-{time.monotonic()}")  # in use all along: never idle
+            await asyncio.sleep(0.2)
+
+    try:
+        await server.start()
+        agent = NodeAgent(engine, server, AgentSettings(
+            etcd=etcd.endpoint, prefix=store.prefix, checkpoint_dir=str(tmp_path),
+            checkpoint_interval_s=0.3))
+        await agent.start()
+        await turn("idle", "r-1")
+        engine.store_replica("idle-replica", list(range(1, 30)), 2)
+
+        async def checkpointed() -> bool:
+            manifest = await load_manifest(store, "ttl")
+            return manifest is not None and {"idle", "idle-replica", "kept"} <= set(manifest.sessions)
+
+        await until("every session in a checkpoint", checkpointed)
+        assert len(server.backend.ledger) == 2  # "idle" and "kept" have a turn record each
+
+        async def swept() -> bool:
+            manifest = await load_manifest(store, "ttl")
+            held = {i.session_id for i in engine.list_sessions()}
+            return (held == {"kept"} and len(server.backend.ledger) == 1
+                    and manifest is not None and set(manifest.sessions) == {"kept"})
+
+        await until("idle sessions, replicas, turn records and entries swept", swept)
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await server.stop()
+        engine.shutdown()
