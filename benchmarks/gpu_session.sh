@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh full     # bench_gpu.py on llama-1b and llama-8b (~7 min) + plot
 #   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
+#   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
@@ -35,9 +36,8 @@ case "${1:-}" in
       | tee "$ULTRAKV_RESULTS_DIR/gpu_tests.log"
     ;;
   decode)
-    python benchmarks/bench_decode.py --model llama-1b --device cuda --batches 1 64 --steps 1 8 --new-tokens 256
-    python benchmarks/bench_decode.py --model llama-1b --device cuda --batches 1 64 --steps 1 8 --new-tokens 256 \
-      --fused-kernels
+    python benchmarks/bench_decode.py --model llama-1b --device cuda --batches 1 64 --steps 1 8 16 32 \
+      --new-tokens 256 --fused-kernels
     ;;
   full)
     python benchmarks/bench_gpu.py --models llama-1b llama-8b --bulk-requests 1000 400 \
@@ -51,8 +51,16 @@ case "${1:-}" in
   speculative)
     python benchmarks/bench_speculative.py --model llama-1b --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/speculative.log"
     ;;
+  profile)
+    # Kernel-level breakdown of llama-1b decode (CUDA graphs, 16 steps/round), batch 1 and 64,
+    # then batch 1 eager (every launch visible).
+    for b in 1 64; do python benchmarks/profile_kernels.py --model llama-1b --batch $b --steps 16; done 2>&1 \
+      | tee "$ULTRAKV_RESULTS_DIR/profile_kernels.log"
+    python benchmarks/profile_kernels.py --model llama-1b --batch 1 --no-graphs 2>&1 \
+      | tee -a "$ULTRAKV_RESULTS_DIR/profile_kernels.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|speculative" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|speculative|profile" >&2
     exit 2
     ;;
 esac

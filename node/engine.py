@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -489,45 +489,86 @@ class Engine:
                 if self.tiers is not None:  # evicted blocks leave before the step overwrites them
                     self.tiers.flush()
                 self._in_flight = {item.seq.request_id for item in out.scheduled}
+            if num_steps > 1 and not drafted:
+                return finished + self._decode_round(out.scheduled, num_steps)
             items = out.scheduled
             try:
                 if drafted:
                     sampled_steps = self._verify_drafts(out.scheduled)
                     # Verified tokens replay one per step, as with multi-step decoding.
                     items = [ScheduledSeq(item.seq, 1) for item in out.scheduled]
-                elif num_steps > 1:
-                    sampled_steps = self.runner.execute_decode_steps(out.scheduled, num_steps)
                 else:
                     sampled_steps = [self.runner.execute(out.scheduled)]
             except Exception as exc:  # a broken step must not take the node down
-                log.exception("model step failed; failing its %d requests", len(out.scheduled))
-                with self._lock:
-                    self._in_flight = set()
-                    for item in out.scheduled:
-                        if not item.seq.is_finished:
-                            finished.append(self._finish(item.seq, "error", error=f"model step failed: {exc}"))
-                return finished
+                return finished + self._fail_step(out.scheduled, exc)
             with self._lock:
                 self._in_flight = set()
                 self._metrics.schedules += 1
                 rows = range(len(items))
                 for i, sampled in enumerate(sampled_steps):
                     if i:  # later steps carry on only the sequences still going (rows index ``items``)
-                        rows = [
-                            j
-                            for j in rows
-                            if sampled[j] is not None
-                            and not items[j].seq.is_finished
-                            and items[j].seq.request_id not in self._deferred_aborts
-                        ]
+                        rows = [j for j in self._rows_going(items, rows) if sampled[j] is not None]
                         if not rows:
                             break
                     step = SchedulerOutput([items[j] for j in rows])
                     finished.extend(self._after_step(step, [sampled[j] for j in rows]))
-                for rid in self._deferred_aborts & self._seqs.keys():
-                    finished.append(self._finish(self._seqs[rid], "abort"))
-                self._deferred_aborts.clear()
+                finished.extend(self._apply_deferred_aborts())
             return finished
+
+    def _decode_round(self, items: list[ScheduledSeq], num_steps: int) -> list[RequestOutput]:
+        """Run a multi-step decode round, handling each step's tokens (streaming them, checking
+        stops) while the device computes the next ones. Launches stop early once every row has
+        ended, or when the round should give way: a waiting request could take a freed seat,
+        or a quarter of the batch has ended (the rest is better rescheduled as a smaller batch).
+        The rows the device still computes for ended sequences are discarded."""
+        rows: list[int] = list(range(len(items)))
+
+        def keep_going() -> bool:
+            with self._lock:
+                live = len(self._rows_going(items, rows))
+                if live == 0 or live * 4 < len(items) * 3:
+                    return False
+                return not (self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs)
+
+        finished: list[RequestOutput] = []
+        try:
+            for i, sampled in enumerate(self.runner.decode_steps(items, num_steps, keep_going)):
+                with self._lock:
+                    if i:
+                        rows = self._rows_going(items, rows)
+                    else:
+                        self._metrics.schedules += 1
+                    if rows:
+                        step = SchedulerOutput([items[j] for j in rows])
+                        finished.extend(self._after_step(step, [sampled[j] for j in rows]))
+        except Exception as exc:  # a broken step must not take the node down
+            return finished + self._fail_step([items[j] for j in rows], exc)
+        with self._lock:
+            self._in_flight = set()
+            finished.extend(self._apply_deferred_aborts())
+        return finished
+
+    def _rows_going(self, items: list[ScheduledSeq], rows: Iterable[int]) -> list[int]:
+        """The rows of ``rows`` whose sequences are still going (not ended, not aborted)."""
+        return [j for j in rows
+                if not items[j].seq.is_finished and items[j].seq.request_id not in self._deferred_aborts]
+
+    def _fail_step(self, scheduled: list[ScheduledSeq], exc: Exception) -> list[RequestOutput]:
+        log.exception("model step failed; failing its %d requests", len(scheduled))
+        finished = []
+        with self._lock:
+            self._in_flight = set()
+            for item in scheduled:
+                if not item.seq.is_finished:
+                    finished.append(self._finish(item.seq, "error", error=f"model step failed: {exc}"))
+            finished.extend(self._apply_deferred_aborts())
+        return finished
+
+    def _apply_deferred_aborts(self) -> list[RequestOutput]:
+        """Finish the requests aborted while the model was computing them (lock held)."""
+        finished = [self._finish(self._seqs[rid], "abort") for rid in self._deferred_aborts & self._seqs.keys()]
+        self._deferred_aborts.clear()
+        return finished
 
     def _draft(self, out: SchedulerOutput) -> bool:
         """Give the step's decoding sequences n-gram drafts to verify (node/speculative.py);

@@ -11,6 +11,8 @@ an all-greedy batch samples with one argmax and no other host-device round trip.
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable, Iterator
 
 import torch
 from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
@@ -56,6 +58,10 @@ class ModelRunner:
         # The staging buffers are reused; a step must not overwrite them while the previous
         # step's copies may still be in flight (a step that samples nothing never syncs).
         self._copied = torch.cuda.Event() if pin else None
+        # Pinned landing buffers for decode steps' tokens (see decode_steps), one per step
+        # that can be queued or being read at once.
+        self._token_ring = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True)
+                            for _ in range(8)] if pin else []
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
@@ -73,27 +79,53 @@ class ModelRunner:
             out[row] = int(tok)
         return out
 
-    @torch.inference_mode()
     def execute_decode_steps(self, scheduled: list[ScheduledSeq], num_steps: int) -> list[list[int]]:
         """Run ``num_steps`` decode steps back to back; returns each step's tokens (row i is
-        ``scheduled[i]``).
+        ``scheduled[i]``). :meth:`decode_steps` without reading any step early."""
+        return list(self.decode_steps(scheduled, num_steps))
+
+    def decode_steps(
+        self,
+        scheduled: list[ScheduledSeq],
+        num_steps: int,
+        keep_going: Callable[[], bool] | None = None,
+        lookahead: int = 3,
+    ) -> Iterator[list[int]]:
+        """Run up to ``num_steps`` decode steps back to back, yielding each step's tokens (row
+        i is ``scheduled[i]``) as soon as the device has them.
 
         Only the first step's inputs come from the host. Each later step is derived on the
         device from the one before: the sampled tokens become the input ids, positions and
         context lengths advance by one, and cache slots are looked up in the block tables
-        (which the scheduler has already extended for every step). The host reads the tokens
-        once, at the end, so the launches of all steps queue up behind the GPU instead of
-        waiting for each step's result.
+        (which the scheduler has already extended for every step). On CUDA up to
+        ``lookahead`` steps are queued ahead of the one being read, and each step's tokens
+        come back through a pinned buffer and an event: the caller handles step i's tokens
+        (streams them, checks stops) while the device computes steps i+1.., so the host's
+        work per token overlaps the GPU's instead of adding to it. Before each further launch
+        ``keep_going()`` is asked; once it says no, nothing more is launched and the steps
+        already queued are still yielded (their tokens are valid for the rows still going).
         """
         input_ids, positions, meta, _ = self.prepare(scheduled)
         if not meta.is_decode_only or num_steps < 1:
-            raise ValueError(f"execute_decode_steps needs a decode-only batch and num_steps >= 1, got {num_steps}")
+            raise ValueError(f"decode_steps needs a decode-only batch and num_steps >= 1, got {num_steps}")
+        if self._token_ring:
+            lookahead = min(lookahead, len(self._token_ring) - 1)
+        return self._decode_steps(input_ids, positions, meta, self._sampling_for(scheduled), len(scheduled),
+                                  num_steps, keep_going, max(1, lookahead))
+
+    @torch.inference_mode()
+    def _decode_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                      sampling: SamplingTensors | None, rows: int, num_steps: int,
+                      keep_going: Callable[[], bool] | None, lookahead: int) -> Iterator[list[int]]:
         bs = self.block_size
         tables = meta.block_tables
-        sampling = self._sampling_for(scheduled)
-        tokens = []
-        for step in range(num_steps):
-            if step:
+        cuda = self.device.type == "cuda"
+        queued: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+        launched = 0
+
+        def launch() -> None:
+            nonlocal input_ids, positions, meta, launched
+            if launched:
                 positions = positions + 1
                 block = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1)
                 meta = AttentionMetadata(
@@ -106,8 +138,29 @@ class ModelRunner:
                 )
             hidden = self._forward(input_ids, positions, meta)
             input_ids = self._sample(hidden, sampling)
-            tokens.append(input_ids)
-        return torch.stack(tokens).tolist()
+            launched += 1
+            if not cuda:
+                queued.append((input_ids, None))
+                return
+            # One pinned buffer per queued step: a buffer is read before it is reused.
+            host = self._token_ring[launched % len(self._token_ring)][:rows]
+            host.copy_(input_ids, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            queued.append((host, done))
+
+        while launched < min(num_steps, lookahead):
+            launch()
+        stopped = False
+        while queued:
+            tokens, done = queued.popleft()
+            if done is not None:
+                done.synchronize()
+            yield tokens.tolist()
+            if not stopped and launched < num_steps:
+                stopped = keep_going is not None and not keep_going()
+                if not stopped:
+                    launch()
 
     @torch.inference_mode()
     def execute_verify(self, scheduled: list[ScheduledSeq]) -> list[list[int]]:

@@ -219,3 +219,50 @@ def test_plan_decode_steps_respects_limits_waiting_and_free_blocks():
     k = sched.plan_decode_steps(out, 8)
     assert 1 < k < 8 and not out.preempted
     pool.free(taken)
+
+
+def test_a_round_stops_launching_once_it_should_give_way(single_step_outputs):
+    """Each step's tokens are handled as they come, so a round that should end early (here:
+    half its batch aborted mid-round) stops launching steps: the device stops computing the
+    aborted row within a few steps instead of carrying it to the end of the 59-step round,
+    and the survivor's output is exactly that of one step per round."""
+    engine = _engine(64)
+    rows_per_forward: list[int] = []
+    forward = engine.runner._forward
+
+    def counting_forward(input_ids, positions, meta):
+        rows_per_forward.append(input_ids.shape[0])
+        return forward(input_ids, positions, meta)
+
+    engine.runner._forward = counting_forward
+    prompts = _prompts(0, [3, 17])
+    params = [SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)] * 2
+    reference = _engine(1).generate(prompts, params)
+    survivor_tokens: list[int] = []
+    survivor_len_at_abort: list[int] = []
+    requests = [GenerateRequest(prompt=p, sampling=sp) for p, sp in zip(prompts, params, strict=True)]
+
+    def survivor(delta) -> None:
+        survivor_tokens.extend(delta.token_ids)
+        if len(survivor_tokens) == 5:
+            engine.abort(requests[1].request_id)
+
+    done = {}
+
+    def victim(delta) -> None:
+        if delta.finished:
+            done["victim"] = delta.output
+            survivor_len_at_abort.append(len(survivor_tokens))
+
+    engine.add_request(requests[0], survivor, stream_text=False)
+    engine.add_request(requests[1], victim, stream_text=False)
+    while engine.has_unfinished():
+        engine.step()
+    assert done["victim"].finish_reason == "abort"
+    # The abort lands once the steps already queued have drained, not after the whole round.
+    assert len(done["victim"].token_ids) <= 6 and 5 <= survivor_len_at_abort[0] <= 5 + 8
+    # The prefill, then two-row steps only until the queued ones drain, then one-row steps.
+    two_row_steps = rows_per_forward[1:].count(2)
+    assert 4 <= two_row_steps <= 5 + 8, rows_per_forward
+    assert rows_per_forward[1:].count(1) == 59 - two_row_steps
+    assert survivor_tokens == reference[0].token_ids
