@@ -292,6 +292,9 @@ def stats_dict(stats: pb.StatsResponse) -> dict:
     totals: dict[str, float] = {k: sum(int(n.get(k, 0)) for n in nodes) for k in sums}
     for k in ("hits", "misses", "blocks_used", "blocks_free", "blocks_total"):
         totals[f"cache_{k}"] = sum(int(n["cache"].get(k, 0)) for n in nodes)
+    for n in nodes:
+        for tier, hits in n["cache"].get("tier_hits", {}).items():
+            totals[f"cache_{tier}_hits"] = totals.get(f"cache_{tier}_hits", 0) + int(hits)
     lookups = totals["cache_hits"] + totals["cache_misses"]
     totals["cache_hit_rate"] = totals["cache_hits"] / lookups if lookups else 0.0
     return {"nodes": nodes, "totals": totals}
@@ -497,6 +500,8 @@ def message_dict(message: Any) -> dict:
         value = getattr(message, f.name)
         if f.message_type is not None and f.message_type.full_name == "google.protobuf.Struct":
             out[f.name] = json_format.MessageToDict(value)
+        elif f.message_type is not None and f.message_type.GetOptions().map_entry:
+            out[f.name] = dict(value)  # maps of scalars (CacheStats.tier_hits)
         elif f.message_type is not None:
             out[f.name] = ([message_dict(v) for v in value] if f.is_repeated
                            else message_dict(value))

@@ -169,7 +169,9 @@ def node_stats_message(raw: dict, identity: NodeIdentity) -> pb.NodeStats:
             hit_tokens=cache.get("hit_tokens", 0), evictions=cache.get("evictions", 0),
             blocks_used=cache.get("blocks_used", 0), blocks_free=cache.get("blocks_free", 0),
             blocks_total=cache.get("num_blocks", 0), policy=str(cache.get("policy", "")),
-            hit_rate=cache.get("hit_rate", 0.0)),
+            hit_rate=cache.get("hit_rate", 0.0),
+            tier_hits={tier: v["hits"] for tier, v in raw.get("kv_tiers", {}).items()
+                       if isinstance(v, dict) and "hits" in v}),
         latency=pb.LatencyStats(**{name: 1000.0 * latency.get(name.removesuffix("_ms") + "_s", 0.0)
                                    for name in pb.LatencyStats.DESCRIPTOR.fields_by_name}),
         uptime_s=time.time() - identity.started_at, engine=engine_struct)

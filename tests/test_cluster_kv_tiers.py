@@ -43,6 +43,8 @@ def test_restarted_node_keeps_its_cache_on_disk(tmp_path):
         with Client(cluster.address, timeout=120) as client:
             turn = _ask(client, " And then?", "s1")
             stateless = _ask(client, PREFIX + "second question?")
+            totals = client.stats()["totals"]
+    assert totals["cache_disk_hits"] >= (1 + len(PREFIX)) // BS
     # The byte tokenizer: one token per byte plus BOS. Every full block of the first turn's
     # prompt is cached; the stateless prefix can only have come from the disk tier (the
     # pool is new and the checkpoint holds only the session).

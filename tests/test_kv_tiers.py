@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ultrakv.client.client import stats_dict
 from ultrakv.cluster.block_file import SUFFIX, read_block_file
 from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.node import Engine, EngineConfig, SamplingParams
@@ -16,6 +17,8 @@ from ultrakv.node.kv.disk_tier import DiskTier
 from ultrakv.node.kv.host_tier import HostTier
 from ultrakv.node.kv.tiers import BlockIdentity, KVTiers
 from ultrakv.node.metrics import NodeCollector
+from ultrakv.node.server import NodeIdentity, node_stats_message
+from ultrakv.v1 import types_pb2 as pb
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 BS = 16
@@ -146,6 +149,9 @@ def test_generation_with_host_tier_equals_without_and_hits(reference):
     assert reference[1] == [0] * len(PROMPTS)  # without tiers: evicted, recomputed
     assert cached == [FULL] * len(PROMPTS)  # with them: every full block comes back
     assert stats["kv_tiers"]["cpu"]["hits"] >= 2 * len(PROMPTS)
+    wire = stats_dict(pb.StatsResponse(nodes=[node_stats_message(stats, NodeIdentity("n1"))]))
+    assert wire["nodes"][0]["cache"]["tier_hits"]["cpu"] == stats["kv_tiers"]["cpu"]["hits"]
+    assert wire["totals"]["cache_cpu_hits"] == stats["kv_tiers"]["cpu"]["hits"]
     families = {m.name: m for m in NodeCollector(engine, "n1").collect()}
     hits = {s.labels["tier"]: s.value for s in families["ultrakv_kv_tier_hits"].samples}
     assert hits["cpu"] == stats["kv_tiers"]["cpu"]["hits"] and "gpu" in hits

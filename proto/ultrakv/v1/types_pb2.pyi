@@ -213,7 +213,14 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheStats(_message.Message):
-    __slots__ = ("hits", "misses", "hit_tokens", "evictions", "blocks_used", "blocks_free", "blocks_total", "policy", "hit_rate")
+    __slots__ = ("hits", "misses", "hit_tokens", "evictions", "blocks_used", "blocks_free", "blocks_total", "policy", "hit_rate", "tier_hits")
+    class TierHitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +230,7 @@ class CacheStats(_message.Message):
     BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    TIER_HITS_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     hit_tokens: int
@@ -232,7 +240,8 @@ class CacheStats(_message.Message):
     blocks_total: int
     policy: str
     hit_rate: float
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_total: _Optional[int] = ..., policy: _Optional[str] = ..., hit_rate: _Optional[float] = ...) -> None: ...
+    tier_hits: _containers.ScalarMap[str, int]
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., evictions: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_total: _Optional[int] = ..., policy: _Optional[str] = ..., hit_rate: _Optional[float] = ..., tier_hits: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class LatencyStats(_message.Message):
     __slots__ = ("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p95_ms", "tpot_p99_ms")
