@@ -668,7 +668,7 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--num-blocks", type=int, help="KV pool size in blocks")
     p.add_argument("--num-scheduler-steps", type=int, metavar="K",
                    help="decode steps per scheduling round when only decodes run (1 = off; "
-                        "4-8 trade streaming granularity for tokens/s)")
+                        "default 32 on CUDA, 1 on CPU; tokens still stream one by one)")
     p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton kernels for norm + residual add, RoPE and SwiGLU (CUDA only)")
     _kv_tier_options(p)

@@ -75,7 +75,7 @@ HELP: dict[str, dict[str, str]] = {
         "eviction_policy": "which cached blocks go first: lru, lfu, fifo or arc",
         "attention_backend": "auto, torch or triton",
         "use_cuda_graphs": "replay CUDA graphs for decode",
-        "num_scheduler_steps": "decode steps per scheduling round when only decodes run (1 = off)",
+        "num_scheduler_steps": "decode steps per round when only decodes run (1 = off; unset: 32 on CUDA, 1 on CPU)",
         "fused_kernels": "Triton kernels for norm + residual, RoPE and SwiGLU (CUDA only)",
         "speculative_tokens": "n-gram speculative decoding: tokens drafted per step from the context (0 = off)",
         "speculative_max_ngram": "longest context suffix matched to find a draft",

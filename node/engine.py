@@ -67,6 +67,10 @@ Listener = Callable[[StreamDelta], None]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# Decode steps per round on CUDA when the config leaves it open (see EngineConfig).
+CUDA_SCHEDULER_STEPS = 32
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +111,8 @@ class Engine:
                               else self.device.type == "cuda" and triton_available())
         if self.fused_kernels:
             self.model.use_fused_kernels(True)
+        self.num_scheduler_steps = config.num_scheduler_steps or (
+            CUDA_SCHEDULER_STEPS if self.device.type == "cuda" else 1)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -221,7 +227,7 @@ class Engine:
         graph_max = self.runner.graphs.prefill_sizes[-1] if self.runner.graphs else 0
         budget = self.config.max_num_batched_tokens
         limit = self.max_model_len - 8  # room for the decode tokens
-        steps = max(2, self.config.num_scheduler_steps + 1)  # a multi-step round too
+        steps = max(2, self.num_scheduler_steps + 1)  # a multi-step round too
         greedy = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
         sampled = SamplingParams(max_tokens=steps, temperature=0.8, top_p=0.9, top_k=20, seed=1,
                                  ignore_eos=True)
@@ -484,7 +490,7 @@ class Engine:
                 self._metrics.preemptions += len(out.preempted)
                 if out.is_empty:
                     return finished
-                num_steps = self.scheduler.plan_decode_steps(out, self.config.num_scheduler_steps)
+                num_steps = self.scheduler.plan_decode_steps(out, self.num_scheduler_steps)
                 drafted = num_steps == 1 and self._draft(out)
                 if self.tiers is not None:  # evicted blocks leave before the step overwrites them
                     self.tiers.flush()
@@ -998,7 +1004,7 @@ class Engine:
                 "attention_backend": self.attention_backend,
                 "cuda_graphs": self.cuda_graphs,
                 "fused_kernels": self.fused_kernels,
-                "num_scheduler_steps": self.config.num_scheduler_steps,
+                "num_scheduler_steps": self.num_scheduler_steps,
                 "max_model_len": self.max_model_len,
                 "requests": {
                     "total": m.requests,

@@ -266,3 +266,26 @@ def test_a_round_stops_launching_once_it_should_give_way(single_step_outputs):
     assert 4 <= two_row_steps <= 5 + 8, rows_per_forward
     assert rows_per_forward[1:].count(1) == 59 - two_row_steps
     assert survivor_tokens == reference[0].token_ids
+
+
+def test_steps_per_round_default_by_device_and_limits():
+    """Unset, rounds are multi-step on CUDA (tokens still stream per step) and single-step on
+    CPU, where there is no device work to overlap; explicit values are bounded."""
+    assert EngineConfig().num_scheduler_steps is None
+    assert _engine(None).num_scheduler_steps == 1
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="num_scheduler_steps"):
+            EngineConfig(model="tiny", num_scheduler_steps=bad)
+
+
+@pytest.mark.gpu
+def test_steps_per_round_default_on_cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ultrakv.node.engine import CUDA_SCHEDULER_STEPS
+
+    engine = Engine(EngineConfig(model="tiny", device="cuda"))
+    assert engine.num_scheduler_steps == CUDA_SCHEDULER_STEPS > 1
+    assert engine.stats()["config"]["num_scheduler_steps"] == CUDA_SCHEDULER_STEPS
