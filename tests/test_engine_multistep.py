@@ -288,4 +288,4 @@ def test_steps_per_round_default_on_cuda():
 
     engine = Engine(EngineConfig(model="tiny", device="cuda"))
     assert engine.num_scheduler_steps == CUDA_SCHEDULER_STEPS > 1
-    assert engine.stats()["config"]["num_scheduler_steps"] == CUDA_SCHEDULER_STEPS
+    assert engine.stats()["num_scheduler_steps"] == CUDA_SCHEDULER_STEPS
