@@ -42,6 +42,7 @@ from ultrakv.cluster.addresses import (
     listen_address,
     port_in_use_message,
 )
+from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.health_service import HealthService
 from ultrakv.cluster.membership import (
@@ -73,9 +74,12 @@ from ultrakv.cluster.service import (
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
 from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import Limits, RequestRejected
+from ultrakv.coordinator.block_feed import BlockFeed
+from ultrakv.coordinator.block_index import BlockIndex
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
 from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
+from ultrakv.coordinator.prefix_router import choose_node
 from ultrakv.coordinator.resharding import Move, Plan, Resharder
 from ultrakv.coordinator.session_backup import SessionBackup
 from ultrakv.v1 import node_pb2 as npb
@@ -94,6 +98,7 @@ _REPLANS = 3  # plans of one view change when the view keeps changing while plan
 # back may not be reachable for a moment): this often, this many times in all.
 _MOVE_RETRY_S = 1.0
 _MOVE_TRIES = 5
+_TOKENIZE_TIMEOUT_S = 2.0  # a node that cannot tokenize by then: route by the first block
 
 
 @dataclass
@@ -110,6 +115,9 @@ class CoordinatorSettings:
     health: HealthPolicy = field(default_factory=lambda: HealthPolicy(
         interval_s=1.0, timeout_s=1.0, down_after=3, up_after=2))
     load_eps: float = 0.25  # bounded loads for requests without a session
+    # Requests without a session go to the node holding their longest cached prefix (from
+    # the nodes' block events); off: to the hash of their first block, as before.
+    prefix_routing: bool = True
     block_size: int = 16  # the nodes' KV block size: the prefix-routing unit
     max_attempts: int = 4  # forwards per request (first try + retries/resumes)
     failed_hold_s: float = 3.0  # a node whose forward failed stays off the ring this long
@@ -257,6 +265,8 @@ class ClusterBackend:
         self._queued: dict[str, tuple[Move, HashRing, int]] = {}
         self._tasks: list[asyncio.Task] = []
         self.counters = CoordinatorCounters()
+        self.block_index = BlockIndex()
+        self.block_feed = BlockFeed(self.block_index, self.peers)
 
     def models(self) -> list[str]:
         """Names of the models the serving nodes run (what the OpenAI API lists)."""
@@ -301,6 +311,7 @@ class ClusterBackend:
         await self.config.stop()
         await self.health.stop()
         await self.watcher.stop()
+        await self.block_feed.stop()
         await self.peers.close()
         await self.store.close()
 
@@ -326,6 +337,7 @@ class ClusterBackend:
     async def _on_members(self, members: dict[str, NodeRecord]) -> None:
         self.members = members
         self.health.set_targets({n: r.address for n, r in members.items()})
+        self.block_feed.set_targets({n: r.address for n, r in members.items()})
         await self._update_view()
 
     async def _on_transition(self, t: Transition) -> None:
@@ -333,6 +345,7 @@ class ClusterBackend:
             self._failed.pop(t.node_id, None)
         elif t.new is Health.DOWN:
             self._abandon(t.node_id)
+            self.block_feed.node_down(t.node_id)
         # Not awaited here: planning a ring change lists every node's sessions, and the
         # probe loop must go on meanwhile (a stopped node makes that listing slow).
         self._view_stale.set()
@@ -439,13 +452,45 @@ class ClusterBackend:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def route(self, request: pb.GenerateRequest) -> str:
-        """The node for ``request`` under the current ring."""
+    async def route(self, request: pb.GenerateRequest) -> str:
+        """The node for ``request`` under the current ring: a session's owner; else the node
+        holding the prompt's longest cached prefix under bounded load
+        (coordinator/prefix_router.py), or without one the first-block hash's node."""
         if len(self.ring) == 0:
             raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "", str(EmptyRingError()),
                                   retry_after_s=1.0)
         if request.HasField("session_id"):
             return self.ring.lookup(request.session_id)
+        ring, key = self.ring, self._first_block_key(request)
+        fallback = bounded_lookup(ring, key, self.inflight, self.settings.load_eps)
+        sizes = {self.block_index.block_size(n) for n in ring.nodes
+                 if self.block_index.num_blocks(n)} - {None}
+        if not self.settings.prefix_routing or len(sizes) != 1:
+            return fallback  # nothing cached anywhere (or nodes of mixed block sizes)
+        tokens = await self._prompt_tokens(request, fallback)
+        # The node salts its block hashes with the tenant: one tenant's prefix never matches
+        # another's, here as in the node's cache.
+        hashes = hash_token_blocks(tokens, sizes.pop(), request.tenant) if tokens else []
+        if not len(self.ring):  # emptied while the prompt was tokenized
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "", str(EmptyRingError()),
+                                  retry_after_s=1.0)
+        return choose_node(self.ring, key, hashes, self.block_index, self.inflight,
+                           self.settings.load_eps).node
+
+    async def _prompt_tokens(self, request: pb.GenerateRequest, node: str) -> list[int] | None:
+        """The prompt's token ids as the nodes compute them: token-id prompts as sent, text
+        and chats tokenized by ``node`` (None when it cannot answer)."""
+        if request.WhichOneof("prompt") == "token_ids":
+            return [*request.token_ids.ids, *request.resume_token_ids]
+        try:
+            reply = await self.peers.stub(self.members[node].address).Tokenize(
+                request, timeout=_TOKENIZE_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, KeyError):
+            return None
+        return list(reply.token_ids)
+
+    def _first_block_key(self, request: pb.GenerateRequest) -> str:
+        """The routing key of a prompt's first block (shared prefixes meet on one node)."""
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
             key = route_key_for_prompt(request.token_ids.ids, self.settings.block_size)
@@ -456,7 +501,7 @@ class ClusterBackend:
                 text = f"{first.role}\n{first.content}"
             head = list(text.encode("utf-8")[:PREFIX_ROUTE_BYTES]) or [0]
             key = route_key_for_prompt(head, PREFIX_ROUTE_BYTES)
-        return bounded_lookup(self.ring, key, self.inflight, self.settings.load_eps)
+        return key
 
     # -- ServingBackend -----------------------------------------------------------------------
 
@@ -484,7 +529,7 @@ class ClusterBackend:
                 if attempt > 0 and sid is not None:
                     await self._expedite(sid, live=False)
                     await self.gate.settled(sid, live=False)
-                node = self.route(request)
+                node = await self.route(request)
                 if attempt > 0 and sid is not None and held is not None:
                     done = await self._completed_on(node, sid, sent_ids + list(held.token_ids))
                     if done is not None:

@@ -34,6 +34,7 @@ from ultrakv.cluster.addresses import (
     listen_address,
     port_in_use_message,
 )
+from ultrakv.cluster.block_events import batch_to_message, validate_epoch
 from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
 from ultrakv.cluster.health_service import HealthService
 from ultrakv.cluster.metrics_http import serve_metrics
@@ -68,10 +69,13 @@ from ultrakv.cluster.validation import (
     RequestRejected,
     rejection_from_error,
     validate_chunk_bytes,
+    validate_generate,
     validate_session_header,
     validate_session_id,
 )
 from ultrakv.node.chat import ChatMessage
+from ultrakv.node.kv.block_event_log import BlockEventLog
+from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo
 from ultrakv.node.sampling_params import Priority, SamplingParams
@@ -344,9 +348,12 @@ class NodeServicer:
 
     def __init__(self, backend: LocalBackend, limits: Limits,
                  flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
-                 peers_authenticated: bool = False) -> None:
+                 peers_authenticated: bool = False,
+                 block_log: BlockEventLog | None = None) -> None:
         self.backend = backend
         self.engine = backend.engine
+        self.limits = limits
+        self.block_log = block_log
         # Imported KV enters the shared prefix cache only from an authenticated peer: anyone
         # else could plant KV that changes other users' outputs for the same tokens.
         self.peers_authenticated = peers_authenticated
@@ -460,6 +467,51 @@ class NodeServicer:
     async def ClearCache(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._client_facing.ClearCache(request, context)
 
+    async def BlockEvents(self, request: Any, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[npb.BlockEventsMessage]:
+        """Where this node's blocks live: a snapshot unless the caller's (epoch, since_seq)
+        can be continued, then each change as it happens, until the caller hangs up."""
+        try:
+            if isinstance(request, Malformed):
+                raise request.rejection()
+            if self.block_log is None:
+                raise RequestRejected(grpc.StatusCode.UNIMPLEMENTED, "",
+                                      "this node publishes no block events")
+            epoch, since = validate_epoch(request.epoch), request.since_seq
+        except RequestRejected as exc:
+            await abort_with(context, exc)
+            return
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server stopped
+                loop.call_soon_threadsafe(changed.set)
+
+        stop = self.block_log.listen(wake)
+        try:
+            while True:
+                changed.clear()
+                for batch in self.block_log.read(epoch, since):
+                    yield batch_to_message(batch)
+                    epoch, since = batch.epoch, batch.last_seq
+                await changed.wait()
+        finally:
+            stop()
+
+    @unary
+    async def Tokenize(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> npb.TokenizeResponse:
+        """The token ids a request without a session runs here (tokenizer, chat template)."""
+        if request.HasField("session_id"):
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "session_id",
+                                  "session_id must be unset: a session's tokens depend on its history")
+        req = engine_request(validate_generate(request, self.limits), None)
+        # The engine's own prompt path (validation, tokenizer, chat template, resume ids), so
+        # the ids are exactly those a generation of this request would run.
+        prompt = await asyncio.to_thread(self.engine._prompt_for, req)
+        return npb.TokenizeResponse(token_ids=prompt.tokens)
+
 
 # --- the server ------------------------------------------------------------------------------
 
@@ -511,6 +563,20 @@ class ServerSettings:
         return PeerTLS(self.peer_ca_cert, self.tls_cert, self.tls_key)
 
 
+def _block_log_of(engine: Any) -> BlockEventLog:
+    """A block event log that starts from what ``engine``'s tiers hold now (a disk tier
+    scanned at start included) and then hears every change."""
+    log = BlockEventLog(engine.config.block_size)
+    log(True, engine.pool.hashes(), GPU_TIER)
+    tiers = engine.tiers
+    if tiers is not None and tiers.host is not None:
+        log(True, tiers.host.hashes(), "cpu")
+    if tiers is not None and tiers.disk is not None:
+        log(True, tiers.disk.hashes(), "disk")
+    engine.pool.add_observer(log)
+    return log
+
+
 class NodeServer:
     """One node's gRPC server: UltraKV (client-facing, until the cluster lands), NodeService,
     health and reflection, over one Engine."""
@@ -535,6 +601,10 @@ class NodeServer:
         self.peer_tls = s.peer_tls()
         self._health_names: tuple[str, ...] = ()
         self._progress_watch: asyncio.Task[None] | None = None
+        # Where blocks live, for the coordinators' prefix routing (NodeService.BlockEvents).
+        self.block_log: BlockEventLog | None = None
+        if self.settings.node_service:
+            self.block_log = _block_log_of(engine)
 
     @property
     def address(self) -> str:
@@ -572,8 +642,8 @@ class NodeServer:
         add_servicer(server, UltraKVServicer(self.backend, limits, flush), ULTRAKV_SERVICE)
         if internal:
             authenticated = bool(self.cluster_secret) or self.peer_tls is not None
-            add_servicer(server, NodeServicer(self.backend, limits, flush, authenticated),
-                         NODE_SERVICE)
+            add_servicer(server, NodeServicer(self.backend, limits, flush, authenticated,
+                                              self.block_log), NODE_SERVICE)
             services.append(NODE_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(services, server)

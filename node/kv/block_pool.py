@@ -156,6 +156,10 @@ class BlockPool:
         """Content hash registered for ``block_id``, or None if it holds none."""
         return self._hash[self._check_id(block_id)]
 
+    def hashes(self) -> list[int]:
+        """The content hashes the pool holds now (in used and cached blocks)."""
+        return list(self._block_of)
+
     def reset_stats(self) -> None:
         """Zero the hit, miss and eviction counters (after warmup traffic, say)."""
         self._hits = self._misses = self._evictions = 0

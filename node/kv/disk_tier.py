@@ -245,6 +245,11 @@ class DiskTier:
                 self._forget(block_hash)
         log.error("disk tier off (the node serves on without it): %s: %s", what, exc)
 
+    def hashes(self) -> list[int]:
+        """Every block hash indexed (none while the tier is off)."""
+        with self._lock:
+            return list(self._index) if self.enabled else []
+
     def clear(self) -> int:
         """Remove every block file; returns how many were indexed."""
         self.flush()

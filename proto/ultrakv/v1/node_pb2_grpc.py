@@ -96,6 +96,16 @@ class NodeServiceStub:
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.ClearCacheRequest.SerializeToString,
                 response_deserializer=ultrakv_dot_v1_dot_types__pb2.ClearCacheResponse.FromString,
                 _registered_method=True)
+        self.BlockEvents = channel.unary_stream(
+                '/ultrakv.v1.NodeService/BlockEvents',
+                request_serializer=ultrakv_dot_v1_dot_node__pb2.BlockEventsRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.BlockEventsMessage.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/ultrakv.v1.NodeService/Tokenize',
+                request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -177,6 +187,22 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlockEvents(self, request, context):
+        """Where this node's cached blocks live, for the coordinators' prefix routing: a snapshot
+        when the caller's epoch or sequence number cannot be continued, then every change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """The token ids this node would run for a request without a session (its tokenizer and
+        chat template): the coordinators hash them into blocks to find the longest cached prefix.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +265,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ClearCache,
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.ClearCacheRequest.FromString,
                     response_serializer=ultrakv_dot_v1_dot_types__pb2.ClearCacheResponse.SerializeToString,
+            ),
+            'BlockEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.BlockEvents,
+                    request_deserializer=ultrakv_dot_v1_dot_node__pb2.BlockEventsRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.BlockEventsMessage.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -566,6 +602,60 @@ class NodeService:
             '/ultrakv.v1.NodeService/ClearCache',
             ultrakv_dot_v1_dot_types__pb2.ClearCacheRequest.SerializeToString,
             ultrakv_dot_v1_dot_types__pb2.ClearCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/BlockEvents',
+            ultrakv_dot_v1_dot_node__pb2.BlockEventsRequest.SerializeToString,
+            ultrakv_dot_v1_dot_node__pb2.BlockEventsMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/Tokenize',
+            ultrakv_dot_v1_dot_types__pb2.GenerateRequest.SerializeToString,
+            ultrakv_dot_v1_dot_node__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,152 @@
+"""Routing by where blocks live, across real processes: three `tiny` CPU node processes and
+a coordinator process (LocalCluster, real etcd), plus a second coordinator in this process
+whose routing index the tests read. Both build the index from the nodes' block events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from ultrakv.client import AsyncClient
+from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
+from ultrakv.cluster.block_events import batch_from_message
+from ultrakv.cluster.etcd_server import free_port
+from ultrakv.cluster.peer_auth import read_cluster_secret
+from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.ring import bounded_lookup
+from ultrakv.coordinator.health import HealthPolicy
+from ultrakv.coordinator.server import CoordinatorServer, CoordinatorSettings
+from ultrakv.v1 import node_pb2 as npb
+from ultrakv.v1 import types_pb2 as pb
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+SYSTEM = ("You are the routing test's assistant. Answer in one short sentence, cite the "
+          "manual where you can, and never invent a command that the manual does not list. "
+          "The manual follows: ultrakv serves a cluster of nodes behind coordinators. ")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    data = tmp_path_factory.mktemp("prefix-routing")
+    spec = ClusterSpec(nodes=3, coordinators=1, data_dir=data, port=0, device="cpu",
+                       num_blocks=512, lease_ttl_s=2, checkpoint_interval_s=3600.0,
+                       log_dir=data / "logs")
+    with LocalCluster(spec) as c:
+        yield c
+
+
+async def _coordinator(cluster: LocalCluster) -> CoordinatorServer:
+    server = CoordinatorServer(CoordinatorSettings(
+        etcd=cluster.etcd_endpoint, host="127.0.0.1", port=0,
+        cluster_secret_file=str(cluster.cluster_secret_file),
+        health=HealthPolicy(interval_s=1.0, timeout_s=1.0, down_after=3, up_after=2)))
+    await server.start()
+    return server
+
+
+async def _until(what: str, check, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.1)
+
+
+async def _node_truth(cluster: LocalCluster, node: str) -> set[int]:
+    """What ``node`` says it holds (any tier): a fresh subscription's snapshot."""
+    peers = PeerChannels(read_cluster_secret(cluster.cluster_secret_file))
+    try:
+        call = peers.stub(f"127.0.0.1:{cluster.node_ports[node]}").BlockEvents(
+            npb.BlockEventsRequest(), timeout=30)
+        held: set[int] = set()
+        async for message in call:
+            batch = batch_from_message(message)
+            for event in batch.events:
+                held.update(event.hashes)
+            if len(batch.events) < 1024:  # the snapshot's last part; deltas would follow
+                call.cancel()
+                break
+        return held
+    finally:
+        await peers.close()
+
+
+def _indexed(server: CoordinatorServer, node: str) -> set[int]:
+    return server.backend.block_index.blocks(node)
+
+
+async def test_a_sessionless_request_goes_to_the_node_holding_its_prefix(cluster) -> None:
+    server = await _coordinator(cluster)
+    try:
+        backend = server.backend
+        await _until("the in-process coordinator routes over 3 nodes", lambda: len(backend.ring) == 3)
+        probe = pb.GenerateRequest(text=SYSTEM + "Which node?")
+        first_block_node = bounded_lookup(backend.ring, backend._first_block_key(probe), {}, 0.25)
+        # A session whose owner is not the node the prompt's first block hashes to.
+        sid = next(f"warm-{i}" for i in range(100) if backend.ring.lookup(f"warm-{i}") != first_block_node)
+        async with AsyncClient(server.address, timeout=120) as client:
+            warm = await client.process_request({"text": SYSTEM + "What is a node?", "session_id": sid,
+                                                 "max_length": 2, "temperature": 0.0})
+            assert warm["success"], warm
+            holder = warm["node"]
+            assert holder != first_block_node
+            # Both coordinators' indexes learn it from the holder's events.
+            await _until("the index holds the warm prefix",
+                         lambda: backend.block_index.num_blocks(holder) >= len(SYSTEM) // 16)
+            result = await client.process_request({"text": SYSTEM + "Which node?", "max_length": 2,
+                                                   "temperature": 0.0})
+        # Through the coordinator process too (its own index, from the same events).
+        async with AsyncClient(cluster.address, timeout=120) as other:
+            deadline = time.monotonic() + 60
+            while True:
+                via_process = await other.process_request({"text": SYSTEM + "Where?", "max_length": 2,
+                                                           "temperature": 0.0})
+                if via_process["node"] == holder or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+        assert result["success"] and result["node"] == holder, (result, holder, first_block_node)
+        assert result["cached_tokens"] >= len(SYSTEM) // 16 * 16 - 16
+        assert via_process["node"] == holder and via_process["cached_tokens"] > 0, via_process
+    finally:
+        await server.stop()
+
+
+async def test_the_index_converges_after_a_node_is_killed_and_restarted(cluster) -> None:
+    server = await _coordinator(cluster)
+    try:
+        backend = server.backend
+        await _until("the in-process coordinator routes over 3 nodes", lambda: len(backend.ring) == 3)
+        async with AsyncClient(server.address, timeout=120) as client:
+            for i in range(6):  # blocks on every node
+                r = await client.process_request({"text": f"{i} " + SYSTEM, "session_id": f"conv-{i}",
+                                                  "max_length": 2, "temperature": 0.0})
+                assert r["success"], r
+        victim = sorted(backend.members)[0]
+        truth = await _node_truth(cluster, victim)
+        assert truth
+        await _until("the index matches the node", lambda: _indexed(server, victim) == truth)
+        old_epoch = backend.block_index.cursor(victim).epoch
+
+        cluster.kill_node(victim)
+        await _until("the killed node's blocks leave the index", lambda: not _indexed(server, victim))
+
+        cluster.start_node(victim, port=free_port())
+        await _until("the restarted node resyncs under a new epoch",
+                     lambda: backend.block_index.cursor(victim).epoch not in ("", old_epoch), 180)
+        async with AsyncClient(server.address, timeout=120) as client:
+            await _until("the restarted node is back on the ring", lambda: victim in backend.ring, 120)
+            sid = next(f"back-{i}" for i in range(100) if backend.ring.lookup(f"back-{i}") == victim)
+            r = await client.process_request({"text": "again " + SYSTEM, "session_id": sid,
+                                              "max_length": 2, "temperature": 0.0})
+            assert r["success"] and r["node"] == victim, r
+        truth = await _node_truth(cluster, victim)
+        assert truth
+        await _until("the index matches the restarted node", lambda: _indexed(server, victim) == truth)
+        for node in backend.members:
+            node_truth = await _node_truth(cluster, node)
+            await _until(f"the index matches {node}", lambda n=node, t=node_truth: _indexed(server, n) == t)
+    finally:
+        await server.stop()
