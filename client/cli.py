@@ -66,7 +66,8 @@ def _node_config(args: argparse.Namespace, default_device: str,
               "num_blocks": args.num_blocks,
               "num_scheduler_steps": args.num_scheduler_steps, "fused_kernels": args.fused_kernels,
               "kv_cpu_gib": args.kv_cpu_gib, "kv_disk_dir": args.kv_disk_dir,
-              "kv_disk_gib": args.kv_disk_gib, "kv_write_policy": args.kv_write_policy}
+              "kv_disk_gib": args.kv_disk_gib, "kv_write_policy": args.kv_write_policy,
+              "kv_cache_dtype": args.kv_cache_dtype}
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
@@ -174,7 +175,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The nodes' ports serve the client API too: the same keys guard them.
         node_args=(["--keys-file", args.keys_file] if args.keys_file else [])
         + (["--kv-cpu-gib", str(args.kv_cpu_gib)] if args.kv_cpu_gib is not None else [])
-        + (["--kv-write-policy", args.kv_write_policy] if args.kv_write_policy else [])))
+        + (["--kv-write-policy", args.kv_write_policy] if args.kv_write_policy else [])
+        + (["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])))
 
 
 def _coordinator_security_args(args: argparse.Namespace) -> list[str]:
@@ -672,6 +674,9 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="Triton kernels for norm + residual add, RoPE and SwiGLU (CUDA only)")
     _kv_tier_options(p)
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8_e4m3", "int8"),
+                   help="KV cache elements: auto (the model's dtype) or one byte each, int8 or "
+                        "fp8_e4m3, with a scale per token and head (about 2x the blocks vs bf16)")
     _metrics_option(p)
     _security_options(p)
     _cluster_secret_option(p)

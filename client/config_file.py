@@ -73,6 +73,8 @@ HELP: dict[str, dict[str, str]] = {
         "enable_prefix_caching": "share KV blocks between equal prefixes",
         "enable_chunked_prefill": "split long prompts across steps",
         "eviction_policy": "which cached blocks go first: lru, lfu, fifo or arc",
+        "kv_cache_dtype": "KV cache elements: auto (the model's dtype), int8 or fp8_e4m3 (one byte "
+                          "each plus a float32 scale per token and kv head)",
         "attention_backend": "auto, torch or triton",
         "use_cuda_graphs": "replay CUDA graphs for decode",
         "num_scheduler_steps": "decode steps per round when only decodes run (1 = off; unset: 32 on CUDA, 1 on CPU)",

@@ -58,11 +58,26 @@ def hash_token_blocks(
 
 
 def continue_chain(
-    known: Sequence[int], token_ids: Sequence[int], block_size: int, salt: str = ""
+    known: Sequence[int], token_ids: Sequence[int], block_size: int, salt: str = "",
+    root: int | None = None,
 ) -> list[int]:
     """Chained hashes of every full block of ``token_ids``, given ``known``: hashes already
     computed for its leading blocks (extra ones past the full blocks are ignored). Only the
-    blocks after them are hashed."""
+    blocks after them are hashed. ``root`` is the parent of the first block (``chain_root``)."""
     known = list(known[: len(token_ids) // block_size])
     rest = token_ids[len(known) * block_size :]
-    return known + hash_token_blocks(rest, block_size, salt, known[-1] if known else None)
+    return known + hash_token_blocks(rest, block_size, salt, known[-1] if known else root)
+
+
+def chain_root(kv_cache_dtype: str) -> int | None:
+    """The parent of a chain's first block in a cache of ``kv_cache_dtype``.
+
+    None for ``auto``, so an unquantized cache hashes exactly as before; for a quantized one
+    a hash of the dtype's name, so every block hash of an int8 or fp8 cache differs from the
+    float cache's hash of the same tokens (and from each other): prefix matches, imports and
+    anything keyed by block hash never mix quantized and unquantized blocks.
+    """
+    if kv_cache_dtype == "auto":
+        return None
+    h = hashlib.blake2b(b"ultrakv kv_cache_dtype\x00" + kv_cache_dtype.encode("utf-8"), digest_size=8)
+    return int.from_bytes(h.digest(), "little")

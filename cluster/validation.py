@@ -243,7 +243,9 @@ KV_CHUNK_MIN_BYTES = 4096
 KV_CHUNK_MAX_BYTES = 16 << 20
 
 # Bytes per element of the KV cache dtypes a node runs, by torch dtype name (no torch here).
-_KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
+# Quantized caches (node/kv/quantization.py) carry a float32 scale behind each row of values.
+_KV_SCALE_ELEMENTS = {"int8": 4, "float8_e4m3fn": 4}
 
 
 @dataclass(frozen=True)
@@ -261,8 +263,10 @@ class SessionLayout:
     kv_dtype: str  # torch dtype name, e.g. "float32"
 
     def kv_shape(self, kv_tokens: int) -> list[int]:
-        """[num_layers, 2, kv_tokens, num_kv_heads, head_dim], the transfer layout."""
-        return [self.num_layers, 2, kv_tokens, self.num_kv_heads, self.head_dim]
+        """[num_layers, 2, kv_tokens, num_kv_heads, head_dim], the transfer layout (a quantized
+        cache's rows are head_dim values and their 4-byte scale)."""
+        row = self.head_dim + _KV_SCALE_ELEMENTS.get(self.kv_dtype, 0)
+        return [self.num_layers, 2, kv_tokens, self.num_kv_heads, row]
 
     def kv_bytes(self, kv_tokens: int) -> int:
         return math.prod(self.kv_shape(kv_tokens)) * _KV_ELEMENT_BYTES.get(self.kv_dtype, 4)

@@ -8,6 +8,8 @@ EVICTION_POLICIES = ("lru", "lfu", "fifo", "arc")
 KV_WRITE_POLICIES = ("write_back", "write_through")
 MAX_KV_TIER_GIB = 1 << 20  # 1 PiB: a cap past it is a typo
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Keep in step with node/kv/quantization.KV_CACHE_DTYPES (this module imports no torch).
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "int8")
 
 
 @dataclass
@@ -35,6 +37,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     eviction_policy: str = "lru"
+    # KV cache element type: auto (the model's dtype) or one byte per element, int8 or fp8
+    # (e4m3) with a float32 scale per token and kv head (node/kv/quantization.py).
+    kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"
     use_cuda_graphs: bool = True
     # Decode steps run back to back per scheduling round when only decodes are running and
@@ -114,6 +119,8 @@ class EngineConfig:
         _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
         _check(self.num_scheduler_steps is None or 1 <= self.num_scheduler_steps <= 64,
                "num_scheduler_steps", "in [1, 64]", self.num_scheduler_steps)
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {KV_CACHE_DTYPES}",
+               self.kv_cache_dtype)
         _check(self.priority_aging_s > 0, "priority_aging_s", "> 0", self.priority_aging_s)
         _check(self.session_ttl_s > 0, "session_ttl_s", "> 0", self.session_ttl_s)
         _check(self.max_sessions >= 1, "max_sessions", ">= 1", self.max_sessions)

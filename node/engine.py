@@ -23,10 +23,10 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from ultrakv.cluster.block_hashing import continue_chain, hash_token_blocks
+from ultrakv.cluster.block_hashing import chain_root, continue_chain, hash_token_blocks
 from ultrakv.cluster.errors import (
     IncompatibleSessionError,
     InvalidRequestError,
@@ -41,6 +41,7 @@ from ultrakv.node.attention.triton_backend import triton_available
 from ultrakv.node.chat import ChatMessage, is_chat, parse_messages, template_delta
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.cuda_graphs import CudaGraphRunner
+from ultrakv.node.kv import quantization
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.disk_tier import DiskTier
 from ultrakv.node.kv.host_tier import HostTier
@@ -119,12 +120,18 @@ class Engine:
         self.model_fingerprint = loaded.fingerprint
         self.attention_backend = attn.name
         self.dtype = next(self.model.parameters()).dtype
+        # What the KV cache stores (the model dtype, or int8 / fp8 with packed scales), and the
+        # root of its block-hash chains: blocks of different KV dtypes never share a hash.
+        self.kv_storage_dtype = quantization.storage_dtype(config.kv_cache_dtype, self.dtype)
+        self.chain_root = chain_root(config.kv_cache_dtype)
 
         mc = self.model_config
         bs = config.block_size
         self.num_blocks = config.num_blocks or self._blocks_from_memory()
-        shape = (2, self.num_blocks, bs, mc.num_key_value_heads, mc.head_dim)
-        self.kv_caches = [zeroed_kv(shape, self.dtype, self.device) for _ in range(mc.num_hidden_layers)]
+        shape = (2, self.num_blocks, bs, mc.num_key_value_heads,
+                 quantization.row_width(mc.head_dim, self.kv_storage_dtype))
+        self.kv_caches = [zeroed_kv(shape, self.kv_storage_dtype, self.device)
+                          for _ in range(mc.num_hidden_layers)]
         self.pool = BlockPool(self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching)
         self.tiers = self._build_tiers()
         if self.tiers is not None:
@@ -142,6 +149,7 @@ class Engine:
             aging_s=config.priority_aging_s,
             max_model_len=self.max_model_len,
             tiers=self.tiers,
+            chain_root=self.chain_root,
         )
         self.sessions = SessionStore(config.max_sessions, max_replicas=config.max_replicas,
                                      max_replica_tokens=config.max_replica_tokens)
@@ -183,10 +191,12 @@ class Engine:
         self._metrics = _Metrics()
         self._last_progress = time.monotonic()  # a model step ran, or work arrived at an idle engine
         log.info(
-            "engine ready: model=%s device=%s dtype=%s attention=%s kv_blocks=%d x %d tokens (%.1f MiB) policy=%s",
+            "engine ready: model=%s device=%s dtype=%s kv_cache_dtype=%s attention=%s kv_blocks=%d x %d tokens "
+            "(%.1f MiB) policy=%s",
             self.model_name,
             self.device,
             str(self.dtype).removeprefix("torch."),
+            config.kv_cache_dtype,
             self.attention_backend,
             self.num_blocks,
             bs,
@@ -289,8 +299,8 @@ class Engine:
 
     def _bytes_per_block(self) -> int:
         mc = self.model_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.config.block_size * mc.num_key_value_heads * mc.head_dim * elem * mc.num_hidden_layers
+        row = quantization.row_width(mc.head_dim, self.kv_storage_dtype) * self.kv_storage_dtype.itemsize
+        return 2 * self.config.block_size * mc.num_key_value_heads * row * mc.num_hidden_layers
 
     def _kv_bytes(self) -> int:
         return self.num_blocks * self._bytes_per_block()
@@ -835,7 +845,8 @@ class Engine:
 
     def _cached_blocks(self, s: Session) -> list[int]:
         """Blocks of the session's history still in the cache (the leading run)."""
-        return self.pool.cached_prefix(continue_chain(s.block_hashes, s.token_ids, self.config.block_size, s.salt))
+        return self.pool.cached_prefix(continue_chain(s.block_hashes, s.token_ids, self.config.block_size, s.salt,
+                                                      self.chain_root))
 
     def _newest(self, session_id: str, tenant: str | None = None) -> tuple[Session, bool]:
         copy = self.sessions.newest(session_id, tenant)
@@ -896,7 +907,7 @@ class Engine:
             num_layers=mc.num_hidden_layers,
             num_kv_heads=mc.num_key_value_heads,
             head_dim=mc.head_dim,
-            kv_dtype=str(self.dtype).removeprefix("torch."),
+            kv_dtype=str(self.kv_storage_dtype).removeprefix("torch."),
         )
 
     def store_replica(self, session_id: str, token_ids: list[int], turns: int, tenant: str = "") -> None:
@@ -919,7 +930,9 @@ class Engine:
             if blocks:
                 idx = torch.tensor(blocks, device=self.device)
                 # [L, 2, n_blocks, bs, H, D] -> [L, 2, n_blocks * bs, H, D]
-                kv = torch.stack([c.index_select(1, idx) for c in self.kv_caches]).flatten(2, 3).cpu()
+                # As bytes (CPU has no index_select for fp8); quantized KV keeps its packed scales.
+                kv = torch.stack([c.view(torch.uint8).index_select(1, idx) for c in self.kv_caches])
+                kv = kv.view(self.kv_storage_dtype).flatten(2, 3).cpu()
             return SessionState(
                 session_id=s.session_id,
                 token_ids=list(s.token_ids),
@@ -944,6 +957,15 @@ class Engine:
                 f"session {state.session_id!r} KV comes from model {state.model_fingerprint}, "
                 f"this node runs {self.model_fingerprint}"
             )
+        if state.kv is not None and state.kv.dtype != self.kv_storage_dtype and (
+                quantization.is_quantized(state.kv.dtype) or quantization.is_quantized(self.kv_storage_dtype)):
+            # Quantized and float KV never mix (nor int8 and fp8): the history comes in alone
+            # and its next turn recomputes the KV here.
+            log.warning("session %r: its KV is %s, this node's cache holds %s; importing the history "
+                        "only (the KV is recomputed on the next turn)", state.session_id,
+                        str(state.kv.dtype).removeprefix("torch."),
+                        str(self.kv_storage_dtype).removeprefix("torch."))
+            state = replace(state, kv=None, kv_tokens=0)
         bs = self.config.block_size
         kv_tokens = state.kv_tokens if state.kv is not None else 0
         if kv_tokens:
@@ -961,7 +983,7 @@ class Engine:
             self.sessions.put(session)
             if not kv_tokens or not self.config.enable_prefix_caching:
                 return 0
-            hashes = hash_token_blocks(state.token_ids[:kv_tokens], bs, state.tenant)
+            hashes = hash_token_blocks(state.token_ids[:kv_tokens], bs, state.tenant, self.chain_root)
             session.block_hashes = hashes  # the next turn's prefix match starts from them
             held = self.pool.cached_prefix(hashes)
             have = len(held)
@@ -972,13 +994,14 @@ class Engine:
                 if n_new <= 0:
                     return have * bs
                 blocks = self.pool.allocate(n_new)
-                kv = state.kv[:, :, have * bs : (have + n_new) * bs].to(self.device, self.dtype)
+                kv = state.kv[:, :, have * bs : (have + n_new) * bs].to(self.device, self.kv_storage_dtype)
                 kv = kv.unflatten(2, (n_new, bs))
                 idx = torch.tensor(blocks, device=self.device)
                 if self.tiers is not None:  # blocks evicted above leave before being overwritten
                     self.tiers.flush()
                 for layer, cache in enumerate(self.kv_caches):
-                    cache.index_copy_(1, idx, kv[layer])
+                    # As bytes: CPU has no index_copy for fp8 (the same copy for float caches).
+                    cache.view(torch.uint8).index_copy_(1, idx, kv[layer].view(torch.uint8))
                 for i, b in enumerate(blocks):
                     self.pool.commit(b, hashes[have + i])
                 return (have + n_new) * bs
@@ -1001,6 +1024,7 @@ class Engine:
                 "model": self.model_name,
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
+                "kv_cache_dtype": self.config.kv_cache_dtype,
                 "attention_backend": self.attention_backend,
                 "cuda_graphs": self.cuda_graphs,
                 "fused_kernels": self.fused_kernels,

@@ -83,8 +83,10 @@ class Scheduler:
         max_model_len: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         tiers: TierLoader | None = None,
+        chain_root: int | None = None,
     ):
         self.pool = pool
+        self.chain_root = chain_root  # parent of every chain's first block (kv dtype in the key)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -258,7 +260,8 @@ class Scheduler:
         """Chained hashes of the full blocks a prefix match may reuse: all but the last token
         (always computed, so the step yields logits to sample from). Starts from the known
         ``prefix_hashes``, so a conversation's next turn hashes only its new blocks."""
-        return continue_chain(seq.prefix_hashes, seq.token_ids[: seq.num_tokens - 1], self.block_size, seq.salt)
+        return continue_chain(seq.prefix_hashes, seq.token_ids[: seq.num_tokens - 1], self.block_size, seq.salt,
+                              self.chain_root)
 
     def reserve(self, seq: Sequence, num_new: int) -> bool:
         """Blocks for ``num_new`` more computed tokens of ``seq``; False (nothing taken) when
@@ -299,7 +302,7 @@ class Scheduler:
         bs = self.block_size
         full = seq.num_computed_tokens // bs
         for b in range(seq.num_committed_blocks, full):
-            parent = seq.block_hashes[b - 1] if b > 0 else None
+            parent = seq.block_hashes[b - 1] if b > 0 else self.chain_root
             h = hash_block(parent, seq.token_ids[b * bs : (b + 1) * bs], seq.salt)
             seq.block_hashes.append(h)
             self.pool.commit(seq.block_table[b], h)

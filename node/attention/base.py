@@ -8,6 +8,9 @@ KV cache layout, one tensor per layer::
 
     kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]   # [0] keys, [1] values
 
+(a quantized cache, ``kv_cache_dtype`` int8 / fp8_e4m3, is int8 / float8_e4m3fn with each
+row's float32 scale packed behind it: last dim ``head_dim + 4``; ``node/kv/quantization.py``.)
+
 Token ``j`` of a sequence (0-based position in its context) lives in block
 ``block_tables[i, j // block_size]`` at offset ``j % block_size``. ``slot_mapping[t]`` is the
 flat slot (``block * block_size + offset``) where new token ``t`` is written; -1 means
@@ -24,6 +27,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+from ultrakv.node.kv import quantization
 
 TABLE_WIDTH_MULTIPLE = 16
 
@@ -87,8 +91,16 @@ class AttentionBackend(ABC):
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys/values into their cache slots (rows with slot -1 are skipped)."""
+    """Scatter new keys/values into their cache slots (rows with slot -1 are skipped).
+
+    A quantized cache (int8 / fp8, see ``node/kv/quantization.py``) gets each row quantized
+    with its scale packed behind it; the scatter then moves bytes (CPU has no fp8 index_copy).
+    """
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    if quantization.is_quantized(kv_cache.dtype):
+        k = quantization.quantize(k, kv_cache.dtype).view(torch.uint8)
+        v = quantization.quantize(v, kv_cache.dtype).view(torch.uint8)
+        kv_cache = kv_cache.view(torch.uint8)
     flat = kv_cache.view(2, num_blocks * block_size, kv_cache.shape[3], kv_cache.shape[4])
     valid = slot_mapping >= 0
     if bool(valid.all()):

@@ -4,6 +4,7 @@ Correct for any mix of sequences in one step (prefill from scratch, prefill afte
 prefix, single-token decode): each sequence's context is gathered from its blocks into a
 padded batch, and a mask gives every new token exactly the keys at or before its own
 position. Simple and exact rather than fast; the GPU kernels are measured against it.
+A quantized cache (int8 / fp8) is dequantized while the context is gathered.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata, write_kv
+from ultrakv.node.kv import quantization
 
 
 class TorchReferenceBackend(AttentionBackend):
@@ -46,7 +48,12 @@ class TorchReferenceBackend(AttentionBackend):
         plan = self._plan_for(meta, kv_cache.shape[2], q.device)
 
         # Context of every sequence, padded to max_seq_len: [2, B, S, kv_heads, D].
-        kv = kv_cache[:, plan.tables].flatten(2, 3)[:, :, : meta.max_seq_len]
+        if quantization.is_quantized(kv_cache.dtype):
+            # Gathered as bytes (CPU cannot index fp8), dequantized as the context is built.
+            raw = kv_cache.view(torch.uint8)[:, plan.tables].flatten(2, 3)[:, :, : meta.max_seq_len]
+            kv = quantization.dequantize(raw.view(kv_cache.dtype), head_dim)
+        else:
+            kv = kv_cache[:, plan.tables].flatten(2, 3)[:, :, : meta.max_seq_len]
         keys = kv[0].transpose(1, 2).float()  # [B, KVH, S, D]
         values = kv[1].transpose(1, 2).float()
 
