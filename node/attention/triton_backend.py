@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata
+from ultrakv.node.kv import quantization
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Partitions per decode launch are sized so that about this many programs per SM run:
@@ -100,6 +101,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _quant_kind(kv_cache: torch.Tensor) -> int:
+    """The kernels' QUANT constexpr: 0 a float cache, 1 int8, 2 fp8 (e4m3)."""
+    return {torch.int8: 1, torch.float8_e4m3fn: 2}.get(kv_cache.dtype, 0)
+
+
+def _qmax(kv_cache: torch.Tensor) -> float:
+    return quantization.qmax(kv_cache.dtype) if quantization.is_quantized(kv_cache.dtype) else 0.0
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -119,7 +129,8 @@ def decode_partition_size(
 
 
 class TritonPagedBackend(AttentionBackend):
-    """Paged attention through Triton kernels (CUDA only; bf16, fp16 and fp32)."""
+    """Paged attention through Triton kernels (CUDA only; bf16, fp16 and fp32; the cache may
+    be int8 or fp8 e4m3, quantized in the write kernel and dequantized in the others)."""
 
     name = "triton"
     supports_cuda_graphs = True  # decode: device-side -1 skips, grid from shapes + max_seq_len
@@ -151,10 +162,11 @@ class TritonPagedBackend(AttentionBackend):
         # TRITON_INTERPRET=1 runs the kernels on CPU tensors (slow; for debugging without a GPU).
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"q must be a CUDA tensor for the triton backend, got {q.device}")
-        if q.dtype not in _SUPPORTED_DTYPES or kv_cache.dtype != q.dtype:
+        quantized = quantization.is_quantized(kv_cache.dtype)
+        if q.dtype not in _SUPPORTED_DTYPES or (kv_cache.dtype != q.dtype and not quantized):
             raise ValueError(
-                f"q and kv_cache dtype must match and be one of {_SUPPORTED_DTYPES}, "
-                f"got q={q.dtype}, kv_cache={kv_cache.dtype}"
+                f"q and kv_cache dtype must match and be one of {_SUPPORTED_DTYPES} (or the "
+                f"kv_cache int8 / float8_e4m3fn), got q={q.dtype}, kv_cache={kv_cache.dtype}"
             )
         num_heads, num_kv_heads = q.shape[1], kv_cache.shape[3]
         if num_heads % num_kv_heads != 0:
@@ -162,10 +174,11 @@ class TritonPagedBackend(AttentionBackend):
                 f"num_heads must be a multiple of num_kv_heads, got {num_heads} and {num_kv_heads}"
             )
         head_dim = q.shape[2]
-        if head_dim < 16 or kv_cache.shape[4] != head_dim or k.shape[-1] != head_dim:
+        row = quantization.row_width(head_dim, kv_cache.dtype)
+        if head_dim < 16 or kv_cache.shape[4] != row or k.shape[-1] != head_dim:
             raise ValueError(
-                f"head_dim must be >= 16 and equal in q, k and kv_cache, got q={head_dim}, "
-                f"k={k.shape[-1]}, kv_cache={kv_cache.shape[4]}"
+                f"head_dim must be >= 16 and equal in q, k and kv_cache (plus the scale in a "
+                f"quantized cache), got q={head_dim}, k={k.shape[-1]}, kv_cache={kv_cache.shape[4]}"
             )
         if kv_cache.stride(4) != 1 or q.stride(2) != 1:
             raise ValueError("q and kv_cache must be contiguous in head_dim")
@@ -179,13 +192,14 @@ class TritonPagedBackend(AttentionBackend):
             return
         k = k if k.stride(2) == 1 else k.contiguous()
         v = v if v.stride(2) == 1 else v.contiguous()
-        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        num_kv_heads, head_dim = kv_cache.shape[3], k.shape[2]
         _kernels()["write_kv"][(num_tokens,)](
             k, v, kv_cache, slot_mapping,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=kv_cache.shape[2],
             BLOCK_H=_next_pow2(num_kv_heads), BLOCK_D=_next_pow2(head_dim),
+            QUANT=_quant_kind(kv_cache), QMAX=_qmax(kv_cache),
         )
 
     def decode(
@@ -235,7 +249,7 @@ class TritonPagedBackend(AttentionBackend):
             *acc_strides, *ml_strides,
             GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
             PAGE=page, BLOCK_N=cfg.block_n, PARTITION=partition, SINGLE=single,
-            IEEE=q.dtype == torch.float32,
+            IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if not single:
@@ -268,7 +282,7 @@ class TritonPagedBackend(AttentionBackend):
             meta.block_tables.stride(0),
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_next_pow2(head_dim),
             PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            IEEE=q.dtype == torch.float32,
+            IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out

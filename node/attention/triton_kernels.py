@@ -1,5 +1,9 @@
 """Triton kernels behind ``triton_backend``: KV write, split-K GQA decode + reduce, prefill.
 
+With a quantized cache (``QUANT`` 1 int8, 2 fp8; layout in ``node/kv/quantization.py``) the
+write kernel quantizes each (token, kv head) row and stores its float32 scale behind it, and
+the attention kernels dequantize K/V tiles as they load them.
+
 Imported only when a kernel is first launched, so that CPU-only machines without Triton can
 still import the backend module. Launch parameters and the design are described there.
 """
@@ -19,12 +23,48 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _scale_ptr(row_ptr, HEAD_DIM: tl.constexpr):
+    # A quantized row's float32 scale sits right after its HEAD_DIM one-byte values.
+    return (row_ptr + HEAD_DIM).to(tl.pointer_type(tl.float32), bitcast=True)
+
+
+@triton.jit
+def _round_half_even(z):
+    # As torch.round and the fp8 conversion do: ties (common with fp16 / bf16 inputs) go to
+    # the even neighbour, so the kernel writes the bytes the PyTorch reference writes.
+    r = tl.floor(z + 0.5)
+    return tl.where((r - z == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)
+
+
+@triton.jit
+def _store_quantized(row_ptr, x, offs_d, mask, hmask,
+                     HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    # One scale per row (token, kv head): absmax / QMAX, 1 for an all-zero row.
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), 1)
+    scale = tl.where(amax > 0, amax / QMAX, 1.0)
+    y = tl.minimum(tl.maximum(xf / scale[:, None], -QMAX), QMAX)
+    if QUANT == 1:  # int8: round to nearest (the conversion itself truncates)
+        y = _round_half_even(y)
+    else:
+        # e4m3: round to nearest on its grid here (3 mantissa bits: a step of 2^(e-3) for
+        # |y| in [2^e, 2^(e+1)), 2^-9 below 2^-6), so the conversion below is exact. Triton's
+        # CPU interpreter converts to fp8 without carrying into the exponent (125.8 -> 64);
+        # exact inputs make the kernel the same everywhere.
+        biased = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        step = ((tl.maximum(biased, 127 - 6) - 3) << 23).to(tl.float32, bitcast=True)
+        y = _round_half_even(y / step) * step
+    tl.store(row_ptr[:, None] + offs_d[None, :], y.to(row_ptr.dtype.element_ty), mask=mask)
+    tl.store(_scale_ptr(row_ptr, HEAD_DIM), scale, mask=hmask)
+
+
+@triton.jit
 def write_kv_kernel(
     K, V, KV, SLOT,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kind, stride_block, stride_tok, stride_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(SLOT + t).to(tl.int64)
@@ -32,14 +72,21 @@ def write_kv_kernel(
         row = (slot // PAGE) * stride_block + (slot % PAGE) * stride_tok
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+        hmask = offs_h < NUM_KV_HEADS
+        mask = hmask[:, None] & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :],
-                    mask=mask)
+                    mask=mask, other=0.0)
         v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
-                    mask=mask)
-        dst = KV + row + offs_h[:, None] * stride_head + offs_d[None, :]
-        tl.store(dst, k, mask=mask)
-        tl.store(dst + stride_kind, v, mask=mask)
+                    mask=mask, other=0.0)
+        if QUANT:
+            # Quantized in the write: the cache never holds float K/V (QUANT 1 int8, 2 fp8).
+            k_rows = KV + row + offs_h * stride_head
+            _store_quantized(k_rows, k, offs_d, mask, hmask, HEAD_DIM, QUANT, QMAX)
+            _store_quantized(k_rows + stride_kind, v, offs_d, mask, hmask, HEAD_DIM, QUANT, QMAX)
+        else:
+            dst = KV + row + offs_h[:, None] * stride_head + offs_d[None, :]
+            tl.store(dst, k, mask=mask)
+            tl.store(dst + stride_kind, v, mask=mask)
 
 
 @triton.jit
@@ -52,7 +99,7 @@ def decode_kernel(
     stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    PARTITION: tl.constexpr, SINGLE: tl.constexpr, IEEE: tl.constexpr,
+    PARTITION: tl.constexpr, SINGLE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -82,13 +129,27 @@ def decode_kernel(
         k = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(kv_base + stride_kind + row[:, None] + offs_d[None, :], mask=lmask,
                     other=0.0)
+        if QUANT:
+            # Dequantized on load: one-byte values widen exactly to q's dtype; the per-token
+            # scales multiply the scores (keys) and the probabilities (values).
+            k_scale = tl.load(_scale_ptr(kv_base + row, HEAD_DIM), mask=nmask, other=0.0)
+            v_scale = tl.load(_scale_ptr(kv_base + stride_kind + row, HEAD_DIM), mask=nmask,
+                              other=0.0)
+            k = k.to(Q.dtype.element_ty)
+            v = v.to(Q.dtype.element_ty)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale  # log2 domain: qk_scale has log2(e)
+        if QUANT:
+            s = s * k_scale[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        if QUANT:
+            pv = p * v_scale[None, :]
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + _dot(pv.to(v.dtype), v, IEEE)
         m_i = m_new
 
     if SINGLE:
@@ -146,7 +207,7 @@ def prefill_kernel(
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -179,7 +240,15 @@ def prefill_kernel(
             k = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
             v = tl.load(kv_base + stride_kind + row[:, None] + offs_d[None, :], mask=lmask,
                         other=0.0)
+            if QUANT:  # dequantized on load, as in decode_kernel
+                k_scale = tl.load(_scale_ptr(kv_base + row, HEAD_DIM), mask=nmask, other=0.0)
+                v_scale = tl.load(_scale_ptr(kv_base + stride_kind + row, HEAD_DIM),
+                                  mask=nmask, other=0.0)
+                k = k.to(Q.dtype.element_ty)
+                v = v.to(Q.dtype.element_ty)
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            if QUANT:
+                s = s * k_scale[None, :]
             causal = (offs_n[None, :] <= pos_m[:, None]) & nmask[None, :]
             s = tl.where(causal, s, float("-inf"))
             # Rows past q_len can be fully masked: keep their max finite so exp2 stays 0.
@@ -188,7 +257,11 @@ def prefill_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            if QUANT:
+                pv = p * v_scale[None, :]
+            else:
+                pv = p
+            acc = acc * alpha[:, None] + _dot(pv.to(v.dtype), v, IEEE)
             m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
