@@ -197,3 +197,22 @@ def test_node_flag_and_config_key_reach_the_engine_config(capsys):
     assert NodeConfig.from_dict({"engine": {"kv_cache_dtype": "int8"}}).engine.kv_cache_dtype == "int8"
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         NodeConfig.from_dict({"engine": {"kv_cache_dtype": "bf16"}})
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_quantized_blocks_round_trip_through_the_kv_tiers(tier, tmp_path):
+    """fp8 blocks (scales packed in) evicted to the host or disk tier come back byte for byte:
+    the reloaded prefix is a hit and the continuation is unchanged."""
+    kw = {"kv_cpu_gib": 0.01} if tier == "cpu" else {"kv_disk_dir": str(tmp_path)}
+    e = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=8, kv_cache_dtype="fp8_e4m3", **kw))
+    assert e.block_identity.kv_dtype == "fp8_e4m3"
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    a = list(range(1, 70))
+    first = e.generate([a], sp, session_ids=["t"])[0]
+    before = e.export_session("t").kv.view(torch.uint8).clone()
+    e.generate([list(range(100, 170))], sp)  # evicts a's blocks into the tier
+    e.tiers.flush()
+    again = e.generate([a], sp)[0]
+    assert again.cached_tokens == 64 and e.tiers.counters.loaded >= 1
+    assert again.token_ids == first.token_ids
+    assert torch.equal(e.export_session("t").kv.view(torch.uint8)[:, :, :64], before[:, :, :64])

@@ -175,8 +175,9 @@ class KVTiers:
 
     def _gather(self, ids: torch.Tensor) -> torch.Tensor:
         """Blocks ``ids`` of every layer as ``[n, layers, 2, block_size, heads, dim]``."""
-        stacked = torch.stack([c.index_select(1, ids) for c in self.kv_caches])
-        return stacked.permute(2, 0, 1, 3, 4, 5).contiguous()
+        # As bytes: CPU has no index_select for an fp8 (kv_cache_dtype fp8_e4m3) cache.
+        stacked = torch.stack([c.view(torch.uint8).index_select(1, ids) for c in self.kv_caches])
+        return stacked.permute(2, 0, 1, 3, 4, 5).contiguous().view(self.kv_caches[0].dtype)
 
     def _spill(self, block_hash: int, block: torch.Tensor) -> None:
         """The host tier evicted ``block_hash`` (its bytes: ``block``): write-back sends it to
@@ -241,7 +242,7 @@ class KVTiers:
             main.wait_stream(self._stream)
             staged.record_stream(self._stream)
         for layer, cache in enumerate(self.kv_caches):
-            cache.index_copy_(1, ids, staged[:, layer].transpose(0, 1))
+            cache.view(torch.uint8).index_copy_(1, ids, staged[:, layer].transpose(0, 1).view(torch.uint8))
         self.counters.loaded += n
         return n
 
