@@ -294,3 +294,16 @@ def test_node_flags_reach_the_engine_config():
     args = build_parser().parse_args(["serve", "--nodes", "2", "--kv-disk-dir", "/d"])
     with pytest.raises(ValueError, match="--kv-disk-dir needs --nodes 1"):
         args.func(args)
+
+
+def test_write_back_persists_cached_blocks_at_shutdown(tmp_path):
+    engine = _engine(kv_disk_dir=str(tmp_path))
+    try:
+        engine.generate([PROMPTS[0]], GREEDY)
+        engine.tiers.disk.flush()
+        namespace = engine.tiers.disk.directory
+        assert not list(namespace.glob(f"*{SUFFIX}"))  # nothing evicted yet: nothing written
+    finally:
+        engine.shutdown()
+    assert {p.name for p in namespace.glob(f"*{SUFFIX}")} == {
+        f"{h:016x}{SUFFIX}" for h in hash_token_blocks(PROMPTS[0], BS)}

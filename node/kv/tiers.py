@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,9 @@ TIERS = ("gpu", "cpu", "disk")
 WRITE_POLICIES = ("write_back", "write_through")
 # Reads started ahead of scheduling and not consumed yet, at most (each holds one block).
 MAX_PREFETCHED = 1024
+# How long a stopping engine may spend writing its cached blocks to disk (well inside a pod's
+# termination grace period, which the final checkpoint shares).
+PERSIST_BUDGET_S = 30.0
 
 # BlockPool.publish: (stored, block hashes, tier "cpu" | "disk"), the pool's observer hook,
 # through which the coordinators' prefix index learns which node holds which block.
@@ -262,24 +266,33 @@ class KVTiers:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def persist(self, gpu_blocks: list[tuple[int, int]]) -> int:
-        """Write every block not on disk yet to it (stop under write-back: the GPU pool's
-        ``(hash, block id)`` and the host tier's blocks), blocking; returns how many."""
+    def persist(self, gpu_blocks: list[tuple[int, int]], budget_s: float = PERSIST_BUDGET_S) -> int:
+        """Write blocks not on disk yet to it, blocking, for at most ``budget_s`` (a node
+        stopping has a grace period to keep): the host tier's first, then the GPU pool's
+        ``(hash, block id)``; returns how many were written. Under write-back this is what
+        makes a stopped node's cache outlive it."""
         if self.disk is None or not self.disk.enabled:
             return 0
+        deadline = time.monotonic() + budget_s
         self.flush()
-        written = 0
-        if self.host is not None:
-            for h in self.host.hashes():
-                slot = self.host.lookup(h)
-                written += self.disk.write_now(h, self.host.slot(slot))
-        todo = [(h, b) for h, b in gpu_blocks if h not in self.disk]
-        for start in range(0, len(todo), 64):
-            chunk = todo[start : start + 64]
-            cpu = self._gather(torch.tensor([b for _, b in chunk], device=self.device)).cpu()
-            for i, (h, _) in enumerate(chunk):
-                written += self.disk.write_now(h, cpu[i])
         self.disk.flush()
+        todo: list[tuple[int, int | None]] = []
+        if self.host is not None:
+            todo += [(h, None) for h in self.host.hashes()]
+        todo += [(h, b) for h, b in gpu_blocks]
+        todo = [(h, b) for h, b in todo if h not in self.disk]
+        written = 0
+        for start in range(0, len(todo), 64):
+            if time.monotonic() > deadline:
+                log.warning("KV tiers: %d blocks not written to disk at shutdown (over the "
+                            "%.0f s budget)", len(todo) - start, budget_s)
+                break
+            chunk = todo[start : start + 64]
+            gpu = [b for _, b in chunk if b is not None]
+            from_gpu = iter(self._gather(torch.tensor(gpu, device=self.device)).cpu()) if gpu else iter(())
+            for h, b in chunk:
+                block = next(from_gpu) if b is not None else self.host.slot(self.host.lookup(h))
+                written += self.disk.write_now(h, block)
         return written
 
     def clear(self) -> int:

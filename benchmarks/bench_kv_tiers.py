@@ -1,0 +1,154 @@
+"""KV tiers benchmark: a multi-turn trace with more sessions than the block pool holds.
+
+Sessions take turns round robin (every session's turn 1, then every turn 2, ...); each turn
+adds ``--turn-tokens`` new prompt tokens to the session's history and generates
+``--gen-tokens``. The pool holds a fraction of the sessions, so with tiers off a returning
+session finds its history evicted and prefills it again. Measured for tiers off, a CPU tier
+(``--cpu-blocks``, smaller than the working set) and CPU + disk: prefix hit rate (cached /
+prompt tokens of the turns after the first) and TTFT p50/p99.
+
+Then a restart: the CPU+disk engine shuts down (its blocks persist to disk) and a new engine
+starts on the same directory; every session's next turn arrives as its whole history plus
+the new tokens (what a node restored from a history-only checkpoint sees). TTFT is measured
+with the disk tier and without it.
+
+    python benchmarks/bench_kv_tiers.py                                  # CPU, tiny
+    python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import summary, write  # noqa: E402
+from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+DEFAULTS = {  # per device: sessions, turns, turn tokens, generated tokens, pool blocks, CPU tier blocks
+    "cpu": dict(sessions=24, turns=4, turn_tokens=64, gen_tokens=8, num_blocks=96, cpu_blocks=320),
+    "cuda": dict(sessions=64, turns=4, turn_tokens=512, gen_tokens=32, num_blocks=1024, cpu_blocks=4096),
+}
+
+
+def _host() -> dict:
+    cpu_model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"node": platform.node(), "cpu_model": cpu_model, "cores": os.cpu_count(),
+            "load_average": os.getloadavg()}
+
+
+def _engine(args: argparse.Namespace, **tiers) -> Engine:
+    return Engine(EngineConfig(model=args.preset, device=args.device, num_blocks=args.num_blocks,
+                               block_size=16, max_num_seqs=16, **tiers))
+
+
+def _tier_gib(engine_bytes_per_block: int, blocks: int) -> float:
+    return blocks * engine_bytes_per_block / 2**30
+
+
+def _trace(args: argparse.Namespace) -> list[list[list[int]]]:
+    """Per turn, per session: the new prompt tokens."""
+    rng = random.Random(args.seed)
+    vocab = 250 if args.preset == "tiny" else 32000
+    return [[[rng.randrange(1, vocab) for _ in range(args.turn_tokens)] for _ in range(args.sessions)]
+            for _ in range(args.turns)]
+
+
+def run_trace(engine: Engine, trace: list[list[list[int]]], args: argparse.Namespace) -> dict:
+    sp = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
+    ttft, cached, prompt = [], 0, 0
+    t0 = time.perf_counter()
+    for turn, prompts in enumerate(trace):
+        for s, tokens in enumerate(prompts):
+            (out,) = engine.generate([tokens], sp, session_ids=[f"s{s}"])
+            if turn:  # the first turn of a session has nothing to find
+                ttft.append(out.ttft_s)
+                cached += out.cached_tokens
+                prompt += out.prompt_tokens
+    stats = engine.stats()
+    return {"wall_s": time.perf_counter() - t0, "hit_rate": cached / prompt if prompt else 0.0,
+            "cached_tokens": cached, "prompt_tokens": prompt, "ttft_s": summary(ttft),
+            "tier_hits": {t: v["hits"] for t, v in stats["kv_tiers"].items() if isinstance(v, dict)},
+            "preemptions": stats["requests"]["preemptions"]}
+
+
+def run_after_restart(engine: Engine, histories: dict[str, list[int]], args: argparse.Namespace) -> dict:
+    sp = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
+    rng = random.Random(args.seed + 1)
+    ttft, cached, prompt = [], 0, 0
+    for tokens in histories.values():
+        new = [rng.randrange(1, 250) for _ in range(args.turn_tokens)]
+        (out,) = engine.generate([tokens + new], sp)
+        ttft.append(out.ttft_s)
+        cached += out.cached_tokens
+        prompt += out.prompt_tokens
+    return {"hit_rate": cached / prompt if prompt else 0.0, "cached_tokens": cached,
+            "prompt_tokens": prompt, "ttft_s": summary(ttft)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--preset", default="tiny", help="tiny (CPU) or llama-1b (GPU)")
+    for name in DEFAULTS["cpu"]:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default: {DEFAULTS['cpu'][name]} "
+                       f"on CPU, {DEFAULTS['cuda'][name]} on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="result file name under benchmarks/results/")
+    args = p.parse_args()
+    for name, value in DEFAULTS[args.device].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    trace = _trace(args)
+    disk_dir = Path(tempfile.mkdtemp(prefix="ultrakv-kv-tier-"))
+    results: dict = {}
+    try:
+        off = _engine(args)
+        bytes_per_block = off._bytes_per_block()
+        cpu_gib = _tier_gib(bytes_per_block, args.cpu_blocks)
+        results["tiers_off"] = run_trace(off, trace, args)
+        off.shutdown()
+        cpu = _engine(args, kv_cpu_gib=cpu_gib)
+        results["cpu"] = run_trace(cpu, trace, args)
+        cpu.shutdown()
+        both = _engine(args, kv_cpu_gib=cpu_gib, kv_disk_dir=str(disk_dir))
+        results["cpu_disk"] = run_trace(both, trace, args)
+        histories = {sid: list(both.sessions.history(sid)) for sid in (f"s{s}" for s in range(args.sessions))}
+        t0 = time.perf_counter()
+        both.shutdown()  # write-back: the GPU and CPU tiers' blocks go to disk now
+        persist_s = time.perf_counter() - t0
+        restarted = _engine(args, kv_disk_dir=str(disk_dir))
+        results["restart_with_disk"] = run_after_restart(restarted, histories, args)
+        results["restart_with_disk"]["shutdown_persist_s"] = persist_s
+        restarted.shutdown()
+        cold = _engine(args)
+        results["restart_without_disk"] = run_after_restart(cold, histories, args)
+        cold.shutdown()
+    finally:
+        shutil.rmtree(disk_dir, ignore_errors=True)
+    name = args.out or f"kv_tiers_{args.device}_{args.preset}.json"
+    write(name, {"host": _host(), "workload": {k: getattr(args, k) for k in (*DEFAULTS["cpu"], "seed")}
+                 | {"device": args.device, "preset": args.preset, "bytes_per_block": bytes_per_block},
+                 "results": results})
+    for label, r in results.items():
+        print(f"{label:22s} hit_rate={r['hit_rate']:.3f} ttft p50={r['ttft_s']['p50'] * 1e3:.1f} ms "
+              f"p99={r['ttft_s']['p99'] * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
