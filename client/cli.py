@@ -73,7 +73,11 @@ def _node_config(args: argparse.Namespace, default_device: str,
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
               "metrics_port": args.metrics_port, "http_port": args.http_port,
               "advertise_host": getattr(args, "advertise_host", None),
-              "cluster_secret_file": args.cluster_secret_file}
+              "cluster_secret_file": args.cluster_secret_file,
+              # `node --peer-*`: the cluster CA, and the certificate this node serves its
+              # peers with and presents when it dials them (server.peer_ca_cert/tls_cert/tls_key)
+              "peer_ca_cert": getattr(args, "peer_ca_cert", None),
+              "tls_cert": getattr(args, "peer_cert", None), "tls_key": getattr(args, "peer_key", None)}
     if not args.config and args.http_port is None:
         server["http_port"] = default_http_port
     return config.with_overrides(engine, server, _security_overrides(args))
@@ -245,6 +249,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     from ultrakv.cluster.peer_auth import require_cluster_secret
 
+    peer_flags = (args.peer_ca_cert, args.peer_cert, args.peer_key)
+    if any(peer_flags) and not all(peer_flags):
+        raise ValueError("--peer-ca-cert, --peer-cert and --peer-key go together (mutual TLS "
+                         "between cluster members)")
     config = _node_config(args, default_device="auto")
     # A node serves NodeService: without the secret, anyone reaching it owns every session.
     require_cluster_secret(config.server.cluster_secret_file, args.insecure_no_cluster_secret,
@@ -739,8 +747,13 @@ def _insecure_option(p: argparse.ArgumentParser) -> None:
 def _peer_options(p: argparse.ArgumentParser) -> None:
     """A coordinator's (or drain's) identity towards the nodes."""
     _cluster_secret_option(p)
-    p.add_argument("--peer-ca-cert", help="PEM CA of the cluster (mutual TLS to the nodes)")
-    p.add_argument("--peer-cert", help="PEM certificate presented to the nodes")
+    _peer_tls_options(p, "presented to the nodes")
+
+
+def _peer_tls_options(p: argparse.ArgumentParser, presented: str) -> None:
+    p.add_argument("--peer-ca-cert", help="PEM CA of the cluster: mutual TLS between members "
+                                          "(a node: server.peer_ca_cert)")
+    p.add_argument("--peer-cert", help=f"PEM certificate {presented}")
     p.add_argument("--peer-key", help="PEM key of --peer-cert")
 
 
@@ -917,6 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "
                         "the listen host, loopback for 0.0.0.0)")
     _http_option(p, None, "off: clients reach nodes through a coordinator")
+    _peer_tls_options(p, "this node serves its peers with and presents when it dials them "
+                         "(server.tls_cert)")
     _insecure_option(p)
     p.set_defaults(func=cmd_node)
 

@@ -293,6 +293,68 @@ def test_coordinator_tls_and_api_keys(default: list[dict]) -> None:
             "--tls-cert=/etc/ultrakv/tls/tls.crt"} <= set(probe)
 
 
+PEER_FLAGS = {"--peer-ca-cert=/etc/ultrakv/peer-tls/ca.crt", "--peer-cert=/etc/ultrakv/peer-tls/tls.crt",
+              "--peer-key=/etc/ultrakv/peer-tls/tls.key"}
+
+
+def test_peer_mutual_tls(default: list[dict]) -> None:
+    """peerTls: nodes, coordinators, the drain hook and the nodes' probes get the members'
+    certificate and CA from one Secret, mounted read-only (off by default)."""
+    from cryptography import x509
+
+    for obj in workloads(default):
+        for c in pod_spec(obj)["containers"]:
+            assert not [a for a in c.get("args", []) if a.startswith("--peer")], c["name"]
+    assert not [o for o in default if o["kind"] == "Secret" and "peer" in o["metadata"]["name"]]
+
+    objects = render({"peerTls": {"enabled": True}})
+    secret = find(objects, "Secret", "-peer-tls")
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    node_sts, coord_dep = find(objects, "StatefulSet", "node"), find(objects, "Deployment", "coordinator")
+    node, coord = container(node_sts, "node"), container(coord_dep, "coordinator")
+    for obj, c in ((node_sts, node), (coord_dep, coord)):
+        assert PEER_FLAGS <= set(c["args"]), c["name"]
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert mounts["peer-tls"]["mountPath"] == "/etc/ultrakv/peer-tls" and mounts["peer-tls"]["readOnly"]
+        volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+        assert volumes["peer-tls"]["secret"] == {"secretName": secret["metadata"]["name"], "defaultMode": 0o400}
+    # preStop drains over the same mutual TLS; the kubelet's probes present the certificate.
+    drain = node["lifecycle"]["preStop"]["exec"]["command"][-1]
+    assert all(f.replace("=", " ", 1) in drain for f in PEER_FLAGS), drain
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert {"--tls-ca=/etc/ultrakv/peer-tls/ca.crt", "--tls-cert=/etc/ultrakv/peer-tls/tls.crt",
+                "--tls-key=/etc/ultrakv/peer-tls/tls.key", "--tls-server-name=localhost"} <= \
+            set(node[probe]["exec"]["command"]), probe
+    # One certificate, server and client, naming every node pod (peers dial those names)
+    # and localhost (the probes), signed by the CA beside it.
+    import base64
+
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"*.ultrakv-node.default.svc.cluster.local", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usage)
+
+    existing = render({"peerTls": {"enabled": True, "existingSecret": "cert-manager-peers"}})
+    assert not [o for o in existing if o["kind"] == "Secret" and "peer" in o["metadata"]["name"]]
+    volumes = {v["name"]: v for v in pod_spec(find(existing, "StatefulSet", "node"))["volumes"]}
+    assert volumes["peer-tls"]["secret"]["secretName"] == "cert-manager-peers"
+
+
+def test_nodes_need_no_api_keys_file() -> None:
+    """Clients authenticate at the coordinators; a node's every gRPC service but health sits
+    behind the cluster secret (it trusts the tenant the coordinator forwards), and its HTTP
+    port stays off, so nodes get no keys file."""
+    objects = render({"auth": {"keysSecret": "ultrakv-keys"}})
+    node = container(find(objects, "StatefulSet", "node"), "node")
+    assert not [a for a in node["args"] if a.startswith(("--keys-file", "--http-port"))]
+    assert "ULTRAKV_CLUSTER_SECRET_FILE" in {e["name"] for e in node["env"]}
+    assert "http" not in {p["name"] for p in node["ports"]}
+
+
 def test_generated_tls_secret() -> None:
     objects = render({"tls": {"enabled": True}})
     tls = find(objects, "Secret", "-tls")

@@ -146,6 +146,19 @@ def test_hand_started_members_refuse_to_start_without_a_cluster_secret(argv, mon
     assert "--insecure-no-cluster-secret" in err and "cannot reach etcd" not in err
 
 
+def test_node_peer_tls_flags_map_to_the_server_section_and_go_together(capsys):
+    from ultrakv.client.cli import _node_config, build_parser, main
+
+    args = build_parser().parse_args(["node", "--peer-ca-cert", "ca.pem", "--peer-cert",
+                                      "node.pem", "--peer-key", "node-key.pem"])
+    server = _node_config(args, "cpu").server
+    assert (server.peer_ca_cert, server.tls_cert, server.tls_key) == \
+        ("ca.pem", "node.pem", "node-key.pem")
+    assert server.peer_tls() is not None  # serves and dials its peers with mutual TLS
+    assert main(["node", "--peer-cert", "node.pem", "--insecure-no-cluster-secret"]) == 2
+    assert "go together" in capsys.readouterr().err
+
+
 def test_the_insecure_opt_out_is_explicit_and_loud(caplog):
     require_cluster_secret("/run/secrets/ultrakv", False, "ultrakv node")  # a secret: fine
     with pytest.raises(ValueError, match="ultrakv coordinator: no cluster secret"):

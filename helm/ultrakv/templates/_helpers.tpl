@@ -76,6 +76,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-cluster-secret" (include "ultrakv.fullname" .)) .Values.clusterSecret.existingSecret -}}
 {{- end -}}
 
+{{- define "ultrakv.peerTlsSecretName" -}}
+{{- default (printf "%s-peer-tls" (include "ultrakv.fullname" .)) .Values.peerTls.existingSecret -}}
+{{- end -}}
+
+{{/* Mutual TLS between members: the flags `ultrakv node`, `coordinator` and `drain` share
+     (empty when peerTls is off). */}}
+{{- define "ultrakv.peerTlsArgs" -}}
+{{- if .Values.peerTls.enabled -}}
+- --peer-ca-cert=/etc/ultrakv/peer-tls/ca.crt
+- --peer-cert=/etc/ultrakv/peer-tls/tls.crt
+- --peer-key=/etc/ultrakv/peer-tls/tls.key
+{{- end -}}
+{{- end -}}
+
 {{- define "ultrakv.tlsSecretName" -}}
 {{- default (printf "%s-tls" (include "ultrakv.fullname" .)) .Values.tls.existingSecret -}}
 {{- end -}}
@@ -111,8 +125,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* An exec probe: `ultrakv health` against the local gRPC port (exit 0 only when SERVING).
-     (dict "port" 50051 "service" "" "probe" .Values.x.probes.startup ["tls" $]): with "tls",
-     over the coordinators' client TLS (the chart's CA; its own certificate for mutual TLS). */}}
+     (dict "port" 50051 "service" "" "probe" .Values.x.probes.startup ["tls" $] ["peer" $]):
+     with "tls", over the coordinators' client TLS (the chart's CA; its own certificate for
+     mutual TLS); with "peer", over the members' mutual TLS when peerTls is on (a node's port). */}}
 {{- define "ultrakv.healthProbe" -}}
 exec:
   command:
@@ -131,12 +146,19 @@ exec:
     - --tls-key=/etc/ultrakv/tls/tls.key
     {{- end }}
     {{- end }}
+    {{- if and .peer .peer.Values.peerTls.enabled }}
+    - --tls-ca=/etc/ultrakv/peer-tls/ca.crt
+    - --tls-cert=/etc/ultrakv/peer-tls/tls.crt
+    - --tls-key=/etc/ultrakv/peer-tls/tls.key
+    - --tls-server-name=localhost
+    {{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
 {{- end -}}
 
-{{/* Volumes both ultrakv processes mount: writable /tmp, the secrets. */}}
+{{/* Volumes both ultrakv processes mount: writable /tmp, the secrets (and the members'
+     mutual TLS material when peerTls is on). */}}
 {{- define "ultrakv.secretVolumes" -}}
 - name: tmp
   emptyDir: {}
@@ -144,6 +166,12 @@ failureThreshold: {{ .probe.failureThreshold }}
   secret:
     secretName: {{ include "ultrakv.clusterSecretName" . }}
     defaultMode: 0400
+{{- if .Values.peerTls.enabled }}
+- name: peer-tls
+  secret:
+    secretName: {{ include "ultrakv.peerTlsSecretName" . }}
+    defaultMode: 0400
+{{- end }}
 {{- end -}}
 
 {{- define "ultrakv.secretMounts" -}}
@@ -152,6 +180,11 @@ failureThreshold: {{ .probe.failureThreshold }}
 - name: cluster-secret
   mountPath: /etc/ultrakv/cluster-secret
   readOnly: true
+{{- if .Values.peerTls.enabled }}
+- name: peer-tls
+  mountPath: /etc/ultrakv/peer-tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Wait for etcd before the main container starts (no crash loop on a cold cluster start):
