@@ -223,6 +223,46 @@ def test_finding_11_a_flooding_key_is_limited_and_another_tenant_still_served(en
         assert srv.server.security.events.counts["rate_limited"] == len(limited)
 
 
+def test_address_and_token_rates_and_the_session_token_quota(engine, keys):
+    """The other buckets and quota of the security section over gRPC: requests/s per client
+    address (no key at all), tokens/s per key (a request's prompt + max_length), and
+    history tokens per tenant on a node, each RESOURCE_EXHAUSTED with a retry hint."""
+    with serve(engine, ip_requests_per_s=0.1, burst_s=20.0) as srv:  # 2 now, 1 per 10 s
+        flood = [process(srv, None, text="x") for _ in range(5)]
+    assert [r["success"] for r in flood][:2] == [True, True]
+    assert {r["error_code"] for r in flood[2:]} == {"RESOURCE_EXHAUSTED"}
+    assert "requests per second of this address" in flood[-1]["error"]
+    with serve(engine, keys_file=keys["path"], key_tokens_per_s=1.0, burst_s=20.0) as srv:
+        big = process(srv, keys["acme"], text="x" * 40, max_length=8)  # ~19 tokens: fits
+        over = process(srv, keys["acme"], text="x" * 40, max_length=8)
+        other = process(srv, keys["globex"], text="x" * 40, max_length=8)
+    assert big["success"] and other["success"]
+    assert over["error_code"] == "RESOURCE_EXHAUSTED" and over["retry_after_s"] > 0
+    assert "tokens per second of this key" in over["error"]
+    engine.cleanup_sessions(0)
+    with serve(engine, keys_file=keys["path"], tenant_max_session_tokens=40) as srv:
+        assert process(srv, keys["acme"], text="y" * 50, session_id="acme-long")["success"]
+        full = process(srv, keys["acme"], text="more", session_id="acme-long-2")
+        assert full["error_code"] == "RESOURCE_EXHAUSTED" and "tenant_max_session_tokens" in full["error"]
+        assert process(srv, keys["globex"], text="z" * 30, session_id="globex-short")["success"]
+    engine.sessions.quota = type(engine.sessions.quota)()
+    engine.cleanup_sessions(0)
+
+
+def test_unauthenticated_calls_are_refused_before_their_bytes_are_parsed(server, keys):
+    """A body that is not a message at all: without a key UNAUTHENTICATED (nothing was
+    parsed), with a key the parser's INVALID_ARGUMENT."""
+    garbage = b"\xff\xff\xff\xff\x0f not protobuf"
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary("/ultrakv.v1.UltraKV/Process")
+        codes = []
+        for metadata in ((), (("x-api-key", keys["acme"]),)):
+            with pytest.raises(grpc.RpcError) as err:
+                call(garbage, metadata=metadata, timeout=30)
+            codes.append(err.value.code())
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT]
+
+
 def test_tenant_running_slots_refuse_a_second_request_without_queue(engine, keys):
     with serve(engine, keys_file=keys["path"], tenant_max_running=1, tenant_max_queued=0) as srv:
         started = threading.Event()
