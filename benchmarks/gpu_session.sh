@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
+#   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
+#   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
@@ -59,8 +61,16 @@ case "${1:-}" in
     python benchmarks/profile_kernels.py --model llama-1b --batch 1 --no-graphs 2>&1 \
       | tee -a "$ULTRAKV_RESULTS_DIR/profile_kernels.log"
     ;;
+  sweep-prefill)
+    # Prefill kernel launch shapes for few new tokens over a long cached context.
+    python benchmarks/sweep_prefill_cached.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/sweep_prefill.log"
+    ;;
+  profile-turn)
+    # A returning session's TTFT on llama-1b: host path and kernels of turn 8.
+    python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|speculative|profile" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|speculative|profile|profile-turn|sweep-prefill" >&2
     exit 2
     ;;
 esac

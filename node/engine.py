@@ -254,6 +254,8 @@ class Engine:
         self.generate([prompts[0][: limit - 40] + ids(20)], sampled)
         self.generate([p[: limit - 40] + ids(k) for p, k in zip(prompts, (9, 16, 31), strict=True)],
                       greedy)
+        # More than 64 new tokens over a cached prefix: the other launch shape of such a turn.
+        self.generate([prompts[1][: limit - 200] + ids(100)], greedy)
         with self._lock:
             self.pool.evict_unreferenced()
             self.pool.reset_stats()

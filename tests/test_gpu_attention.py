@@ -157,6 +157,17 @@ def test_prefill_with_cached_prefix_matches_dense_reference(ratio, head_dim, dty
     assert _rel_err(out, case.reference()) < 1e-2
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_short_turns_over_long_cached_contexts_match_dense_reference(head_dim):
+    # A returning session's turn: few new tokens over a long cached context (the launch shape
+    # PrefillConfig.for_shape picks for it differs from a cold prompt's).
+    prefix_lens, new_lens = ([40, 100, 3], [5, 16, 1]) if INTERPRET else ([300, 2000, 1000, 0], [20, 64, 33, 1])
+    case = PagedCase(prefix_lens, new_lens, 8, 2, head_dim, DTYPES[0], seed=head_dim)
+    out = case.run()
+    _check_written(case)
+    assert _rel_err(out, case.reference()) < 1e-2
+
+
 def test_skip_slots_and_padded_rows_are_harmless():
     """slot -1 rows write nothing; a seq_len-0 row yields zeros, never NaN."""
     dtype = DTYPES[0]
