@@ -231,11 +231,13 @@ def save_backup(parts: Iterable[ultrakv_pb2.BackupPart], output: Path, compress:
         work.chmod(0o700)  # conversations in plain text: the owner's only
         manifest = write_backup(parts, work, history_only)
         name = backup_name(manifest.created_at)
+        target = (folder / name if compress == "none" else folder / f"{name}.tar.zst") \
+            if kind == "dir" else output
+        if target.exists():  # never overwrite a backup (two in one millisecond, or --output)
+            raise BackupError(f"{target}: already exists")
         if kind == "dir" and compress == "none":
-            target = folder / name
             work.rename(target)
             return target, manifest
-        target = output if kind != "dir" else folder / f"{name}.tar.zst"
         zstd = target.name.endswith(".tar.zst")
         partial = target.with_name(f".tmp-{target.name}")
         _write_archive(work, name, partial, zstd)

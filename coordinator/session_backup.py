@@ -3,7 +3,7 @@ stream, and back in with each session on its current owner.
 
 A backup is consistent per session: each is exported under the session's lock
 (``SessionGate``), after any move planned for it, so it is taken between two turns and from
-the copy the cluster serves (the ring owner's, else the copy with the most turns). It fails,
+the copy the cluster continues from (re-sharding's rule: the most turns, then the owner's). It fails,
 rather than leaving sessions out, when a node that holds sessions does not answer. The
 header records the nodes (model and fingerprint), the coordinators' live config and the
 checkpoint manifests in etcd.
@@ -25,6 +25,7 @@ import grpc
 from ultrakv.cluster.checkpoint import CHECKPOINTS_PREFIX
 from ultrakv.cluster.validation import RequestRejected, validate_session_id
 from ultrakv.coordinator.dynamic_config import CONFIG_KEY
+from ultrakv.coordinator.resharding import Copy, authoritative
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2
@@ -40,18 +41,19 @@ def _unavailable(node: str, call: str, exc: grpc.aio.AioRpcError) -> RequestReje
                            f"node {node} did not answer {call}: {exc.code().name} {exc.details()}")
 
 
-def pick_copies(listed: dict[str, list[pb.SessionInfo]], owner_of) -> dict[str, str]:
-    """Session id -> the node whose copy a backup takes (pure): the owner's when it holds
-    one, else the one with the most turns. Replicas are not sessions served: left out."""
-    best: dict[str, tuple[tuple[bool, int], str]] = {}
+def pick_copies(listed: dict[str, list[pb.SessionInfo]],
+                owner_of: Callable[[str], str | None]) -> dict[str, str]:
+    """Session id -> the node whose copy a backup takes (pure): the copy re-sharding would
+    keep (``authoritative``: the most turns, then the owner's). Replicas are left out: they
+    are histories held for a session's owner, not sessions served."""
+    copies: dict[str, list[Copy]] = {}
     for node, infos in listed.items():
         for info in infos:
-            if info.replica:
-                continue
-            rank = (owner_of(info.session_id) == node, info.turns)
-            if info.session_id not in best or rank > best[info.session_id][0]:
-                best[info.session_id] = (rank, node)
-    return {sid: node for sid, (_, node) in sorted(best.items())}
+            if not info.replica:
+                copies.setdefault(info.session_id, []).append(
+                    Copy(node, info.turns, int(info.num_tokens), live=True))
+    return {sid: authoritative(held, owner_of(sid) or "").node
+            for sid, held in sorted(copies.items())}
 
 
 class SessionBackup:

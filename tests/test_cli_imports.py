@@ -66,6 +66,13 @@ def _commands(address: str, tmp_path: Path, etcd_endpoint: str | None) -> dict[s
         "batch": ["batch", str(batch_in), str(tmp_path / "out.jsonl"), *conn],
         "config --generate": ["config", "--generate", "--output", str(tmp_path / "u.yaml")],
     }
+    archive = str(tmp_path / "backup.tar.zst")  # the node serving alone backs itself up
+    commands.update({
+        "backup create": ["backup", "create", "--output", archive, *conn],
+        "backup list": ["backup", "list", "--dir", str(tmp_path)],
+        "backup verify": ["backup", "verify", archive],
+        "backup restore": ["backup", "restore", archive, "--into-cluster", *conn],
+    })
     if etcd_endpoint:
         commands["config show"] = ["config", "show", "--etcd", etcd_endpoint]
     return commands
