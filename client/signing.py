@@ -27,7 +27,8 @@ class _Details(collections.namedtuple(
     pass
 
 
-class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                         grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Signs every call of a blocking channel with ``secret``."""
 
     def __init__(self, secret: str) -> None:
@@ -40,6 +41,12 @@ class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClie
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._signed(client_call_details, _body(request)), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._signed(client_call_details, _body(request)), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._signed(client_call_details, b""), request_iterator)
 
     def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return continuation(self._signed(client_call_details, b""), request_iterator)

@@ -28,12 +28,14 @@ from ultrakv.client.backup import (
     unpack,
     verify,
 )
-from ultrakv.client.backup_jobs import Created, restore, run_schedule
+from ultrakv.client.backup_jobs import Created, create, restore, run_schedule
 from ultrakv.client.cli import main as cli_main
+from ultrakv.cluster.security.keys import create_key
+from ultrakv.cluster.security.settings import SecuritySettings
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.session_transfer import chunks_to_state, state_to_chunks
 from ultrakv.node import Engine, EngineConfig
-from ultrakv.node.server import BackgroundServer
+from ultrakv.node.server import BackgroundServer, ServerSettings
 from ultrakv.v1 import ultrakv_pb2
 
 
@@ -178,16 +180,28 @@ def _turn(client: Client, sid: str, turn: int) -> dict:
 
 
 def test_a_node_serving_alone_backs_up_on_a_schedule_and_restores(tmp_path: Path) -> None:
-    """The schedule loop against a real server (a node serving the client API itself):
+    """The schedule loop against a real server with API keys (a node serving the client API
+    itself): a tenant key may neither back up nor restore; a signed admin key does;
     retention leaves exactly ``keep`` backups, the newest; the last one restores into a
     fresh node whose next turn hits the restored KV and equals the original's."""
+    keys_file = tmp_path / "keys.jsonl"
+    user = create_key(keys_file, "acme")[0]
+    admin, record = create_key(keys_file, "ops", "admin", signing=True)
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.2,
+                              security=SecuritySettings(keys_file=str(keys_file)))
     config = EngineConfig(model="tiny", device="cpu", num_blocks=64)
     original, fresh = Engine(config), Engine(config)
+
+    def as_admin(address: str) -> Client:
+        return Client(address, api_key=admin, signing_secret=record.signing_secret)
+
     try:
-        with BackgroundServer(original) as srv, Client(srv.address) as c:
+        with BackgroundServer(original, settings) as srv, Client(srv.address, api_key=user) as c:
             for sid in ("s-1", "s-2"):
                 _turn(c, sid, 1)
                 _turn(c, sid, 2)
+            with pytest.raises(BackupError, match="PERMISSION_DENIED.*needs an admin key"):
+                create(c, tmp_path / "b")
             rounds: list[Created | None] = []
             stop = threading.Event()
 
@@ -196,15 +210,18 @@ def test_a_node_serving_alone_backs_up_on_a_schedule_and_restores(tmp_path: Path
                 if len(rounds) == 4:
                     stop.set()
 
-            settings = BackupSettings(dir=str(tmp_path / "b"), schedule_s=0.01, keep=2)
-            run_schedule(lambda: Client(srv.address), settings, stop, on_round=on_round)
+            schedule = BackupSettings(dir=str(tmp_path / "b"), schedule_s=0.01, keep=2)
+            run_schedule(lambda: as_admin(srv.address), schedule, stop, on_round=on_round)
             assert all(r is not None for r in rounds)
             assert [p.name for p in backups_in(tmp_path / "b")] == [r.path.name for r in rounds[-2:]]
             last = rounds[-1]
             assert last.manifest.counts["sessions"] == 2 and last.manifest.counts["kv_tokens"] > 0
             truth = {sid: _turn(c, sid, 3)["response"]["token_ids"] for sid in ("s-1", "s-2")}
-        with BackgroundServer(fresh) as srv, Client(srv.address) as c:
-            done = restore(c, last.path)
+        with BackgroundServer(fresh, settings) as srv, Client(srv.address, api_key=user) as c:
+            with pytest.raises(BackupError, match="PERMISSION_DENIED"):
+                restore(c, last.path)
+            with as_admin(srv.address) as a:
+                done = restore(a, last.path)
             assert (done.sessions, done.kv_tokens) == (2, last.manifest.counts["kv_tokens"])
             for sid, tokens in truth.items():
                 r = _turn(c, sid, 3)
