@@ -381,6 +381,15 @@ class Engine:
             )
         return result
 
+    def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
+        """The token ids ``request`` (without a session) would run: its tokenized text or
+        rendered chat, and its resume ids. Coordinators hash them into blocks to route by
+        cached prefix."""
+        if request.session_id is not None:
+            raise InvalidRequestError("session_id",
+                                      "session_id must be unset: a session's tokens depend on its history")
+        return self._prompt_for(request).tokens
+
     def _full_context_prompt(self, history: list[int], prompt: str | list[int] | list[ChatMessage]) -> _Prompt:
         """Tokens for a prompt that holds the whole conversation (an OpenAI-style client resends
         it each turn); the part that repeats the session's history is its cached prefix."""

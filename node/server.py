@@ -507,10 +507,8 @@ class NodeServicer:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "session_id",
                                   "session_id must be unset: a session's tokens depend on its history")
         req = engine_request(validate_generate(request, self.limits), None)
-        # The engine's own prompt path (validation, tokenizer, chat template, resume ids), so
-        # the ids are exactly those a generation of this request would run.
-        prompt = await asyncio.to_thread(self.engine._prompt_for, req)
-        return npb.TokenizeResponse(token_ids=prompt.tokens)
+        ids = await asyncio.to_thread(self.engine.prompt_token_ids, req)
+        return npb.TokenizeResponse(token_ids=ids)
 
 
 # --- the server ------------------------------------------------------------------------------

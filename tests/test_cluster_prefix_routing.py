@@ -1,4 +1,4 @@
-"""Routing by where blocks live, across real processes: three `tiny` CPU node processes and
+"""Routing by where blocks live, across real processes: two `tiny` CPU node processes and
 a coordinator process (LocalCluster, real etcd), plus a second coordinator in this process
 whose routing index the tests read. Both build the index from the nodes' block events.
 """
@@ -31,7 +31,7 @@ SYSTEM = ("You are the routing test's assistant. Answer in one short sentence, c
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("prefix-routing")
-    spec = ClusterSpec(nodes=3, coordinators=1, data_dir=data, port=0, device="cpu",
+    spec = ClusterSpec(nodes=2, coordinators=1, data_dir=data, port=0, device="cpu",
                        num_blocks=512, lease_ttl_s=2, checkpoint_interval_s=3600.0,
                        log_dir=data / "logs")
     with LocalCluster(spec) as c:
@@ -82,7 +82,7 @@ async def test_a_sessionless_request_goes_to_the_node_holding_its_prefix(cluster
     server = await _coordinator(cluster)
     try:
         backend = server.backend
-        await _until("the in-process coordinator routes over 3 nodes", lambda: len(backend.ring) == 3)
+        await _until("the in-process coordinator routes over both nodes", lambda: len(backend.ring) == 2)
         probe = pb.GenerateRequest(text=SYSTEM + "Which node?")
         first_block_node = bounded_lookup(backend.ring, backend._first_block_key(probe), {}, 0.25)
         # A session whose owner is not the node the prompt's first block hashes to.
@@ -118,9 +118,9 @@ async def test_the_index_converges_after_a_node_is_killed_and_restarted(cluster)
     server = await _coordinator(cluster)
     try:
         backend = server.backend
-        await _until("the in-process coordinator routes over 3 nodes", lambda: len(backend.ring) == 3)
+        await _until("the in-process coordinator routes over both nodes", lambda: len(backend.ring) == 2)
         async with AsyncClient(server.address, timeout=120) as client:
-            for i in range(6):  # blocks on every node
+            for i in range(4):  # blocks on every node
                 r = await client.process_request({"text": f"{i} " + SYSTEM, "session_id": f"conv-{i}",
                                                   "max_length": 2, "temperature": 0.0})
                 assert r["success"], r
