@@ -10,6 +10,7 @@ Kubernetes', and nothing runs between backups.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -29,6 +30,8 @@ from ultrakv.client.backup import (
     verify,
 )
 from ultrakv.client.client import Client, RequestError
+from ultrakv.cluster.store import EtcdStore
+from ultrakv.coordinator.dynamic_config import ConfigError, parse_overrides, set_overrides
 from ultrakv.v1 import ultrakv_pb2
 
 log = logging.getLogger("ultrakv.client.backup")
@@ -59,17 +62,33 @@ def create(client: Client, output: Path, compress: str = "none", history_only: b
     return Created(path, manifest, pruned)
 
 
-def restore(client: Client, path: Path,
-            timeout: float | None = None) -> ultrakv_pb2.ImportSessionsResponse:
+def restore(client: Client, path: Path, timeout: float | None = None,
+            etcd: str = "") -> ultrakv_pb2.ImportSessionsResponse:
     """Verify the backup at ``path`` whole, then import every session into the cluster,
-    each on its current owner."""
+    each on its current owner; with ``etcd`` (HOST:PORT), then merge the backup's
+    coordinator config (``config.json``) into the cluster's, as ``config set`` does."""
     manifest = verify(path)
     with opened(path) as directory:
+        overrides = None
+        config = directory / "config.json"
+        if etcd and config.exists():
+            try:
+                overrides = parse_overrides(config.read_bytes())
+            except ConfigError as exc:
+                raise BackupError(f"{path}/config.json: {exc}") from None
         try:
-            return client.import_sessions(session_chunks(directory, manifest), timeout)
+            done = client.import_sessions(session_chunks(directory, manifest), timeout)
         except RequestError as exc:
             raise BackupError(f"{path}: restore refused by the cluster: {exc.code}: "
                               f"{exc.message}") from None
+    if overrides:
+        asyncio.run(_set_config(etcd, overrides))
+    return done
+
+
+async def _set_config(etcd: str, overrides: dict) -> None:
+    async with EtcdStore(etcd) as store:
+        await set_overrides(store, overrides)
 
 
 def run_schedule(connect: Callable[[], Client], settings: BackupSettings,

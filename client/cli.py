@@ -19,7 +19,7 @@
     ultrakv keys list|revoke KEY_ID --keys-file PATH
     ultrakv config set KEY=VALUE ... --etcd HOST:PORT | config show --etcd HOST:PORT
     ultrakv backup create [--output DIR|FILE] [--compress zstd] [--history-only] [--keep N]
-    ultrakv backup list [--dir DIR] | verify PATH | restore PATH --into-cluster
+    ultrakv backup list [--dir DIR] | verify PATH | restore PATH --into-cluster [--etcd HOST:PORT]
     ultrakv backup schedule [--config FILE] [--every S] [--keep N]   # a long-running loop
 """
 
@@ -446,7 +446,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             print(f"unpacked to {backup.unpack(Path(args.path), Path(args.output))}")
             return 0
         with _client(args) as client:
-            done = backup_jobs.restore(client, Path(args.path), args.timeout)
+            done = backup_jobs.restore(client, Path(args.path), args.timeout, args.etcd or "")
         print(f"restored {done.sessions} sessions ({done.num_tokens} tokens, KV for "
               f"{done.kv_tokens}) from {args.path}")
         return 0
@@ -1026,6 +1026,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import every session into the cluster at --address, each on its "
                         "current owner (admin key)")
     c.add_argument("--output", help="instead: unpack the verified backup under this folder")
+    c.add_argument("--etcd", help="etcd HOST:PORT: also merge the backup's coordinator config "
+                                  "(config.json) into the cluster's, as `config set` does")
     c.set_defaults(func=cmd_backup, timeout=3600.0)
 
     p = sub.add_parser("batch", parents=[conn], help="run a JSONL file of requests")

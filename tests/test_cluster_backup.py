@@ -11,6 +11,7 @@ recorded tokens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +24,8 @@ from ultrakv.client.client import RequestError, RetryPolicy
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
 from ultrakv.cluster.checkpoint import SessionRecord
 from ultrakv.cluster.security.keys import create_key
+from ultrakv.cluster.store import EtcdStore
+from ultrakv.coordinator.dynamic_config import read_overrides, set_overrides
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -67,6 +70,11 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
                 for turn in (1, 2):
                     for sid in sids:
                         _turn(c, sid, turn)
+        async def set_config() -> None:
+            async with EtcdStore(cluster.etcd_endpoint) as store:
+                await set_overrides(store, {"load_eps": 0.5})
+
+        asyncio.run(set_config())
         with _client(cluster, keys["acme"]) as c, pytest.raises(BackupError) as err:
             create(c, backups)
         assert "PERMISSION_DENIED" in str(err.value) and "admin" in str(err.value)
@@ -92,11 +100,16 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
             with pytest.raises(RequestError) as missing:
                 c.get_session("acme-room-0")
             assert missing.value.code == "NOT_FOUND"  # the refused restore wrote nothing
-            done = restore(c, made.path)
+            done = restore(c, made.path, etcd=cluster.etcd_endpoint)
             assert (done.sessions, done.num_tokens) == (6, sum(len(r.token_ids) for r in saved.values()))
             assert done.kv_tokens == made.manifest.counts["kv_tokens"]
             again = create(c, tmp_path / "again")  # a directory this time
         assert {n["node_id"] for n in again.manifest.nodes} == {"node-1", "node-2"}
+        async def config() -> dict:
+            async with EtcdStore(cluster.etcd_endpoint) as store:
+                return (await read_overrides(store))[0]
+
+        assert asyncio.run(config()) == {"load_eps": 0.5}  # the live config came back too
         restored = _histories(again.path)
         assert {s: (r.token_ids, r.turns, r.tenant) for s, r in restored.items()} == {
             s: (r.token_ids, r.turns, r.tenant) for s, r in saved.items()}
