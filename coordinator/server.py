@@ -252,7 +252,7 @@ class ClusterBackend:
         self.config = DynamicConfigWatcher(self.store, DynamicConfig.from_settings(settings),
                                            on_change=self.apply_config)
         self.resharder = Resharder(self.store, self.peers, self._addresses)
-        self.backup = SessionBackup(self, self._alive)
+        self.backup = SessionBackup(self)
         self.ring = HashRing((), vnodes=self.watcher.vnodes)
         self.members: dict[str, NodeRecord] = {}
         self.inflight: dict[str, int] = {}

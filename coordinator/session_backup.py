@@ -41,6 +41,14 @@ def _unavailable(node: str, call: str, exc: grpc.aio.AioRpcError) -> RequestReje
                            f"node {node} did not answer {call}: {exc.code().name} {exc.details()}")
 
 
+def _json_or_text(raw: bytes) -> object:
+    """A stored value as JSON, or as text when it is not (a record must not fail a backup)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
 def pick_copies(listed: dict[str, list[pb.SessionInfo]],
                 owner_of: Callable[[str], str | None]) -> dict[str, str]:
     """Session id -> the node whose copy a backup takes (pure): the copy re-sharding would
@@ -59,10 +67,8 @@ def pick_copies(listed: dict[str, list[pb.SessionInfo]],
 class SessionBackup:
     """Export and import of every session, over a coordinator's view of the cluster."""
 
-    def __init__(self, backend: ClusterBackend, alive: Callable[[], set[str]]) -> None:
-        """``alive``: the members that answer now (health and failed forwards)."""
+    def __init__(self, backend: ClusterBackend) -> None:
         self.backend = backend
-        self.alive = alive
 
     def _stub(self, node: str):
         return self.backend.peers.stub(self.backend.members[node].address)
@@ -89,12 +95,18 @@ class SessionBackup:
         store = self.backend.store
         config = await store.get(CONFIG_KEY)
         kvs, _ = await store.get_prefix(CHECKPOINTS_PREFIX)
-        manifests = {kv.key: json.loads(kv.value) for kv in kvs}
+        manifests = {kv.key: _json_or_text(kv.value) for kv in kvs}
         return (config.value.decode() if config else ""), json.dumps(manifests, sort_keys=True)
 
     async def export(self, history_only: bool) -> AsyncIterator[ultrakv_pb2.BackupPart]:
         """The backup stream: header, then one chunk run per session."""
-        nodes = sorted(n for n in self.backend.members if n in self.alive())
+        # Every member, not only the healthy ones: a member that does not answer fails the
+        # backup, which would otherwise miss its sessions (and retention would then delete
+        # an older, complete backup).
+        nodes = sorted(self.backend.members)
+        if not nodes:
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
+                                  "no node is registered: nothing to back up from")
         healths = await asyncio.gather(*(self._health(n) for n in nodes))
         listed = dict(zip(nodes, await asyncio.gather(*(self._listed(n) for n in nodes)),
                           strict=True))

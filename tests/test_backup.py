@@ -4,6 +4,7 @@ paths are errors that name the file; retention keeps exactly ``keep``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -247,3 +248,41 @@ def test_a_backup_takes_the_owners_copy_else_the_newest_never_a_replica() -> Non
     assert pick_copies(listed, owners.get) == {"a": "n2", "b": "n1"}
     listed["n2"][1] = pb.SessionInfo(session_id="b", turns=5)
     assert pick_copies(listed, owners.get) == {"a": "n2", "b": "n2"}  # a tie: the owner's
+
+
+async def test_a_member_that_does_not_answer_fails_the_backup(etcd) -> None:
+    """A backup that would miss a member's sessions fails naming it (and then retention,
+    which runs only after a backup succeeded, keeps the older complete backups)."""
+    import uuid
+
+    import grpc
+    from ultrakv.cluster.etcd_server import free_port
+    from ultrakv.cluster.membership import NODES_PREFIX, NodeRecord, NodeState
+    from ultrakv.cluster.store import EtcdStore
+    from ultrakv.coordinator.health import Health, HealthPolicy
+    from ultrakv.coordinator.server import CoordinatorServer, CoordinatorSettings
+    from ultrakv.v1 import ultrakv_pb2_grpc
+
+    prefix = f"/bk-{uuid.uuid4().hex[:8]}/"
+    async with EtcdStore(etcd.endpoint, prefix=prefix) as store:
+        record = NodeRecord(id="gone", address=f"127.0.0.1:{free_port()}", pid=1,
+                            state=NodeState.SERVING)  # registered, nothing listens there
+        await store.put(NODES_PREFIX + "gone", record.to_json())
+    server = CoordinatorServer(CoordinatorSettings(
+        etcd=etcd.endpoint, prefix=prefix, host="127.0.0.1", port=0, grace_period_s=0.2,
+        health=HealthPolicy(interval_s=0.1, timeout_s=0.1, down_after=1)))
+    await server.start()
+    try:
+        deadline = time.monotonic() + 60
+        while server.backend.health.status("gone") is not Health.DOWN:  # off the ring now
+            assert time.monotonic() < deadline, "the health loop never marked the node DOWN"
+            await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = ultrakv_pb2_grpc.UltraKVStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.ExportSessions(ultrakv_pb2.ExportSessionsRequest(), timeout=60):
+                    pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "node gone did not answer" in err.value.details()
+    finally:
+        await server.stop()
