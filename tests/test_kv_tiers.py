@@ -17,6 +17,7 @@ from ultrakv.node.kv.disk_tier import DiskTier
 from ultrakv.node.kv.host_tier import HostTier
 from ultrakv.node.kv.tiers import BlockIdentity, KVTiers
 from ultrakv.node.metrics import NodeCollector
+from ultrakv.node.outputs import GenerateRequest
 from ultrakv.node.server import NodeIdentity, node_stats_message
 from ultrakv.v1 import types_pb2 as pb
 
@@ -203,6 +204,11 @@ def test_disk_tier_survives_the_engine_and_bad_files_are_recomputed(tmp_path, re
     restarted = _engine(kv_disk_dir=str(tmp_path))
     try:
         assert not truncated.exists()  # found by size at the scan
+        # A request's disk blocks start loading when it arrives, before any step schedules it.
+        restarted.add_request(GenerateRequest(prompt=PROMPTS[2], sampling=GREEDY))
+        assert restarted.stats()["kv_tiers"]["prefetched"] == 2
+        while restarted.has_unfinished():
+            restarted.step()
         outs = restarted.generate(PROMPTS, GREEDY)
         stats = restarted.stats()["kv_tiers"]["disk"]
     finally:

@@ -80,6 +80,7 @@ class TierCounters:
     disk_hits: int = 0
     offloaded: int = 0  # blocks copied from the GPU pool to the next tier
     loaded: int = 0  # blocks copied back into the GPU pool
+    prefetched: int = 0  # disk reads started when a request arrived, before its scheduling
 
 
 class KVTiers:
@@ -217,6 +218,7 @@ class KVTiers:
                 self._prefetched.popitem(last=False)
             self._prefetched[h] = self._reader.submit(self.disk.read, h)
             started += 1
+        self.counters.prefetched += started
         return started
 
     def load(self, hashes: list[int], block_ids: list[int]) -> int:
@@ -318,7 +320,7 @@ class KVTiers:
     def stats(self) -> dict:
         """Per-tier counters for ``Engine.stats()['kv_tiers']``."""
         c = self.counters
-        out: dict = {"offloaded": c.offloaded, "loaded": c.loaded,
+        out: dict = {"offloaded": c.offloaded, "loaded": c.loaded, "prefetched": c.prefetched,
                      "write_policy": "write_through" if self.write_through else "write_back"}
         if self.host is not None:
             out["cpu"] = {"hits": c.cpu_hits, "blocks": len(self.host),
