@@ -34,7 +34,7 @@ from common import summary, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 DEFAULTS = {  # per device: sessions, turns, turn tokens, generated tokens, pool blocks, CPU tier blocks
-    "cpu": dict(sessions=24, turns=4, turn_tokens=64, gen_tokens=8, num_blocks=96, cpu_blocks=320),
+    "cpu": dict(sessions=24, turns=4, turn_tokens=64, gen_tokens=8, num_blocks=96, cpu_blocks=192),
     "cuda": dict(sessions=64, turns=4, turn_tokens=512, gen_tokens=32, num_blocks=1024, cpu_blocks=4096),
 }
 

@@ -15,6 +15,7 @@ evicted blocks were offloaded to instead of being recomputed.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from typing import Protocol
 from ultrakv.cluster.block_hashing import continue_chain, hash_block
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger("ultrakv.node.scheduler")
 
 
 @dataclass
@@ -249,7 +252,11 @@ class Scheduler:
         if n == 0:
             return []
         blocks = self.pool.allocate(n)
-        loaded = self.tiers.load(hashes[:n], blocks)
+        try:
+            loaded = self.tiers.load(hashes[:n], blocks)
+        except Exception:  # a failing tier costs a recompute, never the request
+            log.exception("loading %d KV blocks from the tiers failed; recomputing them", n)
+            loaded = 0
         for block, h in zip(blocks[:loaded], hashes, strict=False):
             self.pool.commit(block, h)
         if loaded < n:

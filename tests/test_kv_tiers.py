@@ -313,3 +313,15 @@ def test_write_back_persists_cached_blocks_at_shutdown(tmp_path):
         engine.shutdown()
     assert {p.name for p in namespace.glob(f"*{SUFFIX}")} == {
         f"{h:016x}{SUFFIX}" for h in hash_token_blocks(PROMPTS[0], BS)}
+
+
+def test_disk_writes_drop_when_the_queue_is_full(tmp_path):
+    """A full write queue drops the block (a future miss), never blocks or corrupts."""
+    identity = BlockIdentity("fp-test", "float32", BS)
+    disk = DiskTier(tmp_path, identity.namespace, identity.key, (1, 2, BS, 2, 4), torch.float32, 1 << 30,
+                    queue_blocks=3)
+    disk.close()  # no writer drains the queue now
+    block = torch.ones((1, 2, BS, 2, 4))
+    accepted = [disk.submit(h, block) for h in range(1, 9)]
+    assert accepted == [True] * 3 + [False] * 5 and disk.dropped == 5
+    assert not any(h in disk for h in range(1, 9)) and not list(disk.directory.iterdir())

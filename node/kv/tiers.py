@@ -119,6 +119,8 @@ class KVTiers:
 
     def on_evict(self, block_id: int, block_hash: int) -> None:
         """The pool is reclaiming ``block_id`` (still intact until the next :meth:`flush`)."""
+        if self.host is None and not self.disk.enabled:
+            return  # the only tier below is off: nothing to copy
         if self.host is not None and block_hash in self.host:
             self.host.touch(block_hash)
         elif self.host is None and self.disk is not None and block_hash in self.disk:
@@ -155,9 +157,9 @@ class KVTiers:
         # room, and that block's bytes must be read before its slot is written again.
         index = {h: i for i, h in enumerate(hashes)}
         slots = []
+        if self._stream is not None:  # the copies wait for the gather on the compute stream
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream) if self._stream is not None else _nothing():
-            if self._stream is not None:
-                self._stream.wait_stream(torch.cuda.current_stream(self.device))
             for i, h in enumerate(hashes):
                 slot, victim = self.host.reserve(h)
                 if victim is not None:
