@@ -50,6 +50,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "health_down_after": (1, 100),
     "health_up_after": (1, 100),
     "max_attempts": (1, 16),
+    "prefix_routing": (0, 1),
 }
 
 
@@ -70,6 +71,9 @@ class DynamicConfig:
     failed_hold_s: float = 3.0  # a node whose forward failed stays off the ring this long
     first_token_timeout_s: float = 60.0  # a forward's deadline for its first message
     stall_timeout_s: float = 20.0  # ... and between two messages
+    # 1: requests without a session go to the node holding their longest cached prefix;
+    # 0: to the hash of their first block (docs/prefix-routing.md)
+    prefix_routing: int = 1
 
     def __post_init__(self) -> None:
         for name, (low, high, closed) in _FLOAT_RANGES.items():
@@ -103,7 +107,8 @@ class DynamicConfig:
                    health_up_after=h.up_after, max_attempts=settings.max_attempts,
                    failed_hold_s=settings.failed_hold_s,
                    first_token_timeout_s=settings.first_token_timeout_s,
-                   stall_timeout_s=settings.stall_timeout_s)
+                   stall_timeout_s=settings.stall_timeout_s,
+                   prefix_routing=int(settings.prefix_routing))
 
     def health_policy(self) -> HealthPolicy:
         """The health loop's policy under this config."""

@@ -324,6 +324,7 @@ class ClusterBackend:
         self.settings.failed_hold_s = config.failed_hold_s
         self.settings.first_token_timeout_s = config.first_token_timeout_s
         self.settings.stall_timeout_s = config.stall_timeout_s
+        self.settings.prefix_routing = bool(config.prefix_routing)
         self.settings.health = policy
         self.health.policy = policy
         self.health.tracker.policy = policy

@@ -173,22 +173,33 @@ def test_the_longest_prefix_wins_over_the_first_block_hash():
     index = _index_with({first_block_choice: prompt[:2], others[0]: prompt[:7], others[1]: prompt[:5]})
     choice = choose_node(ring, key, prompt, index, {}, 0.25)
     assert (choice.node, choice.matched_blocks) == (others[0], 7)
-    # Nobody holds the first block: today's choice.
-    assert choose_node(ring, key, hash_token_blocks([9] * 40, BS), index, {}, 0.25).node == first_block_choice
+
+
+def test_a_shared_preamble_alone_is_not_followed():
+    """Prompts that share only their first blocks (a common preamble) spread to the node
+    with the fewest blocks cached instead of piling onto the preamble's holder."""
+    ring = HashRing(("n1", "n2", "n3"))
+    preamble = list(range(8))  # 2 blocks
+    cached = hash_token_blocks(preamble + [50] * 32, BS)  # a prompt n1 holds: 10 blocks
+    index = _index_with({"n1": cached, "n2": hash_token_blocks([7] * 24, BS)})  # n2: 6 others
+    new = hash_token_blocks(preamble + [60] * 32, BS)
+    assert index.prefix_lengths(new, ["n1"]) == {"n1": 2}
+    assert choose_node(ring, "prefix:k", new, index, {}, 0.25) == PrefixChoice("n3", 0)
+    # The same prompt again is followed to where it is.
+    assert choose_node(ring, "prefix:k", cached, index, {}, 0.25) == PrefixChoice("n1", 10)
+    # A prompt without a full block: the first-block key under bounded load, as before.
+    assert choose_node(ring, "prefix:k", [], index, {}, 0.25).node == bounded_lookup(ring, "prefix:k", {}, 0.25)
 
 
 def test_bounded_load_passes_over_a_full_prefix_holder():
     ring = HashRing(("n1", "n2", "n3"))
     prompt = hash_token_blocks(list(range(40)), BS)
-    index = _index_with({"n1": prompt[:8], "n2": prompt[:4]})
+    index = _index_with({"n1": prompt[:9], "n2": prompt[:6]})
     loads = {"n1": 6, "n2": 1, "n3": 1}  # capacity ceil(1.25 * 9 / 3) = 4: n1 is over it
     assert overloaded(ring, "n1", loads, 0.25) and not overloaded(ring, "n2", loads, 0.25)
-    choice = choose_node(ring, "prefix:k", prompt, index, loads, 0.25)
-    assert (choice.node, choice.matched_blocks) == ("n2", 4)
-    # Every holder over its bound: the first-block choice under bounded load.
-    loads = {"n1": 6, "n2": 6, "n3": 0}
-    assert choose_node(ring, "prefix:k", prompt, index, loads, 0.25) == \
-        choose_node(ring, "prefix:k", [], index, loads, 0.25)
+    assert choose_node(ring, "prefix:k", prompt, index, loads, 0.25) == PrefixChoice("n2", 6)
+    # Every holder over its bound: the node under it.
+    assert choose_node(ring, "prefix:k", prompt, index, {"n1": 6, "n2": 6, "n3": 0}, 0.25).node == "n3"
 
 
 def test_ties_break_alike_in_every_coordinator():

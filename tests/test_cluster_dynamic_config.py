@@ -168,8 +168,9 @@ async def test_cluster_backend_applies_config_live(etcd: EmbeddedEtcd) -> None:
         async with EtcdStore(etcd.endpoint, prefix) as writer:
             await set_overrides(writer, {"load_eps": 2.0, "health_interval_s": 0.2,
                                          "health_timeout_s": 0.1, "health_up_after": 5,
-                                         "max_attempts": 2})
+                                         "max_attempts": 2, "prefix_routing": 0})
             await _until(lambda: backend.settings.load_eps == 2.0)
+            assert backend.settings.prefix_routing is False
             policy = HealthPolicy(interval_s=0.2, timeout_s=0.1, down_after=3, up_after=5)
             assert backend.health.policy == policy
             assert backend.health.tracker.policy == policy
@@ -179,6 +180,7 @@ async def test_cluster_backend_applies_config_live(etcd: EmbeddedEtcd) -> None:
             await writer.put(CONFIG_KEY, '{"load_eps": 0}')  # invalid: nothing changes
             await writer.delete(CONFIG_KEY)  # then back to the start-up settings
             await _until(lambda: backend.settings.load_eps == 0.25)
+            assert backend.settings.prefix_routing is True
             assert backend.health.policy == CoordinatorSettings(etcd="x:1").health
     finally:
         await backend.stop()
