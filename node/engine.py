@@ -511,8 +511,11 @@ class Engine:
                 self._metrics.preemptions += len(out.preempted)
                 if out.is_empty:
                     return finished
-                num_steps = self.scheduler.plan_decode_steps(out, self.num_scheduler_steps)
-                drafted = num_steps == 1 and self._draft(out)
+                # A batch that may speculate runs one (verified) step at a time: multi-step
+                # rounds would leave no step to draft for.
+                speculates = self._speculates(out)
+                drafted = speculates and self._draft(out)
+                num_steps = 1 if speculates else self.scheduler.plan_decode_steps(out, self.num_scheduler_steps)
                 if self.tiers is not None:  # evicted blocks leave before the step overwrites them
                     self.tiers.flush()
                 self._in_flight = {item.seq.request_id for item in out.scheduled}
@@ -597,17 +600,20 @@ class Engine:
         self._deferred_aborts.clear()
         return finished
 
-    def _draft(self, out: SchedulerOutput) -> bool:
-        """Give the step's decoding sequences n-gram drafts to verify (node/speculative.py);
-        False when speculation is off for this step. Only all-greedy decode batches of at most
-        ``speculative_max_batch`` sequences speculate: a large batch is already compute-bound,
-        and the extra positions would cost more than the steps they save."""
+    def _speculates(self, out: SchedulerOutput) -> bool:
+        """Whether this step's batch speculates (node/speculative.py). Only all-greedy decode
+        batches of at most ``speculative_max_batch`` sequences do: a large batch is already
+        compute-bound, and the extra positions would cost more than the steps they save."""
         c = self.config
         if not c.speculative_tokens or out.preempted or len(out.scheduled) > c.speculative_max_batch:
             return False
-        if any(item.num_new_tokens != 1 or not item.samples or item.seq.sampling.temperature != 0
-               for item in out.scheduled):
-            return False
+        return all(item.num_new_tokens == 1 and item.samples and item.seq.sampling.temperature == 0
+                   for item in out.scheduled)
+
+    def _draft(self, out: SchedulerOutput) -> bool:
+        """Give a speculating step's sequences n-gram drafts to verify; False when none was
+        found (the step then decodes one token as usual)."""
+        c = self.config
         drafted = False
         budget = c.max_num_batched_tokens - len(out.scheduled)  # the runner's buffers hold no more
         for item in out.scheduled:

@@ -71,6 +71,21 @@ def test_speculative_greedy_equals_plain_greedy(plain, spec):
     assert tokens["draft_proposed"] > 0 and tokens["draft_accepted"] > 0
 
 
+def test_speculation_wins_over_multi_step_rounds(plain):
+    """With multi-step rounds on too (the CUDA default), a batch that may speculate still
+    drafts each step; a batch too large to speculate keeps its multi-step rounds."""
+    both = _engine(speculative_tokens=4, speculative_max_batch=8, num_scheduler_steps=8)
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompts = _repetitive_prompts(1, 6)
+    assert [o.token_ids for o in both.generate(prompts, greedy)] == \
+        [o.token_ids for o in plain.generate(prompts, greedy)]
+    assert both.stats()["tokens"]["draft_accepted"] > 0
+    wide = _engine(speculative_tokens=4, speculative_max_batch=2, num_scheduler_steps=8)
+    wide.generate(prompts, greedy)
+    tokens = wide.stats()["tokens"]
+    assert tokens["draft_proposed"] == 0 and tokens["schedules"] < tokens["steps"] // 4
+
+
 def test_speculation_saves_forward_passes(plain, spec):
     greedy = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     prompt = _repetitive_prompts(2, 1)
