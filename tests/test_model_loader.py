@@ -144,7 +144,7 @@ def test_tiny_greedy_logits_depend_on_input():
     assert len({int(x) for x in logits.argmax(-1)}) >= 3
 
 
-@pytest.mark.parametrize("name,params", [("llama-1b", 1.236e9), ("llama-8b", 8.03e9)])
+@pytest.mark.parametrize("name,params", [("llama-1b", 1.236e9), ("llama-8b", 8.03e9), ("smollm2-shape", 134.5e6)])
 def test_benchmark_presets_have_real_shapes(name, params):
     with torch.device("meta"):
         model = LlamaForCausalLM(PRESETS[name], TorchReferenceBackend())

@@ -1,7 +1,7 @@
 """Synthetic models: real shapes, seeded random weights (like vLLM's dummy load format).
 
-``tiny`` is for tests (fast on CPU); ``llama-1b`` and ``llama-8b`` have the exact shapes of
-Llama-3.2-1B and Llama-3-8B for benchmarks. All use the byte tokenizer (ids < 258; the
+``tiny`` is for tests (fast on CPU); ``llama-1b``, ``llama-8b`` and ``smollm2-shape`` have the
+exact shapes of Llama-3.2-1B, Llama-3-8B and SmolLM2-135M for benchmarks. All use the byte tokenizer (ids < 258; the
 128256-entry vocabularies are kept so the embedding and lm_head cost what they really cost).
 """
 
@@ -34,6 +34,13 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
         torch_dtype="bfloat16", **_BYTE_SPECIALS),
+    # SmolLM2-135M's shapes (the real default model, smollm2-135m) with random weights: its
+    # speed on a GPU where the packaged GGUF cannot be brought (benchmarks).
+    "smollm2-shape": ModelConfig(
+        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True, torch_dtype="bfloat16", **_BYTE_SPECIALS),
 }
 
 
