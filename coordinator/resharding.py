@@ -255,7 +255,7 @@ class Resharder:
         chunks = [c async for c in self._stub(source.node).ExportSession(
             npb.ExportSessionRequest(session_id=session_id, include_kv=True),
             timeout=self.rpc_timeout_s)]
-        resp = await self._stub(target).ImportSession(iter(chunks), timeout=self.rpc_timeout_s)
+        resp = await self._import(target, chunks)
         await self._drop(session_id, source.node)  # cut over: one owner from here on
         header = chunks[0].header
         return SessionState(session_id, list(header.token_ids), header.turns,
@@ -289,9 +289,26 @@ class Resharder:
         state = replace(state, tenant=state.tenant or tenant)
         if not state.token_ids:
             raise ValueError(f"session {session_id}: no replica and no readable checkpoint")
-        resp = await self._stub(target).ImportSession(iter(state_to_chunks(state)),
-                                                      timeout=self.rpc_timeout_s)
+        resp = await self._import(target, list(state_to_chunks(state)))
         return replace(state, kv=None, kv_tokens=resp.kv_tokens)
+
+    async def _import(self, target: str, chunks: list) -> npb.ImportSessionResponse:
+        """ImportSession on ``target``. A target whose KV cache holds another dtype (int8, fp8
+        or float: ``kv_cache_dtype``) refuses the KV, naming kv_dtype; the history then moves
+        alone and the target recomputes the KV on the session's next turn."""
+        try:
+            return await self._stub(target).ImportSession(iter(chunks), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            field = dict(exc.trailing_metadata() or ()).get("ultrakv-field")
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or field != "kv_dtype":
+                raise
+            h = chunks[0].header
+            log.warning("session %s: %s refused its KV (%s); moving the history only",
+                        h.session_id, target, exc.details())
+        history = SessionState(h.session_id, list(h.token_ids), h.turns, h.model_fingerprint,
+                               tenant=h.tenant)
+        return await self._stub(target).ImportSession(state_to_chunks(history),
+                                                      timeout=self.rpc_timeout_s)
 
     async def _drop(self, session_id: str, node: str) -> None:
         try:

@@ -216,3 +216,43 @@ def test_quantized_blocks_round_trip_through_the_kv_tiers(tier, tmp_path):
     assert again.cached_tokens == 64 and e.tiers.counters.loaded >= 1
     assert again.token_ids == first.token_ids
     assert torch.equal(e.export_session("t").kv.view(torch.uint8)[:, :, :64], before[:, :, :64])
+
+
+async def test_migration_between_kv_dtypes_moves_the_history_only(tmp_path):
+    """A float node's session moved to an int8 node: ImportSession refuses the float KV,
+    naming kv_dtype, and the resharder moves the history alone; the session continues there
+    (its KV recomputed)."""
+    import asyncio
+
+    import grpc
+    from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
+    from ultrakv.cluster.peers import PeerChannels
+    from ultrakv.cluster.session_transfer import state_to_chunks
+    from ultrakv.coordinator.resharding import Copy, Resharder
+    from ultrakv.node.server import BackgroundServer, ServerSettings
+
+    secret_file = ensure_cluster_secret(tmp_path / "cluster-secret")
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5,
+                              cluster_secret_file=str(secret_file))
+    src = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64))
+    dst = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64, kv_cache_dtype="int8"))
+    src.generate([list(range(1, 60))], SamplingParams(max_tokens=4, temperature=0.0), session_ids=["mv"])
+    state = src.export_session("mv")
+    with BackgroundServer(src, settings) as a, BackgroundServer(dst, settings) as b:
+        peers = PeerChannels(read_cluster_secret(secret_file))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await peers.stub(b.address).ImportSession(state_to_chunks(state), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "kv_dtype must be 'int8' (this node's KV cache), got 'float32'" in err.value.details()
+
+        resharder = Resharder(None, peers, lambda: {"a": a.address, "b": b.address})
+        moved = await resharder._migrate("mv", Copy("a", turns=1, num_tokens=len(state.token_ids), live=True), "b")
+        assert moved.kv_tokens == 0 and moved.token_ids == state.token_ids
+    info = dst.get_session("mv")
+    assert info.num_tokens == len(state.token_ids) and info.num_cached_blocks == 0
+    out = await asyncio.to_thread(dst.generate, [[7, 8]], SamplingParams(max_tokens=3), session_ids=["mv"])
+    assert out[0].finish_reason == "length"
+    with pytest.raises(Exception, match="not found|mv"):
+        src.get_session("mv")  # cut over: the source dropped its copy
+    src.shutdown()
+    dst.shutdown()
