@@ -47,6 +47,7 @@ class BlockEventBatch:
     events: tuple[BlockEvent, ...]
     snapshot: bool = False
     reset: bool = False
+    chain_root: int | None = None  # the parent of every chain's first block (kv dtype)
 
     @property
     def last_seq(self) -> int:
@@ -72,7 +73,7 @@ def batch_to_message(batch: BlockEventBatch) -> npb.BlockEventsMessage:
     """The wire form of ``batch``."""
     return npb.BlockEventsMessage(
         epoch=batch.epoch, snapshot=batch.snapshot, reset=batch.reset, seq=batch.seq,
-        block_size=batch.block_size,
+        block_size=batch.block_size, chain_root=batch.chain_root,
         events=[npb.BlockEvent(seq=e.seq, stored=e.stored, tier=e.tier, hashes=e.hashes)
                 for e in batch.events])
 
@@ -104,7 +105,8 @@ def batch_from_message(message: npb.BlockEventsMessage) -> BlockEventBatch:
     if message.reset and not message.snapshot:
         raise _invalid("reset", "reset must come with snapshot")
     return BlockEventBatch(message.epoch, message.seq, message.block_size, tuple(events),
-                           message.snapshot, message.reset)
+                           message.snapshot, message.reset,
+                           message.chain_root if message.HasField("chain_root") else None)
 
 
 def chunked(hashes: Iterable[int]) -> Iterator[tuple[int, ...]]:
@@ -119,20 +121,22 @@ def chunked(hashes: Iterable[int]) -> Iterator[tuple[int, ...]]:
         yield tuple(run)
 
 
-def snapshot_batches(epoch: str, seq: int, block_size: int,
+def snapshot_batches(epoch: str, seq: int, block_size: int, chain_root: int | None,
                      held: Mapping[str, Iterable[int]]) -> list[BlockEventBatch]:
     """What a node holds (tier -> hashes) at ``seq``, as snapshot messages within the caps;
     always at least one (the first resets, even when nothing is held)."""
     events = [BlockEvent(0, True, tier, run) for tier in TIERS for run in chunked(held.get(tier, ()))]
     parts = [tuple(events[i:i + MAX_EVENTS_PER_MESSAGE])
              for i in range(0, len(events), MAX_EVENTS_PER_MESSAGE)] or [()]
-    return [BlockEventBatch(epoch, seq, block_size, part, snapshot=True, reset=i == 0)
+    return [BlockEventBatch(epoch, seq, block_size, part, snapshot=True, reset=i == 0,
+                            chain_root=chain_root)
             for i, part in enumerate(parts)]
 
 
-def delta_batches(epoch: str, block_size: int,
+def delta_batches(epoch: str, block_size: int, chain_root: int | None,
                   events: list[BlockEvent]) -> list[BlockEventBatch]:
     """Changes as messages within the caps (each event already within MAX_HASHES_PER_EVENT)."""
     return [BlockEventBatch(epoch, events[min(i + MAX_EVENTS_PER_MESSAGE, len(events)) - 1].seq,
-                            block_size, tuple(events[i:i + MAX_EVENTS_PER_MESSAGE]))
+                            block_size, tuple(events[i:i + MAX_EVENTS_PER_MESSAGE]),
+                            chain_root=chain_root)
             for i in range(0, len(events), MAX_EVENTS_PER_MESSAGE)]

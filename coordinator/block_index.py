@@ -19,6 +19,16 @@ _TIER_BIT = {tier: 1 << i for i, tier in enumerate(TIERS)}
 
 
 @dataclass(frozen=True)
+class HashScheme:
+    """How a node's block hashes chain: tokens per block and the first block's parent (the
+    KV dtype's ``chain_root``; None for an unquantized cache). A prompt hashed the same way
+    matches that node's blocks."""
+
+    block_size: int
+    chain_root: int | None = None
+
+
+@dataclass(frozen=True)
 class Cursor:
     """Where a node's stream stands: its epoch and the last sequence number applied
     ("", 0: nothing known, the next subscription gets a snapshot)."""
@@ -37,7 +47,7 @@ class BlockIndex:
         self._blocks: dict[str, dict[int, int]] = {}  # node -> hash -> tier bits
         self._holders: dict[int, dict[str, int]] = {}  # hash -> node -> tier bits
         self._cursors: dict[str, Cursor] = {}
-        self._block_size: dict[str, int] = {}
+        self._schemes: dict[str, HashScheme] = {}
         self.dropped_over_cap = 0  # stored hashes ignored: a node past max_blocks_per_node
 
     # -- reading -------------------------------------------------------------------------
@@ -50,9 +60,9 @@ class BlockIndex:
         """Nodes with a snapshot applied, sorted."""
         return sorted(self._cursors)
 
-    def block_size(self, node: str) -> int | None:
-        """Tokens per block of ``node``'s hashes, once known."""
-        return self._block_size.get(node)
+    def scheme(self, node: str) -> HashScheme | None:
+        """How ``node``'s hashes chain, once known."""
+        return self._schemes.get(node)
 
     def num_blocks(self, node: str) -> int:
         """Distinct hashes ``node`` holds in any tier."""
@@ -94,9 +104,10 @@ class BlockIndex:
             for event in batch.events:
                 self._store(node, event.tier, event.hashes)
             self._cursors[node] = Cursor(batch.epoch, batch.seq)
-            self._block_size[node] = batch.block_size
+            self._schemes[node] = HashScheme(batch.block_size, batch.chain_root)
             return True
-        if batch.epoch != cursor.epoch or batch.block_size != self._block_size.get(node):
+        if (batch.epoch != cursor.epoch
+                or HashScheme(batch.block_size, batch.chain_root) != self._schemes.get(node)):
             return False
         expected = cursor.seq
         for event in batch.events:
@@ -124,7 +135,7 @@ class BlockIndex:
             if not holders:
                 del self._holders[h]
         self._cursors.pop(node, None)
-        self._block_size.pop(node, None)
+        self._schemes.pop(node, None)
 
     def _store(self, node: str, tier: str, hashes: Iterable[int]) -> None:
         bit = _TIER_BIT[tier]

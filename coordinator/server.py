@@ -464,14 +464,16 @@ class ClusterBackend:
             return self.ring.lookup(request.session_id)
         ring, key = self.ring, self._first_block_key(request)
         fallback = bounded_lookup(ring, key, self.inflight, self.settings.load_eps)
-        sizes = {self.block_index.block_size(n) for n in ring.nodes
-                 if self.block_index.num_blocks(n)} - {None}
-        if not self.settings.prefix_routing or len(sizes) != 1:
-            return fallback  # nothing cached anywhere (or nodes of mixed block sizes)
+        schemes = {self.block_index.scheme(n) for n in ring.nodes
+                   if self.block_index.num_blocks(n)} - {None}
+        if not self.settings.prefix_routing or len(schemes) != 1:
+            return fallback  # nothing cached anywhere (or nodes that hash blocks differently)
         tokens = await self._prompt_tokens(request, fallback)
         # The node salts its block hashes with the tenant: one tenant's prefix never matches
         # another's, here as in the node's cache.
-        hashes = hash_token_blocks(tokens, sizes.pop(), request.tenant) if tokens else []
+        scheme = schemes.pop()
+        hashes = (hash_token_blocks(tokens, scheme.block_size, request.tenant, scheme.chain_root)
+                  if tokens else [])
         if not len(self.ring):  # emptied while the prompt was tokenized
             raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "", str(EmptyRingError()),
                                   retry_after_s=1.0)

@@ -564,7 +564,7 @@ class ServerSettings:
 def _block_log_of(engine: Any) -> BlockEventLog:
     """A block event log that starts from what ``engine``'s tiers hold now (a disk tier
     scanned at start included) and then hears every change."""
-    log = BlockEventLog(engine.config.block_size)
+    log = BlockEventLog(engine.config.block_size, engine.chain_root)
     log(True, engine.pool.hashes(), GPU_TIER)
     tiers = engine.tiers
     if tiers is not None and tiers.host is not None:

@@ -11,10 +11,10 @@ from ultrakv.cluster.block_events import (
     batch_from_message,
     batch_to_message,
 )
-from ultrakv.cluster.block_hashing import hash_token_blocks
+from ultrakv.cluster.block_hashing import chain_root, hash_token_blocks
 from ultrakv.cluster.ring import HashRing, bounded_lookup
 from ultrakv.cluster.validation import RequestRejected
-from ultrakv.coordinator.block_index import BlockIndex, Cursor
+from ultrakv.coordinator.block_index import BlockIndex, Cursor, HashScheme
 from ultrakv.coordinator.prefix_router import PrefixChoice, choose_node, overloaded
 from ultrakv.node.kv.block_event_log import BlockEventLog
 from ultrakv.node.kv.block_pool import BlockPool
@@ -93,6 +93,18 @@ def test_a_restarted_node_new_epoch_resets_what_was_known():
     sync(index, "n1", new)
     assert index.num_blocks("n1") == 1 and index.holders(1) == {}
     assert index.cursor("n1").epoch == new.epoch
+
+
+def test_deltas_hashed_another_way_are_refused():
+    index = BlockIndex()
+    log = BlockEventLog(BS, chain_root=7)
+    sync(index, "n1", log)
+    assert index.scheme("n1") == HashScheme(BS, 7)
+    log(True, [1], "gpu")
+    (delta,) = log.read(log.epoch, index.cursor("n1").seq)
+    assert not index.apply("n1", BlockEventBatch(log.epoch, delta.seq, BS, delta.events))  # root lost
+    assert not index.apply("n1", BlockEventBatch(log.epoch, delta.seq, BS * 2, delta.events, chain_root=7))
+    assert index.apply("n1", delta)
 
 
 def test_a_subscriber_older_than_the_kept_events_gets_a_snapshot():
@@ -259,7 +271,9 @@ def test_a_node_streams_its_block_events_and_tokenizes_over_grpc():
     from ultrakv.v1 import node_pb2_grpc
     from ultrakv.v1 import types_pb2 as pb
 
-    engine = Engine(EngineConfig(model="tiny", device="cpu", block_size=16, num_blocks=32))
+    # A quantized cache: its hashes chain from the dtype's root, which the stream carries.
+    engine = Engine(EngineConfig(model="tiny", device="cpu", block_size=16, num_blocks=32,
+                                 kv_cache_dtype="int8"))
     try:
         with BackgroundServer(engine) as srv, grpc.insecure_channel(srv.address) as channel:
             stub = node_pb2_grpc.NodeServiceStub(channel)
@@ -285,10 +299,12 @@ def test_a_node_streams_its_block_events_and_tokenizes_over_grpc():
             threading.Thread(target=read, daemon=True).start()
             snapshot = batch_from_message(messages.get(timeout=30))
             assert snapshot.reset and snapshot.events == ()  # nothing cached yet
+            assert snapshot.chain_root == chain_root("int8") is not None
             engine.generate([list(ids)], SamplingParams(max_tokens=2, temperature=0.0))
             index = BlockIndex()
             assert index.apply("n", snapshot)
-            want = set(hash_token_blocks(list(ids), 16))
+            assert index.scheme("n") == HashScheme(16, chain_root("int8"))
+            want = set(hash_token_blocks(list(ids), 16, "", chain_root("int8")))
             while not want <= index.blocks("n"):
                 assert index.apply("n", batch_from_message(messages.get(timeout=30)))
             call.cancel()

@@ -28,11 +28,12 @@ DEFAULT_MAX_EVENTS = 8192
 class BlockEventLog:
     """Sequence-numbered block changes of one node process (``epoch`` names the process)."""
 
-    def __init__(self, block_size: int, max_events: int = DEFAULT_MAX_EVENTS,
-                 epoch: str | None = None) -> None:
+    def __init__(self, block_size: int, chain_root: int | None = None,
+                 max_events: int = DEFAULT_MAX_EVENTS, epoch: str | None = None) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {max_events}")
         self.block_size = block_size
+        self.chain_root = chain_root  # how the hashes chain: the subscribers hash prompts alike
         self.epoch = epoch or uuid.uuid4().hex
         self._seq = 0
         self._events: deque[BlockEvent] = deque(maxlen=max_events)
@@ -78,10 +79,10 @@ class BlockEventLog:
                 return []
             oldest = self._events[0].seq if self._events else self._seq + 1
             if epoch == self.epoch and oldest - 1 <= since < self._seq:
-                return delta_batches(self.epoch, self.block_size,
+                return delta_batches(self.epoch, self.block_size, self.chain_root,
                                      [e for e in self._events if e.seq > since])
             held = {tier: sorted(hashes) for tier, hashes in self._held.items()}
-            return snapshot_batches(self.epoch, self._seq, self.block_size, held)
+            return snapshot_batches(self.epoch, self._seq, self.block_size, self.chain_root, held)
 
     def held(self, tier: str) -> set[int]:
         """The hashes ``tier`` holds now (a copy)."""

@@ -154,20 +154,22 @@ class BlockEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., stored: _Optional[bool] = ..., tier: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BlockEventsMessage(_message.Message):
-    __slots__ = ("epoch", "snapshot", "reset", "seq", "block_size", "events")
+    __slots__ = ("epoch", "snapshot", "reset", "seq", "block_size", "events", "chain_root")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ROOT_FIELD_NUMBER: _ClassVar[int]
     epoch: str
     snapshot: bool
     reset: bool
     seq: int
     block_size: int
     events: _containers.RepeatedCompositeFieldContainer[BlockEvent]
-    def __init__(self, epoch: _Optional[str] = ..., snapshot: _Optional[bool] = ..., reset: _Optional[bool] = ..., seq: _Optional[int] = ..., block_size: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BlockEvent, _Mapping]]] = ...) -> None: ...
+    chain_root: int
+    def __init__(self, epoch: _Optional[str] = ..., snapshot: _Optional[bool] = ..., reset: _Optional[bool] = ..., seq: _Optional[int] = ..., block_size: _Optional[int] = ..., events: _Optional[_Iterable[_Union[BlockEvent, _Mapping]]] = ..., chain_root: _Optional[int] = ...) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("token_ids",)
