@@ -53,8 +53,10 @@ def _host() -> dict:
 
 
 def _engine(args: argparse.Namespace, **tiers) -> Engine:
-    return Engine(EngineConfig(model=args.preset, device=args.device, num_blocks=args.num_blocks,
-                               block_size=16, max_num_seqs=16, **tiers))
+    engine = Engine(EngineConfig(model=args.preset, device=args.device, num_blocks=args.num_blocks,
+                                 block_size=16, max_num_seqs=16, **tiers))
+    engine.warmup()  # CUDA graphs and kernels compiled before any TTFT is taken (CPU: nothing)
+    return engine
 
 
 def _tier_gib(engine_bytes_per_block: int, blocks: int) -> float:
