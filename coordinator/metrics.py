@@ -26,6 +26,9 @@ class CoordinatorCounters:
     retries: dict[str, int] = field(default_factory=dict)  # "retry" | "resume" -> count
     moves: dict[tuple[str, str], int] = field(default_factory=dict)  # (mode, result)
     moved_kv_tokens: int = 0
+    # requests without a session by routing choice: prefix, spread, first_block
+    # (coordinator/prefix_router.py), or off (prefix routing switched off / nothing cached)
+    sessionless_routes: dict[str, int] = field(default_factory=dict)
 
     def forwarded(self, node: str, outcome: str) -> None:
         """One forward to ``node`` ended: ``ok``, ``node_failed`` (retried) or ``error``."""
@@ -35,6 +38,10 @@ class CoordinatorCounters:
     def retried(self, kind: str) -> None:
         """A request goes to another attempt: ``retry`` (no token sent) or ``resume``."""
         self.retries[kind] = self.retries.get(kind, 0) + 1
+
+    def routed(self, reason: str) -> None:
+        """A request without a session was routed for ``reason``."""
+        self.sessionless_routes[reason] = self.sessionless_routes.get(reason, 0) + 1
 
     def moved(self, live: bool, ok: bool, kv_tokens: int) -> None:
         """One session move finished (``live`` from a serving owner, else restored)."""
@@ -74,6 +81,24 @@ class CoordinatorCollector(Collector):
         yield CounterMetricFamily("ultrakv_coordinator_moved_kv_tokens",
                                   "KV tokens carried by live session moves.",
                                   value=c.moved_kv_tokens)
+        routes = CounterMetricFamily("ultrakv_coordinator_sessionless_routes",
+                                     "Requests without a session by routing choice: prefix (to "
+                                     "the node holding the prompt), spread (to the fewest blocks "
+                                     "cached), first_block (no full block), hash (by the first "
+                                     "block: prefix routing off or nothing cached).",
+                                     labels=["choice"])
+        for reason in ("prefix", "spread", "first_block", "hash"):
+            routes.add_metric([reason], c.sessionless_routes.get(reason, 0))
+        yield routes
+        yield CounterMetricFamily("ultrakv_coordinator_block_index_resyncs",
+                                  "Snapshots asked of nodes after a gap or a bad block event.",
+                                  value=b.block_feed.resyncs)
+        blocks = GaugeMetricFamily("ultrakv_coordinator_block_index_blocks",
+                                   "Blocks each node holds (any tier), as its events told.",
+                                   labels=["node"])
+        for node in b.block_index.nodes():
+            blocks.add_metric([node], b.block_index.num_blocks(node))
+        yield blocks
 
         yield GaugeMetricFamily("ultrakv_coordinator_ring_epoch", "Routing ring epoch.",
                                 value=b.ring.epoch)

@@ -29,10 +29,13 @@ MIN_MATCH_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class PrefixChoice:
-    """The chosen node and how many leading prompt blocks it holds (0: the fallback)."""
+    """The chosen node, how many leading prompt blocks it holds, and why it was chosen:
+    ``prefix`` (it holds the prompt), ``spread`` (nobody does: the fewest blocks cached) or
+    ``first_block`` (no full block to go by: the first-block key)."""
 
     node: str
     matched_blocks: int
+    reason: str
 
 
 def overloaded(ring: HashRing, node: str, loads: Mapping[str, int], eps: float) -> bool:
@@ -46,12 +49,12 @@ def choose_node(ring: HashRing, key: str, hashes: Sequence[int], index: BlockInd
     """The node for a prompt whose chained block hashes are ``hashes`` and whose first-block
     routing key is ``key`` (see the module docstring)."""
     if not hashes:
-        return PrefixChoice(bounded_lookup(ring, key, loads, eps), 0)
+        return PrefixChoice(bounded_lookup(ring, key, loads, eps), 0, "first_block")
     order = {n: i for i, n in enumerate(ring.lookup_n(key, len(ring)))}
     open_nodes = [n for n in order if not overloaded(ring, n, loads, eps)]
     lengths = index.prefix_lengths(hashes, open_nodes)
     best = min(open_nodes, key=lambda n: (-lengths[n], order[n]))
     if lengths[best] >= MIN_MATCH_FRACTION * len(hashes):
-        return PrefixChoice(best, lengths[best])
+        return PrefixChoice(best, lengths[best], "prefix")
     emptiest = min(open_nodes, key=lambda n: (index.num_blocks(n), order[n]))
-    return PrefixChoice(emptiest, lengths[emptiest])
+    return PrefixChoice(emptiest, lengths[emptiest], "spread")

@@ -467,6 +467,7 @@ class ClusterBackend:
         schemes = {self.block_index.scheme(n) for n in ring.nodes
                    if self.block_index.num_blocks(n)} - {None}
         if not self.settings.prefix_routing or len(schemes) != 1:
+            self.counters.routed("hash")
             return fallback  # nothing cached anywhere (or nodes that hash blocks differently)
         tokens = await self._prompt_tokens(request, fallback)
         # The node salts its block hashes with the tenant: one tenant's prefix never matches
@@ -477,8 +478,10 @@ class ClusterBackend:
         if not len(self.ring):  # emptied while the prompt was tokenized
             raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "", str(EmptyRingError()),
                                   retry_after_s=1.0)
-        return choose_node(self.ring, key, hashes, self.block_index, self.inflight,
-                           self.settings.load_eps).node
+        choice = choose_node(self.ring, key, hashes, self.block_index, self.inflight,
+                             self.settings.load_eps)
+        self.counters.routed(choice.reason)
+        return choice.node
 
     async def _prompt_tokens(self, request: pb.GenerateRequest, node: str) -> list[int] | None:
         """The prompt's token ids as the nodes compute them: token-id prompts as sent, text

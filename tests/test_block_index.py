@@ -196,9 +196,9 @@ def test_a_shared_preamble_alone_is_not_followed():
     index = _index_with({"n1": cached, "n2": hash_token_blocks([7] * 24, BS)})  # n2: 6 others
     new = hash_token_blocks(preamble + [60] * 32, BS)
     assert index.prefix_lengths(new, ["n1"]) == {"n1": 2}
-    assert choose_node(ring, "prefix:k", new, index, {}, 0.25) == PrefixChoice("n3", 0)
+    assert choose_node(ring, "prefix:k", new, index, {}, 0.25) == PrefixChoice("n3", 0, "spread")
     # The same prompt again is followed to where it is.
-    assert choose_node(ring, "prefix:k", cached, index, {}, 0.25) == PrefixChoice("n1", 10)
+    assert choose_node(ring, "prefix:k", cached, index, {}, 0.25) == PrefixChoice("n1", 10, "prefix")
     # A prompt without a full block: the first-block key under bounded load, as before.
     assert choose_node(ring, "prefix:k", [], index, {}, 0.25).node == bounded_lookup(ring, "prefix:k", {}, 0.25)
 
@@ -209,7 +209,7 @@ def test_bounded_load_passes_over_a_full_prefix_holder():
     index = _index_with({"n1": prompt[:9], "n2": prompt[:6]})
     loads = {"n1": 6, "n2": 1, "n3": 1}  # capacity ceil(1.25 * 9 / 3) = 4: n1 is over it
     assert overloaded(ring, "n1", loads, 0.25) and not overloaded(ring, "n2", loads, 0.25)
-    assert choose_node(ring, "prefix:k", prompt, index, loads, 0.25) == PrefixChoice("n2", 6)
+    assert choose_node(ring, "prefix:k", prompt, index, loads, 0.25) == PrefixChoice("n2", 6, "prefix")
     # Every holder over its bound: the node under it.
     assert choose_node(ring, "prefix:k", prompt, index, {"n1": 6, "n2": 6, "n3": 0}, 0.25).node == "n3"
 
@@ -229,7 +229,7 @@ def test_tenants_never_match_each_others_prefix():
     other = hash_token_blocks(tokens, BS, salt="tenant-b")
     assert choose_node(ring, "prefix:k", other, index, {}, 0.25).matched_blocks == 0
     own = hash_token_blocks(tokens, BS, salt="tenant-a")
-    assert choose_node(ring, "prefix:k", own, index, {}, 0.25) == PrefixChoice("n2", 8)
+    assert choose_node(ring, "prefix:k", own, index, {}, 0.25) == PrefixChoice("n2", 8, "prefix")
 
 
 def test_a_restarted_node_announces_the_blocks_its_disk_tier_kept(tmp_path):

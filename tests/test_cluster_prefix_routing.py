@@ -108,6 +108,7 @@ async def test_a_sessionless_request_goes_to_the_node_holding_its_prefix(cluster
                     break
                 await asyncio.sleep(0.5)
         assert result["success"] and result["node"] == holder, (result, holder, first_block_node)
+        assert backend.counters.sessionless_routes.get("prefix", 0) >= 1
         assert result["cached_tokens"] >= len(SYSTEM) // 16 * 16 - 16
         assert via_process["node"] == holder and via_process["cached_tokens"] > 0, via_process
     finally:

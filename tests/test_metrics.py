@@ -106,6 +106,7 @@ def test_coordinator_collector_exposes_counters() -> None:
     backend.counters.forwarded("n2", "node_failed")
     backend.counters.retried("resume")
     backend.counters.moved(live=True, ok=True, kv_tokens=48)
+    backend.counters.routed("prefix")
     registry = CollectorRegistry()
     registry.register(CoordinatorCollector(backend))
     get = registry.get_sample_value
@@ -117,6 +118,9 @@ def test_coordinator_collector_exposes_counters() -> None:
     assert get("ultrakv_coordinator_retries_total", {"kind": "retry"}) == 0
     assert get("ultrakv_coordinator_session_moves_total", {"mode": "live", "result": "ok"}) == 1
     assert get("ultrakv_coordinator_moved_kv_tokens_total") == 48
+    assert get("ultrakv_coordinator_sessionless_routes_total", {"choice": "prefix"}) == 1
+    assert get("ultrakv_coordinator_sessionless_routes_total", {"choice": "spread"}) == 0
+    assert get("ultrakv_coordinator_block_index_resyncs_total") == 0
     assert get("ultrakv_coordinator_ring_nodes") == 0
     assert get("ultrakv_coordinator_ring_epoch") == backend.ring.epoch
     assert get("ultrakv_coordinator_nodes", {"state": "serving"}) == 0
