@@ -147,6 +147,7 @@ class SessionRecord:
     tenant: str
     model_fingerprint: str
     kv_tokens: int = 0
+    messages: list[tuple[str, str]] = field(default_factory=list)  # chat: (role, content)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -158,7 +159,8 @@ class SessionRecord:
             h = json.loads(raw)
             return cls(str(h["session_id"]), [int(t) for t in h["token_ids"]], int(h["turns"]),
                        str(h.get("tenant", "")), str(h["model_fingerprint"]),
-                       int(h.get("kv_tokens", 0)))
+                       int(h.get("kv_tokens", 0)),
+                       [(str(r), str(c)) for r, c in h.get("messages", [])])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed session history: {exc!r}") from exc
 
@@ -167,7 +169,8 @@ def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
     """Write ``state``'s history and KV files into ``directory``; returns the entry."""
     kv = state.kv if state.kv is not None and state.kv_tokens > 0 else None
     record = SessionRecord(state.session_id, state.token_ids, state.turns, state.tenant,
-                           state.model_fingerprint, state.kv_tokens if kv is not None else 0)
+                           state.model_fingerprint, state.kv_tokens if kv is not None else 0,
+                           state.messages)
     if kv is None:
         return write_session_files(directory, record)
     header, payload = tensor_to_block("", kv.cpu())  # the key is the file name, set below
@@ -219,7 +222,8 @@ def read_session(directory: Path, entry: CheckpointEntry) -> SessionState | None
         return None
     h = SessionRecord.from_json(raw)
     state = SessionState(session_id=h.session_id, token_ids=h.token_ids, turns=h.turns,
-                         model_fingerprint=h.model_fingerprint, tenant=h.tenant)
+                         model_fingerprint=h.model_fingerprint, tenant=h.tenant,
+                         messages=h.messages)
     if not entry.kv_file:
         return state
     data = _read_verified(directory / entry.kv_file, entry.kv_sha256)
@@ -237,20 +241,23 @@ def read_session(directory: Path, entry: CheckpointEntry) -> SessionState | None
 
 
 def merge_with_history(session_id: str, checkpointed: SessionState | None, history: list[int],
-                       turns: int, fingerprint: str) -> SessionState:
+                       turns: int, fingerprint: str,
+                       messages: list[tuple[str, str]] | None = None) -> SessionState:
     """The session to restore from a checkpoint and a replicated history of the same session.
 
     The copy with more turns wins, never the longer one: a checkpoint may be older than the
     replica (written before the last turns) or newer (the replica lagged). On equal turns
     the replicated history wins, being what clients were acknowledged. The checkpoint's KV
-    is kept while it covers a prefix of the winning history, dropped otherwise.
+    is kept while it covers a prefix of the winning history, dropped otherwise. The chat
+    ``messages`` (of the replicated history) go with the history they belong to.
     """
+    messages = list(messages or [])
     if checkpointed is None:
-        return SessionState(session_id, list(history), turns, fingerprint)
+        return SessionState(session_id, list(history), turns, fingerprint, messages=messages)
     if checkpointed.turns > turns:
         return checkpointed
     kv_tokens = checkpointed.kv_tokens if checkpointed.kv is not None else 0
-    merged = replace(checkpointed, token_ids=list(history), turns=turns)
+    merged = replace(checkpointed, token_ids=list(history), turns=turns, messages=messages)
     if history[:kv_tokens] != checkpointed.token_ids[:kv_tokens] or len(history) < kv_tokens:
         merged = replace(merged, kv=None, kv_tokens=0)
     return merged

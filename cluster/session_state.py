@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,7 +17,9 @@ class SessionState:
     blocks only), laid out [num_layers, 2, kv_tokens, num_kv_heads, head_dim] on CPU; it may be
     None (history only), in which case the importer recomputes the KV on the next turn.
     ``model_fingerprint`` guards against importing KV computed by another model; ``tenant``
-    is the salt of the session's block hashes.
+    is the salt of the session's block hashes. ``messages``: the chat conversation so far as
+    (role, content) pairs, for a session whose turns were chat messages (a new turn renders
+    it again to find what to prefill), else empty.
     """
 
     session_id: str
@@ -27,3 +29,4 @@ class SessionState:
     kv_tokens: int = 0
     kv: torch.Tensor | None = None
     tenant: str = ""
+    messages: list[tuple[str, str]] = field(default_factory=list)

@@ -1,6 +1,7 @@
 """SessionState <-> a stream of SessionChunk messages (session migration on the wire).
 
-A session travels as a header (history, turns, model fingerprint, KV shape and dtype), the KV
+A session travels as a header (history, turns, chat messages, model fingerprint, KV shape and
+dtype), the KV
 tensor's bytes cut into chunks that each carry their sha256, and a trailer with the chunk
 count, the byte count and the sha256 of all the bytes. Pure functions, no I/O: the node
 server and the cluster's re-sharding both use them.
@@ -16,12 +17,23 @@ import grpc
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import Malformed, RequestRejected
 from ultrakv.v1 import node_pb2 as npb
+from ultrakv.v1 import types_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB default message limit
 
 
 class TransferError(ValueError):
     """A chunk stream that is malformed, truncated or corrupted."""
+
+
+def chat_messages(pairs: Iterable[tuple[str, str]]) -> list[pb.ChatMessage]:
+    """(role, content) pairs -> wire messages."""
+    return [pb.ChatMessage(role=role, content=content) for role, content in pairs]
+
+
+def message_pairs(messages: Iterable[pb.ChatMessage]) -> list[tuple[str, str]]:
+    """Wire messages -> (role, content) pairs."""
+    return [(m.role, m.content) for m in messages]
 
 
 def state_to_chunks(state: SessionState, chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -41,7 +53,8 @@ def state_to_chunks(state: SessionState, chunk_bytes: int = DEFAULT_CHUNK_BYTES
         session_id=state.session_id, token_ids=state.token_ids, turns=state.turns,
         model_fingerprint=state.model_fingerprint,
         kv_tokens=state.kv_tokens if state.kv is not None else 0,
-        kv_shape=shape, kv_dtype=dtype, tenant=state.tenant)
+        kv_shape=shape, kv_dtype=dtype, tenant=state.tenant,
+        messages=chat_messages(state.messages))
     yield from bytes_to_chunks(header, data, chunk_bytes)
 
 
@@ -164,7 +177,7 @@ class StateAssembler:
         return SessionState(session_id=header.session_id, token_ids=list(header.token_ids),
                             turns=header.turns, model_fingerprint=header.model_fingerprint,
                             kv_tokens=header.kv_tokens if kv is not None else 0, kv=kv,
-                            tenant=header.tenant)
+                            tenant=header.tenant, messages=message_pairs(header.messages))
 
 
 async def session_runs(chunks: AsyncIterator[Any]) -> AsyncIterator[list[npb.SessionChunk]]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +37,12 @@ from ultrakv.cluster.checkpoint import Manifest, load_manifest, merge_with_histo
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import HashRing, replica_targets
 from ultrakv.cluster.session_state import SessionState
-from ultrakv.cluster.session_transfer import chunks_to_state, state_to_chunks
+from ultrakv.cluster.session_transfer import (
+    chat_messages,
+    chunks_to_state,
+    message_pairs,
+    state_to_chunks,
+)
 from ultrakv.cluster.store import EtcdStore, EtcdUnavailableError
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
@@ -192,7 +197,8 @@ class Resharder:
             for c in held:
                 if c.live and not c.replica and c.node not in (target, best.node):
                     await self._drop(sid, c.node)  # stale: the owner has a newer copy
-            await self.replicate(sid, state.token_ids, state.turns, state.tenant, target, ring)
+            await self.replicate(sid, state.token_ids, state.turns, state.tenant, target, ring,
+                                 state.messages)
             return MoveResult(replace(move, source=best.node), True, state.kv_tokens)
         except (grpc.aio.AioRpcError, OSError, ValueError, KeyError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
@@ -236,14 +242,15 @@ class Resharder:
                 raise
 
     async def replicate(self, session_id: str, history: list[int], turns: int, tenant: str,
-                         owner: str, ring: HashRing) -> None:
-        """Store the session's history on ``owner``'s successor on ``ring`` (a failure is
-        logged: the next turn replicates again)."""
+                        owner: str, ring: HashRing,
+                        messages: Sequence[tuple[str, str]] = ()) -> None:
+        """Store the session's history (and chat ``messages``) on ``owner``'s successor on
+        ``ring`` (a failure is logged: the next turn replicates again)."""
         for node in replica_targets(ring, session_id, owner)[:1]:
             try:
                 await self._stub(node).ReplicateHistory(npb.ReplicateHistoryRequest(
-                    session_id=session_id, token_ids=history, turns=turns, tenant=tenant),
-                    timeout=self.rpc_timeout_s)
+                    session_id=session_id, token_ids=history, turns=turns, tenant=tenant,
+                    messages=chat_messages(messages)), timeout=self.rpc_timeout_s)
             except (grpc.aio.AioRpcError, KeyError) as exc:
                 log.warning("replicating moved session %s to %s failed: %s", session_id, node,
                             exc)
@@ -260,7 +267,7 @@ class Resharder:
         header = chunks[0].header
         return SessionState(session_id, list(header.token_ids), header.turns,
                             header.model_fingerprint, kv_tokens=resp.kv_tokens,
-                            tenant=header.tenant)
+                            tenant=header.tenant, messages=message_pairs(header.messages))
 
     async def _restore(self, session_id: str, target: str,
                        checkpoint: Copy | None) -> SessionState:
@@ -269,11 +276,12 @@ class Resharder:
         history: list[int] = []
         turns = 0
         fingerprint = tenant = ""
+        messages: list[tuple[str, str]] = []
         await self._promote(target, session_id)
         try:
             held = await self._export(target, session_id, include_kv=False)
             history, turns, fingerprint = held.token_ids, held.turns, held.model_fingerprint
-            tenant = held.tenant
+            tenant, messages = held.tenant, held.messages
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -283,7 +291,8 @@ class Resharder:
             checkpointed = await asyncio.to_thread(
                 read_session, Path(manifest.directory), manifest.sessions[session_id])
         fingerprint = fingerprint or (checkpointed.model_fingerprint if checkpointed else "")
-        state = merge_with_history(session_id, checkpointed, history, turns, fingerprint)
+        state = merge_with_history(session_id, checkpointed, history, turns, fingerprint,
+                                   messages)
         # Without a checkpoint the merge knows no tenant: keep the replica's salt, or the
         # import below would re-salt the promoted session and lose its cached blocks.
         state = replace(state, tenant=state.tenant or tenant)

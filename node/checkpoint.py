@@ -82,7 +82,7 @@ def restore_into(engine, manifest: Manifest, skip: set[str] = frozenset()) -> Re
             report.lost.append(sid)
             continue
         if entry.replica:
-            engine.store_replica(sid, state.token_ids, state.turns, state.tenant)
+            engine.store_replica(sid, state.token_ids, state.turns, state.tenant, state.messages)
             report.replicas.append(sid)
             continue
         if entry.kv_file and state.kv is None:

@@ -927,11 +927,14 @@ class Engine:
             kv_dtype=str(self.kv_storage_dtype).removeprefix("torch."),
         )
 
-    def store_replica(self, session_id: str, token_ids: list[int], turns: int, tenant: str = "") -> None:
-        """Hold a ring neighbour's session history so it survives that neighbour's death."""
+    def store_replica(self, session_id: str, token_ids: list[int], turns: int, tenant: str = "",
+                      messages: list[tuple[str, str]] | None = None) -> None:
+        """Hold a ring neighbour's session history (and chat conversation, as (role, content)
+        pairs) so it survives that neighbour's death."""
         validate_history(token_ids, turns, tenant, self.session_layout)
+        conversation = _chat_messages(messages or [])
         with self._lock:
-            self.sessions.store_replica(session_id, token_ids, turns, tenant)
+            self.sessions.store_replica(session_id, token_ids, turns, tenant, conversation)
 
     def promote_replica(self, session_id: str) -> bool:
         with self._lock:
@@ -958,6 +961,7 @@ class Engine:
                 kv_tokens=len(blocks) * self.config.block_size,
                 kv=kv,
                 tenant=s.salt,
+                messages=[(m.role, m.content) for m in s.messages],
             )
 
     def import_session(self, state: SessionState) -> int:
@@ -994,9 +998,11 @@ class Engine:
                 raise InvalidRequestError(
                     "kv_shape", f"kv_shape must be {layout.kv_shape(kv_tokens)}, got {list(state.kv.shape)}"
                 )
+        conversation = _chat_messages(state.messages)
         with self._lock:
             now = time.time()
-            session = Session(state.session_id, list(state.token_ids), state.tenant, state.turns, now, now)
+            session = Session(state.session_id, list(state.token_ids), state.tenant, state.turns, now, now,
+                              messages=conversation)
             self.sessions.put(session)
             if not kv_tokens or not self.config.enable_prefix_caching:
                 return 0
@@ -1092,6 +1098,15 @@ class _Prompt:
     tokens: list[int]
     kept_history_tokens: int
     conversation: list[ChatMessage] | None = None
+
+
+def _chat_messages(pairs: list[tuple[str, str]]) -> list[ChatMessage]:
+    """(role, content) pairs of a session sent here -> ChatMessages; a bad role is the
+    sender's error, named."""
+    try:
+        return [ChatMessage(role, content) for role, content in pairs]
+    except ValueError as exc:
+        raise InvalidRequestError("messages", f"messages: {exc}") from None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -27,6 +27,7 @@ from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import HashRing, replica_targets
 from ultrakv.node.outputs import RequestOutput
 from ultrakv.v1 import node_pb2 as npb
+from ultrakv.v1 import types_pb2 as pb
 
 log = logging.getLogger("ultrakv.node.replication")
 
@@ -99,7 +100,8 @@ class Replicator:
         # hash under another salt and miss (or share) the blocks this tenant computed.
         request = npb.ReplicateHistoryRequest(
             session_id=sid, token_ids=output.prompt_token_ids + output.token_ids,
-            turns=session.turns, tenant=session.salt)
+            turns=session.turns, tenant=session.salt,
+            messages=[pb.ChatMessage(role=m.role, content=m.content) for m in session.messages])
         addresses = self.addresses()
         targets = [n for n in replica_targets(self.ring(), sid, self.node_id) if n in addresses]
         for node in targets[:self.max_attempts]:

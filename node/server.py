@@ -58,6 +58,7 @@ from ultrakv.cluster.session_transfer import (
     DEFAULT_CHUNK_BYTES,
     StateAssembler,
     TransferError,
+    message_pairs,
     state_to_chunks,
 )
 from ultrakv.cluster.tasks import cancel_task
@@ -439,7 +440,7 @@ class NodeServicer:
         """Hold a history for a ring neighbour; checked like an imported session's."""
         sid = validate_session_id(request.session_id)
         await asyncio.to_thread(self.engine.store_replica, sid, list(request.token_ids),
-                                request.turns, request.tenant)
+                                request.turns, request.tenant, message_pairs(request.messages))
         return npb.ReplicateHistoryResponse()
 
     @unary

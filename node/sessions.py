@@ -201,8 +201,10 @@ class SessionStore:
             self._pop_replica(sid)
         return removed
 
-    def store_replica(self, session_id: str, token_ids: list[int], turns: int, salt: str = "") -> None:
-        """Hold (or replace) a replica, dropping the least recently stored ones over the caps."""
+    def store_replica(self, session_id: str, token_ids: list[int], turns: int, salt: str = "",
+                      messages: list[ChatMessage] | None = None) -> None:
+        """Hold (or replace) a replica (with its chat conversation, if any), dropping the least
+        recently stored ones over the caps."""
         if len(token_ids) > self.max_replica_tokens:
             raise CapacityError("token_ids", f"a replica must hold at most {self.max_replica_tokens} "
                                              f"tokens (max_replica_tokens), got {len(token_ids)}")
@@ -211,7 +213,8 @@ class SessionStore:
                                   or self._replica_tokens + len(token_ids) > self.max_replica_tokens):
             self._pop_replica(next(iter(self._replicas)))
         now = self.clock()
-        self._replicas[session_id] = Session(session_id, list(token_ids), salt, turns, now, now)
+        self._replicas[session_id] = Session(session_id, list(token_ids), salt, turns, now, now,
+                                             messages=list(messages or []))
         self._replica_tokens += len(token_ids)
 
     def promote_replica(self, session_id: str) -> Session | None:

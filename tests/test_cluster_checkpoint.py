@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -17,6 +18,7 @@ from ultrakv.cluster.checkpoint import (
     read_session,
     write_manifest,
 )
+from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.etcd_server import free_port
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.checkpoint import Checkpointer, fit_budget, restore_into
@@ -270,3 +272,36 @@ async def test_the_ttl_sweep_evicts_idle_sessions_replicas_turn_records_and_entr
             await agent.stop()
         await server.stop()
         engine.shutdown()
+
+
+def test_a_chat_sessions_messages_travel_with_it(engines, tmp_path: Path) -> None:
+    """Move (the transfer format), checkpoint (its files) and merge with a replica keep a
+    chat session's messages with its history; an imported session and a replica continue
+    the conversation from them."""
+    from ultrakv.cluster.checkpoint import merge_with_history, write_session
+    from ultrakv.cluster.session_transfer import chunks_to_state, state_to_chunks
+
+    a, b = engines
+    sid = f"chat-{uuid.uuid4().hex[:6]}"
+    question = [{"role": "user", "content": "Hi?"}]
+    a.generate(question, GREEDY, session_ids=[sid])
+    try:
+        state = a.export_session(sid)
+        assert state.messages[0] == ("user", "Hi?") and state.messages[1][0] == "assistant"
+        moved = chunks_to_state(state_to_chunks(state))
+        assert moved.messages == state.messages
+        entry = write_session(tmp_path, state)
+        assert read_session(tmp_path, entry).messages == state.messages
+        merged = merge_with_history(sid, None, state.token_ids, state.turns,
+                                    state.model_fingerprint, state.messages)
+        assert merged.messages == state.messages
+        b.import_session(moved)
+        assert [(m.role, m.content) for m in b.sessions.get(sid).messages] == state.messages
+        b.delete_session(sid)
+        b.store_replica(sid, state.token_ids, state.turns, "", state.messages)
+        assert b.promote_replica(sid)
+        assert [(m.role, m.content) for m in b.sessions.get(sid).messages] == state.messages
+    finally:
+        for engine in (a, b):
+            with contextlib.suppress(SessionNotFoundError):
+                engine.delete_session(sid)

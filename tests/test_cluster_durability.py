@@ -23,6 +23,8 @@ from ultrakv.cluster.peer_auth import read_cluster_secret
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.store import EtcdStore
 from ultrakv.coordinator.dynamic_config import CONFIG_KEY, set_overrides
+from ultrakv.node.chat import ChatMessage
+from ultrakv.node.tokenizer import ByteTokenizer  # the tiny preset's tokenizer
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
 
@@ -281,3 +283,46 @@ async def test_a_session_survives_its_owner_and_then_its_replica_holder(cluster)
     assert second["node"] == third
     assert second["usage"]["prompt_tokens"] == len(history) + len(_prompt(11))
     assert await stored_history(cluster, third, sid) == history + _prompt(11) + received
+
+
+async def test_a_chat_session_keeps_its_messages_when_its_owner_dies(cluster) -> None:
+    """A chat session's conversation (its messages, not only its tokens) goes with its
+    replica: after the owner is SIGKILLed, the third turn on the successor renders the whole
+    conversation and prefills only what follows the history (before, the replica had no
+    messages: the successor rendered the new message alone, as if the session had never been
+    chat, and the session forgot the earlier messages for good)."""
+    dead = sorted(set(cluster.node_ports) - set(cluster.nodes))
+    for node in dead:  # back to three nodes
+        cluster.start_node(node)
+    await asyncio.to_thread(cluster.wait_ready, 3)
+    sid = "chat-moves"
+    said = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    conversation = list(said)
+    spec = {"session_id": sid, "max_length": 6, "temperature": 0.0, "ignore_eos": True}
+    async with AsyncClient(cluster.address, timeout=120) as client:
+        first = await client.process_request({**spec, "messages": said})
+        assert first["success"], first
+        owner = first["node"]
+        conversation.append({"role": "assistant", "content": first["response"]["text"]})
+        said = [{"role": "user", "content": "And then?"}]
+        second = await client.process_request({**spec, "messages": said})
+        assert second["success"] and second["node"] == owner, second
+        conversation += [*said, {"role": "assistant", "content": second["response"]["text"]}]
+        history = await stored_history(cluster, owner, sid)
+        cluster.kill_node(owner)
+        said = [{"role": "user", "content": "Thanks."}]
+        third = await client.process_request({**spec, "messages": said})
+    assert third["success"] and third["node"] != owner, third
+    conversation += said
+    tok = ByteTokenizer()
+    rendered = tok.chat_template.render([ChatMessage(**m) for m in conversation])
+    held = tok.decode(history, skip_special_tokens=False)
+    assert rendered.startswith(held), "the template continues the session's tokens"
+    expected = len(history) + len(tok.encode(rendered[len(held):], add_bos=False))
+    assert third["usage"]["prompt_tokens"] == expected, "turn 3 rendered without turns 1-2"
+    async with _node(cluster, third["node"]) as stub:
+        chunks = [c async for c in stub.ExportSession(
+            npb.ExportSessionRequest(session_id=sid, include_kv=False), timeout=30)]
+    kept = [(m.role, m.content) for m in chunks[0].header.messages]
+    assert kept == [(m["role"], m["content"]) for m in conversation] + [
+        ("assistant", third["response"]["text"])]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ultrakv.v1 import types_pb2 as ultrakv_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ultrakv/v1/node.proto\x12\nultrakv.v1\x1a\x16ultrakv/v1/types.proto\"\x13\n\x11NodeHealthRequest\"r\n\x12NodeHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\"S\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ninclude_kv\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\"\xbb\x01\n\rSessionHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x11\n\tkv_tokens\x18\x05 \x01(\x05\x12\x10\n\x08kv_shape\x18\x06 \x03(\x03\x12\x10\n\x08kv_dtype\x18\x07 \x01(\t\x12\x12\n\nnum_chunks\x18\x08 \x01(\x05\x12\x0e\n\x06tenant\x18\t \x01(\t\"6\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"I\n\x0eSessionTrailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\x95\x01\n\x0cSessionChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.ultrakv.v1.SessionHeaderH\x00\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x13.ultrakv.v1.KVChunkH\x00\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1a.ultrakv.v1.SessionTrailerH\x00\x42\x06\n\x04part\"R\n\x15ImportSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x11\n\tkv_tokens\x18\x03 \x01(\x05\"_\n\x17ReplicateHistoryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\x1a\n\x18ReplicateHistoryResponse\"+\n\x15PromoteReplicaRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x18\n\x16PromoteReplicaResponse\"\x15\n\x13ListSessionsRequest\"A\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.ultrakv.v1.SessionInfo\"6\n\x12\x42lockEventsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tsince_seq\x18\x02 \x01(\x04\"G\n\nBlockEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06hashes\x18\x04 \x03(\x06\"\xb5\x01\n\x12\x42lockEventsMessage\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12&\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x16.ultrakv.v1.BlockEvent\x12\x17\n\nchain_root\x18\x07 \x01(\x06H\x00\x88\x01\x01\x42\r\n\x0b_chain_root\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x32\xee\x08\n\x0bNodeService\x12U\n\x08Generate\x12!.ultrakv.v1.GenerateStreamRequest\x1a\".ultrakv.v1.GenerateStreamResponse(\x01\x30\x01\x12\x38\n\x05Stats\x12\x18.ultrakv.v1.StatsRequest\x1a\x15.ultrakv.v1.NodeStats\x12G\n\x06Health\x12\x1d.ultrakv.v1.NodeHealthRequest\x1a\x1e.ultrakv.v1.NodeHealthResponse\x12M\n\rExportSession\x12 .ultrakv.v1.ExportSessionRequest\x1a\x18.ultrakv.v1.SessionChunk0\x01\x12N\n\rImportSession\x12\x18.ultrakv.v1.SessionChunk\x1a!.ultrakv.v1.ImportSessionResponse(\x01\x12]\n\x10ReplicateHistory\x12#.ultrakv.v1.ReplicateHistoryRequest\x1a$.ultrakv.v1.ReplicateHistoryResponse\x12W\n\x0ePromoteReplica\x12!.ultrakv.v1.PromoteReplicaRequest\x1a\".ultrakv.v1.PromoteReplicaResponse\x12Q\n\x0cListSessions\x12\x1f.ultrakv.v1.ListSessionsRequest\x1a .ultrakv.v1.ListSessionsResponse\x12\x44\n\nGetSession\x12\x1d.ultrakv.v1.GetSessionRequest\x1a\x17.ultrakv.v1.SessionInfo\x12T\n\rDeleteSession\x12 .ultrakv.v1.DeleteSessionRequest\x1a!.ultrakv.v1.DeleteSessionResponse\x12Z\n\x0f\x43leanupSessions\x12\".ultrakv.v1.CleanupSessionsRequest\x1a#.ultrakv.v1.CleanupSessionsResponse\x12K\n\nClearCache\x12\x1d.ultrakv.v1.ClearCacheRequest\x1a\x1e.ultrakv.v1.ClearCacheResponse\x12O\n\x0b\x42lockEvents\x12\x1e.ultrakv.v1.BlockEventsRequest\x1a\x1e.ultrakv.v1.BlockEventsMessage0\x01\x12\x45\n\x08Tokenize\x12\x1b.ultrakv.v1.GenerateRequest\x1a\x1c.ultrakv.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ultrakv/v1/node.proto\x12\nultrakv.v1\x1a\x16ultrakv/v1/types.proto\"\x13\n\x11NodeHealthRequest\"r\n\x12NodeHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\"S\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ninclude_kv\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\"\xe6\x01\n\rSessionHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x11\n\tkv_tokens\x18\x05 \x01(\x05\x12\x10\n\x08kv_shape\x18\x06 \x03(\x03\x12\x10\n\x08kv_dtype\x18\x07 \x01(\t\x12\x12\n\nnum_chunks\x18\x08 \x01(\x05\x12\x0e\n\x06tenant\x18\t \x01(\t\x12)\n\x08messages\x18\n \x03(\x0b\x32\x17.ultrakv.v1.ChatMessage\"6\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"I\n\x0eSessionTrailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\x95\x01\n\x0cSessionChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.ultrakv.v1.SessionHeaderH\x00\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x13.ultrakv.v1.KVChunkH\x00\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1a.ultrakv.v1.SessionTrailerH\x00\x42\x06\n\x04part\"R\n\x15ImportSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x11\n\tkv_tokens\x18\x03 \x01(\x05\"\x8a\x01\n\x17ReplicateHistoryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.ultrakv.v1.ChatMessage\"\x1a\n\x18ReplicateHistoryResponse\"+\n\x15PromoteReplicaRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x18\n\x16PromoteReplicaResponse\"\x15\n\x13ListSessionsRequest\"A\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.ultrakv.v1.SessionInfo\"6\n\x12\x42lockEventsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tsince_seq\x18\x02 \x01(\x04\"G\n\nBlockEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06hashes\x18\x04 \x03(\x06\"\xb5\x01\n\x12\x42lockEventsMessage\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12&\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x16.ultrakv.v1.BlockEvent\x12\x17\n\nchain_root\x18\x07 \x01(\x06H\x00\x88\x01\x01\x42\r\n\x0b_chain_root\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x32\xee\x08\n\x0bNodeService\x12U\n\x08Generate\x12!.ultrakv.v1.GenerateStreamRequest\x1a\".ultrakv.v1.GenerateStreamResponse(\x01\x30\x01\x12\x38\n\x05Stats\x12\x18.ultrakv.v1.StatsRequest\x1a\x15.ultrakv.v1.NodeStats\x12G\n\x06Health\x12\x1d.ultrakv.v1.NodeHealthRequest\x1a\x1e.ultrakv.v1.NodeHealthResponse\x12M\n\rExportSession\x12 .ultrakv.v1.ExportSessionRequest\x1a\x18.ultrakv.v1.SessionChunk0\x01\x12N\n\rImportSession\x12\x18.ultrakv.v1.SessionChunk\x1a!.ultrakv.v1.ImportSessionResponse(\x01\x12]\n\x10ReplicateHistory\x12#.ultrakv.v1.ReplicateHistoryRequest\x1a$.ultrakv.v1.ReplicateHistoryResponse\x12W\n\x0ePromoteReplica\x12!.ultrakv.v1.PromoteReplicaRequest\x1a\".ultrakv.v1.PromoteReplicaResponse\x12Q\n\x0cListSessions\x12\x1f.ultrakv.v1.ListSessionsRequest\x1a .ultrakv.v1.ListSessionsResponse\x12\x44\n\nGetSession\x12\x1d.ultrakv.v1.GetSessionRequest\x1a\x17.ultrakv.v1.SessionInfo\x12T\n\rDeleteSession\x12 .ultrakv.v1.DeleteSessionRequest\x1a!.ultrakv.v1.DeleteSessionResponse\x12Z\n\x0f\x43leanupSessions\x12\".ultrakv.v1.CleanupSessionsRequest\x1a#.ultrakv.v1.CleanupSessionsResponse\x12K\n\nClearCache\x12\x1d.ultrakv.v1.ClearCacheRequest\x1a\x1e.ultrakv.v1.ClearCacheResponse\x12O\n\x0b\x42lockEvents\x12\x1e.ultrakv.v1.BlockEventsRequest\x1a\x1e.ultrakv.v1.BlockEventsMessage0\x01\x12\x45\n\x08Tokenize\x12\x1b.ultrakv.v1.GenerateRequest\x1a\x1c.ultrakv.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,35 +39,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPORTSESSIONREQUEST']._serialized_start=198
   _globals['_EXPORTSESSIONREQUEST']._serialized_end=281
   _globals['_SESSIONHEADER']._serialized_start=284
-  _globals['_SESSIONHEADER']._serialized_end=471
-  _globals['_KVCHUNK']._serialized_start=473
-  _globals['_KVCHUNK']._serialized_end=527
-  _globals['_SESSIONTRAILER']._serialized_start=529
-  _globals['_SESSIONTRAILER']._serialized_end=602
-  _globals['_SESSIONCHUNK']._serialized_start=605
-  _globals['_SESSIONCHUNK']._serialized_end=754
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=756
-  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=838
-  _globals['_REPLICATEHISTORYREQUEST']._serialized_start=840
-  _globals['_REPLICATEHISTORYREQUEST']._serialized_end=935
-  _globals['_REPLICATEHISTORYRESPONSE']._serialized_start=937
-  _globals['_REPLICATEHISTORYRESPONSE']._serialized_end=963
-  _globals['_PROMOTEREPLICAREQUEST']._serialized_start=965
-  _globals['_PROMOTEREPLICAREQUEST']._serialized_end=1008
-  _globals['_PROMOTEREPLICARESPONSE']._serialized_start=1010
-  _globals['_PROMOTEREPLICARESPONSE']._serialized_end=1034
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1036
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1057
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1059
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1124
-  _globals['_BLOCKEVENTSREQUEST']._serialized_start=1126
-  _globals['_BLOCKEVENTSREQUEST']._serialized_end=1180
-  _globals['_BLOCKEVENT']._serialized_start=1182
-  _globals['_BLOCKEVENT']._serialized_end=1253
-  _globals['_BLOCKEVENTSMESSAGE']._serialized_start=1256
-  _globals['_BLOCKEVENTSMESSAGE']._serialized_end=1437
-  _globals['_TOKENIZERESPONSE']._serialized_start=1439
-  _globals['_TOKENIZERESPONSE']._serialized_end=1476
-  _globals['_NODESERVICE']._serialized_start=1479
-  _globals['_NODESERVICE']._serialized_end=2613
+  _globals['_SESSIONHEADER']._serialized_end=514
+  _globals['_KVCHUNK']._serialized_start=516
+  _globals['_KVCHUNK']._serialized_end=570
+  _globals['_SESSIONTRAILER']._serialized_start=572
+  _globals['_SESSIONTRAILER']._serialized_end=645
+  _globals['_SESSIONCHUNK']._serialized_start=648
+  _globals['_SESSIONCHUNK']._serialized_end=797
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_start=799
+  _globals['_IMPORTSESSIONRESPONSE']._serialized_end=881
+  _globals['_REPLICATEHISTORYREQUEST']._serialized_start=884
+  _globals['_REPLICATEHISTORYREQUEST']._serialized_end=1022
+  _globals['_REPLICATEHISTORYRESPONSE']._serialized_start=1024
+  _globals['_REPLICATEHISTORYRESPONSE']._serialized_end=1050
+  _globals['_PROMOTEREPLICAREQUEST']._serialized_start=1052
+  _globals['_PROMOTEREPLICAREQUEST']._serialized_end=1095
+  _globals['_PROMOTEREPLICARESPONSE']._serialized_start=1097
+  _globals['_PROMOTEREPLICARESPONSE']._serialized_end=1121
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1123
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1144
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1146
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1211
+  _globals['_BLOCKEVENTSREQUEST']._serialized_start=1213
+  _globals['_BLOCKEVENTSREQUEST']._serialized_end=1267
+  _globals['_BLOCKEVENT']._serialized_start=1269
+  _globals['_BLOCKEVENT']._serialized_end=1340
+  _globals['_BLOCKEVENTSMESSAGE']._serialized_start=1343
+  _globals['_BLOCKEVENTSMESSAGE']._serialized_end=1524
+  _globals['_TOKENIZERESPONSE']._serialized_start=1526
+  _globals['_TOKENIZERESPONSE']._serialized_end=1563
+  _globals['_NODESERVICE']._serialized_start=1566
+  _globals['_NODESERVICE']._serialized_end=2700
 # @@protoc_insertion_point(module_scope)

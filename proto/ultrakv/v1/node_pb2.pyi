@@ -36,7 +36,7 @@ class ExportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., include_kv: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class SessionHeader(_message.Message):
-    __slots__ = ("session_id", "token_ids", "turns", "model_fingerprint", "kv_tokens", "kv_shape", "kv_dtype", "num_chunks", "tenant")
+    __slots__ = ("session_id", "token_ids", "turns", "model_fingerprint", "kv_tokens", "kv_shape", "kv_dtype", "num_chunks", "tenant", "messages")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class SessionHeader(_message.Message):
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     turns: int
@@ -55,7 +56,8 @@ class SessionHeader(_message.Message):
     kv_dtype: str
     num_chunks: int
     tenant: str
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., num_chunks: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., num_chunks: _Optional[int] = ..., tenant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("index", "data", "sha256")
@@ -98,16 +100,18 @@ class ImportSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
 
 class ReplicateHistoryRequest(_message.Message):
-    __slots__ = ("session_id", "token_ids", "turns", "tenant")
+    __slots__ = ("session_id", "token_ids", "turns", "tenant", "messages")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     turns: int
     tenant: str
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., tenant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class ReplicateHistoryResponse(_message.Message):
     __slots__ = ()
