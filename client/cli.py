@@ -135,6 +135,23 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
     return 0
 
 
+def _replicas_option(p: argparse.ArgumentParser, what: str) -> None:
+    from ultrakv.cluster.ring import DEFAULT_REPLICAS
+
+    p.add_argument("--replicas", type=_replicas, default=DEFAULT_REPLICAS, metavar="N",
+                   help=f"ring successors {what} (default %(default)s; the same on every node "
+                        "and coordinator)")
+
+
+def _replicas(value: str) -> int:
+    from ultrakv.cluster.ring import validate_replicas
+
+    try:
+        return validate_replicas(int(value) if value.lstrip("-").isdigit() else value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _agent_settings(args: argparse.Namespace) -> AgentSettings | None:
     if not args.etcd:
         return None
@@ -143,7 +160,8 @@ def _agent_settings(args: argparse.Namespace) -> AgentSettings | None:
     return AgentSettings(etcd=args.etcd, lease_ttl_s=args.lease_ttl,
                          checkpoint_dir=args.checkpoint_dir or "",
                          checkpoint_interval_s=args.checkpoint_interval,
-                         checkpoint_max_bytes=args.checkpoint_max_bytes)
+                         checkpoint_max_bytes=args.checkpoint_max_bytes,
+                         replicas=args.replicas)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -276,7 +294,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     settings = CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
                                    port=DEFAULT_PORT if args.port is None else args.port,
                                    metrics_port=args.metrics_port or 0,
-                                   http_port=args.http_port,
+                                   http_port=args.http_port, replicas=args.replicas,
                                    limits=config.server.limits,
                                    security=replace(config.server.security, **security),
                                    **_peer_settings(args))
@@ -926,6 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory budget; over it the coldest sessions lose their "
                         "KV files first, then their place (default 4 GiB)")
     p.add_argument("--lease-ttl", type=int, default=5, help="membership lease, seconds")
+    _replicas_option(p, "each session's history is pushed to before a turn is acknowledged")
     p.add_argument("--advertise-host",
                    help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "
                         "the listen host, loopback for 0.0.0.0)")
@@ -943,6 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "security sections")
     _metrics_option(p)
     _http_option(p, DEFAULT_HTTP_PORT, str(DEFAULT_HTTP_PORT))
+    _replicas_option(p, "a session moved by re-sharding is replicated to")
     _security_options(p)
     _peer_options(p)
     _insecure_option(p)

@@ -241,6 +241,19 @@ class BoundedLoadRouter:
         return math.ceil((1.0 + self.eps) * (total + 1) / max(1, len(self.ring)))
 
 
+# Copies of each session's history kept on its owner's ring successors (besides the owner's):
+# two, so a session outlives its owner and its first successor dying together.
+DEFAULT_REPLICAS = 2
+MAX_REPLICAS = 8
+
+
+def validate_replicas(replicas: int) -> int:
+    """``replicas`` if it is in [1, MAX_REPLICAS]; ValueError naming the field otherwise."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be in [1, {MAX_REPLICAS}], got {replicas!r}")
+    return replicas
+
+
 def replica_targets(ring: HashRing, session_id: str, self_id: str) -> list[str]:
     """Nodes to hold ``session_id``'s replica, best first: distinct nodes clockwise from the
     session's hash point, without this node."""

@@ -35,7 +35,7 @@ from pathlib import Path
 import grpc
 from ultrakv.cluster.checkpoint import Manifest, load_manifest, merge_with_history, read_session
 from ultrakv.cluster.peers import PeerChannels
-from ultrakv.cluster.ring import HashRing, replica_targets
+from ultrakv.cluster.ring import DEFAULT_REPLICAS, HashRing, replica_targets, validate_replicas
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.session_transfer import (
     chat_messages,
@@ -123,7 +123,7 @@ class Resharder:
 
     def __init__(self, store: EtcdStore, peers: PeerChannels,
                  addresses: Callable[[], Mapping[str, str]], concurrency: int = 4,
-                 rpc_timeout_s: float = 30.0) -> None:
+                 rpc_timeout_s: float = 30.0, replicas: int = DEFAULT_REPLICAS) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.store = store
@@ -131,6 +131,7 @@ class Resharder:
         self.addresses = addresses
         self.concurrency = concurrency
         self.rpc_timeout_s = rpc_timeout_s
+        self.replicas = validate_replicas(replicas)
         self._manifests: dict[str, Manifest] = {}
 
     def _stub(self, node: str):
@@ -244,9 +245,9 @@ class Resharder:
     async def replicate(self, session_id: str, history: list[int], turns: int, tenant: str,
                         owner: str, ring: HashRing,
                         messages: Sequence[tuple[str, str]] = ()) -> None:
-        """Store the session's history (and chat ``messages``) on ``owner``'s successor on
-        ``ring`` (a failure is logged: the next turn replicates again)."""
-        for node in replica_targets(ring, session_id, owner)[:1]:
+        """Store the session's history (and chat ``messages``) on ``owner``'s ``replicas``
+        successors on ``ring`` (a failure is logged: the next turn replicates again)."""
+        for node in replica_targets(ring, session_id, owner)[:self.replicas]:
             try:
                 await self._stub(node).ReplicateHistory(npb.ReplicateHistoryRequest(
                     session_id=session_id, token_ids=history, turns=turns, tenant=tenant,

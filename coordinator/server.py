@@ -56,10 +56,12 @@ from ultrakv.cluster.openai_api import ApiHost, HttpServer, TlsFiles
 from ultrakv.cluster.peer_auth import read_cluster_secret
 from ultrakv.cluster.peers import PeerChannels, PeerTLS
 from ultrakv.cluster.ring import (
+    DEFAULT_REPLICAS,
     EmptyRingError,
     HashRing,
     bounded_lookup,
     route_key_for_prompt,
+    validate_replicas,
 )
 from ultrakv.cluster.security.interceptor import EdgeSecurityInterceptor
 from ultrakv.cluster.security.policy import EdgeSecurity
@@ -126,6 +128,7 @@ class CoordinatorSettings:
     # Generous: a busy node's queue and a long prefill must not count as a stall.
     first_token_timeout_s: float = 60.0
     stall_timeout_s: float = 20.0
+    replicas: int = DEFAULT_REPLICAS  # copies of a moved session on its owner's successors
     limits: Limits = field(default_factory=Limits)
     grace_period_s: float = 2.0
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
@@ -142,6 +145,7 @@ class CoordinatorSettings:
         return PeerTLS(self.peer_ca_cert, self.peer_cert, self.peer_key) if self.peer_ca_cert else None
 
     def __post_init__(self) -> None:
+        validate_replicas(self.replicas)
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not self.load_eps > 0:
@@ -251,7 +255,8 @@ class ClusterBackend:
                                     tls=settings.peer_tls())
         self.config = DynamicConfigWatcher(self.store, DynamicConfig.from_settings(settings),
                                            on_change=self.apply_config)
-        self.resharder = Resharder(self.store, self.peers, self._addresses)
+        self.resharder = Resharder(self.store, self.peers, self._addresses,
+                                   replicas=self.settings.replicas)
         self.backup = SessionBackup(self)
         self.ring = HashRing((), vnodes=self.watcher.vnodes)
         self.members: dict[str, NodeRecord] = {}

@@ -27,6 +27,7 @@ from ultrakv.cluster.membership import (
     NodeState,
 )
 from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.ring import DEFAULT_REPLICAS
 from ultrakv.cluster.store import DEFAULT_PREFIX, EtcdStore
 from ultrakv.cluster.tasks import cancel_task
 from ultrakv.node.checkpoint import DEFAULT_MAX_BYTES, Checkpointer, restore_into
@@ -51,6 +52,7 @@ class AgentSettings:
     checkpoint_interval_s: float = 10.0
     checkpoint_max_bytes: int = DEFAULT_MAX_BYTES
     replication_timeout_s: float = 2.0
+    replicas: int = DEFAULT_REPLICAS  # copies of each session on ring successors
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 1:
@@ -113,7 +115,7 @@ class NodeAgent:
         self.watcher = MembershipWatcher(self.store)
         self.replicator = Replicator(
             engine, self.node_id, lambda: self.watcher.ring, self._addresses, self.peers,
-            timeout_s=settings.replication_timeout_s)
+            timeout_s=settings.replication_timeout_s, replicas=settings.replicas)
         self.checkpointer = (
             Checkpointer(engine, self.node_id, settings.checkpoint_dir, self.store,
                          settings.checkpoint_interval_s, settings.checkpoint_max_bytes)

@@ -1,13 +1,14 @@
-"""Replication of session histories to the ring successor, before a turn is acknowledged.
+"""Replication of session histories to the ring successors, before a turn is acknowledged.
 
 The node server awaits :meth:`Replicator.on_turn_complete` after a session turn completes
 and before the turn's final message goes out (``LocalBackend.on_turn_complete``). It pushes
-the session's full history to the next distinct node clockwise on the ring with
-``ReplicateHistory``. That node is the one that inherits the session when this node dies
-(consistent hashing hands a dead node's keys to its successor), so no completed turn is lost
-to a single node's death: the successor continues the replica on the next request.
+the session's full history (and chat messages) to the next ``replicas`` distinct nodes
+clockwise on the ring with ``ReplicateHistory``, at once. The first of them inherits the
+session when this node dies (consistent hashing hands a dead node's keys to its successor),
+the second when that one dies too, and so on: no completed turn is lost unless the owner and
+all ``replicas`` successors die together.
 
-If the successor does not answer, the next node clockwise is tried; if none answers the
+A successor that does not answer is replaced by the next node clockwise; if none answers the
 turn is still served (the cluster must keep serving while a neighbour is down) and the
 failure is counted, and logged at most once per ``LOG_EVERY_S`` (a last survivor fails every
 turn it serves: one line per turn would bury everything else in the log).
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import grpc
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.peers import PeerChannels
-from ultrakv.cluster.ring import HashRing, replica_targets
+from ultrakv.cluster.ring import DEFAULT_REPLICAS, HashRing, replica_targets, validate_replicas
 from ultrakv.node.outputs import RequestOutput
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
@@ -75,7 +76,10 @@ class Replicator:
 
     def __init__(self, engine, node_id: str, ring: Callable[[], HashRing],
                  addresses: Callable[[], Mapping[str, str]], peers: PeerChannels,
-                 timeout_s: float = 2.0, max_attempts: int = 2) -> None:
+                 timeout_s: float = 2.0, max_attempts: int = 2,
+                 replicas: int = DEFAULT_REPLICAS) -> None:
+        """``max_attempts``: nodes asked per copy at most (a failed successor's stand-ins
+        count against it)."""
         self.engine = engine
         self.node_id = node_id
         self.ring = ring
@@ -83,6 +87,7 @@ class Replicator:
         self.peers = peers
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
+        self.replicas = validate_replicas(replicas)
         self.stats = ReplicationStats()
         self._target_failed = ThrottledLog(logging.WARNING)
         self._not_replicated = ThrottledLog(logging.ERROR)
@@ -104,16 +109,27 @@ class Replicator:
             messages=[pb.ChatMessage(role=m.role, content=m.content) for m in session.messages])
         addresses = self.addresses()
         targets = [n for n in replica_targets(self.ring(), sid, self.node_id) if n in addresses]
-        for node in targets[:self.max_attempts]:
+        want = min(self.replicas, len(targets))
+        spare = targets[:want + self.max_attempts - 1]
+        wave, spare = spare[:want], spare[want:]
+        held = 0
+
+        async def push(node: str) -> bool:
             try:
                 await self.peers.stub(addresses[node]).ReplicateHistory(
                     request, timeout=self.timeout_s)
-                self.stats.replicated += 1
-                return
+                return True
             except grpc.aio.AioRpcError as exc:
                 self._target_failed("replicating session %s to %s failed: %s", sid, node,
                                     exc.code().name)
-        if targets:
+                return False
+
+        while wave:  # the copies at once; a failed successor's place goes to the next node
+            held += sum(await asyncio.gather(*(push(n) for n in wave)))
+            wave, spare = spare[:want - held], spare[want - held:]
+        if held >= want > 0:
+            self.stats.replicated += 1
+        elif targets:
             self.stats.failed += 1
-            self._not_replicated("session %s: turn %d not replicated (no successor answered)",
-                                 sid, session.turns)
+            self._not_replicated("session %s: turn %d replicated to %d of %d successors",
+                                 sid, session.turns, held, want)

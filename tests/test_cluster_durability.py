@@ -39,8 +39,11 @@ LONG = 150  # tokens: a turn that streams for seconds on a loaded CPU
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("durability")
+    # One replica per session: these tests follow the chain owner -> successor -> the next.
     spec = ClusterSpec(nodes=3, coordinators=1, data_dir=data, port=0, device="cpu",
-                       num_blocks=1024, lease_ttl_s=2, checkpoint_interval_s=3600.0, log_dir=data / "logs")
+                       num_blocks=1024, lease_ttl_s=2, checkpoint_interval_s=3600.0,
+                       log_dir=data / "logs", node_args=["--replicas", "1"],
+                       coordinator_args=["--replicas", "1"])
     with LocalCluster(spec) as c:
         asyncio.run(_configure(c, FAST_HEALTH))
         yield c

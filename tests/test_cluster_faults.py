@@ -93,10 +93,9 @@ async def test_sigstop_then_sigcont_one_node(cluster) -> None:
     await _clean(cluster, "sigstop_sigcont_one_node")
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 defect 2: replicas are first-class since "
-                   "31d9cde (tests/test_cluster_durability.py covers owner + replica holder "
-                   "dying); not strict until this scenario is seen green under load")
 async def test_kill_9_two_of_three_nodes(cluster) -> None:
+    """Two replicas per session (the default): every session outlives its owner and its
+    first successor dying together (with one, the turns since the last checkpoint were lost)."""
     await _clean(cluster, "kill_two_of_three_nodes")
 
 

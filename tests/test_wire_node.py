@@ -3,6 +3,7 @@ and the pure chunk (de)serialization of node/session_transfer.py."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 
@@ -10,10 +11,11 @@ import grpc
 import pytest
 import torch
 from peer_auth_helpers import secret_channel
+from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.etcd_server import free_port
 from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
 from ultrakv.cluster.peers import PeerChannels
-from ultrakv.cluster.ring import HashRing
+from ultrakv.cluster.ring import HashRing, replica_targets
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.session_transfer import TransferError, chunks_to_state, state_to_chunks
 from ultrakv.node import Engine, EngineConfig
@@ -285,3 +287,40 @@ def test_throttled_log_counts_what_it_held_back(caplog) -> None:
     assert [r.getMessage() for r in caplog.records] == [
         "turn 0 lost", "turn 10 lost (and 2 more in the last 10 s)"]
 
+
+
+async def test_the_replicator_keeps_a_copy_on_each_of_the_next_replicas_successors(
+        node, engine, secret):
+    """Replication factor: with ``replicas=2`` the history reaches two distinct successors
+    (so the owner and its first successor may die together); with 1, only the first."""
+    run_turn(node, "two-copies", "hello twice")
+    history = history_of(node, "two-copies")
+    others = {n: Engine(EngineConfig(model="tiny", device="cpu", num_blocks=16)) for n in "bc"}
+    settings = ServerSettings(host="127.0.0.1", port=0, cluster_secret_file=str(secret[0]))
+    peers = PeerChannels(secret[1])
+    ring = HashRing(["self", "b", "c"])
+    first = replica_targets(ring, "two-copies", "self")[0]
+    try:
+        with BackgroundServer(others["b"], settings) as b, \
+                BackgroundServer(others["c"], settings) as c:
+            addresses = {"b": b.address, "c": c.address}
+            for replicas, holders in ((1, {first}), (2, {"b", "c"})):
+                for other in others.values():
+                    with contextlib.suppress(SessionNotFoundError):
+                        other.delete_session("two-copies")
+                replicator = Replicator(engine, "self", lambda: ring,
+                                        lambda: addresses, peers, replicas=replicas)
+                await replicator.on_turn_complete(RequestOutput(
+                    "r", "two-copies", history, [], "", 0, "stop", 0.0, 0.0))
+                assert replicator.stats.replicated == 1
+                held = set()
+                for name, other in others.items():
+                    with contextlib.suppress(SessionNotFoundError):
+                        info = other.get_session("two-copies")
+                        assert info.replica and info.num_tokens == len(history)
+                        held.add(name)
+                assert held == holders, replicas
+    finally:
+        await peers.close()
+        for other in others.values():
+            other.shutdown()
