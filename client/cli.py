@@ -67,7 +67,8 @@ def _node_config(args: argparse.Namespace, default_device: str,
               "num_scheduler_steps": args.num_scheduler_steps, "fused_kernels": args.fused_kernels,
               "kv_cpu_gib": args.kv_cpu_gib, "kv_disk_dir": args.kv_disk_dir,
               "kv_disk_gib": args.kv_disk_gib, "kv_write_policy": args.kv_write_policy,
-              "kv_cache_dtype": args.kv_cache_dtype}
+              "kv_cache_dtype": args.kv_cache_dtype,
+              "tensor_parallel_size": args.tensor_parallel_size}
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
@@ -198,7 +199,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node_args=(["--keys-file", args.keys_file] if args.keys_file else [])
         + (["--kv-cpu-gib", str(args.kv_cpu_gib)] if args.kv_cpu_gib is not None else [])
         + (["--kv-write-policy", args.kv_write_policy] if args.kv_write_policy else [])
-        + (["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])))
+        + (["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])
+        + (["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size else [])))
 
 
 def _coordinator_security_args(args: argparse.Namespace) -> list[str]:
@@ -703,6 +705,9 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8_e4m3", "int8"),
                    help="KV cache elements: auto (the model's dtype) or one byte each, int8 or "
                         "fp8_e4m3, with a scale per token and head (about 2x the blocks vs bf16)")
+    p.add_argument("--tensor-parallel-size", type=int, metavar="N",
+                   help="split the model over N devices (consecutive CUDA devices from --device; "
+                        "gloo processes on CPU); N must divide the attention and KV heads")
     _metrics_option(p)
     _security_options(p)
     _cluster_secret_option(p)

@@ -82,6 +82,7 @@ HELP: dict[str, dict[str, str]] = {
         "speculative_tokens": "n-gram speculative decoding: tokens drafted per step from the context (0 = off)",
         "speculative_max_ngram": "longest context suffix matched to find a draft",
         "speculative_max_batch": "speculate only when at most this many sequences decode (greedy)",
+        "tensor_parallel_size": "split the model over this many devices (Megatron-style; workers started by the node)",
         "priority_aging_s": "waiting requests gain one priority level per this many seconds",
         "session_ttl_s": "idle sessions older than this are removed",
         "max_sessions": "sessions held at most (the least recently used go first)",

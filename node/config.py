@@ -58,6 +58,10 @@ class EngineConfig:
     speculative_tokens: int = 0
     speculative_max_ngram: int = 3
     speculative_max_batch: int = 8
+    # Split the model over this many devices (Megatron-style; node/parallel/): rank 0 runs
+    # this engine, the other ranks are worker processes it starts. On CPU every rank is a
+    # gloo process on the CPU (for tests); on CUDA, consecutive devices from ``device``.
+    tensor_parallel_size: int = 1
     priority_aging_s: float = 5.0
     session_ttl_s: float = 3600.0
     max_sessions: int = 100_000
@@ -121,6 +125,15 @@ class EngineConfig:
                "num_scheduler_steps", "in [1, 64]", self.num_scheduler_steps)
         _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {KV_CACHE_DTYPES}",
                self.kv_cache_dtype)
+        _check(1 <= self.tensor_parallel_size <= 64, "tensor_parallel_size", "in [1, 64]",
+               self.tensor_parallel_size)
+        # The tiers copy whole blocks of this process's pool, which under tensor parallelism
+        # holds only rank 0's heads.
+        _check(self.tensor_parallel_size == 1 or not (self.kv_cpu_gib or self.kv_disk_dir),
+               "tensor_parallel_size", "1 with the CPU or disk KV tier (kv_cpu_gib, kv_disk_dir)",
+               self.tensor_parallel_size)
+        _check(self.tensor_parallel_size == 1 or self.kv_cache_dtype == "auto", "tensor_parallel_size",
+               "1 with a quantized kv_cache_dtype (int8, fp8_e4m3)", self.tensor_parallel_size)
         _check(self.priority_aging_s > 0, "priority_aging_s", "> 0", self.priority_aging_s)
         _check(self.session_ttl_s > 0, "session_ttl_s", "> 0", self.session_ttl_s)
         _check(self.max_sessions >= 1, "max_sessions", ">= 1", self.max_sessions)

@@ -47,6 +47,7 @@ from ultrakv.node.kv.disk_tier import DiskTier
 from ultrakv.node.kv.host_tier import HostTier
 from ultrakv.node.kv.tiers import BlockIdentity, KVTiers, TierCounters
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
+from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.loader import load_model
 from ultrakv.node.outputs import (
     GenerateRequest,
@@ -55,6 +56,8 @@ from ultrakv.node.outputs import (
     SessionInfo,
     StreamDelta,
 )
+from ultrakv.node.parallel.sharding import TensorShard
+from ultrakv.node.parallel.tensor_parallel import TensorParallelGroup, tensor_parallel_devices
 from ultrakv.node.runner import ModelRunner
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -98,6 +101,29 @@ def zeroed_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+def kv_pool_blocks(config: EngineConfig, vocab_size: int, block_bytes: int, device: torch.device) -> int:
+    """How many KV blocks of ``block_bytes`` ``device`` can hold (one tensor-parallel rank's
+    heads under tensor parallelism): ``kv_memory_fraction`` of the free CUDA memory less room
+    for activations, or ``cpu_kv_cache_bytes`` on CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        # Leave room for activations of the largest step and the sampler's logits.
+        reserve = 4 * config.max_num_batched_tokens * vocab_size + (1 << 30)
+        budget = max(0, int(free * config.kv_memory_fraction) - reserve)
+    else:
+        budget = config.cpu_kv_cache_bytes
+    blocks = budget // block_bytes
+    if blocks < 2:
+        raise ValueError(f"KV cache must hold >= 2 blocks; {budget} bytes gives {blocks}")
+    return int(blocks)
+
+
+def kv_block_bytes(block_size: int, model_config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one unquantized KV block over every layer (keys and values)."""
+    mc = model_config
+    return 2 * block_size * mc.num_key_value_heads * mc.head_dim * dtype.itemsize * mc.num_hidden_layers
+
+
 class Engine:
     """One node's inference engine. See the module docstring."""
 
@@ -106,7 +132,10 @@ class Engine:
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         attn = get_backend(config.attention_backend, self.device)
-        loaded = load_model(config.model, config.dtype, self.device, attn, seed=config.seed)
+        tp_size = config.tensor_parallel_size
+        tp_devices = tensor_parallel_devices(self.device, tp_size) if tp_size > 1 else []
+        loaded = load_model(config.model, config.dtype, self.device, attn, seed=config.seed,
+                            shard=TensorShard(0, tp_size))
         self.model = loaded.model
         self.fused_kernels = (config.fused_kernels if config.fused_kernels is not None
                               else self.device.type == "cuda" and triton_available())
@@ -128,8 +157,14 @@ class Engine:
         mc = self.model_config
         bs = config.block_size
         self.num_blocks = config.num_blocks or self._blocks_from_memory()
-        shape = (2, self.num_blocks, bs, mc.num_key_value_heads,
-                 quantization.row_width(mc.head_dim, self.kv_storage_dtype))
+        # Tensor parallelism: rank 0 (this engine) drives worker ranks holding the other slices.
+        self.tensor_parallel: TensorParallelGroup | None = None
+        if tp_size > 1:
+            self.tensor_parallel = TensorParallelGroup(config, tp_devices)
+            self.num_blocks = self.tensor_parallel.connect(self.num_blocks)
+        local = self.model.config  # this rank's heads under tensor parallelism
+        shape = (2, self.num_blocks, bs, local.num_key_value_heads,
+                 quantization.row_width(local.head_dim, self.kv_storage_dtype))
         self.kv_caches = [zeroed_kv(shape, self.kv_storage_dtype, self.device)
                           for _ in range(mc.num_hidden_layers)]
         self.pool = BlockPool(self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching)
@@ -154,7 +189,10 @@ class Engine:
         self.sessions = SessionStore(config.max_sessions, max_replicas=config.max_replicas,
                                      max_replica_tokens=config.max_replica_tokens)
         graphs = None
-        if self.device.type == "cuda" and config.use_cuda_graphs and attn.supports_cuda_graphs:
+        # Not under tensor parallelism yet: every rank would have to capture and replay its
+        # graphs in lockstep.
+        if (self.device.type == "cuda" and config.use_cuda_graphs and attn.supports_cuda_graphs
+                and self.tensor_parallel is None):
             graphs = CudaGraphRunner(
                 self.model,
                 self.kv_caches,
@@ -165,7 +203,7 @@ class Engine:
                 max_prefill_tokens=min(512, config.max_num_batched_tokens),
             )
         self.runner = ModelRunner(
-            self.model,
+            self.model if self.tensor_parallel is None else self.tensor_parallel.wrap(self.model),
             self.kv_caches,
             bs,
             self.device,
@@ -300,25 +338,35 @@ class Engine:
                        write_through=c.kv_write_policy == "write_through", publish=self.pool.publish)
 
     def _bytes_per_block(self) -> int:
-        mc = self.model_config
+        mc = self.model.config  # this rank's heads under tensor parallelism
         row = quantization.row_width(mc.head_dim, self.kv_storage_dtype) * self.kv_storage_dtype.itemsize
         return 2 * self.config.block_size * mc.num_key_value_heads * row * mc.num_hidden_layers
 
     def _kv_bytes(self) -> int:
+        """This process's KV pool (one rank's heads under tensor parallelism)."""
         return self.num_blocks * self._bytes_per_block()
 
     def _blocks_from_memory(self) -> int:
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            # Leave room for activations of the largest step and the sampler's logits.
-            reserve = 4 * self.config.max_num_batched_tokens * self.model_config.vocab_size + (1 << 30)
-            budget = max(0, int(free * self.config.kv_memory_fraction) - reserve)
-        else:
-            budget = self.config.cpu_kv_cache_bytes
-        blocks = budget // self._bytes_per_block()
-        if blocks < 2:
-            raise ValueError(f"KV cache must hold >= 2 blocks; {budget} bytes gives {blocks}")
-        return int(blocks)
+        return kv_pool_blocks(self.config, self.model_config.vocab_size, self._bytes_per_block(), self.device)
+
+    def _read_kv(self, blocks: list[int]) -> torch.Tensor:
+        """Every head of ``blocks``: ``[L, 2, n, block_size, kv_heads, head_dim]`` on the device."""
+        idx = torch.tensor(blocks, device=self.device)
+        if self.tensor_parallel is not None:
+            return self.tensor_parallel.read_kv(self.kv_caches, idx)
+        # As bytes (CPU has no index_select for fp8); quantized KV keeps its packed scales.
+        return torch.stack([c.view(torch.uint8).index_select(1, idx) for c in self.kv_caches]).view(
+            self.kv_storage_dtype)
+
+    def _write_kv(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Store ``kv`` ``[L, 2, n, block_size, kv_heads, head_dim]`` in ``blocks``."""
+        idx = torch.tensor(blocks, device=self.device)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.write_kv(self.kv_caches, idx, kv)
+            return
+        for layer, cache in enumerate(self.kv_caches):
+            # As bytes: CPU has no index_copy for fp8 (the same copy for float caches).
+            cache.view(torch.uint8).index_copy_(1, idx, kv[layer].view(torch.uint8))
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -771,6 +819,9 @@ class Engine:
                 self.tiers.close()
             if written:
                 log.info("KV tiers: %d blocks written to disk at shutdown", written)
+        if self.tensor_parallel is not None:
+            with self._step_lock:  # no forward may be broadcast after the workers stop
+                self.tensor_parallel.shutdown()
 
     # -- finishing and streaming ------------------------------------------------------------
 
@@ -948,11 +999,8 @@ class Engine:
             blocks = self._cached_blocks(s)
             kv = None
             if blocks:
-                idx = torch.tensor(blocks, device=self.device)
                 # [L, 2, n_blocks, bs, H, D] -> [L, 2, n_blocks * bs, H, D]
-                # As bytes (CPU has no index_select for fp8); quantized KV keeps its packed scales.
-                kv = torch.stack([c.view(torch.uint8).index_select(1, idx) for c in self.kv_caches])
-                kv = kv.view(self.kv_storage_dtype).flatten(2, 3).cpu()
+                kv = self._read_kv(blocks).flatten(2, 3).cpu()
             return SessionState(
                 session_id=s.session_id,
                 token_ids=list(s.token_ids),
@@ -1018,13 +1066,9 @@ class Engine:
                     return have * bs
                 blocks = self.pool.allocate(n_new)
                 kv = state.kv[:, :, have * bs : (have + n_new) * bs].to(self.device, self.kv_storage_dtype)
-                kv = kv.unflatten(2, (n_new, bs))
-                idx = torch.tensor(blocks, device=self.device)
                 if self.tiers is not None:  # blocks evicted above leave before being overwritten
                     self.tiers.flush()
-                for layer, cache in enumerate(self.kv_caches):
-                    # As bytes: CPU has no index_copy for fp8 (the same copy for float caches).
-                    cache.view(torch.uint8).index_copy_(1, idx, kv[layer].view(torch.uint8))
+                self._write_kv(blocks, kv.unflatten(2, (n_new, bs)))
                 for i, b in enumerate(blocks):
                     self.pool.commit(b, hashes[have + i])
                 return (have + n_new) * bs

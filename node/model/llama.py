@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata
 from ultrakv.node.model.config import ModelConfig
+
+# Sums a row-parallel projection's partial output over the tensor-parallel ranks, in place.
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class RotaryEmbedding:
@@ -130,6 +133,7 @@ class Attention(nn.Module):
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.fused = False
+        self.all_reduce: AllReduce | None = None  # tensor parallel: sums the ranks' partial outputs
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -141,7 +145,8 @@ class Attention(nn.Module):
         q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(t, self.q_size))
+        out = self.o_proj(out.reshape(t, self.q_size))
+        return out if self.all_reduce is None else self.all_reduce(out)
 
 
 class MLP(nn.Module):
@@ -154,13 +159,16 @@ class MLP(nn.Module):
                                       bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fused = False
+        self.all_reduce: AllReduce | None = None  # tensor parallel: sums the ranks' partial outputs
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(h)
         if self.fused:
-            return self.down_proj(_fused().silu_and_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            out = self.down_proj(_fused().silu_and_mul(gate_up))
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            out = self.down_proj(F.silu(gate) * up)
+        return out if self.all_reduce is None else self.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -253,6 +261,14 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = enabled
+
+    def use_all_reduce(self, all_reduce: AllReduce | None) -> None:
+        """Make this model one rank's slice of a tensor-parallel model (built from a
+        ``node.parallel.sharding.shard_config``): the attention output and MLP down
+        projections sum their partial outputs with ``all_reduce``. None: a whole model."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.all_reduce = all_reduce
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden_size] -> float32 logits [N, vocab_size]."""

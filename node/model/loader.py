@@ -25,6 +25,7 @@ from ultrakv.node.model.gguf_checkpoint import converted_checkpoint, file_sha256
 from ultrakv.node.model.llama import LlamaForCausalLM
 from ultrakv.node.model.packaged import PACKAGED
 from ultrakv.node.model.presets import PRESETS, init_random_weights, preset_config
+from ultrakv.node.parallel.sharding import WHOLE, TensorShard, shard_checkpoint_tensor, shard_config
 from ultrakv.node.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,7 +40,8 @@ class LoadedModel:
 
     ``fingerprint`` is a stable hash of the config and the weights' source (preset name,
     seed, device type and dtype; or the checkpoint's file names and sizes). Two nodes agree
-    on it exactly when their KV caches are interchangeable.
+    on it exactly when their KV caches are interchangeable. ``config`` is the whole model's;
+    under tensor parallelism ``model`` is one rank's slice (``model.config`` its shape).
     """
 
     model: LlamaForCausalLM
@@ -79,9 +81,9 @@ def build_empty_model(config: ModelConfig, attn: AttentionBackend, dtype: torch.
 
 
 def load_model(name_or_path: str, dtype: str, device: torch.device, attn: AttentionBackend,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, shard: TensorShard = WHOLE) -> LoadedModel:
     """Load preset ``name_or_path`` (seeded random weights), a packaged model, a ``.gguf``
-    file or the checkpoint directory there.
+    file or the checkpoint directory there; only ``shard``'s slice of it (tensor parallelism).
 
     Raises FileNotFoundError for a missing directory, file, package, config.json or weight
     file, and ValueError for an unsupported config, a missing / misshapen tensor (named) or a
@@ -89,27 +91,28 @@ def load_model(name_or_path: str, dtype: str, device: torch.device, attn: Attent
     """
     device = torch.device(device)
     if name_or_path in PRESETS:
-        return _load_preset(name_or_path, dtype, device, attn, seed)
+        return _load_preset(name_or_path, dtype, device, attn, seed, shard)
     if name_or_path in PACKAGED:
         packaged = PACKAGED[name_or_path]
-        return _load_gguf(packaged.locate(), dtype, device, attn, name=packaged.name, sha256=packaged.sha256)
+        return _load_gguf(packaged.locate(), dtype, device, attn, shard, name=packaged.name,
+                          sha256=packaged.sha256)
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
-        return _load_gguf(path, dtype, device, attn, name=path.stem)
-    return _load_checkpoint(path, dtype, device, attn)
+        return _load_gguf(path, dtype, device, attn, shard, name=path.stem)
+    return _load_checkpoint(path, dtype, device, attn, shard)
 
 
-def _load_gguf(path: Path, dtype: str, device: torch.device, attn: AttentionBackend, *, name: str,
-               sha256: str | None = None) -> LoadedModel:
+def _load_gguf(path: Path, dtype: str, device: torch.device, attn: AttentionBackend, shard: TensorShard, *,
+               name: str, sha256: str | None = None) -> LoadedModel:
     started = time.monotonic()
     actual = file_sha256(path)
     if sha256 is not None and actual != sha256:
         raise ValueError(f"model file {str(path)!r} must have sha256 {sha256}, got {actual} "
                          "(a damaged or different download; reinstall the package)")
     directory = converted_checkpoint(path, actual)
-    loaded = _load_checkpoint(directory, dtype, device, attn)
+    loaded = _load_checkpoint(directory, dtype, device, attn, shard)
     loaded.name = name
     loaded.fingerprint = _fingerprint(loaded.config, f"gguf:{actual}", loaded.dtype)
     log.info("loaded %s from %s in %.1f s", name, path.name, time.monotonic() - started)
@@ -117,11 +120,11 @@ def _load_gguf(path: Path, dtype: str, device: torch.device, attn: AttentionBack
 
 
 def _load_preset(name: str, dtype: str, device: torch.device, attn: AttentionBackend,
-                 seed: int) -> LoadedModel:
+                 seed: int, shard: TensorShard) -> LoadedModel:
     config = preset_config(name)
     torch_dtype = resolve_dtype(dtype, config.torch_dtype, device)
-    model = build_empty_model(config, attn, torch_dtype, device)
-    init_random_weights(model, seed)
+    model = build_empty_model(shard_config(config, shard.size), attn, torch_dtype, device)
+    init_random_weights(model, seed, config, shard)
     # Random draws differ between CPU and CUDA generators, hence the device type.
     source = f"preset:{name}:seed={seed}:device={device.type}"
     return LoadedModel(model=model, config=config, tokenizer=ByteTokenizer(), name=name,
@@ -129,7 +132,7 @@ def _load_preset(name: str, dtype: str, device: torch.device, attn: AttentionBac
 
 
 def _load_checkpoint(path: Path, dtype: str, device: torch.device,
-                     attn: AttentionBackend) -> LoadedModel:
+                     attn: AttentionBackend, shard: TensorShard = WHOLE) -> LoadedModel:
     if not path.is_dir():
         raise FileNotFoundError(
             f"model must be a preset {sorted([*PRESETS, *PACKAGED])}, a .gguf file or a checkpoint directory; "
@@ -140,14 +143,15 @@ def _load_checkpoint(path: Path, dtype: str, device: torch.device,
     config = ModelConfig.from_hf(json.loads(config_file.read_text()))
     files = _weight_files(path)
     torch_dtype = resolve_dtype(dtype, config.torch_dtype, device)
-    model = build_empty_model(config, attn, torch_dtype, device)
+    model = build_empty_model(shard_config(config, shard.size), attn, torch_dtype, device)
 
     loaded: set[str] = set()
     for file in files:
         # Read on CPU and copy into place: the copy casts dtype and moves to the device
         # one tensor at a time, so host memory never holds the whole model twice.
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            loaded |= model.load_weights((key, f.get_tensor(key)) for key in f.keys())
+            loaded |= model.load_weights((key, shard_checkpoint_tensor(key, f.get_tensor(key), shard))
+                                         for key in f.keys())
     missing = [n for n in model.checkpoint_names() if n not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -12,6 +12,7 @@ import math
 import torch
 from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.llama import LlamaForCausalLM
+from ultrakv.node.parallel.sharding import WHOLE, TensorShard, shard_parameter
 from ultrakv.node.tokenizer import ByteTokenizer
 
 _BYTE_SPECIALS = {"bos_token_id": ByteTokenizer.BOS, "eos_token_ids": [ByteTokenizer.EOS]}
@@ -53,21 +54,35 @@ def preset_config(name: str) -> ModelConfig:
 
 
 @torch.no_grad()
-def init_random_weights(model: LlamaForCausalLM, seed: int) -> None:
+def init_random_weights(model: LlamaForCausalLM, seed: int, full_config: ModelConfig | None = None,
+                        shard: TensorShard = WHOLE) -> None:
     """Fill every parameter from a generator seeded with ``seed`` on the model's device.
 
     Matrices get N(0, 1/fan_in), so activations and logits stay O(1) at every width (greedy
     output then depends on the input); norms get 1 and biases 0. Values are drawn in place
     in the parameter's own dtype and device, so an 8B model fills in well under a second on
     a GPU. Identical on every process with the same seed, device type and dtype.
+
+    A tensor-parallel slice (``model`` built from the shard config of ``full_config``) draws
+    each whole parameter, one at a time, and keeps its ``shard``: its weights are exactly
+    the single-process model's.
     """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    full_shapes = None
+    if shard.size > 1:
+        with torch.device("meta"):
+            whole = LlamaForCausalLM(full_config, model.attn)
+        full_shapes = {name: p.shape for name, p in whole.named_parameters()}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()
-        else:
+        elif full_shapes is None:
             param.normal_(0.0, 1.0 / math.sqrt(param.shape[1]), generator=gen)
+        else:
+            full = torch.empty(full_shapes[name], dtype=param.dtype, device=device)
+            full.normal_(0.0, 1.0 / math.sqrt(full.shape[1]), generator=gen)
+            param.copy_(shard_parameter(name, full, full_config, shard))
