@@ -68,7 +68,7 @@ def _node_config(args: argparse.Namespace, default_device: str,
               "kv_cpu_gib": args.kv_cpu_gib, "kv_disk_dir": args.kv_disk_dir,
               "kv_disk_gib": args.kv_disk_gib, "kv_write_policy": args.kv_write_policy,
               "kv_cache_dtype": args.kv_cache_dtype,
-              "tensor_parallel_size": args.tensor_parallel_size}
+              "tensor_parallel_size": args.tensor_parallel_size, "gpus": args.gpus}
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
@@ -108,7 +108,7 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
     ensure_port_free(config.server.host, config.server.port, "ultrakv node")
     if config.server.http_port:
         ensure_port_free(config.server.host, config.server.http_port, "HTTP API")
-    from ultrakv.node.engine import Engine
+    from ultrakv.node.parallel.data_parallel import open_engine
     from ultrakv.node.server import NodeServer, serve_until_signalled
 
     if agent is not None:  # fail fast, before the model loads, on a bad etcd or a taken id
@@ -120,7 +120,7 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
                                 node_id=config.server.node_id or f"node-{uuid4().hex[:8]}")
         asyncio.run(preflight(agent, config.server.node_id))
     log.info("loading model %s on %s", config.engine.model, config.engine.device)
-    engine = Engine(config.engine)
+    engine = open_engine(config.engine)
     engine.warmup()  # graphs and kernels before the node reports SERVING, not on a request
     try:
         server = NodeServer(engine, config.server)
@@ -708,6 +708,10 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
     p.add_argument("--tensor-parallel-size", type=int, metavar="N",
                    help="split the model over N devices (consecutive CUDA devices from --device; "
                         "gloo processes on CPU); N must divide the attention and KV heads")
+    p.add_argument("--gpus", metavar="all|N|0,1",
+                   help="one engine per device in this node process (data parallel): all CUDA "
+                        "devices, the first N, or those indices; sessions are placed by consistent "
+                        "hashing with bounded load. With --device cpu, N engines on the CPU (tests only)")
     _metrics_option(p)
     _security_options(p)
     _cluster_secret_option(p)

@@ -82,6 +82,8 @@ HELP: dict[str, dict[str, str]] = {
         "speculative_tokens": "n-gram speculative decoding: tokens drafted per step from the context (0 = off)",
         "speculative_max_ngram": "longest context suffix matched to find a draft",
         "speculative_max_batch": "speculate only when at most this many sequences decode (greedy)",
+        "gpus": "one engine per device: 'all', a count N or indices '0,1' ('' = one engine; "
+                "N with device cpu: tests only)",
         "tensor_parallel_size": "split the model over this many devices (Megatron-style; workers started by the node)",
         "priority_aging_s": "waiting requests gain one priority level per this many seconds",
         "session_ttl_s": "idle sessions older than this are removed",

@@ -231,6 +231,19 @@ class BoundedLoadRouter:
         """The node ``key`` is assigned to, or None."""
         return self._owner.get(key)
 
+    def pin(self, key: str, node: str) -> None:
+        """Assign ``key`` to ``node`` whatever the loads (its data already lives there: a
+        session found on, or moved to, that node)."""
+        if node not in self._loads:
+            raise ValueError(f"node must be one of {sorted(self._loads)}, got {node!r}")
+        self.release(key)
+        self._owner[key] = node
+        self._loads[node] += 1
+
+    def owners(self) -> dict[str, str]:
+        """Every assigned key and its node."""
+        return dict(self._owner)
+
     def loads(self) -> dict[str, int]:
         """Keys held per node."""
         return dict(self._loads)

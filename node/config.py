@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "arc")
@@ -62,6 +63,11 @@ class EngineConfig:
     # this engine, the other ranks are worker processes it starts. On CPU every rank is a
     # gloo process on the CPU (for tests); on CUDA, consecutive devices from ``device``.
     tensor_parallel_size: int = 1
+    # Data parallel inside the node: one engine per listed device ("" = one engine on
+    # ``device``), sessions placed by consistent hashing with bounded load
+    # (node/parallel/data_parallel.py). "all", a count "N" or indices "0,1" of CUDA devices;
+    # with device "cpu", "N" runs N engines on the CPU (tests and development only).
+    gpus: str = ""
     priority_aging_s: float = 5.0
     session_ttl_s: float = 3600.0
     max_sessions: int = 100_000
@@ -127,6 +133,12 @@ class EngineConfig:
                self.kv_cache_dtype)
         _check(1 <= self.tensor_parallel_size <= 64, "tensor_parallel_size", "in [1, 64]",
                self.tensor_parallel_size)
+        # A lone number is a count (>= 1); a comma-separated list names device indices.
+        _check(re.fullmatch(r"|all|[1-9][0-9]*|[0-9]+(,[0-9]+)+", self.gpus) is not None, "gpus",
+               "'all', a device count N >= 1 or device indices like '0,1'", self.gpus)
+        _check(not self.gpus or self.tensor_parallel_size == 1, "gpus",
+               "empty with tensor_parallel_size > 1 (data and tensor parallelism do not combine yet)",
+               self.gpus)
         # The tiers copy whole blocks of this process's pool, which under tensor parallelism
         # holds only rank 0's heads.
         _check(self.tensor_parallel_size == 1 or not (self.kv_cpu_gib or self.kv_disk_dir),

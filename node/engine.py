@@ -991,16 +991,16 @@ class Engine:
         with self._lock:
             return self.sessions.promote_replica(session_id) is not None
 
-    def export_session(self, session_id: str) -> SessionState:
+    def export_session(self, session_id: str, kv_device: torch.device | str = "cpu") -> SessionState:
         """The newest copy's history (session or replica) and the KV of its leading full
-        blocks still cached."""
+        blocks still cached, on ``kv_device`` (another GPU's engine takes it device to device)."""
         with self._lock:
             s, _ = self._newest(session_id)
             blocks = self._cached_blocks(s)
             kv = None
             if blocks:
                 # [L, 2, n_blocks, bs, H, D] -> [L, 2, n_blocks * bs, H, D]
-                kv = self._read_kv(blocks).flatten(2, 3).cpu()
+                kv = self._read_kv(blocks).flatten(2, 3).to(kv_device)
             return SessionState(
                 session_id=s.session_id,
                 token_ids=list(s.token_ids),

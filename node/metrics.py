@@ -177,6 +177,8 @@ class NodeCollector(Collector):
         yield _gauge("ultrakv_session_replicas", "Replicated session histories held.", base,
                      s["sessions"]["replicas"])
 
+        yield from _gpu_families(base, s.get("gpus", []))
+
         yield histogram_family("ultrakv_time_to_first_token_seconds",
                                "Arrival to first generated token.", base, hist["ttft_s"])
         yield histogram_family("ultrakv_time_per_output_token_seconds",
@@ -185,3 +187,28 @@ class NodeCollector(Collector):
         yield histogram_family("ultrakv_e2e_request_latency_seconds",
                                "Arrival to finish, per request.", base, hist["e2e_s"])
         yield REJECTIONS.metric()
+
+
+# Per-device gauges of a data-parallel node (node/parallel/data_parallel.py): stats key, help.
+_GPU_GAUGES = {
+    "kv_usage": ("ultrakv_gpu_kv_cache_usage_ratio", "Fraction of the device's KV blocks in use (0..1)."),
+    "running": ("ultrakv_gpu_num_requests_running", "Requests in the device engine's running batch."),
+    "waiting": ("ultrakv_gpu_num_requests_waiting", "Requests waiting in the device engine's queue."),
+    "sessions": ("ultrakv_gpu_sessions", "Sessions placed on the device."),
+    "tokens_per_s": ("ultrakv_gpu_generation_tokens_per_second",
+                     "Tokens the device generated per second (over the last scrapes, <= 10 s)."),
+    "utilization": ("ultrakv_gpu_utilization_ratio", "Busy fraction of the device from NVML (0..1)."),
+}
+
+
+def _gpu_families(base: dict[str, str], gpus: list[dict]) -> Iterator[Metric]:
+    """One gauge family per per-device stat, labelled ``gpu``; none for a one-engine node,
+    and no utilisation where NVML is absent."""
+    for key, (name, doc) in _GPU_GAUGES.items():
+        rows = [g for g in gpus if key in g]
+        if not rows:
+            continue
+        family = GaugeMetricFamily(name, doc, labels=[*base, "gpu"])
+        for g in rows:
+            family.add_metric([*base.values(), str(g["gpu"])], float(g[key]))
+        yield family
