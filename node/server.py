@@ -566,13 +566,14 @@ def _block_log_of(engine: Any) -> BlockEventLog:
     """A block event log that starts from what ``engine``'s tiers hold now (a disk tier
     scanned at start included) and then hears every change."""
     log = BlockEventLog(engine.config.block_size, engine.chain_root)
-    log(True, engine.pool.hashes(), GPU_TIER)
-    tiers = engine.tiers
-    if tiers is not None and tiers.host is not None:
-        log(True, tiers.host.hashes(), "cpu")
-    if tiers is not None and tiers.disk is not None:
-        log(True, tiers.disk.hashes(), "disk")
-    engine.pool.add_observer(log)
+    for one in getattr(engine, "engines", [engine]):  # a data-parallel node: every device's pool
+        log(True, one.pool.hashes(), GPU_TIER)
+        tiers = one.tiers
+        if tiers is not None and tiers.host is not None:
+            log(True, tiers.host.hashes(), "cpu")
+        if tiers is not None and tiers.disk is not None:
+            log(True, tiers.disk.hashes(), "disk")
+        one.pool.add_observer(log)
     return log
 
 

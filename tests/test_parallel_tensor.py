@@ -60,6 +60,8 @@ def test_sizes_that_do_not_divide_are_refused_by_name():
         EngineConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match=r"tensor_parallel_size must be 1 with the CPU or disk KV tier"):
         EngineConfig(tensor_parallel_size=2, kv_cpu_gib=1.0)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size must be 1 with a quantized kv_cache_dtype"):
+        EngineConfig(tensor_parallel_size=2, kv_cache_dtype="int8")
 
 
 def test_tensor_parallel_size_beyond_the_devices_is_refused():

@@ -119,6 +119,7 @@ class EngineGroup:
         self.model_config = first.model_config
         self.model_name = first.model_name
         self.model_fingerprint = first.model_fingerprint
+        self.chain_root = first.chain_root
         self.tokenizer = first.tokenizer
         self.max_model_len = min(e.max_model_len for e in self.engines)
         self.device = first.device
@@ -177,6 +178,10 @@ class EngineGroup:
 
     def validate(self, request: GenerateRequest) -> None:
         self._engine_for(request).validate(request)
+
+    def _prompt_for(self, request: GenerateRequest) -> Any:
+        """The tokens the request would run (the node's Tokenize answers from it)."""
+        return self._engine_for(request)._prompt_for(request)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
         engine = self._engine_for(request)
