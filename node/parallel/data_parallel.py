@@ -179,9 +179,9 @@ class EngineGroup:
     def validate(self, request: GenerateRequest) -> None:
         self._engine_for(request).validate(request)
 
-    def _prompt_for(self, request: GenerateRequest) -> Any:
-        """The tokens the request would run (the node's Tokenize answers from it)."""
-        return self._engine_for(request)._prompt_for(request)
+    def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
+        """The tokens the request would run, on the engine it would run on."""
+        return self._engine_for(request).prompt_token_ids(request)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
         engine = self._engine_for(request)
