@@ -996,17 +996,25 @@ class Engine:
         blocks still cached, on ``kv_device`` (another GPU's engine takes it device to device)."""
         with self._lock:
             s, _ = self._newest(session_id)
-            blocks = self._cached_blocks(s)
+            hashes = continue_chain(s.block_hashes, s.token_ids, self.config.block_size, s.salt,
+                                    self.chain_root)
+            blocks = self.pool.cached_prefix(hashes)
+            # Blocks that went down to the host or disk tier come along too (read, not loaded).
+            lower = self.tiers.peek(hashes[len(blocks):]) if self.tiers is not None else []
             kv = None
-            if blocks:
-                # [L, 2, n_blocks, bs, H, D] -> [L, 2, n_blocks * bs, H, D]
-                kv = self._read_kv(blocks).flatten(2, 3).to(kv_device)
+            if blocks or lower:
+                # [L, 2, n_blocks, bs, H, D] -> [L, 2, n_blocks * bs, H, D], joined as bytes (CPU
+                # has no cat for fp8); the tiers' blocks are [L, 2, bs, H, D] each.
+                parts = [self._read_kv(blocks).to(kv_device).view(torch.uint8)] if blocks else []
+                if lower:
+                    parts.append(torch.stack([b.view(torch.uint8) for b in lower], dim=2).to(kv_device))
+                kv = torch.cat(parts, dim=2).view(self.kv_storage_dtype).flatten(2, 3)
             return SessionState(
                 session_id=s.session_id,
                 token_ids=list(s.token_ids),
                 turns=s.turns,
                 model_fingerprint=self.model_fingerprint,
-                kv_tokens=len(blocks) * self.config.block_size,
+                kv_tokens=(len(blocks) + len(lower)) * self.config.block_size,
                 kv=kv,
                 tenant=s.salt,
                 messages=[(m.role, m.content) for m in s.messages],

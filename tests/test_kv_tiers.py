@@ -325,3 +325,28 @@ def test_disk_writes_drop_when_the_queue_is_full(tmp_path):
     accepted = [disk.submit(h, block) for h in range(1, 9)]
     assert accepted == [True] * 3 + [False] * 5 and disk.dropped == 5
     assert not any(h in disk for h in range(1, 9)) and not list(disk.directory.iterdir())
+
+
+@pytest.mark.parametrize("tiers", [{"kv_cpu_gib": 0.01}, {"kv_disk_dir": "DISK"}])
+def test_session_export_carries_blocks_from_the_tiers(tmp_path, tiers):
+    """A session's blocks pushed out of the pool still leave with it (migration, checkpoints,
+    backups), byte for byte, and a node without tiers continues it from them."""
+    tiers = {k: str(tmp_path) if v == "DISK" else v for k, v in tiers.items()}
+    engine = _engine(**tiers)
+    try:
+        engine.generate([PROMPTS[0]], GREEDY, session_ids=["s1"])
+        on_gpu = engine.export_session("s1")
+        engine.generate(PROMPTS[1:], GREEDY)  # 6 more blocks: s1's 2 leave the 6-block pool
+        assert engine.pool.cached_prefix(hash_token_blocks(PROMPTS[0], BS)) == []
+        below = engine.export_session("s1")
+    finally:
+        engine.shutdown()
+    assert below.kv_tokens == on_gpu.kv_tokens == FULL
+    assert torch.equal(below.kv.view(torch.uint8), on_gpu.kv.view(torch.uint8))
+    other = _engine()
+    try:
+        assert other.import_session(below) == FULL
+        (turn,) = other.generate([[7, 8, 9]], GREEDY, session_ids=["s1"])
+    finally:
+        other.shutdown()
+    assert turn.cached_tokens == FULL

@@ -254,6 +254,21 @@ class KVTiers:
         self.counters.loaded += n
         return n
 
+    def peek(self, hashes: list[int]) -> list[torch.Tensor]:
+        """CPU copies of the blocks of the leading run of ``hashes`` the tiers hold, without
+        loading them into the pool or counting hits (a session's export: migration,
+        checkpoints, backups)."""
+        self.flush()  # a block evicted a moment ago is in the host tier after this
+        blocks: list[torch.Tensor] = []
+        for h in hashes:
+            slot = self.host.lookup(h) if self.host is not None else None
+            block = (self.host.slot(slot).clone() if slot is not None
+                     else self.disk.read(h) if self.disk is not None else None)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
     def _fetch(self, h: int) -> torch.Tensor | None:
         if self.host is not None:
             slot = self.host.lookup(h)

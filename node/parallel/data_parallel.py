@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +94,16 @@ class _GroupSessions:
         return sum(len(e.sessions) for e in self._group.engines)
 
 
+def _tier_share(config: EngineConfig, index: int, count: int) -> dict:
+    """Engine ``index``'s share of the node's KV tiers: the host-memory size split evenly, a
+    disk directory of its own (one directory has one writer and one size cap)."""
+    share: dict = {"kv_cpu_gib": config.kv_cpu_gib / count}
+    if config.kv_disk_dir:
+        share["kv_disk_dir"] = str(Path(config.kv_disk_dir) / f"gpu{index}")
+        share["kv_disk_gib"] = config.kv_disk_gib / count
+    return share
+
+
 class EngineGroup:
     """Several engines of one model, one per device, behind the Engine interface."""
 
@@ -102,8 +113,9 @@ class EngineGroup:
         self.config = config
         self.engines: list[Engine] = []
         try:
-            for device in devices:
-                self.engines.append(Engine(replace(config, device=str(device), gpus="")))
+            for i, device in enumerate(devices):
+                self.engines.append(Engine(replace(config, device=str(device), gpus="",
+                                                   **_tier_share(config, i, len(devices)))))
         except BaseException:
             self.shutdown()
             raise
