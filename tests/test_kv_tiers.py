@@ -5,6 +5,7 @@ recomputed (never served), unusable or full disks degrading with one logged erro
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -350,3 +351,26 @@ def test_session_export_carries_blocks_from_the_tiers(tmp_path, tiers):
     finally:
         other.shutdown()
     assert turn.cached_tokens == FULL
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to read-only directories")
+def test_read_only_disk_directory_degrades_with_one_error(tmp_path, reference, caplog):
+    namespace_parent = tmp_path / "kv"
+    engine = _engine(kv_disk_dir=str(namespace_parent))  # creates the namespace directory
+    namespace = engine.tiers.disk.directory
+    engine.shutdown()
+    namespace.chmod(0o500)
+    caplog.set_level(logging.ERROR)
+    try:
+        engine = _engine(kv_disk_dir=str(namespace_parent))
+        try:
+            tokens, _ = _run(engine)
+            engine.tiers.disk.flush()
+            stats = engine.stats()["kv_tiers"]["disk"]
+        finally:
+            engine.shutdown()
+    finally:
+        namespace.chmod(0o700)
+    assert tokens == reference[0] and stats["enabled"] is False
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "disk tier off" in errors[0].getMessage()
