@@ -47,13 +47,15 @@ class TorchReferenceBackend(AttentionBackend):
         num_kv_heads = kv_cache.shape[3]
         plan = self._plan_for(meta, kv_cache.shape[2], q.device)
 
-        # Context of every sequence, padded to max_seq_len: [2, B, S, kv_heads, D].
-        if quantization.is_quantized(kv_cache.dtype):
-            # Gathered as bytes (CPU cannot index fp8), dequantized as the context is built.
-            raw = kv_cache.view(torch.uint8)[:, plan.tables].flatten(2, 3)[:, :, : meta.max_seq_len]
-            kv = quantization.dequantize(raw.view(kv_cache.dtype), head_dim)
-        else:
-            kv = kv_cache[:, plan.tables].flatten(2, 3)[:, :, : meta.max_seq_len]
+        # Context of every sequence, padded to max_seq_len: [2, B, S, kv_heads, D]. Whole
+        # blocks are copied with index_select over a [2, blocks, block elements] view: on a
+        # CPU that is an order of magnitude faster than advanced indexing with the 2-D table.
+        quantized = quantization.is_quantized(kv_cache.dtype)
+        cache = kv_cache.view(torch.uint8) if quantized else kv_cache  # CPU cannot index fp8
+        blocks = cache.view(2, cache.shape[1], -1).index_select(1, plan.flat_tables)
+        kv = blocks.view(2, num_seqs, -1, *cache.shape[3:])[:, :, : meta.max_seq_len]
+        if quantized:  # dequantized as the context is built
+            kv = quantization.dequantize(kv.view(kv_cache.dtype), head_dim)
         keys = kv[0].transpose(1, 2).float()  # [B, KVH, S, D]
         values = kv[1].transpose(1, 2).float()
 
@@ -87,7 +89,7 @@ class _StepPlan:
     """Per-step indices and mask, shared by every layer of one forward pass."""
 
     meta: AttentionMetadata  # held, so the identity check cannot match a recycled object
-    tables: torch.Tensor  # [B, blocks covering max_seq_len], int64
+    flat_tables: torch.Tensor  # [B * blocks covering max_seq_len], int64, row-major
     mask: torch.Tensor  # [B, 1, Lq, S] bool (decode: [B, 1, 1, S])
     decode: bool
     seq_of_token: torch.Tensor | None = None  # [T]: sequence of each new token
@@ -96,7 +98,7 @@ class _StepPlan:
     @classmethod
     def build(cls, meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
         max_q, max_s = meta.max_query_len, meta.max_seq_len
-        tables = meta.block_tables[:, : -(-max_s // block_size)].long()
+        tables = meta.block_tables[:, : -(-max_s // block_size)].reshape(-1).long()
         seq_lens = meta.seq_lens.long()
         k_pos = torch.arange(max_s, device=device)
         num_tokens = int(meta.slot_mapping.shape[0])
