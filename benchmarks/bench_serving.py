@@ -5,7 +5,10 @@ the cost of the wire shows:
 
 * ``engine``: the in-process engine's async stream (no wire at all);
 * ``node``: a node process (``ultrakv node``) over gRPC on loopback;
-* ``coordinator``: etcd + a coordinator + the node (``LocalCluster``), over gRPC.
+* ``coordinator``: etcd + a coordinator + the node (``LocalCluster``), over gRPC;
+* ``http``: a node process's OpenAI-compatible API (``/v1/completions``, ``stream: true``,
+  server-sent events) on loopback. An OpenAI completion carries its whole context, so this
+  path needs ``--turns 1`` (later turns of the workload send only the new user tokens).
 
 Two load shapes per path: ``--concurrency C`` streams kept in flight (closed loop: each
 stream runs its sessions' turns back to back) and ``--rates R ...`` (open loop: sessions start
@@ -19,6 +22,7 @@ TTFT <= ``--slo-ttft-ms`` and TPOT <= ``--slo-tpot-ms``). The summary compares e
 the engine: throughput kept and TTFT p50 added.
 
     python benchmarks/bench_serving.py --model tiny --device cpu --sessions 16 --turns 3
+    python benchmarks/bench_serving.py --model tiny --device cpu --turns 1 --paths engine node http
     python benchmarks/bench_serving.py --model llama-1b --device cuda --concurrency 64 --rates 8 32
 
 Writes benchmarks/results/serving_<device>_<model>.json.
@@ -29,6 +33,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
+import json
 import os
 import random
 import subprocess
@@ -40,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import summary, write  # noqa: E402
+from common import load_average, summary, write  # noqa: E402
 from ultrakv.client import AsyncClient, Client  # noqa: E402
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster  # noqa: E402
 from ultrakv.cluster.etcd_server import free_port  # noqa: E402
@@ -116,6 +122,41 @@ class GrpcPath:
     async def _chunks(self, spec):
         async for chunk in self.client.stream(spec, timeout=600):
             yield len(chunk.token_ids), (chunk.result["cached_tokens"] if chunk.finished else None)
+
+
+class HttpPath:
+    """The OpenAI API: a streamed ``/v1/completions`` per turn, prompt as token ids. Text
+    chunks carry no token counts, so tokens come from the usage chunk and the gaps between
+    chunks are spread evenly over them; TTFT is the first chunk with text."""
+
+    name = "http"
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    async def run(self, turn: Turn) -> Record:
+        body = {"prompt": turn.user_ids, "max_tokens": turn.max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        stamps: list[float] = []
+        usage = {}
+        async with self.client.stream("POST", "/v1/completions", json=body,
+                                      headers={"x-session-id": turn.session}) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    usage = event["usage"]
+                elif event["choices"] and event["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
+        end = time.perf_counter()
+        tokens = usage.get("completion_tokens", 0)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        per_chunk = tokens / len(stamps) if stamps else 0
+        gaps = [(b - a) / per_chunk for a, b in itertools.pairwise(stamps) for _ in range(max(1, round(per_chunk)))]
+        return Record(start, (stamps[0] if stamps else end) - start, end - start, tokens, cached, gaps)
 
 
 async def _measure(events) -> Record:
@@ -194,7 +235,7 @@ def report(records: list[Record], seconds: float, slo_ttft_s: float, slo_tpot_s:
 
 
 async def run_path(path, args, vocab: int) -> dict:
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {"load_average_before": load_average()}
     slo = (args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)
     # Warm the path (connections, graphs, kernels) on a workload of its own, untimed.
     await closed_loop(path, workload(4, 1, vocab, 999, (8, 64), (4, 8)), 4)
@@ -215,9 +256,9 @@ async def run_path(path, args, vocab: int) -> dict:
     return results
 
 
-def _node_argv(args, port: int) -> list[str]:
+def _node_argv(args, port: int, http_port: int = 0) -> list[str]:
     argv = [sys.executable, "-m", "ultrakv.client.cli", "node", "--model", args.model, "--device", args.device,
-            "--host", "127.0.0.1", "--port", str(port),
+            "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
             # one node alone on loopback, measured through its client API: no peers to trust
             "--insecure-no-cluster-secret"]
     return argv + args.node_args
@@ -269,6 +310,21 @@ async def main_async(args) -> dict:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    if "http" in args.paths:
+        import httpx
+
+        port, http_port = free_port(), free_port()
+        proc = subprocess.Popen(_node_argv(args, port, http_port), stdout=subprocess.DEVNULL if args.quiet else None,
+                                stderr=subprocess.STDOUT if args.quiet else None)
+        try:
+            await asyncio.to_thread(_wait_ready, f"127.0.0.1:{port}", proc)
+            limits = httpx.Limits(max_connections=max([*args.concurrency, 64]) * 2)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=600,
+                                         limits=limits) as client:
+                out["http"] = await run_path(HttpPath(client), args, vocab)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
     if "coordinator" in args.paths:
         with tempfile.TemporaryDirectory() as tmp:
             spec = ClusterSpec(nodes=1, coordinators=1, data_dir=Path(tmp), model=args.model, device=args.device,
@@ -292,7 +348,8 @@ def compare(results: dict[str, dict]) -> dict:
         cmp[path] = {
             run: {"throughput_kept": r["output_tokens_per_s"] / base[run]["output_tokens_per_s"],
                   "ttft_p50_added_ms": r["ttft_ms"]["p50"] - base[run]["ttft_ms"]["p50"]}
-            for run, r in runs.items() if run in base and base[run]["output_tokens_per_s"] > 0
+            for run, r in runs.items() if run.startswith(("concurrency_", "rate_")) and run in base
+            and base[run]["output_tokens_per_s"] > 0
         }
     return cmp
 
@@ -302,7 +359,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--paths", nargs="+", default=["engine", "node", "coordinator"],
-                   choices=["engine", "node", "coordinator"])
+                   choices=["engine", "node", "coordinator", "http"])
     p.add_argument("--sessions", type=int, default=32, help="conversations per run")
     p.add_argument("--turns", type=int, default=3, help="turns per conversation")
     p.add_argument("--user-tokens", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
@@ -317,6 +374,8 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true", help="children's logs to a temp dir")
     p.add_argument("--output", default="")
     args = p.parse_args()
+    if "http" in args.paths and args.turns != 1:
+        p.error(f"the http path needs --turns 1 (an OpenAI completion carries its whole context), got {args.turns}")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     results = asyncio.run(main_async(args))
     payload = {"model": args.model, "device": args.device, "workload": {

@@ -4,10 +4,11 @@ Both run the same weights (transformers reads the checkpoint the engine converte
 GGUF) on the same threads. Each case generates ``--new-tokens`` tokens per sequence after a
 short chat prompt, EOS ignored, greedy; the engine gets the prompts as one continuous batch,
 transformers as one left-padded batch. Runs alternate engine / transformers ``--repeats``
-times and the median is reported (the dev machine is shared, so single runs are noisy).
-Writes benchmarks/results/smollm2_cpu.json.
+times and the median is reported (the dev machine is shared, so single runs are noisy); the
+load average before each pair is recorded beside it. Writes benchmarks/results/smollm2_cpu.json
+(or ``--output``).
 
-Usage: python benchmarks/bench_smollm2_cpu.py [--new-tokens 64] [--repeats 3] [--profile]
+Usage: python benchmarks/bench_smollm2_cpu.py [--new-tokens 64] [--repeats 3] [--profile] [--output NAME]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import write  # noqa: E402
+from common import load_average, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 from ultrakv.node.model.gguf_checkpoint import converted_checkpoint  # noqa: E402
 from ultrakv.node.model.packaged import PACKAGED  # noqa: E402
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--profile", action="store_true", help="print the engine's torch profile at the largest batch")
+    ap.add_argument("--output", default="smollm2_cpu.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,15 +89,16 @@ def main() -> None:
         chats = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
         engine_run(engine, chats, 4)  # warm-up both
         hf_run(model, tok, chats, 4)
-        ours, theirs = [], []
+        ours, theirs, loads = [], [], []
         for _ in range(args.repeats):
+            loads.append(load_average())
             engine.clear_cache()  # every run prefills its prompts
             ours.append(engine_run(engine, chats, args.new_tokens))
             theirs.append(hf_run(model, tok, chats, args.new_tokens))
         e, h = statistics.median(ours), statistics.median(theirs)
         results[f"batch_{batch}"] = {
             "engine_tokens_per_s": e, "transformers_tokens_per_s": h, "speedup": e / h,
-            "engine_runs": ours, "transformers_runs": theirs,
+            "engine_runs": ours, "transformers_runs": theirs, "load_average_before_runs": loads,
         }
         log(f"batch {batch}: engine {e:.1f} tok/s, transformers {h:.1f} tok/s, x{e / h:.2f}")
 
@@ -108,7 +111,7 @@ def main() -> None:
             engine_run(engine, chats, 32)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
-    write("smollm2_cpu.json", {
+    write(args.output, {
         "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to float32)",
         "dtype": "float32",
         "new_tokens": args.new_tokens,

@@ -15,13 +15,33 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the architecture where that is unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+    """1-, 5- and 15-minute load averages: on a shared machine they say how far to trust a
+    timing."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def machine() -> dict:
     info = {
+        "node": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
