@@ -91,7 +91,7 @@ def main() -> None:
     }
     for batch in args.batches:
         for steps in args.steps:
-            engine.config.num_scheduler_steps = steps  # read at every scheduling round
+            engine.num_scheduler_steps = steps  # read at every scheduling round
             r = measure(engine, batch, args.prompt_tokens, args.new_tokens, args.repeats, seed=batch)
             r.update(batch=batch, num_scheduler_steps=steps)
             results["runs"].append(r)

@@ -75,7 +75,7 @@ def toks(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(1, 256) for _ in range(n)]
 
 
-SCHEDULER_STEPS = 8  # decode steps per scheduling round (--scheduler-steps)
+SCHEDULER_STEPS = 32  # decode steps per scheduling round (--scheduler-steps; the CUDA default)
 FUSED_KERNELS = True  # Triton norm/RoPE/SwiGLU kernels (--no-fused-kernels turns them off)
 
 
@@ -350,13 +350,13 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
         "kv_blocks": engine.num_blocks,
         "weight_bytes": weight_bytes(engine.model),
     }
-    res["num_scheduler_steps"] = engine.config.num_scheduler_steps
+    res["num_scheduler_steps"] = engine.num_scheduler_steps
     res["fused_kernels"] = engine.config.fused_kernels
-    if engine.config.num_scheduler_steps > 1:
+    if engine.num_scheduler_steps > 1:
         log(f"{model}: (a) batch-1 decode, one step per scheduling round (for comparison)")
-        engine.config.num_scheduler_steps = 1
+        engine.num_scheduler_steps = 1  # read at every scheduling round
         res["a_batch1_one_step_per_round"] = bench_batch1(engine, rng, bw, smoke)
-        engine.config.num_scheduler_steps = SCHEDULER_STEPS
+        engine.num_scheduler_steps = SCHEDULER_STEPS
     log(f"{model}: (a) batch-1 decode, {SCHEDULER_STEPS} steps per scheduling round")
     res["a_batch1"] = bench_batch1(engine, rng, bw, smoke)
     log(f"{model}: {res['a_batch1']['decode_tokens_per_s']:.1f} tok/s, roofline {res['a_batch1']['roofline_fraction']}")

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
 #   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
+#   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b; smollm2-shape decode
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
@@ -61,6 +62,15 @@ case "${1:-}" in
     python benchmarks/profile_kernels.py --model llama-1b --batch 1 --no-graphs 2>&1 \
       | tee -a "$ULTRAKV_RESULTS_DIR/profile_kernels.log"
     ;;
+  kv)
+    # Issue 14 on the GPU: fp8/int8 KV (capacity, accuracy, decode at 8k) on llama-1b, the KV
+    # tiers trace on llama-1b, and decode speed of the default model's shapes (smollm2-shape).
+    python benchmarks/bench_kv_quant.py --device cuda --models llama-1b --no-needle 2>&1 \
+      | tee "$ULTRAKV_RESULTS_DIR/kv_quant_cuda.log"
+    python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/kv_tiers_cuda.log"
+    python benchmarks/bench_decode.py --model smollm2-shape --device cuda --batches 1 64 --steps 1 32 \
+      --new-tokens 256 --fused-kernels
+    ;;
   sweep-prefill)
     # Prefill kernel launch shapes for few new tokens over a long cached context.
     python benchmarks/sweep_prefill_cached.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/sweep_prefill.log"
@@ -70,7 +80,7 @@ case "${1:-}" in
     python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|speculative|profile|profile-turn|sweep-prefill" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|speculative|profile|profile-turn|sweep-prefill|kv" >&2
     exit 2
     ;;
 esac
