@@ -253,12 +253,15 @@ def decode_throughput(model: str, context: int, batches: list[int], new_tokens: 
     for name in KV_DTYPES:
         engine = Engine(EngineConfig(model=model, device="cuda", kv_cache_dtype=name,
                                      max_model_len=context + new_tokens + 16,
-                                     max_num_seqs=max(batches), enable_prefix_caching=False))
+                                     max_num_seqs=max(batches)))
         engine.warmup()
         for batch in batches:
             prompts = [torch.randint(0, 256, (context,), generator=g).tolist() for _ in range(batch)]
             sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-            engine.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True))
+            # The contexts go into the prefix cache first, so the timed run's prefills are a
+            # block each and every sequence decodes over the whole window (otherwise the
+            # chunked 8k prefills of the batch would be counted as decode time).
+            engine.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True))
             outs = engine.generate(prompts, sp)
             decode_s = max(o.latency_s - o.ttft_s for o in outs)
             tokens = sum(o.completion_tokens - 1 for o in outs)
