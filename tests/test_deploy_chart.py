@@ -138,6 +138,19 @@ def test_gpu_requests_runtime_class_and_device(default: list[dict]) -> None:
     assert "runtimeClassName" not in pod_spec(other)
 
 
+def test_multi_gpu_node_pods_split_the_model_or_spread_sessions() -> None:
+    tp = find(render({"node": {"gpu": {"count": 2}, "shm": {"sizeLimit": "16Gi"}}}), "StatefulSet", "node")
+    c = container(tp, "node")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2 and c["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert "--tensor-parallel-size=2" in c["args"] and not any(a.startswith("--gpus") for a in c["args"])
+    shm = next(v for v in pod_spec(tp)["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    dp = container(find(render({"node": {"gpu": {"count": 4, "parallelism": "data"}}}), "StatefulSet", "node"), "node")
+    assert "--gpus=all" in dp["args"] and not any(a.startswith("--tensor-parallel") for a in dp["args"])
+    one = container(find(render(), "StatefulSet", "node"), "node")
+    assert not any(a.startswith(("--gpus", "--tensor-parallel")) for a in one["args"])
+
+
 def test_cpu_only_nodes(cpu: list[dict]) -> None:
     node = find(cpu, "StatefulSet", "node")
     c = container(node, "node")
