@@ -32,7 +32,7 @@ from ultrakv.client.supervision import RestartBudget, RestartPolicy
 from ultrakv.cluster.addresses import MAX_PORT, ensure_port_free, validate_port
 from ultrakv.cluster.etcd_server import EmbeddedEtcd, EtcdStartError, free_port, with_parent_death
 from ultrakv.cluster.peer_auth import ensure_cluster_secret
-from ultrakv.cluster.store import EtcdStore
+from ultrakv.cluster.store import EtcdStore, EtcdUnavailableError
 
 log = logging.getLogger("ultrakv.client.local_cluster")
 
@@ -267,11 +267,15 @@ class LocalCluster:
                         continue
                 except RequestError as exc:
                     # A coordinator with a keys file answers the supervisor (no key) only
-                    # with its health; the members come from etcd then.
-                    if (exc.code == "UNAUTHENTICATED" and client.health()["healthy"]
-                            and asyncio.run(self._serving_nodes()) >= nodes):
-                        pending.pop(0)
-                        continue
+                    # with its health; the members come from etcd then (a slow answer from
+                    # etcd on a loaded machine is a later try, not a failed start).
+                    try:
+                        if (exc.code == "UNAUTHENTICATED" and client.health()["healthy"]
+                                and asyncio.run(self._serving_nodes()) >= nodes):
+                            pending.pop(0)
+                            continue
+                    except EtcdUnavailableError as slow:
+                        log.info("cluster not ready yet: %s", slow)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"cluster not ready with {nodes} nodes within "
                                    f"{timeout_s or self.spec.startup_timeout_s:.0f} s "

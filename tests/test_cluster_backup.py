@@ -71,7 +71,7 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
                     for sid in sids:
                         _turn(c, sid, turn)
         async def set_config() -> None:
-            async with EtcdStore(cluster.etcd_endpoint) as store:
+            async with EtcdStore(cluster.etcd_endpoint, timeout_s=30) as store:
                 await set_overrides(store, {"load_eps": 0.5})
 
         asyncio.run(set_config())
@@ -106,7 +106,7 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
             again = create(c, tmp_path / "again")  # a directory this time
         assert {n["node_id"] for n in again.manifest.nodes} == {"node-1", "node-2"}
         async def config() -> dict:
-            async with EtcdStore(cluster.etcd_endpoint) as store:
+            async with EtcdStore(cluster.etcd_endpoint, timeout_s=30) as store:
                 return (await read_overrides(store))[0]
 
         assert asyncio.run(config()) == {"load_eps": 0.5}  # the live config came back too
