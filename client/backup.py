@@ -36,7 +36,13 @@ from pathlib import Path
 
 from ultrakv.cluster.block_file import BlockFileError, read_block_file
 from ultrakv.cluster.checkpoint import CheckpointEntry, SessionRecord, write_session_files
-from ultrakv.cluster.session_transfer import StateAssembler, TransferError, bytes_to_chunks
+from ultrakv.cluster.session_transfer import (
+    StateAssembler,
+    TransferError,
+    bytes_to_chunks,
+    chat_messages,
+    message_pairs,
+)
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import ultrakv_pb2
 
@@ -175,7 +181,7 @@ def write_backup(parts: Iterable[ultrakv_pb2.BackupPart], work: Path,
     try:
         for h, kv in _session_runs(stream):
             record = SessionRecord(h.session_id, list(h.token_ids), h.turns, h.tenant,
-                                   h.model_fingerprint, h.kv_tokens)
+                                   h.model_fingerprint, h.kv_tokens, message_pairs(h.messages))
             sessions.append(write_session_files(work / SESSIONS, record, tuple(h.kv_shape),
                                                 h.kv_dtype, kv) if h.kv_dtype else
                             write_session_files(work / SESSIONS, record))
@@ -366,7 +372,8 @@ def session_chunks(directory: Path, manifest: BackupManifest) -> Iterator[npb.Se
             raise BackupError(f"{path}: {exc}") from None
         header = npb.SessionHeader(
             session_id=record.session_id, token_ids=record.token_ids, turns=record.turns,
-            model_fingerprint=record.model_fingerprint, tenant=record.tenant)
+            model_fingerprint=record.model_fingerprint, tenant=record.tenant,
+            messages=chat_messages(record.messages))
         payload: bytes | memoryview = b""
         if entry.kv_file:
             path = directory / SESSIONS / entry.kv_file

@@ -44,7 +44,8 @@ def _states() -> list[SessionState]:
     g = torch.Generator().manual_seed(0)
     kv = torch.randn(2, 2, 16, 2, 8, generator=g)  # [layers, k/v, tokens, kv heads, head dim]
     return [SessionState("acme-1", list(range(1, 22)), 2, "fp-a", 16, kv, tenant="acme"),
-            SessionState("globex-1", [5, 6, 7], 1, "fp-a", tenant="globex")]
+            SessionState("globex-1", [5, 6, 7], 1, "fp-a", tenant="globex",
+                         messages=[("user", "Bonjour"), ("assistant", "Salut !")])]
 
 
 def _stream(states: list[SessionState]) -> list[ultrakv_pb2.BackupPart]:
@@ -78,8 +79,9 @@ def test_a_backup_reads_back_the_sessions_it_was_given(tmp_path: Path, compress:
         assert json.loads((directory / "config.json").read_text()) == {"load_eps": 0.5}
         back = _runs(session_chunks(directory, checked))
     for got, want in zip(back, _states(), strict=True):
-        assert (got.session_id, got.token_ids, got.turns, got.tenant, got.kv_tokens) == \
-            (want.session_id, want.token_ids, want.turns, want.tenant, want.kv_tokens)
+        assert (got.session_id, got.token_ids, got.turns, got.tenant, got.kv_tokens,
+                got.messages) == (want.session_id, want.token_ids, want.turns, want.tenant,
+                                  want.kv_tokens, want.messages)  # a chat keeps its messages
         assert (got.kv is None) == (want.kv is None)
         if want.kv is not None:
             assert torch.equal(got.kv, want.kv)  # bit-exact
