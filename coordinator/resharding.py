@@ -257,15 +257,25 @@ class Resharder:
                             exc)
 
     async def _migrate(self, session_id: str, source: Copy, target: str) -> SessionState:
-        """Stream the session ``source.node`` -> ``target``, then delete the source copy."""
+        """Stream the session ``source.node`` -> ``target``, then release the source copy
+        (refused while a turn runs or ran on it since the export: the move then fails, to be
+        retried, and the imported copy is dropped)."""
         if source.replica:
             await self._promote(source.node, session_id)
         chunks = [c async for c in self._stub(source.node).ExportSession(
             npb.ExportSessionRequest(session_id=session_id, include_kv=True),
             timeout=self.rpc_timeout_s)]
-        resp = await self._import(target, chunks)
-        await self._drop(session_id, source.node)  # cut over: one owner from here on
         header = chunks[0].header
+        resp = await self._import(target, chunks)
+        try:  # cut over: one owner from here on, unless a turn ran on the source meanwhile
+            await self._stub(source.node).ReleaseSession(npb.ReleaseSessionRequest(
+                session_id=session_id, turns=header.turns), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: nothing left to release
+                # A turn ran (or runs) on the source through another coordinator: the copy
+                # just imported is older than the source's. It goes; the move is retried.
+                await self._drop(session_id, target)
+                raise
         return SessionState(session_id, list(header.token_ids), header.turns,
                             header.model_fingerprint, kv_tokens=resp.kv_tokens,
                             tenant=header.tenant, messages=message_pairs(header.messages))

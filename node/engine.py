@@ -987,6 +987,11 @@ class Engine:
         with self._lock:
             self.sessions.store_replica(session_id, token_ids, turns, tenant, conversation)
 
+    def release_session(self, session_id: str, turns: int) -> None:
+        """A migration's cut-over: see :meth:`SessionStore.release`."""
+        with self._lock:
+            self.sessions.release(session_id, turns)
+
     def promote_replica(self, session_id: str) -> bool:
         with self._lock:
             return self.sessions.promote_replica(session_id) is not None

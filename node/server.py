@@ -80,7 +80,7 @@ from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo
 from ultrakv.node.sampling_params import Priority, SamplingParams
-from ultrakv.node.sessions import TenantQuota
+from ultrakv.node.sessions import SessionChangedError, TenantQuota
 from ultrakv.node.turn_ledger import TurnKey, TurnLedger, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
@@ -450,6 +450,17 @@ class NodeServicer:
         if not await asyncio.to_thread(self.engine.promote_replica, sid):
             raise SessionNotFoundError(sid)
         return npb.PromoteReplicaResponse()
+
+    @unary
+    async def ReleaseSession(self, request: npb.ReleaseSessionRequest,
+                             context: grpc.aio.ServicerContext) -> npb.ReleaseSessionResponse:
+        sid = validate_session_id(request.session_id)
+        try:
+            await asyncio.to_thread(self.engine.release_session, sid, request.turns)
+        except SessionChangedError as exc:
+            raise RequestRejected(grpc.StatusCode.ABORTED, "turns", str(exc)) from None
+        self.backend.ledger.forget(sid)
+        return npb.ReleaseSessionResponse()
 
     @unary
     async def ListSessions(self, request: npb.ListSessionsRequest,

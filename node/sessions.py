@@ -32,6 +32,16 @@ class SessionBusyError(EngineError):
         self.session_id = session_id
 
 
+class SessionChangedError(EngineError):
+    """A migration's cut-over found the session changed since it was copied: a turn is
+    running, or ran, on it (gRPC ABORTED: the move is tried again)."""
+
+    def __init__(self, session_id: str, copied: int, turns: int, busy: bool):
+        now = "a turn is running on it" if busy else f"it has {turns} turns now"
+        super().__init__(f"session_id {session_id!r} was copied with {copied} turns and {now}; "
+                         "not released")
+
+
 @dataclass
 class Session:
     session_id: str
@@ -190,6 +200,17 @@ class SessionStore:
         session = self._sessions.pop(session_id, None)
         replica = self._pop_replica(session_id)
         return session or replica
+
+    def release(self, session_id: str, turns: int) -> None:
+        """Give the session up to the node it was copied to (a migration's cut-over): only
+        while no turn runs on it and it has the ``turns`` of the copy (a turn that ran since
+        the copy was taken must not be deleted with it); :class:`SessionChangedError`
+        otherwise. Any replica here goes too; no copy at all is not an error."""
+        session = self._sessions.get(session_id)
+        if session is not None and (session.busy or session.turns != turns):
+            raise SessionChangedError(session_id, turns, session.turns, session.busy)
+        self._sessions.pop(session_id, None)
+        self._pop_replica(session_id)
 
     def cleanup(self, max_age_s: float) -> list[Session]:
         """Remove sessions (and replicas) idle for longer than ``max_age_s``."""

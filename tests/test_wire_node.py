@@ -324,3 +324,28 @@ async def test_the_replicator_keeps_a_copy_on_each_of_the_next_replicas_successo
         await peers.close()
         for other in others.values():
             other.shutdown()
+
+
+def test_release_gives_a_session_up_only_as_it_was_copied(node, engine):
+    """A migration's cut-over (issue 9, two coordinators): the source releases the session
+    only while no turn runs on it and with the turns the copy had; a turn that ran since
+    (through another coordinator) is never deleted with it."""
+    run_turn(node, "cut-over", "hello")
+    run_turn(node, "cut-over", " again")  # 2 turns now; the copy was taken at 1
+    with pytest.raises(grpc.RpcError) as err:
+        node.ReleaseSession(npb.ReleaseSessionRequest(session_id="cut-over", turns=1), timeout=10)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert "was copied with 1 turns and it has 2 turns now" in err.value.details()
+    engine.sessions.begin_turn("cut-over", "")  # a turn running on it
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            node.ReleaseSession(npb.ReleaseSessionRequest(session_id="cut-over", turns=2),
+                                timeout=10)
+        assert err.value.code() == grpc.StatusCode.ABORTED
+        assert "a turn is running on it" in err.value.details()
+    finally:
+        engine.sessions.end_turn("cut-over", None)
+    assert engine.get_session("cut-over").turns == 2
+    node.ReleaseSession(npb.ReleaseSessionRequest(session_id="cut-over", turns=2), timeout=10)
+    with pytest.raises(SessionNotFoundError):
+        engine.get_session("cut-over")

@@ -85,3 +85,36 @@ async def test_a_restore_without_a_checkpoint_keeps_the_replicas_tenant(cluster,
     assert result.ok, result.error
     assert engines["b"].sessions.get("acme-dead").salt == "acme"
     assert engines["b"].sessions.get("acme-dead").token_ids == history
+
+
+async def test_a_turn_on_the_source_during_a_move_is_never_cut_away(cluster):
+    """Two coordinators: one moves a session while a turn reaches the old owner through the
+    other, after the export. The cut-over is refused (the source has a turn more than the
+    copy), the imported copy is dropped, and the retried move carries the turn (before, the
+    source's copy was deleted with the acknowledged turn in it)."""
+    import asyncio
+
+    engines, servers, stubs = cluster
+    turn(stubs["a"], "raced", PROMPT, "")
+    peers = PeerChannels()
+    resharder = Resharder(None, peers, lambda: {n: s.address for n, s in servers.items()})
+    real_import = resharder._import
+
+    async def import_after_a_turn_elsewhere(target, chunks):
+        await asyncio.to_thread(turn, stubs["a"], "raced", " meanwhile", "")
+        return await real_import(target, chunks)
+
+    try:
+        planned = (Copy("a", 1, 0, True),)
+        resharder._import = import_after_a_turn_elsewhere
+        first = await resharder.move(Move("raced", "a", "b", True, planned), HashRing("ab"))
+        assert not first.ok and "not released" in first.error
+        assert engines["a"].get_session("raced").turns == 2
+        with pytest.raises(KeyError):
+            engines["b"].sessions.get("raced")  # the older copy did not stay
+        resharder._import = real_import
+        again = await resharder.move(Move("raced", "a", "b", True, planned), HashRing("ab"))
+        assert again.ok, again.error
+        assert engines["b"].get_session("raced").turns == 2
+    finally:
+        await peers.close()

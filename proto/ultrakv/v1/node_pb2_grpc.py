@@ -71,6 +71,11 @@ class NodeServiceStub:
                 request_serializer=ultrakv_dot_v1_dot_node__pb2.PromoteReplicaRequest.SerializeToString,
                 response_deserializer=ultrakv_dot_v1_dot_node__pb2.PromoteReplicaResponse.FromString,
                 _registered_method=True)
+        self.ReleaseSession = channel.unary_unary(
+                '/ultrakv.v1.NodeService/ReleaseSession',
+                request_serializer=ultrakv_dot_v1_dot_node__pb2.ReleaseSessionRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.ReleaseSessionResponse.FromString,
+                _registered_method=True)
         self.ListSessions = channel.unary_unary(
                 '/ultrakv.v1.NodeService/ListSessions',
                 request_serializer=ultrakv_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
@@ -153,6 +158,14 @@ class NodeServiceServicer:
 
     def PromoteReplica(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseSession(self, request, context):
+        """The cut-over of a migration: deletes the session only while no turn runs on it and it
+        still has the turns that were exported (ABORTED otherwise: the move is retried).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -240,6 +253,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.PromoteReplica,
                     request_deserializer=ultrakv_dot_v1_dot_node__pb2.PromoteReplicaRequest.FromString,
                     response_serializer=ultrakv_dot_v1_dot_node__pb2.PromoteReplicaResponse.SerializeToString,
+            ),
+            'ReleaseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSession,
+                    request_deserializer=ultrakv_dot_v1_dot_node__pb2.ReleaseSessionRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.ReleaseSessionResponse.SerializeToString,
             ),
             'ListSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSessions,
@@ -467,6 +485,33 @@ class NodeService:
             '/ultrakv.v1.NodeService/PromoteReplica',
             ultrakv_dot_v1_dot_node__pb2.PromoteReplicaRequest.SerializeToString,
             ultrakv_dot_v1_dot_node__pb2.PromoteReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/ReleaseSession',
+            ultrakv_dot_v1_dot_node__pb2.ReleaseSessionRequest.SerializeToString,
+            ultrakv_dot_v1_dot_node__pb2.ReleaseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
