@@ -3,8 +3,8 @@
 Measures, per KV dtype:
 
 * capacity: bytes per block and blocks at equal memory (the same byte budget);
-* accuracy against the unquantized cache (the model's own dtype: float32 for smollm2-135m on
-  CPU, bfloat16 for llama-1b): greedy agreement over ``--gen-tokens`` free-running tokens
+* accuracy against the unquantized cache in the model's dtype (``--dtype``; smollm2-135m's
+  is float32, llama-1b's bfloat16): greedy agreement over ``--gen-tokens`` free-running tokens
   (fraction equal, first divergence), and teacher-forced logits over the float cache's greedy
   continuation (max / mean |logit error|, top-1 agreement). ``llama-1b`` has seeded random
   weights (its shapes are Llama-3.2-1B's, its outputs are not a language model's);
@@ -16,10 +16,10 @@ Measures, per KV dtype:
 
 The accuracy runs drive the model directly over a paged cache of each dtype (one sequence,
 identity block table), through the same attention backend the engine would pick.
-Writes benchmarks/results/kv_quant_<device>.json.
+Writes benchmarks/results/kv_quant_<device>.json (or ``--out``).
 
 Usage: python benchmarks/bench_kv_quant.py [--device cpu|cuda] [--models smollm2-135m,llama-1b]
-       [--prompt-tokens 512] [--gen-tokens 64] [--no-needle]
+       [--dtype auto|float32|bfloat16] [--prompt-tokens 512] [--gen-tokens 64] [--no-needle]
 """
 
 from __future__ import annotations
@@ -152,9 +152,10 @@ def bytes_per_block(config, storage: torch.dtype) -> int:
     return 2 * BLOCK_SIZE * config.num_key_value_heads * row * config.num_hidden_layers
 
 
-def accuracy(model_name: str, device: torch.device, prompt_tokens: int, gen_tokens: int) -> dict:
+def accuracy(model_name: str, device: torch.device, dtype: str, prompt_tokens: int,
+             gen_tokens: int) -> dict:
     backend = get_backend("auto", device)
-    loaded = load_model(model_name, "auto", device, backend, seed=0)
+    loaded = load_model(model_name, dtype, device, backend, seed=0)
     model, config = loaded.model, loaded.config
     model_dtype = next(model.parameters()).dtype
     if model_name == "llama-1b":
@@ -204,8 +205,11 @@ def accuracy(model_name: str, device: torch.device, prompt_tokens: int, gen_toke
         result["dtypes"][name] = entry
         print(model_name, name, {k: v for k, v in entry.items() if k != "text"}, flush=True)
     base = result["dtypes"]["auto"]["bytes_per_block"]
+    bf16 = bytes_per_block(config, torch.bfloat16)  # what a GPU serving the model in bf16 holds
+    result["bf16_bytes_per_block"] = bf16
     for entry in result["dtypes"].values():
         entry["capacity_vs_auto"] = round(base / entry["bytes_per_block"], 3)
+        entry["capacity_vs_bf16"] = round(bf16 / entry["bytes_per_block"], 3)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     del model, loaded
     return result
@@ -279,26 +283,31 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--models", default="smollm2-135m,llama-1b")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="model dtype (auto: the checkpoint's; on a CPU without bf16 units "
+                        "float32 is much faster for llama-1b)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--needle-contexts", default="256,512,1024")
+    p.add_argument("--needle-depths", default="0.1,0.5,0.9")
     p.add_argument("--no-needle", action="store_true")
     p.add_argument("--throughput-batches", default="1,32")
+    p.add_argument("--out", default="", help="result file name (default kv_quant_<device>.json)")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     result = {"where": machine_named(), "device": args.device, "block_size": BLOCK_SIZE,
               "scale_layout": "float32 per (token, kv head), packed behind each row",
-              "accuracy": [accuracy(m, device, args.prompt_tokens, args.gen_tokens)
+              "accuracy": [accuracy(m, device, args.dtype, args.prompt_tokens, args.gen_tokens)
                            for m in args.models.split(",") if m]}
     if not args.no_needle:
         result["needle"] = needle(args.device, [int(c) for c in args.needle_contexts.split(",")],
-                                  [0.1, 0.5, 0.9])
+                                  [float(d) for d in args.needle_depths.split(",")])
     if args.device == "cuda":
         result["decode_8k"] = decode_throughput(
             "llama-1b", 8192, [int(b) for b in args.throughput_batches.split(",")], 128)
     result["where"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-    write(f"kv_quant_{args.device}.json", result)
+    write(args.out or f"kv_quant_{args.device}.json", result)
 
 
 if __name__ == "__main__":

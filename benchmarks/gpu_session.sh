@@ -35,7 +35,7 @@ case "${1:-}" in
   tests)
     # The fused-kernel tests are not marked gpu (they also run under Triton's CPU interpreter).
     { python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ ; \
-      python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py; } 2>&1 \
+      python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_kv_quant_kernels.py; } 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/gpu_tests.log"
     ;;
   decode)
