@@ -164,8 +164,11 @@ class KVTiers:
                 slot, victim = self.host.reserve(h)
                 if victim is not None:
                     old, old_slot = victim
-                    j = index.get(old, i)
-                    self._spill(old, gathered[j].cpu() if j < i else self.host.slot(old_slot).clone())
+                    if self._spills_to_disk(old):
+                        j = index.get(old, i)
+                        self._spill(old, gathered[j].cpu() if j < i else self.host.slot(old_slot).clone())
+                    else:  # nothing to write: no copy (a clone of a pinned slot waits for its copy)
+                        self._emit(False, old, "cpu")
                 self.host.data[slot].copy_(gathered[i], non_blocking=self._stream is not None)
                 slots.append(slot)
                 self._emit(True, h, "cpu")
@@ -186,11 +189,16 @@ class KVTiers:
         stacked = torch.stack([c.view(torch.uint8).index_select(1, ids) for c in self.kv_caches])
         return stacked.permute(2, 0, 1, 3, 4, 5).contiguous().view(self.kv_caches[0].dtype)
 
+    def _spills_to_disk(self, block_hash: int) -> bool:
+        """Whether a block the host tier evicts must be written to disk: write-back with a
+        disk tier that lacks it (write-through already wrote it)."""
+        return self.disk is not None and not self.write_through and block_hash not in self.disk
+
     def _spill(self, block_hash: int, block: torch.Tensor) -> None:
         """The host tier evicted ``block_hash`` (its bytes: ``block``): write-back sends it to
         disk (write-through already did)."""
         self._emit(False, block_hash, "cpu")
-        if self.disk is not None and not self.write_through and block_hash not in self.disk:
+        if self._spills_to_disk(block_hash):
             self.disk.submit(block_hash, block)
 
     # -- lookup and load --------------------------------------------------------------------
