@@ -807,6 +807,7 @@ BENCH_SUITES = {
     "cluster": "bench_cluster.py",
     "faults": "bench_faults.py",  # fault scenarios and a soak against a supervised cluster
     "attention": "bench_attention.py",
+    "multi-gpu": "bench_multi_gpu.py",  # TP/DP and KV over P2P (gloo on CPU, NCCL with --device cuda)
 }
 
 
