@@ -29,6 +29,7 @@ from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.ring import BoundedLoadRouter, HashRing, bounded_lookup, stable_hash64
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import SessionLayout
+from ultrakv.node.chat import is_chat
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.engine import Engine, resolve_device
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
@@ -218,6 +219,8 @@ class EngineGroup:
         """Like Engine.generate; each engine runs its share of the batch on its own thread."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
+        elif is_chat(prompts):
+            prompts = [prompts]  # one conversation
         n = len(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         shares: dict[int, list[int]] = {}
