@@ -120,15 +120,17 @@ def test_tier_round_trip_is_bit_exact_on_cuda(tmp_path):
         torch.cuda.synchronize()
     finally:
         tiers.close()
-    # One step per round as on CPU: multi-step rounds (the CUDA default) reserve blocks ahead.
-    engine = Engine(EngineConfig(model="tiny", device="cuda", block_size=BS, num_blocks=12, kv_cpu_gib=0.01,
+    # The CPU tests' pool (6 blocks: too few to keep the prompts' 8 full blocks, so the second
+    # run finds them in the host tier) and one step per round (multi-step, the CUDA default,
+    # reserves blocks ahead).
+    engine = Engine(EngineConfig(model="tiny", device="cuda", block_size=BS, num_blocks=6, kv_cpu_gib=0.01,
                                  num_scheduler_steps=1))
     try:
         tokens, cached = _run(engine)
         assert engine.stats()["kv_tiers"]["cpu"]["hits"] > 0 and all(cached)
     finally:
         engine.shutdown()
-    off = Engine(EngineConfig(model="tiny", device="cuda", block_size=BS, num_blocks=12, num_scheduler_steps=1))
+    off = Engine(EngineConfig(model="tiny", device="cuda", block_size=BS, num_blocks=6, num_scheduler_steps=1))
     try:
         assert _run(off)[0] == tokens
     finally:
