@@ -769,14 +769,8 @@ class Engine:
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
         """Yield deltas of one request as they are produced; aborts it if the consumer leaves."""
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
-        self.start_background_loop()
-        with self._lock:
-            mailbox = self._mailboxes.get(loop)
-            if mailbox is None:
-                mailbox = self._mailboxes[loop] = _LoopMailbox(loop)
-        self.add_request(request, lambda d: mailbox.post(queue, d))
+        self.stream_to(request, queue.put_nowait)
         finished = False
         try:
             while not finished:
@@ -786,6 +780,22 @@ class Engine:
         finally:
             if not finished:
                 self.abort(request.request_id)
+
+    def stream_to(self, request: GenerateRequest, on_delta: Listener) -> None:
+        """Queue ``request`` and call ``on_delta`` with each of its deltas on the running event
+        loop (the caller's), all of a step's deltas in one wakeup of that loop.
+
+        For a server that handles a delta at once (turns it into a wire message): it spares
+        the task switch per token that reading :meth:`stream` costs. Nothing aborts the request
+        for the caller; ``on_delta`` must not block.
+        """
+        loop = asyncio.get_running_loop()
+        self.start_background_loop()
+        with self._lock:
+            mailbox = self._mailboxes.get(loop)
+            if mailbox is None:
+                mailbox = self._mailboxes[loop] = _LoopMailbox(loop)
+        self.add_request(request, lambda d: mailbox.post(on_delta, d))
 
     def start_background_loop(self) -> None:
         with self._lock:
@@ -1207,12 +1217,12 @@ class _LoopMailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._items: list[tuple[asyncio.Queue, StreamDelta]] = []
+        self._items: list[tuple[Listener, StreamDelta]] = []
         self._lock = threading.Lock()
 
-    def post(self, queue: asyncio.Queue, delta: StreamDelta) -> None:
+    def post(self, on_delta: Listener, delta: StreamDelta) -> None:
         with self._lock:
-            self._items.append((queue, delta))
+            self._items.append((on_delta, delta))
             if len(self._items) > 1:
                 return  # a drain is already scheduled
         try:
@@ -1225,8 +1235,8 @@ class _LoopMailbox:
     def _drain(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-        for queue, delta in items:
-            queue.put_nowait(delta)
+        for on_delta, delta in items:
+            _notify(on_delta, delta)
 
 
 def _notify(listener: Listener, delta: StreamDelta) -> None:

@@ -78,7 +78,7 @@ from ultrakv.node.chat import ChatMessage
 from ultrakv.node.kv.block_event_log import BlockEventLog
 from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
-from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo
+from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import SessionChangedError, TenantQuota
 from ultrakv.node.turn_ledger import TurnKey, TurnLedger, turn_key
@@ -209,6 +209,7 @@ class LocalBackend:
         self.on_turn_complete = on_turn_complete
         self.ledger = TurnLedger()
         self.serving = True  # False while the engine makes no progress (NodeServer's watch)
+        self._completing: set[asyncio.Task] = set()
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
@@ -227,39 +228,53 @@ class LocalBackend:
             while self.engine.abort(req.request_id) and time.monotonic() < deadline_s:
                 await asyncio.sleep(0.01)
             self.ledger.begin(key)
-        # The engine request runs in a task of its own: when the caller goes away after the
-        # engine finished the turn (the turn is in the history) but before the final message
-        # reached it, the task still replicates and records the turn.
+        # Deltas become wire events in the engine's mailbox callback (no task per request
+        # between the engine and the stream). The end of the turn runs in a task of its own:
+        # when the caller goes away after the engine finished the turn (the turn is in the
+        # history) but before the final message reached it, the task still replicates and
+        # records the turn.
         events: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
-        runner = asyncio.create_task(self._run(req, key, events))
+        finished = False
+
+        def on_delta(delta: StreamDelta) -> None:
+            nonlocal finished
+            if delta.token_ids or delta.text:
+                events.put_nowait(pb.TokenChunk(text=delta.text, token_ids=delta.token_ids))
+            if delta.finished:
+                finished = True
+                task = asyncio.create_task(self._complete(delta.output, key, events))
+                self._completing.add(task)  # the loop holds tasks weakly
+                task.add_done_callback(self._completing.discard)
+
+        try:
+            self.engine.stream_to(req, on_delta)
+        except BaseException:  # refused (a full queue, a bad prompt): the caller raises it
+            if key is not None:
+                self.ledger.end(key, None)
+            raise
         try:
             while (event := await events.get()) is not None:
                 if isinstance(event, BaseException):
                     raise event
                 yield event
         finally:
-            if not runner.done():  # cancelled or disconnected: free the blocks now
+            if not finished:  # cancelled or disconnected: free the blocks now
                 self.engine.abort(req.request_id)
 
-    async def _run(self, req: GenerateRequest, key: TurnKey | None,
-                   events: asyncio.Queue[Event | BaseException | None]) -> None:
+    async def _complete(self, out: RequestOutput | None, key: TurnKey | None,
+                        events: asyncio.Queue[Event | BaseException | None]) -> None:
+        """The end of a turn: replicate a completed one, then the result and the end mark."""
         recorded: pb.GenerateResult | None = None
         try:
-            async for delta in self.engine.stream(req):
-                if delta.token_ids or delta.text:
-                    events.put_nowait(pb.TokenChunk(text=delta.text, token_ids=delta.token_ids))
-                if delta.finished:
-                    out = delta.output
-                    if out is not None:
-                        result = result_message(out, self.identity.node_id)
-                        if out.session_id and out.finish_reason in ("stop", "length"):
-                            recorded = result  # in the history now, whatever happens next
-                            if self.on_turn_complete is not None:
-                                await self.on_turn_complete(out)
-                        events.put_nowait(result)
-                    break
+            if out is not None:
+                result = result_message(out, self.identity.node_id)
+                if out.session_id and out.finish_reason in ("stop", "length"):
+                    recorded = result  # in the history now, whatever happens next
+                    if self.on_turn_complete is not None:
+                        await self.on_turn_complete(out)
+                events.put_nowait(result)
             events.put_nowait(None)
-        except Exception as exc:  # the caller raises it (a refused request, a full queue)
+        except Exception as exc:  # the caller raises it
             events.put_nowait(exc)
         except asyncio.CancelledError:  # the server is stopping: the caller must not wait on
             events.put_nowait(asyncio.CancelledError())

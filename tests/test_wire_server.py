@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -252,6 +253,32 @@ def test_fast_tokens_are_coalesced_into_fewer_chunks(stub):
     assert [t for c in chunks for t in c.token_ids] == list(messages[-1].result.token_ids)
     assert len(messages[-1].result.token_ids) == n
     assert len(chunks) < 0.8 * n  # several tokens per message, not one message per token
+
+
+def test_stream_pacer_waits_longer_with_many_streams_and_never_past_its_cap():
+    from ultrakv.cluster.service import StreamPacer
+
+    pacer = StreamPacer(floor_s=0.005, messages_per_s=2000, max_s=0.04)
+    pacer.streams = 1
+    assert pacer.interval_s() == 0.005  # one stream: the configured interval
+    pacer.streams = 64  # 64 streams share 2000 messages/s: 32 ms each
+    assert abs(pacer.interval_s() - 0.032) < 1e-9
+    pacer.streams = 1000
+    assert pacer.interval_s() == 0.04
+    assert StreamPacer(floor_s=0.0).interval_s() == 0.0  # coalescing off stays off
+
+
+async def test_outbox_gather_ends_when_a_final_message_comes():
+    from ultrakv.cluster.service import Outbox
+
+    box = Outbox()
+    box.put_chunk("a", pb.TokenChunk(text="x", token_ids=[1]))
+    box.pop()  # written: the stream now lets tokens gather
+    gathering = asyncio.create_task(box.gather(3600.0))
+    await asyncio.sleep(0)  # it waits now
+    box.put_final(pb.GenerateStreamResponse(request_id="a", result=pb.GenerateResult()))
+    await asyncio.wait_for(gathering, timeout=60)  # the result is not held back an hour
+    assert box.pop().WhichOneof("event") == "result"
 
 
 def test_outbox_merges_unsent_chunks_of_a_request():
