@@ -69,6 +69,7 @@ class Record:
     tokens: int
     cached: int
     gaps: list[float] = field(default_factory=list)  # between chunks, per token
+    messages: int = 0  # stream messages that carried tokens
 
     @property
     def tpot(self) -> float:
@@ -156,7 +157,7 @@ class HttpPath:
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         per_chunk = tokens / len(stamps) if stamps else 0
         gaps = [(b - a) / per_chunk for a, b in itertools.pairwise(stamps) for _ in range(max(1, round(per_chunk)))]
-        return Record(start, (stamps[0] if stamps else end) - start, end - start, tokens, cached, gaps)
+        return Record(start, (stamps[0] if stamps else end) - start, end - start, tokens, cached, gaps, len(stamps))
 
 
 async def _measure(events) -> Record:
@@ -165,9 +166,11 @@ async def _measure(events) -> Record:
     last = start
     tokens = cached = 0
     gaps: list[float] = []
+    messages = 0
     async for n, final_cached in events:
         now = time.perf_counter()
         if n:
+            messages += 1
             if first is None:
                 first = now
             else:
@@ -177,7 +180,7 @@ async def _measure(events) -> Record:
         if final_cached is not None:
             cached = final_cached
     end = time.perf_counter()
-    return Record(start, (first or end) - start, end - start, tokens, cached, gaps)
+    return Record(start, (first or end) - start, end - start, tokens, cached, gaps, messages)
 
 
 # --- load shapes ------------------------------------------------------------------------------
@@ -228,21 +231,35 @@ def report(records: list[Record], seconds: float, slo_ttft_s: float, slo_tpot_s:
         "cached_tokens": sum(r.cached for r in records),
         "ttft_ms": ms(ttft), "tpot_ms": ms(tpot), "itl_ms": ms(itl), "e2e_ms": ms([r.e2e for r in records]),
         "goodput_requests_per_s": good / seconds, "slo_met": good / len(records) if records else 0.0,
+        "tokens_per_message": sum(r.tokens for r in records) / max(1, sum(r.messages for r in records)),
     }
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc): unlike wall time, it
+    hardly depends on what else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- main -------------------------------------------------------------------------------------
 
 
-async def run_path(path, args, vocab: int) -> dict:
+async def run_path(path, args, vocab: int, server_pid: int | None = None) -> dict:
+    """The path's runs; with ``server_pid`` (a node process) each run also reports the CPU
+    time that process spent per 1000 output tokens, the wire's cost that load hardly blurs."""
     results: dict[str, dict] = {"load_average_before": load_average()}
     slo = (args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)
     # Warm the path (connections, graphs, kernels) on a workload of its own, untimed.
     await closed_loop(path, workload(4, 1, vocab, 999, (8, 64), (4, 8)), 4)
     for i, c in enumerate(args.concurrency):
         convs = workload(args.sessions, args.turns, vocab, 100 + i, tuple(args.user_tokens), tuple(args.output_tokens))
+        cpu0 = process_cpu_s(server_pid) if server_pid else 0.0
         records, secs = await closed_loop(path, convs, c)
         results[f"concurrency_{c}"] = report(records, secs, *slo)
+        if server_pid:
+            results[f"concurrency_{c}"]["server_cpu_s_per_1k_tokens"] = (
+                1000 * (process_cpu_s(server_pid) - cpu0) / max(1, sum(r.tokens for r in records)))
         print(f"{path.name:12s} concurrency {c:4d}: {results[f'concurrency_{c}']['output_tokens_per_s']:9.1f} tok/s"
               f"  TTFT p50 {results[f'concurrency_{c}']['ttft_ms']['p50']:7.1f} ms", flush=True)
     for i, rate in enumerate(args.rates):
@@ -291,7 +308,7 @@ async def main_async(args) -> dict:
         engine = Engine(EngineConfig(**cfg))
         engine.warmup()
         vocab = engine.model_config.vocab_size
-        out["engine"] = await run_path(EnginePath(engine), args, vocab)
+        out["engine"] = await run_path(EnginePath(engine), args, vocab, os.getpid())  # + the client's share
         engine.shutdown()
         del engine
         with contextlib.suppress(Exception):
@@ -306,7 +323,7 @@ async def main_async(args) -> dict:
         try:
             await asyncio.to_thread(_wait_ready, f"127.0.0.1:{port}", proc)
             async with AsyncClient(f"127.0.0.1:{port}", timeout=600) as client:
-                out["node"] = await run_path(GrpcPath("node", client), args, vocab)
+                out["node"] = await run_path(GrpcPath("node", client), args, vocab, proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -321,7 +338,7 @@ async def main_async(args) -> dict:
             limits = httpx.Limits(max_connections=max([*args.concurrency, 64]) * 2)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=600,
                                          limits=limits) as client:
-                out["http"] = await run_path(HttpPath(client), args, vocab)
+                out["http"] = await run_path(HttpPath(client), args, vocab, proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
