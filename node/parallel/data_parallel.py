@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -206,6 +206,26 @@ class EngineGroup:
         finally:
             with self._lock:
                 self._requests.pop(request.request_id, None)
+
+    def stream_to(self, request: GenerateRequest, on_delta: Callable[[StreamDelta], None]) -> None:
+        """:meth:`Engine.stream_to` on the engine the request goes to."""
+        engine = self._engine_for(request)
+        rid = request.request_id
+
+        def deliver(delta: StreamDelta) -> None:
+            if delta.finished:
+                with self._lock:
+                    self._requests.pop(rid, None)
+            on_delta(delta)
+
+        with self._lock:
+            self._requests[rid] = engine
+        try:
+            engine.stream_to(request, deliver)
+        except BaseException:
+            with self._lock:
+                self._requests.pop(rid, None)
+            raise
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
