@@ -539,7 +539,7 @@ def _stream_reply(client: Client, spec: dict, out: Console) -> str:
                       f"({r['finish_reason']}), ttft {r['ttft'] * 1000:.1f} ms, "
                       f"latency {r['latency'] * 1000:.1f} ms, cached {r['cached_tokens']}"
                       f"{', session ' + r['session_id'] if r['session_id'] else ''}"
-                      f", node {r['node']}[/dim]")
+                      f", node {r['node']}[/dim]", soft_wrap=True)  # one line, also when piped
     return "".join(parts)
 
 

@@ -81,6 +81,11 @@ def test_cli_client_commands(server, tmp_path, capsys):
     assert "cached blocks" in capsys.readouterr().out
     assert main(["monitor", "--dashboard", "--iterations", "2", "--interval", "0.05",
                  *addr]) == 0
+    # The summary is one line even when piped and longer than the 80-column default width.
+    long_id = "cli-session-whose-name-pushes-the-summary-past-eighty-columns"
+    assert main(["test", *addr, "--text", "Hi", "--max-length", "2", "--session", long_id]) == 0
+    summary = next(line for line in capsys.readouterr().out.splitlines() if "2 tokens" in line)
+    assert f"session {long_id}, node" in summary
 
 
 def test_cli_batch_writes_results_in_order(server, tmp_path):
