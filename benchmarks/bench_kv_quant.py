@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import write  # noqa: E402
+from common import machine, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 from ultrakv.node.attention import get_backend  # noqa: E402
 from ultrakv.node.attention.base import AttentionMetadata, padded_table_width  # noqa: E402
@@ -70,23 +69,6 @@ FILLER = [
 ]
 NEEDLE = "The secret passcode is 48213."
 ANSWER = "48213"
-
-
-def machine_named() -> dict:
-    """Where it ran, as HELPERS.md asks: host name, CPU model, cores, load average."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"node": platform.node(), "cpu_model": cpu, "cores": os.cpu_count(),
-            "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 class PagedSequence:
@@ -296,7 +278,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    result = {"where": machine_named(), "device": args.device, "block_size": BLOCK_SIZE,
+    result = {"where": machine(), "device": args.device, "block_size": BLOCK_SIZE,
               "scale_layout": "float32 per (token, kv head), packed behind each row",
               "accuracy": [accuracy(m, device, args.dtype, args.prompt_tokens, args.gen_tokens)
                            for m in args.models.split(",") if m]}

@@ -19,8 +19,6 @@ with the disk tier and without it.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import shutil
 import sys
@@ -30,26 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import summary, write  # noqa: E402
+from common import machine, summary, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 DEFAULTS = {  # per device: sessions, turns, turn tokens, generated tokens, pool blocks, CPU tier blocks
     "cpu": dict(sessions=24, turns=4, turn_tokens=64, gen_tokens=8, num_blocks=96, cpu_blocks=192),
     "cuda": dict(sessions=64, turns=4, turn_tokens=512, gen_tokens=32, num_blocks=1024, cpu_blocks=4096),
 }
-
-
-def _host() -> dict:
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"node": platform.node(), "cpu_model": cpu_model, "cores": os.cpu_count(),
-            "load_average": os.getloadavg()}
 
 
 def _engine(args: argparse.Namespace, **tiers) -> Engine:
@@ -144,7 +129,7 @@ def main() -> None:
     finally:
         shutil.rmtree(disk_dir, ignore_errors=True)
     name = args.out or f"kv_tiers_{args.device}_{args.preset}.json"
-    write(name, {"host": _host(), "workload": {k: getattr(args, k) for k in (*DEFAULTS["cpu"], "seed")}
+    write(name, {"host": machine(), "workload": {k: getattr(args, k) for k in (*DEFAULTS["cpu"], "seed")}
                  | {"device": args.device, "preset": args.preset, "bytes_per_block": bytes_per_block},
                  "results": results})
     for label, r in results.items():

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -36,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import summary, write  # noqa: E402
+from common import load_average, machine, summary, write  # noqa: E402
 from ultrakv.client import AsyncClient  # noqa: E402
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster  # noqa: E402
 from ultrakv.coordinator.health import HealthPolicy  # noqa: E402
@@ -53,19 +51,6 @@ def system_prompt(i: int, shared_preamble: bool, chars: int) -> str:
     body = (f"Policy {i} on {topic}: " + " ".join(f"rule {i}.{k} about {topic} applies." for k in range(200)))
     text = (PREAMBLE + body) if shared_preamble else (f"[{topic} desk {i}] " + PREAMBLE + body)
     return text[:chars]
-
-
-def host() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"node": platform.node(), "cpu_model": cpu, "cores": os.cpu_count(),
-            "loadavg_start": os.getloadavg()}
 
 
 async def one_run(cluster: LocalCluster, prefix_routing: bool, requests: list[str],
@@ -158,16 +143,16 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=192, help="KV blocks per node (16 tokens each)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode and variant")
     args = parser.parse_args()
-    machine = host()
+    where = machine()
     with tempfile.TemporaryDirectory() as tmp:
         spec = ClusterSpec(nodes=args.nodes, coordinators=1, data_dir=Path(tmp), port=0, device="cpu",
                            num_blocks=args.num_blocks, checkpoint_interval_s=3600.0,
                            log_dir=Path(tmp) / "logs")
         with LocalCluster(spec) as cluster:
             results = asyncio.run(run(cluster, args))
-    machine["loadavg_end"] = os.getloadavg()
+    where["load_average_end"] = load_average()
     write("prefix_routing_cpu.json", {
-        "host": machine, "model": "tiny", "device": "cpu", "nodes": args.nodes,
+        "host": where, "model": "tiny", "device": "cpu", "nodes": args.nodes,
         "workload": {"system_prompts": args.prompts, "system_prompt_chars": args.prompt_chars,
                      "requests": args.requests, "concurrency": args.concurrency,
                      "max_length": args.max_length, "num_blocks_per_node": args.num_blocks,
