@@ -10,47 +10,26 @@ truncation, the GPU to nearest: bfloat16 tolerances allow two units in the last 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import INTERPRETING, run_under_interpreter, triton_importable
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRETING else None)
 needs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (see the first test)")
 BF16_TOL = {"rtol": 2**-6, "atol": 2**-6}  # two bfloat16 ulps
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="CUDA runs the kernels natively")
-@pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
 @pytest.mark.timeout(600)
 def test_kernels_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", __file__],
-        env=env,
-        cwd=Path(__file__).parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=580,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", proc.stdout)
+    out = run_under_interpreter(__file__)
+    passed = re.search(r"(\d+) passed", out)
     # Every kernel case and the engine check ran (only this test and the CPU refusal skip).
-    assert passed and int(passed.group(1)) >= 17 and " failed" not in proc.stdout, proc.stdout[-2000:]
+    assert passed and int(passed.group(1)) >= 17 and " failed" not in out, out[-2000:]
 
 
 def _tol(dtype: torch.dtype) -> dict:

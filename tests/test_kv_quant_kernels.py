@@ -12,18 +12,13 @@ shapes and bf16, and the engine end to end.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from kv_quant_cases import QuantCase, max_abs_err
+from triton_interpreter import INTERPRETING, run_under_interpreter, triton_importable
 from ultrakv.node.attention.torch_ref import TorchReferenceBackend
 from ultrakv.node.kv import quantization
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRETING else None)
 needs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (see the first test)")
 STORAGE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
@@ -55,25 +50,12 @@ if INTERPRETING:
     _interpreter_takes_loaded_loop_bounds()
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="CUDA runs the kernels natively")
-@pytest.mark.skipif(not _triton_importable(), reason="Triton is not installed")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
 @pytest.mark.timeout(600)
 def test_kernels_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", __file__],
-        env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=580,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    out = run_under_interpreter(__file__)
+    assert " passed" in out and " failed" not in out
 
 
 def _backend():
