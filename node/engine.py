@@ -75,6 +75,18 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 CUDA_SCHEDULER_STEPS = 32
 
 
+def batch_of(prompts: list[Prompt] | Prompt,
+             params: SamplingParams | list[SamplingParams] | None) -> tuple[list[Prompt], list[SamplingParams]]:
+    """``generate``'s arguments as a list of prompts and one SamplingParams per prompt: a single
+    prompt (text, token ids, or one chat conversation) becomes a batch of one."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # type: ignore[list-item]
+    elif is_chat(prompts):
+        prompts = [prompts]  # one conversation
+    params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+    return prompts, params_list
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -732,12 +744,8 @@ class Engine:
         priorities: list[Priority] | None = None,
     ) -> list[RequestOutput]:
         """Generate for a batch of prompts (text, token ids or chat messages) in one continuous batch."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        elif is_chat(prompts):
-            prompts = [prompts]  # one conversation
+        prompts, params_list = batch_of(prompts, params)
         n = len(prompts)
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         requests = [
             GenerateRequest(
                 prompt=p,

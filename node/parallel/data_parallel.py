@@ -29,9 +29,8 @@ from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.ring import BoundedLoadRouter, HashRing, bounded_lookup, stable_hash64
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import SessionLayout
-from ultrakv.node.chat import is_chat
 from ultrakv.node.config import EngineConfig
-from ultrakv.node.engine import Engine, resolve_device
+from ultrakv.node.engine import Engine, batch_of, resolve_device
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import Session, TenantQuota
@@ -237,12 +236,8 @@ class EngineGroup:
                  *, session_ids: list[str | None] | None = None,
                  priorities: list[Priority] | None = None) -> list[RequestOutput]:
         """Like Engine.generate; each engine runs its share of the batch on its own thread."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        elif is_chat(prompts):
-            prompts = [prompts]  # one conversation
+        prompts, params_list = batch_of(prompts, params)
         n = len(prompts)
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * n
         shares: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
             req = GenerateRequest(prompt=prompt, session_id=session_ids[i] if session_ids else None)
