@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh decode   # llama-1b decode by steps per round, fused kernels off and on
 #   bash benchmarks/gpu_session.sh full     # bench_gpu.py on llama-1b and llama-8b (~7 min) + plot
 #   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
+#   bash benchmarks/gpu_session.sh serving-profile  # the same at 64 streams under py-spy (engine, node)
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
@@ -51,6 +52,15 @@ case "${1:-}" in
     python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 64 --turns 3 \
       --concurrency 64 --rates 8 32 --quiet 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving.log"
     ;;
+  serving-profile)
+    # Where the time goes at 64 streams: py-spy samples the benchmark process and its node
+    # process (GIL holders only, per thread) into one file of collapsed stacks.
+    spy=$(command -v py-spy || echo "${site:-}/bin/py-spy")
+    "$spy" record --subprocesses --threads --gil -r 200 -f raw -o "$ULTRAKV_RESULTS_DIR/serving_pyspy.txt" -- \
+      python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 64 --turns 3 \
+      --concurrency 64 --paths engine node --quiet --output serving_profiled.json 2>&1 \
+      | tee "$ULTRAKV_RESULTS_DIR/serving_profile.log"
+    ;;
   speculative)
     python benchmarks/bench_speculative.py --model llama-1b --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/speculative.log"
     ;;
@@ -80,7 +90,7 @@ case "${1:-}" in
     python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|speculative|profile|profile-turn|sweep-prefill|kv" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|speculative|profile|profile-turn|sweep-prefill|kv" >&2
     exit 2
     ;;
 esac
