@@ -61,6 +61,11 @@ case "${1:-}" in
       --concurrency 64 --paths engine node --quiet --output serving_profiled.json 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/serving_profile.log"
     ;;
+  serving-ab)
+    # One short run at 64 streams (engine and node paths) for A/B comparisons.
+    python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 64 --turns 3 \
+      --concurrency 64 --paths engine node --quiet --output serving_ab.json
+    ;;
   speculative)
     python benchmarks/bench_speculative.py --model llama-1b --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/speculative.log"
     ;;
@@ -90,7 +95,7 @@ case "${1:-}" in
     python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|speculative|profile|profile-turn|sweep-prefill|kv" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|sweep-prefill|kv" >&2
     exit 2
     ;;
 esac
