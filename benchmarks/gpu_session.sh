@@ -49,7 +49,7 @@ case "${1:-}" in
     for f in "$ULTRAKV_RESULTS_DIR"/gpu_*.json; do python benchmarks/plot_gpu.py "$f" || true; done
     ;;
   serving)
-    python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 64 --turns 3 \
+    python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 256 --turns 3 \
       --concurrency 64 --rates 8 32 --quiet 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving.log"
     ;;
   serving-profile)
@@ -57,13 +57,13 @@ case "${1:-}" in
     # process (GIL holders only, per thread) into one file of collapsed stacks.
     spy=$(command -v py-spy || echo "${site:-}/bin/py-spy")
     "$spy" record --subprocesses --threads --gil -r 200 -f raw -o "$ULTRAKV_RESULTS_DIR/serving_pyspy.txt" -- \
-      python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 64 --turns 3 \
+      python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 256 --turns 3 \
       --concurrency 64 --paths engine node --quiet --output serving_profiled.json 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/serving_profile.log"
     ;;
   serving-ab)
     # One short run at 64 streams (engine and node paths) for A/B comparisons.
-    python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 64 --turns 3 \
+    python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 256 --turns 3 \
       --concurrency 64 --paths engine node --quiet --output serving_ab.json
     ;;
   speculative)
