@@ -72,7 +72,7 @@ HELP: dict[str, dict[str, str]] = {
         "max_tokens_limit": "largest max_length a request may ask for",
         "enable_prefix_caching": "share KV blocks between equal prefixes",
         "enable_chunked_prefill": "split long prompts across steps",
-        "eviction_policy": "which cached blocks go first: lru, lfu, fifo or arc",
+        "eviction_policy": "which cached blocks go first: lru, lfu, fifo, arc or s3fifo",
         "kv_cache_dtype": "KV cache elements: auto (the model's dtype), int8 or fp8_e4m3 (one byte "
                           "each plus a float32 scale per token and kv head)",
         "attention_backend": "auto, torch or triton",
@@ -94,8 +94,8 @@ HELP: dict[str, dict[str, str]] = {
         "kv_disk_dir": "disk KV tier directory, kept across restarts (empty = off)",
         "kv_disk_gib": "disk KV tier size cap, GiB",
         "kv_write_policy": "write_back (a block goes down a tier when evicted) or write_through",
-        "kv_cpu_eviction_policy": "host tier: which block goes first (lru, lfu, fifo, arc)",
-        "kv_disk_eviction_policy": "disk tier: which block file goes first (lru, lfu, fifo, arc)",
+        "kv_cpu_eviction_policy": "host tier: which block goes first (lru, lfu, fifo, arc, s3fifo)",
+        "kv_disk_eviction_policy": "disk tier: which block file goes first (lru, lfu, fifo, arc, s3fifo)",
     },
     "security": {
         "keys_file": "API keys (hashes) from `ultrakv keys create`; empty = no authentication",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-EVICTION_POLICIES = ("lru", "lfu", "fifo", "arc")
+EVICTION_POLICIES = ("lru", "lfu", "fifo", "arc", "s3fifo")
 KV_WRITE_POLICIES = ("write_back", "write_through")
 MAX_KV_TIER_GIB = 1 << 20  # 1 PiB: a cap past it is a typo
 DTYPES = ("auto", "float32", "float16", "bfloat16")

@@ -224,7 +224,7 @@ def test_stats_report_cache_and_latency(engine):
     assert set(s["requests"]) >= {"total", "running", "waiting", "finished", "preemptions"}
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "arc"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "arc", "s3fifo"])
 def test_every_eviction_policy_serves_under_memory_pressure(policy):
     """A pool far smaller than the traffic: blocks are evicted through the policy and the
     output is the same as with a roomy pool."""

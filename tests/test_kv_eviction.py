@@ -4,7 +4,9 @@ import random
 from collections import OrderedDict
 
 import pytest
-from ultrakv.node.config import EVICTION_POLICIES
+import torch
+from ultrakv.client.config_file import load_config
+from ultrakv.node.config import EVICTION_POLICIES, EngineConfig
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.eviction import (
     POLICIES,
@@ -13,8 +15,10 @@ from ultrakv.node.kv.eviction import (
     FIFOPolicy,
     LFUPolicy,
     LRUPolicy,
+    S3FIFOPolicy,
     make_policy,
 )
+from ultrakv.node.kv.host_tier import HostTier
 
 
 def cached(policy: EvictionPolicy, *keys: int) -> EvictionPolicy:
@@ -246,3 +250,77 @@ def test_arc_beats_lru_on_scan_with_hot_set():
     assert rates["arc"] > rates["lru"] + 0.05
     assert rates["lfu"] > rates["lru"]  # frequency also protects the hot set
     assert rates["arc"] <= 0.3 + 0.02  # only hot-set references can hit
+
+
+def test_s3fifo_evicts_one_hit_wonders_from_small_and_keeps_main():
+    policy = S3FIFOPolicy(10)  # S's share is 1 key; M's and G's 9
+    assert policy.small_target == 1 and policy.ghost_capacity == 9
+    cached(policy, 1, 2)
+    policy.on_hit(1)
+    assert policy.victim() == 2  # 1 was hit in S: it moves on to M; 2 was not: evicted
+    cached(policy, 3, 4, 5)  # one-hit wonders: inserted, never hit again
+    assert [policy.victim() for _ in range(3)] == [3, 4, 5]  # S is at its share each time
+    small, main, ghost = policy.queues()
+    assert main == [1] and small == [] and ghost == [2, 3, 4, 5]
+
+
+def test_s3fifo_promotes_keys_hit_in_small_and_gives_main_keys_a_second_round():
+    policy = cached(S3FIFOPolicy(10), 1, 2, 3)
+    policy.on_hit(2)
+    # 1 was never hit: evicted. 2 was hit: moved to M with its frequency reset, not evicted.
+    assert policy.victim() == 1
+    assert policy.victim() == 3
+    small, main, ghost = policy.queues()
+    assert (small, main, ghost) == ([], [2], [1, 3])
+    cached(policy, 5)
+    policy.on_hit(2)
+    # S is at its share: 5 goes first; then M's 2 comes round once (frequency 1 -> 0), then goes.
+    assert drain(policy) == [5, 2]
+    assert policy.queues()[2] == [1, 3, 5]
+
+
+def test_s3fifo_ghost_hit_enters_main():
+    policy = cached(S3FIFOPolicy(10), 1, 2)
+    assert policy.victim() == 1
+    assert policy.queues()[2] == [1]
+    cached(policy, 1)  # back from its ghost: straight into M, the ghost is dropped
+    small, main, ghost = policy.queues()
+    assert small == [2] and main == [1] and ghost == []
+    cached(policy, 3, 4)
+    # S (2, 3, 4) is over its share: all three go before M's 1.
+    assert drain(policy) == [2, 3, 4, 1]
+
+
+def test_s3fifo_pinned_key_at_the_tail_waits_and_ghosts_are_bounded():
+    policy = cached(S3FIFOPolicy(10), 1, 2)
+    policy.set_evictable(1, False)
+    assert policy.victim() == 2 and 1 in policy
+    policy.set_evictable(1, True)
+    assert policy.victim() == 1
+    for key in range(100, 140):
+        cached(policy, key)
+        policy.victim()
+    assert len(policy.queues()[2]) == policy.ghost_capacity
+    assert policy.num_evictable == len(policy)
+
+
+def test_s3fifo_beats_lru_and_fifo_on_one_hit_wonders_with_a_hot_set():
+    trace = mixed_trace(seed=0)
+    rates = {name: run_through_pool(name, trace, 64).stats().hit_rate
+             for name in ("lru", "fifo", "s3fifo")}
+    assert rates["s3fifo"] > max(rates["lru"], rates["fifo"]) + 0.1
+    assert rates["s3fifo"] <= 0.3 + 0.02  # only hot-set references can hit
+
+
+def test_s3fifo_is_selectable_for_the_pool_and_each_tier(tmp_path):
+    config_file = tmp_path / "node.yaml"
+    config_file.write_text("engine:\n  eviction_policy: s3fifo\n  kv_cpu_eviction_policy: s3fifo\n"
+                           "  kv_disk_eviction_policy: s3fifo\n")
+    engine = load_config(config_file).engine
+    assert (engine.eviction_policy, engine.kv_cpu_eviction_policy,
+            engine.kv_disk_eviction_policy) == ("s3fifo", "s3fifo", "s3fifo")
+    assert isinstance(BlockPool(8, 16, engine.eviction_policy).policy, S3FIFOPolicy)
+    host = HostTier(4, (1,), torch.float32, engine.kv_cpu_eviction_policy)
+    assert isinstance(host.policy, S3FIFOPolicy)
+    with pytest.raises(ValueError, match=r"kv_cpu_eviction_policy must be one of .*'s3fifo'"):
+        EngineConfig(kv_cpu_eviction_policy="s4fifo")

@@ -8,11 +8,14 @@ the memory. The lifecycle the pool drives::
     on_insert(key)            key became resident, pinned (its writer still holds the block)
     on_hit(key)               a lookup reused key
     set_evictable(key, b)     the last reader let go (True) or a new reader pinned it (False)
-    victim() -> key | None    choose an evictable key, forget it (ARC keeps a ghost of it)
+    victim() -> key | None    choose an evictable key, forget it (ARC and S3-FIFO keep a
+                              ghost of it)
     discard(key)              key left the cache for another reason (cache cleared)
 
-Letting go of a block counts as a use for recency: the block was read up to that moment.
-Every operation is O(1) (ordered dicts) or amortized O(log n) (heaps with lazy deletion).
+Letting go of a block counts as a use for recency (LRU, LFU): the block was read up to that
+moment. Every operation is O(1) (ordered dicts) or amortized O(log n) (heaps with lazy
+deletion); S3-FIFO's victim is amortized O(1) like CLOCK (a key goes round at most once per
+frequency point or per round it stays pinned).
 """
 
 from __future__ import annotations
@@ -401,13 +404,138 @@ class ARCPolicy(EvictionPolicy):
             (self._b2 or self._b1).popitem(last=False)
 
 
+class S3FIFOPolicy(EvictionPolicy):
+    """S3-FIFO (Yang et al., SOSP 2023): three FIFO queues, promotion only at eviction time.
+
+    A new key enters the small queue S (about 10% of ``capacity``); a key whose ghost is
+    remembered enters the main queue M. Hits only raise the key's frequency (0..3). To
+    evict, S is taken from while it holds at least its share (or M has nothing to give): its
+    oldest key moves to M if it was hit since it came in, otherwise it is evicted and its
+    ghost kept in G, a FIFO of keys as long as M's share. M's oldest key is evicted when its
+    frequency is 0, otherwise it goes back to M's head one lower. So a block used once (a
+    one-hit wonder) leaves after a short stay in S without displacing anything in M.
+
+    Letting go of a block is not counted as a use: the writer's own use would otherwise make
+    every block look re-accessed. A pinned key that reaches the tail of its queue goes back
+    to that queue's head untouched (it is in use; it is looked at again one round later).
+    """
+
+    name = "s3fifo"
+    SMALL_FRACTION = 0.1
+    MAX_FREQ = 3
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.small_target = max(1, round(self.SMALL_FRACTION * capacity))
+        self.ghost_capacity = max(1, capacity - self.small_target)
+        # Oldest first (the tail is the first item); the value is unused.
+        self._small: OrderedDict[int, None] = OrderedDict()
+        self._main: OrderedDict[int, None] = OrderedDict()
+        self._ghost: OrderedDict[int, None] = OrderedDict()
+        self._freq: dict[int, int] = {}
+        self._pinned: set[int] = set()
+        self._evictable_in = {"small": 0, "main": 0}
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._freq
+
+    def __len__(self) -> int:
+        return len(self._freq)
+
+    @property
+    def num_evictable(self) -> int:
+        return self._evictable_in["small"] + self._evictable_in["main"]
+
+    def queues(self) -> tuple[list[int], list[int], list[int]]:
+        """Keys of S, M and G, oldest first (for inspection and tests)."""
+        return list(self._small), list(self._main), list(self._ghost)
+
+    def _queue_of(self, key: int) -> str:
+        return "small" if key in self._small else "main"
+
+    def on_insert(self, key: int) -> None:
+        if key in self._freq:
+            raise ValueError(f"key {key} is already resident")
+        if key in self._ghost:
+            del self._ghost[key]
+            self._main[key] = None
+        else:
+            self._small[key] = None
+        self._freq[key] = 0
+        self._pinned.add(key)
+
+    def on_hit(self, key: int) -> None:
+        self._freq[key] = min(self._freq[key] + 1, self.MAX_FREQ)
+
+    def set_evictable(self, key: int, evictable: bool) -> None:
+        if key not in self._freq:
+            raise KeyError(key)
+        pinned = key in self._pinned
+        if evictable and pinned:
+            self._pinned.discard(key)
+            self._evictable_in[self._queue_of(key)] += 1
+        elif not evictable and not pinned:
+            self._pinned.add(key)
+            self._evictable_in[self._queue_of(key)] -= 1
+
+    def victim(self) -> int | None:
+        while self.num_evictable:
+            from_small = self._evictable_in["small"] and (
+                len(self._small) >= self.small_target or not self._evictable_in["main"])
+            key = self._evict_small() if from_small else self._evict_main()
+            if key is not None:
+                del self._freq[key]
+                return key
+        return None
+
+    def _evict_small(self) -> int | None:
+        """One step at S's tail: the evicted key, or None if the key moved on."""
+        key, _ = self._small.popitem(last=False)
+        if key in self._pinned:
+            self._small[key] = None
+        elif self._freq[key] > 0:
+            self._freq[key] = 0
+            self._main[key] = None
+            self._evictable_in["small"] -= 1
+            self._evictable_in["main"] += 1
+        else:
+            self._evictable_in["small"] -= 1
+            self._ghost[key] = None
+            if len(self._ghost) > self.ghost_capacity:
+                self._ghost.popitem(last=False)
+            return key
+        return None
+
+    def _evict_main(self) -> int | None:
+        """One step at M's tail: the evicted key, or None if the key went back to the head."""
+        key, _ = self._main.popitem(last=False)
+        if key in self._pinned:
+            self._main[key] = None
+        elif self._freq[key] > 0:
+            self._freq[key] -= 1
+            self._main[key] = None
+        else:
+            self._evictable_in["main"] -= 1
+            return key
+        return None
+
+    def discard(self, key: int) -> None:
+        queue = self._queue_of(key)
+        del self._freq[key]
+        if key in self._pinned:
+            self._pinned.discard(key)
+        else:
+            self._evictable_in[queue] -= 1
+        del (self._small if queue == "small" else self._main)[key]
+
+
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LRUPolicy, LFUPolicy, FIFOPolicy, ARCPolicy)
+    cls.name: cls for cls in (LRUPolicy, LFUPolicy, FIFOPolicy, ARCPolicy, S3FIFOPolicy)
 }
 
 
 def make_policy(name: str, capacity: int) -> EvictionPolicy:
-    """Build the eviction policy called ``name`` ("lru", "lfu", "fifo" or "arc")."""
+    """Build the eviction policy called ``name`` ("lru", "lfu", "fifo", "arc" or "s3fifo")."""
     if name not in POLICIES:
         raise ValueError(f"eviction_policy must be one of {EVICTION_POLICIES}, got {name!r}")
     return POLICIES[name](capacity)
