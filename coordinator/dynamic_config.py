@@ -51,6 +51,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "health_up_after": (1, 100),
     "max_attempts": (1, 16),
     "prefix_routing": (0, 1),
+    "session_offload": (0, 1),
 }
 
 
@@ -74,6 +75,9 @@ class DynamicConfig:
     # 1: requests without a session go to the node holding their longest cached prefix;
     # 0: to the hash of their first block (docs/prefix-routing.md)
     prefix_routing: int = 1
+    # 1: a session turn whose owner is over its bound runs on the node holding its prefix
+    # (docs/prefix-routing.md); 0: the owner runs every turn
+    session_offload: int = 0
 
     def __post_init__(self) -> None:
         for name, (low, high, closed) in _FLOAT_RANGES.items():
@@ -108,7 +112,8 @@ class DynamicConfig:
                    failed_hold_s=settings.failed_hold_s,
                    first_token_timeout_s=settings.first_token_timeout_s,
                    stall_timeout_s=settings.stall_timeout_s,
-                   prefix_routing=int(settings.prefix_routing))
+                   prefix_routing=int(settings.prefix_routing),
+                   session_offload=int(settings.session_offload))
 
     def health_policy(self) -> HealthPolicy:
         """The health loop's policy under this config."""

@@ -29,6 +29,9 @@ class CoordinatorCounters:
     # requests without a session by routing choice: prefix, spread, first_block
     # (coordinator/prefix_router.py), or off (prefix routing switched off / nothing cached)
     sessionless_routes: dict[str, int] = field(default_factory=dict)
+    # session turns whose owner was overloaded, run on a stand-in (coordinator/session_offload.py):
+    # served (and recorded on the owner), fell_back (the owner ran it), not_recorded (failed)
+    stand_in_turns: dict[str, int] = field(default_factory=dict)
 
     def forwarded(self, node: str, outcome: str) -> None:
         """One forward to ``node`` ended: ``ok``, ``node_failed`` (retried) or ``error``."""
@@ -42,6 +45,10 @@ class CoordinatorCounters:
     def routed(self, reason: str) -> None:
         """A request without a session was routed for ``reason``."""
         self.sessionless_routes[reason] = self.sessionless_routes.get(reason, 0) + 1
+
+    def stood_in(self, outcome: str) -> None:
+        """A session turn was given to a stand-in node; ``outcome`` as in ``stand_in_turns``."""
+        self.stand_in_turns[outcome] = self.stand_in_turns.get(outcome, 0) + 1
 
     def moved(self, live: bool, ok: bool, kv_tokens: int) -> None:
         """One session move finished (``live`` from a serving owner, else restored)."""
@@ -90,6 +97,14 @@ class CoordinatorCollector(Collector):
         for reason in ("prefix", "spread", "first_block", "hash"):
             routes.add_metric([reason], c.sessionless_routes.get(reason, 0))
         yield routes
+        stand_ins = CounterMetricFamily("ultrakv_coordinator_stand_in_turns",
+                                        "Session turns of an overloaded owner given to the node "
+                                        "holding their prefix: served (recorded on the owner), "
+                                        "fell_back (the owner ran them), not_recorded (failed).",
+                                        labels=["outcome"])
+        for outcome in ("served", "fell_back", "not_recorded"):
+            stand_ins.add_metric([outcome], c.stand_in_turns.get(outcome, 0))
+        yield stand_ins
         yield CounterMetricFamily("ultrakv_coordinator_block_index_resyncs",
                                   "Snapshots asked of nodes after a gap or a bad block event.",
                                   value=b.block_feed.resyncs)

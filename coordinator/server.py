@@ -77,13 +77,14 @@ from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
 from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import Limits, RequestRejected
 from ultrakv.coordinator.block_feed import BlockFeed
-from ultrakv.coordinator.block_index import BlockIndex
+from ultrakv.coordinator.block_index import BlockIndex, HashScheme
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
 from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
 from ultrakv.coordinator.prefix_router import choose_node
 from ultrakv.coordinator.resharding import Move, Plan, Resharder
 from ultrakv.coordinator.session_backup import SessionBackup
+from ultrakv.coordinator.session_offload import choose_stand_in, may_stand_in
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2
@@ -120,6 +121,10 @@ class CoordinatorSettings:
     # Requests without a session go to the node holding their longest cached prefix (from
     # the nodes' block events); off: to the hash of their first block, as before.
     prefix_routing: bool = True
+    # A session turn whose owner is over its bound runs on the node holding the session's
+    # longest cached prefix (under its bound), and is appended to the owner before it is
+    # acknowledged (coordinator/session_offload.py); off: the owner runs every turn.
+    session_offload: bool = False
     block_size: int = 16  # the nodes' KV block size: the prefix-routing unit
     max_attempts: int = 4  # forwards per request (first try + retries/resumes)
     failed_hold_s: float = 3.0  # a node whose forward failed stays off the ring this long
@@ -330,6 +335,7 @@ class ClusterBackend:
         self.settings.first_token_timeout_s = config.first_token_timeout_s
         self.settings.stall_timeout_s = config.stall_timeout_s
         self.settings.prefix_routing = bool(config.prefix_routing)
+        self.settings.session_offload = bool(config.session_offload)
         self.settings.health = policy
         self.health.policy = policy
         self.health.tracker.policy = policy
@@ -469,15 +475,13 @@ class ClusterBackend:
             return self.ring.lookup(request.session_id)
         ring, key = self.ring, self._first_block_key(request)
         fallback = bounded_lookup(ring, key, self.inflight, self.settings.load_eps)
-        schemes = {self.block_index.scheme(n) for n in ring.nodes
-                   if self.block_index.num_blocks(n)} - {None}
-        if not self.settings.prefix_routing or len(schemes) != 1:
+        scheme = self._hash_scheme()
+        if not self.settings.prefix_routing or scheme is None:
             self.counters.routed("hash")
             return fallback  # nothing cached anywhere (or nodes that hash blocks differently)
         tokens = await self._prompt_tokens(request, fallback)
         # The node salts its block hashes with the tenant: one tenant's prefix never matches
         # another's, here as in the node's cache.
-        scheme = schemes.pop()
         hashes = (hash_token_blocks(tokens, scheme.block_size, request.tenant, scheme.chain_root)
                   if tokens else [])
         if not len(self.ring):  # emptied while the prompt was tokenized
@@ -487,6 +491,13 @@ class ClusterBackend:
                              self.settings.load_eps)
         self.counters.routed(choice.reason)
         return choice.node
+
+    def _hash_scheme(self) -> HashScheme | None:
+        """How the ring's nodes chain their block hashes; None when nothing is cached
+        anywhere or nodes hash differently (a prefix match then means nothing)."""
+        schemes = {self.block_index.scheme(n) for n in self.ring.nodes
+                   if self.block_index.num_blocks(n)} - {None}
+        return schemes.pop() if len(schemes) == 1 else None
 
     async def _prompt_tokens(self, request: pb.GenerateRequest, node: str) -> list[int] | None:
         """The prompt's token ids as the nodes compute them: token-id prompts as sent, text
@@ -536,6 +547,18 @@ class ClusterBackend:
         if sid is not None:
             await self._expedite(sid, live=True)
         async with self.gate.turn(sid):
+            plan = await self._stand_in_plan(request, sid) if sid is not None else None
+            if plan is not None:  # the owner is overloaded: the node holding the prefix runs it
+                relay = _Relay()
+                async for event in self._run_on_stand_in(request, plan, deadline, relay):
+                    yield event
+                if relay.done:
+                    return
+                # It failed before its end: the owner runs the rest (resumed after the tokens
+                # the client got; a held last chunk was never sent and is generated again).
+                self.counters.stood_in("fell_back")
+                sent_ids, sent_text, first_token_at = relay.ids, relay.texts, relay.first_token_at
+            stood_in = bool(sent_ids)
             for attempt in range(self.settings.max_attempts):
                 if attempt > 0 and sid is not None:
                     await self._expedite(sid, live=False)
@@ -572,7 +595,7 @@ class ClusterBackend:
                                 yield held
                             self.counters.forwarded(node, "ok")
                             yield self._result(request, event, sent_ids, sent_text, started,
-                                               first_token_at, resumed=attempt > 0)
+                                               first_token_at, resumed=attempt > 0 or stood_in)
                             return
                     raise _NodeGone(node, "stream ended without a result")
                 except (_NodeGone, grpc.aio.AioRpcError) as exc:
@@ -595,6 +618,135 @@ class ClusterBackend:
         raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
                               f"no node completed the request in {self.settings.max_attempts} "
                               "attempts", retry_after_s=1.0)
+
+    # -- a session turn on a stand-in (coordinator/session_offload.py) ------------------------
+
+    async def _stand_in_plan(self, request: pb.GenerateRequest, sid: str) -> _StandInPlan | None:
+        """Where the session's turn runs when its owner is over its bound and another node
+        under its own holds most of the turn's prompt; None: on the owner, as always."""
+        if not self.settings.session_offload or not len(self.ring):
+            return None
+        owner, eps = self.ring.lookup(sid), self.settings.load_eps
+        scheme = self._hash_scheme()
+        if scheme is None or owner not in self.members or not may_stand_in(
+                self.ring, owner, self.inflight, eps):
+            return None
+        try:
+            prepared = await self.peers.stub(self.members[owner].address).PrepareTurn(
+                request, timeout=_TOKENIZE_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return None  # the owner answers (or fails) the turn itself, as without a stand-in
+        if prepared.busy or not len(self.ring) or self.ring.lookup(sid) != owner:
+            return None  # a turn runs there now (it must finish first), or the owner changed
+        hashes = hash_token_blocks(prepared.token_ids, scheme.block_size, request.tenant,
+                                   scheme.chain_root)
+        choice = choose_stand_in(self.ring, sid, owner, hashes, self.block_index, self.inflight,
+                                 eps)
+        if choice is None:
+            return None
+        return _StandInPlan(choice.node, owner, prepared.turns, list(prepared.token_ids))
+
+    async def _run_on_stand_in(self, request: pb.GenerateRequest, plan: _StandInPlan,
+                               deadline: float | None, relay: _Relay) -> AsyncIterator[Event]:
+        """Run the turn on ``plan.node`` as a generation without a session over the turn's
+        token ids, relaying its chunks, then append it to the owner and only then send the
+        result. ``relay.done`` stays False when the stand-in failed before its result: the
+        caller has the owner run the rest. The chunk reaching ``max_length`` is held back
+        until the turn is recorded, so a resumed owner still has a token to generate."""
+        forward = pb.GenerateRequest()
+        forward.CopyFrom(request)
+        forward.ClearField("session_id")
+        forward.full_context = False
+        del forward.resume_token_ids[:]
+        forward.token_ids.ids[:] = plan.token_ids
+        held: pb.TokenChunk | None = None
+        result: pb.GenerateResult | None = None
+        try:
+            async for event in self._forward(plan.node, forward, deadline):
+                if isinstance(event, pb.TokenChunk):
+                    relay.first_token_at = relay.first_token_at or time.monotonic()
+                    if len(relay.ids) + len(event.token_ids) >= request.sampling.max_length:
+                        held = event
+                        continue
+                    relay.ids.extend(event.token_ids)
+                    relay.texts.append(event.text)
+                    yield event
+                else:
+                    result = event
+        except (_NodeGone, grpc.aio.AioRpcError, RequestRejected) as exc:
+            code = (exc.code() if isinstance(exc, grpc.aio.AioRpcError)
+                    else exc.code if isinstance(exc, RequestRejected) else None)
+            self.counters.forwarded(plan.node, "node_failed")
+            log.warning("session %s's turn on stand-in %s failed after %d tokens (%s); its "
+                        "owner %s runs it", request.session_id, plan.node, len(relay.ids),
+                        code.name if code else exc, plan.owner)
+            if code is None or code in _RETRYABLE:
+                await self.node_failed(plan.node)
+            return
+        if result is None:
+            return
+        self.counters.forwarded(plan.node, "ok")
+        final = pb.GenerateResult()
+        final.CopyFrom(result)
+        final.session_id = request.session_id
+        output = relay.ids + (list(held.token_ids) if held is not None else [])
+        del final.token_ids[:]
+        final.token_ids.extend(output)  # what the client gets is what the owner records
+        if final.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH):
+            try:
+                await self._commit_turn(request, plan, final)
+            except RequestRejected:
+                self.counters.stood_in("not_recorded")
+                raise
+            self.counters.stood_in("served")
+        # else the turn did not complete (aborted, failed): nothing to record, as on the owner
+        if held is not None:
+            relay.ids.extend(held.token_ids)
+            relay.texts.append(held.text)
+            yield held
+        relay.done = True
+        yield final
+
+    async def _commit_turn(self, request: pb.GenerateRequest, plan: _StandInPlan,
+                           result: pb.GenerateResult) -> None:
+        """Append the stand-in's turn to the session's owner (``NodeService.CommitTurn``,
+        conditional on the turn version the turn ran from). An owner that fails is taken off
+        the ring and the commit goes to the new owner once the session's restore is done (the
+        version decides there too); a refusal (another turn ran meanwhile) fails the turn,
+        unrecorded: the client sends it again."""
+        sid = request.session_id
+        commit = npb.CommitTurnRequest(request=request, turns=plan.turns,
+                                       prompt_token_ids=plan.token_ids, result=result)
+        node = plan.owner
+        for attempt in range(self.settings.max_attempts):
+            if attempt:
+                await self._expedite(sid, live=False)
+                await self.gate.settled(sid, live=False)
+                if not len(self.ring):
+                    break
+                node = self.ring.lookup(sid)
+            address = self.members[node].address if node in self.members else None
+            if address is None:
+                continue
+            try:
+                await self.peers.stub(address).CommitTurn(
+                    commit, timeout=self.settings.stall_timeout_s)
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code is grpc.StatusCode.ABORTED and len(self.ring) and self.ring.lookup(sid) != node:
+                    continue  # the session moved: its new owner decides by the same version
+                if code is grpc.StatusCode.ABORTED:
+                    raise RequestRejected(grpc.StatusCode.ABORTED, "session_id",
+                                          f"{exc.details()}; send the turn again") from None
+                if code not in _RETRYABLE and code is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise RequestRejected(code, "", exc.details() or code.name) from None
+                log.warning("recording session %s's turn on %s failed (%s)", sid, node, code.name)
+                await self.node_failed(node)
+        raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "session_id",
+                              f"session {sid}'s turn ran on {plan.node} but its owner could not "
+                              "record it; it is not part of the session: send it again",
+                              retry_after_s=1.0)
 
     async def _completed_on(self, node: str, session_id: str, output: list[int]) -> int | None:
         """The length of ``node``'s history of the session if it already ends with the
@@ -743,6 +895,27 @@ class ClusterBackend:
                               ) -> ultrakv_pb2.ImportSessionsResponse:
         """A restore: each session on its current owner (coordinator/session_backup.py)."""
         return await self.backup.import_runs(runs)
+
+
+@dataclass(frozen=True)
+class _StandInPlan:
+    """A session turn to run on ``node`` instead of its overloaded ``owner``: the turn's
+    token ids and the session's turn version there, as the owner prepared them."""
+
+    node: str
+    owner: str
+    turns: int
+    token_ids: list[int]
+
+
+@dataclass
+class _Relay:
+    """What a stand-in streamed to the client so far (``done``: the turn is answered)."""
+
+    ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    first_token_at: float = 0.0
+    done: bool = False
 
 
 class _Attempt:

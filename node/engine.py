@@ -51,6 +51,7 @@ from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.loader import load_model
 from ultrakv.node.outputs import (
     GenerateRequest,
+    PreparedTurn,
     Prompt,
     RequestOutput,
     SessionInfo,
@@ -62,7 +63,7 @@ from ultrakv.node.runner import ModelRunner
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from ultrakv.node.sequence import Sequence
-from ultrakv.node.sessions import Session, SessionStore
+from ultrakv.node.sessions import Session, SessionStore, TurnConflictError
 from ultrakv.node.speculative import accepted_prefix, propose_ngram
 
 log = logging.getLogger("ultrakv.node.engine")
@@ -1013,6 +1014,63 @@ class Engine:
     def promote_replica(self, session_id: str) -> bool:
         with self._lock:
             return self.sessions.promote_replica(session_id) is not None
+
+    def prepare_turn(self, request: GenerateRequest) -> PreparedTurn:
+        """The token ids a session turn would run here and the session's turn version, for a
+        node that runs the turn instead while this one is overloaded; nothing changes."""
+        if request.session_id is None:
+            raise InvalidRequestError("session_id", "session_id must be set: only a session turn is prepared")
+        with self._lock:
+            prompt = self._prompt_for(request)
+            turns, busy = self.sessions.turn_version(request.session_id, request.tenant)
+            return PreparedTurn(prompt.tokens, turns, busy)
+
+    def append_turn(self, request: GenerateRequest, turns: int, prompt_token_ids: list[int],
+                    output_token_ids: list[int], text: str, finish_reason: str
+                    ) -> tuple[RequestOutput, bool]:
+        """Append a session turn that another node ran from :meth:`prepare_turn`'s answer
+        (``turns``, ``prompt_token_ids``): the session then holds the prompt and the output,
+        one turn more, exactly as if the turn had run here. Its KV is not computed here: the
+        next turn prefills what the cache lacks.
+
+        Only while the session is still at version ``turns`` with no turn running
+        (:class:`TurnConflictError` otherwise: a turn ran or runs here meanwhile, and the
+        other node's turn did not continue it). Returns the turn's output (for replication)
+        and whether it was appended now (False: this very turn was appended before).
+        """
+        sid = request.session_id
+        if sid is None:
+            raise InvalidRequestError("session_id", "session_id must be set: only a session turn is appended")
+        if finish_reason not in ("stop", "length"):
+            raise InvalidRequestError("finish_reason", f"finish_reason must be stop or length, got {finish_reason!r}")
+        self._check_token_ids("prompt_token_ids", prompt_token_ids)
+        self._check_token_ids("output token_ids", output_token_ids)
+        history = list(prompt_token_ids) + list(output_token_ids)
+        if not output_token_ids or len(history) > self.max_model_len:
+            raise InvalidRequestError("token_ids", f"a turn's prompt and output must hold 1 to "
+                                      f"{self.max_model_len} tokens with at least one output token, "
+                                      f"got {len(prompt_token_ids)} + {len(output_token_ids)}")
+        output = RequestOutput(request_id=request.request_id, session_id=sid,
+                               prompt_token_ids=list(prompt_token_ids), token_ids=list(output_token_ids),
+                               text=text, cached_tokens=0, finish_reason=finish_reason, ttft_s=0.0,
+                               latency_s=0.0)
+        with self._lock:
+            copy = self.sessions.newest(sid, request.tenant)
+            if copy is not None and copy[0].turns == turns + 1 and copy[0].token_ids == history:
+                return output, False
+            have, busy = self.sessions.turn_version(sid, request.tenant)
+            if busy or have != turns:
+                raise TurnConflictError(sid, turns, have, busy)
+            prompt = self._prompt_for(request)
+            if prompt.tokens != list(prompt_token_ids):
+                raise InvalidRequestError("prompt_token_ids", "prompt_token_ids must be the tokens the turn "
+                                          "runs here (the prepared turn's), and they differ")
+            known = copy[0].block_hashes[: prompt.kept_history_tokens // self.config.block_size] if copy else []
+            conversation = None
+            if prompt.conversation is not None:
+                conversation = [*prompt.conversation, ChatMessage("assistant", text)]
+            applied = self.sessions.append_turn(sid, request.tenant, turns, history, known, conversation)
+            return output, applied
 
     def export_session(self, session_id: str, kv_device: torch.device | str = "cpu") -> SessionState:
         """The newest copy's history (session or replica) and the KV of its leading full

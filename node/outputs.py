@@ -64,6 +64,17 @@ class RequestOutput:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class PreparedTurn:
+    """What a session turn would run on the node holding the session, for another node to
+    run it there instead: the whole prompt's token ids (history + the request's prompt) and
+    the session's turn version (0: no session yet), and whether a turn runs on it now."""
+
+    token_ids: list[int]
+    turns: int
+    busy: bool
+
+
 @dataclass
 class StreamDelta:
     """New tokens of one request since the last delta; the last one carries ``output``."""

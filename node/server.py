@@ -80,7 +80,7 @@ from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
 from ultrakv.node.sampling_params import Priority, SamplingParams
-from ultrakv.node.sessions import SessionChangedError, TenantQuota
+from ultrakv.node.sessions import SessionChangedError, TenantQuota, TurnConflictError
 from ultrakv.node.turn_ledger import TurnKey, TurnLedger, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
@@ -283,6 +283,27 @@ class LocalBackend:
             if key is not None:
                 self.ledger.end(key, recorded)
 
+    async def prepare_turn(self, request: pb.GenerateRequest) -> npb.PreparedTurn:
+        """What a session turn would run here, for a stand-in (engine ``prepare_turn``)."""
+        prepared = await asyncio.to_thread(self.engine.prepare_turn, engine_request(request, None))
+        return npb.PreparedTurn(token_ids=prepared.token_ids, turns=prepared.turns, busy=prepared.busy)
+
+    async def commit_turn(self, commit: npb.CommitTurnRequest) -> int:
+        """Append a turn a stand-in ran (engine ``append_turn``), then replicate it and record
+        it in the turn ledger, as a turn that ran here: a retry of the client's request is
+        answered from the record. Returns the session's turn version after it."""
+        request, result = commit.request, commit.result
+        finish = next((name for name, code in _FINISH.items() if code == result.finish_reason), "")
+        out, _ = await asyncio.to_thread(
+            self.engine.append_turn, engine_request(request, None), commit.turns,
+            list(commit.prompt_token_ids), list(result.token_ids), result.text, finish)
+        if self.on_turn_complete is not None:  # again for a repeated commit: it may not have got there
+            await self.on_turn_complete(out)
+        key = turn_key(request)
+        if key is not None:
+            self.ledger.end(key, result)
+        return commit.turns + 1
+
     async def node_stats(self) -> pb.NodeStats:
         raw = await asyncio.to_thread(self.engine.stats)
         return node_stats_message(raw, self.identity)
@@ -476,6 +497,34 @@ class NodeServicer:
             raise RequestRejected(grpc.StatusCode.ABORTED, "turns", str(exc)) from None
         self.backend.ledger.forget(sid)
         return npb.ReleaseSessionResponse()
+
+    @unary
+    async def PrepareTurn(self, request: pb.GenerateRequest,
+                          context: grpc.aio.ServicerContext) -> npb.PreparedTurn:
+        """The token ids and turn version of a session turn another node is to run."""
+        if not request.HasField("session_id"):
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "session_id",
+                                  "session_id must be set: only a session turn is prepared")
+        return await self.backend.prepare_turn(validate_generate(request, self.limits))
+
+    @unary
+    async def CommitTurn(self, request: npb.CommitTurnRequest,
+                         context: grpc.aio.ServicerContext) -> npb.CommitTurnResponse:
+        """Append a turn another node ran (ABORTED when the session moved on meanwhile)."""
+        if not request.request.HasField("session_id"):
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "request.session_id",
+                                  "request.session_id must be set: only a session turn is committed")
+        if request.turns < 0:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "turns",
+                                  f"turns must be >= 0, got {request.turns}")
+        commit = npb.CommitTurnRequest()
+        commit.CopyFrom(request)
+        commit.request.CopyFrom(validate_generate(request.request, self.limits))
+        try:
+            turns = await self.backend.commit_turn(commit)
+        except TurnConflictError as exc:
+            raise RequestRejected(grpc.StatusCode.ABORTED, "turns", str(exc)) from None
+        return npb.CommitTurnResponse(turns=turns)
 
     @unary
     async def ListSessions(self, request: npb.ListSessionsRequest,

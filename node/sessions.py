@@ -42,6 +42,16 @@ class SessionChangedError(EngineError):
                          "not released")
 
 
+class TurnConflictError(EngineError):
+    """A turn run on another node cannot be appended: the session is not at the turn version
+    the turn was run from, or a turn is running on it (gRPC ABORTED)."""
+
+    def __init__(self, session_id: str, expected: int, turns: int, busy: bool):
+        now = "a turn is running on it" if busy else f"it has {turns} turns now"
+        super().__init__(f"session_id {session_id!r} had {expected} turns when its turn ran on "
+                         f"another node and {now}; the turn is not recorded")
+
+
 @dataclass
 class Session:
     session_id: str
@@ -182,6 +192,32 @@ class SessionStore:
             session.turns += 1
         elif not session.token_ids:
             del self._sessions[session_id]
+
+    def turn_version(self, session_id: str, salt: str) -> tuple[int, bool]:
+        """The turns of the copy tenant ``salt``'s next turn continues (0 when none), and
+        whether a turn runs on the session now."""
+        newest = self.newest(session_id, salt)
+        session = self._sessions.get(session_id)
+        return (newest[0].turns if newest is not None else 0,
+                session is not None and session.busy)
+
+    def append_turn(self, session_id: str, salt: str, turns: int, token_ids: list[int],
+                    block_hashes: list[int], messages: list[ChatMessage] | None = None) -> bool:
+        """Append a turn that ran on another node: the session, at version ``turns`` with no
+        turn running, now holds ``token_ids`` (its history, the turn's prompt and output) at
+        version ``turns + 1``. The newest copy is the one continued (a replica is promoted, an
+        absent session created), as for a turn run here. Returns False, changing nothing,
+        when exactly this turn was appended already (a commit retried after its answer was
+        lost); raises :class:`TurnConflictError` when the version differs or a turn runs."""
+        newest = self.newest(session_id, salt)
+        if newest is not None and newest[0].turns == turns + 1 and newest[0].token_ids == token_ids:
+            return False
+        have, busy = self.turn_version(session_id, salt)
+        if busy or have != turns:
+            raise TurnConflictError(session_id, turns, have, busy)
+        self.begin_turn(session_id, salt)  # promotes or creates, within the quota
+        self.end_turn(session_id, token_ids, block_hashes, messages)
+        return True
 
     def put(self, session: Session) -> None:
         """Adopt a session (import, restore); it counts against ``max_sessions`` like a new one."""

@@ -38,9 +38,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-async def _coordinator(cluster: LocalCluster) -> CoordinatorServer:
+async def _coordinator(cluster: LocalCluster, session_offload: bool = False) -> CoordinatorServer:
     server = CoordinatorServer(CoordinatorSettings(
-        etcd=cluster.etcd_endpoint, host="127.0.0.1", port=0,
+        etcd=cluster.etcd_endpoint, host="127.0.0.1", port=0, session_offload=session_offload,
         cluster_secret_file=str(cluster.cluster_secret_file),
         health=HealthPolicy(interval_s=1.0, timeout_s=1.0, down_after=3, up_after=2)))
     await server.start()
@@ -150,4 +150,69 @@ async def test_the_index_converges_after_a_node_is_killed_and_restarted(cluster)
             node_truth = await _node_truth(cluster, node)
             await _until(f"the index matches {node}", lambda n=node, t=node_truth: _indexed(server, n) == t)
     finally:
+        await server.stop()
+
+
+async def _history(cluster: LocalCluster, node: str, sid: str) -> tuple[list[int], int]:
+    """The newest copy of ``sid`` that ``node`` holds (session or replica): tokens, turns."""
+    peers = PeerChannels(read_cluster_secret(cluster.cluster_secret_file))
+    try:
+        chunks = [c async for c in peers.stub(f"127.0.0.1:{cluster.node_ports[node]}").ExportSession(
+            npb.ExportSessionRequest(session_id=sid, include_kv=False), timeout=30)]
+        return list(chunks[0].header.token_ids), chunks[0].header.turns
+    finally:
+        await peers.close()
+
+
+async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(cluster) -> None:
+    server = await _coordinator(cluster, session_offload=True)
+    long_streams: list[asyncio.Task] = []
+    try:
+        backend = server.backend
+        await _until("the in-process coordinator routes over both nodes", lambda: len(backend.ring) == 2)
+        sid = "offloaded-conversation"
+        owner = backend.ring.lookup(sid)
+        holder = next(n for n in backend.ring.nodes if n != owner)
+        shared = [(7 * i) % 200 + 1 for i in range(160)]  # 10 blocks both sessions start with
+        neighbour = next(f"neighbour-{i}" for i in range(100) if backend.ring.lookup(f"neighbour-{i}") == holder)
+        greedy = {"temperature": 0.0, "max_length": 4}
+        async with AsyncClient(server.address, timeout=120) as client:
+            warm = await client.process_request({"token_ids": shared + [3, 4], "session_id": neighbour, **greedy})
+            first = await client.process_request({"token_ids": shared + [7, 8, 9], "session_id": sid, **greedy})
+            assert warm["success"] and first["success"] and first["node"] == owner, (warm, first)
+            await _until("the index shows the holder holding the shared blocks",
+                         lambda: backend.block_index.num_blocks(holder) >= 10)
+
+            async def hold(i: int) -> None:  # a long turn of another session the owner owns
+                other = next(f"busy-{i}-{k}" for k in range(200) if backend.ring.lookup(f"busy-{i}-{k}") == owner)
+                async for _ in client.stream({"token_ids": [11, 12, 13], "session_id": other,
+                                              "max_length": 3000, "ignore_eos": True}):
+                    pass
+
+            long_streams = [asyncio.create_task(hold(i)) for i in range(3)]
+            await _until("the owner is over its bound", lambda: backend.inflight.get(owner, 0) >= 3)
+            second = await client.process_request({"token_ids": [21, 22, 23], "session_id": sid, **greedy})
+            assert not any(t.done() for t in long_streams), "the owner was not busy throughout"
+            for task in long_streams:
+                task.cancel()
+            await asyncio.gather(*long_streams, return_exceptions=True)
+            assert second["success"], second
+            assert second["node"] == holder and second["cached_tokens"] >= 144, second
+            assert backend.counters.stand_in_turns == {"served": 1}
+
+            # The owner holds exactly what the client received, one turn more, and replicated it.
+            expected = (shared + [7, 8, 9] + first["response"]["token_ids"] + [21, 22, 23]
+                        + second["response"]["token_ids"])
+            assert await _history(cluster, owner, sid) == (expected, 2)
+            assert await _history(cluster, holder, sid) == (expected, 2)  # the replica
+
+            third = await client.process_request({"token_ids": [31, 32], "session_id": sid, **greedy})
+            assert third["success"] and third["node"] == owner, third
+            assert third["usage"]["prompt_tokens"] == len(expected) + 2
+            assert await _history(cluster, owner, sid) == (
+                expected + [31, 32] + third["response"]["token_ids"], 3)
+    finally:
+        for task in long_streams:
+            task.cancel()
+        await asyncio.gather(*long_streams, return_exceptions=True)
         await server.stop()

@@ -31,7 +31,7 @@ from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import SessionLayout
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.engine import Engine, batch_of, resolve_device
-from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
+from ultrakv.node.outputs import GenerateRequest, PreparedTurn, Prompt, RequestOutput, SessionInfo, StreamDelta
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import Session, TenantQuota
 
@@ -298,6 +298,15 @@ class EngineGroup:
 
     def promote_replica(self, session_id: str) -> bool:
         return self._owner_engine(session_id).promote_replica(session_id)
+
+    def prepare_turn(self, request: GenerateRequest) -> PreparedTurn:
+        return self._engine_for(request).prepare_turn(request)
+
+    def append_turn(self, request: GenerateRequest, turns: int, prompt_token_ids: list[int],
+                    output_token_ids: list[int], text: str, finish_reason: str
+                    ) -> tuple[RequestOutput, bool]:
+        return self._engine_for(request).append_turn(request, turns, prompt_token_ids, output_token_ids,
+                                                     text, finish_reason)
 
     def move_session(self, session_id: str, gpu: str) -> int:
         """Move a session (history and cached KV) to device ``gpu``; returns the KV tokens

@@ -192,3 +192,31 @@ class TokenizeResponse(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PreparedTurn(_message.Message):
+    __slots__ = ("token_ids", "turns", "busy")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    turns: int
+    busy: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., busy: _Optional[bool] = ...) -> None: ...
+
+class CommitTurnRequest(_message.Message):
+    __slots__ = ("request", "turns", "prompt_token_ids", "result")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    request: _types_pb2.GenerateRequest
+    turns: int
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    result: _types_pb2.GenerateResult
+    def __init__(self, request: _Optional[_Union[_types_pb2.GenerateRequest, _Mapping]] = ..., turns: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., result: _Optional[_Union[_types_pb2.GenerateResult, _Mapping]] = ...) -> None: ...
+
+class CommitTurnResponse(_message.Message):
+    __slots__ = ("turns",)
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    turns: int
+    def __init__(self, turns: _Optional[int] = ...) -> None: ...

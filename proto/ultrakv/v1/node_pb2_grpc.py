@@ -111,6 +111,16 @@ class NodeServiceStub:
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=ultrakv_dot_v1_dot_node__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.PrepareTurn = channel.unary_unary(
+                '/ultrakv.v1.NodeService/PrepareTurn',
+                request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.PreparedTurn.FromString,
+                _registered_method=True)
+        self.CommitTurn = channel.unary_unary(
+                '/ultrakv.v1.NodeService/CommitTurn',
+                request_serializer=ultrakv_dot_v1_dot_node__pb2.CommitTurnRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.CommitTurnResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -216,6 +226,24 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareTurn(self, request, context):
+        """A session turn that another node runs while this one, the session's owner, is over its
+        load bound (coordinator/session_offload.py). PrepareTurn: the token ids the turn would
+        run here (history + the request's prompt) and the session's turn version; changes
+        nothing. CommitTurn: appends the turn the stand-in produced to the session, only while
+        the session still has that many turns and none runs (ABORTED otherwise), and replicates
+        it like a turn run here before answering. A commit already applied answers OK again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitTurn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -293,6 +321,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateRequest.FromString,
                     response_serializer=ultrakv_dot_v1_dot_node__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'PrepareTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareTurn,
+                    request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.PreparedTurn.SerializeToString,
+            ),
+            'CommitTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitTurn,
+                    request_deserializer=ultrakv_dot_v1_dot_node__pb2.CommitTurnRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.CommitTurnResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +739,60 @@ class NodeService:
             '/ultrakv.v1.NodeService/Tokenize',
             ultrakv_dot_v1_dot_types__pb2.GenerateRequest.SerializeToString,
             ultrakv_dot_v1_dot_node__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/PrepareTurn',
+            ultrakv_dot_v1_dot_types__pb2.GenerateRequest.SerializeToString,
+            ultrakv_dot_v1_dot_node__pb2.PreparedTurn.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/CommitTurn',
+            ultrakv_dot_v1_dot_node__pb2.CommitTurnRequest.SerializeToString,
+            ultrakv_dot_v1_dot_node__pb2.CommitTurnResponse.FromString,
             options,
             channel_credentials,
             insecure,
