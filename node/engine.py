@@ -23,6 +23,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, replace
 
 import torch
@@ -74,6 +75,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 # Decode steps per round on CUDA when the config leaves it open (see EngineConfig).
 CUDA_SCHEDULER_STEPS = 32
+# With nothing to run but requests waiting for disk reads, a step waits this long at most for
+# one of the reads (a request arriving meanwhile waits no longer than that).
+READ_WAIT_S = 0.005
 
 
 def batch_of(prompts: list[Prompt] | Prompt,
@@ -570,8 +574,13 @@ class Engine:
                     finished.append(self._finish(seq, "abort", error="deadline exceeded"))
                 out = self.scheduler.schedule()
                 self._metrics.preemptions += len(out.preempted)
-                if out.is_empty:
+                reads = self.tiers.reads_in_flight() if out.is_empty and self.tiers is not None else []
+                if out.is_empty and (finished or not reads):
                     return finished
+            if out.is_empty:  # requests wait for their disk blocks: wait for one, don't spin
+                wait_futures(reads, READ_WAIT_S, return_when="FIRST_COMPLETED")
+                return finished
+            with self._lock:
                 # A batch that may speculate runs one (verified) step at a time: multi-step
                 # rounds would leave no step to draft for.
                 speculates = self._speculates(out)
@@ -589,7 +598,12 @@ class Engine:
                     # Verified tokens replay one per step, as with multi-step decoding.
                     items = [ScheduledSeq(item.seq, 1) for item in out.scheduled]
                 else:
+                    t0 = time.perf_counter()
                     sampled_steps = [self.runner.execute(out.scheduled)]
+                    if self.tiers is not None:  # prefill speed: what a tier load must beat
+                        prompt = sum(i.num_new_tokens for i in out.scheduled if i.num_new_tokens > 1)
+                        if prompt:
+                            self.tiers.observe_prefill(out.num_batched_tokens, time.perf_counter() - t0)
             except Exception as exc:  # a broken step must not take the node down
                 return finished + self._fail_step(out.scheduled, exc)
             with self._lock:

@@ -143,6 +143,10 @@ class NodeCollector(Collector):
                     tier_blocks.add_metric([*base.values(), tier], tiers[tier]["blocks"])
         yield tier_hits
         yield tier_blocks
+        if "skipped" in tiers:
+            yield _counter("ultrakv_kv_tier_loads_skipped", "KV blocks a prefix match found in the "
+                           "CPU or disk tier but recomputed: loading them was estimated slower.",
+                           base, tiers["skipped"])
         if "disk" in tiers:
             yield _counter("ultrakv_kv_disk_dropped_writes", "KV blocks not written to the disk "
                            "tier (queue full under backpressure, or the tier off).", base,

@@ -9,8 +9,10 @@ free, the lowest-priority, latest-arrived running sequence is preempted: its blo
 released (full ones stay in the prefix cache) and it is recomputed on readmission. Pure
 logic: no tensors, no I/O. With KV tiers (``tiers``, node/kv/tiers.py) a prefix match goes on
 past the GPU pool into host memory and disk, and the blocks found there are loaded into
-fresh pool blocks; a preempted sequence's full blocks then come back from the tier its
-evicted blocks were offloaded to instead of being recomputed.
+fresh pool blocks (as many as loading beats recomputing); a preempted sequence's full blocks
+then come back from the tier its evicted blocks were offloaded to instead of being
+recomputed. A sequence whose blocks are still being read from disk waits (stays in the
+queue, unpinned) while the sequences behind it are admitted: a read never stalls a step.
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ class SchedulerOutput:
 class TierLoader(Protocol):
     """The tiers below the pool, as the scheduler sees them (node/kv/tiers.py)."""
 
-    def available(self, hashes: list[int]) -> int:
-        """How many leading ``hashes`` the tiers hold."""
+    def plan(self, hashes: list[int]) -> int | None:
+        """How many leading ``hashes`` to load (those the tiers hold, as far as loading beats
+        recomputing); None while reads they need are in flight."""
 
     def load(self, hashes: list[int], block_ids: list[int]) -> int:
         """Fill ``block_ids`` with the leading run of ``hashes``; how many were filled."""
@@ -215,18 +218,21 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
         self.waiting.sort(key=lambda s: (self.effective_priority(s, now), s.arrival_time))
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
             matched_now = False
             if not seq.block_table and self.enable_prefix_caching:
-                self._match_prefix(seq)
+                if not self._match_prefix(seq):  # its blocks are being read: the next one goes
+                    i += 1
+                    continue
                 matched_now = True
             num_new = self._chunk(seq, budget)
             if num_new == 0 or not self.reserve(seq, num_new):
                 if matched_now:
                     self._release_blocks(seq)
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             seq.status = SequenceStatus.RUNNING
             if not seq.admitted_once:
                 seq.num_cached_tokens = seq.num_computed_tokens
@@ -235,20 +241,31 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
 
-    def _match_prefix(self, seq: Sequence) -> None:
+    def _match_prefix(self, seq: Sequence) -> bool:
+        """Give ``seq`` the blocks of its longest cached prefix; False (nothing taken) when
+        the tiers are still reading blocks of it that are worth the wait."""
         hashes = self.block_hashes_of(seq)
+        loads = 0
+        if self.tiers is not None:
+            in_pool = len(self.pool.cached_prefix(hashes))
+            if in_pool < len(hashes):
+                planned = self.tiers.plan(hashes[in_pool:])
+                if planned is None:
+                    return False
+                loads = planned
         matched = self.pool.match_prefix(hashes)
-        if self.tiers is not None and len(matched) < len(hashes):
-            matched += self._load_from_tiers(hashes[len(matched):])
+        if loads:
+            matched += self._load_from_tiers(hashes[len(matched):], loads)
         seq.block_table = list(matched)
         seq.block_hashes = hashes[: len(matched)]
         seq.num_committed_blocks = len(matched)
         seq.num_computed_tokens = len(matched) * self.block_size
+        return True
 
-    def _load_from_tiers(self, hashes: list[int]) -> list[int]:
-        """Pool blocks (pinned, committed) holding the leading run of ``hashes`` that the
-        tiers below hold, as many as the pool has room for."""
-        n = min(self.tiers.available(hashes), self.pool.num_free)
+    def _load_from_tiers(self, hashes: list[int], planned: int) -> list[int]:
+        """Pool blocks (pinned, committed) holding the first ``planned`` of ``hashes`` (which
+        the tiers hold in memory: see TierLoader.plan), as many as the pool has room for."""
+        n = min(planned, self.pool.num_free)
         if n == 0:
             return []
         blocks = self.pool.allocate(n)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from ultrakv.cluster.block_file import (
     encode,
     file_size,
     read_block_file,
+    read_block_file_into,
     tensor_to_block,
     write_block_file,
 )
@@ -61,3 +64,56 @@ def test_header_names_the_bad_field():
     header = BlockHeader("k", (2, 2), "float32")
     with pytest.raises(BlockFileError, match="payload must be 16 bytes"):
         block_to_tensor(header, b"\0" * 12)
+
+
+def _version_1(header: BlockHeader, payload: bytes) -> bytes:
+    """A block file as version 1 wrote it (sha256 trailer), built by hand."""
+    head = header.to_json()
+    body = b"".join((struct.pack("<4sHI", b"UKVB", 1, len(head)), head, struct.pack("<Q", len(payload)),
+                     payload))
+    return body + hashlib.sha256(body).digest()
+
+
+def test_version_1_files_stay_readable_and_checked(tmp_path):
+    """Checkpoints, backups and disk tiers written before the xxh3 checksum still load."""
+    t = torch.arange(24, dtype=torch.float32)
+    header, payload = tensor_to_block("k", t)
+    old = _version_1(header, bytes(payload))
+    assert len(old) == file_size(header, len(payload), version=1)
+    got_header, got_payload = decode(old, expect_key="k")
+    assert torch.equal(block_to_tensor(got_header, got_payload), t)
+    path = tmp_path / "old.kvb"
+    path.write_bytes(old)
+    out = torch.empty(len(payload), dtype=torch.uint8)
+    assert read_block_file_into(path, memoryview(out.numpy()), expect_key="k") == header
+    assert torch.equal(out.view(torch.float32), t)
+    bad = bytearray(old)
+    bad[len(bad) // 2] ^= 0x01
+    with pytest.raises(BlockFileError, match="sha256"):
+        decode(bytes(bad))
+    assert len(encode(header, payload)) == len(old) - 24  # new files: the 8-byte xxh3-64
+
+
+def test_read_into_a_buffer_checks_like_decode(tmp_path):
+    t = (torch.randn(2, 3, 4) * 10).to(torch.bfloat16)
+    header, payload = tensor_to_block("blk", t)
+    path = tmp_path / "b.kvb"
+    write_block_file(path, header, payload, fsync=False)
+    out = torch.empty(len(payload), dtype=torch.uint8)
+    assert read_block_file_into(path, memoryview(out.numpy()), expect_key="blk") == header
+    assert torch.equal(out, t.view(torch.uint8).reshape(-1))
+    data = path.read_bytes()
+    with pytest.raises(BlockFileError, match="expected 'other'"):
+        read_block_file_into(path, memoryview(out.numpy()), expect_key="other")
+    with pytest.raises(BlockFileError, match="padded"):  # a buffer of another block's size
+        read_block_file_into(path, memoryview(torch.empty(8, dtype=torch.uint8).numpy()))
+    for i in range(0, len(data), 11):  # every flipped byte: header, payload, lengths, checksum
+        bad = bytearray(data)
+        bad[i] ^= 0x20
+        path.write_bytes(bytes(bad))
+        with pytest.raises(BlockFileError):
+            read_block_file_into(path, memoryview(out.numpy()), expect_key="blk")
+    for n in (0, 7, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:n])
+        with pytest.raises(BlockFileError):
+            read_block_file_into(path, memoryview(out.numpy()), expect_key="blk")

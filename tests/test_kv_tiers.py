@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,13 @@ def _tiers(caches: list[torch.Tensor], tmp_path: Path, host_blocks: int | None, 
     return KVTiers(caches, identity, host, disk_tier)
 
 
+def _planned(tiers: KVTiers, hashes: list[int]) -> int:
+    """What ``tiers.plan`` answers once the disk reads it started are done."""
+    while (n := tiers.plan(hashes)) is None:
+        wait(tiers.reads_in_flight(), timeout=10)
+    return n
+
+
 def _round_trip(caches: list[torch.Tensor], tiers: KVTiers) -> None:
     """Blocks 0-3 evicted (offloaded), the caches wiped, then loaded into blocks 7-4."""
     original = [c.clone() for c in caches]
@@ -88,6 +97,7 @@ def _round_trip(caches: list[torch.Tensor], tiers: KVTiers) -> None:
     for c in caches:
         c.zero_()
     assert tiers.available(hashes) == 4
+    assert _planned(tiers, hashes) == 4
     assert tiers.load(hashes, [7, 6, 5, 4]) == 4
     for c, o in zip(caches, original, strict=True):
         for src, dst in zip(range(4), [7, 6, 5, 4], strict=True):
@@ -223,7 +233,7 @@ def test_disk_tier_survives_the_engine_and_bad_files_are_recomputed(tmp_path, re
     assert cached[0] == BS  # the corrupted second block ends the run: recomputed from there
     assert cached[1] == 0
     assert cached[2:] == [FULL] * (len(PROMPTS) - 2)
-    assert stats["corrupted"] == 1 and "sha256" in caplog.text
+    assert stats["corrupted"] == 1 and "checksum" in caplog.text
     # Both were recomputed and written again, whole.
     for path, h in ((corrupted, first[1]), (truncated, second[0])):
         header, _ = read_block_file(path, expect_key=restarted.block_identity.key(h))
@@ -378,3 +388,88 @@ def test_read_only_disk_directory_degrades_with_one_error(tmp_path, reference, c
     assert tokens == reference[0] and stats["enabled"] is False
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "disk tier off" in errors[0].getMessage()
+
+
+# --- loads that wait, loads that are skipped ---------------------------------------------------
+
+
+def _disk_with_prompt_0(tmp_path: Path) -> None:
+    """A disk tier directory holding PROMPTS[0]'s two full blocks (from a stopped engine)."""
+    engine = _engine(kv_disk_dir=str(tmp_path), kv_write_policy="write_through")
+    try:
+        engine.generate([PROMPTS[0]], GREEDY)
+    finally:
+        engine.shutdown()
+
+
+def _gate_reads(engine: Engine) -> threading.Event:
+    """Hold every disk read of ``engine`` until the returned event is set."""
+    gate = threading.Event()
+    read_into = engine.tiers.disk.read_into
+
+    def held(block_hash: int, out: torch.Tensor) -> bool:
+        gate.wait(60)
+        return read_into(block_hash, out)
+
+    engine.tiers.disk.read_into = held
+    return gate
+
+
+def test_a_request_waiting_for_disk_reads_does_not_stall_the_others(tmp_path, reference):
+    """Its blocks are read while the engine runs other requests: a step never waits on a
+    read (before, the step that admitted it blocked until its reads were done)."""
+    _disk_with_prompt_0(tmp_path)
+    engine = _engine(kv_disk_dir=str(tmp_path))
+    gate = _gate_reads(engine)
+    done: dict[str, object] = {}
+
+    def listener(delta) -> None:
+        if delta.finished:
+            done[delta.request_id] = delta.output
+
+    try:
+        engine.add_request(GenerateRequest(prompt=PROMPTS[0], sampling=GREEDY, request_id="hit"), listener)
+        engine.add_request(GenerateRequest(prompt=PROMPTS[1], sampling=GREEDY, request_id="other"), listener)
+
+        def drive() -> None:
+            while "other" not in done:
+                engine.step()
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        driver.join(60)
+        assert not driver.is_alive(), "a step blocked on a disk read"
+        assert "hit" not in done  # still waiting for its blocks
+        gate.set()
+        while engine.has_unfinished():
+            engine.step()
+        stats = engine.stats()["kv_tiers"]
+    finally:
+        gate.set()
+        engine.shutdown()
+    assert done["other"].token_ids == reference[0][1]
+    assert done["hit"].token_ids == reference[0][0]
+    assert done["hit"].cached_tokens == FULL  # it waited for its blocks and used them
+    assert stats["disk"]["hits"] == 2 and stats["skipped"] == 0
+
+
+def test_disk_loads_slower_than_recomputing_are_skipped(tmp_path, reference):
+    """With the disk measured slower than this engine's prefill, hit blocks still being read
+    are recomputed, not waited for: counted as skipped, in stats and metrics."""
+    _disk_with_prompt_0(tmp_path)
+    engine = _engine(kv_disk_dir=str(tmp_path))
+    gate = _gate_reads(engine)  # the reads stay in flight: the blocks are still on disk
+    engine.tiers.cost.observe_prefill(1_000_000, 1.0)
+    engine.tiers.cost.observe_load("disk", engine.tiers.block_bytes, 1.0)  # one block a second
+    try:
+        (out,) = engine.generate([PROMPTS[0]], GREEDY)
+        stats = engine.stats()["kv_tiers"]
+        families = {m.name: m for m in NodeCollector(engine, "n1").collect()}
+    finally:
+        gate.set()
+        engine.shutdown()
+    assert out.token_ids == reference[0][0]
+    assert out.cached_tokens == 0
+    assert stats["skipped"] == 2 and stats["disk"]["hits"] == 0
+    assert stats["cost"]["load_block_ms"]["disk"] > stats["cost"]["recompute_block_ms"]
+    assert families["ultrakv_kv_tier_loads_skipped"].samples[0].value == 2

@@ -5,8 +5,13 @@ Files live in ``<directory>/<namespace>/<hash:016x>.kvb``; the namespace names t
 fingerprint, KV dtype and block size, so blocks of another model or format are never read
 as this one's. At start the index is rebuilt by listing the namespace: leftover temp files
 are removed, and so are files whose size is not a block file's (truncated); a file whose
-bytes are corrupted is found when read (its sha256 fails), dropped and counted, and the
-block is recomputed: never served.
+bytes are corrupted is found when read (its checksum fails), dropped and counted, and the
+block is recomputed: never served. Files of the previous block-file version (sha256) stay
+in the index and are read as they are; new blocks are written in the current version.
+
+A read goes straight into the caller's buffer (:meth:`DiskTier.read_into`: one ``preadv``
+into a staging slot, pinned on CUDA), so a hit costs a system call and a checksum, with no
+copy in between.
 
 Writes go through a bounded queue to one writer thread; when the queue is full the block is
 dropped (a future miss, never corruption). Any OS error while writing (disk full, read-only
@@ -29,9 +34,8 @@ from ultrakv.cluster.block_file import (
     TMP_SUFFIX,
     BlockFileError,
     BlockHeader,
-    block_to_tensor,
     file_size,
-    read_block_file,
+    read_block_file_into,
     tensor_to_block,
     write_block_file,
 )
@@ -62,7 +66,10 @@ class DiskTier:
         for d in block_shape:
             nbytes *= d
         header = BlockHeader(key_of(0), block_shape, str(dtype).removeprefix("torch."))
+        self.block_bytes = nbytes
         self.file_bytes = file_size(header, nbytes)
+        self._file_sizes = {file_size(header, nbytes, version) for version in (1, 2)}
+        self._dtype_name = header.dtype
         self.capacity = max(1, capacity_bytes // self.file_bytes)
         self.policy: EvictionPolicy = make_policy(policy, self.capacity)
         self.observer = observer
@@ -97,7 +104,7 @@ class DiskTier:
                 block_hash = int(path.name[: -len(SUFFIX)], 16)
             except ValueError:
                 continue
-            if path.stat().st_size != self.file_bytes:
+            if path.stat().st_size not in self._file_sizes:
                 log.warning("disk tier: %s has the wrong size (truncated); removed", path)
                 path.unlink(missing_ok=True)
                 continue
@@ -123,30 +130,36 @@ class DiskTier:
     # -- reads ------------------------------------------------------------------------------
 
     def read(self, block_hash: int) -> torch.Tensor | None:
-        """The block's tensor, or None when it is not here or its file fails its checks (the
-        file is then removed and the caller recomputes the block)."""
+        """The block as a new tensor, or None (see :meth:`read_into`)."""
+        out = torch.empty(self.block_shape, dtype=self.dtype)
+        return out if self.read_into(block_hash, out.view(torch.uint8).view(-1)) else None
+
+    def read_into(self, block_hash: int, out: torch.Tensor) -> bool:
+        """Read the block into ``out`` (a contiguous CPU uint8 tensor of ``block_bytes``);
+        False when it is not here or its file fails its checks (the file is then removed, the
+        caller recomputes the block, and ``out`` holds garbage). Safe on any thread."""
         with self._lock:
             if not self.enabled or block_hash not in self._index:
-                return None
+                return False
             self.policy.on_hit(block_hash)
         path = self._path(block_hash)
         try:
-            header, payload = read_block_file(path, expect_key=self.key_of(block_hash))
-            if header.shape != self.block_shape:
-                raise BlockFileError(f"block shape must be {list(self.block_shape)}, "
-                                     f"got {list(header.shape)}")
-            return block_to_tensor(header, payload)
+            header = read_block_file_into(path, memoryview(out.numpy()), expect_key=self.key_of(block_hash))
+            if header.shape != self.block_shape or header.dtype != self._dtype_name:
+                raise BlockFileError(f"block must be {list(self.block_shape)} {self._dtype_name}, "
+                                     f"got {list(header.shape)} {header.dtype}")
+            return True
         except FileNotFoundError:  # evicted by the writer since the lookup
             with self._lock:
                 self._forget(block_hash)
-            return None
+            return False
         except (OSError, BlockFileError) as exc:
             log.warning("disk tier: %s dropped, its block will be recomputed: %s", path, exc)
             with self._lock:
                 self.corrupted += 1
                 self._forget(block_hash)
             path.unlink(missing_ok=True)
-            return None
+            return False
 
     # -- writes -----------------------------------------------------------------------------
 

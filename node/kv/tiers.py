@@ -2,11 +2,17 @@
 
 A block the pool evicts (write-back, the default) or commits (write-through) is copied to
 the host tier; a block the host tier evicts goes to the disk tier (write-through: every
-block written to the host tier goes to disk too). A prefix match looks GPU → host → disk
-(:meth:`KVTiers.available`) and :meth:`KVTiers.load` copies the hit blocks into fresh pool
-blocks in one batch: on CUDA from pinned memory on a side stream the compute stream waits
-for, on CPU a plain copy. :meth:`KVTiers.prefetch` starts reading a request's disk blocks
-when it arrives, so they are in memory by the time it is scheduled.
+block written to the host tier goes to disk too). A prefix match looks GPU → host → disk.
+
+Loading back is two steps, so a disk read never stalls the engine: :meth:`KVTiers.plan`
+decides how many of the leading hit blocks to load (node/kv/tier_cost.py: only while
+loading them is estimated faster than recomputing them) and starts reading the disk blocks
+among them, on reader threads, each straight into a slot of a staging buffer (pinned on
+CUDA); while reads are in flight it answers None and the scheduler lets the request wait
+while the engine runs the others. Once every block is in host memory, :meth:`KVTiers.load`
+copies them into fresh pool blocks in one batch: on CUDA, runs of adjacent slots in one
+asynchronous copy each, on a side stream the compute stream waits for; on CPU a plain copy.
+:meth:`KVTiers.prefetch` starts the reads when a request arrives, before it is scheduled.
 
 Keys are the pool's chained block hashes; a :class:`BlockIdentity` (model fingerprint, KV
 dtype, block size) names the disk namespace and every file's header, so blocks of another
@@ -16,31 +22,44 @@ all layers of a block contiguous.
 Ordering: the pool tells about an eviction while the block's bytes are still in place; the
 copies are issued by :meth:`KVTiers.flush`, which the engine calls before anything writes
 into the KV caches (a model step, a load, an import). Not thread-safe: the engine calls it
-under its lock (the disk tier has its own writer thread and lock).
+under its lock (the disk tier has its own writer thread and lock; reads run on the reader
+threads into staging slots no one else touches until they are done).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import nullcontext as _nothing
 from dataclasses import dataclass
 
 import torch
 from ultrakv.node.kv.disk_tier import DiskTier
 from ultrakv.node.kv.host_tier import HostTier
+from ultrakv.node.kv.tier_cost import TierCostModel
 
 log = logging.getLogger("ultrakv.node.kv.tiers")
 
 TIERS = ("gpu", "cpu", "disk")
 WRITE_POLICIES = ("write_back", "write_through")
-# Reads started ahead of scheduling and not consumed yet, at most (each holds one block).
-MAX_PREFETCHED = 1024
+# Disk reads land in a staging buffer of this many blocks, at most STAGING_BYTES (pinned on
+# CUDA: allocated once, at start); reads started ahead of scheduling hold their slot until a
+# load consumes them or a newer read needs it.
+STAGING_BLOCKS = 1024
+STAGING_BYTES = 256 << 20
+# Disk reads run on this many threads (os.preadv and the checksum release the GIL).
+READERS = min(4, os.cpu_count() or 1)
+# A finished read that a plan chose to load keeps its slot this long after the latest plan
+# that wanted it (a waiting request plans again every step); after that, or if it was only
+# prefetched, a newer read may take the slot.
+HOLD_S = 1.0
 # How long a stopping engine may spend writing its cached blocks to disk (well inside a pod's
 # termination grace period, which the final checkpoint shares).
 PERSIST_BUDGET_S = 30.0
@@ -81,6 +100,20 @@ class TierCounters:
     offloaded: int = 0  # blocks copied from the GPU pool to the next tier
     loaded: int = 0  # blocks copied back into the GPU pool
     prefetched: int = 0  # disk reads started when a request arrived, before its scheduling
+    skipped: int = 0  # hit blocks recomputed instead: loading them was estimated slower
+
+
+@dataclass
+class _Read:
+    """A disk block being read (or read) into staging slot ``slot``; the future answers
+    whether the block checked out, and when the read ended."""
+
+    slot: int
+    future: Future[tuple[bool, float]]
+    held_until: float = 0.0
+
+    def ok(self) -> bool:
+        return self.future.done() and self.future.result()[0]
 
 
 class KVTiers:
@@ -102,11 +135,30 @@ class KVTiers:
         if disk is not None:
             disk.observer = lambda event, h: self._disk_events.append((event == "stored", h))
         self.counters = TierCounters()
+        shape = self.block_shape(kv_caches)
+        self.block_bytes = kv_caches[0].element_size()
+        for d in shape:
+            self.block_bytes *= d
+        self.cost = TierCostModel(self.block_bytes, identity.block_size)
         self._pending: dict[int, int] = {}  # block hash -> pool block id, to offload
-        self._prefetched: OrderedDict[int, Future[torch.Tensor | None]] = OrderedDict()
-        self._reader = (ThreadPoolExecutor(1, thread_name_prefix="ultrakv-kv-prefetch")
-                        if disk is not None else None)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Disk reads: block hash -> its read, oldest first; staging slots free or being
+        # released (on CUDA, once the copy out of them, ending at the event, is done).
+        self._reads: OrderedDict[int, _Read] = OrderedDict()
+        # Reads started together (by one prefetch or plan) and not all done: when they are,
+        # their bytes over their span is the disk's bandwidth for the cost model.
+        self._batches: list[tuple[float, list[Future[tuple[bool, float]]]]] = []
+        self._reader: ThreadPoolExecutor | None = None
+        self._staging = torch.empty(0, dtype=torch.uint8)
+        if disk is not None:
+            slots = max(1, min(STAGING_BLOCKS, STAGING_BYTES // self.block_bytes))
+            self._staging = torch.empty((slots, self.block_bytes), dtype=torch.uint8,
+                                        pin_memory=self._stream is not None)
+            self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="ultrakv-kv-read")
+        self._free_slots = list(range(len(self._staging) - 1, -1, -1))
+        self._releasing: deque[tuple[torch.cuda.Event, list[int]]] = deque()
+        # CUDA copies into the pool, timed by events once they are done: (start, end, bytes).
+        self._timings: deque[tuple[torch.cuda.Event, torch.cuda.Event, int]] = deque()
 
     @staticmethod
     def block_shape(kv_caches: list[torch.Tensor]) -> tuple[int, ...]:
@@ -205,91 +257,218 @@ class KVTiers:
 
     def available(self, hashes: list[int]) -> int:
         """How many leading ``hashes`` the host or disk tier holds (nothing is touched)."""
-        n = 0
+        return len(self._sources(hashes))
+
+    def _sources(self, hashes: list[int]) -> list[str]:
+        """Where each block of the leading run of ``hashes`` the tiers hold would come from:
+        "memory" (the host tier, or a finished read) or "disk" (a read to start or finish)."""
+        sources = []
         for h in hashes:
-            if not ((self.host is not None and h in self.host) or h in self._prefetched
-                    or (self.disk is not None and h in self.disk)):
+            read = self._reads.get(h)
+            if self.host is not None and h in self.host or read is not None and read.ok():
+                sources.append("memory")
+            elif read is not None and not read.future.done() or self.disk is not None and h in self.disk:
+                sources.append("disk")
+            else:  # not held, or its read failed its checks (the disk tier dropped it)
                 break
-            n += 1
-        return n
+        return sources
 
     def prefetch(self, hashes: list[int]) -> int:
         """Start reading the disk blocks of the leading run of ``hashes`` the tiers hold;
         returns how many reads started."""
-        if self._reader is None:
-            return 0
-        started = 0
-        for h in hashes:
-            if self.host is not None and h in self.host or h in self._prefetched:
-                continue
-            if h not in self.disk:
+        batch: list[Future[tuple[bool, float]]] = []
+        for h, source in zip(hashes, self._sources(hashes), strict=False):
+            if source == "disk" and h not in self._reads and not self._start_read(h, set(hashes), batch):
                 break
-            if len(self._prefetched) >= MAX_PREFETCHED:
-                self._prefetched.popitem(last=False)
-            self._prefetched[h] = self._reader.submit(self.disk.read, h)
-            started += 1
-        self.counters.prefetched += started
-        return started
+        self.counters.prefetched += len(batch)
+        return len(batch)
+
+    def plan(self, hashes: list[int]) -> int | None:
+        """How many of the leading ``hashes`` to :meth:`load` now: the run the tiers hold, as
+        far as loading beats recomputing (the rest is counted ``skipped``). None while disk
+        reads the load needs are in flight (started here if they were not): the request waits
+        for them, the engine runs the others."""
+        self._collect_timings()
+        sources = self._sources(hashes)
+        n = self.cost.blocks_to_load(sources)
+        waiting = False
+        hold = time.perf_counter() + HOLD_S
+        batch: list[Future[tuple[bool, float]]] = []
+        for i, (h, source) in enumerate(zip(hashes[:n], sources, strict=False)):
+            if source == "disk" and h not in self._reads and not self._start_read(h, set(hashes[:n]), batch):
+                n = i  # no staging slot left: the rest is recomputed
+                break
+            read = self._reads.get(h)
+            if read is not None:
+                read.held_until = hold
+                waiting = waiting or not read.future.done()
+        if waiting:
+            return None
+        self.counters.skipped += len(sources) - n
+        return n
+
+    def reads_in_flight(self) -> list[Future[tuple[bool, float]]]:
+        """The disk reads not finished yet (an engine with nothing else to run waits for one
+        of them, without the lock, instead of spinning)."""
+        return [r.future for r in self._reads.values() if not r.future.done()]
+
+    def _start_read(self, h: int, keep: set[int], batch: list[Future[tuple[bool, float]]]) -> bool:
+        """Start reading block ``h`` into a free staging slot (its future joins ``batch``);
+        False when there is none (see :meth:`_claim_slot`: the reads of ``keep`` are not
+        taken from)."""
+        slot = self._claim_slot(keep)
+        if slot is None:
+            return False
+        if not batch:
+            self._batches.append((time.perf_counter(), batch))
+        read = _Read(slot, self._reader.submit(self._read, h, slot))
+        self._reads[h] = read
+        batch.append(read.future)
+        return True
+
+    def _read(self, h: int, slot: int) -> tuple[bool, float]:
+        """On a reader thread: whether block ``h`` is in staging slot ``slot`` now, and when
+        the read ended. Never raises: a read that fails costs a recompute."""
+        try:
+            ok = self.disk.read_into(h, self._staging[slot])
+        except Exception:
+            log.exception("reading KV block %016x from disk failed; it will be recomputed", h)
+            ok = False
+        return ok, time.perf_counter()
+
+    def _claim_slot(self, keep: set[int]) -> int | None:
+        """A free staging slot: one free, or released by a finished copy, or else the slot of
+        the oldest finished read that no plan holds and ``keep`` does not name; None when
+        every slot is busy (reads in flight, or held for waiting requests)."""
+        while self._releasing and self._releasing[0][0].query():
+            self._free_slots += self._releasing.popleft()[1]
+        if not self._free_slots and self._releasing:
+            event, slots = self._releasing.popleft()
+            event.synchronize()
+            self._free_slots += slots
+        if not self._free_slots:
+            now = time.perf_counter()
+            done = next((h for h, r in self._reads.items()
+                         if r.future.done() and r.held_until <= now and h not in keep), None)
+            if done is None:
+                return None
+            self._free_slots.append(self._reads.pop(done).slot)
+        return self._free_slots.pop()
 
     def load(self, hashes: list[int], block_ids: list[int]) -> int:
-        """Copy the blocks of the leading run of ``hashes`` found in the tiers into pool
-        blocks ``block_ids`` (one per hash); returns how many were loaded (a block missing or
-        failing its check ends the run: the rest is recomputed)."""
+        """Copy the blocks of the leading run of ``hashes`` that are in host memory (the host
+        tier's, and finished disk reads: see :meth:`plan`) into pool blocks ``block_ids``
+        (one per hash); returns how many were loaded (the rest is recomputed)."""
         self.flush()  # the blocks being filled may have just been evicted
-        blocks: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []  # one flat uint8 block each, in host memory
+        staged: list[_Read] = []
         for h in hashes[: len(block_ids)]:
-            block = self._fetch(h)
-            if block is None:
+            read = self._reads.get(h)
+            slot = self.host.lookup(h) if self.host is not None else None
+            if slot is not None:
+                sources.append(self.host.slot(slot).view(torch.uint8).view(-1))
+                self.counters.cpu_hits += 1
+            elif read is not None and read.ok():
+                staged.append(self._reads.pop(h))
+                sources.append(self._staging[read.slot])
+                self.counters.disk_hits += 1
+            else:
                 break
-            blocks.append(block)
-        if not blocks:
+        n = len(sources)
+        if not n:
             return 0
-        n = len(blocks)
-        ids = torch.tensor(block_ids[:n], device=self.device)
+        slots = [r.slot for r in staged]
         if self._stream is None:
-            staged = torch.stack(blocks)
+            t0 = time.perf_counter()
+            self._copy_in(sources, block_ids[:n])
+            self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
+            self._free_slots += slots
         else:
-            staged = torch.empty((n, *blocks[0].shape), dtype=blocks[0].dtype, device=self.device)
-            main = torch.cuda.current_stream(self.device)
-            self._stream.wait_stream(main)
-            with torch.cuda.stream(self._stream):
-                for i, block in enumerate(blocks):  # pinned host slots: asynchronous DMA
-                    staged[i].copy_(block, non_blocking=True)
-            main.wait_stream(self._stream)
-            staged.record_stream(self._stream)
-        for layer, cache in enumerate(self.kv_caches):
-            cache.view(torch.uint8).index_copy_(1, ids, staged[:, layer].transpose(0, 1).view(torch.uint8))
+            self._copy_in_cuda(sources, slots, block_ids[:n])
         self.counters.loaded += n
         return n
+
+    def _layer_views(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Flat uint8 blocks ``[..., block bytes]`` as ``[..., layers, 2, block_size, heads,
+        row bytes]``."""
+        c = self.kv_caches[0]
+        return blocks.view(*blocks.shape[:-1], len(self.kv_caches), 2, *c.shape[2:-1], -1)
+
+    def _copy_in(self, sources: list[torch.Tensor], block_ids: list[int]) -> None:
+        """CPU: each block's layers straight into the caches (index_copy_ on CPU is many times
+        slower than these plain copies)."""
+        caches = [c.view(torch.uint8) for c in self.kv_caches]
+        for src, b in zip(sources, block_ids, strict=True):
+            layers = self._layer_views(src)
+            for layer, cache in enumerate(caches):
+                cache[:, b].copy_(layers[layer])
+
+    def _copy_in_cuda(self, sources: list[torch.Tensor], staged_slots: list[int],
+                      block_ids: list[int]) -> None:
+        """CUDA: the blocks to the device in as few asynchronous copies as the slots allow
+        (adjacent slots of one buffer go in one), on the side stream, then into the pool
+        blocks with one index_copy_ per layer on the compute stream (which waits)."""
+        n = len(sources)
+        staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
+        main = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(main)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self._stream):
+            start.record()
+            for at, count, src in _runs(sources):
+                staged[at : at + count].copy_(src, non_blocking=True)
+            end.record()
+        main.wait_stream(self._stream)
+        staged.record_stream(self._stream)
+        self._timings.append((start, end, n * self.block_bytes))
+        if staged_slots:
+            self._releasing.append((end, staged_slots))
+        ids = torch.tensor(block_ids, device=self.device)
+        layers = self._layer_views(staged)
+        for layer, cache in enumerate(self.kv_caches):
+            cache.view(torch.uint8).index_copy_(1, ids, layers[:, layer].transpose(0, 1))
+
+    def _collect_timings(self) -> None:
+        """Feed the cost model the CUDA copies and the batches of disk reads that have
+        finished since last time."""
+        while self._timings and self._timings[0][1].query():
+            start, end, nbytes = self._timings.popleft()
+            self.cost.observe_load("memory", nbytes, start.elapsed_time(end) / 1e3)
+        pending = []
+        for started, futures in self._batches:
+            if all(f.done() for f in futures):
+                ended = max(started if f.cancelled() else f.result()[1] for f in futures)
+                self.cost.observe_load("disk", len(futures) * self.block_bytes, ended - started)
+            else:
+                pending.append((started, futures))
+        self._batches = pending
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A model step computed ``tokens`` tokens of prompts in ``seconds``: the engine's
+        prefill speed, the other side of the cost model."""
+        self.cost.observe_prefill(tokens, seconds)
 
     def peek(self, hashes: list[int]) -> list[torch.Tensor]:
         """CPU copies of the blocks of the leading run of ``hashes`` the tiers hold, without
         loading them into the pool or counting hits (a session's export: migration,
         checkpoints, backups)."""
         self.flush()  # a block evicted a moment ago is in the host tier after this
+        shape = self.block_shape(self.kv_caches)
+        dtype = self.kv_caches[0].dtype
         blocks: list[torch.Tensor] = []
         for h in hashes:
             slot = self.host.lookup(h) if self.host is not None else None
-            block = (self.host.slot(slot).clone() if slot is not None
-                     else self.disk.read(h) if self.disk is not None else None)
+            read = self._reads.get(h)
+            if slot is not None:
+                block = self.host.slot(slot).clone()
+            elif read is not None and (read.future.result()[0]):
+                block = self._staging[read.slot].clone().view(dtype).view(shape)
+            else:
+                block = self.disk.read(h) if self.disk is not None else None
             if block is None:
                 break
             blocks.append(block)
         return blocks
-
-    def _fetch(self, h: int) -> torch.Tensor | None:
-        if self.host is not None:
-            slot = self.host.lookup(h)
-            if slot is not None:
-                self.counters.cpu_hits += 1
-                self._prefetched.pop(h, None)
-                return self.host.slot(slot)
-        future = self._prefetched.pop(h, None)
-        block = future.result() if future is not None else (
-            self.disk.read(h) if self.disk is not None else None)
-        if block is not None:
-            self.counters.disk_hits += 1
-        return block
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -325,7 +504,7 @@ class KVTiers:
     def clear(self) -> int:
         """Drop every block of both tiers (disk files included); returns how many."""
         self._pending.clear()
-        self._prefetched.clear()
+        self._drop_reads()
         n = 0
         if self.host is not None:
             for h in self.host.hashes():
@@ -336,9 +515,10 @@ class KVTiers:
         return n
 
     def close(self) -> None:
-        """Stop the prefetch reader and the disk writer (queued writes finish first)."""
+        """Stop the readers and the disk writer (queued writes finish first)."""
         if self._reader is not None:
             self._reader.shutdown(wait=True, cancel_futures=True)
+            self._drop_reads()
         if self.disk is not None:
             self.disk.close()
 
@@ -346,6 +526,7 @@ class KVTiers:
         """Per-tier counters for ``Engine.stats()['kv_tiers']``."""
         c = self.counters
         out: dict = {"offloaded": c.offloaded, "loaded": c.loaded, "prefetched": c.prefetched,
+                     "skipped": c.skipped, "cost": self.cost.stats(),
                      "write_policy": "write_through" if self.write_through else "write_back"}
         if self.host is not None:
             out["cpu"] = {"hits": c.cpu_hits, "blocks": len(self.host),
@@ -359,6 +540,31 @@ class KVTiers:
                            "directory": str(d.directory)}
         return out
 
+    def _drop_reads(self) -> None:
+        """Forget every read (those in flight end first: their slots are written to)."""
+        for read in self._reads.values():
+            if not read.future.cancel():
+                wait_futures([read.future])
+            self._free_slots.append(read.slot)
+        self._reads.clear()
+        self._batches.clear()
+
     def _emit(self, stored: bool, block_hash: int, tier: str) -> None:
         if self.publish is not None:
             self.publish(stored, (block_hash,), tier)
+
+
+def _runs(sources: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+    """``(first index, count, one tensor over them)`` for each run of ``sources`` that lie
+    next to each other in one buffer (flat uint8 blocks of equal size): one copy each."""
+    runs: list[tuple[int, int, torch.Tensor]] = []
+    i = 0
+    while i < len(sources):
+        first = sources[i]
+        j = i + 1
+        while (j < len(sources) and sources[j].untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+               and sources[j].data_ptr() == first.data_ptr() + (j - i) * first.numel()):
+            j += 1
+        runs.append((i, j - i, first.as_strided((j - i, first.numel()), (first.numel(), 1))))
+        i = j
+    return runs

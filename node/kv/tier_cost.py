@@ -1,0 +1,109 @@
+"""Load or recompute: whether bringing a request's hit blocks back from the KV tiers beats
+computing them again.
+
+A tier hit is only worth having when loading it is faster than the prefill it saves: on a
+GPU a small model prefills a 16-token block in well under a millisecond, while a disk read
+of the block (512 KiB on llama-1b) can take longer. :class:`TierCostModel` keeps two online
+estimates, each an exponentially weighted moving average of real measurements: the
+bandwidth of each load source (bytes per second; ``memory``: a block already in host memory
+copied into the pool; ``disk``: a block read from its file, which then also costs a
+``memory`` copy) and this engine's prefill throughput (tokens per second). For the leading
+run of hit blocks a prefix match found, :meth:`TierCostModel.blocks_to_load` picks how many
+to load so that the estimated load time of those plus the recompute time of the rest is
+least; the rest is recomputed (``KVTiers`` counts those blocks as ``skipped``).
+
+Until a source has been measured its load costs nothing, and until the prefill has been
+measured every hit is loaded: loads go ahead and get measured. Disk reads keep being
+measured while loads skip the disk: a request's disk blocks are read ahead when it arrives
+(``KVTiers.prefetch``), and those reads are timed too, so a disk that got faster (its files
+now in the page cache, say) is noticed. Pure logic: no I/O, no tensors, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SOURCES = ("memory", "disk")
+# Weight of the newest measurement: about the last ten loads or prefill steps count.
+ALPHA = 0.2
+
+
+@dataclass
+class Ewma:
+    """An exponentially weighted moving average of rates; ``value`` is None until the first."""
+
+    alpha: float = ALPHA
+    value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+
+class TierCostModel:
+    """Load-vs-recompute estimates for blocks of ``block_bytes`` bytes and ``block_tokens``
+    tokens (see the module docstring)."""
+
+    def __init__(self, block_bytes: int, block_tokens: int, alpha: float = ALPHA) -> None:
+        if block_bytes < 1 or block_tokens < 1:
+            raise ValueError(f"block_bytes and block_tokens must be >= 1, got {block_bytes}, {block_tokens}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.block_bytes = block_bytes
+        self.block_tokens = block_tokens
+        self.bandwidth = {s: Ewma(alpha) for s in SOURCES}  # bytes per second
+        self.prefill = Ewma(alpha)  # tokens per second
+
+    def observe_load(self, source: str, nbytes: int, seconds: float) -> None:
+        """``nbytes`` came from ``source`` in ``seconds`` (one measured load or read batch)."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if nbytes > 0 and seconds > 0:
+            self.bandwidth[source].add(nbytes / seconds)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A model step computed ``tokens`` prompt tokens in ``seconds``."""
+        if tokens > 0 and seconds > 0:
+            self.prefill.add(tokens / seconds)
+
+    def load_seconds(self, source: str) -> float:
+        """Estimated time to bring one block from ``source`` into the pool (0 if unmeasured)."""
+        seconds = self._seconds(self.bandwidth["memory"])
+        if source == "disk":
+            seconds += self._seconds(self.bandwidth["disk"])
+        return seconds
+
+    def recompute_seconds(self) -> float:
+        """Estimated time to prefill one block's tokens (0 if unmeasured)."""
+        rate = self.prefill.value
+        return self.block_tokens / rate if rate else 0.0
+
+    def blocks_to_load(self, sources: Sequence[str]) -> int:
+        """How many of the leading hit blocks (``sources[i]``: where block i would come
+        from) to load; the rest are recomputed. With no prefill measured yet, or no source,
+        every block is loaded."""
+        if self.prefill.value is None:  # nothing to weigh a load against yet
+            return len(sources)
+        recompute = self.recompute_seconds()
+        best_k, best_cost, cost = 0, 0.0, 0.0
+        for k, source in enumerate(sources, 1):
+            # Against recomputing all: loading the first k saves k recomputes.
+            cost += self.load_seconds(source) - recompute
+            if cost <= best_cost:  # ties load: equal time, less compute
+                best_k, best_cost = k, cost
+        return best_k
+
+    def stats(self) -> dict:
+        """Current estimates (None where nothing was measured yet)."""
+        return {"memory_gbps": _gb(self.bandwidth["memory"].value),
+                "disk_gbps": _gb(self.bandwidth["disk"].value),
+                "prefill_tokens_per_s": self.prefill.value,
+                "load_block_ms": {s: self.load_seconds(s) * 1e3 for s in SOURCES},
+                "recompute_block_ms": self.recompute_seconds() * 1e3}
+
+    def _seconds(self, bandwidth: Ewma) -> float:
+        return self.block_bytes / bandwidth.value if bandwidth.value else 0.0
+
+
+def _gb(rate: float | None) -> float | None:
+    return None if rate is None else rate / 1e9

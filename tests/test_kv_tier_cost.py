@@ -1,0 +1,70 @@
+"""The load-or-recompute cost model of the KV tiers (node/kv/tier_cost.py), alone."""
+
+from __future__ import annotations
+
+import pytest
+from ultrakv.node.kv.tier_cost import Ewma, TierCostModel
+
+BLOCK = 512 << 10  # llama-1b's 16-token block
+
+
+def _model(memory_gbps: float, disk_gbps: float, prefill_tps: float) -> TierCostModel:
+    m = TierCostModel(BLOCK, 16)
+    m.observe_load("memory", int(memory_gbps * 1e9), 1.0)
+    m.observe_load("disk", int(disk_gbps * 1e9), 1.0)
+    m.observe_prefill(int(prefill_tps), 1.0)
+    return m
+
+
+def test_everything_loads_until_the_prefill_is_measured():
+    m = TierCostModel(BLOCK, 16)
+    m.observe_load("disk", BLOCK, 10.0)  # a very slow disk, but nothing to weigh it against
+    assert m.blocks_to_load(["disk"] * 5) == 5
+    m.observe_prefill(100_000, 1.0)
+    assert m.blocks_to_load(["disk"] * 5) == 0
+
+
+def test_disk_blocks_slower_than_their_prefill_are_recomputed():
+    # An H100 on llama-1b: 100k prompt tokens/s = 0.16 ms per block; a disk read at 1 GB/s
+    # = 0.52 ms per block, host memory at 20 GB/s = 0.026 ms.
+    m = _model(memory_gbps=20, disk_gbps=1, prefill_tps=100_000)
+    assert m.load_seconds("memory") < m.recompute_seconds() < m.load_seconds("disk")
+    assert m.blocks_to_load(["memory", "memory", "disk", "disk"]) == 2
+    assert m.blocks_to_load(["disk", "disk"]) == 0
+    # A CPU engine prefills ~10k tokens/s: then the same disk is worth reading.
+    slow = _model(memory_gbps=20, disk_gbps=1, prefill_tps=10_000)
+    assert slow.blocks_to_load(["memory", "memory", "disk", "disk"]) == 4
+
+
+def test_the_cheapest_prefix_wins_not_the_first_block():
+    """A disk block a bit slower than its prefill, followed by blocks in memory: loading all
+    of them beats recomputing all (a greedy rule stopping at the first loss would not)."""
+    m = _model(memory_gbps=20, disk_gbps=1, prefill_tps=40_000)  # 0.4 ms per block recomputed
+    assert m.load_seconds("disk") > m.recompute_seconds()
+    assert m.blocks_to_load(["disk", "memory", "memory", "memory"]) == 4
+    assert m.blocks_to_load(["memory", "disk", "disk", "disk"]) == 1
+
+
+def test_estimates_follow_recent_measurements():
+    e = Ewma(0.2)
+    e.add(1.0)
+    assert e.value == 1.0
+    for _ in range(30):
+        e.add(4.0)
+    assert e.value == pytest.approx(4.0, rel=1e-2)
+    m = TierCostModel(BLOCK, 16)
+    m.observe_load("disk", BLOCK, 0.0)  # a zero-length measurement carries nothing
+    assert m.bandwidth["disk"].value is None
+    m.observe_load("disk", BLOCK, 0.001)
+    assert m.load_seconds("disk") == pytest.approx(0.001)
+    stats = m.stats()
+    assert stats["disk_gbps"] == pytest.approx(BLOCK / 0.001 / 1e9) and stats["prefill_tokens_per_s"] is None
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="block_bytes and block_tokens must be >= 1"):
+        TierCostModel(0, 16)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        TierCostModel(BLOCK, 16, alpha=0)
+    with pytest.raises(ValueError, match="source must be one of"):
+        TierCostModel(BLOCK, 16).observe_load("tape", 1, 1.0)
