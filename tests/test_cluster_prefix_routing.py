@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 from ultrakv.client import AsyncClient
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
@@ -164,6 +165,29 @@ async def _history(cluster: LocalCluster, node: str, sid: str) -> tuple[list[int
         await peers.close()
 
 
+async def _commit_again(cluster: LocalCluster, owner: str, sid: str, history: list[int],
+                        output: list[int]) -> None:
+    """The owner's CommitTurn over the wire: the same commit again is a no-op; another
+    output from the same version (a racing stand-in) is refused and changes nothing."""
+    prompt = history[: len(history) - len(output)]
+    request = pb.GenerateRequest(session_id=sid, request_id="again",
+                                 token_ids=pb.TokenIds(ids=[21, 22, 23]),
+                                 sampling=pb.SamplingOptions(max_length=4, temperature=0.0))
+    peers = PeerChannels(read_cluster_secret(cluster.cluster_secret_file))
+    stub = peers.stub(f"127.0.0.1:{cluster.node_ports[owner]}")
+    try:
+        def commit(ids: list[int]) -> npb.CommitTurnRequest:
+            return npb.CommitTurnRequest(request=request, turns=1, prompt_token_ids=prompt, result=pb.GenerateResult(
+                session_id=sid, token_ids=ids, finish_reason=pb.FINISH_REASON_LENGTH))
+        assert (await stub.CommitTurn(commit(output), timeout=30)).turns == 2
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CommitTurn(commit([1] * len(output)), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.ABORTED and "has 2 turns now" in refused.value.details()
+    finally:
+        await peers.close()
+    assert await _history(cluster, owner, sid) == (history, 2)
+
+
 async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(cluster) -> None:
     server = await _coordinator(cluster, session_offload=True)
     long_streams: list[asyncio.Task] = []
@@ -205,6 +229,7 @@ async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(clust
                         + second["response"]["token_ids"])
             assert await _history(cluster, owner, sid) == (expected, 2)
             assert await _history(cluster, holder, sid) == (expected, 2)  # the replica
+            await _commit_again(cluster, owner, sid, expected, second["response"]["token_ids"])
 
             third = await client.process_request({"token_ids": [31, 32], "session_id": sid, **greedy})
             assert third["success"] and third["node"] == owner, third
