@@ -15,7 +15,8 @@ work got), and whether every measured session's history on its owner equals toke
 what its client received (it must, with or without offload).
 
 The owner's batch is capped (``--max-num-seqs``): ``--background`` at or above it queues
-the owner's new turns (the overload case), below it they join the running batch.
+the owner's new turns (the overload case), below it they join the running batch (and the
+owner, asked, declines a stand-in while its batch has room).
 
     python benchmarks/bench_session_offload.py [--max-num-seqs 4 8] [--background 4]
 

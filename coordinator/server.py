@@ -636,6 +636,8 @@ class ClusterBackend:
                 request, timeout=_TOKENIZE_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return None  # the owner answers (or fails) the turn itself, as without a stand-in
+        if not prepared.would_wait:
+            return None  # its batch has room: the turn starts there at once, with its KV
         if prepared.busy or not len(self.ring) or self.ring.lookup(sid) != owner:
             return None  # a turn runs there now (it must finish first), or the owner changed
         hashes = hash_token_blocks(prepared.token_ids, scheme.block_size, request.tenant,

@@ -11,6 +11,10 @@ blocks (the session's history, then the new prompt) in its cache, so the stand-i
 little. Ties go to the node met first clockwise from the session's key, so the
 ring successor (which holds the session's replica) is preferred and coordinators agree.
 Nothing cached elsewhere, or the owner under its bound: the owner runs it, as always.
+In-flight counts cannot tell an owner that queues from one that batches, so the owner has
+the last word: the turn moves only if a request arriving there now would wait for admission
+(``PreparedTurn.would_wait``); with room in its batch the owner starts it at once, with its
+KV, which a stand-in cannot beat.
 
 The stand-in runs the turn as a generation without a session over the turn's token ids;
 the coordinator then appends the produced turn to the owner, conditional on the session's

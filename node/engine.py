@@ -1031,13 +1031,16 @@ class Engine:
 
     def prepare_turn(self, request: GenerateRequest) -> PreparedTurn:
         """The token ids a session turn would run here and the session's turn version, for a
-        node that runs the turn instead while this one is overloaded; nothing changes."""
+        node that runs the turn instead while this one is overloaded (its batch full or its
+        queue not empty: the turn would wait); nothing changes."""
         if request.session_id is None:
             raise InvalidRequestError("session_id", "session_id must be set: only a session turn is prepared")
         with self._lock:
             prompt = self._prompt_for(request)
             turns, busy = self.sessions.turn_version(request.session_id, request.tenant)
-            return PreparedTurn(prompt.tokens, turns, busy)
+            sched = self.scheduler
+            would_wait = bool(sched.waiting) or len(sched.running) >= sched.max_num_seqs
+            return PreparedTurn(prompt.tokens, turns, busy, would_wait)
 
     def append_turn(self, request: GenerateRequest, turns: int, prompt_token_ids: list[int],
                     output_token_ids: list[int], text: str, finish_reason: str

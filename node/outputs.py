@@ -68,11 +68,13 @@ class RequestOutput:
 class PreparedTurn:
     """What a session turn would run on the node holding the session, for another node to
     run it there instead: the whole prompt's token ids (history + the request's prompt) and
-    the session's turn version (0: no session yet), and whether a turn runs on it now."""
+    the session's turn version (0: no session yet), whether a turn runs on it now, and
+    whether a request arriving now would wait for admission (a full batch, a queue)."""
 
     token_ids: list[int]
     turns: int
     busy: bool
+    would_wait: bool
 
 
 @dataclass

@@ -32,9 +32,11 @@ SYSTEM = ("You are the routing test's assistant. Answer in one short sentence, c
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("prefix-routing")
+    config = data / "node.yaml"  # a batch of 3: three long generations fill a node
+    config.write_text("engine:\n  max_num_seqs: 3\n")
     spec = ClusterSpec(nodes=2, coordinators=1, data_dir=data, port=0, device="cpu",
                        num_blocks=512, lease_ttl_s=2, checkpoint_interval_s=3600.0,
-                       log_dir=data / "logs")
+                       log_dir=data / "logs", node_args=["--config", str(config)])
     with LocalCluster(spec) as c:
         yield c
 
@@ -166,7 +168,7 @@ async def _history(cluster: LocalCluster, node: str, sid: str) -> tuple[list[int
 
 
 async def _commit_again(cluster: LocalCluster, owner: str, sid: str, history: list[int],
-                        output: list[int]) -> None:
+                        output: list[int], turns: int) -> None:
     """The owner's CommitTurn over the wire: the same commit again is a no-op; another
     output from the same version (a racing stand-in) is refused and changes nothing."""
     prompt = history[: len(history) - len(output)]
@@ -177,15 +179,16 @@ async def _commit_again(cluster: LocalCluster, owner: str, sid: str, history: li
     stub = peers.stub(f"127.0.0.1:{cluster.node_ports[owner]}")
     try:
         def commit(ids: list[int]) -> npb.CommitTurnRequest:
-            return npb.CommitTurnRequest(request=request, turns=1, prompt_token_ids=prompt, result=pb.GenerateResult(
-                session_id=sid, token_ids=ids, finish_reason=pb.FINISH_REASON_LENGTH))
-        assert (await stub.CommitTurn(commit(output), timeout=30)).turns == 2
+            result = pb.GenerateResult(session_id=sid, token_ids=ids, finish_reason=pb.FINISH_REASON_LENGTH)
+            return npb.CommitTurnRequest(request=request, turns=turns, prompt_token_ids=prompt, result=result)
+        assert (await stub.CommitTurn(commit(output), timeout=30)).turns == turns + 1
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.CommitTurn(commit([1] * len(output)), timeout=30)
-        assert refused.value.code() == grpc.StatusCode.ABORTED and "has 2 turns now" in refused.value.details()
+        assert (refused.value.code() == grpc.StatusCode.ABORTED
+                and f"has {turns + 1} turns now" in refused.value.details())
     finally:
         await peers.close()
-    assert await _history(cluster, owner, sid) == (history, 2)
+    assert await _history(cluster, owner, sid) == (history, turns + 1)
 
 
 async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(cluster) -> None:
@@ -207,14 +210,24 @@ async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(clust
             await _until("the index shows the holder holding the shared blocks",
                          lambda: backend.block_index.num_blocks(holder) >= 10)
 
-            async def hold(i: int) -> None:  # a long turn of another session the owner owns
+            async def hold(i: int, running: asyncio.Event) -> None:  # a long turn the owner runs
                 other = next(f"busy-{i}-{k}" for k in range(200) if backend.ring.lookup(f"busy-{i}-{k}") == owner)
                 async for _ in client.stream({"token_ids": [11, 12, 13], "session_id": other,
                                               "max_length": 3000, "ignore_eos": True}):
-                    pass
+                    running.set()
 
-            long_streams = [asyncio.create_task(hold(i)) for i in range(3)]
-            await _until("the owner is over its bound", lambda: backend.inflight.get(owner, 0) >= 3)
+            async def occupy(i: int) -> None:
+                running = asyncio.Event()
+                long_streams.append(asyncio.create_task(hold(i, running)))
+                await asyncio.wait_for(running.wait(), 120)
+
+            await occupy(0)
+            await occupy(1)
+            # Over its bound (2 of 2 in flight) with room in its batch (2 of 3): the owner runs it.
+            roomy = await client.process_request({"token_ids": [15, 16], "session_id": sid, **greedy})
+            assert roomy["success"] and roomy["node"] == owner, roomy
+            assert backend.counters.stand_in_turns == {}
+            await occupy(2)  # its batch is full now: a turn would wait there
             second = await client.process_request({"token_ids": [21, 22, 23], "session_id": sid, **greedy})
             assert not any(t.done() for t in long_streams), "the owner was not busy throughout"
             for task in long_streams:
@@ -225,17 +238,17 @@ async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(clust
             assert backend.counters.stand_in_turns == {"served": 1}
 
             # The owner holds exactly what the client received, one turn more, and replicated it.
-            expected = (shared + [7, 8, 9] + first["response"]["token_ids"] + [21, 22, 23]
-                        + second["response"]["token_ids"])
-            assert await _history(cluster, owner, sid) == (expected, 2)
-            assert await _history(cluster, holder, sid) == (expected, 2)  # the replica
-            await _commit_again(cluster, owner, sid, expected, second["response"]["token_ids"])
+            expected = (shared + [7, 8, 9] + first["response"]["token_ids"] + [15, 16]
+                        + roomy["response"]["token_ids"] + [21, 22, 23] + second["response"]["token_ids"])
+            assert await _history(cluster, owner, sid) == (expected, 3)
+            assert await _history(cluster, holder, sid) == (expected, 3)  # the replica
+            await _commit_again(cluster, owner, sid, expected, second["response"]["token_ids"], 2)
 
-            third = await client.process_request({"token_ids": [31, 32], "session_id": sid, **greedy})
-            assert third["success"] and third["node"] == owner, third
-            assert third["usage"]["prompt_tokens"] == len(expected) + 2
+            last = await client.process_request({"token_ids": [31, 32], "session_id": sid, **greedy})
+            assert last["success"] and last["node"] == owner, last
+            assert last["usage"]["prompt_tokens"] == len(expected) + 2
             assert await _history(cluster, owner, sid) == (
-                expected + [31, 32] + third["response"]["token_ids"], 3)
+                expected + [31, 32] + last["response"]["token_ids"], 4)
     finally:
         for task in long_streams:
             task.cancel()

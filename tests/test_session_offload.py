@@ -129,6 +129,7 @@ def test_a_turn_run_elsewhere_leaves_the_owner_as_if_it_ran_there(engines):
     second = _turn(" And the next question?")
     prepared = owner.prepare_turn(second)
     assert prepared.turns == 1 and not prepared.busy and prepared.token_ids[: len(history)] == history
+    assert not prepared.would_wait  # an idle engine admits a turn at once
     out = stand_in.generate([prepared.token_ids], SamplingParams(max_tokens=6, temperature=0.0))[0]
     recorded, applied = owner.append_turn(second, prepared.turns, prepared.token_ids, out.token_ids,
                                           out.text, out.finish_reason)
@@ -146,6 +147,16 @@ def test_a_turn_run_elsewhere_leaves_the_owner_as_if_it_ran_there(engines):
     appended = prepared.token_ids + out.token_ids
     assert third.token_ids[: len(appended)] == appended and len(third.token_ids) > len(appended)
     assert owner.sessions.get("chat").turns == 3
+
+
+def test_an_owner_with_a_queue_says_the_turn_would_wait(engines):
+    owner, _ = engines
+    queued = owner.add_request(GenerateRequest(prompt=[1, 2, 3], sampling=SamplingParams(max_tokens=2)))
+    try:  # not stepped: it waits for admission
+        assert owner.prepare_turn(_turn("Anyone there?")).would_wait
+    finally:
+        owner.abort(queued.request_id)
+    assert not owner.prepare_turn(_turn("Anyone there?")).would_wait
 
 
 def test_a_turn_that_ran_on_the_owner_meanwhile_makes_the_append_fail(engines):

@@ -194,14 +194,16 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PreparedTurn(_message.Message):
-    __slots__ = ("token_ids", "turns", "busy")
+    __slots__ = ("token_ids", "turns", "busy", "would_wait")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
+    WOULD_WAIT_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     turns: int
     busy: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., busy: _Optional[bool] = ...) -> None: ...
+    would_wait: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., busy: _Optional[bool] = ..., would_wait: _Optional[bool] = ...) -> None: ...
 
 class CommitTurnRequest(_message.Message):
     __slots__ = ("request", "turns", "prompt_token_ids", "result")

@@ -233,6 +233,7 @@ class NodeServiceServicer:
         nothing. CommitTurn: appends the turn the stand-in produced to the session, only while
         the session still has that many turns and none runs (ABORTED otherwise), and replicates
         it like a turn run here before answering. A commit already applied answers OK again.
+        The turn runs elsewhere only while this node's batch is full (PreparedTurn.would_wait).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
