@@ -3,8 +3,9 @@
 A backup is a directory (or that directory as one ``.tar`` / ``.tar.zst`` file)::
 
     ultrakv-backup-20261123T212000.123Z/
-      manifest.json        format version, created-at, the cluster (nodes, models,
-                           fingerprint), counts, one entry per session, sha256 + size per file
+      manifest.json        format version, created-at, the cut (the one point in time every
+                           session is taken at), the cluster (nodes, models, fingerprint),
+                           counts, one entry per session, sha256 + size per file
       manifest.sha256      the sha256 of manifest.json
       sessions/            every session in the checkpoint format (cluster/checkpoint.py):
                            <id>.t<turns>.n<tokens>.history.json and, with KV, .kv (a block
@@ -89,6 +90,9 @@ class BackupManifest:
     sessions: list[CheckpointEntry]
     files: dict[str, dict]  # path inside the backup -> {"sha256", "bytes"}
     counts: dict[str, int] = field(default_factory=dict)
+    # The cut: cut_id, taken_at (+ _utc), etcd_revision, hold_s, attempts, and turns (session
+    # id -> its turns at the cut). None in a backup written before cuts.
+    cut: dict | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -120,9 +124,11 @@ class BackupManifest:
                               f"ultrakv reads (up to {FORMAT_VERSION}); restore it with a newer "
                               "ultrakv")
         try:
+            cut = d.get("cut")
             return cls(float(d["created_at"]), bool(d["history_only"]), list(d["nodes"]),
                        [CheckpointEntry(**e) for e in d["sessions"]], dict(d["files"]),
-                       dict(d.get("counts", {})), d["format"], version)
+                       dict(d.get("counts", {})), dict(cut) if cut is not None else None,
+                       d["format"], version)
         except (KeyError, TypeError, ValueError) as exc:
             raise BackupError(f"{where}: malformed manifest ({exc!r})") from None
 
@@ -199,7 +205,7 @@ def write_backup(parts: Iterable[ultrakv_pb2.BackupPart], work: Path,
         created_at=time.time(), history_only=history_only,
         nodes=[{"node_id": n.node_id, "model": n.model, "model_fingerprint": n.model_fingerprint}
                for n in header.nodes],
-        sessions=sessions, files=files,
+        sessions=sessions, files=files, cut=_cut_record(header.cut, sessions),
         counts={"sessions": len(sessions), "sessions_with_kv": sum(1 for e in sessions if e.kv_file),
                 "tenants": len(tenants), "tokens": sum(e.num_tokens for e in sessions),
                 "kv_tokens": sum(e.kv_tokens for e in sessions), "files": len(files),
@@ -208,6 +214,15 @@ def write_backup(parts: Iterable[ultrakv_pb2.BackupPart], work: Path,
     (work / MANIFEST).write_bytes(raw)
     (work / MANIFEST_SHA256).write_text(_sha256(raw) + "\n")
     return manifest
+
+
+def _cut_record(cut: ultrakv_pb2.BackupCut, sessions: list[CheckpointEntry]) -> dict | None:
+    """The manifest's ``cut``: the header's, with every session's turns at the cut."""
+    if not cut.cut_id:
+        return None
+    return {"cut_id": cut.cut_id, "taken_at": cut.taken_at, "taken_at_utc": _stamp(cut.taken_at),
+            "etcd_revision": cut.etcd_revision, "hold_s": cut.hold_s, "attempts": cut.attempts,
+            "turns": {e.session_id: e.turns for e in sessions}}
 
 
 def output_kind(output: Path, compress: str) -> str:

@@ -1,12 +1,16 @@
 """Backup and restore through the coordinator: every session of the cluster out as one
 stream, and back in with each session on its current owner.
 
-A backup is consistent per session: each is exported under the session's lock
-(``SessionGate``), after any move planned for it, so it is taken between two turns and from
-the copy the cluster continues from (re-sharding's rule: the most turns, then the owner's). It fails,
-rather than leaving sessions out, when a node that holds sessions does not answer. The
-header records the nodes (model and fingerprint), the coordinators' live config and the
-checkpoint manifests in etcd.
+A backup is one point in time for the whole cluster, a cut (node/backup_cut.py says why it
+holds): every node is asked to hold its turn results back and snapshot its sessions
+(``BeginCut``); once all have, the live config and checkpoint manifests are read from etcd
+(its revision is recorded) and the nodes let their results go (``ReleaseCut``: a few
+round trips of delay for the turns that finish meanwhile). Each session is then exported
+as its node's snapshot holds it, from the copy the cluster continues from (re-sharding's
+rule: the most turns, then the owner's). A cut that a node's hold outlasted, or that a
+session moving between nodes slipped past, is taken again, up to ``CUT_ATTEMPTS`` times.
+The backup fails, rather than leaving sessions out, when a node does not answer. The header
+records the cut, the nodes (model and fingerprint), the config and the manifests.
 
 A restore imports each session on its owner under the ring as it is now, keeping its tenant
 (the salt of its block hashes: tenants stay apart), then replicates its history to the
@@ -17,8 +21,13 @@ refused before anything of it is sent, naming both fingerprints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -33,7 +42,12 @@ from ultrakv.v1 import ultrakv_pb2
 if TYPE_CHECKING:
     from ultrakv.coordinator.server import ClusterBackend
 
+log = logging.getLogger("ultrakv.coordinator.backup")
+
 RPC_TIMEOUT_S = 120.0  # one session's export or import, KV included
+CUT_HOLD_S = 10.0  # a node lets its held results go after this long even if never released
+CUT_RPC_TIMEOUT_S = 5.0  # BeginCut / ReleaseCut: well inside the hold
+CUT_ATTEMPTS = 3
 
 
 def _unavailable(node: str, call: str, exc: grpc.aio.AioRpcError) -> RequestRejected:
@@ -64,6 +78,23 @@ def pick_copies(listed: dict[str, list[pb.SessionInfo]],
             for sid, held in sorted(copies.items())}
 
 
+@dataclass
+class TakenCut:
+    """A cut every node held: its sessions per node, and what the header records."""
+
+    listed: dict[str, list[pb.SessionInfo]]
+    record: ultrakv_pb2.BackupCut
+    config_json: str
+    checkpoints_json: str
+
+
+def slipped_past(listed: dict[str, list[pb.SessionInfo]], imported: set[str]) -> set[str]:
+    """Sessions imported while the cut was held that no node's snapshot has (pure): they
+    were moving between two nodes, past both snapshots."""
+    held = {info.session_id for infos in listed.values() for info in infos}
+    return imported - held
+
+
 class SessionBackup:
     """Export and import of every session, over a coordinator's view of the cluster."""
 
@@ -83,20 +114,68 @@ class SessionBackup:
         except grpc.aio.AioRpcError as exc:
             raise _unavailable(node, "Health", exc) from exc
 
-    async def _listed(self, node: str) -> list[pb.SessionInfo]:
-        try:
-            reply = await self._stub(node).ListSessions(npb.ListSessionsRequest(), timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            raise _unavailable(node, "ListSessions", exc) from exc
-        return list(reply.sessions)
-
-    async def _etcd_records(self) -> tuple[str, str]:
-        """The live config (as stored) and the checkpoint manifests, as JSON text."""
+    async def _etcd_records(self) -> tuple[str, str, int]:
+        """The live config (as stored), the checkpoint manifests as JSON text, and the etcd
+        revision the manifests were read at."""
         store = self.backend.store
         config = await store.get(CONFIG_KEY)
-        kvs, _ = await store.get_prefix(CHECKPOINTS_PREFIX)
+        kvs, revision = await store.get_prefix(CHECKPOINTS_PREFIX)
         manifests = {kv.key: _json_or_text(kv.value) for kv in kvs}
-        return (config.value.decode() if config else ""), json.dumps(manifests, sort_keys=True)
+        return ((config.value.decode() if config else ""), json.dumps(manifests, sort_keys=True),
+                revision)
+
+    async def _cut_call(self, node: str, name: str, request):
+        try:
+            return await getattr(self._stub(node), name)(request, timeout=CUT_RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable(node, name, exc) from exc
+        except KeyError:
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
+                                  f"node {node} left the cluster while the backup cut was "
+                                  "taken; run the backup again") from None
+
+    async def _end_cut(self, nodes: list[str], cut_id: str) -> None:
+        """Drop the cut's snapshots (a node that does not answer drops its own in time)."""
+        async def end(node: str) -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, KeyError):
+                await self._stub(node).EndCut(npb.CutRequest(cut_id=cut_id),
+                                              timeout=CUT_RPC_TIMEOUT_S)
+        await asyncio.gather(*(end(n) for n in nodes))
+
+    async def _take_cut(self, nodes: list[str]) -> TakenCut:
+        """A cut every node held (retried when one was spoilt); its snapshots stay on the
+        nodes until :meth:`_end_cut`."""
+        for attempt in range(1, CUT_ATTEMPTS + 1):
+            cut_id = uuid.uuid4().hex
+            begin = npb.BeginCutRequest(cut_id=cut_id, hold_s=CUT_HOLD_S)
+            try:
+                began = await asyncio.gather(
+                    *(self._cut_call(n, "BeginCut", begin) for n in nodes))
+                taken_at = time.time()
+                config_json, checkpoints_json, revision = await self._etcd_records()
+                released = await asyncio.gather(
+                    *(self._cut_call(n, "ReleaseCut", npb.CutRequest(cut_id=cut_id))
+                      for n in nodes))
+            except BaseException:
+                await self._end_cut(nodes, cut_id)
+                raise
+            listed = {n: list(b.sessions) for n, b in zip(nodes, began, strict=True)}
+            imported = {sid for r in released for sid in r.imported_session_ids}
+            spoilt = ([n for n, r in zip(nodes, released, strict=True) if not r.intact],
+                      slipped_past(listed, imported))
+            if not any(spoilt):
+                return TakenCut(listed, ultrakv_pb2.BackupCut(
+                    cut_id=cut_id, taken_at=taken_at, etcd_revision=revision,
+                    hold_s=max(r.held_s for r in released), attempts=attempt),
+                    config_json, checkpoints_json)
+            await self._end_cut(nodes, cut_id)
+            log.warning("backup cut %s spoilt (holds ran out on %s; sessions moving: %s); "
+                        "cutting again", cut_id, spoilt[0] or "none",
+                        sorted(spoilt[1]) or "none")
+        raise RequestRejected(grpc.StatusCode.ABORTED, "",
+                              f"no consistent cut in {CUT_ATTEMPTS} attempts (nodes too slow "
+                              f"to answer within {CUT_HOLD_S:g} s, or sessions kept moving); "
+                              "run the backup again")
 
     async def export(self, history_only: bool) -> AsyncIterator[ultrakv_pb2.BackupPart]:
         """The backup stream: header, then one chunk run per session."""
@@ -108,38 +187,35 @@ class SessionBackup:
             raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
                                   "no node is registered: nothing to back up from")
         healths = await asyncio.gather(*(self._health(n) for n in nodes))
-        listed = dict(zip(nodes, await asyncio.gather(*(self._listed(n) for n in nodes)),
-                          strict=True))
-        chosen = pick_copies(listed, self._owner)
-        config_json, checkpoints_json = await self._etcd_records()
-        yield ultrakv_pb2.BackupPart(header=ultrakv_pb2.BackupHeader(
-            nodes=[ultrakv_pb2.BackupNode(node_id=h.node_id or n, model=h.model,
-                                          model_fingerprint=h.model_fingerprint)
-                   for n, h in zip(nodes, healths, strict=True)],
-            num_sessions=len(chosen), config_json=config_json,
-            checkpoints_json=checkpoints_json))
-        for sid, node in chosen.items():
-            for chunk in await self._export_one(sid, node, not history_only):
-                yield ultrakv_pb2.BackupPart(session=chunk)
+        cut = await self._take_cut(nodes)
+        try:
+            chosen = pick_copies(cut.listed, self._owner)
+            yield ultrakv_pb2.BackupPart(header=ultrakv_pb2.BackupHeader(
+                nodes=[ultrakv_pb2.BackupNode(node_id=h.node_id or n, model=h.model,
+                                              model_fingerprint=h.model_fingerprint)
+                       for n, h in zip(nodes, healths, strict=True)],
+                num_sessions=len(chosen), config_json=cut.config_json,
+                checkpoints_json=cut.checkpoints_json, cut=cut.record))
+            for sid, node in chosen.items():
+                for chunk in await self._export_one(sid, node, cut.record.cut_id,
+                                                    not history_only):
+                    yield ultrakv_pb2.BackupPart(session=chunk)
+        finally:
+            await self._end_cut(nodes, cut.record.cut_id)
 
-    async def _export_one(self, session_id: str, node: str,
+    async def _export_one(self, session_id: str, node: str, cut_id: str,
                           include_kv: bool) -> list[npb.SessionChunk]:
-        """One session's chunks, read between two of its turns; from its owner when it
-        moved since it was listed."""
-        async with self.backend.gate.turn(session_id):
-            for holder in dict.fromkeys((node, self._owner(session_id))):
-                if holder is None or holder not in self.backend.members:
-                    continue
-                try:
-                    return [c async for c in self._stub(holder).ExportSession(
-                        npb.ExportSessionRequest(session_id=session_id, include_kv=include_kv),
-                        timeout=RPC_TIMEOUT_S)]
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.NOT_FOUND:
-                        raise _unavailable(holder, f"ExportSession({session_id})", exc) from exc
-        raise RequestRejected(grpc.StatusCode.ABORTED, "session_id",
-                              f"session {session_id} went away while the backup ran "
-                              "(deleted or expired); run the backup again")
+        """One session's chunks as ``node``'s snapshot of the cut holds it."""
+        try:
+            return [c async for c in self._stub(node).ExportSession(
+                npb.ExportSessionRequest(session_id=session_id, include_kv=include_kv,
+                                         cut_id=cut_id), timeout=RPC_TIMEOUT_S)]
+        except (grpc.aio.AioRpcError, KeyError) as exc:
+            if isinstance(exc, KeyError):  # the node left the cluster: its snapshot is gone
+                raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
+                                      f"node {node} left the cluster while the backup ran; "
+                                      "run the backup again") from None
+            raise _unavailable(node, f"ExportSession({session_id})", exc) from exc
 
     async def import_runs(self, runs: AsyncIterator[list[npb.SessionChunk]]
                           ) -> ultrakv_pb2.ImportSessionsResponse:

@@ -966,6 +966,11 @@ class Engine:
         with self._lock:
             return [self._info(s, replica) for s, replica in self.sessions.copies()]
 
+    def session_infos(self, copies: list[tuple[Session, bool]]) -> list[SessionInfo]:
+        """The figures of ``copies`` (from :meth:`snapshot_sessions`)."""
+        with self._lock:
+            return [self._info(s, replica) for s, replica in copies]
+
     def _info(self, s: Session, replica: bool = False) -> SessionInfo:
         return SessionInfo(
             session_id=s.session_id,
@@ -1089,11 +1094,21 @@ class Engine:
             applied = self.sessions.append_turn(sid, request.tenant, turns, history, known, conversation)
             return output, applied
 
-    def export_session(self, session_id: str, kv_device: torch.device | str = "cpu") -> SessionState:
-        """The newest copy's history (session or replica) and the KV of its leading full
-        blocks still cached, on ``kv_device`` (another GPU's engine takes it device to device)."""
+    def snapshot_sessions(self) -> list[tuple[Session, bool]]:
+        """The newest copy of every session and replica, as it is now, and whether it is a
+        replica (a backup's cut, node/backup_cut.py). The copies share the history lists: a
+        turn's end replaces them, never changes them in place, so no token is copied."""
         with self._lock:
-            s, _ = self._newest(session_id)
+            return [(replace(s), replica) for s, replica in self.sessions.copies()]
+
+    def export_session(self, session_id: str, kv_device: torch.device | str = "cpu",
+                       snapshot: Session | None = None) -> SessionState:
+        """The newest copy's history (session or replica) and the KV of its leading full
+        blocks still cached, on ``kv_device`` (another GPU's engine takes it device to device).
+        With ``snapshot`` (a copy from :meth:`snapshot_sessions`), that history instead, with
+        whatever of its KV is still cached."""
+        with self._lock:
+            s = snapshot if snapshot is not None else self._newest(session_id)[0]
             hashes = continue_chain(s.block_hashes, s.token_ids, self.config.block_size, s.salt,
                                     self.chain_root)
             blocks = self.pool.cached_prefix(hashes)

@@ -74,6 +74,7 @@ from ultrakv.cluster.validation import (
     validate_session_header,
     validate_session_id,
 )
+from ultrakv.node.backup_cut import CutRegistry
 from ultrakv.node.chat import ChatMessage
 from ultrakv.node.kv.block_event_log import BlockEventLog
 from ultrakv.node.kv.block_pool import GPU_TIER
@@ -208,6 +209,7 @@ class LocalBackend:
         self.identity = identity or NodeIdentity()
         self.on_turn_complete = on_turn_complete
         self.ledger = TurnLedger()
+        self.cuts = CutRegistry()  # backups' cuts: snapshots, and results held meanwhile
         self.serving = True  # False while the engine makes no progress (NodeServer's watch)
         self._completing: set[asyncio.Task] = set()
 
@@ -272,6 +274,7 @@ class LocalBackend:
                     recorded = result  # in the history now, whatever happens next
                     if self.on_turn_complete is not None:
                         await self.on_turn_complete(out)
+                    await self.cuts.results_may_go()  # a backup's cut is being taken
                 events.put_nowait(result)
             events.put_nowait(None)
         except Exception as exc:  # the caller raises it
@@ -300,6 +303,7 @@ class LocalBackend:
             list(commit.prompt_token_ids), list(result.token_ids), result.text, finish)
         if self.on_turn_complete is not None:  # again for a repeated commit: it may not have got there
             await self.on_turn_complete(out)
+        await self.cuts.results_may_go()  # the commit's answer is the turn's result
         key = turn_key(request)
         if key is not None:
             self.ledger.end(key, result)
@@ -337,20 +341,21 @@ class LocalBackend:
 
     async def export_sessions(self, history_only: bool) -> AsyncIterator[ultrakv_pb2.BackupPart]:
         """A backup of this node's sessions (the client-facing service of a node serving
-        without a coordinator); each session is exported whole, between two turns."""
-        infos = [i for i in await asyncio.to_thread(self.engine.list_sessions) if not i.replica]
+        without a coordinator), all as of one moment: one snapshot of the session table
+        (node/backup_cut.py), each session whole, between two turns."""
+        taken_at = time.time()
+        snapshot = [s for s, replica in await asyncio.to_thread(self.engine.snapshot_sessions)
+                    if not replica]
         yield ultrakv_pb2.BackupPart(header=ultrakv_pb2.BackupHeader(
             nodes=[ultrakv_pb2.BackupNode(
                 node_id=self.identity.node_id, model=str(getattr(self.engine, "model_name", "")),
                 model_fingerprint=str(getattr(self.engine, "model_fingerprint", "")))],
-            num_sessions=len(infos)))
-        for info in infos:
-            try:
-                state = await asyncio.to_thread(self.engine.export_session, info.session_id)
-            except SessionNotFoundError:
-                raise RequestRejected(grpc.StatusCode.ABORTED, "session_id",
-                                      f"session {info.session_id} went away while the backup "
-                                      "ran (deleted or expired); run the backup again") from None
+            num_sessions=len(snapshot),
+            cut=ultrakv_pb2.BackupCut(cut_id=f"{self.identity.node_id}-{uuid.uuid4().hex[:12]}",
+                                      taken_at=taken_at, attempts=1)))
+        for session in snapshot:
+            state = await asyncio.to_thread(self.engine.export_session, session.session_id,
+                                            "cpu", session)
             if history_only:
                 state = replace(state, kv=None, kv_tokens=0)
             for chunk in state_to_chunks(state):
@@ -428,7 +433,9 @@ class NodeServicer:
         try:
             sid = validate_session_id(request.session_id)
             validate_chunk_bytes(request.chunk_bytes)
-            state = await asyncio.to_thread(self.engine.export_session, sid)
+            snapshot = (self.backend.cuts.session(request.cut_id, sid) if request.cut_id
+                        else None)
+            state = await asyncio.to_thread(self.engine.export_session, sid, "cpu", snapshot)
         except Exception as exc:
             await abort_with(context, rejection_from_error(exc))
             return
@@ -459,6 +466,7 @@ class NodeServicer:
                             state.session_id)
                 state = replace(state, kv=None, kv_tokens=0)
             await asyncio.to_thread(self.engine.import_session, state)
+            self.backend.cuts.imported(state.session_id)
         except TransferError as exc:
             await abort_with(context, RequestRejected(grpc.StatusCode.DATA_LOSS, "chunks", str(exc)))
         except IncompatibleSessionError as exc:
@@ -531,6 +539,35 @@ class NodeServicer:
     async def ListSessions(self, request: npb.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> npb.ListSessionsResponse:
         return npb.ListSessionsResponse(sessions=await self.backend.list_sessions())
+
+    @unary
+    async def BeginCut(self, request: npb.BeginCutRequest,
+                       context: grpc.aio.ServicerContext) -> npb.BeginCutResponse:
+        """Hold turn results back, then snapshot the sessions (node/backup_cut.py)."""
+        cuts = self.backend.cuts
+        cut = cuts.begin(request.cut_id, request.hold_s)
+        try:
+            copies = await asyncio.to_thread(self.engine.snapshot_sessions)
+            infos = await asyncio.to_thread(self.engine.session_infos, copies)
+        except BaseException:
+            cuts.end(cut.cut_id)
+            raise
+        cut.snapshot = {s.session_id: (s, replica) for s, replica in copies}
+        node = self.backend.identity.node_id
+        return npb.BeginCutResponse(sessions=[session_message(i, node) for i in infos])
+
+    @unary
+    async def ReleaseCut(self, request: npb.CutRequest,
+                         context: grpc.aio.ServicerContext) -> npb.ReleaseCutResponse:
+        cut, intact = self.backend.cuts.release(request.cut_id)
+        return npb.ReleaseCutResponse(intact=intact, held_s=cut.released_at - cut.began_at,
+                                      imported_session_ids=sorted(cut.imported))
+
+    @unary
+    async def EndCut(self, request: npb.CutRequest,
+                     context: grpc.aio.ServicerContext) -> npb.EndCutResponse:
+        self.backend.cuts.end(request.cut_id)
+        return npb.EndCutResponse()
 
     async def GetSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._client_facing.GetSession(request, context)

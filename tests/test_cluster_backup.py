@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,87 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
         text = str(wrong.value)
         assert doctored.name in text and "FAILED_PRECONDITION" in text
         assert "another-model" in text and entry["session_id"] in text
+
+
+CHAINS = 3  # client threads, each alternating turns over its own two sessions
+IDLE = 12  # sessions between a chain's two in the backup's order (ids sort a-*, m-*, z-*)
+
+
+def _history_turn(client: Client, sid: str, turn: int, history: list[int]) -> list[int]:
+    prompt = [(sum(map(ord, sid)) + turn * 13 + i) % 250 + 1 for i in range(8)]
+    r = client.process_request({"token_ids": prompt, "session_id": sid, "max_length": 2,
+                                "temperature": 0.0, "ignore_eos": True})
+    assert r["success"], r
+    return history + prompt + list(r["response"]["token_ids"])
+
+
+def test_backup_is_one_point_in_time_while_clients_run_turns(tmp_path: Path) -> None:
+    """Each client runs turns on a-k, z-k, a-k, z-k, ..., each turn sent once the previous
+    one was answered, while backups run. Whatever moment a backup stands for, it holds a
+    prefix of that order: z-k has the turns of a-k or one fewer. Taken session by session
+    (a-* first, then twelve idle sessions, then z-*), z-k is read so much later that it
+    has turns a-k lacks. Every session must also be exactly its history after the turns
+    the backup says it has, hold every turn answered before the backup began and none sent
+    after it ended."""
+    spec = ClusterSpec(nodes=2, coordinators=1, data_dir=tmp_path / "data", port=0,
+                       device="cpu", num_blocks=512, lease_ttl_s=2, log_dir=tmp_path / "logs")
+    chains = [(f"a-{k}", f"z-{k}") for k in range(CHAINS)]
+    histories: dict[str, list[list[int]]] = {sid: [[]] for chain in chains for sid in chain}
+    answered: dict[str, list[float]] = {sid: [] for sid in histories}  # monotonic, per turn
+    sent: dict[str, list[float]] = {sid: [] for sid in histories}
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def run_chain(cluster: LocalCluster, chain: tuple[str, str]) -> None:
+        try:
+            with Client(cluster.address, timeout=120, retry=RetryPolicy(attempts=3)) as c:
+                while not stop.is_set():
+                    for sid in chain:
+                        sent[sid].append(time.monotonic())
+                        turn = len(histories[sid])
+                        histories[sid].append(_history_turn(c, sid, turn, histories[sid][-1]))
+                        answered[sid].append(time.monotonic())
+        except BaseException as exc:  # reported by the test thread
+            failures.append(exc)
+
+    backups = []
+    with LocalCluster(spec) as cluster:
+        with Client(cluster.address, timeout=120) as c:
+            for i in range(IDLE):  # a long history each: every export takes a while
+                history: list[int] = []
+                for turn in (1, 2):
+                    history = _history_turn(c, f"m-{i:02d}", turn, history)
+        threads = [threading.Thread(target=run_chain, args=(cluster, chain), daemon=True)
+                   for chain in chains]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 120
+            while min(len(a) for a in answered.values()) < 2 and not failures:
+                assert time.monotonic() < deadline, "the clients made no progress"
+                time.sleep(0.05)
+            with Client(cluster.address, timeout=120) as c:
+                for i in range(2):
+                    began = time.monotonic()
+                    made = create(c, tmp_path / f"backups-{i}")
+                    backups.append((began, time.monotonic(), made))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=120)
+    assert not failures, failures
+    for began, ended, made in backups:
+        cut = made.manifest.cut
+        assert cut is not None and cut["cut_id"] and cut["attempts"] >= 1
+        assert cut["etcd_revision"] > 0 and 0 <= cut["hold_s"] < 10
+        saved = _histories(made.path)
+        assert cut["turns"] == {sid: r.turns for sid, r in saved.items()}
+        for sid, record in saved.items():
+            if sid in histories:  # exactly its history after the turns it has
+                assert record.token_ids == histories[sid][record.turns], sid
+        for first, second in chains:
+            turns = {sid: saved[sid].turns if sid in saved else 0 for sid in (first, second)}
+            assert turns[first] - 1 <= turns[second] <= turns[first], (made.path.name, turns)
+            for sid, n in turns.items():
+                assert n >= sum(1 for t in answered[sid] if t < began), (sid, n)
+                assert n <= sum(1 for t in sent[sid] if t < ended), (sid, n)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
+import time
 
 import grpc
 import pytest
@@ -349,3 +351,53 @@ def test_release_gives_a_session_up_only_as_it_was_copied(node, engine):
     node.ReleaseSession(npb.ReleaseSessionRequest(session_id="cut-over", turns=2), timeout=10)
     with pytest.raises(SessionNotFoundError):
         engine.get_session("cut-over")
+
+
+def test_a_cut_holds_turn_results_and_exports_the_snapshot(node, engine):
+    """BeginCut: a turn that finishes while the cut holds is recorded but not answered until
+    ReleaseCut; exports under the cut's id give the history as it was at BeginCut (the later
+    turn out, a session created later absent), plain exports the history now."""
+    run_turn(node, "cut-a", PROMPT)
+    before = history_of(node, "cut-a")
+    began = node.BeginCut(npb.BeginCutRequest(cut_id="c1", hold_s=30), timeout=10)
+    assert {i.session_id: i.turns for i in began.sessions}["cut-a"] == 1
+    stream = node.Generate(iter([pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id="cut-a-2", session_id="cut-a", text=" and on",
+        sampling=pb.SamplingOptions(max_length=4, temperature=0.0)))]), timeout=60)
+    events: list[tuple[str, float]] = []
+    reader = threading.Thread(target=lambda: events.extend(
+        (m.WhichOneof("event"), time.monotonic()) for m in stream))
+    reader.start()
+    deadline = time.monotonic() + 30
+    while len(history_of(node, "cut-a")) == len(before):  # the turn is recorded...
+        assert time.monotonic() < deadline, "the turn never finished"
+        time.sleep(0.01)
+    time.sleep(0.5)  # ...and its result, were it not held, would be here by now
+    with pytest.raises(grpc.RpcError) as twice:  # a second cut of the same id is refused
+        node.BeginCut(npb.BeginCutRequest(cut_id="c1", hold_s=30), timeout=10)
+    assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    releasing = time.monotonic()
+    released = node.ReleaseCut(npb.CutRequest(cut_id="c1"), timeout=10)
+    assert released.intact and released.held_s > 0.5
+    reader.join(timeout=30)
+    assert events[-1][0] == "result" and events[-1][1] > releasing, events
+    after = history_of(node, "cut-a")
+    assert len(after) > len(before) and after[:len(before)] == before
+    cut = list(node.ExportSession(npb.ExportSessionRequest(
+        session_id="cut-a", include_kv=True, cut_id="c1"), timeout=30))
+    assert (list(cut[0].header.token_ids), cut[0].header.turns) == (before, 1)
+    assert cut[0].header.kv_tokens == len(before) // 16 * 16  # its blocks are still cached
+    run_turn(node, "cut-new", PROMPT)
+    with pytest.raises(grpc.RpcError) as absent:
+        list(node.ExportSession(npb.ExportSessionRequest(session_id="cut-new", cut_id="c1"),
+                                timeout=30))
+    assert absent.value.code() == grpc.StatusCode.NOT_FOUND
+    node.EndCut(npb.CutRequest(cut_id="c1"), timeout=10)
+    with pytest.raises(grpc.RpcError) as ended:
+        list(node.ExportSession(npb.ExportSessionRequest(session_id="cut-a", cut_id="c1"),
+                                timeout=30))
+    assert ended.value.code() == grpc.StatusCode.NOT_FOUND and "no cut c1" in ended.value.details()
+    with pytest.raises(grpc.RpcError) as bad:
+        node.BeginCut(npb.BeginCutRequest(cut_id="c2", hold_s=0), timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hold_s must be in (0, 60]" in bad.value.details()

@@ -26,14 +26,16 @@ class NodeHealthResponse(_message.Message):
     def __init__(self, serving: _Optional[bool] = ..., node_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
-    __slots__ = ("session_id", "include_kv", "chunk_bytes")
+    __slots__ = ("session_id", "include_kv", "chunk_bytes", "cut_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_KV_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUT_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     include_kv: bool
     chunk_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., include_kv: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    cut_id: str
+    def __init__(self, session_id: _Optional[str] = ..., include_kv: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., cut_id: _Optional[str] = ...) -> None: ...
 
 class SessionHeader(_message.Message):
     __slots__ = ("session_id", "token_ids", "turns", "model_fingerprint", "kv_tokens", "kv_shape", "kv_dtype", "num_chunks", "tenant", "messages")
@@ -140,6 +142,40 @@ class ReleaseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BeginCutRequest(_message.Message):
+    __slots__ = ("cut_id", "hold_s")
+    CUT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    cut_id: str
+    hold_s: float
+    def __init__(self, cut_id: _Optional[str] = ..., hold_s: _Optional[float] = ...) -> None: ...
+
+class BeginCutResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[_types_pb2.SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[_types_pb2.SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class CutRequest(_message.Message):
+    __slots__ = ("cut_id",)
+    CUT_ID_FIELD_NUMBER: _ClassVar[int]
+    cut_id: str
+    def __init__(self, cut_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseCutResponse(_message.Message):
+    __slots__ = ("intact", "held_s", "imported_session_ids")
+    INTACT_FIELD_NUMBER: _ClassVar[int]
+    HELD_S_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    intact: bool
+    held_s: float
+    imported_session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, intact: _Optional[bool] = ..., held_s: _Optional[float] = ..., imported_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EndCutResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

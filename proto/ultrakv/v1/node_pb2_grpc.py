@@ -81,6 +81,21 @@ class NodeServiceStub:
                 request_serializer=ultrakv_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=ultrakv_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.BeginCut = channel.unary_unary(
+                '/ultrakv.v1.NodeService/BeginCut',
+                request_serializer=ultrakv_dot_v1_dot_node__pb2.BeginCutRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.BeginCutResponse.FromString,
+                _registered_method=True)
+        self.ReleaseCut = channel.unary_unary(
+                '/ultrakv.v1.NodeService/ReleaseCut',
+                request_serializer=ultrakv_dot_v1_dot_node__pb2.CutRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.ReleaseCutResponse.FromString,
+                _registered_method=True)
+        self.EndCut = channel.unary_unary(
+                '/ultrakv.v1.NodeService/EndCut',
+                request_serializer=ultrakv_dot_v1_dot_node__pb2.CutRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.EndCutResponse.FromString,
+                _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/ultrakv.v1.NodeService/GetSession',
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.GetSessionRequest.SerializeToString,
@@ -181,6 +196,28 @@ class NodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginCut(self, request, context):
+        """A backup's cut, one point in time for the whole cluster (coordinator/session_backup.py):
+        BeginCut holds this node's turn results back and snapshots its sessions; ReleaseCut,
+        sent once every node has begun, lets the results go; ExportSession with the cut's id
+        reads a session as the snapshot holds it; EndCut drops the snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseCut(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndCut(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -292,6 +329,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=ultrakv_dot_v1_dot_node__pb2.ListSessionsRequest.FromString,
                     response_serializer=ultrakv_dot_v1_dot_node__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'BeginCut': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginCut,
+                    request_deserializer=ultrakv_dot_v1_dot_node__pb2.BeginCutRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.BeginCutResponse.SerializeToString,
+            ),
+            'ReleaseCut': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseCut,
+                    request_deserializer=ultrakv_dot_v1_dot_node__pb2.CutRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.ReleaseCutResponse.SerializeToString,
+            ),
+            'EndCut': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndCut,
+                    request_deserializer=ultrakv_dot_v1_dot_node__pb2.CutRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.EndCutResponse.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
@@ -578,6 +630,87 @@ class NodeService:
             '/ultrakv.v1.NodeService/ListSessions',
             ultrakv_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
             ultrakv_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginCut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/BeginCut',
+            ultrakv_dot_v1_dot_node__pb2.BeginCutRequest.SerializeToString,
+            ultrakv_dot_v1_dot_node__pb2.BeginCutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseCut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/ReleaseCut',
+            ultrakv_dot_v1_dot_node__pb2.CutRequest.SerializeToString,
+            ultrakv_dot_v1_dot_node__pb2.ReleaseCutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndCut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/EndCut',
+            ultrakv_dot_v1_dot_node__pb2.CutRequest.SerializeToString,
+            ultrakv_dot_v1_dot_node__pb2.EndCutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from ultrakv.v1 import node_pb2 as ultrakv_dot_v1_dot_node__pb2
 from ultrakv.v1 import types_pb2 as ultrakv_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ultrakv/v1/ultrakv.proto\x12\nultrakv.v1\x1a\x15ultrakv/v1/node.proto\x1a\x16ultrakv/v1/types.proto\"-\n\x15\x45xportSessionsRequest\x12\x14\n\x0chistory_only\x18\x01 \x01(\x08\"G\n\nBackupNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"z\n\x0c\x42\x61\x63kupHeader\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.ultrakv.v1.BackupNode\x12\x14\n\x0cnum_sessions\x18\x02 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x18\n\x10\x63heckpoints_json\x18\x04 \x01(\t\"m\n\nBackupPart\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.ultrakv.v1.BackupHeaderH\x00\x12+\n\x07session\x18\x02 \x01(\x0b\x32\x18.ultrakv.v1.SessionChunkH\x00\x42\x06\n\x04part\"Q\n\x16ImportSessionsResponse\x12\x10\n\x08sessions\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x11\n\tkv_tokens\x18\x03 \x01(\x03\x32\x8d\x06\n\x07UltraKV\x12U\n\x08Generate\x12!.ultrakv.v1.GenerateStreamRequest\x1a\".ultrakv.v1.GenerateStreamResponse(\x01\x30\x01\x12\x42\n\x07Process\x12\x1b.ultrakv.v1.GenerateRequest\x1a\x1a.ultrakv.v1.GenerateResult\x12\x43\n\x0cProcessBatch\x12\x18.ultrakv.v1.BatchRequest\x1a\x19.ultrakv.v1.BatchResponse\x12<\n\x05Stats\x12\x18.ultrakv.v1.StatsRequest\x1a\x19.ultrakv.v1.StatsResponse\x12K\n\nClearCache\x12\x1d.ultrakv.v1.ClearCacheRequest\x1a\x1e.ultrakv.v1.ClearCacheResponse\x12Z\n\x0f\x43leanupSessions\x12\".ultrakv.v1.CleanupSessionsRequest\x1a#.ultrakv.v1.CleanupSessionsResponse\x12\x44\n\nGetSession\x12\x1d.ultrakv.v1.GetSessionRequest\x1a\x17.ultrakv.v1.SessionInfo\x12T\n\rDeleteSession\x12 .ultrakv.v1.DeleteSessionRequest\x1a!.ultrakv.v1.DeleteSessionResponse\x12M\n\x0e\x45xportSessions\x12!.ultrakv.v1.ExportSessionsRequest\x1a\x16.ultrakv.v1.BackupPart0\x01\x12P\n\x0eImportSessions\x12\x18.ultrakv.v1.SessionChunk\x1a\".ultrakv.v1.ImportSessionsResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ultrakv/v1/ultrakv.proto\x12\nultrakv.v1\x1a\x15ultrakv/v1/node.proto\x1a\x16ultrakv/v1/types.proto\"-\n\x15\x45xportSessionsRequest\x12\x14\n\x0chistory_only\x18\x01 \x01(\x08\"G\n\nBackupNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\"\x9e\x01\n\x0c\x42\x61\x63kupHeader\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.ultrakv.v1.BackupNode\x12\x14\n\x0cnum_sessions\x18\x02 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x18\n\x10\x63heckpoints_json\x18\x04 \x01(\t\x12\"\n\x03\x63ut\x18\x05 \x01(\x0b\x32\x15.ultrakv.v1.BackupCut\"f\n\tBackupCut\x12\x0e\n\x06\x63ut_id\x18\x01 \x01(\t\x12\x10\n\x08taken_at\x18\x02 \x01(\x01\x12\x15\n\retcd_revision\x18\x03 \x01(\x03\x12\x0e\n\x06hold_s\x18\x04 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\"m\n\nBackupPart\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.ultrakv.v1.BackupHeaderH\x00\x12+\n\x07session\x18\x02 \x01(\x0b\x32\x18.ultrakv.v1.SessionChunkH\x00\x42\x06\n\x04part\"Q\n\x16ImportSessionsResponse\x12\x10\n\x08sessions\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12\x11\n\tkv_tokens\x18\x03 \x01(\x03\x32\x8d\x06\n\x07UltraKV\x12U\n\x08Generate\x12!.ultrakv.v1.GenerateStreamRequest\x1a\".ultrakv.v1.GenerateStreamResponse(\x01\x30\x01\x12\x42\n\x07Process\x12\x1b.ultrakv.v1.GenerateRequest\x1a\x1a.ultrakv.v1.GenerateResult\x12\x43\n\x0cProcessBatch\x12\x18.ultrakv.v1.BatchRequest\x1a\x19.ultrakv.v1.BatchResponse\x12<\n\x05Stats\x12\x18.ultrakv.v1.StatsRequest\x1a\x19.ultrakv.v1.StatsResponse\x12K\n\nClearCache\x12\x1d.ultrakv.v1.ClearCacheRequest\x1a\x1e.ultrakv.v1.ClearCacheResponse\x12Z\n\x0f\x43leanupSessions\x12\".ultrakv.v1.CleanupSessionsRequest\x1a#.ultrakv.v1.CleanupSessionsResponse\x12\x44\n\nGetSession\x12\x1d.ultrakv.v1.GetSessionRequest\x1a\x17.ultrakv.v1.SessionInfo\x12T\n\rDeleteSession\x12 .ultrakv.v1.DeleteSessionRequest\x1a!.ultrakv.v1.DeleteSessionResponse\x12M\n\x0e\x45xportSessions\x12!.ultrakv.v1.ExportSessionsRequest\x1a\x16.ultrakv.v1.BackupPart0\x01\x12P\n\x0eImportSessions\x12\x18.ultrakv.v1.SessionChunk\x1a\".ultrakv.v1.ImportSessionsResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPORTSESSIONSREQUEST']._serialized_end=132
   _globals['_BACKUPNODE']._serialized_start=134
   _globals['_BACKUPNODE']._serialized_end=205
-  _globals['_BACKUPHEADER']._serialized_start=207
-  _globals['_BACKUPHEADER']._serialized_end=329
-  _globals['_BACKUPPART']._serialized_start=331
-  _globals['_BACKUPPART']._serialized_end=440
-  _globals['_IMPORTSESSIONSRESPONSE']._serialized_start=442
-  _globals['_IMPORTSESSIONSRESPONSE']._serialized_end=523
-  _globals['_ULTRAKV']._serialized_start=526
-  _globals['_ULTRAKV']._serialized_end=1307
+  _globals['_BACKUPHEADER']._serialized_start=208
+  _globals['_BACKUPHEADER']._serialized_end=366
+  _globals['_BACKUPCUT']._serialized_start=368
+  _globals['_BACKUPCUT']._serialized_end=470
+  _globals['_BACKUPPART']._serialized_start=472
+  _globals['_BACKUPPART']._serialized_end=581
+  _globals['_IMPORTSESSIONSRESPONSE']._serialized_start=583
+  _globals['_IMPORTSESSIONSRESPONSE']._serialized_end=664
+  _globals['_ULTRAKV']._serialized_start=667
+  _globals['_ULTRAKV']._serialized_end=1448
 # @@protoc_insertion_point(module_scope)

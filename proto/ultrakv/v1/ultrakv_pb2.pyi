@@ -25,16 +25,32 @@ class BackupNode(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class BackupHeader(_message.Message):
-    __slots__ = ("nodes", "num_sessions", "config_json", "checkpoints_json")
+    __slots__ = ("nodes", "num_sessions", "config_json", "checkpoints_json", "cut")
     NODES_FIELD_NUMBER: _ClassVar[int]
     NUM_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[BackupNode]
     num_sessions: int
     config_json: str
     checkpoints_json: str
-    def __init__(self, nodes: _Optional[_Iterable[_Union[BackupNode, _Mapping]]] = ..., num_sessions: _Optional[int] = ..., config_json: _Optional[str] = ..., checkpoints_json: _Optional[str] = ...) -> None: ...
+    cut: BackupCut
+    def __init__(self, nodes: _Optional[_Iterable[_Union[BackupNode, _Mapping]]] = ..., num_sessions: _Optional[int] = ..., config_json: _Optional[str] = ..., checkpoints_json: _Optional[str] = ..., cut: _Optional[_Union[BackupCut, _Mapping]] = ...) -> None: ...
+
+class BackupCut(_message.Message):
+    __slots__ = ("cut_id", "taken_at", "etcd_revision", "hold_s", "attempts")
+    CUT_ID_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_AT_FIELD_NUMBER: _ClassVar[int]
+    ETCD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    cut_id: str
+    taken_at: float
+    etcd_revision: int
+    hold_s: float
+    attempts: int
+    def __init__(self, cut_id: _Optional[str] = ..., taken_at: _Optional[float] = ..., etcd_revision: _Optional[int] = ..., hold_s: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class BackupPart(_message.Message):
     __slots__ = ("header", "session")

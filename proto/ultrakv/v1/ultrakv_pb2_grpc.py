@@ -148,7 +148,8 @@ class UltraKVServicer:
 
     def ExportSessions(self, request, context):
         """Backup (admin keys only). A header describing the cluster, then every session it serves,
-        one copy each taken between two turns, as SessionChunk runs (header, KV chunks, trailer).
+        one copy each as of one cluster-wide cut (BackupCut), as SessionChunk runs (header, KV
+        chunks, trailer).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
