@@ -401,3 +401,33 @@ def test_a_cut_holds_turn_results_and_exports_the_snapshot(node, engine):
         node.BeginCut(npb.BeginCutRequest(cut_id="c2", hold_s=0), timeout=10)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "hold_s must be in (0, 60]" in bad.value.details()
+
+
+def test_a_cut_holds_the_answer_to_a_turn_committed_from_a_stand_in(node):
+    """A turn another node ran for this owner (CommitTurn) is this owner's turn result too:
+    appended while a cut holds, its commit is answered only after ReleaseCut."""
+    request = pb.GenerateRequest(request_id="cut-c-1", session_id="cut-c", text=PROMPT,
+                                 sampling=pb.SamplingOptions(max_length=2, temperature=0.0))
+    prepared = node.PrepareTurn(request, timeout=10)
+    node.BeginCut(npb.BeginCutRequest(cut_id="c3", hold_s=30), timeout=10)
+    answers: list[tuple[int, float]] = []
+    committer = threading.Thread(target=lambda: answers.append((node.CommitTurn(
+        npb.CommitTurnRequest(request=request, turns=prepared.turns,
+                              prompt_token_ids=prepared.token_ids,
+                              result=pb.GenerateResult(token_ids=[7, 8], text="..",
+                                                       finish_reason=pb.FINISH_REASON_LENGTH)),
+        timeout=60).turns, time.monotonic())))
+    committer.start()
+    deadline = time.monotonic() + 30
+    while True:  # appended...
+        with contextlib.suppress(grpc.RpcError):
+            if history_of(node, "cut-c")[-2:] == [7, 8]:
+                break
+        assert time.monotonic() < deadline, "the commit was never applied"
+        time.sleep(0.01)
+    time.sleep(0.5)  # ...and answered by now, were the answer not held
+    releasing = time.monotonic()
+    node.ReleaseCut(npb.CutRequest(cut_id="c3"), timeout=10)
+    committer.join(timeout=30)
+    node.EndCut(npb.CutRequest(cut_id="c3"), timeout=10)
+    assert answers and answers[0][0] == prepared.turns + 1 and answers[0][1] > releasing
