@@ -484,7 +484,8 @@ def prune(folder: Path, keep: int) -> list[Path]:
 
 def manifest_summary(manifest: BackupManifest) -> dict:
     """The figures ``backup list`` / ``create`` print."""
-    return {"created_at": _stamp(manifest.created_at), **manifest.counts,
+    cut = {"cut_at": manifest.cut["taken_at_utc"]} if manifest.cut else {}
+    return {"created_at": _stamp(manifest.created_at), **cut, **manifest.counts,
             "history_only": manifest.history_only,
             "model_fingerprint": manifest.model_fingerprint,
             "format_version": manifest.format_version}

@@ -22,6 +22,7 @@ from ultrakv.client.backup import (
     backups_in,
     expired,
     list_backups,
+    manifest_summary,
     opened,
     prune,
     save_backup,
@@ -221,6 +222,7 @@ def test_a_node_serving_alone_backs_up_on_a_schedule_and_restores(tmp_path: Path
             assert last.manifest.counts["sessions"] == 2 and last.manifest.counts["kv_tokens"] > 0
             assert last.manifest.cut["turns"] == {"s-1": 2, "s-2": 2}  # one snapshot of the node
             assert last.manifest.cut["taken_at"] <= last.manifest.created_at
+            assert manifest_summary(last.manifest)["cut_at"] == last.manifest.cut["taken_at_utc"]
             truth = {sid: _turn(c, sid, 3)["response"]["token_ids"] for sid in ("s-1", "s-2")}
         with BackgroundServer(fresh, settings) as srv, Client(srv.address, api_key=user) as c:
             with pytest.raises(BackupError, match="PERMISSION_DENIED"):
