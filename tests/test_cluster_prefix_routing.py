@@ -6,6 +6,7 @@ whose routing index the tests read. Both build the index from the nodes' block e
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 from ultrakv.client import AsyncClient
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
 from ultrakv.cluster.block_events import batch_from_message
+from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.cluster.etcd_server import free_port
 from ultrakv.cluster.peer_auth import read_cluster_secret
 from ultrakv.cluster.peers import PeerChannels
@@ -41,9 +43,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-async def _coordinator(cluster: LocalCluster, session_offload: bool = False) -> CoordinatorServer:
+async def _coordinator(cluster: LocalCluster, **settings) -> CoordinatorServer:
     server = CoordinatorServer(CoordinatorSettings(
-        etcd=cluster.etcd_endpoint, host="127.0.0.1", port=0, session_offload=session_offload,
+        etcd=cluster.etcd_endpoint, host="127.0.0.1", port=0, **settings,
         cluster_secret_file=str(cluster.cluster_secret_file),
         health=HealthPolicy(interval_s=1.0, timeout_s=1.0, down_after=3, up_after=2)))
     await server.start()
@@ -191,6 +193,21 @@ async def _commit_again(cluster: LocalCluster, owner: str, sid: str, history: li
     assert await _history(cluster, owner, sid) == (history, turns + 1)
 
 
+async def _occupy(client: AsyncClient, backend, owner: str, prefix: str) -> asyncio.Task:
+    """A long turn of another session ``owner`` owns, running once it streams."""
+    sid = next(f"{prefix}-{k}" for k in range(200) if backend.ring.lookup(f"{prefix}-{k}") == owner)
+    running = asyncio.Event()
+
+    async def hold() -> None:
+        async for _ in client.stream({"token_ids": [11, 12, 13], "session_id": sid,
+                                      "max_length": 3000, "ignore_eos": True}):
+            running.set()
+
+    task = asyncio.create_task(hold())
+    await asyncio.wait_for(running.wait(), 120)
+    return task
+
+
 async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(cluster) -> None:
     server = await _coordinator(cluster, session_offload=True)
     long_streams: list[asyncio.Task] = []
@@ -210,16 +227,8 @@ async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(clust
             await _until("the index shows the holder holding the shared blocks",
                          lambda: backend.block_index.num_blocks(holder) >= 10)
 
-            async def hold(i: int, running: asyncio.Event) -> None:  # a long turn the owner runs
-                other = next(f"busy-{i}-{k}" for k in range(200) if backend.ring.lookup(f"busy-{i}-{k}") == owner)
-                async for _ in client.stream({"token_ids": [11, 12, 13], "session_id": other,
-                                              "max_length": 3000, "ignore_eos": True}):
-                    running.set()
-
             async def occupy(i: int) -> None:
-                running = asyncio.Event()
-                long_streams.append(asyncio.create_task(hold(i, running)))
-                await asyncio.wait_for(running.wait(), 120)
+                long_streams.append(await _occupy(client, backend, owner, f"busy-{i}"))
 
             await occupy(0)
             await occupy(1)
@@ -250,6 +259,57 @@ async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(clust
             assert await _history(cluster, owner, sid) == (
                 expected + [31, 32] + last["response"]["token_ids"], 4)
     finally:
+        for task in long_streams:
+            task.cancel()
+        await asyncio.gather(*long_streams, return_exceptions=True)
+        await server.stop()
+
+
+async def test_a_stand_in_that_stalls_mid_turn_hands_the_turn_back_to_the_owner(cluster) -> None:
+    server = await _coordinator(cluster, session_offload=True, stall_timeout_s=2.0, failed_hold_s=1.0)
+    long_streams: list[asyncio.Task] = []
+    stopped = ""
+    try:
+        backend = server.backend
+        await _until("the in-process coordinator routes over both nodes", lambda: len(backend.ring) == 2)
+        sid = next(f"handed-back-{i}" for i in range(100)
+                   if backend.ring.lookup(f"handed-back-{i}") == backend.ring.lookup("offloaded-conversation"))
+        owner = backend.ring.lookup(sid)
+        holder = next(n for n in backend.ring.nodes if n != owner)
+        shared = [(11 * i) % 200 + 1 for i in range(160)]
+        neighbour = next(f"next-door-{i}" for i in range(100) if backend.ring.lookup(f"next-door-{i}") == holder)
+        async with AsyncClient(server.address, timeout=120) as client:
+            greedy = {"temperature": 0.0, "max_length": 4}
+            warm = await client.process_request({"token_ids": shared + [3], "session_id": neighbour, **greedy})
+            first = await client.process_request({"token_ids": shared + [5], "session_id": sid, **greedy})
+            assert warm["success"] and first["success"] and first["node"] == owner, (warm, first)
+            await _until("the index shows the holder holding the shared blocks",
+                         lambda: len(backend.block_index.blocks(holder)
+                                     & set(hash_token_blocks(shared, 16))) >= 10)
+            for i in range(3):
+                long_streams.append(await _occupy(client, backend, owner, f"stall-busy-{i}"))
+            received: list[int] = []
+            result: dict = {}
+            async for chunk in client.stream({"token_ids": [21, 22], "session_id": sid, "max_length": 60,
+                                              "ignore_eos": True, "temperature": 0.0}):
+                received += chunk.token_ids
+                if len(received) >= 2 and not stopped:
+                    stopped = holder  # the stand-in stops answering mid-turn
+                    cluster.send_signal(holder, signal.SIGSTOP)
+                    for task in long_streams:  # and the owner gets room for the rest
+                        task.cancel()
+                if stopped and backend.counters.stand_in_turns.get("fell_back"):
+                    cluster.send_signal(holder, signal.SIGCONT)
+                if chunk.finished:
+                    result = chunk.result
+            assert result["success"] and result["node"] == owner, result
+            assert backend.counters.stand_in_turns == {"fell_back": 1}
+            assert result["response"]["token_ids"] == received and len(received) == 60
+            expected = shared + [5] + first["response"]["token_ids"] + [21, 22] + received
+            assert await _history(cluster, owner, sid) == (expected, 2)
+    finally:
+        if stopped:
+            cluster.send_signal(stopped, signal.SIGCONT)
         for task in long_streams:
             task.cancel()
         await asyncio.gather(*long_streams, return_exceptions=True)
