@@ -70,8 +70,18 @@ def run_trace(engine: Engine, trace: list[list[list[int]]], args: argparse.Names
     stats = engine.stats()
     return {"wall_s": time.perf_counter() - t0, "hit_rate": cached / prompt if prompt else 0.0,
             "cached_tokens": cached, "prompt_tokens": prompt, "ttft_s": summary(ttft),
-            "tier_hits": {t: v["hits"] for t, v in stats["kv_tiers"].items() if isinstance(v, dict)},
-            "preemptions": stats["requests"]["preemptions"]}
+            "tier_hits": {t: v["hits"] for t, v in stats["kv_tiers"].items() if isinstance(v, dict) and "hits" in v},
+            "preemptions": stats["requests"]["preemptions"], **_cost(stats)}
+
+
+def _cost(stats: dict) -> dict:
+    """The tiers' load-or-recompute figures: hit blocks recomputed (``skipped``) and the
+    cost model's estimates at the end (node/kv/tier_cost.py); disk writes dropped."""
+    tiers = stats["kv_tiers"]
+    out = {"skipped_blocks": tiers["skipped"], "cost": tiers["cost"]} if "cost" in tiers else {}
+    if "disk" in tiers:  # blocks the bounded write queue dropped: future misses
+        out["disk_dropped_writes"] = tiers["disk"]["dropped"]
+    return out
 
 
 def run_after_restart(engine: Engine, histories: dict[str, list[int]], args: argparse.Namespace) -> dict:
@@ -85,7 +95,7 @@ def run_after_restart(engine: Engine, histories: dict[str, list[int]], args: arg
         cached += out.cached_tokens
         prompt += out.prompt_tokens
     return {"hit_rate": cached / prompt if prompt else 0.0, "cached_tokens": cached,
-            "prompt_tokens": prompt, "ttft_s": summary(ttft)}
+            "prompt_tokens": prompt, "ttft_s": summary(ttft), **_cost(engine.stats())}
 
 
 def main() -> None:

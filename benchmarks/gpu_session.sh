@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
 #   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
-#   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b; smollm2-shape decode
+#   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b (+ a disk load's cost per block); smollm2-shape decode
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
@@ -83,6 +83,7 @@ case "${1:-}" in
     python benchmarks/bench_kv_quant.py --device cuda --models llama-1b --no-needle 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/kv_quant_cuda.log"
     python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/kv_tiers_cuda.log"
+    python benchmarks/profile_disk_tier.py --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_disk_tier_cuda.log"
     python benchmarks/bench_decode.py --model smollm2-shape --device cuda --batches 1 64 --steps 1 32 \
       --new-tokens 256 --fused-kernels
     ;;

@@ -5,15 +5,16 @@ Writes ``--blocks`` block files through a real :class:`DiskTier`, then times, pe
 * the pieces, on the same files: open + read into a new ``bytes`` (``read_bytes``), open +
   ``preadv`` into a preallocated buffer, sha256 / zlib crc32 / xxh3-64 of the block's bytes,
   the copies a load made before (``bytearray`` + ``torch.frombuffer``, then ``torch.stack``);
-* the whole paths: ``DiskTier.read`` (one block back as a tensor) and ``KVTiers.load`` of
-  every block into a CPU-device pool (the CPU device standing in for the GPU), cold (nothing
-  prefetched: the load reads the files) and after ``prefetch`` (the reads done in the
-  background when the request arrived).
+* the whole paths: ``DiskTier.read`` (one block back as a tensor) and ``KVTiers.plan`` +
+  ``KVTiers.load`` of every block into a pool on ``--device`` (cpu: the CPU device standing
+  in for the GPU; cuda: through the pinned staging buffer), cold (nothing prefetched: the
+  load reads the files) and after ``prefetch`` (the reads done in the background when the
+  request arrived).
 
 The files sit in the page cache (just written), as they do on a node whose host memory
 holds its disk tier's working set; a cold disk adds its own read time on top.
 
-    python benchmarks/profile_disk_tier.py [--blocks 256] [--block-kib 512] [--out NAME]
+    python benchmarks/profile_disk_tier.py [--device cpu|cuda] [--blocks 256] [--block-kib 512] [--out NAME]
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def _per_block_us(fn, items: list, repeat: int = 3) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--blocks", type=int, default=256)
     p.add_argument("--block-kib", type=int, default=512, help="512: llama-1b, 16-token blocks")
     p.add_argument("--label", default="", help="a name for this code state (before / after)")
@@ -59,7 +61,8 @@ def main() -> None:
     # llama-1b's block: 16 layers x K,V x 16 tokens x 8 heads x 64 dims in bf16 = 512 KiB.
     layers, heads, dim, bs = 16, 8, 64, 16
     layers = max(1, args.block_kib * 1024 // (2 * bs * heads * dim * 2))
-    caches = [torch.randn((2, args.blocks, bs, heads, dim)).to(torch.bfloat16) for _ in range(layers)]
+    caches = [torch.randn((2, args.blocks, bs, heads, dim)).to(torch.bfloat16).to(args.device)
+              for _ in range(layers)]
     shape = KVTiers.block_shape(caches)
     block_bytes = caches[0].element_size() * caches[0][:, 0].numel() * layers
     identity = BlockIdentity("profile", "bfloat16", bs)
@@ -123,6 +126,8 @@ def main() -> None:
                 while tiers.plan(hashes) is None:  # the reads this load needs
                     wait(tiers.reads_in_flight(), return_when="FIRST_COMPLETED")
                 n = tiers.load(hashes, ids)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
                 best = min(best, (time.perf_counter() - t0) / n)
                 assert n == args.blocks, n
             return best * 1e6
@@ -131,9 +136,10 @@ def main() -> None:
         figures["load_prefetched_us"] = load(True)
         figures["load_cold_MBps"] = block_bytes / figures["load_cold_us"]
         tiers.close()
-    write(args.out or f"profile_disk_tier{'_' + args.label if args.label else ''}.json",
+    write(args.out or f"profile_disk_tier_{args.device}{'_' + args.label if args.label else ''}.json",
           {"host": machine(), "label": args.label,
-           "workload": {"blocks": args.blocks, "block_bytes": block_bytes, "shape": list(shape)},
+           "workload": {"blocks": args.blocks, "block_bytes": block_bytes, "shape": list(shape),
+                        "device": args.device},
            "per_block": figures})
     for k, v in figures.items():
         print(f"{k:28s} {v:10.1f}")

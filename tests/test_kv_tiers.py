@@ -16,6 +16,7 @@ from ultrakv.client.client import stats_dict
 from ultrakv.cluster.block_file import SUFFIX, read_block_file
 from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.node import Engine, EngineConfig, SamplingParams
+from ultrakv.node.kv import tiers as tiers_module
 from ultrakv.node.kv.disk_tier import DiskTier
 from ultrakv.node.kv.host_tier import HostTier
 from ultrakv.node.kv.tiers import BlockIdentity, KVTiers
@@ -473,3 +474,28 @@ def test_disk_loads_slower_than_recomputing_are_skipped(tmp_path, reference):
     assert stats["skipped"] == 2 and stats["disk"]["hits"] == 0
     assert stats["cost"]["load_block_ms"]["disk"] > stats["cost"]["recompute_block_ms"]
     assert families["ultrakv_kv_tier_loads_skipped"].samples[0].value == 2
+
+
+def test_disk_reads_share_a_bounded_staging_buffer(tmp_path, monkeypatch):
+    """With two staging slots, a load of four disk blocks reads two (the rest recomputed),
+    and the slots serve the next load once the first has copied out of them: bit-exact."""
+    monkeypatch.setattr(tiers_module, "STAGING_BLOCKS", 2)
+    caches = _caches(torch.float32)
+    original = [c.clone() for c in caches]
+    tiers = _tiers(caches, tmp_path, None, disk=True)
+    hashes = [201, 202, 203, 204]
+    try:
+        for block, h in enumerate(hashes):
+            tiers.on_evict(block, h)
+        tiers.flush()
+        tiers.disk.flush()
+        assert tiers.prefetch(hashes) == 2  # no slot for the other two
+        assert _planned(tiers, hashes) == 2 and tiers.counters.skipped == 2
+        assert tiers.load(hashes, [7, 6]) == 2
+        assert _planned(tiers, hashes[2:]) == 2  # the slots are free again
+        assert tiers.load(hashes[2:], [5, 4]) == 2
+    finally:
+        tiers.close()
+    for c, o in zip(caches, original, strict=True):
+        for src, dst in zip(range(4), [7, 6, 5, 4], strict=True):
+            assert torch.equal(c[:, dst], o[:, src])

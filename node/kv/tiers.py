@@ -265,6 +265,9 @@ class KVTiers:
         sources = []
         for h in hashes:
             read = self._reads.get(h)
+            if read is not None and read.future.done() and not read.ok():  # dropped by the disk tier
+                self._free_slots.append(self._reads.pop(h).slot)
+                read = None
             if self.host is not None and h in self.host or read is not None and read.ok():
                 sources.append("memory")
             elif read is not None and not read.future.done() or self.disk is not None and h in self.disk:
@@ -277,8 +280,9 @@ class KVTiers:
         """Start reading the disk blocks of the leading run of ``hashes`` the tiers hold;
         returns how many reads started."""
         batch: list[Future[tuple[bool, float]]] = []
+        keep = set(hashes)
         for h, source in zip(hashes, self._sources(hashes), strict=False):
-            if source == "disk" and h not in self._reads and not self._start_read(h, set(hashes), batch):
+            if source == "disk" and h not in self._reads and not self._start_read(h, keep, batch):
                 break
         self.counters.prefetched += len(batch)
         return len(batch)
@@ -294,8 +298,9 @@ class KVTiers:
         waiting = False
         hold = time.perf_counter() + HOLD_S
         batch: list[Future[tuple[bool, float]]] = []
+        keep = set(hashes[:n])
         for i, (h, source) in enumerate(zip(hashes[:n], sources, strict=False)):
-            if source == "disk" and h not in self._reads and not self._start_read(h, set(hashes[:n]), batch):
+            if source == "disk" and h not in self._reads and not self._start_read(h, keep, batch):
                 n = i  # no staging slot left: the rest is recomputed
                 break
             read = self._reads.get(h)
