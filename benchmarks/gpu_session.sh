@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session's measurements, in phases that each fit a 10-minute device call.
 #
-#   bash benchmarks/gpu_session.sh tests    # GPU tests: attention kernels, fused kernels, parity on CUDA
+#   bash benchmarks/gpu_session.sh tests    # GPU tests: attention kernels, fused kernels, parity on CUDA;
+#                                           # diag_fp8.py: the KV write kernel's bytes against the reference
 #   bash benchmarks/gpu_session.sh decode   # llama-1b decode by steps per round, fused kernels off and on
 #   bash benchmarks/gpu_session.sh full     # bench_gpu.py on llama-1b and llama-8b (~7 min) + plot
 #   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
@@ -36,7 +37,8 @@ case "${1:-}" in
   tests)
     # The fused-kernel tests are not marked gpu (they also run under Triton's CPU interpreter).
     { python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ ; \
-      python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_kv_quant_kernels.py; } 2>&1 \
+      python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_kv_quant_kernels.py; \
+      python benchmarks/diag_fp8.py; } 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/gpu_tests.log"
     ;;
   decode)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from kv_quant_cases import QuantCase, max_abs_err
 from triton_interpreter import INTERPRETING, run_under_interpreter, triton_importable
+from triton_ptx import LaunchRecorder, instructions
 from ultrakv.node.attention.torch_ref import TorchReferenceBackend
 from ultrakv.node.kv import quantization
 
@@ -58,6 +59,36 @@ def test_kernels_under_the_triton_interpreter():
     assert " passed" in out and " failed" not in out
 
 
+@pytest.fixture
+def recorded_kernels(monkeypatch):
+    """The backend's kernels replaced by launch recorders: a backend call records what it
+    would launch (CPU tensors stand in for CUDA ones), for compiling for an H100."""
+    from ultrakv.node.attention import triton_backend
+
+    recorders = {name: LaunchRecorder(k) for name, k in triton_backend._kernels().items()}
+    monkeypatch.setattr(triton_backend, "_kernels", lambda: recorders)
+    return recorders
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles for the GPU; no need to run twice")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
+def test_write_kernel_quantizes_with_ieee_division_on_the_gpu(recorded_kernels, name):
+    """Compiled for an H100 (no GPU needed), the write kernel divides as PyTorch does
+    (div.rn): Triton's fp32 `/` is the approximate div.full.f32 on CUDA, which rounded
+    quotients on a tie to the other fp8 neighbour (a whole e4m3 step) and made the kernel's
+    bytes differ from the reference's on the GPU only (the interpreter divides exactly)."""
+    storage = STORAGE[name]
+    qkv = torch.zeros(3, 48, 64, dtype=torch.bfloat16)  # llama-1b heads: 32 q, 8 kv, 64 wide
+    k, v = qkv[:, 32:40], qkv[:, 40:]
+    cache = torch.zeros(2, 4, 16, 8, 68, dtype=torch.uint8).view(storage)
+    _backend().write_kv(k, v, cache, torch.tensor([0, 1, 2]))
+    ptx = recorded_kernels["write_kv"].ptx()
+    assert "div.rn.f32" in instructions(ptx, "div")
+    approximate = instructions(ptx, "div.full") | instructions(ptx, "div.approx") | instructions(ptx, "rcp.approx")
+    assert not approximate
+
+
 def _backend():
     from ultrakv.node.attention.triton_backend import TritonPagedBackend
 
@@ -78,26 +109,24 @@ def _to_device(case: QuantCase):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_write_kernel_quantizes_like_the_reference(name, dtype):
     """The same bytes as quantization.quantize (values and scales; ties to even, which fp16 /
-    bf16 inputs hit often). On CUDA, fp32 division may round one value in a thousand across a
-    tie: there the test allows that, one step at most."""
+    bf16 inputs hit often; -0 for tiny negatives), on CUDA as under the interpreter: the
+    kernel divides with IEEE rounding as PyTorch does (see the PTX test above)."""
     storage = STORAGE[name]
     case = _case([3, 0], [21, 9], dtype, seed=2)
-    q, k, v = _to_device(case)
+    # Rows of exact e4m3 ties (an absmax of 7 * 2^-j makes the scale a power of two, so every
+    # x / scale is exact) with a tiny negative value (-0 in e4m3).
+    x = case.k.clone()
+    x[:4, :, 3] = 7.0 * 2.0 ** -torch.arange(4.0)[:, None]
+    x[:4, :, :3] = x[:4, :, 3:4] / 448 * torch.tensor([17.0, 19.0, -1e-4])
+    x = x.to(dtype)
     cache = case.cache(storage)
-    _backend().write_kv(k, v, cache, case.meta.slot_mapping)
+    _backend().write_kv(x.to(DEVICE), case.v.to(DEVICE), cache, case.meta.slot_mapping)
     flat = cache.cpu().view(torch.uint8).view(2, -1, 2, 36)
     slots = case.meta.slot_mapping.cpu()
-    for kind, x in ((0, case.k), (1, case.v)):
-        want = quantization.quantize(x, storage)
-        got = flat[kind, slots].view(storage)
-        if INTERPRETING:
-            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-            continue
-        assert float((got.view(torch.uint8) != want.view(torch.uint8)).float().mean()) <= 1e-3
-        step = x.float().abs().amax(-1, keepdim=True) / quantization.qmax(storage)
-        tol = step * (1.0 if name == "int8" else 32.0) * 1.001
-        diff = quantization.dequantize(got, 32) - quantization.dequantize(want, 32)
-        assert bool((diff.abs() <= tol).all())
+    for kind, rows in ((0, x), (1, case.v)):
+        want = quantization.quantize(rows, storage).view(torch.uint8)
+        got = flat[kind, slots]
+        assert torch.equal(got, want), (got != want).nonzero()[:5].tolist()
 
 
 @needs_kernels

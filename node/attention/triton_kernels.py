@@ -39,21 +39,29 @@ def _round_half_even(z):
 @triton.jit
 def _store_quantized(row_ptr, x, offs_d, mask, hmask,
                      HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
-    # One scale per row (token, kv head): absmax / QMAX, 1 for an all-zero row.
+    # One scale per row (token, kv head): absmax / QMAX, 1 for an all-zero row. Both divisions
+    # are IEEE (div_rn), as PyTorch's: Triton's `/` on fp32 compiles to the approximate
+    # div.full.f32 on CUDA (up to 2 ulp off), which pushes quotients that sit on a rounding
+    # tie (frequent with bf16 / fp16 inputs) to the other neighbour. For fp8 one such flip
+    # moves a value a whole e4m3 step (up to 1/14 of the row's absmax).
     xf = x.to(tl.float32)
     amax = tl.max(tl.abs(xf), 1)
-    scale = tl.where(amax > 0, amax / QMAX, 1.0)
-    y = tl.minimum(tl.maximum(xf / scale[:, None], -QMAX), QMAX)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), 1.0)
+    y = tl.math.div_rn(xf, tl.broadcast_to(scale[:, None], xf.shape))
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if QUANT == 1:  # int8: round to nearest (the conversion itself truncates)
         y = _round_half_even(y)
     else:
         # e4m3: round to nearest on its grid here (3 mantissa bits: a step of 2^(e-3) for
         # |y| in [2^e, 2^(e+1)), 2^-9 below 2^-6), so the conversion below is exact. Triton's
         # CPU interpreter converts to fp8 without carrying into the exponent (125.8 -> 64);
-        # exact inputs make the kernel the same everywhere.
-        biased = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
-        step = ((tl.maximum(biased, 127 - 6) - 3) << 23).to(tl.float32, bitcast=True)
-        y = _round_half_even(y / step) * step
+        # exact inputs make the kernel the same everywhere. The step is a power of two, so
+        # scaling by it and by its inverse (built from the exponent bits) is exact. A value
+        # that rounds to zero comes out +0, which quantization.quantize writes too.
+        biased = tl.maximum((y.to(tl.int32, bitcast=True) >> 23) & 0xFF, 127 - 6)
+        step = ((biased - 3) << 23).to(tl.float32, bitcast=True)
+        inv_step = ((257 - biased) << 23).to(tl.float32, bitcast=True)
+        y = _round_half_even(y * inv_step) * step
     tl.store(row_ptr[:, None] + offs_d[None, :], y.to(row_ptr.dtype.element_ty), mask=mask)
     tl.store(_scale_ptr(row_ptr, HEAD_DIM), scale, mask=hmask)
 
@@ -119,21 +127,22 @@ def decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    kv_base = KV + kvh * stride_head
+    k_base = KV + kvh * stride_head
+    v_base = k_base + stride_kind
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
         blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
         row = blk * stride_block + (offs_n % PAGE) * stride_tok
         lmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(kv_base + stride_kind + row[:, None] + offs_d[None, :], mask=lmask,
+        k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask,
                     other=0.0)
         if QUANT:
             # Dequantized on load: one-byte values widen exactly to q's dtype; the per-token
             # scales multiply the scores (keys) and the probabilities (values).
-            k_scale = tl.load(_scale_ptr(kv_base + row, HEAD_DIM), mask=nmask, other=0.0)
-            v_scale = tl.load(_scale_ptr(kv_base + stride_kind + row, HEAD_DIM), mask=nmask,
+            k_scale = tl.load(_scale_ptr(k_base + row, HEAD_DIM), mask=nmask, other=0.0)
+            v_scale = tl.load(_scale_ptr(v_base + row, HEAD_DIM), mask=nmask,
                               other=0.0)
             k = k.to(Q.dtype.element_ty)
             v = v.to(Q.dtype.element_ty)
@@ -229,7 +238,8 @@ def prefill_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        kv_base = KV + (h // GROUP) * stride_head
+        k_base = KV + (h // GROUP) * stride_head
+        v_base = k_base + stride_kind
         for n0 in range(0, kv_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < kv_end
@@ -237,12 +247,12 @@ def prefill_kernel(
                           other=0).to(tl.int64)
             row = blk * stride_block + (offs_n % PAGE) * stride_tok
             lmask = nmask[:, None] & dmask[None, :]
-            k = tl.load(kv_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(kv_base + stride_kind + row[:, None] + offs_d[None, :], mask=lmask,
+            k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+            v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask,
                         other=0.0)
             if QUANT:  # dequantized on load, as in decode_kernel
-                k_scale = tl.load(_scale_ptr(kv_base + row, HEAD_DIM), mask=nmask, other=0.0)
-                v_scale = tl.load(_scale_ptr(kv_base + stride_kind + row, HEAD_DIM),
+                k_scale = tl.load(_scale_ptr(k_base + row, HEAD_DIM), mask=nmask, other=0.0)
+                v_scale = tl.load(_scale_ptr(v_base + row, HEAD_DIM),
                                   mask=nmask, other=0.0)
                 k = k.to(Q.dtype.element_ty)
                 v = v.to(Q.dtype.element_ty)

@@ -68,7 +68,7 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Packed rows ``[..., head_dim + 4]`` of ``dtype`` for float rows ``x [..., head_dim]``.
 
     scale = absmax / qmax (1 for an all-zero row); value = x / scale, rounded to nearest for
-    int8, converted (round to nearest even) for fp8.
+    int8, converted (round to nearest even) for fp8, zero always as +0.
     """
     head_dim = x.shape[-1]
     xf = x.float()
@@ -77,7 +77,12 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     scaled = (xf / scale).clamp(-_QMAX[dtype], _QMAX[dtype])
     values = scaled.round().to(dtype) if dtype == torch.int8 else scaled.to(dtype)
     packed = torch.empty(*x.shape[:-1], head_dim + SCALE_BYTES, dtype=torch.uint8, device=x.device)
-    packed[..., :head_dim] = values.view(torch.uint8)
+    bits = values.view(torch.uint8)
+    if dtype == torch.float8_e4m3fn:
+        # One zero: a tiny negative value converts to -0 (0x80); store +0, as the Triton
+        # write kernel does, so both write the same bytes (they dequantize alike anyway).
+        bits = bits.masked_fill(bits == 0x80, 0)
+    packed[..., :head_dim] = bits
     packed[..., head_dim:] = scale.view(torch.uint8)
     return packed.view(dtype)
 
