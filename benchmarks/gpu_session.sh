@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
 #   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
 #   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b (+ a disk load's cost per block); smollm2-shape decode
+#   bash benchmarks/gpu_session.sh sweep-decode-quant  # decode kernel over bf16/int8/fp8 KV by launch shape
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
@@ -93,12 +94,16 @@ case "${1:-}" in
     # Prefill kernel launch shapes for few new tokens over a long cached context.
     python benchmarks/sweep_prefill_cached.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/sweep_prefill.log"
     ;;
+  sweep-decode-quant)
+    # Decode-kernel time over bf16 / int8 / fp8 KV at 8k context by launch shape (~3 min).
+    python benchmarks/sweep_decode_quant.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/sweep_decode_quant.log"
+    ;;
   profile-turn)
     # A returning session's TTFT on llama-1b: host path and kernels of turn 8.
     python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|sweep-prefill|kv" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|sweep-prefill|sweep-decode-quant|kv" >&2
     exit 2
     ;;
 esac

@@ -89,6 +89,34 @@ def test_write_kernel_quantizes_with_ieee_division_on_the_gpu(recorded_kernels, 
     assert not approximate
 
 
+@pytest.mark.skipif(INTERPRETING, reason="compiles for the GPU; no need to run twice")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
+def test_quantized_tiles_move_as_vectors_on_the_gpu(recorded_kernels, name):
+    """Compiled for an H100, the kernels move one-byte K/V in 4-byte vectors or wider: a
+    quantized row is head_dim + 4 bytes (68 here), which Triton does not know to be 4-byte
+    aligned from the runtime strides, so without the kernels' alignment hints every value
+    was loaded (and stored) one byte at a time."""
+    from ultrakv.node.attention.base import AttentionMetadata
+
+    storage = STORAGE[name]
+    qkv = torch.zeros(3, 48, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 64, 16, 8, 68, dtype=torch.uint8).view(storage)
+    backend = _backend()
+    backend.write_kv(qkv[:, 32:40], qkv[:, 40:], cache, torch.tensor([0, 1, 2]))
+    tables = torch.zeros(1, 64, dtype=torch.int32)
+    decode = AttentionMetadata(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([900], dtype=torch.int32),
+                               tables, torch.tensor([5]), 1, 900)
+    backend.decode(torch.zeros(1, 32, 64, dtype=torch.bfloat16), cache, decode, 0.125)
+    prefill = AttentionMetadata(torch.tensor([0, 100], dtype=torch.int32), torch.tensor([900], dtype=torch.int32),
+                                tables, torch.arange(100), 100, 900)
+    backend.prefill(torch.zeros(100, 32, 64, dtype=torch.bfloat16), cache, prefill, 0.125)
+    for kernel in ("write_kv", "decode", "prefill"):
+        ptx = recorded_kernels[kernel].ptx()
+        moves = instructions(ptx, "ld.global") | instructions(ptx, "st.global")
+        assert not {m for m in moves if m.endswith("8")}, (kernel, moves)
+
+
 def _backend():
     from ultrakv.node.attention.triton_backend import TritonPagedBackend
 

@@ -50,9 +50,13 @@ class DecodeConfig:
     num_stages: int = 2
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> DecodeConfig:
-        """Fastest measured shape (H100, bf16; benchmarks/bench_attention.py --sweep)."""
-        return cls(block_n=32) if head_dim <= 64 else cls(block_n=64)
+    def for_head_dim(cls, head_dim: int, quantized: bool = False) -> DecodeConfig:
+        """Fastest measured shape (H100, bf16; benchmarks/bench_attention.py --sweep). A
+        quantized cache (one-byte values) takes twice the tokens per tile at head_dim 64, the
+        same bytes per load as bf16 (benchmarks/sweep_decode_quant.py times the choices)."""
+        if head_dim <= 64:
+            return cls(block_n=64 if quantized else 32)
+        return cls(block_n=64)
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,8 @@ class TritonPagedBackend(AttentionBackend):
         _, num_heads, head_dim = q.shape
         num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
         group = num_heads // num_kv_heads
-        cfg = self.decode_config or DecodeConfig.for_head_dim(head_dim)
+        cfg = self.decode_config or DecodeConfig.for_head_dim(
+            head_dim, quantization.is_quantized(kv_cache.dtype))
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         if num_seqs == 0:
             return out

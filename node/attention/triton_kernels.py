@@ -4,6 +4,13 @@ With a quantized cache (``QUANT`` 1 int8, 2 fp8; layout in ``node/kv/quantizatio
 write kernel quantizes each (token, kv head) row and stores its float32 scale behind it, and
 the attention kernels dequantize K/V tiles as they load them.
 
+Quantized rows are head_dim + 4 one-byte elements with head_dim a multiple of 4
+(``quantization.row_width``), so every row offset is a multiple of 4. Triton cannot see that in
+the runtime strides (it specializes integers on multiples of 16 only; a row of 68 is not one)
+and would load the one-byte values one at a time: the kernels state it with ``tl.multiple_of``
+(on the offsets computed in the kernel itself: a hint on a function argument is dropped), so
+K/V tiles load as 4-byte vectors. Float caches need no hint (their strides are multiples of 16).
+
 Imported only when a kernel is first launched, so that CPU-only machines without Triton can
 still import the backend module. Launch parameters and the design are described there.
 """
@@ -88,9 +95,10 @@ def write_kv_kernel(
                     mask=mask, other=0.0)
         if QUANT:
             # Quantized in the write: the cache never holds float K/V (QUANT 1 int8, 2 fp8).
-            k_rows = KV + row + offs_h * stride_head
-            _store_quantized(k_rows, k, offs_d, mask, hmask, HEAD_DIM, QUANT, QMAX)
-            _store_quantized(k_rows + stride_kind, v, offs_d, mask, hmask, HEAD_DIM, QUANT, QMAX)
+            k_off = tl.multiple_of(row + offs_h * stride_head, 4)
+            v_off = tl.multiple_of(row + stride_kind + offs_h * stride_head, 4)
+            _store_quantized(KV + k_off, k, offs_d, mask, hmask, HEAD_DIM, QUANT, QMAX)
+            _store_quantized(KV + v_off, v, offs_d, mask, hmask, HEAD_DIM, QUANT, QMAX)
         else:
             dst = KV + row + offs_h[:, None] * stride_head + offs_d[None, :]
             tl.store(dst, k, mask=mask)
@@ -127,13 +135,20 @@ def decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    k_base = KV + kvh * stride_head
-    v_base = k_base + stride_kind
+    k_head = kvh * stride_head
+    v_head = stride_kind + kvh * stride_head
+    if QUANT:  # rows start on 4-byte boundaries (module docstring)
+        k_head = tl.multiple_of(k_head, 4)
+        v_head = tl.multiple_of(v_head, 4)
+    k_base = KV + k_head
+    v_base = KV + v_head
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
         blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
         row = blk * stride_block + (offs_n % PAGE) * stride_tok
+        if QUANT:
+            row = tl.multiple_of(row, 4)
         lmask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask,
@@ -238,14 +253,21 @@ def prefill_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_base = KV + (h // GROUP) * stride_head
-        v_base = k_base + stride_kind
+        k_head = (h // GROUP) * stride_head
+        v_head = stride_kind + (h // GROUP) * stride_head
+        if QUANT:  # rows start on 4-byte boundaries (module docstring)
+            k_head = tl.multiple_of(k_head, 4)
+            v_head = tl.multiple_of(v_head, 4)
+        k_base = KV + k_head
+        v_base = KV + v_head
         for n0 in range(0, kv_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < kv_end
             blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask,
                           other=0).to(tl.int64)
             row = blk * stride_block + (offs_n % PAGE) * stride_tok
+            if QUANT:
+                row = tl.multiple_of(row, 4)
             lmask = nmask[:, None] & dmask[None, :]
             k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
             v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask,
