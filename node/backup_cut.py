@@ -20,7 +20,7 @@ release): a turn is in or out whole. The hold runs
 out by itself after ``hold_s`` (a coordinator that died mid-cut must not stall the node);
 ``release`` says whether it lasted, and which sessions were imported meanwhile (a session
 moving between two nodes can slip past both snapshots: the coordinator cuts again then).
-Exports read the snapshot until ``end`` drops it, or until it is ``SNAPSHOT_TTL_S`` old.
+Exports read the snapshot until ``end`` drops it, or until none has for ``SNAPSHOT_IDLE_S``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from ultrakv.node.sessions import Session
 
 MAX_HOLD_S = 60.0
 MAX_CUTS = 4  # snapshots held at once (backups running at once), at most
-SNAPSHOT_TTL_S = 3600.0  # a snapshot no backup ended goes after this long
+# A snapshot not read for this long goes (its backup was abandoned without EndCut: a
+# coordinator that died, a client that went away), so it neither pins old histories nor
+# counts against MAX_CUTS for long.
+SNAPSHOT_IDLE_S = 300.0
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Cut:
     snapshot: dict[str, tuple[Session, bool]]  # session id -> (copy, replica)
     began_at: float
     hold_until: float
+    used_at: float  # the last begin or read
     released_at: float | None = None
     imported: set[str] = field(default_factory=set)
 
@@ -76,7 +80,7 @@ class CutRegistry:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "hold_s",
                                   f"hold_s must be in (0, {MAX_HOLD_S:g}], got {hold_s:g}")
         now = self.clock()
-        for old in [c for c in self._cuts.values() if now - c.began_at > SNAPSHOT_TTL_S]:
+        for old in [c for c in self._cuts.values() if now - c.used_at > SNAPSHOT_IDLE_S]:
             del self._cuts[old.cut_id]
         if cut_id in self._cuts:
             raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, "cut_id",
@@ -85,7 +89,7 @@ class CutRegistry:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "cut_id",
                                   f"at most {MAX_CUTS} backups may run at once on a node; "
                                   "wait for one to end", retry_after_s=1.0)
-        cut = Cut(cut_id, {}, now, now + hold_s)
+        cut = Cut(cut_id, {}, now, now + hold_s, now)
         self._cuts[cut_id] = cut
         self._open.clear()
         self._arm()
@@ -109,7 +113,9 @@ class CutRegistry:
 
     def session(self, cut_id: str, session_id: str) -> Session:
         """The session as the cut's snapshot holds it (the newest copy, replica or not)."""
-        copy = self._get(cut_id).snapshot.get(session_id)
+        cut = self._get(cut_id)
+        cut.used_at = self.clock()
+        copy = cut.snapshot.get(session_id)
         if copy is None:
             raise SessionNotFoundError(session_id)
         return copy[0]
@@ -130,8 +136,8 @@ class CutRegistry:
         cut = self._cuts.get(cut_id)
         if cut is None:
             raise RequestRejected(grpc.StatusCode.NOT_FOUND, "cut_id",
-                                  f"no cut {cut_id} on this node (ended, or older than "
-                                  f"{SNAPSHOT_TTL_S:g} s)")
+                                  f"no cut {cut_id} on this node (ended, or not read for "
+                                  f"{SNAPSHOT_IDLE_S:g} s)")
         return cut
 
     def _update(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.validation import RequestRejected
 from ultrakv.coordinator.session_backup import slipped_past
-from ultrakv.node.backup_cut import MAX_CUTS, CutRegistry
+from ultrakv.node.backup_cut import MAX_CUTS, SNAPSHOT_IDLE_S, CutRegistry
 from ultrakv.node.sessions import Session
 from ultrakv.v1 import types_pb2 as pb
 
@@ -96,3 +96,23 @@ def test_sessions_imported_during_the_cut_and_in_no_snapshot_slipped_past():
     listed = {"n1": [pb.SessionInfo(session_id="a")], "n2": [pb.SessionInfo(session_id="b")]}
     assert slipped_past(listed, {"a", "c"}) == {"c"}
     assert slipped_past(listed, set()) == set()
+
+
+def test_an_abandoned_snapshot_goes_once_unread_for_the_idle_time():
+    async def scenario():
+        now = [0.0]
+        registry = CutRegistry(clock=lambda: now[0])
+        for i in range(MAX_CUTS):
+            registry.begin(f"c{i}", 1)
+            registry.release(f"c{i}")
+        now[0] = SNAPSHOT_IDLE_S - 100
+        with pytest.raises(SessionNotFoundError):
+            registry.session("c0", "s")  # a read: c0 is in use
+        now[0] = SNAPSHOT_IDLE_S + 1
+        registry.begin("new", 1)  # room: c1..c3 were abandoned, c0 was read lately
+        with pytest.raises(RequestRejected):
+            registry.release("c1")
+        registry.release("c0")
+        registry.release("new")
+
+    asyncio.run(scenario())
