@@ -176,6 +176,31 @@ def test_decode_over_quantized_cache(name, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("name", ["auto", "int8"])
+def test_split_decode_merges_in_its_own_launch_and_rearms(name):
+    """Split-K decode (several context partitions per sequence) merges the partitions in the
+    same launch: the last program of each (sequence, kv head) to arrive does it and zeroes
+    the arrival counter, so the next launch (a CUDA graph replay) computes the same output."""
+    from ultrakv.node.attention import triton_backend
+
+    storage = STORAGE.get(name, torch.float16)
+    case = _case([0, 17, 40, 95, 130], [1] * 5, torch.float16, seed=7)
+    q, k, v = _to_device(case)
+    cache = case.cache(storage)
+    backend = _backend()
+    block_n = triton_backend.DecodeConfig.for_head_dim(32, name != "auto").block_n
+    partition = triton_backend.decode_partition_size(5, 2, case.meta.max_seq_len,
+                                                     triton_backend._num_sms(q.device), block_n)
+    assert case.meta.max_seq_len > 2 * partition  # three partitions or more
+    out = backend.forward(q, k, v, cache, case.meta, case.scale)
+    assert max_abs_err(out, case.reference(None if name == "auto" else storage)) < KERNEL_TOL[torch.float16]
+    counters = backend._arrival[q.device]
+    assert not counters.any()
+    assert torch.equal(backend.decode(q, cache, case.meta, case.scale), out)
+    assert not counters.any()
+
+
+@needs_kernels
 @pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
 def test_prefill_over_quantized_cache(name):
     storage = STORAGE[name]

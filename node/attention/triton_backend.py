@@ -8,9 +8,11 @@ Three kernels, launched in order on the current stream:
 * decode (every sequence brings one token): ``decode_kernel`` runs one program per
   (sequence, kv head, context partition). The program holds the whole GQA group of query heads
   that share the kv head, so each K/V tile is read from HBM once per kv head, and does an
-  online softmax in fp32 over its partition. ``decode_reduce_kernel`` merges the partitions
-  (flash-decoding). When the batch shape needs only one partition the first kernel writes the
-  normalised output itself and the reduce is skipped.
+  online softmax in fp32 over its partition. The partitions are merged (flash-decoding's
+  reduce) in the same launch: each program stores its partial result and counts itself in
+  on a per-(sequence, kv head) arrival counter; the last to arrive merges them and zeroes the
+  counter for the next launch. When the batch shape needs only one partition the program
+  writes the normalised output itself.
 * prefill / mixed batches: ``prefill_kernel`` runs one program per (sequence, query head,
   tile of new tokens) and streams K/V of the sequence's context (cached prefix plus the new
   tokens just written) through the block table, causal on absolute positions.
@@ -105,7 +107,6 @@ def _kernels():
     return {
         "write_kv": triton_kernels.write_kv_kernel,
         "decode": triton_kernels.decode_kernel,
-        "reduce": triton_kernels.decode_reduce_kernel,
         "prefill": triton_kernels.prefill_kernel,
     }
 
@@ -157,6 +158,11 @@ class TritonPagedBackend(AttentionBackend):
         """Fixed launch shapes if given; otherwise the tuned shape for each call's head_dim."""
         self.decode_config = decode_config
         self.prefill_config = prefill_config
+        # The split-K decode's arrival counters (int32, zero between launches) per device.
+        # They only grow; a replaced buffer is kept alive because CUDA graphs captured
+        # with it still point at it.
+        self._arrival: dict[torch.device, torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
 
     def forward(
         self,
@@ -242,10 +248,11 @@ class TritonPagedBackend(AttentionBackend):
         num_parts = max(1, math.ceil(meta.max_seq_len / partition))
         single = num_parts == 1
         if single:
-            tmp_acc = tmp_m = tmp_l = out  # unused by the kernel
+            tmp_acc = tmp_m = tmp_l = arrival = out  # unused by the kernel
             acc_strides = (0, 0, 0)
             ml_strides = (0, 0)
         else:
+            arrival = self._arrival_counters(q.device, num_seqs * num_kv_heads)
             tmp_acc = torch.empty(
                 (num_seqs, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device
             )
@@ -255,29 +262,30 @@ class TritonPagedBackend(AttentionBackend):
             tmp_l = torch.empty_like(tmp_m)
             acc_strides = tmp_acc.stride()[:3]
             ml_strides = tmp_m.stride()[:2]
-        kernels = _kernels()
-        block_d = _next_pow2(head_dim)
-        kernels["decode"][(num_seqs, num_kv_heads, num_parts)](
-            q, kv_cache, meta.block_tables, meta.seq_lens, out, tmp_acc, tmp_m, tmp_l,
+        _kernels()["decode"][(num_seqs, num_kv_heads, num_parts)](
+            q, kv_cache, meta.block_tables, meta.seq_lens, out, tmp_acc, tmp_m, tmp_l, arrival,
             scale * math.log2(math.e),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             meta.block_tables.stride(0),
             *acc_strides, *ml_strides,
-            GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            PAGE=page, BLOCK_N=cfg.block_n, PARTITION=partition, SINGLE=single,
+            GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
+            BLOCK_D=_next_pow2(head_dim), PAGE=page, BLOCK_N=cfg.block_n, PARTITION=partition,
+            SINGLE=single, BLOCK_S=_next_pow2(num_parts),
             IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if not single:
-            kernels["reduce"][(num_seqs, num_heads)](
-                out, tmp_acc, tmp_m, tmp_l, meta.seq_lens,
-                out.stride(0), out.stride(1), *acc_strides, *ml_strides,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, PARTITION=partition,
-                BLOCK_S=_next_pow2(num_parts),
-                num_warps=4,
-            )
         return out
+
+    def _arrival_counters(self, device: torch.device, n: int) -> torch.Tensor:
+        counters = self._arrival.get(device)
+        if counters is None or counters.numel() < n:
+            if counters is not None:
+                self._retired.append(counters)
+            # Sized for a large batch at once, so that it is rarely replaced.
+            counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+            self._arrival[device] = counters
+        return counters
 
     def prefill(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float

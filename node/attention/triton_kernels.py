@@ -1,4 +1,4 @@
-"""Triton kernels behind ``triton_backend``: KV write, split-K GQA decode + reduce, prefill.
+"""Triton kernels behind ``triton_backend``: KV write, split-K GQA decode, prefill.
 
 With a quantized cache (``QUANT`` 1 int8, 2 fp8; layout in ``node/kv/quantization.py``) the
 write kernel quantizes each (token, kv head) row and stores its float32 scale behind it, and
@@ -107,7 +107,7 @@ def write_kv_kernel(
 
 @triton.jit
 def decode_kernel(
-    Q, KV, BT, SEQ, OUT, TMP_ACC, TMP_M, TMP_L,
+    Q, KV, BT, SEQ, OUT, TMP_ACC, TMP_M, TMP_L, ARRIVED,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kind, stride_block, stride_tok, stride_head,
@@ -115,7 +115,8 @@ def decode_kernel(
     stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    PARTITION: tl.constexpr, SINGLE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
+    PARTITION: tl.constexpr, SINGLE: tl.constexpr, BLOCK_S: tl.constexpr,
+    IEEE: tl.constexpr, QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -188,33 +189,43 @@ def decode_kernel(
         ml_off = b * stride_ml_b + heads * stride_ml_h + part
         tl.store(TMP_M + ml_off, m_i, mask=gmask)
         tl.store(TMP_L + ml_off, l_i, mask=gmask)
+        # The last of the (sequence, kv head)'s partition programs to finish merges them all
+        # (flash-decoding's reduce without a second launch). The barrier puts every thread's
+        # partial stores before the counter's release; the acquire orders the merge's loads
+        # after every other program's stores. The merging program zeroes the counter again,
+        # so the next launch (or CUDA graph replay) finds it at 0.
+        tl.debug_barrier()
+        arrived = ARRIVED + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(arrived, 1, sem="acq_rel") == tl.num_programs(2) - 1:
+            num_parts = tl.cdiv(seq_len, PARTITION)
+            for g in tl.static_range(GROUP):
+                _merge_partitions(OUT, TMP_ACC, TMP_M, TMP_L, b, kvh * GROUP + g, num_parts,
+                                  stride_ot, stride_oh, stride_acc_b, stride_acc_h, stride_acc_s,
+                                  stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D, BLOCK_S)
+            tl.atomic_xchg(arrived, 0, sem="relaxed")
 
 
 @triton.jit
-def decode_reduce_kernel(
-    OUT, TMP_ACC, TMP_M, TMP_L, SEQ,
-    stride_ot, stride_oh,
-    stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PARTITION: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+def _merge_partitions(
+    OUT, TMP_ACC, TMP_M, TMP_L, b, h, num_parts,
+    stride_ot, stride_oh, stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    seq_len = tl.load(SEQ + b)
-    num_parts = tl.cdiv(seq_len, PARTITION)
+    # Query head h's output from its partitions' (acc, max, sum): rescaled to the global max.
+    # Loads bypass L1 (.cg): the partials were written by other programs, on other SMs.
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     smask = offs_s < num_parts
     dmask = offs_d < HEAD_DIM
     ml_off = b * stride_ml_b + h * stride_ml_h + offs_s
-    m = tl.load(TMP_M + ml_off, mask=smask, other=float("-inf"))
-    l_part = tl.load(TMP_L + ml_off, mask=smask, other=0.0)
+    m = tl.load(TMP_M + ml_off, mask=smask, other=float("-inf"), cache_modifier=".cg")
+    l_part = tl.load(TMP_L + ml_off, mask=smask, other=0.0, cache_modifier=".cg")
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(smask, tl.exp2(m - m_max), 0.0)
     acc = tl.load(TMP_ACC + b * stride_acc_b + h * stride_acc_h
                   + offs_s[:, None] * stride_acc_s + offs_d[None, :],
-                  mask=smask[:, None] & dmask[None, :], other=0.0)
+                  mask=smask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
     num = tl.sum(acc * w[:, None], 0)
     den = tl.sum(l_part * w, 0)
     out = num / tl.where(den > 0, den, 1.0)
