@@ -388,6 +388,22 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
     return res
 
 
+def run_multi_turn(model: str, device: str, smoke: bool) -> dict:
+    """Only (c), with the next turn's prefill in a CUDA graph (the default) and eager
+    (``cuda_graph_max_prefill_tokens=0``), on the same conversations."""
+    res: dict = {"model": model}
+    for label, tokens in (("prefill_graphs", 512), ("eager_prefill", 0)):
+        log(f"{model}: (c) multi-turn, {label}")
+        engine = engine_for(model, device, smoke, cuda_graph_max_prefill_tokens=tokens)
+        res[label] = bench_multi_turn(engine, random.Random(0), smoke)
+        log(f"{model}: last-turn TTFT reuse {res[label]['reuse'][-1]['ttft_s'] * 1e3:.2f} ms, "
+            f"recompute {res[label]['recompute'][-1]['ttft_s'] * 1e3:.2f} ms, "
+            f"speedup {res[label]['last_turn_ttft_speedup']:.2f}x")
+        del engine
+        free_memory()
+    return res
+
+
 def main() -> None:
     global SCHEDULER_STEPS, FUSED_KERNELS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -397,6 +413,8 @@ def main() -> None:
     )
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, small sizes: checks the script")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--multi-turn-only", action="store_true",
+                    help="only (c), with and without the prefill CUDA graph (writes gpu_turn_<gpu>.json)")
     ap.add_argument(
         "--scheduler-steps", type=int, default=SCHEDULER_STEPS, help="num_scheduler_steps of the engines (1 = off)"
     )
@@ -411,8 +429,12 @@ def main() -> None:
     log(f"copy bandwidth {bw:.0f} GB/s")
     results = {"copy_bandwidth_gbs": bw, "models": {}}
     gpu = machine().get("gpu", "cpu").replace(" ", "_").replace("/", "_")
-    name = args.out or f"gpu_{gpu}{'_smoke' if args.smoke else ''}.json"
+    name = args.out or f"gpu_{'turn_' if args.multi_turn_only else ''}{gpu}{'_smoke' if args.smoke else ''}.json"
     for i, model in enumerate(models):
+        if args.multi_turn_only:
+            results["models"][model] = run_multi_turn(model, device, args.smoke)
+            write(name, results)
+            continue
         n = 40 if args.smoke else args.bulk_requests[min(i, len(args.bulk_requests) - 1)]
         results["models"][model] = run_model(model, device, args.smoke, n, bw)
         write(name, results)  # after each model, so a cut-off run keeps what it measured

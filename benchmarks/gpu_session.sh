@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
+#   bash benchmarks/gpu_session.sh turn     # llama-1b turn-8 TTFT (bench_gpu (c), prefill graph on/off) + host spans
 #   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
 #   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b (+ a disk load's cost per block); smollm2-shape decode
 #   bash benchmarks/gpu_session.sh sweep-decode-quant  # decode kernel over bf16/int8/fp8 KV by launch shape
@@ -98,12 +99,20 @@ case "${1:-}" in
     # Decode-kernel time over bf16 / int8 / fp8 KV at 8k context by launch shape (~3 min).
     python benchmarks/sweep_decode_quant.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/sweep_decode_quant.log"
     ;;
+  turn)
+    # Issue 15's multi-turn target on llama-1b: turn-8 TTFT reuse vs recompute, the next turn's
+    # prefill in a CUDA graph and eager; then the host spans of such a turn and its profile.
+    python benchmarks/bench_gpu.py --models llama-1b --multi-turn-only 2>&1 | tee "$ULTRAKV_RESULTS_DIR/gpu_turn.log"
+    python benchmarks/profile_turn_host.py --model llama-1b --device cuda --sessions 6 2>&1 \
+      | tee -a "$ULTRAKV_RESULTS_DIR/gpu_turn.log"
+    python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
+    ;;
   profile-turn)
     # A returning session's TTFT on llama-1b: host path and kernels of turn 8.
     python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|sweep-prefill|sweep-decode-quant|kv" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv" >&2
     exit 2
     ;;
 esac

@@ -77,6 +77,8 @@ HELP: dict[str, dict[str, str]] = {
                           "each plus a float32 scale per token and kv head)",
         "attention_backend": "auto, torch or triton",
         "use_cuda_graphs": "replay CUDA graphs for decode",
+        "cuda_graph_max_prefill_tokens": "one sequence's prefill of at most this many tokens (a session's next "
+                                         "turn) replays in a CUDA graph (0 = decode graphs only)",
         "num_scheduler_steps": "decode steps per round when only decodes run (1 = off; unset: 32 on CUDA, 1 on CPU)",
         "fused_kernels": "Triton kernels for norm + residual, RoPE and SwiGLU (CUDA only)",
         "speculative_tokens": "n-gram speculative decoding: tokens drafted per step from the context (0 = off)",

@@ -9,6 +9,7 @@ other node and after a restart, which session migration and checkpoints rely on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -22,22 +23,29 @@ def hash_block(parent: int | None, token_ids: Sequence[int], salt: str = "") -> 
     bytes) and bytes, then each token id as a signed 64-bit int. Length prefixes keep
     different (salt, tokens) splits from colliding byte for byte.
     """
-    if parent is not None and not 0 <= parent < 2**64:
+    if parent is None:
+        head = _NO_PARENT
+    elif 0 <= parent < 2**64:
+        head = b"\x01" + parent.to_bytes(8, "little")
+    else:
         raise ValueError(f"parent must be None or in [0, 2**64), got {parent}")
     try:
-        packed_tokens = struct.pack(f"<{len(token_ids)}q", *token_ids)
+        packed_tokens = _tokens_struct(len(token_ids)).pack(*token_ids)
     except struct.error as exc:
         raise ValueError(f"token_ids must be 64-bit ints: {exc}") from None
     salt_bytes = salt.encode("utf-8")
-    h = hashlib.blake2b(digest_size=8)
-    if parent is None:
-        h.update(b"\x00" + bytes(8))
-    else:
-        h.update(b"\x01" + parent.to_bytes(8, "little"))
-    h.update(len(salt_bytes).to_bytes(4, "little"))
-    h.update(salt_bytes)
-    h.update(packed_tokens)
-    return int.from_bytes(h.digest(), "little")
+    # One buffer, one digest call: every turn of a conversation hashes its new blocks before
+    # its prefill can start, so this sits in the time to first token.
+    message = head + len(salt_bytes).to_bytes(4, "little") + salt_bytes + packed_tokens
+    return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little")
+
+
+_NO_PARENT = b"\x00" + bytes(8)
+
+
+@functools.lru_cache(maxsize=64)
+def _tokens_struct(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}q")
 
 
 def hash_token_blocks(

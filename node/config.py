@@ -43,6 +43,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"
     use_cuda_graphs: bool = True
+    # A step that is one sequence's prefill of at most this many new tokens (a conversation's
+    # next turn, a short prompt) replays in a CUDA graph padded to a token bucket
+    # (node/cuda_graphs.py); 0 leaves prefill eager (decode graphs only).
+    cuda_graph_max_prefill_tokens: int = 512
     # Decode steps run back to back per scheduling round when only decodes are running and
     # nobody waits (vLLM's multi-step scheduling): the device feeds each step's tokens to the
     # next, and the host handles each step's tokens while the device computes the following
@@ -109,6 +113,8 @@ class EngineConfig:
             self.max_model_len,
         )
         _check(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
+        _check(0 <= self.cuda_graph_max_prefill_tokens <= 512, "cuda_graph_max_prefill_tokens", "in [0, 512]",
+               self.cuda_graph_max_prefill_tokens)
         _check(0 <= self.speculative_tokens <= 16, "speculative_tokens", "in [0, 16]", self.speculative_tokens)
         _check(1 <= self.speculative_max_ngram <= 16, "speculative_max_ngram", "in [1, 16]",
                self.speculative_max_ngram)

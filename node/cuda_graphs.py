@@ -7,10 +7,15 @@ into static buffers:
 
 * decode (every sequence brings one token): keyed by (padded batch size, context bucket).
   Padded rows write nowhere (slot -1) and attend over one token of block 0.
-* prefill of one sequence (<= ``max_prefill_tokens`` new tokens, the TTFT-critical case):
-  keyed by (padded token count, context bucket). Padded tokens sit after the real ones, write
-  nowhere and repeat the last real position; causal masking keeps real tokens from seeing
-  them, and their outputs are dropped.
+* prefill of one sequence (<= ``max_prefill_tokens`` new tokens, the TTFT-critical case, a
+  returning session's turn): keyed by (padded token count, context bucket). Padded tokens sit
+  after the real ones, write nowhere and repeat the last real position; causal masking keeps
+  real tokens from seeing them, and their outputs are dropped. The cached context is data:
+  its length and block table are graph inputs. All of a step's inputs (token ids, positions,
+  slots, context length, block table) live in one device buffer laid out like a pinned host
+  buffer (:class:`PrefillGraphInputs`): the runner fills the host side with numpy and one
+  copy sends it, so such a step costs one transfer and the replay, with no device-side
+  copies or host tensor ops in between (the turn's fixed cost was most of its TTFT).
 
 The attention backend sizes its grids from ``meta.max_seq_len`` and ``max_query_len``, so a
 capture fixes them; contexts are bucketed (x4 from 256 up to the model's limit) so short
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
 
@@ -49,6 +56,104 @@ def context_buckets(max_model_len: int, first: int = 256, factor: int = 4) -> li
     return buckets
 
 
+@dataclass(frozen=True)
+class PrefillShape:
+    """The captured shape a single sequence's prefill step replays in: ``tokens`` new tokens
+    (the step's count padded up to a bucket) over a context of at most ``context``."""
+
+    tokens: int
+    context: int
+
+
+def prefill_shape(start: int, num_new: int, token_buckets: list[int], contexts: list[int]) -> PrefillShape | None:
+    """The graph shape for one sequence bringing ``num_new`` tokens after ``start`` computed
+    ones; None when no prefill graph fits (one token is a decode step; more than the largest
+    bucket, or a padded sequence past the longest context, runs eagerly)."""
+    if num_new < 2 or not token_buckets or num_new > token_buckets[-1]:
+        return None
+    size = token_buckets[bisect.bisect_left(token_buckets, num_new)]
+    end = start + size  # the padded tokens extend the sequence
+    if end > contexts[-1]:
+        return None
+    return PrefillShape(size, contexts[bisect.bisect_left(contexts, end)])
+
+
+class PrefillGraphInputs:
+    """The prefill graphs' static inputs, in one device buffer mirrored by a host buffer
+    (pinned on CUDA) of the same byte layout::
+
+        input ids  int64 [R] | positions int64 [R] | slots int64 [R] | seq len int32 [4] | block table int32 [W]
+
+    (``R`` = the largest token bucket, ``W`` = the widest block table). :meth:`stage` fills
+    the host side for one step with numpy, padded to the bucket; :meth:`send` copies the
+    used bytes over in one transfer. Every field starts on a 16-byte boundary (Triton
+    specializes on pointer alignment, so a capture and later replays agree). Works on any
+    device, which lets the CPU tests check the staging against the runner's eager inputs.
+    """
+
+    def __init__(self, max_tokens: int, max_blocks: int, block_size: int, device: torch.device):
+        rows = -(-max_tokens // 2) * 2  # int64 fields of 16-byte multiples
+        self.block_size = block_size
+        self._o_pos, self._o_slot, self._o_len = 8 * rows, 16 * rows, 24 * rows
+        self._o_tab = self._o_len + 16
+        nbytes = self._o_tab + 4 * max_blocks
+        pin = device.type == "cuda"
+        self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+        # Zeros: block-table entries past a sequence's blocks must always be valid block ids.
+        self.device_buffer = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        h = self.host.numpy()
+        self._ids = h[: self._o_pos].view(np.int64)
+        self._pos = h[self._o_pos : self._o_slot].view(np.int64)
+        self._slots = h[self._o_slot : self._o_len].view(np.int64)
+        self._seq_len = h[self._o_len : self._o_tab].view(np.int32)
+        self._table = h[self._o_tab :].view(np.int32)
+        d = self.device_buffer
+        self.input_ids = d[: self._o_pos].view(torch.int64)
+        self.positions = d[self._o_pos : self._o_slot].view(torch.int64)
+        self.slot_mapping = d[self._o_slot : self._o_len].view(torch.int64)
+        self.seq_lens = d[self._o_len : self._o_len + 4].view(torch.int32)[:1]
+        self.block_tables = d[self._o_tab :].view(torch.int32).view(1, max_blocks)
+        # The host buffer is rewritten only once the previous step's copy has left it.
+        self._copied = torch.cuda.Event() if pin else None
+
+    def stage(self, token_ids: list[int], start: int, block_table: list[int], size: int) -> int:
+        """Lay out one step, padded to ``size`` tokens, in the host buffer: ``token_ids`` at
+        positions ``start..``, slots from ``block_table``; padded tokens repeat the last real
+        position and write nowhere (slot -1), and the context length counts them. Returns the
+        number of bytes to :meth:`send` (through the end of the block table)."""
+        n, bs = len(token_ids), self.block_size
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._ids[:n] = token_ids
+        self._ids[n:size] = 0
+        pos = self._pos[:size]
+        pos[:n] = np.arange(start, start + n)
+        pos[n:] = start + n - 1
+        table = self._table[: len(block_table)]
+        table[:] = block_table
+        self._slots[:n] = table[pos[:n] // bs].astype(np.int64) * bs + pos[:n] % bs
+        self._slots[n:size] = -1
+        self._seq_len[0] = start + size
+        return self._o_tab + 4 * len(block_table)
+
+    def send(self, nbytes: int) -> None:
+        """Copy the first ``nbytes`` staged bytes to the device buffer (asynchronous on CUDA)."""
+        self.device_buffer[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def meta(self, size: int, context: int, query_start_loc: torch.Tensor) -> AttentionMetadata:
+        """The metadata a graph of shape (``size``, ``context``) is captured with and reads."""
+        return AttentionMetadata(
+            query_start_loc=query_start_loc,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            slot_mapping=self.slot_mapping[:size],
+            max_query_len=size,
+            max_seq_len=context,
+        )
+
+
 class CudaGraphRunner:
     """Captures and replays the model's forward for decode steps and short prefills."""
 
@@ -68,55 +173,77 @@ class CudaGraphRunner:
         self.prefill_sizes = [t for t in PREFILL_TOKEN_BUCKETS if t <= max_prefill_tokens]
         self.buckets = context_buckets(max_model_len)
         self.max_batch = self.batch_sizes[-1]
-        rows = max(self.max_batch, self.prefill_sizes[-1] if self.prefill_sizes else 0)
+        rows = self.max_batch
         max_blocks = padded_table_width(-(-max_model_len // block_size))
         dev = device
+        # Decode graphs' inputs; the prefill graphs have their own (prefill_inputs).
         self.input_ids = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.full((rows,), -1, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(self.max_batch, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(self.max_batch, max_blocks, dtype=torch.int32, device=dev)
         self.decode_qsl = torch.arange(self.max_batch + 1, dtype=torch.int32, device=dev)
+        self.prefill_inputs = PrefillGraphInputs(self.prefill_sizes[-1] if self.prefill_sizes else 2, max_blocks,
+                                                 block_size, dev)
         self.prefill_qsl = {t: torch.tensor([0, t], dtype=torch.int32, device=dev) for t in self.prefill_sizes}
         self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def _is_prefill(self, meta: AttentionMetadata) -> bool:
-        if meta.is_decode_only or meta.num_seqs != 1 or not self.prefill_sizes:
-            return False
-        if meta.max_query_len > self.prefill_sizes[-1]:
-            return False
-        size = self.prefill_sizes[bisect.bisect_left(self.prefill_sizes, meta.max_query_len)]
-        # The padded sequence must stay inside the model's context (and the block tables).
-        return meta.max_seq_len + size - meta.max_query_len <= self.buckets[-1]
+    def _prefill_shape(self, meta: AttentionMetadata) -> PrefillShape | None:
+        if meta.num_seqs != 1:
+            return None
+        return prefill_shape(meta.max_seq_len - meta.max_query_len, meta.max_query_len, self.prefill_sizes,
+                             self.buckets)
+
+    def prefill_shape(self, start: int, num_new: int) -> PrefillShape | None:
+        """The graph shape for one sequence's step of ``num_new`` tokens after ``start``
+        computed ones (None: it runs eagerly); see :meth:`run_prefill`."""
+        return prefill_shape(start, num_new, self.prefill_sizes, self.buckets)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         if meta.max_seq_len > self.buckets[-1]:
             return False
         if meta.is_decode_only:
             return meta.num_seqs <= self.max_batch
-        return self._is_prefill(meta)
+        return self._prefill_shape(meta) is not None
+
+    @torch.inference_mode()
+    def run_prefill(self, shape: PrefillShape, token_ids: list[int], start: int,
+                    block_table: list[int]) -> torch.Tensor:
+        """One sequence's prefill step from host values: staged in the pinned buffer, sent in
+        one copy, replayed. Returns the hidden states of the ``len(token_ids)`` real tokens."""
+        inputs = self.prefill_inputs
+        inputs.send(inputs.stage(token_ids, start, block_table, shape.tokens))
+        key = ("prefill", shape.tokens, shape.context)
+        graph, out = self.graphs.get(key) or self._capture(*key)
+        graph.replay()
+        return out[: len(token_ids)]
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Replay for a step whose inputs are already on the device (decode steps, and a
+        single sequence's verify step of a speculative draft)."""
         n = input_ids.shape[0]
-        bucket = self.buckets[bisect.bisect_left(self.buckets, meta.max_seq_len)]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
         width = meta.block_tables.shape[1]
-        if self._is_prefill(meta):
-            kind, size = "prefill", self.prefill_sizes[bisect.bisect_left(self.prefill_sizes, n)]
-            pad = size - n
-            self.slot_mapping[n:size].fill_(-1)
-            self.positions[n:size].copy_(positions[n - 1 :].expand(pad))
+        shape = None if meta.is_decode_only else self._prefill_shape(meta)
+        if shape is not None:
+            inputs, size = self.prefill_inputs, shape.tokens
+            inputs.input_ids[:n].copy_(input_ids)
+            inputs.positions[:n].copy_(positions)
+            inputs.slot_mapping[:n].copy_(meta.slot_mapping)
+            inputs.slot_mapping[n:size].fill_(-1)
+            inputs.positions[n:size].copy_(positions[n - 1 :].expand(size - n))
             # The padded tokens extend the sequence; only they can see the unwritten slots.
-            torch.add(meta.seq_lens, pad, out=self.seq_lens[:1])
+            torch.add(meta.seq_lens, size - n, out=inputs.seq_lens)
             # Entries past the real table are stale but valid block ids: only padding reads them.
-            self.block_tables[:1, :width].copy_(meta.block_tables)
-            bucket = self.buckets[bisect.bisect_left(self.buckets, min(meta.max_seq_len + pad, self.buckets[-1]))]
+            inputs.block_tables[:, :width].copy_(meta.block_tables)
+            kind, bucket = "prefill", shape.context
         else:
             kind, size = "decode", self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
+            bucket = self.buckets[bisect.bisect_left(self.buckets, meta.max_seq_len)]
+            self.input_ids[:n].copy_(input_ids)
+            self.positions[:n].copy_(positions)
+            self.slot_mapping[:n].copy_(meta.slot_mapping)
             self.seq_lens[:n].copy_(meta.seq_lens)
             self.block_tables[:n, :width].copy_(meta.block_tables)
             if n < size:  # padded rows: write nowhere, attend over one token of block 0
@@ -135,6 +262,9 @@ class CudaGraphRunner:
         self.input_ids.zero_()
         self.slot_mapping.fill_(-1)
         self.block_tables.zero_()
+        prefill = self.prefill_inputs
+        prefill.device_buffer.zero_()
+        prefill.slot_mapping.fill_(-1)
         for bucket in self.buckets:
             for size in self.batch_sizes:
                 self.seq_lens.fill_(1)
@@ -144,22 +274,15 @@ class CudaGraphRunner:
             for size in self.prefill_sizes:
                 if size > bucket or ("prefill", size, bucket) in self.graphs:
                     continue
-                self.seq_lens[:1].fill_(size)
-                self.positions[:size].copy_(torch.arange(size, device=self.positions.device))
+                prefill.seq_lens.fill_(size)
+                prefill.positions[:size].copy_(torch.arange(size, device=prefill.positions.device))
                 self._capture("prefill", size, bucket)
         torch.cuda.synchronize()
         return len(self.graphs) - before
 
     def _meta(self, kind: str, size: int, bucket: int) -> AttentionMetadata:
         if kind == "prefill":
-            return AttentionMetadata(
-                query_start_loc=self.prefill_qsl[size],
-                seq_lens=self.seq_lens[:1],
-                block_tables=self.block_tables[:1],
-                slot_mapping=self.slot_mapping[:size],
-                max_query_len=size,
-                max_seq_len=bucket,
-            )
+            return self.prefill_inputs.meta(size, bucket, self.prefill_qsl[size])
         return AttentionMetadata(
             query_start_loc=self.decode_qsl[: size + 1],
             seq_lens=self.seq_lens[:size],
@@ -171,7 +294,8 @@ class CudaGraphRunner:
 
     def _capture(self, kind: str, size: int, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         meta = self._meta(kind, size, bucket)
-        args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+        inputs = self.prefill_inputs if kind == "prefill" else self
+        args = (inputs.input_ids[:size], inputs.positions[:size], self.kv_caches, meta)
         # The step being replayed already holds its inputs in the buffers, so the warm-up run
         # (on a side stream: it compiles kernels and settles allocations) does the real work.
         stream = torch.cuda.Stream()

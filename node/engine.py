@@ -217,7 +217,7 @@ class Engine:
                 self.device,
                 config.max_num_seqs,
                 self.max_model_len,
-                max_prefill_tokens=min(512, config.max_num_batched_tokens),
+                max_prefill_tokens=min(config.cuda_graph_max_prefill_tokens, config.max_num_batched_tokens),
             )
         self.runner = ModelRunner(
             self.model if self.tensor_parallel is None else self.tensor_parallel.wrap(self.model),
@@ -289,7 +289,8 @@ class Engine:
         def ids(n: int) -> list[int]:
             return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
-        graph_max = self.runner.graphs.prefill_sizes[-1] if self.runner.graphs else 0
+        graphs = self.runner.graphs
+        graph_max = graphs.prefill_sizes[-1] if graphs is not None and graphs.prefill_sizes else 0
         budget = self.config.max_num_batched_tokens
         limit = self.max_model_len - 8  # room for the decode tokens
         steps = max(2, self.num_scheduler_steps + 1)  # a multi-step round too
@@ -536,7 +537,7 @@ class Engine:
                 self._last_progress = time.monotonic()
             self.scheduler.add(seq)
             if self.tiers is not None:  # its blocks on disk start loading before it is scheduled
-                hashes = self.scheduler.block_hashes_of(seq)
+                hashes = seq.prefix_hashes = self.scheduler.block_hashes_of(seq)  # matched without rehashing
                 self.tiers.prefetch(hashes[len(self.pool.cached_prefix(hashes)):])
             self._metrics.requests += 1
             self._work.notify_all()

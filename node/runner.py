@@ -1,11 +1,14 @@
 """Turns a scheduled step into flat tensors, runs the model, and samples.
 
-The batch is built on the host with a handful of tensor ops (no per-token Python loops):
-positions and cache slots come from each sequence's computed count and block table by
-repeat_interleave and a gather. Everything the device needs goes over in two copies from
-pinned staging buffers (one int64, one int32), so a step costs two transfers, not one per
-tensor. Only the last position of each sequence whose chunk reaches its end becomes logits;
-an all-greedy batch samples with one argmax and no other host-device round trip.
+The batch is built on the host with a handful of numpy ops on views of pinned staging
+buffers (no per-token Python loops): positions and cache slots come from each sequence's
+computed count and block table by a repeat and a gather. Everything the device needs goes
+over in two copies (one int64 buffer, one int32), so a step costs two transfers, not one per
+tensor. A step that is one sequence's short prefill (the next turn of a conversation) skips
+all that: its inputs are staged straight into the prefill CUDA graph's buffer and sent in one
+copy (node/cuda_graphs.py). Only the last position of each sequence whose chunk reaches its
+end becomes logits; an all-greedy batch samples with one argmax and no other host-device
+round trip.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
 from ultrakv.node.cuda_graphs import CudaGraphRunner
@@ -55,6 +59,7 @@ class ModelRunner:
             _align(max_num_seqs + 1, 4) + _align(max_num_seqs, 4) + max_num_seqs * self._max_blocks,
             dtype=torch.int32, pin_memory=pin,
         )
+        self._host64, self._host32 = self._stage64.numpy(), self._stage32.numpy()
         # The staging buffers are reused; a step must not overwrite them while the previous
         # step's copies may still be in flight (a step that samples nothing never syncs).
         self._copied = torch.cuda.Event() if pin else None
@@ -67,12 +72,17 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
         """Run one step; returns the sampled token for each scheduled item (None: mid-prefill)."""
         rows = [i for i, item in enumerate(scheduled) if item.samples]
-        input_ids, positions, meta, last = self.prepare(scheduled, rows)
-        hidden = self._forward(input_ids, positions, meta)
+        graphed = self._prefill_graph_step(scheduled)
+        if graphed is not None:
+            hidden = graphed
+            selected = hidden[-1:]  # one sequence: its last token is the row to sample
+        else:
+            input_ids, positions, meta, last = self.prepare(scheduled, rows)
+            hidden = self._forward(input_ids, positions, meta)
+            # Decode steps sample every row, and row i is token i: no gather needed.
+            selected = hidden if hidden.shape[0] == len(rows) else hidden[last]
         if not rows:
             return [None] * len(scheduled)
-        # Decode steps sample every row, and row i is token i: no gather needed.
-        selected = hidden if hidden.shape[0] == len(rows) else hidden[last]
         tokens = self._sample(selected, self._sampling_for([scheduled[i] for i in rows])).tolist()
         out: list[int | None] = [None] * len(scheduled)
         for row, tok in zip(rows, tokens, strict=True):
@@ -175,6 +185,19 @@ class ModelRunner:
             start += item.num_new_tokens
         return out
 
+    def _prefill_graph_step(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
+        """The hidden states of a step that is one sequence's prefill (a returning session's
+        turn, a short prompt) replayed in a prefill graph straight from host values, skipping
+        :meth:`prepare`; None when the step is not one (it then runs through :meth:`prepare`)."""
+        if self.graphs is None or len(scheduled) != 1 or scheduled[0].draft:
+            return None
+        item = scheduled[0]
+        seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+        shape = self.graphs.prefill_shape(start, n)
+        if shape is None:
+            return None
+        return self.graphs.run_prefill(shape, seq.token_ids[start : start + n], start, seq.block_table)
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
@@ -216,31 +239,34 @@ class ModelRunner:
 
         if self._copied is not None:
             self._copied.synchronize()
-        s64 = self._stage64[: 3 * t + len(rows)]
-        ids, pos, slots = s64[:num_tokens], s64[t : t + num_tokens], s64[2 * t : 2 * t + num_tokens]
-        last = s64[3 * t :]
-        s32 = self._stage32[: o_tab + nseq * width]
-        qsl, seq_lens = s32[: nseq + 1], s32[o_seq : o_seq + nseq]
-        tables = s32[o_tab:].view(nseq, width)
-
-        ids.copy_(torch.tensor(tokens, dtype=torch.int64))
-        tables.copy_(
-            torch.tensor([item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in scheduled])
-        )
-        starts_t = torch.tensor(starts, dtype=torch.int64)
-        lens_t = torch.tensor(lens, dtype=torch.int64)
+        # Filled through numpy views of the staging buffers: for the few sequences of a
+        # latency-bound step a numpy op costs a microsecond where a torch op costs several.
+        h64, h32 = self._host64, self._host32
+        ids, pos, slots = h64[:num_tokens], h64[t : t + num_tokens], h64[2 * t : 2 * t + num_tokens]
+        qsl, seq_lens = h32[: nseq + 1], h32[o_seq : o_seq + nseq]
+        tables = h32[o_tab : o_tab + nseq * width].reshape(nseq, width)
+        ids[:] = tokens
+        tables[:] = 0
+        for i, item in enumerate(scheduled):
+            tables[i, : len(item.seq.block_table)] = item.seq.block_table
+        starts_a = np.array(starts, dtype=np.int64)
+        lens_a = np.array(lens, dtype=np.int64)
         qsl[0] = 0
-        torch.cumsum(lens_t, 0, out=qsl[1:])
-        seq_idx = torch.repeat_interleave(torch.arange(nseq), lens_t)
-        torch.add(starts_t[seq_idx], torch.arange(num_tokens) - qsl[:-1].long()[seq_idx], out=pos)
-        torch.add(tables[seq_idx, pos // bs].long() * bs, pos % bs, out=slots)
-        torch.add(starts_t, lens_t, out=seq_lens)
+        np.cumsum(lens_a, out=qsl[1:])
+        if nseq == 1:
+            pos[:] = np.arange(starts[0], starts[0] + num_tokens)
+            slots[:] = tables[0, pos // bs].astype(np.int64) * bs + pos % bs
+        else:
+            seq_idx = np.repeat(np.arange(nseq), lens_a)
+            pos[:] = starts_a[seq_idx] + np.arange(num_tokens) - qsl[:-1][seq_idx]
+            slots[:] = tables[seq_idx, pos // bs].astype(np.int64) * bs + pos % bs
+        np.add(starts_a, lens_a, out=seq_lens)
         if rows:
-            last.copy_(qsl[1:].long()[torch.tensor(rows)] - 1)
+            h64[3 * t : 3 * t + len(rows)] = qsl[1:][rows] - 1
 
         dev = self.device
-        d64 = s64.to(dev, non_blocking=True)
-        d32 = s32.to(dev, non_blocking=True)
+        d64 = self._stage64[: 3 * t + len(rows)].to(dev, non_blocking=True)
+        d32 = self._stage32[: o_tab + nseq * width].to(dev, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         meta = AttentionMetadata(

@@ -258,6 +258,8 @@ class Scheduler:
             matched += self._load_from_tiers(hashes[len(matched):], loads)
         seq.block_table = list(matched)
         seq.block_hashes = hashes[: len(matched)]
+        if len(hashes) > len(seq.prefix_hashes):  # the blocks computed now are committed with these
+            seq.prefix_hashes = hashes
         seq.num_committed_blocks = len(matched)
         seq.num_computed_tokens = len(matched) * self.block_size
         return True
@@ -325,9 +327,13 @@ class Scheduler:
     def _commit_full_blocks(self, seq: Sequence) -> None:
         bs = self.block_size
         full = seq.num_computed_tokens // bs
+        known = seq.prefix_hashes  # hashed for the prefix match already: not hashed twice
         for b in range(seq.num_committed_blocks, full):
-            parent = seq.block_hashes[b - 1] if b > 0 else self.chain_root
-            h = hash_block(parent, seq.token_ids[b * bs : (b + 1) * bs], seq.salt)
+            if b < len(known):
+                h = known[b]
+            else:
+                parent = seq.block_hashes[b - 1] if b > 0 else self.chain_root
+                h = hash_block(parent, seq.token_ids[b * bs : (b + 1) * bs], seq.salt)
             seq.block_hashes.append(h)
             self.pool.commit(seq.block_table[b], h)
         seq.num_committed_blocks = max(seq.num_committed_blocks, full)

@@ -1,0 +1,194 @@
+"""A returning session's turn pays little beyond its kernels: each of its blocks is hashed
+once, and its prefill replays in a CUDA graph whose inputs are staged on the host and sent in
+one copy. Here: which steps replay in a prefill graph, how their inputs are staged (padded to
+the token bucket, the cached context as data), and that the padded step computes what the
+eager step computes.
+
+On CPU the staged buffers feed the model eagerly (a CUDA graph replays exactly that forward);
+on CUDA (gpu marker) the graphs' replays are compared bit for bit with eager forwards of the
+same staged inputs, and an engine with graphs against one without, token for token.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from ultrakv.node import Engine, EngineConfig, SamplingParams
+from ultrakv.node.cuda_graphs import (
+    PREFILL_TOKEN_BUCKETS,
+    PrefillGraphInputs,
+    PrefillShape,
+    context_buckets,
+    prefill_shape,
+)
+from ultrakv.node.outputs import GenerateRequest
+
+BUCKETS = list(PREFILL_TOKEN_BUCKETS)
+CONTEXTS = context_buckets(4096)  # 256, 1024, 4096
+
+
+def test_prefill_shape_pads_to_the_token_bucket_and_picks_the_context_bucket():
+    assert prefill_shape(2096, 204, BUCKETS, CONTEXTS) == PrefillShape(224, 4096)
+    assert prefill_shape(0, 200, BUCKETS, CONTEXTS) == PrefillShape(224, 256)
+    assert prefill_shape(0, 2, BUCKETS, CONTEXTS) == PrefillShape(16, 256)
+    assert prefill_shape(700, 64, BUCKETS, CONTEXTS) == PrefillShape(64, 1024)
+    # The padded end decides the context bucket: 200 + 224 > 256.
+    assert prefill_shape(200, 200, BUCKETS, CONTEXTS) == PrefillShape(224, 1024)
+    assert prefill_shape(0, 512, BUCKETS, CONTEXTS) == PrefillShape(512, 1024)
+
+
+def test_steps_no_prefill_graph_fits_run_eagerly():
+    assert prefill_shape(100, 1, BUCKETS, CONTEXTS) is None  # one token: a decode step
+    assert prefill_shape(0, 513, BUCKETS, CONTEXTS) is None  # past the largest bucket
+    assert prefill_shape(3910, 180, BUCKETS, CONTEXTS) is None  # 3910 + 192 > 4096
+    assert prefill_shape(3904, 180, BUCKETS, CONTEXTS) == PrefillShape(192, 4096)
+    assert prefill_shape(0, 10, [], CONTEXTS) is None
+
+
+def test_staging_pads_and_sends_one_contiguous_range():
+    inputs = PrefillGraphInputs(max_tokens=64, max_blocks=32, block_size=4, device=torch.device("cpu"))
+    long_table = list(range(100, 120))
+    inputs.send(inputs.stage(list(range(1, 41)), 30, long_table, 48))
+    table = [7, 3, 9, 1, 5, 8, 2, 6, 4, 0, 11, 12]  # 12 blocks: 48 tokens
+    tokens = [21, 22, 23, 24, 25]
+    nbytes = inputs.stage(tokens, 38, table, 16)
+    inputs.send(nbytes)
+    n = len(tokens)
+    assert inputs.input_ids[:n].tolist() == tokens
+    assert inputs.input_ids[n:16].tolist() == [0] * 11
+    assert inputs.positions[:16].tolist() == [38, 39, 40, 41, 42] + [42] * 11
+    # Position p lives in block table[p // 4] at offset p % 4 (38, 39: table[9]; 40..: table[10]);
+    # padding writes nowhere.
+    assert inputs.slot_mapping[:16].tolist() == [0 * 4 + 2, 0 * 4 + 3, 11 * 4, 11 * 4 + 1, 11 * 4 + 2] + [-1] * 11
+    assert inputs.seq_lens.tolist() == [38 + 16]  # the padded tokens extend the context
+    assert inputs.block_tables[0, :12].tolist() == table
+    # One copy through the end of this table; the entries after it are the last step's
+    # (stale but valid block ids, read only on behalf of padding).
+    assert inputs.block_tables[0, 12:20].tolist() == long_table[12:20]
+    assert inputs.block_tables.data_ptr() + 4 * len(table) == inputs.device_buffer.data_ptr() + nbytes
+    for field in (inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables):
+        assert field.data_ptr() % 16 == 0
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(EngineConfig(model="tiny", device="cpu", dtype="float32", num_blocks=512,
+                               max_num_batched_tokens=1024, max_model_len=4096))
+
+
+@pytest.mark.parametrize(("history", "new"), [(700, 200), (333, 17), (40, 2)])
+def test_padded_staged_turn_computes_what_the_eager_step_computes(engine: Engine, history: int, new: int):
+    """A returning turn's step, scheduled for real over the session's cached blocks: the
+    model run on the staged, padded inputs gives the eager step's hidden states for the real
+    tokens and writes the same KV, and the padding writes nothing."""
+    rng = random.Random(history)
+    sid = f"turn-{history}"
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.generate([[rng.randrange(1, 256) for _ in range(history)]], one, session_ids=[sid])
+    seq = engine.add_request(GenerateRequest(prompt=[rng.randrange(1, 256) for _ in range(new)],
+                                             sampling=one, session_id=sid))
+    try:
+        out = engine.scheduler.schedule()
+        (item,) = out.scheduled
+        start, n = item.seq.num_computed_tokens, item.num_new_tokens
+        assert start >= (history // 16) * 16 and start + n == seq.num_tokens  # the cached context is reused
+        shape = prefill_shape(start, n, BUCKETS, context_buckets(engine.max_model_len))
+        assert shape is not None and shape.tokens >= n
+        before = [c.clone() for c in engine.kv_caches]
+
+        with torch.inference_mode():
+            ids, pos, meta, _ = engine.runner.prepare(out.scheduled)
+            eager = engine.model(ids, pos, engine.kv_caches, meta).clone()
+            eager_kv = [c.clone() for c in engine.kv_caches]
+            for c, b in zip(engine.kv_caches, before, strict=True):
+                c.copy_(b)
+
+            inputs = PrefillGraphInputs(BUCKETS[-1], engine.runner._max_blocks, engine.config.block_size,
+                                        torch.device("cpu"))
+            inputs.send(inputs.stage(seq.token_ids[start : start + n], start, seq.block_table, shape.tokens))
+            staged_meta = inputs.meta(shape.tokens, shape.context, torch.tensor([0, shape.tokens], dtype=torch.int32))
+            padded = engine.model(inputs.input_ids[: shape.tokens], inputs.positions[: shape.tokens],
+                                  engine.kv_caches, staged_meta)
+
+        torch.testing.assert_close(padded[:n], eager, rtol=1e-5, atol=1e-5)
+        logits = engine.model.compute_logits
+        assert torch.equal(logits(padded[n - 1 : n]).argmax(-1), logits(eager[n - 1 : n]).argmax(-1))
+        for staged_c, eager_c, old in zip(engine.kv_caches, eager_kv, before, strict=True):
+            written = (eager_c != old).any(dim=(0, 3, 4))  # [blocks, block slots] the step wrote
+            torch.testing.assert_close(staged_c, eager_c, rtol=1e-5, atol=1e-5)
+            assert torch.equal(staged_c[:, ~written], old[:, ~written])  # padding wrote nowhere
+    finally:
+        engine.abort(seq.request_id)
+
+
+def test_a_turn_hashes_each_new_block_once(engine: Engine, monkeypatch):
+    """The blocks hashed to look the turn's prompt up in the prefix cache are committed with
+    those hashes, not hashed again when the prefill has filled them."""
+    from ultrakv.cluster import block_hashing
+    from ultrakv.node import scheduler
+
+    calls = []
+    real = block_hashing.hash_block
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    rng = random.Random(1)
+    reply = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine.generate([[rng.randrange(1, 256) for _ in range(300)]], reply, session_ids=["hash-once"])
+    known = len(engine.sessions.get("hash-once").block_hashes)
+    monkeypatch.setattr(block_hashing, "hash_block", counted)
+    monkeypatch.setattr(scheduler, "hash_block", counted)
+    out = engine.generate([[rng.randrange(1, 256) for _ in range(200)]], reply, session_ids=["hash-once"])[0]
+    computed = out.prompt_tokens + len(out.token_ids) - 1  # the last token sampled is not computed
+    new_blocks = computed // 16 - known  # 14: the history's partial block and the prompt's
+    assert new_blocks == 14
+    assert len(calls) == new_blocks
+
+
+def _turns(engine: Engine, seed: int) -> list[list[int]]:
+    """A conversation whose turns cover several token buckets and one past the largest."""
+    rng = random.Random(seed)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = []
+    for n in (37, 200, 3, 130, 513, 64):
+        out = engine.generate([[rng.randrange(1, 256) for _ in range(n)]], greedy, session_ids=["chat"])[0]
+        outs.append(out.token_ids)
+    return outs
+
+
+@pytest.mark.gpu
+def test_prefill_graph_replays_equal_eager_forwards_on_cuda():
+    """Every single-sequence prefill of a conversation replays in a graph captured by
+    warmup(); each replay's hidden states equal, bit for bit, an eager forward of the same
+    staged inputs; and the conversation's tokens equal those of an engine without graphs."""
+
+    def cuda_engine(graphs: bool) -> Engine:
+        return Engine(EngineConfig(model="tiny", device="cuda", dtype="float32", num_blocks=1024,
+                                   max_num_batched_tokens=1024, max_model_len=4096, use_cuda_graphs=graphs))
+
+    engine = cuda_engine(True)
+    engine.warmup()
+    graphs = engine.runner.graphs
+    captured = len(graphs.graphs)
+    replays: list[tuple[PrefillShape, bool]] = []
+    run_prefill = graphs.run_prefill
+
+    def checked(shape, token_ids, start, block_table):
+        out = run_prefill(shape, token_ids, start, block_table).clone()
+        inputs, size = graphs.prefill_inputs, shape.tokens
+        meta = inputs.meta(size, shape.context, graphs.prefill_qsl[size])
+        eager = engine.model(inputs.input_ids[:size], inputs.positions[:size], engine.kv_caches, meta)
+        replays.append((shape, torch.equal(out, eager[: len(token_ids)])))
+        return out
+
+    graphs.run_prefill = checked
+    with_graphs = _turns(engine, 3)
+    assert len(graphs.graphs) == captured  # warmup captured every shape the turns met
+    assert len(replays) == 5  # every turn but the 513-token one
+    assert all(same for _, same in replays), replays
+    assert len({s.tokens for s, _ in replays}) >= 4  # several buckets (48, 224, 16, 160, 96)
+    assert with_graphs == _turns(cuda_engine(False), 3)
