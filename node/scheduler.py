@@ -245,6 +245,8 @@ class Scheduler:
         """Give ``seq`` the blocks of its longest cached prefix; False (nothing taken) when
         the tiers are still reading blocks of it that are worth the wait."""
         hashes = self.block_hashes_of(seq)
+        if len(hashes) > len(seq.prefix_hashes):  # a retry, and the commit of these blocks, reuse them
+            seq.prefix_hashes = hashes
         loads = 0
         if self.tiers is not None:
             in_pool = len(self.pool.cached_prefix(hashes))
@@ -258,8 +260,6 @@ class Scheduler:
             matched += self._load_from_tiers(hashes[len(matched):], loads)
         seq.block_table = list(matched)
         seq.block_hashes = hashes[: len(matched)]
-        if len(hashes) > len(seq.prefix_hashes):  # the blocks computed now are committed with these
-            seq.prefix_hashes = hashes
         seq.num_committed_blocks = len(matched)
         seq.num_computed_tokens = len(matched) * self.block_size
         return True
