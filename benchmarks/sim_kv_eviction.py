@@ -16,6 +16,9 @@ Two traces:
   requests with a prompt never seen again (one-hit wonders).
 
 Hit rate = cached prompt tokens / prompt tokens over the turns after a session's first.
+``--engine-check lru/lru,s3fifo/s3fifo`` also runs those (GPU pool / CPU tier) pairs through
+the real engine (``tiny`` on CPU) on the round-robin trace with ``bench_kv_tiers.py``'s own
+code, to see how far the simulation is from it.
 
     python benchmarks/sim_kv_eviction.py        # writes results/kv_eviction_sim.json
 """
@@ -140,6 +143,29 @@ def run(trace: list[Request], gpu_policy: str, cpu_policy: str | None,
     return tally
 
 
+def engine_check(gpu_policy: str, cpu_policy: str, args: argparse.Namespace) -> dict:
+    """The round-robin trace through the real engine with these policies, measured as
+    ``bench_kv_tiers.py`` measures its CPU-tier run."""
+    import bench_kv_tiers as bench
+
+    bench_args = argparse.Namespace(preset="tiny", device="cpu", num_blocks=args.num_blocks,
+                                    sessions=args.sessions, turns=args.turns,
+                                    turn_tokens=args.turn_tokens, gen_tokens=args.gen_tokens,
+                                    seed=args.seed)
+    probe = bench._engine(bench_args)
+    cpu_gib = bench._tier_gib(probe._bytes_per_block(), args.cpu_blocks)
+    probe.shutdown()
+    engine = bench._engine(bench_args, eviction_policy=gpu_policy, kv_cpu_gib=cpu_gib,
+                           kv_cpu_eviction_policy=cpu_policy)
+    try:
+        out = bench.run_trace(engine, bench._trace(bench_args), bench_args)
+    finally:
+        engine.shutdown()
+    return {"hit_rate": round(out["hit_rate"], 4), "cached_tokens": out["cached_tokens"],
+            "prompt_tokens": out["prompt_tokens"], "tier_hits": out["tier_hits"],
+            "ttft_p50_s": out["ttft_s"]["p50"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # bench_kv_tiers.py's CPU defaults
@@ -156,6 +182,8 @@ def main() -> None:
     p.add_argument("--max-turns", type=int, default=8)
     p.add_argument("--one-shot", type=float, default=0.3, help="share of one-shot requests")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-check", default="", metavar="GPU/CPU,...",
+                   help="policy pairs to run through the real engine too")
     p.add_argument("--out", default="kv_eviction_sim.json")
     args = p.parse_args()
     traces = {"round_robin": round_robin(args), "zipf_one_shot": zipf_one_shot(args)}
@@ -168,8 +196,16 @@ def main() -> None:
         # the pool alone (tiers off): what the GPU policy does by itself
         for gpu in EVICTION_POLICIES:
             results[label][f"gpu={gpu},cpu=off"] = run(trace, gpu, None, args).to_dict()
+    if args.engine_check:
+        results["engine_round_robin"] = {
+            f"gpu={gpu},cpu={cpu}": engine_check(gpu, cpu, args)
+            for gpu, cpu in (pair.split("/") for pair in args.engine_check.split(","))}
     write(args.out, {"host": machine(), "workload": vars(args), "results": results})
     for label, rows in results.items():
+        if label == "engine_round_robin":
+            for pair, r in rows.items():
+                print(f"engine, round robin, {pair}: hit rate {r['hit_rate']:.3f}")
+            continue
         print(f"{label}: hit rate, rows GPU pool policy, columns CPU tier policy")
         print(f"{'':8s}" + "".join(f"{c:>8s}" for c in (*EVICTION_POLICIES, "off")))
         for gpu in EVICTION_POLICIES:
