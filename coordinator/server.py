@@ -102,6 +102,9 @@ _REPLANS = 3  # plans of one view change when the view keeps changing while plan
 _MOVE_RETRY_S = 1.0
 _MOVE_TRIES = 5
 _TOKENIZE_TIMEOUT_S = 2.0  # a node that cannot tokenize by then: route by the first block
+# An owner that said its batch admits N more requests (session offload) is believed until
+# this coordinator has sent it N more, for this long at most (other coordinators send too).
+_ROOM_BELIEVED_S = 1.0
 
 
 @dataclass
@@ -268,6 +271,10 @@ class ClusterBackend:
         self.inflight: dict[str, int] = {}
         self._attempts: dict[str, set[_Attempt]] = {}  # node -> its forwards in flight
         self._failed: dict[str, float] = {}  # node -> monotonic time its forward failed
+        # Session offload: node -> (until when, below which in-flight count) its answer "a
+        # turn would not wait here" is believed, so an owner with room in its batch is not
+        # asked again on every turn
+        self._room: dict[str, tuple[float, int]] = {}
         self._view_lock = asyncio.Lock()
         self._view_stale = asyncio.Event()  # set: recompute the view now (see _tick)
         self._moves: asyncio.Queue[Plan] = asyncio.Queue()
@@ -631,13 +638,18 @@ class ClusterBackend:
         if scheme is None or owner not in self.members or not may_stand_in(
                 self.ring, owner, self.inflight, eps):
             return None
+        until, below = self._room.get(owner, (0.0, 0))
+        if time.monotonic() < until and self.inflight.get(owner, 0) < below:
+            return None  # it said lately that its batch has room for this many
         try:
             prepared = await self.peers.stub(self.members[owner].address).PrepareTurn(
                 request, timeout=_TOKENIZE_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return None  # the owner answers (or fails) the turn itself, as without a stand-in
-        if not prepared.would_wait:
-            return None  # its batch has room: the turn starts there at once, with its KV
+        if not prepared.would_wait:  # its batch has room: the turn starts there at once, with its KV
+            self._room[owner] = (time.monotonic() + _ROOM_BELIEVED_S,
+                                 self.inflight.get(owner, 0) + prepared.free_slots)
+            return None
         if prepared.busy or not len(self.ring) or self.ring.lookup(sid) != owner:
             return None  # a turn runs there now (it must finish first), or the owner changed
         hashes = hash_token_blocks(prepared.token_ids, scheme.block_size, request.tenant,

@@ -14,7 +14,8 @@ Nothing cached elsewhere, or the owner under its bound: the owner runs it, as al
 In-flight counts cannot tell an owner that queues from one that batches, so the owner has
 the last word: the turn moves only if a request arriving there now would wait for admission
 (``PreparedTurn.would_wait``); with room in its batch the owner starts it at once, with its
-KV, which a stand-in cannot beat.
+KV, which a stand-in cannot beat. (The coordinator then believes the room it was told of,
+``free_slots``, until it has sent that many more requests, for a second at most.)
 
 The stand-in runs the turn as a generation without a session over the turn's token ids;
 the coordinator then appends the produced turn to the owner, conditional on the session's

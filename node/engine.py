@@ -1045,8 +1045,8 @@ class Engine:
             prompt = self._prompt_for(request)
             turns, busy = self.sessions.turn_version(request.session_id, request.tenant)
             sched = self.scheduler
-            would_wait = bool(sched.waiting) or len(sched.running) >= sched.max_num_seqs
-            return PreparedTurn(prompt.tokens, turns, busy, would_wait)
+            free = 0 if sched.waiting else max(0, sched.max_num_seqs - len(sched.running))
+            return PreparedTurn(prompt.tokens, turns, busy, free == 0, free)
 
     def append_turn(self, request: GenerateRequest, turns: int, prompt_token_ids: list[int],
                     output_token_ids: list[int], text: str, finish_reason: str

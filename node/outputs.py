@@ -69,12 +69,14 @@ class PreparedTurn:
     """What a session turn would run on the node holding the session, for another node to
     run it there instead: the whole prompt's token ids (history + the request's prompt) and
     the session's turn version (0: no session yet), whether a turn runs on it now, and
-    whether a request arriving now would wait for admission (a full batch, a queue)."""
+    whether a request arriving now would wait for admission (a full batch, a queue), and
+    how many the batch admits at once now."""
 
     token_ids: list[int]
     turns: int
     busy: bool
     would_wait: bool
+    free_slots: int
 
 
 @dataclass

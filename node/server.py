@@ -290,7 +290,8 @@ class LocalBackend:
         """What a session turn would run here, for a stand-in (engine ``prepare_turn``)."""
         prepared = await asyncio.to_thread(self.engine.prepare_turn, engine_request(request, None))
         return npb.PreparedTurn(token_ids=prepared.token_ids, turns=prepared.turns,
-                                busy=prepared.busy, would_wait=prepared.would_wait)
+                                busy=prepared.busy, would_wait=prepared.would_wait,
+                                free_slots=prepared.free_slots)
 
     async def commit_turn(self, commit: npb.CommitTurnRequest) -> int:
         """Append a turn a stand-in ran (engine ``append_turn``), then replicate it and record

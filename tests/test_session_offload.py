@@ -129,7 +129,7 @@ def test_a_turn_run_elsewhere_leaves_the_owner_as_if_it_ran_there(engines):
     second = _turn(" And the next question?")
     prepared = owner.prepare_turn(second)
     assert prepared.turns == 1 and not prepared.busy and prepared.token_ids[: len(history)] == history
-    assert not prepared.would_wait  # an idle engine admits a turn at once
+    assert not prepared.would_wait and prepared.free_slots == owner.scheduler.max_num_seqs
     out = stand_in.generate([prepared.token_ids], SamplingParams(max_tokens=6, temperature=0.0))[0]
     recorded, applied = owner.append_turn(second, prepared.turns, prepared.token_ids, out.token_ids,
                                           out.text, out.finish_reason)
@@ -153,7 +153,8 @@ def test_an_owner_with_a_queue_says_the_turn_would_wait(engines):
     owner, _ = engines
     queued = owner.add_request(GenerateRequest(prompt=[1, 2, 3], sampling=SamplingParams(max_tokens=2)))
     try:  # not stepped: it waits for admission
-        assert owner.prepare_turn(_turn("Anyone there?")).would_wait
+        waiting = owner.prepare_turn(_turn("Anyone there?"))
+        assert waiting.would_wait and waiting.free_slots == 0
     finally:
         owner.abort(queued.request_id)
     assert not owner.prepare_turn(_turn("Anyone there?")).would_wait

@@ -230,16 +230,18 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PreparedTurn(_message.Message):
-    __slots__ = ("token_ids", "turns", "busy", "would_wait")
+    __slots__ = ("token_ids", "turns", "busy", "would_wait", "free_slots")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
     WOULD_WAIT_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     turns: int
     busy: bool
     would_wait: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., busy: _Optional[bool] = ..., would_wait: _Optional[bool] = ...) -> None: ...
+    free_slots: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., busy: _Optional[bool] = ..., would_wait: _Optional[bool] = ..., free_slots: _Optional[int] = ...) -> None: ...
 
 class CommitTurnRequest(_message.Message):
     __slots__ = ("request", "turns", "prompt_token_ids", "result")
