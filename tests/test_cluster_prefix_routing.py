@@ -314,3 +314,54 @@ async def test_a_stand_in_that_stalls_mid_turn_hands_the_turn_back_to_the_owner(
             task.cancel()
         await asyncio.gather(*long_streams, return_exceptions=True)
         await server.stop()
+
+
+async def test_an_owner_that_dies_before_the_commit_gets_the_turn_recorded_by_its_heir(cluster) -> None:
+    """Last in the module: it kills a node. The stand-in finishes the turn, its owner is
+    gone: the session is restored on the heir (here the stand-in, which holds its replica)
+    and the turn is committed there at the same version, before the client gets it."""
+    server = await _coordinator(cluster, session_offload=True)
+    long_streams: list[asyncio.Task] = []
+    try:
+        backend = server.backend
+        await _until("the in-process coordinator routes over both nodes", lambda: len(backend.ring) == 2)
+        owner = backend.ring.lookup("offloaded-conversation")
+        sid = next(f"heir-{i}" for i in range(100) if backend.ring.lookup(f"heir-{i}") == owner)
+        holder = next(n for n in backend.ring.nodes if n != owner)
+        shared = [(13 * i) % 200 + 1 for i in range(160)]
+        neighbour = next(f"heir-door-{i}" for i in range(100) if backend.ring.lookup(f"heir-door-{i}") == holder)
+        async with AsyncClient(server.address, timeout=120) as client:
+            greedy = {"temperature": 0.0, "max_length": 4}
+            warm = await client.process_request({"token_ids": shared + [3], "session_id": neighbour, **greedy})
+            first = await client.process_request({"token_ids": shared + [5], "session_id": sid, **greedy})
+            assert warm["success"] and first["success"] and first["node"] == owner, (warm, first)
+            assert (await _history(cluster, holder, sid))[1] == 1  # the replica
+            await _until("the index shows the holder holding the shared blocks",
+                         lambda: len(backend.block_index.blocks(holder)
+                                     & set(hash_token_blocks(shared, 16))) >= 10)
+            for i in range(3):
+                long_streams.append(await _occupy(client, backend, owner, f"heir-busy-{i}"))
+            received: list[int] = []
+            result: dict = {}
+            killed = False
+            async for chunk in client.stream({"token_ids": [21, 22], "session_id": sid, "max_length": 40,
+                                              "ignore_eos": True, "temperature": 0.0}):
+                received += chunk.token_ids
+                if received and not killed:
+                    killed = True
+                    for task in long_streams:
+                        task.cancel()
+                    cluster.kill_node(owner)
+                if chunk.finished:
+                    result = chunk.result
+            assert killed and result["success"] and result["node"] == holder, result
+            assert backend.counters.stand_in_turns == {"served": 1}
+            assert result["response"]["token_ids"] == received and len(received) == 40
+            expected = shared + [5] + first["response"]["token_ids"] + [21, 22] + received
+            assert backend.ring.lookup(sid) == holder
+            assert await _history(cluster, holder, sid) == (expected, 2)
+    finally:
+        for task in long_streams:
+            task.cancel()
+        await asyncio.gather(*long_streams, return_exceptions=True)
+        await server.stop()
