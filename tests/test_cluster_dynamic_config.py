@@ -168,9 +168,11 @@ async def test_cluster_backend_applies_config_live(etcd: EmbeddedEtcd) -> None:
         async with EtcdStore(etcd.endpoint, prefix) as writer:
             await set_overrides(writer, {"load_eps": 2.0, "health_interval_s": 0.2,
                                          "health_timeout_s": 0.1, "health_up_after": 5,
-                                         "max_attempts": 2, "prefix_routing": 0})
+                                         "max_attempts": 2, "prefix_routing": 0,
+                                         "session_offload": 1})
             await _until(lambda: backend.settings.load_eps == 2.0)
             assert backend.settings.prefix_routing is False
+            assert backend.settings.session_offload is True
             policy = HealthPolicy(interval_s=0.2, timeout_s=0.1, down_after=3, up_after=5)
             assert backend.health.policy == policy
             assert backend.health.tracker.policy == policy
@@ -181,6 +183,7 @@ async def test_cluster_backend_applies_config_live(etcd: EmbeddedEtcd) -> None:
             await writer.delete(CONFIG_KEY)  # then back to the start-up settings
             await _until(lambda: backend.settings.load_eps == 0.25)
             assert backend.settings.prefix_routing is True
+            assert backend.settings.session_offload is False
             assert backend.health.policy == CoordinatorSettings(etcd="x:1").health
     finally:
         await backend.stop()

@@ -107,6 +107,7 @@ def test_coordinator_collector_exposes_counters() -> None:
     backend.counters.retried("resume")
     backend.counters.moved(live=True, ok=True, kv_tokens=48)
     backend.counters.routed("prefix")
+    backend.counters.stood_in("served")
     registry = CollectorRegistry()
     registry.register(CoordinatorCollector(backend))
     get = registry.get_sample_value
@@ -120,6 +121,8 @@ def test_coordinator_collector_exposes_counters() -> None:
     assert get("ultrakv_coordinator_moved_kv_tokens_total") == 48
     assert get("ultrakv_coordinator_sessionless_routes_total", {"choice": "prefix"}) == 1
     assert get("ultrakv_coordinator_sessionless_routes_total", {"choice": "spread"}) == 0
+    assert get("ultrakv_coordinator_stand_in_turns_total", {"outcome": "served"}) == 1
+    assert get("ultrakv_coordinator_stand_in_turns_total", {"outcome": "fell_back"}) == 0
     assert get("ultrakv_coordinator_block_index_resyncs_total") == 0
     assert get("ultrakv_coordinator_ring_nodes") == 0
     assert get("ultrakv_coordinator_ring_epoch") == backend.ring.epoch
