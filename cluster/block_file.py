@@ -24,9 +24,9 @@ disk tier's path into a (pinned) staging buffer. :func:`write_block_file` writes
 in the same directory, fsyncs it and renames it over the target, so a reader sees the old
 file or the new one, never half of one.
 
-Only the standard library and xxhash load at import (coordinators and client commands use
-this module for checkpoints and backups); torch loads inside :func:`tensor_to_block` and
-:func:`block_to_tensor`.
+Only the standard library loads at import (coordinators and client commands use this module
+for checkpoints and backups); xxhash loads with the first checksum, torch inside
+:func:`tensor_to_block` and :func:`block_to_tensor`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import xxhash
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +88,12 @@ class BlockHeader:
 
 def _digest(version: int, parts: Sequence[bytes | memoryview]) -> bytes:
     """The checksum of ``parts`` (one after the other) that a file of ``version`` ends with."""
-    h = hashlib.sha256() if version == 1 else xxhash.xxh3_64()
+    if version == 1:
+        h = hashlib.sha256()
+    else:
+        import xxhash  # here: importing this module loads the standard library only
+
+        h = xxhash.xxh3_64()
     for part in parts:
         h.update(part)
     return h.digest() if version == 1 else h.intdigest().to_bytes(8, "little")

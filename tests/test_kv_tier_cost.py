@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from ultrakv.node.kv.tier_cost import Ewma, TierCostModel
+from ultrakv.node.kv.tier_cost import Ewma, LinearFit, TierCostModel
 
 BLOCK = 512 << 10  # llama-1b's 16-token block
 
@@ -68,3 +68,21 @@ def test_bad_arguments_name_the_field():
         TierCostModel(BLOCK, 16, alpha=0)
     with pytest.raises(ValueError, match="source must be one of"):
         TierCostModel(BLOCK, 16).observe_load("tape", 1, 1.0)
+
+
+def test_recompute_costs_the_marginal_prefill_not_the_steps_fixed_part():
+    """Steps of 64 and 352 prompt tokens at 3 ms + 10 us per token: recomputing a 16-token
+    block costs 0.16 ms. Tokens / seconds of the small steps would say 0.75 ms and make a
+    0.5 ms disk load look worth it."""
+    m = TierCostModel(BLOCK, 16)
+    m.observe_load("memory", 20 * BLOCK, 0.001)
+    m.observe_load("disk", BLOCK, 0.0005)
+    for tokens in (64, 352) * 10:
+        m.observe_prefill(tokens, 0.003 + 1e-5 * tokens)
+    assert m.recompute_seconds() == pytest.approx(16e-5, rel=1e-6)
+    assert m.blocks_to_load(["disk"] * 4) == 0
+    assert m.blocks_to_load(["memory"] * 4) == 4
+    one_size = TierCostModel(BLOCK, 16)  # no spread in sizes: the mean time per token stands in
+    one_size.observe_prefill(64, 0.00364)
+    assert one_size.recompute_seconds() == pytest.approx(16 * 0.00364 / 64)
+    assert LinearFit().slope() is None

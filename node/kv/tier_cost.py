@@ -7,10 +7,18 @@ of the block (512 KiB on llama-1b) can take longer. :class:`TierCostModel` keeps
 estimates, each an exponentially weighted moving average of real measurements: the
 bandwidth of each load source (bytes per second; ``memory``: a block already in host memory
 copied into the pool; ``disk``: a block read from its file, which then also costs a
-``memory`` copy) and this engine's prefill throughput (tokens per second). For the leading
+``memory`` copy) and this engine's prefill cost per token. For the leading
 run of hit blocks a prefix match found, :meth:`TierCostModel.blocks_to_load` picks how many
 to load so that the estimated load time of those plus the recompute time of the rest is
 least; the rest is recomputed (``KVTiers`` counts those blocks as ``skipped``).
+
+The prefill cost is the marginal one: a step's time is fitted as ``a + b * tokens`` by least
+squares over the recent steps (weighted like the averages), and recomputing a block costs
+``b * block_tokens``. A step's fixed part ``a`` (launches, sampling, the Python around it) is
+paid whether the hit is loaded or not; counting it per token, as tokens / seconds of small
+steps would, made recomputing look several times dearer than it is (on CPU, a 64-token step
+took 3 ms, a 350-token one 5 ms). Until the steps vary in size enough to fit a slope, the
+mean time per token stands in (never below the slope while ``a`` >= 0).
 
 Until a source has been measured its load costs nothing, and until the prefill has been
 measured every hit is loaded: loads go ahead and get measured. Disk reads keep being
@@ -25,8 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 SOURCES = ("memory", "disk")
-# Weight of the newest measurement: about the last ten loads or prefill steps count.
+# Weight of the newest measurement: about the last ten loads count.
 ALPHA = 0.2
+# The prefill fit's: about the last twenty steps with prompt tokens count.
+PREFILL_ALPHA = 0.05
 
 
 @dataclass
@@ -38,6 +48,38 @@ class Ewma:
 
     def add(self, x: float) -> None:
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+
+@dataclass
+class LinearFit:
+    """Least squares ``y ≈ a + b * x`` over points weighted by ``(1 - alpha) ** age``."""
+
+    alpha: float = PREFILL_ALPHA
+    w: float = 0.0  # the weights' sum, then the weighted sums of x, y, x*x, x*y
+    x: float = 0.0
+    y: float = 0.0
+    xx: float = 0.0
+    xy: float = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        k = 1.0 - self.alpha
+        self.w = self.w * k + 1.0
+        self.x = self.x * k + x
+        self.y = self.y * k + y
+        self.xx = self.xx * k + x * x
+        self.xy = self.xy * k + x * y
+
+    def slope(self) -> float | None:
+        """``b``; the mean ``y / x`` where the points' x vary too little (or the fit comes out
+        non-positive) to tell a slope; None before any point."""
+        if not self.w or not self.x:
+            return None
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        cov = self.xy / self.w - mx * my
+        if var > (0.05 * mx) ** 2 and cov > 0:
+            return cov / var
+        return my / mx
 
 
 class TierCostModel:
@@ -52,7 +94,7 @@ class TierCostModel:
         self.block_bytes = block_bytes
         self.block_tokens = block_tokens
         self.bandwidth = {s: Ewma(alpha) for s in SOURCES}  # bytes per second
-        self.prefill = Ewma(alpha)  # tokens per second
+        self.prefill = LinearFit()  # step seconds against its prompt tokens
 
     def observe_load(self, source: str, nbytes: int, seconds: float) -> None:
         """``nbytes`` came from ``source`` in ``seconds`` (one measured load or read batch)."""
@@ -64,7 +106,7 @@ class TierCostModel:
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """A model step computed ``tokens`` prompt tokens in ``seconds``."""
         if tokens > 0 and seconds > 0:
-            self.prefill.add(tokens / seconds)
+            self.prefill.add(tokens, seconds)
 
     def load_seconds(self, source: str) -> float:
         """Estimated time to bring one block from ``source`` into the pool (0 if unmeasured)."""
@@ -74,15 +116,15 @@ class TierCostModel:
         return seconds
 
     def recompute_seconds(self) -> float:
-        """Estimated time to prefill one block's tokens (0 if unmeasured)."""
-        rate = self.prefill.value
-        return self.block_tokens / rate if rate else 0.0
+        """Estimated time to prefill one block's tokens more (0 if unmeasured)."""
+        per_token = self.prefill.slope()
+        return self.block_tokens * per_token if per_token else 0.0
 
     def blocks_to_load(self, sources: Sequence[str]) -> int:
         """How many of the leading hit blocks (``sources[i]``: where block i would come
         from) to load; the rest are recomputed. With no prefill measured yet, or no source,
         every block is loaded."""
-        if self.prefill.value is None:  # nothing to weigh a load against yet
+        if self.prefill.slope() is None:  # nothing to weigh a load against yet
             return len(sources)
         recompute = self.recompute_seconds()
         best_k, best_cost, cost = 0, 0.0, 0.0
@@ -97,7 +139,7 @@ class TierCostModel:
         """Current estimates (None where nothing was measured yet)."""
         return {"memory_gbps": _gb(self.bandwidth["memory"].value),
                 "disk_gbps": _gb(self.bandwidth["disk"].value),
-                "prefill_tokens_per_s": self.prefill.value,
+                "prefill_tokens_per_s": 1 / slope if (slope := self.prefill.slope()) else None,
                 "load_block_ms": {s: self.load_seconds(s) * 1e3 for s in SOURCES},
                 "recompute_block_ms": self.recompute_seconds() * 1e3}
 
