@@ -727,7 +727,8 @@ class ClusterBackend:
         conditional on the turn version the turn ran from). An owner that fails is taken off
         the ring and the commit goes to the new owner once the session's restore is done (the
         version decides there too); a refusal (another turn ran meanwhile) fails the turn,
-        unrecorded: the client sends it again."""
+        unrecorded: the client sends it again. A commit repeated after a lost answer is a
+        no-op on the owner."""
         sid = request.session_id
         commit = npb.CommitTurnRequest(request=request, turns=plan.turns,
                                        prompt_token_ids=plan.token_ids, result=result)
@@ -757,9 +758,11 @@ class ClusterBackend:
                     raise RequestRejected(code, "", exc.details() or code.name) from None
                 log.warning("recording session %s's turn on %s failed (%s)", sid, node, code.name)
                 await self.node_failed(node)
+        # A commit that timed out may have been applied: the owner's turn ledger answers a
+        # retry with the same request id from its record instead of running it again.
         raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "session_id",
-                              f"session {sid}'s turn ran on {plan.node} but its owner could not "
-                              "record it; it is not part of the session: send it again",
+                              f"session {sid}'s turn ran on {plan.node} but its owner did not "
+                              "confirm recording it; send it again with the same request_id",
                               retry_after_s=1.0)
 
     async def _completed_on(self, node: str, session_id: str, output: list[int]) -> int | None:

@@ -299,14 +299,14 @@ class LocalBackend:
         answered from the record. Returns the session's turn version after it."""
         request, result = commit.request, commit.result
         finish = next((name for name, code in _FINISH.items() if code == result.finish_reason), "")
-        out, _ = await asyncio.to_thread(
+        out, applied = await asyncio.to_thread(
             self.engine.append_turn, engine_request(request, None), commit.turns,
             list(commit.prompt_token_ids), list(result.token_ids), result.text, finish)
         if self.on_turn_complete is not None:  # again for a repeated commit: it may not have got there
             await self.on_turn_complete(out)
         await self.cuts.results_may_go()  # the commit's answer is the turn's result
         key = turn_key(request)
-        if key is not None:
+        if key is not None and applied:  # a repeat must not displace the session's last record
             self.ledger.end(key, result)
         return commit.turns + 1
 

@@ -237,7 +237,8 @@ async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(clust
             assert roomy["success"] and roomy["node"] == owner, roomy
             assert backend.counters.stand_in_turns == {}
             await occupy(2)  # its batch is full now: a turn would wait there
-            second = await client.process_request({"token_ids": [21, 22, 23], "session_id": sid, **greedy})
+            turn = {"token_ids": [21, 22, 23], "session_id": sid, "request_id": "offloaded", **greedy}
+            second = await client.process_request(turn)
             assert not any(t.done() for t in long_streams), "the owner was not busy throughout"
             for task in long_streams:
                 task.cancel()
@@ -251,6 +252,10 @@ async def test_an_overloaded_owners_session_turn_runs_on_the_prefix_holder(clust
                         + roomy["response"]["token_ids"] + [21, 22, 23] + second["response"]["token_ids"])
             assert await _history(cluster, owner, sid) == (expected, 3)
             assert await _history(cluster, holder, sid) == (expected, 3)  # the replica
+            # The client, unsure, sends the turn again: the owner answers from its turn ledger.
+            again = await client.process_request(turn)
+            assert again["success"] and again["response"]["token_ids"] == second["response"]["token_ids"]
+            assert await _history(cluster, owner, sid) == (expected, 3)
             await _commit_again(cluster, owner, sid, expected, second["response"]["token_ids"], 2)
 
             last = await client.process_request({"token_ids": [31, 32], "session_id": sid, **greedy})
