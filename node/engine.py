@@ -310,6 +310,15 @@ class Engine:
         self.generate([prompts[0][: limit - 40] + ids(20)], sampled)
         self.generate([p[: limit - 40] + ids(k) for p, k in zip(prompts, (9, 16, 31), strict=True)],
                       greedy)
+        # Few new tokens over a long cached context, one sequence and two at once: the launch
+        # classes of the split prefill (at most 64 new tokens and more; prefill_partition in
+        # node/attention/triton_backend.py).
+        long = ids(max(0, min(limit - 300, 1280)))
+        if long:
+            self.generate([long], greedy)
+            for k in (40, 200):
+                self.generate([long + ids(k)], greedy)
+                self.generate([long + ids(k), long + ids(k)], greedy)
         # More than 64 new tokens over a cached prefix: the other launch shape of such a turn.
         self.generate([prompts[1][: limit - 200] + ids(100)], greedy)
         with self._lock:

@@ -149,6 +149,39 @@ def test_a_turn_hashes_each_new_block_once(engine: Engine, monkeypatch):
     assert len(calls) == new_blocks
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_split_prefill_of_a_returning_turn_compiles_for_an_h100(monkeypatch, kv_dtype):
+    """Turn 8 of bench_gpu's conversation on llama-1b's heads, as its prefill graph launches it
+    (224 tokens over a 4096 bucket): the cached context is split over more programs and the
+    slices merged; the split, the merge and the unsplit kernel (a cold prompt) all compile
+    for an H100 (no GPU needed: Triton compiles for a named target)."""
+    pytest.importorskip("triton")
+    from triton_ptx import LaunchRecorder
+    from ultrakv.node.attention import triton_backend
+    from ultrakv.node.attention.base import AttentionMetadata
+
+    recorders = {name: LaunchRecorder(kernel) for name, kernel in triton_backend._kernels().items()}
+    monkeypatch.setattr(triton_backend, "_kernels", lambda: recorders)
+    row = 68 if kv_dtype == torch.int8 else 64  # a quantized row carries its scale
+    cache = torch.zeros(2, 256, 16, 8, row, dtype=torch.uint8 if kv_dtype == torch.int8 else kv_dtype)
+    cache = cache.view(kv_dtype)
+    q = torch.zeros(224, 32, 64, dtype=torch.bfloat16)
+    tables = torch.zeros(1, 256, dtype=torch.int32)
+
+    def meta(context: int, bucket: int) -> AttentionMetadata:
+        return AttentionMetadata(torch.tensor([0, 224], dtype=torch.int32), torch.tensor([context], dtype=torch.int32),
+                                 tables, torch.full((224,), -1), 224, bucket)
+
+    backend = triton_backend.TritonPagedBackend()
+    backend.prefill(q, cache, meta(2320, 4096), 0.125)
+    assert recorders["prefill_split"].launches and recorders["prefill_reduce"].launches
+    assert not recorders["prefill"].launches
+    backend.prefill(q, cache, meta(224, 224), 0.125)  # a cold prompt: nothing to split
+    assert len(recorders["prefill"].launches) == 1
+    for name in ("prefill_split", "prefill_reduce", "prefill"):
+        assert ".entry" in recorders[name].ptx(), name
+
+
 def _turns(engine: Engine, seed: int) -> list[list[int]]:
     """A conversation whose turns cover several token buckets and one past the largest."""
     rng = random.Random(seed)

@@ -168,6 +168,27 @@ def test_short_turns_over_long_cached_contexts_match_dense_reference(head_dim):
     assert _rel_err(out, case.reference()) < 1e-2
 
 
+@pytest.mark.parametrize(("new_len", "head_dim"), [(7, 64), (150, 64), (40, 128)])
+def test_split_prefill_over_a_long_cached_context_matches_dense_reference(new_len, head_dim):
+    # Few query tiles over a long context: the context is cut into slices whose partial
+    # softmax states are merged (prefill_partition), in each launch class of such a turn.
+    import math
+
+    from ultrakv.node.attention.triton_backend import PrefillConfig, _num_sms, prefill_partition
+
+    prefix_lens = [1100, 40, 0] if INTERPRET else [3000, 1200, 0]
+    new_lens = [new_len, 1, 3]
+    case = PagedCase(prefix_lens, new_lens, 8, 2, head_dim, DTYPES[0], seed=new_len)
+    meta = case.meta
+    cfg = PrefillConfig.for_shape(head_dim, meta.max_query_len, meta.max_seq_len)
+    programs = len(prefix_lens) * 8 * math.ceil(meta.max_query_len / cfg.block_m)
+    assert prefill_partition(programs, meta.max_query_len, meta.max_seq_len, _num_sms(DEVICE),
+                             cfg.block_n) < meta.max_seq_len  # the split path runs
+    out = case.run()
+    _check_written(case)
+    assert _rel_err(out, case.reference()) < 1e-2
+
+
 def test_skip_slots_and_padded_rows_are_harmless():
     """slot -1 rows write nothing; a seq_len-0 row yields zeros, never NaN."""
     dtype = DTYPES[0]

@@ -15,7 +15,11 @@ Three kernels, launched in order on the current stream:
   writes the normalised output itself.
 * prefill / mixed batches: ``prefill_kernel`` runs one program per (sequence, query head,
   tile of new tokens) and streams K/V of the sequence's context (cached prefix plus the new
-  tokens just written) through the block table, causal on absolute positions.
+  tokens just written) through the block table, causal on absolute positions. A returning
+  session's turn (few query tiles over a long cached context) has too few such programs to
+  fill the GPU: ``prefill_split_kernel`` then splits the context into slices, one program
+  each, and ``prefill_reduce_kernel`` merges the slices' partial softmax states
+  (:func:`prefill_partition` decides).
 
 Grid sizes and partition sizes depend only on tensor shapes and ``meta.max_seq_len``, never on
 tensor values, so a decode step captured in a CUDA graph stays valid when ``seq_lens``,
@@ -41,6 +45,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Partitions per decode launch are sized so that about this many programs per SM run:
 # enough to hide HBM latency at batch 1, without splitting large batches needlessly.
 _DECODE_PROGRAMS_PER_SM = 4
+# Context slices of a split prefill, at most. The merge's max/sum scratch always has room for
+# this many, so its strides (which Triton specializes on) are the same whatever the split.
+PREFILL_MAX_PARTS = 16
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ def _kernels():
         "write_kv": triton_kernels.write_kv_kernel,
         "decode": triton_kernels.decode_kernel,
         "prefill": triton_kernels.prefill_kernel,
+        "prefill_split": triton_kernels.prefill_split_kernel,
+        "prefill_reduce": triton_kernels.prefill_reduce_kernel,
     }
 
 
@@ -143,6 +152,26 @@ def decode_partition_size(
     parts_wanted = max(1, math.ceil(target_programs / max(1, num_seqs * num_kv_heads)))
     size = _next_pow2(math.ceil(max(1, max_seq_len) / parts_wanted))
     return max(block_n, size)
+
+
+def prefill_partition(num_programs: int, max_query_len: int, max_seq_len: int, num_sms: int,
+                      block_n: int) -> int:
+    """Context tokens per prefill program; ``max_seq_len`` or more: no split.
+
+    A returning session's turn (few new tokens over a long cached context) launches too few
+    programs to fill the GPU, one per (sequence, query head, query tile), each streaming the
+    whole context. Its context is then split into slices of whole inner tiles, each at least
+    ``4 * block_n`` long, until about ``_DECODE_PROGRAMS_PER_SM`` programs run per SM, and
+    the slices' partial results are merged by a second kernel. A function of shapes only,
+    so it is the same at every replay of a captured CUDA graph.
+    """
+    target = _DECODE_PROGRAMS_PER_SM * num_sms
+    if max_seq_len < 4 * max_query_len or num_programs * 2 > target:
+        return max_seq_len
+    parts = min(math.ceil(target / max(1, num_programs)), max_seq_len // (4 * block_n), PREFILL_MAX_PARTS)
+    if parts < 2:
+        return max_seq_len
+    return math.ceil(max_seq_len / parts / block_n) * block_n
 
 
 class TritonPagedBackend(AttentionBackend):
@@ -299,6 +328,10 @@ class TritonPagedBackend(AttentionBackend):
             return out
         cfg = self.prefill_config or PrefillConfig.for_shape(head_dim, meta.max_query_len, meta.max_seq_len)
         num_m_tiles = math.ceil(meta.max_query_len / cfg.block_m)
+        partition = prefill_partition(num_seqs * num_heads * num_m_tiles, meta.max_query_len, meta.max_seq_len,
+                                      _num_sms(q.device), cfg.block_n)
+        if partition < meta.max_seq_len:
+            return self._split_prefill(q, kv_cache, meta, scale, cfg, num_m_tiles, partition, out)
         _kernels()["prefill"][(num_seqs, num_heads, num_m_tiles)](
             q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
             scale * math.log2(math.e),
@@ -309,5 +342,38 @@ class TritonPagedBackend(AttentionBackend):
             PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+
+    def _split_prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                       cfg: PrefillConfig, num_m_tiles: int, partition: int, out: torch.Tensor) -> torch.Tensor:
+        """Prefill with the context split into slices of ``partition`` tokens (see
+        :func:`prefill_partition`): partial states per slice, then one merge per query row."""
+        num_tokens, num_heads, head_dim = q.shape
+        num_parts = math.ceil(meta.max_seq_len / partition)
+        room, block_d = PREFILL_MAX_PARTS, _next_pow2(head_dim)
+        # Rows of block_d floats: every acc stride is a multiple of 16 whatever num_parts is.
+        tmp_acc = torch.empty((num_tokens, num_heads, num_parts, block_d), dtype=torch.float32, device=q.device)
+        tmp_m = torch.empty((num_tokens, num_heads, room), dtype=torch.float32, device=q.device)
+        tmp_l = torch.empty_like(tmp_m)
+        acc_strides, ml_strides = tmp_acc.stride()[:3], tmp_m.stride()[:2]
+        num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
+        kernels = _kernels()
+        kernels["prefill_split"][(meta.seq_lens.shape[0], num_heads, num_m_tiles * num_parts)](
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, tmp_acc, tmp_m, tmp_l,
+            scale * math.log2(math.e), partition, num_parts,
+            q.stride(0), q.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            meta.block_tables.stride(0), *acc_strides, *ml_strides,
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        kernels["prefill_reduce"][(num_tokens, num_heads)](
+            out, tmp_acc, tmp_m, tmp_l, num_parts,
+            out.stride(0), out.stride(1), *acc_strides, *ml_strides,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=room,
+            num_warps=4,
         )
         return out

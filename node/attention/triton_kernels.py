@@ -1,4 +1,5 @@
-"""Triton kernels behind ``triton_backend``: KV write, split-K GQA decode, prefill.
+"""Triton kernels behind ``triton_backend``: KV write, split-K GQA decode, prefill (split over
+the context, with a merge, for few new tokens over a long one).
 
 With a quantized cache (``QUANT`` 1 int8, 2 fp8; layout in ``node/kv/quantization.py``) the
 write kernel quantizes each (token, kv head) row and stores its float32 scale behind it, and
@@ -234,6 +235,122 @@ def _merge_partitions(
 
 
 @triton.jit
+def _prefill_attend(
+    q, pos_m, KV, BT, b, h, kv_lo, kv_hi, qk_scale,
+    stride_kind, stride_block, stride_tok, stride_head, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
+):
+    # Online softmax of one query tile (absolute positions pos_m) over context tokens
+    # [kv_lo, kv_hi) of sequence b, causal: the tile's unnormalised acc, running max and sum.
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_head = (h // GROUP) * stride_head
+    v_head = stride_kind + (h // GROUP) * stride_head
+    if QUANT:  # rows start on 4-byte boundaries (module docstring)
+        k_head = tl.multiple_of(k_head, 4)
+        v_head = tl.multiple_of(v_head, 4)
+    k_base = KV + k_head
+    v_base = KV + v_head
+    for n0 in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < kv_hi
+        blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask,
+                      other=0).to(tl.int64)
+        row = blk * stride_block + (offs_n % PAGE) * stride_tok
+        if QUANT:
+            row = tl.multiple_of(row, 4)
+        lmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask,
+                    other=0.0)
+        if QUANT:  # dequantized on load, as in decode_kernel
+            k_scale = tl.load(_scale_ptr(k_base + row, HEAD_DIM), mask=nmask, other=0.0)
+            v_scale = tl.load(_scale_ptr(v_base + row, HEAD_DIM),
+                              mask=nmask, other=0.0)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        if QUANT:
+            s = s * k_scale[None, :]
+        causal = (offs_n[None, :] <= pos_m[:, None]) & nmask[None, :]
+        s = tl.where(causal, s, float("-inf"))
+        # Rows past q_len can be fully masked: keep their max finite so exp2 stays 0.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if QUANT:
+            pv = p * v_scale[None, :]
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + _dot(pv.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["partition", "num_parts"])
+def prefill_split_kernel(
+    Q, KV, BT, SEQ, QSL, TMP_ACC, TMP_M, TMP_L,
+    qk_scale, partition, num_parts,
+    stride_qt, stride_qh,
+    stride_kind, stride_block, stride_tok, stride_head,
+    stride_bt,
+    stride_acc_t, stride_acc_h, stride_acc_s, stride_ml_t, stride_ml_h,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, QUANT: tl.constexpr,
+):
+    # prefill_kernel over one slice of the context (``partition`` tokens from
+    # ``part * partition``), storing the partial state (unnormalised acc, max, sum) of each
+    # query and head for prefill_reduce_kernel. A slice past a tile's causal end stores
+    # m = -inf, l = 0, acc = 0, which the merge weighs zero.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    mt = tl.program_id(2) // num_parts
+    part = tl.program_id(2) % num_parts
+    q_start = tl.load(QSL + b)
+    q_len = tl.load(QSL + b + 1) - q_start
+    if mt * BLOCK_M < q_len:
+        seq_len = tl.load(SEQ + b)
+        prefix = seq_len - q_len
+        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mmask = offs_m < q_len
+        dmask = offs_d < HEAD_DIM
+        q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh
+                    + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        kv_lo = part * partition
+        kv_hi = tl.minimum(tl.minimum(seq_len, prefix + (mt + 1) * BLOCK_M), kv_lo + partition)
+        acc, m_i, l_i = _prefill_attend(q, prefix + offs_m, KV, BT, b, h, kv_lo, kv_hi, qk_scale,
+                                        stride_kind, stride_block, stride_tok, stride_head, stride_bt,
+                                        GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, IEEE, QUANT)
+        rows = q_start + offs_m
+        tl.store(TMP_ACC + rows[:, None] * stride_acc_t + h * stride_acc_h + part * stride_acc_s
+                 + offs_d[None, :], acc, mask=mmask[:, None] & dmask[None, :])
+        ml_off = rows * stride_ml_t + h * stride_ml_h + part
+        tl.store(TMP_M + ml_off, m_i, mask=mmask)
+        tl.store(TMP_L + ml_off, l_i, mask=mmask)
+
+
+@triton.jit(do_not_specialize=["num_parts"])
+def prefill_reduce_kernel(
+    OUT, TMP_ACC, TMP_M, TMP_L, num_parts,
+    stride_ot, stride_oh,
+    stride_acc_t, stride_acc_h, stride_acc_s, stride_ml_t, stride_ml_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # One program per (new token, query head): its slices merged as decode merges partitions.
+    _merge_partitions(OUT, TMP_ACC, TMP_M, TMP_L, tl.program_id(0), tl.program_id(1), num_parts,
+                      stride_ot, stride_oh, stride_acc_t, stride_acc_h, stride_acc_s,
+                      stride_ml_t, stride_ml_h, HEAD_DIM, BLOCK_D, BLOCK_S)
+
+
+@triton.jit
 def prefill_kernel(
     Q, KV, BT, SEQ, QSL, OUT,
     qk_scale,
@@ -261,51 +378,9 @@ def prefill_kernel(
         pos_m = prefix + offs_m  # absolute position of each query in its context
         kv_end = tl.minimum(seq_len, prefix + (mt + 1) * BLOCK_M)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        k_head = (h // GROUP) * stride_head
-        v_head = stride_kind + (h // GROUP) * stride_head
-        if QUANT:  # rows start on 4-byte boundaries (module docstring)
-            k_head = tl.multiple_of(k_head, 4)
-            v_head = tl.multiple_of(v_head, 4)
-        k_base = KV + k_head
-        v_base = KV + v_head
-        for n0 in range(0, kv_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < kv_end
-            blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask,
-                          other=0).to(tl.int64)
-            row = blk * stride_block + (offs_n % PAGE) * stride_tok
-            if QUANT:
-                row = tl.multiple_of(row, 4)
-            lmask = nmask[:, None] & dmask[None, :]
-            k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask,
-                        other=0.0)
-            if QUANT:  # dequantized on load, as in decode_kernel
-                k_scale = tl.load(_scale_ptr(k_base + row, HEAD_DIM), mask=nmask, other=0.0)
-                v_scale = tl.load(_scale_ptr(v_base + row, HEAD_DIM),
-                                  mask=nmask, other=0.0)
-                k = k.to(Q.dtype.element_ty)
-                v = v.to(Q.dtype.element_ty)
-            s = _dot(q, tl.trans(k), IEEE) * qk_scale
-            if QUANT:
-                s = s * k_scale[None, :]
-            causal = (offs_n[None, :] <= pos_m[:, None]) & nmask[None, :]
-            s = tl.where(causal, s, float("-inf"))
-            # Rows past q_len can be fully masked: keep their max finite so exp2 stays 0.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if QUANT:
-                pv = p * v_scale[None, :]
-            else:
-                pv = p
-            acc = acc * alpha[:, None] + _dot(pv.to(v.dtype), v, IEEE)
-            m_i = m_new
+        acc, m_i, l_i = _prefill_attend(q, pos_m, KV, BT, b, h, 0, kv_end, qk_scale,
+                                        stride_kind, stride_block, stride_tok, stride_head, stride_bt,
+                                        GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, IEEE, QUANT)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh
