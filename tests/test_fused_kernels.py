@@ -29,7 +29,7 @@ def test_kernels_under_the_triton_interpreter():
     out = run_under_interpreter(__file__)
     passed = re.search(r"(\d+) passed", out)
     # Every kernel case and the engine check ran (only this test and the CPU refusal skip).
-    assert passed and int(passed.group(1)) >= 17 and " failed" not in out, out[-2000:]
+    assert passed and int(passed.group(1)) >= 24 and " failed" not in out, out[-2000:]
 
 
 def _tol(dtype: torch.dtype) -> dict:
@@ -79,6 +79,71 @@ def test_rope_in_place_on_the_qkv_view_matches_apply_rope(dtype, head_dim):
     assert fk.rope_(qk, cos, sin) is qk
     torch.testing.assert_close(qk, expected, **_tol(dtype))
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # values untouched
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv", ["auto", "int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_kv_write_in_one_kernel_equal_rope_then_write(dtype, kv):
+    """rope_write_kv (one launch) leaves the same rotated queries in qkv and the same cache
+    bytes (quantized ones included, scales too) as fused_kernels.rope_ followed by the
+    backend's write kernel; slot -1 rows write nothing."""
+    from ultrakv.node.attention.triton_backend import TritonPagedBackend
+    from ultrakv.node.kv import quantization
+    from ultrakv.node.model import fused_kernels as fk
+    from ultrakv.node.model.config import ModelConfig
+    from ultrakv.node.model.llama import RotaryEmbedding
+
+    heads, kv_heads, head_dim, t = 8, 2, 32, 6
+    cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8,
+                      num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+    cos_t, sin_t = RotaryEmbedding(cfg).cos_sin(torch.device(DEVICE))
+    positions = torch.tensor([0, 1, 77, 300, 5, 511], device=DEVICE)
+    cos, sin = cos_t[positions].to(dtype).unsqueeze(1), sin_t[positions].to(dtype).unsqueeze(1)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    storage = dtype if kv == "auto" else quantization.storage_dtype(kv, dtype)
+    row = quantization.row_width(head_dim, storage)
+    quantized = quantization.is_quantized(storage)
+    cache = torch.zeros(2, 4, 16, kv_heads, row, dtype=torch.uint8 if quantized else storage)
+    cache = cache.view(storage).to(DEVICE)
+    slots = torch.tensor([3, 17, -1, 40, 0, 63], device=DEVICE)
+    backend = TritonPagedBackend()
+
+    want_qkv, want_cache = qkv.clone(), cache.clone()
+    qk = want_qkv[:, : (heads + kv_heads) * head_dim].view(t, -1, head_dim)
+    fk.rope_(qk, cos, sin)
+    v = want_qkv[:, (heads + kv_heads) * head_dim :].view(t, kv_heads, head_dim)
+    backend.write_kv(qk[:, heads:], v, want_cache, slots)
+
+    q = backend.rope_write_kv(qkv, cos, sin, cache, slots, heads)
+    assert q.data_ptr() == qkv.data_ptr() and q.shape == (t, heads, head_dim)
+    assert torch.equal(qkv[:, : heads * head_dim], want_qkv[:, : heads * head_dim])
+    assert torch.equal(cache.view(torch.uint8), want_cache.view(torch.uint8))
+    assert cache.view(torch.uint8).flatten(1, 2)[:, [3, 17, 40, 0, 63]].any()  # something was written
+
+
+@needs_kernels
+def test_engine_with_rope_fused_into_the_kv_write_decodes_as_without():
+    """tiny through the Triton backend with fused kernels and an fp8 cache: the same greedy
+    tokens and cached KV bytes whether RoPE is fused into the KV write (two kernels per
+    layer's attention) or runs as its own kernel before the backend's write."""
+    from ultrakv.node import Engine, EngineConfig, SamplingParams
+
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 3, [11, 12, 13] * 5]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    runs = []
+    for fuse_rope in (True, False):
+        e = Engine(EngineConfig(model="tiny", device=DEVICE, num_blocks=32, attention_backend="triton",
+                                fused_kernels=True, kv_cache_dtype="fp8_e4m3"))
+        backend = e.model.model.layers[0].self_attn.backend
+        assert backend.fuses_rope
+        backend.fuses_rope = fuse_rope  # off: rope_ kernel, then the backend's forward
+        tokens = [o.token_ids for o in e.generate(prompts, sp, session_ids=["a", "b"])]
+        runs.append((tokens, e.export_session("a").kv.view(torch.uint8)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
 
 
 @needs_kernels

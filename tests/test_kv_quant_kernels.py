@@ -31,26 +31,6 @@ KERNEL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 REL_TOL = {"int8": 0.03, "fp8_e4m3": 0.06}
 
 
-def _interpreter_takes_loaded_loop_bounds() -> None:
-    """Triton 3.6's interpreter turns a loaded scalar into a 1-element array, which NumPy >= 2.4
-    refuses to convert with int(): every kernel loop bounded by a loaded length (the decode and
-    prefill kernels' context loops) then fails under TRITON_INTERPRET=1. Convert it as a 0-d
-    array instead (interpreter runs only; compiled kernels are unaffected)."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
-
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRETING:
-    _interpreter_takes_loaded_loop_bounds()
-
-
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="CUDA runs the kernels natively")
 @pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
 @pytest.mark.timeout(600)
@@ -67,54 +47,66 @@ def recorded_kernels(monkeypatch):
 
     recorders = {name: LaunchRecorder(k) for name, k in triton_backend._kernels().items()}
     monkeypatch.setattr(triton_backend, "_kernels", lambda: recorders)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the backend take CPU tensors
     return recorders
 
 
-@pytest.mark.skipif(INTERPRETING, reason="compiles for the GPU; no need to run twice")
-@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
-@pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
-def test_write_kernel_quantizes_with_ieee_division_on_the_gpu(recorded_kernels, name):
-    """Compiled for an H100 (no GPU needed), the write kernel divides as PyTorch does
-    (div.rn): Triton's fp32 `/` is the approximate div.full.f32 on CUDA, which rounded
-    quotients on a tie to the other fp8 neighbour (a whole e4m3 step) and made the kernel's
-    bytes differ from the reference's on the GPU only (the interpreter divides exactly)."""
-    storage = STORAGE[name]
-    qkv = torch.zeros(3, 48, 64, dtype=torch.bfloat16)  # llama-1b heads: 32 q, 8 kv, 64 wide
-    k, v = qkv[:, 32:40], qkv[:, 40:]
-    cache = torch.zeros(2, 4, 16, 8, 68, dtype=torch.uint8).view(storage)
-    _backend().write_kv(k, v, cache, torch.tensor([0, 1, 2]))
-    ptx = recorded_kernels["write_kv"].ptx()
-    assert "div.rn.f32" in instructions(ptx, "div")
-    approximate = instructions(ptx, "div.full") | instructions(ptx, "div.approx") | instructions(ptx, "rcp.approx")
-    assert not approximate
-
-
-@pytest.mark.skipif(INTERPRETING, reason="compiles for the GPU; no need to run twice")
-@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
-@pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
-def test_quantized_tiles_move_as_vectors_on_the_gpu(recorded_kernels, name):
-    """Compiled for an H100, the kernels move one-byte K/V in 4-byte vectors or wider: a
-    quantized row is head_dim + 4 bytes (68 here), which Triton does not know to be 4-byte
-    aligned from the runtime strides, so without the kernels' alignment hints every value
-    was loaded (and stored) one byte at a time."""
+def _record_llama_1b_launches(storage: torch.dtype) -> None:
+    """Every kernel the backend has, launched (recorded) with Llama-3.2-1B heads (32 q, 8 kv,
+    64 wide; a quantized row is 68 bytes) and bf16 activations."""
     from ultrakv.node.attention.base import AttentionMetadata
 
-    storage = STORAGE[name]
-    qkv = torch.zeros(3, 48, 64, dtype=torch.bfloat16)
-    cache = torch.zeros(2, 64, 16, 8, 68, dtype=torch.uint8).view(storage)
+    quantized = quantization.is_quantized(storage)
+    cache = torch.zeros(2, 64, 16, 8, 68 if quantized else 64, dtype=torch.uint8 if quantized else storage)
+    cache = cache.view(storage)
+    qkv = torch.zeros(3, 48 * 64, dtype=torch.bfloat16)
+    heads = qkv.view(3, 48, 64)
     backend = _backend()
-    backend.write_kv(qkv[:, 32:40], qkv[:, 40:], cache, torch.tensor([0, 1, 2]))
+    backend.write_kv(heads[:, 32:40], heads[:, 40:], cache, torch.tensor([0, 1, 2]))
+    cos = torch.zeros(3, 1, 64, dtype=torch.bfloat16)
+    backend.rope_write_kv(qkv, cos, cos.clone(), cache, torch.tensor([0, 1, 2]), 32)
     tables = torch.zeros(1, 64, dtype=torch.int32)
-    decode = AttentionMetadata(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([900], dtype=torch.int32),
-                               tables, torch.tensor([5]), 1, 900)
-    backend.decode(torch.zeros(1, 32, 64, dtype=torch.bfloat16), cache, decode, 0.125)
+    for seq_len in (900, 16):  # split-K (merged in the kernel) and a single partition
+        decode = AttentionMetadata(torch.tensor([0, 1], dtype=torch.int32),
+                                   torch.tensor([seq_len], dtype=torch.int32), tables, torch.tensor([5]), 1,
+                                   seq_len)
+        backend.decode(torch.zeros(1, 32, 64, dtype=torch.bfloat16), cache, decode, 0.125)
     prefill = AttentionMetadata(torch.tensor([0, 100], dtype=torch.int32), torch.tensor([900], dtype=torch.int32),
                                 tables, torch.arange(100), 100, 900)
     backend.prefill(torch.zeros(100, 32, 64, dtype=torch.bfloat16), cache, prefill, 0.125)
-    for kernel in ("write_kv", "decode", "prefill"):
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles for the GPU; no need to run twice")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
+def test_quantizing_kernels_divide_as_pytorch_on_the_gpu(recorded_kernels, name):
+    """Compiled for an H100 (no GPU needed), the kernels that quantize divide as PyTorch does
+    (div.rn): Triton's fp32 `/` is the approximate div.full.f32 on CUDA, which rounded
+    quotients on a tie to the other fp8 neighbour (a whole e4m3 step) and made the kernel's
+    bytes differ from the reference's on the GPU only (the interpreter divides exactly)."""
+    _record_llama_1b_launches(STORAGE[name])
+    for kernel in ("write_kv", "rope_write_kv"):
         ptx = recorded_kernels[kernel].ptx()
-        moves = instructions(ptx, "ld.global") | instructions(ptx, "st.global")
-        assert not {m for m in moves if m.endswith("8")}, (kernel, moves)
+        assert "div.rn.f32" in instructions(ptx, "div")
+        approximate = instructions(ptx, "div.full") | instructions(ptx, "div.approx") | instructions(ptx, "rcp.approx")
+        assert not approximate, (kernel, approximate)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles for the GPU; no need to run twice")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+@pytest.mark.parametrize("name", ["auto", "int8", "fp8_e4m3"])
+def test_kernels_compile_for_the_h100_moving_bytes_in_vectors(recorded_kernels, name):
+    """Every kernel compiles for an H100 (the interpreter accepts code the compiler refuses),
+    and with a quantized cache moves its one-byte K/V in 4-byte vectors or wider: a quantized
+    row is head_dim + 4 bytes, which Triton does not know to be 4-byte aligned from the
+    runtime strides, so without the kernels' alignment hints every value was loaded (and
+    stored) one byte at a time."""
+    _record_llama_1b_launches(torch.bfloat16 if name == "auto" else STORAGE[name])
+    for kernel, recorder in recorded_kernels.items():
+        for i in range(len(recorder.launches)):
+            ptx = recorder.ptx(i)
+            moves = instructions(ptx, "ld.global") | instructions(ptx, "st.global")
+            assert name == "auto" or not {m for m in moves if m.endswith("8")}, (kernel, moves)
 
 
 def _backend():

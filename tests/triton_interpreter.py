@@ -30,3 +30,23 @@ def run_under_interpreter(test_file: str) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     return proc.stdout
+
+
+def _interpreter_takes_loaded_loop_bounds() -> None:
+    """Triton 3.6's interpreter turns a loaded scalar into a 1-element array, which NumPy >= 2.4
+    refuses to convert with int(): every kernel loop bounded by a loaded length (the decode and
+    prefill kernels' context loops) then fails under TRITON_INTERPRET=1. Convert it as a 0-d
+    array instead (interpreter runs only; compiled kernels are unaffected)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETING:
+    _interpreter_takes_loaded_loop_bounds()

@@ -76,6 +76,9 @@ class AttentionBackend(ABC):
     # True when a decode-only forward launches with shapes fixed by the padded batch and no
     # host syncs, so the runner may capture it in a CUDA graph.
     supports_cuda_graphs: bool = False
+    # True when the backend has ``forward_qkv``: ``forward`` from the qkv projection's output
+    # with RoPE fused into its KV write (the model uses it when its fused kernels are on).
+    fuses_rope: bool = False
 
     @abstractmethod
     def forward(

@@ -1,10 +1,14 @@
 """Triton kernels for paged attention on CUDA: KV write, split-K decode, varlen prefill.
 
-Three kernels, launched in order on the current stream:
+Two kernels per layer, launched in order on the current stream:
 
 * ``write_kv_kernel``: one program per new token scatters its keys and values into their
   cache slot (``slot_mapping`` -1 rows are skipped on the device, so there is no host sync and
   the launch is CUDA-graph capturable, unlike a boolean-mask ``index_copy_``).
+  With the model's fused kernels on, ``rope_write_kv_kernel`` replaces it and the separate
+  RoPE kernel: from the qkv projection's output it rotates the queries in place and the keys,
+  and writes keys and values (quantized in a quantized cache) into their slots
+  (:meth:`TritonPagedBackend.rope_write_kv`).
 * decode (every sequence brings one token): ``decode_kernel`` runs one program per
   (sequence, kv head, context partition). The program holds the whole GQA group of query heads
   that share the kv head, so each K/V tile is read from HBM once per kv head, and does an
@@ -113,6 +117,7 @@ def _kernels():
 
     return {
         "write_kv": triton_kernels.write_kv_kernel,
+        "rope_write_kv": triton_kernels.rope_write_kv_kernel,
         "decode": triton_kernels.decode_kernel,
         "prefill": triton_kernels.prefill_kernel,
         "prefill_split": triton_kernels.prefill_split_kernel,
@@ -180,6 +185,7 @@ class TritonPagedBackend(AttentionBackend):
 
     name = "triton"
     supports_cuda_graphs = True  # decode: device-side -1 skips, grid from shapes + max_seq_len
+    fuses_rope = True
 
     def __init__(
         self, decode_config: DecodeConfig | None = None, prefill_config: PrefillConfig | None = None
@@ -207,6 +213,62 @@ class TritonPagedBackend(AttentionBackend):
         if meta.is_decode_only:
             return self.decode(q, kv_cache, meta, scale)
         return self.prefill(q, kv_cache, meta, scale)
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        num_heads: int,
+    ) -> torch.Tensor:
+        """:meth:`forward` from the qkv projection's output before RoPE: :meth:`rope_write_kv`
+        then the attention kernel, two launches."""
+        q = self.rope_write_kv(qkv, cos, sin, kv_cache, meta.slot_mapping, num_heads)
+        if meta.is_decode_only:
+            return self.decode(q, kv_cache, meta, scale)
+        return self.prefill(q, kv_cache, meta, scale)
+
+    def rope_write_kv(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+    ) -> torch.Tensor:
+        """One kernel for ``qkv`` [T, (H + 2 KVH) * D] (the projection's output) and per-token
+        ``cos`` / ``sin`` [T, D] (``RotaryEmbedding.cos_sin``'s signed tables): rotates the
+        queries in place and the keys, and writes keys and values into their cache slots (-1
+        skipped), as ``fused_kernels.rope_`` then :meth:`write_kv` would. Returns the rotated
+        queries, a [T, H, D] view of ``qkv``."""
+        t = qkv.shape[0]
+        num_kv_heads = kv_cache.shape[3]
+        head_dim, rem = divmod(qkv.shape[1], num_heads + 2 * num_kv_heads)
+        if rem or qkv.stride(1) != 1 or head_dim & (head_dim - 1):
+            raise ValueError(
+                f"qkv must be [T, (num_heads + 2 * num_kv_heads) * head_dim] with unit stride and a "
+                f"power-of-two head_dim, got {tuple(qkv.shape)} for {num_heads} + 2 * {num_kv_heads} heads"
+            )
+        q, k, v = qkv.view(t, -1, head_dim).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        self._check(q, k, v, kv_cache)
+        if t == 0:
+            return q
+        cos, sin = cos.reshape(t, head_dim), sin.reshape(t, head_dim)
+        if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+            raise ValueError("cos and sin must be row-major with the same layout")
+        _kernels()["rope_write_kv"][(t,)](
+            qkv, cos, sin, kv_cache, slot_mapping,
+            qkv.stride(0), cos.stride(0),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            PAGE=kv_cache.shape[2], BLOCK_Q=_next_pow2(num_heads), BLOCK_KV=_next_pow2(num_kv_heads),
+            QUANT=_quant_kind(kv_cache), QMAX=_qmax(kv_cache),
+        )
+        return q
 
     @staticmethod
     def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
-"""Triton kernels behind ``triton_backend``: KV write, split-K GQA decode, prefill (split over
-the context, with a merge, for few new tokens over a long one).
+"""Triton kernels behind ``triton_backend``: KV write (alone or fused with RoPE), split-K GQA
+decode, prefill (split over the context, with a merge, for few new tokens over a long one).
 
 With a quantized cache (``QUANT`` 1 int8, 2 fp8; layout in ``node/kv/quantization.py``) the
 write kernel quantizes each (token, kv head) row and stores its float32 scale behind it, and
@@ -45,23 +45,27 @@ def _round_half_even(z):
 
 
 @triton.jit
-def _store_quantized(row_ptr, x, offs_d, mask, hmask,
-                     HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
-    # One scale per row (token, kv head): absmax / QMAX, 1 for an all-zero row. Both divisions
-    # are IEEE (div_rn), as PyTorch's: Triton's `/` on fp32 compiles to the approximate
-    # div.full.f32 on CUDA (up to 2 ulp off), which pushes quotients that sit on a rounding
-    # tie (frequent with bf16 / fp16 inputs) to the other neighbour. For fp8 one such flip
-    # moves a value a whole e4m3 step (up to 1/14 of the row's absmax).
-    xf = x.to(tl.float32)
-    amax = tl.max(tl.abs(xf), 1)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), 1.0)
+def _row_scale(amax, QMAX: tl.constexpr):
+    # One scale per row (token, kv head): absmax / QMAX, 1 for an all-zero row. Both this
+    # division and the one in _quantize are IEEE (div_rn), as PyTorch's: Triton's `/` on fp32
+    # compiles to the approximate div.full.f32 on CUDA (up to 2 ulp off), which pushes
+    # quotients that sit on a rounding tie (frequent with bf16 / fp16 inputs) to the other
+    # neighbour. For fp8 one such flip moves a value a whole e4m3 step (up to 1/14 of the
+    # row's absmax).
+    return tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), 1.0)
+
+
+@triton.jit
+def _quantize(xf, scale, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    # float32 rows [R, C] over their scales [R] -> values exactly representable in the
+    # storage type (int8 integers, e4m3 grid points), as quantization.quantize computes them.
     y = tl.math.div_rn(xf, tl.broadcast_to(scale[:, None], xf.shape))
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if QUANT == 1:  # int8: round to nearest (the conversion itself truncates)
         y = _round_half_even(y)
     else:
         # e4m3: round to nearest on its grid here (3 mantissa bits: a step of 2^(e-3) for
-        # |y| in [2^e, 2^(e+1)), 2^-9 below 2^-6), so the conversion below is exact. Triton's
+        # |y| in [2^e, 2^(e+1)), 2^-9 below 2^-6), so the conversion to fp8 is exact. Triton's
         # CPU interpreter converts to fp8 without carrying into the exponent (125.8 -> 64);
         # exact inputs make the kernel the same everywhere. The step is a power of two, so
         # scaling by it and by its inverse (built from the exponent bits) is exact. A value
@@ -70,6 +74,15 @@ def _store_quantized(row_ptr, x, offs_d, mask, hmask,
         step = ((biased - 3) << 23).to(tl.float32, bitcast=True)
         inv_step = ((257 - biased) << 23).to(tl.float32, bitcast=True)
         y = _round_half_even(y * inv_step) * step
+    return y
+
+
+@triton.jit
+def _store_quantized(row_ptr, x, offs_d, mask, hmask,
+                     HEAD_DIM: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    xf = x.to(tl.float32)
+    scale = _row_scale(tl.max(tl.abs(xf), 1), QMAX)
+    y = _quantize(xf, scale, QUANT, QMAX)
     tl.store(row_ptr[:, None] + offs_d[None, :], y.to(row_ptr.dtype.element_ty), mask=mask)
     tl.store(_scale_ptr(row_ptr, HEAD_DIM), scale, mask=hmask)
 
@@ -104,6 +117,75 @@ def write_kv_kernel(
             dst = KV + row + offs_h[:, None] * stride_head + offs_d[None, :]
             tl.store(dst, k, mask=mask)
             tl.store(dst + stride_kind, v, mask=mask)
+
+
+@triton.jit
+def rope_write_kv_kernel(
+    QKV, COS, SIN, KV, SLOT,
+    stride_t, stride_cs,
+    stride_kind, stride_block, stride_tok, stride_head,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+    QUANT: tl.constexpr, QMAX: tl.constexpr,
+):
+    # One program per token of the fused projection output [T, (H + 2 KVH) * D]: RoPE on its
+    # query heads (in place, for the attention kernel to read) and on its key heads, then the
+    # rotated keys and the values into the token's cache slot: the work of fused_kernels.rope_
+    # and write_kv_kernel in one launch, with the same arithmetic (keys rounded to the model
+    # dtype after the rotation, as rope_ stores them, before they are quantized). The two
+    # halves of a head are separate tiles of identical layout, so each thread reads both
+    # halves of the elements it writes: rotating in place needs no barrier.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, HALF)
+    # The tables repeat cos over both halves and carry the rotation's sign in sin's first half.
+    c1 = tl.load(COS + t * stride_cs + offs).to(tl.float32)
+    c2 = tl.load(COS + t * stride_cs + HALF + offs).to(tl.float32)
+    s1 = tl.load(SIN + t * stride_cs + offs).to(tl.float32)
+    s2 = tl.load(SIN + t * stride_cs + HALF + offs).to(tl.float32)
+    row = QKV + t * stride_t
+
+    hq = tl.arange(0, BLOCK_Q)
+    qmask = (hq < NUM_HEADS)[:, None]
+    q_ptr = row + hq[:, None] * HEAD_DIM + offs[None, :]
+    x1 = tl.load(q_ptr, mask=qmask, other=0.0).to(tl.float32)
+    x2 = tl.load(q_ptr + HALF, mask=qmask, other=0.0).to(tl.float32)
+    tl.store(q_ptr, (x1 * c1 + x2 * s1).to(QKV.dtype.element_ty), mask=qmask)
+    tl.store(q_ptr + HALF, (x2 * c2 + x1 * s2).to(QKV.dtype.element_ty), mask=qmask)
+
+    slot = tl.load(SLOT + t).to(tl.int64)
+    if slot >= 0:
+        hk = tl.arange(0, BLOCK_KV)
+        hmask = hk < NUM_KV_HEADS
+        kmask = hmask[:, None]
+        k_ptr = row + (NUM_HEADS + hk)[:, None] * HEAD_DIM + offs[None, :]
+        y1 = tl.load(k_ptr, mask=kmask, other=0.0).to(tl.float32)
+        y2 = tl.load(k_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
+        k1 = (y1 * c1 + y2 * s1).to(QKV.dtype.element_ty)
+        k2 = (y2 * c2 + y1 * s2).to(QKV.dtype.element_ty)
+        offs_d = tl.arange(0, HEAD_DIM)
+        vmask = kmask & (offs_d[None, :] < HEAD_DIM)
+        v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + hk)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=vmask, other=0.0)
+        dst = (slot // PAGE) * stride_block + (slot % PAGE) * stride_tok + hk * stride_head
+        if QUANT:
+            k_off = tl.multiple_of(dst, 4)  # rows start on 4-byte boundaries (module docstring)
+            v_off = tl.multiple_of(dst + stride_kind, 4)
+            k1f = k1.to(tl.float32)
+            k2f = k2.to(tl.float32)
+            scale = _row_scale(tl.maximum(tl.max(tl.abs(k1f), 1), tl.max(tl.abs(k2f), 1)), QMAX)
+            k_rows = KV + k_off
+            tl.store(k_rows[:, None] + offs[None, :],
+                     _quantize(k1f, scale, QUANT, QMAX).to(KV.dtype.element_ty), mask=kmask)
+            tl.store(k_rows[:, None] + HALF + offs[None, :],
+                     _quantize(k2f, scale, QUANT, QMAX).to(KV.dtype.element_ty), mask=kmask)
+            tl.store(_scale_ptr(k_rows, HEAD_DIM), scale, mask=hmask)
+            _store_quantized(KV + v_off, v, offs_d, vmask, hmask, HEAD_DIM, QUANT, QMAX)
+        else:
+            k_rows = KV + dst
+            tl.store(k_rows[:, None] + offs[None, :], k1, mask=kmask)
+            tl.store(k_rows[:, None] + HALF + offs[None, :], k2, mask=kmask)
+            tl.store(KV + dst[:, None] + stride_kind + offs_d[None, :], v, mask=vmask)
 
 
 @triton.jit

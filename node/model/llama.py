@@ -139,12 +139,16 @@ class Attention(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = h.shape[0]
         qkv = self.qkv_proj(h)
-        # Queries and keys are rotated together, in one pass over [T, H + KVH, D].
-        qk = qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim)
-        rotated = _fused().rope_(qk, cos, sin) if self.fused else apply_rope(qk, cos, sin)
-        q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        if self.fused and self.backend.fuses_rope:
+            # RoPE, KV write and attention in two kernels (Triton backend).
+            out = self.backend.forward_qkv(qkv, cos, sin, kv_cache, meta, self.scale, self.num_heads)
+        else:
+            # Queries and keys are rotated together, in one pass over [T, H + KVH, D].
+            qk = qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim)
+            rotated = _fused().rope_(qk, cos, sin) if self.fused else apply_rope(qk, cos, sin)
+            q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
+            out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         out = self.o_proj(out.reshape(t, self.q_size))
         return out if self.all_reduce is None else self.all_reduce(out)
 
