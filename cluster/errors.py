@@ -54,3 +54,15 @@ class CapacityError(EngineError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class SessionSupersededError(EngineError):
+    """This node's copy of a session is no longer the session: a ring successor took it over
+    (this node was taken off the ring, and the session moved on without it). A turn taken on
+    the stale copy is not acknowledged (gRPC ABORTED on field ``session_id``: the coordinator
+    takes the node off its ring and resumes the request on the session's owner)."""
+
+    def __init__(self, session_id: str, detail: str):
+        super().__init__(f"session_id {session_id!r} is owned by another node now ({detail}); "
+                         "this node's turn on its stale copy is not kept")
+        self.session_id = session_id

@@ -31,6 +31,7 @@ from ultrakv.cluster.errors import (
     PromptTooLongError,
     QueueFullError,
     SessionNotFoundError,
+    SessionSupersededError,
 )
 from ultrakv.v1 import types_pb2 as pb
 
@@ -96,6 +97,16 @@ class RequestRejected(Exception):
         """The per-request error message used on streams and in batches."""
         return pb.ErrorDetail(code=self.code.name, message=self.message, field=self.field,
                               retry_after_s=self.retry_after_s)
+
+
+# A node's answer to a turn it took on a copy another node owns now (SessionSupersededError).
+SUPERSEDED_CODE = grpc.StatusCode.ABORTED
+
+
+def superseded(rejection: RequestRejected) -> bool:
+    """Whether a node refused a turn because the session has moved on without it: the
+    coordinator then treats the node like one that failed, and resumes the request."""
+    return rejection.code == SUPERSEDED_CODE and rejection.field == "session_id"
 
 
 def _invalid(field: str, message: str) -> RequestRejected:
@@ -368,6 +379,8 @@ def rejection_from_error(exc: Exception) -> RequestRejected:
         return RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.field, str(exc))
     if isinstance(exc, SessionNotFoundError):
         return RequestRejected(grpc.StatusCode.NOT_FOUND, "session_id", str(exc))
+    if isinstance(exc, SessionSupersededError):
+        return RequestRejected(SUPERSEDED_CODE, "session_id", str(exc))
     if isinstance(exc, ValueError):
         return _invalid(_field_named_in(str(exc)), str(exc))
     return RequestRejected(grpc.StatusCode.INTERNAL, "", f"{type(exc).__name__}: {exc}")

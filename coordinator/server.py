@@ -75,7 +75,7 @@ from ultrakv.cluster.service import (
 )
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
 from ultrakv.cluster.transport import exposure_warnings, server_options
-from ultrakv.cluster.validation import Limits, RequestRejected
+from ultrakv.cluster.validation import Limits, RequestRejected, superseded
 from ultrakv.coordinator.block_feed import BlockFeed
 from ultrakv.coordinator.block_index import BlockIndex, HashScheme
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
@@ -463,10 +463,12 @@ class ClusterBackend:
             plan = await self._moves.get()
             await asyncio.gather(*(one(m.session_id) for m in plan.moves))
 
-    async def node_failed(self, node: str) -> None:
-        """A forward to ``node`` failed: keep it off the ring until health says otherwise."""
+    async def node_failed(self, node: str, abandon: bool = True) -> None:
+        """A forward to ``node`` failed: keep it off the ring until health says otherwise
+        (and, with ``abandon``, give up its other forwards in flight)."""
         self._failed[node] = time.monotonic()
-        self._abandon(node)
+        if abandon:
+            self._abandon(node)
         await self._update_view()
 
     # -- routing ------------------------------------------------------------------------------
@@ -619,7 +621,8 @@ class ClusterBackend:
                                 request.request_id, node, len(sent_ids),
                                 code.name if code else exc,
                                 "resuming" if sent_ids else "retrying")
-                    await self.node_failed(node)
+                    await self.node_failed(node, abandon=not isinstance(exc, _NodeGone)
+                                           or exc.abandon)
                     if attempt + 1 < self.settings.max_attempts:
                         self.counters.retried("resume" if sent_ids else "retry")
         raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
@@ -749,6 +752,11 @@ class ClusterBackend:
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                field = dict(exc.trailing_metadata() or ()).get("ultrakv-field", "")
+                if superseded(RequestRejected(code, field, exc.details() or "")):
+                    # Fenced: the session moved on without that node (its view was stale).
+                    await self.node_failed(node, abandon=False)
+                    continue
                 if code is grpc.StatusCode.ABORTED and len(self.ring) and self.ring.lookup(sid) != node:
                     continue  # the session moved: its new owner decides by the same version
                 if code is grpc.StatusCode.ABORTED:
@@ -838,7 +846,10 @@ class ClusterBackend:
                     yield message.result
                     return
                 else:
-                    raise RequestRejected.from_detail(message.error)
+                    rejected = RequestRejected.from_detail(message.error)
+                    if superseded(rejected):  # fenced: the session moved on without it
+                        raise _NodeGone(node, "no longer owns the session", abandon=False)
+                    raise rejected
         finally:
             self.inflight[node] -= 1
             self._attempts[node].discard(attempt)
@@ -969,9 +980,12 @@ class _Attempt:
 class _NodeGone(Exception):
     """A node stopped answering a forwarded request."""
 
-    def __init__(self, node: str, why: str) -> None:
+    def __init__(self, node: str, why: str, abandon: bool = True) -> None:
         super().__init__(f"node {node} {why}")
         self.node = node
+        # Give up the node's other forwards too (it stopped answering); False: it answers,
+        # only this session has moved on without it.
+        self.abandon = abandon
 
 
 class CoordinatorServer:

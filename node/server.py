@@ -35,7 +35,11 @@ from ultrakv.cluster.addresses import (
     port_in_use_message,
 )
 from ultrakv.cluster.block_events import batch_to_message, validate_epoch
-from ultrakv.cluster.errors import IncompatibleSessionError, SessionNotFoundError
+from ultrakv.cluster.errors import (
+    IncompatibleSessionError,
+    SessionNotFoundError,
+    SessionSupersededError,
+)
 from ultrakv.cluster.health_service import HealthService
 from ultrakv.cluster.metrics_http import serve_metrics
 from ultrakv.cluster.openai_api import ApiHost, HttpServer, TlsFiles
@@ -81,8 +85,8 @@ from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
 from ultrakv.node.sampling_params import Priority, SamplingParams
-from ultrakv.node.sessions import SessionChangedError, TenantQuota, TurnConflictError
-from ultrakv.node.turn_ledger import TurnKey, TurnLedger, turn_key
+from ultrakv.node.sessions import SessionChangedError, SessionOwnedError, TenantQuota, TurnConflictError
+from ultrakv.node.turn_ledger import TurnKey, TurnLedger, TurnRecord, answer_for, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2
@@ -192,7 +196,9 @@ class NodeIdentity:
     started_at: float = field(default_factory=time.time)
 
 
-TurnHook = Callable[[RequestOutput], Awaitable[None]]
+# Awaited with the turn's record (None without a request id); raises
+# SessionSupersededError when another node owns the session now.
+TurnHook = Callable[[RequestOutput, TurnRecord | None], Awaitable[None]]
 
 
 class LocalBackend:
@@ -218,11 +224,11 @@ class LocalBackend:
         req = engine_request(request, deadline)
         self.engine.validate(req)
         key = turn_key(request)
-        if key is not None:  # a retry of a turn this node already took: answer, don't redo
-            done = await self.ledger.replay(key)
-            if done is not None:
-                yield pb.TokenChunk(text=done.text, token_ids=done.token_ids)
-                yield done
+        if key is not None:  # a retry of a turn taken already (here or by a predecessor)
+            answer = await self._recorded_answer(key, request)
+            if answer is not None:
+                yield pb.TokenChunk(text=answer.text, token_ids=answer.token_ids)
+                yield answer
                 return
             # An earlier attempt whose caller went away is aborted, but stays in the engine
             # (holding the request id and the session) until the step computing it ends.
@@ -237,6 +243,7 @@ class LocalBackend:
         # records the turn.
         events: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
         finished = False
+        resumed = list(request.resume_token_ids)
 
         def on_delta(delta: StreamDelta) -> None:
             nonlocal finished
@@ -244,7 +251,7 @@ class LocalBackend:
                 events.put_nowait(pb.TokenChunk(text=delta.text, token_ids=delta.token_ids))
             if delta.finished:
                 finished = True
-                task = asyncio.create_task(self._complete(delta.output, key, events))
+                task = asyncio.create_task(self._complete(delta.output, key, resumed, events))
                 self._completing.add(task)  # the loop holds tasks weakly
                 task.add_done_callback(self._completing.discard)
 
@@ -263,17 +270,43 @@ class LocalBackend:
             if not finished:  # cancelled or disconnected: free the blocks now
                 self.engine.abort(req.request_id)
 
+    async def _recorded_answer(self, key: TurnKey,
+                               request: pb.GenerateRequest) -> pb.GenerateResult | None:
+        """The answer to a retry or resume of a turn recorded here, while the session still
+        ends with that turn; None when the request must run."""
+        done = await self.ledger.replay(key)
+        if done is None:
+            return None
+        try:
+            info = await asyncio.to_thread(self.engine.get_session, key[0], request.tenant)
+        except SessionNotFoundError:
+            return None
+        if info.turns != done.turns:  # the session moved on, or is another copy now
+            return None
+        answer = answer_for(done.result, request.resume_token_ids)
+        if answer is not None and not answer.text:  # a part of the turn, or a resumed turn
+            answer.text = self.engine.tokenizer.decode(list(answer.token_ids))
+        return answer
+
     async def _complete(self, out: RequestOutput | None, key: TurnKey | None,
+                        resumed: list[int],
                         events: asyncio.Queue[Event | BaseException | None]) -> None:
-        """The end of a turn: replicate a completed one, then the result and the end mark."""
-        recorded: pb.GenerateResult | None = None
+        """The end of a turn: replicate a completed one, then the result and the end mark.
+
+        A turn whose replication a successor refuses because it owns the session now (this
+        node was taken off the ring, and the session moved on without it) is not
+        acknowledged: the caller gets SessionSupersededError, and this stale copy goes."""
+        recorded: TurnRecord | None = None
         try:
             if out is not None:
                 result = result_message(out, self.identity.node_id)
                 if out.session_id and out.finish_reason in ("stop", "length"):
-                    recorded = result  # in the history now, whatever happens next
-                    if self.on_turn_complete is not None:
-                        await self.on_turn_complete(out)
+                    recorded = await self._turn_record(out, key, result, resumed)
+                    try:
+                        await self._replicate(out, recorded)
+                    except SessionSupersededError:
+                        recorded = None
+                        raise
                     await self.cuts.results_may_go()  # a backup's cut is being taken
                 events.put_nowait(result)
             events.put_nowait(None)
@@ -284,7 +317,41 @@ class LocalBackend:
             raise
         finally:
             if key is not None:
-                self.ledger.end(key, recorded)
+                self.ledger.end(key, recorded.result if recorded else None,
+                                recorded.turns if recorded else 0)
+
+    async def _replicate(self, out: RequestOutput, record: TurnRecord | None) -> None:
+        """Replicate a completed turn (with its record). When a successor serves the session
+        now, this node's copy is stale: it goes, and SessionSupersededError is raised."""
+        if self.on_turn_complete is None:
+            return
+        try:
+            await self.on_turn_complete(out, record)
+        except SessionSupersededError:
+            with contextlib.suppress(SessionNotFoundError):
+                await asyncio.to_thread(self.engine.delete_session, out.session_id)
+            self.ledger.forget(out.session_id)
+            raise
+
+    async def _turn_record(self, out: RequestOutput, key: TurnKey | None,
+                           result: pb.GenerateResult, resumed: list[int]) -> TurnRecord | None:
+        """The record of a completed turn as a whole: a resumed attempt's result covers the
+        resumed ids too, and its prompt counts without them. None without a request key."""
+        if key is None:
+            return None
+        whole = pb.GenerateResult()
+        whole.CopyFrom(result)
+        if resumed:
+            whole.token_ids[:0] = resumed
+            whole.text = ""  # only ever answered in part (answer_for decodes the rest)
+            whole.usage.prompt_tokens -= len(resumed)
+            whole.usage.completion_tokens = len(whole.token_ids)
+            whole.usage.cached_tokens = min(whole.usage.cached_tokens, whole.usage.prompt_tokens)
+        try:
+            info = await asyncio.to_thread(self.engine.get_session, out.session_id)
+        except SessionNotFoundError:  # deleted as it finished
+            return None
+        return TurnRecord(key, whole, info.turns)
 
     async def prepare_turn(self, request: pb.GenerateRequest) -> npb.PreparedTurn:
         """What a session turn would run here, for a stand-in (engine ``prepare_turn``)."""
@@ -302,12 +369,14 @@ class LocalBackend:
         out, applied = await asyncio.to_thread(
             self.engine.append_turn, engine_request(request, None), commit.turns,
             list(commit.prompt_token_ids), list(result.token_ids), result.text, finish)
-        if self.on_turn_complete is not None:  # again for a repeated commit: it may not have got there
-            await self.on_turn_complete(out)
-        await self.cuts.results_may_go()  # the commit's answer is the turn's result
         key = turn_key(request)
-        if key is not None and applied:  # a repeat must not displace the session's last record
-            self.ledger.end(key, result)
+        record = TurnRecord(key, result, commit.turns + 1) if key is not None else None
+        # Again for a repeated commit: it may not have got there (without the record: the
+        # session may have moved on since).
+        await self._replicate(out, record if applied else None)
+        await self.cuts.results_may_go()  # the commit's answer is the turn's result
+        if record is not None and applied:  # a repeat must not displace the session's last record
+            self.ledger.end(key, result, record.turns)
         return commit.turns + 1
 
     async def node_stats(self) -> pb.NodeStats:
@@ -485,8 +554,14 @@ class NodeServicer:
                                ) -> npb.ReplicateHistoryResponse:
         """Hold a history for a ring neighbour; checked like an imported session's."""
         sid = validate_session_id(request.session_id)
-        await asyncio.to_thread(self.engine.store_replica, sid, list(request.token_ids),
-                                request.turns, request.tenant, message_pairs(request.messages))
+        try:
+            await asyncio.to_thread(self.engine.store_replica, sid, list(request.token_ids),
+                                    request.turns, request.tenant, message_pairs(request.messages))
+        except SessionOwnedError as exc:
+            raise RequestRejected(grpc.StatusCode.FAILED_PRECONDITION, "turns", str(exc)) from None
+        if request.HasField("last_result"):  # a retry of that turn reaching here is answered
+            key = (sid, request.last_result.request_id, request.last_digest)
+            self.backend.ledger.record(TurnRecord(key, request.last_result, request.turns))
         return npb.ReplicateHistoryResponse()
 
     @unary

@@ -52,6 +52,18 @@ class TurnConflictError(EngineError):
                          f"another node and {now}; the turn is not recorded")
 
 
+class SessionOwnedError(EngineError):
+    """A ring neighbour pushed a replica of a session this node serves itself, with no more
+    turns than this copy (or while a turn runs on it): the sender's copy is stale, another
+    node took the session over (gRPC FAILED_PRECONDITION on ``turns``: the sender does not
+    acknowledge its turn)."""
+
+    def __init__(self, session_id: str, turns: int, held: int, busy: bool):
+        now = "a turn is running on it here" if busy else f"this node serves it with {held} turns"
+        super().__init__(f"session_id {session_id!r}: a replica with {turns} turns was refused: "
+                         f"{now}")
+
+
 @dataclass
 class Session:
     session_id: str
@@ -261,7 +273,13 @@ class SessionStore:
     def store_replica(self, session_id: str, token_ids: list[int], turns: int, salt: str = "",
                       messages: list[ChatMessage] | None = None) -> None:
         """Hold (or replace) a replica (with its chat conversation, if any), dropping the least
-        recently stored ones over the caps."""
+        recently stored ones over the caps; :class:`SessionOwnedError` when this node serves
+        the session itself with as many turns or more, or runs a turn on it."""
+        session = self._sessions.get(session_id)
+        if session is not None and (session.busy or session.turns >= turns):
+            # Two nodes serving one session: the one served here was handed over to this node
+            # (moved or restored by a coordinator), so it is the sender's that is stale.
+            raise SessionOwnedError(session_id, turns, session.turns, session.busy)
         if len(token_ids) > self.max_replica_tokens:
             raise CapacityError("token_ids", f"a replica must hold at most {self.max_replica_tokens} "
                                              f"tokens (max_replica_tokens), got {len(token_ids)}")

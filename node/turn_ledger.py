@@ -1,13 +1,17 @@
 """Each session's last turn by request id, so a retried turn is answered, not applied twice.
 
 A client whose coordinator dies mid-turn retries through another coordinator with the same
-request. The node may have finished the first attempt (the turn is in the session's history)
-before it noticed the caller was gone; running the retry would append the turn a second
-time. So a session turn that completes is recorded here under its key (session, request id
-and a digest of the prompt and sampling), and a request with the same key is answered from
-the record; one that arrives while the first attempt still runs waits for it. A request
-with a different key (a new turn, or a resumed one with a longer prompt) runs as usual.
-Pure bookkeeping on the node's event loop, no I/O.
+request; a coordinator whose node stops answering mid-turn retries the request, or resumes
+it from the tokens already streamed, on the session's next owner. The turn may have
+completed all the same (it is in the history the node replicated) before anyone heard its
+end; running the retry would append the turn a second time. So a session turn that
+completes is recorded here under its key (session, request id and a digest of the prompt and
+sampling, the same for a resumed attempt as for the request it resumes) with the session's
+turn count, and the record travels with the history to the ring successors (a replica
+holder records it too). A request with the same key, while the session still has that turn
+count, is answered from the record (a resumed one with the tokens it had not received yet);
+one that arrives while the first attempt still runs waits for it. A request with a different
+key (a new turn) runs as usual. Pure bookkeeping on the node's event loop, no I/O.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 from ultrakv.v1 import types_pb2 as pb
 
@@ -23,16 +28,51 @@ TurnKey = tuple[str, str, bytes]
 
 
 def turn_key(request: pb.GenerateRequest) -> TurnKey | None:
-    """The key of a session turn with a request id; None for requests never deduplicated."""
+    """The key of a session turn with a request id; None for requests never deduplicated.
+
+    A resumed attempt (``resume_token_ids`` set by the coordinator, ``max_length`` lowered by
+    as many) has the key of the request it resumes."""
     if not request.session_id or not request.request_id:
         return None
     which = request.WhichOneof("prompt") or ""
     prompt = getattr(request, which) if which else ""
+    sampling = pb.SamplingOptions()
+    sampling.CopyFrom(request.sampling)
+    if request.resume_token_ids:
+        sampling.max_length += len(request.resume_token_ids)
     digest = hashlib.sha256(which.encode() + b"\0")
     digest.update(prompt.encode() if isinstance(prompt, str)
                   else prompt.SerializeToString(deterministic=True))
-    digest.update(b"\0" + request.sampling.SerializeToString(deterministic=True))
+    digest.update(b"\0" + sampling.SerializeToString(deterministic=True))
     return request.session_id, request.request_id, digest.digest()
+
+
+def answer_for(done: pb.GenerateResult, resume_token_ids: Sequence[int]) -> pb.GenerateResult | None:
+    """The result a (possibly resumed) attempt of the recorded turn ``done`` gets: the tokens
+    it has not been sent yet, the prompt counted as the attempt's (with the resumed ids).
+    None when the resumed ids are not how the recorded turn began (another attempt's tokens:
+    the record does not answer it)."""
+    resumed = list(resume_token_ids)
+    if not resumed:
+        return done
+    if list(done.token_ids[:len(resumed)]) != resumed or len(done.token_ids) <= len(resumed):
+        return None
+    out = pb.GenerateResult()
+    out.CopyFrom(done)
+    del out.token_ids[:len(resumed)]
+    out.text = ""  # the caller decodes the remainder: the record's text is the whole turn's
+    out.usage.prompt_tokens = done.usage.prompt_tokens + len(resumed)
+    out.usage.completion_tokens = len(out.token_ids)
+    return out
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """A completed turn: its key, its result, and the session's turn count right after it."""
+
+    key: TurnKey
+    result: pb.GenerateResult
+    turns: int
 
 
 class TurnLedger:
@@ -42,32 +82,40 @@ class TurnLedger:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._done: OrderedDict[str, tuple[TurnKey, pb.GenerateResult]] = OrderedDict()
+        self._done: OrderedDict[str, TurnRecord] = OrderedDict()
         self._running: dict[TurnKey, asyncio.Future[pb.GenerateResult | None]] = {}
 
-    async def replay(self, key: TurnKey) -> pb.GenerateResult | None:
-        """The recorded result of the turn ``key`` (after waiting for a running attempt of
-        it), or None when it must run."""
+    async def replay(self, key: TurnKey) -> TurnRecord | None:
+        """The record of the turn ``key`` (after waiting for a running attempt of it), or
+        None when it must run. The caller checks the record's ``turns`` against the session:
+        a record whose session moved on (or was replaced) answers nothing."""
         running = self._running.get(key)
         if running is not None:
             await asyncio.shield(running)
         done = self._done.get(key[0])
-        return done[1] if done is not None and done[0] == key else None
+        return done if done is not None and done.key == key else None
 
     def begin(self, key: TurnKey) -> None:
         self._running[key] = asyncio.get_running_loop().create_future()
 
-    def end(self, key: TurnKey, result: pb.GenerateResult | None) -> None:
-        """The attempt finished: ``result`` when its turn is in the session's history, None
-        when it was aborted or failed (a retry then runs)."""
+    def end(self, key: TurnKey, result: pb.GenerateResult | None, turns: int = 0) -> None:
+        """The attempt finished: ``result`` when its turn is in the session's history (the
+        session then has ``turns`` turns), None when it was aborted or failed (a retry then
+        runs)."""
         if result is not None:
-            self._done[key[0]] = (key, result)
-            self._done.move_to_end(key[0])
-            while len(self._done) > self.capacity:
-                self._done.popitem(last=False)
+            self.record(TurnRecord(key, result, turns))
         future = self._running.pop(key, None)
         if future is not None and not future.done():
             future.set_result(result)
+
+    def record(self, done: TurnRecord) -> None:
+        """Keep ``done`` as its session's last turn (a turn taken here, or one replicated here
+        with its history)."""
+        sid = done.key[0]
+        self._done[sid] = done
+        self._done.move_to_end(sid)
+        while len(self._done) > self.capacity:
+            self._done.popitem(last=False)
 
     def retain(self, session_ids: Collection[str]) -> None:
         """Keep only the records of ``session_ids`` (the sessions this node still holds): a

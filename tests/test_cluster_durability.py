@@ -27,6 +27,7 @@ from ultrakv.node.chat import ChatMessage
 from ultrakv.node.tokenizer import ByteTokenizer  # the tiny preset's tokenizer
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
+from ultrakv.v1 import types_pb2 as pb
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -104,51 +105,107 @@ def _signal(cluster: LocalCluster, node: str, sig: int) -> None:
     cluster.send_signal(node, sig)
 
 
-async def test_a_node_marked_down_hands_its_streams_on_at_once(cluster) -> None:
+@pytest.mark.parametrize("detector", ["health", "stall_deadline"])
+async def test_a_stream_stuck_on_a_stopped_node_moves_on(cluster, detector: str) -> None:
     """Defect 5: a stream stuck on a SIGSTOPped node finishes elsewhere while the node is
     still stopped (before: it hung for as long as the node did), resumed from the exact
-    token ids, with exact usage."""
-    sid = "stall-down"
-    async with AsyncClient(cluster.address, timeout=120) as client:
-        first, _ = await turn(client, sid, _prompt(1), 8)
-        owner = first["node"]
-        history = await stored_history(cluster, owner, sid)
-        try:
-            result, received = await asyncio.wait_for(
-                turn(client, sid, _prompt(2), LONG,
-                     on_chunk=lambda: _signal(cluster, owner, signal.SIGSTOP)), 90)
-        finally:
-            _signal(cluster, owner, signal.SIGCONT)
-    assert result["node"] != owner
-    assert len(received) == LONG
-    expected = history + _prompt(2) + received
-    assert await stored_history(cluster, result["node"], sid) == expected
-    assert result["usage"]["prompt_tokens"] == len(history) + len(_prompt(2))
-    assert result["usage"]["completion_tokens"] == LONG
-    assert 0 <= result["usage"]["cached_tokens"] <= result["usage"]["prompt_tokens"]
-
-
-async def test_a_stalled_stream_moves_on_after_the_stall_deadline(cluster) -> None:
-    """Defect 5: with health never marking the node down, the inter-token stall deadline
-    alone hands a stalled stream on."""
-    sid = "stall-deadline"
-    await _configure(cluster, {**FAST_HEALTH, "health_down_after": 100, "failed_hold_s": 60.0,
-                               "stall_timeout_s": 1.0})
+    token ids, with exact usage. ``health``: the health loop marks the node down;
+    ``stall_deadline``: health never does, the inter-token stall deadline alone moves it."""
+    sid = f"stall-{detector}"
+    if detector == "stall_deadline":
+        await _configure(cluster, {**FAST_HEALTH, "health_down_after": 100,
+                                   "failed_hold_s": 60.0, "stall_timeout_s": 1.0})
     try:
         async with AsyncClient(cluster.address, timeout=120) as client:
-            first, _ = await turn(client, sid, _prompt(3), 8)
+            first, _ = await turn(client, sid, _prompt(1), 8)
             owner = first["node"]
             history = await stored_history(cluster, owner, sid)
             try:
                 result, received = await asyncio.wait_for(
-                    turn(client, sid, _prompt(4), LONG,
+                    turn(client, sid, _prompt(2), LONG,
                          on_chunk=lambda: _signal(cluster, owner, signal.SIGSTOP)), 90)
             finally:
                 _signal(cluster, owner, signal.SIGCONT)
     finally:
         await _configure(cluster, FAST_HEALTH)
     assert result["node"] != owner
-    assert await stored_history(cluster, result["node"], sid) == history + _prompt(4) + received
+    assert len(received) == LONG
+    assert await stored_history(cluster, result["node"], sid) == history + _prompt(2) + received
+    assert result["usage"]["prompt_tokens"] == len(history) + len(_prompt(2))
+    assert result["usage"]["completion_tokens"] == LONG
+    assert 0 <= result["usage"]["cached_tokens"] <= result["usage"]["prompt_tokens"]
+
+
+def _generate(sid: str, prompt: list[int], max_length: int, request_id: str,
+              resume: list[int] = ()) -> pb.GenerateRequest:
+    """A forward as a coordinator sends it (``resume``: the ids a resumed one already sent)."""
+    request = pb.GenerateRequest(
+        request_id=request_id, session_id=sid, token_ids=pb.TokenIds(ids=prompt),
+        sampling=pb.SamplingOptions(max_length=max_length - len(resume), temperature=0.0,
+                                    ignore_eos=True))
+    request.resume_token_ids.extend(resume)
+    return request
+
+
+async def forward(cluster: LocalCluster, node: str,
+                  request: pb.GenerateRequest) -> tuple[list[int], pb.GenerateResult | None, str]:
+    """Send ``request`` straight to ``node``'s NodeService, as a coordinator forwards it:
+    (the token ids streamed, the result or None, the error's code or "")."""
+    received: list[int] = []
+    async with _node(cluster, node) as stub:
+        call = stub.Generate(iter([pb.GenerateStreamRequest(generate=request)]), timeout=60)
+        try:
+            async for message in call:
+                kind = message.WhichOneof("event")
+                if kind == "chunk":
+                    received.extend(message.chunk.token_ids)
+                elif kind == "result":
+                    return received, message.result, ""
+                else:
+                    return received, None, message.error.code
+        finally:
+            call.cancel()
+    return received, None, "stream ended"
+
+
+def _successor(copies: dict[str, dict[str, npb.SessionInfo] | None], sid: str, owner: str) -> str:
+    holders = [n for n, held in copies.items() if n != owner and sid in (held or {})]
+    assert len(holders) == 1, holders  # one replica per session in this module
+    return holders[0]
+
+
+async def test_a_retried_turn_is_answered_from_its_replica_never_taken_twice(cluster) -> None:
+    """Issue 2 of the follow-up: the owner finishes a turn and replicates it, and dies before
+    the coordinator hears the end; the coordinator retries the request on the successor (no
+    token received) or resumes it (some received). Before, the successor ran it again on top
+    of the replicated turn: the new owner held the turn twice (the load-dependent failure of
+    test_cluster_serving's kill-during-turn-2). Now the turn's record, replicated with the
+    history, answers both, and the history holds the turn once."""
+    sid = "retry-replicated"
+    async with AsyncClient(cluster.address, timeout=120) as client:
+        first, _ = await turn(client, sid, _prompt(20), 8)
+    owner = first["node"]
+    history = await stored_history(cluster, owner, sid)
+    # Turn 2 on the owner, as the coordinator forwards it; its end never reaches the caller.
+    request = _generate(sid, _prompt(21), 12, "turn-2")
+    out, result, error = await forward(cluster, owner, request)
+    assert result is not None and not error, error
+    assert len(out) == 12
+    history += _prompt(21) + out
+    successor = _successor({n: await _listed(cluster, n) for n in cluster.nodes}, sid, owner)
+    assert await stored_history(cluster, successor, sid) == history, "replicated"
+    # The retry (nothing was received), then a resume after 5 received ids, on the successor.
+    again, retried, error = await forward(cluster, successor, request)
+    assert retried is not None and not error, error
+    assert again == out and list(retried.token_ids) == out
+    assert retried.usage.prompt_tokens == len(history) - len(out)
+    rest, resumed, error = await forward(cluster, successor,
+                                         _generate(sid, _prompt(21), 12, "turn-2", out[:5]))
+    assert resumed is not None and not error, error
+    assert rest == out[5:]
+    assert resumed.usage.prompt_tokens == len(history) - len(out) + 5
+    assert await stored_history(cluster, successor, sid) == history, "turn 2 taken twice"
+    # Another request (another id) is a new turn, on top of turn 2 once.
 
 
 async def _listed(cluster: LocalCluster, node: str) -> dict[str, npb.SessionInfo] | None:
@@ -176,6 +233,51 @@ def _routing_ring(cluster: LocalCluster) -> str:
     log = (cluster.spec.log_dir / "coordinator-1.log").read_text(errors="replace")
     rings = re.findall(r"routing ring epoch \d+: (\[[^\]]*\])", log)
     return rings[-1] if rings else ""
+
+
+async def test_a_node_marked_down_neither_takes_nor_acknowledges_a_stale_turn(cluster) -> None:
+    """Issue 1 of the follow-up (fencing): a slow owner (here SIGSTOPped) is marked down and
+    its session restored on the successor, which serves turn 2. The owner wakes up while
+    routers still believe it owns the session (a second coordinator with a stale view; the
+    coordinator here is frozen, so nothing moves meanwhile) and is forwarded a turn. Before,
+    it took the turn on its stale copy and acknowledged it: two copies accepting turns, and
+    when they met, the tie of turns went to the owner and turn 2 was lost. Now the successor
+    refuses the stale copy's replication, and the old owner neither acknowledges the turn nor
+    keeps its copy: every acknowledged turn is in the history, once."""
+    sid = "fenced"
+    # Probes that a loaded machine's other nodes still answer in time: only the stopped one
+    # may go off the ring.
+    await _configure(cluster, {**FAST_HEALTH, "health_interval_s": 1.0, "health_timeout_s": 1.0})
+    async with AsyncClient(cluster.address, timeout=120) as client:
+        first, _ = await turn(client, sid, _prompt(30), 8)
+        owner = first["node"]
+        history = await stored_history(cluster, owner, sid)
+        _signal(cluster, owner, signal.SIGSTOP)
+        stopped = [owner]
+        try:
+            async def routed_around() -> bool:
+                return f"'{owner}'" not in _routing_ring(cluster)
+
+            await _until(f"{owner} off the routing ring", routed_around)
+            second, received = await turn(client, sid, _prompt(31), 8)
+            assert second["node"] != owner
+            history += _prompt(31) + received
+            _signal(cluster, "coordinator-1", signal.SIGSTOP)
+            stopped.append("coordinator-1")
+            _signal(cluster, owner, signal.SIGCONT)
+            stopped.remove(owner)
+            out, result, error = await forward(cluster, owner,
+                                               _generate(sid, _prompt(32), 8, "stale-view"))
+            assert result is None, "a node marked down acknowledged a turn on its stale copy"
+            held = await _listed(cluster, owner)
+            assert held is not None and (sid not in held or held[sid].replica), held
+        finally:
+            for name in stopped:
+                _signal(cluster, name, signal.SIGCONT)
+            await _configure(cluster, FAST_HEALTH)
+        third, more = await turn(client, sid, _prompt(33), 8)
+    assert third["usage"]["prompt_tokens"] == len(history) + len(_prompt(33)), "turn 2 lost"
+    assert await stored_history(cluster, third["node"], sid) == history + _prompt(33) + more
 
 
 async def test_a_returning_owner_never_wins_over_a_turn_served_without_it(cluster) -> None:

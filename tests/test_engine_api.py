@@ -11,6 +11,7 @@ import pytest
 import torch
 from ultrakv.cluster.errors import InvalidRequestError, PromptTooLongError, SessionNotFoundError
 from ultrakv.node import Engine, EngineConfig, GenerateRequest, SamplingParams
+from ultrakv.node.sessions import SessionOwnedError
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -190,6 +191,19 @@ def test_replica_becomes_the_session_on_first_request(engine):
     out = engine.generate([" next"], GREEDY, session_ids=["rep-1"])[0]
     assert out.prompt_token_ids[: len(history)] == history
     assert engine.get_session("rep-1").turns == 3
+
+
+def test_a_replica_of_a_session_served_here_is_refused_unless_newer(engine):
+    """Fencing: a node that serves a session (it was handed over here) refuses a replica of
+    it from a node with no more turns: that sender's copy is stale, its turn must not be
+    acknowledged. A replica with more turns (the session's owner is elsewhere and moved on)
+    is held as before."""
+    engine.generate(["served here"], GREEDY, session_ids=["own"])
+    history = engine.sessions.get("own").token_ids
+    with pytest.raises(SessionOwnedError, match="serves it with 1 turns"):
+        engine.store_replica("own", history + [5, 6], turns=1)
+    engine.store_replica("own", history + [5, 6], turns=2)
+    assert engine.get_session("own").replica and engine.get_session("own").turns == 2
 
 
 def test_a_turn_hashes_only_its_new_blocks(monkeypatch):

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -24,6 +25,7 @@ from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.outputs import RequestOutput
 from ultrakv.node.replication import Replicator, ThrottledLog
 from ultrakv.node.server import BackgroundServer, ServerSettings
+from ultrakv.node.turn_ledger import answer_for, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
 from ultrakv.v1 import types_pb2 as pb
@@ -245,16 +247,21 @@ async def test_replicator_sends_the_sessions_tenant(node, server, engine, secret
     """The replication hook reads the session's salt; a failover promotes it with that salt."""
     tenant_turn(node, "acme-hook", TENANT_PROMPT + " hook", "acme")
     history = history_of(node, "acme-hook")
+    # The session's owner is another engine now; this node keeps the blocks acme computed.
+    owner = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=16))
+    owner.import_session(replace(engine.export_session("acme-hook"), kv=None, kv_tokens=0))
+    engine.delete_session("acme-hook")
     peers = PeerChannels(secret[1])
-    replicator = Replicator(engine, "self", lambda: HashRing(["self", "peer"]),
+    replicator = Replicator(owner, "self", lambda: HashRing(["self", "peer"]),
                             lambda: {"peer": server.address}, peers)
     try:
         await replicator.on_turn_complete(RequestOutput(
             "r", "acme-hook", history, [], "", 0, "stop", 0.0, 0.0))
     finally:
         await peers.close()
+        owner.shutdown()
     assert replicator.stats.replicated == 1
-    # As at a failover, the replica is promoted (here over the node's own copy).
+    # As at a failover, the replica is promoted.
     node.PromoteReplica(npb.PromoteReplicaRequest(session_id="acme-hook"), timeout=10)
     assert engine.sessions.get("acme-hook").salt == "acme"
     assert tenant_turn(node, "acme-hook", " next", "acme").usage.cached_tokens >= 32
@@ -277,6 +284,30 @@ async def test_a_last_survivor_logs_unreplicated_turns_once_per_interval(node, e
     assert replicator.stats.failed == 12
     levels = [r.levelno for r in caplog.records if r.name == "ultrakv.node.replication"]
     assert levels.count(logging.ERROR) == 1 and levels.count(logging.WARNING) == 1
+
+
+def test_a_resumed_attempt_has_its_requests_turn_key_and_gets_the_rest() -> None:
+    """A coordinator's resume (the ids streamed so far, max_length lowered by as many) is the
+    same turn as the request it resumes; the record answers it with the ids not sent yet."""
+    request = pb.GenerateRequest(request_id="r1", session_id="s", token_ids=pb.TokenIds(ids=[1, 2]),
+                                 sampling=pb.SamplingOptions(max_length=6, temperature=0.0))
+    resumed = pb.GenerateRequest()
+    resumed.CopyFrom(request)
+    resumed.resume_token_ids.extend([7, 8])
+    resumed.sampling.max_length = 4
+    assert turn_key(resumed) == turn_key(request)
+    other = pb.GenerateRequest()
+    other.CopyFrom(request)
+    other.token_ids.ids.append(3)
+    assert turn_key(other) != turn_key(request)
+    done = pb.GenerateResult(request_id="r1", token_ids=[7, 8, 9, 10], text="whole",
+                             usage=pb.Usage(prompt_tokens=12, cached_tokens=8, completion_tokens=4))
+    assert answer_for(done, []) == done
+    rest = answer_for(done, [7, 8])
+    assert list(rest.token_ids) == [9, 10] and rest.text == ""
+    assert (rest.usage.prompt_tokens, rest.usage.completion_tokens) == (14, 2)
+    assert answer_for(done, [7, 9]) is None  # another attempt's tokens: not this record's
+    assert answer_for(done, [7, 8, 9, 10]) is None
 
 
 def test_throttled_log_counts_what_it_held_back(caplog) -> None:

@@ -293,8 +293,10 @@ class EngineGroup:
     def import_session(self, state: SessionState) -> int:
         return self._by_id[self.gpu_of(state.session_id)].import_session(state)
 
-    def store_replica(self, session_id: str, token_ids: list[int], turns: int, tenant: str = "") -> None:
-        self._by_id[self.gpu_of(session_id)].store_replica(session_id, token_ids, turns, tenant)
+    def store_replica(self, session_id: str, token_ids: list[int], turns: int, tenant: str = "",
+                      messages: list[tuple[str, str]] | None = None) -> None:
+        self._by_id[self.gpu_of(session_id)].store_replica(session_id, token_ids, turns, tenant,
+                                                           messages)
 
     def promote_replica(self, session_id: str) -> bool:
         return self._owner_engine(session_id).promote_replica(session_id)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ultrakv.v1 import types_pb2 as ultrakv_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ultrakv/v1/node.proto\x12\nultrakv.v1\x1a\x16ultrakv/v1/types.proto\"\x13\n\x11NodeHealthRequest\"r\n\x12NodeHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\"c\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ninclude_kv\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x12\x0e\n\x06\x63ut_id\x18\x04 \x01(\t\"\xe6\x01\n\rSessionHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x11\n\tkv_tokens\x18\x05 \x01(\x05\x12\x10\n\x08kv_shape\x18\x06 \x03(\x03\x12\x10\n\x08kv_dtype\x18\x07 \x01(\t\x12\x12\n\nnum_chunks\x18\x08 \x01(\x05\x12\x0e\n\x06tenant\x18\t \x01(\t\x12)\n\x08messages\x18\n \x03(\x0b\x32\x17.ultrakv.v1.ChatMessage\"6\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"I\n\x0eSessionTrailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\x95\x01\n\x0cSessionChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.ultrakv.v1.SessionHeaderH\x00\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x13.ultrakv.v1.KVChunkH\x00\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1a.ultrakv.v1.SessionTrailerH\x00\x42\x06\n\x04part\"R\n\x15ImportSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x11\n\tkv_tokens\x18\x03 \x01(\x05\"\x8a\x01\n\x17ReplicateHistoryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.ultrakv.v1.ChatMessage\"\x1a\n\x18ReplicateHistoryResponse\"+\n\x15PromoteReplicaRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x18\n\x16PromoteReplicaResponse\":\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\"\x18\n\x16ReleaseSessionResponse\"\x15\n\x13ListSessionsRequest\"1\n\x0f\x42\x65ginCutRequest\x12\x0e\n\x06\x63ut_id\x18\x01 \x01(\t\x12\x0e\n\x06hold_s\x18\x02 \x01(\x01\"=\n\x10\x42\x65ginCutResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.ultrakv.v1.SessionInfo\"\x1c\n\nCutRequest\x12\x0e\n\x06\x63ut_id\x18\x01 \x01(\t\"R\n\x12ReleaseCutResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x0e\n\x06held_s\x18\x02 \x01(\x01\x12\x1c\n\x14imported_session_ids\x18\x03 \x03(\t\"\x10\n\x0e\x45ndCutResponse\"A\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.ultrakv.v1.SessionInfo\"6\n\x12\x42lockEventsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tsince_seq\x18\x02 \x01(\x04\"G\n\nBlockEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06hashes\x18\x04 \x03(\x06\"\xb5\x01\n\x12\x42lockEventsMessage\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12&\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x16.ultrakv.v1.BlockEvent\x12\x17\n\nchain_root\x18\x07 \x01(\x06H\x00\x88\x01\x01\x42\r\n\x0b_chain_root\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"f\n\x0cPreparedTurn\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05turns\x18\x02 \x01(\x05\x12\x0c\n\x04\x62usy\x18\x03 \x01(\x08\x12\x12\n\nwould_wait\x18\x04 \x01(\x08\x12\x12\n\nfree_slots\x18\x05 \x01(\x05\"\x96\x01\n\x11\x43ommitTurnRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.ultrakv.v1.GenerateRequest\x12\r\n\x05turns\x18\x02 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12*\n\x06result\x18\x04 \x01(\x0b\x32\x1a.ultrakv.v1.GenerateResult\"#\n\x12\x43ommitTurnResponse\x12\r\n\x05turns\x18\x01 \x01(\x05\x32\xa5\x0c\n\x0bNodeService\x12U\n\x08Generate\x12!.ultrakv.v1.GenerateStreamRequest\x1a\".ultrakv.v1.GenerateStreamResponse(\x01\x30\x01\x12\x38\n\x05Stats\x12\x18.ultrakv.v1.StatsRequest\x1a\x15.ultrakv.v1.NodeStats\x12G\n\x06Health\x12\x1d.ultrakv.v1.NodeHealthRequest\x1a\x1e.ultrakv.v1.NodeHealthResponse\x12M\n\rExportSession\x12 .ultrakv.v1.ExportSessionRequest\x1a\x18.ultrakv.v1.SessionChunk0\x01\x12N\n\rImportSession\x12\x18.ultrakv.v1.SessionChunk\x1a!.ultrakv.v1.ImportSessionResponse(\x01\x12]\n\x10ReplicateHistory\x12#.ultrakv.v1.ReplicateHistoryRequest\x1a$.ultrakv.v1.ReplicateHistoryResponse\x12W\n\x0ePromoteReplica\x12!.ultrakv.v1.PromoteReplicaRequest\x1a\".ultrakv.v1.PromoteReplicaResponse\x12W\n\x0eReleaseSession\x12!.ultrakv.v1.ReleaseSessionRequest\x1a\".ultrakv.v1.ReleaseSessionResponse\x12Q\n\x0cListSessions\x12\x1f.ultrakv.v1.ListSessionsRequest\x1a .ultrakv.v1.ListSessionsResponse\x12\x45\n\x08\x42\x65ginCut\x12\x1b.ultrakv.v1.BeginCutRequest\x1a\x1c.ultrakv.v1.BeginCutResponse\x12\x44\n\nReleaseCut\x12\x16.ultrakv.v1.CutRequest\x1a\x1e.ultrakv.v1.ReleaseCutResponse\x12<\n\x06\x45ndCut\x12\x16.ultrakv.v1.CutRequest\x1a\x1a.ultrakv.v1.EndCutResponse\x12\x44\n\nGetSession\x12\x1d.ultrakv.v1.GetSessionRequest\x1a\x17.ultrakv.v1.SessionInfo\x12T\n\rDeleteSession\x12 .ultrakv.v1.DeleteSessionRequest\x1a!.ultrakv.v1.DeleteSessionResponse\x12Z\n\x0f\x43leanupSessions\x12\".ultrakv.v1.CleanupSessionsRequest\x1a#.ultrakv.v1.CleanupSessionsResponse\x12K\n\nClearCache\x12\x1d.ultrakv.v1.ClearCacheRequest\x1a\x1e.ultrakv.v1.ClearCacheResponse\x12O\n\x0b\x42lockEvents\x12\x1e.ultrakv.v1.BlockEventsRequest\x1a\x1e.ultrakv.v1.BlockEventsMessage0\x01\x12\x45\n\x08Tokenize\x12\x1b.ultrakv.v1.GenerateRequest\x1a\x1c.ultrakv.v1.TokenizeResponse\x12\x44\n\x0bPrepareTurn\x12\x1b.ultrakv.v1.GenerateRequest\x1a\x18.ultrakv.v1.PreparedTurn\x12K\n\nCommitTurn\x12\x1d.ultrakv.v1.CommitTurnRequest\x1a\x1e.ultrakv.v1.CommitTurnResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ultrakv/v1/node.proto\x12\nultrakv.v1\x1a\x16ultrakv/v1/types.proto\"\x13\n\x11NodeHealthRequest\"r\n\x12NodeHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\"c\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ninclude_kv\x18\x02 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x12\x0e\n\x06\x63ut_id\x18\x04 \x01(\t\"\xe6\x01\n\rSessionHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x11\n\tkv_tokens\x18\x05 \x01(\x05\x12\x10\n\x08kv_shape\x18\x06 \x03(\x03\x12\x10\n\x08kv_dtype\x18\x07 \x01(\t\x12\x12\n\nnum_chunks\x18\x08 \x01(\x05\x12\x0e\n\x06tenant\x18\t \x01(\t\x12)\n\x08messages\x18\n \x03(\x0b\x32\x17.ultrakv.v1.ChatMessage\"6\n\x07KVChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"I\n\x0eSessionTrailer\x12\x12\n\nnum_chunks\x18\x01 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"\x95\x01\n\x0cSessionChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.ultrakv.v1.SessionHeaderH\x00\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x13.ultrakv.v1.KVChunkH\x00\x12-\n\x07trailer\x18\x03 \x01(\x0b\x32\x1a.ultrakv.v1.SessionTrailerH\x00\x42\x06\n\x04part\"R\n\x15ImportSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x11\n\tkv_tokens\x18\x03 \x01(\x05\"\xd0\x01\n\x17ReplicateHistoryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05turns\x18\x03 \x01(\x05\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.ultrakv.v1.ChatMessage\x12/\n\x0blast_result\x18\x06 \x01(\x0b\x32\x1a.ultrakv.v1.GenerateResult\x12\x13\n\x0blast_digest\x18\x07 \x01(\x0c\"\x1a\n\x18ReplicateHistoryResponse\"+\n\x15PromoteReplicaRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x18\n\x16PromoteReplicaResponse\":\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\"\x18\n\x16ReleaseSessionResponse\"\x15\n\x13ListSessionsRequest\"1\n\x0f\x42\x65ginCutRequest\x12\x0e\n\x06\x63ut_id\x18\x01 \x01(\t\x12\x0e\n\x06hold_s\x18\x02 \x01(\x01\"=\n\x10\x42\x65ginCutResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.ultrakv.v1.SessionInfo\"\x1c\n\nCutRequest\x12\x0e\n\x06\x63ut_id\x18\x01 \x01(\t\"R\n\x12ReleaseCutResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x0e\n\x06held_s\x18\x02 \x01(\x01\x12\x1c\n\x14imported_session_ids\x18\x03 \x03(\t\"\x10\n\x0e\x45ndCutResponse\"A\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.ultrakv.v1.SessionInfo\"6\n\x12\x42lockEventsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tsince_seq\x18\x02 \x01(\x04\"G\n\nBlockEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x06hashes\x18\x04 \x03(\x06\"\xb5\x01\n\x12\x42lockEventsMessage\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12&\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x16.ultrakv.v1.BlockEvent\x12\x17\n\nchain_root\x18\x07 \x01(\x06H\x00\x88\x01\x01\x42\r\n\x0b_chain_root\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"f\n\x0cPreparedTurn\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05turns\x18\x02 \x01(\x05\x12\x0c\n\x04\x62usy\x18\x03 \x01(\x08\x12\x12\n\nwould_wait\x18\x04 \x01(\x08\x12\x12\n\nfree_slots\x18\x05 \x01(\x05\"\x96\x01\n\x11\x43ommitTurnRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.ultrakv.v1.GenerateRequest\x12\r\n\x05turns\x18\x02 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12*\n\x06result\x18\x04 \x01(\x0b\x32\x1a.ultrakv.v1.GenerateResult\"#\n\x12\x43ommitTurnResponse\x12\r\n\x05turns\x18\x01 \x01(\x05\x32\xa5\x0c\n\x0bNodeService\x12U\n\x08Generate\x12!.ultrakv.v1.GenerateStreamRequest\x1a\".ultrakv.v1.GenerateStreamResponse(\x01\x30\x01\x12\x38\n\x05Stats\x12\x18.ultrakv.v1.StatsRequest\x1a\x15.ultrakv.v1.NodeStats\x12G\n\x06Health\x12\x1d.ultrakv.v1.NodeHealthRequest\x1a\x1e.ultrakv.v1.NodeHealthResponse\x12M\n\rExportSession\x12 .ultrakv.v1.ExportSessionRequest\x1a\x18.ultrakv.v1.SessionChunk0\x01\x12N\n\rImportSession\x12\x18.ultrakv.v1.SessionChunk\x1a!.ultrakv.v1.ImportSessionResponse(\x01\x12]\n\x10ReplicateHistory\x12#.ultrakv.v1.ReplicateHistoryRequest\x1a$.ultrakv.v1.ReplicateHistoryResponse\x12W\n\x0ePromoteReplica\x12!.ultrakv.v1.PromoteReplicaRequest\x1a\".ultrakv.v1.PromoteReplicaResponse\x12W\n\x0eReleaseSession\x12!.ultrakv.v1.ReleaseSessionRequest\x1a\".ultrakv.v1.ReleaseSessionResponse\x12Q\n\x0cListSessions\x12\x1f.ultrakv.v1.ListSessionsRequest\x1a .ultrakv.v1.ListSessionsResponse\x12\x45\n\x08\x42\x65ginCut\x12\x1b.ultrakv.v1.BeginCutRequest\x1a\x1c.ultrakv.v1.BeginCutResponse\x12\x44\n\nReleaseCut\x12\x16.ultrakv.v1.CutRequest\x1a\x1e.ultrakv.v1.ReleaseCutResponse\x12<\n\x06\x45ndCut\x12\x16.ultrakv.v1.CutRequest\x1a\x1a.ultrakv.v1.EndCutResponse\x12\x44\n\nGetSession\x12\x1d.ultrakv.v1.GetSessionRequest\x1a\x17.ultrakv.v1.SessionInfo\x12T\n\rDeleteSession\x12 .ultrakv.v1.DeleteSessionRequest\x1a!.ultrakv.v1.DeleteSessionResponse\x12Z\n\x0f\x43leanupSessions\x12\".ultrakv.v1.CleanupSessionsRequest\x1a#.ultrakv.v1.CleanupSessionsResponse\x12K\n\nClearCache\x12\x1d.ultrakv.v1.ClearCacheRequest\x1a\x1e.ultrakv.v1.ClearCacheResponse\x12O\n\x0b\x42lockEvents\x12\x1e.ultrakv.v1.BlockEventsRequest\x1a\x1e.ultrakv.v1.BlockEventsMessage0\x01\x12\x45\n\x08Tokenize\x12\x1b.ultrakv.v1.GenerateRequest\x1a\x1c.ultrakv.v1.TokenizeResponse\x12\x44\n\x0bPrepareTurn\x12\x1b.ultrakv.v1.GenerateRequest\x1a\x18.ultrakv.v1.PreparedTurn\x12K\n\nCommitTurn\x12\x1d.ultrakv.v1.CommitTurnRequest\x1a\x1e.ultrakv.v1.CommitTurnResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,45 +49,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMPORTSESSIONRESPONSE']._serialized_start=815
   _globals['_IMPORTSESSIONRESPONSE']._serialized_end=897
   _globals['_REPLICATEHISTORYREQUEST']._serialized_start=900
-  _globals['_REPLICATEHISTORYREQUEST']._serialized_end=1038
-  _globals['_REPLICATEHISTORYRESPONSE']._serialized_start=1040
-  _globals['_REPLICATEHISTORYRESPONSE']._serialized_end=1066
-  _globals['_PROMOTEREPLICAREQUEST']._serialized_start=1068
-  _globals['_PROMOTEREPLICAREQUEST']._serialized_end=1111
-  _globals['_PROMOTEREPLICARESPONSE']._serialized_start=1113
-  _globals['_PROMOTEREPLICARESPONSE']._serialized_end=1137
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=1139
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=1197
-  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1199
-  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1223
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1225
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1246
-  _globals['_BEGINCUTREQUEST']._serialized_start=1248
-  _globals['_BEGINCUTREQUEST']._serialized_end=1297
-  _globals['_BEGINCUTRESPONSE']._serialized_start=1299
-  _globals['_BEGINCUTRESPONSE']._serialized_end=1360
-  _globals['_CUTREQUEST']._serialized_start=1362
-  _globals['_CUTREQUEST']._serialized_end=1390
-  _globals['_RELEASECUTRESPONSE']._serialized_start=1392
-  _globals['_RELEASECUTRESPONSE']._serialized_end=1474
-  _globals['_ENDCUTRESPONSE']._serialized_start=1476
-  _globals['_ENDCUTRESPONSE']._serialized_end=1492
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1494
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1559
-  _globals['_BLOCKEVENTSREQUEST']._serialized_start=1561
-  _globals['_BLOCKEVENTSREQUEST']._serialized_end=1615
-  _globals['_BLOCKEVENT']._serialized_start=1617
-  _globals['_BLOCKEVENT']._serialized_end=1688
-  _globals['_BLOCKEVENTSMESSAGE']._serialized_start=1691
-  _globals['_BLOCKEVENTSMESSAGE']._serialized_end=1872
-  _globals['_TOKENIZERESPONSE']._serialized_start=1874
-  _globals['_TOKENIZERESPONSE']._serialized_end=1911
-  _globals['_PREPAREDTURN']._serialized_start=1913
-  _globals['_PREPAREDTURN']._serialized_end=2015
-  _globals['_COMMITTURNREQUEST']._serialized_start=2018
-  _globals['_COMMITTURNREQUEST']._serialized_end=2168
-  _globals['_COMMITTURNRESPONSE']._serialized_start=2170
-  _globals['_COMMITTURNRESPONSE']._serialized_end=2205
-  _globals['_NODESERVICE']._serialized_start=2208
-  _globals['_NODESERVICE']._serialized_end=3781
+  _globals['_REPLICATEHISTORYREQUEST']._serialized_end=1108
+  _globals['_REPLICATEHISTORYRESPONSE']._serialized_start=1110
+  _globals['_REPLICATEHISTORYRESPONSE']._serialized_end=1136
+  _globals['_PROMOTEREPLICAREQUEST']._serialized_start=1138
+  _globals['_PROMOTEREPLICAREQUEST']._serialized_end=1181
+  _globals['_PROMOTEREPLICARESPONSE']._serialized_start=1183
+  _globals['_PROMOTEREPLICARESPONSE']._serialized_end=1207
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=1209
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=1267
+  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1269
+  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1293
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1295
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1316
+  _globals['_BEGINCUTREQUEST']._serialized_start=1318
+  _globals['_BEGINCUTREQUEST']._serialized_end=1367
+  _globals['_BEGINCUTRESPONSE']._serialized_start=1369
+  _globals['_BEGINCUTRESPONSE']._serialized_end=1430
+  _globals['_CUTREQUEST']._serialized_start=1432
+  _globals['_CUTREQUEST']._serialized_end=1460
+  _globals['_RELEASECUTRESPONSE']._serialized_start=1462
+  _globals['_RELEASECUTRESPONSE']._serialized_end=1544
+  _globals['_ENDCUTRESPONSE']._serialized_start=1546
+  _globals['_ENDCUTRESPONSE']._serialized_end=1562
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1564
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1629
+  _globals['_BLOCKEVENTSREQUEST']._serialized_start=1631
+  _globals['_BLOCKEVENTSREQUEST']._serialized_end=1685
+  _globals['_BLOCKEVENT']._serialized_start=1687
+  _globals['_BLOCKEVENT']._serialized_end=1758
+  _globals['_BLOCKEVENTSMESSAGE']._serialized_start=1761
+  _globals['_BLOCKEVENTSMESSAGE']._serialized_end=1942
+  _globals['_TOKENIZERESPONSE']._serialized_start=1944
+  _globals['_TOKENIZERESPONSE']._serialized_end=1981
+  _globals['_PREPAREDTURN']._serialized_start=1983
+  _globals['_PREPAREDTURN']._serialized_end=2085
+  _globals['_COMMITTURNREQUEST']._serialized_start=2088
+  _globals['_COMMITTURNREQUEST']._serialized_end=2238
+  _globals['_COMMITTURNRESPONSE']._serialized_start=2240
+  _globals['_COMMITTURNRESPONSE']._serialized_end=2275
+  _globals['_NODESERVICE']._serialized_start=2278
+  _globals['_NODESERVICE']._serialized_end=3851
 # @@protoc_insertion_point(module_scope)

@@ -102,18 +102,22 @@ class ImportSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
 
 class ReplicateHistoryRequest(_message.Message):
-    __slots__ = ("session_id", "token_ids", "turns", "tenant", "messages")
+    __slots__ = ("session_id", "token_ids", "turns", "tenant", "messages", "last_result", "last_digest")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
+    LAST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     turns: int
     tenant: str
     messages: _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., tenant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
+    last_result: _types_pb2.GenerateResult
+    last_digest: bytes
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., tenant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ..., last_result: _Optional[_Union[_types_pb2.GenerateResult, _Mapping]] = ..., last_digest: _Optional[bytes] = ...) -> None: ...
 
 class ReplicateHistoryResponse(_message.Message):
     __slots__ = ()
