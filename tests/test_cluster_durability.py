@@ -5,6 +5,11 @@ tests run in file order, each leaving a serving cluster behind. Every test check
 stored history token for token against what its client received. Checkpoints are off in
 effect (a long interval): the histories live in sessions and their replicas only, the case
 the defects were found in.
+
+Not covered (a known gap): a node that is registered but off the coordinator's routing ring
+(marked down, not yet trusted again) still receives replicas from its ring predecessors; if
+the owner of such a session fails before the node is trusted again, the plan does not see
+that replica. Tests that start right after a stall wait for the cluster's full strength.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ async def test_a_stream_stuck_on_a_stopped_node_moves_on(cluster, detector: str)
     token ids, with exact usage. ``health``: the health loop marks the node down;
     ``stall_deadline``: health never does, the inter-token stall deadline alone moves it."""
     sid = f"stall-{detector}"
+    await _full_strength(cluster)
     if detector == "stall_deadline":
         await _configure(cluster, {**FAST_HEALTH, "health_down_after": 100,
                                    "failed_hold_s": 60.0, "stall_timeout_s": 1.0})
@@ -168,10 +174,15 @@ async def forward(cluster: LocalCluster, node: str,
     return received, None, "stream ended"
 
 
-def _successor(copies: dict[str, dict[str, npb.SessionInfo] | None], sid: str, owner: str) -> str:
-    holders = [n for n, held in copies.items() if n != owner and sid in (held or {})]
-    assert len(holders) == 1, holders  # one replica per session in this module
-    return holders[0]
+async def _full_strength(cluster: LocalCluster) -> None:
+    """Wait until every node runs and is on the coordinator's routing ring (one stopped by
+    the previous test is trusted again): a replica pushed to a node that is registered but
+    still off the ring is a case of its own (see the module docstring)."""
+    async def all_routed() -> bool:
+        ring = _routing_ring(cluster)
+        return all(f"'{n}'" in ring for n in cluster.nodes)
+
+    await _until("every node on the routing ring", all_routed)
 
 
 async def test_a_retried_turn_is_answered_from_its_replica_never_taken_twice(cluster) -> None:
@@ -182,6 +193,7 @@ async def test_a_retried_turn_is_answered_from_its_replica_never_taken_twice(clu
     test_cluster_serving's kill-during-turn-2). Now the turn's record, replicated with the
     history, answers both, and the history holds the turn once."""
     sid = "retry-replicated"
+    await _full_strength(cluster)
     async with AsyncClient(cluster.address, timeout=120) as client:
         first, _ = await turn(client, sid, _prompt(20), 8)
     owner = first["node"]
@@ -192,8 +204,11 @@ async def test_a_retried_turn_is_answered_from_its_replica_never_taken_twice(clu
     assert result is not None and not error, error
     assert len(out) == 12
     history += _prompt(21) + out
-    successor = _successor({n: await _listed(cluster, n) for n in cluster.nodes}, sid, owner)
-    assert await stored_history(cluster, successor, sid) == history, "replicated"
+    holders = [n for n in cluster.nodes if n != owner
+               and sid in ((await _listed(cluster, n)) or {})
+               and await stored_history(cluster, n, sid) == history]
+    assert holders, "turn 2 replicated"
+    successor = holders[0]
     # The retry (nothing was received), then a resume after 5 received ids, on the successor.
     again, retried, error = await forward(cluster, successor, request)
     assert retried is not None and not error, error
@@ -245,6 +260,7 @@ async def test_a_node_marked_down_neither_takes_nor_acknowledges_a_stale_turn(cl
     refuses the stale copy's replication, and the old owner neither acknowledges the turn nor
     keeps its copy: every acknowledged turn is in the history, once."""
     sid = "fenced"
+    await _full_strength(cluster)
     # Probes that a loaded machine's other nodes still answer in time: only the stopped one
     # may go off the ring.
     await _configure(cluster, {**FAST_HEALTH, "health_interval_s": 1.0, "health_timeout_s": 1.0})
