@@ -50,6 +50,7 @@ from ultrakv.node.kv.tiers import BlockIdentity, KVTiers, TierCounters
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
 from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.loader import load_model
+from ultrakv.node.model.packed_linear import packing_available
 from ultrakv.node.outputs import (
     GenerateRequest,
     PreparedTurn,
@@ -158,6 +159,10 @@ class Engine:
                               else self.device.type == "cuda" and triton_available())
         if self.fused_kernels:
             self.model.use_fused_kernels(True)
+        # A float32 model on a CPU runs its matrix products through oneDNN over packed weights
+        # (node/model/packed_linear.py); tensor-parallel ranks keep the plain layout.
+        if tp_size == 1 and packing_available(self.device, next(self.model.parameters()).dtype):
+            self.model.use_packed_weights()
         self.num_scheduler_steps = config.num_scheduler_steps or (
             CUDA_SCHEDULER_STEPS if self.device.type == "cuda" else 1)
         self.model_config = loaded.config

@@ -112,6 +112,7 @@ def test_golden_capital_of_france(engine):
 
 @needs_smollm2
 def test_greedy_ids_equal_transformers_in_one_batch(engine, hf_model, hf_tokenizer):
+    assert engine.model.packed_lm_head is not None  # the CPU path under test: oneDNN-packed weights
     model, tok = hf_model, hf_tokenizer
     chats = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
     outs = engine.generate(chats, GREEDY)  # one continuous batch

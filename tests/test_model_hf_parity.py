@@ -3,10 +3,13 @@ decode, and a mixed batch, for Llama (GQA + llama3 RoPE), Qwen2 (qkv bias) and M
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from ultrakv.node.attention import AttentionMetadata, get_backend
 from ultrakv.node.model.loader import load_model
+from ultrakv.node.model.packed_linear import PackedLinear
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,3 +145,31 @@ def test_mixed_batch_prefill_and_decode_in_one_forward(pair):
         got = ours.model.compute_logits(hidden)
     torch.testing.assert_close(got[0], _hf_logits(hf, a)[20], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[1:], _hf_logits(hf, b), atol=1e-4, rtol=1e-4)
+
+
+def test_packed_weights_match_transformers(pair):
+    """The CPU engine's oneDNN-packed projections (with qkv bias, untied and tied output
+    projections) give transformers' logits for a prefill and a decode step."""
+    ours, hf = pair
+    model = copy.deepcopy(ours.model)
+    model.use_packed_weights()
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, PackedLinear) and isinstance(layer.mlp.down_proj, PackedLinear)
+    ids = torch.randint(0, ours.config.vocab_size, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    expected = _hf_logits(hf, ids)
+    caches = _kv_caches(ours.config)
+    seqs = PagedSeqs(1, 4)
+    with torch.inference_mode():
+        pos, meta = seqs.step([(0, 29)])
+        got = model.compute_logits(model(torch.tensor(ids[:29]), pos, caches, meta))
+        torch.testing.assert_close(got, expected[:29], atol=1e-4, rtol=1e-4)
+        pos, meta = seqs.step([(29, 1)])
+        got = model.compute_logits(model(torch.tensor(ids[29:]), pos, caches, meta))
+        torch.testing.assert_close(got[0], expected[29], atol=1e-4, rtol=1e-4)
+
+
+def test_packing_refuses_a_model_it_cannot_pack(pair):
+    ours, _ = pair
+    model = copy.deepcopy(ours.model).to(torch.float64)
+    with pytest.raises(ValueError, match="float32 model on a CPU"):
+        model.use_packed_weights()

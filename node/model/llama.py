@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata
 from ultrakv.node.model.config import ModelConfig
+from ultrakv.node.model.packed_linear import PackedLinear, packing_available
 
 # Sums a row-parallel projection's partial output over the tensor-parallel ranks, in place.
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -229,6 +230,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, attn)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
+        self.packed_lm_head: PackedLinear | None = None  # see use_packed_weights
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -274,8 +276,26 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, (Attention, MLP)):
                 module.all_reduce = all_reduce
 
+    def use_packed_weights(self) -> None:
+        """Run every matrix product through oneDNN over packed weights (``packed_linear``):
+        a float32 model on a CPU, after its weights are loaded, for inference only. The
+        projections' dense weights are replaced (no extra memory); the output projection
+        gets a packed copy beside its dense weight (a tied one is the embedding's rows)."""
+        device, dtype = self.model.embed_tokens.weight.device, self.model.embed_tokens.weight.dtype
+        if not packing_available(device, dtype):
+            raise ValueError(f"packed weights need a float32 model on a CPU with oneDNN, got {dtype} on {device}")
+        for module in list(self.modules()):
+            if isinstance(module, Attention):
+                module.qkv_proj, module.o_proj = PackedLinear.of(module.qkv_proj), PackedLinear.of(module.o_proj)
+            elif isinstance(module, MLP):
+                module.gate_up_proj = PackedLinear.of(module.gate_up_proj)
+                module.down_proj = PackedLinear.of(module.down_proj)
+        self.packed_lm_head = PackedLinear(self.lm_head_weight)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden_size] -> float32 logits [N, vocab_size]."""
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head(hidden)
         return F.linear(hidden, self.lm_head_weight).float()
 
     @property
