@@ -27,8 +27,11 @@ from ultrakv.node.kv import quantization  # noqa: E402
 
 SHAPES = {"llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128)}
 STORAGE = {"auto": None, "int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+# num_stages 1 loads tiles straight into registers instead of through cp.async and shared
+# memory, which a one-byte tile leaves with byte-wide shared-memory reads.
 CONFIGS = [DecodeConfig(32, 4, 2), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3),
-           DecodeConfig(128, 4, 2), DecodeConfig(64, 8, 2), DecodeConfig(128, 8, 3)]
+           DecodeConfig(128, 4, 2), DecodeConfig(64, 8, 2), DecodeConfig(128, 8, 3),
+           DecodeConfig(64, 4, 1), DecodeConfig(128, 4, 1)]
 CONTEXT = 8192
 
 
