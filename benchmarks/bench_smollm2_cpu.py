@@ -4,8 +4,9 @@ Both run the same weights (transformers reads the checkpoint the engine converte
 GGUF) on the same threads. Each case generates ``--new-tokens`` tokens per sequence after a
 short chat prompt, EOS ignored, greedy; the engine gets the prompts as one continuous batch,
 transformers as one left-padded batch. Runs alternate engine / transformers ``--repeats``
-times and the median is reported (the dev machine is shared, so single runs are noisy); the
-load average before each pair is recorded beside it. Writes benchmarks/results/smollm2_cpu.json
+times (A B A B ...: both see the same load) and the medians are reported, with each pair's
+ratio and the median of those ratios (the dev machine is shared, so single runs are noisy);
+the load average before each pair is recorded beside it. Writes benchmarks/results/smollm2_cpu.json
 (or ``--output``).
 
 Usage: python benchmarks/bench_smollm2_cpu.py [--new-tokens 64] [--repeats 3] [--profile] [--output NAME]
@@ -96,11 +97,14 @@ def main() -> None:
             ours.append(engine_run(engine, chats, args.new_tokens))
             theirs.append(hf_run(model, tok, chats, args.new_tokens))
         e, h = statistics.median(ours), statistics.median(theirs)
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
         results[f"batch_{batch}"] = {
             "engine_tokens_per_s": e, "transformers_tokens_per_s": h, "speedup": e / h,
+            "median_pair_speedup": statistics.median(ratios), "pair_speedups": ratios,
             "engine_runs": ours, "transformers_runs": theirs, "load_average_before_runs": loads,
         }
-        log(f"batch {batch}: engine {e:.1f} tok/s, transformers {h:.1f} tok/s, x{e / h:.2f}")
+        log(f"batch {batch}: engine {e:.1f} tok/s, transformers {h:.1f} tok/s, x{e / h:.2f} "
+            f"(median pair x{statistics.median(ratios):.2f}, load {loads[0][0]}..{loads[-1][0]})")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

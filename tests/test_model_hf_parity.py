@@ -155,6 +155,7 @@ def test_packed_weights_match_transformers(pair):
     model.use_packed_weights()
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, PackedLinear) and isinstance(layer.mlp.down_proj, PackedLinear)
+    assert model.packed_lm_head.transposed is not None  # the decode step below takes its single-row path
     ids = torch.randint(0, ours.config.vocab_size, (30,), generator=torch.Generator().manual_seed(4)).tolist()
     expected = _hf_logits(hf, ids)
     caches = _kv_caches(ours.config)

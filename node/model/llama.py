@@ -280,7 +280,8 @@ class LlamaForCausalLM(nn.Module):
         """Run every matrix product through oneDNN over packed weights (``packed_linear``):
         a float32 model on a CPU, after its weights are loaded, for inference only. The
         projections' dense weights are replaced (no extra memory); the output projection
-        gets a packed copy beside its dense weight (a tied one is the embedding's rows)."""
+        gets a packed copy and a single-row copy beside its dense weight (a tied one is the
+        embedding's rows): ``vocab_size * hidden_size`` floats twice more."""
         device, dtype = self.model.embed_tokens.weight.device, self.model.embed_tokens.weight.dtype
         if not packing_available(device, dtype):
             raise ValueError(f"packed weights need a float32 model on a CPU with oneDNN, got {dtype} on {device}")
@@ -290,7 +291,7 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, MLP):
                 module.gate_up_proj = PackedLinear.of(module.gate_up_proj)
                 module.down_proj = PackedLinear.of(module.down_proj)
-        self.packed_lm_head = PackedLinear(self.lm_head_weight)
+        self.packed_lm_head = PackedLinear(self.lm_head_weight, row_copy=True)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden_size] -> float32 logits [N, vocab_size]."""
