@@ -6,7 +6,7 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 
-.PHONY: test-faults install dev test-deps proto test test-all lint run bench bench-gpu clean image helm-template kustomize-base
+.PHONY: install dev test-deps proto test test-all lint run bench bench-gpu clean image helm-template kustomize-base
 
 install:
 	$(PIP) install -q torch==2.13.0

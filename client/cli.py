@@ -158,7 +158,7 @@ def _agent_settings(args: argparse.Namespace) -> AgentSettings | None:
         return None
     from ultrakv.node.agent import AgentSettings
 
-    return AgentSettings(etcd=args.etcd, lease_ttl_s=args.lease_ttl,
+    return AgentSettings(etcd=args.etcd, lease_ttl_s=args.lease_ttl, etcd_wait_s=args.etcd_wait,
                          checkpoint_dir=args.checkpoint_dir or "",
                          checkpoint_interval_s=args.checkpoint_interval,
                          checkpoint_max_bytes=args.checkpoint_max_bytes,
@@ -954,6 +954,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory budget; over it the coldest sessions lose their "
                         "KV files first, then their place (default 4 GiB)")
     p.add_argument("--lease-ttl", type=int, default=5, help="membership lease, seconds")
+    p.add_argument("--etcd-wait", type=float, default=20.0, metavar="SECONDS",
+                   help="how long a starting node waits for etcd to answer before it gives up "
+                        "(default %(default)s; an etcd starting beside it may take a while)")
     _replicas_option(p, "each session's history is pushed to before a turn is acknowledged")
     p.add_argument("--advertise-host",
                    help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "

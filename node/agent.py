@@ -41,6 +41,12 @@ log = logging.getLogger("ultrakv.node.agent")
 RING_HEALTH_SERVICE = "ultrakv.ring"
 
 
+# How long a starting node waits for etcd to answer before giving up (the default of
+# AgentSettings.etcd_wait_s, `ultrakv node --etcd-wait`): long enough for a loaded machine (or
+# an etcd that is restarting), short enough to say a wrong endpoint soon.
+ETCD_START_WAIT_S = 20.0
+
+
 @dataclass
 class AgentSettings:
     """How a node joins the cluster. ``checkpoint_dir`` "" disables checkpoints."""
@@ -53,17 +59,17 @@ class AgentSettings:
     checkpoint_max_bytes: int = DEFAULT_MAX_BYTES
     replication_timeout_s: float = 2.0
     replicas: int = DEFAULT_REPLICAS  # copies of each session on ring successors
+    etcd_wait_s: float = ETCD_START_WAIT_S  # how long a starting node waits for etcd
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 1:
             raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
+        if self.etcd_wait_s < 0:
+            raise ValueError(f"etcd_wait_s must be >= 0, got {self.etcd_wait_s}")
         if not self.checkpoint_interval_s > 0:
             raise ValueError(f"checkpoint_interval_s must be > 0, got {self.checkpoint_interval_s}")
 
 
-# How long a starting node waits for etcd to answer before giving up: long enough for a
-# loaded machine (or an etcd that is restarting), short enough to say a wrong endpoint soon.
-ETCD_START_WAIT_S = 20.0
 # How long past its lease's expiry a dead incarnation's entry may linger (etcd revokes
 # expired leases on its own schedule, later on a loaded machine).
 LEASE_EXPIRY_GRACE_S = 5.0
@@ -131,7 +137,7 @@ class NodeAgent:
 
         Raises ``EtcdUnavailableError`` (naming the endpoint) or ``DuplicateNodeError``.
         """
-        await self.store.connect(ETCD_START_WAIT_S)
+        await self.store.connect(self.settings.etcd_wait_s)
         if self.checkpointer is not None:
             await self._restore_own_checkpoint()
         await self.watcher.start()
@@ -223,7 +229,7 @@ async def preflight(settings: AgentSettings, node_id: str) -> None:
     ``EtcdUnavailableError`` (naming the endpoint) or ``DuplicateNodeError``."""
     store = EtcdStore(settings.etcd, settings.prefix)
     try:
-        await store.connect(ETCD_START_WAIT_S)
+        await store.connect(settings.etcd_wait_s)
         await wait_for_node_id(store, node_id)
     finally:
         await store.close()

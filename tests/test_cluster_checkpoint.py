@@ -122,7 +122,9 @@ async def test_replicas_are_checkpointed_and_restored_as_replicas(engines, store
             engine.delete_session(sid)
 
 
-@pytest.mark.parametrize("command", [["node", "--model", "tiny", "--device", "cpu", "--port", "0"],
+# The node waits --etcd-wait seconds (20 by default) for etcd; 1 here: the message is the point.
+@pytest.mark.parametrize("command", [["node", "--model", "tiny", "--device", "cpu", "--port", "0",
+                                      "--etcd-wait", "1"],
                                      ["coordinator", "--port", "0"]])
 def test_unreachable_etcd_at_start_is_a_clear_error_naming_the_endpoint(command) -> None:
     endpoint = f"127.0.0.1:{free_port()}"
