@@ -10,7 +10,9 @@ prompt tokens of the turns after the first) and TTFT p50/p99.
 Then a restart: the CPU+disk engine shuts down (its blocks persist to disk) and a new engine
 starts on the same directory; every session's next turn arrives as its whole history plus
 the new tokens (what a node restored from a history-only checkpoint sees). TTFT is measured
-with the disk tier and without it.
+with the disk tier and without it, on two engines running side by side that take each turn
+in alternation (which goes first alternates too), so a machine whose load drifts, as a shared
+one's does, weighs on both alike.
 
     python benchmarks/bench_kv_tiers.py                                  # CPU, tiny
     python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b  # GPU
@@ -84,18 +86,27 @@ def _cost(stats: dict) -> dict:
     return out
 
 
-def run_after_restart(engine: Engine, histories: dict[str, list[int]], args: argparse.Namespace) -> dict:
+def run_after_restart(engines: dict[str, Engine], histories: dict[str, list[int]],
+                      args: argparse.Namespace) -> dict[str, dict]:
+    """Each session's next turn on every engine of ``engines``, in alternation."""
     sp = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
     rng = random.Random(args.seed + 1)
-    ttft, cached, prompt = [], 0, 0
+    ttft: dict[str, list[float]] = {label: [] for label in engines}
+    cached = dict.fromkeys(engines, 0)
+    prompt = dict.fromkeys(engines, 0)
+    order = list(engines)
     for tokens in histories.values():
         new = [rng.randrange(1, 250) for _ in range(args.turn_tokens)]
-        (out,) = engine.generate([tokens + new], sp)
-        ttft.append(out.ttft_s)
-        cached += out.cached_tokens
-        prompt += out.prompt_tokens
-    return {"hit_rate": cached / prompt if prompt else 0.0, "cached_tokens": cached,
-            "prompt_tokens": prompt, "ttft_s": summary(ttft), **_cost(engine.stats())}
+        for label in order:
+            (out,) = engines[label].generate([tokens + new], sp)
+            ttft[label].append(out.ttft_s)
+            cached[label] += out.cached_tokens
+            prompt[label] += out.prompt_tokens
+        order.reverse()
+    return {label: {"hit_rate": cached[label] / prompt[label] if prompt[label] else 0.0,
+                    "cached_tokens": cached[label], "prompt_tokens": prompt[label],
+                    "ttft_s": summary(ttft[label]), **_cost(engine.stats())}
+            for label, engine in engines.items()}
 
 
 def main() -> None:
@@ -129,13 +140,12 @@ def main() -> None:
         t0 = time.perf_counter()
         both.shutdown()  # write-back: the GPU and CPU tiers' blocks go to disk now
         persist_s = time.perf_counter() - t0
-        restarted = _engine(args, kv_disk_dir=str(disk_dir))
-        results["restart_with_disk"] = run_after_restart(restarted, histories, args)
+        restarted = {"restart_with_disk": _engine(args, kv_disk_dir=str(disk_dir)),
+                     "restart_without_disk": _engine(args)}
+        results.update(run_after_restart(restarted, histories, args))
         results["restart_with_disk"]["shutdown_persist_s"] = persist_s
-        restarted.shutdown()
-        cold = _engine(args)
-        results["restart_without_disk"] = run_after_restart(cold, histories, args)
-        cold.shutdown()
+        for engine in restarted.values():
+            engine.shutdown()
     finally:
         shutil.rmtree(disk_dir, ignore_errors=True)
     name = args.out or f"kv_tiers_{args.device}_{args.preset}.json"

@@ -86,3 +86,14 @@ def test_recompute_costs_the_marginal_prefill_not_the_steps_fixed_part():
     one_size.observe_prefill(64, 0.00364)
     assert one_size.recompute_seconds() == pytest.approx(16 * 0.00364 / 64)
     assert LinearFit().slope() is None
+
+
+def test_a_noisy_fit_neither_frees_recompute_nor_inflates_it():
+    """Step times that fall as steps grow (a machine whose load dropped meanwhile) fit a
+    negative slope: the estimate stays at a quarter of the mean time per token."""
+    m = TierCostModel(BLOCK, 16)
+    for tokens, seconds in ((64, 0.010), (352, 0.004)) * 10:
+        m.observe_prefill(tokens, seconds)
+    mean = m.prefill.y / m.prefill.x  # the weighted mean time per token
+    assert 0.004 / 352 < mean < 0.010 / 64
+    assert m.recompute_seconds() == pytest.approx(16 * mean / 4)

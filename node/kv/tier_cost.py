@@ -18,7 +18,10 @@ squares over the recent steps (weighted like the averages), and recomputing a bl
 paid whether the hit is loaded or not; counting it per token, as tokens / seconds of small
 steps would, made recomputing look several times dearer than it is (on CPU, a 64-token step
 took 3 ms, a 350-token one 5 ms). Until the steps vary in size enough to fit a slope, the
-mean time per token stands in (never below the slope while ``a`` >= 0).
+mean time per token stands in (never below the slope while ``a`` >= 0), and the slope is
+kept within a quarter of that mean and the mean itself, so a noisy fit (a loaded machine's
+step times vary severalfold) can neither make recomputing look free nor dearer than whole
+steps say.
 
 Until a source has been measured its load costs nothing, and until the prefill has been
 measured every hit is loaded: loads go ahead and get measured. Disk reads keep being
@@ -70,16 +73,18 @@ class LinearFit:
         self.xy = self.xy * k + x * y
 
     def slope(self) -> float | None:
-        """``b``; the mean ``y / x`` where the points' x vary too little (or the fit comes out
-        non-positive) to tell a slope; None before any point."""
+        """``b``, kept within [1/4, 1] of the mean ``y / x`` (noisy points can flatten or
+        steepen a fit; a step's fixed part is seldom over three quarters of it); the mean
+        itself where the points' x vary too little to tell a slope; None before any point."""
         if not self.w or not self.x:
             return None
         mx, my = self.x / self.w, self.y / self.w
+        mean = my / mx
         var = self.xx / self.w - mx * mx
+        if var <= (0.05 * mx) ** 2:
+            return mean
         cov = self.xy / self.w - mx * my
-        if var > (0.05 * mx) ** 2 and cov > 0:
-            return cov / var
-        return my / mx
+        return min(max(cov / var, mean / 4), mean)
 
 
 class TierCostModel:
