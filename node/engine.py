@@ -46,7 +46,7 @@ from ultrakv.node.kv import quantization
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.disk_tier import DiskTier
 from ultrakv.node.kv.host_tier import HostTier
-from ultrakv.node.kv.tiers import BlockIdentity, KVTiers, TierCounters
+from ultrakv.node.kv.tiers import BlockIdentity, KVTiers
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
 from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.loader import load_model
@@ -331,7 +331,7 @@ class Engine:
             self.pool.reset_stats()
             self._metrics = _Metrics()
             if self.tiers is not None:
-                self.tiers.counters = TierCounters()
+                self.tiers.reset_stats()
 
     # -- sizing -----------------------------------------------------------------------------
 

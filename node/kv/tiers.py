@@ -527,6 +527,12 @@ class KVTiers:
         if self.disk is not None:
             self.disk.close()
 
+    def reset_stats(self) -> None:
+        """Zero the counters and forget the cost model's measurements (after warmup, whose
+        steps include kernel compiles: their times say nothing about serving)."""
+        self.counters = TierCounters()
+        self.cost = TierCostModel(self.block_bytes, self.identity.block_size)
+
     def stats(self) -> dict:
         """Per-tier counters for ``Engine.stats()['kv_tiers']``."""
         c = self.counters
