@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_kv_block_file import _version_1
 from ultrakv.client.client import stats_dict
-from ultrakv.cluster.block_file import SUFFIX, read_block_file
+from ultrakv.cluster.block_file import SUFFIX, read_block_file, tensor_to_block
 from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.kv import tiers as tiers_module
@@ -499,3 +500,22 @@ def test_disk_reads_share_a_bounded_staging_buffer(tmp_path, monkeypatch):
     for c, o in zip(caches, original, strict=True):
         for src, dst in zip(range(4), [7, 6, 5, 4], strict=True):
             assert torch.equal(c[:, dst], o[:, src])
+
+
+def test_disk_tier_files_of_block_file_version_1_stay_served(tmp_path):
+    """A disk tier written before the xxh3 checksum (sha256, version 1) keeps its blocks
+    across the upgrade: the scan indexes them and reads check their sha256."""
+    caches = _caches(torch.float32)
+    identity = BlockIdentity("fp-test", "float32", BS)
+    shape = KVTiers.block_shape(caches)
+    block = torch.stack([c[:, 3] for c in caches])
+    header, payload = tensor_to_block(identity.key(77), block)
+    directory = tmp_path / identity.namespace
+    directory.mkdir()
+    (directory / f"{77:016x}{SUFFIX}").write_bytes(_version_1(header, bytes(payload)))
+    disk = DiskTier(tmp_path, identity.namespace, identity.key, shape, torch.float32, 1 << 30)
+    try:
+        assert 77 in disk
+        assert torch.equal(disk.read(77), block)
+    finally:
+        disk.close()
