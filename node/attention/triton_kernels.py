@@ -131,7 +131,7 @@ def rope_write_kv_kernel(
     # One program per token of the fused projection output [T, (H + 2 KVH) * D]: RoPE on its
     # query heads (in place, for the attention kernel to read) and on its key heads, then the
     # rotated keys and the values into the token's cache slot: the work of fused_kernels.rope_
-    # and write_kv_kernel in one launch, with the same arithmetic (keys rounded to the model
+    # and write_kv_kernel in one launch, with the same arithmetic (the same explicit fmas; keys rounded to the model
     # dtype after the rotation, as rope_ stores them, before they are quantized). The two
     # halves of a head are separate tiles of identical layout, so each thread reads both
     # halves of the elements it writes: rotating in place needs no barrier.
@@ -150,8 +150,8 @@ def rope_write_kv_kernel(
     q_ptr = row + hq[:, None] * HEAD_DIM + offs[None, :]
     x1 = tl.load(q_ptr, mask=qmask, other=0.0).to(tl.float32)
     x2 = tl.load(q_ptr + HALF, mask=qmask, other=0.0).to(tl.float32)
-    tl.store(q_ptr, (x1 * c1 + x2 * s1).to(QKV.dtype.element_ty), mask=qmask)
-    tl.store(q_ptr + HALF, (x2 * c2 + x1 * s2).to(QKV.dtype.element_ty), mask=qmask)
+    tl.store(q_ptr, tl.fma(x1, c1, x2 * s1).to(QKV.dtype.element_ty), mask=qmask)
+    tl.store(q_ptr + HALF, tl.fma(x2, c2, x1 * s2).to(QKV.dtype.element_ty), mask=qmask)
 
     slot = tl.load(SLOT + t).to(tl.int64)
     if slot >= 0:
@@ -161,8 +161,8 @@ def rope_write_kv_kernel(
         k_ptr = row + (NUM_HEADS + hk)[:, None] * HEAD_DIM + offs[None, :]
         y1 = tl.load(k_ptr, mask=kmask, other=0.0).to(tl.float32)
         y2 = tl.load(k_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
-        k1 = (y1 * c1 + y2 * s1).to(QKV.dtype.element_ty)
-        k2 = (y2 * c2 + y1 * s2).to(QKV.dtype.element_ty)
+        k1 = tl.fma(y1, c1, y2 * s1).to(QKV.dtype.element_ty)
+        k2 = tl.fma(y2, c2, y1 * s2).to(QKV.dtype.element_ty)
         offs_d = tl.arange(0, HEAD_DIM)
         vmask = kmask & (offs_d[None, :] < HEAD_DIM)
         v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + hk)[:, None] * HEAD_DIM + offs_d[None, :],

@@ -83,8 +83,10 @@ def _rope_kernel(
     c2 = tl.load(COS + t * stride_cs + HALF + offs).to(tl.float32)
     s1 = tl.load(SIN + t * stride_cs + offs).to(tl.float32)
     s2 = tl.load(SIN + t * stride_cs + HALF + offs).to(tl.float32)
-    tl.store(base + offs, (x1 * c1 + x2 * s1).to(QK.dtype.element_ty))
-    tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(QK.dtype.element_ty))
+    # Explicit fmas: the compiler may contract a * b + c either way round, and the RoPE fused
+    # into the KV write (attention/triton_kernels.py) must round exactly as this one does.
+    tl.store(base + offs, tl.fma(x1, c1, x2 * s1).to(QK.dtype.element_ty))
+    tl.store(base + HALF + offs, tl.fma(x2, c2, x1 * s2).to(QK.dtype.element_ty))
 
 
 def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
