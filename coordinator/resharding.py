@@ -49,6 +49,9 @@ from ultrakv.v1 import types_pb2 as pb
 
 log = logging.getLogger("ultrakv.coordinator.resharding")
 
+# How long a plan waits for the listing of a node held off the ring (it may be stopped).
+OFF_RING_LISTING_S = 1.0
+
 
 @dataclass(frozen=True)
 class Copy:
@@ -137,24 +140,31 @@ class Resharder:
     def _stub(self, node: str):
         return self.peers.stub(self.addresses()[node])
 
-    async def collect(self, live: Iterable[str], dead: Iterable[str]) -> dict[str, list[Copy]]:
+    async def collect(self, live: Iterable[str], dead: Iterable[str],
+                      off_ring: Iterable[str] = ()) -> dict[str, list[Copy]]:
         """Every session copy, replicas included: listed on each live node, read from each
-        dead node's manifest."""
+        dead node's manifest, and listed on each ``off_ring`` node (registered, but held off
+        the ring: marked down, or its forward failed) that answers at once. Such a node may
+        be slow rather than dead, and its ring predecessors still push replicas to it: its
+        copy may be the only one holding a session's last acknowledged turns."""
         copies: dict[str, list[Copy]] = {}
 
-        async def listed(node: str) -> list[pb.SessionInfo]:
+        async def listed(node: str, timeout_s: float, quiet: bool) -> list[pb.SessionInfo]:
             try:
-                # Short: the ring change waits for this listing.
                 resp = await self._stub(node).ListSessions(npb.ListSessionsRequest(),
-                                                           timeout=min(5.0, self.rpc_timeout_s))
+                                                           timeout=timeout_s)
                 return list(resp.sessions)
             except (grpc.aio.AioRpcError, KeyError) as exc:
-                log.warning("listing sessions of %s failed: %s", node, exc)
+                if not quiet:
+                    log.warning("listing sessions of %s failed: %s", node, exc)
                 return []
 
-        live = sorted(live)
-        for node, infos in zip(live, await asyncio.gather(*(listed(n) for n in live)),
-                               strict=True):
+        # Short: the ring change waits for these listings (shorter still for a node that may
+        # be stopped: it is expected not to answer).
+        live, off_ring = sorted(live), sorted(set(off_ring) - set(live))
+        asked = [listed(n, min(5.0, self.rpc_timeout_s), False) for n in live]
+        asked += [listed(n, min(OFF_RING_LISTING_S, self.rpc_timeout_s), True) for n in off_ring]
+        for node, infos in zip(live + off_ring, await asyncio.gather(*asked), strict=True):
             for info in infos:
                 copies.setdefault(info.session_id, []).append(
                     Copy(node, info.turns, int(info.num_tokens), True, info.replica))
@@ -173,8 +183,9 @@ class Resharder:
                     Copy(node, entry.turns, entry.num_tokens, False, entry.replica))
         return copies
 
-    async def plan(self, ring: HashRing, live: Iterable[str], dead: Iterable[str]) -> Plan:
-        return plan_moves(await self.collect(live, dead), ring)
+    async def plan(self, ring: HashRing, live: Iterable[str], dead: Iterable[str],
+                   off_ring: Iterable[str] = ()) -> Plan:
+        return plan_moves(await self.collect(live, dead, off_ring), ring)
 
     async def move(self, move: Move, ring: HashRing) -> MoveResult:
         """Carry out one move from the copies as they are now (a turn may have completed

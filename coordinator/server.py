@@ -396,7 +396,8 @@ class ClusterBackend:
                                epoch=max(old.epoch, self.watcher.ring.epoch)
                                + (1 if old.nodes else 0))
                 dead = set(old.nodes) - alive
-                plan = (await self.resharder.plan(new, alive, dead)) if new.nodes \
+                off_ring = set(self.members) - alive  # registered: slow, perhaps not dead
+                plan = (await self.resharder.plan(new, alive, dead, off_ring)) if new.nodes \
                     else Plan(ring=new)
                 # Listing sessions takes a while (seconds when a node is stopped): a view
                 # that changed meanwhile is planned again rather than applied stale.

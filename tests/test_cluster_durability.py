@@ -6,10 +6,7 @@ stored history token for token against what its client received. Checkpoints are
 effect (a long interval): the histories live in sessions and their replicas only, the case
 the defects were found in.
 
-Not covered (a known gap): a node that is registered but off the coordinator's routing ring
-(marked down, not yet trusted again) still receives replicas from its ring predecessors; if
-the owner of such a session fails before the node is trusted again, the plan does not see
-that replica. Tests that start right after a stall wait for the cluster's full strength.
+Tests that start right after a stall wait for the cluster's full strength first.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from ultrakv.client import AsyncClient
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
 from ultrakv.cluster.peer_auth import read_cluster_secret
 from ultrakv.cluster.peers import PeerChannels
+from ultrakv.cluster.ring import DEFAULT_VNODES, HashRing, replica_targets
 from ultrakv.cluster.store import EtcdStore
 from ultrakv.coordinator.dynamic_config import CONFIG_KEY, set_overrides
 from ultrakv.node.chat import ChatMessage
@@ -110,6 +108,72 @@ def _signal(cluster: LocalCluster, node: str, sig: int) -> None:
     cluster.send_signal(node, sig)
 
 
+async def test_a_replica_on_a_node_held_off_the_ring_survives_the_owners_death(cluster) -> None:
+    """Issue 1 of the follow-up (a slow replica must not lose acknowledged history): a node
+    held off the routing ring (its forward stalled: slow, not dead) still gets replicas from
+    its ring predecessors. When such a session's owner dies, the node's replica may be the
+    only copy of the acknowledged turns. Before, re-sharding listed only the nodes on the
+    ring, never saw that replica, and the next turn ran on the new owner from an empty
+    history. Now a plan also lists registered nodes held off the ring that answer at once.
+    First in the module: no node has a failed forward on record yet (a longer failed_hold_s
+    would keep such a node off the ring from the start)."""
+    await _full_strength(cluster)
+    nodes = sorted(cluster.nodes)
+    slow, owner = nodes[0], nodes[1]
+    other = nodes[2]
+    sid = _session_placed("off-ring", nodes, owner, slow)
+    stalled = _session_placed("stalled", nodes, slow, other)
+    # A forward that stalls takes the node off the ring for failed_hold_s; health never
+    # brings it back (it never marks it down either).
+    await _configure(cluster, {**FAST_HEALTH, "health_down_after": 100, "failed_hold_s": 600.0,
+                               "stall_timeout_s": 1.0})
+    try:
+        async with AsyncClient(cluster.address, timeout=120) as client:
+            placed, _ = await turn(client, stalled, _prompt(40), 4)
+            assert placed["node"] == slow
+            spec = {"session_id": stalled, "token_ids": _prompt(41), "max_length": LONG,
+                    "temperature": 0.0, "ignore_eos": True}
+            log = cluster.spec.log_dir / "coordinator-1.log"
+            given_up = len(re.findall(f"on {slow} failed after", log.read_text(errors="replace")))
+
+            async def wake_when_given_up() -> None:
+                # Stopped only until the coordinator gives the forward up: longer, the node's
+                # lease would expire, and its return would put it back on the ring.
+                async def gave_up() -> bool:
+                    text = log.read_text(errors="replace")
+                    return len(re.findall(f"on {slow} failed after", text)) > given_up
+
+                await _until(f"the forward on {slow} given up", gave_up)
+                _signal(cluster, slow, signal.SIGCONT)
+
+            waking: asyncio.Task | None = None
+            try:
+                async for chunk in client.stream(spec):
+                    if chunk.token_ids and waking is None:
+                        _signal(cluster, slow, signal.SIGSTOP)  # the stream stalls
+                        waking = asyncio.create_task(wake_when_given_up())
+                await waking
+            finally:
+                _signal(cluster, slow, signal.SIGCONT)
+            assert f"'{slow}'" not in _routing_ring(cluster), "held off the ring"
+            first, acknowledged = await turn(client, sid, _prompt(42), 8)
+            assert first["node"] == owner
+            history = _prompt(42) + acknowledged
+            held = {n: await _listed(cluster, n) for n in nodes}
+            assert held[slow] is not None and sid in held[slow], "replicated to the slow node"
+            assert sid not in (held[other] or {}), "the slow node holds the only replica"
+            cluster.kill_node(owner)
+            second, more = await turn(client, sid, _prompt(43), 8)
+        assert second["node"] == other
+        assert second["usage"]["prompt_tokens"] == len(history) + len(_prompt(43)), "turn 1 lost"
+        assert await stored_history(cluster, other, sid) == history + _prompt(43) + more
+    finally:
+        await _configure(cluster, FAST_HEALTH)
+        if owner not in cluster.nodes:
+            cluster.start_node(owner)
+        await asyncio.to_thread(cluster.wait_ready, 3)
+
+
 @pytest.mark.parametrize("detector", ["health", "stall_deadline"])
 async def test_a_stream_stuck_on_a_stopped_node_moves_on(cluster, detector: str) -> None:
     """Defect 5: a stream stuck on a SIGSTOPped node finishes elsewhere while the node is
@@ -176,13 +240,15 @@ async def forward(cluster: LocalCluster, node: str,
 
 async def _full_strength(cluster: LocalCluster) -> None:
     """Wait until every node runs and is on the coordinator's routing ring (one stopped by
-    the previous test is trusted again): a replica pushed to a node that is registered but
-    still off the ring is a case of its own (see the module docstring)."""
+    the previous test is trusted again): a node still off the ring is a case of its own
+    (test_a_replica_on_a_node_held_off_the_ring_survives_the_owners_death)."""
     async def all_routed() -> bool:
         ring = _routing_ring(cluster)
-        return all(f"'{n}'" in ring for n in cluster.nodes)
+        log = (cluster.spec.log_dir / "coordinator-1.log").read_text(errors="replace")
+        health = {n: re.findall(rf"node {n}: \w+ -> (\w+)", log) for n in cluster.nodes}
+        return all(f"'{n}'" in ring and health[n][-1:] == ["up"] for n in cluster.nodes)
 
-    await _until("every node on the routing ring", all_routed)
+    await _until("every node up and on the routing ring", all_routed)
 
 
 async def test_a_retried_turn_is_answered_from_its_replica_never_taken_twice(cluster) -> None:
@@ -294,6 +360,14 @@ async def test_a_node_marked_down_neither_takes_nor_acknowledges_a_stale_turn(cl
         third, more = await turn(client, sid, _prompt(33), 8)
     assert third["usage"]["prompt_tokens"] == len(history) + len(_prompt(33)), "turn 2 lost"
     assert await stored_history(cluster, third["node"], sid) == history + _prompt(33) + more
+
+
+def _session_placed(prefix: str, nodes: list[str], owner: str, successor: str) -> str:
+    """A session id whose owner on the ring of ``nodes`` is ``owner`` and whose first replica
+    goes to ``successor``."""
+    ring = HashRing(sorted(nodes), vnodes=DEFAULT_VNODES)
+    return next(sid for i in range(10_000) if ring.lookup(sid := f"{prefix}-{i}") == owner
+                and replica_targets(ring, sid, owner)[0] == successor)
 
 
 async def test_a_returning_owner_never_wins_over_a_turn_served_without_it(cluster) -> None:
