@@ -95,8 +95,9 @@ def test_a_member_answers_only_callers_with_the_cluster_secret(engine, secret_fi
             "ExportSession": lambda s: list(s.ExportSession(
                 npb.ExportSessionRequest(session_id="victim"), timeout=10)),
             "ImportSession": lambda s: s.ImportSession(iter(history), timeout=10),
+            # A newer copy than the one served here (an older one is refused: fencing).
             "ReplicateHistory": lambda s: s.ReplicateHistory(npb.ReplicateHistoryRequest(
-                session_id="victim", token_ids=[1, 2], turns=1), timeout=10),
+                session_id="victim", token_ids=[1, 2], turns=2), timeout=10),
             "PromoteReplica": lambda s: s.PromoteReplica(
                 npb.PromoteReplicaRequest(session_id="victim"), timeout=10),
             "Stats": lambda s: s.Stats(pb.StatsRequest(), timeout=10),
