@@ -9,9 +9,10 @@ token for token, what its client was acknowledged), and recovery (every client s
 again) within a generous bound. Scenarios run in file order; each starts by waiting until
 the cluster is back at full strength after the previous one.
 
-The suite is part of the default run (about 75 s on an idle 2-core machine): 8 clients per
-scenario are enough to put every node's sessions under a fault, and one cluster serves every
-scenario. ``benchmarks/bench_faults.py`` runs the same scenarios with 16 clients, longer.
+The scenarios are part of the default run (about 60 s on an idle 2-core machine): 8 clients
+per scenario are enough to put every node's sessions under a fault, and one cluster serves
+every scenario. The memory soak is opt-in (ULTRAKV_SOAK=1): its fixed window is too short
+on a loaded machine. ``benchmarks/bench_faults.py`` runs the same scenarios with 16 clients, longer.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def _rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+@pytest.mark.soak
 async def test_short_soak_keeps_etcd_and_node_memory_flat(cluster) -> None:
     """Short by design (the benchmark soaks longer): after a warm-up, a sustained load of
     new conversations must not grow etcd or any node by more than a few MiB."""
