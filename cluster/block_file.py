@@ -101,10 +101,16 @@ def _digest(version: int, parts: Sequence[bytes | memoryview]) -> bytes:
 
 def encode(header: BlockHeader, payload: bytes | memoryview) -> bytes:
     """The bytes of a block file holding ``payload`` under ``header``."""
+    return b"".join(encode_parts(header, payload))
+
+
+def encode_parts(header: BlockHeader, payload: bytes | memoryview) -> list[bytes | memoryview]:
+    """A block file as three pieces (what precedes the payload, the payload itself, the
+    checksum), so a writer can write them one after the other without first copying the
+    payload into one buffer (the disk tier's writer: that copy held the GIL)."""
     head = header.to_json()
-    body = b"".join((_PREFIX.pack(MAGIC, VERSION, len(head)), head, _LEN.pack(len(payload)),
-                     payload))
-    return body + _digest(VERSION, (body,))
+    front = _PREFIX.pack(MAGIC, VERSION, len(head)) + head + _LEN.pack(len(payload))
+    return [front, payload, _digest(VERSION, (front, payload))]
 
 
 def file_size(header: BlockHeader, payload_bytes: int, version: int = VERSION) -> int:
@@ -191,21 +197,25 @@ def read_block_file_into(path: Path, out: memoryview, expect_key: str | None = N
 def write_block_file(path: Path, header: BlockHeader, payload: bytes | memoryview,
                      fsync: bool = True) -> int:
     """Write a block file at ``path`` atomically (see :func:`write_atomic`); returns its size."""
-    data = encode(header, payload)
-    write_atomic(path, data, fsync)
-    return len(data)
+    parts = encode_parts(header, payload)
+    write_atomic(path, parts, fsync)
+    return sum(len(p) for p in parts)
 
 
-def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write ``data`` as ``path`` all at once (temp file, fsync, rename), readable by its
-    owner only (KV and histories can be turned back into the conversation). OSError (disk
-    full, read-only directory) propagates; the temp file is removed then."""
+def write_atomic(path: Path, data: bytes | Sequence[bytes | memoryview], fsync: bool = True) -> None:
+    """Write ``data`` (or its pieces, one after the other) as ``path`` all at once (temp
+    file, fsync, rename), readable by its owner only (KV and histories can be turned back
+    into the conversation). OSError (disk full, read-only directory) propagates; the temp
+    file is removed then."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(data)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb", buffering=0) as f:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:  # an unbuffered write may take less than all
+                    view = view[f.write(view):]
             if fsync:
-                f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:

@@ -44,7 +44,7 @@ from ultrakv.node.config import EngineConfig
 from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.kv import quantization
 from ultrakv.node.kv.block_pool import BlockPool
-from ultrakv.node.kv.disk_tier import DiskTier
+from ultrakv.node.kv.disk_tier import QUEUE_BLOCKS, DiskTier
 from ultrakv.node.kv.host_tier import HostTier
 from ultrakv.node.kv.tiers import BlockIdentity, KVTiers
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
@@ -357,11 +357,14 @@ class Engine:
             if capacity < 1:
                 raise ValueError(f"kv_cpu_gib must hold >= 1 block of {self._bytes_per_block()} "
                                  f"bytes, got {c.kv_cpu_gib}")
-            host = HostTier(capacity, shape, dtype, c.kv_cpu_eviction_policy,
-                            pin=self.device.type == "cuda")
+            # Slots that stand in while evicted blocks are written to disk from theirs: as
+            # many as the disk writer can hold (its queue and the write in progress).
+            spare = min(QUEUE_BLOCKS + 1, capacity // 4) if c.kv_disk_dir else 0
+            host = HostTier(capacity - spare, shape, dtype, c.kv_cpu_eviction_policy,
+                            pin=self.device.type == "cuda", spare=spare)
         if c.kv_disk_dir:
             disk = DiskTier(c.kv_disk_dir, identity.namespace, identity.key, shape, dtype,
-                            int(c.kv_disk_gib * 2**30), c.kv_disk_eviction_policy)
+                            int(c.kv_disk_gib * 2**30), c.kv_disk_eviction_policy, QUEUE_BLOCKS)
         log.info("KV tiers: cpu %s, disk %s, %s",
                  f"{host.capacity} blocks" if host is not None else "off",
                  f"{disk.capacity} blocks in {disk.directory}" if disk is not None else "off",

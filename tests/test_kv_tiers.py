@@ -519,3 +519,117 @@ def test_disk_tier_files_of_block_file_version_1_stay_served(tmp_path):
         assert torch.equal(disk.read(77), block)
     finally:
         disk.close()
+
+
+# --- nothing on the engine thread waits for the disk ------------------------------------------
+
+
+def _gate_writes(disk: DiskTier) -> threading.Event:
+    """Hold ``disk``'s writer thread (before it writes anything) until the event is set."""
+    gate = threading.Event()
+    write = disk._write
+
+    def held(block_hash: int, block: torch.Tensor) -> bool:
+        gate.wait(60)
+        return write(block_hash, block)
+
+    disk._write = held
+    return gate
+
+
+def _lent_from(host: HostTier, blocks: list[torch.Tensor]) -> bool:
+    """Whether every block is a view of the host tier's own memory (not a copy)."""
+    base = host.data.untyped_storage().data_ptr()
+    return all(b.untyped_storage().data_ptr() == base for b in blocks)
+
+
+def test_spills_to_disk_lend_the_host_slot_and_never_wait_for_the_writer(tmp_path):
+    """A block the host tier evicts goes to disk from its own slot (no copy on the engine
+    thread), a spare slot taking the new block, while the writer is held; once written the
+    slot is free again, and the disk holds the evicted bytes exactly."""
+    caches = _caches(torch.float32)
+    original = [c.clone() for c in caches]
+    identity = BlockIdentity("fp-test", "float32", BS)
+    shape = KVTiers.block_shape(caches)
+    host = HostTier(2, shape, torch.float32, spare=2)
+    disk = DiskTier(tmp_path, identity.namespace, identity.key, shape, torch.float32, 1 << 30)
+    tiers = KVTiers(caches, identity, host, disk)
+    gate = _gate_writes(disk)
+    submitted: list[torch.Tensor] = []
+    submit = disk.submit
+    disk.submit = lambda h, block, **kw: submitted.append(block) or submit(h, block, **kw)
+    hashes = [301, 302, 303, 304]
+    try:
+        for block, h in enumerate(hashes):
+            tiers.on_evict(block, h)
+        tiers.flush()  # 303 and 304 push 301 and 302 out of the 2-block host tier: returns held
+        assert len(submitted) == 2 and _lent_from(host, submitted)
+        assert len(host) == 2 and not host._free  # the spares hold 303 / 304, 301 / 302 lent
+        gate.set()
+        disk.flush()
+        tiers.on_evict(5, 305)
+        tiers.flush()  # the lent slots came back: 303 spills from its slot, one of them takes 305
+        disk.flush()
+        assert len(submitted) == 3 and _lent_from(host, submitted)
+        for c in caches:
+            c.zero_()
+        assert _planned(tiers, hashes) == 4 and tiers.load(hashes, [7, 6, 5, 4]) == 4
+        assert (tiers.counters.cpu_hits, tiers.counters.disk_hits) == (1, 3)
+    finally:
+        gate.set()
+        tiers.close()
+    for c, o in zip(caches, original, strict=True):
+        for src, dst in zip(range(4), [7, 6, 5, 4], strict=True):
+            assert torch.equal(c[:, dst], o[:, src])
+
+
+def test_write_through_lends_slots_that_eviction_does_not_reuse(tmp_path):
+    """Under write-through the disk writes read the host slots themselves; a slot still
+    being written is not given to a new block even when its block is evicted, so what
+    reaches the disk is the block's bytes, never a later block's."""
+    caches = _caches(torch.float32)
+    original = [c.clone() for c in caches]
+    identity = BlockIdentity("fp-test", "float32", BS)
+    shape = KVTiers.block_shape(caches)
+    host = HostTier(2, shape, torch.float32, spare=1)
+    disk = DiskTier(tmp_path, identity.namespace, identity.key, shape, torch.float32, 1 << 30)
+    tiers = KVTiers(caches, identity, host, disk, write_through=True)
+    gate = _gate_writes(disk)
+    try:
+        for block, h in enumerate([401, 402, 403, 404]):
+            tiers.on_commit(block, h)
+            tiers.flush()  # 403 and 404 evict 401 and 402, whose writes are held
+        assert len(host) < 4
+        gate.set()
+        disk.flush()
+        for block, h in enumerate([401, 402, 403, 404]):
+            got = disk.read(h)
+            if got is not None:  # a block with no slot left to stand in was not kept: a miss
+                assert torch.equal(got, torch.stack([o[:, block] for o in original]))
+        assert all(h in disk for h in (401, 402, 403))
+    finally:
+        gate.set()
+        tiers.close()
+
+
+def test_prefetch_skips_reads_the_cost_model_would_not_load(tmp_path):
+    """With disk loads measured slower than recomputing, a request's arrival starts no more
+    than a small probe of reads (which keeps the disk measured), not one per block; with
+    the disk faster, every block is read ahead."""
+    caches = _caches(torch.float32)
+    tiers = _tiers(caches, tmp_path, None, disk=True)
+    hashes = [501 + i for i in range(8)]
+    try:
+        for block, h in enumerate(hashes):
+            tiers.on_evict(block, h)
+        tiers.flush()
+        tiers.disk.flush()
+        tiers.cost.observe_prefill(1_000_000, 1.0)  # a block recomputes in 16 us
+        tiers.cost.observe_load("disk", tiers.block_bytes, 1.0)  # a block reads in a second
+        assert tiers.prefetch(hashes) == tiers_module.PROBE_BLOCKS
+        assert tiers.prefetch(hashes) == 0  # the next probe is not due yet
+        wait(tiers.reads_in_flight(), timeout=10)
+        tiers.reset_stats()  # nothing measured: loads go ahead
+        assert tiers.prefetch(hashes) == len(hashes) - tiers_module.PROBE_BLOCKS
+    finally:
+        tiers.close()

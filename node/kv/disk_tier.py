@@ -14,10 +14,14 @@ into a staging slot, pinned on CUDA), so a hit costs a system call and a checksu
 copy in between.
 
 Writes go through a bounded queue to one writer thread; when the queue is full the block is
-dropped (a future miss, never corruption). Any OS error while writing (disk full, read-only
-or vanished directory) turns the tier off with one logged error: the node serves on without
-it, and no request fails because of it. The directory is capped at ``capacity_bytes``;
-which file goes first is the configured eviction policy's choice.
+dropped (a future miss, never corruption). A submitted block may be a view of memory that is
+still being filled (an asynchronous device-to-host copy: the writer waits for its ``ready``
+event, off the engine thread) and that the caller lends until the write is over (``done`` is
+then called, on the writer thread): a host-tier slot spills to disk without a copy.
+
+Any OS error while writing (disk full, read-only or vanished directory) turns the tier off
+with one logged error: the node serves on without it, and no request fails because of it.
+The directory is capped at ``capacity_bytes``; which file goes first is the configured eviction policy's choice.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +49,19 @@ from ultrakv.node.kv.eviction import EvictionPolicy, make_policy
 log = logging.getLogger("ultrakv.node.kv.disk_tier")
 
 Observer = Callable[[str, int], None]  # ("stored" | "removed", block hash)
+# Blocks waiting for the writer at most; more are dropped (a future miss).
+QUEUE_BLOCKS = 64
+
+
+@dataclass
+class _Write:
+    """A queued write: the block's bytes (a CPU tensor), the CUDA event after which they are
+    in place (None: already are), and what to call once the writer is done with them."""
+
+    block_hash: int
+    block: torch.Tensor
+    ready: torch.cuda.Event | None = None
+    done: Callable[[], None] | None = None
 
 
 class DiskTier:
@@ -56,7 +74,7 @@ class DiskTier:
 
     def __init__(self, directory: str | Path, namespace: str, key_of: Callable[[int], str],
                  block_shape: tuple[int, ...], dtype: torch.dtype, capacity_bytes: int,
-                 policy: str = "lru", queue_blocks: int = 64,
+                 policy: str = "lru", queue_blocks: int = QUEUE_BLOCKS,
                  observer: Observer | None = None) -> None:
         self.directory = Path(directory) / namespace
         self.key_of = key_of
@@ -80,7 +98,8 @@ class DiskTier:
         self.evictions = 0
         self._index: set[int] = set()
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(queue_blocks)
+        self.queue_blocks = queue_blocks
+        self._queue: queue.Queue[_Write | None] = queue.Queue(queue_blocks)
         self._writer: threading.Thread | None = None
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,9 +182,12 @@ class DiskTier:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def submit(self, block_hash: int, block: torch.Tensor) -> bool:
-        """Queue a CPU block (the caller's to give away) to be written; False when it was
-        dropped (the tier is off or its queue is full) or the block is already here."""
+    def submit(self, block_hash: int, block: torch.Tensor, ready: torch.cuda.Event | None = None,
+               done: Callable[[], None] | None = None) -> bool:
+        """Queue a CPU block to be written; False when it was dropped (the tier is off or its
+        queue is full) or the block is already here. The block's memory is the writer's until
+        ``done`` is called (on the writer thread, once written or dropped there; never when
+        this returns False); its bytes are read once ``ready`` (a CUDA event) has completed."""
         with self._lock:
             if not self.enabled:
                 self.dropped += 1
@@ -174,7 +196,7 @@ class DiskTier:
                 self.policy.on_hit(block_hash)
                 return False
         try:
-            self._queue.put_nowait((block_hash, block))
+            self._queue.put_nowait(_Write(block_hash, block, ready, done))
         except queue.Full:
             with self._lock:
                 self.dropped += 1
@@ -193,14 +215,24 @@ class DiskTier:
         if self._writer is not None and self._writer.is_alive():
             self._queue.join()
 
+    def full(self) -> bool:
+        """Whether a :meth:`submit` now would be dropped for want of room in the queue."""
+        return self._queue.full()
+
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
             try:
                 if item is None:
                     return
-                self._write(*item)
+                if item.ready is not None:
+                    item.ready.synchronize()
+                self._write(item.block_hash, item.block)
+            except Exception:  # the writer must outlive any one block
+                log.exception("disk tier: writing block %016x failed", item.block_hash)
             finally:
+                if item is not None and item.done is not None:
+                    item.done()
                 self._queue.task_done()
 
     def _write(self, block_hash: int, block: torch.Tensor) -> bool:

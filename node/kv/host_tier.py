@@ -6,29 +6,47 @@ one copy. Pinned when the engine runs on CUDA (copies to and from the GPU are th
 asynchronous); plain memory on CPU. A slot written by an asynchronous device-to-host copy
 carries the copy's CUDA event until it completes; :meth:`HostTier.slot` waits for it before
 anyone reads the slot. Which block goes when the tier is full is the configured eviction
-policy's choice (node/kv/eviction.py). Not thread-safe: the engine calls it under its lock.
+policy's choice (node/kv/eviction.py).
+
+A slot can be lent to the disk tier's writer (:meth:`HostTier.hold`): the block is written
+to disk straight from it, with no copy on the engine thread, and the slot is not written
+again until the writer gives it back (:meth:`HostTier.release`, the one method safe to call
+from another thread). An evicted block that is spilling to disk keeps its slot that way
+while the new block takes one of the ``spare`` slots allocated beyond ``capacity``; with no
+slot free to stand in, the caller copies instead (:meth:`HostTier.reserve`'s ``keep``).
+Otherwise not thread-safe: the engine calls it under its lock.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
 
 import torch
 from ultrakv.node.kv.eviction import EvictionPolicy, make_policy
 
 
 class HostTier:
-    """Up to ``capacity`` blocks of ``block_shape`` / ``dtype`` in CPU memory, by block hash."""
+    """Up to ``capacity`` blocks of ``block_shape`` / ``dtype`` in CPU memory, by block hash
+    (in ``capacity + spare`` slots: the spares stand in for slots lent to disk writes)."""
 
     def __init__(self, capacity: int, block_shape: tuple[int, ...], dtype: torch.dtype,
-                 policy: str = "lru", pin: bool = False) -> None:
+                 policy: str = "lru", pin: bool = False, spare: int = 0) -> None:
         if capacity < 1:
             raise ValueError(f"host tier capacity must be >= 1 block, got {capacity}")
+        if spare < 0:
+            raise ValueError(f"host tier spare slots must be >= 0, got {spare}")
         self.capacity = capacity
-        self.data = torch.empty((capacity, *block_shape), dtype=dtype, pin_memory=pin)
+        self.spare = spare
+        self.data = torch.empty((capacity + spare, *block_shape), dtype=dtype, pin_memory=pin)
         self.pinned = pin
         self.policy: EvictionPolicy = make_policy(policy, capacity)
         self._slot_of: dict[int, int] = {}
-        self._free = list(range(capacity - 1, -1, -1))
+        self._free = list(range(capacity + spare - 1, -1, -1))
         self._pending: dict[int, torch.cuda.Event] = {}  # slot -> its incoming copy's event
+        self._held: set[int] = set()  # slots a disk write reads from
+        self._orphans: set[int] = set()  # held slots whose block left: free once released
+        self._released: deque[int] = deque()  # given back by the writer thread
         self.evictions = 0
 
     def __contains__(self, block_hash: int) -> bool:
@@ -41,25 +59,72 @@ class HostTier:
         """Every block hash held."""
         return list(self._slot_of)
 
-    def reserve(self, block_hash: int) -> tuple[int, tuple[int, int] | None]:
+    def reserve(self, block_hash: int, keep: Callable[[int], bool] | None = None
+                ) -> tuple[int | None, list[tuple[int, int, bool]]]:
         """A slot for ``block_hash`` (not yet held) to be written into, and the ``(hash,
-        slot)`` evicted to make room (None if a slot was free). The evicted slot is the one
-        returned: read what it held (for the next tier) before writing the new block."""
+        slot, kept)`` of each block evicted to make room (usually one; none if a slot was
+        free).
+
+        ``keep(hash)`` says whether an evicted block is to be written from its slot (spilled
+        to disk): then, if a free slot can stand in, the evicted slot is :meth:`hold`-ed for
+        the caller to lend and ``kept`` is True. Otherwise (``kept`` False) the evicted slot
+        is the one returned: read what it held before writing the new block. The slot is
+        None (nothing reserved) only when every slot is lent to writes."""
         if block_hash in self._slot_of:
             raise ValueError(f"block {block_hash:016x} is already in the host tier")
-        victim = None
-        if self._free:
+        self._collect_released()
+        victims: list[tuple[int, int, bool]] = []
+        slot: int | None = None
+        if self._free and len(self._slot_of) < self.capacity:
             slot = self._free.pop()
-        else:
+        while slot is None:
             old = self.policy.victim()
-            assert old is not None, "host tier full with nothing evictable"
-            slot = self._slot_of.pop(old)
+            if old is None:  # every block left has its slot lent to a write
+                return None, victims
+            old_slot = self._slot_of.pop(old)
             self.evictions += 1
-            victim = (old, slot)
+            if old_slot in self._held:  # a write-through write still reads it (no spill due)
+                self._orphans.add(old_slot)
+                victims.append((old, old_slot, False))
+                slot = self._free.pop() if self._free else None
+            elif keep is not None and self._free and keep(old):
+                self._held.add(old_slot)
+                self._orphans.add(old_slot)
+                victims.append((old, old_slot, True))
+                slot = self._free.pop()
+            else:
+                victims.append((old, old_slot, False))
+                slot = old_slot
         self._slot_of[block_hash] = slot
         self.policy.on_insert(block_hash)
         self.policy.set_evictable(block_hash, True)
-        return slot, victim
+        return slot, victims
+
+    def hold(self, slot: int) -> None:
+        """Lend ``slot`` (holding a block) to a disk write: it is not written again until
+        :meth:`release`."""
+        self._held.add(slot)
+
+    def release(self, slot: int) -> None:
+        """A write is done reading ``slot`` (any thread: taken up at the next reserve)."""
+        self._released.append(slot)
+
+    def _collect_released(self) -> None:
+        while self._released:
+            slot = self._released.popleft()
+            self._held.discard(slot)
+            if slot in self._orphans:
+                self._orphans.discard(slot)
+                self._pending.pop(slot, None)
+                self._free.append(slot)
+
+    def pending_event(self, slot: int) -> torch.cuda.Event | None:
+        """The event of the asynchronous copy still filling ``slot`` (None: none pending)."""
+        return self._pending.get(slot)
+
+    def slot_of(self, block_hash: int) -> int | None:
+        """The slot holding ``block_hash``, or None (not counted as a use)."""
+        return self._slot_of.get(block_hash)
 
     def mark_pending(self, slots: list[int], event: torch.cuda.Event) -> None:
         """``slots`` are being written by an asynchronous copy that completes at ``event``."""
@@ -89,6 +154,9 @@ class HostTier:
         slot = self._slot_of.pop(block_hash, None)
         if slot is not None:
             self.policy.discard(block_hash)
+            if slot in self._held:  # a write still reads it: free once released
+                self._orphans.add(slot)
+                return
             self._pending.pop(slot, None)
             self._free.append(slot)
 

@@ -56,6 +56,10 @@ STAGING_BLOCKS = 1024
 STAGING_BYTES = 256 << 20
 # Disk reads run on this many threads (os.preadv and the checksum release the GIL).
 READERS = min(4, os.cpu_count() or 1)
+# While disk loads are judged slower than recomputing, prefetch still reads this many blocks
+# at most once in this many seconds, to keep measuring the disk (see KVTiers.prefetch).
+PROBE_BLOCKS = 4
+PROBE_S = 2.0
 # A finished read that a plan chose to load keeps its slot this long after the latest plan
 # that wanted it (a waiting request plans again every step); after that, or if it was only
 # prefetched, a newer read may take the slot.
@@ -141,6 +145,7 @@ class KVTiers:
             self.block_bytes *= d
         self.cost = TierCostModel(self.block_bytes, identity.block_size)
         self._pending: dict[int, int] = {}  # block hash -> pool block id, to offload
+        self._next_probe = 0.0  # time.monotonic() of the next disk probe (see prefetch)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Disk reads: block hash -> its read, oldest first; staging slots free or being
         # released (on CUDA, once the copy out of them, ending at the event, is done).
@@ -189,69 +194,115 @@ class KVTiers:
 
     def flush(self) -> None:
         """Copy every block the pool let go of (or committed, write-through) to the next
-        tier. Must run before anything writes into the KV caches."""
+        tier. Must run before anything writes into the KV caches.
+
+        Nothing here waits for a copy or the device: on CUDA the copies to host memory are
+        asynchronous (a side stream, after the gather on the compute stream), and blocks
+        bound for disk are handed to its writer thread as they lie in host memory, with the
+        event that says when they are in place; a block the host tier evicts to make room
+        is written to disk from its own slot, which a spare slot stands in for meanwhile
+        (node/kv/host_tier.py)."""
         while self._disk_events:
             stored, h = self._disk_events.popleft()
             self._emit(stored, h, "disk")
         if not self._pending:
             return
         hashes = list(self._pending)
-        ids = torch.tensor(list(self._pending.values()), device=self.device)
+        gathered = self._gather(self._index_tensor(list(self._pending.values())))
         self._pending.clear()
-        gathered = self._gather(ids)
         self.counters.offloaded += len(hashes)
         if self.host is None:
-            cpu = gathered.cpu()
-            for i, h in enumerate(hashes):
-                self.disk.submit(h, cpu[i].clone())
+            self._to_disk(hashes, gathered)
             return
         # One block at a time: the host tier may evict a block of this very batch to make
         # room, and that block's bytes must be read before its slot is written again.
         index = {h: i for i, h in enumerate(hashes)}
-        slots = []
+        slots: list[int] = []
+        stored: list[int] = []
+        removed: list[int] = []
+        lent: list[tuple[int, int]] = []  # (hash, slot): spilled to disk from the slot itself
+        copies: list[tuple[int, int]] = []  # (slot, block of the batch), in order
         if self._stream is not None:  # the copies wait for the gather on the compute stream
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream) if self._stream is not None else _nothing():
             for i, h in enumerate(hashes):
-                slot, victim = self.host.reserve(h)
-                if victim is not None:
-                    old, old_slot = victim
-                    if self._spills_to_disk(old):
+                slot, victims = self.host.reserve(h, keep=self._spills_to_disk)
+                for old, old_slot, kept in victims:
+                    removed.append(old)
+                    if kept:
+                        lent.append((old, old_slot))
+                    elif self._spills_to_disk(old) and not self.disk.full():
+                        # No spare slot to stand in (a host tier built without spares): copy.
                         j = index.get(old, i)
-                        self._spill(old, gathered[j].cpu() if j < i else self.host.slot(old_slot).clone())
-                    else:  # nothing to write: no copy (a clone of a pinned slot waits for its copy)
-                        self._emit(False, old, "cpu")
-                self.host.data[slot].copy_(gathered[i], non_blocking=self._stream is not None)
+                        self.disk.submit(old, gathered[j].cpu() if j < i else self.host.slot(old_slot).clone())
+                if slot is None:  # every slot is lent to a disk write: this block is not kept
+                    continue
+                copies.append((slot, i))
                 slots.append(slot)
-                self._emit(True, h, "cpu")
+                stored.append(h)
+            for slot, i, count in _copy_runs(copies):  # adjacent slots of adjacent blocks: one copy
+                self.host.data[slot : slot + count].copy_(gathered[i : i + count],
+                                                          non_blocking=self._stream is not None)
             if self._stream is not None:
                 event = torch.cuda.Event()
                 event.record(self._stream)
                 gathered.record_stream(self._stream)
                 self.host.mark_pending(slots, event)
+        # Stored first: a block of this batch that a later one of it evicted is gone at the end.
+        self._emit_all(True, stored, "cpu")
+        self._emit_all(False, removed, "cpu")
+        for h, slot in lent:
+            self._lend(h, slot)
         if self.write_through and self.disk is not None:
-            for h in hashes:
-                slot = self.host.lookup(h)
-                if slot is not None:
-                    self.disk.submit(h, self.host.slot(slot).clone())
+            for h in stored:
+                slot = self.host.slot_of(h)
+                if slot is not None and h not in self.disk:
+                    self.host.hold(slot)
+                    self._lend(h, slot)
+
+    def _lend(self, block_hash: int, slot: int) -> None:
+        """Write host slot ``slot`` (already held) to disk as ``block_hash``; the writer gives
+        the slot back when done, or it comes back now if the write was dropped."""
+        if not self.disk.submit(block_hash, self.host.data[slot], ready=self.host.pending_event(slot),
+                                done=lambda: self.host.release(slot)):
+            self.host.release(slot)
+
+    def _to_disk(self, hashes: list[int], gathered: torch.Tensor) -> None:
+        """No host tier: hand the blocks to the disk writer (on CUDA through pinned memory,
+        copied asynchronously: the writer waits for the copy, not the engine)."""
+        ready = None
+        if self._stream is not None:
+            cpu = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+            cpu.copy_(gathered, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            gathered = cpu
+        for h, block in zip(hashes, gathered, strict=True):
+            self.disk.submit(h, block, ready=ready)
+
+    def _index_tensor(self, ids: list[int]) -> torch.Tensor:
+        """``ids`` as an index tensor on the device, without waiting for the device (a plain
+        ``torch.tensor(ids, device="cuda")`` copies from pageable memory and synchronizes)."""
+        if self._stream is None:
+            return torch.tensor(ids)
+        return torch.tensor(ids, pin_memory=True).to(self.device, non_blocking=True)
 
     def _gather(self, ids: torch.Tensor) -> torch.Tensor:
         """Blocks ``ids`` of every layer as ``[n, layers, 2, block_size, heads, dim]``."""
-        # As bytes: CPU has no index_select for an fp8 (kv_cache_dtype fp8_e4m3) cache.
-        stacked = torch.stack([c.view(torch.uint8).index_select(1, ids) for c in self.kv_caches])
-        return stacked.permute(2, 0, 1, 3, 4, 5).contiguous().view(self.kv_caches[0].dtype)
+        # As bytes: CPU has no index_select for an fp8 (kv_cache_dtype fp8_e4m3) cache. Each
+        # layer's blocks go straight to their place (a stack, then a contiguous permute,
+        # copied every byte twice more).
+        c = self.kv_caches[0]
+        out = torch.empty((len(ids), len(self.kv_caches), 2, *c.shape[2:-1], c.shape[-1] * c.element_size()),
+                          dtype=torch.uint8, device=self.device)
+        for layer, cache in enumerate(self.kv_caches):
+            out[:, layer].copy_(cache.view(torch.uint8).index_select(1, ids).transpose(0, 1))
+        return out.view(c.dtype)
 
     def _spills_to_disk(self, block_hash: int) -> bool:
         """Whether a block the host tier evicts must be written to disk: write-back with a
         disk tier that lacks it (write-through already wrote it)."""
         return self.disk is not None and not self.write_through and block_hash not in self.disk
-
-    def _spill(self, block_hash: int, block: torch.Tensor) -> None:
-        """The host tier evicted ``block_hash`` (its bytes: ``block``): write-back sends it to
-        disk (write-through already did)."""
-        self._emit(False, block_hash, "cpu")
-        if self._spills_to_disk(block_hash):
-            self.disk.submit(block_hash, block)
 
     # -- lookup and load --------------------------------------------------------------------
 
@@ -277,11 +328,26 @@ class KVTiers:
         return sources
 
     def prefetch(self, hashes: list[int]) -> int:
-        """Start reading the disk blocks of the leading run of ``hashes`` the tiers hold;
-        returns how many reads started."""
+        """Start reading the disk blocks of the leading run of ``hashes`` the tiers hold, as
+        far as a plan would load them now (see :meth:`plan`); returns how many reads started.
+
+        Reads a plan will not load are not started: they would only compete with the
+        engine (for the disk, the memory bus and, for their checksums, the GIL) while the
+        request recomputes those blocks anyway. While the cost model judges the disk slower
+        than recomputing, a probe of at most ``PROBE_BLOCKS`` reads every ``PROBE_S`` keeps
+        the disk measured, so a disk that got faster (its files now in the page cache, say)
+        is noticed."""
+        sources = self._sources(hashes)
+        n = self.cost.blocks_to_load(sources)
+        if n < len(sources) and "disk" in sources[n:]:
+            now = time.monotonic()
+            if now >= self._next_probe:
+                self._next_probe = now + PROBE_S
+                probe = [i for i in range(n, len(sources)) if sources[i] == "disk"][:PROBE_BLOCKS]
+                n = probe[-1] + 1 if probe else n
         batch: list[Future[tuple[bool, float]]] = []
-        keep = set(hashes)
-        for h, source in zip(hashes, self._sources(hashes), strict=False):
+        keep = set(hashes[:n])
+        for h, source in zip(hashes[:n], sources, strict=False):
             if source == "disk" and h not in self._reads and not self._start_read(h, keep, batch):
                 break
         self.counters.prefetched += len(batch)
@@ -428,7 +494,7 @@ class KVTiers:
         self._timings.append((start, end, n * self.block_bytes))
         if staged_slots:
             self._releasing.append((end, staged_slots))
-        ids = torch.tensor(block_ids, device=self.device)
+        ids = self._index_tensor(block_ids)
         layers = self._layer_views(staged)
         for layer, cache in enumerate(self.kv_caches):
             cache.view(torch.uint8).index_copy_(1, ids, layers[:, layer].transpose(0, 1))
@@ -564,6 +630,10 @@ class KVTiers:
         if self.publish is not None:
             self.publish(stored, (block_hash,), tier)
 
+    def _emit_all(self, stored: bool, hashes: list[int], tier: str) -> None:
+        if self.publish is not None and hashes:
+            self.publish(stored, hashes, tier)
+
 
 def _runs(sources: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
     """``(first index, count, one tensor over them)`` for each run of ``sources`` that lie
@@ -578,4 +648,17 @@ def _runs(sources: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
             j += 1
         runs.append((i, j - i, first.as_strided((j - i, first.numel()), (first.numel(), 1))))
         i = j
+    return runs
+
+
+def _copy_runs(copies: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``(first slot, first block, count)`` for each run of ``(slot, block)`` copies, in
+    order, whose slots and blocks both go up by one: one copy each (order kept, so a slot
+    written twice ends with the later block)."""
+    runs: list[tuple[int, int, int]] = []
+    for slot, i in copies:
+        if runs and runs[-1][0] + runs[-1][2] == slot and runs[-1][1] + runs[-1][2] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((slot, i, 1))
     return runs
