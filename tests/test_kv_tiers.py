@@ -633,3 +633,29 @@ def test_prefetch_skips_reads_the_cost_model_would_not_load(tmp_path):
         assert tiers.prefetch(hashes) == len(hashes) - tiers_module.PROBE_BLOCKS
     finally:
         tiers.close()
+
+
+def test_without_a_host_tier_only_blocks_the_writer_has_room_for_leave_the_pool(tmp_path):
+    """With no CPU tier, a flush hands the disk writer (held here) at most its queue's room
+    and counts the rest dropped (future misses) instead of copying them out for nothing; the
+    blocks it took are written exactly."""
+    caches = _caches(torch.float32)
+    identity = BlockIdentity("fp-test", "float32", BS)
+    shape = KVTiers.block_shape(caches)
+    disk = DiskTier(tmp_path, identity.namespace, identity.key, shape, torch.float32, 1 << 30, queue_blocks=3)
+    tiers = KVTiers(caches, identity, None, disk)
+    gate = _gate_writes(disk)
+    try:
+        for block, h in enumerate([601, 602, 603, 604, 605]):
+            tiers.on_evict(block, h)
+        tiers.flush()
+        assert tiers.counters.offloaded == 3 and disk.dropped == 2
+        gate.set()
+        disk.flush()
+        assert disk.writes + disk.dropped == 5
+        for block, h in enumerate([601, 602, 603, 604, 605]):
+            if h in disk:
+                assert torch.equal(disk.read(h), torch.stack([c[:, block] for c in caches]))
+    finally:
+        gate.set()
+        tiers.close()

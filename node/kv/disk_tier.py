@@ -219,6 +219,16 @@ class DiskTier:
         """Whether a :meth:`submit` now would be dropped for want of room in the queue."""
         return self._queue.full()
 
+    def room(self) -> int:
+        """How many blocks the queue takes now (none while the tier is off)."""
+        return max(0, self.queue_blocks - self._queue.qsize()) if self.enabled else 0
+
+    def drop(self, n: int) -> None:
+        """Count ``n`` blocks dropped without being submitted (no room for them)."""
+        if n:
+            with self._lock:
+                self.dropped += n
+
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()

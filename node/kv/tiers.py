@@ -208,8 +208,15 @@ class KVTiers:
         if not self._pending:
             return
         hashes = list(self._pending)
-        gathered = self._gather(self._index_tensor(list(self._pending.values())))
+        ids = list(self._pending.values())
         self._pending.clear()
+        if self.host is None:  # only as many as the disk writer has room for leave the pool
+            room = self.disk.room()
+            self.disk.drop(len(hashes[room:]))
+            hashes, ids = hashes[:room], ids[:room]
+            if not hashes:
+                return
+        gathered = self._gather(self._index_tensor(ids))
         self.counters.offloaded += len(hashes)
         if self.host is None:
             self._to_disk(hashes, gathered)
