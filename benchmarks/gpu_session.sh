@@ -38,9 +38,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 case "${1:-}" in
   tests)
     # The fused-kernel tests are not marked gpu (they also run under Triton's CPU interpreter).
-    { python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ ; \
-      python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_kv_quant_kernels.py; \
-      python benchmarks/diag_fp8.py; } 2>&1 \
+    # Each part runs whatever the one before returned (under `set -e` a failing first pytest,
+    # e.g. a module the bare machine cannot import, used to end the phase there).
+    { python -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests/ || true; \
+      python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_kv_quant_kernels.py || true; \
+      python benchmarks/diag_fp8.py || true; } 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/gpu_tests.log"
     ;;
   decode)
