@@ -490,6 +490,7 @@ async def test_a_chat_session_keeps_its_messages_when_its_owner_dies(cluster) ->
     for node in dead:  # back to three nodes
         cluster.start_node(node)
     await asyncio.to_thread(cluster.wait_ready, 3)
+    await _full_strength(cluster)
     sid = "chat-moves"
     said = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     conversation = list(said)
@@ -504,6 +505,19 @@ async def test_a_chat_session_keeps_its_messages_when_its_owner_dies(cluster) ->
         assert second["success"] and second["node"] == owner, second
         conversation += [*said, {"role": "assistant", "content": second["response"]["text"]}]
         history = await stored_history(cluster, owner, sid)
+
+        async def replicated() -> bool:
+            for n in cluster.nodes:
+                info = ((await _listed(cluster, n)) or {}).get(sid) if n != owner else None
+                if info is not None and info.turns >= 2:
+                    return True
+            return False
+
+        # The subject here is what a replica carries, so the test starts from a replica that
+        # exists: a successor restarted just before may still refuse the owner's push for a
+        # moment, and the turn is then acknowledged with no copy (a gap left open in issue 9;
+        # in one CI run the owner died before any copy existed).
+        await _until(f"{sid}'s second turn replicated", replicated)
         cluster.kill_node(owner)
         said = [{"role": "user", "content": "Thanks."}]
         third = await client.process_request({**spec, "messages": said})
