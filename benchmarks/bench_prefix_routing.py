@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import load_average, machine, summary, write  # noqa: E402
+from common import load_average, machine, summary, timed_stream, write  # noqa: E402
 from ultrakv.client import AsyncClient  # noqa: E402
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster  # noqa: E402
 from ultrakv.coordinator.health import HealthPolicy  # noqa: E402
@@ -81,20 +81,13 @@ async def one_run(cluster: LocalCluster, prefix_routing: bool, requests: list[st
                 nonlocal prompt_tokens, cached_tokens, failed
                 while queue:
                     i, text = queue.pop(0)
-                    sent = time.perf_counter()
-                    first = None
-                    result: dict = {}
-                    async for chunk in client.stream({"text": text, "max_length": max_length,
-                                                      "temperature": 0.0, "ignore_eos": True,
-                                                      "request_id": f"r{i}-{prefix_routing}"}):
-                        if first is None and chunk.token_ids:
-                            first = time.perf_counter() - sent
-                        if chunk.finished:
-                            result = chunk.result
+                    ttft, result = await timed_stream(client, {
+                        "text": text, "max_length": max_length, "temperature": 0.0,
+                        "ignore_eos": True, "request_id": f"r{i}-{prefix_routing}"})
                     if not result.get("success"):
                         failed += 1
                         continue
-                    ttfts.append(first if first is not None else time.perf_counter() - sent)
+                    ttfts.append(ttft)
                     prompt_tokens += result["usage"]["prompt_tokens"]
                     cached_tokens += result["usage"]["cached_tokens"]
                     nodes[result["node"]] += 1

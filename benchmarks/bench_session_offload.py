@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import load_average, machine, summary, write  # noqa: E402
+from common import load_average, machine, summary, timed_stream, write  # noqa: E402
 from ultrakv.client import AsyncClient  # noqa: E402
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster  # noqa: E402
 from ultrakv.cluster.peer_auth import read_cluster_secret  # noqa: E402
@@ -127,19 +127,13 @@ async def one_run(cluster: LocalCluster, offload: bool, tag: str, args: argparse
                 received[sid] = []
                 for turn in range(args.turns):
                     prompt = (system if turn == 0 else []) + ids(100 + turn, args.question_tokens)
-                    sent = time.perf_counter()
-                    first = None
-                    result: dict = {}
-                    async for chunk in client.stream({"token_ids": prompt, "session_id": sid,
-                                                      "max_length": args.max_length, "temperature": 0.0}):
-                        if first is None and chunk.token_ids:
-                            first = time.perf_counter() - sent
-                        if chunk.finished:
-                            result = chunk.result
+                    ttft, result = await timed_stream(client, {
+                        "token_ids": prompt, "session_id": sid, "max_length": args.max_length,
+                        "temperature": 0.0})
                     if not result.get("success"):
                         failed += 1
                         return
-                    ttfts.append(first if first is not None else time.perf_counter() - sent)
+                    ttfts.append(ttft)
                     received[sid] += prompt + result["response"]["token_ids"]
 
             sessions = owned_by(backend.ring, owner, f"conv-{tag}", args.sessions)

@@ -87,3 +87,17 @@ def write(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+async def timed_stream(client, spec: dict) -> tuple[float, dict]:
+    """One streamed request through an ``AsyncClient``: (seconds to its first token, or to
+    its end when no token came; its final result, empty if none arrived)."""
+    sent = time.perf_counter()
+    first = None
+    result: dict = {}
+    async for chunk in client.stream(spec):
+        if first is None and chunk.token_ids:
+            first = time.perf_counter() - sent
+        if chunk.finished:
+            result = chunk.result
+    return (first if first is not None else time.perf_counter() - sent), result
