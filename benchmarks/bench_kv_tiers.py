@@ -4,8 +4,13 @@ Sessions take turns round robin (every session's turn 1, then every turn 2, ...)
 adds ``--turn-tokens`` new prompt tokens to the session's history and generates
 ``--gen-tokens``. The pool holds a fraction of the sessions, so with tiers off a returning
 session finds its history evicted and prefills it again. Measured for tiers off, a CPU tier
-(``--cpu-blocks``, smaller than the working set) and CPU + disk: prefix hit rate (cached /
-prompt tokens of the turns after the first) and TTFT p50/p99.
+(``--cpu-blocks``, smaller than the working set), a CPU tier that holds every session
+(``cpu_fits``: the tier as a host would size it, several times the GPU pool) and CPU + disk:
+prefix hit rate (cached / prompt tokens of the turns after the first) and TTFT p50/p99.
+
+Round robin is the worst case for a tier smaller than the working set: under LRU each
+session's blocks are evicted just before it returns, so the small CPU tier hits only while
+the histories still fit (turn 2) and the disk tier has to catch the rest.
 
 Then a restart: the CPU+disk engine shuts down (its blocks persist to disk) and a new engine
 starts on the same directory; every session's next turn arrives as its whole history plus
@@ -48,6 +53,12 @@ def _engine(args: argparse.Namespace, **tiers) -> Engine:
 
 def _tier_gib(engine_bytes_per_block: int, blocks: int) -> float:
     return blocks * engine_bytes_per_block / 2**30
+
+
+def _working_set_blocks(args: argparse.Namespace) -> int:
+    """Blocks of every session's history at the end of the trace, plus a quarter."""
+    per_session = args.turns * (args.turn_tokens + args.gen_tokens) // 16 + 1
+    return per_session * args.sessions * 5 // 4
 
 
 def _trace(args: argparse.Namespace) -> list[list[list[int]]]:
@@ -134,6 +145,9 @@ def main() -> None:
         cpu = _engine(args, kv_cpu_gib=cpu_gib)
         results["cpu"] = run_trace(cpu, trace, args)
         cpu.shutdown()
+        fits = _engine(args, kv_cpu_gib=_tier_gib(bytes_per_block, _working_set_blocks(args)))
+        results["cpu_fits"] = run_trace(fits, trace, args)
+        fits.shutdown()
         both = _engine(args, kv_cpu_gib=cpu_gib, kv_disk_dir=str(disk_dir))
         results["cpu_disk"] = run_trace(both, trace, args)
         histories = {sid: list(both.sessions.history(sid)) for sid in (f"s{s}" for s in range(args.sessions))}

@@ -46,7 +46,7 @@ from ultrakv.node.kv import quantization
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.disk_tier import QUEUE_BLOCKS, DiskTier
 from ultrakv.node.kv.host_tier import HostTier
-from ultrakv.node.kv.tiers import BlockIdentity, KVTiers
+from ultrakv.node.kv.tiers import BlockIdentity, KVTiers, stacked_kv
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
 from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.loader import load_model
@@ -119,6 +119,14 @@ def zeroed_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+def zeroed_kv_layers(layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device) -> list[torch.Tensor]:
+    """One zeroed KV tensor per layer, views back to back into a single allocation: the
+    KV tiers then gather or scatter a block's every layer in one kernel
+    (``node.kv.tiers.stacked_kv``)."""
+    return list(zeroed_kv((layers, *shape), dtype, device).unbind(0))
+
+
 def kv_pool_blocks(config: EngineConfig, vocab_size: int, block_bytes: int, device: torch.device) -> int:
     """How many KV blocks of ``block_bytes`` ``device`` can hold (one tensor-parallel rank's
     heads under tensor parallelism): ``kv_memory_fraction`` of the free CUDA memory less room
@@ -187,8 +195,8 @@ class Engine:
         local = self.model.config  # this rank's heads under tensor parallelism
         shape = (2, self.num_blocks, bs, local.num_key_value_heads,
                  quantization.row_width(local.head_dim, self.kv_storage_dtype))
-        self.kv_caches = [zeroed_kv(shape, self.kv_storage_dtype, self.device)
-                          for _ in range(mc.num_hidden_layers)]
+        self.kv_caches = zeroed_kv_layers(mc.num_hidden_layers, shape, self.kv_storage_dtype, self.device)
+        self._kv_stacked = stacked_kv(self.kv_caches)
         self.pool = BlockPool(self.num_blocks, bs, config.eviction_policy, config.enable_prefix_caching)
         self.tiers = self._build_tiers()
         if self.tiers is not None:
@@ -390,8 +398,7 @@ class Engine:
         if self.tensor_parallel is not None:
             return self.tensor_parallel.read_kv(self.kv_caches, idx)
         # As bytes (CPU has no index_select for fp8); quantized KV keeps its packed scales.
-        return torch.stack([c.view(torch.uint8).index_select(1, idx) for c in self.kv_caches]).view(
-            self.kv_storage_dtype)
+        return self._kv_stacked.view(torch.uint8).index_select(2, idx).view(self.kv_storage_dtype)
 
     def _write_kv(self, blocks: list[int], kv: torch.Tensor) -> None:
         """Store ``kv`` ``[L, 2, n, block_size, kv_heads, head_dim]`` in ``blocks``."""
@@ -399,9 +406,8 @@ class Engine:
         if self.tensor_parallel is not None:
             self.tensor_parallel.write_kv(self.kv_caches, idx, kv)
             return
-        for layer, cache in enumerate(self.kv_caches):
-            # As bytes: CPU has no index_copy for fp8 (the same copy for float caches).
-            cache.view(torch.uint8).index_copy_(1, idx, kv[layer].view(torch.uint8))
+        # As bytes: CPU has no index_copy for fp8 (the same copy for float caches).
+        self._kv_stacked.view(torch.uint8).index_copy_(2, idx, kv.view(torch.uint8))
 
     # -- requests ---------------------------------------------------------------------------
 

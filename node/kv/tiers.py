@@ -127,6 +127,10 @@ class KVTiers:
                  host: HostTier | None, disk: DiskTier | None, write_through: bool = False,
                  publish: Publish | None = None) -> None:
         self.kv_caches = kv_caches
+        # All layers as one tensor when they lie back to back in one allocation (the
+        # engine's pool does): a gather or scatter of n blocks is then one kernel, not one
+        # per layer, which on a GPU is most of an offload's cost on the engine thread.
+        self._stacked = stacked_kv(kv_caches)
         self.device = kv_caches[0].device
         self.identity = identity
         self.host = host
@@ -300,6 +304,9 @@ class KVTiers:
         # layer's blocks go straight to their place (a stack, then a contiguous permute,
         # copied every byte twice more).
         c = self.kv_caches[0]
+        if self._stacked is not None:
+            return (self._stacked.view(torch.uint8).index_select(2, ids)
+                    .permute(2, 0, 1, 3, 4, 5).contiguous().view(c.dtype))
         out = torch.empty((len(ids), len(self.kv_caches), 2, *c.shape[2:-1], c.shape[-1] * c.element_size()),
                           dtype=torch.uint8, device=self.device)
         for layer, cache in enumerate(self.kv_caches):
@@ -485,7 +492,8 @@ class KVTiers:
                       block_ids: list[int]) -> None:
         """CUDA: the blocks to the device in as few asynchronous copies as the slots allow
         (adjacent slots of one buffer go in one), on the side stream, then into the pool
-        blocks with one index_copy_ per layer on the compute stream (which waits)."""
+        blocks with one index_copy_ (one per layer for caches not stacked) on the compute
+        stream (which waits)."""
         n = len(sources)
         staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
         main = torch.cuda.current_stream(self.device)
@@ -503,6 +511,9 @@ class KVTiers:
             self._releasing.append((end, staged_slots))
         ids = self._index_tensor(block_ids)
         layers = self._layer_views(staged)
+        if self._stacked is not None:
+            self._stacked.view(torch.uint8).index_copy_(2, ids, layers.permute(1, 2, 0, 3, 4, 5))
+            return
         for layer, cache in enumerate(self.kv_caches):
             cache.view(torch.uint8).index_copy_(1, ids, layers[:, layer].transpose(0, 1))
 
@@ -640,6 +651,19 @@ class KVTiers:
     def _emit_all(self, stored: bool, hashes: list[int], tier: str) -> None:
         if self.publish is not None and hashes:
             self.publish(stored, hashes, tier)
+
+
+def stacked_kv(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The per-layer caches as one ``[layers, *cache shape]`` view, when they are contiguous
+    and lie back to back in one storage (see ``node.engine.zeroed_kv_layers``); else None."""
+    first = kv_caches[0]
+    step = first.numel()
+    for i, cache in enumerate(kv_caches):
+        if (not cache.is_contiguous() or cache.shape != first.shape or cache.dtype != first.dtype
+                or cache.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or cache.storage_offset() != first.storage_offset() + i * step):
+            return None
+    return first.as_strided((len(kv_caches), *first.shape), (step, *first.stride()))
 
 
 def _runs(sources: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
