@@ -14,6 +14,8 @@
 #   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
 #   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b (+ a disk load's cost per block); smollm2-shape decode
 #   bash benchmarks/gpu_session.sh sweep-decode-quant  # decode kernel over bf16/int8/fp8 KV by launch shape
+#   bash benchmarks/gpu_session.sh kernels-ab  # the kernel tests on CUDA, then bench_kernels_ab.py: each kernel
+#                                              # variant against the one it replaced (turn-8 TTFT, batch-1 decode)
 #
 # Runs from the repository root of a source checkout on a machine that has torch, triton and
 # transformers but where the package is not installed: it imports the checkout through
@@ -113,8 +115,17 @@ case "${1:-}" in
     # A returning session's TTFT on llama-1b: host path and kernels of turn 8.
     python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
     ;;
+  kernels-ab)
+    # Issue 15's unmet llama-1b targets (turn-8 TTFT, batch-1 decode vs roofline): the kernel
+    # tests on CUDA (~2 min), then every kernel variant against the one it replaced, kernels
+    # alone and end to end (node/kernel_variants.py; ~5 min).
+    { python -m pytest -q -p no:cacheprovider tests/test_prefill_gqa_kernel.py tests/test_gpu_attention.py \
+        tests/test_kv_quant_kernels.py tests/test_fused_kernels.py tests/test_engine_warmup.py || true; } 2>&1 \
+      | tee "$ULTRAKV_RESULTS_DIR/kernels_ab_tests.log"
+    python benchmarks/bench_kernels_ab.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/kernels_ab.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kernels-ab" >&2
     exit 2
     ;;
 esac

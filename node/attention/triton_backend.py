@@ -20,9 +20,15 @@ Two kernels per layer, launched in order on the current stream:
 * prefill / mixed batches: ``prefill_kernel`` runs one program per (sequence, query head,
   tile of new tokens) and streams K/V of the sequence's context (cached prefix plus the new
   tokens just written) through the block table, causal on absolute positions. A returning
-  session's turn (few query tiles over a long cached context) has too few such programs to
-  fill the GPU: ``prefill_split_kernel`` then splits the context into slices, one program
-  each, and ``prefill_reduce_kernel`` merges the slices' partial softmax states
+  session's turn (few query tiles over a long cached context) goes to ``prefill_gqa_kernel``
+  (the default; ``ULTRAKV_KERNELS=prefill_attention=per_head`` keeps the pair below): one
+  program per (sequence, kv head, token tile, context slice) holds every query head of the
+  kv head's group for its tokens, so each K/V tile is read once per kv head, and the slices
+  (sized in the kernel from the real context length, :func:`gqa_prefill_parts` picks their
+  count) are merged in the same launch by the last program to arrive, as in decode. The
+  per-head path: such a turn has too few programs to fill the GPU, so
+  ``prefill_split_kernel`` splits the context into slices, one program each, and
+  ``prefill_reduce_kernel`` merges the slices' partial softmax states
   (:func:`prefill_partition` decides).
 
 Grid sizes and partition sizes depend only on tensor shapes and ``meta.max_seq_len``, never on
@@ -42,6 +48,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from ultrakv.node import kernel_variants
 from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata
 from ultrakv.node.kv import quantization
 
@@ -101,6 +108,36 @@ class PrefillConfig:
         return cls.for_head_dim(head_dim)
 
 
+@dataclass(frozen=True)
+class GqaPrefillConfig:
+    """Launch shape of ``prefill_gqa_kernel``: query rows per program (new tokens x the
+    group's query heads), context tokens per inner tile, warps, pipeline depth, and how many
+    programs per SM the context split aims at."""
+
+    block_rows: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 2
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> GqaPrefillConfig:
+        """A first guess for each head size, not yet tuned on a GPU
+        (``benchmarks/bench_prefill_gqa.py`` sweeps the choices)."""
+        if head_dim <= 64:
+            return cls()
+        return cls(block_rows=64, block_n=64, num_warps=4, num_stages=3)
+
+
+def gqa_prefill_parts(num_programs: int, max_seq_len: int, num_sms: int, cfg: GqaPrefillConfig) -> int:
+    """Context slices per (sequence, kv head, token tile) of ``prefill_gqa_kernel``: enough
+    for about ``cfg.programs_per_sm`` programs per SM, each slice at least two inner tiles
+    of the launch's longest context, at most ``PREFILL_MAX_PARTS``. A function of shapes
+    only (a captured graph stays valid)."""
+    wanted = math.ceil(cfg.programs_per_sm * num_sms / max(1, num_programs))
+    return max(1, min(wanted, max_seq_len // (2 * cfg.block_n), PREFILL_MAX_PARTS))
+
+
 def triton_available() -> bool:
     """True when Triton imports and a CUDA device is present (the backend can run here)."""
     try:
@@ -122,6 +159,7 @@ def _kernels():
         "prefill": triton_kernels.prefill_kernel,
         "prefill_split": triton_kernels.prefill_split_kernel,
         "prefill_reduce": triton_kernels.prefill_reduce_kernel,
+        "prefill_gqa": triton_kernels.prefill_gqa_kernel,
     }
 
 
@@ -188,11 +226,17 @@ class TritonPagedBackend(AttentionBackend):
     fuses_rope = True
 
     def __init__(
-        self, decode_config: DecodeConfig | None = None, prefill_config: PrefillConfig | None = None
+        self, decode_config: DecodeConfig | None = None, prefill_config: PrefillConfig | None = None,
+        gqa_prefill_config: GqaPrefillConfig | None = None, prefill_kernel: str | None = None,
     ) -> None:
-        """Fixed launch shapes if given; otherwise the tuned shape for each call's head_dim."""
+        """Fixed launch shapes if given; otherwise the tuned shape for each call's head_dim.
+        ``prefill_kernel``: ``gqa`` or ``per_head`` for a cached-context turn (see
+        ``node/kernel_variants.py``; None: the process's choice, ``gqa`` by default)."""
         self.decode_config = decode_config
         self.prefill_config = prefill_config
+        self.gqa_prefill_config = gqa_prefill_config
+        self.prefill_kernel = prefill_kernel or kernel_variants.current().prefill_attention
+        kernel_variants.KernelVariants(prefill_attention=self.prefill_kernel)  # validates it
         # The split-K decode's arrival counters (int32, zero between launches) per device.
         # They only grow; a replaced buffer is kept alive because CUDA graphs captured
         # with it still point at it.
@@ -388,6 +432,8 @@ class TritonPagedBackend(AttentionBackend):
         num_seqs = meta.seq_lens.shape[0]
         if num_seqs == 0 or q.shape[0] == 0:
             return out
+        if self.prefill_kernel == "gqa" and meta.max_seq_len >= 2 * meta.max_query_len:
+            return self._gqa_prefill(q, kv_cache, meta, scale, out)
         cfg = self.prefill_config or PrefillConfig.for_shape(head_dim, meta.max_query_len, meta.max_seq_len)
         num_m_tiles = math.ceil(meta.max_query_len / cfg.block_m)
         partition = prefill_partition(num_seqs * num_heads * num_m_tiles, meta.max_query_len, meta.max_seq_len,
@@ -439,3 +485,47 @@ class TritonPagedBackend(AttentionBackend):
             num_warps=4,
         )
         return out
+
+    def _gqa_prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+        """A returning session's turn through ``prefill_gqa_kernel``: one program per
+        (sequence, kv head, token tile, context slice), the slices merged in the launch."""
+        num_tokens, num_heads, head_dim = q.shape
+        num_seqs, num_kv_heads, page = meta.seq_lens.shape[0], kv_cache.shape[3], kv_cache.shape[2]
+        group = num_heads // num_kv_heads
+        cfg = self.gqa_prefill_config or GqaPrefillConfig.for_head_dim(head_dim)
+        block_g = _next_pow2(group)
+        block_m = max(cfg.block_rows, block_g)
+        num_m_tiles = math.ceil(meta.max_query_len / (block_m // block_g))
+        parts = gqa_prefill_parts(num_seqs * num_kv_heads * num_m_tiles, meta.max_seq_len,
+                                  _num_sms(q.device), cfg)
+        block_d = _next_pow2(head_dim)
+        if parts > 1:
+            # One scratch buffer: acc [T, H, parts, block_d], then max and sum [T, H, parts]
+            # each padded to 16 bytes (Triton specializes on pointer alignment: every step
+            # size must compile to the same kernel).
+            n_ml = _align(num_tokens * num_heads * parts, 4)
+            n_acc = num_tokens * num_heads * parts * block_d
+            scratch = torch.empty(n_acc + 2 * n_ml, dtype=torch.float32, device=q.device)
+            tmp_acc, tmp_m, tmp_l = scratch[:n_acc], scratch[n_acc:n_acc + n_ml], scratch[n_acc + n_ml:]
+            arrival = self._arrival_counters(q.device, num_seqs * num_kv_heads * num_m_tiles)
+        else:  # unused by the kernel; float32 all the same, so both cases compile alike
+            tmp_acc = tmp_m = tmp_l = torch.empty(4, dtype=torch.float32, device=q.device)
+            arrival = self._arrival_counters(q.device, 1)
+        _kernels()["prefill_gqa"][(num_seqs, num_kv_heads, num_m_tiles * parts)](
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+            tmp_acc, tmp_m, tmp_l, arrival,
+            scale * math.log2(math.e), parts,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            meta.block_tables.stride(0),
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
+            BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+            IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+
+
+def _align(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

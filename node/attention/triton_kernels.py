@@ -219,46 +219,13 @@ def decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    k_head = kvh * stride_head
-    v_head = stride_kind + kvh * stride_head
-    if QUANT:  # rows start on 4-byte boundaries (module docstring)
-        k_head = tl.multiple_of(k_head, 4)
-        v_head = tl.multiple_of(v_head, 4)
-    k_base = KV + k_head
-    v_base = KV + v_head
+    k_base, v_base = _kv_bases(KV, kvh, stride_kind, stride_head, QUANT)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
-        row = blk * stride_block + (offs_n % PAGE) * stride_tok
-        if QUANT:
-            row = tl.multiple_of(row, 4)
-        lmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask,
-                    other=0.0)
-        if QUANT:
-            # Dequantized on load: one-byte values widen exactly to q's dtype; the per-token
-            # scales multiply the scores (keys) and the probabilities (values).
-            k_scale = tl.load(_scale_ptr(k_base + row, HEAD_DIM), mask=nmask, other=0.0)
-            v_scale = tl.load(_scale_ptr(v_base + row, HEAD_DIM), mask=nmask,
-                              other=0.0)
-            k = k.to(Q.dtype.element_ty)
-            v = v.to(Q.dtype.element_ty)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # log2 domain: qk_scale has log2(e)
-        if QUANT:
-            s = s * k_scale[None, :]
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if QUANT:
-            pv = p * v_scale[None, :]
-        else:
-            pv = p
-        acc = acc * alpha[:, None] + _dot(pv.to(v.dtype), v, IEEE)
-        m_i = m_new
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, BT + b * stride_bt, offs_n, nmask,
+                                     nmask[None, :], offs_d, dmask, qk_scale, stride_block, stride_tok,
+                                     HEAD_DIM, PAGE, IEEE, QUANT)
 
     if SINGLE:
         # l_i == 0 only for an empty (padded, seq_len 0) row: write zeros, not NaN.
@@ -317,61 +284,81 @@ def _merge_partitions(
 
 
 @triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i, k_base, v_base, bt_row, offs_n, nmask, visible, offs_d, dmask, qk_scale,
+    stride_block, stride_tok,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
+):
+    # One step of the online softmax, shared by the decode and prefill kernels (inlined, so it
+    # costs nothing): the K/V tile of context tokens offs_n (nmask: inside the range), read
+    # through the sequence's block-table row, against the query rows q; ``visible`` [rows,
+    # tokens] says which scores count (causal mask, range). Returns the updated unnormalised
+    # acc, running max (log2 domain: qk_scale carries log2(e)) and running sum.
+    blk = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+    row = blk * stride_block + (offs_n % PAGE) * stride_tok
+    if QUANT:
+        row = tl.multiple_of(row, 4)  # rows start on 4-byte boundaries (module docstring)
+    lmask = nmask[:, None] & dmask[None, :]
+    k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+    v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
+    if QUANT:
+        # Dequantized on load: one-byte values widen exactly to q's dtype; the per-token
+        # scales multiply the scores (keys) and the probabilities (values).
+        k_scale = tl.load(_scale_ptr(k_base + row, HEAD_DIM), mask=nmask, other=0.0)
+        v_scale = tl.load(_scale_ptr(v_base + row, HEAD_DIM), mask=nmask, other=0.0)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if QUANT:
+        s = s * k_scale[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    # A row can see nothing yet (past q_len, or causally before the tile): keep its max
+    # finite so exp2 stays 0 instead of NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if QUANT:
+        p = p * v_scale[None, :]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _kv_bases(KV, kvh, stride_kind, stride_head, QUANT: tl.constexpr):
+    # Where kv head kvh's keys and values start in the cache.
+    k_head = kvh * stride_head
+    v_head = stride_kind + kvh * stride_head
+    if QUANT:  # rows start on 4-byte boundaries (module docstring)
+        k_head = tl.multiple_of(k_head, 4)
+        v_head = tl.multiple_of(v_head, 4)
+    return KV + k_head, KV + v_head
+
+
+@triton.jit
 def _prefill_attend(
-    q, pos_m, KV, BT, b, h, kv_lo, kv_hi, qk_scale,
+    q, pos_m, KV, BT, b, kvh, kv_lo, kv_hi, qk_scale,
     stride_kind, stride_block, stride_tok, stride_head, stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
 ):
-    # Online softmax of one query tile (absolute positions pos_m) over context tokens
-    # [kv_lo, kv_hi) of sequence b, causal: the tile's unnormalised acc, running max and sum.
+    # Online softmax of BLOCK_M query rows (absolute positions pos_m) over context tokens
+    # [kv_lo, kv_hi) of sequence b in kv head kvh, causal: the rows' unnormalised acc,
+    # running max and sum.
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_head = (h // GROUP) * stride_head
-    v_head = stride_kind + (h // GROUP) * stride_head
-    if QUANT:  # rows start on 4-byte boundaries (module docstring)
-        k_head = tl.multiple_of(k_head, 4)
-        v_head = tl.multiple_of(v_head, 4)
-    k_base = KV + k_head
-    v_base = KV + v_head
+    k_base, v_base = _kv_bases(KV, kvh, stride_kind, stride_head, QUANT)
     for n0 in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < kv_hi
-        blk = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=nmask,
-                      other=0).to(tl.int64)
-        row = blk * stride_block + (offs_n % PAGE) * stride_tok
-        if QUANT:
-            row = tl.multiple_of(row, 4)
-        lmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + row[:, None] + offs_d[None, :], mask=lmask,
-                    other=0.0)
-        if QUANT:  # dequantized on load, as in decode_kernel
-            k_scale = tl.load(_scale_ptr(k_base + row, HEAD_DIM), mask=nmask, other=0.0)
-            v_scale = tl.load(_scale_ptr(v_base + row, HEAD_DIM),
-                              mask=nmask, other=0.0)
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        if QUANT:
-            s = s * k_scale[None, :]
-        causal = (offs_n[None, :] <= pos_m[:, None]) & nmask[None, :]
-        s = tl.where(causal, s, float("-inf"))
-        # Rows past q_len can be fully masked: keep their max finite so exp2 stays 0.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if QUANT:
-            pv = p * v_scale[None, :]
-        else:
-            pv = p
-        acc = acc * alpha[:, None] + _dot(pv.to(v.dtype), v, IEEE)
-        m_i = m_new
+        visible = (offs_n[None, :] <= pos_m[:, None]) & nmask[None, :]
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, BT + b * stride_bt, offs_n, nmask,
+                                     visible, offs_d, dmask, qk_scale, stride_block, stride_tok,
+                                     HEAD_DIM, PAGE, IEEE, QUANT)
     return acc, m_i, l_i
 
 
@@ -408,9 +395,9 @@ def prefill_split_kernel(
                     + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
         kv_lo = part * partition
         kv_hi = tl.minimum(tl.minimum(seq_len, prefix + (mt + 1) * BLOCK_M), kv_lo + partition)
-        acc, m_i, l_i = _prefill_attend(q, prefix + offs_m, KV, BT, b, h, kv_lo, kv_hi, qk_scale,
+        acc, m_i, l_i = _prefill_attend(q, prefix + offs_m, KV, BT, b, h // GROUP, kv_lo, kv_hi, qk_scale,
                                         stride_kind, stride_block, stride_tok, stride_head, stride_bt,
-                                        GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, IEEE, QUANT)
+                                        HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, IEEE, QUANT)
         rows = q_start + offs_m
         tl.store(TMP_ACC + rows[:, None] * stride_acc_t + h * stride_acc_h + part * stride_acc_s
                  + offs_d[None, :], acc, mask=mmask[:, None] & dmask[None, :])
@@ -460,11 +447,96 @@ def prefill_kernel(
         pos_m = prefix + offs_m  # absolute position of each query in its context
         kv_end = tl.minimum(seq_len, prefix + (mt + 1) * BLOCK_M)
 
-        acc, m_i, l_i = _prefill_attend(q, pos_m, KV, BT, b, h, 0, kv_end, qk_scale,
+        acc, m_i, l_i = _prefill_attend(q, pos_m, KV, BT, b, h // GROUP, 0, kv_end, qk_scale,
                                         stride_kind, stride_block, stride_tok, stride_head, stride_bt,
-                                        GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, IEEE, QUANT)
+                                        HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, IEEE, QUANT)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh
                  + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=mmask[:, None] & dmask[None, :])
+
+
+@triton.jit(do_not_specialize=["num_parts"])
+def prefill_gqa_kernel(
+    Q, KV, BT, SEQ, QSL, OUT, TMP_ACC, TMP_M, TMP_L, ARRIVED,
+    qk_scale, num_parts,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kind, stride_block, stride_tok, stride_head,
+    stride_bt,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, QUANT: tl.constexpr,
+):
+    # One program per (sequence, kv head, tile of BLOCK_M // BLOCK_G new tokens, context
+    # slice): its rows are every query head of the kv head's group for each of the tile's
+    # tokens (row r: token r // BLOCK_G, head r % BLOCK_G of the group), so each K/V tile is
+    # read once per kv head, not once per query head. The tile's causal context
+    # [0, its last token's position] is cut into num_parts equal slices of whole inner tiles,
+    # sized from the sequence's real length (loaded), not from the launch's bound: a graph
+    # captured for a longer context splits a shorter one evenly. With num_parts > 1 each
+    # program stores its slice's partial state and the last of a tile's programs to arrive
+    # merges them in the same launch, as decode_kernel does (no second kernel). num_parts is
+    # a runtime value, so every split compiles to the same kernel (no JIT while serving).
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    mt = tl.program_id(2) // num_parts
+    part = tl.program_id(2) % num_parts
+    TOKENS: tl.constexpr = BLOCK_M // BLOCK_G
+    q_start = tl.load(QSL + b)
+    q_len = tl.load(QSL + b + 1) - q_start
+    if mt * TOKENS < q_len:
+        seq_len = tl.load(SEQ + b)
+        prefix = seq_len - q_len
+        offs_r = tl.arange(0, BLOCK_M)
+        tok = mt * TOKENS + offs_r // BLOCK_G
+        g = offs_r % BLOCK_G
+        rmask = (tok < q_len) & (g < GROUP)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < HEAD_DIM
+        qrow = (q_start + tok).to(tl.int64)
+        head = kvh * GROUP + g
+        io_mask = rmask[:, None] & dmask[None, :]
+        q = tl.load(Q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        tile_end = tl.minimum(seq_len, prefix + (mt + 1) * TOKENS)
+        per = tl.cdiv(tl.cdiv(tile_end, num_parts), BLOCK_N) * BLOCK_N
+        kv_lo = part * per
+        kv_hi = tl.minimum(tile_end, kv_lo + per)
+        acc, m_i, l_i = _prefill_attend(q, prefix + tok, KV, BT, b, kvh, kv_lo, kv_hi, qk_scale,
+                                        stride_kind, stride_block, stride_tok, stride_head, stride_bt,
+                                        HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, IEEE, QUANT)
+        out_ptr = OUT + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        if num_parts == 1:
+            tl.store(out_ptr, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(OUT.dtype.element_ty),
+                     mask=io_mask)
+        else:
+            # Partials of (token, head, slice) at [T, H, num_parts] (acc rows BLOCK_D wide).
+            ml_off = (qrow * (tl.num_programs(1) * GROUP) + head) * num_parts
+            tl.store(TMP_ACC + (ml_off + part)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=io_mask)
+            tl.store(TMP_M + ml_off + part, m_i, mask=rmask)
+            tl.store(TMP_L + ml_off + part, l_i, mask=rmask)
+            # Ordering as in decode_kernel: every thread's stores before the release, the
+            # merge's loads (.cg: written on other SMs) after the acquire; the merging program
+            # zeroes the counter for the next launch or graph replay.
+            tl.debug_barrier()
+            arrived = ARRIVED + (b * tl.num_programs(1) + kvh) * (tl.num_programs(2) // num_parts) + mt
+            if tl.atomic_add(arrived, 1, sem="acq_rel") == num_parts - 1:
+                m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_run = tl.zeros([BLOCK_M], tl.float32)
+                acc_run = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                for p in range(num_parts):
+                    m_p = tl.load(TMP_M + ml_off + p, mask=rmask, other=float("-inf"), cache_modifier=".cg")
+                    l_p = tl.load(TMP_L + ml_off + p, mask=rmask, other=0.0, cache_modifier=".cg")
+                    acc_p = tl.load(TMP_ACC + (ml_off + p)[:, None] * BLOCK_D + offs_d[None, :], mask=io_mask,
+                                    other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_run, m_p)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    a_run = tl.exp2(m_run - m_safe)
+                    a_p = tl.exp2(m_p - m_safe)
+                    l_run = l_run * a_run + l_p * a_p
+                    acc_run = acc_run * a_run[:, None] + acc_p * a_p[:, None]
+                    m_run = m_new
+                tl.store(out_ptr, (acc_run / tl.where(l_run > 0, l_run, 1.0)[:, None]).to(OUT.dtype.element_ty),
+                         mask=io_mask)
+                tl.atomic_xchg(arrived, 0, sem="relaxed")

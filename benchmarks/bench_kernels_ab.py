@@ -1,0 +1,238 @@
+"""Issue 15's two unmet llama-1b targets, each kernel variant against the one it replaces, in one
+run (``node/kernel_variants.py``; ``benchmarks/gpu_session.sh kernels-ab``):
+
+1. Kernels alone (CUDA graphs, ``triton.testing.do_bench_cudagraph``): prefill attention of a
+   returning session's turn (204 new tokens over 2096 cached, as turn 8 of bench_gpu's chat;
+   in the 224-token / 4096-context prefill graph it replays in, and eager), per-head kernels
+   vs the GQA kernel, plus a sweep of the GQA kernel's launch shapes; greedy argmax over the
+   vocabulary at batch 1 and 64; the model's projections at one token, cuBLAS vs the Triton
+   GEMV.
+2. End to end, one engine per variant set (llama-1b, fused kernels, 32 steps per round):
+   turn-8 TTFT with session reuse and by recompute (bench_gpu's multi-turn chat), batch-1
+   decode tokens/s against the weight-read roofline, and the GPU kernel time of one reuse
+   turn and of one decode token (torch.profiler).
+
+Writes ``kernels_ab_<gpu>.json`` to $ULTRAKV_RESULTS_DIR (benchmarks/results by default).
+Usage: python benchmarks/bench_kernels_ab.py [--model llama-1b] [--skip-sweep] [--skip-engine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from bench_decode import measure  # noqa: E402
+from bench_gpu import bench_multi_turn  # noqa: E402
+from common import machine, write  # noqa: E402
+from ultrakv.node import Engine, EngineConfig, SamplingParams, kernel_variants  # noqa: E402
+from ultrakv.node.attention.base import AttentionMetadata  # noqa: E402
+from ultrakv.node.attention.triton_backend import GqaPrefillConfig, TritonPagedBackend  # noqa: E402
+
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
+# Variant sets measured end to end: the code before this work, then each new piece.
+ENGINE_VARIANTS = {
+    "before": "prefill_attention=per_head,argmax=torch,gemv=cublas",
+    "default": "",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def guarded(label: str, fn, *args):
+    """``fn(*args)``, or the error's text: one failing part leaves the others' figures (a
+    lent GPU's call is not repeated lightly)."""
+    try:
+        return fn(*args)
+    except Exception:
+        log(f"{label} failed:\n{traceback.format_exc()}")
+        return {"error": traceback.format_exc()[-2000:]}
+
+
+def bench_us(fn) -> float:
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50)
+
+
+def prefill_us(backend: TritonPagedBackend, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> float:
+    return bench_us(lambda: backend.prefill(q, cache, meta, q.shape[-1] ** -0.5))
+
+
+# ------------------------------------------------------------------ prefill attention
+
+
+def turn_case(new: int, cached: int, padded: int, bucket: int, heads=32, kv_heads=8, head_dim=64,
+              dtype=torch.bfloat16):
+    """q, cache and metadata of one sequence's step: ``new`` real tokens after ``cached``,
+    padded to ``padded`` (slot -1), launched for a context of ``bucket``, as a prefill graph
+    replays it."""
+    dev = torch.device("cuda")
+    block = 16
+    seq = cached + padded
+    blocks = -(-max(seq, bucket) // block)
+    cache = torch.randn(2, blocks + 8, block, kv_heads, head_dim, device=dev, dtype=dtype)
+    table = torch.randperm(blocks + 8, device=dev)[:blocks].to(torch.int32)[None]
+    pos = torch.arange(cached, seq, device=dev)
+    slots = (table[0, pos // block].long() * block + pos % block)
+    slots[new:] = -1
+    meta = AttentionMetadata(torch.tensor([0, padded], dtype=torch.int32, device=dev),
+                             torch.tensor([seq], dtype=torch.int32, device=dev), table, slots, padded, bucket)
+    q = torch.randn(padded, heads, head_dim, device=dev, dtype=dtype)
+    return q, cache, meta
+
+
+PREFILL_SHAPES = {
+    # name: (new tokens, cached, padded to, launch bound)
+    "turn8_graph_224_over_2096_bucket4096": (204, 2096, 224, 4096),
+    "turn8_eager_204_over_2096": (204, 2096, 204, 2300),
+    "turn_64_over_4000": (64, 4000, 64, 4096),
+    "turn_16_over_1000_bucket1024": (16, 1000, 16, 1024),
+}
+SWEPT = ("turn8_graph_224_over_2096_bucket4096", "turn_64_over_4000")
+
+
+def bench_prefill_attention(sweep: bool) -> dict:
+    res: dict = {}
+    scale = 64 ** -0.5
+    for name, (new, cached, padded, bucket) in PREFILL_SHAPES.items():
+        q, cache, meta = turn_case(new, cached, padded, bucket)
+        row = {}
+        for kernel in ("per_head", "gqa"):
+            backend = TritonPagedBackend(prefill_kernel=kernel)
+            row[kernel] = prefill_us(backend, q, cache, meta)
+        ref = TritonPagedBackend(prefill_kernel="per_head").prefill(q, cache, meta, scale)[:new].float()
+        got = TritonPagedBackend(prefill_kernel="gqa").prefill(q, cache, meta, scale)[:new].float()
+        row["max_abs_diff"] = float((ref - got).abs().max())
+        if sweep and name in SWEPT:
+            row["sweep"] = []
+            for rows in (64, 128):
+                for block_n in (32, 64, 128):
+                    for warps in (4, 8):
+                        for pps in (1, 2, 4):
+                            cfg = GqaPrefillConfig(rows, block_n, warps, 3, pps)
+                            backend = TritonPagedBackend(prefill_kernel="gqa", gqa_prefill_config=cfg)
+                            try:
+                                us = prefill_us(backend, q, cache, meta)
+                            except Exception as exc:  # a shape the compiler refuses (shared memory)
+                                us = f"failed: {type(exc).__name__}"
+                            row["sweep"].append({"block_rows": rows, "block_n": block_n, "num_warps": warps,
+                                                 "num_stages": 3, "programs_per_sm": pps, "us": us})
+            timed = [r for r in row["sweep"] if isinstance(r["us"], float)]
+            row["sweep_best"] = min(timed, key=lambda r: r["us"]) if timed else None
+            log(f"  best of the sweep: {row['sweep_best']}")
+        res[name] = row
+        log(f"prefill attention {name}: per_head {row['per_head']:.1f} us, gqa {row['gqa']:.1f} us "
+            f"(max |diff| {row['max_abs_diff']:.3g})")
+    return res
+
+
+# ------------------------------------------------------------------ engine end to end
+
+
+def profile_gpu(fn) -> dict:
+    """GPU kernel time of ``fn`` by kernel name (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:80], [0.0, 0])
+            k[0] += e.device_time
+            k[1] += 1
+    total = sum(v[0] for v in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
+    return {"gpu_us": total, "launches": sum(v[1] for v in kernels.values()),
+            "top": [{"kernel": n, "us": round(v[0], 1), "count": v[1]} for n, v in top]}
+
+
+def bench_engine(model: str, label: str, spec: str) -> dict:
+    os.environ[kernel_variants.ENV] = spec
+    kernel_variants.current.cache_clear()
+    variants = kernel_variants.current()
+    log(f"engine {label}: {variants}")
+    engine = Engine(EngineConfig(model=model, device="cuda", max_num_seqs=256, max_num_batched_tokens=8192,
+                                 max_model_len=4096, num_scheduler_steps=32, fused_kernels=True))
+    engine.warmup()
+    res: dict = {"variants": variants.__dict__}
+    measure_engine(engine, label, res)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def measure_engine(engine: Engine, label: str, res: dict) -> None:
+    turn = bench_multi_turn(engine, random.Random(0), smoke=False)
+    res["turn8_reuse_ttft_ms"] = turn["reuse"][-1]["ttft_s"] * 1e3
+    res["turn8_recompute_ttft_ms"] = turn["recompute"][-1]["ttft_s"] * 1e3
+    res["turn8_speedup"] = turn["last_turn_ttft_speedup"]
+    res["multi_turn"] = turn
+    log(f"engine {label}: turn 8 reuse {res['turn8_reuse_ttft_ms']:.2f} ms, recompute "
+        f"{res['turn8_recompute_ttft_ms']:.2f} ms, {res['turn8_speedup']:.2f}x")
+
+    rng = random.Random(1)
+    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    reply = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    for _ in range(7):
+        engine.generate([[rng.randrange(1, 256) for _ in range(200)]], reply, session_ids=["prof"])
+    res["turn8_profile"] = profile_gpu(lambda: engine.generate([[rng.randrange(1, 256) for _ in range(200)]], first,
+                                                               session_ids=["prof"]))
+
+    params = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_GBPS.items() if k in name), 3350.0)
+    roofline_ms = params / (peak * 1e9) * 1e3
+    dec = measure(engine, 1, 128, 256, 3, seed=2)
+    res["decode_b1"] = dec
+    res["decode_b1_roofline_fraction"] = roofline_ms / dec["ms_per_step"]
+    res["roofline_ms"] = roofline_ms
+    tokens = 64
+    prompt = [[(7 * j) % 250 + 1 for j in range(128)]]
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    prof = profile_gpu(lambda: engine.generate(prompt, greedy))
+    prof["gpu_us_per_token"] = prof["gpu_us"] / tokens
+    res["decode_b1_profile"] = prof
+    res["decode_b64"] = measure(engine, 64, 128, 128, 1, seed=3)
+    log(f"engine {label}: decode b1 {dec['decode_tokens_per_s']:.0f} tok/s ({dec['ms_per_step']:.3f} ms/token, "
+        f"{res['decode_b1_roofline_fraction']:.0%} of roofline {roofline_ms:.3f} ms; GPU "
+        f"{prof['gpu_us_per_token']:.0f} us/token), b64 {res['decode_b64']['decode_tokens_per_s']:.0f} tok/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=list(ENGINE_VARIANTS), choices=list(ENGINE_VARIANTS))
+    args = ap.parse_args()
+    gpu = machine().get("gpu", "cpu").replace(" ", "_").replace("/", "_")
+    name = f"kernels_ab_{gpu}.json"
+    results: dict = {"model": args.model}
+    results["prefill_attention_us"] = guarded("prefill attention", bench_prefill_attention, not args.skip_sweep)
+    write(name, results)
+    if not args.skip_engine:
+        results["engine"] = {}
+        for label in args.variants:
+            results["engine"][label] = guarded(f"engine {label}", bench_engine, args.model, label,
+                                               ENGINE_VARIANTS[label])
+            write(name, results)
+    log(f"wrote {name}")
+
+
+if __name__ == "__main__":
+    main()

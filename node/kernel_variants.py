@@ -1,0 +1,65 @@
+"""Which implementation runs a hot-path operation where two are kept for A/B measurement.
+
+A kernel that replaces another is switched on by default only with GPU figures behind it;
+the one it replaced stays selectable so the next GPU session can measure both in one run
+(``benchmarks/gpu_session.sh kernels-ab``). The choice is read once per process from the
+environment, e.g. ``ULTRAKV_KERNELS=prefill_attention=per_head,argmax=torch``:
+
+* ``prefill_attention``: ``gqa`` (default) packs every query head of a kv head into one
+  program for a returning session's turn (few new tokens over a long cached context), split
+  over the context and merged in the same launch; ``per_head`` is the kernel pair it
+  replaced (one program per query head, a second launch merging the slices).
+* ``argmax``: greedy sampling's argmax over the vocabulary; ``split`` (default) is a Triton
+  kernel that splits each row over many programs (CUDA, or Triton's interpreter);
+  ``torch`` is ``torch.argmax`` (one block per row on CUDA: 28 us for a 128k vocabulary).
+* ``gemv``: the model's projections at one token (decode at batch 1); ``cublas`` (default)
+  is ``F.linear``; ``triton`` is a split-K Triton GEMV (``node/model/gemv.py``), off by
+  default until GPU figures show it ahead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, fields
+
+ENV = "ULTRAKV_KERNELS"
+
+_CHOICES = {
+    "prefill_attention": ("gqa", "per_head"),
+    "argmax": ("split", "torch"),
+    "gemv": ("cublas", "triton"),
+}
+
+
+@dataclass(frozen=True)
+class KernelVariants:
+    """The implementation chosen for each switchable operation (see the module docstring)."""
+
+    prefill_attention: str = "gqa"
+    argmax: str = "split"
+    gemv: str = "cublas"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), _CHOICES[f.name]
+            if value not in allowed:
+                raise ValueError(f"{ENV}: {f.name} must be one of {allowed}, got {value!r}")
+
+    @classmethod
+    def parse(cls, spec: str) -> KernelVariants:
+        """``name=value`` pairs separated by commas (empty: every default)."""
+        values: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or name.strip() not in _CHOICES:
+                raise ValueError(f"{ENV} entries must be name=value with name one of "
+                                 f"{tuple(_CHOICES)}, got {item!r}")
+            values[name.strip()] = value.strip()
+        return cls(**values)
+
+
+@functools.cache
+def current() -> KernelVariants:
+    """The process's choice, from ``$ULTRAKV_KERNELS`` (read once)."""
+    return KernelVariants.parse(os.environ.get(ENV, ""))
