@@ -137,6 +137,27 @@ def bench_prefill_attention(sweep: bool) -> dict:
     return res
 
 
+def bench_argmax() -> dict:
+    """Greedy argmax over llama-1b's vocabulary: torch.argmax over float32 logits (the old
+    path, after the upcast) vs the split kernel over the model dtype's logits."""
+    from ultrakv.node.sampling_kernels import SplitArgmax
+
+    res = {}
+    split = SplitArgmax("cuda")
+    for rows in (1, 64):
+        logits = torch.randn(rows, 128256, device="cuda", dtype=torch.bfloat16)
+        upcast = logits.float()
+        row = {
+            "torch_upcast_us": bench_us(lambda lg=logits: lg.float().argmax(dim=-1)),
+            "torch_fp32_us": bench_us(lambda lg=upcast: lg.argmax(dim=-1)),
+            "split_bf16_us": bench_us(lambda lg=logits: split(lg)),
+            "equal": bool(torch.equal(split(logits), logits.float().argmax(dim=-1))),
+        }
+        res[f"rows_{rows}"] = row
+        log(f"argmax rows {rows}: {row}")
+    return res
+
+
 # ------------------------------------------------------------------ engine end to end
 
 
@@ -224,6 +245,7 @@ def main() -> None:
     name = f"kernels_ab_{gpu}.json"
     results: dict = {"model": args.model}
     results["prefill_attention_us"] = guarded("prefill attention", bench_prefill_attention, not args.skip_sweep)
+    results["argmax_us"] = guarded("argmax", bench_argmax)
     write(name, results)
     if not args.skip_engine:
         results["engine"] = {}

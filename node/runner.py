@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from ultrakv.node import kernel_variants
 from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
+from ultrakv.node.attention.triton_backend import triton_available
 from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.sampler import SamplingTensors, sample
 from ultrakv.node.scheduler import ScheduledSeq
@@ -67,6 +69,13 @@ class ModelRunner:
         # that can be queued or being read at once.
         self._token_ring = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True)
                             for _ in range(8)] if pin else []
+        # Greedy rows' argmax: one split Triton launch on CUDA (node/sampling_kernels.py),
+        # unless ULTRAKV_KERNELS picks torch.argmax (node/kernel_variants.py).
+        self._split_argmax = None
+        if device.type == "cuda" and kernel_variants.current().argmax == "split" and triton_available():
+            from ultrakv.node.sampling_kernels import SplitArgmax
+
+            self._split_argmax = SplitArgmax(device)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
@@ -178,7 +187,7 @@ class ModelRunner:
         the greedy token after each computed position (``1 + len(draft)`` of them)."""
         input_ids, positions, meta, _ = self.prepare(scheduled, rows=[])
         hidden = self._forward(input_ids, positions, meta)
-        ids = self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+        ids = self._greedy(hidden).tolist()
         out, start = [], 0
         for item in scheduled:
             out.append(ids[start : start + item.num_new_tokens])
@@ -211,8 +220,14 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, sampling: SamplingTensors | None) -> torch.Tensor:
         """Tokens [N] (on the device) for the rows of ``hidden``; nothing waits for them."""
-        logits = self.model.compute_logits(hidden)
-        return logits.argmax(dim=-1) if sampling is None else sample(logits, sampling)
+        if sampling is None:
+            return self._greedy(hidden)
+        return sample(self.model.compute_logits(hidden), sampling)
+
+    def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._split_argmax is not None:
+            return self._split_argmax(self.model.compute_logits(hidden, upcast=False))
+        return self.model.compute_logits(hidden).argmax(dim=-1)
 
     def prepare(
         self, scheduled: list[ScheduledSeq], rows: list[int] | None = None

@@ -150,11 +150,13 @@ def test_a_turn_hashes_each_new_block_once(engine: Engine, monkeypatch):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-def test_split_prefill_of_a_returning_turn_compiles_for_an_h100(monkeypatch, kv_dtype):
+@pytest.mark.parametrize("kernel", ["gqa", "per_head"])
+def test_split_prefill_of_a_returning_turn_compiles_for_an_h100(monkeypatch, kv_dtype, kernel):
     """Turn 8 of bench_gpu's conversation on llama-1b's heads, as its prefill graph launches it
     (224 tokens over a 4096 bucket): the cached context is split over more programs and the
-    slices merged; the split, the merge and the unsplit kernel (a cold prompt) all compile
-    for an H100 (no GPU needed: Triton compiles for a named target)."""
+    slices merged (by default in the GQA kernel's own launch; with the per-head kernels by a
+    second one); the split kernels and the unsplit kernel (a cold prompt) all compile for an
+    H100 (no GPU needed: Triton compiles for a named target)."""
     pytest.importorskip("triton")
     from triton_ptx import LaunchRecorder
     from ultrakv.node.attention import triton_backend
@@ -172,13 +174,17 @@ def test_split_prefill_of_a_returning_turn_compiles_for_an_h100(monkeypatch, kv_
         return AttentionMetadata(torch.tensor([0, 224], dtype=torch.int32), torch.tensor([context], dtype=torch.int32),
                                  tables, torch.full((224,), -1), 224, bucket)
 
-    backend = triton_backend.TritonPagedBackend()
+    backend = triton_backend.TritonPagedBackend(prefill_kernel=kernel)
     backend.prefill(q, cache, meta(2320, 4096), 0.125)
-    assert recorders["prefill_split"].launches and recorders["prefill_reduce"].launches
+    split = ["prefill_gqa"] if kernel == "gqa" else ["prefill_split", "prefill_reduce"]
+    assert all(recorders[name].launches for name in split)
     assert not recorders["prefill"].launches
+    if kernel == "gqa":
+        args = recorders["prefill_gqa"].launches[0][0]
+        assert args[11] > 1  # num_parts: the context is split
     backend.prefill(q, cache, meta(224, 224), 0.125)  # a cold prompt: nothing to split
     assert len(recorders["prefill"].launches) == 1
-    for name in ("prefill_split", "prefill_reduce", "prefill"):
+    for name in [*split, "prefill"]:
         assert ".entry" in recorders[name].ptx(), name
 
 

@@ -293,11 +293,13 @@ class LlamaForCausalLM(nn.Module):
                 module.down_proj = PackedLinear.of(module.down_proj)
         self.packed_lm_head = PackedLinear(self.lm_head_weight, row_copy=True)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, hidden_size] -> float32 logits [N, vocab_size]."""
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Hidden states [N, hidden_size] -> logits [N, vocab_size], float32 (``upcast``) or
+        in the model's dtype (for an argmax, which the exact upcast cannot change)."""
         if self.packed_lm_head is not None:
             return self.packed_lm_head(hidden)
-        return F.linear(hidden, self.lm_head_weight).float()
+        logits = F.linear(hidden, self.lm_head_weight)
+        return logits.float() if upcast else logits
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

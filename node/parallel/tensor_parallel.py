@@ -74,8 +74,8 @@ class TensorParallelModel:
             step_protocol.send_forward(self._tp.group, input_ids, positions, meta)
             return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        return self.model.compute_logits(hidden, upcast)
 
 
 class TensorParallelGroup:
