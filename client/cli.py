@@ -162,7 +162,8 @@ def _agent_settings(args: argparse.Namespace) -> AgentSettings | None:
                          checkpoint_dir=args.checkpoint_dir or "",
                          checkpoint_interval_s=args.checkpoint_interval,
                          checkpoint_max_bytes=args.checkpoint_max_bytes,
-                         replicas=args.replicas)
+                         replicas=args.replicas,
+                         replication_patience_s=args.replication_patience)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -958,6 +959,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a starting node waits for etcd to answer before it gives up "
                         "(default %(default)s; an etcd starting beside it may take a while)")
     _replicas_option(p, "each session's history is pushed to before a turn is acknowledged")
+    p.add_argument("--replication-patience", type=float, default=10.0, metavar="SECONDS",
+                   help="how long a completed turn waits for a copy on another node before it "
+                        "fails unacknowledged (UNAVAILABLE; default %(default)s)")
     p.add_argument("--advertise-host",
                    help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "
                         "the listen host, loopback for 0.0.0.0)")

@@ -56,6 +56,18 @@ class CapacityError(EngineError):
         self.field = field
 
 
+class SessionFencedError(EngineError):
+    """This node lost its cluster lease while it held the session: the cluster may have
+    handed the session to another node meanwhile, so its copy here takes no turn until a
+    coordinator's re-sharding settles it (gRPC UNAVAILABLE on ``session_id``: retry)."""
+
+    def __init__(self, session_id: str, node: str = "this node"):
+        super().__init__(f"session_id {session_id!r}: {node} lost its cluster lease while it "
+                         "held the session, and its copy takes no turn until re-sharding has "
+                         "settled it; retry shortly")
+        self.session_id = session_id
+
+
 class SessionSupersededError(EngineError):
     """This node's copy of a session is no longer the session: a ring successor took it over
     (this node was taken off the ring, and the session moved on without it). A turn taken on

@@ -10,6 +10,7 @@ so every coordinator gives the same ring the same epoch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -109,25 +110,67 @@ class NodeRegistration:
     """A node's lease-bound entry ``nodes/<id>``.
 
     ``register()`` creates it only if absent (a transaction), then keeps the lease alive in
-    the background. If etcd reports the lease gone (expired while the node was cut off, or
-    etcd lost its data), the entry is created again under a new lease.
+    the background. If etcd reports the lease gone (expired while the node was cut off or
+    stopped, or etcd lost its data), ``on_lost`` is awaited (the node fences off its copies)
+    and the entry is created again under a new lease.
+
+    The registration also says whether the node can prove that it is still a member
+    (:meth:`unproven`): a keepalive answered at ``t`` proves the lease alive until
+    ``t + ttl`` (``t`` taken before the call was sent: etcd restarts the TTL on receipt).
+    Past that, the lease may have expired unseen and a coordinator may have handed the
+    node's sessions to others; the node must not acknowledge a session turn until a later
+    keepalive, or a new registration, proves it a member again.
     """
 
-    def __init__(self, store: EtcdStore, record: NodeRecord, ttl_s: int = DEFAULT_TTL_S):
+    def __init__(self, store: EtcdStore, record: NodeRecord, ttl_s: int = DEFAULT_TTL_S,
+                 on_lost: Callable[[], Awaitable[None]] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if ttl_s < 1:
             raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")
         self.store = store
         self.record = record
         self.ttl_s = ttl_s
+        self.on_lost = on_lost
+        self.clock = clock
         self.lease: Lease | None = None
         self.registrations = 0  # how many times the entry was (re)created
+        self.proven_until = float("-inf")  # clock() until which the lease is known alive
+        self._proven = asyncio.Event()  # set at each proof
         self._task: asyncio.Task[None] | None = None
 
     @property
     def key(self) -> str:
         return NODES_PREFIX + self.record.id
 
+    def _prove(self, sent_at: float, ttl_s: int) -> None:
+        self.proven_until = max(self.proven_until, sent_at + ttl_s)
+        self._proven.set()
+
+    def unproven(self) -> str | None:
+        """Why the node cannot prove its lease alive now; None while it can."""
+        if self.lease is None:
+            return f"node {self.record.id} is not registered (its lease is gone)"
+        late = self.clock() - self.proven_until
+        if late < 0:
+            return None
+        return (f"node {self.record.id} cannot prove its lease alive: no keepalive answered "
+                f"for {late + self.ttl_s:.1f} s (lease TTL {self.ttl_s} s)")
+
+    async def wait_proven(self, timeout_s: float) -> str | None:
+        """Wait up to ``timeout_s`` for the lease to be proven alive; the reason it is not
+        (:meth:`unproven`) when the time is up, else None."""
+        deadline = self.clock() + timeout_s
+        while (reason := self.unproven()) is not None:
+            left = deadline - self.clock()
+            if left <= 0:
+                return reason
+            self._proven.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proven.wait(), min(left, 0.5))
+        return None
+
     async def _create(self) -> None:
+        sent_at = self.clock()
         lease = await self.store.grant_lease(self.ttl_s)
         created = await self.store.txn(
             [key_absent(self.key)], [Put(self.key, self.record.to_json(), lease.id)]
@@ -139,6 +182,7 @@ class NodeRegistration:
             raise DuplicateNodeError(self.record.id, address)
         self.lease = lease
         self.registrations += 1
+        self._prove(sent_at, lease.ttl_s)
         log.info("node %s registered (lease %x, ttl %d s)", self.record.id, lease.id, lease.ttl_s)
 
     async def register(self) -> None:
@@ -146,10 +190,38 @@ class NodeRegistration:
         await self._create()
         self._task = asyncio.create_task(self._keep_registered(), name=f"lease-{self.record.id}")
 
+    async def _keep_alive(self) -> None:
+        """Refresh the lease every third of its TTL, proving it alive at each answer; return
+        once etcd says it is gone. While etcd is unreachable it keeps trying (etcd does not
+        age leases while it is down; the node's proof runs out meanwhile)."""
+        assert self.lease is not None
+        lease = self.lease
+        interval = max(0.2, lease.ttl_s / 3.0)
+        while True:
+            sent_at = self.clock()
+            try:
+                remaining = await self.store.refresh_lease(lease.id)
+            except EtcdUnavailableError as e:
+                log.warning("lease %x keepalive: %s; retrying", lease.id, e)
+                await asyncio.sleep(min(interval, 0.5))
+                continue
+            if remaining <= 0:
+                return
+            self._prove(sent_at, lease.ttl_s)
+            await asyncio.sleep(interval)
+
     async def _keep_registered(self) -> None:
         while True:
-            assert self.lease is not None
-            await self.store.keep_alive(self.lease)  # returns once etcd says the lease is gone
+            await self._keep_alive()
+            log.warning("node %s lost its lease %x (it expired while the node was cut off or "
+                        "stopped, or etcd lost it): registering again", self.record.id,
+                        self.lease.id if self.lease else 0)
+            self.lease = None
+            if self.on_lost is not None:
+                try:
+                    await self.on_lost()
+                except Exception:  # registering again must not depend on it
+                    log.exception("node %s: handling the lost lease failed", self.record.id)
             while True:
                 try:
                     await self._create()
@@ -160,7 +232,6 @@ class NodeRegistration:
                 except DuplicateNodeError as e:
                     # Another process took our id while we were cut off: it wins.
                     log.error("node %s lost its registration: %s", self.record.id, e)
-                    self.lease = None
                     return
 
     async def set_state(self, state: NodeState) -> None:

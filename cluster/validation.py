@@ -30,6 +30,7 @@ from ultrakv.cluster.errors import (
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
+    SessionFencedError,
     SessionNotFoundError,
     SessionSupersededError,
 )
@@ -381,6 +382,9 @@ def rejection_from_error(exc: Exception) -> RequestRejected:
         return RequestRejected(grpc.StatusCode.NOT_FOUND, "session_id", str(exc))
     if isinstance(exc, SessionSupersededError):
         return RequestRejected(SUPERSEDED_CODE, "session_id", str(exc))
+    if isinstance(exc, SessionFencedError):
+        return RequestRejected(grpc.StatusCode.UNAVAILABLE, "session_id", str(exc),
+                               retry_after_s=1.0)
     if isinstance(exc, ValueError):
         return _invalid(_field_named_in(str(exc)), str(exc))
     return RequestRejected(grpc.StatusCode.INTERNAL, "", f"{type(exc).__name__}: {exc}")

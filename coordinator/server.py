@@ -841,6 +841,8 @@ class ClusterBackend:
                     raise _NodeGone(node, "stream ended without a result")
                 wait_s = self.settings.stall_timeout_s
                 kind = message.WhichOneof("event")
+                if kind == "chunk" and not (message.chunk.token_ids or message.chunk.text):
+                    continue  # a heartbeat: the node waits for its successors' copies
                 if kind == "chunk":
                     yield message.chunk
                 elif kind == "result":

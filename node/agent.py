@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from grpc_health.v1 import health_pb2
@@ -58,6 +59,9 @@ class AgentSettings:
     checkpoint_interval_s: float = 10.0
     checkpoint_max_bytes: int = DEFAULT_MAX_BYTES
     replication_timeout_s: float = 2.0
+    # How long a completed turn waits for a copy on another node before it fails unacknowledged
+    # (node/replication.py); a slow successor is asked again for as long.
+    replication_patience_s: float = 10.0
     replicas: int = DEFAULT_REPLICAS  # copies of each session on ring successors
     etcd_wait_s: float = ETCD_START_WAIT_S  # how long a starting node waits for etcd
 
@@ -66,9 +70,15 @@ class AgentSettings:
             raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
         if self.etcd_wait_s < 0:
             raise ValueError(f"etcd_wait_s must be >= 0, got {self.etcd_wait_s}")
+        if not self.replication_patience_s >= 0:
+            raise ValueError(f"replication_patience_s must be >= 0, got {self.replication_patience_s}")
         if not self.checkpoint_interval_s > 0:
             raise ValueError(f"checkpoint_interval_s must be > 0, got {self.checkpoint_interval_s}")
 
+
+# How long the sessions of a node that lost its lease stay fenced should no coordinator settle
+# them: every coordinator sees the node's return within seconds and moves what must move.
+FENCE_BOUND_S = 30.0
 
 # How long past its lease's expiry a dead incarnation's entry may linger (etcd revokes
 # expired leases on its own schedule, later on a loaded machine).
@@ -121,7 +131,8 @@ class NodeAgent:
         self.watcher = MembershipWatcher(self.store)
         self.replicator = Replicator(
             engine, self.node_id, lambda: self.watcher.ring, self._addresses, self.peers,
-            timeout_s=settings.replication_timeout_s, replicas=settings.replicas)
+            timeout_s=settings.replication_timeout_s, replicas=settings.replicas,
+            patience_s=settings.replication_patience_s)
         self.checkpointer = (
             Checkpointer(engine, self.node_id, settings.checkpoint_dir, self.store,
                          settings.checkpoint_interval_s, settings.checkpoint_max_bytes)
@@ -146,8 +157,11 @@ class NodeAgent:
             devices=(str(getattr(self.engine, "device", "cpu")),),
             kv_capacity_blocks=int(getattr(getattr(self.engine, "pool", None), "num_blocks", 0)),
             state=NodeState.SERVING, model=str(getattr(self.engine, "model_name", "")))
-        self.registration = NodeRegistration(self.store, record, self.settings.lease_ttl_s)
+        self.registration = NodeRegistration(self.store, record, self.settings.lease_ttl_s,
+                                             on_lost=self._lease_lost)
         await self.registration.register()
+        self.server.backend.lease_patience_s = self.settings.replication_patience_s
+        self.server.backend.registration = self.registration
         self.server.backend.on_turn_complete = self.replicator.on_turn_complete
         await self.server.health.set(RING_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.checkpointer is not None:
@@ -155,6 +169,16 @@ class NodeAgent:
         self._expiry = asyncio.create_task(self._expire_idle_sessions(), name="session-expiry")
         log.info("node %s joined the cluster at %s (etcd %s)", self.node_id,
                  self.server.address, self.settings.etcd)
+
+    async def _lease_lost(self) -> None:
+        """The lease expired unseen (this node was stopped, or cut off from etcd, past its
+        TTL): coordinators may have handed its sessions to other nodes. Before it registers
+        again, every session here is fenced (held as a replica, taking no turn) until a
+        coordinator's re-sharding settles it, so a stale copy neither takes nor acknowledges
+        a turn, nor wins a tie against a copy that took one meanwhile."""
+        fenced = await asyncio.to_thread(self.engine.fence_sessions, time.time() + FENCE_BOUND_S)
+        log.warning("node %s lost its cluster lease: %d sessions fenced until re-sharding "
+                    "settles them (at most %.0f s)", self.node_id, len(fenced), FENCE_BOUND_S)
 
     async def _expire_idle_sessions(self) -> None:
         """Drop sessions and replicas idle for longer than the engine's ``session_ttl_s``
@@ -195,6 +219,7 @@ class NodeAgent:
             except Exception as exc:  # stopping must finish even with etcd away
                 log.warning("final checkpoint of %s failed: %s", self.node_id, exc)
         self.server.backend.on_turn_complete = None
+        self.server.backend.registration = None
         if self.registration is not None:
             await self.server.health.set(RING_HEALTH_SERVICE,
                                          health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -1058,6 +1058,21 @@ class Engine:
         with self._lock:
             return self.sessions.promote_replica(session_id) is not None
 
+    def demote_session(self, session_id: str) -> bool:
+        """Hold the session as a replica (:meth:`SessionStore.demote`)."""
+        with self._lock:
+            return self.sessions.demote(session_id)
+
+    def session_fenced(self, session_id: str) -> bool:
+        """Whether the copy held here takes no turn now (:meth:`SessionStore.fenced`)."""
+        with self._lock:
+            return self.sessions.fenced(session_id)
+
+    def fence_sessions(self, until: float) -> list[str]:
+        """This node lost its cluster lease: :meth:`SessionStore.fence`."""
+        with self._lock:
+            return self.sessions.fence(until)
+
     def prepare_turn(self, request: GenerateRequest) -> PreparedTurn:
         """The token ids a session turn would run here and the session's turn version, for a
         node that runs the turn instead while this one is overloaded (its batch full or its

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -37,6 +37,7 @@ from ultrakv.cluster.addresses import (
 from ultrakv.cluster.block_events import batch_to_message, validate_epoch
 from ultrakv.cluster.errors import (
     IncompatibleSessionError,
+    SessionFencedError,
     SessionNotFoundError,
     SessionSupersededError,
 )
@@ -84,12 +85,16 @@ from ultrakv.node.kv.block_event_log import BlockEventLog
 from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
+from ultrakv.node.replication import TurnNotDurableError
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import SessionChangedError, SessionOwnedError, TenantQuota, TurnConflictError
 from ultrakv.node.turn_ledger import TurnKey, TurnLedger, TurnRecord, answer_for, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2
+
+if TYPE_CHECKING:
+    from ultrakv.cluster.membership import NodeRegistration
 
 log = logging.getLogger("ultrakv.node.server")
 
@@ -201,6 +206,37 @@ class NodeIdentity:
 TurnHook = Callable[[RequestOutput, TurnRecord | None], Awaitable[None]]
 
 
+class NodeFencedError(RequestRejected):
+    """This node cannot prove that it is still a cluster member (its lease expired unseen,
+    or no keepalive was answered for a TTL), or lost its lease while the turn ran: the cluster
+    may have handed its sessions to others, so it acknowledges no session turn (gRPC
+    UNAVAILABLE; retry)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, "session_id",
+                         f"{reason}; this node acknowledges no session turn until it has "
+                         "registered again and re-sharding has settled its sessions",
+                         retry_after_s=1.0)
+
+
+# While a completed turn waits for its copies (node/replication.py: up to the replication
+# patience), the stream sends an empty chunk this often: the caller's stall deadline is for a
+# node that stopped, not for one that waits on its successors.
+HEARTBEAT_S = 0.25
+
+
+async def _with_heartbeats(work: Awaitable[None], events: asyncio.Queue) -> None:
+    """Await ``work``, putting an empty TokenChunk on ``events`` every ``HEARTBEAT_S``."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not (await asyncio.wait({task}, timeout=HEARTBEAT_S))[0]:
+            events.put_nowait(pb.TokenChunk())
+    finally:
+        if not task.done():
+            task.cancel()
+    task.result()
+
+
 class LocalBackend:
     """ServingBackend over an in-process Engine.
 
@@ -218,11 +254,20 @@ class LocalBackend:
         self.cuts = CutRegistry()  # backups' cuts: snapshots, and results held meanwhile
         self.serving = True  # False while the engine makes no progress (NodeServer's watch)
         self._completing: set[asyncio.Task] = set()
+        # Sessions whose last turn is recorded but was not acknowledged for want of a copy
+        # (TurnNotDurableError) or of a proven lease (NodeFencedError): a retry is answered
+        # from the record only once a copy is stored.
+        self._unconfirmed: dict[str, TurnKey] = {}
+        # The node's registration (set by its cluster agent): a session turn is taken and
+        # acknowledged only while the lease is proven alive, waiting up to lease_patience_s.
+        self.registration: NodeRegistration | None = None
+        self.lease_patience_s = 10.0
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
         req = engine_request(request, deadline)
         self.engine.validate(req)
+        incarnation = await self._lease_incarnation() if req.session_id is not None else None
         key = turn_key(request)
         if key is not None:  # a retry of a turn taken already (here or by a predecessor)
             answer = await self._recorded_answer(key, request)
@@ -251,7 +296,8 @@ class LocalBackend:
                 events.put_nowait(pb.TokenChunk(text=delta.text, token_ids=delta.token_ids))
             if delta.finished:
                 finished = True
-                task = asyncio.create_task(self._complete(delta.output, key, resumed, events))
+                task = asyncio.create_task(self._complete(delta.output, key, resumed, events,
+                                                          incarnation))
                 self._completing.add(task)  # the loop holds tasks weakly
                 task.add_done_callback(self._completing.discard)
 
@@ -284,13 +330,52 @@ class LocalBackend:
         if info.turns != done.turns:  # the session moved on, or is another copy now
             return None
         answer = answer_for(done.result, request.resume_token_ids)
+        if answer is not None and self._unconfirmed.get(key[0]) == key:
+            await self._confirm(key, done)  # raises while no copy can be stored
         if answer is not None and not answer.text:  # a part of the turn, or a resumed turn
             answer.text = self.engine.tokenizer.decode(list(answer.token_ids))
         return answer
 
+    async def _confirm(self, key: TurnKey, done: TurnRecord) -> None:
+        """Store a copy of the recorded turn ``key`` that was not acknowledged for want of
+        one, before a retry is answered from the record (TurnNotDurableError again when
+        there is still none)."""
+        sid = key[0]
+        if await asyncio.to_thread(self.engine.session_fenced, sid):
+            raise SessionFencedError(sid, self.identity.node_id)
+        await asyncio.to_thread(self.engine.promote_replica, sid)  # demoted when it failed
+        try:
+            history = await asyncio.to_thread(lambda: list(self.engine.sessions.get(sid).token_ids))
+        except SessionNotFoundError:
+            return
+        await self._replicate(RequestOutput(key[1], sid, history, [], "", 0, "stop", 0.0, 0.0),
+                              done)
+        if self._unconfirmed.get(sid) == key:
+            del self._unconfirmed[sid]
+
+    async def _lease_incarnation(self) -> int | None:
+        """The registration a session turn is taken under (None outside a cluster), once the
+        lease is proven alive; NodeFencedError when it is not within ``lease_patience_s``."""
+        registration = self.registration
+        if registration is None:
+            return None
+        reason = await registration.wait_proven(self.lease_patience_s)
+        if reason is not None:
+            raise NodeFencedError(reason)
+        return registration.registrations
+
+    async def _check_lease(self, incarnation: int | None) -> None:
+        """Before a turn is acknowledged: the lease is proven alive, and was not lost since
+        the turn was taken (``incarnation``); NodeFencedError otherwise."""
+        now = await self._lease_incarnation()
+        if incarnation is not None and now is not None and now != incarnation:
+            raise NodeFencedError(f"node {self.identity.node_id} lost its cluster lease while "
+                                  "the turn ran (it has registered again since)")
+
     async def _complete(self, out: RequestOutput | None, key: TurnKey | None,
                         resumed: list[int],
-                        events: asyncio.Queue[Event | BaseException | None]) -> None:
+                        events: asyncio.Queue[Event | BaseException | None],
+                        incarnation: int | None = None) -> None:
         """The end of a turn: replicate a completed one, then the result and the end mark.
 
         A turn whose replication a successor refuses because it owns the session now (this
@@ -302,10 +387,16 @@ class LocalBackend:
                 result = result_message(out, self.identity.node_id)
                 if out.session_id and out.finish_reason in ("stop", "length"):
                     recorded = await self._turn_record(out, key, result, resumed)
+                    self._unconfirmed.pop(out.session_id, None)
                     try:
-                        await self._replicate(out, recorded)
+                        await _with_heartbeats(self._replicate(out, recorded, incarnation),
+                                               events)
                     except SessionSupersededError:
                         recorded = None
+                        raise
+                    except (TurnNotDurableError, NodeFencedError):
+                        if recorded is not None:  # kept: a retry must not run it twice
+                            self._unconfirmed[out.session_id] = recorded.key
                         raise
                     await self.cuts.results_may_go()  # a backup's cut is being taken
                 events.put_nowait(result)
@@ -320,17 +411,28 @@ class LocalBackend:
                 self.ledger.end(key, recorded.result if recorded else None,
                                 recorded.turns if recorded else 0)
 
-    async def _replicate(self, out: RequestOutput, record: TurnRecord | None) -> None:
-        """Replicate a completed turn (with its record). When a successor serves the session
-        now, this node's copy is stale: it goes, and SessionSupersededError is raised."""
+    async def _replicate(self, out: RequestOutput, record: TurnRecord | None,
+                         incarnation: int | None = None) -> None:
+        """Replicate a completed turn (with its record), taken under the registration
+        ``incarnation``. When a successor serves the session now, this node's copy is stale:
+        it goes, and SessionSupersededError is raised. With no copy stored in time
+        (TurnNotDurableError) or no lease proven (NodeFencedError), the copy stays, held as a
+        replica, and the error is raised: the turn is not acknowledged."""
         if self.on_turn_complete is None:
             return
         try:
+            await self._check_lease(incarnation)
             await self.on_turn_complete(out, record)
+        except (TurnNotDurableError, NodeFencedError):
+            # Not acknowledged: this copy must not win a tie of turns against a copy that
+            # acknowledged a turn elsewhere meanwhile (sessions.py ``demote``).
+            await asyncio.to_thread(self.engine.demote_session, out.session_id)
+            raise
         except SessionSupersededError:
             with contextlib.suppress(SessionNotFoundError):
                 await asyncio.to_thread(self.engine.delete_session, out.session_id)
             self.ledger.forget(out.session_id)
+            self._unconfirmed.pop(out.session_id, None)
             raise
 
     async def _turn_record(self, out: RequestOutput, key: TurnKey | None,
@@ -365,6 +467,7 @@ class LocalBackend:
         it in the turn ledger, as a turn that ran here: a retry of the client's request is
         answered from the record. Returns the session's turn version after it."""
         request, result = commit.request, commit.result
+        incarnation = await self._lease_incarnation()
         finish = next((name for name, code in _FINISH.items() if code == result.finish_reason), "")
         out, applied = await asyncio.to_thread(
             self.engine.append_turn, engine_request(request, None), commit.turns,
@@ -373,7 +476,7 @@ class LocalBackend:
         record = TurnRecord(key, result, commit.turns + 1) if key is not None else None
         # Again for a repeated commit: it may not have got there (without the record: the
         # session may have moved on since).
-        await self._replicate(out, record if applied else None)
+        await self._replicate(out, record if applied else None, incarnation)
         await self.cuts.results_may_go()  # the commit's answer is the turn's result
         if record is not None and applied:  # a repeat must not displace the session's last record
             self.ledger.end(key, result, record.turns)
@@ -404,6 +507,7 @@ class LocalBackend:
     async def delete_session(self, session_id: str, tenant: str | None) -> None:
         await asyncio.to_thread(self.engine.delete_session, session_id, tenant)
         self.ledger.forget(session_id)
+        self._unconfirmed.pop(session_id, None)
 
     async def list_sessions(self) -> list[pb.SessionInfo]:
         infos = await asyncio.to_thread(self.engine.list_sessions)

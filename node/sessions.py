@@ -20,7 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ultrakv.cluster.errors import CapacityError, EngineError, SessionNotFoundError, TenantQuotaError
+from ultrakv.cluster.errors import (
+    CapacityError,
+    EngineError,
+    SessionFencedError,
+    SessionNotFoundError,
+    TenantQuotaError,
+)
 from ultrakv.node.chat import ChatMessage
 
 
@@ -108,6 +114,9 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._replicas: dict[str, Session] = {}  # insertion order = least recently stored first
         self._replica_tokens = 0
+        # Copies held when this node lost its cluster lease -> until when they take no turn
+        # (unless a coordinator settles them first): see ``fence``.
+        self._fenced: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -166,9 +175,37 @@ class SessionStore:
         ids = self._sessions.keys() | self._replicas.keys()
         return [copy for sid in sorted(ids) if (copy := self.newest(sid)) is not None]
 
+    def fence(self, until: float) -> list[str]:
+        """This node lost its cluster lease: the cluster may have handed its sessions to
+        other nodes meanwhile. Every session becomes a replica (an idle one now, a busy one
+        when its turn fails) and takes no turn (:class:`SessionFencedError`) until a
+        coordinator settles it (promotes, imports, deletes or releases it, or its owner
+        pushes a newer replica) or ``until`` (a wall-clock bound, should no coordinator ever
+        look at it) passes. Returns the fenced ids."""
+        fenced = list(self._sessions)
+        for sid in fenced:
+            self.demote(sid)
+            self._fenced[sid] = until
+        return fenced
+
+    def fenced(self, session_id: str) -> bool:
+        """Whether the copy held here takes no turn now (see :meth:`fence`)."""
+        until = self._fenced.get(session_id)
+        if until is not None and self.clock() >= until:
+            del self._fenced[session_id]
+            return False
+        return until is not None
+
+    def settle(self, session_id: str) -> None:
+        """A coordinator (or the owner's replica) decided the copy held here: lift its fence."""
+        self._fenced.pop(session_id, None)
+
     def begin_turn(self, session_id: str, salt: str) -> Session:
         """The session tenant ``salt``'s new turn continues: the newest copy (promoted if a
-        replica), or new (within the tenant's quota)."""
+        replica), or new (within the tenant's quota); :class:`SessionFencedError` while the
+        copy here is fenced."""
+        if self.fenced(session_id):
+            raise SessionFencedError(session_id)
         newest = self.newest(session_id, salt)
         session = self._sessions.get(session_id)
         if newest is not None and newest[1] and (session is None or not session.busy):
@@ -234,6 +271,7 @@ class SessionStore:
     def put(self, session: Session) -> None:
         """Adopt a session (import, restore); it counts against ``max_sessions`` like a new one."""
         self._pop_replica(session.session_id)
+        self.settle(session.session_id)
         if session.session_id not in self._sessions and len(self._sessions) >= self.max_sessions:
             if not self._drop_oldest_idle(session.salt):
                 raise CapacityError("max_sessions", f"sessions must number at most "
@@ -247,6 +285,7 @@ class SessionStore:
             raise SessionNotFoundError(session_id)
         session = self._sessions.pop(session_id, None)
         replica = self._pop_replica(session_id)
+        self.settle(session_id)
         return session or replica
 
     def release(self, session_id: str, turns: int) -> None:
@@ -259,6 +298,7 @@ class SessionStore:
             raise SessionChangedError(session_id, turns, session.turns, session.busy)
         self._sessions.pop(session_id, None)
         self._pop_replica(session_id)
+        self.settle(session_id)
 
     def cleanup(self, max_age_s: float) -> list[Session]:
         """Remove sessions (and replicas) idle for longer than ``max_age_s``."""
@@ -291,14 +331,30 @@ class SessionStore:
         self._replicas[session_id] = Session(session_id, list(token_ids), salt, turns, now, now,
                                              messages=list(messages or []))
         self._replica_tokens += len(token_ids)
+        self.settle(session_id)  # the owner's copy, pushed since
 
     def promote_replica(self, session_id: str) -> Session | None:
+        self.settle(session_id)  # a coordinator's restore (a turn checks the fence first)
         replica = self._pop_replica(session_id)
         if replica is not None:
             if session_id not in self._sessions and len(self._sessions) >= self.max_sessions:
                 self._drop_oldest_idle(replica.salt)
             self._sessions[session_id] = replica
         return replica
+
+    def demote(self, session_id: str) -> bool:
+        """Hold the idle session as a replica instead (its turn was not acknowledged): at equal
+        turns a session elsewhere wins over it, and it still counts by its turns; the next
+        turn here promotes it again. False when there is no idle session to demote."""
+        session = self._sessions.get(session_id)
+        if session is None or session.busy:
+            return False
+        del self._sessions[session_id]
+        replica = self._pop_replica(session_id)
+        kept = replica if replica is not None and replica.turns > session.turns else session
+        self._replicas[session_id] = kept
+        self._replica_tokens += len(kept.token_ids)
+        return True
 
     def _pop_replica(self, session_id: str) -> Session | None:
         replica = self._replicas.pop(session_id, None)

@@ -301,6 +301,15 @@ class EngineGroup:
     def promote_replica(self, session_id: str) -> bool:
         return self._owner_engine(session_id).promote_replica(session_id)
 
+    def demote_session(self, session_id: str) -> bool:
+        return self._owner_engine(session_id).demote_session(session_id)
+
+    def session_fenced(self, session_id: str) -> bool:
+        return any(engine.session_fenced(session_id) for engine in self.engines)
+
+    def fence_sessions(self, until: float) -> list[str]:
+        return [sid for engine in self.engines for sid in engine.fence_sessions(until)]
+
     def prepare_turn(self, request: GenerateRequest) -> PreparedTurn:
         return self._engine_for(request).prepare_turn(request)
 
