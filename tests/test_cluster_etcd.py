@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,32 @@ async def test_lost_lease_re_registers(store: EtcdStore) -> None:
             await asyncio.sleep(0.1)
         assert kv is not None and kv.lease == reg.lease.id != old_lease
         assert reg.registrations == 2
+    finally:
+        await reg.deregister()
+
+
+async def test_a_registration_proves_its_lease_and_reports_its_loss(store: EtcdStore) -> None:
+    """Self-fencing's ground: a node knows whether it can prove its lease alive (a keepalive
+    answered within the TTL), and hears of its loss before it registers again."""
+    skew = [0.0]  # the node's clock jumps: a process stopped (SIGSTOP) past its TTL
+    lost = asyncio.Event()
+
+    async def on_lost() -> None:
+        lost.set()
+
+    reg = NodeRegistration(store, _record("node-4"), ttl_s=2, on_lost=on_lost,
+                           clock=lambda: time.monotonic() + skew[0])
+    await reg.register()
+    try:
+        assert reg.unproven() is None
+        skew[0] = 5.0  # no keepalive answered for longer than the TTL
+        assert "cannot prove its lease alive" in reg.unproven()
+        assert await reg.wait_proven(10) is None  # the next keepalive proves it again
+        old_lease = reg.lease.id
+        await store.revoke_lease(old_lease)  # expired unseen
+        await asyncio.wait_for(lost.wait(), 10)
+        assert await reg.wait_proven(10) is None
+        assert reg.registrations == 2 and reg.lease.id != old_lease
     finally:
         await reg.deregister()
 

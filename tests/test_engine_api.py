@@ -7,9 +7,16 @@ import asyncio
 import math
 import time
 
+import grpc
 import pytest
 import torch
-from ultrakv.cluster.errors import InvalidRequestError, PromptTooLongError, SessionNotFoundError
+from ultrakv.cluster.errors import (
+    InvalidRequestError,
+    PromptTooLongError,
+    SessionFencedError,
+    SessionNotFoundError,
+)
+from ultrakv.cluster.validation import rejection_from_error
 from ultrakv.node import Engine, EngineConfig, GenerateRequest, SamplingParams
 from ultrakv.node.sessions import SessionOwnedError
 
@@ -204,6 +211,44 @@ def test_a_replica_of_a_session_served_here_is_refused_unless_newer(engine):
         engine.store_replica("own", history + [5, 6], turns=1)
     engine.store_replica("own", history + [5, 6], turns=2)
     assert engine.get_session("own").replica and engine.get_session("own").turns == 2
+
+
+def test_a_demoted_session_loses_a_tie_but_keeps_its_turns(engine):
+    """A turn that was not acknowledged leaves its session held as a replica: it still
+    counts by its turns (a re-sharding plan restores it where it is the newest copy), a copy
+    served elsewhere with as many turns wins over it, and the next turn here promotes it."""
+    engine.generate(["kept but not acknowledged"], GREEDY, session_ids=["demoted"])
+    history = list(engine.sessions.get("demoted").token_ids)
+    assert engine.demote_session("demoted")
+    info = engine.get_session("demoted")
+    assert info.replica and info.turns == 1 and info.num_tokens == len(history)
+    out = engine.generate([" again"], GREEDY, session_ids=["demoted"])[0]
+    assert out.prompt_token_ids[: len(history)] == history
+    assert not engine.get_session("demoted").replica and engine.get_session("demoted").turns == 2
+
+
+def test_a_node_that_lost_its_lease_fences_its_sessions_until_they_are_settled(engine):
+    """Self-fencing: the sessions held when the lease was lost become replicas and take no
+    turn (UNAVAILABLE, SessionFencedError) until a coordinator settles them (here a promote,
+    as a re-sharding restore does) or the bound passes."""
+    engine.generate(["held when the lease went"], GREEDY, session_ids=["fenced-a"])
+    engine.generate(["also held"], GREEDY, session_ids=["fenced-b"])
+    fenced = engine.fence_sessions(time.time() + 60)
+    assert {"fenced-a", "fenced-b"} <= set(fenced)
+    assert engine.get_session("fenced-a").replica and engine.session_fenced("fenced-a")
+    with pytest.raises(SessionFencedError, match="lost its cluster lease"):
+        engine.generate([" stale"], GREEDY, session_ids=["fenced-a"])
+    assert rejection_from_error(SessionFencedError("fenced-a")).code == grpc.StatusCode.UNAVAILABLE
+    assert engine.promote_replica("fenced-a") and not engine.session_fenced("fenced-a")
+    assert engine.generate([" settled"], GREEDY, session_ids=["fenced-a"])[0].finish_reason
+    # The owner's newer replica, pushed since, settles the copy held here too.
+    newer = list(engine.export_session("fenced-b").token_ids) + [5, 6]
+    engine.store_replica("fenced-b", newer, turns=2)
+    assert not engine.session_fenced("fenced-b")
+    engine.generate(["held past the bound"], GREEDY, session_ids=["fenced-c"])
+    engine.sessions.fence(time.time() - 1)  # the bound passed: no coordinator looked at it
+    assert not engine.session_fenced("fenced-c")
+    engine.generate([" after the bound"], GREEDY, session_ids=["fenced-c"])
 
 
 def test_a_turn_hashes_only_its_new_blocks(monkeypatch):
