@@ -243,6 +243,8 @@ class Engine:
             graphs=graphs,
         )
         self.cuda_graphs = graphs is not None
+        if graphs is not None and graphs.prefill_sizes:
+            self.scheduler.graph_prefill_tokens = graphs.prefill_sizes[-1]
         self.max_waiting = 16 * config.max_num_seqs
 
         self._lock = threading.RLock()  # engine state: queues, sessions, pool

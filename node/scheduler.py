@@ -90,6 +90,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         tiers: TierLoader | None = None,
         chain_root: int | None = None,
+        graph_prefill_tokens: int = 0,
     ):
         self.pool = pool
         self.chain_root = chain_root  # parent of every chain's first block (kv dtype in the key)
@@ -102,6 +103,11 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.clock = clock
         self.tiers = tiers
+        # The largest prefill a CUDA graph replays (0: none). A lone sequence's longer prefill
+        # goes in chunks of that size: on a GPU an eager prefill is bound by the host's kernel
+        # launches (llama-1b on an H100: ~8 ms for 1.6k tokens, a few ms of it device time),
+        # a replayed chunk is not.
+        self.graph_prefill_tokens = graph_prefill_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -158,6 +164,10 @@ class Scheduler:
 
         if not out.preempted:
             self._admit(out, budget, now)
+        if len(out.scheduled) == 1 and not out.preempted and self.graph_prefill_tokens:
+            item = out.scheduled[0]  # its blocks stay reserved for the whole prompt
+            if not item.draft and item.num_new_tokens > self.graph_prefill_tokens:
+                out.scheduled[0] = ScheduledSeq(item.seq, self.graph_prefill_tokens)
         return out
 
     def plan_decode_steps(self, out: SchedulerOutput, max_steps: int) -> int:

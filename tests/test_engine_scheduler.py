@@ -133,3 +133,22 @@ def test_finished_blocks_stay_cached_and_are_reused():
     sched.add(again)
     out = run_step(sched)
     assert again.num_cached_tokens == 8 and out.scheduled[0].num_new_tokens == 1
+
+
+def test_a_lone_prefill_goes_in_graph_sized_chunks_and_a_shared_step_does_not():
+    sched, _, clock = make(budget=64)
+    sched.graph_prefill_tokens = 16
+    alone = seq("alone", 40, clock)
+    sched.add(alone)
+    sizes = []
+    while not alone.token_ids[40:]:  # until the prompt's end samples a token
+        out = run_step(sched)
+        sizes.append([(item.seq.request_id, item.num_new_tokens, item.samples) for item in out.scheduled])
+    assert sizes == [[("alone", 16, False)], [("alone", 16, False)], [("alone", 8, True)]]
+    a, b = seq("a", 40, clock), seq("b", 8, clock)
+    for other in (a, b):  # nothing in common with the first prompt's cached blocks
+        other.token_ids[:] = [t + 100 for t in other.token_ids]
+    sched.add(a)
+    sched.add(b)
+    out = run_step(sched)  # two sequences share the step: it runs eagerly anyway, uncut
+    assert [(item.seq.request_id, item.num_new_tokens) for item in out.scheduled][-2:] == [("a", 40), ("b", 8)]

@@ -165,6 +165,8 @@ class KVTiers:
                                         pin_memory=self._stream is not None)
             self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="ultrakv-kv-read")
         self._free_slots = list(range(len(self._staging) - 1, -1, -1))
+        # The host tier's slots as flat byte rows (the staging buffer's shape).
+        self._host_rows = host.data.view(torch.uint8).view(len(host.data), -1) if host is not None else None
         self._releasing: deque[tuple[torch.cuda.Event, list[int]]] = deque()
         # CUDA copies into the pool, timed by events once they are done: (start, end, bytes).
         self._timings: deque[tuple[torch.cuda.Event, torch.cuda.Event, int]] = deque()
@@ -445,17 +447,26 @@ class KVTiers:
         tier's, and finished disk reads: see :meth:`plan`) into pool blocks ``block_ids``
         (one per hash); returns how many were loaded (the rest is recomputed)."""
         self.flush()  # the blocks being filled may have just been evicted
-        sources: list[torch.Tensor] = []  # one flat uint8 block each, in host memory
+        # Each block as (buffer, row): a host tier slot or a staging slot of a finished disk
+        # read. Rows, not per-block tensors: a turn brings back tens of blocks, and on a GPU
+        # the Python per block was a large part of a hit's TTFT.
+        sources: list[tuple[torch.Tensor, int]] = []
+        waits: list[torch.cuda.Event] = []  # offloads still filling a host slot (CUDA)
         staged: list[_Read] = []
         for h in hashes[: len(block_ids)]:
             read = self._reads.get(h)
             slot = self.host.lookup(h) if self.host is not None else None
             if slot is not None:
-                sources.append(self.host.slot(slot).view(torch.uint8).view(-1))
+                event = self.host.pending_event(slot)
+                if event is not None and self._stream is None:
+                    self.host.slot(slot)  # waits for the copy into it
+                elif event is not None and (not waits or waits[-1] is not event):
+                    waits.append(event)
+                sources.append((self._host_rows, slot))
                 self.counters.cpu_hits += 1
             elif read is not None and read.ok():
                 staged.append(self._reads.pop(h))
-                sources.append(self._staging[read.slot])
+                sources.append((self._staging, read.slot))
                 self.counters.disk_hits += 1
             else:
                 break
@@ -465,11 +476,11 @@ class KVTiers:
         slots = [r.slot for r in staged]
         if self._stream is None:
             t0 = time.perf_counter()
-            self._copy_in(sources, block_ids[:n])
+            self._copy_in([buffer[row] for buffer, row in sources], block_ids[:n])
             self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
             self._free_slots += slots
         else:
-            self._copy_in_cuda(sources, slots, block_ids[:n])
+            self._copy_in_cuda(sources, waits, slots, block_ids[:n])
         self.counters.loaded += n
         return n
 
@@ -488,21 +499,23 @@ class KVTiers:
             for layer, cache in enumerate(caches):
                 cache[:, b].copy_(layers[layer])
 
-    def _copy_in_cuda(self, sources: list[torch.Tensor], staged_slots: list[int],
-                      block_ids: list[int]) -> None:
-        """CUDA: the blocks to the device in as few asynchronous copies as the slots allow
-        (adjacent slots of one buffer go in one), on the side stream, then into the pool
-        blocks with one index_copy_ (one per layer for caches not stacked) on the compute
-        stream (which waits)."""
+    def _copy_in_cuda(self, sources: list[tuple[torch.Tensor, int]], waits: list[torch.cuda.Event],
+                      staged_slots: list[int], block_ids: list[int]) -> None:
+        """CUDA: the blocks to the device in as few asynchronous copies as the rows allow
+        (adjacent rows of one buffer go in one), on the side stream once the offloads still
+        filling them (``waits``) are done there, then into the pool blocks with one
+        index_copy_ (one per layer for caches not stacked) on the compute stream (which waits)."""
         n = len(sources)
         staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
         main = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(main)
+        for event in waits:
+            self._stream.wait_event(event)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self._stream):
             start.record()
-            for at, count, src in _runs(sources):
-                staged[at : at + count].copy_(src, non_blocking=True)
+            for at, buffer, row, count in _runs(sources):
+                staged[at : at + count].copy_(buffer[row : row + count], non_blocking=True)
             end.record()
         main.wait_stream(self._stream)
         staged.record_stream(self._stream)
@@ -666,19 +679,16 @@ def stacked_kv(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((len(kv_caches), *first.shape), (step, *first.stride()))
 
 
-def _runs(sources: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
-    """``(first index, count, one tensor over them)`` for each run of ``sources`` that lie
-    next to each other in one buffer (flat uint8 blocks of equal size): one copy each."""
-    runs: list[tuple[int, int, torch.Tensor]] = []
-    i = 0
-    while i < len(sources):
-        first = sources[i]
-        j = i + 1
-        while (j < len(sources) and sources[j].untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-               and sources[j].data_ptr() == first.data_ptr() + (j - i) * first.numel()):
-            j += 1
-        runs.append((i, j - i, first.as_strided((j - i, first.numel()), (first.numel(), 1))))
-        i = j
+def _runs(sources: list[tuple[torch.Tensor, int]]) -> list[tuple[int, torch.Tensor, int, int]]:
+    """``(first index, buffer, first row, count)`` for each run of ``sources`` (``(buffer,
+    row)`` each) that are consecutive rows of one buffer: one copy each."""
+    runs: list[tuple[int, torch.Tensor, int, int]] = []
+    for i, (buffer, row) in enumerate(sources):
+        if runs and runs[-1][1] is buffer and runs[-1][2] + runs[-1][3] == row:
+            at, _, first, count = runs[-1]
+            runs[-1] = (at, buffer, first, count + 1)
+        else:
+            runs.append((i, buffer, row, 1))
     return runs
 
 
