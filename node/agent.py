@@ -162,6 +162,7 @@ class NodeAgent:
         await self.registration.register()
         self.server.backend.lease_patience_s = self.settings.replication_patience_s
         self.server.backend.registration = self.registration
+        self.server.backend.replication = self.replicator.stats
         self.server.backend.on_turn_complete = self.replicator.on_turn_complete
         await self.server.health.set(RING_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.checkpointer is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 from prometheus_client.core import (
@@ -96,9 +97,12 @@ def _gauge(name: str, doc: str, labels: dict[str, str], value: float) -> GaugeMe
 class NodeCollector(Collector):
     """``ultrakv_*`` metrics of one engine, labelled ``node`` and ``model``."""
 
-    def __init__(self, engine: Any, node_id: str | Callable[[], str]) -> None:
+    def __init__(self, engine: Any, node_id: str | Callable[[], str],
+                 replication: Callable[[], Any] | None = None) -> None:
+        """``replication``: the node's ``ReplicationStats`` now (None outside a cluster)."""
         self.engine = engine
         self._node_id = node_id
+        self._replication = replication
 
     def collect(self) -> Iterator[Metric]:
         s = self.engine.stats()
@@ -191,6 +195,17 @@ class NodeCollector(Collector):
         yield histogram_family("ultrakv_e2e_request_latency_seconds",
                                "Arrival to finish, per request.", base, hist["e2e_s"])
         yield REJECTIONS.metric()
+        replication = self._replication() if self._replication is not None else None
+        if replication is not None:
+            family = CounterMetricFamily(
+                "ultrakv_session_turn_replication",
+                "Completed session turns by how their copies went (node/replication.py): "
+                "replicated (every copy), under_replicated (acknowledged with fewer), "
+                "unreplicated (acknowledged with none: no other node registered), not_durable "
+                "and superseded (not acknowledged).", labels=[*base, "outcome"])
+            for outcome, count in sorted(asdict(replication).items()):
+                family.add_metric([*base.values(), outcome], count)
+            yield family
 
 
 # Per-device gauges of a data-parallel node (node/parallel/data_parallel.py): stats key, help.

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -85,7 +85,7 @@ from ultrakv.node.kv.block_event_log import BlockEventLog
 from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
 from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
-from ultrakv.node.replication import TurnNotDurableError
+from ultrakv.node.replication import ReplicationStats, TurnNotDurableError
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import SessionChangedError, SessionOwnedError, TenantQuota, TurnConflictError
 from ultrakv.node.turn_ledger import TurnKey, TurnLedger, TurnRecord, answer_for, turn_key
@@ -262,6 +262,7 @@ class LocalBackend:
         # acknowledged only while the lease is proven alive, waiting up to lease_patience_s.
         self.registration: NodeRegistration | None = None
         self.lease_patience_s = 10.0
+        self.replication: ReplicationStats | None = None  # the agent's counters, for stats
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
@@ -484,6 +485,8 @@ class LocalBackend:
 
     async def node_stats(self) -> pb.NodeStats:
         raw = await asyncio.to_thread(self.engine.stats)
+        if self.replication is not None:
+            raw["replication"] = asdict(self.replication)
         return node_stats_message(raw, self.identity)
 
     async def stats(self) -> pb.StatsResponse:
@@ -969,7 +972,8 @@ class NodeServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._progress_watch = asyncio.create_task(self._watch_progress(), name="progress-watch")
         registry = CollectorRegistry()  # own registry: several servers in one process
-        registry.register(NodeCollector(self.engine, self.backend.identity.node_id))
+        registry.register(NodeCollector(self.engine, self.backend.identity.node_id,
+                                        lambda: self.backend.replication))
         registry.register(self.security.events)
         if self.settings.metrics_port:
             self._metrics_http = serve_metrics(self.settings.metrics_port, registry,

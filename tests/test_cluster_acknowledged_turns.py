@@ -20,6 +20,7 @@ from test_cluster_durability import (
     _full_strength,
     _generate,
     _listed,
+    _node,
     _prompt,
     _session_placed,
     _until,
@@ -102,6 +103,9 @@ async def test_a_turn_is_not_acknowledged_while_its_successor_cannot_take_a_copy
             cluster.send_signal(successor, signal.SIGCONT)
         assert refused.value.code == "UNAVAILABLE", refused.value
         assert "not acknowledged" in str(refused.value)
+        async with _node(cluster, owner) as stub:  # counted, as the metrics say
+            stats = await stub.Stats(pb.StatsRequest(), timeout=30)
+        assert stats.engine["replication"]["not_durable"] >= 1, stats.engine["replication"]
         again: list[int] = []
         second = await _stream(client, sid, _prompt(61), "turn-2", again)
         assert second.get("success"), second
