@@ -46,7 +46,7 @@ from ultrakv.node.kv import quantization
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.kv.disk_tier import QUEUE_BLOCKS, DiskTier
 from ultrakv.node.kv.host_tier import HostTier
-from ultrakv.node.kv.tiers import BlockIdentity, KVTiers, stacked_kv
+from ultrakv.node.kv.tiers import CALIBRATION_BLOCKS, BlockIdentity, KVTiers, stacked_kv
 from ultrakv.node.metrics import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, LatencyHistogram
 from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.loader import load_model
@@ -283,9 +283,11 @@ class Engine:
         specializes a kernel on each integer argument being 1 or a multiple of 16, and on the
         constexprs of each path (cold prefill, prefill over a cached prefix, chunked
         prefill, one and several sequences). A few dummy requests walk every such class;
-        their blocks and counters are dropped afterwards. On CPU there is nothing to do.
+        their blocks and counters are dropped afterwards. On CPU there is nothing to do but,
+        as on CUDA, to measure the KV tiers' loads (:meth:`_calibrate_tiers`).
         """
         if self.device.type != "cuda":
+            self._calibrate_tiers()
             return
         t0 = time.monotonic()
         n = 0
@@ -296,6 +298,19 @@ class Engine:
         self._run_warmup_requests()
         log.info("warmup: captured %d CUDA graphs in %.1f s, eager kernels compiled in %.1f s",
                  n, t1 - t0, time.monotonic() - t1)
+        self._calibrate_tiers()
+
+    def _calibrate_tiers(self) -> None:
+        """This device's figures for loads from host memory, before the first request weighs
+        load or recompute (KVTiers.calibrate, into free pool blocks given back after)."""
+        if self.tiers is None:
+            return
+        with self._lock:
+            blocks = self.pool.allocate(min(CALIBRATION_BLOCKS, self.pool.num_free))
+            try:
+                self.tiers.calibrate(blocks)
+            finally:
+                self.pool.free(blocks)
 
     def _run_warmup_requests(self) -> None:
         gen = torch.Generator().manual_seed(0)

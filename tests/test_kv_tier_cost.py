@@ -97,3 +97,16 @@ def test_a_noisy_fit_neither_frees_recompute_nor_inflates_it():
     mean = m.prefill.y / m.prefill.x  # the weighted mean time per token
     assert 0.004 / 352 < mean < 0.010 / 64
     assert m.recompute_seconds() == pytest.approx(16 * mean / 4)
+
+
+def test_the_engine_threads_time_per_block_counts_against_a_load():
+    """An H100 on llama-1b (cost model figures measured there): host memory at 37 GB/s is 14
+    us a block, recomputing one 34 us. A copy that fast still loses once looking the block
+    up and issuing its copy takes the engine thread 25 us a block: that time was measured
+    nowhere, and loads that made TTFT worse were chosen as savings."""
+    m = _model(memory_gbps=37, disk_gbps=1, prefill_tps=465_000)
+    assert m.blocks_to_load(["memory"] * 8) == 8
+    m.observe_overhead(8, 8 * 25e-6)
+    assert m.load_seconds("memory") == pytest.approx(BLOCK / 37e9 + 25e-6)
+    assert m.blocks_to_load(["memory"] * 8) == 0
+    assert m.stats()["load_overhead_block_ms"] == pytest.approx(0.025)

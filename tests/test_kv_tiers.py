@@ -70,14 +70,15 @@ def _caches(dtype: torch.dtype, device: str = "cpu") -> list[torch.Tensor]:
     return [torch.randn((2, 8, BS, 2, 4), generator=g).to(dtype).to(device) for _ in range(3)]
 
 
-def _tiers(caches: list[torch.Tensor], tmp_path: Path, host_blocks: int | None, disk: bool) -> KVTiers:
+def _tiers(caches: list[torch.Tensor], tmp_path: Path, host_blocks: int | None, disk: bool,
+           batched: bool | None = None) -> KVTiers:
     identity = BlockIdentity("fp-test", str(caches[0].dtype).removeprefix("torch."), BS)
     shape = KVTiers.block_shape(caches)
     host = (HostTier(host_blocks, shape, caches[0].dtype, pin=caches[0].is_cuda)
             if host_blocks else None)
     disk_tier = (DiskTier(tmp_path, identity.namespace, identity.key, shape, caches[0].dtype, 1 << 30)
                  if disk else None)
-    return KVTiers(caches, identity, host, disk_tier)
+    return KVTiers(caches, identity, host, disk_tier, batched=batched)
 
 
 def _planned(tiers: KVTiers, hashes: list[int]) -> int:
@@ -106,11 +107,14 @@ def _round_trip(caches: list[torch.Tensor], tiers: KVTiers) -> None:
             assert torch.equal(c[:, dst].view(torch.uint8), o[:, src].view(torch.uint8))
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu_copies", "cuda_copies"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("host_blocks, disk", [(8, False), (2, True), (None, True)])
-def test_tier_round_trip_is_bit_exact(tmp_path, dtype, host_blocks, disk):
+def test_tier_round_trip_is_bit_exact(tmp_path, dtype, host_blocks, disk, batched):
+    """CPU's block-by-block copies and CUDA's batched path (gather, runs, index_copy_), the
+    latter run on CPU without its streams."""
     caches = _caches(dtype)
-    tiers = _tiers(caches, tmp_path, host_blocks, disk)
+    tiers = _tiers(caches, tmp_path, host_blocks, disk, batched)
     try:
         _round_trip(caches, tiers)
         hits = tiers.counters
@@ -659,3 +663,95 @@ def test_without_a_host_tier_only_blocks_the_writer_has_room_for_leave_the_pool(
     finally:
         gate.set()
         tiers.close()
+
+
+# --- batched offload and load: every block lands in its own place ----------------------------
+
+
+def test_slot_and_source_runs_group_only_adjacent_slots():
+    assert tiers_module.slot_runs([0, 1, 2, 5, 6, 9]) == [(0, 0, 3), (5, 3, 2), (9, 5, 1)]
+    assert tiers_module.slot_runs([]) == []
+    host, staging = tiers_module.HOST, tiers_module.STAGING
+    picks = [(host, 4), (staging, 0), (host, 3), (host, 5), (staging, 1), (host, 9)]
+    order, runs = tiers_module.source_runs(picks)
+    assert [picks[i] for i in order] == sorted(picks)
+    assert runs == [(host, 3, 0, 3), (host, 9, 3, 1), (staging, 0, 4, 2)]
+
+
+def _scrambled_round_trip(tmp_path: Path, batched: bool, stacked: bool) -> None:
+    """Blocks offloaded in one flush into host slots with holes between them, some spilled to
+    disk, then loaded in one batch from both into pool blocks in another order: each block
+    must land exactly where its hash says (a batch copied by runs or reordered by source
+    would misplace blocks if an index were off)."""
+    g = torch.Generator().manual_seed(7)
+    if stacked:  # layers back to back in one allocation, as the engine's pool lays them
+        caches = list(torch.randn((3, 2, 12, BS, 2, 4), generator=g).unbind(0))
+        assert tiers_module.stacked_kv(caches) is not None
+    else:
+        caches = [torch.randn((2, 12, BS, 2, 4), generator=g) for _ in range(3)]
+    original = [c.clone() for c in caches]
+    tiers = _tiers(caches, tmp_path, 6, disk=True, batched=batched)
+    try:
+        for block, h in enumerate(range(900, 906)):  # fill the host tier's slots 0-5
+            tiers.on_evict(block, h)
+        tiers.flush()
+        for h in (901, 903, 904):  # holes at slots 1, 3 and 4
+            tiers.host.discard(h)
+        order = [9, 6, 11, 7]  # pool blocks in a scrambled order, into the holes and on
+        for block in order:
+            tiers.on_evict(block, 1000 + block)
+        tiers.flush()  # 4 blocks into 3 free slots: the tier evicts its oldest (900) to disk
+        tiers.disk.flush()
+        for c in caches:
+            c.zero_()
+        want = {900: 0, 902: 2, 905: 5, **{1000 + b: b for b in order}}  # hash -> original block
+        hashes = [1011, 900, 1006, 905, 1009, 902, 1007]
+        assert tiers.available(hashes) == len(hashes)
+        assert _planned(tiers, hashes) == len(hashes)
+        targets = [3, 10, 1, 8, 0, 4, 2]
+        assert tiers.load(hashes, targets) == len(hashes)
+        assert tiers.counters.disk_hits == 1 and tiers.counters.cpu_hits == len(hashes) - 1
+        for h, dst in zip(hashes, targets, strict=True):
+            for c, o in zip(caches, original, strict=True):
+                assert torch.equal(c[:, dst], o[:, want[h]]), (h, dst)
+    finally:
+        tiers.close()
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["layers_apart", "layers_stacked"])
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu_copies", "cuda_copies"])
+def test_batched_copies_put_every_block_in_its_place(tmp_path, batched, stacked):
+    _scrambled_round_trip(tmp_path, batched, stacked)
+
+
+def test_loads_judged_slower_still_probe_now_and_then(tmp_path):
+    """With host-memory loads judged slower than recomputing, a plan still loads a few
+    blocks once per PROBE_S (so the estimate can follow the device), and none in between."""
+    caches = _caches(torch.float32)
+    tiers = _tiers(caches, tmp_path, 8, disk=False)
+    hashes = [701 + i for i in range(6)]
+    try:
+        for block, h in enumerate(hashes):
+            tiers.on_evict(block, h)
+        tiers.flush()
+        tiers.cost.observe_prefill(1_000_000, 1.0)
+        tiers.cost.observe_overhead(1, 1.0)  # a second per block
+        assert tiers.plan(hashes) == tiers_module.PROBE_BLOCKS
+        assert tiers.plan(hashes) == 0
+    finally:
+        tiers.close()
+
+
+def test_warmup_measures_loads_from_host_memory():
+    """Before the first request, the engine's cost model holds this device's host-memory
+    load figures (measured by KVTiers.calibrate at the end of warmup), and the pool has every
+    block free again."""
+    engine = _engine(kv_cpu_gib=0.01, num_blocks=24)
+    try:
+        engine.warmup()
+        cost = engine.stats()["kv_tiers"]["cost"]
+        assert cost["memory_gbps"] and cost["memory_gbps"] > 0
+        assert engine.pool.num_free == engine.pool.num_blocks
+        assert engine.generate([PROMPTS[0]], GREEDY)[0].token_ids  # and serves as before
+    finally:
+        engine.shutdown()

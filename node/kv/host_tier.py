@@ -39,6 +39,7 @@ class HostTier:
         self.capacity = capacity
         self.spare = spare
         self.data = torch.empty((capacity + spare, *block_shape), dtype=dtype, pin_memory=pin)
+        self.flat = self.data.view(torch.uint8).view(capacity + spare, -1)  # slots as bytes
         self.pinned = pin
         self.policy: EvictionPolicy = make_policy(policy, capacity)
         self._slot_of: dict[int, int] = {}
@@ -70,35 +71,62 @@ class HostTier:
         the caller to lend and ``kept`` is True. Otherwise (``kept`` False) the evicted slot
         is the one returned: read what it held before writing the new block. The slot is
         None (nothing reserved) only when every slot is lent to writes."""
-        if block_hash in self._slot_of:
-            raise ValueError(f"block {block_hash:016x} is already in the host tier")
+        slots, victims = self.reserve_many([block_hash], keep)
+        return slots[0], victims
+
+    def reserve_many(self, hashes: list[int], keep: Callable[[int], bool] | None = None
+                     ) -> tuple[list[int | None], list[tuple[int, int, bool]]]:
+        """Slots for blocks ``hashes`` (none held yet, at most ``capacity`` of them), in their
+        order, and the blocks evicted to make room, as :meth:`reserve` answers for one.
+
+        One call for a flush's whole batch: the blocks of the batch stay pinned until all of
+        them have a slot, so none of them is the victim of another (each slot holds the
+        block it was reserved for, which the caller's copies rely on)."""
+        if len(hashes) > self.capacity:
+            raise ValueError(f"at most {self.capacity} blocks (the capacity) can be reserved at "
+                             f"once, got {len(hashes)}")
         self._collect_released()
         victims: list[tuple[int, int, bool]] = []
-        slot: int | None = None
+        slots: list[int | None] = []
+        policy = self.policy
+        for block_hash in hashes:
+            if block_hash in self._slot_of:
+                raise ValueError(f"block {block_hash:016x} is already in the host tier")
+            slot = self._take_slot(keep, victims)
+            slots.append(slot)
+            if slot is not None:
+                self._slot_of[block_hash] = slot
+                policy.on_insert(block_hash)  # pinned until the batch is done
+        for block_hash, slot in zip(hashes, slots, strict=True):
+            if slot is not None:
+                policy.set_evictable(block_hash, True)
+        return slots, victims
+
+    def _take_slot(self, keep: Callable[[int], bool] | None,
+                   victims: list[tuple[int, int, bool]]) -> int | None:
+        """A free slot, or one freed by evicting the policy's victim (appended to
+        ``victims``); None when every block left has its slot lent to a write."""
         if self._free and len(self._slot_of) < self.capacity:
-            slot = self._free.pop()
-        while slot is None:
+            return self._free.pop()
+        while True:
             old = self.policy.victim()
-            if old is None:  # every block left has its slot lent to a write
-                return None, victims
+            if old is None:  # every block left has its slot lent to a write (or is pinned)
+                return None
             old_slot = self._slot_of.pop(old)
             self.evictions += 1
             if old_slot in self._held:  # a write-through write still reads it (no spill due)
                 self._orphans.add(old_slot)
                 victims.append((old, old_slot, False))
-                slot = self._free.pop() if self._free else None
+                if self._free:
+                    return self._free.pop()
             elif keep is not None and self._free and keep(old):
                 self._held.add(old_slot)
                 self._orphans.add(old_slot)
                 victims.append((old, old_slot, True))
-                slot = self._free.pop()
+                return self._free.pop()
             else:
                 victims.append((old, old_slot, False))
-                slot = old_slot
-        self._slot_of[block_hash] = slot
-        self.policy.on_insert(block_hash)
-        self.policy.set_evictable(block_hash, True)
-        return slot, victims
+                return old_slot
 
     def hold(self, slot: int) -> None:
         """Lend ``slot`` (holding a block) to a disk write: it is not written again until

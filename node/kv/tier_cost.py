@@ -7,7 +7,9 @@ of the block (512 KiB on llama-1b) can take longer. :class:`TierCostModel` keeps
 estimates, each an exponentially weighted moving average of real measurements: the
 bandwidth of each load source (bytes per second; ``memory``: a block already in host memory
 copied into the pool; ``disk``: a block read from its file, which then also costs a
-``memory`` copy) and this engine's prefill cost per token. For the leading
+``memory`` copy), the engine thread's own time per loaded block (looking it up, issuing the
+copies: on a GPU, whose copies are asynchronous, this is most of what a load costs the
+request, and nothing else measures it), and this engine's prefill cost per token. For the leading
 run of hit blocks a prefix match found, :meth:`TierCostModel.blocks_to_load` picks how many
 to load so that the estimated load time of those plus the recompute time of the rest is
 least; the rest is recomputed (``KVTiers`` counts those blocks as ``skipped``).
@@ -23,8 +25,12 @@ kept within a quarter of that mean and the mean itself, so a noisy fit (a loaded
 step times vary severalfold) can neither make recomputing look free nor dearer than whole
 steps say.
 
-Until a source has been measured its load costs nothing, and until the prefill has been
-measured every hit is loaded: loads go ahead and get measured. Disk reads keep being
+The engine measures loads from host memory once at start (``KVTiers.calibrate``, in
+``Engine.warmup``), so the first requests already weigh real figures of this device. Until a
+source has been measured its load costs nothing, and until the prefill has been measured
+every hit is loaded: loads go ahead and get measured. While loads are judged slower, a few
+blocks are still loaded now and then (``KVTiers.plan``'s probe), so one bad measurement
+cannot keep the tiers off for good. Disk reads keep being
 measured while loads skip the disk: a request's disk blocks are read ahead when it arrives
 (``KVTiers.prefetch``), and those reads are timed too, so a disk that got faster (its files
 now in the page cache, say) is noticed. Pure logic: no I/O, no tensors, no clock.
@@ -99,6 +105,7 @@ class TierCostModel:
         self.block_bytes = block_bytes
         self.block_tokens = block_tokens
         self.bandwidth = {s: Ewma(alpha) for s in SOURCES}  # bytes per second
+        self.overhead = Ewma(alpha)  # the engine thread's seconds per loaded block
         self.prefill = LinearFit()  # step seconds against its prompt tokens
 
     def observe_load(self, source: str, nbytes: int, seconds: float) -> None:
@@ -108,14 +115,20 @@ class TierCostModel:
         if nbytes > 0 and seconds > 0:
             self.bandwidth[source].add(nbytes / seconds)
 
+    def observe_overhead(self, blocks: int, seconds: float) -> None:
+        """Loading ``blocks`` blocks took the engine thread ``seconds`` besides the copies."""
+        if blocks > 0 and seconds >= 0:
+            self.overhead.add(seconds / blocks)
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """A model step computed ``tokens`` prompt tokens in ``seconds``."""
         if tokens > 0 and seconds > 0:
             self.prefill.add(tokens, seconds)
 
     def load_seconds(self, source: str) -> float:
-        """Estimated time to bring one block from ``source`` into the pool (0 if unmeasured)."""
-        seconds = self._seconds(self.bandwidth["memory"])
+        """Estimated time to bring one block from ``source`` into the pool: the copies and
+        the engine thread's time per block (each 0 while unmeasured)."""
+        seconds = self._seconds(self.bandwidth["memory"]) + (self.overhead.value or 0.0)
         if source == "disk":
             seconds += self._seconds(self.bandwidth["disk"])
         return seconds
@@ -146,6 +159,7 @@ class TierCostModel:
                 "disk_gbps": _gb(self.bandwidth["disk"].value),
                 "prefill_tokens_per_s": 1 / slope if (slope := self.prefill.slope()) else None,
                 "load_block_ms": {s: self.load_seconds(s) * 1e3 for s in SOURCES},
+                "load_overhead_block_ms": (self.overhead.value or 0.0) * 1e3,
                 "recompute_block_ms": self.recompute_seconds() * 1e3}
 
     def _seconds(self, bandwidth: Ewma) -> float:

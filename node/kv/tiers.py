@@ -37,7 +37,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from contextlib import nullcontext as _nothing
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +59,16 @@ READERS = min(4, os.cpu_count() or 1)
 # at most once in this many seconds, to keep measuring the disk (see KVTiers.prefetch).
 PROBE_BLOCKS = 4
 PROBE_S = 2.0
+# KVTiers.calibrate: loads of this many blocks from host memory, this many times (the first
+# rounds pay one-off costs: allocations, first launches; the last is the measurement).
+CALIBRATION_BLOCKS = 16
+CALIBRATION_ROUNDS = 3
 # A finished read that a plan chose to load keeps its slot this long after the latest plan
 # that wanted it (a waiting request plans again every step); after that, or if it was only
 # prefetched, a newer read may take the slot.
 HOLD_S = 1.0
+# Where a loaded block comes from (KVTiers.load): a host-tier slot or a disk read's staging slot.
+HOST, STAGING = 0, 1
 # How long a stopping engine may spend writing its cached blocks to disk (well inside a pod's
 # termination grace period, which the final checkpoint shares).
 PERSIST_BUDGET_S = 30.0
@@ -125,7 +130,7 @@ class KVTiers:
 
     def __init__(self, kv_caches: list[torch.Tensor], identity: BlockIdentity,
                  host: HostTier | None, disk: DiskTier | None, write_through: bool = False,
-                 publish: Publish | None = None) -> None:
+                 publish: Publish | None = None, batched: bool | None = None) -> None:
         self.kv_caches = kv_caches
         # All layers as one tensor when they lie back to back in one allocation (the
         # engine's pool does): a gather or scatter of n blocks is then one kernel, not one
@@ -150,7 +155,16 @@ class KVTiers:
         self.cost = TierCostModel(self.block_bytes, identity.block_size)
         self._pending: dict[int, int] = {}  # block hash -> pool block id, to offload
         self._next_probe = 0.0  # time.monotonic() of the next disk probe (see prefetch)
+        self._next_memory_probe = 0.0  # and of the next load from host memory (see plan)
+        # On CUDA, copies to host memory (offload) and back (load) each have a stream, so a
+        # load never queues behind the offload of the blocks its own allocation evicted (PCIe
+        # carries both directions at once).
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # The batched copy path (one gather, copies by runs of slots, index_copy_ into the
+        # pool) is CUDA's; CPU copies block by block, several times faster there. ``batched``
+        # True runs CUDA's path on CPU too (minus streams and events): tests cover it so.
+        self._batched = self._stream is not None if batched is None else batched
         # Disk reads: block hash -> its read, oldest first; staging slots free or being
         # released (on CUDA, once the copy out of them, ending at the event, is done).
         self._reads: OrderedDict[int, _Read] = OrderedDict()
@@ -165,8 +179,6 @@ class KVTiers:
                                         pin_memory=self._stream is not None)
             self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="ultrakv-kv-read")
         self._free_slots = list(range(len(self._staging) - 1, -1, -1))
-        # The host tier's slots as flat byte rows (the staging buffer's shape).
-        self._host_rows = host.data.view(torch.uint8).view(len(host.data), -1) if host is not None else None
         self._releasing: deque[tuple[torch.cuda.Event, list[int]]] = deque()
         # CUDA copies into the pool, timed by events once they are done: (start, end, bytes).
         self._timings: deque[tuple[torch.cuda.Event, torch.cuda.Event, int]] = deque()
@@ -202,12 +214,16 @@ class KVTiers:
         """Copy every block the pool let go of (or committed, write-through) to the next
         tier. Must run before anything writes into the KV caches.
 
-        Nothing here waits for a copy or the device: on CUDA the copies to host memory are
-        asynchronous (a side stream, after the gather on the compute stream), and blocks
-        bound for disk are handed to its writer thread as they lie in host memory, with the
-        event that says when they are in place; a block the host tier evicts to make room
-        is written to disk from its own slot, which a spare slot stands in for meanwhile
-        (node/kv/host_tier.py)."""
+        Per step, not per block: the host tier reserves the batch's slots in one call, and on
+        CUDA one gather (on the compute stream) snapshots the blocks, after which the pool
+        may overwrite them; the copies to host memory run on the offload stream, in slot
+        order so that adjacent slots take one copy, with one event the slots carry until it
+        completes (whoever reads a slot waits for it then: a load on its own stream, the disk
+        writer on its thread; the engine never does). On CPU each block goes straight from
+        the caches into its slot (no gather buffer: a fresh one costs page faults). Blocks
+        bound for disk are handed to its writer thread as they lie in host memory; a block
+        the host tier evicts to make room is written to disk from its own slot, which a
+        spare slot stands in for meanwhile (node/kv/host_tier.py)."""
         while self._disk_events:
             stored, h = self._disk_events.popleft()
             self._emit(stored, h, "disk")
@@ -219,59 +235,76 @@ class KVTiers:
         if self.host is None:  # only as many as the disk writer has room for leave the pool
             room = self.disk.room()
             self.disk.drop(len(hashes[room:]))
-            hashes, ids = hashes[:room], ids[:room]
-            if not hashes:
-                return
-        gathered = self._gather(self._index_tensor(ids))
-        self.counters.offloaded += len(hashes)
-        if self.host is None:
-            self._to_disk(hashes, gathered)
+            if room:
+                self._to_disk(hashes[:room], self._gather(ids[:room]))
+                self.counters.offloaded += len(hashes[:room])
             return
-        # One block at a time: the host tier may evict a block of this very batch to make
-        # room, and that block's bytes must be read before its slot is written again.
-        index = {h: i for i, h in enumerate(hashes)}
-        slots: list[int] = []
-        stored: list[int] = []
-        removed: list[int] = []
-        lent: list[tuple[int, int]] = []  # (hash, slot): spilled to disk from the slot itself
-        copies: list[tuple[int, int]] = []  # (slot, block of the batch), in order
-        if self._stream is not None:  # the copies wait for the gather on the compute stream
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream) if self._stream is not None else _nothing():
-            for i, h in enumerate(hashes):
-                slot, victims = self.host.reserve(h, keep=self._spills_to_disk)
-                for old, old_slot, kept in victims:
-                    removed.append(old)
-                    if kept:
-                        lent.append((old, old_slot))
-                    elif self._spills_to_disk(old) and not self.disk.full():
-                        # No spare slot to stand in (a host tier built without spares): copy.
-                        j = index.get(old, i)
-                        self.disk.submit(old, gathered[j].cpu() if j < i else self.host.slot(old_slot).clone())
-                if slot is None:  # every slot is lent to a disk write: this block is not kept
-                    continue
-                copies.append((slot, i))
-                slots.append(slot)
-                stored.append(h)
-            for slot, i, count in _copy_runs(copies):  # adjacent slots of adjacent blocks: one copy
-                self.host.data[slot : slot + count].copy_(gathered[i : i + count],
-                                                          non_blocking=self._stream is not None)
-            if self._stream is not None:
-                event = torch.cuda.Event()
-                event.record(self._stream)
-                gathered.record_stream(self._stream)
-                self.host.mark_pending(slots, event)
-        # Stored first: a block of this batch that a later one of it evicted is gone at the end.
-        self._emit_all(True, stored, "cpu")
-        self._emit_all(False, removed, "cpu")
-        for h, slot in lent:
-            self._lend(h, slot)
+        # A batch larger than the host tier goes in parts: within one, no block of the batch
+        # is evicted by another (reserve_many); a later part may evict an earlier one's,
+        # whose copy is issued by then.
+        cap = self.host.capacity
+        for start in range(0, len(hashes), cap):
+            self._offload(hashes[start : start + cap], ids[start : start + cap])
         if self.write_through and self.disk is not None:
-            for h in stored:
+            for h in hashes:
                 slot = self.host.slot_of(h)
                 if slot is not None and h not in self.disk:
                     self.host.hold(slot)
                     self._lend(h, slot)
+
+    def _offload(self, hashes: list[int], ids: list[int]) -> None:
+        """Pool blocks ``ids`` (at most the host tier's capacity) into the host tier as
+        ``hashes``, and what they evict on to disk."""
+        slots, victims = self.host.reserve_many(hashes, keep=self._spills_to_disk)
+        removed: list[int] = []
+        lent: list[tuple[int, int]] = []  # (hash, slot): spilled to disk from the slot itself
+        for old, old_slot, kept in victims:
+            removed.append(old)
+            if kept:
+                lent.append((old, old_slot))
+            elif self._spills_to_disk(old) and not self.disk.full():
+                # No spare slot to stand in (a host tier built without spares): copy it out
+                # before the slot is written again.
+                self.disk.submit(old, self.host.slot(old_slot).clone())
+        placed = sorted((slot, b, h) for h, b, slot in zip(hashes, ids, slots, strict=True) if slot is not None)
+        if placed:
+            self._copy_out([slot for slot, _, _ in placed], [b for _, b, _ in placed])
+        self.counters.offloaded += len(placed)
+        # Stored first: a block of this batch that a later part evicted is gone at the end.
+        self._emit_all(True, [h for _, _, h in placed], "cpu")
+        self._emit_all(False, removed, "cpu")
+        for h, slot in lent:
+            self._lend(h, slot)
+
+    def _copy_out(self, slots: list[int], block_ids: list[int]) -> None:
+        """Pool blocks ``block_ids`` into host slots ``slots`` (ascending, one per block)."""
+        data = self.host.data
+        if not self._batched:
+            host = data.view(torch.uint8)
+            if self._stacked is not None:  # a block of every layer is one strided view
+                stacked = self._stacked.view(torch.uint8)
+                for slot, b in zip(slots, block_ids, strict=True):
+                    host[slot].copy_(stacked[:, :, b])
+                return
+            caches = [c.view(torch.uint8) for c in self.kv_caches]
+            for slot, b in zip(slots, block_ids, strict=True):
+                torch.stack([c[:, b] for c in caches], out=host[slot])
+            return
+        gathered = self._gather(block_ids)  # on the compute stream: the pool is free after it
+        off = self._stream
+        if off is None:  # CPU (tests): the same copies, synchronous
+            for slot, i, count in slot_runs(slots):
+                data[slot : slot + count].copy_(gathered[i : i + count])
+            return
+        off.wait_stream(torch.cuda.current_stream(self.device))
+        off.wait_stream(self._load_stream)  # loads still reading slots about to be rewritten
+        with torch.cuda.stream(off):
+            for slot, i, count in slot_runs(slots):
+                data[slot : slot + count].copy_(gathered[i : i + count], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(off)
+        gathered.record_stream(off)
+        self.host.mark_pending(slots, event)
 
     def _lend(self, block_hash: int, slot: int) -> None:
         """Write host slot ``slot`` (already held) to disk as ``block_hash``; the writer gives
@@ -300,8 +333,10 @@ class KVTiers:
             return torch.tensor(ids)
         return torch.tensor(ids, pin_memory=True).to(self.device, non_blocking=True)
 
-    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """Blocks ``ids`` of every layer as ``[n, layers, 2, block_size, heads, dim]``."""
+    def _gather(self, block_ids: list[int]) -> torch.Tensor:
+        """Pool blocks ``block_ids`` of every layer as ``[n, layers, 2, block_size, heads,
+        dim]`` (a new tensor on the device)."""
+        ids = self._index_tensor(block_ids)
         # As bytes: CPU has no index_select for an fp8 (kv_cache_dtype fp8_e4m3) cache. Each
         # layer's blocks go straight to their place (a stack, then a contiguous permute,
         # copied every byte twice more).
@@ -309,7 +344,7 @@ class KVTiers:
         if self._stacked is not None:
             return (self._stacked.view(torch.uint8).index_select(2, ids)
                     .permute(2, 0, 1, 3, 4, 5).contiguous().view(c.dtype))
-        out = torch.empty((len(ids), len(self.kv_caches), 2, *c.shape[2:-1], c.shape[-1] * c.element_size()),
+        out = torch.empty((len(block_ids), len(self.kv_caches), 2, *c.shape[2:-1], c.shape[-1] * c.element_size()),
                           dtype=torch.uint8, device=self.device)
         for layer, cache in enumerate(self.kv_caches):
             out[:, layer].copy_(cache.view(torch.uint8).index_select(1, ids).transpose(0, 1))
@@ -377,6 +412,14 @@ class KVTiers:
         self._collect_timings()
         sources = self._sources(hashes)
         n = self.cost.blocks_to_load(sources)
+        if not n and sources and sources[0] == "memory":
+            # Judged slower than recomputing: still load a few now and then, so that the
+            # estimate follows the device (one bad measurement must not turn loads off).
+            now = time.monotonic()
+            if now >= self._next_memory_probe:
+                self._next_memory_probe = now + PROBE_S
+                n = next((i for i, s in enumerate(sources[:PROBE_BLOCKS]) if s != "memory"),
+                         min(PROBE_BLOCKS, len(sources)))
         waiting = False
         hold = time.perf_counter() + HOLD_S
         batch: list[Future[tuple[bool, float]]] = []
@@ -445,42 +488,40 @@ class KVTiers:
     def load(self, hashes: list[int], block_ids: list[int]) -> int:
         """Copy the blocks of the leading run of ``hashes`` that are in host memory (the host
         tier's, and finished disk reads: see :meth:`plan`) into pool blocks ``block_ids``
-        (one per hash); returns how many were loaded (the rest is recomputed)."""
+        (one per hash); returns how many were loaded (the rest is recomputed).
+
+        The engine thread's own time for it (what a GPU's asynchronous copies do not hide)
+        is measured per block for the cost model, beside the copies' bandwidth."""
         self.flush()  # the blocks being filled may have just been evicted
-        # Each block as (buffer, row): a host tier slot or a staging slot of a finished disk
-        # read. Rows, not per-block tensors: a turn brings back tens of blocks, and on a GPU
-        # the Python per block was a large part of a hit's TTFT.
-        sources: list[tuple[torch.Tensor, int]] = []
-        waits: list[torch.cuda.Event] = []  # offloads still filling a host slot (CUDA)
-        staged: list[_Read] = []
+        t0 = time.perf_counter()
+        picks: list[tuple[int, int]] = []  # per block: (HOST or STAGING, slot)
+        staged: list[int] = []  # staging slots given back once their copy is done
         for h in hashes[: len(block_ids)]:
-            read = self._reads.get(h)
             slot = self.host.lookup(h) if self.host is not None else None
             if slot is not None:
-                event = self.host.pending_event(slot)
-                if event is not None and self._stream is None:
-                    self.host.slot(slot)  # waits for the copy into it
-                elif event is not None and (not waits or waits[-1] is not event):
-                    waits.append(event)
-                sources.append((self._host_rows, slot))
-                self.counters.cpu_hits += 1
-            elif read is not None and read.ok():
-                staged.append(self._reads.pop(h))
-                sources.append((self._staging, read.slot))
-                self.counters.disk_hits += 1
-            else:
+                picks.append((HOST, slot))
+                continue
+            read = self._reads.get(h)
+            if read is None or not read.ok():
                 break
-        n = len(sources)
+            del self._reads[h]
+            picks.append((STAGING, read.slot))
+            staged.append(read.slot)
+        n = len(picks)
         if not n:
             return 0
-        slots = [r.slot for r in staged]
+        self.counters.disk_hits += len(staged)
+        self.counters.cpu_hits += n - len(staged)
         if self._stream is None:
-            t0 = time.perf_counter()
-            self._copy_in([buffer[row] for buffer, row in sources], block_ids[:n])
-            self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
-            self._free_slots += slots
+            c0 = time.perf_counter()
+            (self._copy_in_batched if self._batched else self._copy_in)(picks, block_ids[:n])
+            copy_s = time.perf_counter() - c0
+            self.cost.observe_load("memory", n * self.block_bytes, copy_s)
+            self._free_slots += staged
         else:
-            self._copy_in_cuda(sources, waits, slots, block_ids[:n])
+            self._copy_in_cuda(picks, staged, block_ids[:n])
+            copy_s = 0.0
+        self.cost.observe_overhead(n, time.perf_counter() - t0 - copy_s)
         self.counters.loaded += n
         return n
 
@@ -490,38 +531,72 @@ class KVTiers:
         c = self.kv_caches[0]
         return blocks.view(*blocks.shape[:-1], len(self.kv_caches), 2, *c.shape[2:-1], -1)
 
-    def _copy_in(self, sources: list[torch.Tensor], block_ids: list[int]) -> None:
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host tier's slots and the staging slots, as flat uint8 blocks (by HOST and
+        STAGING)."""
+        host = self.host.flat if self.host is not None else self._staging[:0]
+        return host, self._staging
+
+    def _copy_in(self, picks: list[tuple[int, int]], block_ids: list[int]) -> None:
         """CPU: each block's layers straight into the caches (index_copy_ on CPU is many times
         slower than these plain copies)."""
+        buffers = self._buffers()
+        if self._stacked is not None:  # a block of every layer is one strided view
+            stacked = self._stacked.view(torch.uint8)
+            for (source, slot), b in zip(picks, block_ids, strict=True):
+                stacked[:, :, b].copy_(self._layer_views(buffers[source][slot]))
+            return
         caches = [c.view(torch.uint8) for c in self.kv_caches]
-        for src, b in zip(sources, block_ids, strict=True):
-            layers = self._layer_views(src)
+        for (source, slot), b in zip(picks, block_ids, strict=True):
+            layers = self._layer_views(buffers[source][slot])
             for layer, cache in enumerate(caches):
                 cache[:, b].copy_(layers[layer])
 
-    def _copy_in_cuda(self, sources: list[tuple[torch.Tensor, int]], waits: list[torch.cuda.Event],
-                      staged_slots: list[int], block_ids: list[int]) -> None:
-        """CUDA: the blocks to the device in as few asynchronous copies as the rows allow
-        (adjacent rows of one buffer go in one), on the side stream once the offloads still
-        filling them (``waits``) are done there, then into the pool blocks with one
-        index_copy_ (one per layer for caches not stacked) on the compute stream (which waits)."""
-        n = len(sources)
+    def _copy_in_cuda(self, picks: list[tuple[int, int]], staged_slots: list[int],
+                      block_ids: list[int]) -> None:
+        """CUDA: the blocks to the device on the load stream, in source order so that
+        adjacent slots of one buffer take one asynchronous copy (after any copy still filling
+        a host slot, waited for on the stream, not here), then into the pool blocks on the
+        compute stream, which waits for the load stream (:meth:`_scatter`)."""
+        n = len(picks)
+        order, runs = source_runs(picks)
         staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
         main = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(main)
-        for event in waits:
-            self._stream.wait_event(event)
+        load = self._load_stream
+        load.wait_stream(main)  # ``staged`` was the compute stream's memory until now
+        if self.host is not None:
+            pending = {id(e): e for src, slot in picks
+                       if src == HOST and (e := self.host.pending_event(slot)) is not None}
+            for event in pending.values():
+                load.wait_event(event)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(load):
             start.record()
-            for at, buffer, row, count in _runs(sources):
-                staged[at : at + count].copy_(buffer[row : row + count], non_blocking=True)
+            self._stage(staged, runs, non_blocking=True)
             end.record()
-        main.wait_stream(self._stream)
-        staged.record_stream(self._stream)
+        main.wait_event(end)
+        staged.record_stream(load)
         self._timings.append((start, end, n * self.block_bytes))
         if staged_slots:
             self._releasing.append((end, staged_slots))
+        self._scatter(staged, [block_ids[i] for i in order])
+
+    def _copy_in_batched(self, picks: list[tuple[int, int]], block_ids: list[int]) -> None:
+        """:meth:`_copy_in_cuda`'s copies on CPU, synchronous (tests run CUDA's path so)."""
+        order, runs = source_runs(picks)
+        staged = torch.empty((len(picks), self.block_bytes), dtype=torch.uint8)
+        self._stage(staged, runs, non_blocking=False)
+        self._scatter(staged, [block_ids[i] for i in order])
+
+    def _stage(self, staged: torch.Tensor, runs: list[tuple[int, int, int, int]], non_blocking: bool) -> None:
+        """Fill ``staged`` (flat blocks) from the host and staging slots, one copy per run."""
+        buffers = self._buffers()
+        for source, slot, at, count in runs:
+            staged[at : at + count].copy_(buffers[source][slot : slot + count], non_blocking=non_blocking)
+
+    def _scatter(self, staged: torch.Tensor, block_ids: list[int]) -> None:
+        """Flat blocks ``staged`` into pool blocks ``block_ids`` (one each, in order): one
+        index_copy_ (one per layer for caches not stacked)."""
         ids = self._index_tensor(block_ids)
         layers = self._layer_views(staged)
         if self._stacked is not None:
@@ -597,7 +672,7 @@ class KVTiers:
                 break
             chunk = todo[start : start + 64]
             gpu = [b for _, b in chunk if b is not None]
-            from_gpu = iter(self._gather(torch.tensor(gpu, device=self.device)).cpu()) if gpu else iter(())
+            from_gpu = iter(self._gather(gpu).cpu()) if gpu else iter(())
             for h, b in chunk:
                 block = next(from_gpu) if b is not None else self.host.slot(self.host.lookup(h))
                 written += self.disk.write_now(h, block)
@@ -623,6 +698,29 @@ class KVTiers:
             self._drop_reads()
         if self.disk is not None:
             self.disk.close()
+
+    def calibrate(self, block_ids: list[int]) -> None:
+        """Measure loads from host memory before serving, so the first requests' load or
+        recompute choice weighs this device's figures: host slots copied into pool blocks
+        ``block_ids`` (free ones, allocated by the caller: they end up holding garbage)
+        ``CALIBRATION_ROUNDS`` times, the last round fed to the cost model (on CUDA the
+        engine thread's time and the copies' own, timed by events)."""
+        if self.host is None or not block_ids:
+            return
+        n = min(len(block_ids), len(self.host.data), CALIBRATION_BLOCKS)
+        picks, ids = [(HOST, slot) for slot in range(n)], block_ids[:n]
+        for _ in range(CALIBRATION_ROUNDS):
+            self.cost = TierCostModel(self.block_bytes, self.identity.block_size)
+            self._timings.clear()
+            t0 = time.perf_counter()
+            if self._stream is None:
+                (self._copy_in_batched if self._batched else self._copy_in)(picks, ids)
+                self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
+            else:
+                self._copy_in_cuda(picks, [], ids)
+                self.cost.observe_overhead(n, time.perf_counter() - t0)
+                torch.cuda.synchronize(self.device)
+                self._collect_timings()
 
     def reset_stats(self) -> None:
         """Zero the counters and forget the cost model's measurements (after warmup, whose
@@ -679,27 +777,30 @@ def stacked_kv(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((len(kv_caches), *first.shape), (step, *first.stride()))
 
 
-def _runs(sources: list[tuple[torch.Tensor, int]]) -> list[tuple[int, torch.Tensor, int, int]]:
-    """``(first index, buffer, first row, count)`` for each run of ``sources`` (``(buffer,
-    row)`` each) that are consecutive rows of one buffer: one copy each."""
-    runs: list[tuple[int, torch.Tensor, int, int]] = []
-    for i, (buffer, row) in enumerate(sources):
-        if runs and runs[-1][1] is buffer and runs[-1][2] + runs[-1][3] == row:
-            at, _, first, count = runs[-1]
-            runs[-1] = (at, buffer, first, count + 1)
-        else:
-            runs.append((i, buffer, row, 1))
-    return runs
-
-
-def _copy_runs(copies: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """``(first slot, first block, count)`` for each run of ``(slot, block)`` copies, in
-    order, whose slots and blocks both go up by one: one copy each (order kept, so a slot
-    written twice ends with the later block)."""
+def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """``(first slot, first index, count)`` for each run of consecutive values in ``slots``
+    (ascending): the blocks at indices ``first index ..`` go to slots ``first slot ..`` in
+    one copy."""
     runs: list[tuple[int, int, int]] = []
-    for slot, i in copies:
-        if runs and runs[-1][0] + runs[-1][2] == slot and runs[-1][1] + runs[-1][2] == i:
+    for i, slot in enumerate(slots):
+        if runs and runs[-1][0] + runs[-1][2] == slot:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:
             runs.append((slot, i, 1))
     return runs
+
+
+def source_runs(picks: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+    """Where to copy blocks ``picks`` (``(buffer, slot)`` each) from in as few copies as can
+    be: ``order`` (the picks by buffer, then slot: staged block ``k`` is pick ``order[k]``)
+    and the runs ``(buffer, first slot, first staged block, count)`` of adjacent slots of one
+    buffer."""
+    order = sorted(range(len(picks)), key=picks.__getitem__)
+    runs: list[tuple[int, int, int, int]] = []
+    for k, i in enumerate(order):
+        source, slot = picks[i]
+        if runs and runs[-1][0] == source and runs[-1][1] + runs[-1][3] == slot:
+            runs[-1] = (source, runs[-1][1], runs[-1][2], runs[-1][3] + 1)
+        else:
+            runs.append((source, slot, k, 1))
+    return order, runs
