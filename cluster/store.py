@@ -129,6 +129,7 @@ class EtcdStore:
             raise ValueError(f"prefix must start and end with '/', got {prefix!r}")
         self.endpoint = endpoint
         self.prefix = prefix
+        self.timeout_s = timeout_s
         host, port = parse_endpoint(endpoint)
         self._client = aetcd.Client(host, port, timeout=timeout_s, options=_CHANNEL_OPTIONS)
 
@@ -166,6 +167,16 @@ class EtcdStore:
                     raise
                 log.info("waiting for etcd (%s)", exc)
                 await asyncio.sleep(min(0.5, max(0.0, deadline - loop.time())))
+
+    async def db_size(self) -> tuple[int, int]:
+        """The answering member's database size and the part of it holding live data (bytes):
+        the first never shrinks without a defrag, the second falls after a compaction."""
+        from aetcd.rpc import rpc_pb2
+
+        await self._call(self._client.status())  # connects the maintenance stub
+        resp = await self._call(self._client.maintenancestub.Status(
+            rpc_pb2.StatusRequest(), timeout=self.timeout_s))
+        return resp.dbSize, resp.dbSizeInUse
 
     async def close(self) -> None:
         """Close the channel (watches end)."""

@@ -172,6 +172,15 @@ class _Pending:
     live: bool = False
 
 
+@dataclass
+class _SessionLock:
+    """A session's lock and how many tasks hold it or wait for it (the entry goes with the
+    last of them: a gate that kept one lock per session ever seen would grow without end)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class SessionGate:
     """Per-session order: one turn at a time, and no turn while the session moves.
 
@@ -182,11 +191,30 @@ class SessionGate:
     """
 
     def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _SessionLock] = {}  # only sessions someone holds or awaits
         self._pending: dict[str, _Pending] = {}
 
-    def lock(self, session_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(session_id, asyncio.Lock())
+    @property
+    def sessions(self) -> int:
+        """Sessions whose lock is held or awaited now."""
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def _user(self, session_id: str) -> AsyncIterator[asyncio.Lock]:
+        entry = self._locks.setdefault(session_id, _SessionLock())
+        entry.users += 1
+        try:
+            yield entry.lock
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._locks[session_id]
+
+    @contextlib.asynccontextmanager
+    async def lock(self, session_id: str) -> AsyncIterator[None]:
+        """Hold the session's lock (a live move: never under a running turn)."""
+        async with self._user(session_id) as lock, lock:
+            yield
 
     def mark_pending(self, moves: list[tuple[str, bool]]) -> None:
         """``moves``: (session id, live) of the sessions a new ring moves."""
@@ -218,18 +246,18 @@ class SessionGate:
         if session_id is None:
             yield
             return
-        lock = self.lock(session_id)
-        while True:
-            await self.settled(session_id)
-            await lock.acquire()
-            if not self.pending(session_id):
-                break
-            lock.release()  # a move was planned meanwhile: let it go first
-            await asyncio.sleep(0)
-        try:
-            yield
-        finally:
-            lock.release()
+        async with self._user(session_id) as lock:
+            while True:
+                await self.settled(session_id)
+                await lock.acquire()
+                if not self.pending(session_id):
+                    break
+                lock.release()  # a move was planned meanwhile: let it go first
+                await asyncio.sleep(0)
+            try:
+                yield
+            finally:
+                lock.release()
 
 
 def resumed_request(request: pb.GenerateRequest, sent_ids: list[int]) -> pb.GenerateRequest:

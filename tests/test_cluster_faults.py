@@ -11,18 +11,17 @@ the cluster is back at full strength after the previous one.
 
 The scenarios are part of the default run (about 60 s on an idle 2-core machine): 8 clients
 per scenario are enough to put every node's sessions under a fault, and one cluster serves
-every scenario. The memory soak is opt-in (ULTRAKV_SOAK=1): its fixed window is too short
-on a loaded machine. ``benchmarks/bench_faults.py`` runs the same scenarios with 16 clients, longer.
+every scenario. The memory soak is ``tests/test_cluster_soak.py``. ``benchmarks/bench_faults.py``
+runs the same scenarios with 16 clients, longer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
-from fault_workload import ConversationLoad, FaultReport, run_scenario
+from fault_workload import FaultReport, run_scenario
 from ultrakv.client.local_cluster import ETCD, ClusterSpec, LocalCluster
 from ultrakv.client.supervision import RestartPolicy
 
@@ -61,30 +60,6 @@ async def _restarted(cluster: LocalCluster, name: str, timeout_s: float = 60.0) 
     while name not in {n for n, _ in cluster.restarts}:
         assert time.monotonic() < deadline, f"the supervisor did not restart {name}"
         await asyncio.sleep(0.1)
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-@pytest.mark.soak
-async def test_short_soak_keeps_etcd_and_node_memory_flat(cluster) -> None:
-    """Short by design (the benchmark soaks longer): after a warm-up, a sustained load of
-    new conversations must not grow etcd or any node by more than a few MiB."""
-    pids = {"etcd": cluster.etcd.pid, **{n: p.pid for n, p in cluster.nodes.items()}}
-    async with ConversationLoad(cluster.addresses, "soak", CLIENTS) as load:
-        await load.wait(6)  # warm: every client finished a whole conversation
-        warm = {name: _rss_mib(pid) for name, pid in pids.items()}
-        await asyncio.sleep(10.0)
-        end = {name: _rss_mib(pid) for name, pid in pids.items()}
-    turns = sum(len(c.turns) for c in load.conversations)
-    growth = {name: round(end[name] - warm[name], 1) for name in pids}
-    print(f"\nsoak: {turns} turns in {len(load.conversations)} sessions; RSS growth MiB {growth}")
-    assert all(t.ok for c in load.conversations for t in c.turns)
-    assert growth["etcd"] < 8.0 and all(g < 32.0 for n, g in growth.items() if n != "etcd")
 
 
 async def test_kill_9_one_node(cluster) -> None:

@@ -139,6 +139,33 @@ async def test_gate_orders_turns_and_moves() -> None:
     assert events == ["t1 start", "t1 end", "move", "t2 start", "t2 end"]
 
 
+async def test_the_gate_forgets_a_session_once_no_turn_or_move_holds_it() -> None:
+    """A soak leak: the gate kept one lock per session ever served (a coordinator's memory
+    grew with every new session). A lock lives while a task holds or awaits it."""
+    gate = SessionGate()
+    for i in range(50):
+        async with gate.turn(f"s{i}"):
+            assert gate.sessions == 1
+    async with gate.lock("m"):
+        assert gate.sessions == 1
+    holder_in = asyncio.Event()
+
+    async def holder() -> None:
+        async with gate.turn("busy"):
+            holder_in.set()
+            await asyncio.sleep(3600)
+
+    held = asyncio.create_task(holder())
+    await holder_in.wait()
+    waiter = asyncio.create_task(gate.turn("busy").__aenter__())
+    await asyncio.sleep(0.01)
+    for task in (waiter, held):  # a client gone while waiting or running
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert gate.sessions == 0
+
+
 @pytest.mark.parametrize("live", [True, False])
 async def test_a_retrying_turn_waits_only_for_restores(live: bool) -> None:
     gate = SessionGate()
