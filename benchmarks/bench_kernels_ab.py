@@ -6,8 +6,10 @@ run (``node/kernel_variants.py``; ``benchmarks/gpu_session.sh kernels-ab``):
    in the 224-token / 4096-context prefill graph it replays in, and eager), per-head kernels
    vs the GQA kernel, plus a sweep of the GQA kernel's launch shapes; greedy argmax over the
    vocabulary at batch 1 and 64; the model's projections at one token, cuBLAS vs the Triton
-   GEMV.
-2. End to end, one engine per variant set (llama-1b, fused kernels, 32 steps per round):
+   GEMV (with the norm and SwiGLU fused in), plus a sweep of its launch shape.
+2. End to end, one engine per variant set (llama-1b, fused kernels, 32 steps per round;
+   ``before``: the kernels this work replaced, ``default``: main's defaults, ``gemv_triton``:
+   the defaults plus the Triton GEMVs):
    turn-8 TTFT with session reuse and by recompute (bench_gpu's multi-turn chat), batch-1
    decode tokens/s against the weight-read roofline, and the GPU kernel time of one reuse
    turn and of one decode token (torch.profiler).
@@ -42,6 +44,7 @@ PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
 ENGINE_VARIANTS = {
     "before": "prefill_attention=per_head,argmax=torch,gemv=cublas",
     "default": "",
+    "gemv_triton": "gemv=triton",
 }
 
 
@@ -158,6 +161,63 @@ def bench_argmax() -> dict:
     return res
 
 
+# llama-1b's projections at one token: (name, K, N, SwiGLU fused after, norm fused before).
+GEMV_SHAPES = (("qkv", 2048, 3072, False), ("o", 2048, 2048, False), ("gate_up", 2048, 16384, True),
+               ("down", 8192, 2048, False))
+
+
+def bench_gemv(sweep: bool) -> dict:
+    """Each llama-1b projection at one token, bf16: cuBLAS (F.linear, plus the fused RMSNorm
+    and SwiGLU kernels the model launches around it) vs the Triton GEMV with them fused in;
+    GB/s of weight read; and a sweep of the GEMV's launch shape."""
+    from dataclasses import replace
+
+    from ultrakv.node.model import fused_kernels, gemv
+
+    res = {}
+    dev, dt = "cuda", torch.bfloat16
+    default = gemv.LAUNCH
+    for name, k, n, silu in GEMV_SHAPES:
+        x, r = torch.randn(1, k, device=dev, dtype=dt), torch.randn(1, k, device=dev, dtype=dt)
+        w = torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5
+        nw = torch.ones(k, device=dev, dtype=dt)
+        gb = w.numel() * w.element_size() / 1e9
+        row = {"weight_gb": gb,
+               "cublas_us": bench_us(lambda x=x, w=w: torch.nn.functional.linear(x, w)),
+               "triton_us": bench_us(lambda x=x, w=w, s=silu: gemv.gemv(x, w, silu=s))}
+        if name in ("qkv", "gate_up"):  # the model norms (adding the residual) before these
+            def unfused(x=x, r=r, nw=nw, w=w, s=silu):
+                y = torch.nn.functional.linear(fused_kernels.rms_norm(x, nw, 1e-5, r), w)
+                return fused_kernels.silu_and_mul(y) if s else y
+            rr = r.clone()
+            row["cublas_with_norm_us"] = bench_us(unfused)
+            row["triton_with_norm_us"] = bench_us(lambda x=x, rr=rr, nw=nw, w=w, s=silu:
+                                                  gemv.norm_gemv(x, rr, nw, 1e-5, w, silu=s))
+        row["cublas_tbps"] = gb / row["cublas_us"] * 1e3
+        row["triton_tbps"] = gb / row["triton_us"] * 1e3
+        if sweep:
+            row["sweep"] = []
+            for block_k in (128, 256, 512):
+                for warps in (4, 8):
+                    for stages in (3, 5):
+                        for pps in (1, 2, 4):
+                            gemv.LAUNCH = gemv.GemvLaunch(block_k, warps, stages, pps)
+                            try:
+                                us = bench_us(lambda x=x, w=w, s=silu: gemv.gemv(x, w, silu=s))
+                            except Exception as exc:
+                                us = f"failed: {type(exc).__name__}"
+                            row["sweep"].append({**gemv.LAUNCH.__dict__, "us": us})
+            gemv.LAUNCH = default
+            timed = [r for r in row["sweep"] if isinstance(r["us"], float)]
+            row["sweep_best"] = min(timed, key=lambda r: r["us"]) if timed else None
+        res[name] = row
+        log(f"gemv {name}: cuBLAS {row['cublas_us']:.1f} us ({row['cublas_tbps']:.2f} TB/s), triton "
+            f"{row['triton_us']:.1f} us ({row['triton_tbps']:.2f} TB/s)"
+            + (f"; best swept {row['sweep_best']}" if sweep and row.get("sweep_best") else ""))
+    gemv.LAUNCH = replace(default)
+    return res
+
+
 # ------------------------------------------------------------------ engine end to end
 
 
@@ -246,6 +306,7 @@ def main() -> None:
     results: dict = {"model": args.model}
     results["prefill_attention_us"] = guarded("prefill attention", bench_prefill_attention, not args.skip_sweep)
     results["argmax_us"] = guarded("argmax", bench_argmax)
+    results["gemv_us"] = guarded("gemv", bench_gemv, not args.skip_sweep)
     write(name, results)
     if not args.skip_engine:
         results["engine"] = {}

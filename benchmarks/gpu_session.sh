@@ -120,7 +120,8 @@ case "${1:-}" in
     # tests on CUDA (~2 min), then every kernel variant against the one it replaced, kernels
     # alone and end to end (node/kernel_variants.py; ~5 min).
     { python -m pytest -q -p no:cacheprovider tests/test_prefill_gqa_kernel.py tests/test_gpu_attention.py \
-        tests/test_kv_quant_kernels.py tests/test_fused_kernels.py tests/test_engine_warmup.py tests/test_greedy_argmax.py || true; } 2>&1 \
+        tests/test_kv_quant_kernels.py tests/test_fused_kernels.py tests/test_engine_warmup.py tests/test_greedy_argmax.py \
+        tests/test_gemv_kernel.py || true; } 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/kernels_ab_tests.log"
     python benchmarks/bench_kernels_ab.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/kernels_ab.log"
     ;;

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ultrakv.node import kernel_variants
 from ultrakv.node.attention.base import AttentionBackend, AttentionMetadata
 from ultrakv.node.model.config import ModelConfig
 from ultrakv.node.model.packed_linear import PackedLinear, packing_available
@@ -138,8 +139,14 @@ class Attention(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = h.shape[0]
-        qkv = self.qkv_proj(h)
+        out = self.o_proj(self.attend(self.qkv_proj(h), cos, sin, kv_cache, meta))
+        return out if self.all_reduce is None else self.all_reduce(out)
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """From the qkv projection's output [T, (H + 2 KVH) * D]: RoPE, the KV write and
+        attention; returns the heads' outputs [T, H * D] (the output projection's input)."""
+        t = qkv.shape[0]
         if self.fused and self.backend.fuses_rope:
             # RoPE, KV write and attention in two kernels (Triton backend).
             out = self.backend.forward_qkv(qkv, cos, sin, kv_cache, meta, self.scale, self.num_heads)
@@ -150,8 +157,7 @@ class Attention(nn.Module):
             q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
             v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
             out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
-        out = self.o_proj(out.reshape(t, self.q_size))
-        return out if self.all_reduce is None else self.all_reduce(out)
+        return out.reshape(t, self.q_size)
 
 
 class MLP(nn.Module):
@@ -185,12 +191,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # One token (decode at batch 1) through the Triton GEMVs (node/model/gemv.py); set by
+        # LlamaForCausalLM.use_fused_kernels when ULTRAKV_KERNELS picks them.
+        self.gemv = False
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """``h``: the previous block's output, not yet added to ``residual`` (the stream up to
         it; None before the first layer). Returns this layer's MLP output and the stream."""
+        if self.gemv and h.shape[0] == 1 and self.self_attn.all_reduce is None:
+            return self._forward_one_token(h, residual, cos, sin, kv_cache, meta)
         if residual is None:
             residual, x = h, self.input_layernorm(h)
         else:
@@ -198,6 +209,19 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(x, cos, sin, kv_cache, meta)
         x, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(x), residual
+
+    def _forward_one_token(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                           sin: torch.Tensor, kv_cache: torch.Tensor,
+                           meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        # Six launches: add + norm + qkv, RoPE + KV write, attention, o, add + norm + gate/up
+        # + SwiGLU, down.
+        gemv = _gemv()
+        attn, mlp = self.self_attn, self.mlp
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = gemv.norm_gemv(h, residual, ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        h = gemv.gemv(attn.attend(qkv, cos, sin, kv_cache, meta), attn.o_proj.weight, attn.o_proj.bias)
+        act, residual = gemv.norm_gemv(h, residual, ln2.weight, ln2.eps, mlp.gate_up_proj.weight, silu=True)
+        return gemv.gemv(act, mlp.down_proj.weight), residual
 
 
 class LlamaModel(nn.Module):
@@ -254,9 +278,10 @@ class LlamaForCausalLM(nn.Module):
 
     def use_fused_kernels(self, enabled: bool = True) -> None:
         """Switch the Triton kernels of ``fused_kernels`` on (norm + residual add, RoPE,
-        SwiGLU activation) or off. They need Triton and the model on CUDA (or Triton's
-        CPU interpreter, ``TRITON_INTERPRET=1``, which the tests use); capture CUDA graphs
-        after switching, not before."""
+        SwiGLU activation) or off; with ``ULTRAKV_KERNELS=gemv=triton`` a one-token step also
+        runs its projections through ``gemv`` (norms and SwiGLU fused in). They need Triton
+        and the model on CUDA (or Triton's CPU interpreter, ``TRITON_INTERPRET=1``, which the
+        tests use); capture CUDA graphs after switching, not before."""
         if enabled:
             device = next(self.parameters()).device
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -267,6 +292,8 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = enabled
+            elif isinstance(module, DecoderLayer):
+                module.gemv = enabled and kernel_variants.current().gemv == "triton"
 
     def use_all_reduce(self, all_reduce: AllReduce | None) -> None:
         """Make this model one rank's slice of a tensor-parallel model (built from a
@@ -291,6 +318,8 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, MLP):
                 module.gate_up_proj = PackedLinear.of(module.gate_up_proj)
                 module.down_proj = PackedLinear.of(module.down_proj)
+            elif isinstance(module, DecoderLayer):
+                module.gemv = False  # the GEMVs read dense weights
         self.packed_lm_head = PackedLinear(self.lm_head_weight, row_copy=True)
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
@@ -376,6 +405,13 @@ def _fused():
             raise ValueError(f"fused_kernels needs Triton, which does not import here: {exc}") from None
         _FUSED_KERNELS = fused_kernels
     return _FUSED_KERNELS
+
+
+def _gemv():
+    """The Triton GEMV module (imported once the fused kernels are on: Triton is there)."""
+    from ultrakv.node.model import gemv
+
+    return gemv
 
 
 def _fused_target(name: str, slices: dict[str, tuple[int, int]],

@@ -1,0 +1,157 @@
+"""Triton matrix-vector products for one token (decode at batch 1), with the small ops around
+them fused in, so a decoder layer is six launches instead of ten.
+
+At batch 1 every projection is a GEMV: the whole weight matrix is read for one row of
+output. cuBLAS reads the MLP matrices at 2.4-2.9 TB/s on an H100 but the small q/k/v and o
+ones at 1.3-1.9, and around them sit the residual add + RMSNorm, the SwiGLU activation and
+cuBLAS's own split-K reduce, each a launch of a few microseconds. Here:
+
+* :func:`norm_gemv`: ``residual += x`` (optional), RMSNorm, then ``W @ normed``: each program
+  recomputes the row's norm (the row is a few KiB) and one program writes the new residual
+  stream, to a separate buffer (the others still read the old one);
+* :func:`gemv`: ``W @ x`` (+ bias);
+* ``silu=True``: ``W`` is the fused gate/up matrix ``[2N, K]``; each program takes rows
+  ``i`` of both halves and writes ``silu(gate) * up`` (the SwiGLU activation, no [2N] output).
+
+Each program owns ``BLOCK_N`` output rows and streams their weights along K in
+``BLOCK_K``-wide tiles (contiguous in memory, the loads vectorized and pipelined); there is no
+split over K, so no reduce launch: the row blocks are sized so that at least two programs per
+SM run. Arithmetic is float32, rounded as the unfused ops round (the residual sum and the
+normed row to the model dtype before the weight multiplies). Grids depend on shapes only, so
+everything is CUDA-graph capturable. Chosen by ``ULTRAKV_KERNELS=gemv=triton``
+(``node/kernel_variants.py``; cuBLAS stays the default until GPU figures say otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class GemvLaunch:
+    """Launch shape: weight columns per tile, warps, pipeline depth, and the programs per SM
+    the row blocks are sized for. A first guess, untuned on a GPU
+    (``benchmarks/bench_kernels_ab.py`` sweeps it)."""
+
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+    programs_per_sm: int = 2
+
+
+LAUNCH = GemvLaunch()
+
+
+@triton.jit
+def _gemv_kernel(
+    X, RES_IN, RES_OUT, NW, W, B, Y,
+    K, N, eps, stride_w,
+    NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    offs_k = tl.arange(0, BLOCK_K)
+    dtype = W.dtype.element_ty
+    rstd = 1.0
+    if NORM:
+        # The row's RMS (over residual + x when adding), every program for itself.
+        sq = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = k0 + offs_k < K
+            x = tl.load(X + k0 + offs_k, mask=kmask, other=0.0)
+            if RESIDUAL:
+                r = tl.load(RES_IN + k0 + offs_k, mask=kmask, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+                if pid == 0:
+                    tl.store(RES_OUT + k0 + offs_k, x, mask=kmask)
+            xf = x.to(tl.float32)
+            sq += xf * xf
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if SILU:
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    w_rows = W + rows.to(tl.int64)[:, None] * stride_w
+    for k0 in range(0, K, BLOCK_K):
+        kmask = k0 + offs_k < K
+        x = tl.load(X + k0 + offs_k, mask=kmask, other=0.0)
+        if NORM:
+            if RESIDUAL:
+                r = tl.load(RES_IN + k0 + offs_k, mask=kmask, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            nw = tl.load(NW + k0 + offs_k, mask=kmask, other=0.0)
+            x = ((x.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw.to(tl.float32)).to(dtype)
+        xf = x.to(tl.float32)[None, :]
+        wmask = rmask[:, None] & kmask[None, :]
+        w = tl.load(w_rows + k0 + offs_k[None, :], mask=wmask, other=0.0)
+        acc += w.to(tl.float32) * xf
+        if SILU:
+            u = tl.load(w_rows + N * stride_w + k0 + offs_k[None, :], mask=wmask, other=0.0)
+            acc_up += u.to(tl.float32) * xf
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
+    if SILU:
+        # Rounded to the model dtype as the projection's output would be, then activated.
+        gate = y.to(dtype).to(tl.float32)
+        up = tl.sum(acc_up, 1).to(dtype).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rmask)
+
+
+def _block_n(n: int, num_sms: int, programs_per_sm: int) -> int:
+    """Rows per program: a power of two in [4, 64] leaving ``programs_per_sm`` programs per SM."""
+    b = 64
+    while b > 4 and n // b < programs_per_sm * num_sms:
+        b //= 2
+    return b
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # interpreter runs: few, wide programs (each costs milliseconds there)
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, silu: bool = False,
+            norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if x.dim() != 2 or x.shape[0] != 1 or x.stride(-1) != 1:
+        raise ValueError(f"x must be one contiguous row [1, K], got {tuple(x.shape)}")
+    k = x.shape[1]
+    rows = weight.shape[0] // 2 if silu else weight.shape[0]
+    if weight.shape[1] != k or weight.stride(1) != 1 or weight.dtype != x.dtype:
+        raise ValueError(f"weight must be [N, {k}] row-major in {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+    y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(residual) if residual is not None else None
+    launch = LAUNCH
+    block_n = _block_n(rows, _num_sms(x.device), launch.programs_per_sm)
+    _gemv_kernel[(triton.cdiv(rows, block_n),)](
+        x, residual if residual is not None else x, res_out if res_out is not None else x,
+        norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x, y,
+        k, rows, eps, weight.stride(0),
+        NORM=norm_weight is not None, RESIDUAL=residual is not None, SILU=silu, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+    return y, res_out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for one row ``x`` [1, K]; with ``silu`` the SwiGLU
+    activation of the fused gate/up output instead (``weight`` [2N, K] -> [1, N])."""
+    return _launch(x, weight, bias, silu=silu)[0]
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              weight: torch.Tensor, bias: torch.Tensor | None = None,
+              silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``residual + x`` (of ``x`` when ``residual`` is None) times ``norm_weight``,
+    then :func:`gemv`. Returns the output and the residual stream (a new tensor holding
+    ``residual + x``; ``x`` itself when there was no residual)."""
+    y, res_out = _launch(x, weight, bias, silu=silu, norm_weight=norm_weight, eps=eps, residual=residual)
+    return y, (res_out if res_out is not None else x)
