@@ -499,8 +499,9 @@ class LocalBackend:
         """Remove sessions and replicas idle for longer than ``max_age_s``, and their turn
         records; returns how many sessions are gone."""
         removed = int(await asyncio.to_thread(self.engine.cleanup_sessions, max_age_s))
-        held = await asyncio.to_thread(self.engine.list_sessions)
-        self.ledger.retain({info.session_id for info in held})
+        held = {info.session_id for info in await asyncio.to_thread(self.engine.list_sessions)}
+        self.ledger.retain(held)
+        self._unconfirmed = {sid: key for sid, key in self._unconfirmed.items() if sid in held}
         return removed
 
     async def get_session(self, session_id: str, tenant: str | None) -> pb.SessionInfo:

@@ -4,8 +4,9 @@ none (durability round 2, issue 9).
 One cluster (etcd, a coordinator, two `tiny` CPU node processes, one replica per session)
 serves the module. The lease TTL (8 s) outlasts the replication patience (1 s) several
 times over, so a stopped successor is still a registered member while its predecessor waits
-for it; the fencing test stops a node past that TTL. Every test checks the stored histories
-token for token against what its client received.
+for it; the fencing test stops a node past that TTL. The tests run in file order (the last
+one kills a node). Every test checks the stored histories token for token against what its
+client received.
 """
 
 from __future__ import annotations
@@ -78,56 +79,6 @@ async def _stream(client: AsyncClient, sid: str, prompt: list[int], request_id: 
     return result
 
 
-async def test_a_turn_is_not_acknowledged_while_its_successor_cannot_take_a_copy(cluster) -> None:
-    """Defect 1: the session's only successor is a registered member that takes no copy
-    (stopped here; in the CI run, restarted a moment before). Before, the owner found no
-    stand-in and acknowledged the turn with no copy: its death then lost the turn. Now the
-    turn waits for a copy for the replication patience, then fails unacknowledged
-    (UNAVAILABLE); the retry with the same request id, once the successor answers, is
-    answered from the turn's record (never run twice) after the copy is stored, and the
-    owner's death loses nothing."""
-    await _full_strength(cluster)
-    owner, successor = sorted(cluster.nodes)
-    sid = _session_placed("durable", [owner, successor], owner, successor)
-    async with AsyncClient(cluster.address, timeout=120, retry=RetryPolicy(attempts=1)) as client:
-        first, _ = await turn(client, sid, _prompt(60), 8)
-        assert first["node"] == owner
-        await _until(f"{successor} holds turn 1", lambda: _holds(cluster, successor, sid, 1))
-        history = await stored_history(cluster, owner, sid)
-        cluster.send_signal(successor, signal.SIGSTOP)
-        early: list[int] = []
-        try:
-            with pytest.raises(RequestError) as refused:
-                await _stream(client, sid, _prompt(61), "turn-2", early)
-        finally:
-            cluster.send_signal(successor, signal.SIGCONT)
-        assert refused.value.code == "UNAVAILABLE", refused.value
-        assert "not acknowledged" in str(refused.value)
-        async with _node(cluster, owner) as stub:  # counted, as the metrics say
-            stats = await stub.Stats(pb.StatsRequest(), timeout=30)
-        assert stats.engine["replication"]["not_durable"] >= 1, stats.engine["replication"]
-        again: list[int] = []
-        second = await _stream(client, sid, _prompt(61), "turn-2", again)
-        assert second.get("success"), second
-        assert second["node"] == owner
-        assert again[:len(early)] == early and len(again) == 8
-        history += _prompt(61) + again
-        assert await stored_history(cluster, owner, sid) == history, "turn 2 taken twice"
-        assert await stored_history(cluster, successor, sid) == history, "acknowledged, no copy"
-        await _full_strength(cluster)  # the successor back on the routing ring
-        cluster.kill_node(owner)
-        # Until the dead owner's lease expires it is a registered member the successor waits
-        # for (longer than this module's patience): the successor's turn is then acknowledged
-        # as the last survivor's, with no copy.
-        await _until(f"{owner}'s lease expired", lambda: _expired(cluster, owner))
-        third, more = await turn(client, sid, _prompt(62), 8)
-    assert third["node"] == successor
-    assert third["usage"]["prompt_tokens"] == len(history) + len(_prompt(62)), "turn 2 lost"
-    assert await stored_history(cluster, successor, sid) == history + _prompt(62) + more
-    cluster.start_node(owner)
-    await asyncio.to_thread(cluster.wait_ready, 2)
-
-
 async def test_a_node_whose_lease_expired_acknowledges_no_turn(cluster) -> None:
     """Self-fencing: the owner is stopped past its lease TTL; its key expires, the session
     moves to the successor, which serves turn 2. The successor is then stopped too (no node
@@ -176,3 +127,51 @@ async def test_a_node_whose_lease_expired_acknowledges_no_turn(cluster) -> None:
         third, more = await turn(client, sid, _prompt(74), 8)
     assert third["usage"]["prompt_tokens"] == len(history) + len(_prompt(74)), "turn 2 lost"
     assert await stored_history(cluster, third["node"], sid) == history + _prompt(74) + more
+
+
+async def test_a_turn_is_not_acknowledged_while_its_successor_cannot_take_a_copy(cluster) -> None:
+    """Defect 1: the session's only successor is a registered member that takes no copy
+    (stopped here; in the CI run, restarted a moment before). Before, the owner found no
+    stand-in and acknowledged the turn with no copy: its death then lost the turn. Now the
+    turn waits for a copy for the replication patience, then fails unacknowledged
+    (UNAVAILABLE); the retry with the same request id, once the successor answers, is
+    answered from the turn's record (never run twice) after the copy is stored, and the
+    owner's death loses nothing."""
+    await _full_strength(cluster)
+    owner, successor = sorted(cluster.nodes)
+    sid = _session_placed("durable", [owner, successor], owner, successor)
+    async with AsyncClient(cluster.address, timeout=120, retry=RetryPolicy(attempts=1)) as client:
+        first, _ = await turn(client, sid, _prompt(60), 8)
+        assert first["node"] == owner
+        await _until(f"{successor} holds turn 1", lambda: _holds(cluster, successor, sid, 1))
+        history = await stored_history(cluster, owner, sid)
+        cluster.send_signal(successor, signal.SIGSTOP)
+        early: list[int] = []
+        try:
+            with pytest.raises(RequestError) as refused:
+                await _stream(client, sid, _prompt(61), "turn-2", early)
+        finally:
+            cluster.send_signal(successor, signal.SIGCONT)
+        assert refused.value.code == "UNAVAILABLE", refused.value
+        assert "not acknowledged" in str(refused.value)
+        async with _node(cluster, owner) as stub:  # counted, as the metrics say
+            stats = await stub.Stats(pb.StatsRequest(), timeout=30)
+        assert stats.engine["replication"]["not_durable"] >= 1, stats.engine["replication"]
+        again: list[int] = []
+        second = await _stream(client, sid, _prompt(61), "turn-2", again)
+        assert second.get("success"), second
+        assert second["node"] == owner
+        assert again[:len(early)] == early and len(again) == 8
+        history += _prompt(61) + again
+        assert await stored_history(cluster, owner, sid) == history, "turn 2 taken twice"
+        assert await stored_history(cluster, successor, sid) == history, "acknowledged, no copy"
+        await _full_strength(cluster)  # the successor back on the routing ring
+        cluster.kill_node(owner)
+        # Until the dead owner's lease expires it is a registered member the successor waits
+        # for (longer than this module's patience): the successor's turn is then acknowledged
+        # as the last survivor's, with no copy.
+        await _until(f"{owner}'s lease expired", lambda: _expired(cluster, owner))
+        third, more = await turn(client, sid, _prompt(62), 8)
+    assert third["node"] == successor
+    assert third["usage"]["prompt_tokens"] == len(history) + len(_prompt(62)), "turn 2 lost"
+    assert await stored_history(cluster, successor, sid) == history + _prompt(62) + more
