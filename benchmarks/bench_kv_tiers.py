@@ -19,13 +19,27 @@ with the disk tier and without it, on two engines running side by side that take
 in alternation (which goes first alternates too), so a machine whose load drifts, as a shared
 one's does, weighs on both alike.
 
+TTFT is also given apart for the turns that found some of their history cached (``ttft_hit_s``)
+and those that found none (``ttft_miss_s``): a tier's own cost on the critical path (offloads)
+shows in the latter, what its loads save in the former.
+
+``--configs`` runs a subset (``restart`` needs ``cpu_disk``); ``--torch-profile CONFIG``
+records the last ``PROFILE_TURNS`` turns of that configuration with torch.profiler (CPU and
+CUDA) into ``kv_tiers_<CONFIG>_torch_trace.json`` (a Chrome/Perfetto trace) and
+``kv_tiers_<CONFIG>_torch_ops.txt`` (ops by self CPU time and by device time) next to the
+results.
+
     python benchmarks/bench_kv_tiers.py                                  # CPU, tiny
     python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b  # GPU
+    python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b --configs tiers_off cpu \
+        --torch-profile cpu                                              # where a CPU-tier turn goes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import random
 import shutil
 import sys
@@ -38,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, summary, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 
+CONFIGS = ("tiers_off", "cpu", "cpu_fits", "cpu_disk", "restart")
+PROFILE_TURNS = 4  # turns recorded by --torch-profile (a llama-1b turn is ~10k trace events)
 DEFAULTS = {  # per device: sessions, turns, turn tokens, generated tokens, pool blocks, CPU tier blocks
     "cpu": dict(sessions=24, turns=4, turn_tokens=64, gen_tokens=8, num_blocks=96, cpu_blocks=192),
     "cuda": dict(sessions=64, turns=4, turn_tokens=512, gen_tokens=32, num_blocks=1024, cpu_blocks=4096),
@@ -69,20 +85,55 @@ def _trace(args: argparse.Namespace) -> list[list[list[int]]]:
             for _ in range(args.turns)]
 
 
-def run_trace(engine: Engine, trace: list[list[list[int]]], args: argparse.Namespace) -> dict:
+def _torch_profile(label: str, args: argparse.Namespace):
+    """A torch.profiler context for the turns of configuration ``label`` (nothing unless
+    --torch-profile names it); writes its trace and op tables on exit."""
+    if args.torch_profile != label:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+
+    @contextlib.contextmanager
+    def recording():
+        with profile(activities=activities) as prof:
+            yield
+        out_dir = Path(os.environ.get("ULTRAKV_RESULTS_DIR", Path(__file__).parent / "results"))
+        prof.export_chrome_trace(str(out_dir / f"kv_tiers_{label}_torch_trace.json"))
+        ops = prof.key_averages()
+        device = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        (out_dir / f"kv_tiers_{label}_torch_ops.txt").write_text(
+            f"{PROFILE_TURNS} returning turns of '{label}', by self CPU time:\n"
+            + ops.table(sort_by="self_cpu_time_total", row_limit=40)
+            + "\nby self device time:\n" + ops.table(sort_by=device, row_limit=40))
+        print(f"wrote {out_dir}/kv_tiers_{label}_torch_trace.json and _torch_ops.txt")
+
+    return recording()
+
+
+def run_trace(engine: Engine, trace: list[list[list[int]]], args: argparse.Namespace, label: str = "") -> dict:
     sp = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
     ttft, cached, prompt = [], 0, 0
+    hit, miss = [], []  # TTFT of the turns that found some of their history cached, or none
     t0 = time.perf_counter()
-    for turn, prompts in enumerate(trace):
-        for s, tokens in enumerate(prompts):
-            (out,) = engine.generate([tokens], sp, session_ids=[f"s{s}"])
-            if turn:  # the first turn of a session has nothing to find
-                ttft.append(out.ttft_s)
-                cached += out.cached_tokens
-                prompt += out.prompt_tokens
+    profiled = len(trace) * len(trace[0]) - PROFILE_TURNS  # the last turns are recorded
+    n = 0
+    with contextlib.ExitStack() as recording:
+        for turn, prompts in enumerate(trace):
+            for s, tokens in enumerate(prompts):
+                if n == profiled:
+                    recording.enter_context(_torch_profile(label, args))
+                n += 1
+                (out,) = engine.generate([tokens], sp, session_ids=[f"s{s}"])
+                if turn:  # the first turn of a session has nothing to find
+                    ttft.append(out.ttft_s)
+                    (hit if out.cached_tokens else miss).append(out.ttft_s)
+                    cached += out.cached_tokens
+                    prompt += out.prompt_tokens
     stats = engine.stats()
     return {"wall_s": time.perf_counter() - t0, "hit_rate": cached / prompt if prompt else 0.0,
             "cached_tokens": cached, "prompt_tokens": prompt, "ttft_s": summary(ttft),
+            "ttft_hit_s": summary(hit) if hit else None, "ttft_miss_s": summary(miss) if miss else None,
             "tier_hits": {t: v["hits"] for t, v in stats["kv_tiers"].items() if isinstance(v, dict) and "hits" in v},
             "preemptions": stats["requests"]["preemptions"], **_cost(stats)}
 
@@ -128,8 +179,14 @@ def main() -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default: {DEFAULTS['cpu'][name]} "
                        f"on CPU, {DEFAULTS['cuda'][name]} on CUDA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                   help="the configurations to run (restart needs cpu_disk)")
+    p.add_argument("--torch-profile", choices=CONFIGS[:4], help="record this configuration's last turns "
+                   "with torch.profiler")
     p.add_argument("--out", help="result file name under benchmarks/results/")
     args = p.parse_args()
+    if "restart" in args.configs and "cpu_disk" not in args.configs:
+        p.error("--configs restart needs cpu_disk (the restart reads what it wrote)")
     for name, value in DEFAULTS[args.device].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -137,29 +194,29 @@ def main() -> None:
     disk_dir = Path(tempfile.mkdtemp(prefix="ultrakv-kv-tier-"))
     results: dict = {}
     try:
-        off = _engine(args)
-        bytes_per_block = off._bytes_per_block()
+        probe = Engine(EngineConfig(model=args.preset, device=args.device, num_blocks=args.num_blocks, block_size=16))
+        bytes_per_block = probe._bytes_per_block()  # what a tier of N blocks takes
+        probe.shutdown()
+        del probe
         cpu_gib = _tier_gib(bytes_per_block, args.cpu_blocks)
-        results["tiers_off"] = run_trace(off, trace, args)
-        off.shutdown()
-        cpu = _engine(args, kv_cpu_gib=cpu_gib)
-        results["cpu"] = run_trace(cpu, trace, args)
-        cpu.shutdown()
-        fits = _engine(args, kv_cpu_gib=_tier_gib(bytes_per_block, _working_set_blocks(args)))
-        results["cpu_fits"] = run_trace(fits, trace, args)
-        fits.shutdown()
-        both = _engine(args, kv_cpu_gib=cpu_gib, kv_disk_dir=str(disk_dir))
-        results["cpu_disk"] = run_trace(both, trace, args)
-        histories = {sid: list(both.sessions.history(sid)) for sid in (f"s{s}" for s in range(args.sessions))}
-        t0 = time.perf_counter()
-        both.shutdown()  # write-back: the GPU and CPU tiers' blocks go to disk now
-        persist_s = time.perf_counter() - t0
-        restarted = {"restart_with_disk": _engine(args, kv_disk_dir=str(disk_dir)),
-                     "restart_without_disk": _engine(args)}
-        results.update(run_after_restart(restarted, histories, args))
-        results["restart_with_disk"]["shutdown_persist_s"] = persist_s
-        for engine in restarted.values():
-            engine.shutdown()
+        tiers = {"tiers_off": {}, "cpu": {"kv_cpu_gib": cpu_gib},
+                 "cpu_fits": {"kv_cpu_gib": _tier_gib(bytes_per_block, _working_set_blocks(args))},
+                 "cpu_disk": {"kv_cpu_gib": cpu_gib, "kv_disk_dir": str(disk_dir)}}
+        for label in (c for c in CONFIGS[:4] if c in args.configs):
+            engine = _engine(args, **tiers[label])
+            results[label] = run_trace(engine, trace, args, label)
+            if label == "cpu_disk" and "restart" in args.configs:
+                histories = {sid: list(engine.sessions.history(sid)) for sid in (f"s{s}" for s in range(args.sessions))}
+            t0 = time.perf_counter()
+            engine.shutdown()  # write-back: the GPU and CPU tiers' blocks go to disk now
+            persist_s = time.perf_counter() - t0
+        if "restart" in args.configs:
+            restarted = {"restart_with_disk": _engine(args, kv_disk_dir=str(disk_dir)),
+                         "restart_without_disk": _engine(args)}
+            results.update(run_after_restart(restarted, histories, args))
+            results["restart_with_disk"]["shutdown_persist_s"] = persist_s
+            for engine in restarted.values():
+                engine.shutdown()
     finally:
         shutil.rmtree(disk_dir, ignore_errors=True)
     name = args.out or f"kv_tiers_{args.device}_{args.preset}.json"

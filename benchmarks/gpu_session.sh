@@ -14,6 +14,8 @@
 #   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
 #   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b (+ a disk load's cost per block); smollm2-shape decode
 #   bash benchmarks/gpu_session.sh sweep-decode-quant  # decode kernel over bf16/int8/fp8 KV by launch shape
+#   bash benchmarks/gpu_session.sh kv-profile  # KV tiers on llama-1b: per-block engine-thread costs, TTFT by
+#                                              # hit/miss turn, torch.profiler and py-spy of the CPU tier (~6 min)
 #   bash benchmarks/gpu_session.sh kernels-ab  # the kernel tests on CUDA, then bench_kernels_ab.py: each kernel
 #                                              # variant against the one it replaced (turn-8 TTFT, batch-1 decode)
 #
@@ -115,6 +117,26 @@ case "${1:-}" in
     # A returning session's TTFT on llama-1b: host path and kernels of turn 8.
     python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
     ;;
+  kv-profile)
+    # Issue 14's open point: on the H100 with llama-1b the CPU tier cost TTFT. The tier tests
+    # on CUDA (side streams included); the engine thread's time per offloaded and per loaded
+    # block (small blocks: the Python alone; llama-1b's); the trace with tiers off, the small
+    # CPU tier and one that fits the working set, TTFT apart for hit and miss turns, the CPU
+    # tier's last turns under torch.profiler; then the CPU-tier run alone under py-spy
+    # (100 Hz, speedscope: open it at https://www.speedscope.app).
+    R="$ULTRAKV_RESULTS_DIR"
+    { python -m pytest -q -p no:cacheprovider tests/test_kv_tiers.py -k "cuda or place or round_trip" || true; } 2>&1 \
+      | tee "$R/kv_profile_tests.log"
+    { for shape in small 1b; do python benchmarks/profile_tier_flush.py --device cuda --shape $shape || true; done; } 2>&1 \
+      | tee "$R/kv_profile_flush.log"
+    { python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b --configs tiers_off cpu cpu_fits \
+        --torch-profile cpu --out kv_tiers_cuda_llama-1b_profile.json || true; } 2>&1 | tee "$R/kv_profile_trace.log"
+    gzip -f "$R/kv_tiers_cpu_torch_trace.json" || true
+    spy=$(command -v py-spy || echo "${site:-}/bin/py-spy")
+    "$spy" record --rate 100 --nonblocking --format speedscope -o "$R/kv_tiers_cpu_pyspy.speedscope.json" -- \
+      python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b --configs cpu \
+      --out kv_tiers_cuda_llama-1b_pyspy_run.json 2>&1 | tee "$R/kv_profile_pyspy.log"
+    ;;
   kernels-ab)
     # Issue 15's unmet llama-1b targets (turn-8 TTFT, batch-1 decode vs roofline): the kernel
     # tests on CUDA (~2 min), then every kernel variant against the one it replaced, kernels
@@ -126,7 +148,7 @@ case "${1:-}" in
     python benchmarks/bench_kernels_ab.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/kernels_ab.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kernels-ab" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kv-profile|kernels-ab" >&2
     exit 2
     ;;
 esac

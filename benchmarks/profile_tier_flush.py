@@ -13,11 +13,14 @@ layers, 8 KV heads, head_dim 64; fp32 on CPU, 1 MiB per block: copies dominate),
 a 1 KiB block (1 layer, 1 KV head, head_dim 16, 8 tokens): what is left is the Python per
 block, which a GPU pays too (there the copies are asynchronous).
 
+``--device cuda`` times the same on a GPU, where the copies are asynchronous: what is timed is
+the engine thread's own work (the device is synchronized between rounds, outside the timing).
 ``--batched`` runs the copy path CUDA takes (one gather, copies by runs of slots, one
 index_copy_ per layer) on CPU, minus its streams: with ``--shape small`` that is the Python a
 GPU's engine thread pays per block.
 
-    python benchmarks/profile_tier_flush.py [--shape 1b|small] [--batched] [--rounds 40] [--batch 32] [--label L]
+    python benchmarks/profile_tier_flush.py [--device cpu|cuda] [--shape 1b|small] [--batched]
+        [--rounds 40] [--batch 32] [--label L]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torch  # noqa: E402
 from common import machine, write  # noqa: E402
 from profile_tier_overhead import PRESET  # noqa: E402  (registers the preset)
 from ultrakv.node import Engine, EngineConfig  # noqa: E402
@@ -48,6 +52,8 @@ SHAPES = {"1b": (PRESET, 16), "small": (SMALL, 8)}  # preset, block size
 
 
 def _timed(fn, *args) -> tuple[float, float, object]:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the rounds before are done: only this call's host work is timed
     t0, c0 = time.perf_counter(), time.thread_time()
     out = fn(*args)
     return time.perf_counter() - t0, time.thread_time() - c0, out
@@ -87,6 +93,7 @@ def _per_block(xs: list[float], batch: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--batch", type=int, default=32)
@@ -100,7 +107,7 @@ def main() -> None:
     disk_dir = Path(tempfile.mkdtemp(prefix="ultrakv-tier-flush-"))
     try:
         for label, disk in (("cpu", False), ("cpu_disk", True)):
-            common = dict(model=preset, device="cpu", num_blocks=args.batch + 1, block_size=block_size)
+            common = dict(model=preset, device=args.device, num_blocks=args.batch + 1, block_size=block_size)
             probe = Engine(EngineConfig(**common))
             gib = args.cpu_blocks * probe._bytes_per_block() / 2**30
             probe.shutdown()
@@ -130,14 +137,16 @@ def main() -> None:
     finally:
         shutil.rmtree(disk_dir, ignore_errors=True)
     name = f"{args.shape}{'_batched' if args.batched else ''}{'_' + args.label if args.label else ''}"
-    write(args.out or f"tier_flush_cpu_{name}.json",
+    write(args.out or f"tier_flush_{args.device}_{name}.json",
           {"host": machine(), "label": args.label, "model": preset, "block_bytes_shape": args.shape,
-           "workload": {"rounds": args.rounds, "batch": args.batch, "cpu_blocks": args.cpu_blocks,
+           "workload": {"device": args.device, "rounds": args.rounds, "batch": args.batch,
+                        "cpu_blocks": args.cpu_blocks,
                         "batched": args.batched},
            "results": results})
     for label, r in results.items():
         f, g = r["offload_us_per_block"], r["load_us_per_block"]
-        print(f"{args.shape:5s} {label:9s} per block (us, median wall/cpu): offload {f['wall_median']:.1f}/"
+        print(f"{args.device} {args.shape:5s} {label:9s} per block (us, median wall/cpu): "
+              f"offload {f['wall_median']:.1f}/"
               f"{f['cpu_median']:.1f}, load {g['wall_median']:.1f}/{g['cpu_median']:.1f} "
               f"(loaded {r['loaded']}, cpu evictions {r['cpu_evictions']})")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import sys
+import threading
 
 import pytest
 import torch
@@ -117,3 +119,35 @@ def test_read_into_a_buffer_checks_like_decode(tmp_path):
         path.write_bytes(data[:n])
         with pytest.raises(BlockFileError):
             read_block_file_into(path, memoryview(out.numpy()), expect_key="blk")
+
+
+def test_checksumming_a_block_lets_other_threads_run():
+    """The disk tier's writer and readers checksum every block on their own threads; the
+    engine thread must not wait for that. The payload's xxh3 runs with the GIL released
+    (python-xxhash releases it for large updates), which this shows without timing: with the
+    interpreter's switch interval at a minute, the main thread gets the GIL while a checksum
+    is running only if the checksum gave it up."""
+    from ultrakv.cluster import block_file
+
+    block_file._digest(block_file.VERSION, (b"first",))  # imports xxhash now (imports do I/O)
+    payload = memoryview(bytes(64 << 20))
+    in_checksum = threading.Event()
+    done = threading.Event()
+    ran_meanwhile = []
+
+    def checksum() -> None:
+        in_checksum.set()  # the next statement is the checksum: no Python runs in between
+        block_file._digest(block_file.VERSION, (b"front", payload))
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        worker = threading.Thread(target=checksum)
+        worker.start()
+        in_checksum.wait(60)
+        ran_meanwhile.append(not done.is_set())
+        worker.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert done.is_set() and ran_meanwhile == [True]

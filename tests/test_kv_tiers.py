@@ -678,17 +678,17 @@ def test_slot_and_source_runs_group_only_adjacent_slots():
     assert runs == [(host, 3, 0, 3), (host, 9, 3, 1), (staging, 0, 4, 2)]
 
 
-def _scrambled_round_trip(tmp_path: Path, batched: bool, stacked: bool) -> None:
+def _scrambled_round_trip(tmp_path: Path, batched: bool | None, stacked: bool, device: str = "cpu") -> None:
     """Blocks offloaded in one flush into host slots with holes between them, some spilled to
     disk, then loaded in one batch from both into pool blocks in another order: each block
     must land exactly where its hash says (a batch copied by runs or reordered by source
     would misplace blocks if an index were off)."""
     g = torch.Generator().manual_seed(7)
     if stacked:  # layers back to back in one allocation, as the engine's pool lays them
-        caches = list(torch.randn((3, 2, 12, BS, 2, 4), generator=g).unbind(0))
+        caches = list(torch.randn((3, 2, 12, BS, 2, 4), generator=g).to(device).unbind(0))
         assert tiers_module.stacked_kv(caches) is not None
     else:
-        caches = [torch.randn((2, 12, BS, 2, 4), generator=g) for _ in range(3)]
+        caches = [torch.randn((2, 12, BS, 2, 4), generator=g).to(device) for _ in range(3)]
     original = [c.clone() for c in caches]
     tiers = _tiers(caches, tmp_path, 6, disk=True, batched=batched)
     try:
@@ -710,6 +710,8 @@ def _scrambled_round_trip(tmp_path: Path, batched: bool, stacked: bool) -> None:
         assert _planned(tiers, hashes) == len(hashes)
         targets = [3, 10, 1, 8, 0, 4, 2]
         assert tiers.load(hashes, targets) == len(hashes)
+        if device == "cuda":
+            torch.cuda.synchronize()
         assert tiers.counters.disk_hits == 1 and tiers.counters.cpu_hits == len(hashes) - 1
         for h, dst in zip(hashes, targets, strict=True):
             for c, o in zip(caches, original, strict=True):
@@ -755,3 +757,44 @@ def test_warmup_measures_loads_from_host_memory():
         assert engine.generate([PROMPTS[0]], GREEDY)[0].token_ids  # and serves as before
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stacked", [False, True], ids=["layers_apart", "layers_stacked"])
+def test_batched_copies_put_every_block_in_its_place_on_cuda(tmp_path, stacked):
+    """The CUDA path itself: offload on its stream, loads on theirs, pinned slots."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _scrambled_round_trip(tmp_path, None, stacked, "cuda")
+
+
+@pytest.mark.gpu
+def test_a_load_of_blocks_still_being_offloaded_waits_on_its_stream(tmp_path):
+    """Blocks offloaded and loaded straight back, with no synchronization between: the load
+    stream waits for the offload copies' event (the engine thread does not), and every block
+    arrives whole, however the streams ran; a second offload into the slots the load read
+    waits for the load."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(3)
+    caches = list(torch.randn((3, 2, 64, BS, 8, 64), generator=g).cuda().unbind(0))
+    original = [c.clone() for c in caches]
+    tiers = _tiers(caches, tmp_path, 32, disk=False)
+    try:
+        hashes = [800 + b for b in range(32)]
+        for b, h in enumerate(hashes):
+            tiers.on_evict(b, h)
+        tiers.flush()
+        assert any(tiers.host.pending_event(s) is not None for s in range(32))
+        assert _planned(tiers, hashes) == 32
+        assert tiers.load(hashes, list(range(63, 31, -1))) == 32  # into blocks 63..32
+        for c in caches[:]:
+            c[:, :32].zero_()  # on the compute stream, after the load's copies
+        for b, h in enumerate(range(900, 932)):  # reuses the slots the load reads
+            tiers.on_evict(32 + b, h)
+        tiers.flush()
+        torch.cuda.synchronize()
+        for c, o in zip(caches, original, strict=True):
+            assert torch.equal(c[:, 32:].flip(1), o[:, :32])
+    finally:
+        tiers.close()
