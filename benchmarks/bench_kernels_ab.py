@@ -197,11 +197,11 @@ def bench_gemv(sweep: bool) -> dict:
         row["triton_tbps"] = gb / row["triton_us"] * 1e3
         if sweep:
             row["sweep"] = []
-            for block_k in (128, 256, 512):
+            for tile in (4096, 8192, 16384):
                 for warps in (4, 8):
-                    for stages in (3, 5):
-                        for pps in (1, 2, 4):
-                            gemv.LAUNCH = gemv.GemvLaunch(block_k, warps, stages, pps)
+                    for stages in (1, 3):
+                        for pps in (2, 4, 8):
+                            gemv.LAUNCH = gemv.GemvLaunch(tile, warps, stages, pps)
                             try:
                                 us = bench_us(lambda x=x, w=w, s=silu: gemv.gemv(x, w, silu=s))
                             except Exception as exc:

@@ -61,6 +61,24 @@ def test_gemv_with_and_without_bias(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("silu", [False, True])
+def test_narrow_tiles_stream_k_in_several_steps(monkeypatch, silu):
+    """Tiles narrower than K (the default tiles take a small K in one step): the products, the
+    norm's two passes and the residual store run over several tiles with a ragged last one."""
+    from ultrakv.node.model import gemv
+
+    monkeypatch.setattr(gemv, "LAUNCH", gemv.GemvLaunch(tile_elems=256))
+    x, r, w, _, nw = _tensors(300, 48, torch.float32, seed=3)
+    y, stream = gemv.norm_gemv(x, r, nw, EPS, w, silu=silu)
+    ref = F.linear(_norm(x + r, nw), w)
+    if silu:
+        gate, up = ref.split(24, dim=-1)
+        ref = F.silu(gate) * up
+    torch.testing.assert_close(y, ref, **_tol(torch.float32))
+    torch.testing.assert_close(stream, x + r, **_tol(torch.float32))
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_norm_gemv_adds_the_residual_into_a_new_stream(dtype):
     """``residual + x`` goes to a new tensor (the old one is still read by other programs),
@@ -131,3 +149,24 @@ def test_cuda_llama_1b_matrices_bf16(k, n, silu):
         torch.testing.assert_close(act, F.silu(gate) * up, rtol=2e-2, atol=2e-2)
     else:
         torch.testing.assert_close(gemv.gemv(x, w), F.linear(x, w), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles for the GPU; no need to run twice")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+@pytest.mark.parametrize("silu", [False, True])
+def test_compiles_for_the_h100_with_vector_loads(silu):
+    """The fused GEMV (norm + residual, SwiGLU) compiles for an H100 as the model launches it
+    on llama-1b's matrices (no GPU needed), loading weights 16 bytes at a time, no spills."""
+    from triton_ptx import hopper_ptx, instructions
+    from ultrakv.node.model import gemv
+
+    k, n = 2048, 16384 if silu else 3072
+    x, w = torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16)
+    rows = n // 2 if silu else n
+    block_n = gemv._block_n(rows, 132, gemv.LAUNCH.programs_per_sm)
+    ptx = hopper_ptx(gemv._gemv_kernel, (x, x, x, x, w, x, x, k, rows, EPS, k),
+                     {"NORM": True, "RESIDUAL": True, "SILU": silu, "HAS_BIAS": False, "BLOCK_N": block_n,
+                      "BLOCK_K": min(k, gemv.LAUNCH.tile_elems // block_n)},
+                     num_warps=gemv.LAUNCH.num_warps, num_stages=gemv.LAUNCH.num_stages)
+    assert "ld.global.v4.b32" in instructions(ptx, "ld.global")
+    assert not instructions(ptx, "ld.local") and not instructions(ptx, "st.local")

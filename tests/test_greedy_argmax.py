@@ -101,3 +101,23 @@ def test_cuda_engine_greedy_tokens_equal_torch_argmax(monkeypatch):
                         [o.token_ids for o in engine.generate(prompts, sp)])
     kernel_variants.current.cache_clear()
     assert outs["split"] == outs["torch"]
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles for the GPU; no need to run twice")
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+def test_compiles_for_the_h100_with_an_ordered_merge():
+    """As launched over llama-1b's bf16 logits: 16-byte loads, the arrival counter an
+    acquire-release atomic, the merge's loads bypassing L1."""
+    from triton_ptx import hopper_ptx, instructions
+    from ultrakv.node import sampling_kernels
+
+    logits = torch.zeros(1, 128256, dtype=torch.bfloat16)
+    chunks = -(-128256 // sampling_kernels.CHUNK)
+    out, counters = torch.zeros(1, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
+    part_v, part_i = torch.zeros(chunks), torch.zeros(chunks, dtype=torch.int32)
+    ptx = hopper_ptx(sampling_kernels._split_argmax_kernel,
+                     (logits, out, part_v, part_i, counters, 128256, 128256),
+                     {"CHUNK": sampling_kernels.CHUNK, "BLOCK_C": 64})
+    assert "ld.global.v4.b32" in instructions(ptx, "ld.global")
+    assert "ld.global.cg.b32" in instructions(ptx, "ld.global")
+    assert "atom.global.gpu.acq_rel.add.u32" in instructions(ptx, "atom")

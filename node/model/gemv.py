@@ -13,13 +13,14 @@ cuBLAS's own split-K reduce, each a launch of a few microseconds. Here:
 * ``silu=True``: ``W`` is the fused gate/up matrix ``[2N, K]``; each program takes rows
   ``i`` of both halves and writes ``silu(gate) * up`` (the SwiGLU activation, no [2N] output).
 
-Each program owns ``BLOCK_N`` output rows and streams their weights along K in
-``BLOCK_K``-wide tiles (contiguous in memory, the loads vectorized and pipelined); there is no
-split over K, so no reduce launch: the row blocks are sized so that at least two programs per
-SM run. Arithmetic is float32, rounded as the unfused ops round (the residual sum and the
-normed row to the model dtype before the weight multiplies). Grids depend on shapes only, so
-everything is CUDA-graph capturable. Chosen by ``ULTRAKV_KERNELS=gemv=triton``
-(``node/kernel_variants.py``; cuBLAS stays the default until GPU figures say otherwise).
+Each program owns ``BLOCK_N`` output rows (a few) and streams their weights along K in tiles
+of ``BLOCK_N x BLOCK_K`` elements (16 KiB by default: contiguous rows, 16-byte vector loads);
+there is no split over K, so no reduce launch: the row blocks are sized so that several
+programs per SM run and keep enough loads in flight. Arithmetic is float32, rounded as the
+unfused ops round (the residual sum and the normed row to the model dtype before the weight
+multiplies). Grids depend on shapes only, so everything is CUDA-graph capturable. Chosen by
+``ULTRAKV_KERNELS=gemv=triton`` (``node/kernel_variants.py``; cuBLAS stays the default until
+GPU figures say otherwise).
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ import triton.language as tl
 
 @dataclass(frozen=True)
 class GemvLaunch:
-    """Launch shape: weight columns per tile, warps, pipeline depth, and the programs per SM
-    the row blocks are sized for. A first guess, untuned on a GPU
-    (``benchmarks/bench_kernels_ab.py`` sweeps it)."""
+    """Launch shape: weight elements per tile (a program's loads in flight per step along K:
+    HBM needs tens of KiB in flight per SM, so tiles are wide and the row blocks narrow),
+    warps, pipeline depth, and the programs per SM the row blocks are sized for. A first
+    guess, untuned on a GPU (``benchmarks/bench_kernels_ab.py`` sweeps it)."""
 
-    block_k: int = 256
-    num_warps: int = 4
-    num_stages: int = 4
-    programs_per_sm: int = 2
+    tile_elems: int = 8192
+    num_warps: int = 8
+    num_stages: int = 3
+    programs_per_sm: int = 4
 
 
 LAUNCH = GemvLaunch()
@@ -131,12 +133,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
     res_out = torch.empty_like(residual) if residual is not None else None
     launch = LAUNCH
     block_n = _block_n(rows, _num_sms(x.device), launch.programs_per_sm)
+    block_k = max(16, min(triton.next_power_of_2(k), launch.tile_elems // block_n))
     _gemv_kernel[(triton.cdiv(rows, block_n),)](
         x, residual if residual is not None else x, res_out if res_out is not None else x,
         norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x, y,
         k, rows, eps, weight.stride(0),
         NORM=norm_weight is not None, RESIDUAL=residual is not None, SILU=silu, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return y, res_out
 
