@@ -103,10 +103,12 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.clock = clock
         self.tiers = tiers
-        # The largest prefill a CUDA graph replays (0: none). A lone sequence's longer prefill
-        # goes in chunks of that size: on a GPU an eager prefill is bound by the host's kernel
-        # launches (llama-1b on an H100: ~8 ms for 1.6k tokens, a few ms of it device time),
-        # a replayed chunk is not.
+        # The largest prefill a CUDA graph replays (0: none). A lone sequence's prefill of up
+        # to twice that goes in two steps, the first of that size: an eager prefill is bound by
+        # the host's kernel launches (llama-1b on an H100: a 576-token turn over a cached
+        # history took 8-13 ms eagerly, 2-3 ms of it device time), a replayed chunk is not.
+        # Longer ones run eagerly: their device time outgrows the launches (a 2.2k-token
+        # prompt took 13.2 ms in 512-token chunks, 10.6 ms in one eager step).
         self.graph_prefill_tokens = graph_prefill_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -166,7 +168,7 @@ class Scheduler:
             self._admit(out, budget, now)
         if len(out.scheduled) == 1 and not out.preempted and self.graph_prefill_tokens:
             item = out.scheduled[0]  # its blocks stay reserved for the whole prompt
-            if not item.draft and item.num_new_tokens > self.graph_prefill_tokens:
+            if not item.draft and 0 < item.num_new_tokens - self.graph_prefill_tokens <= self.graph_prefill_tokens:
                 out.scheduled[0] = ScheduledSeq(item.seq, self.graph_prefill_tokens)
         return out
 

@@ -135,20 +135,26 @@ def test_finished_blocks_stay_cached_and_are_reused():
     assert again.num_cached_tokens == 8 and out.scheduled[0].num_new_tokens == 1
 
 
-def test_a_lone_prefill_goes_in_graph_sized_chunks_and_a_shared_step_does_not():
+def test_a_lone_prefill_up_to_twice_the_largest_graph_goes_in_two_steps_others_in_one():
     sched, _, clock = make(budget=64)
     sched.graph_prefill_tokens = 16
-    alone = seq("alone", 40, clock)
+    alone = seq("alone", 30, clock)
     sched.add(alone)
     sizes = []
-    while not alone.token_ids[40:]:  # until the prompt's end samples a token
+    while not alone.token_ids[30:]:  # until the prompt's end samples a token
         out = run_step(sched)
         sizes.append([(item.seq.request_id, item.num_new_tokens, item.samples) for item in out.scheduled])
-    assert sizes == [[("alone", 16, False)], [("alone", 16, False)], [("alone", 8, True)]]
-    a, b = seq("a", 40, clock), seq("b", 8, clock)
+    assert sizes == [[("alone", 16, False)], [("alone", 14, True)]]
+    sched.finish(alone, "stop")
+    longer = seq("longer", 40, clock)  # past twice the graph: one eager step
+    longer.token_ids[:] = [t + 50 for t in longer.token_ids]
+    sched.add(longer)
+    assert [(item.num_new_tokens, item.samples) for item in run_step(sched).scheduled] == [(40, True)]
+    sched.finish(longer, "stop")
+    a, b = seq("a", 20, clock), seq("b", 8, clock)
     for other in (a, b):  # nothing in common with the first prompt's cached blocks
         other.token_ids[:] = [t + 100 for t in other.token_ids]
     sched.add(a)
     sched.add(b)
     out = run_step(sched)  # two sequences share the step: it runs eagerly anyway, uncut
-    assert [(item.seq.request_id, item.num_new_tokens) for item in out.scheduled][-2:] == [("a", 40), ("b", 8)]
+    assert [(item.seq.request_id, item.num_new_tokens) for item in out.scheduled] == [("a", 20), ("b", 8)]
