@@ -5,8 +5,9 @@ run (``node/kernel_variants.py``; ``benchmarks/gpu_session.sh kernels-ab``):
    returning session's turn (204 new tokens over 2096 cached, as turn 8 of bench_gpu's chat;
    in the 224-token / 4096-context prefill graph it replays in, and eager), per-head kernels
    vs the GQA kernel, plus a sweep of the GQA kernel's launch shapes; greedy argmax over the
-   vocabulary at batch 1 and 64; the model's projections at one token, cuBLAS vs the Triton
-   GEMV (with the norm and SwiGLU fused in), plus a sweep of its launch shape.
+   vocabulary at batch 1 and 64; batch-1 decode attention by its split-K target; the model's
+   projections at one token, cuBLAS vs the Triton GEMV (with the norm and SwiGLU fused in),
+   plus a sweep of its launch shape.
 2. End to end, one engine per variant set (llama-1b, fused kernels, 32 steps per round;
    ``before``: the kernels this work replaced, ``default``: main's defaults, ``gemv_triton``:
    the defaults plus the Triton GEMVs):
@@ -161,6 +162,28 @@ def bench_argmax() -> dict:
     return res
 
 
+def bench_decode_attention() -> dict:
+    """Batch-1 decode attention (llama-1b heads, bf16) at short and long contexts, each
+    launched for its CUDA graph's context bucket, by how many programs per SM the split-K
+    partitioning aims at (the default is triton_backend._DECODE_PROGRAMS_PER_SM): at a short
+    context the split and its in-launch merge may cost more than they save."""
+    from ultrakv.node.attention import triton_backend
+
+    res = {}
+    default = triton_backend._DECODE_PROGRAMS_PER_SM
+    for context, bucket in ((200, 256), (384, 1024), (2000, 4096)):
+        q, cache, meta = turn_case(1, context - 1, 1, bucket)
+        backend = TritonPagedBackend()
+        row = {}
+        for pps in (0, 1, 2, 4, 8):  # 0: one partition (no split)
+            triton_backend._DECODE_PROGRAMS_PER_SM = pps
+            row[f"programs_per_sm_{pps}"] = bench_us(lambda b=backend, q=q, c=cache, m=meta: b.decode(q, c, m, 0.125))
+        triton_backend._DECODE_PROGRAMS_PER_SM = default
+        res[f"context_{context}_bucket_{bucket}"] = row
+        log(f"decode attention, context {context} (bucket {bucket}): {row}")
+    return res
+
+
 # llama-1b's projections at one token: (name, K, N, SwiGLU fused after, norm fused before).
 GEMV_SHAPES = (("qkv", 2048, 3072, False), ("o", 2048, 2048, False), ("gate_up", 2048, 16384, True),
                ("down", 8192, 2048, False))
@@ -306,6 +329,7 @@ def main() -> None:
     results: dict = {"model": args.model}
     results["prefill_attention_us"] = guarded("prefill attention", bench_prefill_attention, not args.skip_sweep)
     results["argmax_us"] = guarded("argmax", bench_argmax)
+    results["decode_attention_us"] = guarded("decode attention", bench_decode_attention)
     results["gemv_us"] = guarded("gemv", bench_gemv, not args.skip_sweep)
     write(name, results)
     if not args.skip_engine:
