@@ -110,3 +110,11 @@ def test_the_engine_threads_time_per_block_counts_against_a_load():
     assert m.load_seconds("memory") == pytest.approx(BLOCK / 37e9 + 25e-6)
     assert m.blocks_to_load(["memory"] * 8) == 0
     assert m.stats()["load_overhead_block_ms"] == pytest.approx(0.025)
+
+
+def test_one_stalled_load_does_not_make_every_load_look_dear():
+    m = _model(memory_gbps=37, disk_gbps=1, prefill_tps=465_000)
+    m.observe_overhead(8, 8 * 2e-6)
+    m.observe_overhead(1, 0.05)  # a load that stalled 50 ms (a collection, say)
+    assert m.load_seconds("memory") < m.recompute_seconds()
+    assert m.blocks_to_load(["memory"] * 8) == 8

@@ -46,6 +46,9 @@ SOURCES = ("memory", "disk")
 ALPHA = 0.2
 # The prefill fit's: about the last twenty steps with prompt tokens count.
 PREFILL_ALPHA = 0.05
+# A load's engine-thread time per block counts at most this many times the estimate so far:
+# one stalled load (a collection, a page fault storm) must not make every load look dear.
+OVERHEAD_OUTLIER = 4.0
 
 
 @dataclass
@@ -118,7 +121,10 @@ class TierCostModel:
     def observe_overhead(self, blocks: int, seconds: float) -> None:
         """Loading ``blocks`` blocks took the engine thread ``seconds`` besides the copies."""
         if blocks > 0 and seconds >= 0:
-            self.overhead.add(seconds / blocks)
+            per_block = seconds / blocks
+            if self.overhead.value:
+                per_block = min(per_block, OVERHEAD_OUTLIER * self.overhead.value)
+            self.overhead.add(per_block)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """A model step computed ``tokens`` prompt tokens in ``seconds``."""

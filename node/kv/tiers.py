@@ -491,9 +491,10 @@ class KVTiers:
         (one per hash); returns how many were loaded (the rest is recomputed).
 
         The engine thread's own time for it (what a GPU's asynchronous copies do not hide)
-        is measured per block for the cost model, beside the copies' bandwidth."""
+        is measured per block for the cost model, beside the copies' bandwidth: as the
+        thread's CPU time, which a thread descheduled on a busy host does not inflate."""
         self.flush()  # the blocks being filled may have just been evicted
-        t0 = time.perf_counter()
+        c0 = time.thread_time()
         picks: list[tuple[int, int]] = []  # per block: (HOST or STAGING, slot)
         staged: list[int] = []  # staging slots given back once their copy is done
         for h in hashes[: len(block_ids)]:
@@ -512,16 +513,16 @@ class KVTiers:
             return 0
         self.counters.disk_hits += len(staged)
         self.counters.cpu_hits += n - len(staged)
+        copy_cpu_s = 0.0  # on CPU the copies are the thread's own work: counted as bandwidth
         if self._stream is None:
-            c0 = time.perf_counter()
+            t0, t0_cpu = time.perf_counter(), time.thread_time()
             (self._copy_in_batched if self._batched else self._copy_in)(picks, block_ids[:n])
-            copy_s = time.perf_counter() - c0
-            self.cost.observe_load("memory", n * self.block_bytes, copy_s)
+            self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
+            copy_cpu_s = time.thread_time() - t0_cpu
             self._free_slots += staged
         else:
             self._copy_in_cuda(picks, staged, block_ids[:n])
-            copy_s = 0.0
-        self.cost.observe_overhead(n, time.perf_counter() - t0 - copy_s)
+        self.cost.observe_overhead(n, time.thread_time() - c0 - copy_cpu_s)
         self.counters.loaded += n
         return n
 
@@ -712,13 +713,13 @@ class KVTiers:
         for _ in range(CALIBRATION_ROUNDS):
             self.cost = TierCostModel(self.block_bytes, self.identity.block_size)
             self._timings.clear()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             if self._stream is None:
                 (self._copy_in_batched if self._batched else self._copy_in)(picks, ids)
                 self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
             else:
                 self._copy_in_cuda(picks, [], ids)
-                self.cost.observe_overhead(n, time.perf_counter() - t0)
+                self.cost.observe_overhead(n, time.thread_time() - c0)
                 torch.cuda.synchronize(self.device)
                 self._collect_timings()
 
