@@ -960,8 +960,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s; an etcd starting beside it may take a while)")
     _replicas_option(p, "each session's history is pushed to before a turn is acknowledged")
     p.add_argument("--replication-patience", type=float, default=10.0, metavar="SECONDS",
-                   help="how long a completed turn waits for a copy on another node before it "
-                        "fails unacknowledged (UNAVAILABLE; default %(default)s)")
+                   help="how long a completed turn waits for a copy on another node, and a "
+                        "session turn for a proven lease, before it fails unacknowledged "
+                        "(UNAVAILABLE; default %(default)s; keep it above --lease-ttl)")
     p.add_argument("--advertise-host",
                    help="host that coordinators and peers dial (e.g. a pod's DNS name; default: "
                         "the listen host, loopback for 0.0.0.0)")

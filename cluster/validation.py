@@ -110,6 +110,14 @@ def superseded(rejection: RequestRejected) -> bool:
     return rejection.code == SUPERSEDED_CODE and rejection.field == "session_id"
 
 
+def not_acknowledged(rejection: RequestRejected) -> bool:
+    """Whether a node kept a session turn without acknowledging it, or refused one on a copy
+    it holds fenced (UNAVAILABLE on ``session_id``: no copy on another node in time, no proven
+    lease): the coordinator asks again, and the node answers from the turn's record once the
+    turn is durable, never running it twice."""
+    return rejection.code == grpc.StatusCode.UNAVAILABLE and rejection.field == "session_id"
+
+
 def _invalid(field: str, message: str) -> RequestRejected:
     return RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, field, message)
 

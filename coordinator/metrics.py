@@ -34,7 +34,9 @@ class CoordinatorCounters:
     stand_in_turns: dict[str, int] = field(default_factory=dict)
 
     def forwarded(self, node: str, outcome: str) -> None:
-        """One forward to ``node`` ended: ``ok``, ``node_failed`` (retried) or ``error``."""
+        """One forward to ``node`` ended: ``ok``, ``node_failed`` (retried),
+        ``not_acknowledged`` (the node kept the turn unacknowledged: asked again) or
+        ``error``."""
         key = (node, outcome)
         self.forwards[key] = self.forwards.get(key, 0) + 1
 
@@ -67,7 +69,7 @@ class CoordinatorCollector(Collector):
         b = self.backend
         c: CoordinatorCounters = b.counters
         forwards = CounterMetricFamily("ultrakv_coordinator_forwarded_requests",
-                                       "Forwards to nodes by outcome (ok, node_failed, error).",
+                                       "Forwards to nodes by outcome (ok, node_failed, not_acknowledged, error).",
                                        labels=["node", "outcome"])
         for (node, outcome), n in sorted(c.forwards.items()):
             forwards.add_metric([node, outcome], n)

@@ -75,7 +75,7 @@ from ultrakv.cluster.service import (
 )
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
 from ultrakv.cluster.transport import exposure_warnings, server_options
-from ultrakv.cluster.validation import Limits, RequestRejected, superseded
+from ultrakv.cluster.validation import Limits, RequestRejected, not_acknowledged, superseded
 from ultrakv.coordinator.block_feed import BlockFeed
 from ultrakv.coordinator.block_index import BlockIndex, HashScheme
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
@@ -597,12 +597,16 @@ class ClusterBackend:
                 self.counters.stood_in("fell_back")
                 sent_ids, sent_text, first_token_at = relay.ids, relay.texts, relay.first_token_at
             stood_in = bool(sent_ids)
+            # The last attempt's node kept the turn without acknowledging it (no copy on
+            # another node, or no proven lease): only that node's answer may acknowledge it,
+            # once durable (its history ending with the turn proves nothing then).
+            unacknowledged = False
             for attempt in range(self.settings.max_attempts):
                 if attempt > 0 and sid is not None:
                     await self._expedite(sid, live=False)
                     await self.gate.settled(sid, live=False)
                 node = await self.route(request)
-                if attempt > 0 and sid is not None and held is not None:
+                if attempt > 0 and sid is not None and held is not None and not unacknowledged:
                     done = await self._completed_on(node, sid, sent_ids + list(held.token_ids))
                     if done is not None:
                         sent_ids.extend(held.token_ids)
@@ -614,7 +618,7 @@ class ClusterBackend:
                             usage=pb.Usage(prompt_tokens=done)),  # _result takes the output off
                             sent_ids, sent_text, started, first_token_at)
                         return
-                held = None
+                held, unacknowledged = None, False
                 forward = resumed_request(request, sent_ids)
                 try:
                     async for event in self._forward(node, forward, deadline):
@@ -636,6 +640,20 @@ class ClusterBackend:
                                                first_token_at, resumed=attempt > 0 or stood_in)
                             return
                     raise _NodeGone(node, "stream ended without a result")
+                except RequestRejected as exc:
+                    # Not acknowledged (node/replication.py, node/server.py): asked again after
+                    # a pause, the node answers from the turn's record once a copy is stored;
+                    # a fenced copy waits for re-sharding, which may route elsewhere.
+                    wait_s = exc.retry_after_s or 1.0
+                    if (not not_acknowledged(exc) or attempt + 1 >= self.settings.max_attempts
+                            or (deadline is not None and time.monotonic() + wait_s >= deadline)):
+                        raise
+                    self.counters.forwarded(node, "not_acknowledged")
+                    log.warning("request %s on %s was not acknowledged after %d tokens (%s); "
+                                "asking again", request.request_id, node, len(sent_ids), exc)
+                    self.counters.retried("resume" if sent_ids else "retry")
+                    unacknowledged = True
+                    await asyncio.sleep(wait_s)
                 except (_NodeGone, grpc.aio.AioRpcError) as exc:
                     code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
                     if code is not None and code not in _RETRYABLE:

@@ -170,6 +170,11 @@ class NodeAgent:
         self._expiry = asyncio.create_task(self._expire_idle_sessions(), name="session-expiry")
         log.info("node %s joined the cluster at %s (etcd %s)", self.node_id,
                  self.server.address, self.settings.etcd)
+        if self.settings.replication_patience_s <= self.settings.lease_ttl_s:
+            log.warning("replication patience %g s is not above the lease TTL %d s: a dead "
+                        "successor stays registered for up to the TTL, and turns that find no "
+                        "other copy fail unacknowledged meanwhile",
+                        self.settings.replication_patience_s, self.settings.lease_ttl_s)
 
     async def _lease_lost(self) -> None:
         """The lease expired unseen (this node was stopped, or cut off from etcd, past its
