@@ -123,7 +123,7 @@ class GqaPrefillConfig:
     @classmethod
     def for_head_dim(cls, head_dim: int) -> GqaPrefillConfig:
         """A first guess for each head size, not yet tuned on a GPU
-        (``benchmarks/bench_prefill_gqa.py`` sweeps the choices)."""
+        (``benchmarks/bench_kernels_ab.py`` sweeps the choices)."""
         if head_dim <= 64:
             return cls()
         return cls(block_rows=64, block_n=64, num_warps=4, num_stages=3)
