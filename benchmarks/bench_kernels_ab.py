@@ -327,10 +327,12 @@ def main() -> None:
     gpu = machine().get("gpu", "cpu").replace(" ", "_").replace("/", "_")
     name = f"kernels_ab_{gpu}.json"
     results: dict = {"model": args.model}
-    results["prefill_attention_us"] = guarded("prefill attention", bench_prefill_attention, not args.skip_sweep)
+    # Kernels, then the engines, then the launch-shape sweeps: a call cut off by its time
+    # limit loses the sweeps first (each section is written as soon as it is done).
+    results["prefill_attention_us"] = guarded("prefill attention", bench_prefill_attention, False)
     results["argmax_us"] = guarded("argmax", bench_argmax)
     results["decode_attention_us"] = guarded("decode attention", bench_decode_attention)
-    results["gemv_us"] = guarded("gemv", bench_gemv, not args.skip_sweep)
+    results["gemv_us"] = guarded("gemv", bench_gemv, False)
     write(name, results)
     if not args.skip_engine:
         results["engine"] = {}
@@ -338,6 +340,11 @@ def main() -> None:
             results["engine"][label] = guarded(f"engine {label}", bench_engine, args.model, label,
                                                ENGINE_VARIANTS[label])
             write(name, results)
+    if not args.skip_sweep:
+        results["prefill_attention_sweep"] = guarded("prefill attention sweep", bench_prefill_attention, True)
+        write(name, results)
+        results["gemv_sweep"] = guarded("gemv sweep", bench_gemv, True)
+        write(name, results)
     log(f"wrote {name}")
 
 

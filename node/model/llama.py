@@ -9,6 +9,7 @@ logits reuse ``model.embed_tokens.weight``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -407,8 +408,9 @@ def _fused():
     return _FUSED_KERNELS
 
 
+@functools.cache
 def _gemv():
-    """The Triton GEMV module (imported once the fused kernels are on: Triton is there)."""
+    """The Triton GEMV module, imported on first use (the fused kernels are on: Triton is there)."""
     from ultrakv.node.model import gemv
 
     return gemv
