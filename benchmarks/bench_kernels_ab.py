@@ -102,6 +102,9 @@ PREFILL_SHAPES = {
     "turn8_eager_204_over_2096": (204, 2096, 204, 2300),
     "turn_64_over_4000": (64, 4000, 64, 4096),
     "turn_16_over_1000_bucket1024": (16, 1000, 16, 1024),
+    # A cold prompt: the backend keeps the per-head kernel; "gqa" here forces the GQA kernel,
+    # to see whether it should take cold prompts too.
+    "cold_2048": (2048, 0, 2048, 2048),
 }
 SWEPT = ("turn8_graph_224_over_2096_bucket4096", "turn_64_over_4000")
 
@@ -112,11 +115,16 @@ def bench_prefill_attention(sweep: bool) -> dict:
     for name, (new, cached, padded, bucket) in PREFILL_SHAPES.items():
         q, cache, meta = turn_case(new, cached, padded, bucket)
         row = {}
-        for kernel in ("per_head", "gqa"):
-            backend = TritonPagedBackend(prefill_kernel=kernel)
-            row[kernel] = prefill_us(backend, q, cache, meta)
-        ref = TritonPagedBackend(prefill_kernel="per_head").prefill(q, cache, meta, scale)[:new].float()
-        got = TritonPagedBackend(prefill_kernel="gqa").prefill(q, cache, meta, scale)[:new].float()
+        gqa = TritonPagedBackend(prefill_kernel="gqa")
+        per_head = TritonPagedBackend(prefill_kernel="per_head")
+
+        def forced_gqa(q=q, cache=cache, meta=meta, gqa=gqa):
+            return gqa._gqa_prefill(q, cache, meta, scale, torch.empty_like(q))
+
+        row["per_head"] = prefill_us(per_head, q, cache, meta)
+        row["gqa"] = bench_us(forced_gqa)
+        ref = per_head.prefill(q, cache, meta, scale)[:new].float()
+        got = forced_gqa()[:new].float()
         row["max_abs_diff"] = float((ref - got).abs().max())
         if sweep and name in SWEPT:
             row["sweep"] = []
