@@ -193,8 +193,9 @@ def bench_decode_attention() -> dict:
 
 
 # llama-1b's projections at one token: (name, K, N, SwiGLU fused after, norm fused before).
+# lm_head stays on cuBLAS in the model; it is timed to see whether it should not.
 GEMV_SHAPES = (("qkv", 2048, 3072, False), ("o", 2048, 2048, False), ("gate_up", 2048, 16384, True),
-               ("down", 8192, 2048, False))
+               ("down", 8192, 2048, False), ("lm_head", 2048, 128256, False))
 
 
 def bench_gemv(sweep: bool) -> dict:
