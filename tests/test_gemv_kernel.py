@@ -113,9 +113,11 @@ def test_norm_gemv_with_swiglu_equals_gate_up_then_silu_mul(dtype):
 
 @needs_kernels
 def test_engine_decoding_through_the_gemvs_equals_the_plain_projections(monkeypatch):
-    """tiny in float16 (no packed weights), batch-1 decode (one token per step: the GEMV
-    path, six launches per layer) greedy-decodes the same tokens with ``gemv=triton`` as
-    with ``gemv=cublas``, and only the first has the layers' GEMV path on."""
+    """tiny, batch-1 decode (one token per step: the GEMV path, six launches per layer)
+    greedy-decodes the same tokens with ``gemv=triton`` as with ``gemv=cublas``, and only
+    the first has the layers' GEMV path on. float32 on CUDA (the two summation orders then
+    differ far below any logit gap); float16 under the interpreter (a float32 model on a CPU
+    packs its weights, which the GEMVs do not read)."""
     from ultrakv.node import Engine, EngineConfig, SamplingParams, kernel_variants
 
     prompt = [(7 * j) % 250 + 1 for j in range(5)]
@@ -124,8 +126,8 @@ def test_engine_decoding_through_the_gemvs_equals_the_plain_projections(monkeypa
         for choice in ("triton", "cublas"):
             monkeypatch.setenv(kernel_variants.ENV, f"gemv={choice}")
             kernel_variants.current.cache_clear()
-            engine = Engine(EngineConfig(model="tiny", device=DEVICE, dtype="float16", num_blocks=64,
-                                         fused_kernels=True))
+            engine = Engine(EngineConfig(model="tiny", device=DEVICE, num_blocks=64, fused_kernels=True,
+                                         dtype="float32" if DEVICE == "cuda" else "float16"))
             assert all(layer.gemv == (choice == "triton") for layer in engine.model.model.layers)
             out = engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
             tokens[choice] = out.token_ids
