@@ -208,7 +208,9 @@ class NodeRegistration:
             if remaining <= 0:
                 return
             self._prove(sent_at, lease.ttl_s)
-            await asyncio.sleep(interval)
+            # Every third of the TTL from the last send, however long etcd took to answer:
+            # the proof runs out a TTL after that send.
+            await asyncio.sleep(max(0.0, sent_at + interval - self.clock()))
 
     async def _keep_registered(self) -> None:
         while True:
