@@ -300,6 +300,11 @@ class Engine:
                  n, t1 - t0, time.monotonic() - t1)
         self._calibrate_tiers()
 
+    def _settle_tiers(self) -> None:
+        """The KV tiers' deferred offload work (KVTiers.settle), while a step computes."""
+        with self._lock:
+            self.tiers.settle()
+
     def _calibrate_tiers(self) -> None:
         """This device's figures for loads from host memory, before the first request weighs
         load or recompute (KVTiers.calibrate, into free pool blocks given back after)."""
@@ -640,7 +645,10 @@ class Engine:
                     items = [ScheduledSeq(item.seq, 1) for item in out.scheduled]
                 else:
                     t0 = time.perf_counter()
-                    sampled_steps = [self.runner.execute(out.scheduled)]
+                    if self.tiers is None:
+                        sampled_steps = [self.runner.execute(out.scheduled)]
+                    else:  # the flush's offload is stored while the device computes the step
+                        sampled_steps = [self.runner.execute(out.scheduled, while_running=self._settle_tiers)]
                     if self.tiers is not None:  # prefill speed: what a tier load must beat
                         prompt = sum(i.num_new_tokens for i in out.scheduled if i.num_new_tokens > 1)
                         if prompt:
@@ -648,6 +656,8 @@ class Engine:
             except Exception as exc:  # a broken step must not take the node down
                 return finished + self._fail_step(out.scheduled, exc)
             with self._lock:
+                if self.tiers is not None:  # settled during the step, unless it took another path
+                    self.tiers.settle()
                 self._in_flight = set()
                 self._metrics.schedules += 1
                 rows = range(len(items))

@@ -78,8 +78,13 @@ class ModelRunner:
             self._split_argmax = SplitArgmax(device)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
-        """Run one step; returns the sampled token for each scheduled item (None: mid-prefill)."""
+    def execute(self, scheduled: list[ScheduledSeq],
+                while_running: Callable[[], None] | None = None) -> list[int | None]:
+        """Run one step; returns the sampled token for each scheduled item (None: mid-prefill).
+
+        ``while_running`` is called once the step's work is queued on the device and before
+        its tokens are waited for: host work that would otherwise sit on the step's critical
+        path (the KV tiers' offload bookkeeping) runs while the device computes."""
         rows = [i for i, item in enumerate(scheduled) if item.samples]
         graphed = self._prefill_graph_step(scheduled)
         if graphed is not None:
@@ -91,8 +96,13 @@ class ModelRunner:
             # Decode steps sample every row, and row i is token i: no gather needed.
             selected = hidden if hidden.shape[0] == len(rows) else hidden[last]
         if not rows:
+            if while_running is not None:
+                while_running()
             return [None] * len(scheduled)
-        tokens = self._sample(selected, self._sampling_for([scheduled[i] for i in rows])).tolist()
+        sampled = self._sample(selected, self._sampling_for([scheduled[i] for i in rows]))
+        if while_running is not None:
+            while_running()
+        tokens = sampled.tolist()
         out: list[int | None] = [None] * len(scheduled)
         for row, tok in zip(rows, tokens, strict=True):
             out[row] = int(tok)

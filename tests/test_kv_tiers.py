@@ -95,6 +95,7 @@ def _round_trip(caches: list[torch.Tensor], tiers: KVTiers) -> None:
     for block, h in enumerate(hashes):
         tiers.on_evict(block, h)
     tiers.flush()
+    tiers.settle()  # CUDA's path stores a flush while the next step runs
     if tiers.disk is not None:
         tiers.disk.flush()
     for c in caches:
@@ -668,9 +669,10 @@ def test_without_a_host_tier_only_blocks_the_writer_has_room_for_leave_the_pool(
 # --- batched offload and load: every block lands in its own place ----------------------------
 
 
-def test_slot_and_source_runs_group_only_adjacent_slots():
-    assert tiers_module.slot_runs([0, 1, 2, 5, 6, 9]) == [(0, 0, 3), (5, 3, 2), (9, 5, 1)]
-    assert tiers_module.slot_runs([]) == []
+def test_copy_runs_group_only_adjacent_slots_and_rows():
+    slots, rows = [0, 1, 2, 5, 6, 9, 10], [3, 4, 5, 0, 1, 2, 6]
+    assert tiers_module.pair_runs(slots, rows) == [(0, 3, 3), (5, 0, 2), (9, 2, 1), (10, 6, 1)]
+    assert tiers_module.pair_runs([], []) == []
     host, staging = tiers_module.HOST, tiers_module.STAGING
     picks = [(host, 4), (staging, 0), (host, 3), (host, 5), (staging, 1), (host, 9)]
     order, runs = tiers_module.source_runs(picks)
@@ -695,12 +697,14 @@ def _scrambled_round_trip(tmp_path: Path, batched: bool | None, stacked: bool, d
         for block, h in enumerate(range(900, 906)):  # fill the host tier's slots 0-5
             tiers.on_evict(block, h)
         tiers.flush()
+        tiers.settle()  # CUDA's path stores a flush while the step runs: here, now
         for h in (901, 903, 904):  # holes at slots 1, 3 and 4
             tiers.host.discard(h)
         order = [9, 6, 11, 7]  # pool blocks in a scrambled order, into the holes and on
         for block in order:
             tiers.on_evict(block, 1000 + block)
         tiers.flush()  # 4 blocks into 3 free slots: the tier evicts its oldest (900) to disk
+        tiers.settle()
         tiers.disk.flush()
         for c in caches:
             c.zero_()
@@ -785,6 +789,7 @@ def test_a_load_of_blocks_still_being_offloaded_waits_on_its_stream(tmp_path):
         for b, h in enumerate(hashes):
             tiers.on_evict(b, h)
         tiers.flush()
+        tiers.settle()
         assert any(tiers.host.pending_event(s) is not None for s in range(32))
         assert _planned(tiers, hashes) == 32
         assert tiers.load(hashes, list(range(63, 31, -1))) == 32  # into blocks 63..32
@@ -798,3 +803,58 @@ def test_a_load_of_blocks_still_being_offloaded_waits_on_its_stream(tmp_path):
             assert torch.equal(c[:, 32:].flip(1), o[:, :32])
     finally:
         tiers.close()
+
+
+def test_a_deferred_offload_stores_the_blocks_as_they_were_at_the_flush(tmp_path):
+    """CUDA's path: a flush only snapshots the evicted blocks, the step may then overwrite
+    them, and settle (run while the step computes) stores the snapshot, not what the pool
+    holds by then."""
+    caches = _caches(torch.float32)
+    original = [c.clone() for c in caches]
+    tiers = _tiers(caches, tmp_path, 8, disk=False, batched=True)
+    hashes = [951, 952, 953]
+    try:
+        for block, h in enumerate(hashes):
+            tiers.on_evict(block, h)
+        tiers.flush()
+        assert not any(h in tiers.host for h in hashes)  # stored later, off the critical path
+        for c in caches:
+            c.zero_()  # the step writes new tokens into the freed blocks
+        tiers.settle()
+        assert all(h in tiers.host for h in hashes) and tiers.counters.offloaded == 3
+        assert tiers.load(hashes, [5, 6, 7]) == 3
+        for c, o in zip(caches, original, strict=True):
+            assert torch.equal(c[:, 5:8], o[:, 0:3])
+    finally:
+        tiers.close()
+
+
+def test_generation_with_offloads_stored_during_the_step_equals_without(reference):
+    """The engine stores a flush's offload while the model step runs (the runner's
+    while_running hook); with CUDA's path run on CPU, generation and hits are as without."""
+    engine = _engine(kv_cpu_gib=0.01)
+    engine.tiers._batched = True  # what CUDA runs, minus the streams
+    in_step = threading.Event()
+    stored_in_step: list[bool] = []  # per settle with a flush to store: during a model step?
+    settle, execute = engine.tiers.settle, engine.runner.execute
+
+    def settle_noting() -> None:
+        if engine.tiers._unsettled is not None:
+            stored_in_step.append(in_step.is_set())
+        settle()
+
+    def execute_noting(*args, **kwargs):
+        in_step.set()
+        try:
+            return execute(*args, **kwargs)
+        finally:
+            in_step.clear()
+
+    engine.tiers.settle, engine.runner.execute = settle_noting, execute_noting
+    try:
+        tokens, cached = _run(engine)
+    finally:
+        engine.shutdown()
+    assert tokens == reference[0]
+    assert cached == [FULL] * len(PROMPTS)
+    assert stored_in_step and any(stored_in_step)

@@ -113,6 +113,16 @@ class TierCounters:
 
 
 @dataclass
+class _Snapshot:
+    """A flush's blocks on CUDA's path, gathered (rows in ``hashes`` order) and not stored
+    yet: on CUDA ``done`` marks the gather's end on the compute stream."""
+
+    hashes: list[int]
+    gathered: torch.Tensor
+    done: torch.cuda.Event | None
+
+
+@dataclass
 class _Read:
     """A disk block being read (or read) into staging slot ``slot``; the future answers
     whether the block checked out, and when the read ended."""
@@ -154,6 +164,7 @@ class KVTiers:
             self.block_bytes *= d
         self.cost = TierCostModel(self.block_bytes, identity.block_size)
         self._pending: dict[int, int] = {}  # block hash -> pool block id, to offload
+        self._unsettled: _Snapshot | None = None  # a flush's blocks not stored yet (settle)
         self._next_probe = 0.0  # time.monotonic() of the next disk probe (see prefetch)
         self._next_memory_probe = 0.0  # and of the next load from host memory (see plan)
         # On CUDA, copies to host memory (offload) and back (load) each have a stream, so a
@@ -214,16 +225,20 @@ class KVTiers:
         """Copy every block the pool let go of (or committed, write-through) to the next
         tier. Must run before anything writes into the KV caches.
 
-        Per step, not per block: the host tier reserves the batch's slots in one call, and on
-        CUDA one gather (on the compute stream) snapshots the blocks, after which the pool
-        may overwrite them; the copies to host memory run on the offload stream, in slot
-        order so that adjacent slots take one copy, with one event the slots carry until it
-        completes (whoever reads a slot waits for it then: a load on its own stream, the disk
-        writer on its thread; the engine never does). On CPU each block goes straight from
-        the caches into its slot (no gather buffer: a fresh one costs page faults). Blocks
-        bound for disk are handed to its writer thread as they lie in host memory; a block
-        the host tier evicts to make room is written to disk from its own slot, which a
-        spare slot stands in for meanwhile (node/kv/host_tier.py)."""
+        Per step, not per block. On CUDA, flush only snapshots the blocks: one gather on the
+        compute stream, after which the pool may overwrite them; the rest (:meth:`settle`:
+        host slots for the batch, copies, events, block events) is the engine's to run while
+        the model step computes on the device, off the request's critical path, and every
+        other method here settles first. Settling reserves the batch's slots in one call,
+        copies the blocks on the offload stream in slot order, adjacent slots in one copy,
+        with one event the slots carry until it completes (whoever reads a slot waits for it
+        then: a load on its own stream, the disk writer on its thread; the engine never
+        does). On CPU each block goes straight from the caches into its slot, now (no gather
+        buffer: a fresh one costs page faults). Blocks bound for disk are handed to its
+        writer thread as they lie in host memory; a block the host tier evicts to make room
+        is written to disk from its own slot, which a spare slot stands in for meanwhile
+        (node/kv/host_tier.py)."""
+        self.settle()
         while self._disk_events:
             stored, h = self._disk_events.popleft()
             self._emit(stored, h, "disk")
@@ -239,12 +254,41 @@ class KVTiers:
                 self._to_disk(hashes[:room], self._gather(ids[:room]))
                 self.counters.offloaded += len(hashes[:room])
             return
+        if self._batched:
+            gathered = self._gather(ids)
+            done = None
+            if self._stream is not None:
+                done = torch.cuda.Event()
+                done.record()
+            self._unsettled = _Snapshot(hashes, gathered, done)
+            return
+        self._store(hashes, ids)
+
+    def settle(self) -> None:
+        """Finish the last :meth:`flush`'s offload on CUDA's path (see there); nothing to do
+        otherwise. The engine calls it while the model step runs."""
+        snapshot, self._unsettled = self._unsettled, None
+        if snapshot is None:
+            return
+        if self._stream is not None:
+            self._stream.wait_event(snapshot.done)
+        self._store(snapshot.hashes, list(range(len(snapshot.hashes))), snapshot.gathered)
+
+    def _store(self, hashes: list[int], sources: list[int], gathered: torch.Tensor | None = None) -> None:
+        """Blocks ``hashes`` into the host tier from pool blocks ``sources`` (CPU) or rows
+        ``sources`` of ``gathered`` (CUDA's path), then on to disk under write-through."""
+        held = [i for i, h in enumerate(hashes) if h in self.host]
+        if held:  # already stored (evicted again before a deferred store): a use of it
+            for i in held:
+                self.host.touch(hashes[i])
+            keep = [i for i, h in enumerate(hashes) if h not in self.host]
+            hashes, sources = [hashes[i] for i in keep], [sources[i] for i in keep]
         # A batch larger than the host tier goes in parts: within one, no block of the batch
         # is evicted by another (reserve_many); a later part may evict an earlier one's,
         # whose copy is issued by then.
         cap = self.host.capacity
         for start in range(0, len(hashes), cap):
-            self._offload(hashes[start : start + cap], ids[start : start + cap])
+            self._offload(hashes[start : start + cap], sources[start : start + cap], gathered)
         if self.write_through and self.disk is not None:
             for h in hashes:
                 slot = self.host.slot_of(h)
@@ -252,9 +296,9 @@ class KVTiers:
                     self.host.hold(slot)
                     self._lend(h, slot)
 
-    def _offload(self, hashes: list[int], ids: list[int]) -> None:
-        """Pool blocks ``ids`` (at most the host tier's capacity) into the host tier as
-        ``hashes``, and what they evict on to disk."""
+    def _offload(self, hashes: list[int], sources: list[int], gathered: torch.Tensor | None) -> None:
+        """Blocks ``hashes`` (at most the host tier's capacity; pool blocks or rows of
+        ``gathered``: see :meth:`_store`) into the host tier, and what they evict on to disk."""
         slots, victims = self.host.reserve_many(hashes, keep=self._spills_to_disk)
         removed: list[int] = []
         lent: list[tuple[int, int]] = []  # (hash, slot): spilled to disk from the slot itself
@@ -266,9 +310,14 @@ class KVTiers:
                 # No spare slot to stand in (a host tier built without spares): copy it out
                 # before the slot is written again.
                 self.disk.submit(old, self.host.slot(old_slot).clone())
-        placed = sorted((slot, b, h) for h, b, slot in zip(hashes, ids, slots, strict=True) if slot is not None)
+        placed = sorted((slot, src, h) for h, src, slot in zip(hashes, sources, slots, strict=True) if slot is not None)
         if placed:
-            self._copy_out([slot for slot, _, _ in placed], [b for _, b, _ in placed])
+            slots = [slot for slot, _, _ in placed]
+            sources = [src for _, src, _ in placed]
+            if gathered is None:
+                self._copy_out(slots, sources)
+            else:
+                self._copy_rows_out(slots, sources, gathered)
         self.counters.offloaded += len(placed)
         # Stored first: a block of this batch that a later part evicted is gone at the end.
         self._emit_all(True, [h for _, _, h in placed], "cpu")
@@ -277,30 +326,31 @@ class KVTiers:
             self._lend(h, slot)
 
     def _copy_out(self, slots: list[int], block_ids: list[int]) -> None:
-        """Pool blocks ``block_ids`` into host slots ``slots`` (ascending, one per block)."""
-        data = self.host.data
-        if not self._batched:
-            host = data.view(torch.uint8)
-            if self._stacked is not None:  # a block of every layer is one strided view
-                stacked = self._stacked.view(torch.uint8)
-                for slot, b in zip(slots, block_ids, strict=True):
-                    host[slot].copy_(stacked[:, :, b])
-                return
-            caches = [c.view(torch.uint8) for c in self.kv_caches]
+        """CPU: pool blocks ``block_ids`` straight into host slots ``slots`` (one each)."""
+        host = self.host.data.view(torch.uint8)
+        if self._stacked is not None:  # a block of every layer is one strided view
+            stacked = self._stacked.view(torch.uint8)
             for slot, b in zip(slots, block_ids, strict=True):
-                torch.stack([c[:, b] for c in caches], out=host[slot])
+                host[slot].copy_(stacked[:, :, b])
             return
-        gathered = self._gather(block_ids)  # on the compute stream: the pool is free after it
+        caches = [c.view(torch.uint8) for c in self.kv_caches]
+        for slot, b in zip(slots, block_ids, strict=True):
+            torch.stack([c[:, b] for c in caches], out=host[slot])
+
+    def _copy_rows_out(self, slots: list[int], rows: list[int], gathered: torch.Tensor) -> None:
+        """Rows ``rows`` of ``gathered`` into host slots ``slots`` (ascending, one per row),
+        one copy per run where both go up by one; on CUDA on the offload stream (which
+        waited for the gather), the slots carrying its event."""
+        data = self.host.data
         off = self._stream
-        if off is None:  # CPU (tests): the same copies, synchronous
-            for slot, i, count in slot_runs(slots):
-                data[slot : slot + count].copy_(gathered[i : i + count])
+        if off is None:  # CPU (tests run CUDA's path so): the same copies, synchronous
+            for slot, row, count in pair_runs(slots, rows):
+                data[slot : slot + count].copy_(gathered[row : row + count])
             return
-        off.wait_stream(torch.cuda.current_stream(self.device))
         off.wait_stream(self._load_stream)  # loads still reading slots about to be rewritten
         with torch.cuda.stream(off):
-            for slot, i, count in slot_runs(slots):
-                data[slot : slot + count].copy_(gathered[i : i + count], non_blocking=True)
+            for slot, row, count in pair_runs(slots, rows):
+                data[slot : slot + count].copy_(gathered[row : row + count], non_blocking=True)
             event = torch.cuda.Event()
             event.record(off)
         gathered.record_stream(off)
@@ -364,6 +414,7 @@ class KVTiers:
     def _sources(self, hashes: list[int]) -> list[str]:
         """Where each block of the leading run of ``hashes`` the tiers hold would come from:
         "memory" (the host tier, or a finished read) or "disk" (a read to start or finish)."""
+        self.settle()
         sources = []
         for h in hashes:
             read = self._reads.get(h)
@@ -631,6 +682,7 @@ class KVTiers:
         loading them into the pool or counting hits (a session's export: migration,
         checkpoints, backups)."""
         self.flush()  # a block evicted a moment ago is in the host tier after this
+        self.settle()
         shape = self.block_shape(self.kv_caches)
         dtype = self.kv_caches[0].dtype
         blocks: list[torch.Tensor] = []
@@ -659,6 +711,7 @@ class KVTiers:
             return 0
         deadline = time.monotonic() + budget_s
         self.flush()
+        self.settle()
         self.disk.flush()
         todo: list[tuple[int, int | None]] = []
         if self.host is not None:
@@ -682,6 +735,7 @@ class KVTiers:
     def clear(self) -> int:
         """Drop every block of both tiers (disk files included); returns how many."""
         self._pending.clear()
+        self._unsettled = None
         self._drop_reads()
         n = 0
         if self.host is not None:
@@ -694,6 +748,7 @@ class KVTiers:
 
     def close(self) -> None:
         """Stop the readers and the disk writer (queued writes finish first)."""
+        self._unsettled = None
         if self._reader is not None:
             self._reader.shutdown(wait=True, cancel_futures=True)
             self._drop_reads()
@@ -778,16 +833,15 @@ def stacked_kv(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((len(kv_caches), *first.shape), (step, *first.stride()))
 
 
-def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
-    """``(first slot, first index, count)`` for each run of consecutive values in ``slots``
-    (ascending): the blocks at indices ``first index ..`` go to slots ``first slot ..`` in
-    one copy."""
+def pair_runs(slots: list[int], rows: list[int]) -> list[tuple[int, int, int]]:
+    """``(first slot, first row, count)`` for each run of ``(slot, row)`` pairs in which both
+    go up by one: rows ``first row ..`` go to slots ``first slot ..`` in one copy."""
     runs: list[tuple[int, int, int]] = []
-    for i, slot in enumerate(slots):
-        if runs and runs[-1][0] + runs[-1][2] == slot:
+    for slot, row in zip(slots, rows, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == slot and runs[-1][1] + runs[-1][2] == row:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:
-            runs.append((slot, i, 1))
+            runs.append((slot, row, 1))
     return runs
 
 
