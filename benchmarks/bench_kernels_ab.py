@@ -69,6 +69,18 @@ def bench_us(fn) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50)
 
 
+def host_us(fn, n: int = 200) -> float:
+    """Host time per call of ``fn`` (launches only: the GPU runs behind, unsynchronized)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
 def prefill_us(backend: TritonPagedBackend, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> float:
     return bench_us(lambda: backend.prefill(q, cache, meta, q.shape[-1] ** -0.5))
 
@@ -123,6 +135,9 @@ def bench_prefill_attention(sweep: bool) -> dict:
 
         row["per_head"] = prefill_us(per_head, q, cache, meta)
         row["gqa"] = bench_us(forced_gqa)
+        if name == "turn8_eager_204_over_2096":  # what an eager step's launches cost the host
+            row["per_head_host_us"] = host_us(lambda b=per_head, q=q, c=cache, m=meta: b.prefill(q, c, m, scale))
+            row["gqa_host_us"] = host_us(forced_gqa)
         ref = per_head.prefill(q, cache, meta, scale)[:new].float()
         got = forced_gqa()[:new].float()
         row["max_abs_diff"] = float((ref - got).abs().max())
