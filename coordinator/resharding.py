@@ -51,6 +51,11 @@ log = logging.getLogger("ultrakv.coordinator.resharding")
 
 # How long a plan waits for the listing of a node held off the ring (it may be stopped).
 OFF_RING_LISTING_S = 1.0
+# The steps of a move that are best effort (a failure is logged, and the next turn makes up
+# for it): replicating the moved history, dropping stale copies. Short and side by side: a
+# session's requests wait for its move, and one stalled successor (alive, not marked down)
+# held every move for the whole RPC timeout per step.
+BEST_EFFORT_RPC_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -206,11 +211,12 @@ class Resharder:
                 checkpoints = [c for c in held if not c.live and c.node in self._manifests]
                 newest = max(checkpoints, key=lambda c: c.turns, default=None)
                 state = await self._restore(sid, target, newest)
-            for c in held:
-                if c.live and not c.replica and c.node not in (target, best.node):
-                    await self._drop(sid, c.node)  # stale: the owner has a newer copy
-            await self.replicate(sid, state.token_ids, state.turns, state.tenant, target, ring,
-                                 state.messages)
+            stale = [c.node for c in held  # the owner has a newer copy
+                     if c.live and not c.replica and c.node not in (target, best.node)]
+            await asyncio.gather(
+                *(self._drop(sid, node) for node in stale),
+                self.replicate(sid, state.token_ids, state.turns, state.tenant, target, ring,
+                               state.messages))
             return MoveResult(replace(move, source=best.node), True, state.kv_tokens)
         except (grpc.aio.AioRpcError, OSError, ValueError, KeyError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
@@ -257,15 +263,22 @@ class Resharder:
                         owner: str, ring: HashRing,
                         messages: Sequence[tuple[str, str]] = ()) -> None:
         """Store the session's history (and chat ``messages``) on ``owner``'s ``replicas``
-        successors on ``ring`` (a failure is logged: the next turn replicates again)."""
-        for node in replica_targets(ring, session_id, owner)[:self.replicas]:
+        successors on ``ring``, side by side (a failure is logged: the next turn replicates
+        again)."""
+        request = npb.ReplicateHistoryRequest(session_id=session_id, token_ids=history,
+                                              turns=turns, tenant=tenant,
+                                              messages=chat_messages(messages))
+
+        async def one(node: str) -> None:
             try:
-                await self._stub(node).ReplicateHistory(npb.ReplicateHistoryRequest(
-                    session_id=session_id, token_ids=history, turns=turns, tenant=tenant,
-                    messages=chat_messages(messages)), timeout=self.rpc_timeout_s)
+                await self._stub(node).ReplicateHistory(
+                    request, timeout=min(BEST_EFFORT_RPC_S, self.rpc_timeout_s))
             except (grpc.aio.AioRpcError, KeyError) as exc:
                 log.warning("replicating moved session %s to %s failed: %s", session_id, node,
-                            exc)
+                            exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else exc)
+
+        await asyncio.gather(*(one(n) for n in replica_targets(ring, session_id, owner)
+                               [:self.replicas]))
 
     async def _migrate(self, session_id: str, source: Copy, target: str) -> SessionState:
         """Stream the session ``source.node`` -> ``target``, then release the source copy
@@ -345,7 +358,9 @@ class Resharder:
         try:
             await self._stub(node).DeleteSession(
                 pb.DeleteSessionRequest(session_id=session_id, any_tenant=True),
-                timeout=self.rpc_timeout_s)
+                timeout=min(BEST_EFFORT_RPC_S, self.rpc_timeout_s))
+        except KeyError:
+            return  # it left the cluster: nothing to drop
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("dropping stale copy of %s on %s: %s", session_id, node,

@@ -82,7 +82,7 @@ from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatch
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
 from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
 from ultrakv.coordinator.prefix_router import choose_node
-from ultrakv.coordinator.resharding import Move, Plan, Resharder
+from ultrakv.coordinator.resharding import Move, MoveResult, Plan, Resharder
 from ultrakv.coordinator.session_backup import SessionBackup
 from ultrakv.coordinator.session_offload import choose_stand_in, may_stand_in
 from ultrakv.v1 import node_pb2 as npb
@@ -105,6 +105,7 @@ _TOKENIZE_TIMEOUT_S = 2.0  # a node that cannot tokenize by then: route by the f
 # An owner that said its batch admits N more requests (session offload) is believed until
 # this coordinator has sent it N more, for this long at most (other coordinators send too).
 _ROOM_BELIEVED_S = 1.0
+_SLOW_REQUEST_S = 10.0  # a request that took this long has its timeline logged
 
 
 @dataclass
@@ -242,18 +243,22 @@ class SessionGate:
             await entry.done.wait()
 
     @contextlib.asynccontextmanager
-    async def turn(self, session_id: str | None) -> AsyncIterator[None]:
+    async def turn(self, session_id: str | None,
+                   wait_s: float | None = None) -> AsyncIterator[None]:
+        """Hold the session for one turn; ``TimeoutError`` when its move or the turn before
+        it is not done within ``wait_s`` (None: no bound)."""
         if session_id is None:
             yield
             return
         async with self._user(session_id) as lock:
-            while True:
-                await self.settled(session_id)
-                await lock.acquire()
-                if not self.pending(session_id):
-                    break
-                lock.release()  # a move was planned meanwhile: let it go first
-                await asyncio.sleep(0)
+            async with asyncio.timeout(wait_s):
+                while True:
+                    await self.settled(session_id)
+                    await lock.acquire()
+                    if not self.pending(session_id):
+                        break
+                    lock.release()  # a move was planned meanwhile: let it go first
+                    await asyncio.sleep(0)
             try:
                 yield
             finally:
@@ -298,6 +303,8 @@ class ClusterBackend:
         self.members: dict[str, NodeRecord] = {}
         self.inflight: dict[str, int] = {}
         self._attempts: dict[str, set[_Attempt]] = {}  # node -> its forwards in flight
+        self._moving: dict[str, set[asyncio.Timeout]] = {}  # node -> moves involving it
+        self._expedited: set[asyncio.Task] = set()  # moves a waiting turn started early
         self._failed: dict[str, float] = {}  # node -> monotonic time its forward failed
         # Session offload: node -> (until when, below which in-flight count) its answer "a
         # turn would not wait here" is believed, so an owner with room in its batch is not
@@ -349,9 +356,9 @@ class ClusterBackend:
                 log.exception("updating the routing ring failed")
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._expedited):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._expedited, return_exceptions=True)
         self._tasks.clear()
         await self.config.stop()
         await self.health.stop()
@@ -445,14 +452,34 @@ class ClusterBackend:
                 self.gate.done(move.session_id)  # superseded by the newer ring's move
             self._queued[move.session_id] = (move, plan.ring, 0)
 
+    async def _carry_out(self, move: Move, ring: HashRing) -> MoveResult:
+        """``resharder.move``, given up as soon as a node it involves is marked down: its
+        calls to a stopped node would otherwise wait out their timeouts (30 s each) while the
+        session's turns wait for the move."""
+        nodes = {move.target} | {c.node for c in move.copies if c.live}
+        try:
+            async with asyncio.timeout(None) as timeout:
+                for node in nodes:
+                    self._moving.setdefault(node, set()).add(timeout)
+                try:
+                    return await self.resharder.move(move, ring)
+                finally:
+                    for node in nodes:
+                        self._moving[node].discard(timeout)
+        except TimeoutError:
+            down = sorted(n for n in nodes if n not in self._alive())
+            log.warning("moving session %s -> %s given up: %s marked down", move.session_id,
+                        move.target, ", ".join(down) or "a node it involves was")
+            return MoveResult(move, False, error="a node it involves was marked down")
+
     async def _run_move(self, move: Move, ring: HashRing, tries: int = 0) -> None:
         retry = False
         try:
             if move.live:  # never under a running turn: it finishes, then the move decides
                 async with self.gate.lock(move.session_id):
-                    result = await self.resharder.move(move, ring)
+                    result = await self._carry_out(move, ring)
             else:  # the turn waiting on it may hold the lock
-                result = await self.resharder.move(move, ring)
+                result = await self._carry_out(move, ring)
             self.counters.moved(move.live, result.ok, result.kv_tokens)
             if result.ok:
                 log.info("session %s: %s -> %s (%s, %d KV tokens)", move.session_id,
@@ -470,13 +497,17 @@ class ClusterBackend:
             else:
                 self.gate.done(move.session_id)
 
-    async def _expedite(self, session_id: str, live: bool) -> None:
-        """A turn waits for its session's move: run it now rather than in plan order (a dead
-        node's checkpoint may list many idle sessions ahead of it)."""
+    def _expedite(self, session_id: str, live: bool) -> None:
+        """A turn waits for its session's move: start it now rather than in plan order (a
+        dead node's checkpoint may list many idle sessions ahead of it). In a task of its
+        own: a request that stops waiting (its client gone, its wait bound reached) must not
+        cut the move short."""
         queued = self._queued.get(session_id)
         if queued is not None and (live or not queued[0].live):
             del self._queued[session_id]
-            await self._run_move(*queued)
+            task = asyncio.create_task(self._run_move(*queued), name=f"move {session_id}")
+            self._expedited.add(task)
+            task.add_done_callback(self._expedited.discard)
 
     async def _mover(self) -> None:
         """Carry out plans one after another; moves of one plan run a few at a time."""
@@ -567,6 +598,18 @@ class ClusterBackend:
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
+        """Forward, relay, and on a node failure retry or resume on the new owner (see
+        ``_generate``); a request that took long has its timeline logged."""
+        timeline = _Timeline()
+        try:
+            async with contextlib.aclosing(self._generate(request, deadline, timeline)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            timeline.log_if_slow(request)
+
+    async def _generate(self, request: pb.GenerateRequest, deadline: float | None,
+                        timeline: _Timeline) -> AsyncIterator[Event]:
         """Forward, relay, and on a node failure retry or resume on the new owner.
 
         The chunk that reaches ``max_length`` is held back until the node's final message:
@@ -583,8 +626,14 @@ class ClusterBackend:
         held: pb.TokenChunk | None = None
         first_token_at = 0.0
         if sid is not None:
-            await self._expedite(sid, live=True)
-        async with self.gate.turn(sid):
+            self._expedite(sid, live=True)
+        async with contextlib.AsyncExitStack() as turn:
+            try:
+                await turn.enter_async_context(self.gate.turn(sid, self._move_wait_s(deadline)))
+            except TimeoutError:
+                raise self._still_moving(sid, started, deadline) from None
+            if sid is not None:
+                timeline.mark("session gate taken")
             plan = await self._stand_in_plan(request, sid) if sid is not None else None
             if plan is not None:  # the owner is overloaded: the node holding the prefix runs it
                 relay = _Relay()
@@ -603,9 +652,16 @@ class ClusterBackend:
             unacknowledged = False
             for attempt in range(self.settings.max_attempts):
                 if attempt > 0 and sid is not None:
-                    await self._expedite(sid, live=False)
-                    await self.gate.settled(sid, live=False)
+                    self._expedite(sid, live=False)
+                    waiting = time.monotonic()
+                    try:
+                        async with asyncio.timeout(self._move_wait_s(deadline)):
+                            await self.gate.settled(sid, live=False)
+                    except TimeoutError:
+                        raise self._still_moving(sid, waiting, deadline) from None
+                    timeline.mark("its session's restore settled")
                 node = await self.route(request)
+                timeline.mark(f"attempt {attempt + 1} on {node}")
                 if attempt > 0 and sid is not None and held is not None and not unacknowledged:
                     done = await self._completed_on(node, sid, sent_ids + list(held.token_ids))
                     if done is not None:
@@ -623,6 +679,8 @@ class ClusterBackend:
                 try:
                     async for event in self._forward(node, forward, deadline):
                         if isinstance(event, pb.TokenChunk):
+                            if not first_token_at:
+                                timeline.mark("first token")
                             first_token_at = first_token_at or time.monotonic()
                             if len(sent_ids) + len(event.token_ids) >= request.sampling.max_length:
                                 held = event
@@ -668,13 +726,37 @@ class ClusterBackend:
                                 request.request_id, node, len(sent_ids),
                                 code.name if code else exc,
                                 "resuming" if sent_ids else "retrying")
+                    timeline.mark(f"{node} failed ({code.name if code else exc})")
                     await self.node_failed(node, abandon=not isinstance(exc, _NodeGone)
                                            or exc.abandon)
+                    timeline.mark("routing ring updated")
                     if attempt + 1 < self.settings.max_attempts:
                         self.counters.retried("resume" if sent_ids else "retry")
         raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
                               f"no node completed the request in {self.settings.max_attempts} "
                               "attempts", retry_after_s=1.0)
+
+    def _move_wait_s(self, deadline: float | None) -> float:
+        """How long a request may wait for its session's move from now: as long as for a
+        first token, and not past its deadline (a stalled move must not hold its turns for
+        as long as the move's calls may take)."""
+        wait_s = self.settings.first_token_timeout_s
+        if deadline is not None:
+            wait_s = min(wait_s, deadline - time.monotonic())
+        return max(0.0, wait_s)
+
+    def _still_moving(self, sid: str, since: float,
+                      deadline: float | None) -> RequestRejected:
+        """The error of a request that waited (from ``since``) for its session's move as
+        long as it may."""
+        waited = time.monotonic() - since
+        if deadline is not None and time.monotonic() >= deadline:
+            return RequestRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                                   f"deadline passed after {waited:.1f} s waiting for session "
+                                   f"{sid} to move")
+        return RequestRejected(grpc.StatusCode.UNAVAILABLE, "",
+                               f"session {sid} is still moving after {waited:.1f} s",
+                               retry_after_s=1.0)
 
     # -- a session turn on a stand-in (coordinator/session_offload.py) ------------------------
 
@@ -785,8 +867,13 @@ class ClusterBackend:
         node = plan.owner
         for attempt in range(self.settings.max_attempts):
             if attempt:
-                await self._expedite(sid, live=False)
-                await self.gate.settled(sid, live=False)
+                self._expedite(sid, live=False)
+                waiting = time.monotonic()
+                try:
+                    async with asyncio.timeout(self._move_wait_s(None)):
+                        await self.gate.settled(sid, live=False)
+                except TimeoutError:
+                    raise self._still_moving(sid, waiting, None) from None
                 if not len(self.ring):
                     break
                 node = self.ring.lookup(sid)
@@ -905,9 +992,14 @@ class ClusterBackend:
             call.cancel()  # no-op when finished; frees the node's blocks when we stop early
 
     def _abandon(self, node: str) -> None:
-        """``node`` is down: its forwards in flight give up now and move elsewhere."""
+        """``node`` is down: its forwards in flight give up now and move elsewhere, and the
+        session moves that involve it give up (the new ring plans them again)."""
         for attempt in list(self._attempts.get(node, ())):
             attempt.abandon()
+        now = asyncio.get_running_loop().time()
+        for timeout in list(self._moving.get(node, ())):
+            if not timeout.expired():
+                timeout.reschedule(now)
 
     async def _node_stats(self, node: str) -> pb.NodeStats | None:
         try:
@@ -972,6 +1064,25 @@ class ClusterBackend:
                               ) -> ultrakv_pb2.ImportSessionsResponse:
         """A restore: each session on its current owner (coordinator/session_backup.py)."""
         return await self.backup.import_runs(runs)
+
+
+class _Timeline:
+    """What one request waited for, and when (logged when it took long, to tell a wait for a
+    session's move from a slow node or a retry)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.marks: list[tuple[float, str]] = []
+
+    def mark(self, what: str) -> None:
+        self.marks.append((time.monotonic() - self.started, what))
+
+    def log_if_slow(self, request: pb.GenerateRequest) -> None:
+        took = time.monotonic() - self.started
+        if took >= _SLOW_REQUEST_S:
+            log.warning("request %s (session %s) took %.1f s: %s", request.request_id,
+                        request.session_id or "-", took,
+                        "; ".join(f"{t:.1f} s {what}" for t, what in self.marks) or "no mark")
 
 
 @dataclass(frozen=True)
