@@ -10,7 +10,9 @@ A multi-turn trace (sessions round robin, more than the pool holds) runs with ti
 CPU tier, CPU + disk, and after a restart with the disk tier and without it; per config,
 TTFT of the returning turns and the summed time of the engine-thread spans: ``step`` (all
 of Engine.step), ``execute`` (the model step, where contention from the tiers' threads for
-the GIL shows up), ``flush`` (offload of evicted blocks), ``prefetch``, ``plan``, ``load``.
+the GIL shows up), ``flush`` (offload of evicted blocks; on CUDA only their snapshot),
+``settle`` (the rest of the offload, on CUDA inside ``execute``), ``prefetch``, ``plan``,
+``load``.
 
     python benchmarks/profile_tier_overhead.py [--disk-loses] [--label before|after]
 """
@@ -78,7 +80,7 @@ def _engine(args: argparse.Namespace, spans: Spans, **tiers) -> Engine:
         load_seconds = cost.load_seconds
         cost.load_seconds = lambda source: 1.0 if source == "disk" else load_seconds(source)
     if engine.tiers is not None:
-        for name in ("flush", "prefetch", "plan", "load"):
+        for name in ("flush", "settle", "prefetch", "plan", "load"):
             spans.wrap(engine.tiers, name, name)
     return engine
 
