@@ -4,6 +4,7 @@ recomputed (never served), unusable or full disks degrading with one logged erro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -858,3 +859,85 @@ def test_generation_with_offloads_stored_during_the_step_equals_without(referenc
     assert tokens == reference[0]
     assert cached == [FULL] * len(PROMPTS)
     assert stored_in_step and any(stored_in_step)
+
+
+class _StandInEvent:
+    """A CUDA event's part the tiers use, on CPU (everything is done at once there)."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.recorded_on = None
+
+    def record(self, stream=None) -> None:
+        self.recorded_on = stream
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return 0.01
+
+
+class _StandInStream:
+    """A CUDA stream's part the tiers use, on CPU, noting what it waited for."""
+
+    def __init__(self, device=None) -> None:
+        self.waited_events: list[_StandInEvent] = []
+        self.waited_streams: list[_StandInStream] = []
+
+    def wait_event(self, event: _StandInEvent) -> None:
+        assert isinstance(event, _StandInEvent)
+        self.waited_events.append(event)
+
+    def wait_stream(self, stream) -> None:
+        self.waited_streams.append(stream)
+
+
+def test_the_cuda_branches_run_on_cpu_with_stand_in_streams(tmp_path, monkeypatch):
+    """KVTiers' CUDA-only lines (streams, events, record_stream, pinned staging) run on CPU
+    with stand-ins for the stream and event: the scrambled batch still lands bit-exact, the
+    host slots carry the offload's event, a load of them waits for that event on the load
+    stream (not on the engine thread), and the next offload into the slots waits for the
+    load stream."""
+    main = _StandInStream()
+    monkeypatch.setattr(torch.cuda, "Event", _StandInEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", _StandInStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
+    caches = _caches(torch.float32)
+    original = [c.clone() for c in caches]
+    tiers = _tiers(caches, tmp_path, 8, disk=False)
+    offload, load = _StandInStream(), _StandInStream()
+    tiers._stream, tiers._load_stream, tiers._batched = offload, load, True
+    monkeypatch.setattr(tiers, "_index_tensor", lambda ids: torch.tensor(ids))
+    monkeypatch.setattr(tiers.host, "slot", lambda slot: pytest.fail("the engine thread waited for a slot"))
+    hashes = [961, 962, 963, 964]
+    try:
+        for block, h in enumerate([2, 0, 3, 1]):
+            tiers.on_evict(h, hashes[block])
+        tiers.flush()
+        tiers.settle()
+        events = {tiers.host.pending_event(tiers.host.slot_of(h)) for h in hashes}
+        assert len(events) == 1 and None not in events  # one event for the flush's copies
+        (event,) = events
+        assert event.recorded_on is offload and offload.waited_events  # after the gather
+        for c in caches:
+            c.zero_()
+        assert _planned(tiers, hashes) == 4 and tiers.load(hashes, [7, 6, 5, 4]) == 4
+        assert event in load.waited_events  # the offload's copies, on the load stream
+        assert main.waited_events  # and the compute stream waits for the load's copies
+        for c, o in zip(caches, original, strict=True):
+            for h, dst in zip(hashes, [7, 6, 5, 4], strict=True):
+                src = [2, 0, 3, 1][hashes.index(h)]
+                assert torch.equal(c[:, dst], o[:, src])
+        for block, h in enumerate(range(970, 978)):  # reuses every slot, some the load read
+            tiers.on_evict(block, h)
+        tiers.flush()
+        tiers.settle()
+        assert load in offload.waited_streams
+    finally:
+        tiers.close()
