@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import replace
@@ -17,6 +18,7 @@ import torch
 from peer_auth_helpers import secret_channel
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.etcd_server import free_port
+from ultrakv.cluster.membership import NodeRecord, NodeRegistration, NodeState
 from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import HashRing, replica_targets
@@ -25,7 +27,7 @@ from ultrakv.cluster.session_transfer import TransferError, chunks_to_state, sta
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.outputs import RequestOutput
 from ultrakv.node.replication import Replicator, ThrottledLog, TurnNotDurableError
-from ultrakv.node.server import BackgroundServer, ServerSettings
+from ultrakv.node.server import BackgroundServer, NodeServer, ServerSettings
 from ultrakv.node.turn_ledger import answer_for, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
@@ -521,3 +523,77 @@ def test_a_cut_holds_the_answer_to_a_turn_committed_from_a_stand_in(node):
     committer.join(timeout=30)
     node.EndCut(npb.CutRequest(cut_id="c3"), timeout=10)
     assert answers and answers[0][0] == prepared.turns + 1 and answers[0][1] > releasing
+
+
+async def test_a_turn_in_flight_when_the_lease_is_lost_is_not_acknowledged(store) -> None:
+    """Self-fencing of a turn that ran across the loss of the node's lease (real etcd; a stop
+    past the TTL mid-turn staged as the node's clock jumping and the lease gone): the node
+    registers again and
+    fences the session, and the turn is not acknowledged (UNAVAILABLE), never replicated; its
+    copy stays, held as a replica. A retry with the same request id is refused while the copy
+    is fenced, and once a coordinator settles it (a promote, as a re-sharding restore does)
+    it is answered from the turn's record: the turn is in the history once."""
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=256, max_model_len=2048))
+    server = NodeServer(engine, ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5))
+    await server.start()
+
+    async def fence() -> None:
+        await asyncio.to_thread(engine.fence_sessions, time.time() + 60)
+
+    skew = [0.0]  # the node's clock: a stop (SIGSTOP) past the TTL jumps it forward
+    registration = NodeRegistration(store, NodeRecord("node-f", server.address, os.getpid(),
+                                                      state=NodeState.SERVING), ttl_s=1,
+                                    on_lost=fence, clock=lambda: time.monotonic() + skew[0])
+    replicated: list[int] = []
+
+    async def replicate(output: RequestOutput, record) -> None:
+        replicated.append(engine.sessions.get(output.session_id).turns)
+
+    channel = grpc.aio.insecure_channel(server.address)
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    request = pb.GenerateRequest(request_id="across", session_id="in-flight",
+                                 token_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                 sampling=pb.SamplingOptions(max_length=300, temperature=0.0,
+                                                             ignore_eos=True))
+
+    async def run() -> tuple[list[int], pb.GenerateStreamResponse]:
+        ids: list[int] = []
+        call = stub.Generate(iter([pb.GenerateStreamRequest(generate=request)]), timeout=120)
+        async for message in call:
+            if message.WhichOneof("event") != "chunk":
+                return ids, message
+            ids.extend(message.chunk.token_ids)
+            if registration.registrations == 1:  # the node stops past its TTL, mid-turn:
+                skew[0] = 5.0  # its proof has run out, and etcd expired the lease meanwhile
+                await store.revoke_lease(registration.lease.id)
+                for _ in range(200):  # the keepalive hears of it and registers again
+                    if registration.registrations == 2:
+                        break
+                    await asyncio.sleep(0.05)
+        raise AssertionError("the stream ended without a final message")
+
+    try:
+        await registration.register()
+        server.backend.registration = registration
+        server.backend.lease_patience_s = 5.0
+        server.backend.on_turn_complete = replicate
+        streamed, end = await run()
+        assert registration.registrations == 2
+        assert end.WhichOneof("event") == "error" and end.error.code == "UNAVAILABLE", end
+        assert "lost its cluster lease while the turn ran" in end.error.message
+        assert not replicated, "a turn taken before the lease was lost was acknowledged"
+        info = engine.get_session("in-flight")
+        assert info.replica and info.turns == 1 and engine.session_fenced("in-flight")
+        _, refused = await run()
+        assert refused.WhichOneof("event") == "error" and refused.error.code == "UNAVAILABLE"
+        assert "lost its cluster lease while it held the session" in refused.error.message
+        assert engine.promote_replica("in-flight")  # settled by a coordinator
+        again, answered = await run()
+        assert answered.WhichOneof("event") == "result", answered
+        assert list(answered.result.token_ids) == again and again[:len(streamed)] == streamed
+        assert replicated == [1] and engine.get_session("in-flight").turns == 1
+    finally:
+        await channel.close()
+        await registration.deregister()
+        await server.stop()
+        engine.shutdown()
