@@ -235,31 +235,49 @@ def report(records: list[Record], seconds: float, slo_ttft_s: float, slo_tpot_s:
     }
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (Linux /proc): unlike wall time, it
-    hardly depends on what else the machine runs."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu_s(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds a process (or one of its threads) has used (Linux /proc):
+    unlike wall time, it hardly depends on what else the machine runs."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_clocks(servers: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each server process, of a node's main thread (its event loop:
+    the gRPC servicers, everything a token costs the node besides the engine thread) and of
+    this process (the client)."""
+    clocks = {name: process_cpu_s(pid) for name, pid in servers.items()}
+    if "node" in servers:
+        clocks["node_event_loop"] = process_cpu_s(servers["node"], servers["node"])
+    clocks["client"] = process_cpu_s(os.getpid())
+    return clocks
 
 
 # --- main -------------------------------------------------------------------------------------
 
 
-async def run_path(path, args, vocab: int, server_pid: int | None = None) -> dict:
-    """The path's runs; with ``server_pid`` (a node process) each run also reports the CPU
-    time that process spent per 1000 output tokens, the wire's cost that load hardly blurs."""
+async def run_path(path, args, vocab: int, servers: dict[str, int] | None = None) -> dict:
+    """The path's runs. Each also reports the CPU time per 1000 output tokens of the
+    ``servers`` (name -> pid: the node, the coordinator; for the engine path, the benchmark
+    process holding the engine) and of this process (the client; it includes the engine on
+    the engine path): the wire's cost that load hardly blurs. ``server_cpu_s_per_1k_tokens``
+    is the servers' sum."""
+    servers = servers or {}
     results: dict[str, dict] = {"load_average_before": load_average()}
     slo = (args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)
     # Warm the path (connections, graphs, kernels) on a workload of its own, untimed.
     await closed_loop(path, workload(4, 1, vocab, 999, (8, 64), (4, 8)), 4)
     for i, c in enumerate(args.concurrency):
         convs = workload(args.sessions, args.turns, vocab, 100 + i, tuple(args.user_tokens), tuple(args.output_tokens))
-        cpu0 = process_cpu_s(server_pid) if server_pid else 0.0
+        cpu0 = cpu_clocks(servers)
         records, secs = await closed_loop(path, convs, c)
         results[f"concurrency_{c}"] = report(records, secs, *slo)
-        if server_pid:
-            results[f"concurrency_{c}"]["server_cpu_s_per_1k_tokens"] = (
-                1000 * (process_cpu_s(server_pid) - cpu0) / max(1, sum(r.tokens for r in records)))
+        tokens = max(1, sum(r.tokens for r in records))
+        per_1k = {name: 1000 * (t - cpu0[name]) / tokens for name, t in cpu_clocks(servers).items()}
+        results[f"concurrency_{c}"]["cpu_s_per_1k_tokens"] = per_1k
+        if servers:
+            results[f"concurrency_{c}"]["server_cpu_s_per_1k_tokens"] = sum(per_1k[n] for n in servers)
         print(f"{path.name:12s} concurrency {c:4d}: {results[f'concurrency_{c}']['output_tokens_per_s']:9.1f} tok/s"
               f"  TTFT p50 {results[f'concurrency_{c}']['ttft_ms']['p50']:7.1f} ms", flush=True)
     for i, rate in enumerate(args.rates):
@@ -308,7 +326,7 @@ async def main_async(args) -> dict:
         engine = Engine(EngineConfig(**cfg))
         engine.warmup()
         vocab = engine.model_config.vocab_size
-        out["engine"] = await run_path(EnginePath(engine), args, vocab, os.getpid())  # + the client's share
+        out["engine"] = await run_path(EnginePath(engine), args, vocab, {"engine": os.getpid()})  # + the client
         engine.shutdown()
         del engine
         with contextlib.suppress(Exception):
@@ -323,7 +341,7 @@ async def main_async(args) -> dict:
         try:
             await asyncio.to_thread(_wait_ready, f"127.0.0.1:{port}", proc)
             async with AsyncClient(f"127.0.0.1:{port}", timeout=600) as client:
-                out["node"] = await run_path(GrpcPath("node", client), args, vocab, proc.pid)
+                out["node"] = await run_path(GrpcPath("node", client), args, vocab, {"node": proc.pid})
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -338,7 +356,7 @@ async def main_async(args) -> dict:
             limits = httpx.Limits(max_connections=max([*args.concurrency, 64]) * 2)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=600,
                                          limits=limits) as client:
-                out["http"] = await run_path(HttpPath(client), args, vocab, proc.pid)
+                out["http"] = await run_path(HttpPath(client), args, vocab, {"node": proc.pid})
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -348,8 +366,9 @@ async def main_async(args) -> dict:
                                port=0, node_args=args.node_args, startup_timeout_s=600,
                                log_dir=Path(tmp) / "logs" if args.quiet else None)
             with LocalCluster(spec) as cluster:
+                servers = {"node": next(iter(cluster.nodes.values())).pid, "coordinator": cluster.coordinator.pid}
                 async with AsyncClient(cluster.address, timeout=600) as client:
-                    out["coordinator"] = await run_path(GrpcPath("coordinator", client), args, vocab)
+                    out["coordinator"] = await run_path(GrpcPath("coordinator", client), args, vocab, servers)
     return out
 
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -46,6 +46,12 @@ ULTRAKV_SERVICE = "ultrakv.v1.UltraKV"
 Event = pb.TokenChunk | pb.GenerateResult
 
 
+class TokenSink(Protocol):
+    """Where a backend pushes a request's new tokens, in order, on the event loop."""
+
+    def chunk(self, token_ids: Sequence[int], text: str) -> None: ...
+
+
 class ServingBackend(Protocol):
     """What the client-facing service needs from whatever serves requests.
 
@@ -53,10 +59,20 @@ class ServingBackend(Protocol):
     final result. Closing the iterator early (cancel, disconnect) must abort the request and
     free its blocks. Errors are raised as node errors (node/errors.py), RequestRejected or
     ValueError; the servicer maps them to statuses.
+
+    ``generate_into`` serves the same request pushed: each chunk's ids and text go to
+    ``sink`` as they come, and the final result (None: the request ended without one) is
+    returned; cancelling it aborts the request. A Generate stream runs on it, so a backend
+    that has tokens in a callback (a node's engine) hands them over without a task switch
+    or a protobuf per token. A backend implements one of the two and derives the other
+    (:func:`events_of`, :func:`push_events`).
     """
 
     def generate(self, request: pb.GenerateRequest,
                  deadline: float | None) -> AsyncIterator[Event]: ...
+
+    async def generate_into(self, request: pb.GenerateRequest, deadline: float | None,
+                            sink: TokenSink) -> pb.GenerateResult | None: ...
 
     async def stats(self) -> pb.StatsResponse: ...
 
@@ -81,33 +97,88 @@ class ServingBackend(Protocol):
 # --- the Generate stream ---------------------------------------------------------------------
 
 
+async def push_events(events: AsyncIterator[Event], sink: TokenSink) -> pb.GenerateResult | None:
+    """``generate_into`` over a ``generate``: the chunks of ``events`` into ``sink``, then
+    their result."""
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, pb.TokenChunk):
+                sink.chunk(event.token_ids, event.text)
+            else:
+                return event
+    return None
+
+
+class _QueueSink:
+    def __init__(self, queue: asyncio.Queue[pb.TokenChunk | None]) -> None:
+        self.queue = queue
+
+    def chunk(self, token_ids: Sequence[int], text: str) -> None:
+        self.queue.put_nowait(pb.TokenChunk(text=text, token_ids=token_ids))
+
+
+async def events_of(generate_into: Callable[[TokenSink], Awaitable[pb.GenerateResult | None]]
+                    ) -> AsyncIterator[Event]:
+    """``generate`` over a ``generate_into`` (given its sink): the pushed chunks, then the
+    result; closing the iterator early cancels the request."""
+    queue: asyncio.Queue[pb.TokenChunk | None] = asyncio.Queue()
+    task = asyncio.ensure_future(generate_into(_QueueSink(queue)))
+    task.add_done_callback(lambda _: queue.put_nowait(None))  # after every chunk it pushed
+    try:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+        result = task.result()  # raises the request's error
+        if result is not None:
+            yield result
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class _PendingChunk:
+    """The not-yet-sent tokens of one request, kept as Python values until written."""
+
+    __slots__ = ("request_id", "token_ids", "texts")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.token_ids: list[int] = []
+        self.texts: list[str] = []
+
+    def message(self) -> pb.GenerateStreamResponse:
+        return pb.GenerateStreamResponse(request_id=self.request_id, chunk=pb.TokenChunk(
+            text="".join(self.texts), token_ids=self.token_ids))
+
+
 class Outbox:
     """Outgoing messages of one Generate stream, in order, merging the not-yet-sent chunks of
-    a request: when the reader is slower than the engine, several deltas leave as one chunk."""
+    a request: when the reader is slower than the engine, several deltas leave as one chunk.
+    A pending chunk becomes a protobuf only when it is written."""
 
     def __init__(self) -> None:
-        self._queue: OrderedDict[int, pb.GenerateStreamResponse] = OrderedDict()
+        self._queue: OrderedDict[int, pb.GenerateStreamResponse | _PendingChunk] = OrderedDict()
         self._open_chunk: dict[str, int] = {}  # request id -> key of its unsent chunk
         self._next = 0
         self._ready = asyncio.Event()
         self._final = asyncio.Event()  # a result or an error is waiting
 
-    def put_chunk(self, request_id: str, chunk: pb.TokenChunk) -> None:
+    def put_chunk(self, request_id: str, token_ids: Sequence[int], text: str) -> None:
         key = self._open_chunk.get(request_id)
-        if key is not None and key in self._queue:
-            pending = self._queue[key].chunk
-            pending.text += chunk.text
-            pending.token_ids.extend(chunk.token_ids)
-            return
-        self._open_chunk[request_id] = self._push(
-            pb.GenerateStreamResponse(request_id=request_id, chunk=chunk))
+        pending = self._queue.get(key) if key is not None else None
+        if pending is None:
+            pending = _PendingChunk(request_id)
+            self._open_chunk[request_id] = self._push(pending)
+        pending.token_ids.extend(token_ids)
+        pending.texts.append(text)
 
     def put_final(self, message: pb.GenerateStreamResponse) -> None:
         self._open_chunk.pop(message.request_id, None)
         self._push(message)
         self._final.set()
 
-    def _push(self, message: pb.GenerateStreamResponse) -> int:
+    def _push(self, message: pb.GenerateStreamResponse | _PendingChunk) -> int:
         key = self._next
         self._next += 1
         self._queue[key] = message
@@ -117,7 +188,8 @@ class Outbox:
     def pop(self) -> pb.GenerateStreamResponse | None:
         if not self._queue:
             return None
-        return self._queue.popitem(last=False)[1]
+        message = self._queue.popitem(last=False)[1]
+        return message.message() if isinstance(message, _PendingChunk) else message
 
     async def wait(self) -> None:
         await self._ready.wait()
@@ -181,6 +253,24 @@ class StreamPacer:
         return min(self.max_s, max(self.floor_s, self.streams / self.messages_per_s))
 
 
+class _StreamSink:
+    """A request's tokens on their way into a stream's outbox, and all it was sent so far
+    (a cancelled request's result carries them)."""
+
+    __slots__ = ("outbox", "request_id", "token_ids", "texts")
+
+    def __init__(self, outbox: Outbox, request_id: str) -> None:
+        self.outbox = outbox
+        self.request_id = request_id
+        self.token_ids: list[int] = []
+        self.texts: list[str] = []
+
+    def chunk(self, token_ids: Sequence[int], text: str) -> None:
+        self.token_ids.extend(token_ids)
+        self.texts.append(text)
+        self.outbox.put_chunk(self.request_id, token_ids, text)
+
+
 async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                                 requests: AsyncIterator[Any],
                                 context: grpc.aio.ServicerContext,
@@ -211,24 +301,18 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
 
     async def run(request: pb.GenerateRequest) -> None:
         rid = request.request_id
-        sent_ids: list[int] = []
-        sent_text: list[str] = []
+        sent = _StreamSink(outbox, rid)
         try:
-            async with contextlib.aclosing(backend.generate(request, rpc_deadline)) as events:
-                async for event in events:
-                    if isinstance(event, pb.TokenChunk):
-                        sent_ids.extend(event.token_ids)
-                        sent_text.append(event.text)
-                        outbox.put_chunk(rid, event)
-                    else:
-                        outbox.put_final(pb.GenerateStreamResponse(request_id=rid, result=event))
+            result = await backend.generate_into(request, rpc_deadline, sent)
+            if result is not None:
+                outbox.put_final(pb.GenerateStreamResponse(request_id=rid, result=result))
         except asyncio.CancelledError:
             if rid not in cancelled:
                 raise  # the whole stream is going away
             outbox.put_final(pb.GenerateStreamResponse(request_id=rid, result=pb.GenerateResult(
-                request_id=rid, session_id=request.session_id, text="".join(sent_text),
-                token_ids=sent_ids, finish_reason=pb.FINISH_REASON_ABORT,
-                usage=pb.Usage(completion_tokens=len(sent_ids)))))
+                request_id=rid, session_id=request.session_id, text="".join(sent.texts),
+                token_ids=sent.token_ids, finish_reason=pb.FINISH_REASON_ABORT,
+                usage=pb.Usage(completion_tokens=len(sent.token_ids)))))
         except Exception as exc:  # a failing request must not end the stream
             outbox.put_final(_error_response(rid, rejection_from_error(exc)))
             if not isinstance(exc, (RequestRejected, ValueError, LookupError)):

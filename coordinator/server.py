@@ -45,6 +45,7 @@ from ultrakv.cluster.addresses import (
 from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.health_service import HealthService
+from ultrakv.cluster.heap import freeze_startup_heap
 from ultrakv.cluster.membership import (
     NODES_PREFIX,
     MembershipWatcher,
@@ -70,8 +71,10 @@ from ultrakv.cluster.security.tls import server_credentials
 from ultrakv.cluster.service import (
     ULTRAKV_SERVICE,
     Event,
+    TokenSink,
     UltraKVServicer,
     add_servicer,
+    push_events,
 )
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
 from ultrakv.cluster.transport import exposure_warnings, server_options
@@ -595,6 +598,11 @@ class ClusterBackend:
         return key
 
     # -- ServingBackend -----------------------------------------------------------------------
+
+    async def generate_into(self, request: pb.GenerateRequest, deadline: float | None,
+                            sink: TokenSink) -> pb.GenerateResult | None:
+        """:meth:`generate`, pushed into a Generate stream's ``sink``."""
+        return await push_events(self.generate(request, deadline), sink)
 
     async def generate(self, request: pb.GenerateRequest,
                        deadline: float | None) -> AsyncIterator[Event]:
@@ -1253,6 +1261,7 @@ async def serve_coordinator(settings: CoordinatorSettings) -> None:
     """Run a coordinator until SIGINT/SIGTERM."""
     server = CoordinatorServer(settings)
     await server.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from grpc_health.v1 import health_pb2
 from ultrakv.cluster.checkpoint import load_manifest
+from ultrakv.cluster.heap import freeze_startup_heap
 from ultrakv.cluster.membership import (
     DEFAULT_TTL_S,
     NODES_PREFIX,
@@ -244,6 +245,7 @@ async def serve_node_in_cluster(engine, server, settings: AgentSettings) -> None
     except BaseException:
         await server.stop()
         raise
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -42,6 +42,7 @@ from ultrakv.cluster.errors import (
     SessionSupersededError,
 )
 from ultrakv.cluster.health_service import HealthService
+from ultrakv.cluster.heap import freeze_startup_heap
 from ultrakv.cluster.metrics_http import serve_metrics
 from ultrakv.cluster.openai_api import ApiHost, HttpServer, TlsFiles
 from ultrakv.cluster.peer_auth import ClusterSecretInterceptor, read_cluster_secret
@@ -54,9 +55,11 @@ from ultrakv.cluster.service import (
     DEFAULT_FLUSH_INTERVAL_S,
     ULTRAKV_SERVICE,
     Event,
+    TokenSink,
     UltraKVServicer,
     abort_with,
     add_servicer,
+    events_of,
     unary,
 )
 from ultrakv.cluster.session_transfer import (
@@ -225,12 +228,12 @@ class NodeFencedError(RequestRejected):
 HEARTBEAT_S = 0.25
 
 
-async def _with_heartbeats(work: Awaitable[None], events: asyncio.Queue) -> None:
-    """Await ``work``, putting an empty TokenChunk on ``events`` every ``HEARTBEAT_S``."""
+async def _with_heartbeats(work: Awaitable[None], sink: TokenSink) -> None:
+    """Await ``work``, pushing an empty chunk into ``sink`` every ``HEARTBEAT_S``."""
     task = asyncio.ensure_future(work)
     try:
         while not (await asyncio.wait({task}, timeout=HEARTBEAT_S))[0]:
-            events.put_nowait(pb.TokenChunk())
+            sink.chunk((), "")
     finally:
         if not task.done():
             task.cancel()
@@ -264,8 +267,13 @@ class LocalBackend:
         self.lease_patience_s = 10.0
         self.replication: ReplicationStats | None = None  # the agent's counters, for stats
 
-    async def generate(self, request: pb.GenerateRequest,
-                       deadline: float | None) -> AsyncIterator[Event]:
+    def generate(self, request: pb.GenerateRequest,
+                 deadline: float | None) -> AsyncIterator[Event]:
+        """The pulled form of :meth:`generate_into` (unary calls, the OpenAI API)."""
+        return events_of(lambda sink: self.generate_into(request, deadline, sink))
+
+    async def generate_into(self, request: pb.GenerateRequest, deadline: float | None,
+                            sink: TokenSink) -> pb.GenerateResult | None:
         req = engine_request(request, deadline)
         self.engine.validate(req)
         incarnation = await self._lease_incarnation() if req.session_id is not None else None
@@ -273,32 +281,31 @@ class LocalBackend:
         if key is not None:  # a retry of a turn taken already (here or by a predecessor)
             answer = await self._recorded_answer(key, request)
             if answer is not None:
-                yield pb.TokenChunk(text=answer.text, token_ids=answer.token_ids)
-                yield answer
-                return
+                sink.chunk(answer.token_ids, answer.text)
+                return answer
             # An earlier attempt whose caller went away is aborted, but stays in the engine
             # (holding the request id and the session) until the step computing it ends.
             deadline_s = time.monotonic() + 10.0
             while self.engine.abort(req.request_id) and time.monotonic() < deadline_s:
                 await asyncio.sleep(0.01)
             self.ledger.begin(key)
-        # Deltas become wire events in the engine's mailbox callback (no task per request
-        # between the engine and the stream). The end of the turn runs in a task of its own:
-        # when the caller goes away after the engine finished the turn (the turn is in the
-        # history) but before the final message reached it, the task still replicates and
-        # records the turn.
-        events: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
+        # Deltas go to the sink in the engine's mailbox callback (one wakeup of this loop per
+        # engine step for all requests; no task switch or protobuf per token). The end of the
+        # turn runs in a task of its own: when the caller goes away after the engine finished
+        # the turn (the turn is in the history) but before the result reached it, the task
+        # still replicates and records the turn.
+        outcome: asyncio.Future[pb.GenerateResult | None] = asyncio.get_running_loop().create_future()
         finished = False
         resumed = list(request.resume_token_ids)
 
         def on_delta(delta: StreamDelta) -> None:
             nonlocal finished
             if delta.token_ids or delta.text:
-                events.put_nowait(pb.TokenChunk(text=delta.text, token_ids=delta.token_ids))
+                sink.chunk(delta.token_ids, delta.text)
             if delta.finished:
                 finished = True
-                task = asyncio.create_task(self._complete(delta.output, key, resumed, events,
-                                                          incarnation))
+                task = asyncio.create_task(self._complete(delta.output, key, resumed, sink,
+                                                          outcome, incarnation))
                 self._completing.add(task)  # the loop holds tasks weakly
                 task.add_done_callback(self._completing.discard)
 
@@ -309,10 +316,7 @@ class LocalBackend:
                 self.ledger.end(key, None)
             raise
         try:
-            while (event := await events.get()) is not None:
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
+            return await outcome
         finally:
             if not finished:  # cancelled or disconnected: free the blocks now
                 self.engine.abort(req.request_id)
@@ -375,14 +379,16 @@ class LocalBackend:
 
     async def _complete(self, out: RequestOutput | None, key: TurnKey | None,
                         resumed: list[int],
-                        events: asyncio.Queue[Event | BaseException | None],
+                        sink: TokenSink, outcome: asyncio.Future[pb.GenerateResult | None],
                         incarnation: int | None = None) -> None:
-        """The end of a turn: replicate a completed one, then the result and the end mark.
+        """The end of a turn: replicate a completed one, then the result (``outcome``; its
+        caller may have gone, cancelling it).
 
         A turn whose replication a successor refuses because it owns the session now (this
         node was taken off the ring, and the session moved on without it) is not
         acknowledged: the caller gets SessionSupersededError, and this stale copy goes."""
         recorded: TurnRecord | None = None
+        result: pb.GenerateResult | None = None
         try:
             if out is not None:
                 result = result_message(out, self.identity.node_id)
@@ -391,7 +397,7 @@ class LocalBackend:
                     self._unconfirmed.pop(out.session_id, None)
                     try:
                         await _with_heartbeats(self._replicate(out, recorded, incarnation),
-                                               events)
+                                               sink)
                     except SessionSupersededError:
                         recorded = None
                         raise
@@ -400,12 +406,13 @@ class LocalBackend:
                             self._unconfirmed[out.session_id] = recorded.key
                         raise
                     await self.cuts.results_may_go()  # a backup's cut is being taken
-                events.put_nowait(result)
-            events.put_nowait(None)
+            if not outcome.done():
+                outcome.set_result(result)
         except Exception as exc:  # the caller raises it
-            events.put_nowait(exc)
+            if not outcome.done():
+                outcome.set_exception(exc)
         except asyncio.CancelledError:  # the server is stopping: the caller must not wait on
-            events.put_nowait(asyncio.CancelledError())
+            outcome.cancel()
             raise
         finally:
             if key is not None:
@@ -1044,6 +1051,7 @@ class NodeServer:
 async def serve_until_signalled(server: NodeServer) -> None:
     """Start ``server``, run until SIGINT/SIGTERM, then stop it cleanly."""
     await server.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

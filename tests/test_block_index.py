@@ -116,6 +116,18 @@ def test_a_subscriber_older_than_the_kept_events_gets_a_snapshot():
     assert batches[0].reset and index.num_blocks("n1") == 10
 
 
+def test_a_full_log_owes_a_subscriber_exactly_the_events_after_its_cursor():
+    log = BlockEventLog(BS, max_events=4)
+    for h in range(10):  # the log keeps events 7..10
+        log(True, [h], "gpu")
+    for since in (6, 8, 9):
+        (delta,) = log.read(log.epoch, since)
+        assert not delta.snapshot
+        assert [e.seq for e in delta.events] == list(range(since + 1, 11))
+        assert [e.hashes for e in delta.events] == [(h,) for h in range(since, 10)]
+    assert log.read(log.epoch, 10) == []
+
+
 def test_a_dropped_node_leaves_the_index():
     index = BlockIndex()
     for node in ("n1", "n2"):

@@ -272,7 +272,7 @@ async def test_outbox_gather_ends_when_a_final_message_comes():
     from ultrakv.cluster.service import Outbox
 
     box = Outbox()
-    box.put_chunk("a", pb.TokenChunk(text="x", token_ids=[1]))
+    box.put_chunk("a", [1], "x")
     box.pop()  # written: the stream now lets tokens gather
     gathering = asyncio.create_task(box.gather(3600.0))
     await asyncio.sleep(0)  # it waits now
@@ -285,18 +285,18 @@ def test_outbox_merges_unsent_chunks_of_a_request():
     from ultrakv.cluster.service import Outbox
 
     box = Outbox()
-    box.put_chunk("a", pb.TokenChunk(text="x", token_ids=[1]))
-    box.put_chunk("b", pb.TokenChunk(text="p", token_ids=[7]))
-    box.put_chunk("a", pb.TokenChunk(text="y", token_ids=[2]))
+    box.put_chunk("a", [1], "x")
+    box.put_chunk("b", [7], "p")
+    box.put_chunk("a", [2], "y")
     box.put_final(pb.GenerateStreamResponse(request_id="a", result=pb.GenerateResult()))
-    box.put_chunk("b", pb.TokenChunk(text="q", token_ids=[8]))
+    box.put_chunk("b", [8], "q")
     out = [box.pop() for _ in range(3)]
     assert (out[0].request_id, out[0].chunk.text, list(out[0].chunk.token_ids)) == ("a", "xy",
                                                                                    [1, 2])
     assert (out[1].request_id, out[1].chunk.text, list(out[1].chunk.token_ids)) == ("b", "pq",
                                                                                    [7, 8])
     assert out[2].WhichOneof("event") == "result" and box.pop() is None
-    box.put_chunk("a", pb.TokenChunk(text="z", token_ids=[3]))  # after a pop: a new message
+    box.put_chunk("a", [3], "z")  # after a pop: a new message
     assert box.pop().chunk.text == "z"
 
 

@@ -79,8 +79,12 @@ class BlockEventLog:
                 return []
             oldest = self._events[0].seq if self._events else self._seq + 1
             if epoch == self.epoch and oldest - 1 <= since < self._seq:
+                # The log's numbers run without a gap to its newest, so the events owed are
+                # its last ``seq - since``: taken from the end, not by scanning all of it
+                # (a read follows every change, and the log holds thousands).
+                owed = self._seq - since
                 return delta_batches(self.epoch, self.block_size, self.chain_root,
-                                     [e for e in self._events if e.seq > since])
+                                     [self._events[i] for i in range(-owed, 0)])
             held = {tier: sorted(hashes) for tier, hashes in self._held.items()}
             return snapshot_batches(self.epoch, self._seq, self.block_size, self.chain_root, held)
 
