@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ultrakv.client import AsyncClient, Client, RequestError
-from ultrakv.cluster.validation import Limits
-from ultrakv.node import Engine, EngineConfig
+from ultrakv.cluster.validation import Limits, validate_generate
+from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.server import BackgroundServer, ServerSettings
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2_grpc
@@ -253,6 +253,61 @@ def test_fast_tokens_are_coalesced_into_fewer_chunks(stub):
     assert [t for c in chunks for t in c.token_ids] == list(messages[-1].result.token_ids)
     assert len(messages[-1].result.token_ids) == n
     assert len(chunks) < 0.8 * n  # several tokens per message, not one message per token
+
+
+class _Collected:
+    """A TokenSink that keeps what it was pushed."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.texts: list[str] = []
+
+    def chunk(self, token_ids, text: str) -> None:
+        self.token_ids.extend(token_ids)
+        self.texts.append(text)
+
+
+async def test_a_pushed_request_gives_its_sink_every_token_once_in_order(engine):
+    from ultrakv.node.server import LocalBackend
+
+    backend = LocalBackend(engine)
+    request = validate_generate(pb.GenerateRequest(
+        request_id="pushed", token_ids=pb.TokenIds(ids=[5, 9, 13, 21]),
+        sampling=pb.SamplingOptions(max_length=40, temperature=0.0, ignore_eos=True)), Limits())
+    sink = _Collected()
+    result = await backend.generate_into(request, None, sink)
+    want = engine.generate([[5, 9, 13, 21]], SamplingParams(max_tokens=40, temperature=0.0,
+                                                            ignore_eos=True))[0]
+    assert sink.token_ids == list(result.token_ids) == want.token_ids
+    assert "".join(sink.texts) == result.text
+    assert result.usage.completion_tokens == 40
+    # The pulled form (unary calls, the OpenAI API) yields the same chunks, then the result.
+    request.request_id = "pulled"
+    events = [e async for e in backend.generate(request, None)]
+    assert isinstance(events[-1], pb.GenerateResult)
+    assert [t for e in events[:-1] for t in e.token_ids] == want.token_ids
+
+
+async def test_a_pulled_request_left_early_is_aborted(engine):
+    from ultrakv.node.server import LocalBackend
+
+    backend = LocalBackend(engine)
+    request = validate_generate(pb.GenerateRequest(
+        request_id="left", text="count to a thousand",
+        sampling=pb.SamplingOptions(max_length=LONG, temperature=0.0, ignore_eos=True)), Limits())
+    events = backend.generate(request, None)
+    first = await anext(events)
+    assert isinstance(first, pb.TokenChunk) and first.token_ids
+    await events.aclose()  # the caller goes away: the request must leave the engine
+
+    def in_engine() -> int:
+        requests = engine.stats()["requests"]
+        return requests["running"] + requests["waiting"]
+
+    deadline = time.monotonic() + 60
+    while in_engine() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert in_engine() == 0  # aborted, not generating its LONG tokens for nobody
 
 
 def test_stream_pacer_waits_longer_with_many_streams_and_never_past_its_cap():
