@@ -21,6 +21,7 @@ import yaml
 from fault_workload import ConversationLoad
 from ultrakv.client import AsyncClient
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
+from ultrakv.client.supervision import RestartPolicy
 from ultrakv.cluster.store import EtcdStore
 
 
@@ -44,6 +45,10 @@ def soak_spec(data_dir: Path, budget: SoakBudget, nodes: int = 2, coordinators: 
     return ClusterSpec(nodes=nodes, coordinators=coordinators, data_dir=data_dir, port=0,
                        device="cpu", num_blocks=num_blocks, lease_ttl_s=2,
                        checkpoint_interval_s=1.0, log_dir=data_dir / "logs",
+                       # supervised: on a loaded machine a coordinator may give up on etcd
+                       # while both start (status 2), and is started again
+                       restart=RestartPolicy(initial_backoff_s=0.2, max_backoff_s=2.0,
+                                             max_restarts=10, window_s=600),
                        node_args=["--config", str(config),
                                   "--checkpoint-max-bytes", str(budget.checkpoint_max_bytes)])
 
