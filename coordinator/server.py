@@ -172,6 +172,7 @@ class _Pending:
     """Moves planned for one session and not done yet."""
 
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    turned_live: asyncio.Event = field(default_factory=asyncio.Event)  # a live move joined
     moves: int = 0
     live: bool = False
 
@@ -225,7 +226,9 @@ class SessionGate:
         for sid, live in moves:
             entry = self._pending.setdefault(sid, _Pending())
             entry.moves += 1
-            entry.live = entry.live or live
+            if live and not entry.live:
+                entry.live = True
+                entry.turned_live.set()
 
     def done(self, session_id: str) -> None:
         """One planned move of the session finished (two ring changes may plan two)."""
@@ -241,9 +244,23 @@ class SessionGate:
 
     async def settled(self, session_id: str, live: bool = True) -> None:
         """Wait for the session's pending move (only a restore when ``live`` is False: a turn
-        that holds the lock must not wait for a live move, which waits for the lock)."""
+        that holds the lock must not wait for a live move, which waits for the lock; nor for
+        a restore that a live move joins while it waits, which ends with the live move)."""
         while (entry := self._pending.get(session_id)) is not None and (live or not entry.live):
-            await entry.done.wait()
+            if live:
+                await entry.done.wait()
+                continue
+            waits = [asyncio.ensure_future(e.wait()) for e in (entry.done, entry.turned_live)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    def awaited(self, session_id: str) -> bool:
+        """Whether a turn holds or awaits the session (a move it waits for should not wait
+        behind other sessions' moves)."""
+        return session_id in self._locks
 
     @contextlib.asynccontextmanager
     async def turn(self, session_id: str | None,
@@ -495,10 +512,17 @@ class ClusterBackend:
         finally:
             if retry:  # still pending: the session's turns keep waiting for it
                 self._queued[move.session_id] = (move, ring, tries + 1)
-                asyncio.get_running_loop().call_later(
-                    _MOVE_RETRY_S, self._moves.put_nowait, Plan(ring=ring, moves=[move]))
+                asyncio.get_running_loop().call_later(_MOVE_RETRY_S, self._retry_move, move, ring)
             else:
                 self.gate.done(move.session_id)
+
+    def _retry_move(self, move: Move, ring: HashRing) -> None:
+        """Run a failed move again: at once when a turn waits for it, else after the moves
+        planned before it (the mover may be busy with a big plan for a while)."""
+        if self.gate.awaited(move.session_id):
+            self._expedite(move.session_id, live=True)
+        else:
+            self._moves.put_nowait(Plan(ring=ring, moves=[move]))
 
     def _expedite(self, session_id: str, live: bool) -> None:
         """A turn waits for its session's move: start it now rather than in plan order (a
@@ -719,6 +743,7 @@ class ClusterBackend:
                                 "asking again", request.request_id, node, len(sent_ids), exc)
                     self.counters.retried("resume" if sent_ids else "retry")
                     unacknowledged = True
+                    timeline.mark(f"{node} did not acknowledge it")
                     await asyncio.sleep(wait_s)
                 except (_NodeGone, grpc.aio.AioRpcError) as exc:
                     code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None

@@ -22,7 +22,7 @@ from ultrakv.cluster.membership import NodeRecord, NodeState
 from ultrakv.cluster.ring import HashRing
 from ultrakv.cluster.validation import RequestRejected
 from ultrakv.coordinator.resharding import Copy, Move
-from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
+from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings, SessionGate
 from ultrakv.v1 import types_pb2 as pb
 
 # The old code's waits: a move's GetSession (5 s) and then PromoteReplica (30 s) to the stalled
@@ -169,3 +169,20 @@ async def test_replicating_a_moved_session_to_a_stopped_successor_is_bounded(bac
     ring = HashRing(["n0", "n1"])  # n1, the stopped node, is n0's successor for every session
     await asyncio.wait_for(backend.resharder.replicate("s", [1, 2, 3], 1, "", "n0", ring),
                            BOUND_S)
+
+
+async def test_a_retrying_turn_stops_waiting_for_a_restore_once_a_live_move_joins_it() -> None:
+    """The 60 s stall seen under load (all nodes lost their leases at once, the ring changed
+    ten times in ten seconds): a turn being retried holds its session's lock and waits for
+    the session's restore; a newer ring then plans a live move of the same session, which
+    waits for that lock, and the restore counts as settled only when every planned move is
+    done. Each waited for the other until the request's deadline (60 s)."""
+    gate = SessionGate()
+    gate.mark_pending([("s", False)])  # a restore, planned when the owner died
+    async with gate.lock("s"):  # held by the turn being retried
+        waiting = asyncio.create_task(gate.settled("s", live=False))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        gate.mark_pending([("s", True)])  # a newer ring: a live move, waiting for the lock
+        await asyncio.wait_for(waiting, BOUND_S)
+    assert gate.pending("s")
