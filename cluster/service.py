@@ -131,10 +131,14 @@ async def events_of(generate_into: Callable[[TokenSink], Awaitable[pb.GenerateRe
         if result is not None:
             yield result
     finally:
+        # The caller left early: whatever the request ended with is nobody's to raise (and
+        # is not logged as an exception never retrieved).
         if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        elif not task.cancelled():
+            task.exception()
 
 
 class _PendingChunk:
