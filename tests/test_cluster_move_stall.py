@@ -189,3 +189,17 @@ async def test_a_retrying_turn_stops_waiting_for_a_restore_once_a_live_move_join
         gate.mark_pending([("s", True)])  # a newer ring: a live move, waiting for the lock
         await asyncio.wait_for(waiting, BOUND_S)
     assert gate.pending("s")
+
+
+async def test_a_failed_move_that_a_turn_waits_for_is_retried_at_once(backend) -> None:
+    """Retries went to the back of the mover's queue: behind a big plan whose moves wait on
+    stalled nodes, the session's turn waited out its deadline."""
+    gone = Move("s", "n9", "n9", live=False, copies=(Copy("n9", 1, 20, True, True),))  # left
+    backend.gate.mark_pending([("s", False)])
+    backend._queued["s"] = (gone, backend.ring, 0)
+    async with backend.gate.lock("s"):  # a turn (being retried) holds the session
+        backend._expedite("s", live=False)
+        async with asyncio.timeout(BOUND_S):  # the mover is not running: only a retry counts
+            while backend.counters.moves.get(("restored", "failed"), 0) < 2:
+                await asyncio.sleep(0.05)
+    assert backend._moves.empty()
