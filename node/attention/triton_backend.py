@@ -114,19 +114,22 @@ class GqaPrefillConfig:
     group's query heads), context tokens per inner tile, warps, pipeline depth, and how many
     programs per SM the context split aims at."""
 
-    block_rows: int = 128
-    block_n: int = 64
+    block_rows: int = 64
+    block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 2
+    programs_per_sm: int = 1
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> GqaPrefillConfig:
-        """A first guess for each head size, not yet tuned on a GPU
-        (``benchmarks/bench_kernels_ab.py`` sweeps the choices)."""
+        """The launch shape for a head size. Head size 64 is tuned on an H100
+        (``benchmarks/bench_kernels_ab.py``, 36 shapes, llama-1b): 64 rows, 128-token tiles
+        and one program per SM took a turn-8 step's attention (224 new tokens over 2096) from
+        34.8 to 26.9 us per layer, and 64 over 4000 from 35.6 to 23.6; head size 128 is
+        still a first guess."""
         if head_dim <= 64:
             return cls()
-        return cls(block_rows=64, block_n=64, num_warps=4, num_stages=3)
+        return cls(block_rows=64, block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)
 
 
 def gqa_prefill_parts(num_programs: int, max_seq_len: int, num_sms: int, cfg: GqaPrefillConfig) -> int:
