@@ -249,8 +249,11 @@ class LocalCluster:
                              "--cluster-secret-file", str(self.cluster_secret_file),
                              *self.spec.coordinator_args))
 
-    def wait_ready(self, nodes: int, timeout_s: float | None = None) -> None:
-        """Wait until every running coordinator answers and lists ``nodes`` nodes."""
+    def wait_ready(self, nodes: int, timeout_s: float | None = None, api_key: str | None = None) -> None:
+        """Wait until every running coordinator answers and lists ``nodes`` nodes. A
+        coordinator with a keys file lists its members only to a key (``api_key``); without
+        one, etcd's count of serving nodes stands in, which a coordinator may not have seen
+        yet."""
         from ultrakv.client.client import Client, RequestError, RetryPolicy
 
         deadline = time.monotonic() + (timeout_s or self.spec.startup_timeout_s)
@@ -260,7 +263,7 @@ class LocalCluster:
         while pending and not self._closing.is_set():
             if self.spec.restart is None:
                 self._check_alive()
-            with Client(pending[0], timeout=5, retry=RetryPolicy(attempts=1)) as client:
+            with Client(pending[0], timeout=5, retry=RetryPolicy(attempts=1), api_key=api_key) as client:
                 try:
                     if len(client.stats()["nodes"]) >= nodes:
                         pending.pop(0)

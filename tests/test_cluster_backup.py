@@ -95,6 +95,9 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
     shutil.rmtree(first)  # everything: etcd's data, checkpoints, the cluster secret
 
     with LocalCluster(_spec(tmp_path / "second", keys_file, 2)) as cluster:
+        # Restored sessions go to their owners on the coordinator's ring: with one node on it
+        # yet, they would move when the second joins (and compute turn 3 after the move).
+        cluster.wait_ready(2, api_key=admin)
         with _client(cluster, keys["globex"]) as c, pytest.raises(BackupError) as err:
             restore(c, made.path)
         assert "PERMISSION_DENIED" in str(err.value) and made.path.name in str(err.value)
