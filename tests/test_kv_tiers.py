@@ -143,6 +143,9 @@ def test_tier_round_trip_is_bit_exact_on_cuda(tmp_path):
     # reserves blocks ahead).
     engine = Engine(EngineConfig(model="tiny", device="cuda", block_size=BS, num_blocks=6, kv_cpu_gib=0.01,
                                  num_scheduler_steps=1))
+    # tiny recomputes a block faster than a GPU loads one, so the cost model may rightly skip
+    # a hit (it did, in 1 of 4 requests); the subject here is the round trip: load them all.
+    engine.tiers.cost.blocks_to_load = len
     try:
         tokens, cached = _run(engine)
         assert engine.stats()["kv_tiers"]["cpu"]["hits"] > 0 and all(cached)
