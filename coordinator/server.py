@@ -684,13 +684,7 @@ class ClusterBackend:
             unacknowledged = False
             for attempt in range(self.settings.max_attempts):
                 if attempt > 0 and sid is not None:
-                    self._expedite(sid, live=False)
-                    waiting = time.monotonic()
-                    try:
-                        async with asyncio.timeout(self._move_wait_s(deadline)):
-                            await self.gate.settled(sid, live=False)
-                    except TimeoutError:
-                        raise self._still_moving(sid, waiting, deadline) from None
+                    await self._restore_settled(sid, deadline)
                     timeline.mark("its session's restore settled")
                 node = await self.route(request)
                 timeline.mark(f"attempt {attempt + 1} on {node}")
@@ -900,13 +894,7 @@ class ClusterBackend:
         node = plan.owner
         for attempt in range(self.settings.max_attempts):
             if attempt:
-                self._expedite(sid, live=False)
-                waiting = time.monotonic()
-                try:
-                    async with asyncio.timeout(self._move_wait_s(None)):
-                        await self.gate.settled(sid, live=False)
-                except TimeoutError:
-                    raise self._still_moving(sid, waiting, None) from None
+                await self._restore_settled(sid, None)
                 if not len(self.ring):
                     break
                 node = self.ring.lookup(sid)
@@ -939,6 +927,17 @@ class ClusterBackend:
                               f"session {sid}'s turn ran on {plan.node} but its owner did not "
                               "confirm recording it; send it again with the same request_id",
                               retry_after_s=1.0)
+
+    async def _restore_settled(self, sid: str, deadline: float | None) -> None:
+        """Ask for the session's restore now and wait until it has settled, at most as long
+        as a request may wait for a move (then UNAVAILABLE, see :meth:`_still_moving`)."""
+        self._expedite(sid, live=False)
+        waiting = time.monotonic()
+        try:
+            async with asyncio.timeout(self._move_wait_s(deadline)):
+                await self.gate.settled(sid, live=False)
+        except TimeoutError:
+            raise self._still_moving(sid, waiting, deadline) from None
 
     async def _completed_on(self, node: str, session_id: str, output: list[int]) -> int | None:
         """The length of ``node``'s history of the session if it already ends with the

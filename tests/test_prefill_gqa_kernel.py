@@ -11,13 +11,12 @@ is not faithful).
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 import pytest
 import torch
 from kv_quant_cases import QuantCase, max_abs_err
-from triton_interpreter import INTERPRETING, run_under_interpreter, triton_importable
+from triton_interpreter import INTERPRETING, assert_passes_under_interpreter, triton_importable
 from ultrakv.node.attention.triton_backend import (
     GqaPrefillConfig,
     TritonPagedBackend,
@@ -38,9 +37,7 @@ WHOLE = GqaPrefillConfig(block_rows=32, block_n=16, programs_per_sm=0)
 @pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
 @pytest.mark.timeout(600)
 def test_kernel_under_the_triton_interpreter():
-    out = run_under_interpreter(__file__)
-    passed = re.search(r"(\d+) passed", out)
-    assert passed and int(passed.group(1)) >= 7 and " failed" not in out, out[-2000:]
+    assert_passes_under_interpreter(__file__, at_least=7)
 
 
 def _run(case: QuantCase, storage: torch.dtype, cfg: GqaPrefillConfig | None, kernel: str = "gqa", meta=None):

@@ -4,6 +4,7 @@ in a subprocess under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,14 @@ def run_under_interpreter(test_file: str) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     return proc.stdout
+
+
+def assert_passes_under_interpreter(test_file: str, at_least: int) -> None:
+    """Run ``test_file`` under the interpreter and check that none of it failed and at least
+    ``at_least`` of its tests passed (so a skip cannot pass for a run)."""
+    out = run_under_interpreter(test_file)
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) >= at_least and " failed" not in out, out[-2000:]
 
 
 def _interpreter_takes_loaded_loop_bounds() -> None:
