@@ -16,6 +16,9 @@ environment, e.g. ``ULTRAKV_KERNELS=prefill_attention=per_head,argmax=torch``:
   on; ``triton`` (default) is a Triton GEMV with the residual add, RMSNorm and SwiGLU fused
   in (``node/model/gemv.py``; on an H100 with llama-1b its matrices ran 1.0-1.6x faster than
   cuBLAS's and batch-1 decode 5% faster before tuning); ``cublas`` is ``F.linear``.
+* ``launch``: how the decode step's Triton kernels (GEMVs, RMSNorm, RoPE + KV write, decode
+  attention, argmax) are launched: ``serial`` (default) as any kernel, ``pdl`` with
+  programmatic dependent launch on Hopper and later (``node/grid_dependency.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _CHOICES = {
     "prefill_attention": ("gqa", "per_head"),
     "argmax": ("split", "torch"),
     "gemv": ("triton", "cublas"),
+    "launch": ("serial", "pdl"),
 }
 
 
@@ -40,6 +44,7 @@ class KernelVariants:
     prefill_attention: str = "gqa"
     argmax: str = "split"
     gemv: str = "triton"
+    launch: str = "serial"
 
     def __post_init__(self) -> None:
         for f in fields(self):

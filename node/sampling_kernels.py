@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from ultrakv.node import grid_dependency
+from ultrakv.node.grid_dependency import await_predecessor
 
 # Logits per program: 63 programs for a 128k vocabulary at batch 1, each loading 8 KiB of
 # float32; at most MAX_CHUNKS of them per row (the merge loads a row's partials in one tile).
@@ -29,8 +31,9 @@ MAX_CHUNKS = 256
 def _split_argmax_kernel(
     X, OUT, PART_V, PART_I, ARRIVED,
     n, stride_x,
-    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -84,8 +87,10 @@ class SplitArgmax:
             self._arrived = torch.zeros(max(rows, 2 * self._arrived.numel()), dtype=torch.int32, device=self.device)
         part_v = torch.empty(rows * num_chunks, dtype=torch.float32, device=logits.device)
         part_i = torch.empty(rows * num_chunks, dtype=torch.int32, device=logits.device)
+        pdl = grid_dependency.enabled(logits.device)
         _split_argmax_kernel[(rows, num_chunks)](
             logits, out, part_v, part_i, self._arrived, n, logits.stride(0),
-            CHUNK=CHUNK, BLOCK_C=triton.next_power_of_2(num_chunks), num_warps=4,
+            CHUNK=CHUNK, BLOCK_C=triton.next_power_of_2(num_chunks), PDL=pdl, num_warps=4,
+            launch_pdl=pdl,
         )
         return out

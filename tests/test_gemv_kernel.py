@@ -164,7 +164,7 @@ def test_compiles_for_the_h100_with_vector_loads(silu):
     block_n = gemv._block_n(rows, 132, gemv.LAUNCH.programs_per_sm)
     ptx = hopper_ptx(gemv._gemv_kernel, (x, x, x, x, w, x, x, k, rows, EPS, k),
                      {"NORM": True, "RESIDUAL": True, "SILU": silu, "HAS_BIAS": False, "BLOCK_N": block_n,
-                      "BLOCK_K": min(k, gemv.LAUNCH.tile_elems // block_n)},
+                      "BLOCK_K": min(k, gemv.LAUNCH.tile_elems // block_n), "PDL": False},
                      num_warps=gemv.LAUNCH.num_warps, num_stages=gemv.LAUNCH.num_stages)
     assert "ld.global.v4.b32" in instructions(ptx, "ld.global")
     assert not instructions(ptx, "ld.local") and not instructions(ptx, "st.local")

@@ -113,7 +113,7 @@ def test_compiles_for_the_h100_with_an_ordered_merge():
     part_v, part_i = torch.zeros(chunks), torch.zeros(chunks, dtype=torch.int32)
     ptx = hopper_ptx(sampling_kernels._split_argmax_kernel,
                      (logits, out, part_v, part_i, counters, 128256, 128256),
-                     {"CHUNK": sampling_kernels.CHUNK, "BLOCK_C": 64})
+                     {"CHUNK": sampling_kernels.CHUNK, "BLOCK_C": 64, "PDL": False})
     assert "ld.global.v4.b32" in instructions(ptx, "ld.global")
     assert "ld.global.cg.b32" in instructions(ptx, "ld.global")
     assert "atom.global.gpu.acq_rel.add.u32" in instructions(ptx, "atom")

@@ -14,9 +14,10 @@ import re
 H100 = 90  # compute capability of the lent GPU
 
 
-def hopper_ptx(kernel, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 2) -> str:
+def hopper_ptx(kernel, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 2,
+               launch_pdl: bool = False) -> str:
     """PTX of ``kernel`` for sm_90 as launched with ``args`` (its non-constexpr parameters,
-    in order: CPU tensors stand in for device ones) and ``constexprs``."""
+    in order: CPU tensors stand in for device ones), ``constexprs`` and launch options."""
     import triton
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend, GPUTarget
@@ -38,7 +39,8 @@ def hopper_ptx(kernel, args: tuple, constexprs: dict, num_warps: int = 4, num_st
             attrs[(i,)] = BaseBackend.parse_attr(key)
     src = ASTSource(kernel, signature, consts, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", H100, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages,
+                                       "launch_pdl": launch_pdl})
     return compiled.asm["ptx"]
 
 
@@ -62,5 +64,5 @@ class LaunchRecorder:
         """PTX for sm_90 of the recorded launch ``index``."""
         args, kw = self.launches[index]
         kw = dict(kw)
-        options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+        options = {k: kw.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kw}
         return hopper_ptx(self.kernel, args, kw, **options)

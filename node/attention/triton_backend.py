@@ -150,6 +150,14 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _pdl(device: torch.device) -> bool:
+    """Whether this launch uses programmatic dependent launch (``node/grid_dependency.py``,
+    imported on first launch as the kernels are)."""
+    from ultrakv.node import grid_dependency
+
+    return grid_dependency.enabled(device)
+
+
 @functools.cache
 def _kernels():
     """The kernel module, imported on first launch (import needs no Triton)."""
@@ -307,13 +315,14 @@ class TritonPagedBackend(AttentionBackend):
         cos, sin = cos.reshape(t, head_dim), sin.reshape(t, head_dim)
         if cos.stride() != sin.stride() or cos.stride(-1) != 1:
             raise ValueError("cos and sin must be row-major with the same layout")
+        pdl = _pdl(qkv.device)
         _kernels()["rope_write_kv"][(t,)](
             qkv, cos, sin, kv_cache, slot_mapping,
             qkv.stride(0), cos.stride(0),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
             PAGE=kv_cache.shape[2], BLOCK_Q=_next_pow2(num_heads), BLOCK_KV=_next_pow2(num_kv_heads),
-            QUANT=_quant_kind(kv_cache), QMAX=_qmax(kv_cache),
+            QUANT=_quant_kind(kv_cache), QMAX=_qmax(kv_cache), PDL=pdl, launch_pdl=pdl,
         )
         return q
 
@@ -400,6 +409,7 @@ class TritonPagedBackend(AttentionBackend):
             tmp_l = torch.empty_like(tmp_m)
             acc_strides = tmp_acc.stride()[:3]
             ml_strides = tmp_m.stride()[:2]
+        pdl = _pdl(q.device)
         _kernels()["decode"][(num_seqs, num_kv_heads, num_parts)](
             q, kv_cache, meta.block_tables, meta.seq_lens, out, tmp_acc, tmp_m, tmp_l, arrival,
             scale * math.log2(math.e),
@@ -410,8 +420,8 @@ class TritonPagedBackend(AttentionBackend):
             GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
             BLOCK_D=_next_pow2(head_dim), PAGE=page, BLOCK_N=cfg.block_n, PARTITION=partition,
             SINGLE=single, BLOCK_S=_next_pow2(num_parts),
-            IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache), PDL=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
         )
         return out
 

@@ -18,6 +18,7 @@ still import the backend module. Launch parameters and the design are described 
 
 import triton
 import triton.language as tl
+from ultrakv.node.grid_dependency import await_predecessor
 
 
 @triton.jit
@@ -126,8 +127,9 @@ def rope_write_kv_kernel(
     stride_kind, stride_block, stride_tok, stride_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
-    QUANT: tl.constexpr, QMAX: tl.constexpr,
+    QUANT: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_predecessor(PDL)
     # One program per token of the fused projection output [T, (H + 2 KVH) * D]: RoPE on its
     # query heads (in place, for the attention kernel to read) and on its key heads, then the
     # rotated keys and the values into the token's cache slot: the work of fused_kernels.rope_
@@ -199,8 +201,9 @@ def decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION: tl.constexpr, SINGLE: tl.constexpr, BLOCK_S: tl.constexpr,
-    IEEE: tl.constexpr, QUANT: tl.constexpr,
+    IEEE: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_predecessor(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)

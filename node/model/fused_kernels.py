@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from ultrakv.node import grid_dependency
+from ultrakv.node.grid_dependency import await_predecessor
 
 
 @triton.jit
@@ -27,8 +29,9 @@ def _rms_norm_kernel(
     X, RES, W, OUT,
     stride_x, stride_res, stride_out,
     N, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -57,11 +60,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         raise ValueError(f"residual must be a row-major {tuple(x.shape)} tensor, got {tuple(residual.shape)}")
     res = residual if residual is not None else x
     block = triton.next_power_of_2(n)
+    pdl = grid_dependency.enabled(x.device)
     _rms_norm_kernel[(t,)](
         x, res, weight, out,
         x.stride(0), res.stride(0), out.stride(0),
         n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
+        num_warps=min(16, max(1, block // 256)), launch_pdl=pdl,
     )
     return out
 

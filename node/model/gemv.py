@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from ultrakv.node import grid_dependency
+from ultrakv.node.grid_dependency import await_predecessor
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class GemvLaunch:
 
 
 LAUNCH = GemvLaunch()
+# Launch shapes for particular matrices, by (K, output rows, fused SwiGLU); others take LAUNCH.
+LAUNCHES: dict[tuple[int, int, bool], GemvLaunch] = {}
 
 
 @triton.jit
@@ -56,8 +60,9 @@ def _gemv_kernel(
     X, RES_IN, RES_OUT, NW, W, B, Y,
     K, N, eps, stride_w,
     NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_predecessor(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -134,7 +139,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
         raise ValueError(f"weight must be [N, {k}] row-major in {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
     y = torch.empty(1, rows, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None
-    launch = LAUNCH
+    launch = LAUNCHES.get((k, rows, silu), LAUNCH)
+    pdl = grid_dependency.enabled(x.device)
     block_n = _block_n(rows, _num_sms(x.device), launch.programs_per_sm)
     block_k = max(16, min(triton.next_power_of_2(k), launch.tile_elems // block_n))
     _gemv_kernel[(triton.cdiv(rows, block_n),)](
@@ -142,7 +148,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
         norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x, y,
         k, rows, eps, weight.stride(0),
         NORM=norm_weight is not None, RESIDUAL=residual is not None, SILU=silu, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl,
     )
     return y, res_out
 
