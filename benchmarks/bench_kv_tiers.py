@@ -7,6 +7,9 @@ session finds its history evicted and prefills it again. Measured for tiers off,
 (``--cpu-blocks``, smaller than the working set), a CPU tier that holds every session
 (``cpu_fits``: the tier as a host would size it, several times the GPU pool) and CPU + disk:
 prefix hit rate (cached / prompt tokens of the turns after the first) and TTFT p50/p99.
+``cpu_fits_layerwise`` is ``cpu_fits`` with layer-wise loads (EngineConfig.kv_tier_layerwise:
+each layer group's copies overlap the prefill's earlier layers; such steps run eagerly), the
+A/B of that switch.
 
 Round robin is the worst case for a tier smaller than the working set: under LRU each
 session's blocks are evicted just before it returns, so the small CPU tier hits only while
@@ -52,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, summary, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
 
-CONFIGS = ("tiers_off", "cpu", "cpu_fits", "cpu_disk", "restart")
+CONFIGS = ("tiers_off", "cpu", "cpu_fits", "cpu_fits_layerwise", "cpu_disk", "restart")
+TRACES = CONFIGS[:-1]  # the configurations that run the trace (restart runs after cpu_disk)
 PROFILE_TURNS = 4  # turns recorded by --torch-profile (a llama-1b turn is ~10k trace events)
 DEFAULTS = {  # per device: sessions, turns, turn tokens, generated tokens, pool blocks, CPU tier blocks
     "cpu": dict(sessions=24, turns=4, turn_tokens=64, gen_tokens=8, num_blocks=96, cpu_blocks=192),
@@ -181,7 +185,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
                    help="the configurations to run (restart needs cpu_disk)")
-    p.add_argument("--torch-profile", choices=CONFIGS[:4], help="record this configuration's last turns "
+    p.add_argument("--torch-profile", choices=TRACES, help="record this configuration's last turns "
                    "with torch.profiler")
     p.add_argument("--out", help="result file name under benchmarks/results/")
     args = p.parse_args()
@@ -201,8 +205,10 @@ def main() -> None:
         cpu_gib = _tier_gib(bytes_per_block, args.cpu_blocks)
         tiers = {"tiers_off": {}, "cpu": {"kv_cpu_gib": cpu_gib},
                  "cpu_fits": {"kv_cpu_gib": _tier_gib(bytes_per_block, _working_set_blocks(args))},
+                 "cpu_fits_layerwise": {"kv_cpu_gib": _tier_gib(bytes_per_block, _working_set_blocks(args)),
+                                        "kv_tier_layerwise": True},
                  "cpu_disk": {"kv_cpu_gib": cpu_gib, "kv_disk_dir": str(disk_dir)}}
-        for label in (c for c in CONFIGS[:4] if c in args.configs):
+        for label in (c for c in TRACES if c in args.configs):
             engine = _engine(args, **tiers[label])
             results[label] = run_trace(engine, trace, args, label)
             if label == "cpu_disk" and "restart" in args.configs:

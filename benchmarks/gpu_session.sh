@@ -14,6 +14,8 @@
 #   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
 #   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b (+ a disk load's cost per block); smollm2-shape decode
 #   bash benchmarks/gpu_session.sh sweep-decode-quant  # decode kernel over bf16/int8/fp8 KV by launch shape
+#   bash benchmarks/gpu_session.sh kv-layerwise  # KV tiers on llama-1b: layer-wise loads A/B (cpu_fits vs
+#                                                # cpu_fits_layerwise) and the layer-wise GPU tests
 #   bash benchmarks/gpu_session.sh kv-profile  # KV tiers on llama-1b: per-block engine-thread costs, TTFT by
 #                                              # hit/miss turn, torch.profiler and py-spy of the CPU tier (~6 min)
 #   bash benchmarks/gpu_session.sh kernels-ab  # the kernel tests on CUDA, then bench_kernels_ab.py: each kernel
@@ -96,6 +98,15 @@ case "${1:-}" in
     python benchmarks/profile_disk_tier.py --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_disk_tier_cuda.log"
     python benchmarks/bench_decode.py --model smollm2-shape --device cuda --batches 1 64 --steps 1 32 \
       --new-tokens 256 --fused-kernels
+    ;;
+  kv-layerwise)
+    # Layer-wise tier loads A/B (EngineConfig.kv_tier_layerwise): cpu_fits with whole loads
+    # (prefill graphs) against cpu_fits with loads overlapped layer by layer (eager steps).
+    python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b \
+      --configs tiers_off cpu_fits cpu_fits_layerwise --out kv_tiers_cuda_layerwise_ab.json 2>&1 \
+      | tee "$ULTRAKV_RESULTS_DIR/kv_tiers_layerwise_ab.log"
+    python -m pytest -q -p no:cacheprovider -m gpu tests/test_kv_tiers_layerwise.py 2>&1 \
+      | tee -a "$ULTRAKV_RESULTS_DIR/kv_tiers_layerwise_ab.log"
     ;;
   sweep-prefill)
     # Prefill kernel launch shapes for few new tokens over a long cached context.

@@ -242,6 +242,9 @@ class Engine:
             max_model_len=self.max_model_len,
             graphs=graphs,
         )
+        if self.tiers is not None and self.tiers.layerwise:
+            self.model.kv_ready = self.tiers.layer_ready
+            self.runner.layer_loads = self.tiers
         self.cuda_graphs = graphs is not None
         if graphs is not None and graphs.prefill_sizes:
             self.scheduler.graph_prefill_tokens = graphs.prefill_sizes[-1]
@@ -399,8 +402,11 @@ class Engine:
                  f"{host.capacity} blocks" if host is not None else "off",
                  f"{disk.capacity} blocks in {disk.directory}" if disk is not None else "off",
                  c.kv_write_policy)
+        # Layer-wise loads run CUDA's batched path; on CPU too when asked (its copies are
+        # synchronous there: the same code path, for tests).
         return KVTiers(self.kv_caches, identity, host, disk,
-                       write_through=c.kv_write_policy == "write_through", publish=self.pool.publish)
+                       write_through=c.kv_write_policy == "write_through", publish=self.pool.publish,
+                       batched=True if c.kv_tier_layerwise else None, layerwise=c.kv_tier_layerwise)
 
     def _bytes_per_block(self) -> int:
         mc = self.model.config  # this rank's heads under tensor parallelism
@@ -416,6 +422,8 @@ class Engine:
 
     def _read_kv(self, blocks: list[int]) -> torch.Tensor:
         """Every head of ``blocks``: ``[L, 2, n, block_size, kv_heads, head_dim]`` on the device."""
+        if self.tiers is not None:  # blocks a layer-wise load is filling hold all layers first
+            self.tiers.layers_ready()
         idx = torch.tensor(blocks, device=self.device)
         if self.tensor_parallel is not None:
             return self.tensor_parallel.read_kv(self.kv_caches, idx)
@@ -424,6 +432,8 @@ class Engine:
 
     def _write_kv(self, blocks: list[int], kv: torch.Tensor) -> None:
         """Store ``kv`` ``[L, 2, n, block_size, kv_heads, head_dim]`` in ``blocks``."""
+        if self.tiers is not None:  # no pending layer-wise scatter may land on them later
+            self.tiers.layers_ready()
         idx = torch.tensor(blocks, device=self.device)
         if self.tensor_parallel is not None:
             self.tensor_parallel.write_kv(self.kv_caches, idx, kv)
@@ -657,6 +667,7 @@ class Engine:
                 return finished + self._fail_step(out.scheduled, exc)
             with self._lock:
                 if self.tiers is not None:  # settled during the step, unless it took another path
+                    self.tiers.layers_ready()  # a layer-wise load outlives no step
                     self.tiers.settle()
                 self._in_flight = set()
                 self._metrics.schedules += 1
@@ -713,6 +724,8 @@ class Engine:
         log.exception("model step failed; failing its %d requests", len(scheduled))
         finished = []
         with self._lock:
+            if self.tiers is not None:  # a layer-wise load outlives no step, a failed one either
+                self.tiers.layers_ready()
             self._in_flight = set()
             for item in scheduled:
                 if not item.seq.is_finished:

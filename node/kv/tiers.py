@@ -14,6 +14,17 @@ copies them into fresh pool blocks in one batch: on CUDA, runs of adjacent slots
 asynchronous copy each, on a side stream the compute stream waits for; on CPU a plain copy.
 :meth:`KVTiers.prefetch` starts the reads when a request arrives, before it is scheduled.
 
+Layer-wise loads (``layerwise``, EngineConfig.kv_tier_layerwise): the copies go group of
+layers by group of layers (``LAYER_GROUPS``), each group's with its own event, and a group
+enters the pool only when the forward is about to run its first layer
+(:meth:`KVTiers.layer_ready`, which the model's layer loop calls): the compute stream then
+waits for that group's copies alone, so the request's own prefill computes the first layers
+while the later ones are still crossing the bus. What is not in the pool by the end of the
+step's forward is put there by :meth:`KVTiers.layers_ready` (the engine calls it after every
+step, and before anything else reads or writes those blocks), so nothing pending outlives
+a step. See docs/kv-tiers.md for where it applies (eager steps) and where not (CUDA graph
+replays).
+
 Keys are the pool's chained block hashes; a :class:`BlockIdentity` (model fingerprint, KV
 dtype, block size) names the disk namespace and every file's header, so blocks of another
 model or format never mix. Blocks move as ``[layers, 2, block_size, kv_heads, head_dim]``:
@@ -30,8 +41,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -69,6 +82,10 @@ CALIBRATION_ROUNDS = 3
 HOLD_S = 1.0
 # Where a loaded block comes from (KVTiers.load): a host-tier slot or a disk read's staging slot.
 HOST, STAGING = 0, 1
+# Layer-wise loads go in this many groups of layers at most (a divisor of the layer count):
+# each group costs one copy per block (a block's layers of a group are contiguous in its
+# host slot, not across blocks), so finer groups would launch more copies than they hide.
+LAYER_GROUPS = 4
 # How long a stopping engine may spend writing its cached blocks to disk (well inside a pod's
 # termination grace period, which the final checkpoint shares).
 PERSIST_BUDGET_S = 30.0
@@ -123,6 +140,19 @@ class _Snapshot:
 
 
 @dataclass
+class _LayerLoad:
+    """A load's blocks on their way into the pool, group of layers by group (layer-wise
+    loads): ``staged`` row k (flat block bytes, on the device) goes into pool block ``ids[k]``;
+    group g's bytes are in ``staged`` once ``events[g]`` has completed (None: already, on
+    CPU); the groups before ``next_group`` are in the pool."""
+
+    ids: torch.Tensor
+    staged: torch.Tensor
+    events: list[torch.cuda.Event | None]
+    next_group: int = 0
+
+
+@dataclass
 class _Read:
     """A disk block being read (or read) into staging slot ``slot``; the future answers
     whether the block checked out, and when the read ended."""
@@ -140,7 +170,8 @@ class KVTiers:
 
     def __init__(self, kv_caches: list[torch.Tensor], identity: BlockIdentity,
                  host: HostTier | None, disk: DiskTier | None, write_through: bool = False,
-                 publish: Publish | None = None, batched: bool | None = None) -> None:
+                 publish: Publish | None = None, batched: bool | None = None,
+                 layerwise: bool = False) -> None:
         self.kv_caches = kv_caches
         # All layers as one tensor when they lie back to back in one allocation (the
         # engine's pool does): a gather or scatter of n blocks is then one kernel, not one
@@ -176,6 +207,18 @@ class KVTiers:
         # pool) is CUDA's; CPU copies block by block, several times faster there. ``batched``
         # True runs CUDA's path on CPU too (minus streams and events): tests cover it so.
         self._batched = self._stream is not None if batched is None else batched
+        # Layer-wise loads need the batched path and the layers stacked in one allocation
+        # (each group's scatter is then one index_copy_ over a slice of the stack).
+        self.layerwise = layerwise and self._batched and self._stacked is not None
+        layers = len(kv_caches)
+        self._groups = math.gcd(layers, LAYER_GROUPS)
+        self._group_layers = layers // self._groups
+        self._layer_loads: list[_LayerLoad] = []  # loads whose groups are not all in the pool
+        self._layer_blocks: set[int] = set()  # the pool blocks they fill
+        # The hook runs on the engine's step thread without the engine's lock, and an export
+        # (Engine._read_kv) may ready the same loads from another thread meanwhile.
+        self._layer_lock = threading.Lock()
+        self._piece_cache: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         # Disk reads: block hash -> its read, oldest first; staging slots free or being
         # released (on CUDA, once the copy out of them, ending at the event, is done).
         self._reads: OrderedDict[int, _Read] = OrderedDict()
@@ -239,6 +282,10 @@ class KVTiers:
         is written to disk from its own slot, which a spare slot stands in for meanwhile
         (node/kv/host_tier.py)."""
         self.settle()
+        if self._layer_blocks and not self._layer_blocks.isdisjoint(self._pending.values()):
+            # A block still on its way in layer-wise (loaded for a request that then could
+            # not be scheduled, and evicted since) is copied out whole: it enters first.
+            self.layers_ready()
         while self._disk_events:
             stored, h = self._disk_events.popleft()
             self._emit(stored, h, "disk")
@@ -567,7 +614,11 @@ class KVTiers:
         copy_cpu_s = 0.0  # on CPU the copies are the thread's own work: counted as bandwidth
         if self._stream is None:
             t0, t0_cpu = time.perf_counter(), time.thread_time()
-            (self._copy_in_batched if self._batched else self._copy_in)(picks, block_ids[:n])
+            if self.layerwise:  # CUDA's layer-wise path, synchronous copies (tests run it so)
+                staged_blocks = torch.empty((n, self.block_bytes), dtype=torch.uint8)
+                self._defer(staged_blocks, self._stage_layers(staged_blocks, picks, None), block_ids[:n])
+            else:
+                (self._copy_in_batched if self._batched else self._copy_in)(picks, block_ids[:n])
             self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
             copy_cpu_s = time.thread_time() - t0_cpu
             self._free_slots += staged
@@ -611,17 +662,36 @@ class KVTiers:
         a host slot, waited for on the stream, not here), then into the pool blocks on the
         compute stream, which waits for the load stream (:meth:`_scatter`)."""
         n = len(picks)
-        order, runs = source_runs(picks)
-        staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
         main = torch.cuda.current_stream(self.device)
         load = self._load_stream
-        load.wait_stream(main)  # ``staged`` was the compute stream's memory until now
+        # ``staged`` is the compute stream's memory until now, and the pool blocks about to
+        # be filled were last read there (the gather of what this allocation evicted, queued
+        # by the flush in load): the load stream starts after all of it.
+        load.wait_stream(main)
         if self.host is not None:
             pending = {id(e): e for src, slot in picks
                        if src == HOST and (e := self.host.pending_event(slot)) is not None}
             for event in pending.values():
                 load.wait_event(event)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if self.layerwise:
+            # The group copies on the load stream, nothing waited for here: the compute
+            # stream waits for each group's event only when the forward reaches the group
+            # (layer_ready), or for all of them before anything else touches these blocks.
+            # ``staged`` is allocated here, on the compute stream, which reads it last.
+            staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
+            with torch.cuda.stream(load):
+                start.record(load)
+                events = self._stage_layers(staged, picks, load)
+                end.record(load)
+            staged.record_stream(load)
+            self._timings.append((start, end, n * self.block_bytes))
+            if staged_slots:
+                self._releasing.append((end, staged_slots))
+            self._defer(staged, events, block_ids)
+            return
+        order, runs = source_runs(picks)
+        staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
         with torch.cuda.stream(load):
             start.record()
             self._stage(staged, runs, non_blocking=True)
@@ -639,6 +709,93 @@ class KVTiers:
         staged = torch.empty((len(picks), self.block_bytes), dtype=torch.uint8)
         self._stage(staged, runs, non_blocking=False)
         self._scatter(staged, [block_ids[i] for i in order])
+
+    def _stage_layers(self, staged: torch.Tensor, picks: list[tuple[int, int]],
+                      stream: torch.cuda.Stream | None) -> list[torch.cuda.Event | None]:
+        """Blocks ``picks`` into ``staged`` (flat blocks on the device, row i: pick i), group
+        of layers by group: on ``stream`` (the load stream, asynchronous), each group's
+        copies followed by its event; synchronous on CPU (``stream`` None: no events)."""
+        n = len(picks)
+        rows = staged.view(n, self._groups, -1)
+        events: list[torch.cuda.Event | None] = []
+        for g in range(self._groups):
+            pieces = self._pieces(g)
+            # One copy per block: a group's layers are contiguous within a block's slot but
+            # not across slots. One call issues them all (no Python loop per copy).
+            torch._foreach_copy_(list(rows[:, g].unbind(0)), [pieces[source][slot] for source, slot in picks],
+                                 non_blocking=stream is not None)
+            event = None
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+            events.append(event)
+        return events
+
+    def _pieces(self, group: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Layer group ``group`` of every host slot and of every staging slot (by HOST and
+        STAGING), as views made once (the buffers are allocated once)."""
+        pieces = self._piece_cache.get(group)
+        if pieces is None:
+            width = self.block_bytes // self._groups
+            pieces = tuple(b.view(len(b), self._groups, width)[:, group].unbind(0) for b in self._buffers())
+            self._piece_cache[group] = pieces
+        return pieces
+
+    def _defer(self, staged: torch.Tensor, events: list[torch.cuda.Event | None], block_ids: list[int]) -> None:
+        """``staged`` (:meth:`_stage_layers`) goes into pool blocks ``block_ids`` as the
+        forward reaches its layers (:meth:`layer_ready`), or all at once
+        (:meth:`layers_ready`)."""
+        ids = self._index_tensor(block_ids)  # sent on the compute stream, which reads it
+        layered = _LayerLoad(ids, staged, events)
+        with self._layer_lock:
+            self._layer_loads = [*self._layer_loads, layered]
+            self._layer_blocks.update(block_ids)
+
+    @property
+    def layers_pending(self) -> bool:
+        """Whether a layer-wise load has groups not in the pool yet (a step that replays a
+        CUDA graph calls :meth:`layers_ready` first: a graph calls no hook)."""
+        return bool(self._layer_loads)
+
+    def layer_ready(self, layer: int) -> None:
+        """Before layer ``layer`` of a forward reads the KV caches: every layer-wise load's
+        groups up to this layer's go into the pool (the model's layer loop calls it; with
+        nothing loading it is one test)."""
+        if self._layer_loads:
+            self._ready_groups(layer // self._group_layers + 1)
+
+    def layers_ready(self) -> None:
+        """Every layer-wise load's remaining groups into the pool now (after a step, before
+        a graph replay, an export or an eviction of those blocks)."""
+        if self._layer_loads:
+            self._ready_groups(self._groups)
+
+    def _ready_groups(self, groups: int) -> None:
+        """The first ``groups`` groups of every pending layer-wise load into the pool.
+
+        Ordering on CUDA: each group's scatter is queued on the compute stream after a wait
+        for that group's copies (its event on the load stream), so it reads complete bytes;
+        the layer's attention is queued after the scatter on the same stream, so it reads
+        the loaded blocks; anything queued on the compute stream later (the next step, a
+        gather that offloads these blocks) comes after the scatter too. The load stream
+        started after everything the compute stream had queued (see _copy_in_cuda), so no
+        earlier reader of these blocks sees the new bytes. On CPU the copies were done when
+        the load returned and the scatter is a plain copy, now."""
+        with self._layer_lock:
+            main = torch.cuda.current_stream(self.device) if self._stream is not None else None
+            stacked = self._stacked.view(torch.uint8)
+            step = self._group_layers
+            for load in self._layer_loads:
+                layers = self._layer_views(load.staged)  # [n, layers, 2, bs, heads, row bytes]
+                for g in range(load.next_group, groups):
+                    if load.events[g] is not None:
+                        main.wait_event(load.events[g])
+                    a, b = g * step, (g + 1) * step
+                    stacked[a:b].index_copy_(2, load.ids, layers[:, a:b].permute(1, 2, 0, 3, 4, 5))
+                load.next_group = max(load.next_group, groups)
+            self._layer_loads = [load for load in self._layer_loads if load.next_group < self._groups]
+            if not self._layer_loads:
+                self._layer_blocks.clear()
 
     def _stage(self, staged: torch.Tensor, runs: list[tuple[int, int, int, int]], non_blocking: bool) -> None:
         """Fill ``staged`` (flat blocks) from the host and staging slots, one copy per run."""
@@ -710,6 +867,7 @@ class KVTiers:
         if self.disk is None or not self.disk.enabled:
             return 0
         deadline = time.monotonic() + budget_s
+        self.layers_ready()  # the GPU blocks gathered below hold all their layers first
         self.flush()
         self.settle()
         self.disk.flush()
@@ -734,6 +892,7 @@ class KVTiers:
 
     def clear(self) -> int:
         """Drop every block of both tiers (disk files included); returns how many."""
+        self.layers_ready()
         self._pending.clear()
         self._unsettled = None
         self._drop_reads()
@@ -774,6 +933,7 @@ class KVTiers:
                 self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
             else:
                 self._copy_in_cuda(picks, [], ids)
+                self.layers_ready()  # what a forward's hooks do, layer-wise
                 self.cost.observe_overhead(n, time.thread_time() - c0)
                 torch.cuda.synchronize(self.device)
                 self._collect_timings()

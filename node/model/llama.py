@@ -256,6 +256,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
         self.packed_lm_head: PackedLinear | None = None  # see use_packed_weights
+        # Called with a layer's index before the layer reads the KV caches: the KV tiers'
+        # layer-wise loads put that layer's loaded blocks in place then (KVTiers.layer_ready).
+        self.kv_ready: Callable[[int], None] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -273,7 +276,10 @@ class LlamaForCausalLM(nn.Module):
         cos = cos_table[positions].to(h.dtype).unsqueeze(1)
         sin = sin_table[positions].to(h.dtype).unsqueeze(1)
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        ready = self.kv_ready
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
+            if ready is not None:
+                ready(i)
             h, residual = layer(h, residual, cos, sin, kv_cache, meta)
         return self.model.norm(h, residual)[0]
 
