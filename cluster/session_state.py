@@ -7,6 +7,17 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from ultrakv.v1 import types_pb2 as pb
+
+
+@dataclass(frozen=True)
+class LastTurn:
+    """The record of the turn that made a session's history (node/turn_ledger.py): its result
+    and the digest of its prompt and sampling. It travels with the history, so whichever node
+    holds the history answers a retry of that turn from it instead of taking the turn again."""
+
+    result: pb.GenerateResult
+    digest: bytes
 
 
 @dataclass
@@ -19,7 +30,8 @@ class SessionState:
     ``model_fingerprint`` guards against importing KV computed by another model; ``tenant``
     is the salt of the session's block hashes. ``messages``: the chat conversation so far as
     (role, content) pairs, for a session whose turns were chat messages (a new turn renders
-    it again to find what to prefill), else empty.
+    it again to find what to prefill), else empty. ``last_turn``: the record of the turn
+    that made this history (``turns`` turns), when its holder had it.
     """
 
     session_id: str
@@ -30,3 +42,4 @@ class SessionState:
     kv: torch.Tensor | None = None
     tenant: str = ""
     messages: list[tuple[str, str]] = field(default_factory=list)
+    last_turn: LastTurn | None = None

@@ -1,7 +1,7 @@
 """SessionState <-> a stream of SessionChunk messages (session migration on the wire).
 
-A session travels as a header (history, turns, chat messages, model fingerprint, KV shape and
-dtype), the KV
+A session travels as a header (history, turns, chat messages, the record of its last turn,
+model fingerprint, KV shape and dtype), the KV
 tensor's bytes cut into chunks that each carry their sha256, and a trailer with the chunk
 count, the byte count and the sha256 of all the bytes. Pure functions, no I/O: the node
 server and the cluster's re-sharding both use them.
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import grpc
-from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.session_state import LastTurn, SessionState
 from ultrakv.cluster.validation import Malformed, RequestRejected
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
@@ -55,6 +55,9 @@ def state_to_chunks(state: SessionState, chunk_bytes: int = DEFAULT_CHUNK_BYTES
         kv_tokens=state.kv_tokens if state.kv is not None else 0,
         kv_shape=shape, kv_dtype=dtype, tenant=state.tenant,
         messages=chat_messages(state.messages))
+    if state.last_turn is not None:
+        header.last_result.CopyFrom(state.last_turn.result)
+        header.last_digest = state.last_turn.digest
     yield from bytes_to_chunks(header, data, chunk_bytes)
 
 
@@ -177,7 +180,15 @@ class StateAssembler:
         return SessionState(session_id=header.session_id, token_ids=list(header.token_ids),
                             turns=header.turns, model_fingerprint=header.model_fingerprint,
                             kv_tokens=header.kv_tokens if kv is not None else 0, kv=kv,
-                            tenant=header.tenant, messages=message_pairs(header.messages))
+                            tenant=header.tenant, messages=message_pairs(header.messages),
+                            last_turn=last_turn_of(header))
+
+
+def last_turn_of(header: npb.SessionHeader) -> LastTurn | None:
+    """The record of the turn that made the header's history, when it carries one."""
+    if not header.HasField("last_result"):
+        return None
+    return LastTurn(header.last_result, header.last_digest)
 
 
 async def session_runs(chunks: AsyncIterator[Any]) -> AsyncIterator[list[npb.SessionChunk]]:

@@ -310,6 +310,44 @@ def validate_history(token_ids: Sequence[int], turns: int, tenant: str,
     validate_tenant(tenant)
 
 
+# A turn record's text (node/turn_ledger.py) decodes its token ids: a few bytes each, far
+# fewer than this.
+LAST_TEXT_MAX_BYTES_PER_TOKEN = 256
+
+
+def validate_last_turn(message: Any) -> None:
+    """Check the record of the turn that made a session's history (``last_result`` and
+    ``last_digest`` of an ImportSession header or a ReplicateHistoryRequest), when it carries
+    one: the record answers retries of that turn from here on, so it must describe a turn of
+    this session that fits in its history."""
+    if not message.HasField("last_result"):
+        return
+    result, history = message.last_result, len(message.token_ids)
+    if len(message.last_digest) != 32:
+        raise _invalid("last_digest", f"last_digest must be 32 bytes (a sha256), "
+                                      f"got {len(message.last_digest)}")
+    rid = len(result.request_id.encode("utf-8"))
+    if not 1 <= rid <= REQUEST_ID_MAX_BYTES:
+        raise _invalid("last_result.request_id", f"last_result.request_id must be 1 to "
+                                                 f"{REQUEST_ID_MAX_BYTES} bytes, got {rid}")
+    if len(result.token_ids) > history:
+        raise _invalid("last_result.token_ids", f"last_result.token_ids must hold at most "
+                                                f"{history} ids (the history's), got "
+                                                f"{len(result.token_ids)}")
+    if message.turns < 1:
+        raise _invalid("turns", f"turns must be >= 1 with a last_result, got {message.turns}")
+    text = len(result.text.encode("utf-8"))
+    most = LAST_TEXT_MAX_BYTES_PER_TOKEN * len(result.token_ids)
+    if text > most:
+        raise _invalid("last_result.text", f"last_result.text must be at most {most} bytes "
+                                           f"({LAST_TEXT_MAX_BYTES_PER_TOKEN} per token id), got {text}")
+    usage = result.usage
+    if not 0 <= usage.cached_tokens <= usage.prompt_tokens:
+        raise _invalid("last_result.usage.cached_tokens",
+                       f"last_result.usage.cached_tokens must be in [0, {usage.prompt_tokens}] "
+                       f"(its prompt_tokens), got {usage.cached_tokens}")
+
+
 def validate_session_header(header: Any, layout: SessionLayout) -> int:
     """Check an ImportSession header against this node's model before any KV is read or a
     block allocated; return the KV bytes the rest of the stream must carry exactly."""
@@ -320,6 +358,13 @@ def validate_session_header(header: Any, layout: SessionLayout) -> int:
             grpc.StatusCode.FAILED_PRECONDITION, "model_fingerprint",
             f"model_fingerprint must be {layout.model_fingerprint!r} (this node's model), "
             f"got {header.model_fingerprint!r}")
+    size = _header_kv_bytes(header, layout)
+    validate_last_turn(header)
+    return size
+
+
+def _header_kv_bytes(header: Any, layout: SessionLayout) -> int:
+    """The KV bytes an ImportSession header declares, checked against this node's cache."""
     kv_tokens, history = header.kv_tokens, len(header.token_ids)
     if kv_tokens == 0:
         if header.num_chunks:

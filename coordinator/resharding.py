@@ -36,10 +36,11 @@ import grpc
 from ultrakv.cluster.checkpoint import Manifest, load_manifest, merge_with_history, read_session
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import DEFAULT_REPLICAS, HashRing, replica_targets, validate_replicas
-from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.session_state import LastTurn, SessionState
 from ultrakv.cluster.session_transfer import (
     chat_messages,
     chunks_to_state,
+    last_turn_of,
     message_pairs,
     state_to_chunks,
 )
@@ -216,7 +217,7 @@ class Resharder:
             await asyncio.gather(
                 *(self._drop(sid, node) for node in stale),
                 self.replicate(sid, state.token_ids, state.turns, state.tenant, target, ring,
-                               state.messages))
+                               state.messages, state.last_turn))
             return MoveResult(replace(move, source=best.node), True, state.kv_tokens)
         except (grpc.aio.AioRpcError, OSError, ValueError, KeyError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
@@ -261,13 +262,17 @@ class Resharder:
 
     async def replicate(self, session_id: str, history: list[int], turns: int, tenant: str,
                         owner: str, ring: HashRing,
-                        messages: Sequence[tuple[str, str]] = ()) -> None:
-        """Store the session's history (and chat ``messages``) on ``owner``'s ``replicas``
-        successors on ``ring``, side by side (a failure is logged: the next turn replicates
-        again)."""
+                        messages: Sequence[tuple[str, str]] = (),
+                        last_turn: LastTurn | None = None) -> None:
+        """Store the session's history (and chat ``messages``, and the record of the turn
+        that made it, ``last_turn``) on ``owner``'s ``replicas`` successors on ``ring``, side
+        by side (a failure is logged: the next turn replicates again)."""
         request = npb.ReplicateHistoryRequest(session_id=session_id, token_ids=history,
                                               turns=turns, tenant=tenant,
                                               messages=chat_messages(messages))
+        if last_turn is not None:
+            request.last_result.CopyFrom(last_turn.result)
+            request.last_digest = last_turn.digest
 
         async def one(node: str) -> None:
             try:
@@ -302,7 +307,8 @@ class Resharder:
                 raise
         return SessionState(session_id, list(header.token_ids), header.turns,
                             header.model_fingerprint, kv_tokens=resp.kv_tokens,
-                            tenant=header.tenant, messages=message_pairs(header.messages))
+                            tenant=header.tenant, messages=message_pairs(header.messages),
+                            last_turn=last_turn_of(header))
 
     async def _restore(self, session_id: str, target: str,
                        checkpoint: Copy | None) -> SessionState:
@@ -312,11 +318,12 @@ class Resharder:
         turns = 0
         fingerprint = tenant = ""
         messages: list[tuple[str, str]] = []
+        last_turn: LastTurn | None = None
         await self._promote(target, session_id)
         try:
             held = await self._export(target, session_id, include_kv=False)
             history, turns, fingerprint = held.token_ids, held.turns, held.model_fingerprint
-            tenant, messages = held.tenant, held.messages
+            tenant, messages, last_turn = held.tenant, held.messages, held.last_turn
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -331,6 +338,8 @@ class Resharder:
         # Without a checkpoint the merge knows no tenant: keep the replica's salt, or the
         # import below would re-salt the promoted session and lose its cached blocks.
         state = replace(state, tenant=state.tenant or tenant)
+        if state.turns == turns and state.token_ids == history:  # the replica's history won
+            state = replace(state, last_turn=last_turn)
         if not state.token_ids:
             raise ValueError(f"session {session_id}: no replica and no readable checkpoint")
         resp = await self._import(target, list(state_to_chunks(state)))
@@ -350,7 +359,8 @@ class Resharder:
             log.warning("session %s: %s refused its KV (%s); moving the history only",
                         h.session_id, target, exc.details())
         history = SessionState(h.session_id, list(h.token_ids), h.turns, h.model_fingerprint,
-                               tenant=h.tenant)
+                               tenant=h.tenant, messages=message_pairs(h.messages),
+                               last_turn=last_turn_of(h))
         return await self._stub(target).ImportSession(state_to_chunks(history),
                                                       timeout=self.rpc_timeout_s)
 

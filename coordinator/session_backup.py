@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from ultrakv.cluster.checkpoint import CHECKPOINTS_PREFIX
+from ultrakv.cluster.session_transfer import last_turn_of, message_pairs
 from ultrakv.cluster.validation import RequestRejected, validate_session_id
 from ultrakv.coordinator.dynamic_config import CONFIG_KEY
 from ultrakv.coordinator.resharding import Copy, authoritative
@@ -245,7 +246,9 @@ class SessionBackup:
                                           f"session {sid} refused by node {owner}: "
                                           f"{exc.details()}") from exc
                 await self.backend.resharder.replicate(sid, list(header.token_ids), header.turns,
-                                                       header.tenant, owner, self.backend.ring)
+                                                       header.tenant, owner, self.backend.ring,
+                                                       message_pairs(header.messages),
+                                                       last_turn_of(header))
             done.sessions += 1
             done.num_tokens += reply.num_tokens
             done.kv_tokens += reply.kv_tokens

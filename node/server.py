@@ -62,6 +62,7 @@ from ultrakv.cluster.service import (
     events_of,
     unary,
 )
+from ultrakv.cluster.session_state import LastTurn, SessionState
 from ultrakv.cluster.session_transfer import (
     DEFAULT_CHUNK_BYTES,
     StateAssembler,
@@ -79,6 +80,7 @@ from ultrakv.cluster.validation import (
     rejection_from_error,
     validate_chunk_bytes,
     validate_generate,
+    validate_last_turn,
     validate_session_header,
     validate_session_id,
 )
@@ -226,6 +228,9 @@ class NodeFencedError(RequestRejected):
 # patience), the stream sends an empty chunk this often: the caller's stall deadline is for a
 # node that stopped, not for one that waits on its successors.
 HEARTBEAT_S = 0.25
+# How long a copy of a session's history leaving this node waits for the record of a turn
+# that is in the history already but not yet in the ledger (a thread hop, normally).
+RECORD_WAIT_S = 5.0
 
 
 async def _with_heartbeats(work: Awaitable[None], sink: TokenSink) -> None:
@@ -395,6 +400,8 @@ class LocalBackend:
                 if out.session_id and out.finish_reason in ("stop", "length"):
                     recorded = await self._turn_record(out, key, result, resumed)
                     self._unconfirmed.pop(out.session_id, None)
+                    if recorded is not None:  # now: a move may take the history meanwhile
+                        self.ledger.record(recorded)
                     try:
                         await _with_heartbeats(self._replicate(out, recorded, incarnation),
                                                sink)
@@ -463,6 +470,30 @@ class LocalBackend:
             return None
         return TurnRecord(key, whole, info.turns)
 
+    async def with_last_turn(self, state: SessionState) -> SessionState:
+        """``state`` (a copy of a session's history leaving this node) with the record of the
+        turn that made it, when the ledger holds it: the node that takes the history answers
+        a retry of that turn from it (a copy taken while the turn still waits for its push
+        would otherwise be continued with the turn taken twice)."""
+        done = await self.ledger.last_turn(state.session_id, state.turns, RECORD_WAIT_S)
+        if done is None:
+            return state
+        return replace(state, last_turn=LastTurn(done.result, done.key[2]))
+
+    def adopt_last_turn(self, state: SessionState) -> None:
+        """Record the last turn of a session imported here (moved or restored), so a retry
+        of that turn is answered from the record. The turn may not have been acknowledged
+        where it ran (its push was waiting when the session moved): a retry stores a copy
+        of it here first, as for a turn of this node's own left unconfirmed."""
+        if state.last_turn is None:
+            return
+        result = pb.GenerateResult()
+        result.CopyFrom(state.last_turn.result)
+        result.session_id = state.session_id
+        key = (state.session_id, result.request_id, state.last_turn.digest)
+        self.ledger.record(TurnRecord(key, result, state.turns))
+        self._unconfirmed[state.session_id] = key
+
     async def prepare_turn(self, request: pb.GenerateRequest) -> npb.PreparedTurn:
         """What a session turn would run here, for a stand-in (engine ``prepare_turn``)."""
         prepared = await asyncio.to_thread(self.engine.prepare_turn, engine_request(request, None))
@@ -482,12 +513,19 @@ class LocalBackend:
             list(commit.prompt_token_ids), list(result.token_ids), result.text, finish)
         key = turn_key(request)
         record = TurnRecord(key, result, commit.turns + 1) if key is not None else None
+        if not applied:  # a repeat must not displace the session's last record
+            record = None
+        if record is not None:  # now: a move may take the history while its push waits
+            self.ledger.record(record)
         # Again for a repeated commit: it may not have got there (without the record: the
         # session may have moved on since).
-        await self._replicate(out, record if applied else None, incarnation)
+        try:
+            await self._replicate(out, record, incarnation)
+        except (TurnNotDurableError, NodeFencedError):
+            if record is not None:  # kept, as a turn that ran here: a retry confirms it first
+                self._unconfirmed[record.key[0]] = record.key
+            raise
         await self.cuts.results_may_go()  # the commit's answer is the turn's result
-        if record is not None and applied:  # a repeat must not displace the session's last record
-            self.ledger.end(key, result, record.turns)
         return commit.turns + 1
 
     async def node_stats(self) -> pb.NodeStats:
@@ -539,8 +577,8 @@ class LocalBackend:
             cut=ultrakv_pb2.BackupCut(cut_id=f"{self.identity.node_id}-{uuid.uuid4().hex[:12]}",
                                       taken_at=taken_at, attempts=1)))
         for session in snapshot:
-            state = await asyncio.to_thread(self.engine.export_session, session.session_id,
-                                            "cpu", session)
+            state = await self.with_last_turn(await asyncio.to_thread(
+                self.engine.export_session, session.session_id, "cpu", session))
             if history_only:
                 state = replace(state, kv=None, kv_tokens=0)
             for chunk in state_to_chunks(state):
@@ -561,6 +599,7 @@ class LocalBackend:
                     assembler.expect_kv_bytes(validate_session_header(assembler.header, layout))
             state = assembler.finish()
             kv_tokens = await asyncio.to_thread(self.engine.import_session, state)
+            self.adopt_last_turn(state)
             done.sessions += 1
             done.num_tokens += len(state.token_ids)
             done.kv_tokens += kv_tokens
@@ -621,6 +660,7 @@ class NodeServicer:
             snapshot = (self.backend.cuts.session(request.cut_id, sid) if request.cut_id
                         else None)
             state = await asyncio.to_thread(self.engine.export_session, sid, "cpu", snapshot)
+            state = await self.backend.with_last_turn(state)
         except Exception as exc:
             await abort_with(context, rejection_from_error(exc))
             return
@@ -651,6 +691,7 @@ class NodeServicer:
                             state.session_id)
                 state = replace(state, kv=None, kv_tokens=0)
             await asyncio.to_thread(self.engine.import_session, state)
+            self.backend.adopt_last_turn(state)
             self.backend.cuts.imported(state.session_id)
         except TransferError as exc:
             await abort_with(context, RequestRejected(grpc.StatusCode.DATA_LOSS, "chunks", str(exc)))
@@ -669,6 +710,7 @@ class NodeServicer:
                                ) -> npb.ReplicateHistoryResponse:
         """Hold a history for a ring neighbour; checked like an imported session's."""
         sid = validate_session_id(request.session_id)
+        validate_last_turn(request)
         try:
             await asyncio.to_thread(self.engine.store_replica, sid, list(request.token_ids),
                                     request.turns, request.tenant, message_pairs(request.messages))

@@ -7,9 +7,12 @@ completed all the same (it is in the history the node replicated) before anyone 
 end; running the retry would append the turn a second time. So a session turn that
 completes is recorded here under its key (session, request id and a digest of the prompt and
 sampling, the same for a resumed attempt as for the request it resumes) with the session's
-turn count, and the record travels with the history to the ring successors (a replica
-holder records it too). A request with the same key, while the session still has that turn
-count, is answered from the record (a resumed one with the tokens it had not received yet);
+turn count, as soon as the turn is in the history (before its copies are pushed: a move may
+take the history while the push waits), and the record travels wherever the history goes: to
+the ring successors with each push (a replica holder records it too), and with the session
+when it moves or is restored (ExportSession and ImportSession: the session's header carries
+it). A request with the same key, while the session still has that turn count, is answered
+from the record (a resumed one with the tokens it had not received yet);
 one that arrives while the first attempt still runs waits for it. A request with a different
 key (a new turn) runs as usual. Pure bookkeeping on the node's event loop, no I/O.
 """
@@ -84,6 +87,7 @@ class TurnLedger:
         self.capacity = capacity
         self._done: OrderedDict[str, TurnRecord] = OrderedDict()
         self._running: dict[TurnKey, asyncio.Future[pb.GenerateResult | None]] = {}
+        self._changed: dict[str, list[asyncio.Future[None]]] = {}  # last_turn's waiters
 
     async def replay(self, key: TurnKey) -> TurnRecord | None:
         """The record of the turn ``key`` (after waiting for a running attempt of it), or
@@ -107,6 +111,7 @@ class TurnLedger:
         future = self._running.pop(key, None)
         if future is not None and not future.done():
             future.set_result(result)
+        self._wake(key[0])
 
     def record(self, done: TurnRecord) -> None:
         """Keep ``done`` as its session's last turn (a turn taken here, or one replicated here
@@ -116,6 +121,37 @@ class TurnLedger:
         self._done.move_to_end(sid)
         while len(self._done) > self.capacity:
             self._done.popitem(last=False)
+        self._wake(sid)
+
+    async def last_turn(self, session_id: str, turns: int, wait_s: float) -> TurnRecord | None:
+        """The record of the turn that left the session with ``turns`` turns (what a copy of
+        its history carries along), or None. A turn is in the history a moment before its
+        record is here: while an attempt of a turn of the session runs, wait for its record
+        (at most ``wait_s``)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait_s
+        while True:
+            done = self._done.get(session_id)
+            if done is not None and done.turns == turns:
+                return done
+            left = until - loop.time()
+            if left <= 0 or not any(key[0] == session_id for key in self._running):
+                return None
+            changed = loop.create_future()
+            waiters = self._changed.setdefault(session_id, [])
+            waiters.append(changed)
+            try:
+                await asyncio.wait([changed], timeout=left)
+            finally:
+                if changed in waiters:  # timed out (a wake takes the whole list)
+                    waiters.remove(changed)
+                    if not waiters and self._changed.get(session_id) is waiters:
+                        del self._changed[session_id]
+
+    def _wake(self, session_id: str) -> None:
+        for changed in self._changed.pop(session_id, []):
+            if not changed.done():
+                changed.set_result(None)
 
     def retain(self, session_ids: Collection[str]) -> None:
         """Keep only the records of ``session_ids`` (the sessions this node still holds): a

@@ -98,6 +98,43 @@ def test_out_of_vocabulary_history_ids_are_rejected_at_the_edge(node, engine):
     assert engine.sessions.history("oov-replica") == engine.sessions.history("oov-import") == []
 
 
+def test_a_sessions_last_turn_record_is_checked_at_the_edge(node, engine):
+    """The record of a session's last turn (ReplicateHistory's and ImportSession's
+    last_result) answers retries of that turn from then on: one that does not fit the
+    history it comes with is refused, naming the field and the limit."""
+    good = pb.GenerateResult(request_id="r1", session_id="rec", token_ids=[7, 8],
+                             usage=pb.Usage(prompt_tokens=3, cached_tokens=0))
+    cases = ((b"short", good, "last_digest must be 32 bytes (a sha256), got 5"),
+             (b"d" * 32, pb.GenerateResult(request_id="", token_ids=[7]),
+              "last_result.request_id must be 1 to 128 bytes, got 0"),
+             (b"d" * 32, pb.GenerateResult(request_id="r1", token_ids=[1] * 6),
+              "last_result.token_ids must hold at most 5 ids (the history's), got 6"),
+             (b"d" * 32, pb.GenerateResult(request_id="r1", token_ids=[7], text="x" * 257),
+              "last_result.text must be at most 256 bytes (256 per token id), got 257"),
+             (b"d" * 32, pb.GenerateResult(request_id="r1", usage=pb.Usage(
+                 prompt_tokens=2, cached_tokens=3)),
+              "last_result.usage.cached_tokens must be in [0, 2] (its prompt_tokens), got 3"))
+    for digest, result, message in cases:
+        err = rejected(lambda d=digest, r=result: node.ReplicateHistory(
+            npb.ReplicateHistoryRequest(session_id="rec", token_ids=[1, 2, 3, 7, 8], turns=1,
+                                        last_result=r, last_digest=d), timeout=10))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert message in err.details()
+        chunks = history_only("rec", [1, 2, 3, 7, 8], engine.model_fingerprint)
+        chunks[0].header.last_result.CopyFrom(result)
+        chunks[0].header.last_digest = digest
+        err = rejected(lambda c=chunks: node.ImportSession(iter(c), timeout=10))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
+    err = rejected(lambda: node.ReplicateHistory(npb.ReplicateHistoryRequest(
+        session_id="rec", token_ids=[1, 2], turns=0, last_result=good, last_digest=b"d" * 32),
+        timeout=10))
+    assert "turns must be >= 1 with a last_result, got 0" in err.details()
+    assert engine.sessions.history("rec") == []
+    node.ReplicateHistory(npb.ReplicateHistoryRequest(
+        session_id="rec", token_ids=[1, 2, 3, 7, 8], turns=1, last_result=good,
+        last_digest=b"d" * 32), timeout=10)
+
+
 def test_stop_conditions_are_capped(node):
     """Finding 9: unbounded stop_token_ids (scanned per token) let 8 requests slow a victim
     from 0.3 s to 30 s."""

@@ -118,3 +118,80 @@ async def test_a_turn_on_the_source_during_a_move_is_never_cut_away(cluster):
         assert engines["b"].get_session("raced").turns == 2
     finally:
         await peers.close()
+
+
+async def test_a_turn_moved_before_its_acknowledgement_is_answered_from_its_record(cluster):
+    """Issue 9: "a" completes a turn, and while its replica push waits, a live move takes the
+    session (the turn in its history) to "b". The push is then refused, "b" serving the
+    session now: "a" does not acknowledge the turn. The coordinator's retry of the same
+    request on "b" is answered from the turn's record, which travelled with the move: "b"'s
+    history holds the turn once, and a resumed retry gets the rest of the same tokens (before,
+    "b" had the turn's tokens but not its record, and took the turn a second time)."""
+    import asyncio
+    import threading
+
+    from ultrakv.node.replication import Replicator
+
+    engines, servers, stubs = cluster
+    sid = "moved-unacknowledged"
+    turn(stubs["a"], sid, PROMPT, "")
+    before = list(engines["a"].sessions.get(sid).token_ids)
+    backend = servers["a"].server.backend
+    push_may_go = threading.Event()
+
+    async def push_after_the_move(output, record):
+        """The cluster agent's push, whose copies wait (slow successors) until the move."""
+        peers = PeerChannels()  # on "a"'s own event loop, as its cluster agent's
+        replicator = Replicator(engines["a"], "a", lambda: HashRing("ab"),
+                                lambda: {n: s.address for n, s in servers.items()}, peers)
+        push = replicator.replicate
+
+        async def push_later(state, record=None):
+            await asyncio.to_thread(push_may_go.wait, 30)
+            await push(state, record)
+
+        replicator.replicate = push_later
+        try:
+            await replicator.on_turn_complete(output, record)
+        finally:
+            await peers.close()
+
+    request = pb.GenerateRequest(request_id="turn-2", session_id=sid, text=" and then?",
+                                 sampling=pb.SamplingOptions(max_length=4, temperature=0.0))
+    backend.on_turn_complete = push_after_the_move
+    try:
+        first = asyncio.create_task(asyncio.to_thread(
+            lambda: list(stubs["a"].Generate(iter([pb.GenerateStreamRequest(generate=request)]),
+                                             timeout=60))))
+        for _ in range(600):  # the turn is in "a"'s history; its push waits
+            if engines["a"].get_session(sid).turns == 2 or first.done():
+                break
+            await asyncio.sleep(0.05)
+        history = list(engines["a"].sessions.get(sid).token_ids)
+        moved = await move(servers, sid, "a", "b", live=True)
+        assert moved.ok, moved.error
+        push_may_go.set()
+        refused = (await first)[-1]
+    finally:
+        push_may_go.set()
+        backend.on_turn_complete = None
+    assert refused.WhichOneof("event") == "error", refused  # superseded: not acknowledged
+    assert "owned by another node" in refused.error.message, refused.error
+    output = history[len(before) + len(b" and then?"):]
+    assert len(output) == 4
+
+    retried = list(stubs["b"].Generate(iter([pb.GenerateStreamRequest(generate=request)]),
+                                       timeout=60))[-1].result
+    assert list(retried.token_ids) == output
+    assert retried.usage.prompt_tokens == len(history) - 4
+    assert engines["b"].get_session(sid).turns == 2
+    assert list(engines["b"].sessions.get(sid).token_ids) == history  # the turn once
+    resumed = pb.GenerateRequest()
+    resumed.CopyFrom(request)
+    resumed.resume_token_ids.extend(output[:2])  # as the coordinator resumes after 2 tokens
+    resumed.sampling.max_length = 2
+    rest = list(stubs["b"].Generate(iter([pb.GenerateStreamRequest(generate=resumed)]),
+                                    timeout=60))[-1].result
+    assert list(rest.token_ids) == output[2:]
+    assert rest.usage.prompt_tokens == len(history) - 2
+    assert list(engines["b"].sessions.get(sid).token_ids) == history

@@ -38,7 +38,7 @@ class ExportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., include_kv: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., cut_id: _Optional[str] = ...) -> None: ...
 
 class SessionHeader(_message.Message):
-    __slots__ = ("session_id", "token_ids", "turns", "model_fingerprint", "kv_tokens", "kv_shape", "kv_dtype", "num_chunks", "tenant", "messages")
+    __slots__ = ("session_id", "token_ids", "turns", "model_fingerprint", "kv_tokens", "kv_shape", "kv_dtype", "num_chunks", "tenant", "messages", "last_result", "last_digest")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,8 @@ class SessionHeader(_message.Message):
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
+    LAST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     turns: int
@@ -59,7 +61,9 @@ class SessionHeader(_message.Message):
     num_chunks: int
     tenant: str
     messages: _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., num_chunks: _Optional[int] = ..., tenant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
+    last_result: _types_pb2.GenerateResult
+    last_digest: bytes
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., turns: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., kv_shape: _Optional[_Iterable[int]] = ..., kv_dtype: _Optional[str] = ..., num_chunks: _Optional[int] = ..., tenant: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_types_pb2.ChatMessage, _Mapping]]] = ..., last_result: _Optional[_Union[_types_pb2.GenerateResult, _Mapping]] = ..., last_digest: _Optional[bytes] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("index", "data", "sha256")
