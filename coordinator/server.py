@@ -689,15 +689,16 @@ class ClusterBackend:
                 node = await self.route(request)
                 timeline.mark(f"attempt {attempt + 1} on {node}")
                 if attempt > 0 and sid is not None and held is not None and not unacknowledged:
-                    done = await self._completed_on(node, sid, sent_ids + list(held.token_ids))
-                    if done is not None:
+                    usage = await self._completed_on(node, request,
+                                                     sent_ids + list(held.token_ids))
+                    if usage is not None:
                         sent_ids.extend(held.token_ids)
                         sent_text.append(held.text)
                         yield held
+                        usage.prompt_tokens += len(sent_ids)  # _result takes the output off
                         yield self._result(request, pb.GenerateResult(
                             request_id=request.request_id, session_id=sid,
-                            finish_reason=pb.FINISH_REASON_LENGTH, node_id=node,
-                            usage=pb.Usage(prompt_tokens=done)),  # _result takes the output off
+                            finish_reason=pb.FINISH_REASON_LENGTH, node_id=node, usage=usage),
                             sent_ids, sent_text, started, first_token_at)
                         return
                 held, unacknowledged = None, False
@@ -939,9 +940,13 @@ class ClusterBackend:
         except TimeoutError:
             raise self._still_moving(sid, waiting, deadline) from None
 
-    async def _completed_on(self, node: str, session_id: str, output: list[int]) -> int | None:
-        """The length of ``node``'s history of the session if it already ends with the
-        turn's whole ``output`` (the dead node replicated the turn), else None."""
+    async def _completed_on(self, node: str, request: pb.GenerateRequest,
+                            output: list[int]) -> pb.Usage | None:
+        """The usage of the turn if ``node``'s history of the session already ends with the
+        turn's whole ``output`` (the turn was replicated, or moved with its history, before
+        its node answered), else None. The usage is the turn's record's when the history
+        carries it (exact, cached tokens included), else counted from the history."""
+        session_id = request.session_id
         try:
             stub = self.peers.stub(self.members[node].address)
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -951,10 +956,19 @@ class ClusterBackend:
                 npb.ExportSessionRequest(session_id=session_id, include_kv=False), timeout=5)]
         except (grpc.aio.AioRpcError, KeyError):
             return None
-        history = list(chunks[0].header.token_ids) if chunks else []
-        if len(history) > len(output) and history[-len(output):] == output:
-            return len(history)
-        return None
+        header = chunks[0].header if chunks else npb.SessionHeader()
+        history = list(header.token_ids)
+        if not (len(history) > len(output) and history[-len(output):] == output):
+            return None
+        record = header.last_result
+        usage = pb.Usage()
+        if (header.HasField("last_result") and record.request_id == request.request_id
+                and list(record.token_ids) == output):
+            usage.CopyFrom(record.usage)
+        else:
+            usage.prompt_tokens = len(history) - len(output)
+        usage.completion_tokens = len(output)
+        return usage
 
     def _result(self, request: pb.GenerateRequest, result: pb.GenerateResult,
                 sent_ids: list[int], sent_text: list[str], started: float,

@@ -71,12 +71,6 @@ async def test_sigstop_then_sigcont_one_node(cluster) -> None:
     await _clean(cluster, "sigstop_sigcont_one_node")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 9, open: 1 of 3 fresh-clone suite runs rewrote one session (a turn stored twice). "
-    "A live move copied the owner's history while its turn was complete but not yet "
-    "acknowledged (most likely, from the logs); the owner's push was then refused "
-    "(superseded), and the retry ran the turn again on the new owner, which had the turn's "
-    "tokens but not its ledger record"))
 async def test_kill_9_two_of_three_nodes(cluster) -> None:
     """Two replicas per session (the default): every session outlives its owner and its
     first successor dying together (with one, the turns since the last checkpoint were lost)."""

@@ -7,9 +7,11 @@ from __future__ import annotations
 import grpc
 import pytest
 from ultrakv.cluster.checkpoint import CheckpointEntry, Manifest
+from ultrakv.cluster.membership import NodeRecord
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import HashRing
 from ultrakv.coordinator.resharding import Copy, Move, Resharder
+from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.server import BackgroundServer
 from ultrakv.v1 import node_pb2 as npb
@@ -125,8 +127,9 @@ async def test_a_turn_moved_before_its_acknowledgement_is_answered_from_its_reco
     session (the turn in its history) to "b". The push is then refused, "b" serving the
     session now: "a" does not acknowledge the turn. The coordinator's retry of the same
     request on "b" is answered from the turn's record, which travelled with the move: "b"'s
-    history holds the turn once, and a resumed retry gets the rest of the same tokens (before,
-    "b" had the turn's tokens but not its record, and took the turn a second time)."""
+    history holds the turn once, a resumed retry gets the rest of the same tokens, and the
+    usage is the turn's own, cached tokens included (before, "b" had the turn's tokens but
+    not its record, and took the turn a second time)."""
     import asyncio
     import threading
 
@@ -184,6 +187,15 @@ async def test_a_turn_moved_before_its_acknowledgement_is_answered_from_its_reco
                                        timeout=60))[-1].result
     assert list(retried.token_ids) == output
     assert retried.usage.prompt_tokens == len(history) - 4
+    assert retried.usage.cached_tokens >= 32  # "a" continued from turn 1's blocks
+    # A coordinator that held the turn's last chunk back finds the turn in "b"'s history,
+    # and counts it as the turn's record does (before: no cached tokens known).
+    coordinator = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1"))
+    coordinator.members = {n: NodeRecord(n, s.address, 0) for n, s in servers.items()}
+    try:
+        assert await coordinator._completed_on("b", request, output) == retried.usage
+    finally:
+        await coordinator.peers.close()
     assert engines["b"].get_session(sid).turns == 2
     assert list(engines["b"].sessions.get(sid).token_ids) == history  # the turn once
     resumed = pb.GenerateRequest()
