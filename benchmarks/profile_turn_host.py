@@ -34,7 +34,7 @@ from ultrakv.node.cuda_graphs import (  # noqa: E402
     context_buckets,
     prefill_shape,
 )
-from ultrakv.node.outputs import GenerateRequest  # noqa: E402
+from ultrakv.node.outputs import GenerateRequest, StreamDelta  # noqa: E402
 from ultrakv.node.scheduler import ScheduledSeq  # noqa: E402
 from ultrakv.node.sequence import Sequence  # noqa: E402
 
@@ -46,6 +46,7 @@ class Spans:
         self.on = False
         self.ns: dict[str, int] = {}
         self.first_start: dict[str, int] = {}  # perf_counter_ns when a label was first entered
+        self.last_end: dict[str, int] = {}  # perf_counter_ns when a label was last left
 
     def wrap(self, obj: object, name: str, label: str) -> None:
         if not hasattr(obj, name):
@@ -61,7 +62,8 @@ class Spans:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.ns[label] = self.ns.get(label, 0) + time.perf_counter_ns() - t0
+                t1 = self.last_end[label] = time.perf_counter_ns()
+                self.ns[label] = self.ns.get(label, 0) + t1 - t0
 
         setattr(obj, name, timed)
 
@@ -81,6 +83,9 @@ def instrument(engine: Engine, spans: Spans) -> None:
         spans.wrap(runner.graphs.prefill_inputs, "stage", "stage")
     spans.wrap(runner, "_sample", "sample")
     spans.wrap(sched, "on_step_done", "commit_blocks")
+    spans.wrap(sched, "hash_ahead", "hash_ahead")
+    spans.wrap(engine, "_after_step", "after_step")
+    spans.wrap(engine, "_detokenize", "detokenize")
     spans.wrap(engine, "step", "step")
 
 
@@ -88,10 +93,16 @@ def measure_turn(engine: Engine, spans: Spans, sid: str, prompt: list[int]) -> d
     """The first step of one turn, spans on; the turn is then run to its end."""
     request = GenerateRequest(prompt=prompt, sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
                               session_id=sid)
-    spans.ns, spans.first_start = {}, {}
+    spans.ns, spans.first_start, spans.last_end = {}, {}, {}
+    delivered: list[int] = []  # when the listener got the first token (as a server's stream would)
+
+    def listener(delta: StreamDelta) -> None:
+        if delta.token_ids and not delivered:
+            delivered.append(time.perf_counter_ns())
+
     spans.on = True
     t0 = time.perf_counter_ns()
-    seq = engine.add_request(request)
+    seq = engine.add_request(request, listener)
     engine.step()
     spans.on = False
     ttft_ns = (seq.first_token_time - seq.arrival_time) * 1e9
@@ -105,6 +116,10 @@ def measure_turn(engine: Engine, spans: Spans, sid: str, prompt: list[int]) -> d
     ns["add_to_token"] = total_ns
     # From add_request to the forward's launch: the host work ahead of the device's.
     ns["add_to_forward"] = spans.first_start.get("forward", t0) - t0
+    # From the forward's end (on a GPU: its launch returning) to the token in the listener's
+    # hands: sampling, reading the token, the step's bookkeeping, the delta.
+    ns["forward_to_delivered"] = delivered[0] - spans.last_end.get("forward", t0)
+    ns["add_to_delivered"] = delivered[0] - t0
     ns["cached_tokens"] = seq.num_cached_tokens
     ns["prompt_tokens"] = seq.num_prompt_tokens
     return ns
@@ -165,6 +180,8 @@ def main() -> None:
     if args.device == "cpu":  # the forward runs synchronously: the rest of the TTFT is host work
         med_us["host_in_ttft"] = round(statistics.median(
             (r["ttft"] - r.get("forward", 0)) for r in runs) / 1e3, 1)
+        med_us["host_to_delivered"] = round(statistics.median(
+            (r["add_to_delivered"] - r.get("forward", 0)) for r in runs) / 1e3, 1)
     building = input_building_us(engine, runs[-1]["step"])
     print(f"turn {args.turns}: cached {runs[-1]['cached_tokens']} of {runs[-1]['prompt_tokens']} tokens")
     for k, v in {**med_us, **{f"inputs.{k}": v for k, v in building.items()}}.items():

@@ -9,7 +9,6 @@ other node and after a restart, which session migration and checkpoints rely on.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -23,29 +22,7 @@ def hash_block(parent: int | None, token_ids: Sequence[int], salt: str = "") -> 
     bytes) and bytes, then each token id as a signed 64-bit int. Length prefixes keep
     different (salt, tokens) splits from colliding byte for byte.
     """
-    if parent is None:
-        head = _NO_PARENT
-    elif 0 <= parent < 2**64:
-        head = b"\x01" + parent.to_bytes(8, "little")
-    else:
-        raise ValueError(f"parent must be None or in [0, 2**64), got {parent}")
-    try:
-        packed_tokens = _tokens_struct(len(token_ids)).pack(*token_ids)
-    except struct.error as exc:
-        raise ValueError(f"token_ids must be 64-bit ints: {exc}") from None
-    salt_bytes = salt.encode("utf-8")
-    # One buffer, one digest call: every turn of a conversation hashes its new blocks before
-    # its prefill can start, so this sits in the time to first token.
-    message = head + len(salt_bytes).to_bytes(4, "little") + salt_bytes + packed_tokens
-    return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little")
-
-
-_NO_PARENT = b"\x00" + bytes(8)
-
-
-@functools.lru_cache(maxsize=64)
-def _tokens_struct(n: int) -> struct.Struct:
-    return struct.Struct(f"<{n}q")
+    return _digest(_parent_field(parent) + _salt_field(salt) + _packed(token_ids))
 
 
 def hash_token_blocks(
@@ -58,11 +35,48 @@ def hash_token_blocks(
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    num_blocks = len(token_ids) // block_size
+    if num_blocks == 0:
+        return []
+    # The tokens packed in one call and the salt's bytes built once: every turn of a
+    # conversation hashes its new blocks before its prefill can start (the same bytes as
+    # hash_block's, block by block).
+    head, salt_field = _parent_field(parent), _salt_field(salt)
+    packed = _packed(token_ids[: num_blocks * block_size])
+    stride = 8 * block_size
     hashes: list[int] = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], salt)
-        hashes.append(parent)
+    for start in range(0, len(packed), stride):
+        h = _digest(head + salt_field + packed[start : start + stride])
+        hashes.append(h)
+        head = b"\x01" + h.to_bytes(8, "little")
     return hashes
+
+
+def _parent_field(parent: int | None) -> bytes:
+    if parent is None:
+        return _NO_PARENT
+    if 0 <= parent < 2**64:
+        return b"\x01" + parent.to_bytes(8, "little")
+    raise ValueError(f"parent must be None or in [0, 2**64), got {parent}")
+
+
+def _salt_field(salt: str) -> bytes:
+    salt_bytes = salt.encode("utf-8")
+    return len(salt_bytes).to_bytes(4, "little") + salt_bytes
+
+
+def _packed(token_ids: Sequence[int]) -> bytes:
+    try:
+        return struct.pack(f"<{len(token_ids)}q", *token_ids)
+    except struct.error as exc:
+        raise ValueError(f"token_ids must be 64-bit ints: {exc}") from None
+
+
+def _digest(message: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little")
+
+
+_NO_PARENT = b"\x00" + bytes(8)
 
 
 def continue_chain(

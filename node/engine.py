@@ -303,10 +303,13 @@ class Engine:
                  n, t1 - t0, time.monotonic() - t1)
         self._calibrate_tiers()
 
-    def _settle_tiers(self) -> None:
-        """The KV tiers' deferred offload work (KVTiers.settle), while a step computes."""
-        with self._lock:
-            self.tiers.settle()
+    def _while_running(self, out: SchedulerOutput) -> None:
+        """Host work a step's end would otherwise wait for, done while the device computes it:
+        hashing the blocks it fills, and the KV tiers' deferred offload work (KVTiers.settle)."""
+        self.scheduler.hash_ahead(out)
+        if self.tiers is not None:
+            with self._lock:
+                self.tiers.settle()
 
     def _calibrate_tiers(self) -> None:
         """This device's figures for loads from host memory, before the first request weighs
@@ -543,6 +546,10 @@ class Engine:
 
     def _check_token_ids(self, name: str, ids: list[int]) -> None:
         vocab = self.model_config.vocab_size
+        # Plain ints in range pass with three loops in C (a request's prompt is checked on
+        # the way to its first token); anything else is looked at id by id, to name it.
+        if not ids or (set(map(type, ids)) == _INT_ONLY and min(ids) >= 0 and max(ids) < vocab):
+            return
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(name, f"{name} token ids must be in [0, {vocab - 1}], got {bad!r}")
@@ -655,10 +662,7 @@ class Engine:
                     items = [ScheduledSeq(item.seq, 1) for item in out.scheduled]
                 else:
                     t0 = time.perf_counter()
-                    if self.tiers is None:
-                        sampled_steps = [self.runner.execute(out.scheduled)]
-                    else:  # the flush's offload is stored while the device computes the step
-                        sampled_steps = [self.runner.execute(out.scheduled, while_running=self._settle_tiers)]
+                    sampled_steps = [self.runner.execute(out.scheduled, while_running=lambda: self._while_running(out))]
                     if self.tiers is not None:  # prefill speed: what a tier load must beat
                         prompt = sum(i.num_new_tokens for i in out.scheduled if i.num_new_tokens > 1)
                         if prompt:
@@ -1331,6 +1335,9 @@ class Engine:
                 "kv_tiers": self._tier_stats(),
                 "sessions": {"count": len(self.sessions), "replicas": self.sessions.num_replicas},
             }
+
+
+_INT_ONLY = {int}
 
 
 @dataclass

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ultrakv.cluster.block_hashing import continue_chain, hash_block
+from ultrakv.cluster.block_hashing import continue_chain, hash_block, hash_token_blocks
 from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.sequence import Sequence, SequenceStatus
 
@@ -256,7 +256,8 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence) -> bool:
         """Give ``seq`` the blocks of its longest cached prefix; False (nothing taken) when
         the tiers are still reading blocks of it that are worth the wait."""
-        hashes = self.block_hashes_of(seq)
+        full = (seq.num_tokens - 1) // self.block_size  # the blocks looked up (see block_hashes_of)
+        hashes = self.block_hashes_of(seq) if self._looks_past_misses else self._hashes_to_first_miss(seq, full)
         if len(hashes) > len(seq.prefix_hashes):  # a retry, and the commit of these blocks, reuse them
             seq.prefix_hashes = hashes
         loads = 0
@@ -267,7 +268,7 @@ class Scheduler:
                 if planned is None:
                     return False
                 loads = planned
-        matched = self.pool.match_prefix(hashes)
+        matched = self.pool.match_prefix(hashes, looked_up=full)
         if loads:
             matched += self._load_from_tiers(hashes[len(matched):], loads)
         seq.block_table = list(matched)
@@ -300,6 +301,43 @@ class Scheduler:
         ``prefix_hashes``, so a conversation's next turn hashes only its new blocks."""
         return continue_chain(seq.prefix_hashes, seq.token_ids[: seq.num_tokens - 1], self.block_size, seq.salt,
                               self.chain_root)
+
+    @property
+    def _looks_past_misses(self) -> bool:
+        """Whether a prefix match needs the hash of every block, not only up to the first the
+        pool lacks: the tiers look further down, and an adaptive policy learns from each miss."""
+        return self.tiers is not None or self.pool.policy.learns_from_misses
+
+    def _hashes_to_first_miss(self, seq: Sequence, full: int) -> list[int]:
+        """The chained hashes of ``seq``'s leading blocks, from the known ``prefix_hashes``
+        on, up to the first block the pool does not hold (or the ``full`` blocks a match
+        looks up). A returning session's turn hashes one new block here instead of all of
+        them: the rest are hashed while its step computes (:meth:`hash_ahead`)."""
+        hashes = seq.prefix_hashes[:full]
+        bs = self.block_size
+        while len(hashes) < full and (not hashes or self.pool.holds(hashes[-1])):
+            b = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else self.chain_root, seq.token_ids[b * bs : (b + 1) * bs],
+                                     seq.salt))
+        return hashes
+
+    def hash_ahead(self, out: SchedulerOutput) -> None:
+        """Hash the full blocks this step fills that are not hashed yet, so that committing
+        them when it ends (:meth:`on_step_done`) hashes nothing; for a caller to run while
+        the device computes the step (a returning turn's prefix match hashed only up to its
+        first uncached block)."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for item in out.scheduled:
+            seq = item.seq
+            known = seq.prefix_hashes
+            # Draft tokens are not part of token_ids: their blocks are committed once verified.
+            full = min(seq.num_computed_tokens + item.num_new_tokens, seq.num_tokens) // bs
+            if full > len(known):
+                parent = known[-1] if known else self.chain_root
+                seq.prefix_hashes = known + hash_token_blocks(seq.token_ids[len(known) * bs : full * bs], bs,
+                                                              seq.salt, parent)
 
     def reserve(self, seq: Sequence, num_new: int) -> bool:
         """Blocks for ``num_new`` more computed tokens of ``seq``; False (nothing taken) when
@@ -339,13 +377,16 @@ class Scheduler:
     def _commit_full_blocks(self, seq: Sequence) -> None:
         bs = self.block_size
         full = seq.num_computed_tokens // bs
-        known = seq.prefix_hashes  # hashed for the prefix match already: not hashed twice
-        for b in range(seq.num_committed_blocks, full):
+        first = seq.num_committed_blocks
+        if full <= first:
+            return
+        known = seq.prefix_hashes  # hashed for the prefix match or while the step ran: not hashed twice
+        hashes = seq.block_hashes
+        for b in range(first, full):
             if b < len(known):
-                h = known[b]
+                hashes.append(known[b])
             else:
-                parent = seq.block_hashes[b - 1] if b > 0 else self.chain_root
-                h = hash_block(parent, seq.token_ids[b * bs : (b + 1) * bs], seq.salt)
-            seq.block_hashes.append(h)
-            self.pool.commit(seq.block_table[b], h)
-        seq.num_committed_blocks = max(seq.num_committed_blocks, full)
+                parent = hashes[b - 1] if b > 0 else self.chain_root
+                hashes.append(hash_block(parent, seq.token_ids[b * bs : (b + 1) * bs], seq.salt))
+        self.pool.commit_blocks(seq.block_table[first:full], hashes[first:full])
+        seq.num_committed_blocks = full

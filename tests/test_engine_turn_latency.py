@@ -15,6 +15,7 @@ import random
 
 import pytest
 import torch
+from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.cuda_graphs import (
     PREFILL_TOKEN_BUCKETS,
@@ -124,13 +125,13 @@ def test_padded_staged_turn_computes_what_the_eager_step_computes(engine: Engine
 
 
 def test_a_turn_hashes_each_new_block_once(engine: Engine, monkeypatch):
-    """The blocks hashed to look the turn's prompt up in the prefix cache are committed with
-    those hashes, not hashed again when the prefill has filled them."""
+    """The blocks hashed to look the turn's prompt up in the prefix cache (the first new one)
+    or while its step computes (the rest) are committed with those hashes, not hashed again
+    when the prefill has filled them."""
     from ultrakv.cluster import block_hashing
-    from ultrakv.node import scheduler
 
     calls = []
-    real = block_hashing.hash_block
+    real = block_hashing._digest  # one call per block hashed, whichever function hashes it
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -140,13 +141,104 @@ def test_a_turn_hashes_each_new_block_once(engine: Engine, monkeypatch):
     reply = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     engine.generate([[rng.randrange(1, 256) for _ in range(300)]], reply, session_ids=["hash-once"])
     known = len(engine.sessions.get("hash-once").block_hashes)
-    monkeypatch.setattr(block_hashing, "hash_block", counted)
-    monkeypatch.setattr(scheduler, "hash_block", counted)
+    monkeypatch.setattr(block_hashing, "_digest", counted)
     out = engine.generate([[rng.randrange(1, 256) for _ in range(200)]], reply, session_ids=["hash-once"])[0]
     computed = out.prompt_tokens + len(out.token_ids) - 1  # the last token sampled is not computed
     new_blocks = computed // 16 - known  # 14: the history's partial block and the prompt's
     assert new_blocks == 14
     assert len(calls) == new_blocks
+
+
+ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+REPLY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def uncached() -> Engine:
+    """Recomputes every prompt: what a turn over cached blocks must reproduce."""
+    return Engine(EngineConfig(model="tiny", device="cpu", dtype="float32", num_blocks=512,
+                               enable_prefix_caching=False, max_model_len=4096))
+
+
+def _lookup_counts(engine: Engine) -> tuple[int, int]:
+    stats = engine.pool.stats()
+    return stats.hits, stats.misses
+
+
+def test_a_turn_finds_cached_blocks_past_its_known_hashes(engine: Engine, uncached: Engine):
+    """A returning turn hashes its new blocks only as far as the pool holds them (the rest
+    while its step computes): blocks of its prompt that another request cached are still
+    found, block after block, and every block the lookup stands for counts as a hit or a miss."""
+    rng = random.Random(7)
+    bs = engine.config.block_size
+    first = engine.generate([[rng.randrange(1, 256) for _ in range(100)]], ONE, session_ids=["look-past"])[0]
+    history = first.prompt_token_ids + first.token_ids  # 101 tokens; KV for 6 full blocks
+    new = [rng.randrange(1, 256) for _ in range(70)]
+    engine.generate([history + new + [9]], ONE)  # no session: caches the turn's blocks too
+    hits, misses = _lookup_counts(engine)
+    out = engine.generate([new], ONE, session_ids=["look-past"])[0]
+    looked_up = (len(history) + len(new) - 1) // bs  # 10 blocks, 6 of them known to the session
+    assert out.cached_tokens == looked_up * bs
+    assert _lookup_counts(engine) == (hits + looked_up, misses)
+    assert out.token_ids == uncached.generate([history + new], ONE)[0].token_ids
+
+    # The next turn finds only the session's own blocks: the rest of the lookup are misses,
+    # though only the first of them was hashed to know it.
+    hits, misses = _lookup_counts(engine)
+    history = out.prompt_token_ids + out.token_ids
+    new = [rng.randrange(1, 256) for _ in range(90)]
+    out = engine.generate([new], ONE, session_ids=["look-past"])[0]
+    cached = (len(history) - 1) // bs
+    assert out.cached_tokens == cached * bs
+    assert _lookup_counts(engine) == (hits + cached, misses + (len(history) + len(new) - 1) // bs - cached)
+    assert out.token_ids == uncached.generate([history + new], ONE)[0].token_ids
+
+
+def test_a_sessions_known_hashes_follow_its_history(engine: Engine, uncached: Engine):
+    """The chained hashes a session keeps for its next turn's lookup stay those of its history
+    as that history changes: a new turn, a re-rendered turn that diverges inside the history,
+    an aborted turn, its blocks evicted, a move to another node. Each next turn finds exactly
+    the cached blocks of its history and generates what a recompute generates."""
+    rng = random.Random(11)
+    bs = engine.config.block_size
+    sid = "hashes-follow"
+    toks = lambda n: [rng.randrange(1, 256) for _ in range(n)]  # noqa: E731
+
+    def history(e: Engine) -> list[int]:
+        return e.sessions.history(sid)
+
+    def hashes_true(e: Engine) -> None:
+        s = e.sessions.get(sid)
+        assert s.block_hashes == hash_token_blocks(s.token_ids, bs, s.salt, e.chain_root)[: len(s.block_hashes)]
+        assert len(s.block_hashes) == (len(s.token_ids) - 1) // bs  # every computed full block
+
+    def turn(e: Engine, prompt: list[int], cached: int, **request) -> None:
+        whole = prompt if request.get("full_context") else history(e) + prompt
+        seq = e.add_request(GenerateRequest(prompt=prompt, sampling=REPLY, session_id=sid, **request))
+        while e.has_unfinished():
+            e.step()
+        assert seq.num_cached_tokens == cached
+        assert seq.output_token_ids == uncached.generate([whole], REPLY)[0].token_ids
+        hashes_true(e)
+
+    turn(engine, toks(90), 0)
+    turn(engine, toks(40), (len(history(engine)) - 1) // bs * bs)  # a new turn over the cached history
+    # A whole-conversation prompt that leaves the history at token 50: blocks 0-2 are reused,
+    # and the session's chain is the new conversation's from block 3 on.
+    turn(engine, history(engine)[:50] + toks(30), 48, full_context=True)
+    before = list(history(engine))
+    aborted = engine.add_request(GenerateRequest(prompt=toks(20), sampling=REPLY, session_id=sid))
+    engine.step()
+    engine.abort(aborted.request_id)
+    assert history(engine) == before
+    hashes_true(engine)
+    turn(engine, toks(20), (len(before) - 1) // bs * bs)
+    engine.clear_cache()
+    turn(engine, toks(25), 0)  # every block evicted: recomputed, and hashed anew
+    state = engine.export_session(sid)
+    other = Engine(EngineConfig(model="tiny", device="cpu", dtype="float32", num_blocks=512, max_model_len=4096))
+    assert other.import_session(state) == state.kv_tokens > 0
+    turn(other, toks(33), state.kv_tokens)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])

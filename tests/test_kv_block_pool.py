@@ -139,6 +139,24 @@ def test_commit_keeps_existing_mapping_for_duplicate_content():
         pool.commit(b, h + 1)
 
 
+def test_commit_blocks_commits_each_and_reports_the_stored_ones_at_once():
+    pool = BlockPool(6, BS)
+    seen: list[tuple[bool, tuple[int, ...], str]] = []
+    pool.add_observer(lambda stored, hashes, tier: seen.append((stored, tuple(hashes), tier)))
+    h = hash_token_blocks(list(range(16)), BS)
+    a, b, c, d = pool.allocate(4)
+    pool.commit(a, h[0])
+    seen.clear()
+    # a: already holds h[0] (nothing new); d: h[1] is b's by then (stays unhashed).
+    pool.commit_blocks([a, b, c, d], [h[0], h[1], h[2], h[1]])
+    assert seen == [(True, (h[1], h[2]), "gpu")]
+    assert [pool.block_hash(x) for x in (a, b, c, d)] == [h[0], h[1], h[2], None]
+    pool.free([a, b, c, d])
+    assert pool.match_prefix(h) == [a, b, c]
+    with pytest.raises(ValueError, match=f"block_id {d} is not allocated"):
+        pool.commit_blocks([d], [h[3]])
+
+
 def test_eviction_when_full_takes_only_unreferenced_blocks():
     pool = BlockPool(4, BS, policy="lru")
     old = fill(pool, list(range(8)))  # 2 blocks

@@ -107,6 +107,38 @@ def test_release_counts_as_use_and_discard_forgets(name):
     assert sorted(drain(policy)) == [1, 3]
 
 
+@pytest.mark.parametrize("name", EVICTION_POLICIES)
+def test_a_lookups_hits_in_one_call_equal_them_one_by_one(name):
+    """``on_hits`` (a returning turn's blocks in one pass) leaves a policy as ``on_hit`` and,
+    for the keys pinned now, ``set_evictable(key, False)`` one key at a time would: the same
+    victims in the same order once they are released, whichever were pinned before or now."""
+    rng = random.Random(3)
+    for trial in range(20):
+        one, bulk = make_policy(name, 64), make_policy(name, 64)
+        keys = list(range(40))
+        rng.shuffle(keys)
+        pinned = set(rng.sample(keys, rng.choice([0, 5, 40])))  # held by other readers
+        for p in (one, bulk):
+            cached(p, *keys)
+            for key in pinned:
+                p.set_evictable(key, False)
+        hits = rng.sample(keys, 25)
+        flags = ([True] * len(hits) if trial % 3 == 0 else [rng.random() < 0.5 for _ in hits] if trial % 3 == 1
+                 else [key not in pinned for key in hits])
+        for key, pin in zip(hits, flags, strict=True):
+            one.on_hit(key)
+            if pin:
+                one.set_evictable(key, False)
+        bulk.on_hits(hits, flags)
+        assert (one.num_evictable, len(one)) == (bulk.num_evictable, len(bulk))
+        held = pinned | {key for key, pin in zip(hits, flags, strict=True) if pin}
+        for key in keys:  # every reader lets go
+            if key in held:
+                for p in (one, bulk):
+                    p.set_evictable(key, True)
+        assert drain(one) == drain(bulk)
+
+
 def test_heap_policies_stay_bounded_under_many_hits():
     # Lazy deletion leaves stale heap entries; compaction must keep the heap O(resident).
     policy = cached(LFUPolicy(4), 1, 2)

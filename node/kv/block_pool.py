@@ -19,12 +19,17 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
+from itertools import takewhile
+from operator import is_not
 from typing import Protocol
 
 from ultrakv.cluster.errors import EngineError
 from ultrakv.node.kv.eviction import EvictionPolicy, make_policy
 
 GPU_TIER = "gpu"  # the pool's own tier name, whatever its device (CPU runs too)
+
+_is_block = partial(is_not, None)  # a lookup in the hash table found a block
 
 
 class BlockObserver(Protocol):
@@ -250,25 +255,31 @@ class BlockPool:
 
     # --- prefix caching -----------------------------------------------------------------
 
-    def match_prefix(self, hashes: Sequence[int]) -> list[int]:
+    def match_prefix(self, hashes: Sequence[int], looked_up: int | None = None) -> list[int]:
         """Pin and return the blocks of the longest leading run of ``hashes`` that is cached.
 
-        Counts the reused blocks as hits and the rest of ``hashes`` as misses.
+        Counts the reused blocks as hits and the rest of the ``looked_up`` blocks (default:
+        ``len(hashes)``; more when the caller did not hash those past a block it knew to
+        be missing) as misses.
         """
         if not self.enable_prefix_caching:
             return []
-        blocks: list[int] = []
-        for key in hashes:
-            block = self._block_of.get(key)
-            if block is None:
-                break
-            self.policy.on_hit(key)
-            self._pin(block)
-            blocks.append(block)
+        # One pass in C over the lookups, one over the blocks, one policy call: a returning
+        # session's turn pins a hundred blocks or more before its prefill can start.
+        blocks = list(takewhile(_is_block, map(self._block_of.get, hashes)))
+        ref = self._ref
+        pinned_now = []
+        for block in blocks:
+            pinned_now.append(ref[block] == 0)
+            ref[block] += 1
+        newly = sum(pinned_now)
+        self._num_cached -= newly
+        self._num_used += newly
+        self.policy.on_hits(hashes[: len(blocks)], pinned_now)
         for key in hashes[len(blocks) :]:
             self.policy.on_miss(key)
         self._hits += len(blocks)
-        self._misses += len(hashes) - len(blocks)
+        self._misses += (len(hashes) if looked_up is None else looked_up) - len(blocks)
         return blocks
 
     def cached_prefix(self, hashes: Sequence[int]) -> list[int]:
@@ -276,13 +287,11 @@ class BlockPool:
         them or touching stats and policy (for exports and session figures)."""
         if not self.enable_prefix_caching:
             return []
-        blocks: list[int] = []
-        for key in hashes:
-            block = self._block_of.get(key)
-            if block is None:
-                break
-            blocks.append(block)
-        return blocks
+        return list(takewhile(_is_block, map(self._block_of.get, hashes)))
+
+    def holds(self, block_hash: int) -> bool:
+        """Whether a block (used or cached) holds ``block_hash``."""
+        return self.enable_prefix_caching and block_hash in self._block_of
 
     def commit(self, block_id: int, block_hash: int) -> bool:
         """Register full block ``block_id`` as holding content ``block_hash``.
@@ -292,6 +301,20 @@ class BlockPool:
         freed); returns False then, and always when prefix caching is off. Raises ValueError
         if the block is not in use or already holds a different hash.
         """
+        stored = self._register(block_id, block_hash)
+        if stored:
+            self.publish(True, (block_hash,), GPU_TIER)
+        return stored or (self.enable_prefix_caching and self._hash[block_id] == block_hash)
+
+    def commit_blocks(self, block_ids: Sequence[int], hashes: Sequence[int]) -> None:
+        """:meth:`commit` each of ``block_ids`` (a step's newly filled blocks) with its hash
+        in ``hashes``; the observers hear of the hashes stored in one call."""
+        stored = [h for block, h in zip(block_ids, hashes, strict=True) if self._register(block, h)]
+        self.publish(True, stored, GPU_TIER)
+
+    def _register(self, block_id: int, block_hash: int) -> bool:
+        """Make ``block_hash`` findable in ``block_id`` (see :meth:`commit`); whether it is
+        newly stored there (the observers are not told)."""
         if self._ref[self._check_id(block_id)] == 0:
             raise ValueError(f"block_id {block_id} is not allocated (ref_count 0)")
         if not self.enable_prefix_caching:
@@ -302,13 +325,12 @@ class BlockPool:
                 raise ValueError(
                     f"block_id {block_id} already holds hash {current}, got {block_hash}"
                 )
-            return True
+            return False
         if block_hash in self._block_of:
             return False
         self._block_of[block_hash] = block_id
         self._hash[block_id] = block_hash
         self.policy.on_insert(block_hash)
-        self.publish(True, (block_hash,), GPU_TIER)
         if self.on_commit is not None:
             self.on_commit(block_id, block_hash)
         return True

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from itertools import repeat
 
 from ultrakv.node.config import EVICTION_POLICIES
 
@@ -31,6 +33,9 @@ class EvictionPolicy(ABC):
     """Order in which unreferenced cached blocks are evicted. Keys are block content hashes."""
 
     name: str
+    # Whether :meth:`on_miss` changes anything: a prefix lookup may then skip hashing the
+    # blocks past its first miss only when it does not (node/scheduler.py).
+    learns_from_misses = False
 
     def __init__(self, capacity: int):
         if capacity < 1:
@@ -60,6 +65,17 @@ class EvictionPolicy(ABC):
 
     def on_miss(self, key: int) -> None:  # noqa: B027 - only adaptive policies learn from misses
         """A lookup wanted ``key`` and it was not resident."""
+
+    def on_hits(self, keys: Sequence[int], pinned_now: Sequence[bool]) -> None:
+        """A lookup reused resident ``keys``, in order; ``pinned_now[i]``: ``keys[i]`` had
+        no reader and is pinned by this one. The same as, key by key, :meth:`on_hit` and
+        then (where pinned now) ``set_evictable(key, False)``; a returning session's turn
+        reuses a hundred blocks or more before its prefill starts, so a policy may do it in
+        one pass. ``keys`` must be resident (the pool passes the keys it holds)."""
+        for key, pin in zip(keys, pinned_now, strict=True):
+            self.on_hit(key)
+            if pin:
+                self.set_evictable(key, False)
 
     @abstractmethod
     def set_evictable(self, key: int, evictable: bool) -> None:
@@ -105,6 +121,24 @@ class LRUPolicy(EvictionPolicy):
             self._evictable.move_to_end(key)
         elif key not in self._pinned:
             raise KeyError(key)
+
+    def on_hits(self, keys: Sequence[int], pinned_now: Sequence[bool]) -> None:
+        # A hit moves an evictable key to the recent end, and pinning it takes it out of
+        # the order: for a key pinned now only the removal shows.
+        evictable, pinned = self._evictable, self._pinned
+        if all(pinned_now):  # the usual case, a returning session's blocks: one pass in C
+            deque(map(evictable.pop, keys, repeat(None)), maxlen=0)
+            pinned.update(keys)
+            return
+        for key, pin in zip(keys, pinned_now, strict=True):
+            if key in evictable:
+                if pin:
+                    del evictable[key]
+                    pinned.add(key)
+                else:
+                    evictable.move_to_end(key)
+            elif key not in pinned:
+                raise KeyError(key)
 
     def set_evictable(self, key: int, evictable: bool) -> None:
         if key not in self:
@@ -292,6 +326,7 @@ class ARCPolicy(EvictionPolicy):
     """
 
     name = "arc"
+    learns_from_misses = True
 
     def __init__(self, capacity: int):
         super().__init__(capacity)
