@@ -9,8 +9,8 @@ run (``node/kernel_variants.py``; ``benchmarks/gpu_session.sh kernels-ab``):
    projections at one token, cuBLAS vs the Triton GEMV (with the norm and SwiGLU fused in),
    plus a sweep of its launch shape.
 2. End to end, one engine per variant set (llama-1b, fused kernels, 32 steps per round;
-   ``before``: the kernels this work replaced, ``default``: main's defaults, ``gemv_triton``:
-   the defaults plus the Triton GEMVs):
+   ``before``: the kernels this work replaced, ``default``: main's defaults, ``serial_launch``:
+   the defaults without programmatic dependent launch):
    turn-8 TTFT with session reuse and by recompute (bench_gpu's multi-turn chat), batch-1
    decode tokens/s against the weight-read roofline, and the GPU kernel time of one reuse
    turn and of one decode token (torch.profiler).
@@ -43,9 +43,9 @@ from ultrakv.node.attention.triton_backend import GqaPrefillConfig, TritonPagedB
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
 # Variant sets measured end to end: the code before this work, then each new piece.
 ENGINE_VARIANTS = {
-    "before": "prefill_attention=per_head,argmax=torch,gemv=cublas",
+    "before": "prefill_attention=per_head,argmax=torch,gemv=cublas,launch=serial",
     "default": "",
-    "gemv_triton": "gemv=triton",
+    "serial_launch": "launch=serial",
 }
 
 

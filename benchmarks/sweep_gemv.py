@@ -97,8 +97,8 @@ def sweep_matrix(k: int, rows: int, silu: bool, cold_mb: float) -> dict:
     timed = [r for r in row["sweep"] if isinstance(r["us"], float)]
     row["best"] = min(timed, key=lambda r: r["us"])
     for key in ("cublas", "default"):
-        row[f"{key}_tbps"] = mb / row[f"{key}_us"] / 1e6
-    row["best_tbps"] = mb / row["best"]["us"] / 1e6
+        row[f"{key}_tbps"] = mb / row[f"{key}_us"]
+    row["best_tbps"] = mb / row["best"]["us"]
     ws.clear()
     torch.cuda.empty_cache()
     return row

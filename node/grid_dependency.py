@@ -17,8 +17,8 @@ attribute is ordered as always. The wait is followed by the trigger that lets th
 be scheduled: all of this grid's blocks are resident by then, so the successor's waiting
 blocks only take room this grid does not use.
 
-Chosen by ``ULTRAKV_KERNELS=launch=pdl`` (``node/kernel_variants.py``) until GPU figures say
-it wins; ignored off CUDA, before compute capability 9.0 and under Triton's interpreter.
+On by default (``ULTRAKV_KERNELS=launch=serial`` turns it off, ``node/kernel_variants.py``);
+ignored off CUDA, before compute capability 9.0 and under Triton's interpreter.
 """
 
 from __future__ import annotations

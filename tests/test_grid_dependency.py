@@ -32,11 +32,11 @@ def _waits_before_touching_memory(ptx: str) -> bool:
     return first is not None and 0 <= wait < trigger < first.start()
 
 
-def test_the_variant_is_off_by_default_and_named_in_errors():
+def test_the_variant_is_on_by_default_and_named_in_errors():
     from ultrakv.node.kernel_variants import KernelVariants
 
-    assert KernelVariants().launch == "serial"
-    assert KernelVariants.parse("launch=pdl").launch == "pdl"
+    assert KernelVariants().launch == "pdl"
+    assert KernelVariants.parse("launch=serial").launch == "serial"
     with pytest.raises(ValueError, match="launch must be one of"):
         KernelVariants.parse("launch=eager")
 

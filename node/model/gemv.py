@@ -52,7 +52,12 @@ class GemvLaunch:
 
 LAUNCH = GemvLaunch()
 # Launch shapes for particular matrices, by (K, output rows, fused SwiGLU); others take LAUNCH.
-LAUNCHES: dict[tuple[int, int, bool], GemvLaunch] = {}
+# Swept with the weights cold (``benchmarks/sweep_gemv.py``, gemv_sweep_<gpu>.json): LAUNCH is
+# within 2% of the best shape for each of llama-1b's layer matrices; its 128k-row output
+# projection reads fastest with wider tiles and one program per SM (172 vs 177 us; cuBLAS 188).
+LAUNCHES: dict[tuple[int, int, bool], GemvLaunch] = {
+    (2048, 128256, False): GemvLaunch(tile_elems=16384, num_warps=4, num_stages=2, programs_per_sm=1),
+}
 
 
 @triton.jit
