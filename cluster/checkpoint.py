@@ -12,6 +12,10 @@ so a round writes only the sessions that changed and deletes the ones that are g
 Files no entry names any more are removed afterwards. Every entry is valid on its own, so a
 crash at any point leaves each session at its previous or its new checkpoint, never a mix.
 
+A history file also holds the record of the session's last turn, when its node had it
+(node/turn_ledger.py): a session restored from a checkpoint answers a retry of that turn
+from it, as a moved one does.
+
 On load every file is checked against its sha256. A KV file that is missing or corrupted
 is logged and dropped: the session comes back with its history only and the engine
 recomputes the KV on the next turn. A corrupted history file drops the session from the
@@ -21,6 +25,8 @@ does not belong to the history it is served with.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -37,8 +43,9 @@ from ultrakv.cluster.block_file import (
     tensor_to_block,
     write_atomic,
 )
-from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.session_state import LastTurn, SessionState
 from ultrakv.cluster.store import Delete, EtcdStore, Put, StoreError
+from ultrakv.v1 import types_pb2 as pb
 
 log = logging.getLogger("ultrakv.cluster.checkpoint")
 
@@ -148,6 +155,9 @@ class SessionRecord:
     model_fingerprint: str
     kv_tokens: int = 0
     messages: list[tuple[str, str]] = field(default_factory=list)  # chat: (role, content)
+    # The last turn's record: its GenerateResult (serialized, base64) and digest (hex); "" = none.
+    last_result: str = ""
+    last_digest: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -160,17 +170,34 @@ class SessionRecord:
             return cls(str(h["session_id"]), [int(t) for t in h["token_ids"]], int(h["turns"]),
                        str(h.get("tenant", "")), str(h["model_fingerprint"]),
                        int(h.get("kv_tokens", 0)),
-                       [(str(r), str(c)) for r, c in h.get("messages", [])])
+                       [(str(r), str(c)) for r, c in h.get("messages", [])],
+                       str(h.get("last_result", "")), str(h.get("last_digest", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed session history: {exc!r}") from exc
+
+    def last_turn(self) -> LastTurn | None:
+        """The last turn's record, or None (none written, or unreadable: it is only ever
+        an answer to a retry, and the history stands without it)."""
+        if not self.last_result:
+            return None
+        try:
+            result = pb.GenerateResult.FromString(base64.b64decode(self.last_result, validate=True))
+            digest = bytes.fromhex(self.last_digest)
+        except (binascii.Error, ValueError) as exc:  # DecodeError is a ValueError
+            log.error("session %s: its last turn's record is unreadable (%s)", self.session_id, exc)
+            return None
+        return LastTurn(result, digest)
 
 
 def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
     """Write ``state``'s history and KV files into ``directory``; returns the entry."""
     kv = state.kv if state.kv is not None and state.kv_tokens > 0 else None
+    last = state.last_turn
     record = SessionRecord(state.session_id, state.token_ids, state.turns, state.tenant,
                            state.model_fingerprint, state.kv_tokens if kv is not None else 0,
-                           state.messages)
+                           state.messages,
+                           base64.b64encode(last.result.SerializeToString()).decode() if last else "",
+                           last.digest.hex() if last else "")
     if kv is None:
         return write_session_files(directory, record)
     header, payload = tensor_to_block("", kv.cpu())  # the key is the file name, set below
@@ -223,7 +250,7 @@ def read_session(directory: Path, entry: CheckpointEntry) -> SessionState | None
     h = SessionRecord.from_json(raw)
     state = SessionState(session_id=h.session_id, token_ids=h.token_ids, turns=h.turns,
                          model_fingerprint=h.model_fingerprint, tenant=h.tenant,
-                         messages=h.messages)
+                         messages=h.messages, last_turn=h.last_turn())
     if not entry.kv_file:
         return state
     data = _read_verified(directory / entry.kv_file, entry.kv_sha256)

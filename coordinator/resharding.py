@@ -339,7 +339,8 @@ class Resharder:
         # import below would re-salt the promoted session and lose its cached blocks.
         state = replace(state, tenant=state.tenant or tenant)
         if state.turns == turns and state.token_ids == history:  # the replica's history won
-            state = replace(state, last_turn=last_turn)
+            same = checkpointed is not None and checkpointed.token_ids == history
+            state = replace(state, last_turn=last_turn or (checkpointed.last_turn if same else None))
         if not state.token_ids:
             raise ValueError(f"session {session_id}: no replica and no readable checkpoint")
         resp = await self._import(target, list(state_to_chunks(state)))

@@ -136,7 +136,8 @@ class NodeAgent:
             patience_s=settings.replication_patience_s)
         self.checkpointer = (
             Checkpointer(engine, self.node_id, settings.checkpoint_dir, self.store,
-                         settings.checkpoint_interval_s, settings.checkpoint_max_bytes)
+                         settings.checkpoint_interval_s, settings.checkpoint_max_bytes,
+                         self.server.backend.ledger)
             if settings.checkpoint_dir else None)
         self.registration: NodeRegistration | None = None
         self._expiry: asyncio.Task[None] | None = None
@@ -210,6 +211,8 @@ class NodeAgent:
         if manifest is None:
             return
         report = await asyncio.to_thread(restore_into, self.engine, manifest)
+        for state in report.last_turns:
+            self.server.backend.adopt_last_turn(state)
         self.checkpointer.manifest = self.checkpointer.recorded = manifest
         log.info("node %s restored %d sessions and %d replicas from its checkpoint (%d KV "
                  "tokens; %d to recompute, %d unreadable)", self.node_id, len(report.restored),

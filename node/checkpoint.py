@@ -5,7 +5,11 @@ Growth is bounded: only sessions that changed are written (files and manifest en
 etcd's key history is compacted after manifest writes, and the checkpoint directory keeps
 within ``max_bytes``: over it, the coldest sessions lose their KV file first (their KV is
 recomputed if they ever come back from the checkpoint), and if histories alone still do
-not fit, the coldest sessions are left out (their replica still holds them)."""
+not fit, the coldest sessions are left out (their replica still holds them).
+
+Each session's history file carries the record of its last turn from the node's turn ledger
+(node/turn_ledger.py), so whichever node restores it answers a retry of that turn from the
+record instead of taking the turn again."""
 
 from __future__ import annotations
 
@@ -25,9 +29,11 @@ from ultrakv.cluster.checkpoint import (
     write_session,
 )
 from ultrakv.cluster.errors import EngineError, SessionNotFoundError
+from ultrakv.cluster.session_state import LastTurn, SessionState
 from ultrakv.cluster.store import EtcdStore, EtcdUnavailableError
 from ultrakv.cluster.tasks import cancel_task
 from ultrakv.cluster.validation import RequestRejected
+from ultrakv.node.turn_ledger import TurnLedger, TurnRecord
 
 log = logging.getLogger("ultrakv.node.checkpoint")
 
@@ -67,6 +73,9 @@ class RestoreReport:
     kv_recomputed: list[str] = field(default_factory=list)  # KV file missing or corrupted
     lost: list[str] = field(default_factory=list)  # history file missing or corrupted
     replicas: list[str] = field(default_factory=list)  # restored as replicas, history only
+    # Restored sessions and replicas whose last turn's record came back too (history only):
+    # the node's turn ledger adopts them.
+    last_turns: list[SessionState] = field(default_factory=list)
 
 
 def restore_into(engine, manifest: Manifest, skip: set[str] = frozenset()) -> RestoreReport:
@@ -81,6 +90,8 @@ def restore_into(engine, manifest: Manifest, skip: set[str] = frozenset()) -> Re
         if state is None:
             report.lost.append(sid)
             continue
+        if state.last_turn is not None:
+            report.last_turns.append(replace(state, kv=None, kv_tokens=0))
         if entry.replica:
             engine.store_replica(sid, state.token_ids, state.turns, state.tenant, state.messages)
             report.replicas.append(sid)
@@ -103,7 +114,10 @@ class Checkpointer:
     """Writes this node's sessions every ``interval_s`` and records the manifest in etcd."""
 
     def __init__(self, engine, node_id: str, directory: str | Path, store: EtcdStore,
-                 interval_s: float = 10.0, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 interval_s: float = 10.0, max_bytes: int = DEFAULT_MAX_BYTES,
+                 ledger: TurnLedger | None = None) -> None:
+        """``ledger``: the node's turn ledger, whose records of the sessions' last turns go
+        into their history files."""
         if not interval_s > 0:
             raise ValueError(f"checkpoint interval_s must be > 0, got {interval_s}")
         if max_bytes < 1:
@@ -114,13 +128,15 @@ class Checkpointer:
         self.directory = Path(directory) / node_id
         self.store = store
         self.interval_s = interval_s
+        self.ledger = ledger
         self.manifest = Manifest(node_id, str(self.directory.resolve()))
         self.recorded: Manifest | None = None  # what etcd holds (None: unknown, write all)
         self._task: asyncio.Task[None] | None = None
         self._last_compacted = 0.0
 
-    def _write(self) -> Manifest:
-        """Write what changed since the last manifest; returns the new manifest (blocking).
+    def _write(self, records: dict[str, TurnRecord]) -> Manifest:
+        """Write what changed since the last manifest, with the sessions' last turns'
+        ``records``; returns the new manifest (blocking).
 
         Replicas are written too: a session created since its owner's last checkpoint may
         have its replica here as its only copy.
@@ -138,6 +154,9 @@ class Checkpointer:
                 state = self.engine.export_session(info.session_id)
             except SessionNotFoundError:
                 continue  # removed since listed
+            done = records.get(info.session_id)
+            if done is not None and done.turns == state.turns:
+                state = replace(state, last_turn=LastTurn(done.result, done.key[2]))
             entries[info.session_id] = replace(write_session(self.directory, state),
                                                replica=info.replica)
         fitted = fit_budget(entries, {sid: self._sizes(e) for sid, e in entries.items()},
@@ -166,7 +185,9 @@ class Checkpointer:
     async def checkpoint_once(self) -> Manifest:
         """One checkpoint: files first, then the changed manifest entries in etcd, then old
         files removed; etcd's history compacted at most once a minute."""
-        manifest = await asyncio.to_thread(self._write)
+        # The ledger lives on this loop: its records are copied here, written in the thread.
+        records = self.ledger.records() if self.ledger is not None else {}
+        manifest = await asyncio.to_thread(self._write, records)
         self.manifest = manifest
         if self.recorded is None:  # entries a previous run left in etcd are replaced too
             self.recorded = await load_manifest(self.store, self.node_id)

@@ -153,6 +153,11 @@ class TurnLedger:
             if not changed.done():
                 changed.set_result(None)
 
+    def records(self) -> dict[str, TurnRecord]:
+        """Every session's last turn's record, by session id (a copy: a checkpoint writes
+        them in a thread)."""
+        return dict(self._done)
+
     def retain(self, session_ids: Collection[str]) -> None:
         """Keep only the records of ``session_ids`` (the sessions this node still holds): a
         record outliving its session (expired, deleted) would only hold memory."""

@@ -20,8 +20,11 @@ from ultrakv.cluster.checkpoint import (
 )
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.etcd_server import free_port
+from ultrakv.cluster.session_state import LastTurn
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.checkpoint import Checkpointer, fit_budget, restore_into
+from ultrakv.node.turn_ledger import TurnLedger, TurnRecord
+from ultrakv.v1 import types_pb2 as pb
 
 pytestmark = pytest.mark.cluster
 
@@ -120,6 +123,36 @@ async def test_replicas_are_checkpointed_and_restored_as_replicas(engines, store
     finally:  # the engines serve the module's other tests
         for engine in (a, b):
             engine.delete_session(sid)
+
+
+async def test_a_sessions_last_turn_record_is_checkpointed_and_restored(engines, store,
+                                                                         tmp_path: Path) -> None:
+    """The record of a session's last turn (node/turn_ledger.py) goes into its history file
+    and comes back with it, for the restoring node's ledger; a record of an older turn (the
+    session moved on since) is not written."""
+    a, b = engines
+    sids = [f"lt-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
+    _turn(a, sids, 1)
+    result = pb.GenerateResult(request_id="turn-1", session_id=sids[0], token_ids=[5, 6],
+                               usage=pb.Usage(prompt_tokens=19, cached_tokens=0))
+    ledger = TurnLedger()
+    ledger.record(TurnRecord((sids[0], "turn-1", b"d" * 32), result, 1))
+    ledger.record(TurnRecord((sids[1], "turn-0", b"e" * 32), result, 0))  # an older turn
+    try:
+        manifest = await Checkpointer(a, "lt", tmp_path, store, interval_s=60,
+                                      ledger=ledger).checkpoint_once()
+        directory = Path(manifest.directory)
+        assert read_session(directory, manifest.sessions[sids[0]]).last_turn == LastTurn(
+            result, b"d" * 32)
+        assert read_session(directory, manifest.sessions[sids[1]]).last_turn is None
+        report = restore_into(b, manifest, skip=set(manifest.sessions) - set(sids))
+        assert [(s.session_id, s.turns, s.last_turn) for s in report.last_turns] == [
+            (sids[0], 1, LastTurn(result, b"d" * 32))]
+    finally:  # the engines serve the module's other tests
+        for engine in (a, b):
+            for sid in sids:
+                with contextlib.suppress(SessionNotFoundError):
+                    engine.delete_session(sid)
 
 
 # The node waits --etcd-wait seconds (20 by default) for etcd; 1 here: the message is the point.

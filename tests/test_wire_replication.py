@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from ultrakv.cluster.checkpoint import CheckpointEntry, Manifest
+from ultrakv.cluster.checkpoint import CheckpointEntry, Manifest, write_session
 from ultrakv.cluster.membership import NodeRecord
 from ultrakv.cluster.peers import PeerChannels
 from ultrakv.cluster.ring import HashRing
+from ultrakv.cluster.session_transfer import chunks_to_state
 from ultrakv.coordinator.resharding import Copy, Move, Resharder
 from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
 from ultrakv.node import Engine, EngineConfig
@@ -207,3 +208,34 @@ async def test_a_turn_moved_before_its_acknowledgement_is_answered_from_its_reco
     assert list(rest.token_ids) == output[2:]
     assert rest.usage.prompt_tokens == len(history) - 2
     assert list(engines["b"].sessions.get(sid).token_ids) == history
+
+
+async def test_a_turn_restored_from_a_checkpoint_is_answered_from_its_record(cluster, tmp_path):
+    """"a" took a session's turn 2 and checkpointed it, but died before a copy of it reached
+    "b", which holds the session's replica as of turn 1. "b" restores the session from "a"'s
+    checkpoint (the copy with more turns); the coordinator's retry of turn 2 reaching "b" is
+    answered from the turn's record, which the checkpoint kept (before, "b" had the turn's
+    tokens but not its record, and took the turn a second time)."""
+    engines, servers, stubs = cluster
+    sid = "checkpointed-unacknowledged"
+    turn(stubs["a"], sid, PROMPT, "")
+    replica = engines["a"].export_session(sid)
+    stubs["b"].ReplicateHistory(npb.ReplicateHistoryRequest(
+        session_id=sid, token_ids=replica.token_ids, turns=1), timeout=10)
+    request = pb.GenerateRequest(request_id="turn-2", session_id=sid, text=" and then?",
+                                 sampling=pb.SamplingOptions(max_length=4, temperature=0.0))
+    first = list(stubs["a"].Generate(iter([pb.GenerateStreamRequest(generate=request)]),
+                                     timeout=60))[-1].result  # its answer never got out
+    checkpointed = chunks_to_state(list(stubs["a"].ExportSession(
+        npb.ExportSessionRequest(session_id=sid), timeout=10)))
+    entry = write_session(tmp_path, checkpointed)
+    stubs["a"].DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=10)  # "a" died
+    result = await move(servers, sid, "a", "b", live=False,
+                        manifest=Manifest("a", str(tmp_path), sessions={sid: entry}))
+    assert result.ok, result.error
+    retried = list(stubs["b"].Generate(iter([pb.GenerateStreamRequest(generate=request)]),
+                                       timeout=60))[-1].result
+    assert list(retried.token_ids) == list(first.token_ids)
+    assert retried.usage == first.usage
+    assert engines["b"].get_session(sid).turns == 2
+    assert list(engines["b"].sessions.get(sid).token_ids) == checkpointed.token_ids
