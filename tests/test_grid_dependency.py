@@ -17,18 +17,19 @@ from triton_ptx import LaunchRecorder, hopper_ptx
 
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
 _MEMORY = re.compile(r"\b(?:ld|st|atom|red)\.global")
+_WRITES = re.compile(r"\b(?:st|atom|red)\.global")
 
 
 def _entry(ptx: str) -> str:
     return ptx[ptx.index(".entry"):]
 
 
-def _waits_before_touching_memory(ptx: str) -> bool:
-    """The kernel waits for its predecessor before any global memory access, then triggers
-    its successor's launch."""
+def _waits_before_touching_memory(ptx: str, pattern: re.Pattern = _MEMORY) -> bool:
+    """The kernel waits for its predecessor before its first global memory access matching
+    ``pattern``, then triggers its successor's launch."""
     body = _entry(ptx)
     wait, trigger = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
-    first = _MEMORY.search(body)
+    first = pattern.search(body)
     return first is not None and 0 <= wait < trigger < first.start()
 
 
@@ -117,16 +118,24 @@ def _attention_ptx(monkeypatch) -> dict[bool, dict[str, str]]:
 
 @needs_triton
 def test_every_decode_kernel_waits_for_its_predecessor_before_touching_memory(monkeypatch):
-    """Compiled for an H100 with ``PDL``: the GEMV (norm + residual + SwiGLU), RMSNorm, the
-    split argmax, RoPE + KV write, and decode attention (split-K, whose last program merges,
-    and single-partition) wait before their first global load, store or atomic; without it
-    they carry no grid-dependency instruction at all."""
+    """Compiled for an H100 with ``PDL``: RMSNorm, the split argmax, RoPE + KV write, and
+    decode attention (split-K, whose last program merges, and single-partition) wait before
+    their first global load, store or atomic, the GEMV (norm + residual + SwiGLU) before
+    anything but its first weight tile; without it they carry no grid-dependency
+    instruction at all."""
     ptx = {"gemv": _gemv_ptx, "rms_norm": _rms_norm_ptx, "argmax": _argmax_ptx}
     with_pdl = {name: build(True) for name, build in ptx.items()}
     without = {name: build(False) for name, build in ptx.items()}
     attention = _attention_ptx(monkeypatch)
     with_pdl.update(attention[True])
     without.update(attention[False])
+    # The GEMV loads its first weight tile before waiting (weights are never written while
+    # serving: the loads overlap the previous kernel's tail); its input, the residual store
+    # and everything else come after the wait.
+    gemv = _entry(with_pdl.pop("gemv"))
+    assert _waits_before_touching_memory(gemv, _WRITES)
+    wait = gemv.index("griddepcontrol.wait")
+    assert "ld.global" in gemv[:wait] and "ld.global" in gemv[wait:]
     for name, code in with_pdl.items():
         assert _waits_before_touching_memory(code), name
     for name, code in without.items():

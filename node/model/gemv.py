@@ -61,18 +61,42 @@ LAUNCHES: dict[tuple[int, int, bool], GemvLaunch] = {
 
 
 @triton.jit
+def _input_tile(X, RES_IN, NW, k0, offs_k, K, rstd, dtype,
+                NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """The input row's elements ``k0 + offs_k`` as the weights multiply them (float32 [1,
+    BLOCK_K]): normed (over residual + x) when ``NORM``."""
+    kmask = k0 + offs_k < K
+    x = tl.load(X + k0 + offs_k, mask=kmask, other=0.0)
+    if NORM:
+        if RESIDUAL:
+            r = tl.load(RES_IN + k0 + offs_k, mask=kmask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        nw = tl.load(NW + k0 + offs_k, mask=kmask, other=0.0)
+        x = ((x.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw.to(tl.float32)).to(dtype)
+    return x.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gemv_kernel(
     X, RES_IN, RES_OUT, NW, W, B, Y,
     K, N, eps, stride_w,
     NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    await_predecessor(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     offs_k = tl.arange(0, BLOCK_K)
     dtype = W.dtype.element_ty
+    w_rows = W + rows.to(tl.int64)[:, None] * stride_w
+    # The weights are never written while a model serves, so the first tile is loaded before
+    # the wait for the previous kernel (node/grid_dependency.py): launched early, these
+    # loads overlap that kernel's tail (attention, RoPE, a GEMV's last wave).
+    wmask = rmask[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_rows + offs_k[None, :], mask=wmask, other=0.0)
+    if SILU:
+        u = tl.load(w_rows + N * stride_w + offs_k[None, :], mask=wmask, other=0.0)
+    await_predecessor(PDL)
     rstd = 1.0
     if NORM:
         # The row's RMS (over residual + x when adding), every program for itself.
@@ -88,21 +112,13 @@ def _gemv_kernel(
             xf = x.to(tl.float32)
             sq += xf * xf
         rstd = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    xf = _input_tile(X, RES_IN, NW, 0, offs_k, K, rstd, dtype, NORM, RESIDUAL)
+    acc = w.to(tl.float32) * xf
     if SILU:
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    w_rows = W + rows.to(tl.int64)[:, None] * stride_w
-    for k0 in range(0, K, BLOCK_K):
-        kmask = k0 + offs_k < K
-        x = tl.load(X + k0 + offs_k, mask=kmask, other=0.0)
-        if NORM:
-            if RESIDUAL:
-                r = tl.load(RES_IN + k0 + offs_k, mask=kmask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            nw = tl.load(NW + k0 + offs_k, mask=kmask, other=0.0)
-            x = ((x.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw.to(tl.float32)).to(dtype)
-        xf = x.to(tl.float32)[None, :]
-        wmask = rmask[:, None] & kmask[None, :]
+        acc_up = u.to(tl.float32) * xf
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        xf = _input_tile(X, RES_IN, NW, k0, offs_k, K, rstd, dtype, NORM, RESIDUAL)
+        wmask = rmask[:, None] & (k0 + offs_k < K)[None, :]
         w = tl.load(w_rows + k0 + offs_k[None, :], mask=wmask, other=0.0)
         acc += w.to(tl.float32) * xf
         if SILU:
