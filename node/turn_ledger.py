@@ -135,7 +135,7 @@ class TurnLedger:
             if done is not None and done.turns == turns:
                 return done
             left = until - loop.time()
-            if left <= 0 or not any(key[0] == session_id for key in self._running):
+            if turns < 1 or left <= 0 or not any(key[0] == session_id for key in self._running):
                 return None
             changed = loop.create_future()
             waiters = self._changed.setdefault(session_id, [])

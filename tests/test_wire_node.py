@@ -28,7 +28,7 @@ from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.outputs import RequestOutput
 from ultrakv.node.replication import Replicator, ThrottledLog, TurnNotDurableError
 from ultrakv.node.server import BackgroundServer, NodeServer, ServerSettings
-from ultrakv.node.turn_ledger import answer_for, turn_key
+from ultrakv.node.turn_ledger import TurnLedger, TurnRecord, answer_for, turn_key
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
 from ultrakv.v1 import types_pb2 as pb
@@ -369,6 +369,28 @@ def test_a_resumed_attempt_has_its_requests_turn_key_and_gets_the_rest() -> None
     assert (rest.usage.prompt_tokens, rest.usage.completion_tokens) == (14, 2)
     assert answer_for(done, [7, 9]) is None  # another attempt's tokens: not this record's
     assert answer_for(done, [7, 8, 9, 10]) is None
+
+
+async def test_a_turn_in_the_history_waits_for_its_record_before_a_copy_leaves() -> None:
+    """A copy of a session's history leaving the node (a move's export) carries the record of
+    the turn that made it: the turn is in the history a moment before its record is in the
+    ledger, so while an attempt runs the copy waits for it; with none running it does not."""
+    ledger = TurnLedger()
+    key = ("s", "r2", b"d" * 32)
+    earlier = TurnRecord(("s", "r1", b"c" * 32), pb.GenerateResult(request_id="r1"), 1)
+    ledger.record(earlier)
+    assert await ledger.last_turn("s", 1, 5.0) == earlier
+    assert await ledger.last_turn("s", 2, 5.0) is None  # no attempt runs: no record to come
+    ledger.begin(key)
+    copy = asyncio.ensure_future(ledger.last_turn("s", 2, 30.0))
+    await asyncio.sleep(0.05)
+    assert not copy.done()
+    done = TurnRecord(key, pb.GenerateResult(request_id="r2"), 2)
+    ledger.record(done)  # as the turn completes, before its push
+    assert await asyncio.wait_for(copy, 5) == done
+    assert await ledger.last_turn("s", 3, 0.05) is None  # still running: waits its bound
+    ledger.end(key, done.result, 2)
+    assert ledger.records() == {"s": done}
 
 
 def test_throttled_log_counts_what_it_held_back(caplog) -> None:
