@@ -12,6 +12,7 @@ import pytest
 import torch
 from ultrakv.cluster.block_file import (
     BlockFileError,
+    BlockFormat,
     BlockHeader,
     block_to_tensor,
     decode,
@@ -151,3 +152,67 @@ def test_checksumming_a_block_lets_other_threads_run():
     finally:
         sys.setswitchinterval(interval)
     assert done.is_set() and ran_meanwhile == [True]
+
+
+@pytest.mark.parametrize("key", ["k", "fp/bfloat16/16/00000000000000ff", 'odd "key" \\ é'])
+def test_block_format_writes_what_encode_writes_and_reads_in_one_call(tmp_path, key):
+    """The disk tier's per-block path (headers from bytes made once, one preadv per read)
+    gives the files the general encoder gives, and refuses or hands back to the general
+    reader whatever is not exactly its format."""
+    t = (torch.randn(2, 3, 4) * 10).to(torch.bfloat16)
+    header, payload = tensor_to_block(key, t)
+    fmt = BlockFormat((2, 3, 4), "bfloat16", len(payload))
+    parts = fmt.parts(key, payload)
+    assert b"".join(bytes(p) for p in parts) == encode(header, payload)
+    path = tmp_path / "b.kvb"
+    from ultrakv.cluster.block_file import write_atomic
+
+    write_atomic(str(path), parts, fsync=False)
+    assert decode(path.read_bytes(), expect_key=key)[0] == header
+    out = torch.empty(len(payload), dtype=torch.uint8)
+    assert fmt.read_into(path, key, memoryview(out.numpy()))
+    assert torch.equal(out, t.view(torch.uint8).reshape(-1))
+    assert not fmt.read_into(path, key + "x", memoryview(out.numpy()))  # another key: not this format
+    data = path.read_bytes()
+    path.write_bytes(data + b"\0")  # padded
+    assert not fmt.read_into(path, key, memoryview(out.numpy()))
+    path.write_bytes(data[:-3])  # truncated
+    assert not fmt.read_into(path, key, memoryview(out.numpy()))
+    bad = bytearray(data)
+    bad[len(parts[0]) + 5] ^= 0x20  # a payload byte
+    path.write_bytes(bytes(bad))
+    with pytest.raises(BlockFileError, match="checksum"):
+        fmt.read_into(path, key, memoryview(out.numpy()))
+
+
+def test_a_disk_tier_block_costs_few_system_calls_and_no_header_encoding(tmp_path, monkeypatch):
+    """Per block, the disk tier's writer and readers take the GIL back after every system
+    call (each take delays the engine thread): a write is open + one writev + close +
+    rename, a read open + one preadv + close, with no JSON encoded or parsed."""
+    from ultrakv.node.kv.disk_tier import DiskTier
+
+    shape = (2, 2, 4, 2, 8)
+    disk = DiskTier(tmp_path, "ns", lambda h: f"fp/bfloat16/4/{h:016x}", shape, torch.bfloat16, 1 << 30)
+    disk.close()  # writes on this thread
+    blocks = [torch.randn(shape).to(torch.bfloat16) for _ in range(3)]
+    calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("open", "write", "writev", "pread", "preadv", "fstat", "close", "replace"):
+        monkeypatch.setattr(os, name, counted(name, getattr(os, name)))
+    monkeypatch.setattr(BlockHeader, "to_json", counted("to_json", BlockHeader.to_json))
+    monkeypatch.setattr(BlockHeader, "from_json", counted("from_json", BlockHeader.from_json))
+    for h, block in enumerate(blocks):
+        assert disk._write(h, block)
+    assert calls == {"open": 3, "writev": 3, "close": 3, "replace": 3}
+    calls.clear()
+    out = torch.empty(disk.block_bytes, dtype=torch.uint8)
+    for h, block in enumerate(blocks):
+        assert disk.read_into(h, out)
+        assert torch.equal(out, block.view(torch.uint8).reshape(-1))
+    assert calls == {"open": 3, "preadv": 3, "close": 3}

@@ -13,6 +13,12 @@ A read goes straight into the caller's buffer (:meth:`DiskTier.read_into`: one `
 into a staging slot, pinned on CUDA), so a hit costs a system call and a checksum, with no
 copy in between.
 
+Per block, the writer and the readers keep their Python work and their system calls few:
+each system call hands the GIL back, and each take of it back delays the engine thread (on a
+GPU node, its next kernel launch). Headers come from bytes made once (cluster/block_file.py
+``BlockFormat``), paths are plain strings, a write is open + one ``writev`` + close + rename
+and a read open + one ``preadv`` + close (benchmarks/profile_disk_engine_cost.py).
+
 Writes go through a bounded queue to one writer thread; when the queue is full the block is
 dropped (a future miss, never corruption). A submitted block may be a view of memory that is
 still being filled (an asynchronous device-to-host copy: the writer waits for its ``ready``
@@ -26,7 +32,9 @@ The directory is capped at ``capacity_bytes``; which file goes first is the conf
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -38,11 +46,11 @@ from ultrakv.cluster.block_file import (
     SUFFIX,
     TMP_SUFFIX,
     BlockFileError,
+    BlockFormat,
     BlockHeader,
     file_size,
     read_block_file_into,
-    tensor_to_block,
-    write_block_file,
+    write_atomic,
 )
 from ultrakv.node.kv.eviction import EvictionPolicy, make_policy
 
@@ -77,6 +85,7 @@ class DiskTier:
                  policy: str = "lru", queue_blocks: int = QUEUE_BLOCKS,
                  observer: Observer | None = None) -> None:
         self.directory = Path(directory) / namespace
+        self._prefix = f"{self.directory}{os.sep}"  # block paths are built as strings (no pathlib per block)
         self.key_of = key_of
         self.block_shape = block_shape
         self.dtype = dtype
@@ -88,6 +97,7 @@ class DiskTier:
         self.file_bytes = file_size(header, nbytes)
         self._file_sizes = {file_size(header, nbytes, version) for version in (1, 2)}
         self._dtype_name = header.dtype
+        self._format = BlockFormat(block_shape, header.dtype, nbytes)
         self.capacity = max(1, capacity_bytes // self.file_bytes)
         self.policy: EvictionPolicy = make_policy(policy, self.capacity)
         self.observer = observer
@@ -143,8 +153,8 @@ class DiskTier:
         with self._lock:
             return len(self._index)
 
-    def _path(self, block_hash: int) -> Path:
-        return self.directory / f"{block_hash:016x}{SUFFIX}"
+    def _path(self, block_hash: int) -> str:
+        return f"{self._prefix}{block_hash:016x}{SUFFIX}"
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -162,8 +172,14 @@ class DiskTier:
                 return False
             self.policy.on_hit(block_hash)
         path = self._path(block_hash)
+        key = self.key_of(block_hash)
         try:
-            header = read_block_file_into(path, memoryview(out.numpy()), expect_key=self.key_of(block_hash))
+            buffer = memoryview(out.numpy())
+            if self._format.read_into(path, key, buffer):
+                return True
+            # Not this tier's current format byte for byte (a file of version 1, or damaged):
+            # the general reader reads it, or says what is wrong with it.
+            header = read_block_file_into(Path(path), buffer, expect_key=key)
             if header.shape != self.block_shape or header.dtype != self._dtype_name:
                 raise BlockFileError(f"block must be {list(self.block_shape)} {self._dtype_name}, "
                                      f"got {list(header.shape)} {header.dtype}")
@@ -177,7 +193,7 @@ class DiskTier:
             with self._lock:
                 self.corrupted += 1
                 self._forget(block_hash)
-            path.unlink(missing_ok=True)
+            _unlink(path)
             return False
 
     # -- writes -----------------------------------------------------------------------------
@@ -254,9 +270,11 @@ class DiskTier:
                 return False
             while len(self._index) >= self.capacity:
                 self._evict_one()
+        if block.nbytes != self.block_bytes:  # the header written is this tier's block's
+            raise ValueError(f"a block must be {self.block_bytes} bytes, got {block.nbytes}")
         try:
-            header, payload = tensor_to_block(self.key_of(block_hash), block)
-            write_block_file(self._path(block_hash), header, payload, fsync=False)
+            payload = memoryview(block.contiguous().view(torch.uint8).view(-1).numpy())
+            write_atomic(self._path(block_hash), self._format.parts(self.key_of(block_hash), payload), fsync=False)
         except OSError as exc:
             self._disable(f"writing {self._path(block_hash)} failed", exc)
             return False
@@ -277,7 +295,7 @@ class DiskTier:
             return
         self._index.discard(victim)
         self.evictions += 1
-        self._path(victim).unlink(missing_ok=True)
+        _unlink(self._path(victim))
         self._notify("removed", victim)
 
     def _forget(self, block_hash: int) -> None:
@@ -312,7 +330,7 @@ class DiskTier:
             hashes = list(self._index)
             for block_hash in hashes:
                 self._forget(block_hash)
-                self._path(block_hash).unlink(missing_ok=True)
+                _unlink(self._path(block_hash))
         return len(hashes)
 
     def close(self) -> None:
@@ -320,3 +338,8 @@ class DiskTier:
         if self._writer is not None and self._writer.is_alive():
             self._queue.put(None)
             self._writer.join(timeout=60)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
