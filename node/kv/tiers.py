@@ -225,6 +225,7 @@ class KVTiers:
         # Reads started together (by one prefetch or plan) and not all done: when they are,
         # their bytes over their span is the disk's bandwidth for the cost model.
         self._batches: list[tuple[float, list[Future[tuple[bool, float]]]]] = []
+        self._unsubmitted: list[tuple[int, int, Future[tuple[bool, float]]]] = []  # see _submit_reads
         self._reader: ThreadPoolExecutor | None = None
         self._staging = torch.empty(0, dtype=torch.uint8)
         if disk is not None:
@@ -286,9 +287,7 @@ class KVTiers:
             # A block still on its way in layer-wise (loaded for a request that then could
             # not be scheduled, and evicted since) is copied out whole: it enters first.
             self.layers_ready()
-        while self._disk_events:
-            stored, h = self._disk_events.popleft()
-            self._emit(stored, h, "disk")
+        self._publish_disk_events()
         if not self._pending:
             return
         hashes = list(self._pending)
@@ -310,6 +309,20 @@ class KVTiers:
             self._unsettled = _Snapshot(hashes, gathered, done)
             return
         self._store(hashes, ids)
+
+    def _publish_disk_events(self) -> None:
+        """The disk writer's stored/removed events since the last flush, in their order, one
+        publish per run of one kind (not one per block)."""
+        run: list[int] = []
+        stored = False
+        while self._disk_events:
+            kind, h = self._disk_events.popleft()
+            if run and kind != stored:
+                self._emit_all(stored, run, "disk")
+                run = []
+            stored = kind
+            run.append(h)
+        self._emit_all(stored, run, "disk")
 
     def settle(self) -> None:
         """Finish the last :meth:`flush`'s offload on CUDA's path (see there); nothing to do
@@ -499,6 +512,7 @@ class KVTiers:
         for h, source in zip(hashes[:n], sources, strict=False):
             if source == "disk" and h not in self._reads and not self._start_read(h, keep, batch):
                 break
+        self._submit_reads()
         self.counters.prefetched += len(batch)
         return len(batch)
 
@@ -530,6 +544,7 @@ class KVTiers:
             if read is not None:
                 read.held_until = hold
                 waiting = waiting or not read.future.done()
+        self._submit_reads()
         if waiting:
             return None
         self.counters.skipped += len(sources) - n
@@ -549,10 +564,27 @@ class KVTiers:
             return False
         if not batch:
             self._batches.append((time.perf_counter(), batch))
-        read = _Read(slot, self._reader.submit(self._read, h, slot))
+        read = _Read(slot, Future())
         self._reads[h] = read
+        self._unsubmitted.append((h, slot, read.future))
         batch.append(read.future)
         return True
+
+    def _submit_reads(self) -> None:
+        """Hand the reads started since the last call to the reader threads: split in as many
+        runs as there are readers, one task each (a task per block cost the engine thread a
+        submission, and the readers a wake-up and a GIL take, per block)."""
+        todo, self._unsubmitted = self._unsubmitted, []
+        step = -(-len(todo) // READERS)
+        for start in range(0, len(todo), step or 1):
+            self._reader.submit(self._read_run, todo[start : start + step])
+
+    def _read_run(self, reads: list[tuple[int, int, Future[tuple[bool, float]]]]) -> None:
+        """On a reader thread: reads ``(hash, staging slot, future)`` one after the other,
+        each future answering :meth:`_read`'s result (a cancelled one is skipped)."""
+        for h, slot, future in reads:
+            if future.set_running_or_notify_cancel():
+                future.set_result(self._read(h, slot))
 
     def _read(self, h: int, slot: int) -> tuple[bool, float]:
         """On a reader thread: whether block ``h`` is in staging slot ``slot`` now, and when
@@ -898,8 +930,7 @@ class KVTiers:
         self._drop_reads()
         n = 0
         if self.host is not None:
-            for h in self.host.hashes():
-                self._emit(False, h, "cpu")
+            self._emit_all(False, self.host.hashes(), "cpu")
             n += self.host.clear()
         if self.disk is not None:
             n += self.disk.clear()
@@ -970,10 +1001,6 @@ class KVTiers:
             self._free_slots.append(read.slot)
         self._reads.clear()
         self._batches.clear()
-
-    def _emit(self, stored: bool, block_hash: int, tier: str) -> None:
-        if self.publish is not None:
-            self.publish(stored, (block_hash,), tier)
 
     def _emit_all(self, stored: bool, hashes: list[int], tier: str) -> None:
         if self.publish is not None and hashes:
