@@ -98,7 +98,13 @@ def engine_for(model: str, device: str, smoke: bool, **kw) -> Engine:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Weight bytes a decode step reads: every parameter, less an untied input embedding
+    (a step gathers one row of it; a tied one is read whole as the output projection)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if getattr(model, "lm_head", None) is not None:
+        embedding = model.model.embed_tokens.weight
+        total -= embedding.numel() * embedding.element_size()
+    return total
 
 
 def kv_bytes_per_token(engine: Engine) -> int:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from bench_decode import measure  # noqa: E402
-from bench_gpu import bench_multi_turn  # noqa: E402
+from bench_gpu import bench_multi_turn, weight_bytes  # noqa: E402
 from common import machine, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams, kernel_variants  # noqa: E402
 from ultrakv.node.attention.base import AttentionMetadata  # noqa: E402
@@ -321,7 +321,7 @@ def measure_engine(engine: Engine, label: str, res: dict) -> None:
     res["turn8_profile"] = profile_gpu(lambda: engine.generate([[rng.randrange(1, 256) for _ in range(200)]], first,
                                                                session_ids=["prof"]))
 
-    params = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    params = weight_bytes(engine.runner.model)
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_GBPS.items() if k in name), 3350.0)
     roofline_ms = params / (peak * 1e9) * 1e3
