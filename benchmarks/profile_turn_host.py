@@ -9,7 +9,7 @@ reading the token, and the bookkeeping before the token is stamped. On CPU the f
 model itself; everything else is the fixed cost a GPU pays on top of its kernels. Medians over
 ``--sessions`` conversations.
 
-    python benchmarks/profile_turn_host.py [--model tiny] [--sessions 12] [--label after]
+    python benchmarks/profile_turn_host.py [--model tiny] [--sessions 12] [--staged] [--label after]
 """
 
 from __future__ import annotations
@@ -68,17 +68,55 @@ class Spans:
         setattr(obj, name, timed)
 
 
+class StagedPrefill:
+    """The prefill graphs' host path on a CPU (``--staged``): a step that is one sequence's
+    short prefill is staged into :class:`PrefillGraphInputs` and sent as on a GPU, and the
+    model then runs eagerly on the staged, padded inputs (a graph replays that forward). The
+    host spans are then those of a GPU's lone-prefill path, not of the general batch builder
+    a CPU engine uses."""
+
+    def __init__(self, engine: Engine):
+        self.prefill_sizes = list(PREFILL_TOKEN_BUCKETS)
+        self.buckets = context_buckets(engine.max_model_len)
+        self.prefill_inputs = PrefillGraphInputs(self.prefill_sizes[-1], engine.runner._max_blocks,
+                                                 engine.config.block_size, engine.device)
+        self.model, self.kv_caches = engine.model, engine.kv_caches
+        self.qsl = {t: torch.tensor([0, t], dtype=torch.int32) for t in self.prefill_sizes}
+
+    def prefill_shape(self, start: int, num_new: int):
+        return prefill_shape(start, num_new, self.prefill_sizes, self.buckets)
+
+    def can_run(self, meta) -> bool:
+        return False  # everything else runs eagerly, as a CPU engine does
+
+    def run_prefill(self, shape, token_ids: list[int], start: int, block_table: list[int]) -> torch.Tensor:
+        inputs = self.prefill_inputs
+        inputs.send(inputs.stage(token_ids, start, block_table, shape.tokens))
+        return self.replay(shape)[: len(token_ids)]
+
+    def replay(self, shape) -> torch.Tensor:
+        inputs = self.prefill_inputs
+        meta = inputs.meta(shape.tokens, shape.context, self.qsl[shape.tokens])
+        return self.model(inputs.input_ids[: shape.tokens], inputs.positions[: shape.tokens], self.kv_caches, meta)
+
+
 def instrument(engine: Engine, spans: Spans) -> None:
     sched, runner = engine.scheduler, engine.runner
     spans.wrap(engine, "_prompt_for", "tokenize")
     spans.wrap(engine, "add_request", "add_request")
     spans.wrap(sched, "schedule", "schedule")
     spans.wrap(sched, "block_hashes_of", "block_hashing")
+    spans.wrap(sched, "_hashes_to_first_miss", "block_hashing")
+    spans.wrap(sched, "reserve", "reserve_blocks")
     spans.wrap(engine.pool, "match_prefix", "prefix_match")
     spans.wrap(runner, "execute", "execute")
     spans.wrap(runner, "prepare", "prepare")
     spans.wrap(runner, "_forward", "forward")
-    if runner.graphs is not None:
+    if isinstance(runner.graphs, StagedPrefill):  # the forward is the model alone
+        spans.wrap(runner.graphs, "replay", "forward")
+        spans.wrap(runner.graphs.prefill_inputs, "stage", "stage")
+        spans.wrap(runner.graphs.prefill_inputs, "send", "send")
+    elif runner.graphs is not None:
         spans.wrap(runner.graphs, "run_prefill", "forward")
         spans.wrap(runner.graphs.prefill_inputs, "stage", "stage")
     spans.wrap(runner, "_sample", "sample")
@@ -86,6 +124,7 @@ def instrument(engine: Engine, spans: Spans) -> None:
     spans.wrap(sched, "hash_ahead", "hash_ahead")
     spans.wrap(engine, "_after_step", "after_step")
     spans.wrap(engine, "_detokenize", "detokenize")
+    spans.wrap(engine, "_emit", "emit")
     spans.wrap(engine, "step", "step")
 
 
@@ -101,7 +140,7 @@ def measure_turn(engine: Engine, spans: Spans, sid: str, prompt: list[int]) -> d
             delivered.append(time.perf_counter_ns())
 
     spans.on = True
-    t0 = time.perf_counter_ns()
+    t0, t0_mono = time.perf_counter_ns(), time.monotonic()
     seq = engine.add_request(request, listener)
     engine.step()
     spans.on = False
@@ -120,6 +159,13 @@ def measure_turn(engine: Engine, spans: Spans, sid: str, prompt: list[int]) -> d
     # hands: sampling, reading the token, the step's bookkeeping, the delta.
     ns["forward_to_delivered"] = delivered[0] - spans.last_end.get("forward", t0)
     ns["add_to_delivered"] = delivered[0] - t0
+    # What a GPU's TTFT pays on the host (the rest overlaps its kernels): from the arrival
+    # stamp to the forward's launch, and from the step's token read (the end of execute,
+    # where a GPU waits for the device) to the token delivered.
+    arrival = t0 + (seq.arrival_time - t0_mono) * 1e9
+    ns["arrival_to_forward"] = spans.first_start.get("forward", t0) - arrival
+    ns["token_read_to_delivered"] = delivered[0] - spans.last_end.get("execute", t0)
+    ns["host_critical"] = ns["arrival_to_forward"] + ns["token_read_to_delivered"]
     ns["cached_tokens"] = seq.num_cached_tokens
     ns["prompt_tokens"] = seq.num_prompt_tokens
     return ns
@@ -159,11 +205,16 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--sessions", type=int, default=12)
     ap.add_argument("--label", default="", help="suffix of the results file (e.g. before / after)")
+    ap.add_argument("--staged", action="store_true",
+                    help="on CPU, run lone short prefills through the prefill graphs' staging (see StagedPrefill)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # a 2-core shared machine: one thread times steadier
     engine = Engine(EngineConfig(model=args.model, device=args.device, max_num_seqs=256, max_num_batched_tokens=8192,
                                  max_model_len=4096, num_blocks=4096 if args.device == "cpu" else None))
     engine.warmup()
+    if args.staged and args.device == "cpu":
+        engine.runner.graphs = StagedPrefill(engine)
+        engine.scheduler.graph_prefill_tokens = engine.runner.graphs.prefill_sizes[-1]
     spans = Spans()
     instrument(engine, spans)
     rng = random.Random(0)
@@ -194,14 +245,21 @@ def main() -> None:
         "new_tokens_per_turn": 200,
         "generated_per_turn": 100,
         "sessions": args.sessions,
+        "staged": args.staged,
         "cached_tokens": runs[-1]["cached_tokens"],
         "prompt_tokens": runs[-1]["prompt_tokens"],
         "median_us": med_us,
         "step_inputs_us": building,
         "notes": "spans of the first step of the last turn; 'forward' is the model (on a GPU: the launch, or "
                  "the graph's staging and replay); add_to_forward: from add_request to the forward's start; "
-                 "host_in_ttft (CPU only) = TTFT - forward; tokenize is called twice per request (validation, "
-                 "then admission) and runs before the arrival stamp",
+                 "host_in_ttft (CPU only) = TTFT - forward; forward_to_delivered: from the forward's end to the "
+                 "token in a listener's hands (host_to_delivered, CPU only: add_request to that, less the forward); "
+                 "hash_ahead runs while a GPU computes the step; host_critical = arrival_to_forward (arrival stamp "
+                 "to the forward's start) + token_read_to_delivered (end of execute, where a GPU waits for the "
+                 "token, to the listener): the host time a GPU's TTFT pays, the rest overlapping its kernels; "
+                 "staged: on CPU the lone prefill goes through the prefill graphs' staging (StagedPrefill) as on "
+                 "a GPU; tokenize is called twice per request "
+                 "(validation, then admission) and runs before the arrival stamp",
     })
 
 

@@ -780,11 +780,11 @@ class Engine:
         return [[t[i] if i < len(t) else None for t in tokens] for i in range(max(map(len, tokens)))]
 
     def _after_step(self, out: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
-        self.scheduler.on_step_done(out)
-        self._last_progress = time.monotonic()
-        self._metrics.steps += 1
-        self._metrics.batched_tokens += out.num_batched_tokens
-        finished = []
+        # The tokens reach their listeners before the step's filled blocks are committed
+        # (on_step_done): committing a returning turn's prompt blocks is no part of its time
+        # to first token. Sequences that end are finished after the commit, since the chain
+        # their session keeps is the committed one.
+        ending: list[tuple[Sequence, str, str]] = []
         now = time.monotonic()
         for item, token in zip(out.scheduled, sampled, strict=True):
             if token is None:
@@ -800,10 +800,14 @@ class Engine:
             if seq.finish_reason == "stop":  # a stop string completed in the text
                 reason = "stop"
             if reason is not None:
-                finished.append(self._finish(seq, reason, pending_text=delta_text))
+                ending.append((seq, reason, delta_text))
             else:
                 self._emit(seq, delta_text)
-        return finished
+        self.scheduler.on_step_done(out)
+        self._last_progress = time.monotonic()
+        self._metrics.steps += 1
+        self._metrics.batched_tokens += out.num_batched_tokens
+        return [self._finish(seq, reason, pending_text=text) for seq, reason, text in ending]
 
     def has_unfinished(self) -> bool:
         with self._lock:

@@ -216,6 +216,8 @@ class Scheduler:
         """Advance computed counts and publish newly filled blocks to the prefix cache."""
         for item in out.scheduled:
             seq = item.seq
+            if seq.is_finished:  # aborted by a listener as its token arrived: no blocks left
+                continue
             seq.num_computed_tokens += item.num_new_tokens
             if self.enable_prefix_caching:
                 self._commit_full_blocks(seq)

@@ -241,6 +241,45 @@ def test_a_sessions_known_hashes_follow_its_history(engine: Engine, uncached: En
     turn(other, toks(33), state.kv_tokens)
 
 
+def test_a_turns_first_token_arrives_before_its_blocks_are_committed(engine: Engine, uncached: Engine):
+    """Committing the blocks a turn's prompt filled is no part of its time to first token: the
+    token reaches the listener first. A listener that aborts its request on that token leaves
+    the blocks uncommitted, the history as it was and the engine serving."""
+    rng = random.Random(5)
+    bs = engine.config.block_size
+    sid = "deliver-first"
+    engine.generate([[rng.randrange(1, 256) for _ in range(100)]], ONE, session_ids=[sid])
+    history = engine.sessions.history(sid)
+    prompt = [rng.randrange(1, 256) for _ in range(70)]
+    chain = hash_token_blocks(history + prompt, bs)
+    new = chain[(len(history) - 1) // bs :]  # the blocks this turn's prefill fills
+    held_at_delivery = []
+
+    def listener(delta) -> None:
+        if delta.token_ids and not held_at_delivery:
+            held_at_delivery.append([engine.pool.holds(h) for h in new])
+
+    engine.add_request(GenerateRequest(prompt=prompt, sampling=REPLY, session_id=sid), listener)
+    while engine.has_unfinished():
+        engine.step()
+    assert held_at_delivery == [[False] * len(new)]
+    assert all(engine.pool.holds(h) for h in new)
+
+    def aborting(delta) -> None:
+        if delta.token_ids and not delta.finished:
+            engine.abort(delta.request_id)
+
+    history = engine.sessions.history(sid)
+    seq = engine.add_request(GenerateRequest(prompt=[rng.randrange(1, 256) for _ in range(50)], sampling=REPLY,
+                                             session_id=sid), aborting)
+    engine.step()
+    assert seq.finish_reason == "abort" and not engine.has_unfinished()
+    assert engine.sessions.history(sid) == history and engine.pool.num_used == 0
+    out = engine.generate([prompt], ONE, session_ids=[sid])[0]
+    assert out.cached_tokens == (len(history) - 1) // bs * bs
+    assert out.token_ids == uncached.generate([history + prompt], ONE)[0].token_ids
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("kernel", ["gqa", "per_head"])
 def test_split_prefill_of_a_returning_turn_compiles_for_an_h100(monkeypatch, kv_dtype, kernel):
