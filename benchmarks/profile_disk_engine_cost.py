@@ -7,9 +7,7 @@ headers, checksums). On a GPU node the engine thread needs the GIL for every ker
 so each of those takes delays the next launch. Measured here, per block:
 
 * ``write_us`` / ``read_us``: a block file written (``DiskTier._write``) and read
-  (``DiskTier.read_into``) on the calling thread, its CPU time, and apart its user time
-  (``*_user_us``: the Python and C work, done holding the GIL but for the checksum) and
-  system time (``*_sys_us``: the kernel's, the GIL released);
+  (``DiskTier.read_into``) on the calling thread, its CPU time (system calls included);
 * ``gil_write_us`` / ``gil_read_us``: how much longer an engine-like loop (small torch ops:
   dispatcher work under the GIL, as kernel launches are) takes while the writer writes
   ``--blocks`` blocks, or the tier's reader threads read them, than alone, divided by the
@@ -25,7 +23,6 @@ Medians of ``--rounds`` rounds; the files sit in the page cache (just written).
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import statistics
 import sys
@@ -45,12 +42,6 @@ from ultrakv.node.kv.tiers import BlockIdentity, KVTiers  # noqa: E402
 SHAPE = (16, 2, 16, 8, 64)  # llama-1b: 16 layers, K and V, 16 tokens, 8 KV heads, head_dim 64
 DTYPE = torch.bfloat16
 ENGINE_OPS = 4000
-
-
-def _thread_times() -> tuple[float, float]:
-    """This thread's user and system CPU seconds."""
-    usage = resource.getrusage(resource.RUSAGE_THREAD)
-    return usage.ru_utime, usage.ru_stime
 
 
 def _engine_loop() -> float:
@@ -76,25 +67,22 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     blocks = [torch.randn(SHAPE, generator=g).to(DTYPE) for _ in range(n)]
     figures: dict[str, list[float]] = {k: [] for k in (
-        "write_us", "write_user_us", "write_sys_us", "read_us", "read_user_us", "read_sys_us",
-        "gil_write_us", "gil_read_us", "submit_us", "start_read_us", "engine_loop_ms")}
+        "write_us", "read_us", "gil_write_us", "gil_read_us", "submit_us", "start_read_us", "engine_loop_ms")}
     try:
         # The calling thread's own cost of a write and a read (no writer thread).
         alone = DiskTier(directory / "alone", identity.namespace, identity.key, SHAPE, DTYPE, 1 << 40)
         alone.close()
         out = torch.empty(alone.block_bytes, dtype=torch.uint8)
         for r in range(args.rounds):
-            u0, s0 = _thread_times()
+            c0 = time.thread_time()
             for i, block in enumerate(blocks):
                 alone._write(r * n + i, block)
-            u1, s1 = _thread_times()
+            c1 = time.thread_time()
             for i in range(n):
                 assert alone.read_into(r * n + i, out)
-            u2, s2 = _thread_times()
-            for what, user, system in (("write", u1 - u0, s1 - s0), ("read", u2 - u1, s2 - s1)):
-                figures[f"{what}_us"].append((user + system) / n * 1e6)
-                figures[f"{what}_user_us"].append(user / n * 1e6)
-                figures[f"{what}_sys_us"].append(system / n * 1e6)
+            c2 = time.thread_time()
+            figures["write_us"].append((c1 - c0) / n * 1e6)
+            figures["read_us"].append((c2 - c1) / n * 1e6)
         # The writer and the readers beside an engine-like loop.
         caches = list(torch.zeros((SHAPE[0], SHAPE[1], 4, *SHAPE[2:]), dtype=DTYPE).unbind(0))
         disk = DiskTier(directory / "tier", identity.namespace, identity.key, SHAPE, DTYPE, 1 << 40,

@@ -405,11 +405,13 @@ class Engine:
                  f"{host.capacity} blocks" if host is not None else "off",
                  f"{disk.capacity} blocks in {disk.directory}" if disk is not None else "off",
                  c.kv_write_policy)
-        # Layer-wise loads run CUDA's batched path; on CPU too when asked (its copies are
-        # synchronous there: the same code path, for tests).
+        # Layer-wise loads need the model's layer hook (LlamaForCausalLM.kv_ready) and run
+        # CUDA's batched path; on CPU too when asked (its copies are synchronous there: the
+        # same code path, for tests).
+        layerwise = c.kv_tier_layerwise and hasattr(self.model, "kv_ready")
         return KVTiers(self.kv_caches, identity, host, disk,
                        write_through=c.kv_write_policy == "write_through", publish=self.pool.publish,
-                       batched=True if c.kv_tier_layerwise else None, layerwise=c.kv_tier_layerwise)
+                       batched=True if layerwise else None, layerwise=layerwise)
 
     def _bytes_per_block(self) -> int:
         mc = self.model.config  # this rank's heads under tensor parallelism
