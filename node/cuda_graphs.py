@@ -107,6 +107,7 @@ class PrefillGraphInputs:
         self._slots = h[self._o_slot : self._o_len].view(np.int64)
         self._seq_len = h[self._o_len : self._o_tab].view(np.int32)
         self._table = h[self._o_tab :].view(np.int32)
+        self._block_offsets = np.arange(block_size, dtype=np.int64)
         d = self.device_buffer
         self.input_ids = d[: self._o_pos].view(torch.int64)
         self.positions = d[self._o_pos : self._o_slot].view(torch.int64)
@@ -131,7 +132,11 @@ class PrefillGraphInputs:
         pos[n:] = start + n - 1
         table = self._table[: len(block_table)]
         table[:] = block_table
-        self._slots[:n] = table[pos[:n] // bs].astype(np.int64) * bs + pos[:n] % bs
+        # The positions run on from ``start``: their slots are those of the blocks they span,
+        # in order, less the offset of the first one (no per-token gather).
+        first, skip = divmod(start, bs)
+        spanned = table[first : (start + n - 1) // bs + 1, None].astype(np.int64) * bs + self._block_offsets
+        self._slots[:n] = spanned.ravel()[skip : skip + n]
         self._slots[n:size] = -1
         self._seq_len[0] = start + size
         return self._o_tab + 4 * len(block_table)
@@ -207,11 +212,12 @@ class CudaGraphRunner:
             return meta.num_seqs <= self.max_batch
         return self._prefill_shape(meta) is not None
 
-    @torch.inference_mode()
     def run_prefill(self, shape: PrefillShape, token_ids: list[int], start: int,
                     block_table: list[int]) -> torch.Tensor:
         """One sequence's prefill step from host values: staged in the pinned buffer, sent in
-        one copy, replayed. Returns the hidden states of the ``len(token_ids)`` real tokens."""
+        one copy, replayed. Returns the hidden states of the ``len(token_ids)`` real tokens.
+        (No inference-mode guard of its own: the runner's step holds one, and entering it
+        costs the turn a few microseconds more; a replay records no autograd anyway.)"""
         inputs = self.prefill_inputs
         inputs.send(inputs.stage(token_ids, start, block_table, shape.tokens))
         key = ("prefill", shape.tokens, shape.context)

@@ -197,26 +197,32 @@ class BlockPool:
                 f"cannot allocate {n} blocks: {self.num_free} of num_blocks "
                 f"{self.num_blocks} are free"
             )
-        blocks: list[int] = []
-        for _ in range(n):
-            block = self._free.popleft() if self._free else self._evict_one()
-            self._ref[block] = 1
-            blocks.append(block)
+        free = self._free
+        blocks = [free.popleft() for _ in range(min(n, len(free)))]
+        if len(blocks) < n:
+            blocks += self._evict(n - len(blocks))
+        ref = self._ref
+        for block in blocks:
+            ref[block] = 1
         self._num_used += n
         return blocks
 
-    def _evict_one(self) -> int:
-        key = self.policy.victim()
-        # num_free counted this block as cached, so the policy must have an evictable key.
-        assert key is not None, "eviction policy has no victim while blocks are cached"
-        block = self._block_of.pop(key)
-        self._hash[block] = None
-        self._num_cached -= 1
-        self._evictions += 1
-        self.publish(False, (key,), GPU_TIER)
+    def _evict(self, n: int) -> list[int]:
+        """Reclaim ``n`` cached blocks in the policy's order; the observers hear of their
+        hashes in one call (a full pool evicts for every step's new blocks)."""
+        keys = [self.policy.victim() for _ in range(n)]
+        # num_free counted these blocks as cached, so the policy must have evictable keys.
+        assert None not in keys, "eviction policy has no victim while blocks are cached"
+        blocks = [self._block_of.pop(key) for key in keys]
+        for block in blocks:
+            self._hash[block] = None
+        self._num_cached -= n
+        self._evictions += n
+        self.publish(False, keys, GPU_TIER)
         if self.on_evict is not None:
-            self.on_evict(block, key)
-        return block
+            for block, key in zip(blocks, keys, strict=True):
+                self.on_evict(block, key)
+        return blocks
 
     def incref(self, block_ids: Iterable[int]) -> None:
         """Add a reader to each block (a cached one becomes pinned). Free blocks are refused."""
