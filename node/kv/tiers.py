@@ -218,7 +218,6 @@ class KVTiers:
         # The hook runs on the engine's step thread without the engine's lock, and an export
         # (Engine._read_kv) may ready the same loads from another thread meanwhile.
         self._layer_lock = threading.Lock()
-        self._piece_cache: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         # Disk reads: block hash -> its read, oldest first; staging slots free or being
         # released (on CUDA, once the copy out of them, ending at the event, is done).
         self._reads: OrderedDict[int, _Read] = OrderedDict()
@@ -648,7 +647,8 @@ class KVTiers:
             t0, t0_cpu = time.perf_counter(), time.thread_time()
             if self.layerwise:  # CUDA's layer-wise path, synchronous copies (tests run it so)
                 staged_blocks = torch.empty((n, self.block_bytes), dtype=torch.uint8)
-                self._defer(staged_blocks, self._stage_layers(staged_blocks, picks, None), block_ids[:n])
+                order, events = self._stage_layers(staged_blocks, picks, None)
+                self._defer(staged_blocks, events, [block_ids[i] for i in order])
             else:
                 (self._copy_in_batched if self._batched else self._copy_in)(picks, block_ids[:n])
             self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
@@ -714,13 +714,13 @@ class KVTiers:
             staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
             with torch.cuda.stream(load):
                 start.record(load)
-                events = self._stage_layers(staged, picks, load)
+                order, events = self._stage_layers(staged, picks, load)
                 end.record(load)
             staged.record_stream(load)
             self._timings.append((start, end, n * self.block_bytes))
             if staged_slots:
                 self._releasing.append((end, staged_slots))
-            self._defer(staged, events, block_ids)
+            self._defer(staged, events, [block_ids[i] for i in order])
             return
         order, runs = source_runs(picks)
         staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.device)
@@ -743,39 +743,36 @@ class KVTiers:
         self._scatter(staged, [block_ids[i] for i in order])
 
     def _stage_layers(self, staged: torch.Tensor, picks: list[tuple[int, int]],
-                      stream: torch.cuda.Stream | None) -> list[torch.cuda.Event | None]:
-        """Blocks ``picks`` into ``staged`` (flat blocks on the device, row i: pick i), group
-        of layers by group: on ``stream`` (the load stream, asynchronous), each group's
-        copies followed by its event; synchronous on CPU (``stream`` None: no events)."""
-        n = len(picks)
-        rows = staged.view(n, self._groups, -1)
+                      stream: torch.cuda.Stream | None) -> tuple[list[int], list[torch.cuda.Event | None]]:
+        """Blocks ``picks`` into ``staged`` (flat blocks on the device), group of layers by
+        group: on ``stream`` (the load stream, asynchronous), each group's copies followed by
+        its event; synchronous on CPU (``stream`` None: no events). Returns ``order`` (row k
+        of ``staged`` is pick ``order[k]``, see :func:`source_runs`) and the events."""
+        order, runs = source_runs(picks)
+        width = self.block_bytes // self._groups
+        rows = staged.view(len(picks), self._groups, width)
+        buffers = [b.view(len(b), self._groups, width) for b in self._buffers()]
         events: list[torch.cuda.Event | None] = []
         for g in range(self._groups):
-            pieces = self._pieces(g)
             # One copy per block: a group's layers are contiguous within a block's slot but
-            # not across slots. One call issues them all (no Python loop per copy).
-            torch._foreach_copy_(list(rows[:, g].unbind(0)), [pieces[source][slot] for source, slot in picks],
-                                 non_blocking=stream is not None)
+            # not across slots. The views come a run of adjacent slots at a time, and one
+            # call issues every copy (no Python per block).
+            dst: list[torch.Tensor] = []
+            src: list[torch.Tensor] = []
+            for source, slot, at, count in runs:
+                dst += rows[at : at + count, g].unbind(0)
+                src += buffers[source][slot : slot + count, g].unbind(0)
+            torch._foreach_copy_(dst, src, non_blocking=stream is not None)
             event = None
             if stream is not None:
                 event = torch.cuda.Event()
                 event.record(stream)
             events.append(event)
-        return events
-
-    def _pieces(self, group: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Layer group ``group`` of every host slot and of every staging slot (by HOST and
-        STAGING), as views made once (the buffers are allocated once)."""
-        pieces = self._piece_cache.get(group)
-        if pieces is None:
-            width = self.block_bytes // self._groups
-            pieces = tuple(b.view(len(b), self._groups, width)[:, group].unbind(0) for b in self._buffers())
-            self._piece_cache[group] = pieces
-        return pieces
+        return order, events
 
     def _defer(self, staged: torch.Tensor, events: list[torch.cuda.Event | None], block_ids: list[int]) -> None:
-        """``staged`` (:meth:`_stage_layers`) goes into pool blocks ``block_ids`` as the
-        forward reaches its layers (:meth:`layer_ready`), or all at once
+        """``staged`` (:meth:`_stage_layers`; row k into pool block ``block_ids[k]``) goes
+        into the pool as the forward reaches its layers (:meth:`layer_ready`), or all at once
         (:meth:`layers_ready`)."""
         ids = self._index_tensor(block_ids)  # sent on the compute stream, which reads it
         layered = _LayerLoad(ids, staged, events)
