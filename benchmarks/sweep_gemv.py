@@ -11,7 +11,8 @@ stages, programs per SM). The best shape per matrix goes into ``gemv.LAUNCHES`` 
 with these figures as its reason.
 
 Writes ``gemv_sweep_<gpu>.json`` to $ULTRAKV_RESULTS_DIR (benchmarks/results by default).
-Usage: python benchmarks/sweep_gemv.py [--models llama-1b llama-8b] [--cold-mb 200]
+Usage: python benchmarks/sweep_gemv.py [--models llama-1b llama-8b] [--cold-mb 200] [--matrices o down]
+       [--tiles 8192 16384] [--warps 4] [--stages 1] [--programs-per-sm 1 2 4]
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def replay_us(fn, copies: int) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100) / copies
 
 
-def shapes(rows: int, k: int, num_sms: int) -> list[gemv.GemvLaunch]:
-    """Every launch shape in the grid, one per distinct compiled kernel and grid."""
+def shapes(rows: int, k: int, num_sms: int, grid: tuple) -> list[gemv.GemvLaunch]:
+    """Every launch shape in ``grid`` (tiles, warps, stages, programs per SM), one per
+    distinct compiled kernel and grid."""
     seen, out = set(), []
-    for tile, warps, stages, pps in itertools.product(TILES, WARPS, STAGES, PROGRAMS_PER_SM):
+    for tile, warps, stages, pps in itertools.product(*grid):
         block_n = gemv._block_n(rows, num_sms, pps)
         block_k = max(16, min(1 << (k - 1).bit_length(), tile // block_n))
         key = (block_n, block_k, warps, stages)
@@ -63,7 +65,7 @@ def shapes(rows: int, k: int, num_sms: int) -> list[gemv.GemvLaunch]:
     return out
 
 
-def sweep_matrix(k: int, rows: int, silu: bool, cold_mb: float) -> dict:
+def sweep_matrix(k: int, rows: int, silu: bool, cold_mb: float, grid: tuple) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
     n = 2 * rows if silu else rows
     mb = n * k * 2 / 1e6
@@ -85,7 +87,7 @@ def sweep_matrix(k: int, rows: int, silu: bool, cold_mb: float) -> dict:
     try:
         row["default_us"] = replay_us(triton_gemv, copies)
         row["sweep"] = []
-        for launch in shapes(rows, k, torch.cuda.get_device_properties(dev).multi_processor_count):
+        for launch in shapes(rows, k, torch.cuda.get_device_properties(dev).multi_processor_count, grid):
             gemv.LAUNCH = launch
             try:
                 us = replay_us(triton_gemv, copies)
@@ -108,14 +110,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["llama-1b", "llama-8b"])
     ap.add_argument("--cold-mb", type=float, default=200.0)
+    ap.add_argument("--matrices", nargs="+", default=None, help="qkv o gate_up down lm_head (default: all)")
+    ap.add_argument("--tiles", nargs="+", type=int, default=list(TILES))
+    ap.add_argument("--warps", nargs="+", type=int, default=list(WARPS))
+    ap.add_argument("--stages", nargs="+", type=int, default=list(STAGES))
+    ap.add_argument("--programs-per-sm", nargs="+", type=int, default=list(PROGRAMS_PER_SM))
     args = ap.parse_args()
+    grid = (args.tiles, args.warps, args.stages, args.programs_per_sm)
     gpu = machine().get("gpu", "cpu").replace(" ", "_").replace("/", "_")
     name = f"gemv_sweep_{gpu}.json"
     results: dict = {"benchmark": "gemv_sweep", "machine": machine(), "cold_mb": args.cold_mb, "models": {}}
     for model in args.models:
         results["models"][model] = {}
         for label, k, rows, silu in matrices(model):
-            row = sweep_matrix(k, rows, silu, args.cold_mb)
+            if args.matrices and label not in args.matrices:
+                continue
+            row = sweep_matrix(k, rows, silu, args.cold_mb, grid)
             results["models"][model][label] = row
             print(f"{model} {label} [{rows}{'x2' if silu else ''}, {k}] {row['weight_mb']:.0f} MB: cuBLAS "
                   f"{row['cublas_us']:.1f} us ({row['cublas_tbps']:.2f} TB/s), triton default "
