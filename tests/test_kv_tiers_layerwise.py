@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_kv_tiers import BS, PROMPTS, _engine, _planned, _run, _StandInEvent, _StandInStream, reference  # noqa: F401
+from test_kv_tiers import (  # noqa: F401
+    BS,
+    GREEDY,
+    PROMPTS,
+    _engine,
+    _planned,
+    _prompts,
+    _run,
+    _StandInEvent,
+    _StandInStream,
+    reference,
+)
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.kv.disk_tier import DiskTier
 from ultrakv.node.kv.host_tier import HostTier
@@ -204,3 +215,44 @@ def test_layerwise_loads_are_bit_exact_on_cuda(tmp_path):
         finally:
             engine.shutdown()
     assert runs[0][0] == runs[1][0]
+
+
+class _StandInGraphs:
+    """A CudaGraphRunner's face to the runner, on CPU: every lone prefill "fits" a prefill
+    graph and every decode step a decode graph; it notes whether a layer-wise load was
+    pending when it was asked to replay (a graph calls no layer hook) and computes eagerly."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.prefills: list[bool] = []  # per run_prefill: loads pending then
+        self.decodes: list[bool] = []
+
+    def prefill_shape(self, start: int, num_new: int):
+        return (start, num_new) if num_new > 1 else None
+
+    def run_prefill(self, shape, token_ids, start, block_table):
+        self.prefills.append(self.engine.tiers.layers_pending)
+        return None  # the runner then runs the step eagerly
+
+    def can_run(self, meta) -> bool:
+        return meta.is_decode_only
+
+    def run(self, input_ids, positions, meta):
+        self.decodes.append(self.engine.tiers.layers_pending)
+        return self.engine.model(input_ids, positions, self.engine.kv_caches, meta)
+
+
+def test_steps_with_layerwise_loads_pending_do_not_replay_graphs(reference):  # noqa: F811
+    """Where graphs would replay (CUDA): a lone prefill with a layer-wise load pending runs
+    eagerly instead (its layers wait for their own blocks), a decode replay readies every
+    pending group first; tokens are unchanged."""
+    engine = _engine(kv_cpu_gib=0.01, kv_tier_layerwise=True)
+    graphs = engine.runner.graphs = _StandInGraphs(engine)
+    try:
+        tokens, cached = _run(engine)  # each prompt's second turn: a lone prefill loading its prefix
+        engine.generate(_prompts(1, 2 * BS + 5, seed=9), GREEDY)  # a lone prefill loading nothing
+    finally:
+        engine.shutdown()
+    assert tokens == reference[0] and cached == [2 * BS] * len(PROMPTS)
+    assert graphs.prefills and not any(graphs.prefills)  # asked only with nothing pending
+    assert graphs.decodes and not any(graphs.decodes)
