@@ -494,8 +494,9 @@ class Engine:
             result.tokens = history + (self.tokenizer.encode(prompt, add_bos=not history) if prompt else [])
         else:
             result.tokens = history + list(prompt)
-        self._check_token_ids("resume_token_ids", request.resume_token_ids)
-        result.tokens = result.tokens + list(request.resume_token_ids)
+        if request.resume_token_ids:  # a resumed stream; not copying the context otherwise
+            self._check_token_ids("resume_token_ids", request.resume_token_ids)
+            result.tokens = result.tokens + list(request.resume_token_ids)
         tokens = result.tokens
         if not tokens:
             raise InvalidRequestError("prompt", "prompt must be non-empty")
