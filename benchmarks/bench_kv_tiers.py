@@ -8,8 +8,9 @@ session finds its history evicted and prefills it again. Measured for tiers off,
 (``cpu_fits``: the tier as a host would size it, several times the GPU pool) and CPU + disk:
 prefix hit rate (cached / prompt tokens of the turns after the first) and TTFT p50/p99.
 ``cpu_fits_layerwise`` is ``cpu_fits`` with layer-wise loads (EngineConfig.kv_tier_layerwise:
-each layer group's copies overlap the prefill's earlier layers; such steps run eagerly), the
-A/B of that switch.
+in a prefill that runs eagerly, each layer group's copies overlap the earlier layers'
+compute; turns that a prefill graph takes load whole), the A/B of that switch: with
+``--turn-tokens 2048`` the turns run eagerly (docs/kv-tiers.md).
 
 Round robin is the worst case for a tier smaller than the working set: under LRU each
 session's blocks are evicted just before it returns, so the small CPU tier hits only while

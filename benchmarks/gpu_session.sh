@@ -101,10 +101,15 @@ case "${1:-}" in
     ;;
   kv-layerwise)
     # Layer-wise tier loads A/B (EngineConfig.kv_tier_layerwise): cpu_fits with whole loads
-    # (prefill graphs) against cpu_fits with loads overlapped layer by layer (eager steps).
+    # against cpu_fits with layer-wise loads. 512-token turns replay prefill graphs, which
+    # load whole either way (the switch must cost nothing there); 2048-token turns run
+    # eagerly, where the loads overlap the prefill layer by layer.
     python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b \
       --configs tiers_off cpu_fits cpu_fits_layerwise --out kv_tiers_cuda_layerwise_ab.json 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/kv_tiers_layerwise_ab.log"
+    python benchmarks/bench_kv_tiers.py --device cuda --preset llama-1b --sessions 16 --turn-tokens 2048 \
+      --configs tiers_off cpu_fits cpu_fits_layerwise --out kv_tiers_cuda_layerwise_ab_2048.json 2>&1 \
+      | tee -a "$ULTRAKV_RESULTS_DIR/kv_tiers_layerwise_ab.log"
     python -m pytest -q -p no:cacheprovider -m gpu tests/test_kv_tiers_layerwise.py 2>&1 \
       | tee -a "$ULTRAKV_RESULTS_DIR/kv_tiers_layerwise_ab.log"
     ;;

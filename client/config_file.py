@@ -99,7 +99,7 @@ HELP: dict[str, dict[str, str]] = {
         "kv_cpu_eviction_policy": "host tier: which block goes first (lru, lfu, fifo, arc, s3fifo)",
         "kv_disk_eviction_policy": "disk tier: which block file goes first (lru, lfu, fifo, arc, s3fifo)",
         "kv_tier_layerwise": "load tier hits layer group by layer group, overlapped with the prefill "
-                             "(CUDA; such a step runs eagerly, not as a prefill graph)",
+                             "(CUDA; prefills that run eagerly, not those a prefill graph takes)",
     },
     "security": {
         "keys_file": "API keys (hashes) from `ultrakv keys create`; empty = no authentication",

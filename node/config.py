@@ -89,8 +89,8 @@ class EngineConfig:
     kv_cpu_eviction_policy: str = "lru"
     kv_disk_eviction_policy: str = "lru"
     # Load tier hits group of layers by group, each layer waiting only for its own blocks, so
-    # the copies overlap the request's prefill (CUDA, eager steps: a step with such a load
-    # runs eagerly instead of replaying a prefill graph). Off until measured a win on a GPU.
+    # the copies overlap the request's prefill (CUDA; prefills that run eagerly: a turn that
+    # a prefill graph takes loads whole). Off until measured a win on a GPU.
     kv_tier_layerwise: bool = False
 
     def __post_init__(self) -> None:

@@ -32,9 +32,6 @@ class LayerLoads(Protocol):
     """KV blocks on their way into the caches layer by layer (node/kv/tiers.py, layer-wise
     loads), which the model's layer hook puts in place as the forward reaches them."""
 
-    @property
-    def layers_pending(self) -> bool: ...
-
     def layers_ready(self) -> None: ...
 
 
@@ -62,9 +59,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.graphs = graphs
-        # Set by the engine with layer-wise tier loads: a step with loads pending runs
-        # eagerly (the layer loop's hook paces them) when it would have been a prefill graph
-        # replay, and readies them all first when it replays a decode graph (see _forward).
+        # Set by the engine with layer-wise tier loads: an eager step's layer loop paces them
+        # (the model's hook); a step that replays a CUDA graph readies them all first (a graph
+        # calls no hook). The scheduler loads layer-wise only for prefills that will not
+        # replay a graph, so this is a safety net, not the path.
         self.layer_loads: LayerLoads | None = None
         pin = device.type == "cuda"
         self._max_blocks = padded_table_width(math.ceil(max_model_len / block_size))
@@ -225,22 +223,20 @@ class ModelRunner:
         :meth:`prepare`; None when the step is not one (it then runs through :meth:`prepare`)."""
         if self.graphs is None or len(scheduled) != 1 or scheduled[0].draft:
             return None
-        if self.layer_loads is not None and self.layer_loads.layers_pending:
-            return None  # eager: its layers wait for their own blocks only (see __init__)
         item = scheduled[0]
         seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
         shape = self.graphs.prefill_shape(start, n)
         if shape is None:
             return None
+        if self.layer_loads is not None:  # a graph calls no hook: every layer's blocks go in first
+            self.layer_loads.layers_ready()
         return self.graphs.run_prefill(shape, seq.token_ids[start : start + n], start, seq.block_table)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(meta):
-            pending = self.layer_loads is not None and self.layer_loads.layers_pending
-            if not pending or meta.is_decode_only:
-                if pending:  # a graph calls no hook: every layer's blocks go in first
-                    self.layer_loads.layers_ready()
-                return self.graphs.run(input_ids, positions, meta)
+            if self.layer_loads is not None:  # a graph calls no hook: every layer's blocks go in first
+                self.layer_loads.layers_ready()
+            return self.graphs.run(input_ids, positions, meta)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _sampling_for(self, items: list[ScheduledSeq]) -> SamplingTensors | None:

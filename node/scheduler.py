@@ -69,8 +69,9 @@ class TierLoader(Protocol):
         """How many leading ``hashes`` to load (those the tiers hold, as far as loading beats
         recomputing); None while reads they need are in flight."""
 
-    def load(self, hashes: list[int], block_ids: list[int]) -> int:
-        """Fill ``block_ids`` with the leading run of ``hashes``; how many were filled."""
+    def load(self, hashes: list[int], block_ids: list[int], overlap: bool = True) -> int:
+        """Fill ``block_ids`` with the leading run of ``hashes``; how many were filled.
+        ``overlap``: the step reading them runs eagerly (layer by layer loads may pay)."""
 
 
 class Scheduler:
@@ -272,22 +273,28 @@ class Scheduler:
                 loads = planned
         matched = self.pool.match_prefix(hashes, looked_up=full)
         if loads:
-            matched += self._load_from_tiers(hashes[len(matched):], loads)
+            matched += self._load_from_tiers(seq, hashes[len(matched):], loads, len(matched))
         seq.block_table = list(matched)
         seq.block_hashes = hashes[: len(matched)]
         seq.num_committed_blocks = len(matched)
         seq.num_computed_tokens = len(matched) * self.block_size
         return True
 
-    def _load_from_tiers(self, hashes: list[int], planned: int) -> list[int]:
+    def _load_from_tiers(self, seq: Sequence, hashes: list[int], planned: int, matched: int) -> list[int]:
         """Pool blocks (pinned, committed) holding the first ``planned`` of ``hashes`` (which
-        the tiers hold in memory: see TierLoader.plan), as many as the pool has room for."""
+        the tiers hold in memory: see TierLoader.plan), as many as the pool has room for;
+        ``seq`` has ``matched`` blocks in the pool before them."""
         n = min(planned, self.pool.num_free)
         if n == 0:
             return []
         blocks = self.pool.allocate(n)
+        # Its prefill runs eagerly when no prefill graph takes it: more new tokens than two
+        # graph-sized steps (see schedule), or no prefill graphs at all. A step of several
+        # sequences runs eagerly too, which is not known yet: such a load goes whole.
+        new_tokens = seq.num_tokens - (matched + n) * self.block_size
+        eager = not self.graph_prefill_tokens or new_tokens > 2 * self.graph_prefill_tokens
         try:
-            loaded = self.tiers.load(hashes[:n], blocks)
+            loaded = self.tiers.load(hashes[:n], blocks, overlap=eager)
         except Exception:  # a failing tier costs a recompute, never the request
             log.exception("loading %d KV blocks from the tiers failed; recomputing them", n)
             loaded = 0

@@ -218,17 +218,19 @@ def test_layerwise_loads_are_bit_exact_on_cuda(tmp_path):
 
 
 class _StandInGraphs:
-    """A CudaGraphRunner's face to the runner, on CPU: every lone prefill "fits" a prefill
-    graph and every decode step a decode graph; it notes whether a layer-wise load was
-    pending when it was asked to replay (a graph calls no layer hook) and computes eagerly."""
+    """A CudaGraphRunner's face to the runner, on CPU: a lone prefill of at most ``tokens``
+    new tokens "fits" a prefill graph, every decode step a decode graph; it notes whether a
+    layer-wise load was pending when asked to replay (a graph calls no layer hook) and
+    computes eagerly."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tokens: int) -> None:
         self.engine = engine
+        self.tokens = tokens
         self.prefills: list[bool] = []  # per run_prefill: loads pending then
         self.decodes: list[bool] = []
 
     def prefill_shape(self, start: int, num_new: int):
-        return (start, num_new) if num_new > 1 else None
+        return (start, num_new) if 1 < num_new <= self.tokens else None
 
     def run_prefill(self, shape, token_ids, start, block_table):
         self.prefills.append(self.engine.tiers.layers_pending)
@@ -242,17 +244,50 @@ class _StandInGraphs:
         return self.engine.model(input_ids, positions, self.engine.kv_caches, meta)
 
 
-def test_steps_with_layerwise_loads_pending_do_not_replay_graphs(reference):  # noqa: F811
-    """Where graphs would replay (CUDA): a lone prefill with a layer-wise load pending runs
-    eagerly instead (its layers wait for their own blocks), a decode replay readies every
-    pending group first; tokens are unchanged."""
+@pytest.mark.parametrize("graph_tokens, layered", [(512, False), (2, True)], ids=["graph_step", "eager_step"])
+def test_layerwise_loads_only_for_prefills_that_run_eagerly(reference, graph_tokens, layered):  # noqa: F811
+    """Where prefill graphs replay (CUDA), a returning turn that one prefill graph takes
+    loads its prefix whole (a graph calls no hook, and the whole copies run at full speed);
+    one with more new tokens than two graph-sized steps runs eagerly and loads layer by
+    layer. No graph ever replays with a load pending; tokens are unchanged."""
     engine = _engine(kv_cpu_gib=0.01, kv_tier_layerwise=True)
-    graphs = engine.runner.graphs = _StandInGraphs(engine)
+    graphs = engine.runner.graphs = _StandInGraphs(engine, graph_tokens)
+    engine.scheduler.graph_prefill_tokens = graph_tokens
+    readied: list[int] = []
+    hook = engine.model.kv_ready
+
+    def ready(layer: int) -> None:
+        if engine.tiers.layers_pending:
+            readied.append(layer)
+        hook(layer)
+
+    engine.model.kv_ready = ready
+    deferred: list[int] = []  # layer-wise loads, by their block count
+    defer = engine.tiers._defer
+    engine.tiers._defer = lambda staged, events, ids: (deferred.append(len(ids)), defer(staged, events, ids))
     try:
-        tokens, cached = _run(engine)  # each prompt's second turn: a lone prefill loading its prefix
-        engine.generate(_prompts(1, 2 * BS + 5, seed=9), GREEDY)  # a lone prefill loading nothing
+        tokens, cached = _run(engine)  # each prompt's second turn: a lone prefill of 5 new tokens
     finally:
         engine.shutdown()
     assert tokens == reference[0] and cached == [2 * BS] * len(PROMPTS)
-    assert graphs.prefills and not any(graphs.prefills)  # asked only with nothing pending
-    assert graphs.decodes and not any(graphs.decodes)
+    assert not any(graphs.prefills) and not any(graphs.decodes)
+    assert bool(deferred) == bool(readied) == layered
+    if not layered:
+        assert len(graphs.prefills) >= len(PROMPTS)  # the returning turns replayed their graph
+
+
+def test_a_graph_replay_puts_pending_layerwise_loads_in_place_first(reference):  # noqa: F811
+    """The runner's safety net: a step that replays a graph with a layer-wise load pending
+    (here the scheduler is told there are no prefill graphs, so it loads layer by layer,
+    while the runner has them) readies every group before the replay."""
+    engine = _engine(kv_cpu_gib=0.01, kv_tier_layerwise=True)
+    graphs = engine.runner.graphs = _StandInGraphs(engine, 512)
+    deferred: list[int] = []
+    defer = engine.tiers._defer
+    engine.tiers._defer = lambda staged, events, ids: (deferred.append(len(ids)), defer(staged, events, ids))
+    try:
+        tokens, _ = _run(engine)
+    finally:
+        engine.shutdown()
+    assert tokens == reference[0]
+    assert deferred and len(graphs.prefills) >= len(PROMPTS) and not any(graphs.prefills)

@@ -14,16 +14,16 @@ copies them into fresh pool blocks in one batch: on CUDA, runs of adjacent slots
 asynchronous copy each, on a side stream the compute stream waits for; on CPU a plain copy.
 :meth:`KVTiers.prefetch` starts the reads when a request arrives, before it is scheduled.
 
-Layer-wise loads (``layerwise``, EngineConfig.kv_tier_layerwise): the copies go group of
-layers by group of layers (``LAYER_GROUPS``), each group's with its own event, and a group
-enters the pool only when the forward is about to run its first layer
-(:meth:`KVTiers.layer_ready`, which the model's layer loop calls): the compute stream then
-waits for that group's copies alone, so the request's own prefill computes the first layers
-while the later ones are still crossing the bus. What is not in the pool by the end of the
-step's forward is put there by :meth:`KVTiers.layers_ready` (the engine calls it after every
-step, and before anything else reads or writes those blocks), so nothing pending outlives
-a step. See docs/kv-tiers.md for where it applies (eager steps) and where not (CUDA graph
-replays).
+Layer-wise loads (``layerwise``, EngineConfig.kv_tier_layerwise; for a load whose step runs
+eagerly, ``load(..., overlap=True)``): the copies go group of layers by group
+(``LAYER_GROUPS``), each group's with its own event, and a group enters the pool only when
+the forward is about to run its first layer (:meth:`KVTiers.layer_ready`, which the model's
+layer loop calls): the compute stream then waits for that group's copies alone, so the
+request's own prefill computes the first layers while the later ones are still crossing the
+bus. What is not in the pool by the end of the step's forward is put there by
+:meth:`KVTiers.layers_ready` (the engine calls it after every step, and before anything else
+reads or writes those blocks), so nothing pending outlives a step. See docs/kv-tiers.md for
+where it applies (eager steps) and where not (CUDA graph replays).
 
 Keys are the pool's chained block hashes; a :class:`BlockIdentity` (model fingerprint, KV
 dtype, block size) names the disk namespace and every file's header, so blocks of another
@@ -614,10 +614,15 @@ class KVTiers:
             self._free_slots.append(self._reads.pop(done).slot)
         return self._free_slots.pop()
 
-    def load(self, hashes: list[int], block_ids: list[int]) -> int:
+    def load(self, hashes: list[int], block_ids: list[int], overlap: bool = True) -> int:
         """Copy the blocks of the leading run of ``hashes`` that are in host memory (the host
         tier's, and finished disk reads: see :meth:`plan`) into pool blocks ``block_ids``
         (one per hash); returns how many were loaded (the rest is recomputed).
+
+        ``overlap``: the step that reads them will run eagerly, so with layer-wise loads on
+        they go group of layers by group (see :meth:`layer_ready`); False for a step that
+        will replay a CUDA graph (a graph calls no layer hook: the blocks go in whole, the
+        copies at full speed).
 
         The engine thread's own time for it (what a GPU's asynchronous copies do not hide)
         is measured per block for the cost model, beside the copies' bandwidth: as the
@@ -645,7 +650,7 @@ class KVTiers:
         copy_cpu_s = 0.0  # on CPU the copies are the thread's own work: counted as bandwidth
         if self._stream is None:
             t0, t0_cpu = time.perf_counter(), time.thread_time()
-            if self.layerwise:  # CUDA's layer-wise path, synchronous copies (tests run it so)
+            if self.layerwise and overlap:  # CUDA's layer-wise path, synchronous copies (tests run it so)
                 staged_blocks = torch.empty((n, self.block_bytes), dtype=torch.uint8)
                 order, events = self._stage_layers(staged_blocks, picks, None)
                 self._defer(staged_blocks, events, [block_ids[i] for i in order])
@@ -655,7 +660,7 @@ class KVTiers:
             copy_cpu_s = time.thread_time() - t0_cpu
             self._free_slots += staged
         else:
-            self._copy_in_cuda(picks, staged, block_ids[:n])
+            self._copy_in_cuda(picks, staged, block_ids[:n], self.layerwise and overlap)
         self.cost.observe_overhead(n, time.thread_time() - c0 - copy_cpu_s)
         self.counters.loaded += n
         return n
@@ -688,7 +693,7 @@ class KVTiers:
                 cache[:, b].copy_(layers[layer])
 
     def _copy_in_cuda(self, picks: list[tuple[int, int]], staged_slots: list[int],
-                      block_ids: list[int]) -> None:
+                      block_ids: list[int], layered: bool = False) -> None:
         """CUDA: the blocks to the device on the load stream, in source order so that
         adjacent slots of one buffer take one asynchronous copy (after any copy still filling
         a host slot, waited for on the stream, not here), then into the pool blocks on the
@@ -706,7 +711,7 @@ class KVTiers:
             for event in pending.values():
                 load.wait_event(event)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if self.layerwise:
+        if layered:
             # The group copies on the load stream, nothing waited for here: the compute
             # stream waits for each group's event only when the forward reaches the group
             # (layer_ready), or for all of them before anything else touches these blocks.
@@ -782,8 +787,7 @@ class KVTiers:
 
     @property
     def layers_pending(self) -> bool:
-        """Whether a layer-wise load has groups not in the pool yet (a step that replays a
-        CUDA graph calls :meth:`layers_ready` first: a graph calls no hook)."""
+        """Whether a layer-wise load has groups not in the pool yet."""
         return bool(self._layer_loads)
 
     def layer_ready(self, layer: int) -> None:
@@ -961,7 +965,6 @@ class KVTiers:
                 self.cost.observe_load("memory", n * self.block_bytes, time.perf_counter() - t0)
             else:
                 self._copy_in_cuda(picks, [], ids)
-                self.layers_ready()  # what a forward's hooks do, layer-wise
                 self.cost.observe_overhead(n, time.thread_time() - c0)
                 torch.cuda.synchronize(self.device)
                 self._collect_timings()
