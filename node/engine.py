@@ -946,7 +946,9 @@ class Engine:
     def _detokenize(self, seq: Sequence, final: bool) -> str:
         """Advance the sequence's text; returns the new text that is safe to show now."""
         out = seq.output_token_ids
-        prefix_text = self.tokenizer.decode(out[seq.prefix_offset : seq.read_offset])
+        # Nothing before the new tokens yet (a request's first token): no decode for it.
+        prefix_text = (self.tokenizer.decode(out[seq.prefix_offset : seq.read_offset])
+                       if seq.read_offset > seq.prefix_offset else "")
         new_text = self.tokenizer.decode(out[seq.prefix_offset :])
         if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
             seq.text += new_text[len(prefix_text) :]

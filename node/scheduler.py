@@ -339,6 +339,8 @@ class Scheduler:
             return
         bs = self.block_size
         for item in out.scheduled:
+            if item.num_new_tokens == 1:  # a decode step's block is hashed when it is committed
+                continue
             seq = item.seq
             known = seq.prefix_hashes
             # Draft tokens are not part of token_ids: their blocks are committed once verified.
