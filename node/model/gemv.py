@@ -52,11 +52,17 @@ class GemvLaunch:
 
 LAUNCH = GemvLaunch()
 # Launch shapes for particular matrices, by (K, output rows, fused SwiGLU); others take LAUNCH.
-# Swept with the weights cold (``benchmarks/sweep_gemv.py``, gemv_sweep_<gpu>.json): LAUNCH is
-# within 2% of the best shape for each of llama-1b's layer matrices; its 128k-row output
-# projection reads fastest with wider tiles and one program per SM (172 vs 177 us; cuBLAS 188).
+# Swept on an H100 with the weights cold (``benchmarks/sweep_gemv.py``: gemv_sweep_<gpu>*.json,
+# microseconds of the chosen shape vs LAUNCH): LAUNCH is within 2% of the best shape for each
+# of llama-1b's layer matrices; the larger ones read fastest with wider tiles and fewer, longer
+# programs.
 LAUNCHES: dict[tuple[int, int, bool], GemvLaunch] = {
-    (2048, 128256, False): GemvLaunch(tile_elems=16384, num_warps=4, num_stages=2, programs_per_sm=1),
+    (2048, 128256, False): GemvLaunch(16384, 4, 2, 1),   # llama-1b lm_head: 172 vs 177
+    (4096, 6144, False): GemvLaunch(16384, 4, 3, 8),     # llama-8b qkv: 18.0 vs 18.6
+    (4096, 4096, False): GemvLaunch(16384, 4, 3, 1),     # llama-8b o: 11.6 vs 14.2
+    (4096, 14336, True): GemvLaunch(8192, 4, 1, 8),      # llama-8b gate/up: 76.2 vs 80.0
+    (14336, 4096, False): GemvLaunch(16384, 4, 1, 1),    # llama-8b down: 39.5 vs 50.6
+    (4096, 128256, False): GemvLaunch(16384, 4, 1, 1),   # llama-8b lm_head: 342.9 vs 358.3
 }
 
 
