@@ -39,11 +39,12 @@ def main() -> None:
         for m in ROWS:
             x = torch.randn(m, k, device=dev, dtype=dt)
             xt, h = x.t().contiguous(), k // 2
-            row = {"linear": us(lambda x=x: [F.linear(x, w) for w in ws], len(ws)),
-                   "w_at_xT": us(lambda xt=xt: [torch.mm(w, xt) for w in ws], len(ws)),
-                   "w_at_xT_then_T_copy": us(lambda x=x: [torch.mm(w, x.t()).t().contiguous() for w in ws], len(ws)),
-                   "split_k2": us(lambda x=x: [torch.addmm(F.linear(x[:, :h], w[:, :h]), x[:, h:], w[:, h:].t())
-                                               for w in ws], len(ws))}
+            row = {"linear": us(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], len(ws)),
+                   "w_at_xT": us(lambda xt=xt, ws=ws: [torch.mm(w, xt) for w in ws], len(ws)),
+                   "w_at_xT_then_T_copy": us(lambda x=x, ws=ws: [torch.mm(w, x.t()).t().contiguous() for w in ws],
+                                             len(ws)),
+                   "split_k2": us(lambda x=x, ws=ws, h=h: [torch.addmm(F.linear(x[:, :h], w[:, :h]), x[:, h:],
+                                                                        w[:, h:].t()) for w in ws], len(ws))}
             res["us_per_matrix"][f"{name}_m{m}"] = row
             print(name, m, {a: round(b, 1) for a, b in row.items()}, flush=True)
         ws.clear()
