@@ -135,9 +135,12 @@ def test_engine_decoding_through_the_gemvs_equals_the_plain_projections(monkeypa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("k", "n", "silu"), [(2048, 3072, False), (2048, 2048, False), (2048, 16384, True),
-                                              (8192, 2048, False)])
+                                              (8192, 2048, False), (2048, 128256, False),
+                                              (4096, 6144, False), (4096, 4096, False), (4096, 28672, True),
+                                              (14336, 4096, False), (4096, 128256, False)])
 def test_cuda_llama_1b_matrices_bf16(k, n, silu):
-    """llama-1b's qkv, o, gate/up (+ SwiGLU) and down matrices in bf16."""
+    """llama-1b's and llama-8b's qkv, o, gate/up (+ SwiGLU), down and output matrices in bf16,
+    each with its launch shape (``gemv.LAUNCHES``)."""
     from ultrakv.node.model import gemv
 
     x, r, w, _, nw = _tensors(k, n, torch.bfloat16, seed=k + n)
