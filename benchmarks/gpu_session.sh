@@ -125,7 +125,7 @@ case "${1:-}" in
     # Issue 15's multi-turn target on llama-1b: turn-8 TTFT reuse vs recompute, the next turn's
     # prefill in a CUDA graph and eager; then the host spans of such a turn and its profile.
     python benchmarks/bench_gpu.py --models llama-1b --multi-turn-only 2>&1 | tee "$ULTRAKV_RESULTS_DIR/gpu_turn.log"
-    python benchmarks/profile_turn_host.py --model llama-1b --device cuda --sessions 6 2>&1 \
+    python benchmarks/profile_turn_host.py --model llama-1b --device cuda --sessions 6 --loop 2>&1 \
       | tee -a "$ULTRAKV_RESULTS_DIR/gpu_turn.log"
     python benchmarks/profile_turn.py --model llama-1b 2>&1 | tee "$ULTRAKV_RESULTS_DIR/profile_turn.log"
     ;;

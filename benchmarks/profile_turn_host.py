@@ -9,12 +9,13 @@ reading the token, and the bookkeeping before the token is stamped. On CPU the f
 model itself; everything else is the fixed cost a GPU pays on top of its kernels. Medians over
 ``--sessions`` conversations.
 
-    python benchmarks/profile_turn_host.py [--model tiny] [--sessions 12] [--staged] [--label after]
+    python benchmarks/profile_turn_host.py [--model tiny] [--sessions 12] [--staged] [--loop] [--label after]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import random
 import statistics
@@ -174,6 +175,39 @@ def measure_turn(engine: Engine, spans: Spans, sid: str, prompt: list[int]) -> d
     return ns
 
 
+async def loop_turn(engine: Engine, spans: Spans, sid: str, prompt: list[int]) -> dict:
+    """One turn as a server runs it (``--loop``): handed to the engine thread from this event
+    loop (``stream_to``), its deltas handed back through the loop's mailbox. Nanoseconds: the
+    call itself (validation and admission), the engine thread's wake-up for it, and the first
+    token's trip from the engine thread's ``_emit`` to this loop's callback."""
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[int] = loop.create_future()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_delta(delta: StreamDelta) -> None:
+        if delta.token_ids and not first.done():
+            first.set_result(time.perf_counter_ns())
+        if delta.finished and not done.done():
+            done.set_result(None)
+
+    request = GenerateRequest(prompt=prompt, sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                              session_id=sid)
+    spans.ns, spans.first_start, spans.last_end = {}, {}, {}
+    spans.on = True
+    t0 = time.perf_counter_ns()
+    engine.stream_to(request, on_delta)
+    t1 = time.perf_counter_ns()
+    delivered = await first
+    spans.on = False
+    await done
+    return {
+        "stream_to_call": t1 - t0,
+        "engine_wake": spans.first_start["step"] - t1,
+        "emit_to_loop": delivered - spans.first_start["emit"],
+        "stream_to_first_token": delivered - t0,
+    }
+
+
 def input_building_us(engine: Engine, step: tuple[list[int], int, list[int]], iters: int = 2000) -> dict:
     """Median cost of building one turn's step inputs: the runner's general path
     (``prepare``: flat tensors and metadata for any batch) and the prefill graph's (staging
@@ -210,6 +244,8 @@ def main() -> None:
     ap.add_argument("--label", default="", help="suffix of the results file (e.g. before / after)")
     ap.add_argument("--staged", action="store_true",
                     help="on CPU, run lone short prefills through the prefill graphs' staging (see StagedPrefill)")
+    ap.add_argument("--loop", action="store_true",
+                    help="then the same turns handed over from an event loop to the engine thread (see loop_turn)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # a 2-core shared machine: one thread times steadier
     engine = Engine(EngineConfig(model=args.model, device=args.device, max_num_seqs=256, max_num_batched_tokens=8192,
@@ -236,6 +272,17 @@ def main() -> None:
             (r["ttft"] - r.get("forward", 0)) for r in runs) / 1e3, 1)
         med_us["host_to_delivered"] = round(statistics.median(
             (r["add_to_delivered"] - r.get("forward", 0)) for r in runs) / 1e3, 1)
+    if args.loop:  # the engine thread steps from here on; generate() waits for it
+        engine.start_background_loop()
+        hops = []
+        for s in range(args.sessions):
+            sid = f"loop{s}"
+            for _ in range(args.turns - 1):
+                engine.generate([toks(200)], reply, session_ids=[sid])
+            hops.append(asyncio.run(loop_turn(engine, spans, sid, toks(200))))
+        for k in hops[0]:
+            med_us[f"loop.{k}"] = round(statistics.median(h[k] for h in hops) / 1e3, 1)
+        engine.shutdown()
     building = input_building_us(engine, runs[-1]["step"])
     print(f"turn {args.turns}: cached {runs[-1]['cached_tokens']} of {runs[-1]['prompt_tokens']} tokens")
     for k, v in {**med_us, **{f"inputs.{k}": v for k, v in building.items()}}.items():
@@ -249,6 +296,7 @@ def main() -> None:
         "generated_per_turn": 100,
         "sessions": args.sessions,
         "staged": args.staged,
+        "loop": args.loop,
         "cached_tokens": runs[-1]["cached_tokens"],
         "prompt_tokens": runs[-1]["prompt_tokens"],
         "median_us": med_us,
@@ -262,7 +310,9 @@ def main() -> None:
                  "execute, where a GPU waits for the token, to the listener): the host time a GPU's TTFT pays, "
                  "the rest overlapping its kernels; staged: on CPU the lone prefill goes through the prefill "
                  "graphs' staging (StagedPrefill) as on a GPU; tokenize is called twice per request (validation, "
-                 "then admission) and runs before the arrival stamp",
+                 "then admission) and runs before the arrival stamp; loop.* (--loop): the same turns handed "
+                 "over from an asyncio loop (stream_to) to the engine thread: the call, the engine thread's "
+                 "wake-up after it, the first token from the engine's emit to the loop's callback, and in all",
     })
 
 
