@@ -155,6 +155,10 @@ class NodeCollector(Collector):
             yield _counter("ultrakv_kv_disk_dropped_writes", "KV blocks not written to the disk "
                            "tier (queue full under backpressure, or the tier off).", base,
                            tiers["disk"]["dropped"])
+            yield _counter("ultrakv_kv_disk_unwritten_blocks", "KV blocks the CPU tier evicted but "
+                           "did not write to the disk tier: disk loads were estimated slower than "
+                           "recomputing (a trickle still goes, to keep measuring).", base,
+                           tiers.get("unwritten", 0))
             yield _counter("ultrakv_kv_disk_corrupted_blocks", "Disk tier block files that failed "
                            "their checksum on read (dropped and recomputed).", base,
                            tiers["disk"]["corrupted"])

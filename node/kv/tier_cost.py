@@ -144,6 +144,14 @@ class TierCostModel:
         per_token = self.prefill.slope()
         return self.block_tokens * per_token if per_token else 0.0
 
+    def pays(self, source: str) -> bool:
+        """Whether a block from ``source`` is estimated to load no slower than it recomputes
+        (True until both are measured)."""
+        recompute = self.recompute_seconds()
+        if not recompute or self.bandwidth[source].value is None:
+            return True
+        return self.load_seconds(source) <= recompute
+
     def blocks_to_load(self, sources: Sequence[str]) -> int:
         """How many of the leading hit blocks (``sources[i]``: where block i would come
         from) to load; the rest are recomputed. With no prefill measured yet, or no source,

@@ -72,6 +72,14 @@ READERS = min(4, os.cpu_count() or 1)
 # at most once in this many seconds, to keep measuring the disk (see KVTiers.prefetch).
 PROBE_BLOCKS = 4
 PROBE_S = 2.0
+# While disk loads are judged slower than recomputing, blocks the host tier evicts go on to
+# disk at most this many per PROBE_S (enough for those probes), not all of them: on the
+# H100 with llama-1b a disk block loaded in 0.46-0.55 ms against 0.08-0.12 ms to recompute
+# it, so the cost model loaded almost none, yet writing every evicted block (the writer's
+# queue full, 978 dropped) took the GIL from the engine thread, halving its prefill rate and
+# adding 2-3 ms to the turns' TTFT p50. A stopping engine still writes its cache
+# (KVTiers.persist), so a restart finds it where the disk pays.
+TRICKLE_BLOCKS = PROBE_BLOCKS
 # KVTiers.calibrate: loads of this many blocks from host memory, this many times (the first
 # rounds pay one-off costs: allocations, first launches; the last is the measurement).
 CALIBRATION_BLOCKS = 16
@@ -127,6 +135,7 @@ class TierCounters:
     loaded: int = 0  # blocks copied back into the GPU pool
     prefetched: int = 0  # disk reads started when a request arrived, before its scheduling
     skipped: int = 0  # hit blocks recomputed instead: loading them was estimated slower
+    unwritten: int = 0  # evicted blocks not written to disk: disk loads did not pay (TRICKLE_BLOCKS)
 
 
 @dataclass
@@ -197,6 +206,7 @@ class KVTiers:
         self._pending: dict[int, int] = {}  # block hash -> pool block id, to offload
         self._unsettled: _Snapshot | None = None  # a flush's blocks not stored yet (settle)
         self._next_probe = 0.0  # time.monotonic() of the next disk probe (see prefetch)
+        self._trickle_until, self._trickle_left = 0.0, 0  # see TRICKLE_BLOCKS
         self._next_memory_probe = 0.0  # and of the next load from host memory (see plan)
         # On CUDA, copies to host memory (offload) and back (load) each have a stream, so a
         # load never queues behind the offload of the blocks its own allocation evicted (PCIe
@@ -358,14 +368,21 @@ class KVTiers:
     def _offload(self, hashes: list[int], sources: list[int], gathered: torch.Tensor | None) -> None:
         """Blocks ``hashes`` (at most the host tier's capacity; pool blocks or rows of
         ``gathered``: see :meth:`_store`) into the host tier, and what they evict on to disk."""
-        slots, victims = self.host.reserve_many(hashes, keep=self._spills_to_disk)
+        decided: dict[int, bool] = {}  # one decision per evicted block (it may be asked twice)
+
+        def spills(block_hash: int) -> bool:
+            if block_hash not in decided:
+                decided[block_hash] = self._spills_to_disk(block_hash)
+            return decided[block_hash]
+
+        slots, victims = self.host.reserve_many(hashes, keep=spills)
         removed: list[int] = []
         lent: list[tuple[int, int]] = []  # (hash, slot): spilled to disk from the slot itself
         for old, old_slot, kept in victims:
             removed.append(old)
             if kept:
                 lent.append((old, old_slot))
-            elif self._spills_to_disk(old) and not self.disk.full():
+            elif spills(old) and not self.disk.full():
                 # No spare slot to stand in (a host tier built without spares): copy it out
                 # before the slot is written again.
                 self.disk.submit(old, self.host.slot(old_slot).clone())
@@ -460,9 +477,21 @@ class KVTiers:
         return out.view(c.dtype)
 
     def _spills_to_disk(self, block_hash: int) -> bool:
-        """Whether a block the host tier evicts must be written to disk: write-back with a
-        disk tier that lacks it (write-through already wrote it)."""
-        return self.disk is not None and not self.write_through and block_hash not in self.disk
+        """Whether a block the host tier evicts is written to disk: write-back with a disk
+        tier that lacks it (write-through already wrote it), while disk loads pay, or within
+        the trickle that keeps the disk measured while they do not (TRICKLE_BLOCKS)."""
+        if self.disk is None or self.write_through or block_hash in self.disk:
+            return False
+        if self.cost.pays("disk"):
+            return True
+        now = time.monotonic()
+        if now >= self._trickle_until:
+            self._trickle_until, self._trickle_left = now + PROBE_S, TRICKLE_BLOCKS
+        if self._trickle_left > 0:
+            self._trickle_left -= 1
+            return True
+        self.counters.unwritten += 1
+        return False
 
     # -- lookup and load --------------------------------------------------------------------
 
@@ -979,7 +1008,7 @@ class KVTiers:
         """Per-tier counters for ``Engine.stats()['kv_tiers']``."""
         c = self.counters
         out: dict = {"offloaded": c.offloaded, "loaded": c.loaded, "prefetched": c.prefetched,
-                     "skipped": c.skipped, "cost": self.cost.stats(),
+                     "skipped": c.skipped, "unwritten": c.unwritten, "cost": self.cost.stats(),
                      "write_policy": "write_through" if self.write_through else "write_back"}
         if self.host is not None:
             out["cpu"] = {"hits": c.cpu_hits, "blocks": len(self.host),
