@@ -592,10 +592,12 @@ def test_spills_to_disk_lend_the_host_slot_and_never_wait_for_the_writer(tmp_pat
             assert torch.equal(c[:, dst], o[:, src])
 
 
-def test_evicted_blocks_trickle_to_disk_while_disk_loads_do_not_pay(tmp_path, monkeypatch):
-    """With disk loads measured slower than recomputing, blocks the host tier evicts go to
-    disk only as a trickle (TRICKLE_BLOCKS per PROBE_S, enough to keep measuring), the rest
-    counted ``unwritten``; the same evictions with the disk unmeasured all go to disk."""
+@pytest.mark.parametrize("host_tier", [True, False], ids=["cpu_disk", "disk_only"])
+def test_evicted_blocks_trickle_to_disk_while_disk_loads_do_not_pay(tmp_path, monkeypatch, host_tier):
+    """With disk loads measured slower than recomputing, blocks the host tier evicts (the
+    pool, with no host tier) go to disk only as a trickle (TRICKLE_BLOCKS per PROBE_S, enough
+    to keep measuring), the rest counted ``unwritten``; the same evictions with the disk
+    unmeasured all go to disk."""
     from ultrakv.node.kv import tiers as tiers_module
 
     monkeypatch.setattr(tiers_module, "PROBE_S", 3600.0)  # one trickle window, however slow the run
@@ -604,7 +606,7 @@ def test_evicted_blocks_trickle_to_disk_while_disk_loads_do_not_pay(tmp_path, mo
     shape = KVTiers.block_shape(caches)
     written = {}
     for pays in (False, True):
-        host = HostTier(2, shape, torch.float32, spare=2)
+        host = HostTier(2, shape, torch.float32, spare=2) if host_tier else None
         disk = DiskTier(tmp_path / str(pays), identity.namespace, identity.key, shape, torch.float32, 1 << 30)
         tiers = KVTiers(caches, identity, host, disk)
         if not pays:
@@ -613,14 +615,15 @@ def test_evicted_blocks_trickle_to_disk_while_disk_loads_do_not_pay(tmp_path, mo
         try:
             for i, h in enumerate(range(501, 513)):
                 tiers.on_evict(i % 4, h)
-                tiers.flush()  # each pushes one block out of the 2-block host tier
+                tiers.flush()  # each pushes one block out of the 2-block host tier (or the pool)
             disk.flush()
             written[pays] = (len(disk), tiers.counters.unwritten, tiers.stats()["unwritten"])
         finally:
             tiers.close()
-    assert written[True] == (10, 0, 0)
-    assert written[False] == (tiers_module.TRICKLE_BLOCKS, 10 - tiers_module.TRICKLE_BLOCKS,
-                              10 - tiers_module.TRICKLE_BLOCKS)
+    leaving = 10 if host_tier else 12  # the host tier keeps the last two
+    assert written[True] == (leaving, 0, 0)
+    assert written[False] == (tiers_module.TRICKLE_BLOCKS, leaving - tiers_module.TRICKLE_BLOCKS,
+                              leaving - tiers_module.TRICKLE_BLOCKS)
 
 
 def test_write_through_lends_slots_that_eviction_does_not_reuse(tmp_path):

@@ -72,8 +72,9 @@ READERS = min(4, os.cpu_count() or 1)
 # at most once in this many seconds, to keep measuring the disk (see KVTiers.prefetch).
 PROBE_BLOCKS = 4
 PROBE_S = 2.0
-# While disk loads are judged slower than recomputing, blocks the host tier evicts go on to
-# disk at most this many per PROBE_S (enough for those probes), not all of them: on the
+# While disk loads are judged slower than recomputing, blocks the host tier evicts (or the
+# pool, with no host tier) go on to disk at most this many per PROBE_S (enough for those
+# probes), not all of them: on the
 # H100 with llama-1b a disk block loaded in 0.46-0.55 ms against 0.08-0.12 ms to recompute
 # it, so the cost model loaded almost none, yet writing every evicted block (the writer's
 # queue full, 978 dropped) took the GIL from the engine thread, halving its prefill rate and
@@ -303,9 +304,11 @@ class KVTiers:
         ids = list(self._pending.values())
         self._pending.clear()
         if self.host is None:  # only as many as the disk writer has room for leave the pool
+            admitted = [(h, b) for h, b in zip(hashes, ids, strict=True) if h not in self.disk and self._disk_admits(h)]
+            hashes, ids = [h for h, _ in admitted], [b for _, b in admitted]
             room = self.disk.room()
             self.disk.drop(len(hashes[room:]))
-            if room:
+            if room and hashes:
                 self._to_disk(hashes[:room], self._gather(ids[:room]))
                 self.counters.offloaded += len(hashes[:room])
             return
@@ -482,6 +485,11 @@ class KVTiers:
         the trickle that keeps the disk measured while they do not (TRICKLE_BLOCKS)."""
         if self.disk is None or self.write_through or block_hash in self.disk:
             return False
+        return self._disk_admits(block_hash)
+
+    def _disk_admits(self, block_hash: int) -> bool:
+        """Whether a block leaving the tier above goes to disk: always while disk loads pay,
+        else within the trickle (TRICKLE_BLOCKS per PROBE_S); the others count unwritten."""
         if self.cost.pays("disk"):
             return True
         now = time.monotonic()
