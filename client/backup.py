@@ -22,6 +22,7 @@ files are block files, exactly as checkpoints write them. Every problem is a
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -186,8 +187,13 @@ def write_backup(parts: Iterable[ultrakv_pb2.BackupPart], work: Path,
     tenants: set[str] = set()
     try:
         for h, kv in _session_runs(stream):
+            # The last turn's record goes with the history (node/turn_ledger.py): restored,
+            # a retry of that turn is answered from it instead of being taken again.
+            last = h.HasField("last_result")
             record = SessionRecord(h.session_id, list(h.token_ids), h.turns, h.tenant,
-                                   h.model_fingerprint, h.kv_tokens, message_pairs(h.messages))
+                                   h.model_fingerprint, h.kv_tokens, message_pairs(h.messages),
+                                   base64.b64encode(h.last_result.SerializeToString()).decode() if last else "",
+                                   h.last_digest.hex() if last else "")
             sessions.append(write_session_files(work / SESSIONS, record, tuple(h.kv_shape),
                                                 h.kv_dtype, kv) if h.kv_dtype else
                             write_session_files(work / SESSIONS, record))
@@ -389,6 +395,9 @@ def session_chunks(directory: Path, manifest: BackupManifest) -> Iterator[npb.Se
             session_id=record.session_id, token_ids=record.token_ids, turns=record.turns,
             model_fingerprint=record.model_fingerprint, tenant=record.tenant,
             messages=chat_messages(record.messages))
+        if (last := record.last_turn()) is not None:
+            header.last_result.CopyFrom(last.result)
+            header.last_digest = last.digest
         payload: bytes | memoryview = b""
         if entry.kv_file:
             path = directory / SESSIONS / entry.kv_file

@@ -34,17 +34,21 @@ from ultrakv.client.backup_jobs import Created, create, restore, run_schedule
 from ultrakv.client.cli import main as cli_main
 from ultrakv.cluster.security.keys import create_key
 from ultrakv.cluster.security.settings import SecuritySettings
-from ultrakv.cluster.session_state import SessionState
+from ultrakv.cluster.session_state import LastTurn, SessionState
 from ultrakv.cluster.session_transfer import chunks_to_state, state_to_chunks
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.server import BackgroundServer, ServerSettings
+from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2
 
 
 def _states() -> list[SessionState]:
     g = torch.Generator().manual_seed(0)
     kv = torch.randn(2, 2, 16, 2, 8, generator=g)  # [layers, k/v, tokens, kv heads, head dim]
-    return [SessionState("acme-1", list(range(1, 22)), 2, "fp-a", 16, kv, tenant="acme"),
+    last = LastTurn(pb.GenerateResult(request_id="turn-2", session_id="acme-1", token_ids=[20, 21], text="ok",
+                                      usage=pb.Usage(prompt_tokens=9, completion_tokens=2, cached_tokens=8)),
+                    bytes(range(32)))
+    return [SessionState("acme-1", list(range(1, 22)), 2, "fp-a", 16, kv, tenant="acme", last_turn=last),
             SessionState("globex-1", [5, 6, 7], 1, "fp-a", tenant="globex",
                          messages=[("user", "Bonjour"), ("assistant", "Salut !")])]
 
@@ -83,6 +87,7 @@ def test_a_backup_reads_back_the_sessions_it_was_given(tmp_path: Path, compress:
         assert (got.session_id, got.token_ids, got.turns, got.tenant, got.kv_tokens,
                 got.messages) == (want.session_id, want.token_ids, want.turns, want.tenant,
                                   want.kv_tokens, want.messages)  # a chat keeps its messages
+        assert got.last_turn == want.last_turn  # a retry of its last turn is answered, not rerun
         assert (got.kv is None) == (want.kv is None)
         if want.kv is not None:
             assert torch.equal(got.kv, want.kv)  # bit-exact
