@@ -133,6 +133,10 @@ class Checkpointer:
         self.recorded: Manifest | None = None  # what etcd holds (None: unknown, write all)
         self._task: asyncio.Task[None] | None = None
         self._last_compacted = 0.0
+        # The key of the turn record written with each session's files (None: none): a
+        # record that reached the ledger after its history was written (the turn landed
+        # while a round ran) gets the files rewritten, though turns and tokens are unchanged.
+        self._written_records: dict[str, tuple | None] = {}
 
     def _write(self, records: dict[str, TurnRecord]) -> Manifest:
         """Write what changed since the last manifest, with the sessions' last turns'
@@ -143,22 +147,29 @@ class Checkpointer:
         """
         previous = self.manifest.sessions
         entries: dict[str, CheckpointEntry] = {}
+        written: dict[str, tuple | None] = {}
         infos = sorted(self.engine.list_sessions(), key=lambda i: i.last_used_at)
         for info in infos:
-            old = previous.get(info.session_id)
+            sid = info.session_id
+            old = previous.get(sid)
+            done = records.get(sid)
+            wanted = done.key if done is not None and done.turns == info.turns else None
             if old is not None and (old.turns, old.num_tokens, old.replica) == (
-                    info.turns, info.num_tokens, info.replica):
-                entries[info.session_id] = old
+                    info.turns, info.num_tokens, info.replica) and (
+                    wanted is None or self._written_records.get(sid) == wanted):
+                entries[sid] = old
+                written[sid] = self._written_records.get(sid)
                 continue
             try:
-                state = self.engine.export_session(info.session_id)
+                state = self.engine.export_session(sid)
             except SessionNotFoundError:
                 continue  # removed since listed
-            done = records.get(info.session_id)
+            written[sid] = None
             if done is not None and done.turns == state.turns:
                 state = replace(state, last_turn=LastTurn(done.result, done.key[2]))
-            entries[info.session_id] = replace(write_session(self.directory, state),
-                                               replica=info.replica)
+                written[sid] = done.key
+            entries[sid] = replace(write_session(self.directory, state), replica=info.replica)
+        self._written_records = written
         fitted = fit_budget(entries, {sid: self._sizes(e) for sid, e in entries.items()},
                             [i.session_id for i in infos if i.session_id in entries],
                             self.max_bytes)
@@ -166,6 +177,13 @@ class Checkpointer:
             log.warning("checkpoint of %s over its %d-byte budget: %d coldest sessions left "
                         "out", self.node_id, self.max_bytes, len(entries) - len(fitted))
         return Manifest(self.node_id, str(self.directory.resolve()), time.time(), fitted)
+
+    def restored(self, manifest: Manifest, states: list[SessionState]) -> None:
+        """The manifest this node restored from, and the sessions whose files held a turn
+        record (``states``): those files need no rewrite for it."""
+        self.manifest = self.recorded = manifest
+        self._written_records = {s.session_id: (s.session_id, s.last_turn.result.request_id, s.last_turn.digest)
+                                 for s in states if s.last_turn is not None}
 
     def _sizes(self, entry: CheckpointEntry) -> tuple[int, int]:
         def size(name: str) -> int:

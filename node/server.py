@@ -508,14 +508,24 @@ class LocalBackend:
         request, result = commit.request, commit.result
         incarnation = await self._lease_incarnation()
         finish = next((name for name, code in _FINISH.items() if code == result.finish_reason), "")
-        out, applied = await asyncio.to_thread(
-            self.engine.append_turn, engine_request(request, None), commit.turns,
-            list(commit.prompt_token_ids), list(result.token_ids), result.text, finish)
         key = turn_key(request)
+        # An attempt while the turn enters the history: an export taken meanwhile waits for
+        # its record (TurnLedger.last_turn) instead of leaving without it.
+        begun = key is not None and self.ledger.try_begin(key)
+        try:
+            out, applied = await asyncio.to_thread(
+                self.engine.append_turn, engine_request(request, None), commit.turns,
+                list(commit.prompt_token_ids), list(result.token_ids), result.text, finish)
+        except BaseException:
+            if begun:
+                self.ledger.end(key, None)
+            raise
         record = TurnRecord(key, result, commit.turns + 1) if key is not None else None
         if not applied:  # a repeat must not displace the session's last record
             record = None
-        if record is not None:  # now: a move may take the history while its push waits
+        if begun:  # now: a move may take the history while its push waits
+            self.ledger.end(key, record.result if record is not None else None, commit.turns + 1)
+        elif record is not None:
             self.ledger.record(record)
         # Again for a repeated commit: it may not have got there (without the record: the
         # session may have moved on since).
@@ -717,8 +727,11 @@ class NodeServicer:
         except SessionOwnedError as exc:
             raise RequestRejected(grpc.StatusCode.FAILED_PRECONDITION, "turns", str(exc)) from None
         if request.HasField("last_result"):  # a retry of that turn reaching here is answered
-            key = (sid, request.last_result.request_id, request.last_digest)
-            self.backend.ledger.record(TurnRecord(key, request.last_result, request.turns))
+            result = pb.GenerateResult()
+            result.CopyFrom(request.last_result)
+            result.session_id = sid
+            key = (sid, result.request_id, request.last_digest)
+            self.backend.ledger.record(TurnRecord(key, result, request.turns))
         return npb.ReplicateHistoryResponse()
 
     @unary

@@ -102,6 +102,13 @@ class TurnLedger:
     def begin(self, key: TurnKey) -> None:
         self._running[key] = asyncio.get_running_loop().create_future()
 
+    def try_begin(self, key: TurnKey) -> bool:
+        """:meth:`begin` unless an attempt of ``key`` runs already (then False)."""
+        if key in self._running:
+            return False
+        self.begin(key)
+        return True
+
     def end(self, key: TurnKey, result: pb.GenerateResult | None, turns: int = 0) -> None:
         """The attempt finished: ``result`` when its turn is in the session's history (the
         session then has ``turns`` turns), None when it was aborted or failed (a retry then

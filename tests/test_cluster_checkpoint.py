@@ -155,6 +155,33 @@ async def test_a_sessions_last_turn_record_is_checkpointed_and_restored(engines,
                     engine.delete_session(sid)
 
 
+async def test_a_record_that_arrives_after_its_history_was_checkpointed_is_written_next_round(
+        engines, store, tmp_path: Path) -> None:
+    """A turn that lands while a round runs can be written without its record (the record
+    reaches the ledger after the history): the next round writes the files again with it,
+    though the session's turns and tokens did not change since; a round after that leaves
+    them be."""
+    a, _ = engines
+    sid = f"late-{uuid.uuid4().hex[:6]}"
+    _turn(a, [sid], 1)
+    ledger = TurnLedger()
+    result = pb.GenerateResult(request_id="turn-1", session_id=sid, token_ids=[5, 6],
+                               usage=pb.Usage(prompt_tokens=19, cached_tokens=0))
+    try:
+        checkpointer = Checkpointer(a, "late", tmp_path, store, interval_s=60, ledger=ledger)
+        first = await checkpointer.checkpoint_once()
+        directory = Path(first.directory)
+        assert read_session(directory, first.sessions[sid]).last_turn is None
+        ledger.record(TurnRecord((sid, "turn-1", b"d" * 32), result, 1))
+        second = await checkpointer.checkpoint_once()
+        assert read_session(directory, second.sessions[sid]).last_turn == LastTurn(result, b"d" * 32)
+        third = await checkpointer.checkpoint_once()
+        assert third.sessions[sid] == second.sessions[sid]  # unchanged: not written again
+    finally:
+        with contextlib.suppress(SessionNotFoundError):
+            a.delete_session(sid)
+
+
 # The node waits --etcd-wait seconds (20 by default) for etcd; 1 here: the message is the point.
 @pytest.mark.parametrize("command", [["node", "--model", "tiny", "--device", "cpu", "--port", "0",
                                       "--etcd-wait", "1"],

@@ -626,6 +626,27 @@ def test_evicted_blocks_trickle_to_disk_while_disk_loads_do_not_pay(tmp_path, mo
                               leaving - tiers_module.TRICKLE_BLOCKS)
 
 
+def test_write_through_with_no_host_tier_writes_every_block_though_disk_loads_do_not_pay(tmp_path):
+    """Write-through is a policy the operator chose: with no host tier every committed block
+    goes to disk even while disk loads are judged slower than recomputing (the trickle is
+    for write-back's evictions only)."""
+    caches = _caches(torch.float32)
+    identity = BlockIdentity("fp-test", "float32", BS)
+    shape = KVTiers.block_shape(caches)
+    disk = DiskTier(tmp_path, identity.namespace, identity.key, shape, torch.float32, 1 << 30)
+    tiers = KVTiers(caches, identity, None, disk, write_through=True)
+    tiers.cost.observe_prefill(1_000_000, 1.0)
+    tiers.cost.observe_load("disk", tiers.block_bytes, 1.0)  # a block a second
+    try:
+        for i, h in enumerate(range(601, 613)):
+            tiers.on_commit(i % 4, h)
+            tiers.flush()
+        disk.flush()
+        assert (len(disk), tiers.counters.unwritten) == (12, 0)
+    finally:
+        tiers.close()
+
+
 def test_write_through_lends_slots_that_eviction_does_not_reuse(tmp_path):
     """Under write-through the disk writes read the host slots themselves; a slot still
     being written is not given to a new block even when its block is evicted, so what

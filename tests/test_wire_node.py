@@ -391,6 +391,15 @@ async def test_a_turn_in_the_history_waits_for_its_record_before_a_copy_leaves()
     assert await ledger.last_turn("s", 3, 0.05) is None  # still running: waits its bound
     ledger.end(key, done.result, 2)
     assert ledger.records() == {"s": done}
+    # A stand-in's commit (NodeBackend.commit_turn) runs as an attempt while its turn enters
+    # the history, once: a repeat of it does not begin a second attempt over the first.
+    commit = ("s", "r3", b"e" * 32)
+    assert ledger.try_begin(commit) and not ledger.try_begin(commit)
+    copy = asyncio.ensure_future(ledger.last_turn("s", 3, 30.0))
+    await asyncio.sleep(0.05)
+    assert not copy.done()  # the committed turn's record is on its way: the copy waits
+    ledger.end(commit, pb.GenerateResult(request_id="r3"), 3)
+    assert (await asyncio.wait_for(copy, 5)).key == commit
 
 
 def test_throttled_log_counts_what_it_held_back(caplog) -> None:

@@ -304,7 +304,8 @@ class KVTiers:
         ids = list(self._pending.values())
         self._pending.clear()
         if self.host is None:  # only as many as the disk writer has room for leave the pool
-            admitted = [(h, b) for h, b in zip(hashes, ids, strict=True) if h not in self.disk and self._disk_admits(h)]
+            admitted = [(h, b) for h, b in zip(hashes, ids, strict=True)
+                        if h not in self.disk and (self.write_through or self._disk_admits(h))]
             hashes, ids = [h for h, _ in admitted], [b for _, b in admitted]
             room = self.disk.room()
             self.disk.drop(len(hashes[room:]))
