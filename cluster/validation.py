@@ -313,6 +313,8 @@ def validate_history(token_ids: Sequence[int], turns: int, tenant: str,
 # A turn record's text (node/turn_ledger.py) decodes its token ids: a few bytes each, far
 # fewer than this.
 LAST_TEXT_MAX_BYTES_PER_TOKEN = 256
+# A record's other strings (a node id, a failed turn's error): a node keeps up to 100k records.
+LAST_STRING_MAX_BYTES = 1024
 
 
 def validate_last_turn(message: Any) -> None:
@@ -341,6 +343,11 @@ def validate_last_turn(message: Any) -> None:
     if text > most:
         raise _invalid("last_result.text", f"last_result.text must be at most {most} bytes "
                                            f"({LAST_TEXT_MAX_BYTES_PER_TOKEN} per token id), got {text}")
+    for name in ("session_id", "node_id", "error"):
+        size = len(getattr(result, name).encode("utf-8"))
+        if size > LAST_STRING_MAX_BYTES:
+            raise _invalid(f"last_result.{name}", f"last_result.{name} must be at most "
+                                                  f"{LAST_STRING_MAX_BYTES} bytes, got {size}")
     usage = result.usage
     if not 0 <= usage.cached_tokens <= usage.prompt_tokens:
         raise _invalid("last_result.usage.cached_tokens",

@@ -111,6 +111,10 @@ def test_a_sessions_last_turn_record_is_checked_at_the_edge(node, engine):
               "last_result.token_ids must hold at most 5 ids (the history's), got 6"),
              (b"d" * 32, pb.GenerateResult(request_id="r1", token_ids=[7], text="x" * 257),
               "last_result.text must be at most 256 bytes (256 per token id), got 257"),
+             (b"d" * 32, pb.GenerateResult(request_id="r1", node_id="n" * 1025),
+              "last_result.node_id must be at most 1024 bytes, got 1025"),
+             (b"d" * 32, pb.GenerateResult(request_id="r1", error="e" * 5000),
+              "last_result.error must be at most 1024 bytes, got 5000"),
              (b"d" * 32, pb.GenerateResult(request_id="r1", usage=pb.Usage(
                  prompt_tokens=2, cached_tokens=3)),
               "last_result.usage.cached_tokens must be in [0, 2] (its prompt_tokens), got 3"))
