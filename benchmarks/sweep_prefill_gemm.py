@@ -20,15 +20,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import machine, write  # noqa: E402
+from sweep_gemv import replay_us as us  # noqa: E402
 
 MATRICES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
 ROWS = (64, 128, 224, 256, 512)
-
-
-def us(fn, copies: int) -> float:
-    import triton.testing
-
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=60) / copies
 
 
 def main() -> None:

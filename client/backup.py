@@ -22,7 +22,6 @@ files are block files, exactly as checkpoints write them. Every problem is a
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -37,12 +36,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ultrakv.cluster.block_file import BlockFileError, read_block_file
-from ultrakv.cluster.checkpoint import CheckpointEntry, SessionRecord, write_session_files
+from ultrakv.cluster.checkpoint import CheckpointEntry, SessionRecord, encoded_last_turn, write_session_files
 from ultrakv.cluster.session_transfer import (
     StateAssembler,
     TransferError,
     bytes_to_chunks,
     chat_messages,
+    last_turn_of,
     message_pairs,
 )
 from ultrakv.v1 import node_pb2 as npb
@@ -189,11 +189,9 @@ def write_backup(parts: Iterable[ultrakv_pb2.BackupPart], work: Path,
         for h, kv in _session_runs(stream):
             # The last turn's record goes with the history (node/turn_ledger.py): restored,
             # a retry of that turn is answered from it instead of being taken again.
-            last = h.HasField("last_result")
             record = SessionRecord(h.session_id, list(h.token_ids), h.turns, h.tenant,
                                    h.model_fingerprint, h.kv_tokens, message_pairs(h.messages),
-                                   base64.b64encode(h.last_result.SerializeToString()).decode() if last else "",
-                                   h.last_digest.hex() if last else "")
+                                   *encoded_last_turn(last_turn_of(h)))
             sessions.append(write_session_files(work / SESSIONS, record, tuple(h.kv_shape),
                                                 h.kv_dtype, kv) if h.kv_dtype else
                             write_session_files(work / SESSIONS, record))

@@ -189,15 +189,20 @@ class SessionRecord:
         return LastTurn(result, digest)
 
 
+def encoded_last_turn(last: LastTurn | None) -> tuple[str, str]:
+    """A last turn's record as a history file holds it (:class:`SessionRecord`'s
+    ``last_result`` and ``last_digest``); empty strings for none."""
+    if last is None:
+        return "", ""
+    return base64.b64encode(last.result.SerializeToString()).decode(), last.digest.hex()
+
+
 def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
     """Write ``state``'s history and KV files into ``directory``; returns the entry."""
     kv = state.kv if state.kv is not None and state.kv_tokens > 0 else None
-    last = state.last_turn
     record = SessionRecord(state.session_id, state.token_ids, state.turns, state.tenant,
                            state.model_fingerprint, state.kv_tokens if kv is not None else 0,
-                           state.messages,
-                           base64.b64encode(last.result.SerializeToString()).decode() if last else "",
-                           last.digest.hex() if last else "")
+                           state.messages, *encoded_last_turn(state.last_turn))
     if kv is None:
         return write_session_files(directory, record)
     header, payload = tensor_to_block("", kv.cpu())  # the key is the file name, set below

@@ -213,7 +213,7 @@ class NodeAgent:
         report = await asyncio.to_thread(restore_into, self.engine, manifest)
         for state in report.last_turns:
             self.server.backend.adopt_last_turn(state)
-        self.checkpointer.restored(manifest, report.last_turns)
+        self.checkpointer.restored(manifest, [state.session_id for state in report.last_turns])
         log.info("node %s restored %d sessions and %d replicas from its checkpoint (%d KV "
                  "tokens; %d to recompute, %d unreadable)", self.node_id, len(report.restored),
                  len(report.replicas), report.kv_tokens, len(report.kv_recomputed),

@@ -178,12 +178,12 @@ class Checkpointer:
                         "out", self.node_id, self.max_bytes, len(entries) - len(fitted))
         return Manifest(self.node_id, str(self.directory.resolve()), time.time(), fitted)
 
-    def restored(self, manifest: Manifest, states: list[SessionState]) -> None:
-        """The manifest this node restored from, and the sessions whose files held a turn
-        record (``states``): those files need no rewrite for it."""
+    def restored(self, manifest: Manifest, session_ids: list[str]) -> None:
+        """The manifest this node restored from, and the sessions whose files held the turn
+        record the ledger now has for them (adopted first): those files need no rewrite."""
         self.manifest = self.recorded = manifest
-        self._written_records = {s.session_id: (s.session_id, s.last_turn.result.request_id, s.last_turn.digest)
-                                 for s in states if s.last_turn is not None}
+        records = self.ledger.records() if self.ledger is not None else {}
+        self._written_records = {sid: records[sid].key for sid in session_ids if sid in records}
 
     def _sizes(self, entry: CheckpointEntry) -> tuple[int, int]:
         def size(name: str) -> int:

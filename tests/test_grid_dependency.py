@@ -106,8 +106,9 @@ def _attention_ptx(monkeypatch) -> dict[bool, dict[str, str]]:
                                  tables, torch.tensor([5]), 1, seq_len)
         backend.decode(torch.zeros(1, 32, 64, dtype=torch.bfloat16), cache, meta, 0.125)
     out: dict[bool, dict[str, str]] = {True: {}, False: {}}
-    for name, index in (("rope_write_kv", 0), ("decode_split", 0), ("decode_single", 1)):
-        recorder = recorders[name.split("_")[0] if name.startswith("decode") else name]
+    for name, kernel, index in (("rope_write_kv", "rope_write_kv", 0), ("decode_split", "decode", 0),
+                                ("decode_single", "decode", 1)):
+        recorder = recorders[kernel]
         args, kw = recorder.launches[index]
         assert kw["PDL"] is False and kw["launch_pdl"] is False  # off CUDA, never
         for pdl in (True, False):

@@ -239,4 +239,3 @@ async def test_a_turn_restored_from_a_checkpoint_is_answered_from_its_record(clu
     assert retried.usage == first.usage
     assert engines["b"].get_session(sid).turns == 2
     assert list(engines["b"].sessions.get(sid).token_ids) == checkpointed.token_ids
-

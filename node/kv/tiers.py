@@ -304,8 +304,9 @@ class KVTiers:
         ids = list(self._pending.values())
         self._pending.clear()
         if self.host is None:  # only as many as the disk writer has room for leave the pool
+            pays = self.write_through or self.cost.pays("disk")
             admitted = [(h, b) for h, b in zip(hashes, ids, strict=True)
-                        if h not in self.disk and (self.write_through or self._disk_admits(h))]
+                        if h not in self.disk and (pays or self._trickle())]
             hashes, ids = [h for h, _ in admitted], [b for _, b in admitted]
             room = self.disk.room()
             self.disk.drop(len(hashes[room:]))
@@ -373,10 +374,11 @@ class KVTiers:
         """Blocks ``hashes`` (at most the host tier's capacity; pool blocks or rows of
         ``gathered``: see :meth:`_store`) into the host tier, and what they evict on to disk."""
         decided: dict[int, bool] = {}  # one decision per evicted block (it may be asked twice)
+        pays = self.disk is not None and self.cost.pays("disk")
 
         def spills(block_hash: int) -> bool:
             if block_hash not in decided:
-                decided[block_hash] = self._spills_to_disk(block_hash)
+                decided[block_hash] = self._spills_to_disk(block_hash, pays)
             return decided[block_hash]
 
         slots, victims = self.host.reserve_many(hashes, keep=spills)
@@ -480,19 +482,17 @@ class KVTiers:
             out[:, layer].copy_(cache.view(torch.uint8).index_select(1, ids).transpose(0, 1))
         return out.view(c.dtype)
 
-    def _spills_to_disk(self, block_hash: int) -> bool:
+    def _spills_to_disk(self, block_hash: int, pays: bool) -> bool:
         """Whether a block the host tier evicts is written to disk: write-back with a disk
-        tier that lacks it (write-through already wrote it), while disk loads pay, or within
-        the trickle that keeps the disk measured while they do not (TRICKLE_BLOCKS)."""
+        tier that lacks it (write-through already wrote it), while disk loads ``pays``, or
+        within the trickle that keeps the disk measured while they do not (TRICKLE_BLOCKS)."""
         if self.disk is None or self.write_through or block_hash in self.disk:
             return False
-        return self._disk_admits(block_hash)
+        return pays or self._trickle()
 
-    def _disk_admits(self, block_hash: int) -> bool:
-        """Whether a block leaving the tier above goes to disk: always while disk loads pay,
-        else within the trickle (TRICKLE_BLOCKS per PROBE_S); the others count unwritten."""
-        if self.cost.pays("disk"):
-            return True
+    def _trickle(self) -> bool:
+        """While disk loads do not pay: whether one more block may go to disk in this
+        PROBE_S window (TRICKLE_BLOCKS of them); the others count unwritten."""
         now = time.monotonic()
         if now >= self._trickle_until:
             self._trickle_until, self._trickle_left = now + PROBE_S, TRICKLE_BLOCKS

@@ -298,12 +298,13 @@ class LlamaForCausalLM(nn.Module):
             if self.config.head_dim & (self.config.head_dim - 1):
                 raise ValueError(f"fused_kernels needs a power-of-two head_dim, got {self.config.head_dim}")
             _fused()  # import now: a missing Triton fails here, not in the first step
+        gemv = enabled and kernel_variants.current().gemv == "triton"
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused = enabled
             elif isinstance(module, DecoderLayer):
-                module.gemv = enabled and kernel_variants.current().gemv == "triton"
-        self.gemv_logits = enabled and kernel_variants.current().gemv == "triton"
+                module.gemv = gemv
+        self.gemv_logits = gemv
 
     def use_all_reduce(self, all_reduce: AllReduce | None) -> None:
         """Make this model one rank's slice of a tensor-parallel model (built from a
