@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from ultrakv.client.client import Client
     from ultrakv.client.config_file import NodeConfig
+    from ultrakv.coordinator.server import CoordinatorSettings
     from ultrakv.node.agent import AgentSettings
 
 # Only the standard library loads at import: `ultrakv --help` and the client commands must
@@ -78,7 +79,9 @@ def _node_config(args: argparse.Namespace, default_device: str,
               # `node --peer-*`: the cluster CA, and the certificate this node serves its
               # peers with and presents when it dials them (server.peer_ca_cert/tls_cert/tls_key)
               "peer_ca_cert": getattr(args, "peer_ca_cert", None),
-              "tls_cert": getattr(args, "peer_cert", None), "tls_key": getattr(args, "peer_key", None)}
+              "tls_cert": getattr(args, "peer_cert", None), "tls_key": getattr(args, "peer_key", None),
+              "stream_messages_per_s": args.stream_messages_per_s,
+              "stream_max_wait_ms": args.stream_max_wait_ms}
     if not args.config and args.http_port is None:
         server["http_port"] = default_http_port
     return config.with_overrides(engine, server, _security_overrides(args))
@@ -195,9 +198,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks, num_scheduler_steps=args.num_scheduler_steps,
         fused_kernels=args.fused_kernels, cluster_secret_file=args.cluster_secret_file or "",
         http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port,
-        coordinator_args=_coordinator_security_args(args),
+        coordinator_args=_coordinator_security_args(args) + _stream_pacing_args(args),
         # The nodes' ports serve the client API too: the same keys guard them.
-        node_args=(["--keys-file", args.keys_file] if args.keys_file else [])
+        node_args=(["--keys-file", args.keys_file] if args.keys_file else []) + _stream_pacing_args(args)
         + (["--kv-cpu-gib", str(args.kv_cpu_gib)] if args.kv_cpu_gib is not None else [])
         + (["--kv-write-policy", args.kv_write_policy] if args.kv_write_policy else [])
         + (["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])
@@ -212,6 +215,17 @@ def _coordinator_security_args(args: argparse.Namespace) -> list[str]:
                          "for a cluster give them to each `ultrakv coordinator`")
     out = ["--config", args.config] if args.config else []
     return out + (["--keys-file", args.keys_file] if args.keys_file else [])
+
+
+def _stream_pacing_args(args: argparse.Namespace) -> list[str]:
+    """``serve --nodes N``: the stream budget flags, for every node and coordinator (each
+    paces its own streams)."""
+    out = []
+    if args.stream_messages_per_s is not None:
+        out += ["--stream-messages-per-s", repr(args.stream_messages_per_s)]
+    if args.stream_max_wait_ms is not None:
+        out += ["--stream-max-wait-ms", repr(args.stream_max_wait_ms)]
+    return out
 
 
 def _serve_detached(args: argparse.Namespace) -> int:
@@ -282,11 +296,21 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from ultrakv.coordinator.server import serve_coordinator
+
+    asyncio.run(serve_coordinator(_coordinator_settings(args)))
+    log.info("stopped")
+    return 0
+
+
+def _coordinator_settings(args: argparse.Namespace) -> CoordinatorSettings:
+    """``ultrakv coordinator``'s settings: the config file's limits, security and stream
+    pacing, the flags over them."""
     from dataclasses import replace
 
     from ultrakv.client.config_file import NodeConfig, load_config
     from ultrakv.cluster.peer_auth import require_cluster_secret
-    from ultrakv.coordinator.server import CoordinatorSettings, serve_coordinator
+    from ultrakv.coordinator.server import CoordinatorSettings
 
     config = load_config(args.config) if args.config else NodeConfig()
     if not args.cluster_secret_file:  # the config file's, as a node reads it
@@ -294,16 +318,16 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     require_cluster_secret(args.cluster_secret_file or "", args.insecure_no_cluster_secret,
                            "ultrakv coordinator")
     security = {k: v for k, v in _security_overrides(args).items() if v is not None}
-    settings = CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
-                                   port=DEFAULT_PORT if args.port is None else args.port,
-                                   metrics_port=args.metrics_port or 0,
-                                   http_port=args.http_port, replicas=args.replicas,
-                                   limits=config.server.limits,
-                                   security=replace(config.server.security, **security),
-                                   **_peer_settings(args))
-    asyncio.run(serve_coordinator(settings))
-    log.info("stopped")
-    return 0
+    pacing = {k: v for k, v in (("stream_messages_per_s", args.stream_messages_per_s),
+                                ("stream_max_wait_ms", args.stream_max_wait_ms)) if v is not None}
+    return CoordinatorSettings(etcd=args.etcd, host=args.host or "0.0.0.0",
+                               port=DEFAULT_PORT if args.port is None else args.port,
+                               metrics_port=args.metrics_port or 0,
+                               http_port=args.http_port, replicas=args.replicas,
+                               limits=config.server.limits,
+                               security=replace(config.server.security, **security),
+                               stream_pacing=replace(config.server, **pacing).stream_pacing(),
+                               **_peer_settings(args))
 
 
 def _peer_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -714,6 +738,7 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
                         "devices, the first N, or those indices; sessions are placed by consistent "
                         "hashing with bounded load. With --device cpu, N engines on the CPU (tests only)")
     _metrics_option(p)
+    _stream_pacing_options(p)
     _security_options(p)
     _cluster_secret_option(p)
 
@@ -729,6 +754,36 @@ def _kv_tier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-write-policy", choices=("write_back", "write_through"),
                    help="write_back (default): a block goes down a tier when evicted; "
                         "write_through: as soon as it is full")
+
+
+def _stream_pacing_options(p: argparse.ArgumentParser) -> None:
+    from_config = "over the config file's server section"
+    g = p.add_argument_group(f"Generate stream pacing ({from_config}; docs/serving-overhead.md)")
+    g.add_argument("--stream-messages-per-s", type=_ranged("MESSAGES_PER_S_RANGE"), metavar="N",
+                   help="stream messages this server aims at in all (1..1000000; default 2000): "
+                        "with many streams open, each stream's tokens wait longer for company")
+    g.add_argument("--stream-max-wait-ms", type=_ranged("MAX_WAIT_MS_RANGE"), metavar="MS",
+                   help="the longest a stream's new tokens wait for company (0..1000; default 40); "
+                        "the first token and a request's end never wait")
+
+
+def _ranged(limits: str):
+    """argparse type of a float within one of cluster/service.py's ranges (named there)."""
+
+    def parse(text: str) -> float:
+        from ultrakv.cluster import service
+
+        low, high = getattr(service, limits)
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a number within {low:.15g}..{high:.15g}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def _security_options(p: argparse.ArgumentParser) -> None:
@@ -977,9 +1032,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=_port, help="gRPC port (default 50051; 0 = pick a free one)")
     p.add_argument("--config", help="YAML config file; the coordinator reads its limits and "
-                                    "security sections")
+                                    "security sections and the server section's stream_* keys")
     _metrics_option(p)
     _http_option(p, DEFAULT_HTTP_PORT, str(DEFAULT_HTTP_PORT))
+    _stream_pacing_options(p)
     _replicas_option(p, "a session moved by re-sharding is replicated to")
     _security_options(p)
     _peer_options(p)

@@ -34,7 +34,12 @@ HELP: dict[str, dict[str, str]] = {
         "max_streams_per_connection": "calls one connection may hold open at once",
         "stall_timeout_s": "health says NOT_SERVING while requests wait and no model step "
                            "completes for this long",
-        "stream_flush_interval_s": "token chunks of a stream are coalesced over this interval",
+        "stream_flush_interval_s": "a stream's new tokens wait at least this long for company "
+                                   "after a write (0 = one message per engine delta)",
+        "stream_messages_per_s": "Generate stream messages this server aims at in all: with many "
+                                 "streams open each waits longer (1..1000000; a coordinator reads it too)",
+        "stream_max_wait_ms": "the longest a stream's new tokens wait for company (0..1000; the first "
+                              "token and a request's end never wait)",
         "tls_cert": "PEM certificate chain; with tls_key, the server speaks TLS",
         "tls_key": "PEM private key",
         "peer_ca_cert": "PEM CA of the cluster: peers must present a certificate it signed "

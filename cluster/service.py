@@ -15,6 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -223,9 +224,44 @@ def _rpc_deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 DEFAULT_FLUSH_INTERVAL_S = 0.005
 # Messages per second a server aims at across all its Generate streams, and the longest a
-# stream's tokens wait for company (see StreamPacer).
+# stream's tokens wait for company (see StreamPacer): the defaults of StreamPacing.
 PACED_MESSAGES_PER_S = 2000.0
 MAX_FLUSH_INTERVAL_S = 0.04
+# What a server may be configured with (StreamPacing): below one message a second a stream
+# is no longer a stream; beyond a second's wait text arrives in bursts nobody would call one.
+MESSAGES_PER_S_RANGE = (1.0, 1_000_000.0)
+MAX_WAIT_MS_RANGE = (0.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class StreamPacing:
+    """A server's budget of Generate stream messages (the config file's ``server`` keys
+    ``stream_flush_interval_s``, ``stream_messages_per_s`` and ``stream_max_wait_ms``; the
+    ``--stream-*`` flags of ``ultrakv node``, ``coordinator`` and ``serve``).
+
+    Every message costs each process it crosses a fixed amount of CPU (docs/serving-overhead.md),
+    so a server aims at ``messages_per_s`` in all, over however many streams are open; a
+    stream's new tokens wait for company at least ``flush_interval_s`` (0 = coalescing off)
+    and at most ``max_wait_ms`` (never below ``flush_interval_s``).
+    """
+
+    flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+    messages_per_s: float = PACED_MESSAGES_PER_S
+    max_wait_ms: float = MAX_FLUSH_INTERVAL_S * 1000
+
+    def __post_init__(self) -> None:
+        for name, value, (low, high), unit in (
+                ("stream_messages_per_s", self.messages_per_s, MESSAGES_PER_S_RANGE, "messages/s"),
+                ("stream_max_wait_ms", self.max_wait_ms, MAX_WAIT_MS_RANGE, "ms")):
+            if not low <= value <= high:  # NaN included
+                raise ValueError(f"{name} must be within {low:.15g}..{high:.15g} {unit}, got {value!r}")
+        if not 0 <= self.flush_interval_s <= MAX_WAIT_MS_RANGE[1] / 1000:
+            raise ValueError(f"stream_flush_interval_s must be within 0..{MAX_WAIT_MS_RANGE[1] / 1000:g} s, "
+                             f"got {self.flush_interval_s!r}")
+
+    def pacer(self) -> StreamPacer:
+        """A pacer for one server's streams, all of them counted together."""
+        return StreamPacer(self.flush_interval_s, self.messages_per_s, self.max_wait_ms / 1000)
 
 
 class StreamPacer:
@@ -458,9 +494,9 @@ class UltraKVServicer:
     """
 
     def __init__(self, backend: ServingBackend, limits: Limits,
-                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S, edge: bool = True) -> None:
+                 pacing: StreamPacing | None = None, edge: bool = True) -> None:
         self.backend = backend
-        self.pacer = StreamPacer(flush_interval_s)
+        self.pacer = (pacing or StreamPacing()).pacer()
         self.limits = limits
         self.edge = edge
 

@@ -71,6 +71,7 @@ from ultrakv.cluster.security.tls import server_credentials
 from ultrakv.cluster.service import (
     ULTRAKV_SERVICE,
     Event,
+    StreamPacing,
     TokenSink,
     UltraKVServicer,
     add_servicer,
@@ -152,6 +153,8 @@ class CoordinatorSettings:
     peer_ca_cert: str = ""
     peer_cert: str = ""
     peer_key: str = ""
+    # Client streams' message budget (the config file's server.stream_* keys, as a node's).
+    stream_pacing: StreamPacing = field(default_factory=StreamPacing)
 
     def peer_tls(self) -> PeerTLS | None:
         return PeerTLS(self.peer_ca_cert, self.peer_cert, self.peer_key) if self.peer_ca_cert else None
@@ -1240,8 +1243,8 @@ class CoordinatorServer:
                                          clients_authenticated=bool(sec.keys_file),
                                          tls=bool(sec.tls_cert)):
             log.warning(warning)
-        add_servicer(server, UltraKVServicer(self.backend, self.settings.limits),
-                     ULTRAKV_SERVICE)
+        add_servicer(server, UltraKVServicer(self.backend, self.settings.limits,
+                                             self.settings.stream_pacing), ULTRAKV_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

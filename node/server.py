@@ -53,8 +53,11 @@ from ultrakv.cluster.security.settings import SecuritySettings
 from ultrakv.cluster.security.tls import server_credentials
 from ultrakv.cluster.service import (
     DEFAULT_FLUSH_INTERVAL_S,
+    MAX_FLUSH_INTERVAL_S,
+    PACED_MESSAGES_PER_S,
     ULTRAKV_SERVICE,
     Event,
+    StreamPacing,
     TokenSink,
     UltraKVServicer,
     abort_with,
@@ -624,7 +627,7 @@ class NodeServicer:
     (export/import for migration, history replication, listing, stats)."""
 
     def __init__(self, backend: LocalBackend, limits: Limits,
-                 flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+                 pacing: StreamPacing | None = None,
                  peers_authenticated: bool = False,
                  block_log: BlockEventLog | None = None) -> None:
         self.backend = backend
@@ -636,7 +639,7 @@ class NodeServicer:
         self.peers_authenticated = peers_authenticated
         # Generate and the session calls are the client-facing service's, over the same backend,
         # trusting the tenant its caller (the coordinator) set.
-        self._client_facing = UltraKVServicer(backend, limits, flush_interval_s, edge=False)
+        self._client_facing = UltraKVServicer(backend, limits, pacing, edge=False)
 
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -887,7 +890,10 @@ class ServerSettings:
     # Calls one connection may hold open at once; a coordinator forwards every request to
     # this node over one connection, so this matches the node's admission queue.
     max_streams_per_connection: int = 1024
+    # Generate streams' message budget (StreamPacing: the wire's cost is per message).
     stream_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+    stream_messages_per_s: float = PACED_MESSAGES_PER_S
+    stream_max_wait_ms: float = MAX_FLUSH_INTERVAL_S * 1000
     tls_cert: str = ""  # PEM paths; both set = TLS
     tls_key: str = ""
     # PEM CA of the cluster: with tls_cert/tls_key, callers must present a certificate it
@@ -911,8 +917,14 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+        self.stream_pacing()  # validates the stream_* keys
         if self.peer_ca_cert and not (self.tls_cert and self.tls_key):
             raise ValueError("peer_ca_cert needs tls_cert and tls_key (this node's certificate)")
+
+    def stream_pacing(self) -> StreamPacing:
+        """The stream_* keys as one budget (ValueError naming the key out of its range)."""
+        return StreamPacing(self.stream_flush_interval_s, self.stream_messages_per_s,
+                            self.stream_max_wait_ms)
 
     def peer_tls(self) -> PeerTLS | None:
         """This node's mutual-TLS identity towards its peers, when configured."""
@@ -996,12 +1008,12 @@ class NodeServer:
         if internal and self.cluster_secret:  # a member answers only its peers (and probes)
             interceptors = (ClusterSecretInterceptor(self.cluster_secret), *interceptors)
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        flush = self.settings.stream_flush_interval_s
+        pacing = self.settings.stream_pacing()
         services = [ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        add_servicer(server, UltraKVServicer(self.backend, limits, flush), ULTRAKV_SERVICE)
+        add_servicer(server, UltraKVServicer(self.backend, limits, pacing), ULTRAKV_SERVICE)
         if internal:
             authenticated = bool(self.cluster_secret) or self.peer_tls is not None
-            add_servicer(server, NodeServicer(self.backend, limits, flush, authenticated,
+            add_servicer(server, NodeServicer(self.backend, limits, pacing, authenticated,
                                               self.block_log), NODE_SERVICE)
             services.append(NODE_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

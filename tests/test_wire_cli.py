@@ -12,7 +12,7 @@ import time
 
 import pytest
 from ultrakv.client import Client
-from ultrakv.client.cli import main
+from ultrakv.client.cli import build_parser, main
 from ultrakv.client.config_file import PRESETS, load_config, load_preset
 from ultrakv.client.dashboard import figures, render
 from ultrakv.node import Engine, EngineConfig
@@ -144,3 +144,43 @@ def test_dashboard_figures_from_two_snapshots():
     assert (row.requests_per_s, row.tokens_per_s) == (10.0, 200.0)
     assert row.ttft_ms == (1.0, 2.0, 3.0) and row.cache_hit_rate == 0.25
     assert render([row, row], "a:1").row_count == 3  # two nodes and the total
+
+
+def test_stream_pacing_reaches_nodes_and_coordinators_from_the_file_and_the_flags(tmp_path):
+    from ultrakv.client.cli import _coordinator_settings, _node_config, _stream_pacing_args
+    from ultrakv.cluster.service import StreamPacing
+
+    config = tmp_path / "ultrakv.yaml"
+    config.write_text("server:\n  stream_messages_per_s: 500\n  stream_max_wait_ms: 100\n")
+    parser = build_parser()
+    node = parser.parse_args(["node", "--config", str(config), "--stream-max-wait-ms", "60"])
+    assert _node_config(node, "cpu").server.stream_pacing() == StreamPacing(0.005, 500, 60)
+    coordinator = parser.parse_args(["coordinator", "--etcd", "127.0.0.1:1", "--config", str(config),
+                                     "--insecure-no-cluster-secret", "--stream-messages-per-s", "250"])
+    assert _coordinator_settings(coordinator).stream_pacing == StreamPacing(0.005, 250, 100)
+    # `serve --nodes N` hands the flags to every node and coordinator it starts.
+    serve = parser.parse_args(["serve", "--nodes", "2", "--stream-messages-per-s", "500",
+                               "--stream-max-wait-ms", "100"])
+    passed = parser.parse_args(["node", *_stream_pacing_args(serve)])
+    assert (passed.stream_messages_per_s, passed.stream_max_wait_ms) == (500, 100)
+    assert _stream_pacing_args(parser.parse_args(["serve"])) == []  # defaults stay the servers'
+    assert StreamPacing() == StreamPacing(0.005, 2000, 40)  # unchanged defaults
+
+
+@pytest.mark.parametrize(("key", "value", "limits"), [
+    ("stream_messages_per_s", 0, "1..1000000 messages/s"),
+    ("stream_max_wait_ms", 1500, "0..1000 ms"),
+    ("stream_max_wait_ms", ".nan", "0..1000 ms"),
+])
+def test_a_stream_budget_out_of_range_is_refused_naming_the_key_and_its_limits(
+        tmp_path, capsys, key, value, limits):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"server:\n  {key}: {value}\n")
+    with pytest.raises(ValueError, match=f"{key} must be within {limits}, got"):
+        load_config(bad)
+    flag = "--" + key.replace("_", "-")
+    for command in (["node"], ["coordinator", "--etcd", "127.0.0.1:1"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, flag, str(value).lstrip(".")])
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must be a number within {limits.split()[0]}" in err

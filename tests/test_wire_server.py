@@ -255,6 +255,30 @@ def test_fast_tokens_are_coalesced_into_fewer_chunks(stub):
     assert len(chunks) < 0.8 * n  # several tokens per message, not one message per token
 
 
+def test_a_servers_stream_budget_sets_its_messages_per_token(engine):
+    """A node configured for 1 message/s with a 1 s cap: after a stream's first chunk its
+    tokens wait up to a second for company, on the client-facing service and on the
+    NodeService a coordinator reads, so a request gets at most one chunk message per second
+    it ran plus its first and last (the defaults give about one per engine step here)."""
+    from ultrakv.v1 import node_pb2_grpc
+
+    n = 48
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5,
+                              stream_messages_per_s=1, stream_max_wait_ms=1000)
+    with BackgroundServer(engine, settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        for stub in (ultrakv_pb2_grpc.UltraKVStub(channel), node_pb2_grpc.NodeServiceStub(channel)):
+            request = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+                request_id="paced", text="paced",
+                sampling=pb.SamplingOptions(max_length=n, temperature=0.0, ignore_eos=True)))
+            started = time.monotonic()
+            messages = list(stub.Generate(iter([request]), timeout=120))
+            took_s = time.monotonic() - started
+            chunks = [m.chunk for m in messages if m.WhichOneof("event") == "chunk"]
+            assert [t for c in chunks for t in c.token_ids] == list(messages[-1].result.token_ids)
+            assert len(messages[-1].result.token_ids) == n
+            assert len(chunks) <= 2 + took_s, (len(chunks), took_s)
+
+
 class _Collected:
     """A TokenSink that keeps what it was pushed."""
 
