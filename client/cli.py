@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,7 +70,8 @@ def _node_config(args: argparse.Namespace, default_device: str,
               "kv_cpu_gib": args.kv_cpu_gib, "kv_disk_dir": args.kv_disk_dir,
               "kv_disk_gib": args.kv_disk_gib, "kv_write_policy": args.kv_write_policy,
               "kv_cache_dtype": args.kv_cache_dtype,
-              "tensor_parallel_size": args.tensor_parallel_size, "gpus": args.gpus}
+              "tensor_parallel_size": args.tensor_parallel_size, "gpus": args.gpus,
+              "engine_process": args.engine_process}
     if not args.config and args.device is None:
         engine["device"] = default_device
     server = {"host": args.host, "port": args.port, "node_id": args.node_id,
@@ -123,8 +125,15 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
                                 node_id=config.server.node_id or f"node-{uuid4().hex[:8]}")
         asyncio.run(preflight(agent, config.server.node_id))
     log.info("loading model %s on %s", config.engine.model, config.engine.device)
-    engine = open_engine(config.engine)
-    engine.warmup()  # graphs and kernels before the node reports SERVING, not on a request
+    if config.engine.engine_process:
+        from ultrakv.node.engine_client import EngineClient
+
+        # Loaded and warmed up in its own process; if it dies, this node stops (SIGTERM to
+        # itself: NOT_SERVING, leave the cluster) and exits non-zero, for its supervisor.
+        engine = EngineClient(config.engine, on_lost=lambda _: os.kill(os.getpid(), signal.SIGTERM))
+    else:
+        engine = open_engine(config.engine)
+        engine.warmup()  # graphs and kernels before the node reports SERVING, not on a request
     try:
         server = NodeServer(engine, config.server)
         if agent is None:
@@ -135,6 +144,10 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
             asyncio.run(serve_node_in_cluster(engine, server, agent))
     finally:
         engine.shutdown()
+    lost = getattr(engine, "lost_reason", None)
+    if lost not in (None, "stopped"):
+        log.error("stopped: the engine process is gone (%s)", lost)
+        return 1
     log.info("stopped")
     return 0
 
@@ -204,7 +217,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         + (["--kv-cpu-gib", str(args.kv_cpu_gib)] if args.kv_cpu_gib is not None else [])
         + (["--kv-write-policy", args.kv_write_policy] if args.kv_write_policy else [])
         + (["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])
-        + (["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size else [])))
+        + (["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size else [])
+        + (["--engine-process"] if args.engine_process else [])))
 
 
 def _coordinator_security_args(args: argparse.Namespace) -> list[str]:
@@ -737,6 +751,9 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
                    help="one engine per device in this node process (data parallel): all CUDA "
                         "devices, the first N, or those indices; sessions are placed by consistent "
                         "hashing with bounded load. With --device cpu, N engines on the CPU (tests only)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine in a child process of the node, so the servers and the "
+                        "engine's steps do not share one GIL (default off)")
     _metrics_option(p)
     _stream_pacing_options(p)
     _security_options(p)

@@ -103,6 +103,8 @@ HELP: dict[str, dict[str, str]] = {
         "kv_write_policy": "write_back (a block goes down a tier when evicted) or write_through",
         "kv_cpu_eviction_policy": "host tier: which block goes first (lru, lfu, fifo, arc, s3fifo)",
         "kv_disk_eviction_policy": "disk tier: which block file goes first (lru, lfu, fifo, arc, s3fifo)",
+        "engine_process": "run the engine in a child process of the node (its own GIL: the "
+                          "servers' event loop and the engine's steps run in parallel)",
         "kv_tier_layerwise": "load tier hits layer group by layer group, overlapped with the prefill "
                              "(CUDA; prefills that run eagerly, not those a prefill graph takes)",
     },

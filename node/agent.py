@@ -157,7 +157,7 @@ class NodeAgent:
         record = NodeRecord(
             id=self.node_id, address=self.server.address, pid=os.getpid(),
             devices=(str(getattr(self.engine, "device", "cpu")),),
-            kv_capacity_blocks=int(getattr(getattr(self.engine, "pool", None), "num_blocks", 0)),
+            kv_capacity_blocks=int(getattr(self.engine, "num_blocks", 0)),
             state=NodeState.SERVING, model=str(getattr(self.engine, "model_name", "")))
         self.registration = NodeRegistration(self.store, record, self.settings.lease_ttl_s,
                                              on_lost=self._lease_lost)

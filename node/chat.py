@@ -82,6 +82,15 @@ class ChatTemplate:
         self.eos_token = eos_token
         self._template = _environment().from_string(self.source)
 
+    def __getstate__(self) -> dict:
+        # Pickled without the compiled template (it holds the environment's lambdas): a
+        # node's engine core sends its tokenizer to the node process (node/engine_core.py).
+        return {k: v for k, v in self.__dict__.items() if k != "_template"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._template = _environment().from_string(self.source)
+
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages``; with ``add_generation_prompt`` it ends by opening
         the assistant's turn. Raises ValueError when the template refuses the conversation

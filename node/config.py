@@ -92,6 +92,10 @@ class EngineConfig:
     # the copies overlap the request's prefill (CUDA; prefills that run eagerly: a turn that
     # a prefill graph takes loads whole). Off until measured a win on a GPU.
     kv_tier_layerwise: bool = False
+    # Run the engine (model, scheduler, KV cache, sessions) in a child process of the node
+    # (node/engine_core.py), so the servers' event loop and the engine's step thread do not
+    # share one GIL (docs/serving-overhead.md). Off until a GPU A/B shows it wins.
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -172,6 +176,9 @@ class EngineConfig:
         for name in ("kv_cpu_eviction_policy", "kv_disk_eviction_policy"):
             _check(getattr(self, name) in EVICTION_POLICIES, name, f"one of {EVICTION_POLICIES}",
                    getattr(self, name))
+        _check(not (self.engine_process and self.gpus), "engine_process",
+               "false with gpus (data-parallel engines in a core process: not supported yet)",
+               self.engine_process)
         if (self.kv_cpu_gib or self.kv_disk_dir) and not self.enable_prefix_caching:
             raise ValueError("kv_cpu_gib and kv_disk_dir need enable_prefix_caching: true "
                              "(the tiers are keyed by the prefix cache's block hashes)")

@@ -81,13 +81,16 @@ class PreparedTurn:
 
 @dataclass
 class StreamDelta:
-    """New tokens of one request since the last delta; the last one carries ``output``."""
+    """New tokens of one request since the last delta; the last one carries ``output``, or
+    ``error`` when the request never ran (refused by an engine core process, or the core is
+    gone: node/engine_client.py); the in-process engine raises such errors instead."""
 
     request_id: str
     token_ids: list[int]
     text: str
     finished: bool = False
     output: RequestOutput | None = None
+    error: Exception | None = None
 
 
 @dataclass

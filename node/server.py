@@ -89,6 +89,7 @@ from ultrakv.cluster.validation import (
 )
 from ultrakv.node.backup_cut import CutRegistry
 from ultrakv.node.chat import ChatMessage
+from ultrakv.node.engine_client import EngineClient
 from ultrakv.node.kv.block_event_log import BlockEventLog
 from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
@@ -308,6 +309,13 @@ class LocalBackend:
 
         def on_delta(delta: StreamDelta) -> None:
             nonlocal finished
+            if delta.error is not None:  # refused by an engine core process, or it is gone
+                finished = True
+                if key is not None:
+                    self.ledger.end(key, None)
+                if not outcome.done():
+                    outcome.set_exception(delta.error)
+                return
             if delta.token_ids or delta.text:
                 sink.chunk(delta.token_ids, delta.text)
             if delta.finished:
@@ -936,6 +944,8 @@ class ServerSettings:
 def _block_log_of(engine: Any) -> BlockEventLog:
     """A block event log that starts from what ``engine``'s tiers hold now (a disk tier
     scanned at start included) and then hears every change."""
+    if isinstance(engine, EngineClient):  # the core's changes arrive with its step messages
+        return engine.block_log
     log = BlockEventLog(engine.config.block_size, engine.chain_root)
     for one in getattr(engine, "engines", [engine]):  # a data-parallel node: every device's pool
         log(True, one.pool.hashes(), GPU_TIER)
