@@ -1036,6 +1036,7 @@ class ClusterBackend:
                         raise _NodeGone(node, "no longer owns the session", abandon=False)
                     raise rejected
         finally:
+            attempt.close()
             self.inflight[node] -= 1
             self._attempts[node].discard(attempt)
             call.cancel()  # no-op when finished; frees the node's blocks when we stop early
@@ -1157,33 +1158,79 @@ class _Relay:
 
 class _Attempt:
     """One forward in flight: its reads wait at most a deadline each, and ``abandon`` (the
-    node was marked down) ends the read in progress, or the next one, at once."""
+    node was marked down) ends the read in progress, or the next one, at once.
+
+    One timer per attempt, not one per read: a relayed message is the coordinator's hottest
+    path, and a timeout per read cost a timer handle and its heap operations each time. A
+    read only notes when it began; the timer, when it fires, ends a read that has waited its
+    deadline or re-arms at the deadline of the read in progress, so it fires about once per
+    deadline however many messages pass.
+    """
 
     def __init__(self) -> None:
         self.abandoned = False
-        self._timeout: asyncio.Timeout | None = None
+        self._began: float | None = None  # loop time the read in progress began; None: none
+        self._wait_s = 0.0
+        self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._interrupting = False  # this attempt cancelled its task, to end a read
 
     def abandon(self) -> None:
         self.abandoned = True
-        if self._timeout is not None and not self._timeout.expired():  # once is enough
-            self._timeout.reschedule(asyncio.get_running_loop().time())
+        self._interrupt()
+
+    def close(self) -> None:
+        """The forward is over: its timer goes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _interrupt(self) -> None:
+        if self._began is not None and not self._interrupting and self._task is not None:
+            self._interrupting = True  # once is enough
+            self._task.cancel()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._began is None:
+            return  # between reads: the next read arms it again
+        loop = asyncio.get_running_loop()
+        due = self._began + self._wait_s
+        if loop.time() >= due:
+            self._interrupt()
+        else:
+            self._timer = loop.call_at(due, self._on_timer)
 
     async def read(self, messages: AsyncIterator[Any], wait_s: float, node: str) -> Any:
         """The next message, or None at the end of the stream."""
         if self.abandoned:
             raise _NodeGone(node, "was marked down")
+        loop = asyncio.get_running_loop()
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        now = loop.time()
+        self._began, self._wait_s = now, wait_s
+        if self._timer is None or self._timer.when() > now + wait_s:  # a shorter deadline
+            self.close()
+            self._timer = loop.call_at(now + wait_s, self._on_timer)
         try:
-            # The timeout covers only this read, never a yield to the caller: it cancels
-            # whatever the task awaits when it fires.
-            async with asyncio.timeout(wait_s) as self._timeout:
-                return await anext(messages)
+            # The interrupt comes only while this read waits, never during a yield to the
+            # caller: it cancels whatever the task awaits.
+            return await anext(messages)
         except StopAsyncIteration:
             return None
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not self._interrupting:
+                raise
+            self._interrupting = False
+            if task.uncancel() > cancelling:
+                raise  # cancelled by someone else too: the caller's cancellation wins
+            self.close()
             why = "was marked down" if self.abandoned else f"sent nothing for {wait_s:g} s"
             raise _NodeGone(node, why) from None
         finally:
-            self._timeout = None
+            self._began = None
 
 
 class _NodeGone(Exception):

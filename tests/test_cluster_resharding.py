@@ -199,3 +199,25 @@ async def test_an_attempt_gives_up_at_its_deadlines_or_when_abandoned() -> None:
         await asyncio.wait_for(reading, 5)
     with pytest.raises(_NodeGone, match="marked down"):  # and any later read
         await attempt.read(silent(), 60.0, "n1")
+
+
+async def test_an_attempt_arms_one_timer_for_many_reads(monkeypatch) -> None:
+    """A relayed message is the coordinator's hottest path: reading 1000 of them must not
+    cost a timer each (asyncio.timeout per read did), and the deadline still holds after."""
+    from ultrakv.coordinator.server import _Attempt, _NodeGone
+
+    async def messages(n: int):
+        for i in range(n):
+            yield i
+        await asyncio.Event().wait()
+
+    loop = asyncio.get_running_loop()
+    armed = []
+    call_at = loop.call_at
+    monkeypatch.setattr(loop, "call_at", lambda when, *args: armed.append(when) or call_at(when, *args))
+    attempt, stream = _Attempt(), messages(1000)
+    assert [await attempt.read(stream, 60.0 if i == 0 else 30.0, "n1") for i in range(1000)] == list(range(1000))
+    assert len(armed) <= 2  # the first deadline, then the shorter one between messages
+    with pytest.raises(_NodeGone, match="sent nothing for 0.05 s"):
+        await attempt.read(stream, 0.05, "n1")
+    attempt.close()
