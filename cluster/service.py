@@ -167,7 +167,8 @@ class Outbox:
         self._open_chunk: dict[str, int] = {}  # request id -> key of its unsent chunk
         self._next = 0
         self._ready = asyncio.Event()
-        self._final = asyncio.Event()  # a result or an error is waiting
+        self._finals = 0  # results and errors queued
+        self._gathering: asyncio.Future[None] | None = None  # what gather() waits on
 
     def put_chunk(self, request_id: str, token_ids: Sequence[int], text: str) -> None:
         key = self._open_chunk.get(request_id)
@@ -181,7 +182,9 @@ class Outbox:
     def put_final(self, message: pb.GenerateStreamResponse) -> None:
         self._open_chunk.pop(message.request_id, None)
         self._push(message)
-        self._final.set()
+        self._finals += 1
+        if self._gathering is not None and not self._gathering.done():
+            self._gathering.set_result(None)
 
     def _push(self, message: pb.GenerateStreamResponse | _PendingChunk) -> int:
         key = self._next
@@ -194,7 +197,10 @@ class Outbox:
         if not self._queue:
             return None
         message = self._queue.popitem(last=False)[1]
-        return message.message() if isinstance(message, _PendingChunk) else message
+        if isinstance(message, _PendingChunk):
+            return message.message()
+        self._finals -= 1
+        return message
 
     async def wait(self) -> None:
         await self._ready.wait()
@@ -204,12 +210,26 @@ class Outbox:
         self._ready.set()
 
     async def gather(self, timeout_s: float) -> None:
-        """Let chunks gather for ``timeout_s`` after a write (the outbox is empty), but no
-        longer than until a final message comes: a request's end is never held back."""
-        self._final.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._final.wait()
+        """Let chunks gather for ``timeout_s`` after a write, but no longer than until a
+        final message is queued (one queued already ends it at once): a request's end is
+        never held back. A plain timer on a future, not ``asyncio.timeout``: this runs after
+        every message written, and a timeout that expires costs a cancellation and two
+        exceptions."""
+        if self._finals:
+            return
+        loop = asyncio.get_running_loop()
+        gathering = self._gathering = loop.create_future()
+        timer = loop.call_later(timeout_s, _resolve, gathering)
+        try:
+            await gathering
+        finally:
+            timer.cancel()
+            self._gathering = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _error_response(request_id: str, rejection: RequestRejected) -> pb.GenerateStreamResponse:

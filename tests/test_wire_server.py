@@ -358,6 +358,23 @@ async def test_outbox_gather_ends_when_a_final_message_comes():
     box.put_final(pb.GenerateStreamResponse(request_id="a", result=pb.GenerateResult()))
     await asyncio.wait_for(gathering, timeout=60)  # the result is not held back an hour
     assert box.pop().WhichOneof("event") == "result"
+    box.put_chunk("b", [2], "y")
+    await asyncio.wait_for(box.gather(0.01), timeout=60)  # no final queued: the interval passes
+    assert box.pop().chunk.token_ids == [2]
+
+
+async def test_outbox_gather_does_not_wait_when_a_final_came_during_the_last_write():
+    """A request's result queued while the stream was writing its last chunk (the write
+    awaits the transport) leaves at once, not after the stream's gathering interval."""
+    from ultrakv.cluster.service import Outbox
+
+    box = Outbox()
+    box.put_chunk("a", [1], "x")
+    box.pop()  # being written...
+    box.put_final(pb.GenerateStreamResponse(request_id="a", result=pb.GenerateResult()))
+    await asyncio.wait_for(box.gather(3600.0), timeout=60)  # ...then the stream gathers
+    assert box.pop().WhichOneof("event") == "result"
+    assert box.pop() is None
 
 
 def test_outbox_merges_unsent_chunks_of_a_request():
