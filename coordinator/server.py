@@ -326,6 +326,9 @@ class ClusterBackend:
         self.members: dict[str, NodeRecord] = {}
         self.inflight: dict[str, int] = {}
         self._attempts: dict[str, set[_Attempt]] = {}  # node -> its forwards in flight
+        # Nodes (address, start time) from before NodeService.Forward: forwarded to over a
+        # Generate stream (a rolling upgrade's old nodes)
+        self._generate_only: set[tuple[str, float]] = set()
         self._moving: dict[str, set[asyncio.Timeout]] = {}  # node -> moves involving it
         self._expedited: set[asyncio.Task] = set()  # moves a waiting turn started early
         self._failed: dict[str, float] = {}  # node -> monotonic time its forward failed
@@ -1005,12 +1008,15 @@ class ClusterBackend:
         or another request's failure): a stalled node's requests move on at once instead of
         hanging for as long as it stays stopped.
         """
-        address = self.members[node].address if node in self.members else None
-        if address is None:
+        record = self.members.get(node)
+        if record is None:
             raise _NodeGone(node, "left the cluster")
+        stub, forwarded = self.peers.stub(record.address), pb.GenerateStreamRequest(generate=request)
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-        call = self.peers.stub(address).Generate(
-            iter([pb.GenerateStreamRequest(generate=request)]), timeout=timeout)
+        incarnation = (record.address, record.started_at)
+        generate_only = incarnation in self._generate_only
+        call = (stub.Generate(iter([forwarded]), timeout=timeout) if generate_only
+                else stub.Forward(forwarded, timeout=timeout))
         attempt = _Attempt()
         self._attempts.setdefault(node, set()).add(attempt)
         self.inflight[node] = self.inflight.get(node, 0) + 1
@@ -1018,7 +1024,19 @@ class ClusterBackend:
         wait_s = self.settings.first_token_timeout_s
         try:
             while True:
-                message = await attempt.read(messages, wait_s, node)
+                try:
+                    message = await attempt.read(messages, wait_s, node)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED or generate_only:
+                        raise
+                    log.info("node %s has no Forward (an older version): forwarding to it "
+                             "over Generate streams", node)
+                    self._generate_only.add(incarnation)
+                    generate_only = True
+                    timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+                    call = stub.Generate(iter([forwarded]), timeout=timeout)
+                    messages = call.__aiter__()
+                    continue
                 if message is None:
                     raise _NodeGone(node, "stream ended without a result")
                 wait_s = self.settings.stall_timeout_s

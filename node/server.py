@@ -63,6 +63,7 @@ from ultrakv.cluster.service import (
     abort_with,
     add_servicer,
     events_of,
+    serve_generate_stream,
     unary,
 )
 from ultrakv.cluster.session_state import LastTurn, SessionState
@@ -630,6 +631,10 @@ class LocalBackend:
 # --- servicers -------------------------------------------------------------------------------
 
 
+async def _one(item: Any) -> AsyncIterator[Any]:
+    yield item
+
+
 class NodeServicer:
     """``ultrakv.v1.NodeService``: generation plus the session operations the cluster needs
     (export/import for migration, history replication, listing, stats)."""
@@ -652,6 +657,16 @@ class NodeServicer:
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with contextlib.aclosing(self._client_facing.Generate(requests, context)) as stream:
+            async for message in stream:
+                yield message
+
+    async def Forward(self, request: Any, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Generate over the call's one request (a coordinator's forward), on the same
+        pacer as the Generate streams."""
+        async with contextlib.aclosing(serve_generate_stream(
+                self.backend, self.limits, _one(request), context,
+                self._client_facing.pacer)) as stream:
             async for message in stream:
                 yield message
 

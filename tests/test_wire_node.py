@@ -79,6 +79,61 @@ def export(node, session_id: str, chunk_bytes: int = 4096) -> list[npb.SessionCh
         session_id=session_id, include_kv=True, chunk_bytes=chunk_bytes), timeout=30))
 
 
+def _greedy(request_id: str) -> pb.GenerateStreamRequest:
+    return pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id=request_id, text=PROMPT, sampling=pb.SamplingOptions(max_length=8, temperature=0.0)))
+
+
+def test_forward_serves_one_request_as_a_generate_stream_does(node):
+    streamed = list(node.Generate(iter([_greedy("g")]), timeout=30))
+    forwarded = list(node.Forward(_greedy("f"), timeout=30))
+    assert [m.request_id for m in forwarded] == ["f"] * len(forwarded)
+    assert forwarded[-1].result.token_ids == streamed[-1].result.token_ids
+    assert [t for m in forwarded[:-1] for t in m.chunk.token_ids] == list(forwarded[-1].result.token_ids)
+    bad = pb.GenerateStreamRequest(generate=pb.GenerateRequest(request_id="bad", text=PROMPT,
+                                   sampling=pb.SamplingOptions(max_length=8, temperature=-1.0)))
+    [error] = list(node.Forward(bad, timeout=30))
+    assert error.request_id == "bad" and error.error.field.startswith("sampling")
+
+
+async def test_a_coordinator_forwards_over_forward_and_to_an_older_node_over_generate(
+        server, secret, engine):
+    """A coordinator sends each request in one call (NodeService.Forward); a node from
+    before Forward (a rolling upgrade) answers UNIMPLEMENTED, and gets Generate streams."""
+    from ultrakv.cluster.validation import Limits
+    from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
+    from ultrakv.node.server import LocalBackend, NodeServicer
+
+    # NodeService as it was: Generate, no Forward (the same engine behind it)
+    generate = grpc.stream_stream_rpc_method_handler(
+        NodeServicer(LocalBackend(engine), Limits()).Generate,
+        request_deserializer=pb.GenerateStreamRequest.FromString,
+        response_serializer=pb.GenerateStreamResponse.SerializeToString)
+    older = grpc.aio.server()
+    older.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "ultrakv.v1.NodeService", {"Generate": generate}),))
+    port = older.add_insecure_port("127.0.0.1:0")
+    await older.start()
+    backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1",
+                                                 cluster_secret_file=str(secret[0])))
+    try:
+        backend.members = {
+            "new": NodeRecord("new", server.address, 1, state=NodeState.SERVING),
+            "old": NodeRecord("old", f"127.0.0.1:{port}", 2, state=NodeState.SERVING)}
+        results = {}
+        for name in ("new", "old", "old"):
+            events = [e async for e in backend._forward(name, _greedy(name).generate, None)]
+            assert isinstance(events[-1], pb.GenerateResult)
+            assert [t for e in events[:-1] for t in e.token_ids] == list(events[-1].token_ids)
+            results[name] = list(events[-1].token_ids)
+        assert results["new"] == results["old"]
+        old = backend.members["old"]
+        assert backend._generate_only == {(old.address, old.started_at)}  # "new" took Forward
+    finally:
+        await backend.stop()
+        await older.stop(None)
+
+
 def test_export_then_import_restores_the_session_and_its_cache(node, engine):
     first = run_turn(node, "mig-1", PROMPT)
     chunks = export(node, "mig-1")

@@ -41,6 +41,11 @@ class NodeServiceStub:
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Forward = channel.unary_stream(
+                '/ultrakv.v1.NodeService/Forward',
+                request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/ultrakv.v1.NodeService/Stats',
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.StatsRequest.SerializeToString,
@@ -144,6 +149,16 @@ class NodeServiceServicer:
 
     def Generate(self, request_iterator, context):
         """Same semantics as UltraKV.Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request, context):
+        """One request, served as Generate serves it: what a coordinator forwards. The call's
+        opening, its request and its half-close leave in one write (a Generate stream pays a
+        write and a half-close of their own per request). A coordinator cancels the call to
+        stop the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -290,6 +305,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.FromString,
                     response_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.SerializeToString,
             ),
+            'Forward': grpc.unary_stream_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.SerializeToString,
+            ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.StatsRequest.FromString,
@@ -412,6 +432,33 @@ class NodeService:
             request_iterator,
             target,
             '/ultrakv.v1.NodeService/Generate',
+            ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
+            ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ultrakv.v1.NodeService/Forward',
             ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
             ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
             options,
