@@ -7,6 +7,9 @@ into static buffers:
 
 * decode (every sequence brings one token): keyed by (padded batch size, context bucket).
   Padded rows write nowhere (slot -1) and attend over one token of block 0.
+* greedy decode: the same step with the logits, the argmax and the next step's inputs
+  (node/step_advance.py) captured too, so the later steps of a multi-step round replay
+  back to back with nothing from the host in between (:meth:`CudaGraphRunner.replay_greedy`).
 * prefill of one sequence (<= ``max_prefill_tokens`` new tokens, the TTFT-critical case, a
   returning session's turn): keyed by (padded token count, context bucket). Padded tokens sit
   after the real ones, write nowhere and repeat the last real position; causal masking keeps
@@ -26,10 +29,12 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ultrakv.node import step_advance
 from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
 
 log = logging.getLogger("ultrakv.node.cuda_graphs")
@@ -174,6 +179,10 @@ class CudaGraphRunner:
     ):
         self.model = model
         self.kv_caches = kv_caches
+        self.block_size = block_size
+        # Hidden states -> greedy tokens (the runner's logits + argmax); set, greedy decode
+        # rounds replay "greedy" graphs (see replay_greedy).
+        self.greedy: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.batch_sizes = padded_batch_sizes(max_batch)
         self.prefill_sizes = [t for t in PREFILL_TOKEN_BUCKETS if t <= max_prefill_tokens]
         self.buckets = context_buckets(max_model_len)
@@ -245,20 +254,38 @@ class CudaGraphRunner:
             inputs.block_tables[:, :width].copy_(meta.block_tables)
             kind, bucket = "prefill", shape.context
         else:
-            kind, size = "decode", self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
+            kind, size = "decode", self.stage_decode(input_ids, positions, meta)
             bucket = self.buckets[bisect.bisect_left(self.buckets, meta.max_seq_len)]
-            self.input_ids[:n].copy_(input_ids)
-            self.positions[:n].copy_(positions)
-            self.slot_mapping[:n].copy_(meta.slot_mapping)
-            self.seq_lens[:n].copy_(meta.seq_lens)
-            self.block_tables[:n, :width].copy_(meta.block_tables)
-            if n < size:  # padded rows: write nowhere, attend over one token of block 0
-                self.slot_mapping[n:size].fill_(-1)
-                self.seq_lens[n:size].fill_(1)
-                self.block_tables[n:size, 0].fill_(0)
         graph, out = self.graphs.get((kind, size, bucket)) or self._capture(kind, size, bucket)
         graph.replay()
         return out[:n]
+
+    def stage_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> int:
+        """Copy a decode step's inputs (already on the device) into the decode graphs'
+        buffers; returns the padded batch size its graphs are captured for."""
+        n = input_ids.shape[0]
+        size = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        if n < size:  # padded rows: write nowhere, attend over one token of block 0
+            self.slot_mapping[n:size].fill_(-1)
+            self.seq_lens[n:size].fill_(1)
+            self.block_tables[n:size, 0].fill_(0)
+        return size
+
+    def replay_greedy(self, rows: int, max_seq_len: int) -> torch.Tensor:
+        """One greedy decode step of the ``rows`` sequences staged by :meth:`stage_decode`
+        (or left by the previous replay), the longest now ``max_seq_len`` tokens with this
+        step's: replays the forward, the argmax and the advance of the buffers to the next
+        step's inputs. Returns the step's tokens (a graph buffer, valid until the next replay)."""
+        size = self.batch_sizes[bisect.bisect_left(self.batch_sizes, rows)]
+        bucket = self.buckets[bisect.bisect_left(self.buckets, max_seq_len)]
+        graph, tokens = self.graphs.get(("greedy", size, bucket)) or self._capture("greedy", size, bucket)
+        graph.replay()
+        return tokens[:rows]
 
     @torch.inference_mode()
     def capture_all(self) -> int:
@@ -275,8 +302,9 @@ class CudaGraphRunner:
             for size in self.batch_sizes:
                 self.seq_lens.fill_(1)
                 self.positions.zero_()
-                if ("decode", size, bucket) not in self.graphs:
-                    self._capture("decode", size, bucket)
+                for kind in ("decode", "greedy") if self.greedy is not None else ("decode",):
+                    if (kind, size, bucket) not in self.graphs:
+                        self._capture(kind, size, bucket)
             for size in self.prefill_sizes:
                 if size > bucket or ("prefill", size, bucket) in self.graphs:
                     continue
@@ -307,11 +335,24 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.model(*args)
+            out = self.model(*args)
+            if kind == "greedy":  # compiled here; the advance runs on copies (it must run once)
+                step_advance.advance(self.greedy(out), *self._decode_buffers(size, copies=True))
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.model(*args)
+            if kind == "greedy":
+                out = self.greedy(out)
+                step_advance.advance(out, *self._decode_buffers(size))
         self.graphs[(kind, size, bucket)] = (graph, out)
         log.debug("captured %s graph: size=%d context<=%d", kind, size, bucket)
         return graph, out
+
+    def _decode_buffers(self, size: int, copies: bool = False) -> tuple:
+        """The decode buffers :func:`step_advance.advance` updates, for ``size`` rows."""
+        bufs = (self.input_ids[:size], self.positions[:size], self.seq_lens[:size], self.slot_mapping[:size],
+                self.block_tables[:size])
+        if copies:
+            bufs = tuple(b.clone() for b in bufs)
+        return (*bufs, self.block_size)

@@ -89,6 +89,8 @@ class ModelRunner:
             from ultrakv.node.sampling_kernels import SplitArgmax
 
             self._split_argmax = SplitArgmax(device)
+        if graphs is not None and triton_available():
+            graphs.greedy = self._greedy  # greedy decode rounds replay whole steps
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq],
@@ -164,22 +166,32 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         queued: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
         launched = 0
+        # A greedy round on CUDA graphs replays whole steps: the graph's last kernel turns
+        # its buffers into the next step's inputs, so only the first step sends any.
+        graphed = (sampling is None and self.graphs is not None and self.graphs.greedy is not None
+                   and self.graphs.can_run(meta) and meta.max_seq_len + num_steps - 1 <= self.graphs.buckets[-1])
+        if graphed and self.layer_loads is not None:  # a graph calls no hook
+            self.layer_loads.layers_ready()
 
         def launch() -> None:
             nonlocal input_ids, positions, meta, launched
-            if launched:
-                positions = positions + 1
-                block = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1)
-                meta = AttentionMetadata(
-                    query_start_loc=meta.query_start_loc,
-                    seq_lens=meta.seq_lens + 1,
-                    block_tables=tables,
-                    slot_mapping=block.long() * bs + positions % bs,
-                    max_query_len=1,
-                    max_seq_len=meta.max_seq_len + 1,
-                )
-            hidden = self._forward(input_ids, positions, meta)
-            input_ids = self._sample(hidden, sampling)
+            if graphed:
+                if not launched:
+                    self.graphs.stage_decode(input_ids, positions, meta)
+                input_ids = self.graphs.replay_greedy(rows, meta.max_seq_len + launched)
+            else:
+                if launched:
+                    positions = positions + 1
+                    block = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1)
+                    meta = AttentionMetadata(
+                        query_start_loc=meta.query_start_loc,
+                        seq_lens=meta.seq_lens + 1,
+                        block_tables=tables,
+                        slot_mapping=block.long() * bs + positions % bs,
+                        max_query_len=1,
+                        max_seq_len=meta.max_seq_len + 1,
+                    )
+                input_ids = self._sample(self._forward(input_ids, positions, meta), sampling)
             launched += 1
             if not cuda:
                 queued.append((input_ids, None))
