@@ -5,6 +5,8 @@ the cost of the wire shows:
 
 * ``engine``: the in-process engine's async stream (no wire at all);
 * ``node``: a node process (``ultrakv node``) over gRPC on loopback;
+* ``node-engine-process``: the same with ``--engine-process`` (the engine in a child process
+  of the node, node/engine_core.py), its CPU time reported as ``engine_core``;
 * ``coordinator``: etcd + a coordinator + the node (``LocalCluster``), over gRPC;
 * ``http``: a node process's OpenAI-compatible API (``/v1/completions``, ``stream: true``,
   server-sent events) on loopback. An OpenAI completion carries its whole context, so this
@@ -243,6 +245,16 @@ def process_cpu_s(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def engine_core_of(node_pid: int) -> dict[str, int]:
+    """``{"engine_core": pid}`` when the node runs its engine in a child process (started by
+    multiprocessing's spawn), else ``{}``."""
+    for child in Path(f"/proc/{node_pid}/task/{node_pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return {"engine_core": int(child)}
+    return {}
+
+
 def cpu_clocks(servers: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of each server process, of a node's main thread (its event loop:
     the gRPC servicers, everything a token costs the node besides the engine thread) and of
@@ -334,14 +346,16 @@ async def main_async(args) -> dict:
 
             torch.cuda.empty_cache()
     vocab = vocab or args.vocab
-    if "node" in args.paths:
+    for name in [p for p in args.paths if p in ("node", "node-engine-process")]:  # in the order given
         port = free_port()
-        proc = subprocess.Popen(_node_argv(args, port), stdout=subprocess.DEVNULL if args.quiet else None,
+        flags = ["--engine-process"] if name == "node-engine-process" else []
+        proc = subprocess.Popen(_node_argv(args, port) + flags, stdout=subprocess.DEVNULL if args.quiet else None,
                                 stderr=subprocess.STDOUT if args.quiet else None)
         try:
             await asyncio.to_thread(_wait_ready, f"127.0.0.1:{port}", proc)
+            servers = {"node": proc.pid, **engine_core_of(proc.pid)}
             async with AsyncClient(f"127.0.0.1:{port}", timeout=600) as client:
-                out["node"] = await run_path(GrpcPath("node", client), args, vocab, {"node": proc.pid})
+                out[name] = await run_path(GrpcPath(name, client), args, vocab, servers)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -366,7 +380,8 @@ async def main_async(args) -> dict:
                                port=0, node_args=args.node_args, startup_timeout_s=600,
                                log_dir=Path(tmp) / "logs" if args.quiet else None)
             with LocalCluster(spec) as cluster:
-                servers = {"node": next(iter(cluster.nodes.values())).pid, "coordinator": cluster.coordinator.pid}
+                node = next(iter(cluster.nodes.values())).pid
+                servers = {"node": node, **engine_core_of(node), "coordinator": cluster.coordinator.pid}
                 async with AsyncClient(cluster.address, timeout=600) as client:
                     out["coordinator"] = await run_path(GrpcPath("coordinator", client), args, vocab, servers)
     return out
@@ -395,7 +410,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--paths", nargs="+", default=["engine", "node", "coordinator"],
-                   choices=["engine", "node", "coordinator", "http"])
+                   choices=["engine", "node", "node-engine-process", "coordinator", "http"])
     p.add_argument("--sessions", type=int, default=32, help="conversations per run")
     p.add_argument("--turns", type=int, default=3, help="turns per conversation")
     p.add_argument("--user-tokens", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))

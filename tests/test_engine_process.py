@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -37,9 +38,11 @@ from test_wire_server import (  # noqa: F401  (tests and fixtures run here over 
     test_unknown_session_is_not_found,
 )
 from ultrakv.client import Client
+from ultrakv.client.client import RetryPolicy
 from ultrakv.cluster.etcd_server import free_port
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.engine_client import EngineClient
+from ultrakv.node.server import BackgroundServer, ServerSettings
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2_grpc
 
@@ -90,6 +93,28 @@ def test_a_session_moves_between_an_in_process_node_and_a_core_process_node(engi
     assert len(here.prompt_token_ids) > len(first.prompt_token_ids) + 8  # history + the new turn
     back = engine.export_session("moved")  # and back out, KV through shared memory
     assert back.kv_tokens >= state.kv_tokens and back.kv.shape[2] == back.kv_tokens
+
+
+def test_a_node_reports_not_serving_and_fails_requests_once_its_core_is_gone():
+    """In-process: the core is SIGKILLed; ``on_lost`` hears why (once), the health check turns
+    NOT_SERVING, and a new request is refused UNAVAILABLE instead of hanging."""
+    lost: list[str] = []
+    core = EngineClient(replace(CONFIG, num_blocks=32), on_lost=lost.append)
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5, stall_timeout_s=0.4)
+    try:
+        with BackgroundServer(core, settings) as srv, \
+                Client(srv.address, timeout=30, retry=RetryPolicy(attempts=1)) as c:
+            assert c.health()["status"] == "SERVING"
+            os.kill(core.core_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while c.health()["status"] == "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.health()["status"] == "NOT_SERVING"
+            assert lost == ["killed by signal 9"]
+            r = c.process_request({"text": "anyone there?", "max_length": 4})
+            assert not r["success"] and r["error_code"] == "UNAVAILABLE", r
+    finally:
+        core.shutdown()
 
 
 def _node_command(port: int) -> list[str]:
@@ -157,6 +182,7 @@ def test_the_core_exits_when_its_node_is_killed(tmp_path):
         import time
         from ultrakv.node import EngineConfig
         from ultrakv.node.engine_client import EngineClient
+from ultrakv.node.server import BackgroundServer, ServerSettings
         client = EngineClient(EngineConfig(model="tiny", device="cpu", num_blocks=64))
         print(client.core_pid, flush=True)
         time.sleep(600)

@@ -1,10 +1,15 @@
 """NodeService over a node whose engine runs in a process of its own (``engine_process``):
 the session export/import, replication, promotion, stats and health tests of
-test_wire_node.py, run again over an EngineClient."""
+test_wire_node.py, and the checkpoint and restore tests of test_cluster_checkpoint.py, run
+again over EngineClients."""
 
 from __future__ import annotations
 
 import pytest
+from test_cluster_checkpoint import (  # noqa: F401  (checkpoints written and restored by cores)
+    test_corrupted_or_missing_files_are_detected_and_recomputed,
+    test_replicas_are_checkpointed_and_restored_as_replicas,
+)
 from test_wire_node import (  # noqa: F401  (tests and fixtures run here over a core process)
     node,
     secret,
@@ -31,3 +36,12 @@ def engine():
     eng = EngineClient(EngineConfig(model="tiny", device="cpu", num_blocks=128))
     yield eng
     eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engines(engine):
+    """A checkpointing core of its own (the checkpoint tests count every session it holds),
+    restoring into the module's."""
+    own = EngineClient(EngineConfig(model="tiny", device="cpu", num_blocks=256))
+    yield own, engine
+    own.shutdown()
