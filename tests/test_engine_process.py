@@ -182,7 +182,6 @@ def test_the_core_exits_when_its_node_is_killed(tmp_path):
         import time
         from ultrakv.node import EngineConfig
         from ultrakv.node.engine_client import EngineClient
-from ultrakv.node.server import BackgroundServer, ServerSettings
         client = EngineClient(EngineConfig(model="tiny", device="cpu", num_blocks=64))
         print(client.core_pid, flush=True)
         time.sleep(600)
