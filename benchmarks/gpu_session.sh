@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh full     # bench_gpu.py on llama-1b and llama-8b (~7 min) + plot
 #   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
 #   bash benchmarks/gpu_session.sh serving-profile  # the same at 64 streams under py-spy (engine, node)
+#   bash benchmarks/gpu_session.sh serving-engine-process ["node-engine-process node"]  # A/B of --engine-process
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
@@ -77,6 +78,14 @@ case "${1:-}" in
     # One short run at 64 streams (engine and node paths) for A/B comparisons.
     python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 256 --turns 3 \
       --concurrency 64 --paths engine node --quiet --output serving_ab.json
+    ;;
+  serving-engine-process)
+    # The node with its engine in a process of its own (--engine-process) against the node as
+    # it is, at 64 streams; a second argument gives the node paths' order (run it twice,
+    # swapped: "node-engine-process node").
+    python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 256 --turns 3 \
+      --concurrency 64 --paths engine ${2:-node node-engine-process} --quiet \
+      --output "serving_engine_process_ab${2:+_swapped}.json"
     ;;
   speculative)
     python benchmarks/bench_speculative.py --model llama-1b --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/speculative.log"
@@ -164,7 +173,7 @@ case "${1:-}" in
     python benchmarks/bench_kernels_ab.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/kernels_ab.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kv-profile|kernels-ab" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|serving-engine-process|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kv-profile|kernels-ab" >&2
     exit 2
     ;;
 esac
