@@ -187,8 +187,10 @@ class EngineCore:
                     return
         finally:
             self._stopping = True
-            self.engine.shutdown()
+            self.engine.shutdown()  # aborts what runs: those final deltas still go out
             self.out.wake.set()
+            with contextlib.suppress(OSError, ValueError):  # unless the node is gone
+                self._flush()
             self._calls.shutdown(wait=False, cancel_futures=True)
 
     def _add(self, request: Any) -> None:
@@ -226,14 +228,17 @@ class EngineCore:
         while not self._stopping:
             self.out.wake.wait()
             self.out.wake.clear()
-            with self._engine_lock:
-                deltas, refused, blocks = self.out.take()
-            if not (deltas or refused or blocks):
-                continue
             try:
-                self.send(("step", deltas, refused, blocks))
+                self._flush()
             except (OSError, ValueError):  # the node is gone; the reader ends the core
                 return
+
+    def _flush(self) -> None:
+        """Send what waits, as one message (nothing when nothing waits)."""
+        with self._engine_lock:
+            deltas, refused, blocks = self.out.take()
+        if deltas or refused or blocks:
+            self.send(("step", deltas, refused, blocks))
 
 
 def _die_with_parent(parent_pid: int) -> None:

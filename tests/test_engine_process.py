@@ -177,14 +177,22 @@ def test_the_node_fails_fast_when_its_core_dies(tmp_path):
             proc.wait()
 
 
-def test_the_core_exits_when_its_node_is_killed(tmp_path):
-    script = textwrap.dedent("""
-        import time
+@pytest.mark.parametrize("started_by", ["main thread", "other thread"])
+def test_the_core_exits_when_its_node_is_killed(tmp_path, started_by):
+    """Started by the node's main thread the kernel kills the core with its node
+    (PR_SET_PDEATHSIG); started by another thread, the core sees its pipe close and stops."""
+    script = textwrap.dedent(f"""
+        import threading, time
         from ultrakv.node import EngineConfig
         from ultrakv.node.engine_client import EngineClient
-        client = EngineClient(EngineConfig(model="tiny", device="cpu", num_blocks=64))
-        print(client.core_pid, flush=True)
-        time.sleep(600)
+        def start():
+            client = EngineClient(EngineConfig(model="tiny", device="cpu", num_blocks=64))
+            print(client.core_pid, flush=True)
+            time.sleep(600)
+        if {started_by == "main thread"}:
+            start()
+        else:
+            threading.Thread(target=start).start()
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=open(tmp_path / "node.log", "wb"), text=True)
