@@ -153,8 +153,13 @@ class _PendingChunk:
         self.texts: list[str] = []
 
     def message(self) -> pb.GenerateStreamResponse:
-        return pb.GenerateStreamResponse(request_id=self.request_id, chunk=pb.TokenChunk(
-            text="".join(self.texts), token_ids=self.token_ids))
+        # Filled in place: a TokenChunk built apart and passed to the constructor is copied
+        # into the message, which took 11 us a message instead of 2 (upb, measured).
+        message = pb.GenerateStreamResponse(request_id=self.request_id)
+        chunk = message.chunk
+        chunk.text = "".join(self.texts)
+        chunk.token_ids.extend(self.token_ids)
+        return message
 
 
 class Outbox:
