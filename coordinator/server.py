@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -85,6 +86,7 @@ from ultrakv.coordinator.block_index import BlockIndex, HashScheme
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
 from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
+from ultrakv.coordinator.node_link import NodeLink
 from ultrakv.coordinator.prefix_router import choose_node
 from ultrakv.coordinator.resharding import Move, MoveResult, Plan, Resharder
 from ultrakv.coordinator.session_backup import SessionBackup
@@ -326,8 +328,10 @@ class ClusterBackend:
         self.members: dict[str, NodeRecord] = {}
         self.inflight: dict[str, int] = {}
         self._attempts: dict[str, set[_Attempt]] = {}  # node -> its forwards in flight
-        # Nodes (address, start time) from before NodeService.Forward: forwarded to over a
-        # Generate stream (a rolling upgrade's old nodes)
+        # Each node's GenerateMany streams (coordinator/node_link.py), and the nodes (address,
+        # start time) from before it, forwarded to over a Generate stream per request (a
+        # rolling upgrade's old nodes)
+        self._links: dict[str, list[tuple[tuple[str, float], NodeLink]]] = {}
         self._generate_only: set[tuple[str, float]] = set()
         self._moving: dict[str, set[asyncio.Timeout]] = {}  # node -> moves involving it
         self._expedited: set[asyncio.Task] = set()  # moves a waiting turn started early
@@ -390,6 +394,10 @@ class ClusterBackend:
         await self.health.stop()
         await self.watcher.stop()
         await self.block_feed.stop()
+        for links in self._links.values():
+            for _, link in links:
+                link.close()
+        self._links.clear()
         await self.peers.close()
         await self.store.close()
 
@@ -1016,30 +1024,37 @@ class ClusterBackend:
         record = self.members.get(node)
         if record is None:
             raise _NodeGone(node, "left the cluster")
-        stub, forwarded = self.peers.stub(record.address), pb.GenerateStreamRequest(generate=request)
-        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        forwarded = pb.GenerateStreamRequest(generate=request)
+        if deadline is not None:  # the node's own deadline: its stream has none per request
+            ms = max(1, math.ceil(1000 * (deadline - time.monotonic())))
+            if not request.timeout_ms or request.timeout_ms > ms:
+                forwarded.generate.timeout_ms = ms
         incarnation = (record.address, record.started_at)
-        generate_only = incarnation in self._generate_only
-        call = (stub.Generate(iter([forwarded]), timeout=timeout) if generate_only
-                else stub.Forward(forwarded, timeout=timeout))
+        link: NodeLink | None = None
+        call: Any = None
+        if incarnation in self._generate_only:
+            call = self._generate_call(record.address, forwarded, deadline)
+            messages = call.__aiter__()
+        else:
+            link = self._link(node, incarnation, request.request_id)
+            messages = link.submit(forwarded)
         attempt = _Attempt()
         self._attempts.setdefault(node, set()).add(attempt)
         self.inflight[node] = self.inflight.get(node, 0) + 1
-        messages = call.__aiter__()
         wait_s = self.settings.first_token_timeout_s
         try:
             while True:
                 try:
                     message = await attempt.read(messages, wait_s, node)
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED or generate_only:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED or link is None:
                         raise
-                    log.info("node %s has no Forward (an older version): forwarding to it "
-                             "over Generate streams", node)
+                    log.info("node %s has no GenerateMany (an older version): forwarding to "
+                             "it over a Generate stream per request", node)
                     self._generate_only.add(incarnation)
-                    generate_only = True
-                    timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-                    call = stub.Generate(iter([forwarded]), timeout=timeout)
+                    link.release(request.request_id)
+                    link = None
+                    call = self._generate_call(record.address, forwarded, deadline)
                     messages = call.__aiter__()
                     continue
                 if message is None:
@@ -1062,13 +1077,39 @@ class ClusterBackend:
             attempt.close()
             self.inflight[node] -= 1
             self._attempts[node].discard(attempt)
-            call.cancel()  # no-op when finished; frees the node's blocks when we stop early
+            if link is not None:
+                link.release(request.request_id)  # cancels it there when we stop early
+            if call is not None:
+                call.cancel()  # no-op when finished; frees the node's blocks when we stop early
+
+    def _link(self, node: str, incarnation: tuple[str, float], request_id: str) -> NodeLink:
+        """A GenerateMany stream to ``node`` that may take ``request_id`` (opened if none)."""
+        links = self._links.setdefault(node, [])
+        for held, link in links:
+            if held == incarnation and link.accepts(request_id):
+                return link
+        entry: tuple[tuple[str, float], NodeLink]
+
+        def closed(_: NodeLink) -> None:
+            with contextlib.suppress(ValueError):
+                links.remove(entry)
+
+        entry = (incarnation, NodeLink(self.peers.stub(incarnation[0]), closed))
+        links.append(entry)
+        return entry[1]
+
+    def _generate_call(self, address: str, forwarded: pb.GenerateStreamRequest,
+                       deadline: float | None) -> Any:
+        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        return self.peers.stub(address).Generate(iter([forwarded]), timeout=timeout)
 
     def _abandon(self, node: str) -> None:
         """``node`` is down: its forwards in flight give up now and move elsewhere, and the
         session moves that involve it give up (the new ring plans them again)."""
         for attempt in list(self._attempts.get(node, ())):
             attempt.abandon()
+        for _, link in self._links.pop(node, []):
+            link.close()
         now = asyncio.get_running_loop().time()
         for timeout in list(self._moving.get(node, ())):
             if not timeout.expired():

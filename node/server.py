@@ -631,10 +631,6 @@ class LocalBackend:
 # --- servicers -------------------------------------------------------------------------------
 
 
-async def _one(item: Any) -> AsyncIterator[Any]:
-    yield item
-
-
 class NodeServicer:
     """``ultrakv.v1.NodeService``: generation plus the session operations the cluster needs
     (export/import for migration, history replication, listing, stats)."""
@@ -660,15 +656,15 @@ class NodeServicer:
             async for message in stream:
                 yield message
 
-    async def Forward(self, request: Any, context: grpc.aio.ServicerContext
-                      ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """Generate over the call's one request (a coordinator's forward), on the same
-        pacer as the Generate streams."""
+    async def GenerateMany(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[npb.GenerateBatch]:
+        """Generate, each write one batch of every event pending (a coordinator's requests
+        to this node on one stream), on the same pacer as the Generate streams."""
         async with contextlib.aclosing(serve_generate_stream(
-                self.backend, self.limits, _one(request), context,
-                self._client_facing.pacer)) as stream:
-            async for message in stream:
-                yield message
+                self.backend, self.limits, requests, context, self._client_facing.pacer,
+                batched=True)) as stream:
+            async for batch in stream:
+                yield batch
 
     @unary
     async def Stats(self, request: pb.StatsRequest,

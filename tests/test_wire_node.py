@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import replace
@@ -84,27 +85,106 @@ def _greedy(request_id: str) -> pb.GenerateStreamRequest:
         request_id=request_id, text=PROMPT, sampling=pb.SamplingOptions(max_length=8, temperature=0.0)))
 
 
-def test_forward_serves_one_request_as_a_generate_stream_does(node):
-    streamed = list(node.Generate(iter([_greedy("g")]), timeout=30))
-    forwarded = list(node.Forward(_greedy("f"), timeout=30))
-    assert [m.request_id for m in forwarded] == ["f"] * len(forwarded)
-    assert forwarded[-1].result.token_ids == streamed[-1].result.token_ids
-    assert [t for m in forwarded[:-1] for t in m.chunk.token_ids] == list(forwarded[-1].result.token_ids)
-    bad = pb.GenerateStreamRequest(generate=pb.GenerateRequest(request_id="bad", text=PROMPT,
-                                   sampling=pb.SamplingOptions(max_length=8, temperature=-1.0)))
-    [error] = list(node.Forward(bad, timeout=30))
-    assert error.request_id == "bad" and error.error.field.startswith("sampling")
+def test_generate_many_writes_the_pending_events_of_its_requests_as_one_message(node):
+    """A coordinator's requests on one GenerateMany stream: each message the node writes
+    holds every event pending then (an engine step's tokens for all of them), each request's
+    tokens arrive whole and in order, equal to a Generate stream's, a bad request fails
+    alone and a cancel ends its request."""
+    n = 6
+    expected = list(node.Generate(iter([_greedy("alone")]), timeout=30))[-1].result.token_ids
+    long_request = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id="long", text=PROMPT, sampling=pb.SamplingOptions(
+            max_length=3000, temperature=0.0, ignore_eos=True)))
+    bad = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id="bad", text=PROMPT, sampling=pb.SamplingOptions(max_length=8, temperature=-1.0)))
+    outgoing: queue.Queue = queue.Queue()
+    for message in (long_request, *(_greedy(f"r{i}") for i in range(n)), bad):
+        outgoing.put(message)
+    batches, cancelled = [], False
+    for batch in node.GenerateMany(iter(outgoing.get, None), timeout=60):
+        batches.append(batch)
+        finals = {e.request_id for b in batches for e in b.events if e.WhichOneof("event") != "chunk"}
+        if {f"r{i}" for i in range(n)} <= finals and not cancelled:
+            cancelled = True
+            outgoing.put(pb.GenerateStreamRequest(cancel=pb.CancelRequest(request_id="long")))
+            outgoing.put(None)  # half-close: the stream ends with its last request
+    events = [e for b in batches for e in b.events]
+    assert len(batches) < len(events) and max(len(b.events) for b in batches) > 1
+    by_id: dict[str, list] = {}
+    for event in events:
+        by_id.setdefault(event.request_id, []).append(event)
+    for i in range(n):
+        *chunks, final = by_id[f"r{i}"]
+        assert final.result.token_ids == expected
+        assert [t for c in chunks for t in c.chunk.token_ids] == list(expected)
+    assert by_id["bad"][-1].error.field.startswith("sampling")
+    assert by_id["long"][-1].result.finish_reason == pb.FINISH_REASON_ABORT
 
 
-async def test_a_coordinator_forwards_over_forward_and_to_an_older_node_over_generate(
-        server, secret, engine):
-    """A coordinator sends each request in one call (NodeService.Forward); a node from
-    before Forward (a rolling upgrade) answers UNIMPLEMENTED, and gets Generate streams."""
+async def test_a_coordinators_forwards_share_one_stream_per_node(server, secret, engine):
+    """Concurrent forwards to a node ride one GenerateMany stream; a request id already
+    running there opens a second; a forward stopped early is cancelled on the node; idle
+    streams close."""
+    from ultrakv.cluster.validation import RequestRejected
+    from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
+
+    backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1",
+                                                 cluster_secret_file=str(secret[0])))
+    backend.members = {"n": NodeRecord("n", server.address, 1, state=NodeState.SERVING)}
+    started = asyncio.Event()
+
+    async def forward(rid: str, max_length: int = 8) -> list[int]:
+        request = _greedy(rid).generate
+        request.sampling.max_length = max_length
+        request.sampling.ignore_eos = True
+        ids: list[int] = []
+        async for event in backend._forward("n", request, None):
+            started.set()
+            if isinstance(event, pb.GenerateResult):
+                assert list(event.token_ids) == ids
+                return ids
+            ids.extend(event.token_ids)
+        raise AssertionError("no result")
+
+    def in_engine() -> int:
+        requests = engine.stats()["requests"]
+        return requests["running"] + requests["waiting"]
+
+    try:
+        runs = [asyncio.create_task(forward(rid, 24)) for rid in ("a", "b", "c")]
+        await asyncio.wait_for(started.wait(), 60)
+        assert len(backend._links["n"]) == 1
+        outputs = await asyncio.wait_for(asyncio.gather(*runs), 120)
+        assert [len(ids) for ids in outputs] == [24] * 3
+        # An id running already (two clients chose it): the second goes on a stream of its
+        # own, where the node refuses it as before; the first's events stay its own.
+        first = asyncio.create_task(forward("d", 24))
+        await asyncio.sleep(0)
+        with pytest.raises(RequestRejected, match="already running"):
+            await forward("d", 24)
+        assert len(await asyncio.wait_for(first, 120)) == 24
+        # stopped early (the client went away): the node stops generating it
+        events = backend._forward("n", pb.GenerateRequest(
+            request_id="long", text=PROMPT, sampling=pb.SamplingOptions(
+                max_length=3000, temperature=0.0, ignore_eos=True)), None)
+        assert isinstance(await anext(events), pb.TokenChunk)
+        await events.aclose()
+        deadline = time.monotonic() + 60
+        while (in_engine() or backend._links.get("n")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert in_engine() == 0 and not backend._links.get("n")  # aborted there, streams closed
+    finally:
+        await backend.stop()
+
+
+async def test_a_node_without_generate_many_is_forwarded_to_over_generate(server, secret, engine):
+    """A node from before GenerateMany (a rolling upgrade) answers UNIMPLEMENTED: it gets a
+    Generate stream per request, with the same tokens."""
     from ultrakv.cluster.validation import Limits
     from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
     from ultrakv.node.server import LocalBackend, NodeServicer
 
-    # NodeService as it was: Generate, no Forward (the same engine behind it)
+    # NodeService as it was: Generate, no GenerateMany (the same engine behind it)
     generate = grpc.stream_stream_rpc_method_handler(
         NodeServicer(LocalBackend(engine), Limits()).Generate,
         request_deserializer=pb.GenerateStreamRequest.FromString,
@@ -128,7 +208,7 @@ async def test_a_coordinator_forwards_over_forward_and_to_an_older_node_over_gen
             results[name] = list(events[-1].token_ids)
         assert results["new"] == results["old"]
         old = backend.members["old"]
-        assert backend._generate_only == {(old.address, old.started_at)}  # "new" took Forward
+        assert backend._generate_only == {(old.address, old.started_at)}  # "new" took GenerateMany
     finally:
         await backend.stop()
         await older.stop(None)

@@ -43,7 +43,7 @@ def test_services_and_streaming_shapes():
                       "ExportSessions": (False, True), "ImportSessions": (True, False)}
     node_shapes = {m.name: (m.client_streaming, m.server_streaming) for m in node.methods}
     assert node_shapes["Generate"] == (True, True)
-    assert node_shapes["Forward"] == (False, True)  # a coordinator's one request per call
+    assert node_shapes["GenerateMany"] == (True, True)  # a coordinator's requests to a node
     assert node_shapes["ExportSession"] == (False, True)
     assert node_shapes["ImportSession"] == (True, False)
     assert {"ReplicateHistory", "ListSessions", "DeleteSession", "Stats",

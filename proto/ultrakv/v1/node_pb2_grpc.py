@@ -41,10 +41,10 @@ class NodeServiceStub:
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
-        self.Forward = channel.unary_stream(
-                '/ultrakv.v1.NodeService/Forward',
+        self.GenerateMany = channel.stream_stream(
+                '/ultrakv.v1.NodeService/GenerateMany',
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
-                response_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
+                response_deserializer=ultrakv_dot_v1_dot_node__pb2.GenerateBatch.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/ultrakv.v1.NodeService/Stats',
@@ -154,11 +154,10 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Forward(self, request, context):
-        """One request, served as Generate serves it: what a coordinator forwards. The call's
-        opening, its request and its half-close leave in one write (a Generate stream pays a
-        write and a half-close of their own per request). A coordinator cancels the call to
-        stop the request.
+    def GenerateMany(self, request_iterator, context):
+        """Generate for a coordinator: its requests to this node on one stream (by id, cancels as
+        in Generate), each message holding every event pending when it is written, so an engine
+        step's tokens for all of them leave as one message instead of one message per request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -305,10 +304,10 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.FromString,
                     response_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.SerializeToString,
             ),
-            'Forward': grpc.unary_stream_rpc_method_handler(
-                    servicer.Forward,
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.FromString,
-                    response_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.SerializeToString,
+                    response_serializer=ultrakv_dot_v1_dot_node__pb2.GenerateBatch.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -445,7 +444,7 @@ class NodeService:
             _registered_method=True)
 
     @staticmethod
-    def Forward(request,
+    def GenerateMany(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -455,12 +454,12 @@ class NodeService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/ultrakv.v1.NodeService/Forward',
+            '/ultrakv.v1.NodeService/GenerateMany',
             ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
-            ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
+            ultrakv_dot_v1_dot_node__pb2.GenerateBatch.FromString,
             options,
             channel_credentials,
             insecure,
