@@ -39,6 +39,7 @@ from test_wire_server import (  # noqa: F401  (tests and fixtures run here over 
 )
 from ultrakv.client import Client
 from ultrakv.client.client import RetryPolicy
+from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.cluster.etcd_server import free_port
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.engine_client import EngineClient
@@ -68,6 +69,18 @@ def test_greedy_tokens_match_the_in_process_engine(engine):
     finally:
         local.shutdown()
     assert [o.token_ids for o in engine.generate(prompts, params)] == want
+
+
+def test_the_block_log_hears_the_cores_pool(engine):
+    """What a coordinator routes by prefix on: the blocks a request computes in the core
+    reach the node's block event log."""
+    prompt = list(range(7, 7 + 40))  # two full blocks of 16
+    engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0))
+    want = hash_token_blocks(prompt, 16, "", engine.chain_root)
+    deadline = time.monotonic() + 10
+    while not set(want) <= engine.block_log.held("gpu") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert set(want) <= engine.block_log.held("gpu")
 
 
 def test_a_session_moves_between_an_in_process_node_and_a_core_process_node(engine, client):  # noqa: F811
