@@ -110,6 +110,18 @@ def superseded(rejection: RequestRejected) -> bool:
     return rejection.code == SUPERSEDED_CODE and rejection.field == "session_id"
 
 
+# The field a node's per-request error names when the node itself can no longer serve (its
+# engine process is gone: node/engine_client.py): the coordinator resumes the request
+# elsewhere, as for a node that died.
+NODE_FAILING_FIELD = "node"
+
+
+def node_failing(rejection: RequestRejected) -> bool:
+    """Whether a node refused or ended a request because it is failing (UNAVAILABLE on
+    ``node``): the coordinator treats it like a node that died, and resumes the request."""
+    return rejection.code == grpc.StatusCode.UNAVAILABLE and rejection.field == NODE_FAILING_FIELD
+
+
 def not_acknowledged(rejection: RequestRejected) -> bool:
     """Whether a node kept a session turn without acknowledging it, or refused one on a copy
     it holds fenced (UNAVAILABLE on ``session_id``: no copy on another node in time, no proven

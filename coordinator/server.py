@@ -80,7 +80,13 @@ from ultrakv.cluster.service import (
 )
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
 from ultrakv.cluster.transport import exposure_warnings, server_options
-from ultrakv.cluster.validation import Limits, RequestRejected, not_acknowledged, superseded
+from ultrakv.cluster.validation import (
+    Limits,
+    RequestRejected,
+    node_failing,
+    not_acknowledged,
+    superseded,
+)
 from ultrakv.coordinator.block_feed import BlockFeed
 from ultrakv.coordinator.block_index import BlockIndex, HashScheme
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
@@ -1072,6 +1078,8 @@ class ClusterBackend:
                     rejected = RequestRejected.from_detail(message.error)
                     if superseded(rejected):  # fenced: the session moved on without it
                         raise _NodeGone(node, "no longer owns the session", abandon=False)
+                    if node_failing(rejected):  # its engine is gone: it is stopping
+                        raise _NodeGone(node, rejected.message)
                     raise rejected
         finally:
             attempt.close()

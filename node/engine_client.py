@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 from ultrakv.cluster.errors import InvalidRequestError
 from ultrakv.cluster.session_state import SessionState
-from ultrakv.cluster.validation import RequestRejected, SessionLayout
+from ultrakv.cluster.validation import NODE_FAILING_FIELD, RequestRejected, SessionLayout
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.engine_core import CoreFacts, rebuild_error, run_core
 from ultrakv.node.kv.block_event_log import BlockEventLog
@@ -53,10 +53,11 @@ STOP_TIMEOUT_S = 30.0
 
 
 class EngineCoreLostError(RequestRejected):
-    """The node's engine core process is gone (gRPC UNAVAILABLE: retry on another node)."""
+    """The node's engine core process is gone (gRPC UNAVAILABLE on field ``node``: a
+    coordinator resumes the request on another node, as for a node that died)."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(grpc.StatusCode.UNAVAILABLE, "",
+        super().__init__(grpc.StatusCode.UNAVAILABLE, NODE_FAILING_FIELD,
                          f"the node's engine process is gone ({reason}); the node is stopping",
                          retry_after_s=1.0)
 
