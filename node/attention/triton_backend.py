@@ -421,6 +421,7 @@ class TritonPagedBackend(AttentionBackend):
             BLOCK_D=_next_pow2(head_dim), PAGE=page, BLOCK_N=cfg.block_n, PARTITION=partition,
             SINGLE=single, BLOCK_S=_next_pow2(num_parts),
             IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache), PDL=pdl,
+            BLOCK_G2=_next_pow2(group), MERGE_S=min(16, _next_pow2(num_parts)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
         )
         return out

@@ -202,6 +202,7 @@ def decode_kernel(
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION: tl.constexpr, SINGLE: tl.constexpr, BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_G2: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     await_predecessor(PDL)
     b = tl.program_id(0)
@@ -250,12 +251,58 @@ def decode_kernel(
         tl.debug_barrier()
         arrived = ARRIVED + b * tl.num_programs(1) + kvh
         if tl.atomic_add(arrived, 1, sem="acq_rel") == tl.num_programs(2) - 1:
-            num_parts = tl.cdiv(seq_len, PARTITION)
-            for g in tl.static_range(GROUP):
-                _merge_partitions(OUT, TMP_ACC, TMP_M, TMP_L, b, kvh * GROUP + g, num_parts,
-                                  stride_ot, stride_oh, stride_acc_b, stride_acc_h, stride_acc_s,
-                                  stride_ml_b, stride_ml_h, HEAD_DIM, BLOCK_D, BLOCK_S)
+            _merge_group_partitions(OUT, TMP_ACC, TMP_M, TMP_L, b, kvh, tl.cdiv(seq_len, PARTITION),
+                                    stride_ot, stride_oh, stride_acc_b, stride_acc_h, stride_acc_s,
+                                    stride_ml_b, stride_ml_h, GROUP, BLOCK_G2, HEAD_DIM, BLOCK_D, BLOCK_S,
+                                    MERGE_S)
             tl.atomic_xchg(arrived, 0, sem="relaxed")
+
+
+@triton.jit
+def _merge_group_partitions(
+    OUT, TMP_ACC, TMP_M, TMP_L, b, kvh, num_parts,
+    stride_ot, stride_oh, stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
+    GROUP: tl.constexpr, BLOCK_G2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, MERGE_S: tl.constexpr,
+):
+    # Every query head of kv head kvh's group merged at once (one round of loads for the
+    # group, not one per head): each head's partitions (acc, max, sum) rescaled to its
+    # global max. The maxima and sums of all partitions come in one tile; the partial
+    # outputs in chunks of MERGE_S partitions (a few registers per thread whatever the
+    # context). Loads bypass L1 (.cg): the partials were written by other programs.
+    offs_gs = tl.arange(0, BLOCK_G2 * BLOCK_S)
+    g = offs_gs // BLOCK_S
+    part = offs_gs % BLOCK_S
+    ml_mask = (g < GROUP) & (part < num_parts)
+    ml_off = b * stride_ml_b + (kvh * GROUP + g) * stride_ml_h + part
+    m = tl.reshape(tl.load(TMP_M + ml_off, mask=ml_mask, other=float("-inf"), cache_modifier=".cg"),
+                   [BLOCK_G2, BLOCK_S])
+    l_part = tl.reshape(tl.load(TMP_L + ml_off, mask=ml_mask, other=0.0, cache_modifier=".cg"),
+                        [BLOCK_G2, BLOCK_S])
+    m_max = tl.max(m, 1)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    den = tl.sum(l_part * tl.exp2(m - m_max[:, None]), 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    offs_r = tl.arange(0, BLOCK_G2 * MERGE_S)
+    rg = offs_r // MERGE_S
+    rs = offs_r % MERGE_S
+    heads_r = kvh * GROUP + rg
+    num = tl.zeros([BLOCK_G2, BLOCK_D], tl.float32)
+    for s0 in range(0, num_parts, MERGE_S):
+        rmask = (rg < GROUP) & (s0 + rs < num_parts)
+        ml_r = b * stride_ml_b + heads_r * stride_ml_h + s0 + rs
+        m_r = tl.reshape(tl.load(TMP_M + ml_r, mask=rmask, other=float("-inf"), cache_modifier=".cg"),
+                         [BLOCK_G2, MERGE_S])
+        w = tl.where(m_r == float("-inf"), 0.0, tl.exp2(m_r - m_max[:, None]))
+        acc = tl.load(TMP_ACC + b * stride_acc_b + heads_r[:, None] * stride_acc_h
+                      + (s0 + rs)[:, None] * stride_acc_s + offs_d[None, :],
+                      mask=rmask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
+        num += tl.sum(tl.reshape(acc, [BLOCK_G2, MERGE_S, BLOCK_D]) * w[:, :, None], 1)
+    out = num / tl.where(den > 0, den, 1.0)[:, None]
+    offs_g = tl.arange(0, BLOCK_G2)
+    tl.store(OUT + b * stride_ot + (kvh * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=(offs_g < GROUP)[:, None] & dmask[None, :])
 
 
 @triton.jit
