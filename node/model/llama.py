@@ -38,6 +38,7 @@ class RotaryEmbedding:
         self.max_positions = config.max_position_embeddings
         self.inv_freq = rope_inv_freq(config)
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacked: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` float32 ``[max_position_embeddings, head_dim]`` tables.
@@ -54,6 +55,18 @@ class RotaryEmbedding:
             tables = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1))
             self._tables[device] = tables
         return tables
+
+    def stacked(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Both tables in ``dtype``, ``[max_position_embeddings, 2, head_dim]`` (cos, sin), so a
+        step gathers its positions' rows in one launch and converts nothing (rounding each
+        entry to ``dtype`` before or after the gather gives the same values)."""
+        key = (torch.device(device), dtype)
+        table = self._stacked.get(key)
+        if table is None:
+            cos, sin = self.cos_sin(device)
+            table = torch.stack((cos, sin), dim=1).to(dtype)
+            self._stacked[key] = table
+        return table
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -273,10 +286,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"kv_caches must have {len(self.model.layers)} entries (one per "
                              f"layer), got {len(kv_caches)}")
         h = self.model.embed_tokens(input_ids)
-        cos_table, sin_table = self.rotary.cos_sin(input_ids.device)
-        # Gathered once per step and shared by every layer.
-        cos = cos_table[positions].to(h.dtype).unsqueeze(1)
-        sin = sin_table[positions].to(h.dtype).unsqueeze(1)
+        # Gathered once per step (one launch for both tables) and shared by every layer.
+        rows = self.rotary.stacked(input_ids.device, h.dtype)[positions]
+        cos, sin = rows[:, 0].unsqueeze(1), rows[:, 1].unsqueeze(1)
         residual = None
         ready = self.kv_ready
         for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):

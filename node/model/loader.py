@@ -76,7 +76,7 @@ def build_empty_model(config: ModelConfig, attn: AttentionBackend, dtype: torch.
             module.register_buffer(name, torch.empty(
                 buf.shape, dtype=dtype if buf.is_floating_point() else buf.dtype, device=device),
                 persistent=name not in module._non_persistent_buffers_set)
-    model.rotary.cos_sin(device)  # build the RoPE tables now, not inside the first step
+    model.rotary.stacked(device, dtype)  # build the RoPE tables now, not inside the first step
     return model.eval().requires_grad_(False)
 
 
