@@ -121,6 +121,54 @@ def test_rope_and_kv_write_in_one_kernel_equal_rope_then_write(dtype, kv):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kv", ["auto", "int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_with_rope_and_kv_write_inside_equals_the_two_launches(dtype, kv):
+    """decode_qkv (the decode kernel rotates the queries and writes the new tokens' keys and
+    values itself) gives the same output and the same cache bytes as rope_write_kv then
+    decode, for sequences whose new token sits in the first, a middle or the last of
+    several context partitions, and a padded row (slot -1) that writes nothing."""
+    from ultrakv.node.attention.base import AttentionMetadata
+    from ultrakv.node.attention.triton_backend import TritonPagedBackend
+    from ultrakv.node.kv import quantization
+    from ultrakv.node.model.config import ModelConfig
+    from ultrakv.node.model.llama import RotaryEmbedding
+
+    heads, kv_heads, head_dim, page = 8, 2, 32, 16
+    seq_lens = [1, 70, 200, 129, 1]
+    t, width = len(seq_lens), 16
+    cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8,
+                      num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+    cos_t, sin_t = RotaryEmbedding(cfg).cos_sin(torch.device(DEVICE))
+    positions = torch.tensor([n - 1 for n in seq_lens], device=DEVICE)
+    cos, sin = cos_t[positions].to(dtype).unsqueeze(1), sin_t[positions].to(dtype).unsqueeze(1)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    storage = dtype if kv == "auto" else quantization.storage_dtype(kv, dtype)
+    row = quantization.row_width(head_dim, storage)
+    quantized = quantization.is_quantized(storage)
+    blocks = t * width
+    cache = torch.randint(0, 100, (2, blocks, page, kv_heads, row), generator=g, dtype=torch.uint8)
+    cache = (cache if quantized else cache.to(storage) / 50).view(storage).to(DEVICE)
+    tables = torch.arange(blocks, dtype=torch.int32).flip(0).view(t, width).to(DEVICE)
+    slots = tables.gather(1, (positions // page).unsqueeze(1)).squeeze(1).long() * page + positions % page
+    slots[-1] = -1  # a padded row: attends over one token, writes nowhere
+    meta = AttentionMetadata(query_start_loc=torch.arange(t + 1, dtype=torch.int32, device=DEVICE),
+                             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+                             block_tables=tables, slot_mapping=slots, max_query_len=1, max_seq_len=256)
+    backend = TritonPagedBackend()
+    scale = head_dim**-0.5
+
+    want_qkv, want_cache = qkv.clone(), cache.clone()
+    q = backend.rope_write_kv(want_qkv, cos, sin, want_cache, slots, heads)
+    want = backend.decode(q, want_cache, meta, scale)
+    got = backend.decode_qkv(qkv, cos, sin, cache, meta, scale, heads)
+    assert torch.equal(got, want)
+    assert torch.equal(cache.view(torch.uint8), want_cache.view(torch.uint8))
+
+
+@needs_kernels
 def test_engine_with_rope_fused_into_the_kv_write_decodes_as_without():
     """tiny through the Triton backend with fused kernels and an fp8 cache: the same greedy
     tokens and cached KV bytes whether RoPE is fused into the KV write (two kernels per

@@ -141,6 +141,20 @@ def gqa_prefill_parts(num_programs: int, max_seq_len: int, num_sms: int, cfg: Gq
     return max(1, min(wanted, max_seq_len // (2 * cfg.block_n), PREFILL_MAX_PARTS))
 
 
+@dataclass(frozen=True)
+class _DecodeRope:
+    """What ``decode_kernel`` needs to rotate and write a step's new tokens itself: per-token
+    cos / sin rows, the tokens' cache slots, and where keys and values start in a qkv row."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slots: torch.Tensor
+    stride_cs: int
+    k_col: int
+    v_col: int
+    qmax: float
+
+
 def triton_available() -> bool:
     """True when Triton imports and a CUDA device is present (the backend can run here)."""
     try:
@@ -281,10 +295,32 @@ class TritonPagedBackend(AttentionBackend):
     ) -> torch.Tensor:
         """:meth:`forward` from the qkv projection's output before RoPE: :meth:`rope_write_kv`
         then the attention kernel, two launches."""
-        q = self.rope_write_kv(qkv, cos, sin, kv_cache, meta.slot_mapping, num_heads)
         if meta.is_decode_only:
-            return self.decode(q, kv_cache, meta, scale)
+            return self.decode_qkv(qkv, cos, sin, kv_cache, meta, scale, num_heads)
+        q = self.rope_write_kv(qkv, cos, sin, kv_cache, meta.slot_mapping, num_heads)
         return self.prefill(q, kv_cache, meta, scale)
+
+    def decode_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                   meta: AttentionMetadata, scale: float, num_heads: int) -> torch.Tensor:
+        """:meth:`decode` from the qkv projection's output before RoPE, in one launch: the
+        decode kernel rotates the queries as it loads them and writes each new token's key
+        (rotated) and value into its slot itself (see ``decode_kernel``)."""
+        t = qkv.shape[0]
+        num_kv_heads = kv_cache.shape[3]
+        head_dim, rem = divmod(qkv.shape[1], num_heads + 2 * num_kv_heads)
+        if rem or qkv.stride(1) != 1 or head_dim & (head_dim - 1):
+            raise ValueError(
+                f"qkv must be [T, (num_heads + 2 * num_kv_heads) * head_dim] with unit stride and a "
+                f"power-of-two head_dim, got {tuple(qkv.shape)} for {num_heads} + 2 * {num_kv_heads} heads"
+            )
+        q, k, v = qkv.view(t, -1, head_dim).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        self._check(q, k, v, kv_cache)
+        cos, sin = cos.reshape(t, head_dim), sin.reshape(t, head_dim)
+        if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+            raise ValueError("cos and sin must be row-major with the same layout")
+        rope = _DecodeRope(cos, sin, meta.slot_mapping, cos.stride(0), num_heads * head_dim,
+                           (num_heads + num_kv_heads) * head_dim, _qmax(kv_cache))
+        return self.decode(q, kv_cache, meta, scale, rope)
 
     def rope_write_kv(
         self,
@@ -372,9 +408,11 @@ class TritonPagedBackend(AttentionBackend):
         )
 
     def decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        rope: _DecodeRope | None = None,
     ) -> torch.Tensor:
-        """One query token per sequence (row i of q belongs to sequence i)."""
+        """One query token per sequence (row i of q belongs to sequence i). With ``rope``,
+        ``q`` is the query part of the qkv output before RoPE (see :meth:`decode_qkv`)."""
         num_seqs = meta.seq_lens.shape[0]
         if q.shape[0] != num_seqs:
             raise ValueError(
@@ -422,6 +460,9 @@ class TritonPagedBackend(AttentionBackend):
             SINGLE=single, BLOCK_S=_next_pow2(num_parts),
             IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache), PDL=pdl,
             BLOCK_G2=_next_pow2(group), MERGE_S=min(16, _next_pow2(num_parts)),
+            COS=rope.cos if rope else q, SIN=rope.sin if rope else q, SLOT=rope.slots if rope else q,
+            stride_cs=rope.stride_cs if rope else 0, k_col=rope.k_col if rope else 0,
+            v_col=rope.v_col if rope else 0, QMAX=rope.qmax if rope else 0, ROPE=rope is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
         )
         return out

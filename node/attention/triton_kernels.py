@@ -203,7 +203,15 @@ def decode_kernel(
     PARTITION: tl.constexpr, SINGLE: tl.constexpr, BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
     BLOCK_G2: tl.constexpr, MERGE_S: tl.constexpr,
+    COS, SIN, SLOT, stride_cs, k_col, v_col, QMAX: tl.constexpr, ROPE: tl.constexpr,
 ):
+    # With ROPE, Q is the qkv projection's output before RoPE (row b: the token's query heads,
+    # then its key heads from column k_col, its value heads from v_col): each program rotates
+    # its query heads as it loads them, and the program whose partition holds the new token
+    # rotates the token's key, writes it and the value into the token's cache slot (quantized
+    # in a quantized cache) and only then reads its partition, so the separate RoPE + KV write
+    # launch (rope_write_kv_kernel, same arithmetic) is not needed. Only that program reads
+    # the new token's slot; the CTA barrier orders its own stores before its loads.
     await_predecessor(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -217,8 +225,37 @@ def decode_kernel(
     heads = kvh * GROUP + offs_g
     gmask = offs_g < GROUP
     dmask = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    q_rows = Q + b * stride_qt + heads[:, None] * stride_qh
+    qmask = gmask[:, None] & dmask[None, :]
+    q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
+    if ROPE:
+        # x * cos + roll(x, D / 2) * sin with the signed tables: per element the fma of
+        # rope_write_kv_kernel, rounded to the model dtype as it stores.
+        rolled = (offs_d + HEAD_DIM // 2) % HEAD_DIM
+        cos = tl.load(COS + b * stride_cs + offs_d).to(tl.float32)[None, :]
+        sin = tl.load(SIN + b * stride_cs + offs_d).to(tl.float32)[None, :]
+        q_roll = tl.load(q_rows + rolled[None, :], mask=qmask, other=0.0)
+        q = tl.fma(q.to(tl.float32), cos, q_roll.to(tl.float32) * sin).to(Q.dtype.element_ty)
+        slot = tl.load(SLOT + b).to(tl.int64)
+        if (part == (seq_len - 1) // PARTITION) & (slot >= 0):
+            k_row = Q + b * stride_qt + k_col + kvh * HEAD_DIM
+            k = tl.load(k_row + offs_d[None, :]).to(tl.float32)
+            k = tl.fma(k, cos, tl.load(k_row + rolled[None, :]).to(tl.float32) * sin).to(Q.dtype.element_ty)
+            v = tl.load(Q + b * stride_qt + v_col + kvh * HEAD_DIM + offs_d[None, :])
+            dst = (slot // PAGE) * stride_block + (slot % PAGE) * stride_tok + kvh * stride_head
+            one = tl.full([1], 0, tl.int64)
+            if QUANT:
+                k_off = tl.multiple_of(dst, 4)  # rows start on 4-byte boundaries (module docstring)
+                v_off = tl.multiple_of(dst + stride_kind, 4)
+                always = tl.full([1], 1, tl.int1)
+                _store_quantized(KV + k_off + one, k, offs_d, always[:, None] & dmask[None, :], always,
+                                 HEAD_DIM, QUANT, QMAX)
+                _store_quantized(KV + v_off + one, v, offs_d, always[:, None] & dmask[None, :], always,
+                                 HEAD_DIM, QUANT, QMAX)
+            else:
+                tl.store(KV + dst + one[:, None] + offs_d[None, :], k)
+                tl.store(KV + dst + stride_kind + one[:, None] + offs_d[None, :], v)
+            tl.debug_barrier()
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
