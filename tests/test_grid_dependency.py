@@ -87,7 +87,8 @@ def _argmax_ptx(pdl: bool) -> str:
 
 
 def _attention_ptx(monkeypatch) -> dict[bool, dict[str, str]]:
-    """rope_write_kv and decode (split-K and single-partition) as the backend launches them
+    """rope_write_kv and decode (split-K, single-partition, and with RoPE and the KV write
+    inside) as the backend launches them
     for llama-1b's heads, recorded on CPU tensors, compiled with ``PDL`` on and off."""
     from ultrakv.node.attention import triton_backend
     from ultrakv.node.attention.base import AttentionMetadata
@@ -105,9 +106,10 @@ def _attention_ptx(monkeypatch) -> dict[bool, dict[str, str]]:
         meta = AttentionMetadata(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([seq_len], dtype=torch.int32),
                                  tables, torch.tensor([5]), 1, seq_len)
         backend.decode(torch.zeros(1, 32, 64, dtype=torch.bfloat16), cache, meta, 0.125)
+    backend.decode_qkv(qkv, cos, cos.clone(), cache, meta, 0.125, 32)  # RoPE + KV write inside
     out: dict[bool, dict[str, str]] = {True: {}, False: {}}
     for name, kernel, index in (("rope_write_kv", "rope_write_kv", 0), ("decode_split", "decode", 0),
-                                ("decode_single", "decode", 1)):
+                                ("decode_single", "decode", 1), ("decode_rope", "decode", 2)):
         recorder = recorders[kernel]
         args, kw = recorder.launches[index]
         assert kw["PDL"] is False and kw["launch_pdl"] is False  # off CUDA, never
@@ -120,7 +122,8 @@ def _attention_ptx(monkeypatch) -> dict[bool, dict[str, str]]:
 @needs_triton
 def test_every_decode_kernel_waits_for_its_predecessor_before_touching_memory(monkeypatch):
     """Compiled for an H100 with ``PDL``: RMSNorm, the split argmax, RoPE + KV write, and
-    decode attention (split-K, whose last program merges, and single-partition) wait before
+    decode attention (split-K, whose last program merges, single-partition, and with RoPE and
+    the new token's KV write inside) wait before
     their first global load, store or atomic, the GEMV (norm + residual + SwiGLU) before
     anything but its first weight tile; without it they carry no grid-dependency
     instruction at all."""

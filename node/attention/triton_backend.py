@@ -455,14 +455,13 @@ class TritonPagedBackend(AttentionBackend):
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             meta.block_tables.stride(0),
             *acc_strides, *ml_strides,
+            *((rope.cos, rope.sin, rope.slots, rope.stride_cs, rope.k_col, rope.v_col) if rope else (q, q, q, 0, 0, 0)),
             GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
             BLOCK_D=_next_pow2(head_dim), PAGE=page, BLOCK_N=cfg.block_n, PARTITION=partition,
             SINGLE=single, BLOCK_S=_next_pow2(num_parts),
             IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache), PDL=pdl,
             BLOCK_G2=_next_pow2(group), MERGE_S=min(16, _next_pow2(num_parts)),
-            COS=rope.cos if rope else q, SIN=rope.sin if rope else q, SLOT=rope.slots if rope else q,
-            stride_cs=rope.stride_cs if rope else 0, k_col=rope.k_col if rope else 0,
-            v_col=rope.v_col if rope else 0, QMAX=rope.qmax if rope else 0, ROPE=rope is not None,
+            QMAX=rope.qmax if rope else 0, ROPE=rope is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
         )
         return out

@@ -198,12 +198,12 @@ def decode_kernel(
     stride_kind, stride_block, stride_tok, stride_head,
     stride_bt,
     stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
+    COS, SIN, SLOT, stride_cs, k_col, v_col,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION: tl.constexpr, SINGLE: tl.constexpr, BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_G2: tl.constexpr, MERGE_S: tl.constexpr,
-    COS, SIN, SLOT, stride_cs, k_col, v_col, QMAX: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_G2: tl.constexpr, MERGE_S: tl.constexpr, QMAX: tl.constexpr, ROPE: tl.constexpr,
 ):
     # With ROPE, Q is the qkv projection's output before RoPE (row b: the token's query heads,
     # then its key heads from column k_col, its value heads from v_col): each program rotates
