@@ -421,6 +421,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--multi-turn-only", action="store_true",
                     help="only (c), with and without the prefill CUDA graph (writes gpu_turn_<gpu>.json)")
+    ap.add_argument("--batch1-only", action="store_true",
+                    help="only (a), batch-1 decode and its roofline fraction (writes gpu_batch1_<gpu>.json)")
     ap.add_argument(
         "--scheduler-steps", type=int, default=SCHEDULER_STEPS, help="num_scheduler_steps of the engines (1 = off)"
     )
@@ -435,8 +437,18 @@ def main() -> None:
     log(f"copy bandwidth {bw:.0f} GB/s")
     results = {"copy_bandwidth_gbs": bw, "models": {}}
     gpu = machine().get("gpu", "cpu").replace(" ", "_").replace("/", "_")
-    name = args.out or f"gpu_{'turn_' if args.multi_turn_only else ''}{gpu}{'_smoke' if args.smoke else ''}.json"
+    kind = "turn_" if args.multi_turn_only else "batch1_" if args.batch1_only else ""
+    name = args.out or f"gpu_{kind}{gpu}{'_smoke' if args.smoke else ''}.json"
     for i, model in enumerate(models):
+        if args.batch1_only:
+            engine = engine_for(model, device, args.smoke)
+            results["models"][model] = {"a_batch1": bench_batch1(engine, random.Random(0), bw, args.smoke),
+                                        "weight_bytes": weight_bytes(engine.model)}
+            log(f"{model}: {results['models'][model]['a_batch1']}")
+            del engine
+            free_memory()
+            write(name, results)
+            continue
         if args.multi_turn_only:
             results["models"][model] = run_multi_turn(model, device, args.smoke)
             write(name, results)
