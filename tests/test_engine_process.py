@@ -203,6 +203,20 @@ def test_the_core_exits_when_its_node_is_killed(tmp_path, started_by):
             proc.wait()
 
 
+def test_engine_process_is_a_config_key_and_a_flag_off_by_default(tmp_path):
+    from ultrakv.client.cli import _node_config, build_parser
+
+    parser = build_parser()
+    assert not _node_config(parser.parse_args(["node"]), "cpu").engine.engine_process
+    assert _node_config(parser.parse_args(["node", "--engine-process"]), "cpu").engine.engine_process
+    config = tmp_path / "node.yaml"
+    config.write_text("engine:\n  engine_process: true\n")
+    from_file = parser.parse_args(["serve", "--config", str(config)])
+    assert _node_config(from_file, "cpu").engine.engine_process
+    with pytest.raises(ValueError, match="engine_process must be false with gpus"):
+        EngineConfig(engine_process=True, gpus="2")
+
+
 def test_a_core_that_cannot_start_raises_its_error_in_the_node():
     with pytest.raises(FileNotFoundError, match="model must be a preset"):
         EngineClient(EngineConfig(model="no-such-model", device="cpu", num_blocks=16))
