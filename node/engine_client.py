@@ -41,7 +41,8 @@ from ultrakv.cluster.validation import NODE_FAILING_FIELD, RequestRejected, Sess
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.engine_core import CoreFacts, rebuild_error, run_core
 from ultrakv.node.kv.block_event_log import BlockEventLog
-from ultrakv.node.outputs import GenerateRequest, PreparedTurn, RequestOutput, SessionInfo, StreamDelta
+from ultrakv.node.outputs import GenerateRequest, PreparedTurn, Prompt, RequestOutput, SessionInfo, StreamDelta
+from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import Session, TenantQuota
 
 log = logging.getLogger("ultrakv.node.engine_client")
@@ -50,6 +51,7 @@ Listener = Callable[[StreamDelta], None]
 # Loading a large model and compiling its kernels can take minutes.
 START_TIMEOUT_S = 1800.0
 STOP_TIMEOUT_S = 30.0
+PROGRESS_TIMEOUT_S = 10.0  # a core that does not say how it progresses within this is wedged
 
 
 class EngineCoreLostError(RequestRejected):
@@ -172,9 +174,10 @@ class EngineClient:
         except (OSError, ValueError):
             raise EngineCoreLostError(self.lost_reason or "its pipe is closed") from None
 
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, name: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
         """Run ``name`` on the core's engine and wait for its answer (blocking: from a worker
-        thread, as the server calls the in-process engine)."""
+        thread, as the server calls the in-process engine); TimeoutError after
+        ``timeout_s``."""
         future: Future = Future()
         call_id = next(self._ids)
         with self._lock:
@@ -183,11 +186,10 @@ class EngineClient:
             self._calls[call_id] = future
         try:
             self._send(("call", call_id, name, args, kwargs))
-        except BaseException:
+            return future.result(timeout_s)
+        finally:
             with self._lock:
                 self._calls.pop(call_id, None)
-            raise
-        return future.result()
 
     def _read(self) -> None:
         """The reader thread: replies to their callers, each step's deltas to the loops."""
@@ -309,9 +311,13 @@ class EngineClient:
                 return False
         return running
 
-    def generate(self, *args: Any, **kwargs: Any) -> list[RequestOutput]:
+    def generate(self, prompts: list[Prompt] | Prompt,
+                 params: SamplingParams | list[SamplingParams] | None = None, *,
+                 session_ids: list[str | None] | None = None,
+                 priorities: list[Priority] | None = None) -> list[RequestOutput]:
         """:meth:`Engine.generate`, run in the core (blocking)."""
-        return self._call("generate", *args, **kwargs)
+        return self._call("generate", prompts, params, session_ids=session_ids,
+                          priorities=priorities)
 
     def prompt_token_ids(self, request: GenerateRequest) -> list[int]:
         return self._call("prompt_token_ids", request)
@@ -320,12 +326,13 @@ class EngineClient:
         return self._call("has_unfinished")
 
     def seconds_without_progress(self) -> float:
-        """As the engine's; infinite once the core is gone (the node reports NOT_SERVING)."""
+        """As the engine's; infinite once the core is gone or does not answer within
+        ``PROGRESS_TIMEOUT_S`` (wedged: the node reports NOT_SERVING either way)."""
         if self.lost_reason is not None:
             return math.inf
         try:
-            return self._call("seconds_without_progress")
-        except EngineCoreLostError:
+            return self._call("seconds_without_progress", timeout_s=PROGRESS_TIMEOUT_S)
+        except (EngineCoreLostError, TimeoutError):
             return math.inf
 
     def stats(self) -> dict:

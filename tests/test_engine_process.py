@@ -10,6 +10,7 @@ outlive its node.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -125,6 +126,20 @@ def test_a_node_reports_not_serving_and_fails_requests_once_its_core_is_gone():
             assert not r["success"] and r["error_code"] == "UNAVAILABLE", r
     finally:
         core.shutdown()
+
+
+def test_a_wedged_core_counts_as_making_no_progress(engine, monkeypatch):
+    """A core that does not answer (stopped here with SIGSTOP) reads as infinitely stalled,
+    so the node reports NOT_SERVING; once it answers again, its own figure is back."""
+    from ultrakv.node import engine_client
+
+    monkeypatch.setattr(engine_client, "PROGRESS_TIMEOUT_S", 0.5)
+    os.kill(engine.core_pid, signal.SIGSTOP)
+    try:
+        assert engine.seconds_without_progress() == math.inf
+    finally:
+        os.kill(engine.core_pid, signal.SIGCONT)
+    assert engine.seconds_without_progress() < math.inf
 
 
 def _core_of(node_pid: int) -> int:
