@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -378,6 +379,7 @@ async def main_async(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             spec = ClusterSpec(nodes=1, coordinators=1, data_dir=Path(tmp), model=args.model, device=args.device,
                                port=0, node_args=args.node_args, startup_timeout_s=600,
+                               coordinator_args=shlex.split(args.coordinator_flags),
                                log_dir=Path(tmp) / "logs" if args.quiet else None)
             with LocalCluster(spec) as cluster:
                 node = next(iter(cluster.nodes.values())).pid
@@ -422,6 +424,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=256, help="token-id range when the engine path is not run")
     p.add_argument("--node-args", nargs=argparse.REMAINDER, default=[],
                    help="extra `ultrakv node` flags (last on the line)")
+    p.add_argument("--coordinator-flags", default="", metavar='"FLAGS"',
+                   help='extra `ultrakv coordinator` flags as one string, e.g. '
+                        '--coordinator-flags="--stream-messages-per-s 500"')
     p.add_argument("--quiet", action="store_true", help="children's logs to a temp dir")
     p.add_argument("--output", default="")
     args = p.parse_args()
@@ -432,7 +437,8 @@ def main() -> None:
     payload = {"model": args.model, "device": args.device, "workload": {
         "sessions": args.sessions, "turns": args.turns, "user_tokens": args.user_tokens,
         "output_tokens": args.output_tokens, "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
-        "node_args": args.node_args, "results": results, "vs_engine": compare(results)}
+        "node_args": args.node_args, "coordinator_flags": args.coordinator_flags,
+        "results": results, "vs_engine": compare(results)}
     for path, runs in payload["vs_engine"].items():
         for run, c in runs.items():
             print(f"{path:12s} {run:16s} keeps {c['throughput_kept']:.1%} of the engine's throughput, "
