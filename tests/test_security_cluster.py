@@ -179,3 +179,39 @@ def test_coordinator_client_port_speaks_mutual_tls(etcd, tmp_path):
         for tls in (None, pki.client_tls(with_cert=False)):  # plaintext; TLS without a cert
             with Client(tls_address, tls=tls, timeout=5, retry=RetryPolicy(attempts=1)) as c:
                 assert not c.health()["healthy"]
+
+
+def test_a_coordinators_stream_budget_sets_its_messages_per_token(etcd):
+    """A coordinator configured for 1 message/s with a 1 s cap: after a stream's first chunk
+    its tokens wait up to a second for company, so a request relayed through it gets at most
+    one chunk message per second it ran plus its first and last."""
+    from ultrakv.cluster.service import StreamPacing
+
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=128))
+    node = BackgroundServer(engine).start()
+    prefix = f"/pace-{uuid.uuid4().hex[:8]}/"
+    try:
+        asyncio.run(register(etcd.endpoint, prefix, {"n0": node.address}))
+        settings = CoordinatorSettings(etcd=etcd.endpoint, prefix=prefix, host="127.0.0.1", port=0,
+                                       grace_period_s=0.2,
+                                       stream_pacing=StreamPacing(messages_per_s=1, max_wait_ms=1000))
+        with BackgroundCoordinator(settings) as coordinator:
+            deadline = time.monotonic() + 60
+            while not coordinator.server.backend.ring.nodes:
+                assert time.monotonic() < deadline, "the coordinator never routed to the node"
+                time.sleep(0.1)
+            n = 48
+            request = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+                request_id="paced", text=PROMPT,
+                sampling=pb.SamplingOptions(max_length=n, temperature=0.0, ignore_eos=True)))
+            with grpc.insecure_channel(coordinator.server.address) as channel:
+                started = time.monotonic()
+                messages = list(ultrakv_pb2_grpc.UltraKVStub(channel).Generate(iter([request]), timeout=120))
+                took_s = time.monotonic() - started
+        chunks = [m.chunk for m in messages if m.WhichOneof("event") == "chunk"]
+        assert [t for c in chunks for t in c.token_ids] == list(messages[-1].result.token_ids)
+        assert len(messages[-1].result.token_ids) == n
+        assert len(chunks) <= 2 + took_s, (len(chunks), took_s)
+    finally:
+        node.stop()
+        engine.shutdown()
