@@ -113,7 +113,6 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
     ensure_port_free(config.server.host, config.server.port, "ultrakv node")
     if config.server.http_port:
         ensure_port_free(config.server.host, config.server.http_port, "HTTP API")
-    from ultrakv.node.parallel.data_parallel import open_engine
     from ultrakv.node.server import NodeServer, serve_until_signalled
 
     if agent is not None:  # fail fast, before the model loads, on a bad etcd or a taken id
@@ -128,10 +127,13 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
     if config.engine.engine_process:
         from ultrakv.node.engine_client import EngineClient
 
-        # Loaded and warmed up in its own process; if it dies, this node stops (SIGTERM to
-        # itself: NOT_SERVING, leave the cluster) and exits non-zero, for its supervisor.
+        # Loaded and warmed up in its own process (this one imports no torch until a KV
+        # transfer needs it); if it dies, this node stops (SIGTERM to itself: NOT_SERVING,
+        # leave the cluster) and exits non-zero, for its supervisor.
         engine = EngineClient(config.engine, on_lost=lambda _: os.kill(os.getpid(), signal.SIGTERM))
     else:
+        from ultrakv.node.parallel.data_parallel import open_engine
+
         engine = open_engine(config.engine)
         engine.warmup()  # graphs and kernels before the node reports SERVING, not on a request
     try:
