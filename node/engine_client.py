@@ -124,7 +124,6 @@ class EngineClient:
         except BaseException:
             self._kill()
             raise
-        self.facts = facts
         self.core_pid = facts.pid
         self.model_name = facts.model_name
         self.model_fingerprint = facts.model_fingerprint

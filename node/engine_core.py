@@ -37,9 +37,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ultrakv.node.config import EngineConfig
+
+if TYPE_CHECKING:
+    from ultrakv.node.engine import Engine
 
 log = logging.getLogger("ultrakv.node.engine_core")
 
@@ -132,7 +135,7 @@ class _Outgoing:
 class EngineCore:
     """The child's side of the pipe: the engine, the command reader and the step sender."""
 
-    def __init__(self, conn: Connection, engine: Any) -> None:
+    def __init__(self, conn: Connection, engine: Engine) -> None:
         self.conn = conn
         self.engine = engine
         self.out = _Outgoing()
@@ -140,7 +143,7 @@ class EngineCore:
         self._calls = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="ultrakv-core-call")
         # The engine's state lock: the sender takes it to collect deltas, so it never splits a
         # step's deltas (they are all emitted while the step holds it).
-        self._engine_lock = getattr(engine, "_lock", None) or contextlib.nullcontext()
+        self._engine_lock = engine._lock
         self._stopping = False
 
     def send(self, message: tuple) -> None:
