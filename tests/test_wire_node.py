@@ -177,6 +177,34 @@ async def test_a_coordinators_forwards_share_one_stream_per_node(server, secret,
         await backend.stop()
 
 
+async def test_a_forwards_deadline_reaches_the_node_on_the_shared_stream(server, secret, engine):
+    """The shared stream has no call deadline: a forward's deadline travels as the request's
+    timeout_ms, and the node ends the request there (before, the call's deadline did)."""
+    from ultrakv.cluster.validation import RequestRejected
+    from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
+
+    backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1",
+                                                 cluster_secret_file=str(secret[0])))
+    backend.members = {"n": NodeRecord("n", server.address, 1, state=NodeState.SERVING)}
+    request = pb.GenerateRequest(request_id="deadline", text=PROMPT, sampling=pb.SamplingOptions(
+        max_length=3000, temperature=0.0, ignore_eos=True))
+    try:
+        ids: list[int] = []
+        with contextlib.suppress(RequestRejected):  # the node may answer with an error instead
+            async for event in backend._forward("n", request, time.monotonic() + 0.5):
+                if isinstance(event, pb.GenerateResult):
+                    assert event.finish_reason == pb.FINISH_REASON_ABORT
+                    break
+                ids.extend(event.token_ids)
+        assert len(ids) < 3000  # ended at its deadline, not at max_length
+        deadline = time.monotonic() + 60
+        while engine.stats()["requests"]["running"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert engine.stats()["requests"]["running"] == 0
+    finally:
+        await backend.stop()
+
+
 async def test_a_node_without_generate_many_is_forwarded_to_over_generate(server, secret, engine):
     """A node from before GenerateMany (a rolling upgrade) answers UNIMPLEMENTED: it gets a
     Generate stream per request, with the same tokens."""
