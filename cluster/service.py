@@ -218,18 +218,21 @@ class Outbox:
         self._urgent -= 1
         return message
 
-    def pop_into(self, events: Any) -> bool:
-        """Every queued message, in order, into ``events`` (a repeated GenerateStreamResponse
-        field: a GenerateBatch's); True when a chunk was among them."""
+    def pop_into(self, events: Any, max_bytes: int) -> bool:
+        """Queued messages, in order, into ``events`` (a repeated GenerateStreamResponse
+        field: a GenerateBatch's) until they hold ``max_bytes`` (at least one message; the
+        rest stay queued); True when a chunk was among them."""
         chunk = False
-        while self._queue:
+        size = 0
+        while self._queue and size < max_bytes:
             message = self._queue.popitem(last=False)[1]
             if isinstance(message, _PendingChunk):
                 self._urgent -= message.urgent
-                message.fill(events.add())
+                size += message.fill(events.add()).ByteSize()
                 chunk = True
             else:
                 self._urgent -= 1
+                size += message.ByteSize()
                 events.append(message)
         return chunk
 
@@ -273,6 +276,10 @@ def _rpc_deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 DEFAULT_FLUSH_INTERVAL_S = 0.005
+# A GenerateBatch holds events up to about this size, the rest go in the next one: far below
+# any message limit a server or channel sets (64 MiB by default, 4 MiB gRPC's own), so 64
+# long results finishing in one step cannot fail a coordinator's whole stream to a node.
+MAX_BATCH_BYTES = 1 << 20
 # Messages per second a server aims at across all its Generate streams, and the longest a
 # stream's tokens wait for company (see StreamPacer): the defaults of StreamPacing.
 PACED_MESSAGES_PER_S = 2000.0
@@ -460,9 +467,11 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
         while True:
             wrote_chunk = False
             if batched:
-                batch = npb.GenerateBatch()
-                wrote_chunk = outbox.pop_into(batch.events)
-                if batch.events:
+                while True:
+                    batch = npb.GenerateBatch()
+                    wrote_chunk |= outbox.pop_into(batch.events, MAX_BATCH_BYTES)
+                    if not batch.events:
+                        break
                     yield batch
             else:
                 while (message := outbox.pop()) is not None:
