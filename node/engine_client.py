@@ -110,6 +110,8 @@ class EngineClient:
         self._streams: dict[str, _Stream] = {}
         self._calls: dict[int, Future] = {}
         self._ids = itertools.count(1)
+        # Step messages that carried deltas: at most one per engine step, whatever the streams.
+        self.delta_messages = 0
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(
@@ -201,6 +203,7 @@ class EngineClient:
                 log.exception("engine core message lost")
                 continue
             if message[0] == "step":
+                self.delta_messages += bool(message[1])
                 self._deliver(*message[1:])
             elif message[0] == "reply":
                 _, call_id, ok, value = message
@@ -336,7 +339,7 @@ class EngineClient:
 
     def stats(self) -> dict:
         stats = self._call("stats")
-        stats["engine_process"] = {"pid": self.core_pid}
+        stats["engine_process"] = {"pid": self.core_pid, "delta_messages": self.delta_messages}
         return stats
 
     # -- sessions -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ outlive its node.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import signal
@@ -43,6 +44,7 @@ from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
 from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.engine_client import EngineClient
+from ultrakv.node.outputs import GenerateRequest, StreamDelta
 from ultrakv.node.server import BackgroundServer, ServerSettings
 
 pytestmark = pytest.mark.cluster
@@ -67,6 +69,32 @@ def test_greedy_tokens_match_the_in_process_engine(engine):
     finally:
         local.shutdown()
     assert [o.token_ids for o in engine.generate(prompts, params)] == want
+
+
+async def test_a_steps_deltas_for_every_stream_cross_in_one_message(engine):
+    """16 streams of 24 tokens: every token arrives, in order, in no more messages than the
+    engine ran steps (not one per token or per stream)."""
+    n, tokens = 16, 24
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    got: dict[str, list[int]] = {f"fan-{i}": [] for i in range(n)}
+    done = asyncio.Event()
+    finished: list[str] = []
+
+    def on_delta(delta: StreamDelta) -> None:
+        got[delta.request_id].extend(delta.token_ids)
+        if delta.finished:
+            finished.append(delta.request_id)
+            if len(finished) == n:
+                done.set()
+
+    steps0, messages0 = engine.stats()["tokens"]["steps"], engine.delta_messages
+    for i in range(n):
+        engine.stream_to(GenerateRequest(prompt=[3 + i, 5, 7, 11], sampling=params,
+                                         request_id=f"fan-{i}"), on_delta)
+    await asyncio.wait_for(done.wait(), 60)
+    steps = engine.stats()["tokens"]["steps"] - steps0
+    assert all(len(ids) == tokens for ids in got.values())
+    assert engine.delta_messages - messages0 <= steps < n * tokens
 
 
 def test_the_block_log_hears_the_cores_pool(engine):
