@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ultrakv.node import step_advance
 from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
 
 log = logging.getLogger("ultrakv.node.cuda_graphs")
@@ -327,6 +326,8 @@ class CudaGraphRunner:
         )
 
     def _capture(self, kind: str, size: int, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        from ultrakv.node import step_advance  # Triton: imported where graphs are captured
+
         meta = self._meta(kind, size, bucket)
         inputs = self.prefill_inputs if kind == "prefill" else self
         args = (inputs.input_ids[:size], inputs.positions[:size], self.kv_caches, meta)
