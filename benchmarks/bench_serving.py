@@ -4,10 +4,12 @@ One seeded multi-turn chat workload, driven by an asyncio client, measured on th
 the cost of the wire shows:
 
 * ``engine``: the in-process engine's async stream (no wire at all);
-* ``node``: a node process (``ultrakv node``) over gRPC on loopback;
+* ``node``: a node process (``ultrakv node --no-engine-process``, the engine a thread of
+  the node) over gRPC on loopback;
 * ``node-engine-process``: the same with ``--engine-process`` (the engine in a child process
-  of the node, node/engine_core.py), its CPU time reported as ``engine_core``;
-* ``coordinator``: etcd + a coordinator + the node (``LocalCluster``), over gRPC;
+  of the node, node/engine_core.py, the default on CUDA), its CPU time reported as
+  ``engine_core``;
+* ``coordinator``: etcd + a coordinator + the node with its defaults (``LocalCluster``), over gRPC;
 * ``http``: a node process's OpenAI-compatible API (``/v1/completions``, ``stream: true``,
   server-sent events) on loopback. An OpenAI completion carries its whole context, so this
   path needs ``--turns 1`` (later turns of the workload send only the new user tokens).
@@ -349,7 +351,7 @@ async def main_async(args) -> dict:
     vocab = vocab or args.vocab
     for name in [p for p in args.paths if p in ("node", "node-engine-process")]:  # in the order given
         port = free_port()
-        flags = ["--engine-process"] if name == "node-engine-process" else []
+        flags = ["--engine-process"] if name == "node-engine-process" else ["--no-engine-process"]
         proc = subprocess.Popen(_node_argv(args, port) + flags, stdout=subprocess.DEVNULL if args.quiet else None,
                                 stderr=subprocess.STDOUT if args.quiet else None)
         try:

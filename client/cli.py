@@ -124,7 +124,7 @@ def _run_node(config: NodeConfig, agent: AgentSettings | None = None) -> int:
                                 node_id=config.server.node_id or f"node-{uuid4().hex[:8]}")
         asyncio.run(preflight(agent, config.server.node_id))
     log.info("loading model %s on %s", config.engine.model, config.engine.device)
-    if config.engine.engine_process:
+    if config.engine.wants_engine_process():
         from ultrakv.node.engine_client import EngineClient
 
         # Loaded and warmed up in its own process (this one imports no torch until a KV
@@ -220,7 +220,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         + (["--kv-write-policy", args.kv_write_policy] if args.kv_write_policy else [])
         + (["--kv-cache-dtype", args.kv_cache_dtype] if args.kv_cache_dtype else [])
         + (["--tensor-parallel-size", str(args.tensor_parallel_size)] if args.tensor_parallel_size else [])
-        + (["--engine-process"] if args.engine_process else [])))
+        + ([] if args.engine_process is None
+           else ["--engine-process" if args.engine_process else "--no-engine-process"])))
 
 
 def _coordinator_security_args(args: argparse.Namespace) -> list[str]:
@@ -755,7 +756,8 @@ def _server_options(p: argparse.ArgumentParser, port_default: str) -> None:
                         "hashing with bounded load. With --device cpu, N engines on the CPU (tests only)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the engine in a child process of the node, so the servers and the "
-                        "engine's steps do not share one GIL (default off)")
+                        "engine's steps do not share one GIL (default: on for one engine on CUDA, "
+                        "off on the CPU and with --gpus / --tensor-parallel-size)")
     _metrics_option(p)
     _stream_pacing_options(p)
     _security_options(p)

@@ -104,7 +104,8 @@ HELP: dict[str, dict[str, str]] = {
         "kv_cpu_eviction_policy": "host tier: which block goes first (lru, lfu, fifo, arc, s3fifo)",
         "kv_disk_eviction_policy": "disk tier: which block file goes first (lru, lfu, fifo, arc, s3fifo)",
         "engine_process": "run the engine in a child process of the node (its own GIL: the "
-                          "servers' event loop and the engine's steps run in parallel)",
+                          "servers' event loop and the engine's steps run in parallel); "
+                          "null = on for one engine on CUDA, off on the CPU and with gpus",
         "kv_tier_layerwise": "load tier hits layer group by layer group, overlapped with the prefill "
                              "(CUDA; prefills that run eagerly, not those a prefill graph takes)",
     },

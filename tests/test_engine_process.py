@@ -246,16 +246,23 @@ def test_the_core_exits_when_its_node_is_killed(tmp_path, started_by):
             proc.wait()
 
 
-def test_engine_process_is_a_config_key_and_a_flag_off_by_default(tmp_path):
+def test_engine_process_is_a_config_key_and_a_flag_on_by_default_for_one_cuda_engine(tmp_path):
     from ultrakv.client.cli import _node_config, build_parser
 
     parser = build_parser()
-    assert not _node_config(parser.parse_args(["node"]), "cpu").engine.engine_process
-    assert _node_config(parser.parse_args(["node", "--engine-process"]), "cpu").engine.engine_process
+    assert not _node_config(parser.parse_args(["node"]), "cpu").engine.wants_engine_process()
+    assert _node_config(parser.parse_args(["node", "--device", "cuda"]), "cpu").engine.wants_engine_process()
+    assert not _node_config(parser.parse_args(["node", "--device", "cuda", "--no-engine-process"]),
+                            "cpu").engine.wants_engine_process()
+    assert _node_config(parser.parse_args(["node", "--engine-process"]), "cpu").engine.wants_engine_process()
+    assert not EngineConfig(device="cuda", gpus="2").wants_engine_process()
+    assert not EngineConfig(device="cuda", tensor_parallel_size=2).wants_engine_process()
     config = tmp_path / "node.yaml"
     config.write_text("engine:\n  engine_process: true\n")
     from_file = parser.parse_args(["serve", "--config", str(config)])
-    assert _node_config(from_file, "cpu").engine.engine_process
+    assert _node_config(from_file, "cpu").engine.wants_engine_process()
+    config.write_text("engine:\n  device: cuda\n  engine_process: false\n")
+    assert not _node_config(parser.parse_args(["serve", "--config", str(config)]), "cpu").engine.wants_engine_process()
     with pytest.raises(ValueError, match="engine_process must be false with gpus"):
         EngineConfig(engine_process=True, gpus="2")
 
