@@ -56,7 +56,16 @@ LAUNCH = GemvLaunch()
 # microseconds of the chosen shape vs LAUNCH): LAUNCH is within 2% of the best shape for each
 # of llama-1b's layer matrices; the larger ones read fastest with wider tiles and fewer, longer
 # programs.
+#
+# In the model (decode graphs with programmatic launch, where a kernel's first tiles load
+# while its predecessor finishes) the best shapes differ from the cold isolated ones: an
+# in-model sweep (benchmarks/sweep_gemv_in_model.py, results/launch_sweep_*.json)
+# moved llama-1b's MLP matrices to more, shorter programs: gate/up 8192-element tiles at 8
+# programs per SM (1.106 vs 1.143 ms a token), down 16384 at 2 (1.100 vs 1.143), both 1.064
+# vs 1.145. llama-8b's entries held against every alternative tried there (within 0.2%).
 LAUNCHES: dict[tuple[int, int, bool], GemvLaunch] = {
+    (2048, 8192, True): GemvLaunch(8192, 4, 1, 8),       # llama-1b gate/up (in-model sweep)
+    (8192, 2048, False): GemvLaunch(16384, 4, 1, 2),     # llama-1b down (in-model sweep)
     (2048, 128256, False): GemvLaunch(16384, 4, 2, 1),   # llama-1b lm_head: 172 vs 177
     (4096, 6144, False): GemvLaunch(16384, 4, 3, 8),     # llama-8b qkv: 18.0 vs 18.6
     (4096, 4096, False): GemvLaunch(16384, 4, 3, 1),     # llama-8b o: 11.6 vs 14.2
