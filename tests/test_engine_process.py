@@ -212,6 +212,28 @@ def test_a_stream_moves_to_another_node_when_its_nodes_core_dies(tmp_path):
         assert cluster.nodes[victim].wait(timeout=60) == 1
 
 
+@pytest.mark.gpu
+def test_a_cuda_node_runs_its_engine_in_a_core_process_by_default(tmp_path):
+    """On CUDA with no flag a node's engine is a core process (the default for one CUDA
+    engine); a request through a coordinator gets the in-process CUDA engine's greedy tokens."""
+    import torch
+    from ultrakv.node import Engine, SamplingParams
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    prompt = list(range(1, 40))
+    engine = Engine(EngineConfig(model="tiny", device="cuda", num_blocks=256))
+    want = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0].token_ids
+    engine.shutdown()
+    spec = ClusterSpec(nodes=1, coordinators=1, data_dir=tmp_path, port=0, device="cuda", num_blocks=256,
+                       checkpoint_interval_s=3600.0, log_dir=tmp_path / "logs")
+    with LocalCluster(spec) as cluster, Client(cluster.address, timeout=300) as c:
+        node = next(iter(cluster.nodes.values()))
+        assert not _gone(_core_of(node.pid))
+        out = c.process_request({"token_ids": prompt, "max_length": 24, "temperature": 0.0, "ignore_eos": True})
+        assert out["response"]["token_ids"] == want
+
+
 @pytest.mark.parametrize("started_by", ["main thread", "other thread"])
 def test_the_core_exits_when_its_node_is_killed(tmp_path, started_by):
     """Started by the node's main thread the kernel kills the core with its node
