@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -1098,21 +1099,34 @@ class NodeServer:
             return TlsFiles(self.settings.tls_cert, self.settings.tls_key)
         return None
     async def _watch_progress(self) -> None:
-        """Report NOT_SERVING while the engine is stalled, SERVING again once it moves."""
+        """Report NOT_SERVING while the engine is stalled, SERVING again once it moves.
+
+        On a thread of its own, not the loop's shared pool: calls on a wedged engine core
+        (node/engine_client.py) never return, and enough of them would hold every thread of
+        that pool and keep this watch from ever noticing."""
         limit = self.settings.stall_timeout_s
-        while True:
-            await asyncio.sleep(min(1.0, limit / 4))
-            stalled = await asyncio.to_thread(self.engine.seconds_without_progress) > limit
-            if stalled == (not self.backend.serving):
-                continue
-            self.backend.serving = not stalled
-            if stalled:
-                log.error("engine made no progress for %.0f s with requests waiting: "
-                          "reporting NOT_SERVING", limit)
-            status = (health_pb2.HealthCheckResponse.NOT_SERVING if stalled
-                      else health_pb2.HealthCheckResponse.SERVING)
-            for name in self._health_names:
-                await self.health.set(name, status)
+        loop = asyncio.get_running_loop()
+        watcher = ThreadPoolExecutor(1, thread_name_prefix="ultrakv-progress-watch")
+        try:
+            while True:
+                await asyncio.sleep(min(1.0, limit / 4))
+                stalled = await loop.run_in_executor(
+                    watcher, self.engine.seconds_without_progress) > limit
+                await self._report_progress(stalled, limit)
+        finally:
+            watcher.shutdown(wait=False)
+
+    async def _report_progress(self, stalled: bool, limit: float) -> None:
+        if stalled == (not self.backend.serving):
+            return
+        self.backend.serving = not stalled
+        if stalled:
+            log.error("engine made no progress for %.0f s with requests waiting: "
+                      "reporting NOT_SERVING", limit)
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if stalled
+                  else health_pb2.HealthCheckResponse.SERVING)
+        for name in self._health_names:
+            await self.health.set(name, status)
 
     async def stop(self) -> None:
         """Report NOT_SERVING, let running requests finish within the grace period, stop."""

@@ -39,7 +39,7 @@ from test_wire_server import (  # noqa: F401  (tests and fixtures run here over 
     test_unknown_session_is_not_found,
 )
 from ultrakv.client import Client
-from ultrakv.client.client import RetryPolicy
+from ultrakv.client.client import RequestError, RetryPolicy
 from ultrakv.client.local_cluster import ClusterSpec, LocalCluster
 from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.node import Engine, EngineConfig, SamplingParams
@@ -292,3 +292,34 @@ def test_engine_process_is_a_config_key_and_a_flag_on_by_default_for_one_cuda_en
 def test_a_core_that_cannot_start_raises_its_error_in_the_node():
     with pytest.raises(FileNotFoundError, match="model must be a preset"):
         EngineClient(EngineConfig(model="no-such-model", device="cpu", num_blocks=16))
+
+
+def test_a_wedged_core_turns_the_node_not_serving_while_calls_on_it_hang():
+    """Calls on a wedged core (SIGSTOP) never return, each holding one of the event loop's
+    worker threads: more of them than the loop has threads must not keep the progress watch
+    from running, or the node would report SERVING for as long as the core stays wedged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    core = EngineClient(replace(CONFIG, num_blocks=32))
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5, stall_timeout_s=4.0)  # watched every second
+    try:
+        with BackgroundServer(core, settings) as srv, \
+                Client(srv.address, timeout=30, retry=RetryPolicy(attempts=1)) as c:
+            assert c.health()["status"] == "SERVING"
+            os.kill(core.core_pid, signal.SIGSTOP)
+            try:
+                workers = min(32, (os.cpu_count() or 1) + 4) + 2  # asyncio.to_thread's pool, and more
+                with Client(srv.address, timeout=1, retry=RetryPolicy(attempts=1)) as quick, \
+                        ThreadPoolExecutor(workers) as pool:
+                    stuck = [pool.submit(quick.stats) for _ in range(workers)]
+                    for call in stuck:
+                        with pytest.raises(RequestError, match="DEADLINE_EXCEEDED"):
+                            call.result(30)  # the node's thread stays blocked
+                deadline = time.monotonic() + 30
+                while c.health()["status"] == "SERVING" and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert c.health()["status"] == "NOT_SERVING"
+            finally:
+                os.kill(core.core_pid, signal.SIGCONT)
+    finally:
+        core.shutdown()
