@@ -114,6 +114,7 @@ _REPLANS = 3  # plans of one view change when the view keeps changing while plan
 _MOVE_RETRY_S = 1.0
 _MOVE_TRIES = 5
 _TOKENIZE_TIMEOUT_S = 2.0  # a node that cannot tokenize by then: route by the first block
+MAX_TIMEOUT_MS = 2**32 - 1  # GenerateRequest.timeout_ms is a uint32
 # An owner that said its batch admits N more requests (session offload) is believed until
 # this coordinator has sent it N more, for this long at most (other coordinators send too).
 _ROOM_BELIEVED_S = 1.0
@@ -1032,7 +1033,9 @@ class ClusterBackend:
             raise _NodeGone(node, "left the cluster")
         forwarded = pb.GenerateStreamRequest(generate=request)
         if deadline is not None:  # the node's own deadline: its stream has none per request
-            ms = max(1, math.ceil(1000 * (deadline - time.monotonic())))
+            # At most what timeout_ms (uint32) holds, about 49.7 days: a client's deadline may
+            # be further away, and filling the field past its range raises.
+            ms = min(max(1, math.ceil(1000 * (deadline - time.monotonic()))), MAX_TIMEOUT_MS)
             if not request.timeout_ms or request.timeout_ms > ms:
                 forwarded.generate.timeout_ms = ms
         incarnation = (record.address, record.started_at)

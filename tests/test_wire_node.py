@@ -205,6 +205,25 @@ async def test_a_forwards_deadline_reaches_the_node_on_the_shared_stream(server,
         await backend.stop()
 
 
+async def test_a_forward_with_a_deadline_beyond_timeout_ms_range_runs(server, secret, engine):
+    """A client may set a deadline further away than timeout_ms (uint32 milliseconds, about
+    49.7 days) holds: its request still runs (before, filling timeout_ms raised ValueError
+    and the client got INVALID_ARGUMENT for a valid request)."""
+    from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
+
+    backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1",
+                                                 cluster_secret_file=str(secret[0])))
+    backend.members = {"n": NodeRecord("n", server.address, 1, state=NodeState.SERVING)}
+    request = pb.GenerateRequest(request_id="far-deadline", text=PROMPT, sampling=pb.SamplingOptions(
+        max_length=4, temperature=0.0, ignore_eos=True))
+    try:
+        results = [event async for event in backend._forward("n", request, time.monotonic() + 1e8)
+                   if isinstance(event, pb.GenerateResult)]
+        assert [len(r.token_ids) for r in results] == [4]
+    finally:
+        await backend.stop()
+
+
 async def test_a_node_without_generate_many_is_forwarded_to_over_generate(server, secret, engine):
     """A node from before GenerateMany (a rolling upgrade) answers UNIMPLEMENTED: it gets a
     Generate stream per request, with the same tokens."""
