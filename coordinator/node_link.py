@@ -94,9 +94,13 @@ class NodeLink:
         self._outgoing.put_nowait(message)
         return receiver
 
-    def release(self, request_id: str) -> None:
-        """The forward of ``request_id`` is over: cancelled on the node if it still runs."""
-        self._receivers.pop(request_id, None)
+    def release(self, request_id: str, receiver: Receiver) -> None:
+        """The forward that got ``receiver`` is over: cancelled on the node if it still runs.
+        Nothing when a later forward of the same id took the id since (this one had its
+        final event): that one's receiver and its request on the node stay."""
+        if self._receivers.get(request_id) is not receiver:
+            return
+        del self._receivers[request_id]
         if request_id in self._running and not self.closing:
             self._outgoing.put_nowait(pb.GenerateStreamRequest(
                 cancel=pb.CancelRequest(request_id=request_id)))

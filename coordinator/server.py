@@ -92,7 +92,7 @@ from ultrakv.coordinator.block_index import BlockIndex, HashScheme
 from ultrakv.coordinator.dynamic_config import DynamicConfig, DynamicConfigWatcher
 from ultrakv.coordinator.health import Health, HealthChecker, HealthPolicy, Transition
 from ultrakv.coordinator.metrics import CoordinatorCollector, CoordinatorCounters
-from ultrakv.coordinator.node_link import NodeLink
+from ultrakv.coordinator.node_link import NodeLink, Receiver
 from ultrakv.coordinator.prefix_router import choose_node
 from ultrakv.coordinator.resharding import Move, MoveResult, Plan, Resharder
 from ultrakv.coordinator.session_backup import SessionBackup
@@ -1040,13 +1040,14 @@ class ClusterBackend:
                 forwarded.generate.timeout_ms = ms
         incarnation = (record.address, record.started_at)
         link: NodeLink | None = None
+        receiver: Receiver | None = None
         call: Any = None
         if incarnation in self._generate_only:
             call = self._generate_call(record.address, forwarded, deadline)
             messages = call.__aiter__()
         else:
             link = self._link(node, incarnation, request.request_id)
-            messages = link.submit(forwarded)
+            messages = receiver = link.submit(forwarded)
         attempt = _Attempt()
         self._attempts.setdefault(node, set()).add(attempt)
         self.inflight[node] = self.inflight.get(node, 0) + 1
@@ -1061,7 +1062,8 @@ class ClusterBackend:
                     log.info("node %s has no GenerateMany (an older version): forwarding to "
                              "it over a Generate stream per request", node)
                     self._generate_only.add(incarnation)
-                    link.release(request.request_id)
+                    assert receiver is not None
+                    link.release(request.request_id, receiver)
                     link = None
                     call = self._generate_call(record.address, forwarded, deadline)
                     messages = call.__aiter__()
@@ -1088,8 +1090,8 @@ class ClusterBackend:
             attempt.close()
             self.inflight[node] -= 1
             self._attempts[node].discard(attempt)
-            if link is not None:
-                link.release(request.request_id)  # cancels it there when we stop early
+            if link is not None and receiver is not None:
+                link.release(request.request_id, receiver)  # cancels it there when we stop early
             if call is not None:
                 call.cancel()  # no-op when finished; frees the node's blocks when we stop early
 

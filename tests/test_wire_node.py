@@ -177,6 +177,44 @@ async def test_a_coordinators_forwards_share_one_stream_per_node(server, secret,
         await backend.stop()
 
 
+async def test_a_finished_forward_releasing_its_id_leaves_a_later_forward_of_that_id_alone(
+        server, secret, engine):
+    """A forward that got its result releases its request id only when its generator closes;
+    a later forward of the same id (the same client again, or another tenant) may be on the
+    link by then. The release must not take that one's receiver or cancel it on the node
+    (before, it did both: the later request lost every event and hung until its first-token
+    deadline)."""
+    from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
+
+    backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1", first_token_timeout_s=10.0,
+                                                 cluster_secret_file=str(secret[0])))
+    backend.members = {"n": NodeRecord("n", server.address, 1, state=NodeState.SERVING)}
+
+    def request() -> pb.GenerateRequest:
+        return pb.GenerateRequest(request_id="reused", text=PROMPT, sampling=pb.SamplingOptions(
+            max_length=48, temperature=0.0, ignore_eos=True))
+
+    async def result_of(events) -> pb.GenerateResult:
+        async for event in events:
+            if isinstance(event, pb.GenerateResult):
+                return event
+        raise AssertionError("no result")
+
+    try:
+        first = backend._forward("n", request(), None)
+        await asyncio.wait_for(result_of(first), 60)  # done; its generator not closed yet
+        second = backend._forward("n", request(), None)
+        started = asyncio.create_task(anext(second))
+        await asyncio.sleep(0)  # the second is on the link (submitted before its first read)
+        await first.aclose()  # the first forward ends: its release comes now
+        events = [await asyncio.wait_for(started, 60)]
+        events.append(await asyncio.wait_for(result_of(second), 60))
+        assert len(events[-1].token_ids) == 48
+        assert events[-1].finish_reason != pb.FINISH_REASON_ABORT
+    finally:
+        await backend.stop()
+
+
 async def test_a_forwards_deadline_reaches_the_node_on_the_shared_stream(server, secret, engine):
     """The shared stream has no call deadline: a forward's deadline travels as the request's
     timeout_ms, and the node ends the request there (before, the call's deadline did)."""
