@@ -85,6 +85,42 @@ def _greedy(request_id: str) -> pb.GenerateStreamRequest:
         request_id=request_id, text=PROMPT, sampling=pb.SamplingOptions(max_length=8, temperature=0.0)))
 
 
+def test_a_session_turn_of_one_tenant_does_not_abort_another_tenants_request_of_its_id(node):
+    """Request ids are the clients' own: tenant b's session turn that happens to use the id
+    of tenant a's running request must not abort a's request (before, the turn's "abort an
+    earlier attempt of mine" step aborted any running request of that id)."""
+    outgoing: queue.Queue = queue.Queue()
+    events: list[pb.GenerateStreamResponse] = []
+    first = threading.Event()
+    outgoing.put(pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+        request_id="chosen-by-both", tenant="a", text=PROMPT, sampling=pb.SamplingOptions(
+            max_length=3000, temperature=0.0, ignore_eos=True))))
+
+    def read_a() -> None:
+        for message in node.Generate(iter(outgoing.get, None), timeout=120):
+            events.append(message)
+            first.set()
+
+    reader = threading.Thread(target=read_a)
+    reader.start()
+    try:
+        assert first.wait(60)
+        b = pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+            request_id="chosen-by-both", tenant="b", session_id="b-session", text="hello",
+            sampling=pb.SamplingOptions(max_length=4, temperature=0.0)))
+        list(node.Generate(iter([b]), timeout=60))  # b's own outcome is not the point here
+        seen = len(events)
+        deadline = time.monotonic() + 60
+        while (len(events) == seen and events[-1].WhichOneof("event") == "chunk"
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert events[-1].WhichOneof("event") == "chunk", events[-1]  # a's request still runs
+    finally:
+        outgoing.put(pb.GenerateStreamRequest(cancel=pb.CancelRequest(request_id="chosen-by-both")))
+        outgoing.put(None)
+        reader.join(60)
+
+
 def test_generate_many_writes_the_pending_events_of_its_requests_as_one_message(node):
     """A coordinator's requests on one GenerateMany stream: each message the node writes
     holds every event pending then (an engine step's tokens for all of them), each request's
