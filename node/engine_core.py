@@ -21,7 +21,8 @@ core -> node
     engine's lock to collect them, so a step's deltas always leave together.
 
 The core exits when the pipe closes (its node is gone), and with ``pdeathsig`` also gets
-SIGKILL from the kernel when the node's starting thread dies.
+SIGKILL from the kernel when the node's starting thread dies. It ignores SIGINT and SIGTERM,
+which reach a whole process group at once: its node drains, then stops it.
 """
 
 from __future__ import annotations
@@ -263,8 +264,11 @@ def run_core(conn: Connection, config: EngineConfig, parent_pid: int, pdeathsig:
     """The child process's entry point (``multiprocessing`` spawn target)."""
     if pdeathsig:
         _die_with_parent(parent_pid)
-    # SIGINT goes to the whole foreground process group: the node decides when the core stops.
+    # SIGINT goes to the whole foreground process group, and SIGTERM to the whole group or
+    # cgroup when systemd (or `kill -TERM -PGID`) stops the node: the node decides when the
+    # core stops (it drains first); it still dies with its node (the pipe, PDEATHSIG).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     try:
         from ultrakv.node.engine import Engine

@@ -268,6 +268,46 @@ def test_the_core_exits_when_its_node_is_killed(tmp_path, started_by):
             proc.wait()
 
 
+def test_a_sigterm_to_the_nodes_process_group_leaves_the_stopping_to_the_node(tmp_path):
+    """systemd (and ``kill -TERM -PGID``) signal every process of the node's group at once:
+    the core leaves the stopping to its node, which drains and stops it, instead of dying
+    at once and failing the node's requests (before, SIGTERM killed the core: the node then
+    failed its running requests UNAVAILABLE and exited 1)."""
+    script = textwrap.dedent("""
+        import signal, sys, threading
+        from ultrakv.node import EngineConfig, SamplingParams
+        from ultrakv.node.engine_client import EngineClient
+        if __name__ == "__main__":
+            terminated = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: terminated.set())
+            client = EngineClient(EngineConfig(model="tiny", device="cpu", num_blocks=64))
+            print("ready", flush=True)
+            terminated.wait(120)
+            try:  # the node drains: a request still runs on its core
+                out = client.generate(["still there?"], SamplingParams(max_tokens=4, temperature=0.0))
+                print("generated", len(out[0].token_ids), flush=True)
+            except Exception as exc:
+                print("failed", type(exc).__name__, exc, flush=True)
+            client.shutdown()
+            print("lost", client.lost_reason, flush=True)
+    """)
+    path = tmp_path / "node_like.py"
+    path.write_text(script)
+    proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE,
+                            stderr=open(tmp_path / "node.log", "wb"), text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert out.split("\n")[:2] == ["generated 4", "lost stopped"], out
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_engine_process_is_a_config_key_and_a_flag_on_by_default_for_one_cuda_engine(tmp_path):
     from ultrakv.client.cli import _node_config, build_parser
 
