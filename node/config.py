@@ -194,6 +194,9 @@ class EngineConfig:
         for name in ("kv_cpu_eviction_policy", "kv_disk_eviction_policy"):
             _check(getattr(self, name) in EVICTION_POLICIES, name, f"one of {EVICTION_POLICIES}",
                    getattr(self, name))
+        _check(self.engine_process is None or isinstance(self.engine_process, bool),
+               "engine_process", "true, false or null (null: on for one engine on CUDA)",
+               self.engine_process)
         _check(not (self.engine_process and self.gpus), "engine_process",
                "false with gpus (data-parallel engines in a core process: not supported yet)",
                self.engine_process)

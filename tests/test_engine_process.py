@@ -329,6 +329,20 @@ def test_engine_process_is_a_config_key_and_a_flag_on_by_default_for_one_cuda_en
         EngineConfig(engine_process=True, gpus="2")
 
 
+def test_engine_process_takes_true_false_or_null_only(tmp_path):
+    """A config file's ``engine_process: auto`` or ``"false"`` is refused naming the key:
+    before, any such string counted as true (a core process on the CPU, or against the
+    operator's "false")."""
+    from ultrakv.client.config_file import load_config
+
+    for value in ('auto', '"false"', "1"):
+        path = tmp_path / "node.yaml"
+        path.write_text(f"engine:\n  engine_process: {value}\n")
+        with pytest.raises(ValueError, match="engine_process must be true, false or null"):
+            load_config(path)
+    assert EngineConfig(engine_process=None).engine_process is None
+
+
 def test_a_core_that_cannot_start_raises_its_error_in_the_node():
     with pytest.raises(FileNotFoundError, match="model must be a preset"):
         EngineClient(EngineConfig(model="no-such-model", device="cpu", num_blocks=16))
