@@ -57,6 +57,10 @@ CORE_CALLS = frozenset({
     "append_turn", "session", "set_quota", "generate",
 })
 CONTROL_THREADS = 4  # control calls run side by side (an export must not hold up stats)
+# Answered on the reader thread, never queued behind control calls: the node's health watch
+# asks this with a deadline, and long exports holding every control thread must not make an
+# engine that moves read as stalled (it only reads two fields under the engine's lock).
+INLINE_CALLS = frozenset({"seconds_without_progress"})
 
 # A delta on the wire: (request_id, new token ids, new text, the RequestOutput when finished).
 Delta = tuple[str, list[int], str, Any]
@@ -185,6 +189,8 @@ class EngineCore:
                     self._add(message[1])
                 elif kind == "abort":
                     self.engine.abort(message[1])
+                elif kind == "call" and message[2] in INLINE_CALLS:
+                    self._call(*message[1:])
                 elif kind == "call":
                     self._calls.submit(self._call, *message[1:])
                 elif kind == "stop":

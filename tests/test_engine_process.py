@@ -170,6 +170,28 @@ def test_a_wedged_core_counts_as_making_no_progress(engine, monkeypatch):
     assert engine.seconds_without_progress() < math.inf
 
 
+def test_a_core_busy_with_long_control_calls_still_says_how_it_progresses(engine, monkeypatch):
+    """Long control calls (exports of big sessions, batch generates) holding every control
+    thread of the core must not make a core whose engine moves read as stalled (before, the
+    progress question queued behind them and timed out: NOT_SERVING for a healthy node)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ultrakv.node import engine_client
+    from ultrakv.node.engine_core import CONTROL_THREADS
+
+    monkeypatch.setattr(engine_client, "PROGRESS_TIMEOUT_S", 2.0)
+    params = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+    with ThreadPoolExecutor(CONTROL_THREADS + 1) as pool:
+        long_calls = [pool.submit(engine.generate, [[3, 5, 7 + i]], params)
+                      for i in range(CONTROL_THREADS + 1)]
+        deadline = time.monotonic() + 30
+        while len(engine._calls) <= CONTROL_THREADS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.seconds_without_progress() < math.inf
+        assert all(not call.done() for call in long_calls)  # they held the threads meanwhile
+        assert [len(call.result(300)[0].token_ids) for call in long_calls] == [1500] * 5
+
+
 def _core_of(node_pid: int) -> int:
     """The pid of the node's engine core (its child started by multiprocessing's spawn)."""
     for child in Path(f"/proc/{node_pid}/task/{node_pid}/children").read_text().split():
