@@ -370,11 +370,15 @@ def test_a_core_that_cannot_start_raises_its_error_in_the_node():
         EngineClient(EngineConfig(model="no-such-model", device="cpu", num_blocks=16))
 
 
-def test_a_wedged_core_turns_the_node_not_serving_while_calls_on_it_hang():
+def test_a_wedged_core_turns_the_node_not_serving_while_calls_on_it_hang(monkeypatch):
     """Calls on a wedged core (SIGSTOP) never return, each holding one of the event loop's
     worker threads: more of them than the loop has threads must not keep the progress watch
     from running, or the node would report SERVING for as long as the core stays wedged."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from ultrakv.node import engine_client
+
+    monkeypatch.setattr(engine_client, "PROGRESS_TIMEOUT_S", 2.0)
 
     core = EngineClient(replace(CONFIG, num_blocks=32))
     settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5, stall_timeout_s=4.0)  # watched every second
