@@ -149,6 +149,7 @@ class EngineCore:
         # The engine's state lock: the sender takes it to collect deltas, so it never splits a
         # step's deltas (they are all emitted while the step holds it).
         self._engine_lock = engine._lock
+        self._flush_lock = threading.Lock()
         self._stopping = False
 
     def send(self, message: tuple) -> None:
@@ -244,11 +245,15 @@ class EngineCore:
                 return
 
     def _flush(self) -> None:
-        """Send what waits, as one message (nothing when nothing waits)."""
-        with self._engine_lock:
-            deltas, refused, blocks = self.out.take()
-        if deltas or refused or blocks:
-            self.send(("step", deltas, refused, blocks))
+        """Send what waits, as one message (nothing when nothing waits). Taking and sending
+        are one step under ``_flush_lock``: at shutdown the sender thread and ``serve``'s
+        last flush both run this, and a later batch must not overtake an earlier one (a
+        request's tokens after its final are dropped by the node)."""
+        with self._flush_lock:
+            with self._engine_lock:
+                deltas, refused, blocks = self.out.take()
+            if deltas or refused or blocks:
+                self.send(("step", deltas, refused, blocks))
 
 
 def _die_with_parent(parent_pid: int) -> None:
