@@ -52,6 +52,7 @@ Listener = Callable[[StreamDelta], None]
 START_TIMEOUT_S = 1800.0
 STOP_TIMEOUT_S = 30.0
 PROGRESS_TIMEOUT_S = 10.0  # a core that does not say how it progresses within this is wedged
+STATS_TIMEOUT_S = 10.0  # a Stats call or a metrics scrape fails after this instead of hanging
 
 
 class EngineCoreLostError(RequestRejected):
@@ -338,7 +339,14 @@ class EngineClient:
             return math.inf
 
     def stats(self) -> dict:
-        stats = self._call("stats")
+        try:
+            stats = self._call("stats", timeout_s=STATS_TIMEOUT_S)
+        except TimeoutError:
+            # A wedged core (stopped, or a step that never ends) would hold the caller's
+            # thread for good: a Stats call or a metrics scrape fails instead.
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, NODE_FAILING_FIELD,
+                                  f"the node's engine process did not answer within {STATS_TIMEOUT_S:g} s",
+                                  retry_after_s=1.0) from None
         stats["engine_process"] = {"pid": self.core_pid, "delta_messages": self.delta_messages}
         return stats
 

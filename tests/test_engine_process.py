@@ -370,6 +370,30 @@ def test_a_core_that_cannot_start_raises_its_error_in_the_node():
         EngineClient(EngineConfig(model="no-such-model", device="cpu", num_blocks=16))
 
 
+def test_stats_of_a_wedged_core_fail_unavailable_instead_of_hanging(monkeypatch):
+    """A Stats call (and so a metrics scrape) on a node whose core is stopped (SIGSTOP) gets
+    UNAVAILABLE on field ``node`` after STATS_TIMEOUT_S instead of holding its thread, and
+    the caller's deadline, for as long as the core stays stopped."""
+    from ultrakv.node import engine_client
+
+    monkeypatch.setattr(engine_client, "STATS_TIMEOUT_S", 1.0)
+    core = EngineClient(replace(CONFIG, num_blocks=32))
+    try:
+        with BackgroundServer(core, ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5)) as srv, \
+                Client(srv.address, timeout=60, retry=RetryPolicy(attempts=1)) as c:
+            assert c.stats()["nodes"]
+            os.kill(core.core_pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(RequestError, match="UNAVAILABLE") as err:
+                    c.stats()
+                assert "did not answer within 1 s" in str(err.value)
+            finally:
+                os.kill(core.core_pid, signal.SIGCONT)
+            assert c.stats()["nodes"]  # answered again once the core runs
+    finally:
+        core.shutdown()
+
+
 def test_a_wedged_core_turns_the_node_not_serving_while_calls_on_it_hang(monkeypatch):
     """Calls on a wedged core (SIGSTOP) never return, each holding one of the event loop's
     worker threads: more of them than the loop has threads must not keep the progress watch
