@@ -28,6 +28,17 @@ def test_kernels_under_the_triton_interpreter():
     assert_passes_under_interpreter(__file__, at_least=24)
 
 
+def _rope_tables(heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed RoPE tables (512 positions) of a one-layer model of these heads, on DEVICE."""
+    from ultrakv.node.model.config import ModelConfig
+    from ultrakv.node.model.llama import RotaryEmbedding
+
+    cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8,
+                      num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
+    return RotaryEmbedding(cfg).cos_sin(torch.device(DEVICE))
+
+
 def _tol(dtype: torch.dtype) -> dict:
     return BF16_TOL if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
 
@@ -57,14 +68,10 @@ def test_rms_norm_with_and_without_the_residual_add(dtype, shape):
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_rope_in_place_on_the_qkv_view_matches_apply_rope(dtype, head_dim):
     from ultrakv.node.model import fused_kernels as fk
-    from ultrakv.node.model.config import ModelConfig
-    from ultrakv.node.model.llama import RotaryEmbedding, apply_rope
+    from ultrakv.node.model.llama import apply_rope
 
     heads, kv_heads, t = 4, 2, 9
-    cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8,
-                      num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
-    cos_t, sin_t = RotaryEmbedding(cfg).cos_sin(torch.device(DEVICE))
+    cos_t, sin_t = _rope_tables(heads, kv_heads, head_dim)
     positions = torch.tensor([0, 1, 2, 3, 100, 101, 7, 300, 511], device=DEVICE)
     cos, sin = cos_t[positions].to(dtype).unsqueeze(1), sin_t[positions].to(dtype).unsqueeze(1)
     width = (heads + 2 * kv_heads) * head_dim
@@ -87,14 +94,9 @@ def test_rope_and_kv_write_in_one_kernel_equal_rope_then_write(dtype, kv):
     from ultrakv.node.attention.triton_backend import TritonPagedBackend
     from ultrakv.node.kv import quantization
     from ultrakv.node.model import fused_kernels as fk
-    from ultrakv.node.model.config import ModelConfig
-    from ultrakv.node.model.llama import RotaryEmbedding
 
     heads, kv_heads, head_dim, t = 8, 2, 32, 6
-    cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8,
-                      num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
-    cos_t, sin_t = RotaryEmbedding(cfg).cos_sin(torch.device(DEVICE))
+    cos_t, sin_t = _rope_tables(heads, kv_heads, head_dim)
     positions = torch.tensor([0, 1, 77, 300, 5, 511], device=DEVICE)
     cos, sin = cos_t[positions].to(dtype).unsqueeze(1), sin_t[positions].to(dtype).unsqueeze(1)
     g = torch.Generator().manual_seed(3)
@@ -131,16 +133,11 @@ def test_decode_with_rope_and_kv_write_inside_equals_the_two_launches(dtype, kv)
     from ultrakv.node.attention.base import AttentionMetadata
     from ultrakv.node.attention.triton_backend import TritonPagedBackend
     from ultrakv.node.kv import quantization
-    from ultrakv.node.model.config import ModelConfig
-    from ultrakv.node.model.llama import RotaryEmbedding
 
     heads, kv_heads, head_dim, page = 8, 2, 32, 16
     seq_lens = [1, 70, 200, 129, 1]
     t, width = len(seq_lens), 16
-    cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8,
-                      num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
-    cos_t, sin_t = RotaryEmbedding(cfg).cos_sin(torch.device(DEVICE))
+    cos_t, sin_t = _rope_tables(heads, kv_heads, head_dim)
     positions = torch.tensor([n - 1 for n in seq_lens], device=DEVICE)
     cos, sin = cos_t[positions].to(dtype).unsqueeze(1), sin_t[positions].to(dtype).unsqueeze(1)
     g = torch.Generator().manual_seed(5)

@@ -143,16 +143,12 @@ def gqa_prefill_parts(num_programs: int, max_seq_len: int, num_sms: int, cfg: Gq
 
 @dataclass(frozen=True)
 class _DecodeRope:
-    """What ``decode_kernel`` needs to rotate and write a step's new tokens itself: per-token
-    cos / sin rows, the tokens' cache slots, and where keys and values start in a qkv row."""
+    """What ``decode_kernel`` needs besides the queries to rotate and write a step's new
+    tokens itself: per-token cos / sin rows [T, D] and the tokens' cache slots."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     slots: torch.Tensor
-    stride_cs: int
-    k_col: int
-    v_col: int
-    qmax: float
 
 
 def triton_available() -> bool:
@@ -293,8 +289,9 @@ class TritonPagedBackend(AttentionBackend):
         scale: float,
         num_heads: int,
     ) -> torch.Tensor:
-        """:meth:`forward` from the qkv projection's output before RoPE: :meth:`rope_write_kv`
-        then the attention kernel, two launches."""
+        """:meth:`forward` from the qkv projection's output before RoPE: a decode step in one
+        launch (:meth:`decode_qkv`), a prefill as :meth:`rope_write_kv` then the prefill
+        kernel."""
         if meta.is_decode_only:
             return self.decode_qkv(qkv, cos, sin, kv_cache, meta, scale, num_heads)
         q = self.rope_write_kv(qkv, cos, sin, kv_cache, meta.slot_mapping, num_heads)
@@ -305,6 +302,13 @@ class TritonPagedBackend(AttentionBackend):
         """:meth:`decode` from the qkv projection's output before RoPE, in one launch: the
         decode kernel rotates the queries as it loads them and writes each new token's key
         (rotated) and value into its slot itself (see ``decode_kernel``)."""
+        q, cos, sin = self._split_qkv(qkv, cos, sin, kv_cache, num_heads)
+        return self.decode(q, kv_cache, meta, scale, _DecodeRope(cos, sin, meta.slot_mapping))
+
+    def _split_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                   num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checks ``qkv`` [T, (H + 2 KVH) * D] and the per-token ``cos`` / ``sin`` against the
+        cache; returns the query view [T, H, D] and ``cos`` / ``sin`` as [T, D] rows."""
         t = qkv.shape[0]
         num_kv_heads = kv_cache.shape[3]
         head_dim, rem = divmod(qkv.shape[1], num_heads + 2 * num_kv_heads)
@@ -315,12 +319,12 @@ class TritonPagedBackend(AttentionBackend):
             )
         q, k, v = qkv.view(t, -1, head_dim).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
         self._check(q, k, v, kv_cache)
+        if t == 0:
+            return q, cos, sin
         cos, sin = cos.reshape(t, head_dim), sin.reshape(t, head_dim)
         if cos.stride() != sin.stride() or cos.stride(-1) != 1:
             raise ValueError("cos and sin must be row-major with the same layout")
-        rope = _DecodeRope(cos, sin, meta.slot_mapping, cos.stride(0), num_heads * head_dim,
-                           (num_heads + num_kv_heads) * head_dim, _qmax(kv_cache))
-        return self.decode(q, kv_cache, meta, scale, rope)
+        return q, cos, sin
 
     def rope_write_kv(
         self,
@@ -336,21 +340,10 @@ class TritonPagedBackend(AttentionBackend):
         queries in place and the keys, and writes keys and values into their cache slots (-1
         skipped), as ``fused_kernels.rope_`` then :meth:`write_kv` would. Returns the rotated
         queries, a [T, H, D] view of ``qkv``."""
-        t = qkv.shape[0]
-        num_kv_heads = kv_cache.shape[3]
-        head_dim, rem = divmod(qkv.shape[1], num_heads + 2 * num_kv_heads)
-        if rem or qkv.stride(1) != 1 or head_dim & (head_dim - 1):
-            raise ValueError(
-                f"qkv must be [T, (num_heads + 2 * num_kv_heads) * head_dim] with unit stride and a "
-                f"power-of-two head_dim, got {tuple(qkv.shape)} for {num_heads} + 2 * {num_kv_heads} heads"
-            )
-        q, k, v = qkv.view(t, -1, head_dim).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
-        self._check(q, k, v, kv_cache)
-        if t == 0:
+        q, cos, sin = self._split_qkv(qkv, cos, sin, kv_cache, num_heads)
+        if q.shape[0] == 0:
             return q
-        cos, sin = cos.reshape(t, head_dim), sin.reshape(t, head_dim)
-        if cos.stride() != sin.stride() or cos.stride(-1) != 1:
-            raise ValueError("cos and sin must be row-major with the same layout")
+        t, num_kv_heads, head_dim = q.shape[0], kv_cache.shape[3], q.shape[2]
         pdl = _pdl(qkv.device)
         _kernels()["rope_write_kv"][(t,)](
             qkv, cos, sin, kv_cache, slot_mapping,
@@ -455,13 +448,16 @@ class TritonPagedBackend(AttentionBackend):
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             meta.block_tables.stride(0),
             *acc_strides, *ml_strides,
-            *((rope.cos, rope.sin, rope.slots, rope.stride_cs, rope.k_col, rope.v_col) if rope else (q, q, q, 0, 0, 0)),
+            # With RoPE, q is a view of the qkv rows: keys start after the query heads, values
+            # after the keys.
+            *((rope.cos, rope.sin, rope.slots, rope.cos.stride(0), num_heads * head_dim,
+               (num_heads + num_kv_heads) * head_dim) if rope else (q, q, q, 0, 0, 0)),
             GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
             BLOCK_D=_next_pow2(head_dim), PAGE=page, BLOCK_N=cfg.block_n, PARTITION=partition,
             SINGLE=single, BLOCK_S=_next_pow2(num_parts),
             IEEE=q.dtype == torch.float32, QUANT=_quant_kind(kv_cache), PDL=pdl,
             BLOCK_G2=_next_pow2(group), MERGE_S=min(16, _next_pow2(num_parts)),
-            QMAX=rope.qmax if rope else 0, ROPE=rope is not None,
+            QMAX=_qmax(kv_cache) if rope else 0, ROPE=rope is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
         )
         return out
