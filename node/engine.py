@@ -55,6 +55,7 @@ from ultrakv.node.outputs import (
     GenerateRequest,
     PreparedTurn,
     Prompt,
+    RequestKey,
     RequestOutput,
     SessionInfo,
     StreamDelta,
@@ -253,10 +254,11 @@ class Engine:
         self._lock = threading.RLock()  # engine state: queues, sessions, pool
         self._step_lock = threading.Lock()  # one step at a time
         self._work = threading.Condition(self._lock)
-        self._in_flight: set[str] = set()  # request ids in the step the model is running
-        self._deferred_aborts: set[str] = set()
-        self._seqs: dict[str, Sequence] = {}
-        self._listeners: dict[str, Listener] = {}
+        # Running requests by (tenant, request id): two tenants may run the same id.
+        self._in_flight: set[RequestKey] = set()  # the requests in the step the model is running
+        self._deferred_aborts: set[RequestKey] = set()
+        self._seqs: dict[RequestKey, Sequence] = {}
+        self._listeners: dict[RequestKey, Listener] = {}
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopMailbox] = (
             weakref.WeakKeyDictionary())
         self._loop_thread: threading.Thread | None = None
@@ -567,7 +569,7 @@ class Engine:
         the end (the final output always has the full text).
         """
         with self._lock:
-            if request.request_id in self._seqs:
+            if request.key in self._seqs:  # the same tenant's: another's may share the id
                 raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already running")
             if len(self.scheduler.waiting) >= self.max_waiting:
                 raise QueueFullError(f"admission queue is full ({self.max_waiting} waiting); retry later")
@@ -583,6 +585,7 @@ class Engine:
             sp = request.sampling
             seq = Sequence(
                 request_id=request.request_id,
+                tenant=request.tenant,
                 token_ids=tokens,
                 num_prompt_tokens=len(tokens),
                 conversation=prompt.conversation,
@@ -596,9 +599,9 @@ class Engine:
             seq.incremental_text = stream_text or bool(sp.stop)
             if sp.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(sp.seed)
-            self._seqs[seq.request_id] = seq
+            self._seqs[seq.key] = seq
             if listener is not None:
-                self._listeners[seq.request_id] = listener
+                self._listeners[seq.key] = listener
             if not self.scheduler.has_unfinished:
                 self._last_progress = time.monotonic()
             self.scheduler.add(seq)
@@ -609,15 +612,17 @@ class Engine:
             self._work.notify_all()
             return seq
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks now (or, if the model is computing it right
-        now, as soon as that step ends). Returns False if it is not running."""
+    def abort(self, request_id: str, tenant: str = "") -> bool:
+        """Stop ``tenant``'s request ``request_id`` and free its blocks now (or, if the model
+        is computing it right now, as soon as that step ends). Returns False if it is not
+        running (another tenant's request of that id is not touched)."""
+        key = RequestKey(tenant, request_id)
         with self._lock:
-            seq = self._seqs.get(request_id)
+            seq = self._seqs.get(key)
             if seq is None:
                 return False
-            if request_id in self._in_flight:
-                self._deferred_aborts.add(request_id)
+            if key in self._in_flight:
+                self._deferred_aborts.add(key)
             else:
                 self._finish(seq, "abort")
             return True
@@ -655,7 +660,7 @@ class Engine:
                 num_steps = 1 if speculates else self.scheduler.plan_decode_steps(out, self.num_scheduler_steps)
                 if self.tiers is not None:  # evicted blocks leave before the step overwrites them
                     self.tiers.flush()
-                self._in_flight = {item.seq.request_id for item in out.scheduled}
+                self._in_flight = {item.seq.key for item in out.scheduled}
             if num_steps > 1 and not drafted:
                 return finished + self._decode_round(out.scheduled, num_steps)
             items = out.scheduled
@@ -726,7 +731,7 @@ class Engine:
     def _rows_going(self, items: list[ScheduledSeq], rows: Iterable[int]) -> list[int]:
         """The rows of ``rows`` whose sequences are still going (not ended, not aborted)."""
         return [j for j in rows
-                if not items[j].seq.is_finished and items[j].seq.request_id not in self._deferred_aborts]
+                if not items[j].seq.is_finished and items[j].seq.key not in self._deferred_aborts]
 
     def _fail_step(self, scheduled: list[ScheduledSeq], exc: Exception) -> list[RequestOutput]:
         log.exception("model step failed; failing its %d requests", len(scheduled))
@@ -743,7 +748,7 @@ class Engine:
 
     def _apply_deferred_aborts(self) -> list[RequestOutput]:
         """Finish the requests aborted while the model was computing them (lock held)."""
-        finished = [self._finish(self._seqs[rid], "abort") for rid in self._deferred_aborts & self._seqs.keys()]
+        finished = [self._finish(self._seqs[key], "abort") for key in self._deferred_aborts & self._seqs.keys()]
         self._deferred_aborts.clear()
         return finished
 
@@ -880,7 +885,7 @@ class Engine:
                 yield delta
         finally:
             if not finished:
-                self.abort(request.request_id)
+                self.abort(request.request_id, request.tenant)
 
     def stream_to(self, request: GenerateRequest, on_delta: Listener) -> None:
         """Queue ``request`` and call ``on_delta`` with each of its deltas on the running event
@@ -984,7 +989,7 @@ class Engine:
         return delta
 
     def _emit(self, seq: Sequence, text: str) -> None:
-        listener = self._listeners.get(seq.request_id)
+        listener = self._listeners.get(seq.key)
         new_tokens = seq.output_token_ids[seq.emitted_tokens :]
         seq.emitted_tokens = seq.num_output_tokens
         if listener is not None and (new_tokens or text):
@@ -994,7 +999,7 @@ class Engine:
         if not seq.incremental_text and reason in ("stop", "length"):
             seq.text = self.tokenizer.decode(seq.output_token_ids)
         self.scheduler.finish(seq, reason)  # keeps the chain of full-block hashes in prefix_hashes
-        self._seqs.pop(seq.request_id, None)
+        self._seqs.pop(seq.key, None)
         now = time.monotonic()
         if seq.session_id is not None:
             completed = reason in ("stop", "length")
@@ -1026,7 +1031,7 @@ class Engine:
             m.tpot.append(tpot)
             m.tpot_hist.observe(tpot)
         m.e2e_hist.observe(output.latency_s)
-        listener = self._listeners.pop(seq.request_id, None)
+        listener = self._listeners.pop(seq.key, None)
         if listener is not None:
             new_tokens = seq.output_token_ids[seq.emitted_tokens :]
             _notify(listener, StreamDelta(seq.request_id, new_tokens, pending_text, finished=True, output=output))

@@ -41,7 +41,15 @@ from ultrakv.cluster.validation import NODE_FAILING_FIELD, RequestRejected, Sess
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.engine_core import CoreFacts, rebuild_error, run_core
 from ultrakv.node.kv.block_event_log import BlockEventLog
-from ultrakv.node.outputs import GenerateRequest, PreparedTurn, Prompt, RequestOutput, SessionInfo, StreamDelta
+from ultrakv.node.outputs import (
+    GenerateRequest,
+    PreparedTurn,
+    Prompt,
+    RequestKey,
+    RequestOutput,
+    SessionInfo,
+    StreamDelta,
+)
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import Session, TenantQuota
 
@@ -108,7 +116,7 @@ class EngineClient:
         self._stopping = False  # shutdown() asked the core to stop: its exit is no loss
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # the tables below
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[RequestKey, _Stream] = {}  # by tenant and id, as the engine's
         self._calls: dict[int, Future] = {}
         self._ids = itertools.count(1)
         # Step messages that carried deltas: at most one per engine step, whatever the streams.
@@ -222,17 +230,17 @@ class EngineClient:
             self.block_log(stored, hashes, tier)
         batches: dict[asyncio.AbstractEventLoop, list[tuple[Listener, StreamDelta]]] = {}
         with self._lock:
-            for request_id, token_ids, text, output in deltas:
-                stream = (self._streams.get(request_id) if output is None
-                          else self._streams.pop(request_id, None))
+            for key, token_ids, text, output in deltas:
+                stream = (self._streams.get(key) if output is None
+                          else self._streams.pop(key, None))
                 if stream is not None:
                     batches.setdefault(stream.loop, []).append((stream.on_delta, StreamDelta(
-                        request_id, token_ids, text, output is not None, output)))
-            for request_id, error in refused:
-                stream = self._streams.pop(request_id, None)
+                        key.request_id, token_ids, text, output is not None, output)))
+            for key, error in refused:
+                stream = self._streams.pop(key, None)
                 if stream is not None:
                     batches.setdefault(stream.loop, []).append((stream.on_delta, StreamDelta(
-                        request_id, [], "", True, error=rebuild_error(error))))
+                        key.request_id, [], "", True, error=rebuild_error(error))))
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_notify_all, items)
@@ -260,9 +268,9 @@ class EngineClient:
         for future in calls.values():
             future.set_exception(error)
         batches: dict[asyncio.AbstractEventLoop, list[tuple[Listener, StreamDelta]]] = {}
-        for request_id, stream in streams.items():
+        for key, stream in streams.items():
             batches.setdefault(stream.loop, []).append(
-                (stream.on_delta, StreamDelta(request_id, [], "", True, error=error)))
+                (stream.on_delta, StreamDelta(key.request_id, [], "", True, error=error)))
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_notify_all, items)
@@ -289,27 +297,30 @@ class EngineClient:
         loop, all of a step's in one wakeup (as :meth:`Engine.stream_to`). A refusal arrives
         as a finished delta whose ``error`` is set."""
         loop = asyncio.get_running_loop()
-        rid = request.request_id
+        key = request.key
         with self._lock:
             if self.lost_reason is not None:
                 raise EngineCoreLostError(self.lost_reason)
-            if rid in self._streams:
-                raise InvalidRequestError("request_id", f"request_id {rid!r} is already running")
-            self._streams[rid] = _Stream(loop, on_delta)
+            if key in self._streams:  # the same tenant's: another's may share the id
+                raise InvalidRequestError(
+                    "request_id", f"request_id {request.request_id!r} is already running")
+            self._streams[key] = _Stream(loop, on_delta)
         try:
             self._send(("add", request))
         except BaseException:
             with self._lock:
-                self._streams.pop(rid, None)
+                self._streams.pop(key, None)
             raise
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request (its final delta follows); False when it is not running."""
+    def abort(self, request_id: str, tenant: str = "") -> bool:
+        """Stop ``tenant``'s request ``request_id`` (its final delta follows); False when it
+        is not running."""
+        key = RequestKey(tenant, request_id)
         with self._lock:
-            running = request_id in self._streams
+            running = key in self._streams
         if running:
             try:
-                self._send(("abort", request_id))
+                self._send(("abort", key))
             except EngineCoreLostError:
                 return False
         return running

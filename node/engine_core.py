@@ -11,14 +11,15 @@ One duplex pipe carries pickled tuples both ways:
 
 node -> core
     ``("add", GenerateRequest)``: queue a request (a refusal comes back in the next step
-    message); ``("abort", request_id)``; ``("call", id, name, args, kwargs)``: one of
+    message); ``("abort", RequestKey)``; ``("call", id, name, args, kwargs)``: one of
     :data:`CORE_CALLS`, answered by ``("reply", id, ok, value)``; ``("stop",)``.
 core -> node
     ``("ready", CoreFacts)`` once the model is loaded and warmed up (``("failed", error)``
     if it could not start); ``("reply", ...)``; ``("step", deltas, refused, blocks)``: every
     delta the engine produced since the last such message (in practice one step's), the
     requests refused meanwhile and the block-pool changes, sent by one thread that takes the
-    engine's lock to collect them, so a step's deltas always leave together.
+    engine's lock to collect them, so a step's deltas always leave together. Requests are
+    named by their :class:`~ultrakv.node.outputs.RequestKey` (tenant and id) both ways.
 
 The core exits when the pipe closes (its node is gone), and with ``pdeathsig`` also gets
 SIGKILL from the kernel when the node's starting thread dies. It ignores SIGINT and SIGTERM,
@@ -28,6 +29,7 @@ which reach a whole process group at once: its node drains, then stops it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -41,6 +43,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from ultrakv.node.config import EngineConfig
+from ultrakv.node.outputs import RequestKey
 
 if TYPE_CHECKING:
     from ultrakv.node.engine import Engine
@@ -62,8 +65,9 @@ CONTROL_THREADS = 4  # control calls run side by side (an export must not hold u
 # engine that moves read as stalled (it only reads two fields under the engine's lock).
 INLINE_CALLS = frozenset({"seconds_without_progress"})
 
-# A delta on the wire: (request_id, new token ids, new text, the RequestOutput when finished).
-Delta = tuple[str, list[int], str, Any]
+# A delta on the wire: (its request's key, new token ids, new text, the RequestOutput when
+# finished).
+Delta = tuple[RequestKey, list[int], str, Any]
 BlockChange = tuple[bool, Sequence[int], str]
 
 
@@ -110,19 +114,19 @@ class _Outgoing:
 
     def __init__(self) -> None:
         self.deltas: list[Delta] = []
-        self.refused: list[tuple[str, tuple]] = []
+        self.refused: list[tuple[RequestKey, tuple]] = []
         self.blocks: list[BlockChange] = []
         self.lock = threading.Lock()
         self.wake = threading.Event()
 
-    def delta(self, delta: Any) -> None:
+    def delta(self, key: RequestKey, delta: Any) -> None:
         with self.lock:
-            self.deltas.append((delta.request_id, delta.token_ids, delta.text, delta.output))
+            self.deltas.append((key, delta.token_ids, delta.text, delta.output))
         self.wake.set()
 
-    def refuse(self, request_id: str, exc: BaseException) -> None:
+    def refuse(self, key: RequestKey, exc: BaseException) -> None:
         with self.lock:
-            self.refused.append((request_id, error_payload(exc)))
+            self.refused.append((key, error_payload(exc)))
         self.wake.set()
 
     def block_change(self, stored: bool, hashes: Sequence[int], tier: str) -> None:
@@ -189,7 +193,7 @@ class EngineCore:
                 if kind == "add":
                     self._add(message[1])
                 elif kind == "abort":
-                    self.engine.abort(message[1])
+                    self.engine.abort(message[1].request_id, message[1].tenant)
                 elif kind == "call" and message[2] in INLINE_CALLS:
                     self._call(*message[1:])
                 elif kind == "call":
@@ -206,9 +210,9 @@ class EngineCore:
 
     def _add(self, request: Any) -> None:
         try:
-            self.engine.add_request(request, self.out.delta)
+            self.engine.add_request(request, functools.partial(self.out.delta, request.key))
         except Exception as exc:  # refused: the node raises it to the request's caller
-            self.out.refuse(request.request_id, exc)
+            self.out.refuse(request.key, exc)
 
     def _call(self, call_id: int, name: str, args: tuple, kwargs: dict) -> None:
         try:

@@ -8,6 +8,21 @@ from dataclasses import dataclass, field
 from ultrakv.node.chat import ChatMessage
 from ultrakv.node.sampling_params import Priority, SamplingParams
 
+
+@dataclass(frozen=True)
+class RequestKey:
+    """What names a running request on a node: its tenant and its request id.
+
+    Request ids are the clients' own, so two tenants may choose the same one; every table of
+    running requests (the engine's, an engine core's proxy, data parallelism's, the server's
+    turn attempts) is keyed by both, so no tenant can see (as a refusal), block or abort
+    another's request by naming its id. A pair, not a joined string: no tenant name can
+    alias another's ids."""
+
+    tenant: str
+    request_id: str
+
+
 # Text, token ids, or a chat conversation (ChatMessage objects or {"role", "content"} dicts).
 Prompt = str | list[int] | list[ChatMessage] | list[dict[str, str]]
 
@@ -38,6 +53,11 @@ class GenerateRequest:
     deadline: float | None = None
     full_context: bool = False
     resume_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def key(self) -> RequestKey:
+        """The request's name among those running (see :class:`RequestKey`)."""
+        return RequestKey(self.tenant, self.request_id)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from ultrakv.cluster.block_hashing import continue_chain, hash_block, hash_token_blocks
 from ultrakv.node.kv.block_pool import BlockPool
+from ultrakv.node.outputs import RequestKey
 from ultrakv.node.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger("ultrakv.node.scheduler")
@@ -147,7 +148,7 @@ class Scheduler:
         now = self.clock()
         self.running.sort(key=lambda s: (self.effective_priority(s, now), s.arrival_time))
 
-        scheduled_ids: set[str] = set()
+        scheduled_ids: set[RequestKey] = set()
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
@@ -162,7 +163,7 @@ class Scheduler:
                     break
             if seq.status is SequenceStatus.RUNNING:
                 out.scheduled.append(ScheduledSeq(seq, num_new))
-                scheduled_ids.add(seq.request_id)
+                scheduled_ids.add(seq.key)
                 budget -= num_new
 
         if not out.preempted:
@@ -361,10 +362,10 @@ class Scheduler:
         seq.block_table.extend(self.pool.allocate(need))
         return True
 
-    def _pick_victim(self, exclude: set[str]) -> Sequence:
+    def _pick_victim(self, exclude: set[RequestKey]) -> Sequence:
         """The running sequence that loses least by waiting: worst priority, newest."""
         # The sequence asking is never in ``exclude``, so there is always a candidate.
-        candidates = [s for s in self.running if s.request_id not in exclude]
+        candidates = [s for s in self.running if s.key not in exclude]
         return max(candidates, key=lambda s: (int(s.priority), s.arrival_time))
 
     def _preempt(self, seq: Sequence) -> None:

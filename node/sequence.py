@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 from ultrakv.node.chat import ChatMessage
+from ultrakv.node.outputs import RequestKey
 from ultrakv.node.sampling_params import Priority, SamplingParams
 
 
@@ -35,6 +36,7 @@ class Sequence:
     priority: Priority = Priority.NORMAL
     session_id: str | None = None
     salt: str = ""
+    tenant: str = ""  # who asked: with ``request_id``, the sequence's key (see ``key``)
     deadline: float | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     # The chat conversation this turn renders (None for text and token prompts); the
@@ -63,6 +65,11 @@ class Sequence:
     text: str = ""
     emitted_text_len: int = 0
     emitted_tokens: int = 0
+
+    @property
+    def key(self) -> RequestKey:
+        """The sequence's name among those running: request ids are unique per tenant only."""
+        return RequestKey(self.tenant, self.request_id)
 
     @property
     def num_tokens(self) -> int:

@@ -95,7 +95,7 @@ from ultrakv.node.engine_client import EngineClient
 from ultrakv.node.kv.block_event_log import BlockEventLog
 from ultrakv.node.kv.block_pool import GPU_TIER
 from ultrakv.node.metrics import NodeCollector
-from ultrakv.node.outputs import GenerateRequest, Prompt, RequestOutput, SessionInfo, StreamDelta
+from ultrakv.node.outputs import GenerateRequest, Prompt, RequestKey, RequestOutput, SessionInfo, StreamDelta
 from ultrakv.node.replication import ReplicationStats, TurnNotDurableError
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import SessionChangedError, SessionOwnedError, TenantQuota, TurnConflictError
@@ -268,11 +268,11 @@ class LocalBackend:
         self.cuts = CutRegistry()  # backups' cuts: snapshots, and results held meanwhile
         self.serving = True  # False while the engine makes no progress (NodeServer's watch)
         self._completing: set[asyncio.Task] = set()
-        # Session turns in the engine, by request id: (tenant, session id) and the attempt's
-        # outcome future. Only an earlier attempt of the same tenant's turn on the same
-        # session is aborted for a retry: request ids are the clients' own, and another
-        # tenant's request may run under the same one.
-        self._turn_attempts: dict[str, tuple[tuple[str, str], asyncio.Future]] = {}
+        # Session turns in the engine, by tenant and request id (request ids are the
+        # clients' own: another tenant's request may run under the same one): the session
+        # id and the attempt's outcome future. Only an earlier attempt of the same tenant's
+        # turn on the same session is aborted for a retry.
+        self._turn_attempts: dict[RequestKey, tuple[str | None, asyncio.Future]] = {}
         # Sessions whose last turn is recorded but was not acknowledged for want of a copy
         # (TurnNotDurableError) or of a proven lease (NodeFencedError): a retry is answered
         # from the record only once a copy is stored.
@@ -302,8 +302,8 @@ class LocalBackend:
             # An earlier attempt whose caller went away is aborted, but stays in the engine
             # (holding the request id and the session) until the step computing it ends.
             deadline_s = time.monotonic() + 10.0
-            while (self._earlier_attempt(req.request_id, request)
-                   and self.engine.abort(req.request_id) and time.monotonic() < deadline_s):
+            while (self._earlier_attempt(req)
+                   and self.engine.abort(req.request_id, req.tenant) and time.monotonic() < deadline_s):
                 await asyncio.sleep(0.01)
             self.ledger.begin(key)
         # Deltas go to the sink in the engine's mailbox callback (one wakeup of this loop per
@@ -318,7 +318,7 @@ class LocalBackend:
         def on_delta(delta: StreamDelta) -> None:
             nonlocal finished
             if delta.finished and key is not None:  # it has left the engine
-                self._end_attempt(req.request_id, outcome)
+                self._end_attempt(req.key, outcome)
             if delta.error is not None:  # refused by an engine core process, or it is gone
                 finished = True
                 if key is not None:
@@ -342,23 +342,23 @@ class LocalBackend:
                 self.ledger.end(key, None)
             raise
         if key is not None and not finished:
-            self._turn_attempts[req.request_id] = ((request.tenant, request.session_id), outcome)
+            self._turn_attempts[req.key] = (req.session_id, outcome)
         try:
             return await outcome
         finally:
             if not finished:  # cancelled or disconnected: free the blocks now
-                self.engine.abort(req.request_id)
+                self.engine.abort(req.request_id, req.tenant)
 
-    def _earlier_attempt(self, request_id: str, request: pb.GenerateRequest) -> bool:
-        """Whether the engine runs ``request_id`` as an earlier attempt of this tenant's turn
-        on this session (so a retry may abort it)."""
-        held = self._turn_attempts.get(request_id)
-        return held is not None and held[0] == (request.tenant, request.session_id)
+    def _earlier_attempt(self, req: GenerateRequest) -> bool:
+        """Whether the engine runs ``req``'s tenant and id as an earlier attempt of this turn's
+        session (so a retry may abort it)."""
+        held = self._turn_attempts.get(req.key)
+        return held is not None and held[0] == req.session_id
 
-    def _end_attempt(self, request_id: str, outcome: asyncio.Future) -> None:
-        held = self._turn_attempts.get(request_id)
+    def _end_attempt(self, key: RequestKey, outcome: asyncio.Future) -> None:
+        held = self._turn_attempts.get(key)
         if held is not None and held[1] is outcome:
-            del self._turn_attempts[request_id]
+            del self._turn_attempts[key]
 
     async def _recorded_answer(self, key: TurnKey,
                                request: pb.GenerateRequest) -> pb.GenerateResult | None:

@@ -5,16 +5,16 @@ request; a coordinator whose node stops answering mid-turn retries the request, 
 it from the tokens already streamed, on the session's next owner. The turn may have
 completed all the same (it is in the history the node replicated) before anyone heard its
 end; running the retry would append the turn a second time. So a session turn that
-completes is recorded here under its key (session, request id and a digest of the prompt and
-sampling, the same for a resumed attempt as for the request it resumes) with the session's
-turn count, as soon as the turn is in the history (before its copies are pushed: a move may
-take the history while the push waits), and the record travels wherever the history goes: to
-the ring successors with each push (a replica holder records it too), and with the session
-when it moves or is restored (ExportSession and ImportSession: the session's header carries
-it). A request with the same key, while the session still has that turn count, is answered
-from the record (a resumed one with the tokens it had not received yet);
-one that arrives while the first attempt still runs waits for it. A request with a different
-key (a new turn) runs as usual. Pure bookkeeping on the node's event loop, no I/O.
+completes is recorded here under its key (session, request id and a digest of the tenant,
+the prompt and sampling, the same for a resumed attempt as for the request it resumes) with
+the session's turn count, as soon as the turn is in the history (before its copies are
+pushed: a move may take the history while the push waits), and the record travels wherever
+the history goes: to the ring successors with each push (a replica holder records it too),
+and with the session when it moves or is restored (ExportSession and ImportSession: the
+session's header carries it). A request with the same key, while the session still has
+that turn count, is answered from the record (a resumed one with the tokens it had not
+received yet); one that arrives while the first attempt still runs waits for it. A request
+with a different key (a new turn) runs as usual. Pure bookkeeping on the node's event loop, no I/O.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def turn_key(request: pb.GenerateRequest) -> TurnKey | None:
     """The key of a session turn with a request id; None for requests never deduplicated.
 
     A resumed attempt (``resume_token_ids`` set by the coordinator, ``max_length`` lowered by
-    as many) has the key of the request it resumes."""
+    as many) has the key of the request it resumes. The digest covers the tenant (length
+    first, so no tenant name aliases another): another tenant's request never has the key of
+    a turn, so it neither waits for that turn's attempt nor is answered from its record."""
     if not request.session_id or not request.request_id:
         return None
     which = request.WhichOneof("prompt") or ""
@@ -43,7 +45,8 @@ def turn_key(request: pb.GenerateRequest) -> TurnKey | None:
     sampling.CopyFrom(request.sampling)
     if request.resume_token_ids:
         sampling.max_length += len(request.resume_token_ids)
-    digest = hashlib.sha256(which.encode() + b"\0")
+    tenant = request.tenant.encode()
+    digest = hashlib.sha256(len(tenant).to_bytes(4, "big") + tenant + which.encode() + b"\0")
     digest.update(prompt.encode() if isinstance(prompt, str)
                   else prompt.SerializeToString(deterministic=True))
     digest.update(b"\0" + sampling.SerializeToString(deterministic=True))

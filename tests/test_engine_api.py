@@ -107,6 +107,41 @@ def test_abort_mid_stream_frees_blocks_at_once(engine):
     assert engine.pool.num_used == 0 and engine.pool.num_free == free_before
 
 
+async def test_two_tenants_run_and_abort_the_same_request_id_apart(engine):
+    """Request ids are the tenant's own (RequestKey): another tenant's request under a running
+    id runs beside it (not refused "already running"), aborting it leaves the first one
+    whole, and only the same tenant's second request of that id is refused. Run again over an
+    engine core process in test_engine_process.py (its proxy's table)."""
+    loop = asyncio.get_running_loop()
+    prompt = [7, 8, 9, 10, 11]
+    short = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    want = engine.generate([prompt], short)[0].token_ids
+    tokens: dict[str, list[int]] = {"acme": [], "globex": []}
+    ended: dict[str, asyncio.Future] = {tenant: loop.create_future() for tenant in tokens}
+
+    def listener(tenant: str):
+        def on_delta(delta):
+            tokens[tenant].extend(delta.token_ids)
+            if delta.finished:
+                ended[tenant].set_result(delta.output)
+        return on_delta
+
+    engine.stream_to(GenerateRequest(prompt=prompt, sampling=short, request_id="shared",
+                                     tenant="acme"), listener("acme"))
+    with pytest.raises(InvalidRequestError, match="already running"):  # acme's own id: refused
+        engine.stream_to(GenerateRequest(prompt=[1], sampling=short, request_id="shared",
+                                         tenant="acme"), lambda delta: None)
+    engine.stream_to(GenerateRequest(prompt=[3, 1, 4, 1, 5], request_id="shared", tenant="globex",
+                                     sampling=SamplingParams(max_tokens=400, ignore_eos=True)),
+                     listener("globex"))
+    assert not engine.abort("shared", "initech")  # no such request of that tenant
+    assert engine.abort("shared", "globex")
+    globex = await asyncio.wait_for(ended["globex"], 30)
+    acme = await asyncio.wait_for(ended["acme"], 30)
+    assert globex.finish_reason == "abort" and len(globex.token_ids) < 400
+    assert acme.finish_reason == "length" and acme.token_ids == tokens["acme"] == want
+
+
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(engine):
     sp = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
     a, b = engine.generate([[3, 4, 5], [3, 4, 5]], [sp, sp])

@@ -22,6 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_engine_api import (  # noqa: F401  (over the core process's proxy table)
+    test_two_tenants_run_and_abort_the_same_request_id_apart,
+)
 from test_wire_server import (  # noqa: F401  (tests and fixtures run here over a core process)
     client,
     server,

@@ -1,11 +1,14 @@
 """The edge in front of a cluster: a real coordinator (in-process, on loopback gRPC, over a
 real etcd) routing to two real node servers. The coordinator takes the tenant from the key,
 and the nodes, where sessions live, refuse another tenant's session whatever node the ring
-routes it to (issue 10, findings 1, 4, 5, 6 through the coordinator)."""
+routes it to (issue 10, findings 1, 4, 5, 6 through the coordinator); request ids are each
+tenant's own (one node behind a coordinator, so both tenants' requests meet on it)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import threading
 import time
 import uuid
@@ -215,3 +218,113 @@ def test_a_coordinators_stream_budget_sets_its_messages_per_token(etcd):
     finally:
         node.stop()
         engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_node(etcd, tmp_path_factory):
+    """A coordinator with acme's and globex's keys in front of one node: every request of
+    both tenants runs on the same engine."""
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.jsonl"
+    keys = {tenant: create_key(keys_file, tenant, "user")[0] for tenant in ("acme", "globex")}
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=256))
+    node = BackgroundServer(engine).start()
+    prefix = f"/ids-{uuid.uuid4().hex[:8]}/"
+    try:
+        asyncio.run(register(etcd.endpoint, prefix, {"n0": node.address}))
+        settings = CoordinatorSettings(etcd=etcd.endpoint, prefix=prefix, host="127.0.0.1",
+                                       port=0, grace_period_s=0.2,
+                                       security=SecuritySettings(keys_file=str(keys_file)))
+        with BackgroundCoordinator(settings) as coordinator:
+            deadline = time.monotonic() + 60
+            while not coordinator.server.backend.ring.nodes:
+                assert time.monotonic() < deadline, "the coordinator never routed to the node"
+                time.sleep(0.1)
+            yield coordinator.server.address, keys
+    finally:
+        node.stop()
+        engine.shutdown()
+
+
+class GenerateStream:
+    """One client's Generate stream: requests and cancels sent as they come, events read on a
+    thread of their own, each with the moment it arrived."""
+
+    def __init__(self, channel: grpc.Channel, key: str) -> None:
+        self._out: queue.Queue = queue.Queue()
+        self._events: queue.Queue = queue.Queue()
+        self._call = ultrakv_pb2_grpc.UltraKVStub(channel).Generate(
+            iter(self._out.get, None), metadata=(("x-api-key", key),), timeout=120)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for message in self._call:
+                self._events.put((time.monotonic(), message))
+
+    def send(self, **action) -> None:
+        self._out.put(pb.GenerateStreamRequest(**action))
+
+    def next(self) -> tuple[float, pb.GenerateStreamResponse]:
+        return self._events.get(timeout=60)
+
+    def finish(self) -> tuple[float, list[int], pb.GenerateStreamResponse]:
+        """Read to the request's last event: when it came, the tokens streamed, the event."""
+        streamed: list[int] = []
+        while True:
+            at, message = self.next()
+            if message.WhichOneof("event") != "chunk":
+                return at, streamed, message
+            streamed.extend(message.chunk.token_ids)
+
+    def close(self) -> None:
+        self._out.put(None)
+
+
+def test_another_tenant_runs_cancels_and_retries_a_running_request_id_apart(one_node):
+    """Request ids are each tenant's own, through the coordinator to one node: globex starts
+    a request under the id of acme's running session turn and it runs (no "already
+    running": neither a probe nor a block), cancels its own without touching acme's, which
+    streams exactly the tokens it has alone; acme's retry of its finished turn is answered
+    from the turn ledger, globex's use of that id and session is not."""
+    address, keys = one_node
+    acme_text = "acme's quarterly plan, token by token, for acme alone. " * 2
+    sampling = pb.SamplingOptions(max_length=400, temperature=0, ignore_eos=True)
+    turn = pb.GenerateRequest(request_id="turn-1", session_id="acme-desk", text=acme_text,
+                              sampling=sampling)
+    with grpc.insecure_channel(address) as channel:
+        stub = ultrakv_pb2_grpc.UltraKVStub(channel)
+        alone = stub.Process(pb.GenerateRequest(request_id="alone", text=acme_text, sampling=sampling),
+                             metadata=(("x-api-key", keys["acme"]),), timeout=60)
+        acme, globex = GenerateStream(channel, keys["acme"]), GenerateStream(channel, keys["globex"])
+        try:
+            acme.send(generate=turn)
+            assert acme.next()[1].WhichOneof("event") == "chunk"  # acme's turn runs now
+            globex.send(generate=pb.GenerateRequest(
+                request_id="turn-1", session_id="globex-desk", text="globex's own words",
+                sampling=sampling))
+            first = globex.next()[1]
+            assert first.WhichOneof("event") == "chunk", first  # not refused "already running"
+            globex.send(cancel=pb.CancelRequest(request_id="turn-1"))
+            cancelled_at, _, cancelled = globex.finish()
+            assert cancelled.result.finish_reason == pb.FINISH_REASON_ABORT, cancelled
+            acme_at, _, acme_end = acme.finish()
+        finally:
+            acme.close()
+            globex.close()
+    assert acme_at > cancelled_at  # acme's turn ran all along globex's request
+    assert acme_end.result.finish_reason == pb.FINISH_REASON_LENGTH, acme_end
+    assert list(acme_end.result.token_ids) == list(alone.token_ids)
+    with client(one_node, keys["acme"]) as acme_client:
+        retried = acme_client.process_request(
+            {"request_id": "turn-1", "session_id": "acme-desk", "text": acme_text,
+             "max_length": 400, "temperature": 0, "ignore_eos": True})
+        assert retried["success"] and retried["response"]["token_ids"] == list(alone.token_ids)
+        assert acme_client.get_session("acme-desk")["turns"] == 1  # answered, not taken again
+    with client(one_node, keys["globex"]) as globex_client:
+        replay = {"request_id": "turn-1", "text": acme_text, "max_length": 400,
+                  "temperature": 0, "ignore_eos": True}
+        taken = globex_client.process_request({**replay, "session_id": "acme-desk"})
+        assert taken["error_code"] == "NOT_FOUND", taken  # never acme's recorded answer
+        own = globex_client.process_request({**replay, "session_id": "globex-desk"})
+        assert own["success"], own
+        assert globex_client.get_session("globex-desk")["turns"] == 1  # taken, not replayed

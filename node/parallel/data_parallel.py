@@ -31,7 +31,15 @@ from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import SessionLayout
 from ultrakv.node.config import EngineConfig
 from ultrakv.node.engine import Engine, batch_of, resolve_device
-from ultrakv.node.outputs import GenerateRequest, PreparedTurn, Prompt, RequestOutput, SessionInfo, StreamDelta
+from ultrakv.node.outputs import (
+    GenerateRequest,
+    PreparedTurn,
+    Prompt,
+    RequestKey,
+    RequestOutput,
+    SessionInfo,
+    StreamDelta,
+)
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.sessions import Session, TenantQuota
 
@@ -123,7 +131,7 @@ class EngineGroup:
         self._by_id = dict(zip(self.gpu_ids, self.engines, strict=True))
         self._router = BoundedLoadRouter(HashRing(self.gpu_ids), PLACEMENT_EPS)
         self._lock = threading.Lock()
-        self._requests: dict[str, Engine] = {}
+        self._requests: dict[RequestKey, Engine] = {}
         self._rates: dict[str, list[tuple[float, int]]] = {g: [] for g in self.gpu_ids}
         self._nvml = _Nvml.open(devices)
         self.sessions = _GroupSessions(self)
@@ -198,39 +206,40 @@ class EngineGroup:
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
         engine = self._engine_for(request)
         with self._lock:
-            self._requests[request.request_id] = engine
+            self._requests[request.key] = engine
         try:
             async for delta in engine.stream(request):
                 yield delta
         finally:
             with self._lock:
-                self._requests.pop(request.request_id, None)
+                self._requests.pop(request.key, None)
 
     def stream_to(self, request: GenerateRequest, on_delta: Callable[[StreamDelta], None]) -> None:
         """:meth:`Engine.stream_to` on the engine the request goes to."""
         engine = self._engine_for(request)
-        rid = request.request_id
+        key = request.key
 
         def deliver(delta: StreamDelta) -> None:
             if delta.finished:
                 with self._lock:
-                    self._requests.pop(rid, None)
+                    self._requests.pop(key, None)
             on_delta(delta)
 
         with self._lock:
-            self._requests[rid] = engine
+            self._requests[key] = engine
         try:
             engine.stream_to(request, deliver)
         except BaseException:
             with self._lock:
-                self._requests.pop(rid, None)
+                self._requests.pop(key, None)
             raise
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, tenant: str = "") -> bool:
+        """Stop ``tenant``'s request ``request_id`` on the engine running it."""
         with self._lock:
-            engine = self._requests.get(request_id)
+            engine = self._requests.get(RequestKey(tenant, request_id))
         engines = [engine] if engine is not None else self.engines
-        return any(e.abort(request_id) for e in engines)
+        return any(e.abort(request_id, tenant) for e in engines)
 
     def generate(self, prompts: list[Prompt] | Prompt, params: SamplingParams | list[SamplingParams] | None = None,
                  *, session_ids: list[str | None] | None = None,
