@@ -9,8 +9,10 @@ of its request id; everything per request (deadlines, resume, usage) stays the f
 
 A node runs one request per id on a stream, so a link takes a request only while no request
 of the same id runs on it (another link opens beside it otherwise: two clients may choose
-the same id). A link half-closes once it has nothing in flight: a coordinator at rest holds
-no stream open, and the node's idle limit never ends one under a request.
+the same id, of one tenant or of two; the stream's events and cancels name the id only, so
+two tenants' requests of one id never share a link, and on the node each runs under its
+own tenant's key). A link half-closes once it has nothing in flight: a coordinator at rest
+holds no stream open, and the node's idle limit never ends one under a request.
 """
 
 from __future__ import annotations
