@@ -308,10 +308,13 @@ class Engine:
 
     def _while_running(self, out: SchedulerOutput) -> None:
         """Host work a step's end would otherwise wait for, done while the device computes it:
-        hashing the blocks it fills, and the KV tiers' deferred offload work (KVTiers.settle)."""
+        hashing the blocks it fills, telling the eviction policy of the step's prefix hits
+        (BlockPool.apply_deferred_hits), and the KV tiers' deferred offload work
+        (KVTiers.settle)."""
         self.scheduler.hash_ahead(out)
-        if self.tiers is not None:
-            with self._lock:
+        with self._lock:
+            self.pool.apply_deferred_hits()
+            if self.tiers is not None:
                 self.tiers.settle()
 
     def _calibrate_tiers(self) -> None:

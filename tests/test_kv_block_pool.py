@@ -184,6 +184,35 @@ def test_eviction_drops_the_tail_of_a_prefix_first():
     assert len(pool.match_prefix(hash_token_blocks(tokens, BS))) == 2
 
 
+@pytest.mark.parametrize("policy", EVICTION_POLICIES)
+def test_deferred_prefix_hits_give_the_policy_the_same_events(policy):
+    """match_prefix tells the policy later (apply_deferred_hits); a pool that is never told
+    explicitly evicts exactly what one told after every match evicts, and never a matched block."""
+    evicted: dict[str, list[int]] = {"now": [], "later": []}
+    pools = {}
+    for name in evicted:
+        pools[name] = BlockPool(6, BS, policy=policy)
+        pools[name].add_observer(lambda stored, hashes, tier, name=name: evicted[name].extend(
+            [] if stored else hashes))
+    # The third reuses the first's blocks, the least recently used, and needs one more: an
+    # eviction that must not take them.
+    prompts = [list(range(12)), list(range(100, 112)), list(range(12)) + [7] * 4, [60] * 8, list(range(4)) + [70] * 8]
+    for tokens in prompts:
+        for name, pool in pools.items():
+            hashes = hash_token_blocks(tokens, BS)
+            matched = pool.match_prefix(hashes)
+            if name == "now":
+                pool.apply_deferred_hits()
+            fresh = pool.allocate(len(hashes) - len(matched))  # evicts: applies the deferred hits first
+            assert all(pool.block_hash(b) == h for b, h in zip(matched, hashes, strict=False))
+            for block, h in zip(fresh, hashes[len(matched) :], strict=True):
+                pool.commit(block, h)
+            pool.free(matched + fresh)
+    assert evicted["now"] == evicted["later"] and evicted["now"]
+    assert pools["now"].stats() == pools["later"].stats()
+    assert pools["later"].policy.num_evictable == pools["later"].num_cached
+
+
 def test_evict_unreferenced_clears_cache_only():
     pool = BlockPool(8, BS)
     pool.free(fill(pool, list(range(12))))

@@ -102,7 +102,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.policy: EvictionPolicy = make_policy(policy, num_blocks)
+        self._policy: EvictionPolicy = make_policy(policy, num_blocks)
+        # Prefix matches' (hits, pinned now, misses) the policy has not been told of yet: see
+        # apply_deferred_hits.
+        self._deferred_hits: list[tuple[Sequence[int], list[bool], Sequence[int]]] = []
         self._ref = [0] * num_blocks
         self._hash: list[int | None] = [None] * num_blocks
         self._block_of: dict[int, int] = {}  # content hash -> block id holding it
@@ -117,6 +120,31 @@ class BlockPool:
         # reclaimed while its bytes are still in place, and of each block committed.
         self.on_evict: Callable[[int, int], None] | None = None  # (block id, hash)
         self.on_commit: Callable[[int, int], None] | None = None
+
+    # --- eviction policy ----------------------------------------------------------------
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        """The eviction policy, told of every prefix match so far."""
+        self.apply_deferred_hits()
+        return self._policy
+
+    def apply_deferred_hits(self) -> None:
+        """Tell the policy of the hits and misses of the prefix matches since the last call.
+
+        :meth:`match_prefix` leaves them for later: a returning session's turn reuses a
+        hundred blocks or more, and the engine tells the policy while the device computes
+        the turn's step instead of before launching it. Every other use of the policy (an
+        eviction, a release, a commit, :attr:`policy`) applies them first, so the policy
+        sees the same events in the same order as if they were applied at once.
+        """
+        if self._deferred_hits:
+            policy = self._policy
+            for hits, pinned_now, misses in self._deferred_hits:
+                policy.on_hits(hits, pinned_now)
+                for key in misses:
+                    policy.on_miss(key)
+            self._deferred_hits.clear()
 
     # --- observers ----------------------------------------------------------------------
 
@@ -210,7 +238,8 @@ class BlockPool:
     def _evict(self, n: int) -> list[int]:
         """Reclaim ``n`` cached blocks in the policy's order; the observers hear of their
         hashes in one call (a full pool evicts for every step's new blocks)."""
-        keys = [self.policy.victim() for _ in range(n)]
+        policy = self.policy
+        keys = [policy.victim() for _ in range(n)]
         # num_free counted these blocks as cached, so the policy must have evictable keys.
         assert None not in keys, "eviction policy has no victim while blocks are cached"
         blocks = [self._block_of.pop(key) for key in keys]
@@ -247,6 +276,7 @@ class BlockPool:
                     f"double free: block_id {block} has ref_count {self._ref[block]}, "
                     f"freed {count} times"
                 )
+        policy = self.policy
         for block in reversed(block_ids):
             self._ref[block] -= 1
             if self._ref[block] > 0:
@@ -257,7 +287,7 @@ class BlockPool:
                 self._free.append(block)
             else:
                 self._num_cached += 1
-                self.policy.set_evictable(key, True)
+                policy.set_evictable(key, True)
 
     # --- prefix caching -----------------------------------------------------------------
 
@@ -270,8 +300,9 @@ class BlockPool:
         """
         if not self.enable_prefix_caching:
             return []
-        # One pass in C over the lookups, one over the blocks, one policy call: a returning
-        # session's turn pins a hundred blocks or more before its prefill can start.
+        # One pass in C over the lookups, one over the blocks, and the policy told later (see
+        # apply_deferred_hits): a returning session's turn pins a hundred blocks or more
+        # before its prefill can start.
         blocks = list(takewhile(_is_block, map(self._block_of.get, hashes)))
         ref = self._ref
         pinned_now = []
@@ -281,9 +312,7 @@ class BlockPool:
         newly = sum(pinned_now)
         self._num_cached -= newly
         self._num_used += newly
-        self.policy.on_hits(hashes[: len(blocks)], pinned_now)
-        for key in hashes[len(blocks) :]:
-            self.policy.on_miss(key)
+        self._deferred_hits.append((hashes[: len(blocks)], pinned_now, hashes[len(blocks) :]))
         self._hits += len(blocks)
         self._misses += (len(hashes) if looked_up is None else looked_up) - len(blocks)
         return blocks
@@ -348,10 +377,11 @@ class BlockPool:
     def evict_unreferenced(self) -> int:
         """Drop every cached block (ref count 0) back to the free list; returns how many."""
         dropped = [(key, b) for key, b in self._block_of.items() if self._ref[b] == 0]
+        policy = self.policy
         for key, block in dropped:
             del self._block_of[key]
             self._hash[block] = None
-            self.policy.discard(key)
+            policy.discard(key)
             self._free.append(block)
         self._num_cached -= len(dropped)
         self.publish(False, [key for key, _ in dropped], GPU_TIER)
