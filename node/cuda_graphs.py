@@ -19,6 +19,10 @@ into static buffers:
   buffer (:class:`PrefillGraphInputs`): the runner fills the host side with numpy and one
   copy sends it, so such a step costs one transfer and the replay, with no device-side
   copies or host tensor ops in between (the turn's fixed cost was most of its TTFT).
+  A step pads to the smallest token bucket that holds it unless warmup measured a larger
+  bucket of the same context faster (:meth:`CudaGraphRunner.rank_prefill_sizes`): cuBLAS's
+  choice of kernel varies with the row count, so on an H100 llama-1b's down projection takes
+  27 us at 224 rows and 20 us at 256.
 
 The attention backend sizes its grids from ``meta.max_seq_len`` and ``max_query_len``, so a
 capture fixes them; contexts are bucketed (x4 from 256 up to the model's limit) so short
@@ -69,17 +73,38 @@ class PrefillShape:
     context: int
 
 
-def prefill_shape(start: int, num_new: int, token_buckets: list[int], contexts: list[int]) -> PrefillShape | None:
+def prefill_shape(start: int, num_new: int, token_buckets: list[int], contexts: list[int],
+                  faster: dict[PrefillShape, tuple[int, ...]] | None = None) -> PrefillShape | None:
     """The graph shape for one sequence bringing ``num_new`` tokens after ``start`` computed
     ones; None when no prefill graph fits (one token is a decode step; more than the largest
-    bucket, or a padded sequence past the longest context, runs eagerly)."""
+    bucket, or a padded sequence past the longest context, runs eagerly). ``faster`` (from
+    :func:`faster_sizes`) names, per shape, larger token buckets of the same context that
+    replay faster: the first whose padded end stays within the context is taken."""
     if num_new < 2 or not token_buckets or num_new > token_buckets[-1]:
         return None
     size = token_buckets[bisect.bisect_left(token_buckets, num_new)]
     end = start + size  # the padded tokens extend the sequence
     if end > contexts[-1]:
         return None
-    return PrefillShape(size, contexts[bisect.bisect_left(contexts, end)])
+    shape = PrefillShape(size, contexts[bisect.bisect_left(contexts, end)])
+    for larger in (faster or {}).get(shape, ()):
+        if start + larger <= shape.context:
+            return PrefillShape(larger, shape.context)
+    return shape
+
+
+def faster_sizes(replay_us: dict[PrefillShape, float], margin: float = 0.03) -> dict[PrefillShape, tuple[int, ...]]:
+    """From measured replay times of the prefill graphs: for each shape, the larger token
+    buckets of the same context whose replay took less than ``1 - margin`` of its time,
+    fastest first (shapes with none are left out). The margin keeps measurement noise from
+    trading a step's padding for nothing."""
+    out = {}
+    for shape, t in replay_us.items():
+        larger = sorted((u, other.tokens) for other, u in replay_us.items()
+                        if other.context == shape.context and other.tokens > shape.tokens and u < (1 - margin) * t)
+        if larger:
+            out[shape] = tuple(tokens for _, tokens in larger)
+    return out
 
 
 class PrefillGraphInputs:
@@ -201,17 +226,19 @@ class CudaGraphRunner:
         self.prefill_qsl = {t: torch.tensor([0, t], dtype=torch.int32, device=dev) for t in self.prefill_sizes}
         self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        # Per prefill shape, the larger token buckets warmup measured faster (rank_prefill_sizes).
+        self.faster_prefill: dict[PrefillShape, tuple[int, ...]] = {}
 
     def _prefill_shape(self, meta: AttentionMetadata) -> PrefillShape | None:
         if meta.num_seqs != 1:
             return None
         return prefill_shape(meta.max_seq_len - meta.max_query_len, meta.max_query_len, self.prefill_sizes,
-                             self.buckets)
+                             self.buckets, self.faster_prefill)
 
     def prefill_shape(self, start: int, num_new: int) -> PrefillShape | None:
         """The graph shape for one sequence's step of ``num_new`` tokens after ``start``
         computed ones (None: it runs eagerly); see :meth:`run_prefill`."""
-        return prefill_shape(start, num_new, self.prefill_sizes, self.buckets)
+        return prefill_shape(start, num_new, self.prefill_sizes, self.buckets, self.faster_prefill)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         if meta.max_seq_len > self.buckets[-1]:
@@ -312,6 +339,38 @@ class CudaGraphRunner:
                 self._capture("prefill", size, bucket)
         torch.cuda.synchronize()
         return len(self.graphs) - before
+
+    @torch.inference_mode()
+    def rank_prefill_sizes(self, replays: int = 5) -> dict[PrefillShape, float]:
+        """Time every captured prefill graph (median of ``replays`` replays, microseconds) and
+        let each step take a larger token bucket of its context where that replays faster
+        (:func:`faster_sizes`). The replays run on dummy inputs that write nowhere (slot -1);
+        the context is half way into its bucket, so attention weighs in as on a real turn.
+        Returns the measured times."""
+        prefill = self.prefill_inputs
+        prefill.slot_mapping.fill_(-1)
+        times: dict[PrefillShape, float] = {}
+        for (kind, size, bucket), (graph, _) in sorted(self.graphs.items()):
+            if kind != "prefill":
+                continue
+            lower = max([b for b in self.buckets if b < bucket], default=0)
+            prefill.seq_lens.fill_(max(size, (lower + bucket) // 2))
+            graph.replay()
+            samples = []
+            for _ in range(replays):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                samples.append(1e3 * start.elapsed_time(end))
+            times[PrefillShape(size, bucket)] = sorted(samples)[len(samples) // 2]
+        self.faster_prefill = faster_sizes(times)
+        for shape, larger in sorted(self.faster_prefill.items(), key=lambda kv: (kv[0].context, kv[0].tokens)):
+            log.info("prefill graphs: %d tokens over <= %d replay in %.0f us, %d tokens in %.0f us: steps take %d",
+                     shape.tokens, shape.context, times[shape], larger[0],
+                     times[PrefillShape(larger[0], shape.context)], larger[0])
+        return times
 
     def _meta(self, kind: str, size: int, bucket: int) -> AttentionMetadata:
         if kind == "prefill":

@@ -300,6 +300,7 @@ class Engine:
         if self.runner.graphs is not None:
             with self._lock:
                 n = self.runner.graphs.capture_all()
+                self.runner.graphs.rank_prefill_sizes()
         t1 = time.monotonic()
         self._run_warmup_requests()
         log.info("warmup: captured %d CUDA graphs in %.1f s, eager kernels compiled in %.1f s",

@@ -22,6 +22,7 @@ from ultrakv.node.cuda_graphs import (
     PrefillGraphInputs,
     PrefillShape,
     context_buckets,
+    faster_sizes,
     prefill_shape,
 )
 from ultrakv.node.outputs import GenerateRequest
@@ -46,6 +47,26 @@ def test_steps_no_prefill_graph_fits_run_eagerly():
     assert prefill_shape(3910, 180, BUCKETS, CONTEXTS) is None  # 3910 + 192 > 4096
     assert prefill_shape(3904, 180, BUCKETS, CONTEXTS) == PrefillShape(192, 4096)
     assert prefill_shape(0, 10, [], CONTEXTS) is None
+
+
+def test_a_step_takes_a_larger_bucket_of_its_context_where_warmup_measured_it_faster():
+    """cuBLAS's kernel choice varies with the row count (an H100 ran llama-1b's down
+    projection in 27 us at 224 rows and 20 us at 256): a step pads to a larger bucket of the
+    same context only where that replayed faster beyond the noise margin, fastest first, and
+    only if its padded end still fits the context."""
+    times = {PrefillShape(224, 4096): 2000.0, PrefillShape(256, 4096): 1800.0, PrefillShape(320, 4096): 1700.0,
+             PrefillShape(384, 4096): 1990.0,  # within 3% of 224's time: noise, not taken
+             PrefillShape(192, 4096): 1600.0,  # smaller: never taken
+             PrefillShape(224, 1024): 900.0, PrefillShape(256, 1024): 950.0}  # slower: not taken
+    faster = faster_sizes(times)
+    assert faster[PrefillShape(224, 4096)] == (320, 256)
+    assert faster[PrefillShape(256, 4096)] == (320,)
+    assert PrefillShape(224, 1024) not in faster and PrefillShape(320, 4096) not in faster
+    assert prefill_shape(2096, 204, BUCKETS, CONTEXTS, faster) == PrefillShape(320, 4096)
+    assert prefill_shape(3800, 204, BUCKETS, CONTEXTS, faster) == PrefillShape(256, 4096)  # 3800 + 320 > 4096
+    assert prefill_shape(3850, 204, BUCKETS, CONTEXTS, faster) == PrefillShape(224, 4096)  # 3850 + 256 > 4096
+    assert prefill_shape(700, 204, BUCKETS, CONTEXTS, faster) == PrefillShape(224, 1024)
+    assert prefill_shape(2096, 204, BUCKETS, CONTEXTS, {}) == PrefillShape(224, 4096)
 
 
 def test_staging_pads_and_sends_one_contiguous_range():
@@ -364,3 +385,28 @@ def test_prefill_graph_replays_equal_eager_forwards_on_cuda():
     assert all(same for _, same in replays), replays
     assert len({s.tokens for s, _ in replays}) >= 4  # several buckets (48, 224, 16, 160, 96)
     assert with_graphs == _turns(cuda_engine(False), 3)
+
+
+@pytest.mark.gpu
+def test_steps_padded_to_a_faster_bucket_generate_what_the_smallest_bucket_does():
+    """Warmup times every captured prefill graph; steps that take a larger bucket (here every
+    shape is sent to the largest bucket of its context that fits) generate the tokens of an
+    engine without graphs."""
+    engine = Engine(EngineConfig(model="tiny", device="cuda", dtype="float32", num_blocks=1024,
+                                 max_num_batched_tokens=1024, max_model_len=4096, use_cuda_graphs=True))
+    engine.warmup()
+    graphs = engine.runner.graphs
+    times = graphs.rank_prefill_sizes()
+    assert set(times) == {PrefillShape(size, ctx) for kind, size, ctx in graphs.graphs if kind == "prefill"}
+    assert all(t > 0 for t in times.values())
+    graphs.faster_prefill = {shape: tuple(sorted((s.tokens for s in times if s.context == shape.context
+                                                  and s.tokens > shape.tokens), reverse=True))
+                             for shape in times}
+    replayed = []
+    run_prefill = graphs.run_prefill
+    graphs.run_prefill = lambda shape, *a: replayed.append(shape) or run_prefill(shape, *a)
+    with_graphs = _turns(engine, 5)
+    assert any(shape.tokens == 512 for shape in replayed), replayed
+    assert with_graphs == _turns(Engine(EngineConfig(model="tiny", device="cuda", dtype="float32", num_blocks=1024,
+                                                     max_num_batched_tokens=1024, max_model_len=4096,
+                                                     use_cuda_graphs=False)), 5)
