@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from ultrakv.client.signing import SigningInterceptor, aio_interceptors
+from ultrakv.client.signing import GENERATE_METHOD, SigningInterceptor, aio_interceptors
 from ultrakv.cluster.addresses import DEFAULT_ADDRESS
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2, ultrakv_pb2_grpc
@@ -123,12 +123,18 @@ class _Failover:
 
 @dataclass
 class _Endpoint:
-    """One address's channel and stubs."""
+    """One address's channel and stubs. ``generate_one`` opens a Generate stream for one
+    request as a unary-stream call: the request and its half-close go out with the call's
+    opening in one batch, where a bidirectional call first waits for its headers to be sent
+    (a completion of its own), then sends the request, then the half-close: 0.9 instead of
+    1.3 ms from opening to a first answer on the 2-core machine (docs/serving-overhead.md).
+    The server sees the same stream either way."""
 
     address: str
     channel: Any
     stub: ultrakv_pb2_grpc.UltraKVStub
     health: health_pb2_grpc.HealthStub
+    generate_one: Any
 
     @classmethod
     def open(cls, address: str, tls: TLSConfig | None, aio: bool,
@@ -145,8 +151,11 @@ class _Endpoint:
                        if tls is not None else grpc.insecure_channel(address, options=options))
             if signing_secret:
                 channel = grpc.intercept_channel(channel, SigningInterceptor(signing_secret))
+        generate_one = channel.unary_stream(
+            GENERATE_METHOD, request_serializer=pb.GenerateStreamRequest.SerializeToString,
+            response_deserializer=pb.GenerateStreamResponse.FromString)
         return cls(address, channel, ultrakv_pb2_grpc.UltraKVStub(channel),
-                   health_pb2_grpc.HealthStub(channel))
+                   health_pb2_grpc.HealthStub(channel), generate_one)
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -419,8 +428,8 @@ class Client:
         started = time.perf_counter()
 
         def open_call(endpoint: _Endpoint) -> tuple[Any, pb.GenerateStreamResponse]:
-            call = endpoint.stub.Generate(iter([request]), timeout=timeout or self.timeout,
-                                          metadata=self._metadata)
+            call = endpoint.generate_one(request, timeout=timeout or self.timeout,
+                                         metadata=self._metadata)
             try:
                 return call, next(call)
             except StopIteration:
@@ -633,10 +642,8 @@ class AsyncClient:
         started = time.perf_counter()
 
         async def open_call(endpoint: _Endpoint) -> tuple[Any, pb.GenerateStreamResponse]:
-            call = endpoint.stub.Generate(timeout=timeout or self.timeout,
-                                          metadata=self._metadata)
-            await call.write(request)
-            await call.done_writing()
+            call = endpoint.generate_one(request, timeout=timeout or self.timeout,
+                                         metadata=self._metadata)
             first = await call.read()
             if first is grpc.aio.EOF:
                 raise RequestError("INTERNAL", "stream ended without a message")

@@ -21,6 +21,17 @@ def _body(request: Any) -> bytes:
     return request.SerializeToString() if hasattr(request, "SerializeToString") else b""
 
 
+# Bidirectional methods the client opens as unary-stream calls (client.py: one request and
+# its half-close leave in the call's first batch). The server checks them as the streams
+# they are, over an empty body.
+GENERATE_METHOD = "/ultrakv.v1.UltraKV/Generate"
+ONE_REQUEST_STREAMS = frozenset({GENERATE_METHOD})
+
+
+def _unary_stream_body(details: Any, request: Any) -> bytes:
+    return b"" if _method(details) in ONE_REQUEST_STREAMS else _body(request)
+
+
 class _Details(collections.namedtuple(
         "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
                      "compression")), grpc.ClientCallDetails):
@@ -43,7 +54,8 @@ class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClien
         return continuation(self._signed(client_call_details, _body(request)), request)
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._signed(client_call_details, _body(request)), request)
+        return continuation(self._signed(client_call_details,
+                                         _unary_stream_body(client_call_details, request)), request)
 
     def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         return continuation(self._signed(client_call_details, b""), request_iterator)
@@ -71,6 +83,15 @@ class AioUnarySigning(_AioSigning, grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(self._signed(client_call_details, _body(request)), request)
 
 
+class AioUnaryStreamSigning(_AioSigning, grpc.aio.UnaryStreamClientInterceptor):
+    """Signs every unary-stream call of an asyncio channel (a one-request Generate stream)."""
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(
+            self._signed(client_call_details, _unary_stream_body(client_call_details, request)),
+            request)
+
+
 class AioStreamSigning(_AioSigning, grpc.aio.StreamStreamClientInterceptor):
     """Signs every bidirectional stream of an asyncio channel."""
 
@@ -79,4 +100,5 @@ class AioStreamSigning(_AioSigning, grpc.aio.StreamStreamClientInterceptor):
 
 
 def aio_interceptors(secret: str | None) -> list[Any]:
-    return [AioUnarySigning(secret), AioStreamSigning(secret)] if secret else []
+    return ([AioUnarySigning(secret), AioUnaryStreamSigning(secret), AioStreamSigning(secret)]
+            if secret else [])

@@ -6,6 +6,7 @@ needs (a server starts in milliseconds, the engine does not)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpcurl import grpcurl
-from ultrakv.client import Client
+from ultrakv.client import AsyncClient, Client
 from ultrakv.client.cli import main as cli_main
 from ultrakv.client.client import RetryPolicy
 from ultrakv.cluster.security import keys as keyfile
@@ -331,6 +332,14 @@ def test_signed_requests_replayed_or_outside_the_window_are_rejected(server, key
     with client(server, keys["signer"], signing_secret=keys["signing_secret"]) as c:
         assert c.process_request({"text": "signed", "max_length": 1})["success"]
         assert list(c.stream({"text": "signed stream", "max_length": 2}))[-1].finished
+
+    async def signed_async_stream() -> list:
+        async with AsyncClient(server.address, api_key=keys["signer"], retry=NO_RETRY,
+                               timeout=30, signing_secret=keys["signing_secret"]) as c:
+            return [chunk async for chunk in c.stream({"text": "signed", "max_length": 2})]
+
+    # A stream opened as a unary-stream call is signed as the stream it is (an empty body).
+    assert asyncio.run(signed_async_stream())[-1].finished
     assert rpc_code(lambda: stub_call(server, "Process", request, key)) == \
         grpc.StatusCode.UNAUTHENTICATED
     headers = tuple(signature_headers(keys["signing_secret"], method, body))

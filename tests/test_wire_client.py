@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -158,3 +159,77 @@ async def test_a_retried_turn_is_answered_from_the_record_not_taken_twice(engine
             assert second["success"] and (await c.get_session("retry-1"))["turns"] == 2
             assert engine.export_session("retry-1").token_ids == [5, 6, 7, 8, *tokens, 5, 6, 7, 8,
                                                                   *second["response"]["token_ids"]]
+
+
+class _RecordingProxy:
+    """A TCP proxy in front of a server that keeps what each client connection sent, so a
+    test can read the HTTP/2 frames a client wrote."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.sent: list[bytearray] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            host, port = self.target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            record = bytearray()
+            self.sent.append(record)
+            threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if record is not None:
+                    record += data
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _request_data_frames(sent: bytes) -> list[tuple[int, int, int]]:
+    """(stream id, payload length, END_STREAM) of each DATA frame a client sent."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    assert sent.startswith(preface)
+    frames, at = [], len(preface)
+    while at + 9 <= len(sent):
+        length = int.from_bytes(sent[at:at + 3], "big")
+        kind, flags = sent[at + 3], sent[at + 4]
+        stream = int.from_bytes(sent[at + 5:at + 9], "big") & 0x7FFFFFFF
+        if kind == 0:  # DATA
+            frames.append((stream, length, flags & 0x1))
+        at += 9 + length
+    return frames
+
+
+async def test_a_streamed_request_and_its_half_close_leave_in_one_frame(engine):
+    # Opened as a bidirectional call, the request waited for the call's headers to be sent
+    # and the half-close followed as an empty frame of its own: two more hops of the
+    # client's event loop before the server could see the request complete.
+    with BackgroundServer(engine, settings()) as srv:
+        proxy = _RecordingProxy(srv.address)
+        try:
+            async with AsyncClient(proxy.address, timeout=10) as c:
+                chunks = [ch async for ch in c.stream({"text": "hi", "max_length": 2})]
+            with Client(proxy.address, timeout=10) as c:
+                sync_chunks = list(c.stream({"text": "hi", "max_length": 2}))
+        finally:
+            proxy.close()
+    assert chunks[-1].finished and sync_chunks[-1].finished
+    assert len(proxy.sent) == 2
+    for sent in proxy.sent:
+        frames = _request_data_frames(bytes(sent))
+        assert frames and all(end for _, _, end in frames), frames  # no empty closing frame
+        assert all(length > 0 for _, length, _ in frames), frames
