@@ -209,6 +209,18 @@ def write_session(directory: Path, state: SessionState) -> CheckpointEntry:
     return write_session_files(directory, record, header.shape, header.dtype, payload)
 
 
+# A file name holds at most 255 bytes; a session key (cluster/session_keys.py) up to 257.
+_NAMED_AS_IS_MAX_BYTES = 128
+
+
+def _file_name_of(session_id: str) -> str:
+    """The start of a session's file names: its id, or for a long key its digest behind a
+    "~" (which starts no id or key, so it names no other session)."""
+    if len(session_id.encode("utf-8")) <= _NAMED_AS_IS_MAX_BYTES:
+        return session_id
+    return "~" + hashlib.sha256(session_id.encode("utf-8")).hexdigest()
+
+
 def write_session_files(directory: Path, record: SessionRecord, kv_shape: tuple[int, ...] = (),
                         kv_dtype: str = "", kv: bytes | memoryview | None = None
                         ) -> CheckpointEntry:
@@ -216,7 +228,7 @@ def write_session_files(directory: Path, record: SessionRecord, kv_shape: tuple[
     ``kv_shape`` and ``kv_dtype``), a KV block file into ``directory``; returns the entry.
     Needs no torch: backups write sessions they receive as bytes."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stem = f"{record.session_id}.t{record.turns}.n{len(record.token_ids)}"
+    stem = f"{_file_name_of(record.session_id)}.t{record.turns}.n{len(record.token_ids)}"
     if kv is None:
         record = replace(record, kv_tokens=0)
     history = record.to_json()

@@ -48,13 +48,15 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from ultrakv.cluster.errors import EngineError
 from ultrakv.cluster.rejections import REJECTIONS
 from ultrakv.cluster.security.policy import Denied, EdgeSecurity, estimated_tokens
 from ultrakv.cluster.security.principal import OPEN, Principal
-from ultrakv.cluster.service import ServingBackend
+from ultrakv.cluster.service import ServingBackend, keyed_session
 from ultrakv.cluster.validation import (
     Limits,
     RequestRejected,
+    rejection_for_client,
     rejection_from_error,
     validate_generate,
     validate_session_id,
@@ -681,17 +683,18 @@ async def _generate(host: ApiHost, request: Request, wire: pb.GenerateRequest, s
                     stream_options: StreamOptions | None) -> Response:
     """Validate like gRPC does, pass the rate limits and take a tenant slot, run on the
     backend, answer as one body or as SSE (the slot is given back when the answer ends)."""
+    security, principal = host.security, _principal(request)
     try:
         valid = validate_generate(wire, host.limits)
     except RequestRejected as exc:
         raise openai_rejection(exc, session_field) from None
-    security, principal = host.security, _principal(request)
+    keyed_session(valid, principal)
     if security is not None:
         peer = request.client.host if request.client else ""
         security.admit(principal, peer, method=request.url.path,
                        tokens=estimated_tokens(valid, host.limits.default_max_length))
         await security.acquire_slot(principal, peer, request.url.path)
-    events = host.backend.generate(valid, None)
+    events = _named_by_client(host.backend.generate(valid, None), valid.session_id)
     if security is not None:
         events = _holding_slot(events, lambda: security.release_slot(principal))
     try:
@@ -713,6 +716,16 @@ async def _generate(host: ApiHost, request: Request, wire: pb.GenerateRequest, s
     return StreamingResponse(_sse_events(events, first, head, chat, include_usage),
                              media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+async def _named_by_client(events: AsyncIterator[Any], key: str) -> AsyncIterator[Any]:
+    """``events``, whose errors name the session by the client's id, not by its key."""
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                yield event
+        except (RequestRejected, EngineError, ValueError, LookupError) as exc:
+            raise rejection_for_client(exc, key) from None
 
 
 async def _holding_slot(events: AsyncIterator[Any], release: Callable[[], None]

@@ -23,18 +23,21 @@ from google.protobuf import message_factory
 from ultrakv.cluster.errors import EngineError
 from ultrakv.cluster.rejections import REJECTIONS
 from ultrakv.cluster.security.principal import OPEN, Principal, current_principal
+from ultrakv.cluster.session_keys import SEPARATOR, session_key
 from ultrakv.cluster.session_transfer import TransferError, session_runs
 from ultrakv.cluster.validation import (
     Limits,
     Malformed,
     Refused,
     RequestRejected,
+    rejection_for_client,
     rejection_from_error,
     tolerant_deserializer,
     validate_batch,
     validate_generate,
     validate_max_age,
     validate_session_id,
+    validate_session_key,
 )
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
@@ -369,6 +372,16 @@ class _StreamSink:
         self.outbox.put_chunk(self.request_id, token_ids, text, first)
 
 
+def keyed_session(request: pb.GenerateRequest, principal: Principal | None) -> str:
+    """At the edge (a ``principal``), put the validated request's session under its tenant's
+    key (cluster/session_keys.py); returns the session id the client named it by ("" for
+    none), which its answers carry."""
+    client_sid = request.session_id
+    if principal is not None and request.HasField("session_id"):
+        request.session_id = session_key(principal.tenant, client_sid)
+    return client_sid
+
+
 async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                                 requests: AsyncIterator[Any],
                                 context: grpc.aio.ServicerContext,
@@ -400,22 +413,24 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
     rpc_deadline = _rpc_deadline(context)
     last_read = time.monotonic()  # an open stream that stays quiet is closed (idle limit)
 
-    async def run(request: pb.GenerateRequest) -> None:
+    async def run(request: pb.GenerateRequest, client_sid: str) -> None:
         rid = request.request_id
         sent = _StreamSink(outbox, rid)
         try:
             result = await backend.generate_into(request, rpc_deadline, sent)
             if result is not None:
+                if result.session_id:
+                    result.session_id = client_sid
                 outbox.put_final(pb.GenerateStreamResponse(request_id=rid, result=result))
         except asyncio.CancelledError:
             if rid not in cancelled:
                 raise  # the whole stream is going away
             outbox.put_final(pb.GenerateStreamResponse(request_id=rid, result=pb.GenerateResult(
-                request_id=rid, session_id=request.session_id, text="".join(sent.texts),
+                request_id=rid, session_id=client_sid, text="".join(sent.texts),
                 token_ids=sent.token_ids, finish_reason=pb.FINISH_REASON_ABORT,
                 usage=pb.Usage(completion_tokens=len(sent.token_ids)))))
         except Exception as exc:  # a failing request must not end the stream
-            outbox.put_final(_error_response(rid, rejection_from_error(exc)))
+            outbox.put_final(_error_response(rid, rejection_for_client(exc, request.session_id)))
             if not isinstance(exc, (RequestRejected, ValueError, LookupError)):
                 log.exception("request %s failed", rid)
         finally:
@@ -443,14 +458,16 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
         try:
             if principal is not None:
                 message.generate.tenant = principal.tenant
-            request = validate_generate(message.generate, limits, require_request_id=True)
+            request = validate_generate(message.generate, limits, require_request_id=True,
+                                        keyed=principal is None)
+            client_sid = keyed_session(request, principal)
             if rid in active:
                 raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, "request_id",
                                       f"request_id {rid!r} is already running on this stream")
         except RequestRejected as rejection:
             outbox.put_final(_error_response(rid, rejection))
             return
-        active[rid] = asyncio.create_task(run(request), name=f"generate-{rid}")
+        active[rid] = asyncio.create_task(run(request, client_sid), name=f"generate-{rid}")
 
     async def read() -> None:
         nonlocal reading_done, last_read
@@ -587,17 +604,36 @@ class UltraKVServicer:
             async for message in stream:
                 yield message
 
-    def _as_principal(self, request: pb.GenerateRequest) -> pb.GenerateRequest:
+    async def _process(self, request: pb.GenerateRequest, deadline: float | None
+                       ) -> pb.GenerateResult:
+        """One unary request run as the caller's principal: its tenant, its session key; the
+        answer (or the error) names the session by the caller's own id."""
         principal = self._principal()
         if principal is not None:
             request.tenant = principal.tenant
-        return request
+        valid = validate_generate(request, self.limits, keyed=principal is None)
+        client_sid = keyed_session(valid, principal)
+        try:
+            result = await _collect(self.backend, valid, deadline)
+        except (RequestRejected, EngineError, ValueError, LookupError) as exc:
+            raise rejection_for_client(exc, valid.session_id) from None
+        if result.session_id:
+            result.session_id = client_sid
+        return result
+
+    def _session_key(self, session_id: str) -> str:
+        """The key of the session a GetSession or DeleteSession names: the caller's tenant's
+        session of that id; an admin (or a node's coordinator) may also name any tenant's
+        session by its key."""
+        principal = self._principal()
+        if principal is None or (principal.is_admin and SEPARATOR in session_id):
+            return validate_session_key(session_id)
+        return session_key(principal.tenant, validate_session_id(session_id))
 
     @unary
     async def Process(self, request: pb.GenerateRequest,
                       context: grpc.aio.ServicerContext) -> pb.GenerateResult:
-        valid = validate_generate(self._as_principal(request), self.limits)
-        return await _collect(self.backend, valid, _rpc_deadline(context))
+        return await self._process(request, _rpc_deadline(context))
 
     @unary
     async def ProcessBatch(self, request: pb.BatchRequest,
@@ -608,9 +644,8 @@ class UltraKVServicer:
 
         async def one(item: pb.GenerateRequest) -> pb.BatchItem:
             try:
-                valid = validate_generate(self._as_principal(item), self.limits)
                 async with gate:
-                    return pb.BatchItem(result=await _collect(self.backend, valid, deadline))
+                    return pb.BatchItem(result=await self._process(item, deadline))
             except Exception as exc:  # one bad item fails alone
                 rejection = rejection_from_error(exc)
                 REJECTIONS.record(rejection.code)
@@ -640,14 +675,22 @@ class UltraKVServicer:
     @unary
     async def GetSession(self, request: pb.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self.backend.get_session(validate_session_id(request.session_id),
-                                              self._owner(request))
+        key = self._session_key(request.session_id)
+        try:
+            info = await self.backend.get_session(key, self._owner(request))
+        except (RequestRejected, EngineError, ValueError, LookupError) as exc:
+            raise rejection_for_client(exc, key) from None
+        info.session_id = request.session_id  # as the caller named it
+        return info
 
     @unary
     async def DeleteSession(self, request: pb.DeleteSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
-        await self.backend.delete_session(validate_session_id(request.session_id),
-                                          self._owner(request))
+        key = self._session_key(request.session_id)
+        try:
+            await self.backend.delete_session(key, self._owner(request))
+        except (RequestRejected, EngineError, ValueError, LookupError) as exc:
+            raise rejection_for_client(exc, key) from None
         return pb.DeleteSessionResponse()
 
     # Backup and restore: admin keys only (ADMIN_METHODS, enforced by the edge's policy).

@@ -34,11 +34,14 @@ from ultrakv.cluster.errors import (
     SessionNotFoundError,
     SessionSupersededError,
 )
+from ultrakv.cluster.session_keys import SEPARATOR, client_session_id, split_session_key
 from ultrakv.v1 import types_pb2 as pb
 
 SESSION_ID_MAX_BYTES = 128
 REQUEST_ID_MAX_BYTES = 128
 TENANT_MAX_BYTES = 128
+# A session's key inside the cluster (cluster/session_keys.py): its tenant, "~", its id.
+SESSION_KEY_MAX_BYTES = TENANT_MAX_BYTES + len(SEPARATOR) + SESSION_ID_MAX_BYTES
 # Stop conditions are checked on every generated token, so their size is bounded: a request
 # with 800k stop ids once slowed every batch it joined by two orders of magnitude.
 STOP_TOKEN_IDS_MAX = 64
@@ -46,6 +49,8 @@ STOP_SEQUENCES_MAX = 16
 STOP_SEQUENCE_MAX_BYTES = 256
 # Session ids reach file names (checkpoints), so no path separators and nothing to escape.
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
+# A key's tenant: the names API keys are bound to (security/keys.py).
+_KEY_TENANT_RE = re.compile(r"[A-Za-z0-9._-]+")
 PRIORITY_NAMES = {
     pb.PRIORITY_CRITICAL: "CRITICAL",
     pb.PRIORITY_HIGH: "HIGH",
@@ -146,6 +151,29 @@ def validate_session_id(session_id: str, field: str = "session_id") -> str:
     return session_id
 
 
+def validate_session_key(key: str, field: str = "session_id") -> str:
+    """Check a session key, as the cluster passes it behind the edge: a session id, or a
+    tenant name, ``~`` and a session id (at most SESSION_KEY_MAX_BYTES bytes)."""
+    tenant, session_id = split_session_key(key)
+    if key.startswith(SEPARATOR) or (tenant and not _KEY_TENANT_RE.fullmatch(tenant)):
+        raise _invalid(field, f"{field} must be a session id or <tenant>~<session id> with a "
+                              f"tenant of [A-Za-z0-9._-], got {key!r}")
+    size = len(tenant.encode("utf-8"))
+    if size > TENANT_MAX_BYTES:
+        raise _invalid(field, f"{field}'s tenant must be at most {TENANT_MAX_BYTES} bytes, "
+                              f"got {size}")
+    validate_session_id(session_id, field)
+    return key
+
+
+def validate_tenant_key(key: str, tenant: str, field: str = "session_id") -> str:
+    """Check a session key that comes with its session's tenant: a key of that tenant's (or
+    an open one's, which any tenant's sessions kept from before keys were namespaced use)."""
+    if split_session_key(validate_session_key(key, field))[0] not in ("", tenant):
+        raise _invalid(field, f"{field} {key!r} is not a session of tenant {tenant!r}")
+    return key
+
+
 def validate_tenant(tenant: str, field: str = "tenant") -> str:
     """Check a tenant name (the salt of a session's block hashes): at most 128 bytes."""
     size = len(tenant.encode("utf-8"))
@@ -155,11 +183,13 @@ def validate_tenant(tenant: str, field: str = "tenant") -> str:
 
 
 def validate_generate(request: pb.GenerateRequest, limits: Limits, *,
-                      require_request_id: bool = False) -> pb.GenerateRequest:
+                      require_request_id: bool = False, keyed: bool = False
+                      ) -> pb.GenerateRequest:
     """Validate one generate request; return a normalized copy with defaults filled in.
 
     The copy has a request id (generated when absent and not required), an explicit
-    ``max_length`` and a concrete priority.
+    ``max_length`` and a concrete priority. ``keyed``: the request comes from behind the
+    edge, so its session id is a session key (cluster/session_keys.py), one of its tenant's.
     """
     out = pb.GenerateRequest()
     out.CopyFrom(request)
@@ -171,9 +201,12 @@ def validate_generate(request: pb.GenerateRequest, limits: Limits, *,
     if rid_bytes > REQUEST_ID_MAX_BYTES:
         raise _invalid("request_id",
                        f"request_id must be at most {REQUEST_ID_MAX_BYTES} bytes, got {rid_bytes}")
-    if out.HasField("session_id"):
-        validate_session_id(out.session_id)
     validate_tenant(out.tenant)
+    if out.HasField("session_id"):
+        if keyed:
+            validate_tenant_key(out.session_id, out.tenant)
+        else:
+            validate_session_id(out.session_id)
     _validate_prompt(out, limits)
     _validate_sampling(out.sampling, limits)
     if not out.sampling.HasField("max_length"):
@@ -370,7 +403,7 @@ def validate_last_turn(message: Any) -> None:
 def validate_session_header(header: Any, layout: SessionLayout) -> int:
     """Check an ImportSession header against this node's model before any KV is read or a
     block allocated; return the KV bytes the rest of the stream must carry exactly."""
-    validate_session_id(header.session_id)
+    validate_tenant_key(header.session_id, header.tenant)
     validate_history(header.token_ids, header.turns, header.tenant, layout)
     if header.model_fingerprint != layout.model_fingerprint:
         raise RequestRejected(
@@ -460,6 +493,17 @@ def rejection_from_error(exc: Exception) -> RequestRejected:
     if isinstance(exc, ValueError):
         return _invalid(_field_named_in(str(exc)), str(exc))
     return RequestRejected(grpc.StatusCode.INTERNAL, "", f"{type(exc).__name__}: {exc}")
+
+
+def rejection_for_client(exc: Exception, session_key: str | None) -> RequestRejected:
+    """:func:`rejection_from_error`, naming the session by the client's own id where the
+    message names it by its key (cluster/session_keys.py): the edge's answer to a client."""
+    rejection = rejection_from_error(exc)
+    if not session_key or session_key not in rejection.message:
+        return rejection
+    return RequestRejected(rejection.code, rejection.field,
+                           rejection.message.replace(session_key, client_session_id(session_key)),
+                           rejection.retry_after_s)
 
 
 def _field_named_in(message: str) -> str:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import grpc
 from ultrakv.cluster.checkpoint import CHECKPOINTS_PREFIX
 from ultrakv.cluster.session_transfer import last_turn_of, message_pairs
-from ultrakv.cluster.validation import RequestRejected, validate_session_id
+from ultrakv.cluster.validation import RequestRejected, validate_tenant_key
 from ultrakv.coordinator.dynamic_config import CONFIG_KEY
 from ultrakv.coordinator.resharding import Copy, authoritative
 from ultrakv.v1 import node_pb2 as npb
@@ -225,7 +225,7 @@ class SessionBackup:
         done = ultrakv_pb2.ImportSessionsResponse()
         async for run in runs:
             header = run[0].header
-            sid = validate_session_id(header.session_id)
+            sid = validate_tenant_key(header.session_id, header.tenant)
             owner = self._owner(sid)
             if owner is None or owner not in self.backend.members:
                 raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "",

@@ -87,7 +87,8 @@ from ultrakv.cluster.validation import (
     validate_generate,
     validate_last_turn,
     validate_session_header,
-    validate_session_id,
+    validate_session_key,
+    validate_tenant_key,
 )
 from ultrakv.node.backup_cut import CutRegistry
 from ultrakv.node.chat import ChatMessage
@@ -709,7 +710,7 @@ class NodeServicer:
                             context: grpc.aio.ServicerContext) -> AsyncIterator[npb.SessionChunk]:
         """Stream one session: header, KV chunks with sha256, trailer."""
         try:
-            sid = validate_session_id(request.session_id)
+            sid = validate_session_key(request.session_id)
             validate_chunk_bytes(request.chunk_bytes)
             snapshot = (self.backend.cuts.session(request.cut_id, sid) if request.cut_id
                         else None)
@@ -763,7 +764,7 @@ class NodeServicer:
                                context: grpc.aio.ServicerContext
                                ) -> npb.ReplicateHistoryResponse:
         """Hold a history for a ring neighbour; checked like an imported session's."""
-        sid = validate_session_id(request.session_id)
+        sid = validate_tenant_key(request.session_id, request.tenant)
         validate_last_turn(request)
         try:
             await asyncio.to_thread(self.engine.store_replica, sid, list(request.token_ids),
@@ -781,7 +782,7 @@ class NodeServicer:
     @unary
     async def PromoteReplica(self, request: npb.PromoteReplicaRequest,
                              context: grpc.aio.ServicerContext) -> npb.PromoteReplicaResponse:
-        sid = validate_session_id(request.session_id)
+        sid = validate_session_key(request.session_id)
         if not await asyncio.to_thread(self.engine.promote_replica, sid):
             raise SessionNotFoundError(sid)
         return npb.PromoteReplicaResponse()
@@ -789,7 +790,7 @@ class NodeServicer:
     @unary
     async def ReleaseSession(self, request: npb.ReleaseSessionRequest,
                              context: grpc.aio.ServicerContext) -> npb.ReleaseSessionResponse:
-        sid = validate_session_id(request.session_id)
+        sid = validate_session_key(request.session_id)
         try:
             await asyncio.to_thread(self.engine.release_session, sid, request.turns)
         except SessionChangedError as exc:
@@ -804,7 +805,7 @@ class NodeServicer:
         if not request.HasField("session_id"):
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "session_id",
                                   "session_id must be set: only a session turn is prepared")
-        return await self.backend.prepare_turn(validate_generate(request, self.limits))
+        return await self.backend.prepare_turn(validate_generate(request, self.limits, keyed=True))
 
     @unary
     async def CommitTurn(self, request: npb.CommitTurnRequest,
@@ -818,7 +819,7 @@ class NodeServicer:
                                   f"turns must be >= 0, got {request.turns}")
         commit = npb.CommitTurnRequest()
         commit.CopyFrom(request)
-        commit.request.CopyFrom(validate_generate(request.request, self.limits))
+        commit.request.CopyFrom(validate_generate(request.request, self.limits, keyed=True))
         try:
             turns = await self.backend.commit_turn(commit)
         except TurnConflictError as exc:

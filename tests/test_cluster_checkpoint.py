@@ -13,10 +13,12 @@ import pytest
 from ultrakv.cluster.checkpoint import (
     CheckpointEntry,
     Manifest,
+    SessionRecord,
     compact_history,
     load_manifest,
     read_session,
     write_manifest,
+    write_session_files,
 )
 from ultrakv.cluster.errors import SessionNotFoundError
 from ultrakv.cluster.etcd_server import free_port
@@ -219,6 +221,18 @@ async def test_a_round_writes_only_the_changed_sessions_entries(engines, store,
     assert key + sids[2] not in after  # gone with its session
     recorded = await load_manifest(store, "n3")
     assert recorded is not None and recorded.sessions == checkpointer.manifest.sessions
+
+
+def test_the_longest_tenant_session_key_is_checkpointed(tmp_path: Path) -> None:
+    """A tenant's session key runs to 257 bytes, past a file name's 255: its files are named
+    by its digest, and read back by the manifest's entry like any other."""
+    key = "t" * 128 + "~" + "s" * 128
+    entry = write_session_files(tmp_path, SessionRecord(key, [1, 2, 3], 1, "t" * 128, "m"))
+    assert entry.session_id == key and len(entry.history_file) < 255
+    state = read_session(tmp_path, entry)
+    assert state is not None and (state.session_id, state.token_ids) == (key, [1, 2, 3])
+    short = write_session_files(tmp_path, SessionRecord("acme~s", [1], 1, "acme", "m"))
+    assert short.history_file.startswith("acme~s.")  # a short key names its files as it is
 
 
 def test_over_budget_the_coldest_sessions_lose_kv_first_then_their_place() -> None:

@@ -1,8 +1,8 @@
 """The edge in front of a cluster: a real coordinator (in-process, on loopback gRPC, over a
-real etcd) routing to two real node servers. The coordinator takes the tenant from the key,
-and the nodes, where sessions live, refuse another tenant's session whatever node the ring
-routes it to (issue 10, findings 1, 4, 5, 6 through the coordinator); request ids are each
-tenant's own (one node behind a coordinator, so both tenants' requests meet on it)."""
+real etcd) routing to two real node servers. The coordinator takes the tenant from the key;
+session ids are each tenant's own whatever node the ring routes them to (issue 10, findings
+1, 4, 5, 6 through the coordinator); request ids are each tenant's own (one node behind a
+coordinator, so both tenants' requests meet on it)."""
 
 from __future__ import annotations
 
@@ -137,21 +137,37 @@ def test_coordinator_caps_streams_and_sends_ping_floods_away(cluster):
 
 
 def test_sessions_and_cache_stay_with_their_tenant_through_the_coordinator(cluster):
+    """Session ids are each tenant's own: globex naming acme's sessions gets exactly what an
+    unused id gets (NOT_FOUND to read or delete, a new session of its own to run a turn in),
+    never a sign of acme's; acme's sessions go on as if globex had never named them."""
     address, keys = cluster
     sessions = [f"acme-room-{i}" for i in range(4)]  # spread over both nodes by the ring
+    turn = {"max_length": 4, "temperature": 0, "ignore_eos": True}
     with client(cluster, keys["acme"]) as acme:
         for sid in sessions:
-            assert acme.process_request({"text": PROMPT, "session_id": sid, "max_length": 2,
-                                         "temperature": 0})["success"]
+            assert acme.process_request({"text": PROMPT, "session_id": sid, **turn})["success"]
+        # The reference acme's second turns are held to: a session globex never named.
+        acme.process_request({"text": PROMPT, "session_id": "acme-reference", **turn})
+        reference = acme.process_request({"text": " go on", "session_id": "acme-reference", **turn})
     with client(cluster, keys["globex"]) as globex:
+        unused = globex.process_request({"text": " go on", "session_id": "globex-unused", **turn})
+        assert unused["success"], unused
         for sid in sessions:
-            taken = globex.process_request({"text": " go on", "session_id": sid,
-                                            "max_length": 2})
-            assert taken["error_code"] == "NOT_FOUND", taken
             for call in (globex.get_session, globex.delete_session):
                 with pytest.raises(RequestError) as err:
                     call(sid)
-                assert err.value.code == "NOT_FOUND"
+                assert err.value.code == "NOT_FOUND"  # as for any id globex never used
+                assert repr(sid) in str(err.value) and "~" not in str(err.value)
+            taken = globex.process_request({"text": " go on", "session_id": sid, **turn})
+            assert taken["success"], taken  # globex's own new session: no probe, no block
+            assert taken["session_id"] == sid
+            assert taken["cached_tokens"] == 0  # none of acme's history
+            assert taken["response"]["token_ids"] == unused["response"]["token_ids"]
+            info = globex.get_session(sid)
+            assert (info["session_id"], info["turns"]) == (sid, 1)
+        with pytest.raises(RequestError) as err:
+            list(globex.export_sessions())  # nor can a backup show another tenant's
+        assert err.value.code == "PERMISSION_DENIED"
     # globex claims acme's tenant on the wire: the coordinator overwrites it.
     with grpc.insecure_channel(address) as channel:
         result = ultrakv_pb2_grpc.UltraKVStub(channel).Process(pb.GenerateRequest(
@@ -160,10 +176,23 @@ def test_sessions_and_cache_stay_with_their_tenant_through_the_coordinator(clust
     assert result.usage.cached_tokens == 0
     with client(cluster, keys["acme"]) as acme:
         assert [acme.get_session(sid)["turns"] for sid in sessions] == [1, 1, 1, 1]
-        again = acme.process_request({"text": PROMPT, "max_length": 2, "temperature": 0})
-        assert again["cached_tokens"] >= 32  # acme's own prefix is still shared with acme
+        for sid in sessions:  # acme's next turn continues acme's history
+            again = acme.process_request({"text": " go on", "session_id": sid, **turn})
+            assert again["cached_tokens"] >= 32, again
+            assert again["response"]["token_ids"] == reference["response"]["token_ids"]
+            assert acme.get_session(sid)["turns"] == 2
+        shared = acme.process_request({"text": PROMPT, "max_length": 2, "temperature": 0})
+        assert shared["cached_tokens"] >= 32  # acme's own prefix is still shared with acme
+    with client(cluster, keys["globex"]) as globex:
+        for sid in sessions:  # globex deletes its own session of that id, not acme's
+            globex.delete_session(sid)
+            with pytest.raises(RequestError) as err:
+                globex.get_session(sid)
+            assert err.value.code == "NOT_FOUND"
     with client(cluster, keys["admin"]) as admin:  # the sessions live on both nodes
-        assert len({admin.get_session(sid)["node_id"] for sid in sessions}) == 2
+        infos = [admin.get_session(f"acme~{sid}") for sid in sessions]  # any tenant's, by key
+        assert [i["turns"] for i in infos] == [2, 2, 2, 2]
+        assert len({i["node_id"] for i in infos}) == 2
 
 
 def test_coordinator_client_port_speaks_mutual_tls(etcd, tmp_path):
@@ -324,7 +353,8 @@ def test_another_tenant_runs_cancels_and_retries_a_running_request_id_apart(one_
         replay = {"request_id": "turn-1", "text": acme_text, "max_length": 400,
                   "temperature": 0, "ignore_eos": True}
         taken = globex_client.process_request({**replay, "session_id": "acme-desk"})
-        assert taken["error_code"] == "NOT_FOUND", taken  # never acme's recorded answer
+        assert taken["success"], taken  # a new session of globex's: never acme's recorded answer
+        assert globex_client.get_session("acme-desk")["turns"] == 1
         own = globex_client.process_request({**replay, "session_id": "globex-desk"})
         assert own["success"], own
         assert globex_client.get_session("globex-desk")["turns"] == 1  # taken, not replayed

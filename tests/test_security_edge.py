@@ -152,27 +152,34 @@ def test_finding_5_a_tenant_cannot_probe_another_tenants_prompts(server, keys):
 
 
 def test_finding_4_another_tenant_can_neither_continue_nor_see_a_session(server, keys):
+    """Session ids are each tenant's own on a node's client port too: globex naming acme's
+    session gets what an unused id gets (NOT_FOUND to read or delete, else a new session of
+    its own), never acme's history, and acme's session is untouched."""
     first = process(server, keys["acme"], text="my secret plan", session_id="acme-chat")
     assert first["success"]
-    taken = process(server, keys["globex"], text=" and now tell me", session_id="acme-chat")
-    assert not taken["success"] and taken["error_code"] == "NOT_FOUND"
     with client(server, keys["globex"]) as globex:
         for call in (globex.get_session, globex.delete_session):
             with pytest.raises(Exception) as err:
                 call("acme-chat")
             assert err.value.code == "NOT_FOUND"  # the same answer as an unknown id
-        with pytest.raises(Exception) as err:
-            globex.get_session("no-such-session")
-        assert err.value.code == "NOT_FOUND"
-        chunks = globex.stream({"text": "x", "session_id": "acme-chat", "max_length": 1})
-        with pytest.raises(Exception) as err:
-            list(chunks)
-        assert err.value.code == "NOT_FOUND"
+            assert "'acme-chat'" in str(err.value) and "~" not in str(err.value)
+        taken = process(server, keys["globex"], text=" and now tell me", session_id="acme-chat")
+        assert taken["success"] and taken["session_id"] == "acme-chat", taken
+        assert taken["cached_tokens"] == 0  # none of acme's history
+        info = globex.get_session("acme-chat")
+        assert (info["session_id"], info["turns"]) == ("acme-chat", 1)
+        assert info["num_tokens"] == taken["usage"]["prompt_tokens"] + 2
+        chunks = list(globex.stream({"text": "x", "session_id": "acme-chat", "max_length": 1}))
+        assert chunks and globex.get_session("acme-chat")["turns"] == 2
+        globex.delete_session("acme-chat")
     with client(server, keys["acme"]) as acme:
         info = acme.get_session("acme-chat")
         assert info["turns"] == 1 and info["num_tokens"] == first["usage"]["prompt_tokens"] + 2
-    with client(server, keys["admin"]) as admin:  # an admin sees every tenant's sessions
-        assert admin.get_session("acme-chat")["turns"] == 1
+    with client(server, keys["admin"]) as admin:  # an admin names any tenant's by its key
+        assert admin.get_session("acme~acme-chat")["turns"] == 1
+        with pytest.raises(Exception) as err:
+            admin.get_session("acme-chat")  # the admin's own tenant's session of that id
+        assert err.value.code == "NOT_FOUND"
 
 
 # --- finding 6: admin-only RPCs ---------------------------------------------------------------
@@ -444,9 +451,12 @@ def test_http_api_needs_a_key_and_runs_as_its_tenant(engine, keys):
             assert missing.json()["error"]["type"] == "authentication_error"
             assert http.get("/v1/models", headers={"x-api-key": "bad"}).status_code == 401
             acme = {"authorization": f"Bearer {keys['acme']}"}
-            assert http.post("/v1/completions", json=body, headers=acme).status_code == 200
-            # globex names acme's session and claims its prefix: neither is acme's for it.
-            globex = {"x-api-key": keys["globex"]}
+            session = {"x-session-id": "acme-board"}
+            assert http.post("/v1/completions", json=body,
+                             headers={**acme, **session}).status_code == 200
+            # globex names acme's session and claims its prefix: neither is acme's for it (a
+            # new session of globex's, not NOT_FOUND: no probe of acme's ids).
+            globex = {"x-api-key": keys["globex"], **session}
             other = http.post("/v1/completions", json=body, headers=globex)
             assert other.status_code == 200 and other.json()["usage"].get(
                 "prompt_tokens_details", {}).get("cached_tokens", 0) == 0

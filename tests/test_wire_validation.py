@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from ultrakv.cluster.errors import PromptTooLongError, QueueFullError, SessionNotFoundError
+from ultrakv.cluster.session_keys import client_session_id, session_key, split_session_key
 from ultrakv.cluster.validation import (
     Limits,
     Malformed,
@@ -15,6 +16,7 @@ from ultrakv.cluster.validation import (
     validate_generate,
     validate_max_age,
     validate_session_id,
+    validate_session_key,
 )
 from ultrakv.v1 import types_pb2 as pb
 
@@ -58,6 +60,39 @@ def test_bad_session_ids(sid):
     with pytest.raises(RequestRejected) as err:
         validate_session_id(sid)
     assert err.value.field == "session_id"
+
+
+def test_session_keys_are_the_tenants_own_and_cannot_alias():
+    """Two tenants' equal ids are two keys; no tenant's key equals another's or any client's
+    id ("~" is in neither a tenant nor an id); the open tenant's key is the id itself."""
+    tenants, ids = ["", "a", "a.b", "acme"], ["s", "b~s", "acme~s", "a.b:s"]
+    keys = {(t, i): session_key(t, i) for t in tenants for i in ids if "~" not in i}
+    assert len(set(keys.values())) == len(keys)
+    for (tenant, sid), key in keys.items():
+        assert split_session_key(key) == (tenant, sid) and client_session_id(key) == sid
+        assert validate_session_key(key) == key
+    assert session_key("", "user_123") == "user_123"  # single-tenant ids and checkpoints
+    longest = session_key("t" * 128, "s" * 128)
+    assert validate_session_key(longest) == longest
+    assert validate_generate(pb.GenerateRequest(text="hi", session_id=longest, tenant="t" * 128),
+                             LIMITS, keyed=True).session_id == longest
+
+
+@pytest.mark.parametrize("key", ["~s", "a~", "a~b~c", "a b~s", "t" * 129 + "~s", "a~" + "s" * 129])
+def test_bad_session_keys(key):
+    with pytest.raises(RequestRejected) as err:
+        validate_session_key(key)
+    assert err.value.field == "session_id"
+
+
+def test_a_keyed_request_names_a_session_of_its_own_tenant():
+    r = reject(pb.GenerateRequest(text="hi", session_id="acme~s", tenant="globex"), keyed=True)
+    assert (r.field, r.message) == ("session_id", "session_id 'acme~s' is not a session of "
+                                                  "tenant 'globex'")
+    r = reject(pb.GenerateRequest(text="hi", session_id="acme~s", tenant="acme"))
+    assert r.field == "session_id" and "[A-Za-z0-9._:-]" in r.message  # a client's id: no "~"
+    assert reject(pb.GenerateRequest(text="hi", session_id="x" * 129)).message == (
+        "session_id must be at most 128 bytes, got 129")  # the client's limit, whatever its tenant
 
 
 def test_batch_envelope_and_max_age():
