@@ -225,7 +225,8 @@ def test_a_node_serving_alone_backs_up_on_a_schedule_and_restores(tmp_path: Path
             assert [p.name for p in backups_in(tmp_path / "b")] == [r.path.name for r in rounds[-2:]]
             last = rounds[-1]
             assert last.manifest.counts["sessions"] == 2 and last.manifest.counts["kv_tokens"] > 0
-            assert last.manifest.cut["turns"] == {"s-1": 2, "s-2": 2}  # one snapshot of the node
+            # One snapshot of the node; an admin's backup names sessions by their tenant's key.
+            assert last.manifest.cut["turns"] == {"acme~s-1": 2, "acme~s-2": 2}
             assert last.manifest.cut["taken_at"] <= last.manifest.created_at
             assert manifest_summary(last.manifest)["cut_at"] == last.manifest.cut["taken_at_utc"]
             truth = {sid: _turn(c, sid, 3)["response"]["token_ids"] for sid in ("s-1", "s-2")}

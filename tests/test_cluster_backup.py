@@ -89,8 +89,8 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
                 for sid in sids:
                     third_turn[sid] = _turn(c, sid, 3)["response"]["token_ids"]
     saved = _histories(made.path)
-    assert {s: (r.turns, r.tenant) for s, r in saved.items()} == {
-        s: (2, t) for t, sids in SESSIONS.items() for s in sids}
+    assert {s: (r.turns, r.tenant) for s, r in saved.items()} == {  # each by its tenant's key
+        f"{t}~{s}": (2, t) for t, sids in SESSIONS.items() for s in sids}
 
     shutil.rmtree(first)  # everything: etcd's data, checkpoints, the cluster secret
 
@@ -103,7 +103,7 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
         assert "PERMISSION_DENIED" in str(err.value) and made.path.name in str(err.value)
         with _client(cluster, admin) as c:
             with pytest.raises(RequestError) as missing:
-                c.get_session("acme-room-0")
+                c.get_session("acme~acme-room-0")
             assert missing.value.code == "NOT_FOUND"  # the refused restore wrote nothing
             done = restore(c, made.path, etcd=cluster.etcd_endpoint)
             assert (done.sessions, done.num_tokens) == (6, sum(len(r.token_ids) for r in saved.values()))
