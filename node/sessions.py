@@ -7,8 +7,10 @@ ring predecessor pushed here so that a conversation survives its owner's death; 
 becomes a session the first time a request for it arrives. Replicas are listed, exported,
 checkpointed and deleted like sessions: re-sharding must see every copy. Pure logic, no I/O.
 
-A session belongs to the tenant that opened it (its ``salt``): for any other tenant it does
-not exist (NOT_FOUND, the same answer as for an unknown id, so ids leak nothing). A tenant
+Sessions are held by their key (cluster/session_keys.py: the edge puts each tenant's ids
+under keys of its own, so two tenants' equal ids never meet here). A session also belongs to
+the tenant that opened it (its ``salt``): for any other tenant it does not exist (NOT_FOUND,
+the same answer as for an unknown id, so ids leak nothing). A tenant
 quota bounds the sessions and history tokens one tenant holds; at the store's cap the
 session dropped belongs to the tenant holding the most, so a tenant that floods sessions
 drops its own, never a smaller tenant's.

@@ -10,6 +10,7 @@ from ultrakv.cluster.validation import (
     Limits,
     Malformed,
     RequestRejected,
+    rejection_for_client,
     rejection_from_error,
     tolerant_deserializer,
     validate_batch,
@@ -93,6 +94,13 @@ def test_a_keyed_request_names_a_session_of_its_own_tenant():
     assert r.field == "session_id" and "[A-Za-z0-9._:-]" in r.message  # a client's id: no "~"
     assert reject(pb.GenerateRequest(text="hi", session_id="x" * 129)).message == (
         "session_id must be at most 128 bytes, got 129")  # the client's limit, whatever its tenant
+
+
+def test_an_error_names_the_session_by_the_clients_id():
+    r = rejection_for_client(SessionNotFoundError("acme~s"), "acme~s")
+    assert (r.code, r.field, r.message) == (grpc.StatusCode.NOT_FOUND, "session_id",
+                                            "session_id 's' not found")
+    assert rejection_for_client(SessionNotFoundError("s"), "s").message == "session_id 's' not found"
 
 
 def test_batch_envelope_and_max_age():
