@@ -130,6 +130,11 @@ class EngineClient:
                   logging.getLogger().getEffectiveLevel()))
         self._process.start()
         child.close()  # the core's end lives in the core only: its death closes the pipe here
+        # While the core loads: what unpickling a tensor from it needs (torch, its shared-memory
+        # reductions). Left to the first tensor to arrive (a checkpoint's KV export), the import
+        # ran on the reader thread and held every stream's tokens for seconds (3 s on an H100
+        # host, 4-6 s on the 2-core CPU machine: TTFT p99 of 3.6 s at 8 requests/s).
+        import torch.multiprocessing  # noqa: F401
         try:
             facts = self._wait_ready(start_timeout_s)
         except BaseException:

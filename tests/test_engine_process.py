@@ -212,6 +212,10 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+def _torch_loaded(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def test_a_stream_moves_to_another_node_when_its_nodes_core_dies(tmp_path):
     """Through a coordinator: SIGKILL the core of the node serving a stream; its request
     ends there UNAVAILABLE on ``node``, which the coordinator takes as the node failing (not
@@ -222,6 +226,9 @@ def test_a_stream_moves_to_another_node_when_its_nodes_core_dies(tmp_path):
                        node_args=["--engine-process"])
     request = {"text": "count", "max_length": 300, "temperature": 0.0, "ignore_eos": True}
     with LocalCluster(spec) as cluster, Client(cluster.address, timeout=120) as c:
+        # A node with a core has torch loaded once it serves: the first tensor from its core
+        # (a checkpoint's KV) must not import it on the reader thread, under every stream.
+        assert all(_torch_loaded(n.pid) for n in cluster.nodes.values())
         want = c.process_request(request)["response"]["token_ids"]
         ids: list[int] = []
         victim, result = None, None
