@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,6 +137,11 @@ class PrefillGraphInputs:
         self._slots = h[self._o_slot : self._o_len].view(np.int64)
         self._seq_len = h[self._o_len : self._o_tab].view(np.int32)
         self._table = h[self._o_tab :].view(np.int32)
+        self._bytes = h  # the token ids and the table are packed in here (see stage)
+        self._nbytes = nbytes
+        # (device, host) views of the first n bytes, by n: slicing two tensors costs a send
+        # more than the copy of a few kilobytes does.
+        self._sent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_offsets = np.arange(block_size, dtype=np.int64)
         d = self.device_buffer
         self.input_ids = d[: self._o_pos].view(torch.int64)
@@ -150,17 +156,20 @@ class PrefillGraphInputs:
         """Lay out one step, padded to ``size`` tokens, in the host buffer: ``token_ids`` at
         positions ``start..``, slots from ``block_table``; padded tokens repeat the last real
         position and write nowhere (slot -1), and the context length counts them. Returns the
-        number of bytes to :meth:`send` (through the end of the block table)."""
+        number of bytes to :meth:`send`: through the end of the block table, rounded up to 64
+        table entries (the entries past it are stale, valid block ids, like the device's), so
+        that few sizes are ever sent."""
         n, bs = len(token_ids), self.block_size
         if self._copied is not None:
             self._copied.synchronize()
-        self._ids[:n] = token_ids
+        # struct packs a list of ints in one C loop; numpy would first infer the list's dtype.
+        struct.pack_into(f"<{n}q", self._bytes, 0, *token_ids)
         self._ids[n:size] = 0
         pos = self._pos[:size]
         pos[:n] = np.arange(start, start + n)
         pos[n:] = start + n - 1
+        struct.pack_into(f"<{len(block_table)}i", self._bytes, self._o_tab, *block_table)
         table = self._table[: len(block_table)]
-        table[:] = block_table
         # The positions run on from ``start``: their slots are those of the blocks they span,
         # in order, less the offset of the first one (no per-token gather).
         first, skip = divmod(start, bs)
@@ -168,11 +177,14 @@ class PrefillGraphInputs:
         self._slots[:n] = spanned.ravel()[skip : skip + n]
         self._slots[n:size] = -1
         self._seq_len[0] = start + size
-        return self._o_tab + 4 * len(block_table)
+        return min(self._o_tab + 256 * -(-len(block_table) // 64), self._nbytes)
 
     def send(self, nbytes: int) -> None:
         """Copy the first ``nbytes`` staged bytes to the device buffer (asynchronous on CUDA)."""
-        self.device_buffer[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+        views = self._sent.get(nbytes)
+        if views is None:
+            views = self._sent[nbytes] = (self.device_buffer[:nbytes], self.host[:nbytes])
+        views[0].copy_(views[1], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 

@@ -86,10 +86,18 @@ def test_staging_pads_and_sends_one_contiguous_range():
     assert inputs.slot_mapping[:16].tolist() == [0 * 4 + 2, 0 * 4 + 3, 11 * 4, 11 * 4 + 1, 11 * 4 + 2] + [-1] * 11
     assert inputs.seq_lens.tolist() == [38 + 16]  # the padded tokens extend the context
     assert inputs.block_tables[0, :12].tolist() == table
-    # One copy through the end of this table; the entries after it are the last step's
-    # (stale but valid block ids, read only on behalf of padding).
+    # One copy through the end of this table, rounded up to 64 entries (here the buffer's
+    # end, at 32); the entries after it are the last step's (stale but valid block ids, read
+    # only on behalf of padding).
     assert inputs.block_tables[0, 12:20].tolist() == long_table[12:20]
-    assert inputs.block_tables.data_ptr() + 4 * len(table) == inputs.device_buffer.data_ptr() + nbytes
+    assert inputs.block_tables.data_ptr() + 4 * 32 == inputs.device_buffer.data_ptr() + nbytes
+    assert nbytes == inputs.device_buffer.numel()
+    big = PrefillGraphInputs(max_tokens=64, max_blocks=256, block_size=4, device=torch.device("cpu"))
+    for blocks, entries in ((1, 64), (64, 64), (65, 128), (256, 256)):
+        sent = big.stage([1, 2], 0, list(range(blocks)), 16)
+        assert big.block_tables.data_ptr() + 4 * entries == big.device_buffer.data_ptr() + sent
+        big.send(sent)
+        assert big.block_tables[0, :blocks].tolist() == list(range(blocks))
     for field in (inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables):
         assert field.data_ptr() % 16 == 0
 
