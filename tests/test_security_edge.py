@@ -443,7 +443,7 @@ def test_http_api_needs_a_key_and_runs_as_its_tenant(engine, keys):
     with serve(engine, http_port=port, keys_file=keys["path"], key_requests_per_s=1.0,
                burst_s=3.0) as srv:
         url = f"http://127.0.0.1:{port}"
-        body = {"prompt": PROMPT + " over http", "max_tokens": 2, "temperature": 0}
+        body = {"prompt": "Over http: " + PROMPT, "max_tokens": 2, "temperature": 0}  # new to globex
         with httpx.Client(base_url=url, timeout=60) as http:
             assert http.get("/health").status_code == 200  # probes stay open
             missing = http.post("/v1/completions", json=body)
