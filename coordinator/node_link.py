@@ -32,15 +32,17 @@ class Receiver:
     stream ends cleanly before the request's final event, and raises the stream's error when
     it fails."""
 
-    __slots__ = ("_events", "_waiter", "_ended", "_error")
+    __slots__ = ("_events", "_waiter", "_ended", "_error", "started")
 
     def __init__(self) -> None:
         self._events: deque[pb.GenerateStreamResponse] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self._error: grpc.aio.AioRpcError | None = None
+        self.started = False  # an event came for it
 
     def put(self, event: pb.GenerateStreamResponse) -> None:
+        self.started = True
         self._events.append(event)
         self._wake()
 
@@ -126,6 +128,8 @@ class NodeLink:
         error: grpc.aio.AioRpcError | None = None
         try:
             async for batch in self._call:
+                later: list[tuple[Receiver, pb.GenerateStreamResponse]] = []
+                first = False
                 for event in batch.events:
                     rid = event.request_id
                     receiver = self._receivers.get(rid)
@@ -133,8 +137,21 @@ class NodeLink:
                         self._running.discard(rid)
                         if receiver is None:  # a cancelled request's end
                             self._close_if_idle()
-                    if receiver is not None:
+                    if receiver is None:
+                        continue
+                    if receiver.started:
+                        later.append((receiver, event))
+                    else:
+                        first = True
                         receiver.put(event)
+                if first and later:
+                    # A request's first event goes ahead of the batch's others, and its relay
+                    # runs before theirs are handed over: its forward and then its client
+                    # stream's writer are woken before the forwards of the running requests,
+                    # so its first token does not wait for the relay of all their tokens.
+                    await asyncio.sleep(0)
+                for receiver, event in later:
+                    receiver.put(event)
         except grpc.aio.AioRpcError as exc:
             error = exc
         finally:

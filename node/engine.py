@@ -799,7 +799,13 @@ class Engine:
         # their session keeps is the committed one.
         ending: list[tuple[Sequence, str, str]] = []
         now = time.monotonic()
-        for item, token in zip(out.scheduled, sampled, strict=True):
+        pairs = list(zip(out.scheduled, sampled, strict=True))
+        # First tokens are emitted before the batch's other tokens: every hop after this one
+        # (the mailbox, the streams' writers, a coordinator's relay) serves its work in
+        # arrival order, so a new request's first token would otherwise wait for the writes
+        # of every running stream's token (the scheduler puts running sequences first).
+        pairs.sort(key=lambda pair: pair[0].seq.first_token_time is not None)
+        for item, token in pairs:
             if token is None:
                 continue
             seq = item.seq

@@ -418,3 +418,23 @@ def test_steps_padded_to_a_faster_bucket_generate_what_the_smallest_bucket_does(
     assert with_graphs == _turns(Engine(EngineConfig(model="tiny", device="cuda", dtype="float32", num_blocks=1024,
                                                      max_num_batched_tokens=1024, max_model_len=4096,
                                                      use_cuda_graphs=False)), 5)
+
+
+def test_a_first_token_leaves_before_the_other_tokens_of_its_step(engine: Engine):
+    """A request that gets its first token in a step with running sequences has it emitted
+    first: the hops after the engine serve in arrival order, so behind the running streams'
+    tokens it would wait for all of their writes (the scheduler puts running ones first)."""
+    order: list[str] = []
+
+    def listener(delta) -> None:
+        if delta.token_ids:
+            order.append(delta.request_id)
+
+    running = engine.add_request(GenerateRequest(prompt=[5, 6, 7, 8], sampling=REPLY), listener)
+    engine.step()  # its prefill and first token
+    new = engine.add_request(GenerateRequest(prompt=[9, 10, 11], sampling=REPLY), listener)
+    order.clear()
+    engine.step()  # one step: the running request decodes, the new one prefills
+    assert order == [new.request_id, running.request_id]
+    while engine.has_unfinished():
+        engine.step()
