@@ -143,6 +143,9 @@ class PrefillGraphInputs:
         # more than the copy of a few kilobytes does.
         self._sent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_offsets = np.arange(block_size, dtype=np.int64)
+        # Scratch for stage's positions and slots, so that a step allocates no arrays.
+        self._rows = np.arange(rows, dtype=np.int64)
+        self._spanned = np.empty((rows // block_size + 2, block_size), dtype=np.int64)  # a step's blocks
         d = self.device_buffer
         self.input_ids = d[: self._o_pos].view(torch.int64)
         self.positions = d[self._o_pos : self._o_slot].view(torch.int64)
@@ -166,14 +169,17 @@ class PrefillGraphInputs:
         struct.pack_into(f"<{n}q", self._bytes, 0, *token_ids)
         self._ids[n:size] = 0
         pos = self._pos[:size]
-        pos[:n] = np.arange(start, start + n)
+        np.add(self._rows[:n], start, out=pos[:n])
         pos[n:] = start + n - 1
         struct.pack_into(f"<{len(block_table)}i", self._bytes, self._o_tab, *block_table)
         table = self._table[: len(block_table)]
         # The positions run on from ``start``: their slots are those of the blocks they span,
         # in order, less the offset of the first one (no per-token gather).
         first, skip = divmod(start, bs)
-        spanned = table[first : (start + n - 1) // bs + 1, None].astype(np.int64) * bs + self._block_offsets
+        last = (start + n - 1) // bs + 1
+        spanned = self._spanned[: last - first]
+        np.multiply(table[first:last, None], bs, out=spanned, dtype=np.int64)
+        spanned += self._block_offsets
         self._slots[:n] = spanned.ravel()[skip : skip + n]
         self._slots[n:size] = -1
         self._seq_len[0] = start + size
