@@ -653,6 +653,36 @@ class LocalBackend:
 
 # --- servicers -------------------------------------------------------------------------------
 
+# A well-formed ImportSession refused for what its sender could not know beforehand: this
+# node's KV dtype (the resharder then moves the history alone) or its model. The node reads
+# the rest of such a stream before it answers (see _drain).
+_PEER_MISMATCHES = frozenset({"kv_dtype", "model_fingerprint"})
+DRAIN_MAX_S = 30.0
+
+
+def _mismatch_drain_bytes(header: npb.SessionHeader, layout: Any) -> int:
+    """What a stream refused for a mismatch may still carry: the declared tokens' KV here,
+    four times over (a float32 cache's against an int8 one's), and a chunk's slack."""
+    tokens = min(max(header.kv_tokens, 0), len(header.token_ids))
+    return 4 * layout.kv_bytes(tokens) + (1 << 20)
+
+
+async def _drain(chunks: AsyncIterator[Any], max_bytes: int) -> None:
+    """Read what is left of a refused stream (discarding it), within ``max_bytes`` and
+    ``DRAIN_MAX_S``. A server that ends a client-streaming call while the client still writes
+    resets the stream, and a write the reset catches in flight fails the client's call with
+    INTERNAL ("Internal error from Core") instead of the server's status: a resharder moving
+    a session to a node with another KV dtype then saw INTERNAL rather than the kv_dtype
+    refusal that tells it to move the history alone (a race the move lost under load). A
+    stream that breaks its own header (more chunks, bad checksums) is not read on."""
+    read = 0
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DRAIN_MAX_S):
+            async for chunk in chunks:
+                read += chunk.ByteSize() if isinstance(chunk, npb.SessionChunk) else 0
+                if read > max_bytes:
+                    return
+
 
 class NodeServicer:
     """``ultrakv.v1.NodeService``: generation plus the session operations the cluster needs
@@ -738,7 +768,12 @@ class NodeServicer:
                 first = assembler.header is None
                 assembler.add(chunk)
                 if first:
-                    assembler.expect_kv_bytes(validate_session_header(assembler.header, layout))
+                    try:
+                        assembler.expect_kv_bytes(validate_session_header(assembler.header, layout))
+                    except RequestRejected as exc:
+                        if exc.field in _PEER_MISMATCHES:
+                            await _drain(chunks, _mismatch_drain_bytes(assembler.header, layout))
+                        raise
             state = assembler.finish()
             if state.kv is not None and not self.peers_authenticated:
                 log.warning("session %s imported without its KV: the caller is not an "

@@ -256,3 +256,43 @@ async def test_migration_between_kv_dtypes_moves_the_history_only(tmp_path):
         src.get_session("mv")  # cut over: the source dropped its copy
     src.shutdown()
     dst.shutdown()
+
+
+async def test_a_refused_import_answers_its_reason_while_the_kv_is_still_coming(tmp_path):
+    """An int8 node refuses a float session's KV after the header, while the importer still
+    streams its chunks: the node reads the rest before it ends the call, so the importer gets
+    the refusal (INVALID_ARGUMENT naming kv_dtype, which the resharder answers by moving the
+    history alone). A call ended under a write fails that write with INTERNAL instead: the
+    move between dtypes lost that race under load (CI)."""
+    import asyncio
+
+    import grpc
+    from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
+    from ultrakv.cluster.peers import PeerChannels
+    from ultrakv.cluster.session_transfer import state_to_chunks
+    from ultrakv.node.server import BackgroundServer, ServerSettings
+
+    secret_file = ensure_cluster_secret(tmp_path / "cluster-secret")
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5,
+                              cluster_secret_file=str(secret_file))
+    src = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64))
+    dst = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64, kv_cache_dtype="int8"))
+    src.generate([list(range(1, 200))], SamplingParams(max_tokens=4, temperature=0.0), session_ids=["mv"])
+    header, *kv = state_to_chunks(src.export_session("mv"), chunk_bytes=4096)
+    assert len(kv) > 2
+    with BackgroundServer(dst, settings) as b:
+        peers = PeerChannels(read_cluster_secret(secret_file))
+        call = peers.stub(b.address).ImportSession(timeout=30)
+        await call.write(header)
+        await asyncio.sleep(0.5)  # the node has refused the header by now
+        assert not call.done()  # ... and still reads: the writes below cannot meet an ended call
+        for chunk in kv:
+            await call.write(chunk)
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "kv_dtype must be 'int8'" in err.value.details()
+    assert dst.list_sessions() == []
+    src.shutdown()
+    dst.shutdown()
