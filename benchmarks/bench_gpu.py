@@ -21,6 +21,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -243,21 +244,34 @@ def free_memory() -> None:
 # -- the peer -------------------------------------------------------------------------------
 
 
-def hf_twin(engine: Engine):
-    """A transformers LlamaForCausalLM with the engine's exact weights (sharing no memory).
+@dataclass
+class TwinSource:
+    """What the transformers twin is built from once the engine is gone: the engine's
+    weights on the host and its greedy next token for a probe prompt."""
 
-    The engine is done serving after this: its KV pool and graphs are released to make room.
-    """
+    model_config: object
+    params: dict[str, torch.Tensor]
+    dtype: torch.dtype
+    probe: list[int]
+    probe_token: int
+
+    @classmethod
+    def of(cls, engine: Engine) -> TwinSource:
+        probe = list(range(1, 33))
+        token = engine.generate([probe], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0].token_ids[0]
+        # Every module's weight, parameter or not (a projection may keep a repacked tensor).
+        params = {f"{name}.weight": w.detach().to("cpu") for name, m in engine.model.named_modules()
+                  if isinstance(w := getattr(m, "weight", None), torch.Tensor)}
+        return cls(engine.model_config, params, next(engine.model.parameters()).dtype, probe, token)
+
+
+def hf_twin(src: TwinSource, device: torch.device):
+    """A transformers LlamaForCausalLM on ``device`` with the engine's exact weights. Built
+    after the engine is deleted: llama-8b's engine (its KV pool sized to the free memory) and
+    a twin beside it did not fit in 80 GB."""
     import transformers
 
-    # The twin must be the same model: its greedy next token agrees with the engine's.
-    probe = list(range(1, 33))
-    ours_tok = engine.generate([probe], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0].token_ids[0]
-    engine.kv_caches.clear()
-    engine.runner.graphs = None
-    free_memory()
-
-    mc = engine.model_config
+    mc = src.model_config
     cfg = transformers.LlamaConfig(
         vocab_size=mc.vocab_size,
         hidden_size=mc.hidden_size,
@@ -273,15 +287,14 @@ def hf_twin(engine: Engine):
         tie_word_embeddings=mc.tie_word_embeddings,
         attn_implementation="sdpa",
     )
-    dtype = next(engine.model.parameters()).dtype
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(src.dtype)
     try:
-        with torch.device(engine.device):
+        with torch.device(device):
             hf = transformers.LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(default)
-    ours = dict(engine.model.named_parameters())
+    ours = src.params
     c = mc
     qkv = {"q_proj": (0, c.q_size), "k_proj": (c.q_size, c.kv_size), "v_proj": (c.q_size + c.kv_size, c.kv_size)}
     gate_up = {"gate_proj": (0, c.intermediate_size), "up_proj": (c.intermediate_size, c.intermediate_size)}
@@ -292,16 +305,17 @@ def hf_twin(engine: Engine):
             target, rows = _fused_target(name, qkv, "qkv_proj")
             if target is None:
                 target, rows = _fused_target(name, gate_up, "gate_up_proj")
-            src = ours[target or name]
-            p.copy_(src if rows is None else src.narrow(0, rows[0], rows[1]))
+            src_param = ours[target or name]
+            p.copy_(src_param if rows is None else src_param.narrow(0, rows[0], rows[1]))
         if mc.tie_word_embeddings:
             hf.tie_weights()
     hf.generation_config.pad_token_id = 0
     hf.eval()
+    # The twin must be the same model: its greedy next token agrees with the engine's.
     with torch.inference_mode():
-        theirs_tok = int(hf(torch.tensor([probe], device=engine.device)).logits[0, -1].argmax())
-    if ours_tok != theirs_tok:
-        raise RuntimeError(f"transformers twin disagrees with the engine: {theirs_tok} != {ours_tok}")
+        theirs_tok = int(hf(torch.tensor([src.probe], device=device)).logits[0, -1].argmax())
+    if src.probe_token != theirs_tok:
+        raise RuntimeError(f"transformers twin disagrees with the engine: {theirs_tok} != {src.probe_token}")
     return hf
 
 
@@ -330,14 +344,14 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: list[int], device: tor
     return {"wall_s": wall, "useful_output_tokens": sum(new_tokens), "output_tokens_per_s": sum(new_tokens) / wall}
 
 
-def bench_peer(engine: Engine, rng: random.Random, smoke: bool, concurrency: int) -> dict:
-    hf = hf_twin(engine)
+def bench_peer(src: TwinSource, device: torch.device, rng: random.Random, smoke: bool, concurrency: int) -> dict:
+    hf = hf_twin(src, device)
     prompt_len, new = (32, 16) if smoke else (128, 128)
-    hf_generate(hf, [toks(rng, 8)], [4], engine.device)  # warm-up
-    b1 = hf_generate(hf, [toks(rng, prompt_len)], [new], engine.device)
+    hf_generate(hf, [toks(rng, 8)], [4], device)  # warm-up
+    b1 = hf_generate(hf, [toks(rng, prompt_len)], [new], device)
     b1["decode_tokens_per_s"] = new / b1["wall_s"]
     lengths = chat_lengths(rng, concurrency, smoke)
-    conc = hf_generate(hf, [toks(rng, p) for p, _ in lengths], [o for _, o in lengths], engine.device)
+    conc = hf_generate(hf, [toks(rng, p) for p, _ in lengths], [o for _, o in lengths], device)
     conc["concurrency"] = concurrency
     del hf
     free_memory()
@@ -374,19 +388,28 @@ def run_model(model: str, device: str, smoke: bool, bulk_requests: int, bw: floa
     res["c_multi_turn"] = bench_multi_turn(engine, rng, smoke)
     log(f"{model}: last-turn TTFT speedup {res['c_multi_turn']['last_turn_ttft_speedup']:.2f}x")
     log(f"{model}: peer transformers generate()")
-    res["peer_transformers"] = bench_peer(engine, rng, smoke, 64 if not smoke else 16)
+    # On a CPU the engine keeps its projections packed for oneDNN (node/model/packed_linear.py):
+    # no weights to give a twin (the smoke run has no peer).
+    twin = TwinSource.of(engine) if engine.device.type == "cuda" else None
+    engine_device = engine.device
     del engine
+    free_memory()
+    if twin is not None:
+        res["peer_transformers"] = bench_peer(twin, engine_device, rng, smoke, 64 if not smoke else 16)
+    del twin
     free_memory()
     log(f"{model}: (d) shared-prefix bulk x{bulk_requests}")
     res["d_shared_prefix"] = bench_shared_prefix(model, device, rng, bulk_requests, smoke)
     log(f"{model}: prefix-cache speedup {res['d_shared_prefix']['throughput_speedup']:.2f}x")
-    peer = res["peer_transformers"]
+    peer = res.get("peer_transformers")
     key = "b_concurrent_64" if not smoke else "b_concurrent_16"
     pkey = "concurrent_64" if not smoke else "concurrent_16"
     res["targets"] = {
         "batch1_roofline_fraction": res["a_batch1"]["roofline_fraction"],
-        "concurrent64_vs_transformers": res[key]["output_tokens_per_s"] / peer[pkey]["output_tokens_per_s"],
-        "batch1_vs_transformers": res["a_batch1"]["decode_tokens_per_s"] / peer["batch1"]["decode_tokens_per_s"],
+        "concurrent64_vs_transformers": (res[key]["output_tokens_per_s"] / peer[pkey]["output_tokens_per_s"]
+                                         if peer else None),
+        "batch1_vs_transformers": (res["a_batch1"]["decode_tokens_per_s"] / peer["batch1"]["decode_tokens_per_s"]
+                                   if peer else None),
         "multi_turn_last_ttft_speedup": res["c_multi_turn"]["last_turn_ttft_speedup"],
         "shared_prefix_speedup": res["d_shared_prefix"]["throughput_speedup"],
     }
