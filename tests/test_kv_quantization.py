@@ -285,7 +285,8 @@ async def test_a_refused_import_answers_its_reason_while_the_kv_is_still_coming(
         call = peers.stub(b.address).ImportSession(timeout=30)
         await call.write(header)
         await asyncio.sleep(0.5)  # the node has refused the header by now
-        assert not call.done()  # ... and still reads: the writes below cannot meet an ended call
+        # ... and still reads: the writes below cannot meet an ended call
+        assert not call.done(), f"ended early: {await call.code()} {await call.details()}"
         for chunk in kv:
             await call.write(chunk)
         await call.done_writing()
