@@ -29,6 +29,15 @@ from ultrakv.node.kv.block_pool import BlockPool
 from ultrakv.node.outputs import RequestKey
 from ultrakv.node.sequence import Sequence, SequenceStatus
 
+# A lone sequence's prefill of up to this many times the largest prefill graph goes in
+# graph-sized steps, each one replayed; a longer one runs in one eager step. An eager
+# prefill is bound by the host's kernel launches until its device time outgrows them: on an
+# H100 host llama-1b took 9.2-10.0 ms for any cold prompt of 1100 to 2300 tokens in one eager
+# step (4.45 ms of it device time at 1100), against 4.7 ms for 1024 tokens in two replayed
+# 512-token steps (about 2.4 ms a step); a 2.2k-token prompt took 13.2 ms in 512-token steps
+# against 10.6 ms in one eager step. Three steps (up to 1536 tokens) stay well ahead.
+GRAPH_PREFILL_STEPS = 3
+
 log = logging.getLogger("ultrakv.node.scheduler")
 
 
@@ -106,11 +115,11 @@ class Scheduler:
         self.clock = clock
         self.tiers = tiers
         # The largest prefill a CUDA graph replays (0: none). A lone sequence's prefill of up
-        # to twice that goes in two steps, the first of that size: an eager prefill is bound by
-        # the host's kernel launches (llama-1b on an H100: a 576-token turn over a cached
-        # history took 8-13 ms eagerly, 2-3 ms of it device time), a replayed chunk is not.
-        # Longer ones run eagerly: their device time outgrows the launches (a 2.2k-token
-        # prompt took 13.2 ms in 512-token chunks, 10.6 ms in one eager step).
+        # to GRAPH_PREFILL_STEPS times that goes in steps of that size, each replayed: an
+        # eager prefill is bound by the host's kernel launches (llama-1b on an H100: a
+        # 576-token turn over a cached history took 8-13 ms eagerly, 2-3 ms of it device
+        # time), a replayed chunk is not. Longer ones run eagerly: their device time outgrows
+        # the launches.
         self.graph_prefill_tokens = graph_prefill_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -170,7 +179,7 @@ class Scheduler:
             self._admit(out, budget, now)
         if len(out.scheduled) == 1 and not out.preempted and self.graph_prefill_tokens:
             item = out.scheduled[0]  # its blocks stay reserved for the whole prompt
-            if not item.draft and 0 < item.num_new_tokens - self.graph_prefill_tokens <= self.graph_prefill_tokens:
+            if not item.draft and self.graph_prefill_tokens < item.num_new_tokens <= self._graph_prefill_limit:
                 out.scheduled[0] = ScheduledSeq(item.seq, self.graph_prefill_tokens)
         return out
 
@@ -225,6 +234,11 @@ class Scheduler:
                 self._commit_full_blocks(seq)
 
     # -- internals ------------------------------------------------------------------------
+
+    @property
+    def _graph_prefill_limit(self) -> int:
+        """The longest lone prefill that goes in graph-sized steps."""
+        return GRAPH_PREFILL_STEPS * self.graph_prefill_tokens
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         want = seq.num_uncomputed_tokens
@@ -289,11 +303,12 @@ class Scheduler:
         if n == 0:
             return []
         blocks = self.pool.allocate(n)
-        # Its prefill runs eagerly when no prefill graph takes it: more new tokens than two
-        # graph-sized steps (see schedule), or no prefill graphs at all. A step of several
-        # sequences runs eagerly too, which is not known yet: such a load goes whole.
+        # Its prefill runs eagerly when no prefill graph takes it: more new tokens than
+        # GRAPH_PREFILL_STEPS graph-sized steps (see schedule), or no prefill graphs at all. A
+        # step of several sequences runs eagerly too, which is not known yet: such a load goes
+        # whole.
         new_tokens = seq.num_tokens - (matched + n) * self.block_size
-        eager = not self.graph_prefill_tokens or new_tokens > 2 * self.graph_prefill_tokens
+        eager = not self.graph_prefill_tokens or new_tokens > self._graph_prefill_limit
         try:
             loaded = self.tiers.load(hashes[:n], blocks, overlap=eager)
         except Exception:  # a failing tier costs a recompute, never the request

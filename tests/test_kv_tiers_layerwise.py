@@ -244,11 +244,11 @@ class _StandInGraphs:
         return self.engine.model(input_ids, positions, self.engine.kv_caches, meta)
 
 
-@pytest.mark.parametrize("graph_tokens, layered", [(512, False), (2, True)], ids=["graph_step", "eager_step"])
+@pytest.mark.parametrize("graph_tokens, layered", [(512, False), (1, True)], ids=["graph_step", "eager_step"])
 def test_layerwise_loads_only_for_prefills_that_run_eagerly(reference, graph_tokens, layered):  # noqa: F811
     """Where prefill graphs replay (CUDA), a returning turn that one prefill graph takes
     loads its prefix whole (a graph calls no hook, and the whole copies run at full speed);
-    one with more new tokens than two graph-sized steps runs eagerly and loads layer by
+    one with more new tokens than three graph-sized steps runs eagerly and loads layer by
     layer. No graph ever replays with a load pending; tokens are unchanged."""
     engine = _engine(kv_cpu_gib=0.01, kv_tier_layerwise=True)
     graphs = engine.runner.graphs = _StandInGraphs(engine, graph_tokens)
