@@ -32,10 +32,11 @@ from ultrakv.node.sequence import Sequence, SequenceStatus
 # A lone sequence's prefill of up to this many times the largest prefill graph goes in
 # graph-sized steps, each one replayed; a longer one runs in one eager step. An eager
 # prefill is bound by the host's kernel launches until its device time outgrows them: on an
-# H100 host llama-1b took 9.2-10.0 ms for any cold prompt of 1100 to 2300 tokens in one eager
-# step (4.45 ms of it device time at 1100), against 4.7 ms for 1024 tokens in two replayed
-# 512-token steps (about 2.4 ms a step); a 2.2k-token prompt took 13.2 ms in 512-token steps
-# against 10.6 ms in one eager step. Three steps (up to 1536 tokens) stay well ahead.
+# H100 host a cold llama-1b prompt of 1100 tokens took 9.1-9.8 ms in one eager step (4.45 ms
+# of it device time) and 6.0 ms in three replayed steps; 1400 tokens 9.3-12.6 against 6.7,
+# 1536 9.1-10.4 against 7.0 (benchmarks/bench_cold_prefill.py, cold_prefill_*_llama-1b*.json).
+# Past that the eager step catches up (2000 tokens: 8.6 ms; a 2.2k-token prompt took 13.2 ms
+# in 512-token steps against 10.6 ms in one eager step).
 GRAPH_PREFILL_STEPS = 3
 
 log = logging.getLogger("ultrakv.node.scheduler")
