@@ -194,11 +194,15 @@ async def test_a_coordinators_forwards_share_one_stream_per_node(server, secret,
         assert [len(ids) for ids in outputs] == [24] * 3
         # An id running already (two clients chose it): the second goes on a stream of its
         # own, where the node refuses it as before; the first's events stay its own.
-        first = asyncio.create_task(forward("d", 24))
-        await asyncio.sleep(0)
+        # The first must be running on the node before the second is sent (on a loaded
+        # machine the second's new stream overtook the first's queued request once, and the
+        # node refused the first instead); long enough to be running still when it arrives.
+        started.clear()
+        first = asyncio.create_task(forward("d", 400))
+        await asyncio.wait_for(started.wait(), 60)
         with pytest.raises(RequestRejected, match="already running"):
             await forward("d", 24)
-        assert len(await asyncio.wait_for(first, 120)) == 24
+        assert len(await asyncio.wait_for(first, 120)) == 400
         # stopped early (the client went away): the node stops generating it
         events = backend._forward("n", pb.GenerateRequest(
             request_id="long", text=PROMPT, sampling=pb.SamplingOptions(
