@@ -89,6 +89,11 @@ class RetryPolicy:
                 + random.uniform(0.0, self.jitter_s))
 
 
+def _left(deadline: float) -> float:
+    """Seconds left until ``deadline`` (a monotonic time), as an attempt's gRPC timeout."""
+    return max(0.001, deadline - time.monotonic())
+
+
 def parse_addresses(address: str | Sequence[str]) -> list[str]:
     """``"a:1,b:2"`` or ``["a:1", "b:2"]`` -> ``["a:1", "b:2"]``; ValueError when empty."""
     parts = address.split(",") if isinstance(address, str) else list(address)
@@ -109,16 +114,22 @@ class _Failover:
         self.policy = policy
         self.current = 0
 
-    def failed(self, attempt: int, index: int) -> float | None:
+    def failed(self, attempt: int, index: int, remaining_s: float | None = None) -> float | None:
         """Attempt number ``attempt`` of a call (from 0), sent to address ``index``, was
-        unavailable: the wait before the next attempt, or None when the budget is spent.
-        Concurrent calls failing on one address move the current one on only once."""
+        unavailable: the wait before the next attempt, or None when the budget is spent:
+        the policy's attempts, or the call's ``remaining_s`` (its timeout covers its
+        retries: ``ultrakv health --timeout 1`` on a dead address answered after 11 s, the
+        policy's whole schedule). Concurrent calls failing on one address move the current
+        one on only once."""
         if attempt + 1 >= self.policy.attempts * self.n:
             return None
         if self.current == index:
             self.current = (index + 1) % self.n
         rounds, rest = divmod(attempt + 1, self.n)
-        return self.policy.wait_s(rounds) if rest == 0 else 0.0
+        wait = self.policy.wait_s(rounds) if rest == 0 else 0.0
+        if remaining_s is not None and wait >= remaining_s:
+            return None
+        return wait
 
 
 @dataclass
@@ -370,15 +381,17 @@ class Client:
     def _call(self, pick: Callable[[_Endpoint], Callable[..., Any]], request: Any,
               timeout: float | None = None) -> Any:
         """Unary call of ``pick(endpoint)`` with deadline, metadata, failover and retries;
-        failures as RequestError."""
+        failures as RequestError. ``timeout`` (the client's by default) covers the retries."""
         attempt = 0
+        deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             index = self._failover.current
             try:
-                return pick(self._endpoints[index])(request, timeout=timeout or self.timeout,
+                return pick(self._endpoints[index])(request, timeout=_left(deadline),
                                                     metadata=self._metadata)
             except grpc.RpcError as exc:
-                wait = self._failover.failed(attempt, index) if _is_unavailable(exc) else None
+                wait = (self._failover.failed(attempt, index, deadline - time.monotonic())
+                        if _is_unavailable(exc) else None)
                 if wait is None:
                     raise RequestError.from_rpc(exc) from exc
             time.sleep(wait)
@@ -593,13 +606,15 @@ class AsyncClient:
     async def _call(self, pick: Callable[[_Endpoint], Callable[..., Any]], request: Any,
                     timeout: float | None = None) -> Any:
         attempt = 0
+        deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             index = self._failover.current
             try:
                 return await pick(self._endpoints[index])(
-                    request, timeout=timeout or self.timeout, metadata=self._metadata)
+                    request, timeout=_left(deadline), metadata=self._metadata)
             except grpc.RpcError as exc:
-                wait = self._failover.failed(attempt, index) if _is_unavailable(exc) else None
+                wait = (self._failover.failed(attempt, index, deadline - time.monotonic())
+                        if _is_unavailable(exc) else None)
                 if wait is None:
                     raise RequestError.from_rpc(exc) from exc
             await asyncio.sleep(wait)

@@ -32,6 +32,21 @@ def test_failover_tries_every_address_before_waiting() -> None:
     assert waits == [(0, 0.0), (1, 1.0), (0, 0.0), (1, 2.0), (0, 0.0), (1, None)]
 
 
+def test_a_calls_timeout_covers_its_retries() -> None:
+    """The waits stop where the call's time is spent: ``ultrakv health --timeout 1`` on a
+    dead address answered after 11 s (the policy's whole schedule) before."""
+    failover = _Failover(1, RetryPolicy(attempts=10, initial_s=0.1, max_s=2.0, jitter_s=0.0))
+    remaining, waits = 1.0, []
+    for attempt in range(10):
+        wait = failover.failed(attempt, 0, remaining)
+        waits.append(wait)
+        if wait is None:
+            break
+        remaining -= wait
+    assert waits == [0.1, 0.2, 0.4, None]  # 0.8 more would pass the remaining 0.3 s
+    assert failover.failed(0, 0) == 0.1  # no deadline: the policy's schedule alone
+
+
 def test_concurrent_failures_on_one_address_move_on_once() -> None:
     failover = _Failover(2, RetryPolicy())
     failover.failed(0, 0)
