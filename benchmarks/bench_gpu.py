@@ -259,9 +259,7 @@ class TwinSource:
     def of(cls, engine: Engine) -> TwinSource:
         probe = list(range(1, 33))
         token = engine.generate([probe], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0].token_ids[0]
-        # Every module's weight, parameter or not (a projection may keep a repacked tensor).
-        params = {f"{name}.weight": w.detach().to("cpu") for name, m in engine.model.named_modules()
-                  if isinstance(w := getattr(m, "weight", None), torch.Tensor)}
+        params = {name: p.detach().to("cpu") for name, p in engine.model.named_parameters()}
         return cls(engine.model_config, params, next(engine.model.parameters()).dtype, probe, token)
 
 

@@ -90,7 +90,7 @@ def main_traced(args: argparse.Namespace) -> None:
         by_request: dict[str, dict[str, int]] = {}
         untagged: list[tuple[int, str]] = []
         for path in glob.glob(f"{stamps}/*.txt"):
-            for line in open(path):
+            for line in Path(path).read_text().splitlines():
                 t, label, key = line.split()
                 if label.startswith("i_"):
                     untagged.append((int(t), label))

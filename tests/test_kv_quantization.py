@@ -218,6 +218,20 @@ def test_quantized_blocks_round_trip_through_the_kv_tiers(tier, tmp_path):
     assert torch.equal(e.export_session("t").kv.view(torch.uint8)[:, :, :64], before[:, :, :64])
 
 
+def _float_and_int8_nodes(tmp_path):
+    """A cluster secret, the server settings it goes with, and two tiny engines: a float
+    KV cache (the source) and an int8 one (the target)."""
+    from ultrakv.cluster.peer_auth import ensure_cluster_secret
+    from ultrakv.node.server import ServerSettings
+
+    secret_file = ensure_cluster_secret(tmp_path / "cluster-secret")
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5,
+                              cluster_secret_file=str(secret_file))
+    src = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64))
+    dst = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64, kv_cache_dtype="int8"))
+    return secret_file, settings, src, dst
+
+
 async def test_migration_between_kv_dtypes_moves_the_history_only(tmp_path):
     """A float node's session moved to an int8 node: ImportSession refuses the float KV,
     naming kv_dtype, and the resharder moves the history alone; the session continues there
@@ -225,17 +239,13 @@ async def test_migration_between_kv_dtypes_moves_the_history_only(tmp_path):
     import asyncio
 
     import grpc
-    from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
+    from ultrakv.cluster.peer_auth import read_cluster_secret
     from ultrakv.cluster.peers import PeerChannels
     from ultrakv.cluster.session_transfer import state_to_chunks
     from ultrakv.coordinator.resharding import Copy, Resharder
-    from ultrakv.node.server import BackgroundServer, ServerSettings
+    from ultrakv.node.server import BackgroundServer
 
-    secret_file = ensure_cluster_secret(tmp_path / "cluster-secret")
-    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5,
-                              cluster_secret_file=str(secret_file))
-    src = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64))
-    dst = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64, kv_cache_dtype="int8"))
+    secret_file, settings, src, dst = _float_and_int8_nodes(tmp_path)
     src.generate([list(range(1, 60))], SamplingParams(max_tokens=4, temperature=0.0), session_ids=["mv"])
     state = src.export_session("mv")
     with BackgroundServer(src, settings) as a, BackgroundServer(dst, settings) as b:
@@ -267,16 +277,12 @@ async def test_a_refused_import_answers_its_reason_while_the_kv_is_still_coming(
     import asyncio
 
     import grpc
-    from ultrakv.cluster.peer_auth import ensure_cluster_secret, read_cluster_secret
+    from ultrakv.cluster.peer_auth import read_cluster_secret
     from ultrakv.cluster.peers import PeerChannels
     from ultrakv.cluster.session_transfer import state_to_chunks
-    from ultrakv.node.server import BackgroundServer, ServerSettings
+    from ultrakv.node.server import BackgroundServer
 
-    secret_file = ensure_cluster_secret(tmp_path / "cluster-secret")
-    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5,
-                              cluster_secret_file=str(secret_file))
-    src = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64))
-    dst = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64, kv_cache_dtype="int8"))
+    secret_file, settings, src, dst = _float_and_int8_nodes(tmp_path)
     src.generate([list(range(1, 200))], SamplingParams(max_tokens=4, temperature=0.0), session_ids=["mv"])
     header, *kv = state_to_chunks(src.export_session("mv"), chunk_bytes=4096)
     assert len(kv) > 2
