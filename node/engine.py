@@ -285,7 +285,10 @@ class Engine:
         no request pays for a capture or a JIT compile later (a compile in the serving path
         cost the first 8192-token prefill step 560 ms on an H100).
 
-        Graphs cover decode and short single-sequence prefills. The rest runs eagerly: Triton
+        Graphs cover decode and short single-sequence prefills. The rest runs eagerly, at
+        a fixed set of padded row counts (node/step_shapes.py) whose matrix products run once
+        here, so cuBLAS meets no new shape while serving (each new one cost its first step
+        up to 3 ms on an H100 host: a heuristic query and a kernel load). Triton
         specializes a kernel on each integer argument being 1 or a multiple of 16, and on the
         constexprs of each path (cold prefill, prefill over a cached prefix, chunked
         prefill, one and several sequences). A few dummy requests walk every such class;
@@ -302,9 +305,13 @@ class Engine:
                 n = self.runner.graphs.capture_all()
                 self.runner.graphs.rank_prefill_sizes()
         t1 = time.monotonic()
+        with self._lock:
+            products = self.runner.warm_matmuls()
+        t2 = time.monotonic()
         self._run_warmup_requests()
-        log.info("warmup: captured %d CUDA graphs in %.1f s, eager kernels compiled in %.1f s",
-                 n, t1 - t0, time.monotonic() - t1)
+        log.info("warmup: captured %d CUDA graphs in %.1f s, ran %d matrix products at the eager steps' "
+                 "padded shapes in %.1f s, eager kernels compiled in %.1f s",
+                 n, t1 - t0, products, t2 - t1, time.monotonic() - t2)
         self._calibrate_tiers()
 
     def _while_running(self, out: SchedulerOutput) -> None:

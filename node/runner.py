@@ -26,6 +26,7 @@ from ultrakv.node.attention.triton_backend import triton_available
 from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.sampler import SamplingTensors, sample
 from ultrakv.node.scheduler import ScheduledSeq
+from ultrakv.node.step_shapes import row_bucket, row_buckets, token_bucket, token_buckets
 
 
 class LayerLoads(Protocol):
@@ -53,6 +54,7 @@ class ModelRunner:
         max_num_batched_tokens: int,
         max_model_len: int,
         graphs: CudaGraphRunner | None = None,
+        pad_eager_steps: bool | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -65,10 +67,16 @@ class ModelRunner:
         # replay a graph, so this is a safety net, not the path.
         self.layer_loads: LayerLoads | None = None
         pin = device.type == "cuda"
-        self._max_blocks = padded_table_width(math.ceil(max_model_len / block_size))
+        # An eager step's tokens and sampled rows padded to a fixed set of counts (see
+        # node/step_shapes.py), on CUDA where cuBLAS pays for each new shape; the padding
+        # extends the last sequence, so its context may run up to that far past the model's.
+        self.pad_eager_steps = pin if pad_eager_steps is None else pad_eager_steps
+        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        max_pad = token_bucket(max_num_batched_tokens) - 1
+        self._max_blocks = padded_table_width(math.ceil((max_model_len + max_pad) / block_size))
         # int64: input ids, positions, slots (T each) and the rows to sample (<= B)
-        t = _align(max_num_batched_tokens, 2)
-        self._stage64 = torch.empty(3 * t + max_num_seqs, dtype=torch.int64, pin_memory=pin)
+        t = _align(token_bucket(max_num_batched_tokens), 2)
+        self._stage64 = torch.empty(3 * t + row_bucket(max_num_seqs), dtype=torch.int64, pin_memory=pin)
         # int32: query_start_loc (B+1), seq_lens (B), block tables (B x max blocks)
         self._stage32 = torch.empty(
             _align(max_num_seqs + 1, 4) + _align(max_num_seqs, 4) + max_num_seqs * self._max_blocks,
@@ -106,7 +114,7 @@ class ModelRunner:
             hidden = graphed
             selected = hidden[-1:]  # one sequence: its last token is the row to sample
         else:
-            input_ids, positions, meta, last = self.prepare(scheduled, rows)
+            input_ids, positions, meta, last = self.prepare(scheduled, rows, pad=self.pad_eager_steps)
             hidden = self._forward(input_ids, positions, meta)
             # Decode steps sample every row, and row i is token i: no gather needed.
             selected = hidden if hidden.shape[0] == len(rows) else hidden[last]
@@ -114,7 +122,7 @@ class ModelRunner:
             if while_running is not None:
                 while_running()
             return [None] * len(scheduled)
-        sampled = self._sample(selected, self._sampling_for([scheduled[i] for i in rows]))
+        sampled = self._sample(selected, self._sampling_for([scheduled[i] for i in rows]), len(rows))
         if while_running is not None:
             while_running()
         tokens = sampled.tolist()
@@ -122,6 +130,31 @@ class ModelRunner:
         for row, tok in zip(rows, tokens, strict=True):
             out[row] = int(tok)
         return out
+
+    @torch.inference_mode()
+    def warm_matmuls(self) -> int:
+        """Run every matrix product of an eager step once at each padded row count it can
+        meet (node/step_shapes.py): each distinct linear layer at every token bucket, the
+        output projection at every row bucket, so cuBLAS meets no new shape while serving.
+        Returns how many products ran. (Under tensor parallelism only this rank's slices.)"""
+        model = self.model if isinstance(self.model, torch.nn.Module) else self.model.model  # tensor parallel
+        layers: dict[tuple, torch.nn.Linear] = {}
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                layers.setdefault((tuple(w.shape), w.dtype, module.bias is not None), module)
+        ran = 0
+        for n in token_buckets(self.max_num_batched_tokens):
+            for module in layers.values():
+                module(torch.zeros(n, module.in_features, dtype=module.weight.dtype, device=self.device))
+                ran += 1
+        hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+        if hasattr(model, "compute_logits") and hidden_size is not None:
+            dtype = next(model.parameters()).dtype
+            for n in row_buckets(self.max_num_seqs):
+                model.compute_logits(torch.zeros(n, hidden_size, dtype=dtype, device=self.device))
+                ran += 1
+        return ran
 
     def execute_decode_steps(self, scheduled: list[ScheduledSeq], num_steps: int) -> list[list[int]]:
         """Run ``num_steps`` decode steps back to back; returns each step's tokens (row i is
@@ -257,11 +290,12 @@ class ModelRunner:
             return None
         return self._sampling_tensors(items)
 
-    def _sample(self, hidden: torch.Tensor, sampling: SamplingTensors | None) -> torch.Tensor:
-        """Tokens [N] (on the device) for the rows of ``hidden``; nothing waits for them."""
+    def _sample(self, hidden: torch.Tensor, sampling: SamplingTensors | None, rows: int | None = None) -> torch.Tensor:
+        """Tokens [N] (on the device) for the rows of ``hidden``, or its first ``rows`` (the
+        rest padding); nothing waits for them."""
         if sampling is None:
-            return self._greedy(hidden)
-        return sample(self.model.compute_logits(hidden), sampling)
+            return self._greedy(hidden)[:rows]
+        return sample(self.model.compute_logits(hidden)[:rows], sampling)
 
     def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._split_argmax is not None:
@@ -269,9 +303,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden).argmax(dim=-1)
 
     def prepare(
-        self, scheduled: list[ScheduledSeq], rows: list[int] | None = None
+        self, scheduled: list[ScheduledSeq], rows: list[int] | None = None, pad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Flat inputs and metadata on the device, plus the flat index of each sampled row."""
+        """Flat inputs and metadata on the device, plus the flat index of each sampled row.
+
+        ``pad``: a step that is not decode-only runs at a :func:`token_bucket` of tokens and
+        a :func:`row_bucket` of sampled rows (node/step_shapes.py). The padding tokens
+        extend the last sequence, as a prefill graph's do: id 0, its last position again, no
+        cache slot (-1), so only they can see the keys past its real end; the padding rows
+        repeat its last sampled row."""
         bs = self.block_size
         nseq = len(scheduled)
         rows = rows if rows is not None else [i for i, item in enumerate(scheduled) if item.samples]
@@ -282,12 +322,17 @@ class ModelRunner:
             tokens.extend(item.seq.token_ids[start : start + n])
             tokens.extend(item.draft)  # the context ends inside this chunk: drafts follow it
         num_tokens = len(tokens)
+        pad = pad and max(lens) > 1
+        padded = token_bucket(num_tokens) if pad else num_tokens
+        extra = padded - num_tokens
+        num_rows = row_bucket(len(rows)) if pad and rows else len(rows)
         # Every tensor below starts on a 16-byte boundary and the tables' row stride is a
         # multiple of 16: Triton specializes kernels on pointer alignment and on integers
         # being 1 or a multiple of 16, so a layout that varied with the batch would compile a
         # new variant mid-serving for some batch shapes. This one gives one variant for all.
-        width = padded_table_width(max(len(item.seq.block_table) for item in scheduled))
-        t = _align(num_tokens, 2)
+        width = padded_table_width(max(max(len(item.seq.block_table) for item in scheduled),
+                                       -(-(starts[-1] + lens[-1] + extra) // bs)))
+        t = _align(padded, 2)
         o_seq = _align(nseq + 1, 4)
         o_tab = o_seq + _align(nseq, 4)
 
@@ -297,6 +342,9 @@ class ModelRunner:
         # latency-bound step a numpy op costs a microsecond where a torch op costs several.
         h64, h32 = self._host64, self._host32
         ids, pos, slots = h64[:num_tokens], h64[t : t + num_tokens], h64[2 * t : 2 * t + num_tokens]
+        if extra:
+            h64[num_tokens:padded] = 0
+            h64[2 * t + num_tokens : 2 * t + padded] = -1
         qsl, seq_lens = h32[: nseq + 1], h32[o_seq : o_seq + nseq]
         tables = h32[o_tab : o_tab + nseq * width].reshape(nseq, width)
         ids[:] = tokens
@@ -317,9 +365,15 @@ class ModelRunner:
         np.add(starts_a, lens_a, out=seq_lens)
         if rows:
             h64[3 * t : 3 * t + len(rows)] = qsl[1:][rows] - 1
+            h64[3 * t + len(rows) : 3 * t + num_rows] = h64[3 * t + len(rows) - 1]
+        if extra:
+            h64[t + num_tokens : t + padded] = pos[-1]
+            qsl[nseq] += extra
+            seq_lens[nseq - 1] += extra
+            lens[-1] += extra
 
         dev = self.device
-        d64 = self._stage64[: 3 * t + len(rows)].to(dev, non_blocking=True)
+        d64 = self._stage64[: 3 * t + num_rows].to(dev, non_blocking=True)
         d32 = self._stage32[: o_tab + nseq * width].to(dev, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
@@ -327,11 +381,11 @@ class ModelRunner:
             query_start_loc=d32[: nseq + 1],
             seq_lens=d32[o_seq : o_seq + nseq],
             block_tables=d32[o_tab:].view(nseq, width),
-            slot_mapping=d64[2 * t : 2 * t + num_tokens],
+            slot_mapping=d64[2 * t : 2 * t + padded],
             max_query_len=max(lens),
             max_seq_len=max(s + n for s, n in zip(starts, lens, strict=True)),
         )
-        return d64[:num_tokens], d64[t : t + num_tokens], meta, d64[3 * t :]
+        return d64[:padded], d64[t : t + padded], meta, d64[3 * t :]
 
     def _sampling_tensors(self, items: list[ScheduledSeq]) -> SamplingTensors:
         dev = self.device
