@@ -37,6 +37,7 @@ from ultrakv.cluster.errors import (
 )
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.validation import SessionLayout, validate_history
+from ultrakv.node import kernel_variants
 from ultrakv.node.attention import get_backend
 from ultrakv.node.attention.triton_backend import triton_available
 from ultrakv.node.chat import ChatMessage, is_chat, parse_messages, template_delta
@@ -62,6 +63,7 @@ from ultrakv.node.outputs import (
 )
 from ultrakv.node.parallel.sharding import TensorShard
 from ultrakv.node.parallel.tensor_parallel import TensorParallelGroup, tensor_parallel_devices
+from ultrakv.node.piecewise_graphs import PiecewiseForward
 from ultrakv.node.runner import ModelRunner
 from ultrakv.node.sampling_params import Priority, SamplingParams
 from ultrakv.node.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -233,6 +235,12 @@ class Engine:
                 self.max_model_len,
                 max_prefill_tokens=min(config.cuda_graph_max_prefill_tokens, config.max_num_batched_tokens),
             )
+        # Eager steps' layers around their attention as graphs per padded token count
+        # (node/piecewise_graphs.py), wherever the whole-step graphs run; captured at warmup.
+        piecewise = None
+        if (graphs is not None and kernel_variants.current().eager_steps == "piecewise"
+                and PiecewiseForward.supports(self.model)):
+            piecewise = PiecewiseForward(self.model, self.kv_caches, config.max_num_batched_tokens, self.device)
         self.runner = ModelRunner(
             self.model if self.tensor_parallel is None else self.tensor_parallel.wrap(self.model),
             self.kv_caches,
@@ -242,6 +250,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             graphs=graphs,
+            piecewise=piecewise,
         )
         if self.tiers is not None and self.tiers.layerwise:
             self.model.kv_ready = self.tiers.layer_ready
@@ -307,11 +316,12 @@ class Engine:
         t1 = time.monotonic()
         with self._lock:
             products = self.runner.warm_matmuls()
+            pieces = self.runner.piecewise.capture_all() if self.runner.piecewise is not None else 0
         t2 = time.monotonic()
         self._run_warmup_requests()
         log.info("warmup: captured %d CUDA graphs in %.1f s, ran %d matrix products at the eager steps' "
-                 "padded shapes in %.1f s, eager kernels compiled in %.1f s",
-                 n, t1 - t0, products, t2 - t1, time.monotonic() - t2)
+                 "padded shapes and captured %d piecewise graphs in %.1f s, eager kernels compiled in %.1f s",
+                 n, t1 - t0, products, pieces, t2 - t1, time.monotonic() - t2)
         self._calibrate_tiers()
 
     def _while_running(self, out: SchedulerOutput) -> None:

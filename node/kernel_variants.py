@@ -21,6 +21,10 @@ environment, e.g. ``ULTRAKV_KERNELS=prefill_attention=per_head,argmax=torch``:
   Hopper and later (``node/grid_dependency.py``; on an H100, llama-1b batch-1 decode 715-758
   -> 784-796 tok/s in interleaved runs, batch 64 +1-2%, llama-8b batch 1 166 -> 168);
   ``serial`` launches them as any kernel.
+* ``eager_steps``: how a step no CUDA graph of its own replays (several sequences, a prompt
+  past the prefill graphs) runs, up to 2048 tokens: ``piecewise`` (default) replays graphs
+  of every layer's part around its attention, captured per padded token count
+  (``node/piecewise_graphs.py``); ``eager`` launches every kernel from Python.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ _CHOICES = {
     "argmax": ("split", "torch"),
     "gemv": ("triton", "cublas"),
     "launch": ("pdl", "serial"),
+    "eager_steps": ("piecewise", "eager"),
 }
 
 
@@ -47,6 +52,7 @@ class KernelVariants:
     argmax: str = "split"
     gemv: str = "triton"
     launch: str = "pdl"
+    eager_steps: str = "piecewise"
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -24,6 +24,7 @@ from ultrakv.node import kernel_variants
 from ultrakv.node.attention.base import AttentionMetadata, padded_table_width
 from ultrakv.node.attention.triton_backend import triton_available
 from ultrakv.node.cuda_graphs import CudaGraphRunner
+from ultrakv.node.piecewise_graphs import PiecewiseForward
 from ultrakv.node.sampler import SamplingTensors, sample
 from ultrakv.node.scheduler import ScheduledSeq
 from ultrakv.node.step_shapes import row_bucket, row_buckets, token_bucket, token_buckets
@@ -55,12 +56,15 @@ class ModelRunner:
         max_model_len: int,
         graphs: CudaGraphRunner | None = None,
         pad_eager_steps: bool | None = None,
+        piecewise: PiecewiseForward | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.graphs = graphs
+        # Eager steps' layers around their attention, replayed per padded token count.
+        self.piecewise = piecewise
         # Set by the engine with layer-wise tier loads: an eager step's layer loop paces them
         # (the model's hook); a step that replays a CUDA graph readies them all first (a graph
         # calls no hook). The scheduler loads layer-wise only for prefills that will not
@@ -282,6 +286,8 @@ class ModelRunner:
             if self.layer_loads is not None:  # a graph calls no hook: every layer's blocks go in first
                 self.layer_loads.layers_ready()
             return self.graphs.run(input_ids, positions, meta)
+        if self.piecewise is not None and not meta.is_decode_only and self.piecewise.covers(input_ids.shape[0]):
+            return self.piecewise.forward(input_ids, positions, meta)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _sampling_for(self, items: list[ScheduledSeq]) -> SamplingTensors | None:
