@@ -16,6 +16,8 @@ weights whatever their number; past 256 it adds less than 12.5%.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 def _ceil(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -34,11 +36,7 @@ def token_bucket(n: int) -> int:
 
 def token_buckets(max_tokens: int) -> list[int]:
     """Every :func:`token_bucket` of a step of at most ``max_tokens`` tokens, ascending."""
-    out, n = [], 1
-    while n <= max_tokens:
-        out.append(token_bucket(n))
-        n = out[-1] + 1
-    return out
+    return _buckets(token_bucket, max_tokens)
 
 
 def row_bucket(n: int) -> int:
@@ -51,8 +49,12 @@ def row_bucket(n: int) -> int:
 
 def row_buckets(max_rows: int) -> list[int]:
     """Every :func:`row_bucket` of at most ``max_rows`` rows, ascending."""
+    return _buckets(row_bucket, max_rows)
+
+
+def _buckets(bucket: Callable[[int], int], most: int) -> list[int]:
     out, n = [], 1
-    while n <= max_rows:
-        out.append(row_bucket(n))
+    while n <= most:
+        out.append(bucket(n))
         n = out[-1] + 1
     return out

@@ -8,25 +8,15 @@ the same generated tokens as an engine without them.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from ultrakv.node import Engine, EngineConfig, SamplingParams
+from serving_mix import serving_mix
+from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.piecewise_graphs import PIECEWISE_MAX_TOKENS, PiecewiseForward
 
 
-def _mix(engine: Engine, seed: int = 11) -> list[list[int]]:
-    """Several sequences per step, chunked prefill, prefix hits, greedy and sampled."""
-    rng = random.Random(seed)
-    vocab = engine.model_config.vocab_size
-    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    sampled = SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
-    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (3, 37, 50, 129, 300, 17, 64, 700)]
-    outs = engine.generate(prompts, [greedy, sampled] * 4)
-    system = prompts[4][:200]
-    outs += engine.generate([system + [rng.randrange(vocab) for _ in range(n)] for n in (5, 70)], [sampled, greedy])
-    return [o.token_ids for o in outs]
+def _mix(engine: Engine) -> list[list[int]]:
+    return serving_mix(engine, (3, 37, 50, 129, 300, 17, 64, 700), seed=11)
 
 
 def _compare_each_step(engine: Engine, pieces: PiecewiseForward, replay: bool) -> list[int]:

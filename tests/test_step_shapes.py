@@ -11,11 +11,10 @@ and the generated tokens equal), and every product a serving mix meets was run b
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from ultrakv.node import Engine, EngineConfig, SamplingParams
+from serving_mix import serving_mix
+from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.step_shapes import row_bucket, row_buckets, token_bucket, token_buckets
 
 
@@ -43,18 +42,8 @@ def _engine(pad: bool, dtype: str = "float32") -> Engine:
     return engine
 
 
-def _mix(engine: Engine, seed: int = 5) -> list[list[int]]:
-    """Several sequences per step, chunked prefill (prompts past the 256-token budget),
-    prefill over cached prefixes, greedy and seeded sampling; the outputs' token ids."""
-    rng = random.Random(seed)
-    vocab = engine.model_config.vocab_size
-    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    sampled = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
-    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (3, 37, 50, 129, 300, 17, 1, 64)]
-    outs = engine.generate(prompts, [greedy, sampled] * 4)
-    system = prompts[4][:200]
-    outs += engine.generate([system + [rng.randrange(vocab) for _ in range(n)] for n in (5, 70)], [sampled, greedy])
-    return [o.token_ids for o in outs]
+def _mix(engine: Engine) -> list[list[int]]:
+    return serving_mix(engine, (3, 37, 50, 129, 300, 17, 1, 64), seed=5, max_tokens=6)
 
 
 def _check_padding(runner, unpadded, padded, rows) -> None:
