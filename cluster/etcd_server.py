@@ -11,6 +11,7 @@ import ctypes
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -78,8 +79,38 @@ def with_parent_death(argv: list[str]) -> tuple[list[str], Callable[[], None] | 
     return argv, _die_with_parent
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+# The lowest port free_port picks from, below the kernel's ephemeral range.
+PICKED_PORTS_FROM = 10000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections and to ``bind(0)``."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> int:
+    """A TCP port that is free on ``host`` right now, for a process started later to bind.
+
+    Picked below the kernel's ephemeral range where there is room: a port from that range
+    can be handed to any process's outgoing connection between the pick and the bind (a node
+    loading its model for two seconds found its port taken by the coordinator's connection
+    to etcd). Random within the room, each candidate checked by binding it; ``bind(0)`` only
+    when no room is left below the range or no candidate binds."""
+    low, _ = ephemeral_port_range()
+    rng = rng or random.SystemRandom()
+    if low - PICKED_PORTS_FROM >= 1000:
+        for _ in range(64):
+            port = rng.randrange(PICKED_PORTS_FROM, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
