@@ -158,7 +158,8 @@ def test_batch_fails_fast_when_no_server_answers(tmp_path, capsys):
     path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     path.write_text('{"text": "a"}\n')
     dead = f"127.0.0.1:{free_port()}"
-    assert main(["batch", str(path), str(out), "--address", dead]) == 2
+    # --timeout bounds the retries (the default rides out a coordinator restart for ~11 s).
+    assert main(["batch", str(path), str(out), "--address", dead, "--timeout", "2"]) == 2
     assert f"no ultrakv server serves at {dead}" in capsys.readouterr().err
     assert not out.exists()
 
