@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from bench_decode import measure  # noqa: E402
 from bench_gpu import bench_multi_turn, weight_bytes  # noqa: E402
-from common import machine, write  # noqa: E402
+from common import host_us, machine, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams, kernel_variants  # noqa: E402
 from ultrakv.node.attention.base import AttentionMetadata  # noqa: E402
 from ultrakv.node.attention.triton_backend import GqaPrefillConfig, TritonPagedBackend  # noqa: E402
@@ -67,18 +67,6 @@ def bench_us(fn) -> float:
     import triton.testing
 
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50)
-
-
-def host_us(fn, n: int = 200) -> float:
-    """Host time per call of ``fn`` (launches only: the GPU runs behind, unsynchronized)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return elapsed / n * 1e6
 
 
 def prefill_us(backend: TritonPagedBackend, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> float:

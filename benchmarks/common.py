@@ -58,6 +58,18 @@ def machine() -> dict:
     return info
 
 
+def host_us(fn, n: int = 200) -> float:
+    """Host time per call of ``fn`` (launches only: the GPU runs behind, unsynchronized)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0

@@ -26,20 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import write  # noqa: E402
+from common import host_us, write  # noqa: E402
 from ultrakv.node import Engine, EngineConfig, SamplingParams  # noqa: E402
-
-
-def per_call_us(fn, n: int = 500) -> float:
-    """Host microseconds per call of ``fn`` (the launches only; the device catches up after)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    us = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return round(us, 1)
 
 
 def main() -> None:
@@ -80,6 +68,9 @@ def main() -> None:
     res = torch.randn_like(h)
     w = layer.input_layernorm.weight
     gate_up = torch.randn(208, 2 * model.config.intermediate_size, device=dev, dtype=dtype)
+    def per_call_us(fn) -> float:
+        return round(host_us(fn, n=500), 1)
+
     launches = {
         "linear qkv (cuBLAS)": per_call_us(lambda: layer.self_attn.qkv_proj(h)),
         "F.linear down (cuBLAS)": per_call_us(lambda: layer.mlp.down_proj(fk.silu_and_mul(gate_up))),

@@ -39,9 +39,9 @@ PIECEWISE_MAX_TOKENS = 2048
 
 
 class PiecewiseForward:
-    """The model's forward in pieces around its attention layers: eager (``capture=False``,
-    the reference the tests compare, and what a CPU runs), or replaying the pieces captured
-    for each token count by :meth:`capture_all`."""
+    """The model's forward in pieces around its attention layers: replaying the pieces
+    captured for each token count by :meth:`capture_all`, or running them eagerly
+    (``forward(..., replay=False)``: the reference the tests compare on a CPU)."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], max_tokens: int,
                  device: torch.device) -> None:
@@ -74,8 +74,8 @@ class PiecewiseForward:
         layers = getattr(getattr(model, "model", None), "layers", None)
         if not isinstance(model, torch.nn.Module) or not layers:
             return False
-        return all(getattr(layer.self_attn, "all_reduce", None) is None and layer.mlp.all_reduce is None
-                   for layer in layers)
+        return all(getattr(layer.self_attn, "all_reduce", None) is None
+                   and getattr(layer.mlp, "all_reduce", None) is None for layer in layers)
 
     def covers(self, num_tokens: int) -> bool:
         return num_tokens in self.graphs
@@ -157,7 +157,7 @@ class PiecewiseForward:
                     self._piece(i, n)
                 pieces.append(graph)
             self.graphs[n] = pieces
-        count = len(self.sizes) * (len(self.layers) + 1)
+        count = sum(len(pieces) for pieces in self.graphs.values())
         log.info("captured %d piecewise graphs (%d token counts up to %d) in %.1f s", count, len(self.sizes),
                  self.sizes[-1] if self.sizes else 0, time.monotonic() - t0)
         return count
