@@ -306,6 +306,24 @@ async def run_path(path, args, vocab: int, servers: dict[str, int] | None = None
     return results
 
 
+async def grpc_runs(name: str, address: str, args, vocab: int, servers: dict[str, int]) -> dict:
+    """A gRPC path's runs, by the client's multiplexing: as ``--no-multiplex`` says, or with
+    ``--client-ab`` four times on the same servers, multiplexed (``name``), a call per request
+    (``name-per-call``), per call again, multiplexed again (``_2``), each run from an empty
+    cache and no sessions so all four do the same work."""
+    variants = ([(name, True), (f"{name}-per-call", False), (f"{name}-per-call_2", False),
+                 (f"{name}_2", True)] if args.client_ab else [(name, args.multiplex)])
+    out = {}
+    for key, multiplex in variants:
+        async with AsyncClient(address, timeout=600, multiplex=multiplex) as client:
+            if args.client_ab:
+                await client.cleanup_sessions(0)
+                await client.clear_cache()
+            out[key] = await run_path(GrpcPath(key, client), args, vocab, servers)
+            out[key]["client_multiplex"] = multiplex
+    return out
+
+
 def _node_argv(args, port: int, http_port: int = 0) -> list[str]:
     argv = [sys.executable, "-m", "ultrakv.client.cli", "node", "--model", args.model, "--device", args.device,
             "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
@@ -357,8 +375,7 @@ async def main_async(args) -> dict:
         try:
             await asyncio.to_thread(_wait_ready, f"127.0.0.1:{port}", proc)
             servers = {"node": proc.pid, **engine_core_of(proc.pid)}
-            async with AsyncClient(f"127.0.0.1:{port}", timeout=600) as client:
-                out[name] = await run_path(GrpcPath(name, client), args, vocab, servers)
+            out.update(await grpc_runs(name, f"127.0.0.1:{port}", args, vocab, servers))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -386,8 +403,7 @@ async def main_async(args) -> dict:
             with LocalCluster(spec) as cluster:
                 node = next(iter(cluster.nodes.values())).pid
                 servers = {"node": node, **engine_core_of(node), "coordinator": cluster.coordinator.pid}
-                async with AsyncClient(cluster.address, timeout=600) as client:
-                    out["coordinator"] = await run_path(GrpcPath("coordinator", client), args, vocab, servers)
+                out.update(await grpc_runs("coordinator", cluster.address, args, vocab, servers))
     return out
 
 
@@ -429,6 +445,12 @@ def main() -> None:
     p.add_argument("--coordinator-flags", default="", metavar='"FLAGS"',
                    help='extra `ultrakv coordinator` flags as one string, e.g. '
                         '--coordinator-flags="--stream-messages-per-s 500"')
+    p.add_argument("--no-multiplex", dest="multiplex", action="store_false",
+                   help="the gRPC paths' client opens a Generate call per request (the default "
+                        "multiplexes its streams on one GenerateMany call)")
+    p.add_argument("--client-ab", action="store_true",
+                   help="run each gRPC path four times on the same servers: multiplexed, a call "
+                        "per request, per call, multiplexed (an A/B of the client's multiplexing)")
     p.add_argument("--quiet", action="store_true", help="children's logs to a temp dir")
     p.add_argument("--output", default="")
     args = p.parse_args()
@@ -440,7 +462,7 @@ def main() -> None:
         "sessions": args.sessions, "turns": args.turns, "user_tokens": args.user_tokens,
         "output_tokens": args.output_tokens, "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
         "node_args": args.node_args, "coordinator_flags": args.coordinator_flags,
-        "results": results, "vs_engine": compare(results)}
+        "client_multiplex": args.multiplex, "results": results, "vs_engine": compare(results)}
     for path, runs in payload["vs_engine"].items():
         for run, c in runs.items():
             print(f"{path:12s} {run:16s} keeps {c['throughput_kept']:.1%} of the engine's throughput, "

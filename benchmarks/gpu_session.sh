@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
 #   bash benchmarks/gpu_session.sh serving-profile  # the same at 64 streams under py-spy (engine, node)
 #   bash benchmarks/gpu_session.sh serving-engine-process ["node-engine-process node"]  # A/B of --engine-process
+#   bash benchmarks/gpu_session.sh serving-client-ab [MODEL]  # the client's multiplexed streams against a call per
+#                                           # request, through a coordinator: 64 streams, then 8 requests/s
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
@@ -86,6 +88,17 @@ case "${1:-}" in
     python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 256 --turns 3 \
       --concurrency 64 --paths engine ${2:-node node-engine-process} --quiet \
       --output "serving_engine_process_ab${2:+_swapped}.json"
+    ;;
+  serving-client-ab)
+    # AsyncClient multiplexing its streams on one GenerateMany call against a Generate call per
+    # request, on the same cluster in the order on, off, off, on (bench_serving.py --client-ab).
+    model=${2:-llama-1b}
+    python benchmarks/bench_serving.py --model "$model" --device cuda --sessions 256 --turns 3 \
+      --concurrency 64 --paths engine coordinator --client-ab --quiet \
+      --output "serving_client_ab_${model}_64.json" 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving_client_ab_64.log"
+    python benchmarks/bench_serving.py --model "$model" --device cuda --sessions 64 --turns 3 \
+      --concurrency --rates 8 --paths engine coordinator --client-ab --quiet \
+      --output "serving_client_ab_${model}_rate8.json" 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving_client_ab_rate8.log"
     ;;
   speculative)
     python benchmarks/bench_speculative.py --model llama-1b --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/speculative.log"
@@ -173,7 +186,7 @@ case "${1:-}" in
     python benchmarks/bench_kernels_ab.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/kernels_ab.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|serving-engine-process|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kv-profile|kernels-ab" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|serving-engine-process|serving-client-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kv-profile|kernels-ab" >&2
     exit 2
     ;;
 esac

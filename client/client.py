@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 import time
 import uuid
@@ -33,6 +34,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ultrakv.client.signing import GENERATE_METHOD, SigningInterceptor, aio_interceptors
 from ultrakv.cluster.addresses import DEFAULT_ADDRESS
+from ultrakv.cluster.stream_link import Receiver, StreamLink, local_error
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2, ultrakv_pb2_grpc
 
@@ -45,6 +47,12 @@ _REQUEST_KEYS = {"text", "prompt", "token_ids", "messages", "max_length", "max_t
                  "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "session_id",
                  "request_id", "priority", "timeout"}
 BATCH_SLICE = 64  # requests per ProcessBatch call (the server caps a batch's size)
+# How long AsyncClient keeps a GenerateMany stream open with nothing in flight, so a client
+# sending a request every few seconds does not open a call for each. Far below a server's
+# idle limit as deployed (stream_idle_timeout_s, 300 s by default); a server set below it
+# closes the stream first, and a request sent as it closed is retried on a new one.
+LINK_LINGER_S = 5.0
+MAX_TIMEOUT_MS = 2**32 - 1  # GenerateRequest.timeout_ms is a uint32
 
 
 @dataclass(frozen=True)
@@ -579,14 +587,17 @@ class AsyncClient:
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *,
                  api_key: str | None = None, tls: TLSConfig | None = None,
                  timeout: float = 60.0, retry: RetryPolicy | None = None,
-                 signing_secret: str | None = None) -> None:
+                 signing_secret: str | None = None, multiplex: bool = True) -> None:
         self.addresses = parse_addresses(address)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.multiplex = multiplex
         self._metadata = (("x-api-key", api_key),) if api_key else ()
         self._endpoints = [_Endpoint.open(a, tls, aio=True, signing_secret=signing_secret)
                            for a in self.addresses]
         self._failover = _Failover(len(self._endpoints), self.retry)
+        self._links: dict[int, list[StreamLink]] = {}  # per endpoint: its GenerateMany streams
+        self._per_call: set[int] = set()  # endpoints without GenerateMany (an older server)
 
     @property
     def address(self) -> str:
@@ -600,6 +611,9 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        for links in list(self._links.values()):
+            for link in list(links):
+                link.close()
         for endpoint in self._endpoints:
             await endpoint.channel.close()
 
@@ -653,30 +667,130 @@ class AsyncClient:
 
     async def stream(self, spec: dict, timeout: float | None = None
                      ) -> AsyncIterator[StreamChunk]:
+        """One request's chunks, then its result (a chunk with ``finished``). With
+        ``multiplex`` (the default) the client's concurrent streams to a server share one
+        GenerateMany call (cluster/stream_link.py): a request is one message on it, not a
+        call of its own, and each message back carries the events of all of them; the
+        request's deadline travels in it (``timeout_ms``) and is kept here too. A server
+        without GenerateMany gets a Generate call per request, as with ``multiplex=False``."""
         request = _stream_request(build_request(spec))
         started = time.perf_counter()
+        timeout = timeout or self.timeout
+        if self.multiplex:
+            opened = await self._open_on_link(request, timeout)
+        else:
+            opened = None
+        if opened is None:
+            messages, first, done = await self._open_call(request, timeout)
+        else:
+            messages, first, done = opened
+        try:
+            message = first
+            while True:
+                chunk = _chunk_from(message, started)
+                yield chunk
+                if chunk.finished:
+                    return
+                message = await anext(messages, None)
+                if message is None:
+                    return
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc
+        finally:
+            done()
+
+    async def _open_call(self, request: pb.GenerateStreamRequest, timeout: float
+                         ) -> tuple[AsyncIterator[pb.GenerateStreamResponse],
+                                    pb.GenerateStreamResponse, Callable[[], None]]:
+        """A Generate call of the request's own, once it answered (retried on another
+        address while unavailable)."""
 
         async def open_call(endpoint: _Endpoint) -> tuple[Any, pb.GenerateStreamResponse]:
-            call = endpoint.generate_one(request, timeout=timeout or self.timeout,
-                                         metadata=self._metadata)
+            call = endpoint.generate_one(request, timeout=timeout, metadata=self._metadata)
             first = await call.read()
             if first is grpc.aio.EOF:
                 raise RequestError("INTERNAL", "stream ended without a message")
             return call, first
 
-        call, first = await self._call(lambda e: lambda _r, **_kw: open_call(e), None)
-        try:
-            message = first
-            while message is not grpc.aio.EOF:
-                chunk = _chunk_from(message, started)
-                yield chunk
-                if chunk.finished:
-                    return
-                message = await call.read()
-        except grpc.RpcError as exc:
-            raise RequestError.from_rpc(exc) from exc
-        finally:
-            call.cancel()
+        call, first = await self._call(lambda e: lambda _r, **_kw: open_call(e), None, timeout)
+
+        async def rest() -> AsyncIterator[pb.GenerateStreamResponse]:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                yield message
+
+        return rest(), first, call.cancel
+
+    async def _open_on_link(self, request: pb.GenerateStreamRequest, timeout: float
+                            ) -> tuple[Receiver, pb.GenerateStreamResponse, Callable[[], None]] | None:
+        """The request on a GenerateMany stream, once it answered: its receiver, its first
+        event and what ends it (a cancel on the stream when it still runs). None when the
+        current address has no GenerateMany (the caller opens a call instead). Retried as a
+        call is: on the next address while unavailable, and on a fresh stream when the
+        server closed an idle one as the request went out."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        request.generate.timeout_ms = min(  # the server keeps it (its stream has no deadline)
+            request.generate.timeout_ms or MAX_TIMEOUT_MS, max(1, math.ceil(timeout * 1000)),
+            MAX_TIMEOUT_MS)
+        rid = request.generate.request_id
+        attempt = reopened = 0
+        expired: list[bool] = []
+
+        def expire(receiver: Receiver) -> None:
+            expired.append(True)
+            receiver.end(local_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+        while True:
+            index = self._failover.current
+            if index in self._per_call:
+                return None
+            link = self._link(index, rid)
+            receiver = link.submit(request)
+            timer = loop.call_later(max(0.0, deadline - time.monotonic()), expire, receiver)
+
+            def done(link: StreamLink = link, receiver: Receiver = receiver,
+                     timer: asyncio.TimerHandle = timer) -> None:
+                timer.cancel()
+                link.release(rid, receiver)
+
+            try:
+                first = await anext(receiver, None)
+            except grpc.aio.AioRpcError as exc:
+                done()
+                code = exc.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    self._per_call.add(index)
+                    return None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and not expired and reopened < 3:
+                    reopened += 1  # not ours: the server's idle limit closed the stream meanwhile
+                    continue
+                wait = (self._failover.failed(attempt, index, deadline - time.monotonic())
+                        if code == grpc.StatusCode.UNAVAILABLE else None)
+                if wait is None:
+                    raise RequestError.from_rpc(exc) from exc
+                await asyncio.sleep(wait)
+                attempt += 1
+                continue
+            except BaseException:
+                done()
+                raise
+            if first is None:
+                done()
+                raise RequestError("INTERNAL", "stream ended without a message")
+            return receiver, first, done
+
+    def _link(self, index: int, request_id: str) -> StreamLink:
+        """A GenerateMany stream to endpoint ``index`` that may take ``request_id``."""
+        links = self._links.setdefault(index, [])
+        for link in links:
+            if link.accepts(request_id):
+                return link
+        endpoint = self._endpoints[index]
+        link = StreamLink(lambda messages: endpoint.stub.GenerateMany(messages, metadata=self._metadata),
+                          lambda closed: links.remove(closed) if closed in links else None,
+                          linger_s=LINK_LINGER_S)
+        links.append(link)
+        return link
 
     async def stats(self) -> dict:
         return stats_dict(await self._call(lambda e: e.stub.Stats, pb.StatsRequest()))

@@ -387,11 +387,11 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                                 context: grpc.aio.ServicerContext,
                                 pacer: StreamPacer | None = None,
                                 principal: Principal | None = None, batched: bool = False
-                                ) -> AsyncIterator[pb.GenerateStreamResponse | npb.GenerateBatch]:
+                                ) -> AsyncIterator[pb.GenerateStreamResponse | pb.GenerateBatch]:
     """Run one Generate stream: many requests by id, cancels, per-request errors.
 
-    ``batched`` (NodeService.GenerateMany): each write is one GenerateBatch of every event
-    pending then, not one message per event.
+    ``batched`` (GenerateMany, UltraKV's and NodeService's): each write is one GenerateBatch
+    of every event pending then, not one message per event.
 
     With a ``principal`` (the client-facing edge) every request runs as its tenant, whatever
     the request says; without one (a node serving its coordinator) the request's tenant is
@@ -416,8 +416,12 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
     async def run(request: pb.GenerateRequest, client_sid: str) -> None:
         rid = request.request_id
         sent = _StreamSink(outbox, rid)
+        deadline = rpc_deadline
+        if request.timeout_ms:  # a request's own deadline (the only one on a GenerateMany stream)
+            own = time.monotonic() + request.timeout_ms / 1000.0
+            deadline = own if deadline is None else min(deadline, own)
         try:
-            result = await backend.generate_into(request, rpc_deadline, sent)
+            result = await backend.generate_into(request, deadline, sent)
             if result is not None:
                 if result.session_id:
                     result.session_id = client_sid
@@ -485,7 +489,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
             wrote_chunk = False
             if batched:
                 while True:
-                    batch = npb.GenerateBatch()
+                    batch = pb.GenerateBatch()
                     wrote_chunk |= outbox.pop_into(batch.events, MAX_BATCH_BYTES)
                     if not batch.events:
                         break
@@ -603,6 +607,17 @@ class UltraKVServicer:
                                       self.pacer, self._principal())) as stream:
             async for message in stream:
                 yield message
+
+    async def GenerateMany(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pb.GenerateBatch]:
+        """Generate, each write one GenerateBatch of every event pending then (a client
+        multiplexing its requests on one stream; a coordinator's to a node), on the same
+        pacer as the Generate streams."""
+        async with contextlib.aclosing(
+                serve_generate_stream(self.backend, self.limits, requests, context,
+                                      self.pacer, self._principal(), batched=True)) as stream:
+            async for batch in stream:
+                yield batch
 
     async def _process(self, request: pb.GenerateRequest, deadline: float | None
                        ) -> pb.GenerateResult:

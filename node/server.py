@@ -64,7 +64,6 @@ from ultrakv.cluster.service import (
     abort_with,
     add_servicer,
     events_of,
-    serve_generate_stream,
     unary,
 )
 from ultrakv.cluster.session_state import LastTurn, SessionState
@@ -710,12 +709,10 @@ class NodeServicer:
                 yield message
 
     async def GenerateMany(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-                           ) -> AsyncIterator[npb.GenerateBatch]:
+                           ) -> AsyncIterator[pb.GenerateBatch]:
         """Generate, each write one batch of every event pending (a coordinator's requests
         to this node on one stream), on the same pacer as the Generate streams."""
-        async with contextlib.aclosing(serve_generate_stream(
-                self.backend, self.limits, requests, context, self._client_facing.pacer,
-                batched=True)) as stream:
+        async with contextlib.aclosing(self._client_facing.GenerateMany(requests, context)) as stream:
             async for batch in stream:
                 yield batch
 

@@ -7,7 +7,6 @@ import asyncio
 
 import grpc
 from ultrakv.coordinator.node_link import NodeLink
-from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc
 from ultrakv.v1 import types_pb2 as pb
 
@@ -29,9 +28,9 @@ class _ScriptedNode(node_pb2_grpc.NodeServiceServicer):
             ids.append(message.generate.request_id)
             if len(ids) == 2:
                 break
-        yield npb.GenerateBatch(events=[_chunk(ids[0], "a")])
+        yield pb.GenerateBatch(events=[_chunk(ids[0], "a")])
         await self.go.wait()
-        yield npb.GenerateBatch(events=[_chunk(ids[0], "b"), _chunk(ids[1], "x")])
+        yield pb.GenerateBatch(events=[_chunk(ids[0], "b"), _chunk(ids[1], "x")])
         await asyncio.Event().wait()  # the stream stays open until the test ends it
 
 

@@ -17,7 +17,7 @@ import pytest
 from grpcurl import grpcurl
 from ultrakv.client import AsyncClient, Client
 from ultrakv.client.cli import main as cli_main
-from ultrakv.client.client import RetryPolicy
+from ultrakv.client.client import RequestError, RetryPolicy
 from ultrakv.cluster.security import keys as keyfile
 from ultrakv.cluster.security.settings import SecuritySettings
 from ultrakv.cluster.security.signing import signature_headers
@@ -481,3 +481,24 @@ def test_single_process_serve_speaks_mutual_tls_with_keys(engine, keys, tmp_path
         for tls in (None, pki.client_tls(with_cert=False)):
             with Client(srv.address, api_key=keys["acme"], tls=tls, timeout=5, retry=NO_RETRY) as c:
                 assert c.process_request({"text": "x", "max_length": 1})["error_code"] == "UNAVAILABLE"
+
+
+async def test_a_multiplexed_stream_runs_each_request_as_its_tenant_and_gives_slots_back(engine, keys):
+    """AsyncClient's requests share one GenerateMany stream: each still takes and gives back
+    its tenant's running slot (one here, no queue: a slot kept would refuse the next), runs
+    as the key's tenant, and keeps its session from another tenant's of the same id."""
+    with serve(engine, keys_file=keys["path"], tenant_max_running=1, tenant_max_queued=0) as srv:
+        async with AsyncClient(srv.address, api_key=keys["acme"], retry=NO_RETRY, timeout=30) as c:
+            for turn in range(3):
+                chunks = [ch async for ch in c.stream({"text": f"turn {turn}", "max_length": 2,
+                                                       "session_id": "mux-shared"})]
+                assert chunks[-1].finished and chunks[-1].result["success"], chunks[-1].result
+            assert (await c.get_session("mux-shared"))["turns"] == 3
+        async with AsyncClient(srv.address, api_key=keys["globex"], retry=NO_RETRY, timeout=30) as g:
+            with pytest.raises(RequestError) as err:
+                await g.get_session("mux-shared")
+            assert err.value.code == "NOT_FOUND"
+            chunks = [ch async for ch in g.stream({"text": "turn 0", "max_length": 2,
+                                                   "session_id": "mux-shared"})]
+            assert chunks[-1].result["success"] and chunks[-1].result["cache_hit"] is False
+            assert (await g.get_session("mux-shared"))["turns"] == 1

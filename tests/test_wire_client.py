@@ -1,4 +1,5 @@
-"""Client transport behaviour: retries on UNAVAILABLE, API key metadata, TLS."""
+"""Client transport behaviour: retries on UNAVAILABLE, API key metadata, TLS, and
+AsyncClient's streams multiplexed on one GenerateMany call."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import time
 import grpc
 import pytest
 from ultrakv.client import AsyncClient, Client, RetryPolicy, TLSConfig
+from ultrakv.client.client import RequestError
+from ultrakv.cluster.validation import Limits
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.server import BackgroundServer, ServerSettings
+from ultrakv.v1 import types_pb2 as pb
+from ultrakv.v1 import ultrakv_pb2_grpc
 
 FAST_RETRY = RetryPolicy(attempts=10, initial_s=0.05, max_s=0.5, jitter_s=0.05)
 
@@ -221,7 +226,9 @@ async def test_a_streamed_request_and_its_half_close_leave_in_one_frame(engine):
     with BackgroundServer(engine, settings()) as srv:
         proxy = _RecordingProxy(srv.address)
         try:
-            async with AsyncClient(proxy.address, timeout=10) as c:
+            # A call of its own per request (multiplex=False; a multiplexing client sends its
+            # requests as messages of one GenerateMany stream instead, tested below).
+            async with AsyncClient(proxy.address, timeout=10, multiplex=False) as c:
                 chunks = [ch async for ch in c.stream({"text": "hi", "max_length": 2})]
             with Client(proxy.address, timeout=10) as c:
                 sync_chunks = list(c.stream({"text": "hi", "max_length": 2}))
@@ -233,3 +240,172 @@ async def test_a_streamed_request_and_its_half_close_leave_in_one_frame(engine):
         frames = _request_data_frames(bytes(sent))
         assert frames and all(end for _, _, end in frames), frames  # no empty closing frame
         assert all(length > 0 for _, length, _ in frames), frames
+
+
+# --- AsyncClient's streams on one GenerateMany call ------------------------------------------
+
+
+class RecordMethods(grpc.aio.ServerInterceptor):
+    """Records each call's method; ``hide`` answers those methods UNIMPLEMENTED, as a server
+    from before them would."""
+
+    def __init__(self, hide: tuple[str, ...] = ()) -> None:
+        self.methods: list[str] = []
+        self.hide = hide
+
+    async def intercept_service(self, continuation, details):
+        method = details.method.rsplit("/", 1)[-1]
+        self.methods.append(method)
+        return None if method in self.hide else await continuation(details)
+
+
+def _specs(n: int) -> list[dict]:
+    return [{"token_ids": [3 + i, 9, 4 + i, 7], "max_length": 6, "temperature": 0.0,
+             "ignore_eos": True} for i in range(n)]
+
+
+async def _collect(c: AsyncClient, spec: dict) -> list:
+    return [chunk async for chunk in c.stream(spec)]
+
+
+async def test_concurrent_streams_share_one_generate_many_call_with_the_same_tokens(engine):
+    """Eight concurrent streams of one AsyncClient are eight messages on one GenerateMany
+    call (before: eight Generate calls), and each gets the tokens a call of its own gets."""
+    recorder = RecordMethods()
+    with BackgroundServer(engine, settings(), interceptors=(recorder,)) as srv:
+        async with AsyncClient(srv.address, timeout=30) as c:
+            shared = await asyncio.gather(*(_collect(c, spec) for spec in _specs(8)))
+            again = await _collect(c, _specs(1)[0])  # the stream lingers: no new call
+        assert recorder.methods == ["GenerateMany"]
+        async with AsyncClient(srv.address, timeout=30, multiplex=False) as c:
+            alone = await asyncio.gather(*(_collect(c, spec) for spec in _specs(8)))
+    ids = [[t for ch in chunks for t in ch.token_ids] for chunks in shared]
+    assert ids == [[t for ch in chunks for t in ch.token_ids] for chunks in alone]
+    assert all(len(i) == 6 for i in ids)
+    assert [ch.result["response"]["token_ids"] for ch in (s[-1] for s in shared)] == ids
+    assert again[-1].result["response"]["token_ids"] == ids[0]
+
+
+def test_a_generate_many_message_carries_the_events_of_several_requests(engine):
+    """The public GenerateMany: requests by id as on Generate, and the server writes the
+    events pending at a write as one GenerateBatch, so requests running together share
+    messages; a bad request fails alone."""
+    with BackgroundServer(engine, settings()) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = ultrakv_pb2_grpc.UltraKVStub(ch)
+        requests = [pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+            request_id=f"r{i}", token_ids=pb.TokenIds(ids=[5, 6, 7, i + 1]),
+            sampling=pb.SamplingOptions(max_length=8, ignore_eos=True))) for i in range(4)]
+        requests.append(pb.GenerateStreamRequest(generate=pb.GenerateRequest(request_id="bad")))
+        batches = list(stub.GenerateMany(iter(requests), timeout=60))
+    events = [e for b in batches for e in b.events]
+    ends = {e.request_id: e for e in events if e.WhichOneof("event") != "chunk"}
+    assert {rid: len(ends[rid].result.token_ids) for rid in ("r0", "r1", "r2", "r3")} == \
+        {"r0": 8, "r1": 8, "r2": 8, "r3": 8}
+    assert ends["bad"].error.code == "INVALID_ARGUMENT"
+    assert any(len({e.request_id for e in b.events}) > 1 for b in batches), \
+        [[e.request_id for e in b.events] for b in batches]
+    assert len(batches) < len(events)
+
+
+async def test_a_server_without_generate_many_gets_a_call_per_request(engine):
+    """A server from before GenerateMany (a rolling upgrade) answers it UNIMPLEMENTED: the
+    client streams to it over a Generate call per request from then on."""
+    recorder = RecordMethods(hide=("GenerateMany",))
+    with BackgroundServer(engine, settings(), interceptors=(recorder,)) as srv:
+        async with AsyncClient(srv.address, timeout=30) as c:
+            first = await _collect(c, _specs(1)[0])
+            both = await asyncio.gather(*(_collect(c, spec) for spec in _specs(2)))
+    assert recorder.methods == ["GenerateMany", "Generate", "Generate", "Generate"]
+    assert first[-1].finished and all(s[-1].finished for s in both)
+    assert [t for ch in first for t in ch.token_ids] == [t for ch in both[0] for t in ch.token_ids]
+
+
+class _ScriptedGenerateMany(ultrakv_pb2_grpc.UltraKVServicer):
+    """A server whose GenerateMany records what arrives and answers only the requests whose
+    prompt text is "answer" (one chunk each, never a result); the first ``close_first``
+    streams it ends at their first request as a server's idle limit would."""
+
+    def __init__(self, close_first: int = 0) -> None:
+        self.received: list[pb.GenerateStreamRequest] = []
+        self.streams = 0
+        self.close_first = close_first
+
+    async def GenerateMany(self, requests, context):
+        self.streams += 1
+        closing = self.streams <= self.close_first
+        async for message in requests:
+            self.received.append(message)
+            if closing:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream closed: idle")
+            if message.WhichOneof("action") == "generate" and message.generate.text == "answer":
+                yield pb.GenerateBatch(events=[pb.GenerateStreamResponse(
+                    request_id=message.generate.request_id, chunk=pb.TokenChunk(text="a"))])
+
+
+async def _scripted(servicer: _ScriptedGenerateMany) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    ultrakv_pb2_grpc.add_UltraKVServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_a_multiplexed_request_keeps_its_deadline_and_is_cancelled_when_left():
+    """On a shared stream a request's deadline is its own: it travels as timeout_ms, and the
+    client ends the request there itself (the server may never answer) with a cancel on the
+    stream; a stream its reader leaves early is cancelled on the stream too."""
+    servicer = _ScriptedGenerateMany()
+    server, address = await _scripted(servicer)
+    try:
+        async with AsyncClient(address, timeout=30) as c:
+            started = time.monotonic()
+            with pytest.raises(RequestError) as err:
+                [ch async for ch in c.stream({"text": "silence", "request_id": "slow"}, timeout=0.5)]
+            assert err.value.code == "DEADLINE_EXCEEDED"
+            assert time.monotonic() - started < 20
+            async for chunk in c.stream({"text": "answer", "request_id": "left"}):
+                assert chunk.text == "a"
+                break
+            for _ in range(200):
+                if len(servicer.received) >= 4:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await server.stop(None)
+    actions = [(m.WhichOneof("action"), m.generate.request_id or m.cancel.request_id)
+               for m in servicer.received]
+    assert actions == [("generate", "slow"), ("cancel", "slow"), ("generate", "left"),
+                       ("cancel", "left")]
+    assert 0 < servicer.received[0].generate.timeout_ms <= 500
+    assert servicer.streams == 1
+
+
+async def test_a_request_sent_as_the_server_closed_an_idle_stream_goes_on_a_new_one():
+    servicer = _ScriptedGenerateMany(close_first=1)
+    server, address = await _scripted(servicer)
+    try:
+        async with AsyncClient(address, timeout=30) as c:
+            async for chunk in c.stream({"text": "answer", "request_id": "r1"}):
+                assert chunk.text == "a"
+                break
+    finally:
+        await server.stop(None)
+    assert servicer.streams == 2
+    assert [m.generate.request_id for m in servicer.received if m.generate.request_id] == ["r1", "r1"]
+
+
+async def test_streams_go_on_after_a_server_closed_the_idle_stream(engine):
+    """A server's idle limit below the client's linger ends the shared stream between
+    requests; the next request opens a new one."""
+    recorder = RecordMethods()
+    quick = settings(limits=Limits(stream_idle_timeout_s=0.2))
+    with BackgroundServer(engine, quick, interceptors=(recorder,)) as srv:
+        async with AsyncClient(srv.address, timeout=30) as c:
+            first = await _collect(c, _specs(1)[0])
+            for _ in range(200):  # the server closes the idle stream
+                if not c._links.get(0):
+                    break
+                await asyncio.sleep(0.05)
+            second = await _collect(c, _specs(1)[0])
+    assert recorder.methods == ["GenerateMany", "GenerateMany"]
+    assert first[-1].result["response"]["token_ids"] == second[-1].result["response"]["token_ids"]

@@ -36,7 +36,7 @@ def test_services_and_streaming_shapes():
     client = ultrakv_pb2.DESCRIPTOR.services_by_name["UltraKV"]
     node = node_pb2.DESCRIPTOR.services_by_name["NodeService"]
     shapes = {m.name: (m.client_streaming, m.server_streaming) for m in client.methods}
-    assert shapes == {"Generate": (True, True), "Process": (False, False),
+    assert shapes == {"Generate": (True, True), "GenerateMany": (True, True), "Process": (False, False),
                       "ProcessBatch": (False, False), "Stats": (False, False),
                       "ClearCache": (False, False), "CleanupSessions": (False, False),
                       "GetSession": (False, False), "DeleteSession": (False, False),

@@ -365,12 +365,11 @@ async def test_outbox_gather_ends_when_a_final_message_comes():
 
 def test_a_batch_takes_queued_messages_up_to_its_size_and_leaves_the_rest_in_order():
     from ultrakv.cluster.service import Outbox
-    from ultrakv.v1 import node_pb2 as npb
 
     box = Outbox()
     for i in range(10):
         box.put_chunk(f"r{i}", list(range(100)), "x" * 100)
-    first, second = npb.GenerateBatch(), npb.GenerateBatch()
+    first, second = pb.GenerateBatch(), pb.GenerateBatch()
     assert box.pop_into(first.events, 1000) and box.pop_into(second.events, 1 << 20)
     assert 1 <= len(first.events) < 10 and first.ByteSize() < 1000 + 400
     assert [e.request_id for e in (*first.events, *second.events)] == [f"r{i}" for i in range(10)]

@@ -202,16 +202,24 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
             # Not reset afterwards: a generator's cleanup may run in another context (closed
             # from elsewhere when the client goes), and this call's context ends with it.
             set_principal(principal)
+
+            def sent(response: pb.GenerateStreamResponse) -> None:
+                rid = response.request_id
+                event = response.WhichOneof("event")
+                if event == "error" and foreign_errors.get(rid):
+                    foreign_errors[rid] -= 1
+                elif event in ("result", "error") and rid in holding:
+                    holding.discard(rid)
+                    security.release_slot(principal)
+
             try:
                 async with contextlib.aclosing(handler.stream_stream(requests(), context)) as out:
                     async for response in out:
-                        rid = response.request_id
-                        event = response.WhichOneof("event")
-                        if event == "error" and foreign_errors.get(rid):
-                            foreign_errors[rid] -= 1
-                        elif event in ("result", "error") and rid in holding:
-                            holding.discard(rid)
-                            security.release_slot(principal)
+                        if isinstance(response, pb.GenerateBatch):  # GenerateMany
+                            for event in response.events:
+                                sent(event)
+                        else:
+                            sent(response)
                         yield response
             finally:
                 for _ in holding:

@@ -7,12 +7,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class GenerateBatch(_message.Message):
-    __slots__ = ("events",)
-    EVENTS_FIELD_NUMBER: _ClassVar[int]
-    events: _containers.RepeatedCompositeFieldContainer[_types_pb2.GenerateStreamResponse]
-    def __init__(self, events: _Optional[_Iterable[_Union[_types_pb2.GenerateStreamResponse, _Mapping]]] = ...) -> None: ...
-
 class NodeHealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

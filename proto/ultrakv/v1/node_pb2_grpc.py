@@ -44,7 +44,7 @@ class NodeServiceStub:
         self.GenerateMany = channel.stream_stream(
                 '/ultrakv.v1.NodeService/GenerateMany',
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
-                response_deserializer=ultrakv_dot_v1_dot_node__pb2.GenerateBatch.FromString,
+                response_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateBatch.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/ultrakv.v1.NodeService/Stats',
@@ -307,7 +307,7 @@ def add_NodeServiceServicer_to_server(servicer, server):
             'GenerateMany': grpc.stream_stream_rpc_method_handler(
                     servicer.GenerateMany,
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.FromString,
-                    response_serializer=ultrakv_dot_v1_dot_node__pb2.GenerateBatch.SerializeToString,
+                    response_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateBatch.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -459,7 +459,7 @@ class NodeService:
             target,
             '/ultrakv.v1.NodeService/GenerateMany',
             ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
-            ultrakv_dot_v1_dot_node__pb2.GenerateBatch.FromString,
+            ultrakv_dot_v1_dot_types__pb2.GenerateBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -186,6 +186,12 @@ class GenerateStreamResponse(_message.Message):
     error: ErrorDetail
     def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[_Union[TokenChunk, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ...) -> None: ...
 
+class GenerateBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[GenerateStreamResponse]
+    def __init__(self, events: _Optional[_Iterable[_Union[GenerateStreamResponse, _Mapping]]] = ...) -> None: ...
+
 class BatchRequest(_message.Message):
     __slots__ = ("requests", "concurrency")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]

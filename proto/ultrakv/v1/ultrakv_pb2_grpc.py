@@ -42,6 +42,11 @@ class UltraKVStub:
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/ultrakv.v1.UltraKV/GenerateMany',
+                request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateBatch.FromString,
+                _registered_method=True)
         self.Process = channel.unary_unary(
                 '/ultrakv.v1.UltraKV/Process',
                 request_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateRequest.SerializeToString,
@@ -97,6 +102,16 @@ class UltraKVServicer:
         """Several requests per stream, told apart by request_id. Each request gets zero or more
         chunks then exactly one result or error; a bad request gets an error and the stream
         carries on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Generate for a client with many requests in flight (AsyncClient multiplexes its streams
+        here): the same requests and cancels, and each message the server writes is one
+        GenerateBatch of every event pending then, so one write carries the tokens of all the
+        stream's requests instead of one message per request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +185,11 @@ def add_UltraKVServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.FromString,
                     response_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=ultrakv_dot_v1_dot_types__pb2.GenerateBatch.SerializeToString,
             ),
             'Process': grpc.unary_unary_rpc_method_handler(
                     servicer.Process,
@@ -245,6 +265,33 @@ class UltraKV:
             '/ultrakv.v1.UltraKV/Generate',
             ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
             ultrakv_dot_v1_dot_types__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ultrakv.v1.UltraKV/GenerateMany',
+            ultrakv_dot_v1_dot_types__pb2.GenerateStreamRequest.SerializeToString,
+            ultrakv_dot_v1_dot_types__pb2.GenerateBatch.FromString,
             options,
             channel_credentials,
             insecure,
