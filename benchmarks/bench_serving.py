@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -272,6 +273,33 @@ def cpu_clocks(servers: dict[str, int]) -> dict[str, float]:
 # --- main -------------------------------------------------------------------------------------
 
 
+class GcPauses:
+    """The garbage collector's pauses in this process (the client; on the engine path, the
+    engine too) while a run is measured: a full collection of a large heap holds every
+    stream of the client at once."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._started = 0.0
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._hear)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._hear)
+
+    def _hear(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif info.get("generation") == 2:
+            self.pauses.append(time.perf_counter() - self._started)
+
+    def report(self) -> dict:
+        return {"full_collections": len(self.pauses), "max_ms": 1000 * max(self.pauses, default=0.0),
+                "total_ms": 1000 * sum(self.pauses)}
+
+
 async def run_path(path, args, vocab: int, servers: dict[str, int] | None = None) -> dict:
     """The path's runs. Each also reports the CPU time per 1000 output tokens of the
     ``servers`` (name -> pid: the node, the coordinator; for the engine path, the benchmark
@@ -286,8 +314,10 @@ async def run_path(path, args, vocab: int, servers: dict[str, int] | None = None
     for i, c in enumerate(args.concurrency):
         convs = workload(args.sessions, args.turns, vocab, 100 + i, tuple(args.user_tokens), tuple(args.output_tokens))
         cpu0 = cpu_clocks(servers)
-        records, secs = await closed_loop(path, convs, c)
+        with GcPauses() as pauses:
+            records, secs = await closed_loop(path, convs, c)
         results[f"concurrency_{c}"] = report(records, secs, *slo)
+        results[f"concurrency_{c}"]["client_gc"] = pauses.report()
         tokens = max(1, sum(r.tokens for r in records))
         per_1k = {name: 1000 * (t - cpu0[name]) / tokens for name, t in cpu_clocks(servers).items()}
         results[f"concurrency_{c}"]["cpu_s_per_1k_tokens"] = per_1k
@@ -297,8 +327,10 @@ async def run_path(path, args, vocab: int, servers: dict[str, int] | None = None
               f"  TTFT p50 {results[f'concurrency_{c}']['ttft_ms']['p50']:7.1f} ms", flush=True)
     for i, rate in enumerate(args.rates):
         convs = workload(args.sessions, args.turns, vocab, 200 + i, tuple(args.user_tokens), tuple(args.output_tokens))
-        records, secs = await open_loop(path, convs, rate, seed=i)
+        with GcPauses() as pauses:
+            records, secs = await open_loop(path, convs, rate, seed=i)
         results[f"rate_{rate:g}"] = report(records, secs, *slo)
+        results[f"rate_{rate:g}"]["client_gc"] = pauses.report()
         r = results[f"rate_{rate:g}"]
         print(f"{path.name:12s} rate {rate:6g}/s: {r['output_tokens_per_s']:9.1f} tok/s  "
               f"TTFT p50 {r['ttft_ms']['p50']:7.1f} p99 {r['ttft_ms']['p99']:7.1f} ms  "
@@ -308,11 +340,16 @@ async def run_path(path, args, vocab: int, servers: dict[str, int] | None = None
 
 async def grpc_runs(name: str, address: str, args, vocab: int, servers: dict[str, int]) -> dict:
     """A gRPC path's runs, by the client's multiplexing: as ``--no-multiplex`` says, or with
-    ``--client-ab`` four times on the same servers, multiplexed (``name``), a call per request
-    (``name-per-call``), per call again, multiplexed again (``_2``), each run from an empty
-    cache and no sessions so all four do the same work."""
-    variants = ([(name, True), (f"{name}-per-call", False), (f"{name}-per-call_2", False),
-                 (f"{name}_2", True)] if args.client_ab else [(name, args.multiplex)])
+    ``--client-ab`` four times on the same servers, multiplexed (``name``, ``name_2``) and
+    with a call per request (``name-per-call``, ``_2``) in the order it names, each run from an
+    empty cache and no sessions so all four do the same work."""
+    variants = [(name, args.multiplex)]
+    if args.client_ab == "on-first":
+        variants = [(name, True), (f"{name}-per-call", False), (f"{name}-per-call_2", False),
+                    (f"{name}_2", True)]
+    elif args.client_ab == "off-first":
+        variants = [(f"{name}-per-call", False), (name, True), (f"{name}_2", True),
+                    (f"{name}-per-call_2", False)]
     out = {}
     for key, multiplex in variants:
         async with AsyncClient(address, timeout=600, multiplex=multiplex) as client:
@@ -366,6 +403,12 @@ async def main_async(args) -> dict:
             import torch
 
             torch.cuda.empty_cache()
+    # This process is the client of the paths below. What the engine path left (torch, the
+    # model's modules, its graphs) made a full collection of its heap take 265 ms on the H100
+    # host, once in a run, holding every stream at once (its p99 TTFT: 324 ms). Servers
+    # freeze their startup heap (cluster/heap.py); the client does the same here.
+    gc.collect()
+    gc.freeze()
     vocab = vocab or args.vocab
     for name in [p for p in args.paths if p in ("node", "node-engine-process")]:  # in the order given
         port = free_port()
@@ -448,9 +491,9 @@ def main() -> None:
     p.add_argument("--no-multiplex", dest="multiplex", action="store_false",
                    help="the gRPC paths' client opens a Generate call per request (the default "
                         "multiplexes its streams on one GenerateMany call)")
-    p.add_argument("--client-ab", action="store_true",
-                   help="run each gRPC path four times on the same servers: multiplexed, a call "
-                        "per request, per call, multiplexed (an A/B of the client's multiplexing)")
+    p.add_argument("--client-ab", choices=["on-first", "off-first"], default=None,
+                   help="run each gRPC path four times on the same servers, multiplexed and with a "
+                        "call per request: on, off, off, on (on-first) or off, on, on, off")
     p.add_argument("--quiet", action="store_true", help="children's logs to a temp dir")
     p.add_argument("--output", default="")
     args = p.parse_args()

@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh serving  # bench_serving.py on llama-1b: engine vs node vs coordinator
 #   bash benchmarks/gpu_session.sh serving-profile  # the same at 64 streams under py-spy (engine, node)
 #   bash benchmarks/gpu_session.sh serving-engine-process ["node-engine-process node"]  # A/B of --engine-process
-#   bash benchmarks/gpu_session.sh serving-client-ab [MODEL]  # the client's multiplexed streams against a call per
+#   bash benchmarks/gpu_session.sh serving-client-ab [MODEL [off-first]]  # the client's multiplexed streams against a call per
 #                                           # request, through a coordinator: 64 streams, then 8 requests/s
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
@@ -92,13 +92,14 @@ case "${1:-}" in
   serving-client-ab)
     # AsyncClient multiplexing its streams on one GenerateMany call against a Generate call per
     # request, on the same cluster in the order on, off, off, on (bench_serving.py --client-ab).
-    model=${2:-llama-1b}
+    # A third argument, off-first, runs them off, on, on, off.
+    model=${2:-llama-1b} order=${3:-on-first}
     python benchmarks/bench_serving.py --model "$model" --device cuda --sessions 256 --turns 3 \
-      --concurrency 64 --paths engine coordinator --client-ab --quiet \
-      --output "serving_client_ab_${model}_64.json" 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving_client_ab_64.log"
+      --concurrency 64 --paths engine coordinator --client-ab "$order" --quiet \
+      --output "serving_client_ab_${model}_64_${order}.json" 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving_client_ab_64.log"
     python benchmarks/bench_serving.py --model "$model" --device cuda --sessions 64 --turns 3 \
-      --concurrency --rates 8 --paths engine coordinator --client-ab --quiet \
-      --output "serving_client_ab_${model}_rate8.json" 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving_client_ab_rate8.log"
+      --concurrency --rates 8 --paths engine coordinator --client-ab "$order" --quiet \
+      --output "serving_client_ab_${model}_rate8_${order}.json" 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving_client_ab_rate8.log"
     ;;
   speculative)
     python benchmarks/bench_speculative.py --model llama-1b --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/speculative.log"
