@@ -394,9 +394,12 @@ async def main_async(args) -> dict:
         if "--num-scheduler-steps" in extra:
             cfg["num_scheduler_steps"] = int(extra["--num-scheduler-steps"])
         engine = Engine(EngineConfig(**cfg))
+        t0 = time.perf_counter()
         engine.warmup()
+        warmup_s = time.perf_counter() - t0
         vocab = engine.model_config.vocab_size
         out["engine"] = await run_path(EnginePath(engine), args, vocab, {"engine": os.getpid()})  # + the client
+        out["engine"]["warmup_s"] = warmup_s  # graphs captured, kernels compiled, matmuls met
         engine.shutdown()
         del engine
         with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh serving-engine-process ["node-engine-process node"]  # A/B of --engine-process
 #   bash benchmarks/gpu_session.sh serving-client-ab [MODEL [off-first]]  # the client's multiplexed streams against a call per
 #                                           # request, through a coordinator: 64 streams, then 8 requests/s
+#   bash benchmarks/gpu_session.sh serving-piecewise-ab [MODEL]  # piecewise graphs against eager steps, 64 streams
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
@@ -101,6 +102,17 @@ case "${1:-}" in
       --concurrency --rates 8 --paths engine coordinator --client-ab "$order" --quiet \
       --output "serving_client_ab_${model}_rate8_${order}.json" 2>&1 | tee "$ULTRAKV_RESULTS_DIR/serving_client_ab_rate8.log"
     ;;
+  serving-piecewise-ab)
+    # Eager steps replayed as piecewise graphs (the default) against eager launches, on the
+    # engine and coordinator paths at 64 streams; MODEL defaults to the real model's shapes
+    # (smollm2-shape: seeded weights, the same speed as smollm2-135m).
+    model=${2:-smollm2-shape}
+    for variant in piecewise eager; do
+      ULTRAKV_KERNELS=eager_steps=$variant python benchmarks/bench_serving.py --model "$model" --device cuda \
+        --sessions 256 --turns 3 --concurrency 64 --paths engine coordinator --quiet \
+        --output "serving_piecewise_ab_${model}_${variant}.json" 2>&1 | tee -a "$ULTRAKV_RESULTS_DIR/serving_piecewise_ab.log"
+    done
+    ;;
   speculative)
     python benchmarks/bench_speculative.py --model llama-1b --device cuda 2>&1 | tee "$ULTRAKV_RESULTS_DIR/speculative.log"
     ;;
@@ -187,7 +199,7 @@ case "${1:-}" in
     python benchmarks/bench_kernels_ab.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/kernels_ab.log"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|serving-engine-process|serving-client-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kv-profile|kernels-ab" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|decode|full|serving|serving-profile|serving-ab|serving-engine-process|serving-client-ab|serving-piecewise-ab|speculative|profile|profile-turn|turn|sweep-prefill|sweep-decode-quant|kv|kv-profile|kernels-ab" >&2
     exit 2
     ;;
 esac
