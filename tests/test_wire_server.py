@@ -563,3 +563,44 @@ def test_full_queue_is_resource_exhausted_with_a_retry_hint():
             channel.close()
     finally:
         eng.shutdown()
+
+
+class _DeadlineBackend:
+    """A ServingBackend that answers every request at once and records the deadline the
+    stream gave it (seconds from then)."""
+
+    def __init__(self) -> None:
+        self.deadlines: list[float | None] = []
+
+    async def generate_into(self, request, deadline, sink):
+        self.deadlines.append(None if deadline is None else deadline - time.monotonic())
+        return pb.GenerateResult(request_id=request.request_id)
+
+
+async def test_a_stream_requests_timeout_ms_is_its_deadline_at_the_edge():
+    """On a stream without a call deadline (GenerateMany: a multiplexing client's), the
+    request's own timeout_ms is the deadline its backend gets. Before, only a node applied
+    it, to each attempt: a coordinator (no call deadline) resumed a request on another node
+    with the whole timeout again."""
+    from ultrakv.cluster.service import ULTRAKV_SERVICE, UltraKVServicer, add_servicer
+
+    backend = _DeadlineBackend()
+    server = grpc.aio.server()
+    add_servicer(server, UltraKVServicer(backend, Limits(), edge=False), ULTRAKV_SERVICE)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ultrakv_pb2_grpc.UltraKVStub(channel)
+            requests = [pb.GenerateStreamRequest(generate=pb.GenerateRequest(
+                request_id=rid, text="hi", timeout_ms=ms)) for rid, ms in (("a", 1500), ("b", 0))]
+
+            async def read() -> list:
+                return [b async for b in stub.GenerateMany(iter(requests))]  # no call deadline
+
+            batches = await asyncio.wait_for(read(), timeout=60)
+    finally:
+        await server.stop(None)
+    assert sorted(e.request_id for b in batches for e in b.events) == ["a", "b"]
+    with_timeout, without = backend.deadlines
+    assert with_timeout is not None and 0 < with_timeout <= 1.5 and without is None
