@@ -726,7 +726,7 @@ class AsyncClient:
         event and what ends it (a cancel on the stream when it still runs). None when the
         current address has no GenerateMany (the caller opens a call instead). Retried as a
         call is: on the next address while unavailable, and on a fresh stream when the
-        server closed an idle one as the request went out."""
+        server closed an idle one as the request went out (its idle limit, or its stop)."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
         request.generate.timeout_ms = min(  # the server keeps it (its stream has no deadline)
@@ -776,6 +776,9 @@ class AsyncClient:
                 raise
             if first is None:
                 done()
+                if reopened < 3:  # the server ended the stream unread: idle at its stop
+                    reopened += 1
+                    continue
                 raise RequestError("INTERNAL", "stream ended without a message")
             return receiver, first, done
 

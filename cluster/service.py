@@ -345,6 +345,16 @@ class StreamPacer:
         self.messages_per_s = messages_per_s
         self.max_s = max(max_s, floor_s)
         self.streams = 0  # Generate streams open on this server
+        self.stopping = False
+        self._outboxes: set[Outbox] = set()  # of the open streams
+
+    def stop_idle(self) -> None:
+        """The server begins its graceful stop: streams with nothing in flight end now, the
+        others after their last request's end. A client's or coordinator's link lingers with
+        nothing in flight, and held the server's stop for its whole grace period."""
+        self.stopping = True
+        for outbox in self._outboxes:
+            outbox.wake()
 
     def interval_s(self) -> float:
         """The wait after a write that carried tokens (0: none)."""
@@ -407,6 +417,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
     pacer = pacer or StreamPacer()
     pacer.streams += 1
     outbox = Outbox()
+    pacer._outboxes.add(outbox)
     active: dict[str, asyncio.Task] = {}
     cancelled: set[str] = set()
     reading_done = False
@@ -498,7 +509,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                 while (message := outbox.pop()) is not None:
                     wrote_chunk |= message.WhichOneof("event") == "chunk"
                     yield message
-            if reading_done and not active:
+            if (reading_done or pacer.stopping) and not active:
                 break
             if wrote_chunk and (interval := pacer.interval_s()) > 0:
                 await outbox.gather(interval)
@@ -513,9 +524,11 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                         grpc.StatusCode.DEADLINE_EXCEEDED, "",
                         f"stream closed: idle for {idle:g} s with no request "
                         "(stream_idle_timeout_s); open a new one"))
-        await reader  # surfaces a read error, if any
+        if reading_done:
+            await reader  # surfaces a read error, if any (stopping: the reader is cancelled)
     finally:
         pacer.streams -= 1
+        pacer._outboxes.discard(outbox)
         reader.cancel()
         for task in list(active.values()):
             task.cancel()
@@ -599,6 +612,10 @@ class UltraKVServicer:
         if principal is not None:
             return None if principal.is_admin else principal.tenant
         return None if request.any_tenant else request.tenant
+
+    def stop_idle_streams(self) -> None:
+        """The server is stopping: see :meth:`StreamPacer.stop_idle`."""
+        self.pacer.stop_idle()
 
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:

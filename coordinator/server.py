@@ -1052,11 +1052,23 @@ class ClusterBackend:
         self._attempts.setdefault(node, set()).add(attempt)
         self.inflight[node] = self.inflight.get(node, 0) + 1
         wait_s = self.settings.first_token_timeout_s
+        reopened = 0
         try:
             while True:
                 try:
                     message = await attempt.read(messages, wait_s, node)
                 except grpc.aio.AioRpcError as exc:
+                    if (exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and link is not None
+                            and receiver is not None and not receiver.started and reopened < 3):
+                        # The node closed the lingering link for idleness (its
+                        # stream_idle_timeout_s, below the link's linger) as the request went
+                        # out; a request on a stream has no deadline of its own there. Sent
+                        # again on a new link: a turn is answered from the node's record if
+                        # it had begun.
+                        reopened += 1
+                        link, receiver = self._relink(node, incarnation, link, receiver, forwarded)
+                        messages = receiver
+                        continue
                     if exc.code() != grpc.StatusCode.UNIMPLEMENTED or link is None:
                         raise
                     log.info("node %s has no GenerateMany (an older version): forwarding to "
@@ -1069,6 +1081,14 @@ class ClusterBackend:
                     messages = call.__aiter__()
                     continue
                 if message is None:
+                    if (link is not None and receiver is not None and not receiver.started
+                            and reopened < 3):
+                        # The node ended the link unread: idle as it began to stop. A new
+                        # link finds it gone (or still serving, if it was a restart).
+                        reopened += 1
+                        link, receiver = self._relink(node, incarnation, link, receiver, forwarded)
+                        messages = receiver
+                        continue
                     raise _NodeGone(node, "stream ended without a result")
                 wait_s = self.settings.stall_timeout_s
                 kind = message.WhichOneof("event")
@@ -1094,6 +1114,13 @@ class ClusterBackend:
                 link.release(request.request_id, receiver)  # cancels it there when we stop early
             if call is not None:
                 call.cancel()  # no-op when finished; frees the node's blocks when we stop early
+
+    def _relink(self, node: str, incarnation: tuple[str, float], link: NodeLink,
+                receiver: Receiver, forwarded: pb.GenerateStreamRequest) -> tuple[NodeLink, Receiver]:
+        """``forwarded`` again on a new link: the node ended ``link`` before reading it."""
+        link.release(forwarded.generate.request_id, receiver)
+        link = self._link(node, incarnation, forwarded.generate.request_id)
+        return link, link.submit(forwarded)
 
     def _link(self, node: str, incarnation: tuple[str, float], request_id: str) -> NodeLink:
         """A GenerateMany stream to ``node`` that may take ``request_id`` (opened if none)."""
@@ -1367,8 +1394,8 @@ class CoordinatorServer:
                                          clients_authenticated=bool(sec.keys_file),
                                          tls=bool(sec.tls_cert)):
             log.warning(warning)
-        add_servicer(server, UltraKVServicer(self.backend, self.settings.limits,
-                                             self.settings.stream_pacing), ULTRAKV_SERVICE)
+        self._servicer = UltraKVServicer(self.backend, self.settings.limits, self.settings.stream_pacing)
+        add_servicer(server, self._servicer, ULTRAKV_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -1418,6 +1445,7 @@ class CoordinatorServer:
             self._metrics_http = None
         if server is not None:
             await self.health.enter_graceful_shutdown()
+            self._servicer.stop_idle_streams()  # idle client links end now, not after the grace
             await server.stop(self.settings.grace_period_s)
         await self.backend.stop()
 

@@ -702,6 +702,9 @@ class NodeServicer:
         # trusting the tenant its caller (the coordinator) set.
         self._client_facing = UltraKVServicer(backend, limits, pacing, edge=False)
 
+    def stop_idle_streams(self) -> None:
+        self._client_facing.stop_idle_streams()
+
     async def Generate(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with contextlib.aclosing(self._client_facing.Generate(requests, context)) as stream:
@@ -1041,6 +1044,7 @@ class NodeServer:
                                             self.settings.security.tenant_max_session_tokens)
         self.health = HealthService()
         self._server: grpc.aio.Server | None = None
+        self._stream_servicers: list[Any] = []  # their streams end when idle at stop
         self._metrics_http: Any = None
         self.http: HttpServer | None = None
         s = self.settings
@@ -1086,11 +1090,13 @@ class NodeServer:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pacing = self.settings.stream_pacing()
         services = [ULTRAKV_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        add_servicer(server, UltraKVServicer(self.backend, limits, pacing), ULTRAKV_SERVICE)
+        self._stream_servicers = [UltraKVServicer(self.backend, limits, pacing)]
+        add_servicer(server, self._stream_servicers[0], ULTRAKV_SERVICE)
         if internal:
             authenticated = bool(self.cluster_secret) or self.peer_tls is not None
-            add_servicer(server, NodeServicer(self.backend, limits, pacing, authenticated,
-                                              self.block_log), NODE_SERVICE)
+            self._stream_servicers.append(NodeServicer(self.backend, limits, pacing, authenticated,
+                                                       self.block_log))
+            add_servicer(server, self._stream_servicers[-1], NODE_SERVICE)
             services.append(NODE_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(services, server)
@@ -1197,6 +1203,8 @@ class NodeServer:
         if server is None:
             return
         await self.health.enter_graceful_shutdown()
+        for servicer in self._stream_servicers:  # idle links end now, not after the grace
+            servicer.stop_idle_streams()
         await server.stop(self.settings.grace_period_s)
 
     async def wait(self) -> None:

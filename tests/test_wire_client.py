@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 def settings(port: int = 0, **kw) -> ServerSettings:
-    return ServerSettings(host="127.0.0.1", port=port, grace_period_s=0.2, **kw)
+    return ServerSettings(**{"host": "127.0.0.1", "port": port, "grace_period_s": 0.2, **kw})
 
 
 def test_retries_until_the_server_comes_up(engine):
@@ -325,16 +325,20 @@ class _ScriptedGenerateMany(ultrakv_pb2_grpc.UltraKVServicer):
     prompt text is "answer" (one chunk each, never a result); the first ``close_first``
     streams it ends at their first request as a server's idle limit would."""
 
-    def __init__(self, close_first: int = 0) -> None:
+    def __init__(self, close_first: int = 0, end_first: int = 0) -> None:
         self.received: list[pb.GenerateStreamRequest] = []
         self.streams = 0
         self.close_first = close_first
+        self.end_first = end_first  # streams that end cleanly, unanswered, as a stopping server's
 
     async def GenerateMany(self, requests, context):
         self.streams += 1
         closing = self.streams <= self.close_first
+        ending = self.streams <= self.end_first
         async for message in requests:
             self.received.append(message)
+            if ending:
+                return
             if closing:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream closed: idle")
             if message.WhichOneof("action") == "generate" and message.generate.text == "answer":
@@ -392,6 +396,45 @@ async def test_a_request_sent_as_the_server_closed_an_idle_stream_goes_on_a_new_
         await server.stop(None)
     assert servicer.streams == 2
     assert [m.generate.request_id for m in servicer.received if m.generate.request_id] == ["r1", "r1"]
+
+
+async def test_a_request_sent_as_a_stopping_server_ended_the_idle_stream_goes_on_a_new_one():
+    servicer = _ScriptedGenerateMany(end_first=1)
+    server, address = await _scripted(servicer)
+    try:
+        async with AsyncClient(address, timeout=30) as c:
+            async for chunk in c.stream({"text": "answer", "request_id": "r1"}):
+                assert chunk.text == "a"
+                break
+    finally:
+        await server.stop(None)
+    assert servicer.streams == 2
+
+
+async def test_a_servers_stop_ends_idle_streams_at_once_and_lets_running_requests_finish(
+        engine, monkeypatch):
+    """A multiplexing client's stream lingers with nothing in flight; a server's graceful
+    stop ends it at once instead of waiting out its grace period for it (before: the whole
+    grace, or the client's linger), while a request running on such a stream still
+    finishes within the grace."""
+    monkeypatch.setattr("ultrakv.client.client.LINK_LINGER_S", 60.0)
+    grace = 10.0
+    srv = BackgroundServer(engine, settings(grace_period_s=grace)).start()
+    async with AsyncClient(srv.address, timeout=30) as c:
+        await _collect(c, _specs(1)[0])  # the stream now lingers
+        started = time.monotonic()
+        await asyncio.to_thread(srv.stop)
+        assert time.monotonic() - started < grace * 0.8
+    srv = BackgroundServer(engine, settings(grace_period_s=grace)).start()
+    async with AsyncClient(srv.address, timeout=60) as c:
+        chunks = []
+        async for chunk in c.stream({"token_ids": [5, 6, 7], "max_length": 40, "ignore_eos": True}):
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                stopping = asyncio.create_task(asyncio.to_thread(srv.stop))
+        await stopping
+    assert chunks[-1].finished and chunks[-1].result["success"]
+    assert sum(len(ch.token_ids) for ch in chunks[:-1]) == 40
 
 
 async def test_streams_go_on_after_a_server_closed_the_idle_stream(engine):

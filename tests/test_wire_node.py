@@ -888,3 +888,49 @@ async def test_a_turn_in_flight_when_the_lease_is_lost_is_not_acknowledged(store
         await registration.deregister()
         await server.stop()
         engine.shutdown()
+
+
+async def test_a_forward_goes_on_when_the_node_closed_its_lingering_link_for_idleness(secret, engine):
+    """A coordinator's link to a node stays open a while after its last request (fewer
+    calls at low load); a node whose idle limit closes it as a request goes out (here: the
+    first stream ends DEADLINE_EXCEEDED at its first message) gets the request again on a
+    new link, and the link that lingers carries the later forwards."""
+    from ultrakv.cluster.validation import Limits
+    from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
+    from ultrakv.node.server import LocalBackend, NodeServicer
+
+    real = NodeServicer(LocalBackend(engine), Limits())
+    streams: list[int] = []
+
+    async def generate_many(requests, context):
+        streams.append(len(streams))
+        if len(streams) == 1:
+            async for _ in requests:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "stream closed: idle for 0.1 s with no request")
+        async for batch in real.GenerateMany(requests, context):
+            yield batch
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        generate_many, request_deserializer=pb.GenerateStreamRequest.FromString,
+        response_serializer=pb.GenerateBatch.SerializeToString)
+    node = grpc.aio.server()
+    node.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "ultrakv.v1.NodeService", {"GenerateMany": handler}),))
+    port = node.add_insecure_port("127.0.0.1:0")
+    await node.start()
+    backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1",
+                                                 cluster_secret_file=str(secret[0])))
+    try:
+        backend.members = {"n": NodeRecord("n", f"127.0.0.1:{port}", 1, state=NodeState.SERVING)}
+        tokens = []
+        for _ in range(3):
+            events = [e async for e in backend._forward("n", _greedy("n").generate, None)]
+            assert isinstance(events[-1], pb.GenerateResult), events[-1]
+            tokens.append(list(events[-1].token_ids))
+        assert tokens[0] == tokens[1] == tokens[2] and tokens[0]
+        assert len(streams) == 2  # the closed one, then one that lingered for the next two
+        assert [link.closing for _, link in backend._links["n"]] == [False]
+    finally:
+        await backend.stop()
+        await node.stop(None)
