@@ -598,6 +598,7 @@ class AsyncClient:
         self._failover = _Failover(len(self._endpoints), self.retry)
         self._links: dict[int, list[StreamLink]] = {}  # per endpoint: its GenerateMany streams
         self._per_call: set[int] = set()  # endpoints without GenerateMany (an older server)
+        self._closed = False
 
     @property
     def address(self) -> str:
@@ -611,6 +612,8 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the channels; streams still running end with CANCELLED."""
+        self._closed = True
         for links in list(self._links.values()):
             for link in list(links):
                 link.close()
@@ -675,13 +678,10 @@ class AsyncClient:
         without GenerateMany gets a Generate call per request, as with ``multiplex=False``."""
         request = _stream_request(build_request(spec))
         started = time.perf_counter()
-        timeout = timeout or self.timeout
-        if self.multiplex:
-            opened = await self._open_on_link(request, timeout)
-        else:
-            opened = None
+        deadline = time.monotonic() + (timeout or self.timeout)
+        opened = await self._open_on_link(request, deadline) if self.multiplex else None
         if opened is None:
-            messages, first, done = await self._open_call(request, timeout)
+            messages, first, done = await self._open_call(request, deadline)
         else:
             messages, first, done = opened
         try:
@@ -692,27 +692,28 @@ class AsyncClient:
                 if chunk.finished:
                     return
                 message = await anext(messages, None)
-                if message is None:
-                    return
+                if message is None:  # a stream ends only after its requests' results
+                    raise RequestError("INTERNAL", "stream ended without the request's result")
         except grpc.RpcError as exc:
             raise RequestError.from_rpc(exc) from exc
         finally:
             done()
 
-    async def _open_call(self, request: pb.GenerateStreamRequest, timeout: float
+    async def _open_call(self, request: pb.GenerateStreamRequest, deadline: float
                          ) -> tuple[AsyncIterator[pb.GenerateStreamResponse],
                                     pb.GenerateStreamResponse, Callable[[], None]]:
         """A Generate call of the request's own, once it answered (retried on another
-        address while unavailable)."""
+        address while unavailable, within ``deadline``)."""
 
         async def open_call(endpoint: _Endpoint) -> tuple[Any, pb.GenerateStreamResponse]:
-            call = endpoint.generate_one(request, timeout=timeout, metadata=self._metadata)
+            call = endpoint.generate_one(request, timeout=_left(deadline), metadata=self._metadata)
             first = await call.read()
             if first is grpc.aio.EOF:
                 raise RequestError("INTERNAL", "stream ended without a message")
             return call, first
 
-        call, first = await self._call(lambda e: lambda _r, **_kw: open_call(e), None, timeout)
+        call, first = await self._call(lambda e: lambda _r, **_kw: open_call(e), None,
+                                       _left(deadline))
 
         async def rest() -> AsyncIterator[pb.GenerateStreamResponse]:
             while (message := await call.read()) is not grpc.aio.EOF:
@@ -720,30 +721,34 @@ class AsyncClient:
 
         return rest(), first, call.cancel
 
-    async def _open_on_link(self, request: pb.GenerateStreamRequest, timeout: float
+    async def _open_on_link(self, request: pb.GenerateStreamRequest, deadline: float
                             ) -> tuple[Receiver, pb.GenerateStreamResponse, Callable[[], None]] | None:
         """The request on a GenerateMany stream, once it answered: its receiver, its first
         event and what ends it (a cancel on the stream when it still runs). None when the
         current address has no GenerateMany (the caller opens a call instead). Retried as a
-        call is: on the next address while unavailable, and on a fresh stream when the
-        server closed an idle one as the request went out (its idle limit, or its stop)."""
+        call is: on the next address while unavailable (the call, or the server's answer to
+        the request: it is stopping), and on a fresh stream when the server ended one
+        unread as the request went out (its idle limit, or its stop)."""
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + timeout
-        request.generate.timeout_ms = min(  # the server keeps it (its stream has no deadline)
-            request.generate.timeout_ms or MAX_TIMEOUT_MS, max(1, math.ceil(timeout * 1000)),
-            MAX_TIMEOUT_MS)
         rid = request.generate.request_id
+        own_ms = request.generate.timeout_ms
         attempt = reopened = 0
         expired: list[bool] = []
 
         def expire(receiver: Receiver) -> None:
             expired.append(True)
-            receiver.end(local_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            receiver.fail(local_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
 
         while True:
+            if self._closed:
+                raise RequestError("CANCELLED", "the client is closed")
             index = self._failover.current
             if index in self._per_call:
                 return None
+            # The time left travels with each attempt (the server keeps it: its stream has no
+            # deadline), within what the request itself asked for.
+            left_ms = min(max(1, math.ceil(1000 * (deadline - time.monotonic()))), MAX_TIMEOUT_MS)
+            request.generate.timeout_ms = min(own_ms, left_ms) if own_ms else left_ms
             link = self._link(index, rid)
             receiver = link.submit(request)
             timer = loop.call_later(max(0.0, deadline - time.monotonic()), expire, receiver)
@@ -761,26 +766,33 @@ class AsyncClient:
                 if code == grpc.StatusCode.UNIMPLEMENTED:
                     self._per_call.add(index)
                     return None
+                if code == grpc.StatusCode.INTERNAL and not link.heard:
+                    return None  # gRPC's form of an older server's UNIMPLEMENTED (StreamLink)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and not expired and reopened < 3:
                     reopened += 1  # not ours: the server's idle limit closed the stream meanwhile
                     continue
-                wait = (self._failover.failed(attempt, index, deadline - time.monotonic())
-                        if code == grpc.StatusCode.UNAVAILABLE else None)
-                if wait is None:
+                if code != grpc.StatusCode.UNAVAILABLE:
                     raise RequestError.from_rpc(exc) from exc
-                await asyncio.sleep(wait)
-                attempt += 1
-                continue
+                error: RequestError = RequestError.from_rpc(exc)
             except BaseException:
                 done()
                 raise
-            if first is None:
-                done()
-                if reopened < 3:  # the server ended the stream unread: idle at its stop
-                    reopened += 1
-                    continue
-                raise RequestError("INTERNAL", "stream ended without a message")
-            return receiver, first, done
+            else:
+                if first is None:
+                    done()
+                    if reopened < 3:  # the server ended the stream unread: idle at its stop
+                        reopened += 1
+                        continue
+                    raise RequestError("INTERNAL", "stream ended without a message")
+                if not (first.WhichOneof("event") == "error" and first.error.code == "UNAVAILABLE"):
+                    return receiver, first, done
+                done()  # refused: the server is stopping (or its engine is gone)
+                error = RequestError.from_detail(first.error)
+            wait = self._failover.failed(attempt, index, deadline - time.monotonic())
+            if wait is None:
+                raise error
+            await asyncio.sleep(wait)
+            attempt += 1
 
     def _link(self, index: int, request_id: str) -> StreamLink:
         """A GenerateMany stream to endpoint ``index`` that may take ``request_id``."""
@@ -789,7 +801,7 @@ class AsyncClient:
             if link.accepts(request_id):
                 return link
         endpoint = self._endpoints[index]
-        link = StreamLink(lambda messages: endpoint.stub.GenerateMany(messages, metadata=self._metadata),
+        link = StreamLink(lambda: endpoint.stub.GenerateMany(metadata=self._metadata),
                           lambda closed: links.remove(closed) if closed in links else None,
                           linger_s=LINK_LINGER_S)
         links.append(link)

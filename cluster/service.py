@@ -26,6 +26,8 @@ from ultrakv.cluster.security.principal import OPEN, Principal, current_principa
 from ultrakv.cluster.session_keys import SEPARATOR, session_key
 from ultrakv.cluster.session_transfer import TransferError, session_runs
 from ultrakv.cluster.validation import (
+    NODE_FAILING_FIELD,
+    Admitting,
     Limits,
     Malformed,
     Refused,
@@ -424,7 +426,8 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
     rpc_deadline = _rpc_deadline(context)
     last_read = time.monotonic()  # an open stream that stays quiet is closed (idle limit)
 
-    async def run(request: pb.GenerateRequest, client_sid: str) -> None:
+    async def run(request: pb.GenerateRequest, client_sid: str,
+                  admit: Callable[[], Awaitable[None]] | None) -> None:
         rid = request.request_id
         sent = _StreamSink(outbox, rid)
         deadline = rpc_deadline
@@ -432,6 +435,8 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
             own = time.monotonic() + request.timeout_ms / 1000.0
             deadline = own if deadline is None else min(deadline, own)
         try:
+            if admit is not None:  # its tenant's slot (the edge's: security/interceptor.py)
+                await admit()
             result = await backend.generate_into(request, deadline, sent)
             if result is not None:
                 if result.session_id:
@@ -457,6 +462,9 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
         if isinstance(message, Malformed | Refused):
             outbox.put_final(_error_response(message.request_id, message.rejection()))
             return
+        admit = None
+        if isinstance(message, Admitting):
+            message, admit = message.message, message.admit
         action = message.WhichOneof("action")
         if action == "cancel":
             task = active.get(message.cancel.request_id)
@@ -470,6 +478,11 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                 "action must be set: generate or cancel")))
             return
         rid = message.generate.request_id
+        if pacer.stopping:  # its stream's requests finish; new ones go elsewhere
+            outbox.put_final(_error_response(rid, RequestRejected(
+                grpc.StatusCode.UNAVAILABLE, NODE_FAILING_FIELD,
+                "the server is stopping: send the request again (another address or node)")))
+            return
         try:
             if principal is not None:
                 message.generate.tenant = principal.tenant
@@ -482,7 +495,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
         except RequestRejected as rejection:
             outbox.put_final(_error_response(rid, rejection))
             return
-        active[rid] = asyncio.create_task(run(request, client_sid), name=f"generate-{rid}")
+        active[rid] = asyncio.create_task(run(request, client_sid, admit), name=f"generate-{rid}")
 
     async def read() -> None:
         nonlocal reading_done, last_read
@@ -509,7 +522,11 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                 while (message := outbox.pop()) is not None:
                     wrote_chunk |= message.WhichOneof("event") == "chunk"
                     yield message
-            if (reading_done or pacer.stopping) and not active:
+            # A stopping server ends a GenerateMany stream once nothing runs on it (a
+            # multiplexing client or coordinator sends what it had not sent yet elsewhere);
+            # a Generate stream still reads to its end, as a caller of one request per call
+            # (its request may wait for a tenant slot, unread) does not send it again.
+            if (reading_done or (batched and pacer.stopping)) and not active:
                 break
             if wrote_chunk and (interval := pacer.interval_s()) > 0:
                 await outbox.gather(interval)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -540,6 +540,17 @@ class Refused:
 
     def rejection(self) -> RequestRejected:
         return self.reason
+
+
+@dataclass(frozen=True)
+class Admitting:
+    """A stream request the edge admitted but whose tenant slot is still to be taken:
+    ``admit()`` waits for it (or raises the refusal), inside the request's own task, so a
+    request queued for a slot holds up neither the stream's later messages (its cancels)
+    nor its other requests' answers."""
+
+    message: Any
+    admit: Callable[[], Awaitable[None]]
 
 
 def tolerant_deserializer(message_cls: type[Message]) -> Callable[[bytes], Message | Malformed]:

@@ -1032,12 +1032,7 @@ class ClusterBackend:
         if record is None:
             raise _NodeGone(node, "left the cluster")
         forwarded = pb.GenerateStreamRequest(generate=request)
-        if deadline is not None:  # the node's own deadline: its stream has none per request
-            # At most what timeout_ms (uint32) holds, about 49.7 days: a client's deadline may
-            # be further away, and filling the field past its range raises.
-            ms = min(max(1, math.ceil(1000 * (deadline - time.monotonic()))), MAX_TIMEOUT_MS)
-            if not request.timeout_ms or request.timeout_ms > ms:
-                forwarded.generate.timeout_ms = ms
+        _set_node_deadline(forwarded, request.timeout_ms, deadline)
         incarnation = (record.address, record.started_at)
         link: NodeLink | None = None
         receiver: Receiver | None = None
@@ -1066,15 +1061,22 @@ class ClusterBackend:
                         # again on a new link: a turn is answered from the node's record if
                         # it had begun.
                         reopened += 1
-                        link, receiver = self._relink(node, incarnation, link, receiver, forwarded)
+                        link, receiver = self._relink(node, incarnation, link, receiver, forwarded,
+                                                      request.timeout_ms, deadline)
                         messages = receiver
                         continue
-                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED or link is None:
+                    if link is None or receiver is None or receiver.started:
                         raise
-                    log.info("node %s has no GenerateMany (an older version): forwarding to "
-                             "it over a Generate stream per request", node)
-                    self._generate_only.add(incarnation)
-                    assert receiver is not None
+                    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        log.info("node %s has no GenerateMany (an older version): forwarding "
+                                 "to it over a Generate stream per request", node)
+                        self._generate_only.add(incarnation)
+                    elif not (exc.code() == grpc.StatusCode.INTERNAL and not link.heard):
+                        raise
+                    # else gRPC's own INTERNAL on a link that never heard from the node: what
+                    # an older node's UNIMPLEMENTED turns into when it ends the call as the
+                    # request is written (stream_link.py); this request goes on a call of its
+                    # own, and the next link finds out.
                     link.release(request.request_id, receiver)
                     link = None
                     call = self._generate_call(record.address, forwarded, deadline)
@@ -1086,7 +1088,8 @@ class ClusterBackend:
                         # The node ended the link unread: idle as it began to stop. A new
                         # link finds it gone (or still serving, if it was a restart).
                         reopened += 1
-                        link, receiver = self._relink(node, incarnation, link, receiver, forwarded)
+                        link, receiver = self._relink(node, incarnation, link, receiver, forwarded,
+                                                      request.timeout_ms, deadline)
                         messages = receiver
                         continue
                     raise _NodeGone(node, "stream ended without a result")
@@ -1116,9 +1119,12 @@ class ClusterBackend:
                 call.cancel()  # no-op when finished; frees the node's blocks when we stop early
 
     def _relink(self, node: str, incarnation: tuple[str, float], link: NodeLink,
-                receiver: Receiver, forwarded: pb.GenerateStreamRequest) -> tuple[NodeLink, Receiver]:
-        """``forwarded`` again on a new link: the node ended ``link`` before reading it."""
+                receiver: Receiver, forwarded: pb.GenerateStreamRequest, own_ms: int,
+                deadline: float | None) -> tuple[NodeLink, Receiver]:
+        """``forwarded`` again on a new link, with the time now left: the node ended
+        ``link`` before reading it."""
         link.release(forwarded.generate.request_id, receiver)
+        _set_node_deadline(forwarded, own_ms, deadline)
         link = self._link(node, incarnation, forwarded.generate.request_id)
         return link, link.submit(forwarded)
 
@@ -1258,6 +1264,17 @@ class _Relay:
     texts: list[str] = field(default_factory=list)
     first_token_at: float = 0.0
     done: bool = False
+
+
+def _set_node_deadline(forwarded: pb.GenerateStreamRequest, own_ms: int, deadline: float | None) -> None:
+    """The node's own deadline for a forward (its stream has none per request): the time
+    left, within what the request asked for (``own_ms``; 0 = nothing). At most what
+    timeout_ms (uint32) holds, about 49.7 days: a client's deadline may be further away, and
+    filling the field past its range raises."""
+    if deadline is None:
+        return
+    ms = min(max(1, math.ceil(1000 * (deadline - time.monotonic()))), MAX_TIMEOUT_MS)
+    forwarded.generate.timeout_ms = min(own_ms, ms) if own_ms else ms
 
 
 class _Attempt:

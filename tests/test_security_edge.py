@@ -52,9 +52,9 @@ def keys(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def serve(engine, http_port: int = 0, **security) -> BackgroundServer:
-    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.2, http_port=http_port,
-                              security=SecuritySettings(**security))
+def serve(engine, http_port: int = 0, grace_period_s: float = 0.2, **security) -> BackgroundServer:
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=grace_period_s,
+                              http_port=http_port, security=SecuritySettings(**security))
     return BackgroundServer(engine, settings)
 
 
@@ -502,3 +502,51 @@ async def test_a_multiplexed_stream_runs_each_request_as_its_tenant_and_gives_sl
                                                    "session_id": "mux-shared"})]
             assert chunks[-1].result["success"] and chunks[-1].result["cache_hit"] is False
             assert (await g.get_session("mux-shared"))["turns"] == 1
+
+
+async def test_a_cancel_on_a_multiplexed_stream_passes_a_request_queued_for_a_slot(engine, keys):
+    """One running slot, room to queue: A runs, B waits for the slot on the same stream. The
+    reader leaving A sends a cancel, which reaches the server at once and frees the slot for
+    B (before: the edge took B's slot inline, so the cancel waited behind B until A had
+    generated all its tokens)."""
+    with serve(engine, keys_file=keys["path"], tenant_max_running=1, tenant_max_queued=4) as srv:
+        async with AsyncClient(srv.address, api_key=keys["acme"], retry=NO_RETRY, timeout=120) as c:
+            generated = engine.stats()["tokens"]["generated"]
+            a = c.stream({"token_ids": [5, 6, 7], "max_length": 3000, "ignore_eos": True})
+            await anext(a)
+            b = asyncio.create_task(anext(c.stream({"text": "queued", "max_length": 2})))
+            await asyncio.sleep(0.2)  # B is on the stream, waiting for A's slot
+            await a.aclose()  # A's cancel goes out
+            first_of_b = await asyncio.wait_for(b, timeout=120)
+            assert first_of_b.text or first_of_b.token_ids
+            a_and_b = engine.stats()["tokens"]["generated"] - generated
+    assert a_and_b < 1500, a_and_b  # A was cancelled, not run to its 3000 tokens
+
+
+async def test_a_stop_still_runs_a_generate_call_request_queued_for_a_slot(engine, keys):
+    """A request on a Generate call of its own, read but waiting for its tenant's slot when
+    the server begins to stop, still runs within the grace period (the early end of idle
+    streams at a stop is for GenerateMany streams, whose callers send again)."""
+    srv = serve(engine, grace_period_s=30.0, keys_file=keys["path"], tenant_max_running=1,
+                tenant_max_queued=4).start()
+    stopping = None
+    try:
+        async with AsyncClient(srv.address, api_key=keys["acme"], retry=NO_RETRY, timeout=120,
+                               multiplex=False) as c:
+            a = c.stream({"token_ids": [5, 6, 7], "max_length": 200, "ignore_eos": True})
+            await anext(a)
+            b = asyncio.create_task(_collect_stream(c, {"text": "queued", "max_length": 2}))
+            await asyncio.sleep(0.2)  # B's call is open, its request waiting for the slot
+            stopping = asyncio.create_task(asyncio.to_thread(srv.stop))
+            rest = [chunk async for chunk in a]
+            chunks = await asyncio.wait_for(b, timeout=120)
+    finally:
+        if stopping is None:
+            srv.stop()
+        else:
+            await stopping
+    assert rest[-1].finished and chunks[-1].finished and chunks[-1].result["success"]
+
+
+async def _collect_stream(c, spec: dict) -> list:
+    return [chunk async for chunk in c.stream(spec)]

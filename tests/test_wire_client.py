@@ -315,7 +315,10 @@ async def test_a_server_without_generate_many_gets_a_call_per_request(engine):
         async with AsyncClient(srv.address, timeout=30) as c:
             first = await _collect(c, _specs(1)[0])
             both = await asyncio.gather(*(_collect(c, spec) for spec in _specs(2)))
-    assert recorder.methods == ["GenerateMany", "Generate", "Generate", "Generate"]
+    # Each request on a Generate call; GenerateMany tried first (again only where gRPC
+    # reported the refusal as its own INTERNAL, which hides the server's UNIMPLEMENTED).
+    assert recorder.methods[0] == "GenerateMany" and recorder.methods.count("Generate") == 3
+    assert set(recorder.methods) == {"GenerateMany", "Generate"}
     assert first[-1].finished and all(s[-1].finished for s in both)
     assert [t for ch in first for t in ch.token_ids] == [t for ch in both[0] for t in ch.token_ids]
 
@@ -452,3 +455,40 @@ async def test_streams_go_on_after_a_server_closed_the_idle_stream(engine):
             second = await _collect(c, _specs(1)[0])
     assert recorder.methods == ["GenerateMany", "GenerateMany"]
     assert first[-1].result["response"]["token_ids"] == second[-1].result["response"]["token_ids"]
+
+
+async def test_closing_the_client_fails_its_running_streams_instead_of_ending_them(engine):
+    """close() while a multiplexed stream runs: the stream raises (before: it just stopped,
+    with no result and no error, as if complete)."""
+    with BackgroundServer(engine, settings()) as srv:
+        c = AsyncClient(srv.address, timeout=30)
+        got: list = []
+        with pytest.raises(RequestError) as err:
+            async for chunk in c.stream({"token_ids": [5, 6, 7], "max_length": 2000, "ignore_eos": True}):
+                got.append(chunk)
+                if len(got) == 1:
+                    await c.close()
+        assert err.value.code == "CANCELLED" and not any(ch.finished for ch in got)
+
+
+async def test_a_stopping_server_refuses_new_requests_on_a_busy_stream_and_they_fail_over(engine):
+    """A server that begins to stop lets its running requests finish; a new request on the
+    same (busy) stream is refused UNAVAILABLE and goes to the next address (before: it was
+    accepted, then cut off mid-stream when the grace ran out)."""
+    first = BackgroundServer(engine, settings(grace_period_s=30.0)).start()
+    with BackgroundServer(engine, settings()) as second:
+        async with AsyncClient([first.address, second.address], timeout=60,
+                               retry=RetryPolicy(attempts=2, initial_s=0.05, max_s=0.1)) as c:
+            long = c.stream({"token_ids": [5, 6, 7], "max_length": 300, "ignore_eos": True})
+            await anext(long)  # running on the first server
+            stopping = asyncio.create_task(asyncio.to_thread(first.stop))
+            for _ in range(200):
+                if first.server._stream_servicers[0].pacer.stopping:
+                    break
+                await asyncio.sleep(0.01)
+            new = await _collect(c, _specs(1)[0])
+            assert c.address == second.address  # it failed over
+            rest = [chunk async for chunk in long]
+            await stopping
+    assert new[-1].result["success"]
+    assert rest[-1].finished and rest[-1].result["success"]

@@ -15,6 +15,7 @@ Server reflection is guarded too: only an admin key may list the server's servic
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ from ultrakv.cluster.security.policy import (
 )
 from ultrakv.cluster.security.principal import Principal, reset_principal, set_principal
 from ultrakv.cluster.service import ULTRAKV_SERVICE, abort_with
-from ultrakv.cluster.validation import Limits, Malformed, Refused
+from ultrakv.cluster.validation import Admitting, Limits, Malformed, Refused
 from ultrakv.v1 import types_pb2 as pb
 
 _PREFIX = f"/{ULTRAKV_SERVICE}/"
@@ -174,6 +175,7 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
             principal = await self._check(context, method, b"")
             peer = context.peer()
             holding: set[str] = set()  # request ids holding a tenant slot
+            admitting: set[str] = set()  # request ids waiting for one (in their own task)
             # Errors the servicer will send under the id of a request holding a slot (a
             # duplicate id, a malformed message): not that request's end.
             foreign_errors: dict[str, int] = {}
@@ -187,17 +189,28 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
                             and message.WhichOneof("action") == "generate"):
                         rid = message.generate.request_id
                         try:
-                            if rid in holding:  # the servicer answers the duplicate id
+                            if rid in holding or rid in admitting:  # the servicer answers the duplicate id
                                 foreign_errors[rid] = foreign_errors.get(rid, 0) + 1
                                 yield message
                                 continue
                             security.admit(principal, peer, method=method, tokens=estimated_tokens(
                                 message.generate, default_max_length))
-                            await security.acquire_slot(principal, peer, method)
-                            holding.add(rid)
                         except Denied as denied:
                             message = Refused(rid, denied)
+                        else:
+                            # The slot is taken in the request's own task (the servicer awaits
+                            # it): one queued request must not hold up this stream's later
+                            # messages, its cancels among them.
+                            admitting.add(rid)
+                            message = Admitting(message, functools.partial(take_slot, rid))
                     yield message
+
+            async def take_slot(rid: str) -> None:
+                try:
+                    await security.acquire_slot(principal, peer, method)
+                    holding.add(rid)  # no await between: a cancel cannot leave it untracked
+                finally:
+                    admitting.discard(rid)
 
             # Not reset afterwards: a generator's cleanup may run in another context (closed
             # from elsewhere when the client goes), and this call's context ends with it.
@@ -208,9 +221,11 @@ class EdgeSecurityInterceptor(grpc.aio.ServerInterceptor):
                 event = response.WhichOneof("event")
                 if event == "error" and foreign_errors.get(rid):
                     foreign_errors[rid] -= 1
-                elif event in ("result", "error") and rid in holding:
-                    holding.discard(rid)
-                    security.release_slot(principal)
+                elif event in ("result", "error"):
+                    if rid in holding:
+                        holding.discard(rid)
+                        security.release_slot(principal)
+                    admitting.discard(rid)  # refused before it asked for a slot
 
             try:
                 async with contextlib.aclosing(handler.stream_stream(requests(), context)) as out:
