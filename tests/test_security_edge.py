@@ -515,7 +515,7 @@ async def test_a_cancel_on_a_multiplexed_stream_passes_a_request_queued_for_a_sl
             a = c.stream({"token_ids": [5, 6, 7], "max_length": 3000, "ignore_eos": True})
             await anext(a)
             b = asyncio.create_task(anext(c.stream({"text": "queued", "max_length": 2})))
-            await asyncio.sleep(0.2)  # B is on the stream, waiting for A's slot
+            await _queued_for_a_slot(srv, "acme")  # B is on the stream, waiting for A's slot
             await a.aclose()  # A's cancel goes out
             first_of_b = await asyncio.wait_for(b, timeout=120)
             assert first_of_b.text or first_of_b.token_ids
@@ -536,7 +536,7 @@ async def test_a_stop_still_runs_a_generate_call_request_queued_for_a_slot(engin
             a = c.stream({"token_ids": [5, 6, 7], "max_length": 200, "ignore_eos": True})
             await anext(a)
             b = asyncio.create_task(_collect_stream(c, {"text": "queued", "max_length": 2}))
-            await asyncio.sleep(0.2)  # B's call is open, its request waiting for the slot
+            await _queued_for_a_slot(srv, "acme")  # B's call is open, its request waiting
             stopping = asyncio.create_task(asyncio.to_thread(srv.stop))
             rest = [chunk async for chunk in a]
             chunks = await asyncio.wait_for(b, timeout=120)
@@ -550,3 +550,13 @@ async def test_a_stop_still_runs_a_generate_call_request_queued_for_a_slot(engin
 
 async def _collect_stream(c, spec: dict) -> list:
     return [chunk async for chunk in c.stream(spec)]
+
+
+async def _queued_for_a_slot(srv, tenant: str) -> None:
+    """Until a request of ``tenant`` waits in the edge's queue for a running slot."""
+    slots = srv.server.security.slots
+    for _ in range(6000):
+        if slots._queued.get(tenant, 0) >= 1:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no request of {tenant} queued for a slot within 60 s")
