@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import random
 import time
 import uuid
@@ -35,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ultrakv.client.signing import GENERATE_METHOD, SigningInterceptor, aio_interceptors
 from ultrakv.cluster.addresses import DEFAULT_ADDRESS
 from ultrakv.cluster.stream_link import Receiver, StreamLink, local_error
+from ultrakv.cluster.validation import timeout_ms_left
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2, ultrakv_pb2_grpc
 
@@ -52,7 +52,6 @@ BATCH_SLICE = 64  # requests per ProcessBatch call (the server caps a batch's si
 # idle limit as deployed (stream_idle_timeout_s, 300 s by default); a server set below it
 # closes the stream first, and a request sent as it closed is retried on a new one.
 LINK_LINGER_S = 5.0
-MAX_TIMEOUT_MS = 2**32 - 1  # GenerateRequest.timeout_ms is a uint32
 
 
 @dataclass(frozen=True)
@@ -747,8 +746,7 @@ class AsyncClient:
                 return None
             # The time left travels with each attempt (the server keeps it: its stream has no
             # deadline), within what the request itself asked for.
-            left_ms = min(max(1, math.ceil(1000 * (deadline - time.monotonic()))), MAX_TIMEOUT_MS)
-            request.generate.timeout_ms = min(own_ms, left_ms) if own_ms else left_ms
+            request.generate.timeout_ms = timeout_ms_left(own_ms, deadline)
             link = self._link(index, rid)
             receiver = link.submit(request)
             timer = loop.call_later(max(0.0, deadline - time.monotonic()), expire, receiver)

@@ -34,6 +34,7 @@ from ultrakv.cluster.validation import (
     RequestRejected,
     rejection_for_client,
     rejection_from_error,
+    request_deadline,
     tolerant_deserializer,
     validate_batch,
     validate_generate,
@@ -350,6 +351,15 @@ class StreamPacer:
         self.stopping = False
         self._outboxes: set[Outbox] = set()  # of the open streams
 
+    def opened(self, outbox: Outbox) -> None:
+        """A stream opened, writing from ``outbox``."""
+        self.streams += 1
+        self._outboxes.add(outbox)
+
+    def closed(self, outbox: Outbox) -> None:
+        self.streams -= 1
+        self._outboxes.discard(outbox)
+
     def stop_idle(self) -> None:
         """The server begins its graceful stop: streams with nothing in flight end now, the
         others after their last request's end. A client's or coordinator's link lingers with
@@ -417,9 +427,8 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
     ends the wait.
     """
     pacer = pacer or StreamPacer()
-    pacer.streams += 1
     outbox = Outbox()
-    pacer._outboxes.add(outbox)
+    pacer.opened(outbox)
     active: dict[str, asyncio.Task] = {}
     cancelled: set[str] = set()
     reading_done = False
@@ -430,10 +439,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
                   admit: Callable[[], Awaitable[None]] | None) -> None:
         rid = request.request_id
         sent = _StreamSink(outbox, rid)
-        deadline = rpc_deadline
-        if request.timeout_ms:  # a request's own deadline (the only one on a GenerateMany stream)
-            own = time.monotonic() + request.timeout_ms / 1000.0
-            deadline = own if deadline is None else min(deadline, own)
+        deadline = request_deadline(request, rpc_deadline)
         try:
             if admit is not None:  # its tenant's slot (the edge's: security/interceptor.py)
                 await admit()
@@ -544,8 +550,7 @@ async def serve_generate_stream(backend: ServingBackend, limits: Limits,
         if reading_done:
             await reader  # surfaces a read error, if any (stopping: the reader is cancelled)
     finally:
-        pacer.streams -= 1
-        pacer._outboxes.discard(outbox)
+        pacer.closed(outbox)
         reader.cancel()
         for task in list(active.values()):
             task.cancel()

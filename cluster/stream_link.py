@@ -149,8 +149,11 @@ class StreamLink:
         self.closing = True
         self._call.cancel()
 
+    def _in_use(self) -> bool:
+        return bool(self._receivers or self._running or self.closing)
+
     def _idle(self) -> None:
-        if self._receivers or self._running or self.closing:
+        if self._in_use():
             return
         if self._linger_s <= 0:
             self._half_close()
@@ -159,7 +162,7 @@ class StreamLink:
 
     def _half_close(self) -> None:
         self._idle_timer = None
-        if not self._receivers and not self._running and not self.closing:
+        if not self._in_use():
             self.closing = True
             self._outgoing.put_nowait(None)  # half-close: the server ends the stream
 

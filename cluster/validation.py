@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -540,6 +541,28 @@ class Refused:
 
     def rejection(self) -> RequestRejected:
         return self.reason
+
+
+MAX_TIMEOUT_MS = 2**32 - 1  # GenerateRequest.timeout_ms is a uint32
+
+
+def request_deadline(request: pb.GenerateRequest, deadline: float | None) -> float | None:
+    """The monotonic instant a request must end by: ``deadline`` (its call's, if any), or
+    sooner when its own ``timeout_ms`` says so (the only deadline of a request on a
+    GenerateMany stream)."""
+    if not request.timeout_ms:
+        return deadline
+    own = time.monotonic() + request.timeout_ms / 1000.0
+    return own if deadline is None else min(deadline, own)
+
+
+def timeout_ms_left(own_ms: int, deadline: float) -> int:
+    """``timeout_ms`` for a request sent now that must end by ``deadline``: the time left,
+    within what the request asked for itself (``own_ms``; 0 = nothing), at least 1 and at
+    most what the uint32 holds (about 49.7 days: a caller's deadline may lie further away,
+    and filling the field past its range raises)."""
+    left = min(max(1, math.ceil(1000 * (deadline - time.monotonic()))), MAX_TIMEOUT_MS)
+    return min(own_ms, left) if own_ms else left
 
 
 @dataclass(frozen=True)

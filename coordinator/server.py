@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -86,6 +85,7 @@ from ultrakv.cluster.validation import (
     node_failing,
     not_acknowledged,
     superseded,
+    timeout_ms_left,
 )
 from ultrakv.coordinator.block_feed import BlockFeed
 from ultrakv.coordinator.block_index import BlockIndex, HashScheme
@@ -114,7 +114,6 @@ _REPLANS = 3  # plans of one view change when the view keeps changing while plan
 _MOVE_RETRY_S = 1.0
 _MOVE_TRIES = 5
 _TOKENIZE_TIMEOUT_S = 2.0  # a node that cannot tokenize by then: route by the first block
-MAX_TIMEOUT_MS = 2**32 - 1  # GenerateRequest.timeout_ms is a uint32
 # An owner that said its batch admits N more requests (session offload) is believed until
 # this coordinator has sent it N more, for this long at most (other coordinators send too).
 _ROOM_BELIEVED_S = 1.0
@@ -1267,14 +1266,9 @@ class _Relay:
 
 
 def _set_node_deadline(forwarded: pb.GenerateStreamRequest, own_ms: int, deadline: float | None) -> None:
-    """The node's own deadline for a forward (its stream has none per request): the time
-    left, within what the request asked for (``own_ms``; 0 = nothing). At most what
-    timeout_ms (uint32) holds, about 49.7 days: a client's deadline may be further away, and
-    filling the field past its range raises."""
-    if deadline is None:
-        return
-    ms = min(max(1, math.ceil(1000 * (deadline - time.monotonic()))), MAX_TIMEOUT_MS)
-    forwarded.generate.timeout_ms = min(own_ms, ms) if own_ms else ms
+    """The node's own deadline for a forward (its stream has none per request)."""
+    if deadline is not None:
+        forwarded.generate.timeout_ms = timeout_ms_left(own_ms, deadline)
 
 
 class _Attempt:

@@ -82,6 +82,7 @@ from ultrakv.cluster.validation import (
     Malformed,
     RequestRejected,
     rejection_from_error,
+    request_deadline,
     validate_chunk_bytes,
     validate_generate,
     validate_last_turn,
@@ -133,9 +134,7 @@ def engine_request(request: pb.GenerateRequest, deadline: float | None) -> Gener
         prompt = [ChatMessage(m.role, m.content) for m in request.messages.messages]
     else:
         prompt = list(request.token_ids.ids)
-    if request.timeout_ms:
-        own = time.monotonic() + request.timeout_ms / 1000.0
-        deadline = own if deadline is None else min(deadline, own)
+    deadline = request_deadline(request, deadline)
     return GenerateRequest(
         prompt=prompt, sampling=SamplingParams(**params),
         session_id=request.session_id if request.HasField("session_id") else None,

@@ -302,6 +302,20 @@ async def test_a_forward_with_a_deadline_beyond_timeout_ms_range_runs(server, se
         await backend.stop()
 
 
+async def _node_answering(method: str, behaviour, response_cls) -> tuple[grpc.aio.Server, int]:
+    """A started NodeService server with one stream method (``behaviour``): a node of
+    another version, or one scripted by a test; returns it and its port."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        behaviour, request_deserializer=pb.GenerateStreamRequest.FromString,
+        response_serializer=response_cls.SerializeToString)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "ultrakv.v1.NodeService", {method: handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 async def test_a_node_without_generate_many_is_forwarded_to_over_generate(server, secret, engine):
     """A node from before GenerateMany (a rolling upgrade) answers UNIMPLEMENTED: it gets a
     Generate stream per request, with the same tokens."""
@@ -310,15 +324,8 @@ async def test_a_node_without_generate_many_is_forwarded_to_over_generate(server
     from ultrakv.node.server import LocalBackend, NodeServicer
 
     # NodeService as it was: Generate, no GenerateMany (the same engine behind it)
-    generate = grpc.stream_stream_rpc_method_handler(
-        NodeServicer(LocalBackend(engine), Limits()).Generate,
-        request_deserializer=pb.GenerateStreamRequest.FromString,
-        response_serializer=pb.GenerateStreamResponse.SerializeToString)
-    older = grpc.aio.server()
-    older.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "ultrakv.v1.NodeService", {"Generate": generate}),))
-    port = older.add_insecure_port("127.0.0.1:0")
-    await older.start()
+    older, port = await _node_answering("Generate", NodeServicer(LocalBackend(engine), Limits()).Generate,
+                                        pb.GenerateStreamResponse)
     backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1",
                                                  cluster_secret_file=str(secret[0])))
     try:
@@ -911,14 +918,7 @@ async def test_a_forward_goes_on_when_the_node_closed_its_lingering_link_for_idl
         async for batch in real.GenerateMany(requests, context):
             yield batch
 
-    handler = grpc.stream_stream_rpc_method_handler(
-        generate_many, request_deserializer=pb.GenerateStreamRequest.FromString,
-        response_serializer=pb.GenerateBatch.SerializeToString)
-    node = grpc.aio.server()
-    node.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "ultrakv.v1.NodeService", {"GenerateMany": handler}),))
-    port = node.add_insecure_port("127.0.0.1:0")
-    await node.start()
+    node, port = await _node_answering("GenerateMany", generate_many, pb.GenerateBatch)
     backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1",
                                                  cluster_secret_file=str(secret[0])))
     try:
