@@ -264,7 +264,7 @@ def main() -> None:
             results[name] = fn(args)
             print(name, json.dumps(results[name], indent=1)[:2000], f"({time.perf_counter() - t0:.0f} s)", flush=True)
     suffix = "cpu" if not cuda else torch.cuda.get_device_name(0).replace(" ", "_")
-    write(f"multi_gpu_{suffix}.json", results)
+    write(f"multi_gpu_{suffix}{'_' + args.only if args.only else ''}.json", results)
 
 
 if __name__ == "__main__":

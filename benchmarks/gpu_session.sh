@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_session.sh serving-client-ab [MODEL [off-first]]  # the client's multiplexed streams against a call per
 #                                           # request, through a coordinator: 64 streams, then 8 requests/s
 #   bash benchmarks/gpu_session.sh serving-piecewise-ab [MODEL]  # piecewise graphs against eager steps, 64 streams
+#   bash benchmarks/gpu_session.sh multi-gpu [MODEL]  # 2+ GPUs: tests/test_parallel_gpu.py (NCCL), then
+#                                           # bench_multi_gpu.py --device cuda part by part (TP, DP, KV transfer)
 #   bash benchmarks/gpu_session.sh speculative  # bench_speculative.py on llama-1b
 #   bash benchmarks/gpu_session.sh profile  # profile_kernels.py: llama-1b decode kernel by kernel
 #   bash benchmarks/gpu_session.sh profile-turn  # profile_turn.py: a returning session's TTFT
@@ -54,6 +56,17 @@ case "${1:-}" in
       python -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py tests/test_kv_quant_kernels.py || true; \
       python benchmarks/diag_fp8.py || true; } 2>&1 \
       | tee "$ULTRAKV_RESULTS_DIR/gpu_tests.log"
+    ;;
+  multi-gpu)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+    nvidia-smi topo -m || true
+    { timeout "${TESTS_TIMEOUT_S:-150}" python -m pytest -q -p no:cacheprovider -m gpu tests/test_parallel_gpu.py || true; } 2>&1 \
+      | tee "$ULTRAKV_RESULTS_DIR/gpu_parallel_tests.log"
+    # Each part on its own, so that one that hangs or fails leaves the others' figures.
+    for part in ${MULTI_GPU_PARTS:-kv_transfer dp tp}; do
+      timeout "${PART_TIMEOUT_S:-140}" python benchmarks/bench_multi_gpu.py --device cuda --model "${2:-llama-8b}" --only "$part" \
+        2>&1 | tee "$ULTRAKV_RESULTS_DIR/multi_gpu_$part.log" || true
+    done
     ;;
   decode)
     python benchmarks/bench_decode.py --model llama-1b --device cuda --batches 1 64 --steps 1 8 16 32 \
