@@ -159,9 +159,13 @@ def _p2p(args, sizes: list[int]) -> dict:
             best = min(times[1:])
             out[str(tokens)] = {"bytes": kv.numel() * kv.element_size(), "latency_s": best,
                                 "gb_per_s": kv.numel() * kv.element_size() / best / 1e9}
+    except BaseException:
+        peer.kill()
+        raise
     finally:
-        peer.wait(timeout=120)
+        # Both ranks release the group together (under NCCL that is collective), then the peer exits.
         link.group.shutdown()
+        peer.wait(timeout=120)
     return out
 
 

@@ -17,6 +17,7 @@ state change happens under one lock, so both may be used together.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -151,6 +152,21 @@ def kv_block_bytes(block_size: int, model_config: ModelConfig, dtype: torch.dtyp
     """Bytes of one unquantized KV block over every layer (keys and values)."""
     mc = model_config
     return 2 * block_size * mc.num_key_value_heads * mc.head_dim * dtype.itemsize * mc.num_hidden_layers
+
+
+def on_own_device(method):
+    """Run an engine ``method`` with the engine's CUDA device current. Triton launches, CUDA
+    graph captures and side streams go to the current device, and on a node driving several
+    GPUs (data parallelism: an engine per device, stepped from any thread) that is another
+    engine's device unless set: its steps failed with "Pointer argument cannot be accessed
+    from Triton"."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+    return wrapped
 
 
 class Engine:
@@ -289,6 +305,7 @@ class Engine:
             config.eviction_policy,
         )
 
+    @on_own_device
     def warmup(self) -> None:
         """Capture every CUDA graph and compile every Triton kernel that serving can meet, so
         no request pays for a capture or a JIT compile later (a compile in the serving path
@@ -650,6 +667,7 @@ class Engine:
 
     # -- the step loop ------------------------------------------------------------------------
 
+    @on_own_device
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the requests that finished in it.
 

@@ -108,6 +108,13 @@ def test_merge_adds_counters_and_buckets_and_keeps_the_worst_latency():
     assert m["cache"]["hit_rate"] == 0.5
 
 
+def test_merge_takes_keys_only_some_engines_have():
+    # Counts keyed by name differ between engines: one saw only "length" finishes, the other
+    # only "error" (the 2-GPU run's stats raised TypeError summing 4 and None).
+    m = _merge([{"finished": {"length": 4}}, {"finished": {"error": 4}, "new": 1}])
+    assert m == {"finished": {"length": 4, "error": 4}, "new": 1}
+
+
 def test_move_session_carries_its_kv_bit_exact(group):
     sid = "mover"
     group.generate([list(range(40, 90))], GREEDY, session_ids=[sid])

@@ -16,6 +16,7 @@ imports and the device is CUDA).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -122,8 +123,10 @@ class EngineGroup:
         self.engines: list[Engine] = []
         try:
             for i, device in enumerate(devices):
-                self.engines.append(Engine(replace(config, device=str(device), gpus="",
-                                                   **_tier_share(config, i, len(devices)))))
+                # Built with its device current: its graphs' pool and streams live there.
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    self.engines.append(Engine(replace(config, device=str(device), gpus="",
+                                                       **_tier_share(config, i, len(devices)))))
         except BaseException:
             self.shutdown()
             raise
@@ -394,10 +397,13 @@ class EngineGroup:
 def _merge(stats: list[dict]) -> dict:
     """The engines' stats as one node's: counters and histogram buckets add up, latency
     percentiles take the worst engine's, ratios are recomputed, the rest is the first's."""
-    first = stats[0]
     out: dict[str, Any] = {}
-    for key, value in first.items():
-        values = [s.get(key) for s in stats]
+    # Every engine's keys: counts keyed by name (finish reasons, say) differ between engines.
+    keys = list(dict.fromkeys(k for s in stats for k in s))
+    for key in keys:
+        present = [s for s in stats if key in s]
+        value = present[0][key]
+        values = [s[key] for s in present]
         if key == "latency":
             out[key] = {k: max(v[k] for v in values) for k in value}
         elif key == "buckets":
@@ -405,7 +411,7 @@ def _merge(stats: list[dict]) -> dict:
         elif isinstance(value, dict):
             out[key] = _merge(values)
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "max_model_len":
-            out[key] = sum(values)
+            out[key] = sum(v for v in values if v is not None)
         else:
             out[key] = value
     if "hit_rate" in out and "hits" in out:

@@ -9,6 +9,7 @@ start and stop them freely.
 from __future__ import annotations
 
 import datetime
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -90,8 +91,24 @@ class ProcessGroup:
         self._pg.recv([tensor], src, tag).wait()
         return tensor
 
-    def shutdown(self) -> None:
-        """Release the group's connections (NCCL communicators hold device memory)."""
-        shutdown = getattr(self._pg, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+    def shutdown(self, timeout_s: float = 30.0) -> bool:
+        """Release the group's connections (NCCL communicators hold device memory). Under NCCL
+        this waits for every other rank to shut down too (destroying a communicator is
+        collective within a host), so ranks call it together, after the last command; it
+        gives up after ``timeout_s`` (a rank that died or never calls it) and returns False,
+        leaving the communicator to the process's exit."""
+        if self.backend != "nccl":
+            shutdown = getattr(self._pg, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            return True
+        done = threading.Event()
+
+        def release() -> None:
+            try:
+                self._pg.shutdown()
+            finally:
+                done.set()
+
+        threading.Thread(target=release, name="ultrakv-nccl-shutdown", daemon=True).start()
+        return done.wait(timeout_s)
