@@ -89,10 +89,15 @@ def _decode_rate(engine, batch: int, tokens: int) -> dict:
 def bench_tp(args) -> dict:
     out = {}
     for tp in (1, 2):
+        t0 = time.perf_counter()
         engine = Engine(EngineConfig(model=args.model, device=args.device, tensor_parallel_size=tp,
                                      max_num_seqs=64, num_blocks=args.num_blocks))
+        t1 = time.perf_counter()
+        engine.warmup()  # every graph captured (on every rank) before timing, as serving does
+        startup = {"load_s": t1 - t0, "warmup_s": time.perf_counter() - t1, "cuda_graphs": engine.cuda_graphs}
         try:
             rows = [_decode_rate(engine, b, args.decode_tokens) for b in (1, 64)]
+            rows[0]["startup"] = startup
             if engine.device.type == "cuda":
                 weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
                 rows[0]["roofline_fraction"] = weights / rows[0]["tpot_p50_s"] / (args.hbm_gbps * 1e9)
@@ -112,6 +117,7 @@ def bench_dp(args) -> dict:
     for name, gpus in (("one_engine", ""), ("dp2", "2")):
         engine = open_engine(EngineConfig(model=args.model, device=args.device, gpus=gpus, max_num_seqs=64,
                                           num_blocks=args.num_blocks))
+        engine.warmup()
         try:
             engine.generate(prompts[:2], replace(params, max_tokens=2))
             runs = []

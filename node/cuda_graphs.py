@@ -209,6 +209,11 @@ class PrefillGraphInputs:
 class CudaGraphRunner:
     """Captures and replays the model's forward for decode steps and short prefills."""
 
+    # True where several processes replay the same graphs in step (tensor parallelism,
+    # node/parallel/tensor_parallel.py): a greedy round is then launched whole, inside
+    # ``greedy_round``, and a short prefill goes through :meth:`run` like any other step.
+    lockstep = False
+
     def __init__(
         self,
         model: torch.nn.Module,

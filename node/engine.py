@@ -63,7 +63,11 @@ from ultrakv.node.outputs import (
     StreamDelta,
 )
 from ultrakv.node.parallel.sharding import TensorShard
-from ultrakv.node.parallel.tensor_parallel import TensorParallelGroup, tensor_parallel_devices
+from ultrakv.node.parallel.tensor_parallel import (
+    TensorParallelGraphs,
+    TensorParallelGroup,
+    tensor_parallel_devices,
+)
 from ultrakv.node.piecewise_graphs import PiecewiseForward
 from ultrakv.node.runner import ModelRunner
 from ultrakv.node.sampling_params import Priority, SamplingParams
@@ -238,11 +242,12 @@ class Engine:
         self.sessions = SessionStore(config.max_sessions, max_replicas=config.max_replicas,
                                      max_replica_tokens=config.max_replica_tokens)
         graphs = None
-        # Not under tensor parallelism yet: every rank would have to capture and replay its
-        # graphs in lockstep.
-        if (self.device.type == "cuda" and config.use_cuda_graphs and attn.supports_cuda_graphs
-                and self.tensor_parallel is None):
-            graphs = CudaGraphRunner(
+        if self.device.type == "cuda" and config.use_cuda_graphs and attn.supports_cuda_graphs:
+            # Under tensor parallelism every rank captures and replays the same graphs in
+            # step (TensorParallelGraphs tells the workers).
+            runner_class = CudaGraphRunner if self.tensor_parallel is None else functools.partial(
+                TensorParallelGraphs, self.tensor_parallel)
+            graphs = runner_class(
                 self.model,
                 self.kv_caches,
                 bs,
@@ -253,9 +258,10 @@ class Engine:
             )
         # Eager steps' layers around their attention as graphs per padded token count
         # (node/piecewise_graphs.py), wherever the whole-step graphs run; captured at warmup.
+        # (Not under tensor parallelism: its eager steps are the workers' cue.)
         piecewise = None
         if (graphs is not None and kernel_variants.current().eager_steps == "piecewise"
-                and PiecewiseForward.supports(self.model)):
+                and self.tensor_parallel is None and PiecewiseForward.supports(self.model)):
             piecewise = PiecewiseForward(self.model, self.kv_caches, config.max_num_batched_tokens, self.device)
         self.runner = ModelRunner(
             self.model if self.tensor_parallel is None else self.tensor_parallel.wrap(self.model),
@@ -271,6 +277,8 @@ class Engine:
         if self.tiers is not None and self.tiers.layerwise:
             self.model.kv_ready = self.tiers.layer_ready
             self.runner.layer_loads = self.tiers
+        if isinstance(graphs, TensorParallelGraphs):
+            graphs.announce()  # the workers build the same graphs (greedy rounds or not: set by the runner)
         self.cuda_graphs = graphs is not None
         if graphs is not None and graphs.prefill_sizes:
             self.scheduler.graph_prefill_tokens = graphs.prefill_sizes[-1]

@@ -13,6 +13,7 @@ round trip.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -209,6 +210,13 @@ class ModelRunner:
                    and self.graphs.can_run(meta) and meta.max_seq_len + num_steps - 1 <= self.graphs.buckets[-1])
         if graphed and self.layer_loads is not None:  # a graph calls no hook
             self.layer_loads.layers_ready()
+        # Graphs replayed in step by several processes (tensor parallelism): the whole round
+        # is launched at once, for every rank to replay the same steps.
+        lockstep = graphed and self.graphs.lockstep
+        if lockstep:
+            lookahead = num_steps
+            while cuda and len(self._token_ring) <= num_steps:
+                self._token_ring.append(torch.empty(self._token_ring[0].shape, dtype=torch.int64, pin_memory=True))
 
         def launch() -> None:
             nonlocal input_ids, positions, meta, launched
@@ -240,8 +248,9 @@ class ModelRunner:
             done.record()
             queued.append((host, done))
 
-        while launched < min(num_steps, lookahead):
-            launch()
+        with self.graphs.greedy_round(input_ids, positions, meta, num_steps) if lockstep else contextlib.nullcontext():
+            while launched < min(num_steps, lookahead):
+                launch()
         stopped = False
         while queued:
             tokens, done = queued.popleft()
@@ -270,7 +279,7 @@ class ModelRunner:
         """The hidden states of a step that is one sequence's prefill (a returning session's
         turn, a short prompt) replayed in a prefill graph straight from host values, skipping
         :meth:`prepare`; None when the step is not one (it then runs through :meth:`prepare`)."""
-        if self.graphs is None or len(scheduled) != 1 or scheduled[0].draft:
+        if self.graphs is None or self.graphs.lockstep or len(scheduled) != 1 or scheduled[0].draft:
             return None
         item = scheduled[0]
         seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,17 +24,35 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 PROMPTS = [list(range(5, 300)), [1, 2, 3], [200, 13, 77, 4, 150] * 9]
 
 
+def _turns(engine, session: str = "turns") -> list[list[int]]:
+    """Greedy tokens of: a batch of three (one round of graphed greedy decode steps after
+    eager prefills), a batch of eight short prompts, and a returning session's two turns
+    (the second a short prefill over its cached context, a prefill graph's step)."""
+    out = [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    out += [o.token_ids for o in engine.generate([[i + 3, 9, 27, 81] * 3 for i in range(8)], GREEDY)]
+    first = engine.generate([list(range(7, 140))], GREEDY, session_ids=[session])[0]
+    second = engine.generate([[11, 12, 13, 14, 15]], GREEDY, session_ids=[session])[0]
+    assert second.cached_tokens > 0
+    return out + [first.token_ids, second.token_ids]
+
+
 def test_tensor_parallel_over_nccl_equals_one_gpu():
     # float32 so that greedy ties cannot flip between the two summation orders.
-    one = Engine(EngineConfig(model="llama-1b", device="cuda:0", dtype="float32", num_blocks=256))
-    want = [o.token_ids for o in one.generate(PROMPTS, GREEDY)]
+    config = EngineConfig(model="llama-1b", device="cuda:0", dtype="float32", num_blocks=256, max_num_seqs=8)
+    one = Engine(config)
+    want = _turns(one)
     one.shutdown()
     del one
     torch.cuda.empty_cache()
-    split = Engine(EngineConfig(model="llama-1b", device="cuda:0", dtype="float32", num_blocks=256,
-                                tensor_parallel_size=2))
+    split = Engine(replace(config, tensor_parallel_size=2))
     try:
-        assert [o.token_ids for o in split.generate(PROMPTS, GREEDY)] == want
+        assert split.cuda_graphs
+        # Graphs captured as steps meet them, on both ranks in step; then all at warmup.
+        assert _turns(split) == want
+        kinds = {kind for kind, _, _ in split.runner.graphs.graphs}
+        assert kinds == {"decode", "greedy", "prefill"}, kinds
+        split.warmup()
+        assert _turns(split, "after-warmup") == want
         split.generate([PROMPTS[0]], GREEDY, session_ids=["s"])
         kv = split.export_session("s").kv
         assert kv.shape[3] == 8  # every KV head, gathered over NCCL

@@ -22,6 +22,7 @@ import torch
 from ultrakv.node.attention import get_backend
 from ultrakv.node.attention.triton_backend import triton_available
 from ultrakv.node.config import EngineConfig
+from ultrakv.node.cuda_graphs import CudaGraphRunner
 from ultrakv.node.engine import kv_block_bytes, kv_pool_blocks, zeroed_kv
 from ultrakv.node.model.loader import load_model
 from ultrakv.node.parallel import step_protocol
@@ -71,10 +72,24 @@ def run(args: argparse.Namespace) -> None:
     full = loaded.config
     kv_block = (full.num_hidden_layers, config.block_size, full.num_key_value_heads, full.head_dim)
     log.info("tensor-parallel rank %d/%d ready on %s: %d KV blocks", args.rank, args.world_size, device, num_blocks)
+    graphs: CudaGraphRunner | None = None
     while True:
         cmd = step_protocol.receive(group, kv_block, dtype)
         if cmd.op == Op.FORWARD:
-            model(cmd.input_ids, cmd.positions, kv_caches, cmd.meta)
+            # The same choice as rank 0's runner, from the same metadata.
+            if graphs is not None and graphs.can_run(cmd.meta):
+                graphs.run(cmd.input_ids, cmd.positions, cmd.meta)
+            else:
+                model(cmd.input_ids, cmd.positions, kv_caches, cmd.meta)
+        elif cmd.op == Op.DECODE_ROUND:
+            rows = cmd.input_ids.shape[0]
+            graphs.stage_decode(cmd.input_ids, cmd.positions, cmd.meta)
+            for step in range(cmd.num_steps):
+                graphs.replay_greedy(rows, cmd.meta.max_seq_len + step)
+        elif cmd.op == Op.GRAPHS:
+            graphs = _graphs(cmd.plan, model, kv_caches, config.block_size, device, group)
+        elif cmd.op == Op.CAPTURE:
+            graphs.capture_all()
         elif cmd.op == Op.READ_KV:
             group.send(read_heads(kv_caches, cmd.blocks).contiguous(), 0, step_protocol.KV_TAG)
         elif cmd.op == Op.WRITE_KV:
@@ -82,6 +97,19 @@ def run(args: argparse.Namespace) -> None:
         else:
             break
     group.shutdown()
+
+
+def _graphs(plan: step_protocol.GraphPlan, model: torch.nn.Module, kv_caches: list[torch.Tensor],
+            block_size: int, device: torch.device, group: ProcessGroup) -> CudaGraphRunner:
+    """This rank's CUDA graphs, of rank 0's shapes. A greedy step's graph ends by receiving
+    rank 0's sampled tokens (rank 0's ends by sending them), which the step's advance then
+    makes the next step's input ids."""
+    graphs = CudaGraphRunner(model, kv_caches, block_size, device, plan.max_batch, plan.max_model_len,
+                             plan.max_prefill_tokens)
+    if plan.greedy:
+        tokens = torch.zeros(graphs.max_batch, dtype=torch.int64, device=device)
+        graphs.greedy = lambda hidden: group.broadcast(tokens[: hidden.shape[0]])
+    return graphs
 
 
 def main() -> None:
