@@ -165,13 +165,15 @@ def _p2p(args, sizes: list[int]) -> dict:
             best = min(times[1:])
             out[str(tokens)] = {"bytes": kv.numel() * kv.element_size(), "latency_s": best,
                                 "gb_per_s": kv.numel() * kv.element_size() / best / 1e9}
-    except BaseException:
-        peer.kill()
-        raise
     finally:
-        # Both ranks release the group together (under NCCL that is collective), then the peer exits.
-        link.group.shutdown()
-        peer.wait(timeout=120)
+        # The peer exits without releasing the group (under NCCL that is collective and did not
+        # complete); this end is released once it is gone.
+        try:
+            peer.wait(timeout=120)
+        finally:
+            if peer.poll() is None:
+                peer.kill()
+            link.group.shutdown()
     return out
 
 
@@ -186,7 +188,9 @@ def _peer(args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             link.group.send(ack, 0, 99)
-    link.group.shutdown()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    os._exit(0)  # without releasing the group: see _p2p
 
 
 def _grpc(args, sizes: list[int]) -> dict:

@@ -214,7 +214,7 @@ class DecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """``h``: the previous block's output, not yet added to ``residual`` (the stream up to
         it; None before the first layer). Returns this layer's MLP output and the stream."""
-        if self.gemv and h.shape[0] == 1 and self.self_attn.all_reduce is None:
+        if self.gemv and h.shape[0] == 1:
             return self._forward_one_token(h, residual, cos, sin, kv_cache, meta)
         if residual is None:
             residual, x = h, self.input_layernorm(h)
@@ -234,8 +234,11 @@ class DecoderLayer(nn.Module):
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         qkv, residual = gemv.norm_gemv(h, residual, ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
         h = gemv.gemv(attn.attend(qkv, cos, sin, kv_cache, meta), attn.o_proj.weight, attn.o_proj.bias)
+        if attn.all_reduce is not None:  # tensor parallel: the ranks' partial sums (bias on rank 0 only)
+            h = attn.all_reduce(h)
         act, residual = gemv.norm_gemv(h, residual, ln2.weight, ln2.eps, mlp.gate_up_proj.weight, silu=True)
-        return gemv.gemv(act, mlp.down_proj.weight), residual
+        out = gemv.gemv(act, mlp.down_proj.weight)
+        return out if mlp.all_reduce is None else mlp.all_reduce(out), residual
 
 
 class LlamaModel(nn.Module):

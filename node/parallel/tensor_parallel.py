@@ -220,19 +220,19 @@ class TensorParallelGroup:
                     stopped = True
                 except Exception:  # a dead worker: the signal below ends the rest
                     log.debug("tensor-parallel stop broadcast failed", exc_info=True)
-            # The workers release the group as they stop, and under NCCL that is collective:
-            # rank 0 releases it with them, before waiting for them to exit (waiting first
-            # held each worker, and the engine's shutdown, for the 30 s below).
-            if self.group is not None:
-                if not self.group.shutdown(timeout_s=30.0 if stopped else 0.0) and stopped:
-                    log.warning("tensor-parallel group not released within 30 s; the workers are ended")
-                self.group = None
+            # The workers exit on STOP without releasing the group (under NCCL a release is
+            # collective, and it hung even with every rank releasing at once); rank 0 releases
+            # its end once they are gone.
             for proc in self._procs:
                 try:
                     proc.wait(timeout=30 if stopped else 0)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            if self.group is not None:
+                if not self.group.shutdown():
+                    log.warning("tensor-parallel group not released within 30 s; left to the process's exit")
+                self.group = None
             self._finalizer.detach()
 
 

@@ -96,7 +96,13 @@ def run(args: argparse.Namespace) -> None:
             write_heads(kv_caches, cmd.blocks, cmd.kv, shard)
         else:
             break
-    group.shutdown()
+    # Leave without releasing the group: under NCCL that is collective, and it did not
+    # complete even with rank 0 releasing at the same time (30 s, then given up). Ending the
+    # process frees this rank's share; rank 0 releases its own once the workers are gone.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last KV sent has left
+    logging.shutdown()
+    os._exit(0)
 
 
 def _graphs(plan: step_protocol.GraphPlan, model: torch.nn.Module, kv_caches: list[torch.Tensor],
