@@ -223,6 +223,8 @@ class _StandInGraphs:
     layer-wise load was pending when asked to replay (a graph calls no layer hook) and
     computes eagerly."""
 
+    lockstep = False  # one process (CudaGraphRunner.lockstep)
+
     def __init__(self, engine: Engine, tokens: int) -> None:
         self.engine = engine
         self.tokens = tokens
