@@ -5,9 +5,19 @@ are refused with the field named."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 from hf_reference import assert_greedy_matches, build_checkpoint, hf_greedy
+from ultrakv.client import Client
+from ultrakv.client.client import RequestError
+from ultrakv.cluster.etcd_server import free_port
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.model.presets import preset_config
@@ -141,3 +151,79 @@ def test_qwen2_checkpoint_greedy_equals_transformers(tmp_path_factory):
             assert_greedy_matches(out.token_ids, ref, ref_logits)
     finally:
         split.shutdown()
+
+
+# -- a node process serving with tensor parallelism -------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, not yet reaped by its (dead) parent's reaper
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_node_serving_with_two_ranks_answers_and_leaves_no_worker_behind(stop):
+    """``ultrakv node --tensor-parallel-size 2`` as a user starts it: requests over gRPC get
+    the single engine's tokens, a session's next turn reuses its cache; stopped (SIGTERM) or
+    killed (SIGKILL), the node leaves no worker rank running."""
+    port = free_port()
+    node = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "node", "--model", "tiny",
+                             "--device", "cpu", "--port", str(port), "--tensor-parallel-size", "2",
+                             "--insecure-no-cluster-secret"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        spec = {"token_ids": list(range(5, 60)), "session_id": "tp", "max_length": 8, "temperature": 0.0,
+                "ignore_eos": True}
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            deadline = time.monotonic() + 300  # a loaded machine takes long to import two processes
+            while True:
+                assert node.poll() is None, node.stderr.read()
+                try:
+                    client.stats()
+                    break
+                except RequestError:
+                    assert time.monotonic() < deadline, "node not ready in 300 s"
+                    time.sleep(0.5)
+            first = client.process_request(spec)
+            second = client.process_request({**spec, "token_ids": [7, 8, 9]})
+        single = Engine(_config(model="tiny"))
+        try:
+            want = single.generate([spec["token_ids"]], replace(GREEDY, max_tokens=8), session_ids=["tp"])[0]
+            want_next = single.generate([[7, 8, 9]], replace(GREEDY, max_tokens=8), session_ids=["tp"])[0]
+        finally:
+            single.shutdown()
+        assert first["success"] and first["response"]["token_ids"] == want.token_ids
+        assert second["response"]["token_ids"] == want_next.token_ids and second["cached_tokens"] > 0
+        workers = _children(node.pid)
+        assert len(workers) == 1, workers  # rank 1
+        node.send_signal(stop)
+        node.wait(timeout=120)
+        # SIGKILL leaves the worker to notice its parent is gone (it polls once a second).
+        assert all(_gone(w, timeout=60) for w in workers), workers
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
