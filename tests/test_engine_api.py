@@ -385,3 +385,49 @@ def test_concurrent_streams_aborts_and_admin_calls_keep_outputs_and_blocks_right
     for i in completed:
         assert results[i] == want[i]
     assert busy.pool.num_used == 0
+
+
+def test_first_tokens_go_out_before_the_next_steps_host_work():
+    """The step loop calls ``after_first_tokens`` between a step that gave a sequence its
+    first token and the next step's scheduling: the engine core sends those tokens from there
+    rather than from a sender thread that waits for the next step's host work."""
+    eng = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=128, max_num_batched_tokens=32))
+    events: list[str] = []
+    schedule = eng.scheduler.schedule
+
+    def scheduling():
+        events.append("schedule")
+        return schedule()
+
+    eng.scheduler.schedule = scheduling
+    eng.after_first_tokens = lambda: events.append("hook")
+    seen: set[str] = set()
+    done = []
+
+    def listener(delta):
+        if delta.token_ids and delta.request_id not in seen:
+            seen.add(delta.request_id)
+            events.append("first")
+        if delta.finished:
+            done.append(delta.request_id)
+
+    try:
+        # Prompts of different lengths (chunked over several steps by the 32-token budget):
+        # their first tokens come in different steps, some alone and some in a batch.
+        for i, n in enumerate((5, 40, 70, 9)):
+            eng.add_request(GenerateRequest(prompt=list(range(1, n + 1)), sampling=GREEDY, request_id=f"r{i}"),
+                            listener)
+        eng.start_background_loop()
+        deadline = time.monotonic() + 120
+        while len(done) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        eng.shutdown()
+    assert events.count("first") == 4
+    for i, event in enumerate(events):
+        if event == "first":
+            after = events[i + 1:]
+            nxt = after.index("schedule") if "schedule" in after else len(after)
+            assert "hook" in after[:nxt], events
+    assert events.count("hook") <= events.count("schedule")
