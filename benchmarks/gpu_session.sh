@@ -10,9 +10,6 @@
 #   bash benchmarks/gpu_session.sh serving-engine-process ["node-engine-process node"]  # A/B of --engine-process
 #   bash benchmarks/gpu_session.sh serving-client-ab [MODEL [off-first]]  # the client's multiplexed streams against a call per
 #                                           # request, through a coordinator: 64 streams, then 8 requests/s
-#   bash benchmarks/gpu_session.sh serving-first-tokens-ab [MODEL]  # the engine core sending a step's first
-#                                           # tokens from the step loop (on) or its sender thread (off),
-#                                           # through a coordinator: 64 streams, then 8 requests/s, on/off/off/on
 #   bash benchmarks/gpu_session.sh serving-piecewise-ab [MODEL]  # piecewise graphs against eager steps, 64 streams
 #   bash benchmarks/gpu_session.sh multi-gpu [MODEL]  # 2+ GPUs: tests/test_parallel_gpu.py (NCCL), then
 #                                           # bench_multi_gpu.py --device cuda part by part (TP, DP, KV transfer)
@@ -105,15 +102,6 @@ case "${1:-}" in
     python benchmarks/bench_serving.py --model llama-1b --device cuda --sessions 256 --turns 3 \
       --concurrency 64 --paths engine ${2:-node node-engine-process} --quiet \
       --output "serving_engine_process_ab${2:+_swapped}.json"
-    ;;
-  serving-first-tokens-ab)
-    # One cluster per side, each measured against its own engine path (64 streams, then 8/s).
-    model=${2:-llama-1b}
-    for side in 1 0 0 1; do
-      ULTRAKV_CORE_SEND_FIRST_TOKENS=$side python benchmarks/bench_serving.py --model "$model" --device cuda \
-        --sessions 96 --turns 2 --concurrency 64 --rates 8 --paths engine coordinator --quiet \
-        --output "serving_first_tokens_${model}_${side}_$(date +%H%M%S).json" 2>&1 | grep -v "^  " | tail -6
-    done
     ;;
   serving-client-ab)
     # AsyncClient multiplexing its streams on one GenerateMany call against a Generate call per
