@@ -297,11 +297,6 @@ class Engine:
         self._loop_thread: threading.Thread | None = None
         self._stopping = False
         self._lone_first_token = False  # the last step was one sequence's, and gave its first token
-        self._gave_first_tokens = False  # the last step gave some sequence its first token
-        # Called by the step loop right after a step that gave some sequence its first token,
-        # before the next step's host work: the engine core (node/engine_core.py) sends the
-        # step's tokens to the node then (see _loop).
-        self.after_first_tokens: Callable[[], None] | None = None
         self._metrics = _Metrics()
         self._last_progress = time.monotonic()  # a model step ran, or work arrived at an idle engine
         log.info(
@@ -862,7 +857,6 @@ class Engine:
                 seq.first_token_time = now
                 # A lone sequence's first token (a quiet node's turn): see _loop.
                 self._lone_first_token = len(out.scheduled) == 1
-                self._gave_first_tokens = True
                 self._metrics.ttft.append(now - seq.arrival_time)
             self._metrics.generated_tokens += 1
             reason = self._stop_reason(seq, token)
@@ -979,13 +973,6 @@ class Engine:
                 self.step()  # outside the state lock: the step takes it only around bookkeeping
             except Exception:  # keep serving: one broken step must not stop the node
                 log.exception("engine step failed")
-            if self._gave_first_tokens:
-                self._gave_first_tokens = False
-                if self.after_first_tokens is not None:
-                    # Pushed out from this thread, now: a sender thread would wait for the next
-                    # step's host work, which holds the GIL and the state lock (1.7 ms from
-                    # emission to the engine core's send at 64 streams on an H100).
-                    self.after_first_tokens()
             if self._lone_first_token:
                 # The first token of a turn served alone is on its way to an event loop (its
                 # mailbox has woken it): let go of the GIL now, so that the loop sends it before

@@ -179,8 +179,6 @@ class EngineCore:
     def serve(self) -> None:
         """Send ``ready``, then run until the node says stop or goes away."""
         self.send(("ready", self.facts()))
-        if os.environ.get("ULTRAKV_CORE_SEND_FIRST_TOKENS", "1") != "0":  # "0": the A/B's other side
-            self.engine.after_first_tokens = self._send_now
         self.engine.start_background_loop()
         sender = threading.Thread(target=self._send_steps, name="ultrakv-core-sender", daemon=True)
         sender.start()
@@ -240,16 +238,6 @@ class EngineCore:
 
     def _call_set_quota(self, quota: Any) -> None:
         self.engine.sessions.quota = quota
-
-    def _send_now(self) -> None:
-        """From the step loop, after a step gave first tokens: send them before the next step's
-        host work. The sender thread would take them only once that work lets go of the GIL
-        and the state lock (1.7 ms at 64 streams on an H100, the largest hop of a first
-        token's path through a node)."""
-        try:
-            self._flush()
-        except (OSError, ValueError):  # the node is gone; the reader ends the core
-            pass
 
     def _send_steps(self) -> None:
         while not self._stopping:
