@@ -173,7 +173,7 @@ def _p2p(args, sizes: list[int]) -> dict:
         finally:
             if peer.poll() is None:
                 peer.kill()
-            link.group.shutdown()
+            link.group.release()
     return out
 
 

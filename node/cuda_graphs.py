@@ -210,8 +210,9 @@ class CudaGraphRunner:
     """Captures and replays the model's forward for decode steps and short prefills."""
 
     # True where several processes replay the same graphs in step (tensor parallelism,
-    # node/parallel/tensor_parallel.py): a greedy round is then launched whole, inside
-    # ``greedy_round``, and a short prefill goes through :meth:`run` like any other step.
+    # node/parallel/tensor_parallel.py): a greedy round is then launched in chunks, each
+    # inside ``greedy_round`` (the first) or ``more_greedy_steps``, and a short prefill goes
+    # through :meth:`run` like any other step.
     lockstep = False
 
     def __init__(
@@ -249,6 +250,12 @@ class CudaGraphRunner:
         self.prefill_qsl = {t: torch.tensor([0, t], dtype=torch.int32, device=dev) for t in self.prefill_sizes}
         self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        # Captures go on streams of this runner's device. torch's default capture stream is one
+        # per process, made on whichever device captured first: a second GPU's engine (data
+        # parallel) then captured on the first GPU's stream, and its graphs came out empty
+        # ("The CUDA Graph is empty ... captured on wrong device or stream" in the 2-GPU run).
+        self._warm_stream = torch.cuda.Stream(device)
+        self._capture_stream = torch.cuda.Stream(device)
         # Per prefill shape, the larger token buckets warmup measured faster (rank_prefill_sizes).
         self.faster_prefill: dict[PrefillShape, tuple[int, ...]] = {}
 
@@ -415,7 +422,7 @@ class CudaGraphRunner:
         args = (inputs.input_ids[:size], inputs.positions[:size], self.kv_caches, meta)
         # The step being replayed already holds its inputs in the buffers, so the warm-up run
         # (on a side stream: it compiles kernels and settles allocations) does the real work.
-        stream = torch.cuda.Stream()
+        stream = self._warm_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             out = self.model(*args)
@@ -423,7 +430,7 @@ class CudaGraphRunner:
                 step_advance.advance(self.greedy(out), *self._decode_buffers(size, copies=True))
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self._capture_stream):
             out = self.model(*args)
             if kind == "greedy":
                 out = self.greedy(out)

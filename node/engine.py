@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -159,11 +160,13 @@ def kv_block_bytes(block_size: int, model_config: ModelConfig, dtype: torch.dtyp
 
 
 def on_own_device(method):
-    """Run an engine ``method`` with the engine's CUDA device current. Triton launches, CUDA
-    graph captures and side streams go to the current device, and on a node driving several
-    GPUs (data parallelism: an engine per device, stepped from any thread) that is another
+    """Run an engine ``method`` with the engine's CUDA device current. Triton launches, side
+    streams and the KV tiers' events go to the current device, and on a node driving several
+    GPUs (data parallelism: an engine per device, called from any thread) that is another
     engine's device unless set: its steps failed with "Pointer argument cannot be accessed
-    from Triton"."""
+    from Triton", and a session's export, import or the shutdown's tier writes would record
+    their copy events on the wrong GPU's stream. Every public method that runs device work
+    goes through here."""
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         if self.device.type != "cuda":
@@ -606,6 +609,7 @@ class Engine:
         if bad is not None:
             raise InvalidRequestError(name, f"{name} token ids must be in [0, {vocab - 1}], got {bad!r}")
 
+    @on_own_device
     def add_request(
         self, request: GenerateRequest, listener: Listener | None = None, *, stream_text: bool = True
     ) -> Sequence:
@@ -880,7 +884,10 @@ class Engine:
     def seconds_without_progress(self) -> float:
         """How long requests have been waiting or running without a model step completing;
         0 while the engine is idle. A pool whose blocks are all held by nobody, or a step
-        that never returns, makes this grow: the node must stop reporting SERVING."""
+        that never returns, makes this grow: the node must stop reporting SERVING. A broken
+        tensor-parallel group (its ranks out of step) is no progress for good."""
+        if self.tensor_parallel is not None and self.tensor_parallel.broken is not None:
+            return math.inf
         with self._lock:
             if not self.scheduler.has_unfinished:
                 return 0.0
@@ -984,6 +991,7 @@ class Engine:
                 self._lone_first_token = False
                 time.sleep(0)
 
+    @on_own_device
     def shutdown(self) -> None:
         with self._work:
             self._stopping = True
@@ -1141,6 +1149,7 @@ class Engine:
         with self._lock:
             return len(self.sessions.cleanup(max_age_s))
 
+    @on_own_device
     def clear_cache(self) -> int:
         """Drop every cached block no running request uses; sessions keep their histories."""
         with self._lock:
@@ -1264,6 +1273,7 @@ class Engine:
         with self._lock:
             return [(replace(s), replica) for s, replica in self.sessions.copies()]
 
+    @on_own_device
     def export_session(self, session_id: str, kv_device: torch.device | str = "cpu",
                        snapshot: Session | None = None) -> SessionState:
         """The newest copy's history (session or replica) and the KV of its leading full
@@ -1296,6 +1306,7 @@ class Engine:
                 messages=[(m.role, m.content) for m in s.messages],
             )
 
+    @on_own_device
     def import_session(self, state: SessionState) -> int:
         """Adopt a session; its KV goes into cached blocks. Returns the tokens of KV taken in.
 

@@ -142,7 +142,10 @@ class PiecewiseForward:
         """Capture every piece at every token count (after warmup compiled the kernels and
         met cuBLAS's shapes); returns how many graphs were captured."""
         t0 = time.monotonic()
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream(self.device)
+        # Captured on a stream of this runner's device: torch's default capture stream is one
+        # per process, made on whichever device captured first (see CudaGraphRunner._capture).
+        capture_stream = torch.cuda.Stream(self.device)
         for n in self.sizes:
             # One eager run on a side stream first, as torch's capture guide asks.
             stream.wait_stream(torch.cuda.current_stream())
@@ -153,7 +156,7 @@ class PiecewiseForward:
             pieces = []
             for i in range(len(self.layers) + 1):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream):
                     self._piece(i, n)
                 pieces.append(graph)
             self.graphs[n] = pieces

@@ -13,7 +13,6 @@ round trip.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -210,13 +209,12 @@ class ModelRunner:
                    and self.graphs.can_run(meta) and meta.max_seq_len + num_steps - 1 <= self.graphs.buckets[-1])
         if graphed and self.layer_loads is not None:  # a graph calls no hook
             self.layer_loads.layers_ready()
-        # Graphs replayed in step by several processes (tensor parallelism): the whole round
-        # is launched at once, for every rank to replay the same steps.
+        # Graphs replayed in step by several processes (tensor parallelism): the other ranks
+        # are told of each chunk of steps before it is launched, and a chunk is launched whole
+        # (a command between two of its steps would meet them inside a replay). A chunk of
+        # ``lookahead`` steps goes whenever the queue runs down to one step, so the devices
+        # stay busy and the round still stops within a chunk of ``keep_going`` saying so.
         lockstep = graphed and self.graphs.lockstep
-        if lockstep:
-            lookahead = num_steps
-            while cuda and len(self._token_ring) <= num_steps:
-                self._token_ring.append(torch.empty(self._token_ring[0].shape, dtype=torch.int64, pin_memory=True))
 
         def launch() -> None:
             nonlocal input_ids, positions, meta, launched
@@ -248,7 +246,16 @@ class ModelRunner:
             done.record()
             queued.append((host, done))
 
-        with self.graphs.greedy_round(input_ids, positions, meta, num_steps) if lockstep else contextlib.nullcontext():
+        def launch_chunk(steps: int) -> None:
+            told = (self.graphs.greedy_round(input_ids, positions, meta, steps) if not launched
+                    else self.graphs.more_greedy_steps(steps))
+            with told:
+                for _ in range(steps):
+                    launch()
+
+        if lockstep:
+            launch_chunk(min(num_steps, lookahead))
+        else:
             while launched < min(num_steps, lookahead):
                 launch()
         stopped = False
@@ -257,9 +264,13 @@ class ModelRunner:
             if done is not None:
                 done.synchronize()
             yield tokens.tolist()
-            if not stopped and launched < num_steps:
-                stopped = keep_going is not None and not keep_going()
-                if not stopped:
+            if stopped or launched >= num_steps or (lockstep and len(queued) > 1):
+                continue
+            stopped = keep_going is not None and not keep_going()
+            if not stopped:
+                if lockstep:
+                    launch_chunk(min(lookahead, num_steps - launched))
+                else:
                     launch()
 
     @torch.inference_mode()

@@ -6,12 +6,15 @@ round, limits must hold to the token, nothing may leak, and streams and aborts m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from types import SimpleNamespace
 
 import pytest
+import torch
 from ultrakv.node import Engine, EngineConfig, GenerateRequest, SamplingParams
 from ultrakv.node.kv.block_pool import BlockPool
-from ultrakv.node.scheduler import Scheduler
+from ultrakv.node.scheduler import ScheduledSeq, Scheduler
 from ultrakv.node.sequence import Sequence
 
 # Greedy and seeded sampling, top-k/top-p, limits from 1 to 64 tokens.
@@ -289,3 +292,70 @@ def test_steps_per_round_default_on_cuda():
     engine = Engine(EngineConfig(model="tiny", device="cuda"))
     assert engine.num_scheduler_steps == CUDA_SCHEDULER_STEPS > 1
     assert engine.stats()["num_scheduler_steps"] == CUDA_SCHEDULER_STEPS
+
+
+class _LockstepGraphs:
+    """What the runner sees of TensorParallelGraphs (node/parallel/tensor_parallel.py), on
+    CPU and without model work: it notes each chunk the other ranks are told of, and each
+    replay launched."""
+
+    buckets = [1 << 20]
+    lockstep = True
+
+    def __init__(self) -> None:
+        self.greedy = lambda hidden: hidden
+        self.chunks: list[int] = []  # steps per chunk, as the workers are told
+        self.replays = 0
+        self.replays_told = 0
+
+    def can_run(self, meta) -> bool:
+        return meta.is_decode_only
+
+    @contextlib.contextmanager
+    def greedy_round(self, input_ids, positions, meta, num_steps):
+        assert not self.chunks
+        yield from self._told(num_steps)
+
+    @contextlib.contextmanager
+    def more_greedy_steps(self, num_steps):
+        assert self.chunks
+        yield from self._told(num_steps)
+
+    def _told(self, num_steps):
+        self.chunks.append(num_steps)
+        self.replays_told += num_steps
+        yield
+        assert self.replays == self.replays_told  # the chunk was launched whole
+
+    def stage_decode(self, *args) -> None:
+        pass
+
+    def replay_greedy(self, rows, max_seq_len):
+        self.replays += 1
+        return torch.zeros(rows, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, None])
+def test_a_lockstep_round_goes_in_chunks_and_stops_when_told(stop_after):
+    """Tensor-parallel greedy rounds: every chunk of steps is announced to the other ranks
+    before it is launched whole, and ``keep_going`` is still asked between chunks (at first
+    the whole round of 32 steps went out at once, and an abort or a waiting request waited
+    for all of them)."""
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64))
+    graphs = engine.runner.graphs = _LockstepGraphs()
+    seq = SimpleNamespace(num_computed_tokens=3, num_tokens=4, token_ids=[1, 2, 3, 4], block_table=[0, 1],
+                          sampling=SimpleNamespace(temperature=0.0))
+    asked = []
+
+    def keep_going() -> bool:
+        asked.append(1)
+        return stop_after is None or len(asked) < stop_after
+
+    read = list(engine.runner.decode_steps([ScheduledSeq(seq, 1)], 32, keep_going, lookahead=3))
+    engine.shutdown()
+    assert graphs.replays == len(read) == sum(graphs.chunks)
+    assert all(chunk <= 3 for chunk in graphs.chunks)
+    if stop_after is None:
+        assert graphs.replays == 32
+    else:
+        assert len(asked) == stop_after and graphs.replays == 3 * stop_after

@@ -61,10 +61,18 @@ def test_tensor_parallel_over_nccl_equals_one_gpu():
 
 
 def test_data_parallel_places_sessions_on_both_gpus():
-    group = open_engine(EngineConfig(model="tiny", device="cuda", gpus="2", num_blocks=256))
+    prompts = [[i + 1, 2, 3] * 10 for i in range(8)]
+    config = EngineConfig(model="tiny", device="cuda:0", num_blocks=256)
+    one = Engine(config)
+    one.warmup()
+    want = [o.token_ids for o in one.generate(prompts, GREEDY)]
+    one.shutdown()
+    group = open_engine(replace(config, device="cuda", gpus="2"))
     try:
+        group.warmup()  # each engine's graphs captured on its own device (they came out empty on cuda:1)
         sids = [f"u{i}" for i in range(8)]
-        group.generate([[i + 1, 2, 3] * 10 for i in range(8)], GREEDY, session_ids=sids)
+        got = [o.token_ids for o in group.generate(prompts, GREEDY, session_ids=sids)]
+        assert got == want  # both GPUs give the single engine's tokens
         assert {str(e.device) for e in group.engines} == {"cuda:0", "cuda:1"}
         assert {group.gpu_of(s) for s in sids} == {"0", "1"}
         sid = sids[0]

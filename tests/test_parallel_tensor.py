@@ -227,3 +227,37 @@ def test_a_node_serving_with_two_ranks_answers_and_leaves_no_worker_behind(stop)
         if node.poll() is None:
             node.kill()
             node.wait()
+
+
+@pytest.mark.timeout(300)
+def test_an_error_on_rank_0_after_a_command_breaks_the_group_instead_of_hanging(monkeypatch):
+    """Rank 0 fails inside a forward it has already broadcast: the worker waits in a
+    collective that rank 0 will never join. Before, the engine failed that step and carried
+    on, and the next request hung (gloo) out of step. Now the group is broken for good: the
+    worker is ended, later requests fail at once naming why, and the engine reports no
+    progress (the node turns NOT_SERVING)."""
+    from ultrakv.node.model import llama
+
+    split = Engine(_config(model="tiny", tensor_parallel_size=2))
+    try:
+        forward = llama.MLP.forward
+        calls = []
+
+        def failing_once(self, h):
+            calls.append(1)
+            if len(calls) == 2:  # rank 0's second layer of its first forward (this process only)
+                raise RuntimeError("injected rank-0 failure")
+            return forward(self, h)
+
+        monkeypatch.setattr(llama.MLP, "forward", failing_once)
+        first = split.generate([[1, 2, 3]], GREEDY)[0]
+        assert first.finish_reason == "error" and "injected rank-0 failure" in first.error
+        started = time.monotonic()
+        second = split.generate([[5, 6, 7, 8]], GREEDY)[0]  # hung before
+        assert time.monotonic() - started < 60
+        assert second.finish_reason == "error" and "tensor-parallel group broken" in second.error
+        assert split.seconds_without_progress() == float("inf")
+        worker = split.tensor_parallel._procs[0]
+        assert worker.wait(timeout=60) is not None  # ended
+    finally:
+        split.shutdown()

@@ -91,24 +91,28 @@ class ProcessGroup:
         self._pg.recv([tensor], src, tag).wait()
         return tensor
 
-    def shutdown(self, timeout_s: float = 30.0) -> bool:
-        """Release the group's connections (NCCL communicators hold device memory). Under NCCL
-        this waits for every other rank to shut down too (destroying a communicator is
-        collective within a host), so ranks call it together, after the last command; it
-        gives up after ``timeout_s`` (a rank that died or never calls it) and returns False,
-        leaving the communicator to the process's exit."""
+    def release(self, timeout_s: float = 30.0) -> bool:
+        """Release this rank's end once the other ranks have exited (they leave without
+        releasing theirs): NCCL's communicators are aborted, which waits for no peer; gloo's
+        are shut down. False when that failed or took over ``timeout_s``."""
         if self.backend != "nccl":
             shutdown = getattr(self._pg, "shutdown", None)
             if shutdown is not None:
                 shutdown()
             return True
-        done = threading.Event()
+        end = self._pg.abort
+        ended = threading.Event()
+        ok = []
 
-        def release() -> None:
+        def run() -> None:
             try:
-                self._pg.shutdown()
+                end()
+                ok.append(True)
+            except Exception:  # the caller logs that it was not released
+                pass
             finally:
-                done.set()
+                ended.set()
 
-        threading.Thread(target=release, name="ultrakv-nccl-shutdown", daemon=True).start()
-        return done.wait(timeout_s)
+        # On a thread of its own: an NCCL release can block on a peer that is gone.
+        threading.Thread(target=run, name="ultrakv-nccl-release", daemon=True).start()
+        return ended.wait(timeout_s) and bool(ok)

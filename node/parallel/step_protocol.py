@@ -16,7 +16,8 @@ follows in broadcasts whose sizes the header gives. Commands:
   whole steps, each ending in a broadcast of rank 0's sampled tokens.
 * ``CAPTURE``: capture every graph now, in rank 0's order (its warmup).
 * ``DECODE_ROUND`` (as ``FORWARD``, f=number of steps): stage a greedy decode round's first
-  inputs in the decode graphs' buffers and replay f greedy steps back to back.
+  inputs in the decode graphs' buffers and replay its first f greedy steps back to back.
+* ``CONTINUE`` (a=number of steps): replay a more steps of the round.
 * ``STOP``: the workers leave their loop.
 
 A ``FORWARD`` replays a graph on every rank where rank 0's graphs can run it
@@ -44,6 +45,7 @@ class Op(IntEnum):
     GRAPHS = 5
     CAPTURE = 6
     DECODE_ROUND = 7
+    CONTINUE = 8
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ def send_capture(group: ProcessGroup) -> None:
     _header(group, [Op.CAPTURE])
 
 
+def send_continue(group: ProcessGroup, num_steps: int) -> None:
+    _header(group, [Op.CONTINUE, num_steps])
+
+
 def send_read_kv(group: ProcessGroup, blocks: torch.Tensor) -> None:
     _header(group, [Op.READ_KV, blocks.shape[0]])
     group.broadcast(blocks)
@@ -119,6 +125,8 @@ def receive(group: ProcessGroup, kv_block_shape: tuple[int, int, int, int], kv_d
     op = Op(header[0])
     if op == Op.GRAPHS:
         return Command(op, plan=GraphPlan(header[1], header[2], header[3], bool(header[4])))
+    if op == Op.CONTINUE:
+        return Command(op, num_steps=header[1])
     if op in (Op.FORWARD, Op.DECODE_ROUND):
         t, b, width, max_q, max_s, num_steps = header[1:7]
         i64 = group.broadcast(torch.empty(3 * t, dtype=torch.int64, device=dev))

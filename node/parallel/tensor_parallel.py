@@ -73,7 +73,7 @@ class TensorParallelModel:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  meta: AttentionMetadata) -> torch.Tensor:
-        with self._tp.lock:
+        with self._tp.command():
             step_protocol.send_forward(self._tp.group, input_ids, positions, meta)
             return self.model(input_ids, positions, kv_caches, meta)
 
@@ -116,11 +116,11 @@ class TensorParallelGraphs(CudaGraphRunner):
 
     def announce(self) -> None:
         """Have every worker build graphs of these shapes (once, after the runner set ``greedy``)."""
-        with self._tp.lock:
+        with self._tp.command():
             step_protocol.send_graphs(self._tp.group, GraphPlan(*self._plan, greedy=self._greedy is not None))
 
     def capture_all(self) -> int:
-        with self._tp.lock:
+        with self._tp.command():
             step_protocol.send_capture(self._tp.group)
             return super().capture_all()
 
@@ -128,18 +128,25 @@ class TensorParallelGraphs(CudaGraphRunner):
         return {}
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        with self._tp.lock:
+        with self._tp.command():
             step_protocol.send_forward(self._tp.group, input_ids, positions, meta)
             return super().run(input_ids, positions, meta)
 
     @contextlib.contextmanager
     def greedy_round(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                      num_steps: int):
-        """Around the launches of a whole greedy round (:meth:`stage_decode`, then
+        """Around the launches of a greedy round's first chunk (:meth:`stage_decode`, then
         ``num_steps`` :meth:`replay_greedy`): the workers are told first, and no other
-        command can come between (the round must be launched whole, on every rank)."""
-        with self._tp.lock:
+        command can come between (a chunk is launched whole, on every rank)."""
+        with self._tp.command():
             step_protocol.send_forward(self._tp.group, input_ids, positions, meta, Op.DECODE_ROUND, num_steps)
+            yield
+
+    @contextlib.contextmanager
+    def more_greedy_steps(self, num_steps: int):
+        """Around the launches of a later chunk of the round: ``num_steps`` more replays."""
+        with self._tp.command():
+            step_protocol.send_continue(self._tp.group, num_steps)
             yield
 
 
@@ -165,6 +172,28 @@ class TensorParallelGroup:
         # Workers must not outlive an engine that is dropped without shutdown().
         self._finalizer = weakref.finalize(self, _kill, list(self._procs))
         self.group: ProcessGroup | None = None
+        self.broken: str | None = None  # why the ranks can no longer be kept in step
+
+    @contextlib.contextmanager
+    def command(self):
+        """Hold the group's lock around a command and rank 0's share of the work it starts.
+
+        An error in between leaves the workers inside a collective that rank 0 will never
+        join, and whatever came next would meet it out of step (a hang on gloo; a hang or
+        wrong sums on NCCL). So the group is broken for good: its workers are ended, every
+        later command raises at once, and the engine reports no progress (the node turns
+        NOT_SERVING and the coordinator moves its sessions)."""
+        with self.lock:
+            if self.broken is not None:
+                raise RuntimeError(f"tensor-parallel group broken by an earlier error: {self.broken}")
+            try:
+                yield
+            except BaseException as exc:
+                self.broken = f"{type(exc).__name__}: {exc}"
+                log.error("tensor-parallel group broken (rank 0 failed between a command and its "
+                          "collectives: %s); ending the workers", self.broken)
+                _kill(self._procs)
+                raise
 
     def connect(self, num_blocks: int) -> int:
         """Wait for every worker to load its slice, join the group, and agree on the KV pool
@@ -196,7 +225,7 @@ class TensorParallelGroup:
 
     def read_kv(self, kv_caches: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
         """Every head of ``blocks`` (gathered from all ranks): ``[L, 2, n, bs, heads, D]``."""
-        with self.lock:
+        with self.command():
             step_protocol.send_read_kv(self.group, blocks)
             local = read_heads(kv_caches, blocks)
             parts = [local] + [self.group.recv(torch.empty_like(local), r, step_protocol.KV_TAG)
@@ -206,7 +235,7 @@ class TensorParallelGroup:
     def write_kv(self, kv_caches: list[torch.Tensor], blocks: torch.Tensor, kv: torch.Tensor) -> None:
         """Store the whole model's ``kv`` of ``blocks``; each rank keeps its heads."""
         kv = kv.contiguous()
-        with self.lock:
+        with self.command():
             step_protocol.send_write_kv(self.group, blocks, kv)
             write_heads(kv_caches, blocks, kv, self.shard)
 
@@ -214,15 +243,15 @@ class TensorParallelGroup:
         """Stop the workers (politely over the group when it is up, else by signal)."""
         with self.lock:
             stopped = False
-            if self.group is not None:
+            if self.group is not None and self.broken is None:  # a broken group's workers are gone
                 try:
                     step_protocol.send_stop(self.group)
                     stopped = True
                 except Exception:  # a dead worker: the signal below ends the rest
                     log.debug("tensor-parallel stop broadcast failed", exc_info=True)
-            # The workers exit on STOP without releasing the group (under NCCL a release is
-            # collective, and it hung even with every rank releasing at once); rank 0 releases
-            # its end once they are gone.
+            # The workers exit on STOP without releasing the group (under NCCL a graceful
+            # release is collective, and it hung even with every rank releasing at once);
+            # rank 0 aborts its end once they are gone (ProcessGroup.release).
             for proc in self._procs:
                 try:
                     proc.wait(timeout=30 if stopped else 0)
@@ -230,7 +259,7 @@ class TensorParallelGroup:
                     proc.kill()
                     proc.wait()
             if self.group is not None:
-                if not self.group.shutdown():
+                if not self.group.release():
                     log.warning("tensor-parallel group not released within 30 s; left to the process's exit")
                 self.group = None
             self._finalizer.detach()

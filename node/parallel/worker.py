@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> None:
     kv_block = (full.num_hidden_layers, config.block_size, full.num_key_value_heads, full.head_dim)
     log.info("tensor-parallel rank %d/%d ready on %s: %d KV blocks", args.rank, args.world_size, device, num_blocks)
     graphs: CudaGraphRunner | None = None
+    round_rows = round_context = round_step = 0  # the greedy round being replayed
     while True:
         cmd = step_protocol.receive(group, kv_block, dtype)
         if cmd.op == Op.FORWARD:
@@ -81,11 +82,13 @@ def run(args: argparse.Namespace) -> None:
                 graphs.run(cmd.input_ids, cmd.positions, cmd.meta)
             else:
                 model(cmd.input_ids, cmd.positions, kv_caches, cmd.meta)
-        elif cmd.op == Op.DECODE_ROUND:
-            rows = cmd.input_ids.shape[0]
-            graphs.stage_decode(cmd.input_ids, cmd.positions, cmd.meta)
-            for step in range(cmd.num_steps):
-                graphs.replay_greedy(rows, cmd.meta.max_seq_len + step)
+        elif cmd.op in (Op.DECODE_ROUND, Op.CONTINUE):
+            if cmd.op == Op.DECODE_ROUND:
+                graphs.stage_decode(cmd.input_ids, cmd.positions, cmd.meta)
+                round_rows, round_context, round_step = cmd.input_ids.shape[0], cmd.meta.max_seq_len, 0
+            for _ in range(cmd.num_steps):  # as rank 0's runner replays them
+                graphs.replay_greedy(round_rows, round_context + round_step)
+                round_step += 1
         elif cmd.op == Op.GRAPHS:
             graphs = _graphs(cmd.plan, model, kv_caches, config.block_size, device, group)
         elif cmd.op == Op.CAPTURE:
