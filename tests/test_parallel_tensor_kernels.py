@@ -1,6 +1,7 @@
 """Tensor parallelism with the fused Triton kernels: a one-token step (decode at batch 1)
-runs the GEMV path on every rank, all-reducing the output and down projections' partial sums,
-and gives the single-process engine's greedy tokens.
+runs the GEMV path, all-reducing the output and down projections' partial sums, and gives
+the single-process engine's greedy tokens. Rank 0's path is counted; the worker runs the
+same model code on the same step (its all-reduces must meet rank 0's).
 
 On a 2-GPU machine ``tests/test_parallel_gpu.py`` checks this with NCCL and CUDA graphs.
 Elsewhere, where Triton is installed, the first test runs this file again in a subprocess
