@@ -84,8 +84,9 @@ class TensorParallelModel:
 class TensorParallelGraphs(CudaGraphRunner):
     """Rank 0's CUDA graphs under tensor parallelism. Every rank holds graphs of the same
     shapes over its slice, the all-reduces captured in them, and captures and replays them in
-    lockstep: before each replay rank 0 broadcasts the step's inputs (``FORWARD``), or a whole
-    greedy round's first inputs and length (``DECODE_ROUND``), and the workers replay theirs.
+    lockstep: before each replay rank 0 broadcasts the step's inputs (``FORWARD``), or a
+    greedy round's first inputs and first chunk of steps (``DECODE_ROUND``) and then each
+    later chunk (``CONTINUE``), and the workers replay theirs.
     A greedy step's graph ends with a broadcast of rank 0's sampled tokens, so the later steps
     of a round read the same tokens on every rank with nothing from the host in between.
 
