@@ -261,3 +261,50 @@ def test_an_error_on_rank_0_after_a_command_breaks_the_group_instead_of_hanging(
         assert worker.wait(timeout=60) is not None  # ended
     finally:
         split.shutdown()
+
+
+def test_the_graph_commands_reach_a_worker_as_sent():
+    """The commands that keep CUDA graphs in step across ranks, through a real gloo pair (two
+    threads of this process): a worker decodes the graph plan, the capture, a greedy round's
+    inputs with its first chunk of steps, and a later chunk, as rank 0 sent them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ultrakv.node.attention.base import AttentionMetadata
+    from ultrakv.node.parallel import step_protocol
+    from ultrakv.node.parallel.process_group import ProcessGroup, host_store
+    from ultrakv.node.parallel.step_protocol import GraphPlan, Op
+
+    store = host_store()
+    meta = AttentionMetadata(query_start_loc=torch.arange(4, dtype=torch.int32),
+                             seq_lens=torch.tensor([9, 17, 33], dtype=torch.int32),
+                             block_tables=torch.arange(12, dtype=torch.int32).view(3, 4),
+                             slot_mapping=torch.tensor([8, 16, 32]), max_query_len=1, max_seq_len=33)
+    ids, positions = torch.tensor([5, 6, 7]), torch.tensor([8, 16, 32])
+    plan = GraphPlan(max_batch=64, max_model_len=4096, max_prefill_tokens=512, greedy=True)
+
+    def rank0() -> None:
+        group = ProcessGroup(store, "graphs", 0, 2, torch.device("cpu"))
+        step_protocol.send_graphs(group, plan)
+        step_protocol.send_capture(group)
+        step_protocol.send_forward(group, ids, positions, meta, Op.DECODE_ROUND, 3)
+        step_protocol.send_continue(group, 2)
+        step_protocol.send_stop(group)
+
+    def rank1() -> list:
+        group = ProcessGroup(store, "graphs", 1, 2, torch.device("cpu"))
+        got = []
+        while not got or got[-1].op != Op.STOP:
+            got.append(step_protocol.receive(group, (2, 16, 2, 8), torch.float32))
+        return got
+
+    with ThreadPoolExecutor(2) as pool:
+        sent, received = pool.submit(rank0), pool.submit(rank1)
+        sent.result(timeout=120)
+        got = received.result(timeout=120)
+    assert [c.op for c in got] == [Op.GRAPHS, Op.CAPTURE, Op.DECODE_ROUND, Op.CONTINUE, Op.STOP]
+    assert got[0].plan == plan
+    round_ = got[2]
+    assert round_.num_steps == 3 and torch.equal(round_.input_ids, ids) and torch.equal(round_.positions, positions)
+    assert torch.equal(round_.meta.block_tables, meta.block_tables) and round_.meta.max_seq_len == 33
+    assert torch.equal(round_.meta.seq_lens, meta.seq_lens) and torch.equal(round_.meta.slot_mapping, meta.slot_mapping)
+    assert got[3].num_steps == 2
