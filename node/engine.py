@@ -1285,6 +1285,8 @@ class Engine:
             hashes = continue_chain(s.block_hashes, s.token_ids, self.config.block_size, s.salt,
                                     self.chain_root)
             blocks = self.pool.cached_prefix(hashes)
+            if self.tensor_parallel is not None and self.tensor_parallel.broken is not None:
+                blocks = []  # the heads of the other ranks are gone: the history alone can leave
             # Blocks that went down to the host or disk tier come along too (read, not loaded).
             lower = self.tiers.peek(hashes[len(blocks):]) if self.tiers is not None else []
             kv = None

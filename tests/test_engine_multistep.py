@@ -307,6 +307,7 @@ class _LockstepGraphs:
         self.chunks: list[int] = []  # steps per chunk, as the workers are told
         self.replays = 0
         self.replays_told = 0
+        self.contexts: list[int] = []  # each replay's context length (a worker replays the same)
 
     def can_run(self, meta) -> bool:
         return meta.is_decode_only
@@ -331,6 +332,8 @@ class _LockstepGraphs:
         pass
 
     def replay_greedy(self, rows, max_seq_len):
+        assert self.replays < self.replays_told  # never launched before the others are told
+        self.contexts.append(max_seq_len)
         self.replays += 1
         return torch.zeros(rows, dtype=torch.int64)
 
@@ -355,6 +358,7 @@ def test_a_lockstep_round_goes_in_chunks_and_stops_when_told(stop_after):
     engine.shutdown()
     assert graphs.replays == len(read) == sum(graphs.chunks)
     assert all(chunk <= 3 for chunk in graphs.chunks)
+    assert graphs.contexts == [4 + i for i in range(graphs.replays)]  # one token more each step
     if stop_after is None:
         assert graphs.replays == 32
     else:

@@ -249,6 +249,7 @@ def test_an_error_on_rank_0_after_a_command_breaks_the_group_instead_of_hanging(
                 raise RuntimeError("injected rank-0 failure")
             return forward(self, h)
 
+        split.generate([[9, 8, 7, 6] * 10], GREEDY, session_ids=["kept"])  # a session from before
         monkeypatch.setattr(llama.MLP, "forward", failing_once)
         first = split.generate([[1, 2, 3]], GREEDY)[0]
         assert first.finish_reason == "error" and "injected rank-0 failure" in first.error
@@ -259,6 +260,9 @@ def test_an_error_on_rank_0_after_a_command_breaks_the_group_instead_of_hanging(
         assert split.seconds_without_progress() == float("inf")
         worker = split.tensor_parallel._procs[0]
         assert worker.wait(timeout=60) is not None  # ended
+        # Its sessions can still leave, as history (the other ranks' heads are gone).
+        state = split.export_session("kept")
+        assert state.token_ids[:4] == [9, 8, 7, 6] and state.kv is None and state.kv_tokens == 0
     finally:
         split.shutdown()
 
@@ -271,7 +275,7 @@ def test_the_graph_commands_reach_a_worker_as_sent():
 
     from ultrakv.node.attention.base import AttentionMetadata
     from ultrakv.node.parallel import step_protocol
-    from ultrakv.node.parallel.process_group import ProcessGroup, host_store
+    from ultrakv.node.parallel.process_group import ProcessGroup, host_store, join_store
     from ultrakv.node.parallel.step_protocol import GraphPlan, Op
 
     store = host_store()
@@ -291,7 +295,9 @@ def test_the_graph_commands_reach_a_worker_as_sent():
         step_protocol.send_stop(group)
 
     def rank1() -> list:
-        group = ProcessGroup(store, "graphs", 1, 2, torch.device("cpu"))
+        # A store client of its own: two threads sharing one client's blocking reads hung
+        # the pair's setup now and then.
+        group = ProcessGroup(join_store("127.0.0.1", store.port), "graphs", 1, 2, torch.device("cpu"))
         got = []
         while not got or got[-1].op != Op.STOP:
             got.append(step_protocol.receive(group, (2, 16, 2, 8), torch.float32))

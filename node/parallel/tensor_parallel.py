@@ -238,7 +238,9 @@ class TensorParallelGroup:
         kv = kv.contiguous()
         with self.command():
             step_protocol.send_write_kv(self.group, blocks, kv)
-            write_heads(kv_caches, blocks, kv, self.shard)
+        # After the command: the workers write their heads with no collective, so a failure
+        # here (out of memory in a dtype cast, say) leaves the ranks in step.
+        write_heads(kv_caches, blocks, kv, self.shard)
 
     def shutdown(self) -> None:
         """Stop the workers (politely over the group when it is up, else by signal)."""
