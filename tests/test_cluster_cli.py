@@ -7,37 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from processes import alive
+from processes import children as children_of
 from ultrakv.client import Client
 from ultrakv.cluster.etcd_server import free_port
 
 pytestmark = pytest.mark.cluster
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); it is gone for our purposes
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
-
-
-def _children(pid: int) -> dict[int, str]:
-    """pid -> command line of every live child of ``pid``."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().decode(
-                    errors="replace").replace("\0", " ")
-        except (OSError, IndexError, ValueError):
-            continue  # exited while we looked
-    return out
 
 
 def _wait(predicate, proc: subprocess.Popen, what: str, timeout_s: float = 300):
@@ -83,18 +60,18 @@ def test_serve_nodes_restarts_crashed_children_and_sigterm_stops_every_process(t
                 assert r["success"], r
 
             # A coordinator crashes: the client fails over to the other; it comes back.
-            coordinators = {p: c for p, c in _children(proc.pid).items() if " coordinator " in c}
+            coordinators = {p: c for p, c in children_of(proc.pid).items() if " coordinator " in c}
             assert len(coordinators) == 2
             first = next(p for p, c in coordinators.items() if f"--port {port} " in c + " ")
             os.kill(first, signal.SIGKILL)
             for i in range(4):
                 assert client.process_request({"text": "on", "max_length": 2,
                                                "session_id": f"cli-{i}"})["success"]
-            _wait(lambda: len([c for c in _children(proc.pid).values()
+            _wait(lambda: len([c for c in children_of(proc.pid).values()
                                if " coordinator " in c]) == 2, proc, "coordinator restarted")
             with Client(addresses[0], timeout=5) as back:
                 _wait(lambda: len(back.stats()["nodes"]) == 2, proc, "coordinator-1 serving")
-            children = _children(proc.pid)
+            children = children_of(proc.pid)
         assert len(children) == 5  # etcd, two coordinators, two nodes
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -105,7 +82,7 @@ def test_serve_nodes_restarts_crashed_children_and_sigterm_stops_every_process(t
     assert "cluster serving on" in log and "stopped" in log and "Traceback" not in log
     assert "node-1 exited with status -9; restarting it in" in log
     assert "coordinator-1 exited with status -9; restarting it in" in log
-    assert not any(_alive(pid) for pid in children)
+    assert not any(alive(pid) for pid in children)
 
 
 def test_serve_with_an_unreachable_etcd_names_it() -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import alive
 from ultrakv.client import Client
 from ultrakv.cluster.etcd_server import free_port
 
@@ -18,13 +19,6 @@ pytestmark = pytest.mark.cluster
 def _ultrakv(*argv: str, timeout: float = 360) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ultrakv.client.cli", *argv],
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_detach_status_stop(tmp_path: Path) -> None:
@@ -37,7 +31,7 @@ def test_detach_status_stop(tmp_path: Path) -> None:
         # It returns once serving, naming where, its pid and its log.
         assert started.returncode == 0, started.stderr
         assert f"ultrakv serving at 127.0.0.1:{port} (pid {pid})" in started.stdout
-        assert _alive(pid)
+        assert alive(pid)
         with Client(f"127.0.0.1:{port}", timeout=30) as client:
             assert client.process_request({"text": "hi", "max_length": 2})["success"]
         assert "listening on" in (data / "ultrakv.log").read_text()  # its output is there
@@ -52,13 +46,13 @@ def test_detach_status_stop(tmp_path: Path) -> None:
 
         stopped = _ultrakv("stop", "--data-dir", str(data))
         assert stopped.returncode == 0 and f"stopped ultrakv serve (pid {pid})" in stopped.stdout
-        assert not _alive(pid)
+        assert not alive(pid)
         assert not (data / "ultrakv.pid").exists()
         assert "stopped" in (data / "ultrakv.log").read_text().splitlines()[-1]
         assert _ultrakv("status", "--data-dir", str(data)).returncode == 3
         assert _ultrakv("stop", "--data-dir", str(data)).returncode == 0  # nothing to stop
     finally:
-        if pid is not None and _alive(pid):
+        if pid is not None and alive(pid):
             os.kill(pid, 9)
 
 
@@ -67,4 +61,4 @@ def test_a_stale_pid_file_is_not_a_running_server(tmp_path: Path) -> None:
     out = _ultrakv("status", "--data-dir", str(tmp_path))
     assert out.returncode == 3 and "no ultrakv serve --detach is running" in out.stdout
     assert _ultrakv("stop", "--data-dir", str(tmp_path)).returncode == 0
-    assert _alive(os.getpid()) and not (tmp_path / "ultrakv.pid").exists()
+    assert alive(os.getpid()) and not (tmp_path / "ultrakv.pid").exists()

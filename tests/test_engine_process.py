@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from processes import alive
 from test_engine_api import (  # noqa: F401  (over the core process's proxy table)
     test_two_tenants_run_and_abort_the_same_request_id_apart,
 )
@@ -203,15 +204,6 @@ def _core_of(node_pid: int) -> int:
     raise AssertionError(f"node {node_pid} has no engine core process")
 
 
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie waiting for its reaper counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
-
-
 def _torch_loaded(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
@@ -261,7 +253,7 @@ def test_a_cuda_node_runs_its_engine_in_a_core_process_by_default(tmp_path):
                        checkpoint_interval_s=3600.0, log_dir=tmp_path / "logs")
     with LocalCluster(spec) as cluster, Client(cluster.address, timeout=300) as c:
         node = next(iter(cluster.nodes.values()))
-        assert not _gone(_core_of(node.pid))
+        assert alive(_core_of(node.pid))
         out = c.process_request({"token_ids": prompt, "max_length": 24, "temperature": 0.0, "ignore_eos": True})
         assert out["response"]["token_ids"] == want
 
@@ -287,13 +279,13 @@ def test_the_core_exits_when_its_node_is_killed(tmp_path, started_by):
                             stderr=open(tmp_path / "node.log", "wb"), text=True)
     try:
         core = int(proc.stdout.readline())
-        assert not _gone(core)
+        assert alive(core)
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 30
-        while not _gone(core) and time.monotonic() < deadline:
+        while alive(core) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _gone(core), "the engine core outlived its node"
+        assert not alive(core), "the engine core outlived its node"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from hf_reference import assert_greedy_matches, build_checkpoint, hf_greedy
+from processes import alive, children
 from ultrakv.client import Client
 from ultrakv.client.client import RequestError
 from ultrakv.cluster.etcd_server import free_port
@@ -156,31 +156,13 @@ def test_qwen2_checkpoint_greedy_equals_transformers(tmp_path_factory):
 # -- a node process serving with tensor parallelism -------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
 def _gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":  # exited, not yet reaped by its (dead) parent's reaper
-            return True
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.1)
-    return False
+    return True
 
 
 @pytest.mark.timeout(600)
@@ -217,7 +199,7 @@ def test_a_node_serving_with_two_ranks_answers_and_leaves_no_worker_behind(stop)
             single.shutdown()
         assert first["success"] and first["response"]["token_ids"] == want.token_ids
         assert second["response"]["token_ids"] == want_next.token_ids and second["cached_tokens"] > 0
-        workers = _children(node.pid)
+        workers = list(children(node.pid))
         assert len(workers) == 1, workers  # rank 1
         node.send_signal(stop)
         node.wait(timeout=120)
