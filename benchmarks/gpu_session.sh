@@ -19,6 +19,7 @@
 #   bash benchmarks/gpu_session.sh turn     # llama-1b turn-8 TTFT (bench_gpu (c), prefill graph on/off) + host spans
 #   bash benchmarks/gpu_session.sh sweep-prefill  # prefill kernel shapes for cached-context turns
 #   bash benchmarks/gpu_session.sh kv  # fp8/int8 KV and KV tiers on llama-1b (+ a disk load's cost per block); smollm2-shape decode
+#   bash benchmarks/gpu_session.sh sweep-gemm  # the Triton prefill product against cuBLAS by launch shape
 #   bash benchmarks/gpu_session.sh sweep-decode-quant  # decode kernel over bf16/int8/fp8 KV by launch shape
 #   bash benchmarks/gpu_session.sh kv-layerwise  # KV tiers on llama-1b: layer-wise loads A/B (cpu_fits vs
 #                                                # cpu_fits_layerwise) and the layer-wise GPU tests
@@ -164,6 +165,10 @@ case "${1:-}" in
   sweep-prefill)
     # Prefill kernel launch shapes for few new tokens over a long cached context.
     python benchmarks/sweep_prefill_cached.py 2>&1 | tee "$ULTRAKV_RESULTS_DIR/sweep_prefill.log"
+    ;;
+  sweep-gemm)
+    # The Triton prefill product (node/model/gemm.py) against cuBLAS by launch shape, llama-1b.
+    python benchmarks/sweep_gemm.py ${GEMM_SWEEP_ARGS:-} 2>&1 | tee "$ULTRAKV_RESULTS_DIR/sweep_gemm.log"
     ;;
   sweep-decode-quant)
     # Decode-kernel time over bf16 / int8 / fp8 KV at 8k context by launch shape (~3 min).

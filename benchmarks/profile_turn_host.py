@@ -76,6 +76,8 @@ class StagedPrefill:
     host spans are then those of a GPU's lone-prefill path, not of the general batch builder
     a CPU engine uses."""
 
+    lockstep = False  # as CudaGraphRunner on one GPU: no ranks to keep in step
+
     def __init__(self, engine: Engine):
         self.prefill_sizes = list(PREFILL_TOKEN_BUCKETS)
         self.buckets = context_buckets(engine.max_model_len)
