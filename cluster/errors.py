@@ -43,6 +43,17 @@ class SessionNotFoundError(EngineError, KeyError):
         return self.args[0]
 
 
+class SessionBusyError(EngineError):
+    """A turn was sent for a session whose previous turn is still running (gRPC
+    RESOURCE_EXHAUSTED on ``session_id`` with a retry hint: HTTP 429 with ``retry-after``)."""
+
+    retry_after_s = 1.0
+
+    def __init__(self, session_id: str):
+        super().__init__(f"session_id {session_id!r} already has a turn in progress; send turns one at a time")
+        self.session_id = session_id
+
+
 class IncompatibleSessionError(EngineError):
     """An imported session was computed by another model (gRPC FAILED_PRECONDITION)."""
 

@@ -31,6 +31,7 @@ from ultrakv.cluster.errors import (
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
+    SessionBusyError,
     SessionFencedError,
     SessionNotFoundError,
     SessionSupersededError,
@@ -491,6 +492,9 @@ def rejection_from_error(exc: Exception) -> RequestRejected:
     if isinstance(exc, SessionFencedError):
         return RequestRejected(grpc.StatusCode.UNAVAILABLE, "session_id", str(exc),
                                retry_after_s=1.0)
+    if isinstance(exc, SessionBusyError):
+        return RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "session_id", str(exc),
+                               retry_after_s=exc.retry_after_s)
     if isinstance(exc, ValueError):
         return _invalid(_field_named_in(str(exc)), str(exc))
     return RequestRejected(grpc.StatusCode.INTERNAL, "", f"{type(exc).__name__}: {exc}")

@@ -25,19 +25,12 @@ from dataclasses import dataclass, field
 from ultrakv.cluster.errors import (
     CapacityError,
     EngineError,
+    SessionBusyError,
     SessionFencedError,
     SessionNotFoundError,
     TenantQuotaError,
 )
 from ultrakv.node.chat import ChatMessage
-
-
-class SessionBusyError(EngineError):
-    """A turn was sent for a session whose previous turn is still running."""
-
-    def __init__(self, session_id: str):
-        super().__init__(f"session_id {session_id!r} already has a turn in progress; send turns one at a time")
-        self.session_id = session_id
 
 
 class SessionChangedError(EngineError):

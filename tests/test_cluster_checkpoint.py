@@ -187,7 +187,7 @@ async def test_a_record_that_arrives_after_its_history_was_checkpointed_is_writt
 # The node waits --etcd-wait seconds (20 by default) for etcd; 1 here: the message is the point.
 @pytest.mark.parametrize("command", [["node", "--model", "tiny", "--device", "cpu", "--port", "0",
                                       "--etcd-wait", "1"],
-                                     ["coordinator", "--port", "0"]])
+                                     ["coordinator", "--port", "0", "--http-port", "0"]])
 def test_unreachable_etcd_at_start_is_a_clear_error_naming_the_endpoint(command) -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     # It gives up rather than waiting for etcd forever (the timeout bounds it; no tighter

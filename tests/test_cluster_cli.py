@@ -88,6 +88,6 @@ def test_serve_nodes_restarts_crashed_children_and_sigterm_stops_every_process(t
 def test_serve_with_an_unreachable_etcd_names_it() -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     out = subprocess.run([sys.executable, "-m", "ultrakv.client.cli", "serve", "--nodes", "2",
-                          "--etcd", endpoint, "--port", str(free_port())],
+                          "--etcd", endpoint, "--port", str(free_port()), "--http-port", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and f"cannot reach etcd at {endpoint}" in out.stderr

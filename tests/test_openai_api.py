@@ -267,6 +267,30 @@ def test_client_leaving_before_the_answer_aborts_its_request(base_url, engine):
     _wait_aborted(engine, before + 1)
 
 
+def test_a_second_turn_while_the_first_runs_is_429_naming_the_session(base_url, server, engine):
+    # Turns of one session go one at a time; a second sent while the first streams is told
+    # to wait (429 with retry-after on session_id over HTTP, RESOURCE_EXHAUSTED with a retry
+    # hint over gRPC), not given a 500, and the first turn goes on undisturbed.
+    session = {"x-session-id": "busy-1"}
+    body = {"prompt": "Go on and on", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, headers=session, timeout=60) as first:
+        lines = first.iter_lines()
+        assert next(lines).startswith("data: ")  # the first turn is running
+        r = httpx.post(base_url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2},
+                       headers=session, timeout=30)
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        error = r.json()["error"]
+        assert error["param"] == "x-session-id" and "busy-1" in error["message"]  # as the client named it
+        assert "already has a turn in progress" in error["message"]
+        with Client(server.address, timeout=30) as grpc_client:
+            result = grpc_client.process_request({"text": "Hi", "session_id": "busy-1", "max_length": 2})
+        assert result["error_code"] == "RESOURCE_EXHAUSTED" and result["error_field"] == "session_id"
+        assert result["retry_after_s"] >= 1.0
+        events = [line for line in lines if line]
+    assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-2]
+
+
 def test_health_and_metrics_on_the_http_port(base_url, oai):
     r = httpx.get(base_url + "/health", timeout=30)
     assert r.status_code == 200 and r.json() == {"status": "ok", "models": ["tiny"]}
