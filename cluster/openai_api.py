@@ -76,7 +76,7 @@ LIVENESS_PATH = "/health/live"
 class StreamOptions(BaseModel):
     """``stream_options``: ``include_usage`` adds a last chunk carrying the usage."""
 
-    include_usage: bool = False
+    include_usage: bool | None = False  # null as OpenAI's spec allows: off
 
 
 class CompletionRequest(BaseModel):
@@ -94,11 +94,11 @@ class CompletionRequest(BaseModel):
     top_k: int | None = None  # vLLM's extension
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = 1  # null (as OpenAI's spec allows) is the default
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
+    ignore_eos: bool | None = False  # vLLM's extension: generate exactly max_tokens
 
 
 class ContentPart(BaseModel):
@@ -134,11 +134,11 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
 
 
 # Fields of OpenAI's API this server does not implement, with the value that means "off".
@@ -148,6 +148,11 @@ UNSUPPORTED: dict[str, Any] = {
     "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "tools": None,
     "functions": None, "tool_choice": "none", "function_call": "none",
     "response_format": {"type": "text"},
+    # vLLM's sampling extensions beyond top_k and ignore_eos: each changes the answer.
+    "repetition_penalty": 1, "min_p": 0, "min_tokens": 0, "use_beam_search": False,
+    "length_penalty": 1, "prompt_logprobs": None, "guided_json": None, "guided_regex": None,
+    "guided_choice": None, "guided_grammar": None, "structured_outputs": None,
+    "bad_words": None, "allowed_token_ids": None, "logits_processors": None,
 }
 
 
@@ -155,9 +160,37 @@ def _extra_fields(body: BaseModel) -> dict[str, Any]:
     return dict(body.model_extra or {})
 
 
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """The path of the first string in ``value`` that is not valid Unicode (JSON's ``\\ud800``
+    escapes decode to lone surrogates, which have no UTF-8 form), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, BaseModel):
+        value = {**dict(value), **(value.model_extra or {})}
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub_path, item in items:
+        found = _lone_surrogate_at(item, sub_path)
+        if found is not None:
+            return found
+    return None
+
+
 def check_supported(body: BaseModel) -> None:
-    """Reject ``n`` other than 1 and any :data:`UNSUPPORTED` field set to a non-default."""
-    if body.n != 1:
+    """Reject a string that is not valid Unicode, ``n`` other than 1 and any
+    :data:`UNSUPPORTED` field set to a non-default."""
+    bad = _lone_surrogate_at(body, "")
+    if bad is not None:
+        raise _invalid(bad, f"{bad} must be valid Unicode (it holds a lone surrogate escape such as \\ud800)")
+    if body.n not in (None, 1):
         raise _invalid("n", f"n must be 1 (one choice per request), got {body.n}")
     extra = _extra_fields(body)
     for name, off in UNSUPPORTED.items():
@@ -187,7 +220,7 @@ def _assign(options: pb.SamplingOptions, name: str, value: Any, param: str) -> N
 
 
 def _sampling(body: CompletionRequest | ChatCompletionRequest) -> pb.SamplingOptions:
-    s = pb.SamplingOptions(ignore_eos=body.ignore_eos)
+    s = pb.SamplingOptions(ignore_eos=bool(body.ignore_eos))
     newer = getattr(body, "max_completion_tokens", None)
     if newer is not None:
         _assign(s, "max_length", newer, "max_completion_tokens")
@@ -638,7 +671,7 @@ def create_app(host: ApiHost) -> FastAPI:
         model = _served_model(host, body.model)
         head = ResponseHead(id=f"cmpl-{uuid.uuid4().hex}", model=model)
         wire = completion_request(body, session_id, _principal(request).tenant)
-        return await _generate(host, request, wire, session_field, head, False, body.stream,
+        return await _generate(host, request, wire, session_field, head, False, bool(body.stream),
                                body.stream_options)
 
     @app.post("/v1/chat/completions")
@@ -648,7 +681,7 @@ def create_app(host: ApiHost) -> FastAPI:
         model = _served_model(host, body.model)
         head = ResponseHead(id=f"chatcmpl-{uuid.uuid4().hex}", model=model)
         wire = chat_request(body, session_id, _principal(request).tenant)
-        return await _generate(host, request, wire, session_field, head, True, body.stream,
+        return await _generate(host, request, wire, session_field, head, True, bool(body.stream),
                                body.stream_options)
 
     return app
@@ -712,7 +745,7 @@ async def _generate(host: ApiHost, request: Request, wire: pb.GenerateRequest, s
 
         result = await _unless_client_leaves(request, finish())
         return JSONResponse(chat_body(head, result) if chat else completion_body(head, result))
-    include_usage = stream_options is not None and stream_options.include_usage
+    include_usage = stream_options is not None and bool(stream_options.include_usage)
     return StreamingResponse(_sse_events(events, first, head, chat, include_usage),
                              media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -145,7 +145,7 @@ def validate_session_id(session_id: str, field: str = "session_id") -> str:
     """Check a session id: 1..128 bytes of ``[A-Za-z0-9._:-]``."""
     if not session_id:
         raise _invalid(field, f"{field} must be non-empty")
-    size = len(session_id.encode("utf-8"))
+    size = len(session_id.encode("utf-8", "surrogatepass"))
     if size > SESSION_ID_MAX_BYTES:
         raise _invalid(field, f"{field} must be at most {SESSION_ID_MAX_BYTES} bytes, got {size}")
     if not _SESSION_ID_RE.fullmatch(session_id):

@@ -5,6 +5,7 @@ loopback (what single-process ``ultrakv serve`` runs), SSE on the wire, errors, 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import time
@@ -215,13 +216,43 @@ def test_completion_stream_is_server_sent_events_ending_in_done(base_url):
     ({"prompt": "x", "max_tokens": 2**40}, "max_tokens", "max_tokens is out of range"),
     ({"prompt": "x", "seed": 2**70}, "seed", "seed is out of range"),
     ({"prompt": [2**40]}, "prompt", "prompt token ids must be 32-bit integers"),
+    # JSON's \ud800 escape decodes to a lone surrogate, which has no UTF-8 form (was a 500).
+    ({"prompt": "a\ud800"}, "prompt", "prompt must be valid Unicode"),
+    ({"prompt": "x", "stop": ["ok", "\udcff"]}, "stop[1]", "stop[1] must be valid Unicode"),
+    ({"prompt": "x", "user": "\ud800"}, "user", "user must match [A-Za-z0-9._:-]"),
+    # vLLM's sampling extensions this server does not implement are refused, not ignored.
+    ({"prompt": "x", "repetition_penalty": 1.1}, "repetition_penalty", "not supported"),
+    ({"prompt": "x", "min_p": 0.1}, "min_p", "not supported"),
+    ({"prompt": "x", "min_tokens": 200}, "min_tokens", "not supported"),
 ])
 def test_bad_completion_bodies(base_url, body, param, fragment):
-    r = httpx.post(base_url + "/v1/completions", json=body, timeout=30)
+    # json.dumps escapes non-ASCII (httpx's json= would refuse to encode a lone surrogate).
+    r = httpx.post(base_url + "/v1/completions", content=json.dumps(body),
+                   headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert fragment in error["message"]
+
+
+def test_lone_surrogate_in_a_chat_message_is_400_naming_it(base_url):
+    body = {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "\ud800"}],
+            "max_tokens": 2}
+    r = httpx.post(base_url + "/v1/chat/completions", content=json.dumps(body),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[1].content"
+
+
+def test_null_for_nullable_openai_fields_is_the_default(base_url):
+    # OpenAI's spec lets n, stream, stream_options.include_usage be null; vLLM takes them.
+    for path, body in (("/v1/completions", {"prompt": "Hello"}),
+                       ("/v1/chat/completions", {"messages": QUESTION})):
+        body = {**body, "max_tokens": 2, "n": None, "stream": None, "ignore_eos": None,
+                "stream_options": {"include_usage": None}, "repetition_penalty": 1.0, "min_p": 0}
+        r = httpx.post(base_url + path, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_not_json_and_unknown_routes_are_openai_errors(base_url):
