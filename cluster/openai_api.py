@@ -397,6 +397,7 @@ _STATUS = {
 }
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+               413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable"}
 
 
@@ -577,6 +578,67 @@ async def _read_body(receive: Any) -> tuple[bytes, Any]:
     return b"".join(chunks), replay
 
 
+def http_body_limit(limits: Limits) -> int:
+    """The largest request body the HTTP API reads: the largest prompt either way, as JSON
+    may write it (non-ASCII text escaped, ids with their commas), plus room for the rest."""
+    return 4 * limits.max_prompt_bytes + 12 * limits.max_prompt_token_ids + (64 << 10)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from a request's receive (an HTTP error, so FastAPI's body parsing passes it
+    on as is and the app's handler answers it)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body must be at most {max_bytes} bytes")
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 (OpenAI's error
+    JSON) without being read further: at once when its content-length says so, else when the
+    bytes read pass the limit. Before it, nothing bounded a body, and parsing an 800 MB one
+    held a coordinator's event loop (its gRPC too) for 13 s."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        read = 0
+        started = False
+
+        async def limited() -> dict:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_bytes:
+                raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except _BodyTooLarge:  # read by the guard, outside the app's handlers
+            if started:
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        too_large = _BodyTooLarge(self.max_bytes)
+        await JSONResponse(error_body(413, too_large.detail), status_code=413,
+                           headers={"connection": "close"})(scope, receive, send)
+
+
 def _principal(request: Request) -> Principal:
     return getattr(request.state, "principal", OPEN)
 
@@ -617,6 +679,7 @@ def create_app(host: ApiHost) -> FastAPI:
     host.registry.register(counters)
     if host.security is not None:
         app.add_middleware(_Guard, security=host.security)
+    app.add_middleware(_BodyLimit, max_bytes=http_body_limit(host.limits))  # before the guard reads
     app.add_middleware(_CountResponses, counters=counters)
 
     @app.exception_handler(RequestRejected)

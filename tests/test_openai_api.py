@@ -23,6 +23,7 @@ from ultrakv.cluster.openai_api import (
     chat_request,
     completion_request,
     error_response,
+    http_body_limit,
     http_status,
     openai_rejection,
 )
@@ -253,6 +254,30 @@ def test_null_for_nullable_openai_fields_is_the_default(base_url):
         r = httpx.post(base_url + path, json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_a_body_past_the_limit_is_413_before_it_is_read(base_url):
+    # Nothing bounded a body: an 800 MB one held a coordinator's event loop for 13 s.
+    limit = http_body_limit(Limits())
+    huge = b'{"prompt": "' + b"a" * (limit + 1) + b'", "max_tokens": 2}'
+    r = httpx.post(base_url + "/v1/completions", content=huge,
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and f"at most {limit} bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no content-length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(limit // (1 << 20) + 1):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(base_url + "/v1/completions", content=chunks(),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    # The largest prompt the limits allow, escaped as JSON writes non-ASCII, still fits.
+    text = "\u00e9" * (Limits().max_prompt_bytes // 2)
+    r = httpx.post(base_url + "/v1/completions", content=json.dumps({"prompt": text, "max_tokens": 1}),
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text  # too long for tiny
 
 
 def test_not_json_and_unknown_routes_are_openai_errors(base_url):
