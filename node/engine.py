@@ -1426,7 +1426,8 @@ class Engine:
                 },
                 "cache": self.pool.stats().to_dict(),
                 "kv_tiers": self._tier_stats(),
-                "sessions": {"count": len(self.sessions), "replicas": self.sessions.num_replicas},
+                "sessions": {"count": len(self.sessions), "replicas": self.sessions.num_replicas,
+                             "replicas_dropped": self.sessions.replicas_dropped},
             }
 
 

@@ -188,6 +188,9 @@ class NodeCollector(Collector):
         yield _gauge("ultrakv_sessions", "Sessions held (owned).", base, s["sessions"]["count"])
         yield _gauge("ultrakv_session_replicas", "Replicated session histories held.", base,
                      s["sessions"]["replicas"])
+        yield _counter("ultrakv_session_replicas_dropped",
+                       "Replicas pushed out by engine.max_replicas / max_replica_tokens.", base,
+                       s["sessions"].get("replicas_dropped", 0))
 
         yield from _gpu_families(base, s.get("gpus", []))
 

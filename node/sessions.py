@@ -19,6 +19,7 @@ drops its own, never a smaller tenant's.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -95,7 +96,10 @@ class SessionStore:
 
     Both are bounded: at most ``max_sessions`` sessions (a new or adopted one pushes out the
     least recently used idle one of the tenant holding the most), at most ``max_replicas``
-    replicas holding ``max_replica_tokens`` tokens in all (the least recently stored go first).
+    replicas holding ``max_replica_tokens`` tokens in all (a new one pushes out the least
+    recently stored replica of the tenant holding the most replica tokens, counting the new
+    one: a tenant that floods the replicas drops its own, never a smaller tenant's, whose
+    acknowledged turns those replicas keep when their owner dies).
     """
 
     def __init__(self, max_sessions: int, clock: Callable[[], float] = time.time,
@@ -109,6 +113,7 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._replicas: dict[str, Session] = {}  # insertion order = least recently stored first
         self._replica_tokens = 0
+        self.replicas_dropped = 0  # replicas pushed out by the caps (not replaced or promoted)
         # Copies held when this node lost its cluster lease -> until when they take no turn
         # (unless a coordinator settles them first): see ``fence``.
         self._fenced: dict[str, float] = {}
@@ -318,14 +323,18 @@ class SessionStore:
         if len(token_ids) > self.max_replica_tokens:
             raise CapacityError("token_ids", f"a replica must hold at most {self.max_replica_tokens} "
                                              f"tokens (max_replica_tokens), got {len(token_ids)}")
+        dropped = self._replicas_to_drop(session_id, salt, len(token_ids))
+        if dropped is None:
+            raise CapacityError("token_ids", f"this replica of {len(token_ids)} tokens would leave its tenant "
+                                             "holding more replica tokens than any other while the others' fill "
+                                             "max_replicas / max_replica_tokens; not stored")
         self._pop_replica(session_id)
-        while self._replicas and (len(self._replicas) >= self.max_replicas
-                                  or self._replica_tokens + len(token_ids) > self.max_replica_tokens):
-            self._pop_replica(next(iter(self._replicas)))
+        for sid in dropped:
+            self._pop_replica(sid)
+        self.replicas_dropped += len(dropped)
         now = self.clock()
-        self._replicas[session_id] = Session(session_id, list(token_ids), salt, turns, now, now,
-                                             messages=list(messages or []))
-        self._replica_tokens += len(token_ids)
+        self._add_replica(Session(session_id, list(token_ids), salt, turns, now, now,
+                                  messages=list(messages or [])))
         self.settle(session_id)  # the owner's copy, pushed since
 
     def promote_replica(self, session_id: str) -> Session | None:
@@ -347,15 +356,46 @@ class SessionStore:
         del self._sessions[session_id]
         replica = self._pop_replica(session_id)
         kept = replica if replica is not None and replica.turns > session.turns else session
-        self._replicas[session_id] = kept
-        self._replica_tokens += len(kept.token_ids)
+        self._add_replica(kept)
         return True
+
+    def _add_replica(self, replica: Session) -> None:
+        self._replicas[replica.session_id] = replica
+        self._replica_tokens += len(replica.token_ids)
 
     def _pop_replica(self, session_id: str) -> Session | None:
         replica = self._replicas.pop(session_id, None)
         if replica is not None:
             self._replica_tokens -= len(replica.token_ids)
         return replica
+
+    def _replicas_to_drop(self, session_id: str, tenant: str, incoming: int) -> list[str] | None:
+        """The replicas a new one of ``tenant`` (``incoming`` tokens, replacing any copy of
+        ``session_id``) pushes out to fit the caps: one at a time, the least recently stored of
+        the tenant then holding the most replica tokens with the new one counted (``tenant``
+        itself on a tie), so a tenant never takes replicas from one holding less than it
+        would. None when that tenant would be the new one's alone (it is not stored)."""
+        old = self._replicas.get(session_id)
+        count = len(self._replicas) - (old is not None)
+        tokens = self._replica_tokens - (len(old.token_ids) if old is not None else 0)
+        if count < self.max_replicas and tokens + incoming <= self.max_replica_tokens:
+            return []
+        held: dict[str, int] = {tenant: incoming}
+        queues: dict[str, deque[tuple[str, int]]] = {}
+        for sid, r in self._replicas.items():
+            if sid != session_id:
+                held[r.salt] = held.get(r.salt, 0) + len(r.token_ids)
+                queues.setdefault(r.salt, deque()).append((sid, len(r.token_ids)))
+        dropped = []
+        while count >= self.max_replicas or tokens + incoming > self.max_replica_tokens:
+            victim = max(held, key=lambda t: (held[t], t == tenant))
+            if not queues.get(victim):
+                return None
+            sid, size = queues[victim].popleft()
+            dropped.append(sid)
+            held[victim] -= size
+            count, tokens = count - 1, tokens - size
+        return dropped
 
     def _check_quota(self, tenant: str, new_session: bool) -> None:
         quota = self.quota

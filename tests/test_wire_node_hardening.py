@@ -10,10 +10,12 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ultrakv.cluster.errors import CapacityError
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.cluster.session_transfer import state_to_chunks
 from ultrakv.node import Engine, EngineConfig
 from ultrakv.node.server import BackgroundServer, ServerSettings
+from ultrakv.node.sessions import SessionStore
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import node_pb2_grpc, ultrakv_pb2_grpc
 from ultrakv.v1 import types_pb2 as pb
@@ -175,6 +177,52 @@ def test_replicas_are_capped_in_count_and_tokens(node, engine):
         session_id="rep-huge", token_ids=[1] * (engine.max_model_len + 1), turns=1), timeout=10))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"at most {engine.max_model_len} ids" in err.details()
+
+
+def test_one_tenants_replicas_never_push_out_a_smaller_tenants(node, engine):
+    """A tenant flooding a node with replicas dropped every other tenant's (the least recently
+    stored went first, whoever's), so their acknowledged turns were lost with their owner.
+    Now the tenant holding the most replica tokens gives up its own first."""
+    def replicate(tenant: str, sid: str, tokens: int = 40) -> None:
+        node.ReplicateHistory(npb.ReplicateHistoryRequest(
+            session_id=f"{tenant}~{sid}", tenant=tenant, token_ids=[7] * tokens, turns=1), timeout=10)
+
+    dropped = engine.sessions.replicas_dropped
+    replicate("acme", "a0")
+    replicate("acme", "a1")
+    for i in range(10):
+        replicate("bravo", f"b{i}")
+    for sid in ("acme~a0", "acme~a1"):
+        held = engine.sessions.newest(sid, "acme")
+        assert held is not None and held[1], sid  # still held as a replica
+    assert engine.sessions.num_replicas <= 4 and engine.sessions.replica_tokens <= 200
+    assert engine.sessions.replicas_dropped > dropped
+    assert engine.sessions.newest("bravo~b9", "bravo") is not None  # bravo's newest kept
+    assert engine.sessions.newest("bravo~b0", "bravo") is None  # its own oldest went
+
+
+def test_replica_eviction_is_fair_by_tenant():
+    store = SessionStore(max_sessions=8, max_replicas=100, max_replica_tokens=100)
+    store.store_replica("a~1", [1] * 30, 1, salt="a")
+    store.store_replica("a~2", [1] * 30, 1, salt="a")
+    store.store_replica("b~1", [1] * 20, 1, salt="b")
+    # b's 30 more would make it 50 against a's 60: a, holding the most, gives its oldest.
+    store.store_replica("b~2", [1] * 30, 1, salt="b")
+    assert store.newest("a~1") is None and store.newest("a~2") is not None
+    assert store.replica_tokens == 80 and store.replicas_dropped == 1
+    # A new tenant whose one replica would make it the largest holder takes nothing: refused,
+    # and every replica held stays (c would hold 90 against b's 50).
+    with pytest.raises(CapacityError, match="not stored"):
+        store.store_replica("c~1", [1] * 90, 1, salt="c")
+    assert {sid for sid in ("a~2", "b~1", "b~2") if store.newest(sid)} == {"a~2", "b~1", "b~2"}
+    # Replacing a tenant's own replica counts the copy it replaces out.
+    store.store_replica("b~2", [1] * 50, 2, salt="b")
+    assert store.newest("b~2")[0].turns == 2 and store.replica_tokens == 100
+    # Within one tenant the least recently stored goes first, as before.
+    solo = SessionStore(max_sessions=8, max_replicas=2)
+    for sid in ("x", "y", "z"):
+        solo.store_replica(sid, [1, 2], 1)
+    assert solo.newest("x") is None and solo.newest("z") is not None and solo.replicas_dropped == 1
 
 
 def test_transfers_are_bounded_chunk_by_chunk(node):
