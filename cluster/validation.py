@@ -358,8 +358,24 @@ def validate_history(token_ids: Sequence[int], turns: int, tenant: str,
 
 
 # A turn record's text (node/turn_ledger.py) decodes its token ids: a few bytes each, far
-# fewer than this.
+# fewer than this. A session's chat messages are bounded the same way by its history.
 LAST_TEXT_MAX_BYTES_PER_TOKEN = 256
+
+
+def validate_history_messages(contents: Sequence[str], num_tokens: int) -> None:
+    """Check the chat messages a session's history was rendered from (a peer's replica or
+    moved session): every message renders to a token of the history at least, and its text
+    to at most LAST_TEXT_MAX_BYTES_PER_TOKEN bytes a token, so neither their count nor their
+    bytes may pass the history's (before, a peer could store a million messages with a
+    three-token history, 54 MB in one checkpoint file)."""
+    if len(contents) > num_tokens:
+        raise _invalid("messages", f"messages must hold at most as many messages as the history has tokens "
+                                   f"({num_tokens}), got {len(contents)}")
+    limit = LAST_TEXT_MAX_BYTES_PER_TOKEN * num_tokens
+    size = sum(len(c.encode("utf-8", "surrogatepass")) for c in contents)
+    if size > limit:
+        raise _invalid("messages", f"messages must hold at most {limit} bytes of content "
+                                   f"({LAST_TEXT_MAX_BYTES_PER_TOKEN} a history token), got {size}")
 # A record's other strings (a node id, a failed turn's error): a node keeps up to 100k records.
 LAST_STRING_MAX_BYTES = 1024
 
@@ -407,6 +423,7 @@ def validate_session_header(header: Any, layout: SessionLayout) -> int:
     block allocated; return the KV bytes the rest of the stream must carry exactly."""
     validate_tenant_key(header.session_id, header.tenant)
     validate_history(header.token_ids, header.turns, header.tenant, layout)
+    validate_history_messages([m.content for m in header.messages], len(header.token_ids))
     if header.model_fingerprint != layout.model_fingerprint:
         raise RequestRejected(
             grpc.StatusCode.FAILED_PRECONDITION, "model_fingerprint",

@@ -38,7 +38,7 @@ from ultrakv.cluster.errors import (
     SessionNotFoundError,
 )
 from ultrakv.cluster.session_state import SessionState
-from ultrakv.cluster.validation import SessionLayout, validate_history
+from ultrakv.cluster.validation import SessionLayout, validate_history, validate_history_messages
 from ultrakv.node import kernel_variants
 from ultrakv.node.attention import get_backend
 from ultrakv.node.attention.triton_backend import triton_available
@@ -1178,6 +1178,7 @@ class Engine:
         """Hold a ring neighbour's session history (and chat conversation, as (role, content)
         pairs) so it survives that neighbour's death."""
         validate_history(token_ids, turns, tenant, self.session_layout)
+        validate_history_messages([content for _, content in messages or []], len(token_ids))
         conversation = _chat_messages(messages or [])
         with self._lock:
             self.sessions.store_replica(session_id, token_ids, turns, tenant, conversation)
@@ -1318,6 +1319,7 @@ class Engine:
         """
         layout = self.session_layout
         validate_history(state.token_ids, state.turns, state.tenant, layout)
+        validate_history_messages([content for _, content in state.messages], len(state.token_ids))
         if state.kv is not None and state.model_fingerprint != self.model_fingerprint:
             raise IncompatibleSessionError(
                 f"session {state.session_id!r} KV comes from model {state.model_fingerprint}, "

@@ -201,6 +201,28 @@ def test_one_tenants_replicas_never_push_out_a_smaller_tenants(node, engine):
     assert engine.sessions.newest("bravo~b0", "bravo") is None  # its own oldest went
 
 
+def test_a_sessions_messages_are_bounded_by_its_history(node, engine):
+    """A peer stored a million chat messages (54 MB in one checkpoint file) with a history of
+    three tokens: messages were checked for their role only. Now their count and bytes are
+    bounded by the history's tokens, on ReplicateHistory and on ImportSession."""
+    many = [pb.ChatMessage(role="user", content="hi")] * 4
+    err = rejected(lambda: node.ReplicateHistory(npb.ReplicateHistoryRequest(
+        session_id="msgs-1", token_ids=[1, 2, 3], turns=1, messages=many), timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "as many messages as the history" in err.details()
+    long = [pb.ChatMessage(role="user", content="x" * 769)]
+    err = rejected(lambda: node.ReplicateHistory(npb.ReplicateHistoryRequest(
+        session_id="msgs-2", token_ids=[1, 2, 3], turns=1, messages=long), timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 768 bytes" in err.details()
+    assert engine.sessions.newest("msgs-1") is None and engine.sessions.newest("msgs-2") is None
+    chunks = list(state_to_chunks(SessionState("msgs-3", [1, 2, 3], 1, engine.model_fingerprint,
+                                               messages=[("user", "hi")] * 4)))
+    err = rejected(lambda: node.ImportSession(iter(chunks), timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in err.details()
+    node.ReplicateHistory(npb.ReplicateHistoryRequest(  # within the bounds: stored
+        session_id="msgs-4", token_ids=[1, 2, 3], turns=1, messages=many[:3]), timeout=10)
+    assert engine.sessions.newest("msgs-4") is not None
+
+
 def test_replica_eviction_is_fair_by_tenant():
     store = SessionStore(max_sessions=8, max_replicas=100, max_replica_tokens=100)
     store.store_replica("a~1", [1] * 30, 1, salt="a")
