@@ -1213,7 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except RequestError as exc:
         print(f"error: {exc}" + (f" (field {exc.field})" if exc.field else ""), file=sys.stderr)
-        if exc.code == "UNAVAILABLE" and hasattr(args, "address"):
+        if exc.code == "UNAVAILABLE" and hasattr(args, "address") and _unreachable(str(exc)):
             print(f"hint: no ultrakv server answers at {args.address}. Start one with "
                   "`ultrakv serve --detach`, or point at yours with --address HOST:PORT or "
                   "the ULTRAKV_ADDRESS environment variable.", file=sys.stderr)
@@ -1222,6 +1222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # etcd unreachable (names the endpoint), a node id already live, a bad flag...
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+# What gRPC says when no server answers at an address, as opposed to a server that answered
+# UNAVAILABLE itself (stopping, no node on its ring yet).
+_UNREACHABLE = ("failed to connect", "connection refused", "dns resolution failed",
+                "connections to all backends failing", "name resolution", "no route to host")
+
+
+def _unreachable(message: str) -> bool:
+    """Whether an UNAVAILABLE error says nothing answered at the address."""
+    return any(marker in message.lower() for marker in _UNREACHABLE)
 
 
 def _command_parser(parser: argparse.ArgumentParser,

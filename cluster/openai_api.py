@@ -530,6 +530,9 @@ class ApiHost:
     registry: CollectorRegistry
     started_at: int = field(default_factory=lambda: int(time.time()))
     security: EdgeSecurity | None = None  # the gRPC server's (shared limits); None = open
+    # Set as the server's grace period runs out: the generations still running end with a
+    # 503 / a stream's error event instead of being cut off (:class:`HttpServer` ``stop``).
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _Guard:
@@ -790,7 +793,8 @@ async def _generate(host: ApiHost, request: Request, wire: pb.GenerateRequest, s
         security.admit(principal, peer, method=request.url.path,
                        tokens=estimated_tokens(valid, host.limits.default_max_length))
         await security.acquire_slot(principal, peer, request.url.path)
-    events = _named_by_client(host.backend.generate(valid, None), valid.session_id)
+    events = _until_closing(_named_by_client(host.backend.generate(valid, None), valid.session_id),
+                            host.closing)
     if security is not None:
         events = _holding_slot(events, lambda: security.release_slot(principal))
     try:
@@ -822,6 +826,18 @@ async def _named_by_client(events: AsyncIterator[Any], key: str) -> AsyncIterato
                 yield event
         except (RequestRejected, EngineError, ValueError, LookupError) as exc:
             raise rejection_for_client(exc, key) from None
+
+
+async def _until_closing(events: AsyncIterator[Any], closing: asyncio.Event) -> AsyncIterator[Any]:
+    """``events`` until the server closes: the next event after that is an UNAVAILABLE
+    rejection (closing the generation aborts it), so a client gets a 503 or a stream's error
+    event and ``[DONE]`` rather than a connection cut at the end of the grace period."""
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if closing.is_set():
+                raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "", "the server is shutting down; "
+                                      "retry the request (on another server)", retry_after_s=1.0)
+            yield event
 
 
 async def _holding_slot(events: AsyncIterator[Any], release: Callable[[], None]
@@ -923,8 +939,13 @@ class HttpServer:
     """The OpenAI-compatible API served by uvicorn in the running event loop; HTTPS with
     ``tls`` (the servers pass the client port's TLS, so keys never cross in clear text)."""
 
+    # The share of the grace period in-flight generations get to finish on their own; then
+    # they are ended with an error (``ApiHost.closing``), before uvicorn cancels what is left.
+    FINISH_SHARE = 0.8
+
     def __init__(self, host: ApiHost, bind_host: str, port: int,
                  grace_period_s: float = 5.0, tls: TlsFiles | None = None) -> None:
+        self.host = host
         self.app = create_app(host)
         self.bind_host = bind_host
         self.requested_port = port
@@ -958,10 +979,14 @@ class HttpServer:
         return "https" if self.tls else "http"
 
     async def stop(self) -> None:
-        """Stop accepting, let running requests finish within the grace period, close."""
+        """Stop accepting, let running requests finish within the grace period (ending the
+        generations still running with an error near its end), close."""
         if self._server is None or self._task is None:
             return
         self._server.should_exit = True
+        done, _ = await asyncio.wait({self._task}, timeout=self.FINISH_SHARE * self.grace_period_s)
+        if not done:
+            self.host.closing.set()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         if self._socket is not None:

@@ -1,9 +1,15 @@
-"""Background asyncio tasks (keepalives, watches, probe and checkpoint loops): stopping one."""
+"""Background asyncio tasks (keepalives, watches, probe and checkpoint loops): stopping one;
+and a server process's stop signals."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import signal
+
+log = logging.getLogger("ultrakv.stop")
 
 
 async def cancel_task(task: asyncio.Task | None) -> None:
@@ -13,3 +19,17 @@ async def cancel_task(task: asyncio.Task | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def exit_on_second_signal(loop: asyncio.AbstractEventLoop) -> None:
+    """After the first SIGINT/SIGTERM began a graceful stop: a second one ends the process at
+    once (exit status 130), as a second Ctrl-C does for uvicorn or vLLM, instead of being
+    ignored while the grace period runs. Child processes end with it (they watch their
+    parent)."""
+    def now(sig: signal.Signals) -> None:
+        log.warning("second %s: exiting now, without waiting for running requests", sig.name)
+        logging.shutdown()
+        os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, now, sig)

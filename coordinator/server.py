@@ -78,6 +78,7 @@ from ultrakv.cluster.service import (
     push_events,
 )
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
+from ultrakv.cluster.tasks import exit_on_second_signal
 from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import (
     Limits,
@@ -1447,17 +1448,20 @@ class CoordinatorServer:
 
     async def stop(self) -> None:
         server, self._server = self._server, None  # /health answers 503 from here on
-        if self.http is not None:
-            await self.http.stop()
-            self.http = None
+        http, self.http = self.http, None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-        if server is not None:
-            await self.health.enter_graceful_shutdown()
-            self._servicer.stop_idle_streams()  # idle client links end now, not after the grace
-            await server.stop(self.settings.grace_period_s)
+
+        async def stop_grpc() -> None:
+            if server is not None:
+                await self.health.enter_graceful_shutdown()
+                self._servicer.stop_idle_streams()  # idle client links end now, not after the grace
+                await server.stop(self.settings.grace_period_s)
+
+        # Both ports drain at once: the process ends within one grace period, not two.
+        await asyncio.gather(http.stop() if http is not None else asyncio.sleep(0), stop_grpc())
         await self.backend.stop()
 
 
@@ -1474,6 +1478,7 @@ async def serve_coordinator(settings: CoordinatorSettings) -> None:
     log.info("coordinator listening on %s (clients dial %s; etcd %s)", server.listen_address,
              server.address, settings.etcd)
     await stop.wait()
+    exit_on_second_signal(loop)
     await server.stop()
 
 

@@ -74,7 +74,7 @@ from ultrakv.cluster.session_transfer import (
     message_pairs,
     state_to_chunks,
 )
-from ultrakv.cluster.tasks import cancel_task
+from ultrakv.cluster.tasks import cancel_task, exit_on_second_signal
 from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import (
     PRIORITY_NAMES,
@@ -1192,19 +1192,22 @@ class NodeServer:
         await cancel_task(self._progress_watch)
         self._progress_watch = None
         server, self._server = self._server, None  # /health answers 503 from here on
-        if self.http is not None:
-            await self.http.stop()
-            self.http = None
+        http, self.http = self.http, None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-        if server is None:
-            return
-        await self.health.enter_graceful_shutdown()
-        for servicer in self._stream_servicers:  # idle links end now, not after the grace
-            servicer.stop_idle_streams()
-        await server.stop(self.settings.grace_period_s)
+
+        async def stop_grpc() -> None:
+            if server is None:
+                return
+            await self.health.enter_graceful_shutdown()
+            for servicer in self._stream_servicers:  # idle links end now, not after the grace
+                servicer.stop_idle_streams()
+            await server.stop(self.settings.grace_period_s)
+
+        # Both ports drain at once: the process ends within one grace period, not two.
+        await asyncio.gather(http.stop() if http is not None else asyncio.sleep(0), stop_grpc())
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -1224,7 +1227,8 @@ async def serve_until_signalled(server: NodeServer) -> None:
              server.backend.identity.node_id, getattr(server.engine, "model_name", "?"),
              server.listen_address, server.address)
     await stop.wait()
-    log.info("stopping (grace %.1fs)", server.settings.grace_period_s)
+    exit_on_second_signal(loop)
+    log.info("stopping (grace %.1fs; a second Ctrl-C stops at once)", server.settings.grace_period_s)
     await server.stop()
 
 

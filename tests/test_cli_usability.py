@@ -80,6 +80,19 @@ def test_presets_are_what_their_names_say():
             and load_preset(p)[0].engine.model == "tiny"] == []
 
 
+def test_the_start_a_server_hint_is_only_for_an_address_nobody_answers():
+    # A server that answered UNAVAILABLE itself (stopping, a coordinator with no node yet)
+    # was reported as "no ultrakv server answers at ...".
+    from ultrakv.client.cli import _unreachable
+
+    assert _unreachable("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+                        "Failed to connect to remote host: Connection refused")
+    assert _unreachable("DNS resolution failed for nosuchhost:50051")
+    assert not _unreachable("Cancelling all calls")
+    assert not _unreachable("ring has no nodes: no node is registered and serving")
+    assert not _unreachable("the server is shutting down; retry the request (on another server)")
+
+
 def test_a_connection_error_says_what_to_do(capsys):
     dead = f"127.0.0.1:{free_port()}"
     assert main(["clear-cache", "--address", dead, "--timeout", "2"]) == 2

@@ -62,3 +62,46 @@ def test_a_stale_pid_file_is_not_a_running_server(tmp_path: Path) -> None:
     assert out.returncode == 3 and "no ultrakv serve --detach is running" in out.stdout
     assert _ultrakv("stop", "--data-dir", str(tmp_path)).returncode == 0
     assert alive(os.getpid()) and not (tmp_path / "ultrakv.pid").exists()
+
+
+def test_a_second_ctrl_c_stops_serve_at_once(tmp_path: Path) -> None:
+    """The first SIGINT lets running requests finish within the grace period; a second one
+    was ignored (as a user pressing Ctrl-C again would find). Now it ends the process at once,
+    status 130, leaving no child behind."""
+    import signal
+    import time
+
+    from processes import children
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "serve", "--model", "tiny",
+                             "--port", str(port), "--http-port", "0", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=300) as client:
+            deadline = time.monotonic() + 300  # a loaded machine takes long to import the node
+            while True:
+                try:
+                    if client.health()["status"] == "SERVING":
+                        break
+                except Exception:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+            stream = client.stream({"text": "Go on", "max_length": 4000, "ignore_eos": True})
+            next(stream)  # a generation runs: the first signal's stop waits for it (5 s grace)
+            kids = children(proc.pid)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out[-2000:]
+    assert "second SIGINT: exiting now" in out
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in kids)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import ssl
+import threading
 import time
 
 import grpc
@@ -345,6 +346,41 @@ def test_a_second_turn_while_the_first_runs_is_429_naming_the_session(base_url, 
         assert result["retry_after_s"] >= 1.0
         events = [line for line in lines if line]
     assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-2]
+
+
+def test_stopping_ends_running_generations_with_an_error_not_a_cut():
+    # A server stopped with generations running cut its SSE streams off with no error event
+    # and no [DONE], and answered a whole-body request with a plain-text 500. Near the end of
+    # the grace period they now end with an UNAVAILABLE error (503, retry-after).
+    eng = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=600, block_size=BLOCK, seed=0))
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=1.0, http_port=free_port())
+    srv = BackgroundServer(eng, settings).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server.http.port}/v1/completions"
+        body = {"prompt": "Go on and on", "max_tokens": 2000, "ignore_eos": True}
+        answers: dict[str, httpx.Response] = {}
+        whole = threading.Thread(target=lambda: answers.setdefault("whole", httpx.post(url, json=body, timeout=60)))
+        whole.start()
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            deadline = time.monotonic() + 60
+            while eng.stats()["requests"]["running"] < 2:  # both generating
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            stopper = threading.Thread(target=srv.stop)
+            stopper.start()
+            events = [line for line in lines if line]
+        whole.join(60)
+        stopper.join(60)
+    finally:
+        eng.shutdown()
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert "shutting down" in error["message"] and error["type"] == "service_unavailable"
+    answer = answers["whole"]
+    assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
+    assert answer.headers["retry-after"] == "1"
 
 
 def test_health_and_metrics_on_the_http_port(base_url, oai):
