@@ -567,13 +567,23 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+# Control characters of model output shown escaped (an ESC could drive the terminal);
+# newlines and tabs print as they are.
+_SHOWN = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t"}
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with its control characters (but newline and tab) escaped, for a terminal."""
+    return text.translate(_SHOWN)
+
+
 def _stream_reply(client: Client, spec: dict, out: Console) -> str:
     """Print one request's text as it streams, then a dim summary line; returns the text."""
     parts = []
     for chunk in client.stream(spec):
         if chunk.text:
             parts.append(chunk.text)
-            out.print(chunk.text, end="", markup=False)
+            out.print(terminal_safe(chunk.text), end="", markup=False)
         if chunk.finished:
             r = chunk.result
             out.print()
@@ -585,12 +595,16 @@ def _stream_reply(client: Client, spec: dict, out: Console) -> str:
     return "".join(parts)
 
 
+CHAT_BUSY_RETRIES = 5  # a turn sent while the session's stopped one still ends: tried again
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat on one session: each turn sends only the new message; the node
     holds the conversation (and its KV), so a turn prefills just the new tokens."""
     from uuid import uuid4
 
     from rich.console import Console
+    from ultrakv.client.client import RequestError
 
     session = args.session or f"chat-{uuid4().hex[:12]}"
     out = Console(highlight=False)
@@ -607,8 +621,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 break
             pending.append({"role": "user", "content": line})
-            _stream_reply(client, {"messages": pending, "session_id": session, "max_length": args.max_length,
-                                   "temperature": args.temperature}, out)
+            spec = {"messages": pending, "session_id": session, "max_length": args.max_length,
+                    "temperature": args.temperature}
+            try:
+                for attempt in range(CHAT_BUSY_RETRIES + 1):
+                    try:
+                        _stream_reply(client, spec, out)
+                        break
+                    except RequestError as exc:  # a stopped turn may still be ending on the server
+                        busy = exc.code == "RESOURCE_EXHAUSTED" and exc.field == "session_id"
+                        if not busy or attempt == CHAT_BUSY_RETRIES:
+                            raise
+                        time.sleep(exc.retry_after_s or 1.0)
+            except KeyboardInterrupt:  # Ctrl-C stops the reply (the call is cancelled), not the chat
+                out.print("\n[dim]reply stopped; the turn was not kept[/dim]")
+                pending.pop()
+                continue
+            except RequestError as exc:  # said, and the chat goes on
+                out.print(f"[red]error: {exc}[/red]", markup=True, highlight=False)
+                pending.pop()
+                continue
             pending = []
     if interactive:
         out.print()

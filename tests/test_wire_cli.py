@@ -129,6 +129,42 @@ def test_serve_starts_logs_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert "stopped" in log and "Traceback" not in log
 
 
+def test_chat_turns_and_a_ctrl_c_that_stops_one_reply_not_the_chat(server):
+    """Ctrl-C during a reply ended `ultrakv chat` with a traceback (and, on a first turn, the
+    session). Now it stops that reply and the chat goes on; model output's control characters
+    are shown escaped, not sent to the terminal."""
+    proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "chat", "--address", server.address,
+                             "--session", "cli-chat", "--max-length", "3000", "--temperature", "1.0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        proc.stdin.write(b"Tell me a long story\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while server.server.engine.stats()["requests"]["running"] == 0:  # the reply streams
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write(b"And now?\n")
+        proc.stdin.close()
+        out = proc.stdout.read().decode()
+        assert proc.wait(timeout=120) == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "reply stopped; the turn was not kept" in out and "Traceback" not in out
+    assert "session cli-chat" in out  # the next turn's summary line: the chat went on
+    assert "\x1b" not in out.split("reply stopped", 1)[0].replace("\x1b[2m", "").replace("\x1b[0m", "")
+    with Client(server.address, timeout=10) as client:
+        assert client.get_session("cli-chat")["turns"] == 1  # the stopped turn was not kept
+
+
+def test_terminal_safe_escapes_control_characters():
+    from ultrakv.client.cli import terminal_safe
+
+    assert terminal_safe("a\x1b[31mb\nc\td\x07\x7f") == "a\\x1b[31mb\nc\td\\x07\\x7f"
+
+
 def test_dashboard_figures_from_two_snapshots():
     def snap(requests: int, tokens: int) -> dict:
         return {"nodes": [{
