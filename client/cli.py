@@ -43,7 +43,7 @@ from ultrakv.cluster.addresses import DEFAULT_ADDRESS, DEFAULT_PORT
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from ultrakv.client.client import Client
+    from ultrakv.client.client import Client, RetryPolicy
     from ultrakv.client.config_file import NodeConfig
     from ultrakv.coordinator.server import CoordinatorSettings
     from ultrakv.node.agent import AgentSettings
@@ -461,7 +461,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 # --- client commands -------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace) -> Client:
+def _client(args: argparse.Namespace, retry: RetryPolicy | None = None) -> Client:
     from ultrakv.client.client import Client, TLSConfig
 
     tls = None
@@ -469,7 +469,7 @@ def _client(args: argparse.Namespace) -> Client:
         tls = TLSConfig(ca_cert=args.tls_ca, client_cert=args.tls_cert,
                         client_key=args.tls_key, server_name=args.tls_server_name)
     return Client(args.address, api_key=args.api_key, tls=tls, timeout=args.timeout,
-                  signing_secret=args.signing_secret)
+                  signing_secret=args.signing_secret, retry=retry)
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -661,12 +661,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    from ultrakv.client.client import RetryPolicy
+
     deadline = time.monotonic() + args.wait
-    with _client(args) as client:
+    # One try per poll (the client's own retries took 11 s against a dead address, whatever
+    # --wait said), each bounded by what is left of --wait.
+    args.timeout = min(args.timeout, max(0.5, args.wait)) if args.wait else args.timeout
+    with _client(args, RetryPolicy(attempts=1)) as client:
         status = client.health(args.service)
         # --wait: poll until SERVING (a script starting `ultrakv serve` in the background).
         while not status["healthy"] and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
             status = client.health(args.service)
     print(f"{status['address']}: {status['status']}"
           + (f" ({status['error']})" if status.get("error") else ""))

@@ -104,6 +104,14 @@ def test_health_of_a_dead_address_exits_1(capsys):
     assert "UNREACHABLE" in capsys.readouterr().out
 
 
+def test_health_wait_is_the_bound_it_says(capsys):
+    # `health --wait 3` on a dead address took 11.7 s: each poll retried for ~11 s itself.
+    started = time.monotonic()
+    assert main(["health", "--address", f"127.0.0.1:{free_port()}", "--wait", "2"]) == 1
+    assert time.monotonic() - started < 2 + 6  # the wait, one last poll, and slack for a loaded machine
+    assert "UNREACHABLE" in capsys.readouterr().out
+
+
 def test_serve_starts_logs_and_stops_cleanly_on_ctrl_c(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
