@@ -70,6 +70,10 @@ def ensure_port_free(host: str, port: int, what: str = "server",
                 probe.bind((host or "0.0.0.0", port))
                 return
             except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise OSError(f"{what} cannot listen on {host}: no network interface of this "
+                                             f"machine has that address ({exc.strerror}); give --host an "
+                                             "address of this machine, or 0.0.0.0 for all") from None
                 if exc.errno != errno.EADDRINUSE:
                     raise
         if _listening_inodes(port) or time.monotonic() >= deadline:

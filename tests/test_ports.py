@@ -90,6 +90,14 @@ def test_ultrakv_serve_on_a_busy_port_exits_naming_the_holder(busy_port) -> None
     assert "Traceback" not in out.stderr
 
 
+def test_a_host_address_this_machine_lacks_is_named_with_the_flag(capsys) -> None:
+    # `serve --host 1.2.3.4` said only "[Errno 99] Cannot assign requested address".
+    assert main(["serve", "--host", "192.0.2.1", "--model", "tiny", "--port", "50999"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 192.0.2.1: no network interface of this machine has that address" in err
+    assert "--host" in err and "Errno" not in err
+
+
 def test_a_free_port_passes_and_port_zero_is_not_checked() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
