@@ -245,10 +245,27 @@ def _stream_pacing_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def serves_as_started(address: str, pid: int) -> bool:
+    """Whether the server at ``address`` serves and is the one process ``pid`` started (not
+    another that took the port meanwhile): the nodes it reports run in ``pid``'s process tree,
+    and there is one at least (a coordinator serves before a node joins its ring). Behind a
+    keys file the stats are not ours to read, and its health must do."""
+    from ultrakv.client import daemon
+    from ultrakv.client.client import Client, RequestError, RetryPolicy
+
+    with Client(address, timeout=2, retry=RetryPolicy(attempts=1)) as client:
+        if not client.health()["healthy"]:
+            return False
+        try:
+            nodes = client.stats()["nodes"]
+        except RequestError as exc:
+            return exc.code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+    return bool(nodes) and all(daemon.descends_from(int(n.get("pid", 0)), pid) for n in nodes)
+
+
 def _serve_detached(args: argparse.Namespace) -> int:
     """``serve --detach``: the same command in the background, once it serves."""
     from ultrakv.client import daemon
-    from ultrakv.client.client import Client, RetryPolicy
     from ultrakv.cluster.addresses import dial_host, ensure_port_free
 
     port = DEFAULT_PORT if args.port is None else args.port
@@ -259,12 +276,9 @@ def _serve_detached(args: argparse.Namespace) -> int:
     def preflight() -> None:  # a taken port is said here, not in the log
         ensure_port_free(args.host or "0.0.0.0", port, "ultrakv serve")
 
-    def healthy() -> bool:
-        with Client(address, timeout=2, retry=RetryPolicy(attempts=1)) as client:
-            return client.health()["healthy"]
-
     argv = [a for a in args.argv if a != "--detach"]
-    started = daemon.detach(argv, args.data_dir, address, preflight, healthy, args.wait)
+    started = daemon.detach(argv, args.data_dir, address, preflight,
+                            lambda pid: serves_as_started(address, pid), args.wait)
     data_dir = "" if args.data_dir == DEFAULT_DATA_DIR else f" --data-dir {args.data_dir}"
     print(f"ultrakv serving at {address} (pid {started.pid}); log: {started.log_path}\n"
           f"`ultrakv status{data_dir}` shows it, `ultrakv stop{data_dir}` stops it")

@@ -68,10 +68,25 @@ def _is_ultrakv_serve(pid: int) -> bool:
     return state != "Z" and b"serve" in cmdline and any(b"ultrakv" in part for part in cmdline)
 
 
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process ``pid`` is ``ancestor`` or one of its descendants (/proc's parent
+    links; False once the chain leaves, or for a process gone)."""
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid <= 1:
+            return False
+    return False
+
+
 def detach(argv: Sequence[str], data_dir: str | Path, address: str,
-           preflight: Callable[[], None], healthy: Callable[[], bool],
+           preflight: Callable[[], None], healthy: Callable[[int], bool],
            timeout_s: float) -> Detached:
-    """Start ``ultrakv <argv>`` in the background and wait until ``healthy()`` (or the child
+    """Start ``ultrakv <argv>`` in the background and wait until ``healthy(pid)`` (or the child
     exits: RuntimeError with its log's last lines, or ``timeout_s`` passes: TimeoutError).
     Refuses when a server detached from ``data_dir`` still runs; then ``preflight()`` may
     refuse (a taken port) before anything starts."""
@@ -90,7 +105,7 @@ def detach(argv: Sequence[str], data_dir: str | Path, address: str,
     (data_dir / PID_FILE).write_text(f"{proc.pid}\n")
     (data_dir / ADDRESS_FILE).write_text(f"{address}\n")
     deadline = time.monotonic() + timeout_s
-    while not healthy():
+    while not healthy(proc.pid):
         if proc.poll() is not None:
             _remove_files(data_dir)
             raise RuntimeError(f"ultrakv serve exited with status {proc.returncode} while "

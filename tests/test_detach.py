@@ -105,3 +105,22 @@ def test_a_second_ctrl_c_stops_serve_at_once(tmp_path: Path) -> None:
     while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in kids)
+
+
+def test_the_detach_probe_takes_only_the_server_it_started() -> None:
+    """A server another process had started on the port (taken between the port check and
+    the model's load) passed `serve --detach`'s probe, which then reported it as its own."""
+    from ultrakv.client.cli import serves_as_started
+    from ultrakv.node import Engine, EngineConfig
+    from ultrakv.node.server import BackgroundServer
+
+    engine = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=32))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with BackgroundServer(engine) as srv:
+            assert serves_as_started(srv.address, os.getpid())  # this process serves it
+            assert not serves_as_started(srv.address, other.pid)  # not that one
+    finally:
+        other.kill()
+        other.wait()
+        engine.shutdown()

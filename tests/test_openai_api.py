@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 import threading
@@ -528,6 +529,11 @@ async def test_coordinator_without_nodes_is_alive_but_not_ready(etcd):
             assert (await http.get("/v1/models")).json()["data"] == []
             r = await http.post("/v1/completions", json={"prompt": "hi"})
             assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        # `serve --detach --nodes N` reported serving here, before a node was on the ring.
+        from ultrakv.client.cli import serves_as_started
+
+        assert (await asyncio.to_thread(Client(server.address, timeout=10).health))["healthy"]
+        assert not await asyncio.to_thread(serves_as_started, server.address, os.getpid())
     finally:
         await server.stop()
 
