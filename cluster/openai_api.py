@@ -397,7 +397,7 @@ _STATUS = {
 }
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 409: "conflict_error",
-               413: "invalid_request_error",
+               405: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable"}
 
 
@@ -457,6 +457,8 @@ def _validation_rejection(exc: RequestValidationError) -> RequestRejected:
         else:
             param, name = (f"{param}.{part}" if param else str(part)), str(part)
     if not param:
+        if isinstance(first.get("input"), bytes | bytearray):  # not parsed: not sent as JSON
+            return _invalid("", "request body must be JSON, sent with content-type: application/json")
         return _invalid("", f"request body must be a JSON object ({first.get('msg', 'invalid')})")
     if first.get("type") == "missing":
         return _invalid(param, f"{param} is required")
@@ -695,8 +697,9 @@ def create_app(host: ApiHost) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = (f"no route for {request.method} {request.url.path}" if exc.status_code == 404
-                   else str(exc.detail))
+        message = {404: f"no route for {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                     str(exc.detail))
         return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 

@@ -288,6 +288,13 @@ def test_not_json_and_unknown_routes_are_openai_errors(base_url):
     assert r.status_code == 400 and r.json()["error"]["message"] == "request body must be valid JSON"
     r = httpx.get(base_url + "/v1/nothing-here", timeout=30)
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+    r = httpx.get(base_url + "/v1/chat/completions", timeout=30)  # was type server_error
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["message"] == "GET is not allowed on /v1/chat/completions"
+    # `curl -d` sends a form content type: the body was called "not a JSON object".
+    r = httpx.post(base_url + "/v1/completions", content=b'{"prompt": "hi"}',
+                   headers={"content-type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert r.status_code == 400 and "content-type: application/json" in r.json()["error"]["message"]
 
 
 def test_too_long_prompt_is_400_before_the_stream_starts(base_url, engine):
