@@ -670,7 +670,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from ultrakv.client.dashboard import stats_table
 
-    Console().print(stats_table(stats, args.address, args.wide))
+    # Piped (no terminal), rich would wrap the table at 80 columns, node ids and headers too.
+    Console(width=None if sys.stdout.isatty() else 240).print(stats_table(stats, args.address, args.wide))
     return 0
 
 

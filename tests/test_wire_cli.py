@@ -104,6 +104,16 @@ def test_health_of_a_dead_address_exits_1(capsys):
     assert "UNREACHABLE" in capsys.readouterr().out
 
 
+def test_stats_piped_keeps_each_node_on_one_line(server, capsys):
+    # Piped (no terminal) the table wrapped at 80 columns: node ids and --wide's headers broke.
+    with Client(server.address, timeout=10) as client:
+        node_id = client.stats()["nodes"][0]["node_id"]
+    assert main(["stats", "--address", server.address, "--wide"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if node_id in line)
+    assert server.address in row and "tiny" in row
+
+
 def test_health_wait_is_the_bound_it_says(capsys):
     # `health --wait 3` on a dead address took 11.7 s: each poll retried for ~11 s itself.
     started = time.monotonic()
