@@ -217,60 +217,112 @@ class StreamChunk:
 # --- dict <-> wire (pure) --------------------------------------------------------------------
 
 
+class SpecError(ValueError):
+    """A request dict's key holds what the wire cannot carry (named: ``field``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(name, f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(name, f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integers(name: str, values: object) -> list[int]:
+    if not isinstance(values, list | tuple):
+        raise SpecError(name, f"{name} must be a list of integers, got {values!r}")
+    return [_integer(name, v) for v in values]
+
+
 def build_request(spec: dict) -> pb.GenerateRequest:
-    """A request dict -> GenerateRequest. Values go to the server as given (it validates);
-    only keys and types that cannot be expressed on the wire raise ValueError here."""
+    """A request dict -> GenerateRequest. Values go to the server as given (it checks their
+    ranges); a key the wire has no field for, or a value of a type it cannot carry, raises
+    :class:`SpecError` naming the key (nothing is coerced: ``max_length=4.7`` is refused,
+    not rounded)."""
     unknown = set(spec) - _REQUEST_KEYS
     if unknown:
         raise ValueError(f"request keys must be among {sorted(_REQUEST_KEYS)}, "
                          f"got {sorted(unknown)}")
+    prompts = [k for k in ("text", "prompt", "token_ids", "messages") if spec.get(k) is not None]
+    if len(prompts) > 1:
+        raise SpecError(prompts[1], f"give one prompt (text, token_ids or messages), got {' and '.join(prompts)}")
     # An id of its own, kept across retries: a node that already took the turn answers a
     # retry from its record instead of taking the turn twice (node/turn_ledger.py).
     req = pb.GenerateRequest(request_id=str(spec.get("request_id") or uuid.uuid4().hex))
     text = spec.get("text", spec.get("prompt"))
-    if "messages" in spec:
-        for i, m in enumerate(spec["messages"] or ()):
+    if spec.get("messages") is not None:
+        if not isinstance(spec["messages"], list | tuple):
+            raise SpecError("messages", f"messages must be a list of dicts, got {spec['messages']!r}")
+        for i, m in enumerate(spec["messages"]):
             if not isinstance(m, dict):
-                raise ValueError(f"messages[{i}] must be a dict with role and content, got {type(m).__name__}")
-            req.messages.messages.add(role=str(m.get("role", "")), content=str(m.get("content", "")))
+                raise SpecError(f"messages[{i}]", f"messages[{i}] must be a dict with role and content, "
+                                                  f"got {type(m).__name__}")
+            role, content = m.get("role"), m.get("content")
+            if not isinstance(role, str):
+                raise SpecError(f"messages[{i}].role", f"messages[{i}].role must be a string, got {role!r}")
+            if not isinstance(content, str):
+                raise SpecError(f"messages[{i}].content", f"messages[{i}].content must be a string, got {content!r}")
+            req.messages.messages.add(role=role, content=content)
         if not req.HasField("messages"):
             req.messages.SetInParent()  # empty: the server names the field
-    elif "token_ids" in spec:
-        req.token_ids.ids.extend(int(t) for t in spec["token_ids"])
+    elif spec.get("token_ids") is not None:
+        req.token_ids.ids.extend(_integers("token_ids", spec["token_ids"]))
     elif isinstance(text, str):
         req.text = text
     elif isinstance(text, list):
-        req.token_ids.ids.extend(int(t) for t in text)
+        req.token_ids.ids.extend(_integers("text", text))
     elif text is not None:
-        raise ValueError(f"text must be a string, got {type(text).__name__}")
+        raise SpecError("text", f"text must be a string, got {type(text).__name__}")
     if spec.get("session_id") is not None:
-        req.session_id = str(spec["session_id"])
+        if not isinstance(spec["session_id"], str):
+            raise SpecError("session_id", f"session_id must be a string, got {spec['session_id']!r}")
+        req.session_id = spec["session_id"]
     s = req.sampling
-    max_length = spec.get("max_length", spec.get("max_tokens"))
-    if max_length is not None:
-        s.max_length = int(max_length)
+    length_key = "max_length" if spec.get("max_length") is not None else "max_tokens"
+    if spec.get(length_key) is not None:
+        s.max_length = _integer(length_key, spec[length_key])
     for name in ("temperature", "top_p"):
         if spec.get(name) is not None:
-            setattr(s, name, float(spec[name]))
+            setattr(s, name, _number(name, spec[name]))
     for name in ("top_k", "seed"):
         if spec.get(name) is not None:
-            setattr(s, name, int(spec[name]))
+            setattr(s, name, _integer(name, spec[name]))
     stop = spec.get("stop")
     if stop:
-        s.stop.extend([stop] if isinstance(stop, str) else list(stop))
-    s.stop_token_ids.extend(int(t) for t in spec.get("stop_token_ids") or ())
-    s.ignore_eos = bool(spec.get("ignore_eos", False))
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list | tuple) or not all(isinstance(x, str) for x in stops):
+            raise SpecError("stop", f"stop must be a string or a list of strings, got {stop!r}")
+        s.stop.extend(stops)
+    s.stop_token_ids.extend(_integers("stop_token_ids", spec.get("stop_token_ids") or []))
+    ignore_eos = spec.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise SpecError("ignore_eos", f"ignore_eos must be true or false, got {ignore_eos!r}")
+    s.ignore_eos = ignore_eos
     priority = spec.get("priority")
     if priority is not None:
         if isinstance(priority, str):
             if priority.upper() not in _PRIORITIES:
-                raise ValueError(f"priority must be one of {list(_PRIORITIES)}, got {priority!r}")
+                raise SpecError("priority", f"priority must be one of {list(_PRIORITIES)}, got {priority!r}")
             req.priority = _PRIORITIES[priority.upper()]
         else:
-            req.priority = int(priority)
+            req.priority = _integer("priority", priority)
     if spec.get("timeout") is not None:
-        req.timeout_ms = max(1, int(float(spec["timeout"]) * 1000))
+        req.timeout_ms = max(1, int(_number("timeout", spec["timeout"]) * 1000))
     return req
+
+
+def spec_error(exc: ValueError) -> RequestError:
+    """A request dict refused before it was sent, as the error a server would have given."""
+    return RequestError("INVALID_ARGUMENT", str(exc), getattr(exc, "field", ""))
 
 
 def result_dict(result: pb.GenerateResult, latency_s: float | None = None) -> dict:
@@ -411,7 +463,7 @@ class Client:
         try:
             result = self._call(lambda e: e.stub.Process, build_request(spec), timeout)
         except ValueError as exc:
-            return error_dict(RequestError("INVALID_ARGUMENT", str(exc)), spec)
+            return error_dict(spec_error(exc), spec)
         except RequestError as exc:
             return error_dict(exc, spec, time.perf_counter() - started)
         return result_dict(result, time.perf_counter() - started)
@@ -549,7 +601,7 @@ def _prepare_batch(specs: list[dict]) -> list[pb.GenerateRequest | dict]:
         try:
             built.append(build_request(spec))
         except ValueError as exc:
-            built.append(error_dict(RequestError("INVALID_ARGUMENT", str(exc)), spec))
+            built.append(error_dict(spec_error(exc), spec))
     return built
 
 
@@ -641,7 +693,7 @@ class AsyncClient:
         try:
             result = await self._call(lambda e: e.stub.Process, build_request(spec), timeout)
         except ValueError as exc:
-            return error_dict(RequestError("INVALID_ARGUMENT", str(exc)), spec)
+            return error_dict(spec_error(exc), spec)
         except RequestError as exc:
             return error_dict(exc, spec, time.perf_counter() - started)
         return result_dict(result, time.perf_counter() - started)

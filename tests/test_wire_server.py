@@ -126,6 +126,25 @@ def test_bad_item_fails_alone_in_a_batch(client):
     assert results[2]["error_field"] == "session_id"
 
 
+@pytest.mark.parametrize(("spec", "field", "fragment"), [
+    ({"stop": 5}, "stop", "stop must be a string or a list of strings"),  # was a TypeError raised
+    ({"temperature": "hot"}, "temperature", "temperature must be a number"),  # named no field
+    ({"max_length": 4.7}, "max_length", "max_length must be an integer"),  # was rounded down
+    ({"max_length": "4"}, "max_length", "max_length must be an integer"),
+    ({"max_length": True}, "max_length", "max_length must be an integer"),
+    ({"session_id": 5}, "session_id", "session_id must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "give one prompt"),  # with text
+    ({"text": None, "messages": [{"role": "user"}]}, "messages[0].content", "must be a string"),
+    ({"text": None, "messages": [{"role": "user", "content": None}]}, "messages[0].content", "must be a string"),
+    ({"ignore_eos": "yes"}, "ignore_eos", "ignore_eos must be true or false"),
+])
+def test_the_dict_api_refuses_what_the_wire_cannot_carry_naming_the_key(client, spec, field, fragment):
+    result = client.process_request({"text": "hello", **spec})
+    assert not result["success"] and result["error_code"] == "INVALID_ARGUMENT"
+    assert result["error_field"] == field and fragment in result["error"]
+    assert client.process_batch([greedy("fine"), {"text": "hello", **spec}])[1]["error_field"] == field
+
+
 async def test_async_client(server):
     async with AsyncClient(server.address, timeout=30) as c:
         r = await c.process_request(greedy("async hello"))
