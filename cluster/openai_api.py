@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import socket
@@ -204,12 +205,24 @@ def _invalid(param: str, message: str) -> RequestRejected:
 
 
 def session_for(header: str | None, user: str | None) -> tuple[str | None, str]:
-    """The session a request names (the header wins over ``user``) and the field it came from."""
+    """The session a request names (the header wins over ``user``) and the field it came from.
+    OpenAI clients fill ``user`` with any end-user string (an email, a UUID): one that is not
+    a session id names the session :func:`user_session_id` derives from it."""
     if header is not None:
         return validate_session_id(header, SESSION_HEADER), SESSION_HEADER
     if user:
-        return validate_session_id(user, "user"), "user"
+        try:
+            return validate_session_id(user, "user"), "user"
+        except RequestRejected:
+            return user_session_id(user), "user"
     return None, ""
+
+
+def user_session_id(user: str) -> str:
+    """The session id of an OpenAI ``user`` value that is not one itself: ``user-`` and the
+    first 32 hex digits of its SHA-256 (equal values meet, others do not)."""
+    digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"user-{digest[:32]}"
 
 
 def _assign(options: pb.SamplingOptions, name: str, value: Any, param: str) -> None:
