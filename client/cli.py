@@ -670,8 +670,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from ultrakv.client.dashboard import stats_table
 
-    # Piped (no terminal), rich would wrap the table at 80 columns, node ids and headers too.
-    Console(width=None if sys.stdout.isatty() else 240).print(stats_table(stats, args.address, args.wide))
+    # Piped (no terminal, no COLUMNS), rich would wrap the table at 80 columns, node ids and
+    # headers too.
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    Console(width=240 if piped else None).print(stats_table(stats, args.address, args.wide))
     return 0
 
 

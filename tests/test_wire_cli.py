@@ -104,8 +104,9 @@ def test_health_of_a_dead_address_exits_1(capsys):
     assert "UNREACHABLE" in capsys.readouterr().out
 
 
-def test_stats_piped_keeps_each_node_on_one_line(server, capsys):
+def test_stats_piped_keeps_each_node_on_one_line(server, capsys, monkeypatch):
     # Piped (no terminal) the table wrapped at 80 columns: node ids and --wide's headers broke.
+    monkeypatch.delenv("COLUMNS", raising=False)
     with Client(server.address, timeout=10) as client:
         node_id = client.stats()["nodes"][0]["node_id"]
     assert main(["stats", "--address", server.address, "--wide"]) == 0
