@@ -33,6 +33,7 @@ from ultrakv.cluster.addresses import MAX_PORT, ensure_port_free, validate_port
 from ultrakv.cluster.etcd_server import EmbeddedEtcd, EtcdStartError, free_port, with_parent_death
 from ultrakv.cluster.peer_auth import ensure_cluster_secret
 from ultrakv.cluster.store import EtcdStore, EtcdUnavailableError
+from ultrakv.cluster.tasks import SUPERVISED_ENV
 
 log = logging.getLogger("ultrakv.client.local_cluster")
 
@@ -160,7 +161,9 @@ class LocalCluster:
     # -- starting ---------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # SUPERVISED: a Ctrl-C reaches the whole group and this supervisor's SIGTERM follows,
+        # which the child must not take for a second Ctrl-C (it still drains and checkpoints).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISED_ENV: "1"}
         out = None
         if self.spec.log_dir is not None:
             self.spec.log_dir.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,19 @@ async def cancel_task(task: asyncio.Task | None) -> None:
         await task
 
 
+# Set by a supervisor (``serve --nodes``) in its children's environment.
+SUPERVISED_ENV = "ULTRAKV_SUPERVISED"
+
+
 def exit_on_second_signal(loop: asyncio.AbstractEventLoop) -> None:
     """After the first SIGINT/SIGTERM began a graceful stop: a second one ends the process at
     once (exit status 130), as a second Ctrl-C does for uvicorn or vLLM, instead of being
     ignored while the grace period runs. Child processes end with it (they watch their
-    parent)."""
+    parent). Not in a supervised child: there a group Ctrl-C is followed by its supervisor's
+    SIGTERM, which is no second Ctrl-C (the child still drains and writes its checkpoint)."""
+    if os.environ.get(SUPERVISED_ENV):
+        return
+
     def now(sig: signal.Signals) -> None:
         log.warning("second %s: exiting now, without waiting for running requests", sig.name)
         logging.shutdown()

@@ -18,8 +18,8 @@ drops its own, never a smaller tenant's.
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -97,9 +97,11 @@ class SessionStore:
     Both are bounded: at most ``max_sessions`` sessions (a new or adopted one pushes out the
     least recently used idle one of the tenant holding the most), at most ``max_replicas``
     replicas holding ``max_replica_tokens`` tokens in all (a new one pushes out the least
-    recently stored replica of the tenant holding the most replica tokens, counting the new
-    one: a tenant that floods the replicas drops its own, never a smaller tenant's, whose
-    acknowledged turns those replicas keep when their owner dies).
+    recently stored replica of the tenant holding the most replica tokens, the new one's
+    tenant first when it holds as much with the new one counted: a tenant that floods the
+    replicas drops its own, not a smaller tenant's, whose acknowledged turns those replicas
+    keep when their owner dies). A replica is never refused for room: a refusal by every
+    successor would fail its owner's turn.
     """
 
     def __init__(self, max_sessions: int, clock: Callable[[], float] = time.time,
@@ -114,6 +116,11 @@ class SessionStore:
         self._replicas: dict[str, Session] = {}  # insertion order = least recently stored first
         self._replica_tokens = 0
         self.replicas_dropped = 0  # replicas pushed out by the caps (not replaced or promoted)
+        # Per tenant (salt): its replicas, least recently stored first (id -> tokens), their
+        # tokens, and a max-heap of (-tokens, tenant) with stale entries skipped on reading.
+        self._replicas_of: dict[str, dict[str, int]] = {}
+        self._tenant_replica_tokens: dict[str, int] = {}
+        self._replica_heap: list[tuple[int, str]] = []
         # Copies held when this node lost its cluster lease -> until when they take no turn
         # (unless a coordinator settles them first): see ``fence``.
         self._fenced: dict[str, float] = {}
@@ -323,15 +330,12 @@ class SessionStore:
         if len(token_ids) > self.max_replica_tokens:
             raise CapacityError("token_ids", f"a replica must hold at most {self.max_replica_tokens} "
                                              f"tokens (max_replica_tokens), got {len(token_ids)}")
-        dropped = self._replicas_to_drop(session_id, salt, len(token_ids))
-        if dropped is None:
-            raise CapacityError("token_ids", f"this replica of {len(token_ids)} tokens would leave its tenant "
-                                             "holding more replica tokens than any other while the others' fill "
-                                             "max_replicas / max_replica_tokens; not stored")
-        self._pop_replica(session_id)
-        for sid in dropped:
-            self._pop_replica(sid)
-        self.replicas_dropped += len(dropped)
+        self._pop_replica(session_id)  # the copy it replaces counts out
+        while self._replicas and (len(self._replicas) >= self.max_replicas
+                                  or self._replica_tokens + len(token_ids) > self.max_replica_tokens):
+            victim = self._replica_tenant_to_drop(salt, len(token_ids))
+            self._pop_replica(next(iter(self._replicas_of[victim])))
+            self.replicas_dropped += 1
         now = self.clock()
         self._add_replica(Session(session_id, list(token_ids), salt, turns, now, now,
                                   messages=list(messages or [])))
@@ -361,41 +365,47 @@ class SessionStore:
 
     def _add_replica(self, replica: Session) -> None:
         self._replicas[replica.session_id] = replica
-        self._replica_tokens += len(replica.token_ids)
+        size = len(replica.token_ids)
+        self._replica_tokens += size
+        self._replicas_of.setdefault(replica.salt, {})[replica.session_id] = size
+        self._set_tenant_replica_tokens(replica.salt, self._tenant_replica_tokens.get(replica.salt, 0) + size)
 
     def _pop_replica(self, session_id: str) -> Session | None:
         replica = self._replicas.pop(session_id, None)
         if replica is not None:
-            self._replica_tokens -= len(replica.token_ids)
+            size = len(replica.token_ids)
+            self._replica_tokens -= size
+            own = self._replicas_of[replica.salt]
+            del own[session_id]
+            if own:
+                self._set_tenant_replica_tokens(replica.salt, self._tenant_replica_tokens[replica.salt] - size)
+            else:
+                del self._replicas_of[replica.salt], self._tenant_replica_tokens[replica.salt]
         return replica
 
-    def _replicas_to_drop(self, session_id: str, tenant: str, incoming: int) -> list[str] | None:
-        """The replicas a new one of ``tenant`` (``incoming`` tokens, replacing any copy of
-        ``session_id``) pushes out to fit the caps: one at a time, the least recently stored of
-        the tenant then holding the most replica tokens with the new one counted (``tenant``
-        itself on a tie), so a tenant never takes replicas from one holding less than it
-        would. None when that tenant would be the new one's alone (it is not stored)."""
-        old = self._replicas.get(session_id)
-        count = len(self._replicas) - (old is not None)
-        tokens = self._replica_tokens - (len(old.token_ids) if old is not None else 0)
-        if count < self.max_replicas and tokens + incoming <= self.max_replica_tokens:
-            return []
-        held: dict[str, int] = {tenant: incoming}
-        queues: dict[str, deque[tuple[str, int]]] = {}
-        for sid, r in self._replicas.items():
-            if sid != session_id:
-                held[r.salt] = held.get(r.salt, 0) + len(r.token_ids)
-                queues.setdefault(r.salt, deque()).append((sid, len(r.token_ids)))
-        dropped = []
-        while count >= self.max_replicas or tokens + incoming > self.max_replica_tokens:
-            victim = max(held, key=lambda t: (held[t], t == tenant))
-            if not queues.get(victim):
-                return None
-            sid, size = queues[victim].popleft()
-            dropped.append(sid)
-            held[victim] -= size
-            count, tokens = count - 1, tokens - size
-        return dropped
+    def _set_tenant_replica_tokens(self, tenant: str, tokens: int) -> None:
+        self._tenant_replica_tokens[tenant] = tokens
+        heapq.heappush(self._replica_heap, (-tokens, tenant))
+        if len(self._replica_heap) > 4 * len(self._tenant_replica_tokens) + 64:  # drop stale entries
+            self._replica_heap = [(-t, name) for name, t in self._tenant_replica_tokens.items()]
+            heapq.heapify(self._replica_heap)
+
+    def _largest_replica_tenant(self) -> tuple[str, int]:
+        """The tenant holding the most replica tokens (the heap's stale entries skipped)."""
+        while True:
+            neg, tenant = self._replica_heap[0]
+            if self._tenant_replica_tokens.get(tenant) == -neg:
+                return tenant, -neg
+            heapq.heappop(self._replica_heap)
+
+    def _replica_tenant_to_drop(self, tenant: str, incoming: int) -> str:
+        """Whose least recently stored replica a new one of ``tenant`` (``incoming`` tokens)
+        pushes out: ``tenant``'s own while it holds some and would hold as much as the largest
+        holder with the new one counted, else the largest holder's. So a tenant flooding the
+        replicas drops its own, and takes from others at most room for its first one."""
+        largest, held = self._largest_replica_tenant()
+        own = self._tenant_replica_tokens.get(tenant, 0)
+        return tenant if own and own + incoming >= held else largest
 
     def _check_quota(self, tenant: str, new_session: bool) -> None:
         quota = self.quota

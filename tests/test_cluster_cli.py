@@ -85,6 +85,31 @@ def test_serve_nodes_restarts_crashed_children_and_sigterm_stops_every_process(t
     assert not any(alive(pid) for pid in children)
 
 
+def test_a_ctrl_c_to_the_whole_group_lets_every_child_drain(tmp_path) -> None:
+    """A terminal's Ctrl-C reaches serve --nodes and all its children; the supervisor then
+    sends each a SIGTERM, which a child took for a second Ctrl-C and exited at once (130),
+    dropping its requests and, for a node, its final checkpoint."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "serve", "--nodes", "2",
+                             "--model", "tiny", "--port", str(port), "--data-dir", str(tmp_path),
+                             "--num-blocks", "256", "--http-port", "0"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            _wait(lambda: len(client.stats()["nodes"]) == 2, proc, "two nodes")
+            assert client.process_request({"text": "Hi", "max_length": 2, "session_id": "grp"})["success"]
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = proc.stdout.read()
+    assert "exiting now" not in log, log[-3000:]
+    assert "stopped" in log
+
+
 def test_serve_with_an_unreachable_etcd_names_it() -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     out = subprocess.run([sys.executable, "-m", "ultrakv.client.cli", "serve", "--nodes", "2",
