@@ -214,7 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fused_kernels=args.fused_kernels, cluster_secret_file=args.cluster_secret_file or "",
         http_port=DEFAULT_HTTP_PORT if args.http_port is None else args.http_port,
         coordinator_args=_coordinator_security_args(args) + _stream_pacing_args(args),
-        # The nodes' ports serve the client API too: the same keys guard them.
+        # The nodes take the same keys: their HTTP ports, and their gRPC client API wherever no
+        # cluster secret keeps it to peers.
         node_args=(["--keys-file", args.keys_file] if args.keys_file else []) + _stream_pacing_args(args)
         + (["--kv-cpu-gib", str(args.kv_cpu_gib)] if args.kv_cpu_gib is not None else [])
         + (["--kv-write-policy", args.kv_write_policy] if args.kv_write_policy else [])
@@ -581,9 +582,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
-# Control characters of model output shown escaped (an ESC could drive the terminal);
-# newlines and tabs print as they are.
-_SHOWN = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t"}
+# Control characters of model output shown escaped (an ESC, or a C1 control such as CSI,
+# could drive the terminal); newlines and tabs print as they are.
+_SHOWN = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
 
 
 def terminal_safe(text: str) -> str:
@@ -618,6 +619,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from uuid import uuid4
 
     from rich.console import Console
+    from rich.markup import escape
     from ultrakv.client.client import RequestError
 
     session = args.session or f"chat-{uuid4().hex[:12]}"
@@ -652,7 +654,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 pending.pop()
                 continue
             except RequestError as exc:  # said, and the chat goes on
-                out.print(f"[red]error: {exc}[/red]", markup=True, highlight=False)
+                out.print(f"[red]error: {escape(terminal_safe(str(exc)))}[/red]", markup=True, highlight=False)
                 pending.pop()
                 continue
             pending = []
@@ -689,6 +691,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         # --wait: poll until SERVING (a script starting `ultrakv serve` in the background).
         while not status["healthy"] and time.monotonic() < deadline:
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            client.timeout = max(0.1, deadline - time.monotonic())  # the last poll ends with the wait
             status = client.health(args.service)
     print(f"{status['address']}: {status['status']}"
           + (f" ({status['error']})" if status.get("error") else ""))

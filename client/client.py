@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import numbers
 import random
 import time
 import uuid
@@ -226,19 +227,21 @@ class SpecError(ValueError):
 
 
 def _integer(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # Integral: Python's and numpy's integers alike; bool is not a count.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SpecError(name, f"{name} must be an integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SpecError(name, f"{name} must be a number, got {value!r}")
     return float(value)
 
 
 def _integers(name: str, values: object) -> list[int]:
-    if not isinstance(values, list | tuple):
+    # Any sequence of integers (a list, a tuple, a numpy array), not a string or a mapping.
+    if isinstance(values, str | bytes | dict) or not hasattr(values, "__iter__"):
         raise SpecError(name, f"{name} must be a list of integers, got {values!r}")
     return [_integer(name, v) for v in values]
 
@@ -278,7 +281,7 @@ def build_request(spec: dict) -> pb.GenerateRequest:
         req.token_ids.ids.extend(_integers("token_ids", spec["token_ids"]))
     elif isinstance(text, str):
         req.text = text
-    elif isinstance(text, list):
+    elif isinstance(text, list | tuple) or type(text).__name__ == "ndarray":
         req.token_ids.ids.extend(_integers("text", text))
     elif text is not None:
         raise SpecError("text", f"text must be a string, got {type(text).__name__}")

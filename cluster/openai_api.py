@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import socket
 import ssl
 import time
@@ -174,7 +175,8 @@ def _lone_surrogate_at(value: Any, path: str) -> str | None:
         value = {**dict(value), **(value.model_extra or {})}
     if isinstance(value, dict):
         items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
-    elif isinstance(value, list):
+    elif isinstance(value, list) and any(isinstance(v, str | list | dict | BaseModel) for v in value[:1]):
+        # (a list of numbers, such as a prompt of 262k token ids, is not walked)
         items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
     else:
         return None
@@ -955,10 +957,6 @@ class HttpServer:
     """The OpenAI-compatible API served by uvicorn in the running event loop; HTTPS with
     ``tls`` (the servers pass the client port's TLS, so keys never cross in clear text)."""
 
-    # The share of the grace period in-flight generations get to finish on their own; then
-    # they are ended with an error (``ApiHost.closing``), before uvicorn cancels what is left.
-    FINISH_SHARE = 0.8
-
     def __init__(self, host: ApiHost, bind_host: str, port: int,
                  grace_period_s: float = 5.0, tls: TlsFiles | None = None) -> None:
         self.host = host
@@ -977,7 +975,7 @@ class HttpServer:
         self._socket = bind_socket(self.bind_host, self.requested_port)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=max(1, round(self.grace_period_s)),
+                                timeout_graceful_shutdown=self._uvicorn_grace_s(),
                                 **(self.tls.uvicorn_options() if self.tls else {}))
         self._server = _EmbeddedUvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]),
@@ -990,6 +988,11 @@ class HttpServer:
             await asyncio.sleep(0.01)
         return self.port
 
+    def _uvicorn_grace_s(self) -> int:
+        """uvicorn's graceful-shutdown timeout: whole seconds, at least one, never below the
+        grace period."""
+        return max(1, math.ceil(self.grace_period_s))
+
     @property
     def scheme(self) -> str:
         return "https" if self.tls else "http"
@@ -1000,7 +1003,10 @@ class HttpServer:
         if self._server is None or self._task is None:
             return
         self._server.should_exit = True
-        done, _ = await asyncio.wait({self._task}, timeout=self.FINISH_SHARE * self.grace_period_s)
+        # Generations still running are ended with an error half a second (or a fifth of the
+        # grace, if less) before uvicorn cancels what is left.
+        grace = self._uvicorn_grace_s()
+        done, _ = await asyncio.wait({self._task}, timeout=grace - min(0.5, grace / 5))
         if not done:
             self.host.closing.set()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1460,8 +1460,12 @@ class CoordinatorServer:
                 self._servicer.stop_idle_streams()  # idle client links end now, not after the grace
                 await server.stop(self.settings.grace_period_s)
 
-        # Both ports drain at once: the process ends within one grace period, not two.
-        await asyncio.gather(http.stop() if http is not None else asyncio.sleep(0), stop_grpc())
+        # Both ports drain at once: the process ends within one grace period, not two; each
+        # finishes even when the other fails.
+        for outcome in await asyncio.gather(http.stop() if http is not None else asyncio.sleep(0),
+                                            stop_grpc(), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
         await self.backend.stop()
 
 

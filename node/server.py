@@ -1206,8 +1206,12 @@ class NodeServer:
                 servicer.stop_idle_streams()
             await server.stop(self.settings.grace_period_s)
 
-        # Both ports drain at once: the process ends within one grace period, not two.
-        await asyncio.gather(http.stop() if http is not None else asyncio.sleep(0), stop_grpc())
+        # Both ports drain at once: the process ends within one grace period, not two; each
+        # finishes even when the other fails.
+        for outcome in await asyncio.gather(http.stop() if http is not None else asyncio.sleep(0),
+                                            stop_grpc(), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def wait(self) -> None:
         if self._server is not None:

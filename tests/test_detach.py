@@ -74,9 +74,12 @@ def test_a_second_ctrl_c_stops_serve_at_once(tmp_path: Path) -> None:
     from processes import children
 
     port = free_port()
+    log_path = tmp_path / "serve.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 (the child writes it; closed below)
     proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "serve", "--model", "tiny",
-                             "--port", str(port), "--http-port", "0", "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port), "--http-port", "0", "--data-dir", str(tmp_path / "data")],
+                            stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         with Client(f"127.0.0.1:{port}", timeout=300) as client:
             deadline = time.monotonic() + 300  # a loaded machine takes long to import the node
@@ -92,13 +95,19 @@ def test_a_second_ctrl_c_stops_serve_at_once(tmp_path: Path) -> None:
             next(stream)  # a generation runs: the first signal's stop waits for it (5 s grace)
             kids = children(proc.pid)
             proc.send_signal(signal.SIGINT)
-            time.sleep(0.5)
+            # The second Ctrl-C once the first has begun the stop (not a fixed pause: a loaded
+            # machine may not have handled the first one yet).
+            while "a second Ctrl-C stops at once" not in log_path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline + 120
+                time.sleep(0.05)
             proc.send_signal(signal.SIGINT)
-            out, _ = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log_file.close()
+    out = log_path.read_text()
     assert proc.returncode == 130, out[-2000:]
     assert "second SIGINT: exiting now" in out
     deadline = time.monotonic() + 30

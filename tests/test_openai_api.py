@@ -375,11 +375,13 @@ def test_stopping_ends_running_generations_with_an_error_not_a_cut():
     # and no [DONE], and answered a whole-body request with a plain-text 500. Near the end of
     # the grace period they now end with an UNAVAILABLE error (503, retry-after).
     eng = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=600, block_size=BLOCK, seed=0))
-    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=1.0, http_port=free_port())
+    # A 2 s grace: both generations (2300 tokens each, seconds of work) still run when it ends,
+    # and the 0.4 s before uvicorn cancels what is left is ample for the error to go out.
+    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=2.0, http_port=free_port())
     srv = BackgroundServer(eng, settings).start()
     try:
         url = f"http://127.0.0.1:{srv.server.http.port}/v1/completions"
-        body = {"prompt": "Go on and on", "max_tokens": 2000, "ignore_eos": True}
+        body = {"prompt": "Go on and on", "max_tokens": 2300, "ignore_eos": True}
         answers: dict[str, httpx.Response] = {}
         whole = threading.Thread(target=lambda: answers.setdefault("whole", httpx.post(url, json=body, timeout=60)))
         whole.start()

@@ -182,6 +182,7 @@ def test_terminal_safe_escapes_control_characters():
     from ultrakv.client.cli import terminal_safe
 
     assert terminal_safe("a\x1b[31mb\nc\td\x07\x7f") == "a\\x1b[31mb\nc\td\\x07\\x7f"
+    assert terminal_safe("x\x9b31my\x85é") == "x\\x9b31my\\x85é"  # C1 controls (CSI, NEL); é stays
 
 
 def test_dashboard_figures_from_two_snapshots():

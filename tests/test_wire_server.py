@@ -145,6 +145,15 @@ def test_the_dict_api_refuses_what_the_wire_cannot_carry_naming_the_key(client, 
     assert client.process_batch([greedy("fine"), {"text": "hello", **spec}])[1]["error_field"] == field
 
 
+def test_the_dict_api_takes_numpy_numbers_and_arrays(client):
+    import numpy as np
+
+    result = client.process_request({"token_ids": np.array([5, 6, 7]), "max_length": np.int64(2),
+                                     "temperature": np.float32(0.0), "stop_token_ids": [np.int32(1)]})
+    assert result["success"], result["error"]
+    assert result["usage"]["prompt_tokens"] == 3
+
+
 async def test_async_client(server):
     async with AsyncClient(server.address, timeout=30) as c:
         r = await c.process_request(greedy("async hello"))
