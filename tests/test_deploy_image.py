@@ -140,3 +140,21 @@ def test_dockerignore_keeps_the_context_small_and_secret_free() -> None:
     copied = {p.rstrip("/") for s in stages for c in s.all("COPY") if not c.startswith("--from")
               for p in c.split()[:-1]}
     assert copied and not copied & ignored
+
+
+def test_pyproject_lists_every_source_package() -> None:
+    """The image installs the package (not editable). node/parallel was missing from
+    pyproject's package list: setuptools still copied it, "as data", with a deprecation
+    warning that this will stop (a helper's build lacked it and every node start failed with
+    ModuleNotFoundError, while the Dockerfile's import check passed on lazy imports)."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    sources = set()
+    for package, src in tool["package-dir"].items():
+        for init in (ROOT / src).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / src).parts
+            if "__pycache__" not in rel:
+                sources.add(".".join((package, *rel)))
+    assert sources - listed == set(), "packages pyproject.toml does not list"
