@@ -526,6 +526,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
             done = backup_jobs.restore(client, Path(args.path), args.timeout, args.etcd or "")
         print(f"restored {done.sessions} sessions ({done.num_tokens} tokens, KV for "
               f"{done.kv_tokens}) from {args.path}")
+        if done.skipped:
+            print(f"kept {done.skipped} sessions the cluster holds with more turns than the backup "
+                  "(not rolled back: delete a session first to restore its older copy)")
         return 0
     settings = _backup_settings(args)
     if args.action == "create":

@@ -211,3 +211,13 @@ async def session_runs(chunks: AsyncIterator[Any]) -> AsyncIterator[list[npb.Ses
     if run:
         raise TransferError(f"session {run[0].header.session_id!r} ended before its trailer "
                             "(truncated)")
+
+
+def history_only_chunks(header: npb.SessionHeader) -> list[npb.SessionChunk]:
+    """A session's header as a stream without its KV (the history, chat messages and last
+    turn's record): for a node whose KV cache holds another dtype, which refuses the KV
+    (``kv_dtype``) and recomputes it on the session's next turn."""
+    history = SessionState(header.session_id, list(header.token_ids), header.turns,
+                           header.model_fingerprint, tenant=header.tenant,
+                           messages=message_pairs(header.messages), last_turn=last_turn_of(header))
+    return list(state_to_chunks(history))

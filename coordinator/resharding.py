@@ -40,6 +40,7 @@ from ultrakv.cluster.session_state import LastTurn, SessionState
 from ultrakv.cluster.session_transfer import (
     chat_messages,
     chunks_to_state,
+    history_only_chunks,
     last_turn_of,
     message_pairs,
     state_to_chunks,
@@ -356,13 +357,9 @@ class Resharder:
             field = dict(exc.trailing_metadata() or ()).get("ultrakv-field")
             if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or field != "kv_dtype":
                 raise
-            h = chunks[0].header
             log.warning("session %s: %s refused its KV (%s); moving the history only",
-                        h.session_id, target, exc.details())
-        history = SessionState(h.session_id, list(h.token_ids), h.turns, h.model_fingerprint,
-                               tenant=h.tenant, messages=message_pairs(h.messages),
-                               last_turn=last_turn_of(h))
-        return await self._stub(target).ImportSession(state_to_chunks(history),
+                        chunks[0].header.session_id, target, exc.details())
+        return await self._stub(target).ImportSession(iter(history_only_chunks(chunks[0].header)),
                                                       timeout=self.rpc_timeout_s)
 
     async def _drop(self, session_id: str, node: str) -> None:

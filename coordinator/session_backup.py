@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from ultrakv.cluster.checkpoint import CHECKPOINTS_PREFIX
-from ultrakv.cluster.session_transfer import last_turn_of, message_pairs
+from ultrakv.cluster.session_transfer import history_only_chunks, last_turn_of, message_pairs
 from ultrakv.cluster.validation import RequestRejected, validate_tenant_key
 from ultrakv.coordinator.dynamic_config import CONFIG_KEY
 from ultrakv.coordinator.resharding import Copy, authoritative
@@ -220,7 +220,9 @@ class SessionBackup:
 
     async def import_runs(self, runs: AsyncIterator[list[npb.SessionChunk]]
                           ) -> ultrakv_pb2.ImportSessionsResponse:
-        """Import each run on its session's owner; stops at the first refused session."""
+        """Import each run on its session's owner; stops at the first refused session. A
+        session the owner holds with more turns is kept, not rolled back (``skipped``); an
+        owner whose KV cache holds another dtype takes the history alone."""
         fingerprints: dict[str, str] = {}
         done = ultrakv_pb2.ImportSessionsResponse()
         async for run in runs:
@@ -239,8 +241,11 @@ class SessionBackup:
                     f"but node {owner} serves model {fingerprints[owner]}: restore it into a "
                     "cluster running the same model")
             async with self.backend.gate.turn(sid):
+                if await self._held_turns(owner, sid) > header.turns:
+                    done.skipped += 1
+                    continue
                 try:
-                    reply = await self._stub(owner).ImportSession(iter(run), timeout=RPC_TIMEOUT_S)
+                    reply = await self._import(owner, run)
                 except grpc.aio.AioRpcError as exc:
                     raise RequestRejected(exc.code(), "",
                                           f"session {sid} refused by node {owner}: "
@@ -253,3 +258,26 @@ class SessionBackup:
             done.num_tokens += reply.num_tokens
             done.kv_tokens += reply.kv_tokens
         return done
+
+    async def _held_turns(self, node: str, sid: str) -> int:
+        """The turns of ``node``'s copy of ``sid`` (0: none)."""
+        try:
+            info = await self._stub(node).GetSession(pb.GetSessionRequest(session_id=sid, any_tenant=True),
+                                                     timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise _unavailable(node, f"GetSession({sid})", exc) from exc
+        return info.turns
+
+    async def _import(self, node: str, run: list[npb.SessionChunk]) -> npb.ImportSessionResponse:
+        """ImportSession on ``node``; a node whose KV cache holds another dtype refuses the KV
+        (naming kv_dtype) and takes the history alone, as a move does."""
+        try:
+            return await self._stub(node).ImportSession(iter(run), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            field = dict(exc.trailing_metadata() or ()).get("ultrakv-field")
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or field != "kv_dtype":
+                raise
+        return await self._stub(node).ImportSession(iter(history_only_chunks(run[0].header)),
+                                                    timeout=RPC_TIMEOUT_S)

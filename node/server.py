@@ -71,6 +71,7 @@ from ultrakv.cluster.session_transfer import (
     DEFAULT_CHUNK_BYTES,
     StateAssembler,
     TransferError,
+    history_only_chunks,
     message_pairs,
     state_to_chunks,
 )
@@ -630,10 +631,19 @@ class LocalBackend:
     async def import_sessions(self, runs: AsyncIterator[list[npb.SessionChunk]]
                               ) -> ultrakv_pb2.ImportSessionsResponse:
         """A restore into this node: each session checked like an ImportSession stream
-        (model fingerprint, history, KV shape and every checksum), its tenant kept."""
+        (model fingerprint, history, KV shape and every checksum), its tenant kept. A session
+        held here with more turns is kept, not rolled back (``skipped``); KV of another dtype
+        than this node's cache comes in as the history alone (recomputed on the next turn)."""
         done = ultrakv_pb2.ImportSessionsResponse()
         layout = self.engine.session_layout
         async for run in runs:
+            header = run[0].header if run and run[0].HasField("header") else None
+            if header is not None:
+                if await asyncio.to_thread(self._held_turns, header.session_id) > header.turns:
+                    done.skipped += 1
+                    continue
+                if header.kv_tokens and header.kv_dtype != layout.kv_dtype:
+                    run = history_only_chunks(header)
             assembler = StateAssembler()
             for chunk in run:
                 first = assembler.header is None
@@ -647,6 +657,13 @@ class LocalBackend:
             done.num_tokens += len(state.token_ids)
             done.kv_tokens += kv_tokens
         return done
+
+    def _held_turns(self, session_id: str) -> int:
+        """The turns of the newest copy of ``session_id`` held here (0: none)."""
+        try:
+            return self.engine.get_session(session_id).turns
+        except LookupError:
+            return 0
 
 
 # --- servicers -------------------------------------------------------------------------------

@@ -200,6 +200,7 @@ def test_a_node_serving_alone_backs_up_on_a_schedule_and_restores(tmp_path: Path
                               security=SecuritySettings(keys_file=str(keys_file)))
     config = EngineConfig(model="tiny", device="cpu", num_blocks=64)
     original, fresh = Engine(config), Engine(config)
+    quantized = Engine(EngineConfig(model="tiny", device="cpu", num_blocks=64, kv_cache_dtype="int8"))
 
     def as_admin(address: str) -> Client:
         return Client(address, api_key=admin, signing_secret=record.signing_secret)
@@ -239,9 +240,22 @@ def test_a_node_serving_alone_backs_up_on_a_schedule_and_restores(tmp_path: Path
             for sid, tokens in truth.items():
                 r = _turn(c, sid, 3)
                 assert r["cached_tokens"] > 0 and r["response"]["token_ids"] == tokens
+            # Restored again, the backup (2 turns) must not roll back the sessions' third turn:
+            # it silently did, losing a turn its client had.
+            with as_admin(srv.address) as a:
+                again = restore(a, last.path)
+                assert (again.sessions, again.skipped) == (0, 2)
+                assert [a.get_session(f"acme~{sid}")["turns"] for sid in truth] == [3, 3]
+        # Into a node whose KV cache is int8: the float KV is left out, the history comes in
+        # (it was refused whole, naming kv_dtype) and the next turn recomputes the KV.
+        with BackgroundServer(quantized, settings) as srv, as_admin(srv.address) as a:
+            done = restore(a, last.path)
+            assert (done.sessions, done.kv_tokens) == (2, 0)
+            assert a.get_session("acme~s-1")["turns"] == 2
     finally:
         original.shutdown()
         fresh.shutdown()
+        quantized.shutdown()
 
 
 def test_a_backup_takes_the_owners_copy_else_the_newest_never_a_replica() -> None:

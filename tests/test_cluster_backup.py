@@ -129,6 +129,12 @@ def test_backup_clear_everything_restore_continues_with_hits(tmp_path: Path) -> 
                     assert r["cached_tokens"] > 0, (sid, r)
                     assert r["response"]["token_ids"] == third_turn[sid], sid
                     assert c.get_session(sid)["turns"] == 3
+        # Restored again, the backup (2 turns) keeps the sessions' third turn (it rolled them
+        # back, silently losing turns clients had).
+        with _client(cluster, admin) as c:
+            rerun = restore(c, made.path, etcd=cluster.etcd_endpoint)
+            assert (rerun.sessions, rerun.skipped) == (0, 6)
+            assert all(c.get_session(f"{t}~{s}")["turns"] == 3 for t, sids in SESSIONS.items() for s in sids)
 
         # A backup of another model is refused by name, before any of it is imported.
         doctored = again.path

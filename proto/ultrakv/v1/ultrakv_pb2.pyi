@@ -61,11 +61,13 @@ class BackupPart(_message.Message):
     def __init__(self, header: _Optional[_Union[BackupHeader, _Mapping]] = ..., session: _Optional[_Union[_node_pb2.SessionChunk, _Mapping]] = ...) -> None: ...
 
 class ImportSessionsResponse(_message.Message):
-    __slots__ = ("sessions", "num_tokens", "kv_tokens")
+    __slots__ = ("sessions", "num_tokens", "kv_tokens", "skipped")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     sessions: int
     num_tokens: int
     kv_tokens: int
-    def __init__(self, sessions: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+    skipped: int
+    def __init__(self, sessions: _Optional[int] = ..., num_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., skipped: _Optional[int] = ...) -> None: ...
