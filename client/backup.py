@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -182,7 +183,7 @@ def write_backup(parts: Iterable[ultrakv_pb2.BackupPart], work: Path,
     if header.checkpoints_json:
         extra["checkpoints.json"] = header.checkpoints_json.encode()
     for name, data in extra.items():
-        (work / name).write_bytes(data)
+        _write_private(work / name, data)
     sessions: list[CheckpointEntry] = []
     tenants: set[str] = set()
     try:
@@ -215,8 +216,8 @@ def write_backup(parts: Iterable[ultrakv_pb2.BackupPart], work: Path,
                 "kv_tokens": sum(e.kv_tokens for e in sessions), "files": len(files),
                 "bytes": sum(f["bytes"] for f in files.values())})
     raw = manifest.to_json()
-    (work / MANIFEST).write_bytes(raw)
-    (work / MANIFEST_SHA256).write_text(_sha256(raw) + "\n")
+    _write_private(work / MANIFEST, raw)
+    _write_private(work / MANIFEST_SHA256, (_sha256(raw) + "\n").encode())
     return manifest
 
 
@@ -227,6 +228,12 @@ def _cut_record(cut: ultrakv_pb2.BackupCut, sessions: list[CheckpointEntry]) -> 
     return {"cut_id": cut.cut_id, "taken_at": cut.taken_at, "taken_at_utc": _stamp(cut.taken_at),
             "etcd_revision": cut.etcd_revision, "hold_s": cut.hold_s, "attempts": cut.attempts,
             "turns": {e.session_id: e.turns for e in sessions}}
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """``data`` to a new file only its owner may read (conversations are in plain text)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
 
 
 def output_kind(output: Path, compress: str) -> str:
@@ -279,7 +286,7 @@ def _write_archive(work: Path, name: str, target: Path, zstd: bool) -> None:
 
     members = [work / MANIFEST, work / MANIFEST_SHA256] + sorted(
         p for p in work.rglob("*") if p.is_file() and p.name not in (MANIFEST, MANIFEST_SHA256))
-    with open(target, "wb") as raw:
+    with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as raw:
         sink = zstandard.ZstdCompressor(level=3).stream_writer(raw) if zstd else raw
         with tarfile.open(fileobj=sink, mode="w|") as tar:
             for path in members:

@@ -534,7 +534,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.action == "create":
         with _client(args) as client:
             made = backup_jobs.create(client, Path(args.output or settings.dir),
-                                      args.compress or settings.compress, args.history_only,
+                                      args.compress or _backup_compression(args.output, settings.compress),
+                                      args.history_only,
                                       args.keep, args.timeout)
         print(f"backup {made.path}: {json.dumps(backup.manifest_summary(made.manifest))}")
         for path in made.pruned:
@@ -614,6 +615,12 @@ def _stream_reply(client: Client, spec: dict, out: Console) -> str:
 
 
 CHAT_BUSY_RETRIES = 5  # a turn sent while the session's stopped one still ends: tried again
+
+
+def _backup_compression(output: str | None, default: str) -> str:
+    """``--compress`` when not given: what an ``--output`` file's name says (``.tar`` is an
+    uncompressed tar, as documented), else the settings' default."""
+    return "none" if output and str(output).endswith(".tar") else default
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -94,6 +94,18 @@ def test_a_backup_reads_back_the_sessions_it_was_given(tmp_path: Path, compress:
     assert [b.path for b in list_backups(tmp_path / "b")] == [path]
     assert list_backups(tmp_path / "b")[0].manifest.counts == manifest.counts
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".tmp")]
+    # Conversations in plain text: every file the owner's only (an archive was 0644).
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    assert files and all(f.stat().st_mode & 0o077 == 0 for f in files), [oct(f.stat().st_mode) for f in files]
+
+
+def test_an_output_file_named_tar_is_an_uncompressed_tar() -> None:
+    # `--output FILE.tar` failed: the default compression (zstd) wanted .tar.zst.
+    from ultrakv.client.cli import _backup_compression
+
+    assert _backup_compression("one.tar", "zstd") == "none"
+    assert _backup_compression("one.tar.zst", "zstd") == "zstd"
+    assert _backup_compression(None, "zstd") == "zstd"
 
 
 def test_verify_names_a_flipped_byte_and_a_truncated_file(tmp_path: Path) -> None:
