@@ -474,6 +474,8 @@ def test_monitoring_objects() -> None:
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     assert alerts == {"UltrakvNodeDown", "UltrakvRingUnstable", "UltrakvKVCacheFull",
                       "UltrakvTTFTHigh", "UltrakvErrorRatioHigh", "UltrakvEtcdUnreachable"}
+    full = next(r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "UltrakvKVCacheFull")
+    assert "above 90% for 5 minutes" in full["annotations"]["summary"]  # was "above 0%" (integer mul)
     with pytest.raises(RuntimeError, match="Prometheus operator CRDs"):
         render({"metrics": {"serviceMonitor": {"enabled": True}}}, api_versions=())
 
