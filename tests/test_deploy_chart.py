@@ -480,6 +480,19 @@ def test_monitoring_objects() -> None:
         render({"metrics": {"serviceMonitor": {"enabled": True}}}, api_versions=())
 
 
+@pytest.mark.parametrize(("values", "suffix"), [({"tls": {"enabled": True}}, "-tls"),
+                                                ({"peerTls": {"enabled": True}}, "-peer-tls")])
+def test_generated_certificates_survive_an_upgrade(values, suffix) -> None:
+    """An upgrade renders against the Secrets an install made (``lookup``): the client TLS
+    Secret got a new CA every time (clients told to trust the old one broke); the peer one
+    kept its own."""
+    first = find(render(values), "Secret", suffix)
+    assert find(render(values), "Secret", suffix)["data"] != first["data"]  # a fresh install: new ones
+    upgraded = find(render(values, existing=[first]), "Secret", suffix)
+    assert upgraded["data"] == first["data"]
+    assert upgraded["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
 # --- the Kustomize base ---------------------------------------------------------------------
 
 

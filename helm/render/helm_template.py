@@ -110,19 +110,24 @@ def validate_values(values: dict[str, Any], chart: Path = CHART) -> None:
 
 def render(values: dict[str, Any], name: str = "ultrakv", namespace: str = "default",
            api_versions: tuple[str, ...] = (), notes: bool = False,
-           kube_version: str = DEFAULT_KUBE_VERSION, chart: Path = CHART) -> str:
-    """The chart's manifests (or NOTES.txt) for already coalesced, checked ``values``."""
+           kube_version: str = DEFAULT_KUBE_VERSION, chart: Path = CHART,
+           existing: list[dict[str, Any]] | None = None) -> str:
+    """The chart's manifests (or NOTES.txt) for already coalesced, checked ``values``;
+    ``existing``: the objects ``lookup`` finds, as a cluster being upgraded holds them."""
     binary = build_renderer()
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(values, f)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as held:
+        json.dump(existing or [], held)
     try:
         cmd = [str(binary), "-chart", str(chart), "-values", f.name, "-name", name,
                "-namespace", namespace, "-kube-version", kube_version,
-               "-api-versions", ",".join(api_versions)]
+               "-api-versions", ",".join(api_versions), "-existing", held.name]
         proc = subprocess.run(cmd + (["-notes"] if notes else []), capture_output=True,
                               text=True)
     finally:
         os.unlink(f.name)
+        os.unlink(held.name)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip())
     return proc.stdout

@@ -3,7 +3,8 @@
 //
 // It uses Go's text/template with the sprig function map (the same library Helm uses) and
 // adds Helm's own functions: include, tpl, required, toYaml, fromYaml, toJson, fromJson, lookup
-// (empty, as in `helm template`), and the .Values/.Release/.Chart/.Capabilities/.Template
+// (empty, as in `helm template`, unless -existing lists objects a cluster holds), and the
+// .Values/.Release/.Chart/.Capabilities/.Template
 // objects. Values arrive already coalesced and schema-checked (helm_template.py does that) as
 // JSON, so numbers are float64 exactly as Helm's YAML-through-JSON decoding makes them.
 //
@@ -57,6 +58,9 @@ type Capabilities struct {
 	HelmVersion map[string]string
 }
 
+// The objects -existing names: what `lookup` finds, as a cluster being upgraded holds them.
+var existingObjects []map[string]interface{}
+
 func main() {
 	chartDir := flag.String("chart", "", "chart directory")
 	valuesPath := flag.String("values", "", "coalesced values as JSON")
@@ -65,7 +69,18 @@ func main() {
 	kubeVersion := flag.String("kube-version", "v1.34.0", "Kubernetes version for .Capabilities")
 	apiVersions := flag.String("api-versions", "", "comma-separated extra API versions")
 	notes := flag.Bool("notes", false, "render NOTES.txt instead of the manifests")
+	existing := flag.String("existing", "", "JSON list of objects `lookup` finds (as on an upgrade)")
 	flag.Parse()
+	if *existing != "" {
+		raw, err := os.ReadFile(*existing)
+		if err == nil {
+			err = json.Unmarshal(raw, &existingObjects)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "Error: -existing:", err)
+			os.Exit(1)
+		}
+	}
 	out, err := render(*chartDir, *valuesPath, *name, *namespace, *kubeVersion, *apiVersions, *notes)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "Error:", err)
@@ -232,7 +247,16 @@ func funcMap(root *template.Template) template.FuncMap {
 		return v, nil
 	}
 	f["lookup"] = func(apiVersion, kind, namespace, name string) (map[string]interface{}, error) {
-		return map[string]interface{}{}, nil // `helm template` has no cluster to ask
+		// `helm template` has no cluster to ask: empty, unless -existing says what one holds.
+		for _, obj := range existingObjects {
+			meta, _ := obj["metadata"].(map[string]interface{})
+			if obj["apiVersion"] == apiVersion && obj["kind"] == kind && meta != nil && meta["name"] == name {
+				if ns, ok := meta["namespace"].(string); !ok || ns == "" || ns == namespace {
+					return obj, nil
+				}
+			}
+		}
+		return map[string]interface{}{}, nil
 	}
 	f["include"] = func(name string, data interface{}) (string, error) {
 		var buf bytes.Buffer
