@@ -639,6 +639,7 @@ class Engine:
                 token_ids=tokens,
                 num_prompt_tokens=len(tokens),
                 conversation=prompt.conversation,
+                resumed_token_ids=list(request.resume_token_ids),
                 sampling=sp,
                 priority=Priority(request.priority),
                 session_id=request.session_id,
@@ -1056,6 +1057,20 @@ class Engine:
         if listener is not None and (new_tokens or text):
             _notify(listener, StreamDelta(seq.request_id, new_tokens, text))
 
+    def _reply_text(self, seq: Sequence) -> str:
+        return self._whole_reply(seq.resumed_token_ids, seq.output_token_ids, seq.text)
+
+    def _whole_reply(self, resumed: list[int], output: list[int], text: str) -> str:
+        """The assistant's whole reply of a chat turn, as the session keeps it: a resumed turn's
+        (``resumed``: what its failed attempt streamed, which the client has) begins with that
+        text; keeping only this attempt's ``text`` lost it, and the next turn rendered a shorter
+        conversation than the history. ``text`` may end short of ``output`` (a stop string)."""
+        if not resumed:
+            return text
+        whole = self.tokenizer.decode(resumed + output)
+        cut = len(self.tokenizer.decode(output)) - len(text)
+        return whole[: len(whole) - cut] if cut > 0 else whole
+
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, pending_text: str = "") -> RequestOutput:
         if not seq.incremental_text and reason in ("stop", "length"):
             seq.text = self.tokenizer.decode(seq.output_token_ids)
@@ -1066,7 +1081,7 @@ class Engine:
             completed = reason in ("stop", "length")
             conversation = None
             if seq.conversation is not None:
-                conversation = [*seq.conversation, ChatMessage("assistant", seq.text)]
+                conversation = [*seq.conversation, ChatMessage("assistant", self._reply_text(seq))]
             self.sessions.end_turn(seq.session_id, seq.token_ids if completed else None, seq.prefix_hashes,
                                    conversation)
         output = RequestOutput(
@@ -1263,7 +1278,8 @@ class Engine:
             known = copy[0].block_hashes[: prompt.kept_history_tokens // self.config.block_size] if copy else []
             conversation = None
             if prompt.conversation is not None:
-                conversation = [*prompt.conversation, ChatMessage("assistant", text)]
+                reply = self._whole_reply(list(request.resume_token_ids), list(output_token_ids), text)
+                conversation = [*prompt.conversation, ChatMessage("assistant", reply)]
             applied = self.sessions.append_turn(sid, request.tenant, turns, history, known, conversation)
             return output, applied
 

@@ -42,6 +42,9 @@ class Sequence:
     # The chat conversation this turn renders (None for text and token prompts); the
     # session keeps it, with the reply, for its next turn.
     conversation: list[ChatMessage] | None = None
+    # A resumed turn (its first attempt's node failed mid-stream): the tokens that attempt
+    # generated, now at the end of the prompt; the reply the session keeps begins with them.
+    resumed_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
