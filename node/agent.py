@@ -166,6 +166,8 @@ class NodeAgent:
         self.server.backend.registration = self.registration
         self.server.backend.replication = self.replicator.stats
         self.server.backend.on_turn_complete = self.replicator.on_turn_complete
+        if self.checkpointer is not None:
+            self.server.backend.on_session_deleted = self.checkpointer.forget
         await self.server.health.set(RING_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.checkpointer is not None:
             self.checkpointer.start()
@@ -229,6 +231,7 @@ class NodeAgent:
             except Exception as exc:  # stopping must finish even with etcd away
                 log.warning("final checkpoint of %s failed: %s", self.node_id, exc)
         self.server.backend.on_turn_complete = None
+        self.server.backend.on_session_deleted = None
         self.server.backend.registration = None
         if self.registration is not None:
             await self.server.health.set(RING_HEALTH_SERVICE,

@@ -132,6 +132,7 @@ class Checkpointer:
         self.manifest = Manifest(node_id, str(self.directory.resolve()))
         self.recorded: Manifest | None = None  # what etcd holds (None: unknown, write all)
         self._task: asyncio.Task[None] | None = None
+        self._round = asyncio.Lock()  # a round and a deleted session's removal, one at a time
         self._last_compacted = 0.0
         # The key of the turn record written with each session's files (None: none): a
         # record that reached the ledger after its history was written (the turn landed
@@ -200,9 +201,29 @@ class Checkpointer:
             if path.name not in keep:
                 path.unlink(missing_ok=True)
 
+    async def forget(self, session_id: str) -> bool:
+        """Drop a deleted session from the checkpoint now (its manifest entry in etcd, then its
+        files), not at the next round: a node restarted or restored from it meanwhile would
+        bring the session back. False when the checkpoint did not hold it."""
+        async with self._round:
+            entries = dict(self.manifest.sessions)
+            if entries.pop(session_id, None) is None:
+                return False
+            manifest = Manifest(self.node_id, str(self.directory.resolve()), time.time(), entries)
+            if self.recorded is None:
+                self.recorded = await load_manifest(self.store, self.node_id)
+            await write_manifest(self.store, self.recorded, manifest)
+            self.manifest = self.recorded = manifest
+            await asyncio.to_thread(self._remove_unreferenced, manifest)
+            return True
+
     async def checkpoint_once(self) -> Manifest:
         """One checkpoint: files first, then the changed manifest entries in etcd, then old
         files removed; etcd's history compacted at most once a minute."""
+        async with self._round:
+            return await self._checkpoint_once()
+
+    async def _checkpoint_once(self) -> Manifest:
         # The ledger lives on this loop: its records are copied here, written in the thread.
         records = self.ledger.records() if self.ledger is not None else {}
         manifest = await asyncio.to_thread(self._write, records)

@@ -264,6 +264,10 @@ class LocalBackend:
         self.engine = engine
         self.identity = identity or NodeIdentity()
         self.on_turn_complete = on_turn_complete
+        # Set by the cluster agent: drops a deleted session from this node's checkpoint before
+        # the delete is answered (True when the checkpoint held it), so a restart or a dead
+        # node's restore cannot bring the session back.
+        self.on_session_deleted: Callable[[str], Awaitable[bool]] | None = None
         self.ledger = TurnLedger()
         self.cuts = CutRegistry()  # backups' cuts: snapshots, and results held meanwhile
         self.serving = True  # False while the engine makes no progress (NodeServer's watch)
@@ -598,7 +602,16 @@ class LocalBackend:
         return session_message(info, self.identity.node_id)
 
     async def delete_session(self, session_id: str, tenant: str | None) -> None:
-        await asyncio.to_thread(self.engine.delete_session, session_id, tenant)
+        try:
+            await asyncio.to_thread(self.engine.delete_session, session_id, tenant)
+        except SessionNotFoundError:
+            # Gone from memory, yet perhaps still checkpointed (an earlier delete whose
+            # checkpoint step failed): the checkpoint's copy goes now, and the delete is done.
+            if self.on_session_deleted is None or not await self.on_session_deleted(session_id):
+                raise
+        else:
+            if self.on_session_deleted is not None:
+                await self.on_session_deleted(session_id)
         self.ledger.forget(session_id)
         self._unconfirmed.pop(session_id, None)
 

@@ -106,6 +106,31 @@ async def test_checkpoints_rewrite_only_changed_sessions_and_drop_old_files(
     assert third.sessions[sids[0]].history_file in names
 
 
+async def test_a_deleted_session_leaves_the_checkpoint_before_the_delete_is_answered(
+        engines, store, tmp_path: Path) -> None:
+    """A session deleted between two rounds stayed in the checkpoint (its manifest entry and
+    files) until the next: a node killed meanwhile, and restored from it, brought the deleted
+    session back (a tester saw five come back)."""
+    from ultrakv.node.server import LocalBackend
+
+    a, b = engines
+    sids = [f"del-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
+    _turn(a, sids, 1)
+    checkpointer = Checkpointer(a, "del", tmp_path, store, interval_s=3600)
+    first = await checkpointer.checkpoint_once()
+    assert set(sids) <= set(first.sessions)
+    backend = LocalBackend(a)
+    backend.on_session_deleted = checkpointer.forget  # as the node's cluster agent sets it
+    await backend.delete_session(sids[0], None)
+    recorded = await load_manifest(store, "del")
+    assert sids[0] not in recorded.sessions and sids[1] in recorded.sessions
+    names = {p.name for p in Path(recorded.directory).iterdir()}
+    assert first.sessions[sids[0]].history_file not in names
+    assert {s for s in restore_into(b, recorded).restored} & set(sids) == {sids[1]}
+    with pytest.raises(SessionNotFoundError):
+        await backend.delete_session(sids[0], None)  # gone from memory and checkpoint alike
+
+
 async def test_replicas_are_checkpointed_and_restored_as_replicas(engines, store,
                                                                  tmp_path: Path) -> None:
     """Defect 2: a replica may be a session's only copy; the holder's checkpoint keeps it."""
