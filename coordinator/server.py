@@ -297,6 +297,19 @@ class SessionGate:
                 lock.release()
 
 
+def delete_outcome(session_id: str, outcomes: list[str]) -> None:
+    """A delete's answer from each member's outcome (``deleted``, ``absent``, ``left``, or the
+    id of a member that did not answer): UNAVAILABLE while any member may still hold a copy,
+    NOT_FOUND when none held one, else done."""
+    silent = [o for o in outcomes if o not in ("deleted", "absent", "left")]
+    if silent:
+        raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "session_id",
+                              f"session_id {session_id!r}: node {', '.join(silent)} did not answer and may "
+                              "still hold a copy; send the delete again", retry_after_s=1.0)
+    if "deleted" not in outcomes:
+        raise SessionNotFoundError(session_id)
+
+
 def resumed_request(request: pb.GenerateRequest, sent_ids: list[int]) -> pb.GenerateRequest:
     """The request that continues ``request`` after ``sent_ids`` were streamed already.
 
@@ -1208,13 +1221,24 @@ class ClusterBackend:
 
     async def delete_session(self, session_id: str, tenant: str | None) -> None:
         """Delete every copy (the owner's and any stale one) that ``tenant`` owns (any
-        tenant's when None: an admin)."""
+        tenant's when None: an admin). Every member is asked: one that does not answer may
+        hold a copy (a dead owner's comes back from its replica or checkpoint), so the delete
+        then fails UNAVAILABLE, to be sent again, rather than report a success it lacks."""
+        request = pb.DeleteSessionRequest(session_id=session_id, tenant=tenant or "",
+                                          any_tenant=tenant is None)
+
+        async def one(node: str) -> str:
+            try:
+                await self.peers.stub(self.members[node].address).DeleteSession(request, timeout=5)
+                return "deleted"
+            except KeyError:
+                return "left"  # left the cluster meanwhile
+            except grpc.aio.AioRpcError as exc:
+                return "absent" if exc.code() == grpc.StatusCode.NOT_FOUND else node
+
         async with self.gate.turn(session_id):
-            replies = await self._each(lambda s: s.DeleteSession(
-                pb.DeleteSessionRequest(session_id=session_id, tenant=tenant or "",
-                                        any_tenant=tenant is None), timeout=5))
-        if not replies:
-            raise SessionNotFoundError(session_id)
+            outcomes = await asyncio.gather(*(one(n) for n in sorted(self.members)))
+        delete_outcome(session_id, outcomes)
 
     def export_sessions(self, history_only: bool) -> AsyncIterator[ultrakv_pb2.BackupPart]:
         """A backup of every session (coordinator/session_backup.py)."""

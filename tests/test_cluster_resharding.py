@@ -11,7 +11,7 @@ from ultrakv.cluster.checkpoint import merge_with_history
 from ultrakv.cluster.ring import HashRing, replica_targets
 from ultrakv.cluster.session_state import SessionState
 from ultrakv.coordinator.resharding import Copy, Move, authoritative, plan_moves
-from ultrakv.coordinator.server import SessionGate, resumed_request
+from ultrakv.coordinator.server import SessionGate, delete_outcome, resumed_request
 from ultrakv.v1 import types_pb2 as pb
 
 
@@ -95,6 +95,22 @@ def test_merge_prefers_more_turns_and_keeps_kv_only_when_it_matches() -> None:
     assert rewritten.kv_tokens == 16 and rewritten.token_ids == list(range(16)) + [1, 2]
     none = merge_with_history("s", None, [1, 2, 3], 1, "fp")
     assert (none.session_id, none.token_ids, none.kv) == ("s", [1, 2, 3], None)
+
+
+def test_a_delete_a_member_did_not_answer_is_not_reported_done() -> None:
+    """A delete while the session's owner was down answered success from the members that
+    answered, and the session came back a second later from the owner's replica."""
+    import grpc
+    from ultrakv.cluster.errors import SessionNotFoundError
+    from ultrakv.cluster.validation import RequestRejected
+
+    delete_outcome("s", ["deleted", "absent", "left"])  # every copy reached: done
+    with pytest.raises(RequestRejected) as silent:
+        delete_outcome("s", ["deleted", "node-2"])
+    assert silent.value.code == grpc.StatusCode.UNAVAILABLE and silent.value.field == "session_id"
+    assert "node-2 did not answer" in silent.value.message and silent.value.retry_after_s > 0
+    with pytest.raises(SessionNotFoundError):
+        delete_outcome("s", ["absent", "absent"])
 
 
 def test_resumed_request_continues_from_the_token_ids_already_sent() -> None:
