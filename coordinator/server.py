@@ -1216,7 +1216,11 @@ class ClusterBackend:
                                          any_tenant=tenant is None), timeout=5)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
+                    # The owner failing over: UNAVAILABLE, which clients retry (the node's own
+                    # error, re-raised, reached them as UNKNOWN with gRPC's internal text).
+                    raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "session_id",
+                                          f"session_id {session_id!r}: its node {node} did not answer "
+                                          f"({exc.code().name}); retry", retry_after_s=1.0) from None
         raise SessionNotFoundError(session_id)
 
     async def delete_session(self, session_id: str, tenant: str | None) -> None:

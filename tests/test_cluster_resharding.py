@@ -237,3 +237,24 @@ async def test_an_attempt_arms_one_timer_for_many_reads(monkeypatch) -> None:
     with pytest.raises(_NodeGone, match="sent nothing for 0.05 s"):
         await attempt.read(stream, 0.05, "n1")
     attempt.close()
+
+
+async def test_get_session_while_its_owner_does_not_answer_is_unavailable() -> None:
+    """During a failover GetSession re-raised the node's error from the servicer, and the
+    client got UNKNOWN with gRPC's internal text (and did not retry): now UNAVAILABLE."""
+    import grpc
+    from ultrakv.cluster.etcd_server import free_port
+    from ultrakv.cluster.membership import NodeRecord
+    from ultrakv.cluster.ring import HashRing
+    from ultrakv.cluster.validation import RequestRejected
+    from ultrakv.coordinator.server import ClusterBackend, CoordinatorSettings
+
+    backend = ClusterBackend(CoordinatorSettings(etcd="127.0.0.1:1"))
+    backend.ring = HashRing(["n1"])
+    backend.members = {"n1": NodeRecord("n1", f"127.0.0.1:{free_port()}", 1)}  # nothing listens
+    try:
+        with pytest.raises(RequestRejected) as err:
+            await backend.get_session("s", "acme")
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and "n1 did not answer" in err.value.message
+    finally:
+        await backend.peers.close()
