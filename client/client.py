@@ -25,7 +25,7 @@ import numbers
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -888,3 +888,27 @@ class AsyncClient:
 
     async def delete_session(self, session_id: str) -> None:
         await self._call(lambda e: e.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
+
+    async def export_sessions(self, history_only: bool = False, timeout: float | None = None
+                              ) -> AsyncIterator[ultrakv_pb2.BackupPart]:
+        """A backup's stream (admin key), as :meth:`Client.export_sessions`. Not retried."""
+        call = self._endpoints[self._failover.current].stub.ExportSessions(
+            ultrakv_pb2.ExportSessionsRequest(history_only=history_only),
+            timeout=timeout or self.timeout, metadata=self._metadata)
+        try:
+            async for part in call:
+                yield part
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc
+        finally:
+            call.cancel()
+
+    async def import_sessions(self, chunks: Iterable[Any] | AsyncIterable[Any],
+                              timeout: float | None = None) -> ultrakv_pb2.ImportSessionsResponse:
+        """A restore (admin key), as :meth:`Client.import_sessions`."""
+        try:
+            return await self._endpoints[self._failover.current].stub.ImportSessions(
+                chunks if hasattr(chunks, "__aiter__") else iter(chunks),
+                timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise RequestError.from_rpc(exc) from exc

@@ -154,6 +154,20 @@ def test_the_dict_api_takes_numpy_numbers_and_arrays(client):
     assert result["usage"]["prompt_tokens"] == 3
 
 
+async def test_async_client_backs_up_and_restores_sessions(server):
+    # The README says AsyncClient has Client's methods as coroutines; it lacked these two.
+    async with AsyncClient(server.address, timeout=30) as c:
+        first = await c.process_request({**greedy("remember me"), "session_id": "async-backup"})
+        assert first["success"]
+        parts = [p async for p in c.export_sessions()]
+        assert parts[0].HasField("header") and parts[0].header.num_sessions >= 1
+        await c.delete_session("async-backup")
+        chunks = [p.session for p in parts if p.HasField("session")]
+        done = await c.import_sessions(chunks)
+        assert done.sessions == parts[0].header.num_sessions
+        assert (await c.get_session("async-backup"))["turns"] == 1
+
+
 async def test_async_client(server):
     async with AsyncClient(server.address, timeout=30) as c:
         r = await c.process_request(greedy("async hello"))
