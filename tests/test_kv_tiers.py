@@ -19,7 +19,7 @@ from ultrakv.cluster.block_file import SUFFIX, read_block_file, tensor_to_block
 from ultrakv.cluster.block_hashing import hash_token_blocks
 from ultrakv.node import Engine, EngineConfig, SamplingParams
 from ultrakv.node.kv import tiers as tiers_module
-from ultrakv.node.kv.disk_tier import DiskTier
+from ultrakv.node.kv.disk_tier import LOCK_NAME, DiskTier
 from ultrakv.node.kv.host_tier import HostTier
 from ultrakv.node.kv.tiers import BlockIdentity, KVTiers
 from ultrakv.node.metrics import NodeCollector
@@ -350,7 +350,30 @@ def test_disk_writes_drop_when_the_queue_is_full(tmp_path):
     block = torch.ones((1, 2, BS, 2, 4))
     accepted = [disk.submit(h, block) for h in range(1, 9)]
     assert accepted == [True] * 3 + [False] * 5 and disk.dropped == 5
-    assert not any(h in disk for h in range(1, 9)) and not list(disk.directory.iterdir())
+    assert not any(h in disk for h in range(1, 9))
+    assert [p.name for p in disk.directory.iterdir()] == [LOCK_NAME]  # no block file
+
+
+def test_a_second_server_on_the_same_disk_directory_gets_its_tier_off(tmp_path, caplog):
+    """Two servers shared a --kv-disk-dir unnoticed: one's clear-cache deleted the other's
+    files under its index (its known prefixes then missed), and together they passed the
+    size cap each kept alone. The directory is now held by one tier at a time."""
+    identity = BlockIdentity("fp-test", "float32", BS)
+
+    def tier() -> DiskTier:
+        return DiskTier(tmp_path, identity.namespace, identity.key, (1, 2, BS, 2, 4), torch.float32, 1 << 30)
+
+    first = tier()
+    first.submit(1, torch.ones((1, 2, BS, 2, 4)))
+    first.flush()
+    second = tier()
+    assert first.enabled and not second.enabled and 1 not in second
+    assert "another process (another ultrakv server) uses this directory" in caplog.text
+    assert second.clear() == 0 and 1 in first  # the second touches nothing
+    first.close()
+    third = tier()  # released: the next one takes the directory and finds the block
+    assert third.enabled and 1 in third
+    third.close()
 
 
 @pytest.mark.parametrize("tiers", [{"kv_cpu_gib": 0.01}, {"kv_disk_dir": "DISK"}])

@@ -33,6 +33,8 @@ The directory is capped at ``capacity_bytes``; which file goes first is the conf
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import queue
@@ -59,6 +61,8 @@ log = logging.getLogger("ultrakv.node.kv.disk_tier")
 Observer = Callable[[str, int], None]  # ("stored" | "removed", block hash)
 # Blocks waiting for the writer at most; more are dropped (a future miss).
 QUEUE_BLOCKS = 64
+# The file a tier holds locked (flock) while it uses its directory.
+LOCK_NAME = ".ultrakv-lock"
 
 
 @dataclass
@@ -111,14 +115,30 @@ class DiskTier:
         self.queue_blocks = queue_blocks
         self._queue: queue.Queue[_Write | None] = queue.Queue(queue_blocks)
         self._writer: threading.Thread | None = None
+        self._lock_file: int | None = None
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._take_directory()
             self._scan()
         except OSError as exc:
             self._disable(f"cannot use {self.directory}", exc)
             return
         self._writer = threading.Thread(target=self._write_loop, name="ultrakv-kv-disk", daemon=True)
         self._writer.start()
+
+    def _take_directory(self) -> None:
+        """Hold the directory's lock for this tier's life: a second server on the same
+        directory (two shared one unnoticed: one's clear-cache emptied the other's index
+        underneath it, and together they passed their size cap) gets its tier off, with the
+        one error, instead."""
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BlockingIOError(errno.EWOULDBLOCK, "another process (another ultrakv server) uses this "
+                                  "directory; give each server a --kv-disk-dir of its own") from None
+        self._lock_file = fd
 
     # -- index ------------------------------------------------------------------------------
 
@@ -334,10 +354,13 @@ class DiskTier:
         return len(hashes)
 
     def close(self) -> None:
-        """Finish queued writes and stop the writer thread."""
+        """Finish queued writes, stop the writer thread, let the directory go."""
         if self._writer is not None and self._writer.is_alive():
             self._queue.put(None)
             self._writer.join(timeout=60)
+        if self._lock_file is not None:
+            os.close(self._lock_file)  # releases the lock
+            self._lock_file = None
 
 
 def _unlink(path: str) -> None:
