@@ -467,9 +467,15 @@ def test_monitoring_objects() -> None:
     services = [o for o in objects if o["kind"] == "Service"]
     for m in monitors:
         port = m["spec"]["endpoints"][0]["port"]
-        selected = [s for s in services if all(s["metadata"]["labels"].get(k) == v for k, v in
-                                               m["spec"]["selector"]["matchLabels"].items())]
-        assert selected and all(port in {p["name"] for p in s["spec"]["ports"]} for s in selected)
+        selector = m["spec"]["selector"]
+        selected = [s for s in services
+                    if all(s["metadata"]["labels"].get(k) == v for k, v in selector["matchLabels"].items())
+                    and all(e["key"] not in s["metadata"]["labels"] for e in selector.get("matchExpressions", ())
+                            if e["operator"] == "DoesNotExist")]
+        # Exactly one Service each: etcd's headless peer Service has its labels and a client
+        # port, and every member was scraped twice.
+        assert len(selected) == 1, [s["metadata"]["name"] for s in selected]
+        assert port in {p["name"] for p in selected[0]["spec"]["ports"]}
     rule = find(objects, "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     assert alerts == {"UltrakvNodeDown", "UltrakvRingUnstable", "UltrakvKVCacheFull",
