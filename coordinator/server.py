@@ -78,7 +78,7 @@ from ultrakv.cluster.service import (
     push_events,
 )
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
-from ultrakv.cluster.tasks import exit_on_second_signal
+from ultrakv.cluster.tasks import cancel_task, exit_on_second_signal
 from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import (
     Limits,
@@ -1388,6 +1388,9 @@ class _NodeGone(Exception):
         self.abandon = abandon
 
 
+READINESS_POLL_S = 0.5  # how often the client service's gRPC health follows the ring
+
+
 class CoordinatorServer:
     """The coordinator's gRPC server: UltraKV over a ClusterBackend, health, reflection."""
 
@@ -1402,6 +1405,7 @@ class CoordinatorServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self.http: HttpServer | None = None
+        self._readiness: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -1450,8 +1454,9 @@ class CoordinatorServer:
                                                      "coordinator")) from None
         await server.start()
         self._server = server
-        for name in ("", ULTRAKV_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)  # alive
+        await self._report_readiness()
+        self._readiness = asyncio.create_task(self._watch_readiness(), name="coordinator-readiness")
         registry = CollectorRegistry()  # own registry: several servers in one process
         registry.register(CoordinatorCollector(self.backend))
         registry.register(self.security.events)
@@ -1474,7 +1479,22 @@ class CoordinatorServer:
                      dial_host(self.settings.host), self.http.port)
         return self.port
 
+    async def _report_readiness(self) -> None:
+        """The client service's gRPC health: SERVING only while a node is on the routing ring
+        (as HTTP /health), so a readiness probe over gRPC (the chart's, with the HTTP port off)
+        does not pass on an empty ring; the overall service ("") stays SERVING (liveness)."""
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if self._not_ready()
+                  else health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(ULTRAKV_SERVICE, status)
+
+    async def _watch_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(READINESS_POLL_S)
+            await self._report_readiness()
+
     async def stop(self) -> None:
+        await cancel_task(self._readiness)
+        self._readiness = None
         server, self._server = self._server, None  # /health answers 503 from here on
         http, self.http = self.http, None
         if self._metrics_http is not None:

@@ -321,6 +321,16 @@ def test_duplicate_node_id_is_refused_with_a_clear_error(cluster) -> None:
         assert live in {n["node_id"] for n in client.stats()["nodes"]}
 
 
+def test_the_client_service_is_ready_over_grpc_once_nodes_serve(cluster) -> None:
+    # Readiness over gRPC follows the ring (NOT_SERVING while empty: a coordinator test).
+    with Client(cluster.address, timeout=10) as client:
+        deadline = time.monotonic() + 60
+        while client.health("ultrakv.v1.UltraKV")["status"] != "SERVING":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert client.health()["status"] == "SERVING"
+
+
 def test_stats_list_every_node_with_its_pid(cluster) -> None:
     with Client(cluster.address, timeout=10) as client:
         stats = client.stats()

@@ -555,7 +555,12 @@ async def test_coordinator_without_nodes_is_alive_but_not_ready(etcd):
         # `serve --detach --nodes N` reported serving here, before a node was on the ring.
         from ultrakv.client.cli import serves_as_started
 
-        assert (await asyncio.to_thread(Client(server.address, timeout=10).health))["healthy"]
+        with Client(server.address, timeout=10) as grpc_client:
+            assert (await asyncio.to_thread(grpc_client.health))["healthy"]  # alive
+            # ... and not ready over gRPC either (the chart's probe with the HTTP port off
+            # passed here: the client service reported SERVING on an empty ring).
+            ready = await asyncio.to_thread(grpc_client.health, "ultrakv.v1.UltraKV")
+            assert ready["status"] == "NOT_SERVING"
         assert not await asyncio.to_thread(serves_as_started, server.address, os.getpid())
     finally:
         await server.stop()
