@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 
 log = logging.getLogger("ultrakv.stop")
 
@@ -19,6 +20,15 @@ async def cancel_task(task: asyncio.Task | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def all_of(*work: Awaitable[object]) -> None:
+    """Run ``work`` together to the end, each finishing even when another fails; then raise
+    the first failure, if any (a server's ports drained at once: one grace period, not one
+    each)."""
+    for outcome in await asyncio.gather(*work, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 # Set by a supervisor (``serve --nodes``) in its children's environment.

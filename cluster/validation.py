@@ -361,6 +361,9 @@ def validate_history(token_ids: Sequence[int], turns: int, tenant: str,
 # fewer than this. A session's chat messages are bounded the same way by its history.
 LAST_TEXT_MAX_BYTES_PER_TOKEN = 256
 
+# A record's other strings (a node id, a failed turn's error): a node keeps up to 100k records.
+LAST_STRING_MAX_BYTES = 1024
+
 
 def validate_history_messages(contents: Sequence[str], num_tokens: int) -> None:
     """Check the chat messages a session's history was rendered from (a peer's replica or
@@ -376,8 +379,6 @@ def validate_history_messages(contents: Sequence[str], num_tokens: int) -> None:
     if size > limit:
         raise _invalid("messages", f"messages must hold at most {limit} bytes of content "
                                    f"({LAST_TEXT_MAX_BYTES_PER_TOKEN} a history token), got {size}")
-# A record's other strings (a node id, a failed turn's error): a node keeps up to 100k records.
-LAST_STRING_MAX_BYTES = 1024
 
 
 def validate_last_turn(message: Any) -> None:

@@ -31,6 +31,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 from ultrakv.cluster.checkpoint import Manifest, load_manifest, merge_with_history, read_session
@@ -123,6 +124,23 @@ class MoveResult:
     ok: bool
     kv_tokens: int = 0
     error: str = ""
+
+
+async def import_session(stub: Any, node: str, chunks: list[npb.SessionChunk],
+                         timeout_s: float) -> npb.ImportSessionResponse:
+    """ImportSession of ``chunks`` on ``node`` (a move or a restore). A node whose KV cache
+    holds another dtype (int8, fp8 or float: ``kv_cache_dtype``) refuses the KV, naming
+    kv_dtype; the history then goes alone and the node recomputes the KV on the session's
+    next turn."""
+    try:
+        return await stub.ImportSession(iter(chunks), timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        field = dict(exc.trailing_metadata() or ()).get("ultrakv-field")
+        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or field != "kv_dtype":
+            raise
+        log.warning("session %s: %s refused its KV (%s); moving the history only",
+                    chunks[0].header.session_id, node, exc.details())
+    return await stub.ImportSession(iter(history_only_chunks(chunks[0].header)), timeout=timeout_s)
 
 
 class Resharder:
@@ -348,19 +366,7 @@ class Resharder:
         return replace(state, kv=None, kv_tokens=resp.kv_tokens)
 
     async def _import(self, target: str, chunks: list) -> npb.ImportSessionResponse:
-        """ImportSession on ``target``. A target whose KV cache holds another dtype (int8, fp8
-        or float: ``kv_cache_dtype``) refuses the KV, naming kv_dtype; the history then moves
-        alone and the target recomputes the KV on the session's next turn."""
-        try:
-            return await self._stub(target).ImportSession(iter(chunks), timeout=self.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            field = dict(exc.trailing_metadata() or ()).get("ultrakv-field")
-            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or field != "kv_dtype":
-                raise
-            log.warning("session %s: %s refused its KV (%s); moving the history only",
-                        chunks[0].header.session_id, target, exc.details())
-        return await self._stub(target).ImportSession(iter(history_only_chunks(chunks[0].header)),
-                                                      timeout=self.rpc_timeout_s)
+        return await import_session(self._stub(target), target, chunks, self.rpc_timeout_s)
 
     async def _drop(self, session_id: str, node: str) -> None:
         try:

@@ -78,7 +78,7 @@ from ultrakv.cluster.service import (
     push_events,
 )
 from ultrakv.cluster.store import DEFAULT_PREFIX, Compare, EtcdStore, Put
-from ultrakv.cluster.tasks import cancel_task, exit_on_second_signal
+from ultrakv.cluster.tasks import all_of, cancel_task, exit_on_second_signal
 from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import (
     Limits,
@@ -1508,12 +1508,7 @@ class CoordinatorServer:
                 self._servicer.stop_idle_streams()  # idle client links end now, not after the grace
                 await server.stop(self.settings.grace_period_s)
 
-        # Both ports drain at once: the process ends within one grace period, not two; each
-        # finishes even when the other fails.
-        for outcome in await asyncio.gather(http.stop() if http is not None else asyncio.sleep(0),
-                                            stop_grpc(), return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await all_of(http.stop() if http is not None else asyncio.sleep(0), stop_grpc())
         await self.backend.stop()
 
 

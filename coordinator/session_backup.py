@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 from ultrakv.cluster.checkpoint import CHECKPOINTS_PREFIX
-from ultrakv.cluster.session_transfer import history_only_chunks, last_turn_of, message_pairs
+from ultrakv.cluster.session_transfer import last_turn_of, message_pairs
 from ultrakv.cluster.validation import RequestRejected, validate_tenant_key
 from ultrakv.coordinator.dynamic_config import CONFIG_KEY
-from ultrakv.coordinator.resharding import Copy, authoritative
+from ultrakv.coordinator.resharding import Copy, authoritative, import_session
 from ultrakv.v1 import node_pb2 as npb
 from ultrakv.v1 import types_pb2 as pb
 from ultrakv.v1 import ultrakv_pb2
@@ -245,7 +245,7 @@ class SessionBackup:
                     done.skipped += 1
                     continue
                 try:
-                    reply = await self._import(owner, run)
+                    reply = await import_session(self._stub(owner), owner, run, RPC_TIMEOUT_S)
                 except grpc.aio.AioRpcError as exc:
                     raise RequestRejected(exc.code(), "",
                                           f"session {sid} refused by node {owner}: "
@@ -269,15 +269,3 @@ class SessionBackup:
                 return 0
             raise _unavailable(node, f"GetSession({sid})", exc) from exc
         return info.turns
-
-    async def _import(self, node: str, run: list[npb.SessionChunk]) -> npb.ImportSessionResponse:
-        """ImportSession on ``node``; a node whose KV cache holds another dtype refuses the KV
-        (naming kv_dtype) and takes the history alone, as a move does."""
-        try:
-            return await self._stub(node).ImportSession(iter(run), timeout=RPC_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            field = dict(exc.trailing_metadata() or ()).get("ultrakv-field")
-            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or field != "kv_dtype":
-                raise
-        return await self._stub(node).ImportSession(iter(history_only_chunks(run[0].header)),
-                                                    timeout=RPC_TIMEOUT_S)

@@ -1057,9 +1057,6 @@ class Engine:
         if listener is not None and (new_tokens or text):
             _notify(listener, StreamDelta(seq.request_id, new_tokens, text))
 
-    def _reply_text(self, seq: Sequence) -> str:
-        return self._whole_reply(seq.resumed_token_ids, seq.output_token_ids, seq.text)
-
     def _whole_reply(self, resumed: list[int], output: list[int], text: str) -> str:
         """The assistant's whole reply of a chat turn, as the session keeps it: a resumed turn's
         (``resumed``: what its failed attempt streamed, which the client has) begins with that
@@ -1081,7 +1078,8 @@ class Engine:
             completed = reason in ("stop", "length")
             conversation = None
             if seq.conversation is not None:
-                conversation = [*seq.conversation, ChatMessage("assistant", self._reply_text(seq))]
+                conversation = [*seq.conversation, ChatMessage(
+                    "assistant", self._whole_reply(seq.resumed_token_ids, seq.output_token_ids, seq.text))]
             self.sessions.end_turn(seq.session_id, seq.token_ids if completed else None, seq.prefix_hashes,
                                    conversation)
         output = RequestOutput(

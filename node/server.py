@@ -75,7 +75,7 @@ from ultrakv.cluster.session_transfer import (
     message_pairs,
     state_to_chunks,
 )
-from ultrakv.cluster.tasks import cancel_task, exit_on_second_signal
+from ultrakv.cluster.tasks import all_of, cancel_task, exit_on_second_signal
 from ultrakv.cluster.transport import exposure_warnings, server_options
 from ultrakv.cluster.validation import (
     PRIORITY_NAMES,
@@ -1236,12 +1236,7 @@ class NodeServer:
                 servicer.stop_idle_streams()
             await server.stop(self.settings.grace_period_s)
 
-        # Both ports drain at once: the process ends within one grace period, not two; each
-        # finishes even when the other fails.
-        for outcome in await asyncio.gather(http.stop() if http is not None else asyncio.sleep(0),
-                                            stop_grpc(), return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await all_of(http.stop() if http is not None else asyncio.sleep(0), stop_grpc())
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -4,6 +4,7 @@ sessions (a session's next turn prefills only the template's new tokens)."""
 from __future__ import annotations
 
 import pytest
+from engine_requests import run_to_end
 from ultrakv.client import Client
 from ultrakv.node import Engine, EngineConfig, GenerateRequest, SamplingParams
 from ultrakv.node.chat import ChatMessage, ChatTemplate
@@ -69,27 +70,16 @@ def test_client_dict_api_sends_messages(engine):
         server.stop()
 
 
-def _run(engine: Engine, request: GenerateRequest):
-    import asyncio
-
-    async def collect():
-        async for delta in engine.stream(request):
-            if delta.finished:
-                return delta.output
-
-    return asyncio.run(collect())
-
-
 def test_a_resumed_chat_turn_keeps_the_whole_reply(engine):
     """A turn whose node died mid-stream is resumed elsewhere with the tokens already sent
     (``resume_token_ids``). The session kept only the resumed attempt's text as the
     assistant's reply, so the reply's start (which the client had) was lost and the next turn
     rendered a shorter conversation than its history."""
     sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    whole = _run(engine, GenerateRequest(prompt=QUESTION, sampling=sampling, session_id="unbroken"))
+    whole = run_to_end(engine, GenerateRequest(prompt=QUESTION, sampling=sampling, session_id="unbroken"))
     sent = whole.token_ids[:5]  # what the first attempt streamed before its node died
     rest = SamplingParams(max_tokens=12 - len(sent), temperature=0.0, ignore_eos=True)
-    resumed = _run(engine, GenerateRequest(prompt=QUESTION, sampling=rest, session_id="resumed",
+    resumed = run_to_end(engine, GenerateRequest(prompt=QUESTION, sampling=rest, session_id="resumed",
                                            resume_token_ids=sent))
     assert sent + resumed.token_ids == whole.token_ids
     kept = engine.sessions.get("resumed")

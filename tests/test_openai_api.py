@@ -16,6 +16,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from engine_requests import run_to_end
 from ultrakv.client import Client
 from ultrakv.client.cli import _node_config, build_parser
 from ultrakv.cluster.etcd_server import free_port
@@ -438,7 +439,7 @@ def test_full_context_turn_holds_the_prompt_once(engine):
     first = engine.generate([prompt], params, session_ids=["fc-1"])[0]
     follow = prompt + first.text + " The end?"
     req = GenerateRequest(prompt=follow, sampling=params, session_id="fc-1", full_context=True)
-    second = _run(engine, req)
+    second = run_to_end(engine, req)
     whole = engine.tokenizer.encode(follow, add_bos=True)
     assert second.prompt_token_ids == whole
     held = first.prompt_tokens + first.completion_tokens
@@ -454,19 +455,10 @@ def test_full_context_chat_equals_appending_the_new_messages(engine):
     appended = engine.generate(follow, params, session_ids=["fc-chat-a"])[0]
     whole = [*QUESTION, {"role": "assistant", "content": first.text}, *follow]
     req = GenerateRequest(prompt=whole, sampling=params, session_id="fc-chat-b", full_context=True)
-    resent = _run(engine, req)
+    resent = run_to_end(engine, req)
     assert resent.prompt_token_ids == appended.prompt_token_ids
     assert resent.cached_tokens >= (first.prompt_tokens + first.completion_tokens) // BLOCK * BLOCK
     assert engine.sessions.history("fc-chat-b") == engine.sessions.history("fc-chat-a")
-
-
-def _run(engine: Engine, request: GenerateRequest):
-    async def collect():
-        async for delta in engine.stream(request):
-            if delta.finished:
-                return delta.output
-
-    return asyncio.run(collect())
 
 
 # --- pure mapping ---------------------------------------------------------------------------------
