@@ -150,8 +150,9 @@ def test_serve_starts_logs_and_stops_cleanly_on_ctrl_c(tmp_path):
 
 def test_chat_turns_and_a_ctrl_c_that_stops_one_reply_not_the_chat(server):
     """Ctrl-C during a reply ended `ultrakv chat` with a traceback (and, on a first turn, the
-    session). Now it stops that reply and the chat goes on; model output's control characters
-    are shown escaped, not sent to the terminal."""
+    session). Now it stops that reply and the chat goes on. (The escaping of model output's
+    control characters is tested on its own: rich writes no codes to a pipe, and tiny rarely
+    emits one, so an assertion here could not fail.)"""
     proc = subprocess.Popen([sys.executable, "-m", "ultrakv.client.cli", "chat", "--address", server.address,
                              "--session", "cli-chat", "--max-length", "3000", "--temperature", "1.0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -173,7 +174,6 @@ def test_chat_turns_and_a_ctrl_c_that_stops_one_reply_not_the_chat(server):
             proc.kill()
     assert "reply stopped; the turn was not kept" in out and "Traceback" not in out
     assert "session cli-chat" in out  # the next turn's summary line: the chat went on
-    assert "\x1b" not in out.split("reply stopped", 1)[0].replace("\x1b[2m", "").replace("\x1b[0m", "")
     with Client(server.address, timeout=10) as client:
         assert client.get_session("cli-chat")["turns"] == 1  # the stopped turn was not kept
 
